@@ -1,0 +1,1 @@
+"""hypersdk-bridge: the REST + WebSocket API, a D-Bus client."""

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the Debian packages hypersdk needs to build, test and demo.
+# Idempotent; needs root. Used by `make venv` and `.ci/run`.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+packages=(
+  # build of libvirt-python, and the venv
+  python3-venv pkg-config libvirt-dev gcc
+  # dbus-python (under python-dbusmock) builds against these
+  libdbus-1-dev libglib2.0-dev
+  # disk formats and libvirt tooling
+  qemu-utils libvirt-clients libxml2-utils
+  # a real libvirt daemon that can boot a migrated VM under TCG
+  libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 ovmf
+  # D-Bus and polkit (private system bus in tests)
+  dbus dbus-daemon polkitd pkexec
+  # the govmomi vSphere simulator, built from Debian's sources
+  golang-go golang-github-vmware-govmomi-dev
+  # tools the tests drive as users do
+  curl jq tmux
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# libvirt's qemu driver runs guests as libvirt-qemu
+getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+getent group kvm >/dev/null || groupadd --system kvm
+id libvirt-qemu >/dev/null 2>&1 || useradd --system -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+mkdir -p /var/log/libvirt /run/libvirt

@@ -1,0 +1,1 @@
+"""hypervisord: the hypersdk system service."""

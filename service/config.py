@@ -1,0 +1,232 @@
+"""hypervisord's configuration file (`config.yaml`), checked in full at start.
+
+The schema is the spec's (daemon, providers, hyper2kvm, export, database, webhooks)
+plus `libvirt` and `api`. `${VAR}` anywhere in a string is replaced from the
+environment; a variable that is not set is an error naming it. Every broken rule
+is reported as one line (`ConfigError.problems`) and nothing is touched.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config_schema import ConfigProblem, Field, Schema, validate
+
+DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
+PROVIDER_KINDS = ("vsphere", "aws", "azure", "gcp", "hyperv", "oci", "ova")
+WEBHOOK_EVENTS = (
+    "job.started", "job.completed", "job.failed", "job.cancelled",
+    "schedule.triggered", "backup.retention_applied",
+)
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _address_rule(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "HOST:PORT with a port from 1 to 65535"
+    return None
+
+
+def _absolute_path_rule(value: str) -> str | None:
+    return None if value.startswith("/") else "an absolute path"
+
+
+def _url_rule(value: str) -> str | None:
+    return None if re.match(r"^https?://[^\s/]+", value) else "an http:// or https:// URL"
+
+
+MAIN_SCHEMA: Schema = {
+    "daemon": {
+        "address": Field("str", "127.0.0.1:8080", check=_address_rule),
+        "log_level": Field("str", "info", choices=("debug", "info", "warning", "error")),
+        "workers": Field("int", 4, minimum=1),
+    },
+    "hyper2kvm": {
+        "path": Field("str", "/usr/local/bin/hyper2kvm"),
+        "daemon_enabled": Field("bool", False),
+        "watch_dir": Field("str", "/var/lib/hyper2kvm/watch", check=_absolute_path_rule),
+        "output_dir": Field("str", "/var/lib/kvm/images", check=_absolute_path_rule),
+        "default_format": Field("str", "qcow2", choices=("qcow2", "raw")),
+        "compression": Field("bool", False),
+        "poll_interval": Field("duration", 5.0),
+        "job_timeout": Field("duration", 7200.0),
+    },
+    "export": {
+        "base_path": Field("str", "/var/lib/hypersdk/exports", check=_absolute_path_rule),
+        "chunk_size": Field("size", 10 * 1024 * 1024, minimum=4096),
+        "max_retries": Field("int", 3, minimum=0),
+        "concurrent_exports": Field("int", 2, minimum=1),
+        "parallel_disks": Field("int", 2, minimum=1),
+    },
+    "database": {
+        "path": Field("str", "/var/lib/hypervisord/hypersdk.db", check=_absolute_path_rule),
+    },
+    "libvirt": {
+        "uri": Field("str", "qemu:///system"),
+        "network": Field("str", "default"),
+    },
+    "api": {
+        "auth": Field("str", "none", choices=("none", "token")),
+        "tokens_file": Field("str", "/etc/hypersdk/tokens.yaml", check=_absolute_path_rule),
+        "tls_cert": Field("str", ""),
+        "tls_key": Field("str", ""),
+        "max_body_bytes": Field("size", 1024 * 1024, minimum=1024),
+        "audit_log": Field("str", "/var/log/hypersdk/audit.log", check=_absolute_path_rule),
+    },
+    "automation": {
+        "missed_run_grace": Field("duration", 3600.0),
+        "webhook_timeout": Field("duration", 10.0),
+        "webhook_max_attempts": Field("int", 8, minimum=1),
+    },
+    "ova": {
+        "import_dirs": Field("list[str]", ["/var/lib/hypersdk/imports"]),
+    },
+}
+
+WEBHOOK_SCHEMA: Schema = {
+    "url": Field("str", check=_url_rule),
+    "events": Field("list[str]", check=lambda v: None if v and set(v) <= set(WEBHOOK_EVENTS)
+                    else "a non-empty list of " + ", ".join(WEBHOOK_EVENTS)),
+    "headers": Field("map[str,str]", {}),
+    "secret": Field("str", "", secret=True),
+}
+
+
+class ConfigError(Exception):
+    """The config file is unusable; `problems` holds one line per broken rule."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class Section:
+    """Attribute access over one validated section: `config.export.chunk_size`."""
+
+    values: dict
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: Section
+    hyper2kvm: Section
+    export: Section
+    database: Section
+    libvirt: Section
+    api: Section
+    automation: Section
+    ova: Section
+    providers: dict[str, dict]  # name -> validated section, with "type"
+    webhooks: list[dict]
+    source: str  # the file it came from, or "(defaults)"
+
+
+def provider_schema(kind: str) -> Schema:
+    """The config schema a provider module declares as CONFIG_SCHEMA."""
+    try:
+        module = importlib.import_module(f"hypersdk.service.providers.{kind}")
+    except ImportError:
+        module = None  # reported when the provider is used (ProviderRegistry.check_usable)
+    schema = dict(getattr(module, "CONFIG_SCHEMA", {}))
+    schema.setdefault("type", Field("str", kind, choices=PROVIDER_KINDS))
+    schema.setdefault("enabled", Field("bool", True))
+    return schema
+
+
+def _expand_env(value: Any, path: str, env: dict, problems: list[ConfigProblem]) -> Any:
+    if isinstance(value, str):
+        def replace(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in env:
+                problems.append(ConfigProblem(path, f"environment variable {name} to be set",
+                                              "it unset"))
+                return ""
+            return env[name]
+        return _ENV_RE.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), env, problems)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", env, problems) for i, v in enumerate(value)]
+    return value
+
+
+def _validate_providers(data: Any, problems: list[ConfigProblem]) -> dict[str, dict]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(ConfigProblem("providers", "a mapping of provider names", repr(data)))
+        return {}
+    result = {}
+    for name, section in data.items():
+        path = f"providers.{name}"
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", str(name)):
+            problems.append(ConfigProblem(path, "a name of lower-case letters, digits, - and _",
+                                          repr(name)))
+            continue
+        kind = section.get("type", name) if isinstance(section, dict) else name
+        if kind not in PROVIDER_KINDS:
+            problems.append(ConfigProblem(f"{path}.type", "one of " + ", ".join(PROVIDER_KINDS),
+                                          repr(kind)))
+            continue
+        result[name] = validate(provider_schema(kind), section, path, problems)
+    return result
+
+
+def _validate_webhooks(data: Any, problems: list[ConfigProblem]) -> list[dict]:
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        problems.append(ConfigProblem("webhooks", "a list of webhooks", repr(data)))
+        return []
+    return [validate(WEBHOOK_SCHEMA, item, f"webhooks[{i}]", problems) for i, item in enumerate(data)]
+
+
+def parse_config(document: Any, source: str, env: dict | None = None) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    problems: list[ConfigProblem] = []
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError([ConfigProblem("(top level)", "a mapping", type(document).__name__)])
+    document = _expand_env(document, "", dict(os.environ if env is None else env), problems)
+    main_part = {k: v for k, v in document.items() if k not in ("providers", "webhooks")}
+    sections = validate(MAIN_SCHEMA, main_part, "", problems)
+    providers = _validate_providers(document.get("providers"), problems)
+    webhooks = _validate_webhooks(document.get("webhooks"), problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**{k: Section(v) for k, v in sections.items()}, providers=providers,
+                  webhooks=webhooks, source=source)
+
+
+def load_config(path: Path | None, env: dict | None = None) -> Config:
+    """Read and validate the file at `path` (None: built-in defaults only)."""
+    if path is None:
+        return parse_config({}, "(defaults)", env)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(str(path), "a readable file", exc.strerror or str(exc))])
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([ConfigProblem(where, "valid YAML", problem)])
+    return parse_config(document, str(path), env)

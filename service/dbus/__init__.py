@@ -1,0 +1,1 @@
+"""D-Bus skin of hypervisord: objects, introspection XML, polkit checks."""

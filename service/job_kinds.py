@@ -1,0 +1,82 @@
+"""The one small interface every kind of job implements, and the registry of kinds.
+
+A kind validates a definition when it is submitted (so bad input never becomes a
+job) and runs it later with a JobContext that reports progress and log lines and
+collects paths to remove if the job fails or is cancelled. Cancellation arrives
+as asyncio.CancelledError at the next await; a kind must not swallow it.
+
+The export, convert and import kinds live in `pipeline/`; kinds used only to
+exercise the engine live in `tests/`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .providers.registry import ProviderRegistry
+
+
+class JobContext(Protocol):
+    """What a running job sees of the engine."""
+
+    job_id: str
+    definition: dict
+    config: "Config"
+    providers: "ProviderRegistry"
+
+    def log(self, message: str, level: str = "info") -> None: ...
+    def set_stage(self, stage: str) -> None: ...
+    def set_total(self, nbytes: int) -> None: ...
+    def add_total(self, nbytes: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def set_done(self, nbytes: int) -> None: ...
+    def add_cleanup(self, path: Path) -> None:
+        """Remove `path` (file or directory) if the job does not complete."""
+    def keep(self, path: Path) -> None:
+        """Forget an earlier add_cleanup: the path is a finished result."""
+
+
+class SubmitContext(Protocol):
+    """What a kind may consult while validating a definition."""
+
+    config: "Config"
+    providers: "ProviderRegistry"
+
+
+class JobKind(ABC):
+    name: ClassVar[str]            # "export", "convert", "import", ...
+    operation: ClassVar[str]       # shown as the Job's Operation property
+    polkit_action: ClassVar[str]   # the action a caller needs to submit it
+    export_slot: ClassVar[bool] = False  # counts against export.concurrent_exports
+
+    @abstractmethod
+    def validate(self, definition: Any, submit: SubmitContext) -> dict:
+        """Return the normalised definition or raise InvalidArgument(field, rule)."""
+
+    @abstractmethod
+    async def run(self, ctx: JobContext) -> dict:
+        """Do the work; return the result (JSON-serialisable, no secrets)."""
+
+    def describe(self, definition: dict) -> dict:
+        """Summary columns for listings: vm, provider (override when they exist)."""
+        return {"vm": str(definition.get("vm_identifier") or definition.get("vm_name") or ""),
+                "provider": str(definition.get("provider") or "")}
+
+
+_KINDS: dict[str, JobKind] = {}
+
+
+def register(kind: JobKind) -> JobKind:
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> JobKind | None:
+    return _KINDS.get(name)
+
+
+def kind_names() -> list[str]:
+    return sorted(_KINDS)

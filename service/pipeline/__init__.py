@@ -1,0 +1,1 @@
+"""Pipeline stages: export, disk formats, convert, libvirt domain, import, hand-off."""

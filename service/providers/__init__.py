@@ -1,0 +1,1 @@
+"""Sources of VMs, one module each."""

@@ -1,0 +1,139 @@
+"""What every source of VMs offers: discovery, details, and an export of the disks.
+
+A provider is plain asyncio code with no D-Bus in it. Blocking SDK calls run in a
+thread (`asyncio.to_thread`). The export job (`pipeline/export.py`) calls
+`export_disks`, then packages the result (OVF/OVA, manifest, conversion).
+SDKs are imported lazily inside the provider so that a missing extra is a clear
+`Unavailable` error naming the extra, not an ImportError at start.
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import Unavailable
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class DiskInfo:
+    key: str                 # stable id within the VM, e.g. "disk-2000"
+    label: str
+    capacity_bytes: int
+    location: str = ""       # datastore path, volume id, blob URL ... (never a secret)
+    controller: str = ""     # scsi | sata | ide | nvme | virtio | ""
+    boot_order: int | None = None
+    file_bytes: int | None = None  # size of the file behind it, when known
+
+
+@dataclass
+class NicInfo:
+    key: str
+    mac: str
+    network: str
+    adapter: str = ""        # vmxnet3, e1000, ena, ...
+
+
+@dataclass
+class VMInfo:
+    identifier: str
+    name: str
+    provider: str
+    power_state: str = "unknown"   # poweredOn | poweredOff | suspended | unknown
+    path: str = ""
+    uuid: str = ""
+    guest_os: str = ""
+    cpus: int = 1
+    memory_mb: int = 0
+    firmware: str = "bios"         # bios | uefi
+    secure_boot: bool = False
+    datacenter: str = ""
+    tags: list[str] = field(default_factory=list)
+    disks: list[DiskInfo] = field(default_factory=list)
+    nics: list[NicInfo] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["disk_bytes"] = sum(d.capacity_bytes for d in self.disks)
+        return data
+
+
+@dataclass
+class ExportedDisk:
+    path: Path               # the file inside the export directory
+    format: str              # vmdk | raw | vhd | vhdx | qcow2
+    capacity_bytes: int
+    file_bytes: int
+    sha256: str              # hex digest of the file's bytes
+    boot_order: int | None = None
+    label: str = ""
+    key: str = ""
+
+
+@dataclass
+class ExportOptions:
+    """The `options` of an export job, plus the limits from the config."""
+
+    shutdown_vm: bool = False
+    restore_power_state: bool = False
+    remove_cdrom: bool = True
+    compress: bool = False
+    chunk_size: int = 10 * 1024 * 1024
+    max_retries: int = 3
+    parallel_disks: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)  # provider-specific options
+
+
+class ExportSink(Protocol):
+    """What a provider reports to while exporting (the job context implements it)."""
+
+    def log(self, message: str, level: str = "info") -> None: ...
+    def add_total(self, nbytes: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+
+
+class Provider(ABC):
+    """One configured source, e.g. `providers.vsphere` in the config."""
+
+    kind: str = ""
+
+    def __init__(self, name: str, settings: dict, config: "Config") -> None:
+        self.name = name
+        self.settings = settings
+        self.config = config
+
+    @abstractmethod
+    async def list_vms(self, vm_filter: dict) -> list[VMInfo]:
+        """VMs that match the filter (keys depend on the provider; unknown keys are refused)."""
+
+    @abstractmethod
+    async def get_vm(self, identifier: str) -> VMInfo:
+        """One VM by id, name or path; NotFound names the closest matches."""
+
+    @abstractmethod
+    async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
+                           sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
+        """Write the VM's disks into target_dir (streamed, checked), return what was written.
+
+        Files land by write-then-rename. On failure or cancellation nothing partial
+        is left behind in target_dir.
+        """
+
+    async def close(self) -> None:
+        """Release sessions and connections."""
+
+
+def require_extra(module_name: str, extra: str) -> Any:
+    """Import an optional SDK or raise Unavailable naming the extra to install."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise Unavailable(
+            f"the {extra} provider needs the Python package {module_name.split('.')[0]!r}: "
+            f"install it with `pip install hypersdk[{extra}]` ({exc})") from exc

@@ -1,0 +1,1 @@
+"""hyperctl: the Textual console and scripting CLI, a D-Bus client."""
