@@ -1,0 +1,87 @@
+"""FaultInjectingProxy: a loopback TCP proxy that cuts connections after N response bytes.
+
+It sits between a client and a real server (the simulator, a small aiohttp
+server) and forwards bytes both ways. For the first `cuts` connections (all of
+them when `cuts` is None) it closes both sides once `cut_after` bytes have gone
+from the server to the client, which looks to the client like a dropped link.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class FaultInjectingProxy:
+    def __init__(self, upstream_host: str, upstream_port: int, *, cut_after: int,
+                 cuts: int | None = 1) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.cut_after = cut_after
+        self.cuts_left = cuts
+        self.connections = 0
+        self.cuts_done = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> "FaultInjectingProxy":
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _should_cut(self) -> bool:
+        if self.cuts_left is None:
+            return True
+        if self.cuts_left > 0:
+            self.cuts_left -= 1
+            return True
+        return False
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        cut = self._should_cut()
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_w.close()
+            return
+        to_server = asyncio.ensure_future(self._pipe(client_r, up_w, None))
+        to_client = asyncio.ensure_future(self._pipe(up_r, client_w, self.cut_after if cut else None))
+        self._tasks.update((to_server, to_client))
+        try:
+            await asyncio.wait((to_server, to_client), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (to_server, to_client):
+                task.cancel()
+                self._tasks.discard(task)
+            for writer in (client_w, up_w):
+                writer.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    limit: int | None) -> None:
+        sent = 0
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            if limit is not None and sent + len(data) >= limit:
+                writer.write(data[: limit - sent])
+                await writer.drain()
+                self.cuts_done += 1
+                transport = writer.transport
+                transport.abort()
+                return
+            writer.write(data)
+            await writer.drain()
+            sent += len(data)
