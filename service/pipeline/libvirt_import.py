@@ -1,0 +1,131 @@
+"""Define a domain in libvirt (libvirt-python, blocking calls in a thread).
+
+An existing domain is never overwritten: the name and the UUID are looked up
+first, and libvirt itself refuses a define whose name exists under another UUID,
+so a define can only create. When autostart or start fails after the define,
+the new domain is undefined again so nothing half-imported is left behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AlreadyExists, Failed, InvalidArgument, NotFound, Unavailable
+from .domain_xml import DomainSpec, build_domain_xml, domain_notes
+
+
+@dataclass
+class ImportedDomain:
+    name: str
+    uuid: str
+    uri: str
+    autostart: bool
+    started: bool
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return {"domain": self.name, "uuid": self.uuid, "uri": self.uri,
+                "autostart": self.autostart, "started": self.started, "notes": self.notes}
+
+
+def _libvirt():
+    import libvirt  # imported here: the daemon starts even where libvirt-python is absent
+
+    # libvirt prints every error on stderr by default; ours carry them in exceptions.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+async def disk_format(path: Path) -> str:
+    """The image format qemu-img sees in `path` (qcow2, raw, vmdk, ...)."""
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "info", "--output=json", "-U", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise InvalidArgument("disk_path", f"{path} is not a readable disk image: "
+                              f"{err.decode(errors='replace').strip()}")
+    return json.loads(out)["format"]
+
+
+async def import_domain(uri: str, spec: DomainSpec, *, autostart: bool = False,
+                        start: bool = False) -> ImportedDomain:
+    """Build the XML for `spec` and define it at `uri`; optionally autostart and start it."""
+    for disk in spec.disks:
+        if not Path(disk.path).is_file():
+            raise NotFound(f"disk {disk.path} does not exist")
+    xml = build_domain_xml(spec)
+    networks = sorted({nic.network for nic in spec.nics})
+    name, uuid = await asyncio.to_thread(_define, uri, spec.name, spec.uuid, xml, networks,
+                                         autostart, start)
+    return ImportedDomain(name, uuid, uri, autostart, start, domain_notes(spec))
+
+
+def _define(uri: str, name: str, uuid: str, xml: str, networks: list[str], autostart: bool,
+            start: bool) -> tuple[str, str]:
+    libvirt = _libvirt()
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise Unavailable(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
+    try:
+        _check_free(libvirt, conn, uri, name, uuid)
+        for network in networks:
+            _check_network(libvirt, conn, uri, network)
+        try:
+            domain = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+        except libvirt.libvirtError as exc:
+            raise Failed(f"libvirt at {uri} refused domain {name!r}: "
+                         f"{exc.get_error_message()}") from exc
+        try:
+            if autostart:
+                domain.setAutostart(1)
+            if start:
+                domain.create()
+        except libvirt.libvirtError as exc:
+            _undefine(libvirt, domain)
+            what = "start" if start else "set autostart for"
+            raise Failed(f"libvirt at {uri} could not {what} domain {name!r} "
+                         f"(the definition was removed again): {exc.get_error_message()}") from exc
+        return domain.name(), domain.UUIDString()
+    finally:
+        conn.close()
+
+
+def _check_free(libvirt, conn, uri: str, name: str, uuid: str) -> None:
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        pass
+    else:
+        raise AlreadyExists(f"a domain named {name!r} already exists at {uri}; "
+                            "it is left untouched (choose another vm_name)")
+    if not uuid:
+        return
+    try:
+        other = conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError:
+        return
+    raise AlreadyExists(f"domain {other.name()!r} at {uri} already has UUID {uuid}; "
+                        "it is left untouched")
+
+
+def _check_network(libvirt, conn, uri: str, network: str) -> None:
+    try:
+        conn.networkLookupByName(network)
+    except libvirt.libvirtError as exc:
+        try:
+            known = ", ".join(sorted(conn.listNetworks() + conn.listDefinedNetworks())) or "none"
+        except libvirt.libvirtError:
+            known = "unknown"
+        raise NotFound(f"libvirt network {network!r} does not exist at {uri} "
+                       f"(defined networks: {known})") from exc
+
+
+def _undefine(libvirt, domain) -> None:
+    try:
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    except libvirt.libvirtError:
+        domain.undefine()
