@@ -1,0 +1,288 @@
+"""Build and run govmomi's vCenter simulator, and put real disk content behind its VMs.
+
+`Simulator.start()` builds `main.go` (cached under /var/tmp/hypersdk-vcsim/<hash of
+main.go>/, outside git), starts it on loopback and waits for its URL. `give_disks()`
+powers a VM off, gives it disks of the requested sizes through a real
+ReconfigVM_Task, and HTTP PUTs a VMDK made by qemu-img to each disk's datastore
+path (`/folder/<path>?dcPath=..&dsName=..`), so a client that downloads the disk
+gets real bytes.
+
+`python -m tests.vcsim.harness --serve` runs a simulator with a prepared VM for
+`make demo` and prints the URL and credentials as shell variables.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlencode, urlsplit
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim
+
+MAIN_GO = Path(__file__).with_name("main.go")
+BUILD_ROOT = Path(os.environ.get("HYPERSDK_VCSIM_BUILD", "/var/tmp/hypersdk-vcsim"))
+START_TIMEOUT = 30.0
+
+
+def build_vcsim() -> Path:
+    """The simulator binary for the current main.go, built once per content hash."""
+    digest = hashlib.sha256(MAIN_GO.read_bytes()).hexdigest()[:16]
+    binary = BUILD_ROOT / digest / "vcsim"
+    if binary.exists():
+        return binary
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=binary.parent) as work:
+        shutil.copy(MAIN_GO, Path(work) / "main.go")
+        env = dict(os.environ, GOPATH="/usr/share/gocode", GO111MODULE="off",
+                   GOCACHE=str(BUILD_ROOT / "gocache"), GOFLAGS="")
+        subprocess.run(["go", "build", "-o", "vcsim", "main.go"], cwd=work, env=env,
+                       check=True, capture_output=True, timeout=300)
+        os.replace(Path(work) / "vcsim", binary)
+    return binary
+
+
+@dataclass
+class VirtualDiskContent:
+    """A disk as uploaded: the datastore path and the local VMDK that was PUT there."""
+
+    datastore_path: str
+    local_vmdk: Path
+    capacity_bytes: int
+
+
+class Simulator:
+    """One running simulator process. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, *, vms: int = 2, hosts: int = 1, clusters: int = 1, cluster_hosts: int = 1,
+                 datacenters: int = 1, tls: bool = False) -> None:
+        self.args = [f"-vm={vms}", f"-host={hosts}", f"-cluster={clusters}",
+                     f"-cluster-host={cluster_hosts}", f"-dc={datacenters}"]
+        if tls:
+            self.args.append("-tls")
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    def start(self) -> "Simulator":
+        binary = build_vcsim()
+        self._workdir = tempfile.TemporaryDirectory(prefix="hypersdk-vcsim-")
+        url_file = Path(self._workdir.name) / "url"
+        log = open(Path(self._workdir.name) / "vcsim.log", "wb")
+        self.process = subprocess.Popen([str(binary), *self.args, f"-url-file={url_file}"],
+                                        stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not url_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                output = (Path(self._workdir.name) / "vcsim.log").read_text(errors="replace")
+                self.stop()
+                raise RuntimeError(f"the simulator did not start: {output[-2000:]}")
+            time.sleep(0.05)
+        self.url = url_file.read_text().strip()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> "Simulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def _parts(self):
+        return urlsplit(self.url)
+
+    @property
+    def scheme(self) -> str:
+        return self._parts.scheme
+
+    @property
+    def host(self) -> str:
+        return self._parts.hostname or ""
+
+    @property
+    def port(self) -> int:
+        return self._parts.port or 443
+
+    @property
+    def username(self) -> str:
+        return self._parts.username or ""
+
+    @property
+    def password(self) -> str:
+        return self._parts.password or ""
+
+    def provider_settings(self, **overrides) -> dict:
+        """A `providers.<name>` config section pointing at this simulator."""
+        settings = {"type": "vsphere", "host": self.host, "port": self.port,
+                    "username": self.username, "password": self.password,
+                    "insecure": True, "protocol": self.scheme}
+        settings.update(overrides)
+        return settings
+
+    def connect(self):
+        """A pyvmomi ServiceInstance (the harness's own session, not the provider's)."""
+        return SmartConnect(host=self.host, port=self.port, user=self.username,
+                            pwd=self.password, protocol=self.scheme, disableSslCertValidation=True)
+
+    def datastore_url_path(self, datastore_path: str, datacenter: str) -> str:
+        """`[ds] dir/file.vmdk` -> `/folder/dir/file.vmdk?dcPath=..&dsName=..`."""
+        ds_name, _, rel = datastore_path.partition("] ")
+        query = urlencode({"dcPath": datacenter, "dsName": ds_name.lstrip("[")})
+        return f"/folder/{quote(rel)}?{query}"
+
+    def put_file(self, local: Path, datastore_path: str, datacenter: str) -> None:
+        """Stream a local file to the datastore with HTTP PUT."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
+        try:
+            with open(local, "rb") as body:
+                conn.request("PUT", self.datastore_url_path(datastore_path, datacenter), body=body,
+                             headers={"Content-Length": str(local.stat().st_size)})
+            response = conn.getresponse()
+            response.read()
+            if response.status not in (200, 201, 204):
+                raise RuntimeError(f"PUT {datastore_path}: HTTP {response.status}")
+        finally:
+            conn.close()
+
+
+def make_vmdk(path: Path, capacity_bytes: int, seed: int, data_bytes: int = 1 << 20) -> Path:
+    """A monolithicSparse VMDK of `capacity_bytes` with `seed`-dependent data in a few places."""
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as handle:
+        handle.truncate(capacity_bytes)
+        step = max(capacity_bytes // 4, data_bytes)
+        for offset in range(0, capacity_bytes - data_bytes + 1, step):
+            handle.seek(offset)
+            handle.write(hashlib.sha256(f"{seed}:{offset}".encode()).digest() * (data_bytes // 32))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(path)],
+                   check=True, capture_output=True)
+    raw.unlink()
+    return path
+
+
+def find_vm(si, name: str) -> vim.VirtualMachine:
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    try:
+        for vm in view.view:
+            if vm.name == name:
+                return vm
+    finally:
+        view.Destroy()
+    raise LookupError(f"no VM named {name}")
+
+
+def _wait(task) -> None:
+    while task.info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
+        time.sleep(0.02)
+    if task.info.state != vim.TaskInfo.State.success:
+        raise RuntimeError(f"task failed: {task.info.error}")
+
+
+def _datacenter_of(entity) -> str:
+    while entity is not None and not isinstance(entity, vim.Datacenter):
+        entity = entity.parent
+    return entity.name if entity is not None else ""
+
+
+def power_off(vm: vim.VirtualMachine) -> None:
+    if vm.runtime.powerState != vim.VirtualMachinePowerState.poweredOff:
+        _wait(vm.PowerOffVM_Task())
+
+
+def _disk_specs(vm: vim.VirtualMachine, sizes: list[int]) -> list[vim.vm.device.VirtualDeviceSpec]:
+    """Resize the existing disks and add new ones on the same controller, to match `sizes`."""
+    devices = vm.config.hardware.device
+    disks = [d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+    controller = disks[0].controllerKey
+    used = {d.unitNumber for d in devices if d.controllerKey == controller}
+    specs = []
+    for index, size in enumerate(sizes):
+        if index < len(disks):
+            disk = disks[index]
+            disk.capacityInKB = size // 1024
+            disk.capacityInBytes = size
+            specs.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk))
+            continue
+        unit = min(u for u in range(16) if u not in used and u != 7)
+        used.add(unit)
+        backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            diskMode="persistent", fileName=disks[0].backing.fileName.split("]")[0] + "]")
+        disk = vim.vm.device.VirtualDisk(key=-100 - index, controllerKey=controller,
+                                          unitNumber=unit, capacityInKB=size // 1024,
+                                          capacityInBytes=size, backing=backing)
+        specs.append(vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create",
+                                                     device=disk))
+    return specs
+
+
+def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path,
+               seed: int = 0) -> list[VirtualDiskContent]:
+    """Power the VM off, give it len(sizes) disks of those sizes, upload real VMDKs to them."""
+    vm = find_vm(si, vm_name)
+    power_off(vm)
+    _wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=_disk_specs(vm, sizes))))
+    datacenter = _datacenter_of(vm)
+    disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+    uploaded = []
+    for index, (disk, size) in enumerate(zip(disks, sizes)):
+        local = make_vmdk(workdir / f"{vm_name}-disk{index}.vmdk", size, seed * 100 + index)
+        sim.put_file(local, disk.backing.fileName, datacenter)
+        uploaded.append(VirtualDiskContent(disk.backing.fileName, local, size))
+    return uploaded
+
+
+def _serve(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="hypersdk-vcsim-demo-"))
+    with Simulator(vms=args.vms) as sim:
+        si = sim.connect()
+        give_disks(sim, si, args.vm, [args.disk_mib << 20, (args.disk_mib // 2 or 1) << 20],
+                   workdir)
+        Disconnect(si)
+        print(f"VCSIM_URL={sim.url}\nVCSIM_HOST={sim.host}\nVCSIM_PORT={sim.port}\n"
+              f"VCSIM_USER={sim.username}\nVCSIM_PASSWORD={sim.password}\n"
+              f"VCSIM_VM={args.vm}", flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help="run a simulator until interrupted")
+    parser.add_argument("--vms", type=int, default=2, help="VMs per host and cluster")
+    parser.add_argument("--vm", default="DC0_H0_VM0", help="the VM that gets two real disks")
+    parser.add_argument("--disk-mib", type=int, default=64, help="size of the first disk")
+    args = parser.parse_args()
+    if not args.serve:
+        print(build_vcsim())
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _serve(args)
+
+
+if __name__ == "__main__":
+    main()
