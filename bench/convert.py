@@ -1,0 +1,105 @@
+"""Benchmark: our streamOptimized VMDK -> qcow2 path against bare `qemu-img convert`.
+
+Builds a raw disk of --size bytes (a mix of incompressible data, text-like data and
+holes, like a real guest disk), turns it into a streamOptimized VMDK with qemu-img,
+then in the same run times `qemu-img convert -O qcow2` and our `convert_image`
+(parallel decoder), checks both with `qemu-img compare` and prints the times, the
+ratio (goal <= 0.75) and the peak RSS of this process and of its children.
+
+    .venv/bin/python bench/convert.py --size 2G [--dir /var/tmp] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hypersdk.service.pipeline.convert import convert_image
+
+MiB = 1 << 20
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in _UNITS:
+        return int(float(text[:-1]) * _UNITS[text[-1]])
+    return int(text)
+
+
+def make_raw(path: Path, size: int, seed: int = 7) -> None:
+    """Per MiB: ~40 % random bytes, ~40 % text-like bytes, ~20 % hole."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(4096)]
+    text = b" ".join(rng.choice(words) for _ in range(200000))[:MiB]
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        for offset in range(0, size, MiB):
+            fh.seek(offset)
+            chunk = min(MiB, size - offset)
+            rand_len = int(chunk * 0.4) // 4096 * 4096
+            text_len = int(chunk * 0.4) // 4096 * 4096
+            start = rng.randrange(0, len(text) - text_len)
+            fh.write(os.urandom(rand_len) + text[start:start + text_len])
+
+
+def run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="2G", help="virtual disk size (default 2G)")
+    parser.add_argument("--dir", default="/var/tmp", help="where to put the test images")
+    parser.add_argument("--keep", action="store_true", help="keep the images")
+    args = parser.parse_args()
+    size = parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.dir))
+    try:
+        raw, vmdk = work / "src.raw", work / "src.vmdk"
+        make_raw(raw, size)
+        run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized",
+             str(raw), str(vmdk)])
+        print(f"disk: {size / MiB:.0f} MiB virtual, streamOptimized file "
+              f"{vmdk.stat().st_size / MiB:.0f} MiB")
+        run(["sync"])
+        bare_time = timed(lambda: run(["qemu-img", "convert", "-O", "qcow2", str(vmdk),
+                                       str(work / "bare.qcow2")]))
+        ours_time = timed(lambda: asyncio.run(convert_image(vmdk, work / "ours.qcow2",
+                                                            out_format="qcow2")))
+        run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(work / "ours.qcow2")])
+        run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(work / "bare.qcow2"),
+             str(work / "ours.qcow2")])
+        self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        data_mb = size / 1e6
+        print(f"qemu-img convert -O qcow2: {bare_time:6.2f} s ({data_mb / bare_time:6.0f} MB/s)")
+        print(f"hypersdk convert_image:    {ours_time:6.2f} s ({data_mb / ours_time:6.0f} MB/s)")
+        print(f"ratio ours/qemu-img: {ours_time / bare_time:.2f} (goal <= 0.75)")
+        print(f"peak RSS: this process {self_rss:.0f} MiB, largest child {child_rss:.0f} MiB")
+        print("qemu-img compare: identical")
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Convert one disk image to qcow2 or raw with qemu-img, safely and with progress.
+
+The input format is detected with `qemu-img info` (never from the extension) and
+passed explicitly, images with backing files are refused (a hostile qcow2 could
+point at any file on the host), and the output is written to a hidden temporary
+name in the target directory and renamed into place only when complete. On
+failure or cancellation qemu-img's process group is killed and the temporary
+file removed. streamOptimized VMDKs go through our parallel decoder
+(`streamopt.py`), which is faster than qemu-img's single-threaded inflate.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import Failed, InvalidArgument
+from . import streamopt
+from .vmdk import parse_vmdk
+
+OUTPUT_FORMATS = ("qcow2", "raw")
+INPUT_FORMATS = ("vmdk", "vpc", "vhdx", "raw", "qcow2")
+_PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+# Share of a streamOptimized -> qcow2 conversion spent decoding (the rest is the
+# raw -> qcow2 copy); only shapes the progress curve.
+_DECODE_SHARE = 0.7
+
+ProgressFn = Callable[[int, int], None]
+LogFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ConvertedImage:
+    path: Path
+    format: str
+    virtual_size: int
+    actual_size: int
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def image_info(path: Path) -> dict:
+    """`qemu-img info --output=json` of an image (blocking)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgument(str(path), "no such file")
+    proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise Failed(f"{path}: qemu-img cannot read it: {_last_line(proc.stderr)}")
+    return json.loads(proc.stdout)
+
+
+def detect_format(path: Path) -> str:
+    """The image format qemu-img sees in the file's content ("vmdk", "vpc", "raw", ...)."""
+    return image_info(path)["format"]
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
+
+
+def _check_input(source: Path, info: dict) -> None:
+    fmt = info["format"]
+    if fmt not in INPUT_FORMATS:
+        raise InvalidArgument(str(source), f"format {fmt!r} is not one of {', '.join(INPUT_FORMATS)}")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise InvalidArgument(str(source), "images with a backing file are refused; convert a "
+                                           "flattened image")
+    if fmt == "vmdk":
+        vmdk = parse_vmdk(source)
+        if vmdk["parent"]:
+            raise InvalidArgument(str(source), "a VMDK delta disk (it has a parent) cannot be "
+                                               "converted on its own")
+        if not vmdk["complete"]:
+            raise Failed(f"{source}: the VMDK is incomplete (missing or truncated extents)")
+
+
+def _is_stream_optimized(info: dict) -> bool:
+    data = info.get("format-specific", {}).get("data", {})
+    return info["format"] == "vmdk" and data.get("create-type") == "streamOptimized"
+
+
+def _temp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.partial")
+
+
+async def convert_image(source: Path, target: Path, *, out_format: str, compress: bool = False,
+                        on_progress: ProgressFn | None = None,
+                        log: LogFn | None = None) -> ConvertedImage:
+    """Convert `source` into `target` (qcow2 or raw); progress in bytes of virtual size."""
+    source, target = Path(source), Path(target)
+    if out_format not in OUTPUT_FORMATS:
+        raise InvalidArgument("format", f"must be one of {', '.join(OUTPUT_FORMATS)}")
+    if compress and out_format != "qcow2":
+        raise InvalidArgument("compression", "only qcow2 output can be compressed")
+    if not target.parent.is_dir():
+        raise InvalidArgument(str(target), "its directory does not exist")
+    info = await asyncio.to_thread(image_info, source)
+    await asyncio.to_thread(_check_input, source, info)
+    size = int(info["virtual-size"])
+    report = on_progress or (lambda done, total: None)
+    say = log or (lambda message: None)
+    tmp = _temp_name(target)
+    try:
+        if _is_stream_optimized(info):
+            say(f"decoding streamOptimized {source.name} on {streamopt_workers()} threads")
+            await _convert_stream_optimized(source, tmp, out_format, compress, size, report)
+        else:
+            say(f"converting {source.name} ({info['format']}) to {out_format} with qemu-img")
+            await run_qemu_img_convert(source, info["format"], tmp, out_format, compress,
+                                       lambda frac: report(int(size * frac), size))
+        await asyncio.to_thread(_fsync_rename, tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    report(size, size)
+    actual = target.stat().st_blocks * 512
+    return ConvertedImage(target, out_format, size, actual)
+
+
+def streamopt_workers() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+async def _convert_stream_optimized(source: Path, tmp: Path, out_format: str, compress: bool,
+                                    size: int, report: ProgressFn) -> None:
+    """Decode to sparse raw; for qcow2 then let qemu-img copy raw -> qcow2 (data only)."""
+    raw = tmp if out_format == "raw" else tmp.with_name(tmp.name + ".raw")
+    share = 1.0 if out_format == "raw" else _DECODE_SHARE
+    try:
+        await _decode_in_thread(
+            source, raw, lambda done, total: report(int(size * share * done / total), size))
+        if out_format == "qcow2":
+            await run_qemu_img_convert(
+                raw, "raw", tmp, "qcow2", compress,
+                lambda frac: report(int(size * (share + (1 - share) * frac)), size))
+    finally:
+        if raw != tmp:
+            raw.unlink(missing_ok=True)
+
+
+async def _decode_in_thread(source: Path, raw: Path, progress: ProgressFn) -> None:
+    """Run the blocking decoder in a thread; on cancel stop it and wait for it to end."""
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+
+    def thread_safe_progress(done: int, total: int) -> None:
+        loop.call_soon_threadsafe(progress, done, total)
+
+    fut = loop.run_in_executor(None, lambda: streamopt.decode_to_raw(
+        source, raw, workers=streamopt_workers(), on_progress=thread_safe_progress, stop=stop))
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait([fut])
+        raise
+
+
+async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_format: str,
+                               compress: bool, on_fraction: Callable[[float], None]) -> None:
+    """Run `qemu-img convert -p` in its own process group, parsing its percentage lines."""
+    args = ["qemu-img", "convert", "-p", "-f", in_format, "-O", out_format]
+    if compress:
+        args.append("-c")
+    args += [str(source), str(target)]
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+    try:
+        stderr_task = asyncio.ensure_future(proc.stderr.read())
+        await _read_progress(proc.stdout, on_fraction)
+        stderr = (await stderr_task).decode("utf-8", "replace")
+        rc = await proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        await proc.wait()
+        raise
+    if rc != 0:
+        raise Failed(f"{source}: qemu-img convert failed: {_last_line(stderr)}")
+
+
+async def _read_progress(stream: asyncio.StreamReader, on_fraction: Callable[[float], None]) -> None:
+    pending = b""
+    while chunk := await stream.read(4096):
+        pending += chunk
+        matches = list(_PROGRESS_RE.finditer(pending))
+        if matches:
+            on_fraction(float(matches[-1].group(1)) / 100.0)
+            pending = pending[matches[-1].end():]
+        pending = pending[-64:]
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _fsync_rename(tmp: Path, target: Path) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,182 @@
+"""A streaming decoder for streamOptimized VMDK files, inflating on every core.
+
+A streamOptimized VMDK is a sequence of markers after its header: each grain
+marker (LBA, compressed size, deflate data padded to a sector) carries one
+compressed grain; metadata markers (grain table, grain directory, footer) carry
+tables we do not need, and an all-zero end-of-stream marker ends it. qemu-img
+inflates grains on one thread; zlib releases the GIL, so here one thread parses
+markers sequentially and a small pool inflates and `pwrite`s grains at their
+offset. All-zero grains and missing grains stay holes, so the raw output is
+sparse. The queue of grains in flight is bounded, so memory does not grow with
+the disk. Running out of file before the end-of-stream marker is an error.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from ..errors import Cancelled, Failed
+from .vmdk import MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR, read_sparse_header
+
+READ_SIZE = 8 << 20
+MAX_IN_FLIGHT = 64
+PROGRESS_EVERY = 32 << 20
+_MARKER = struct.Struct("<QII")
+
+
+class _Reader:
+    """Sequential buffered reads over the file with an absolute position."""
+
+    def __init__(self, fh, start: int) -> None:
+        self._fh = fh
+        fh.seek(start)
+        self.buf = b""
+        self.pos = 0          # position inside buf
+        self.base = start     # file offset of buf[0]
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    def ensure(self, n: int) -> bool:
+        """Make n bytes available at pos; False at end of file."""
+        if len(self.buf) - self.pos >= n:
+            return True
+        rest = self.buf[self.pos:]
+        self.base += self.pos
+        chunk = self._fh.read(max(READ_SIZE, n - len(rest)))
+        self.buf = rest + chunk
+        self.pos = 0
+        return len(self.buf) >= n
+
+    def skip(self, n: int) -> bool:
+        if not self.ensure(n):
+            return False
+        self.pos += n
+        return True
+
+
+def _round_up(n: int) -> int:
+    return (n + SECTOR - 1) // SECTOR * SECTOR
+
+
+class _GrainWriter:
+    """Inflates grains on a thread pool and writes them at their offset."""
+
+    def __init__(self, path: Path, fd: int, grain_bytes: int, capacity: int, workers: int) -> None:
+        self._path = path
+        self._fd = fd
+        self._grain_bytes = grain_bytes
+        self._capacity = capacity
+        self._zero = bytes(grain_bytes)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamopt")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, lba: int, data: bytes) -> None:
+        if len(self._pending) >= MAX_IN_FLIGHT:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._inflate_write, lba, data))
+
+    def _inflate_write(self, lba: int, data: bytes) -> None:
+        offset = lba * SECTOR
+        expected = min(self._grain_bytes, self._capacity - offset)
+        try:
+            out = zlib.decompress(data, bufsize=self._grain_bytes)
+        except zlib.error as exc:
+            raise Failed(f"{self._path}: grain at sector {lba} does not inflate: {exc}") from None
+        if len(out) < expected or len(out) > self._grain_bytes:
+            raise Failed(f"{self._path}: grain at sector {lba} inflates to {len(out)} bytes, "
+                         f"expected {expected}")
+        out = out[:expected] if len(out) > expected else out
+        if out != self._zero[:len(out)]:
+            os.pwrite(self._fd, out, offset)
+
+    def finish(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+
+    def abort(self) -> None:
+        for fut in self._pending:
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+
+
+def decode_to_raw(source: Path, target: Path, *, workers: int = 2,
+                  on_progress: Callable[[int, int], None] | None = None,
+                  stop: threading.Event | None = None) -> int:
+    """Decode a streamOptimized VMDK into a sparse raw file; return its virtual size.
+
+    Blocking: run it in a thread. `on_progress(bytes_read, file_size)` is called every
+    few MiB; setting `stop` makes it raise Cancelled soon after. The caller owns
+    `target`: it fsyncs it when it keeps it and removes it on failure.
+    """
+    source = Path(source)
+    file_size = source.stat().st_size
+    with open(source, "rb") as fh:
+        header = read_sparse_header(source, fh.read(SECTOR), file_size)
+        if not header.stream_optimized:
+            raise Failed(f"{source}: not a streamOptimized VMDK (no compressed grains with markers)")
+        capacity = header.capacity_sectors * SECTOR
+        grain_bytes = header.grain_sectors * SECTOR
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        writer = _GrainWriter(source, fd, grain_bytes, capacity, workers)
+        try:
+            os.ftruncate(fd, capacity)
+            _walk_markers(source, _Reader(fh, header.overhead_sectors * SECTOR), writer, header,
+                          file_size, on_progress, stop)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            os.close(fd)
+    return capacity
+
+
+def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header, file_size: int,
+                  on_progress, stop) -> None:
+    capacity_sectors = header.capacity_sectors
+    max_compressed = header.grain_sectors * SECTOR * 2 + 1024
+    next_report = PROGRESS_EVERY
+    while True:
+        if not reader.ensure(_MARKER.size):
+            raise Failed(f"{source}: truncated at byte {reader.offset} of {file_size}: "
+                         f"the stream ends without its end-of-stream marker")
+        val, size, kind = _MARKER.unpack_from(reader.buf, reader.pos)
+        if size:
+            if val >= capacity_sectors or val % header.grain_sectors:
+                raise Failed(f"{source}: grain marker at byte {reader.offset} has LBA {val}, "
+                             f"outside the disk or not grain-aligned")
+            if size > max_compressed:
+                raise Failed(f"{source}: grain marker at byte {reader.offset} claims {size} "
+                             f"compressed bytes, more than a grain can need")
+            total = _round_up(12 + size)
+            if not reader.ensure(total):
+                raise Failed(f"{source}: truncated inside the grain at byte {reader.offset}: "
+                             f"the stream ends without its end-of-stream marker")
+            start = reader.pos + 12
+            writer.submit(val, reader.buf[start:start + size])
+            reader.pos += total
+        elif kind == MARKER_EOS:
+            return
+        elif kind in (MARKER_GT, MARKER_GD, MARKER_FOOTER):
+            extra = SECTOR if kind == MARKER_FOOTER else val * SECTOR
+            if not reader.skip(SECTOR + extra):
+                raise Failed(f"{source}: truncated inside a metadata marker at byte "
+                             f"{reader.offset}")
+        else:
+            raise Failed(f"{source}: unknown marker type {kind} at byte {reader.offset}")
+        if reader.offset >= next_report:
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"{source}: decoding cancelled")
+            if on_progress:
+                on_progress(reader.offset, file_size)
+            next_report = reader.offset + PROGRESS_EVERY
+
