@@ -1,0 +1,161 @@
+"""Small pieces the GCP, OCI, Hyper-V and OVA providers share.
+
+- `private_file_rule` / `read_private_file`: credential files (`*_file` settings)
+  must be readable by their owner only (mode 0600 or stricter).
+- `fetch_ranges`: a resumable, checksummed copy of a remote object read in ranges
+  through an SDK call (a GCS blob range, a chunk read over WinRM) into a local file.
+  HTTP URLs go through `pipeline/download.py` instead.
+- `OutputFiles`: the disk files one export wrote, removed again if the export fails
+  so that nothing partial is left in the target directory.
+"""
+from __future__ import annotations
+
+import asyncio
+import difflib
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Callable
+
+from ..errors import Failed, InvalidArgument
+from .base import ExportSink
+
+PRIVATE_FILE_RULE = "a file readable by its owner only (mode 0600 or stricter)"
+
+
+def private_file_rule(value: str) -> str | None:
+    """Config check for `*_file` settings: '' (unset) or an owner-only regular file."""
+    if not value:
+        return None
+    try:
+        info = os.stat(value)
+    except OSError as exc:
+        return f"an existing file ({exc.strerror})"
+    if not stat.S_ISREG(info.st_mode):
+        return "a regular file"
+    if info.st_mode & 0o077:
+        return f"{PRIVATE_FILE_RULE}; it has mode {stat.S_IMODE(info.st_mode):04o}"
+    return None
+
+
+def check_filter(vm_filter: dict, allowed: tuple[str, ...]) -> None:
+    """Refuse filter keys a provider does not know, naming them and the known ones."""
+    for key in vm_filter:
+        if key not in allowed:
+            raise InvalidArgument(f"filter.{key}", "one of the known filter keys: " + ", ".join(allowed))
+
+
+def closest(name: str, candidates: list[str]) -> str:
+    """' (did you mean a, b?)' for a NotFound message, or ''."""
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def read_private_file(path: str, field: str) -> str:
+    """Read a credential file, checking its mode again (it may have changed since start)."""
+    rule = private_file_rule(path)
+    if rule:
+        raise InvalidArgument(field, rule)
+    return Path(path).read_text(encoding="utf-8").strip()
+
+
+class OutputFiles:
+    """Files an export has written so far; `discard()` removes them."""
+
+    def __init__(self, target_dir: Path) -> None:
+        self.target_dir = target_dir
+        self._paths: list[Path] = []
+
+    def add(self, path: Path) -> None:
+        self._paths.append(path)
+
+    def discard(self) -> None:
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+        self._paths.clear()
+
+
+async def fetch_ranges(read_range: Callable[[int, int], bytes], target: Path, size: int, *,
+                       chunk_size: int, max_retries: int, sink: ExportSink, label: str,
+                       retry_on: tuple[type[BaseException], ...],
+                       also_hash: Callable[[bytes], None] | None = None) -> str:
+    """Copy `size` bytes read by `read_range(offset, length)` (blocking) into `target`.
+
+    Each range is read in a thread and written at its offset, hashed in order. A range
+    whose read raises one of `retry_on` is read again (at most `max_retries` times in a
+    row): that is the resume after a dropped connection. Writes go to a temp name in
+    the same directory, are fsynced and renamed into place; on any failure the temp
+    file is removed. `also_hash` sees every byte in order (for a checksum the server
+    publishes, e.g. GCS's md5). Returns the sha256 hex digest.
+    """
+    temp = target.with_name(f".{target.name}.part")
+    digest = hashlib.sha256()
+    try:
+        with open(temp, "wb") as out:
+            offset = 0
+            while offset < size:
+                length = min(chunk_size, size - offset)
+                data = await _read_with_retries(read_range, offset, length, max_retries,
+                                                sink, label, retry_on)
+                await asyncio.to_thread(out.write, data)
+                digest.update(data)
+                if also_hash:
+                    also_hash(data)
+                offset += len(data)
+                sink.advance(len(data))
+            await asyncio.to_thread(_flush_and_sync, out)
+        os.rename(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return digest.hexdigest()
+
+
+async def _read_with_retries(read_range: Callable[[int, int], bytes], offset: int, length: int,
+                             max_retries: int, sink: ExportSink, label: str,
+                             retry_on: tuple[type[BaseException], ...]) -> bytes:
+    attempt = 0
+    while True:
+        try:
+            data = await asyncio.to_thread(read_range, offset, length)
+        except retry_on as exc:
+            attempt += 1
+            if attempt > max_retries:
+                raise Failed(f"{label}: reading at byte {offset} failed {attempt} times "
+                             f"({type(exc).__name__}); giving up") from None
+            sink.log(f"{label}: read at byte {offset} failed ({type(exc).__name__}), "
+                     f"resuming (attempt {attempt}/{max_retries})", "warning")
+            await asyncio.sleep(min(2 ** (attempt - 1) * 0.1, 5.0))
+            continue
+        if len(data) != length:
+            raise Failed(f"{label}: asked for {length} bytes at offset {offset}, "
+                         f"got {len(data)}; the source changed or is truncated")
+        return data
+
+
+def _flush_and_sync(out) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+async def gather_bounded(items: list, fn: Callable, limit: int) -> list:
+    """`fn(item)` for every item, at most `limit` at a time, results in order.
+
+    The first failure cancels the others (and waits for them) before it propagates,
+    so cleanup that follows sees no disk still being written.
+    """
+    semaphore = asyncio.Semaphore(max(1, limit))
+
+    async def one(item):
+        async with semaphore:
+            return await fn(item)
+
+    tasks = [asyncio.ensure_future(one(item)) for item in items]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
