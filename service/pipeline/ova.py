@@ -1,0 +1,196 @@
+"""Open an OVA (a tar) safely: stream-extract it and check its `.mf` manifest.
+
+Nothing may land outside the target: members with `..`, absolute names, links,
+device files, fifos or duplicate names are refused. Members are hashed while they
+are written (one pass over the archive) and checked against the manifest's SHA1 /
+SHA256 / SHA512 lines. Extraction goes to a hidden temporary directory next to the
+target that is renamed into place only when everything checked out; on any
+failure it is removed, so a bad OVA leaves nothing behind.
+
+OVF requires the descriptor to be the first member; OVAs we produce obey that,
+foreign ones that do not are accepted with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from ..errors import AlreadyExists, Failed, InvalidArgument
+
+COPY_CHUNK = 1 << 20
+HASHES = {"SHA1": hashlib.sha1, "SHA256": hashlib.sha256, "SHA512": hashlib.sha512}
+_MF_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)\s*$")
+
+LogFn = Callable[[str], None]
+
+
+def parse_manifest(path: Path) -> dict[str, tuple[str, str]]:
+    """`{file name: (algorithm, hex digest)}` from an OVF `.mf` file."""
+    entries: dict[str, tuple[str, str]] = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            match = _MF_LINE.match(line.strip())
+            if not match:
+                raise InvalidArgument(str(path), f"line {lineno} is not 'SHA256(file)= digest'")
+            alg, name, digest = match.groups()
+            entries[_safe_name(name, str(path)).as_posix()] = (alg, digest.lower())
+    return entries
+
+
+def _safe_name(name: str, where: str) -> PurePosixPath:
+    """A relative member name that stays inside the target directory."""
+    rel = PurePosixPath(name)
+    if not name or rel.is_absolute() or name.startswith("/"):
+        raise InvalidArgument(where, f"member {name!r} has an absolute name: refused")
+    if ".." in rel.parts:
+        raise InvalidArgument(where, f"member {name!r} contains '..' and would escape the "
+                                     f"target directory: refused")
+    if "\\" in name or "\0" in name or rel.as_posix() in ("", "."):
+        raise InvalidArgument(where, f"member {name!r} is not a plain relative file name")
+    return rel
+
+
+def _member_kind_error(member: tarfile.TarInfo) -> str | None:
+    if member.issym() or member.islnk():
+        return f"member {member.name!r} is a {'symlink' if member.issym() else 'hard link'} " \
+               f"(to {member.linkname!r}): links are refused"
+    if member.ischr() or member.isblk():
+        return f"member {member.name!r} is a device file: refused"
+    if member.isfifo():
+        return f"member {member.name!r} is a fifo: refused"
+    if member.issparse():
+        return f"member {member.name!r} is a GNU sparse file: refused"
+    if not (member.isreg() or member.isdir()):
+        return f"member {member.name!r} has an unsupported type {member.type!r}: refused"
+    return None
+
+
+def _copy_hashed(src, dest: Path, algorithms: list[str]) -> dict[str, str]:
+    hashers = {alg: HASHES[alg]() for alg in algorithms}
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := src.read(COPY_CHUNK):
+            out.write(chunk)
+            for hasher in hashers.values():
+                hasher.update(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return {alg: h.hexdigest() for alg, h in hashers.items()}
+
+
+def hash_file(path: Path, algorithm: str) -> str:
+    hasher = HASHES[algorithm]()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(COPY_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _check_digests(root: Path, manifest: dict[str, tuple[str, str]],
+                   computed: dict[str, dict[str, str]], where: str) -> None:
+    """Compare manifest lines with digests computed while writing (or hash now)."""
+    for name, (alg, expected) in manifest.items():
+        target = root / name
+        if not target.is_file():
+            raise Failed(f"{where}: {name} is listed in the manifest but not present")
+        actual = computed.get(name, {}).get(alg) or hash_file(target, alg)
+        if actual != expected:
+            raise Failed(f"{where}: {name}: {alg} digest mismatch: the manifest says "
+                         f"{expected}, the file has {actual}")
+
+
+def verify_manifest(directory: Path) -> dict[str, str]:
+    """Check every file the directory's `.mf` lists; return {name: algorithm}.
+
+    A directory without a manifest verifies nothing and returns {}; more than one
+    manifest is refused.
+    """
+    directory = Path(directory)
+    manifests = sorted(directory.glob("*.mf"))
+    if not manifests:
+        return {}
+    if len(manifests) > 1:
+        raise InvalidArgument(str(directory), "more than one .mf manifest")
+    manifest = parse_manifest(manifests[0])
+    _check_digests(directory, manifest, {}, str(directory))
+    return {name: alg for name, (alg, _d) in manifest.items()}
+
+
+def _extract_members(path: Path, tmp: Path) -> tuple[list[str], dict]:
+    """Write every member under tmp; return (regular file names in order, digests)."""
+    seen: set[str] = set()
+    files: list[str] = []
+    computed: dict[str, dict[str, str]] = {}
+    manifest: dict[str, tuple[str, str]] | None = None
+    where = str(path)
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                rel = _safe_name(member.name, where)
+                name = rel.as_posix()
+                if name in seen:
+                    raise InvalidArgument(where, f"member {name!r} appears twice: refused")
+                seen.add(name)
+                problem = _member_kind_error(member)
+                if problem:
+                    raise InvalidArgument(where, problem)
+                dest = tmp / rel
+                if member.isdir():
+                    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                algs = [manifest[name][0]] if manifest and name in manifest else ["SHA1", "SHA256"]
+                computed[name] = _copy_hashed(tar.extractfile(member), dest, algs)
+                files.append(name)
+                if name.endswith(".mf"):
+                    manifest = parse_manifest(dest)
+    except (tarfile.ReadError, EOFError) as exc:
+        raise Failed(f"{path}: not a readable tar archive or truncated: {exc}") from None
+    if not files:
+        raise InvalidArgument(where, "the archive holds no files")
+    return files, computed
+
+
+def extract_ova(path: Path, target_dir: Path, log: LogFn | None = None) -> Path:
+    """Safely extract the OVA at `path` into `target_dir` (created); return the .ovf path."""
+    path, target_dir = Path(path), Path(target_dir)
+    say = log or (lambda message: None)
+    if not path.is_file():
+        raise InvalidArgument(str(path), "no such file")
+    if target_dir.exists() and (not target_dir.is_dir() or any(target_dir.iterdir())):
+        raise AlreadyExists(f"{target_dir}: already exists and is not an empty directory")
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target_dir.parent / f".{target_dir.name}.{os.getpid()}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    try:
+        files, computed = _extract_members(path, tmp)
+        ovfs = [name for name in files if name.lower().endswith(".ovf")]
+        if len(ovfs) != 1:
+            raise InvalidArgument(str(path), f"an OVA holds exactly one .ovf descriptor, this "
+                                             f"one has {len(ovfs)}")
+        if files[0] != ovfs[0]:
+            say(f"warning: {path.name}: the first member is {files[0]!r}, not the .ovf "
+                f"descriptor (OVF requires it first); accepted")
+        manifests = [name for name in files if name.lower().endswith(".mf")]
+        if len(manifests) > 1:
+            raise InvalidArgument(str(path), "more than one .mf manifest")
+        if manifests:
+            _check_digests(tmp, parse_manifest(tmp / manifests[0]), computed, str(path))
+            say(f"{path.name}: manifest {manifests[0]} checked ({len(files) - 1} files)")
+        else:
+            say(f"warning: {path.name}: no .mf manifest, file digests not checked")
+        if target_dir.exists():
+            target_dir.rmdir()
+        os.rename(tmp, target_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target_dir / ovfs[0]
