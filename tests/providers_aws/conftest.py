@@ -1,0 +1,182 @@
+"""A real moto_server (EC2 + EBS direct APIs) on loopback, and an AWS provider pointed at it."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+
+from hypersdk.service.config import parse_config
+from hypersdk.service.providers.aws import AwsProvider
+
+MOTO_SERVER = Path(sys.executable).with_name("moto_server")
+REGION = "us-east-1"
+KEY_ID = "AKIDTESTEXAMPLE0001"
+SECRET = "s3cr3t-key-never-logged-0001"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_moto(env_extra: dict | None = None):
+    port = _free_port()
+    env = dict(os.environ, **(env_extra or {}))
+    proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.1)
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    proc, url = _start_moto()
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def moto_auth_url():
+    """A moto_server that checks credentials (none are known, so every key is refused)."""
+    proc, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture
+def moto(moto_url):
+    """The moto server, emptied before each test."""
+    request = urllib.request.Request(moto_url + "/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).read()
+    return moto_url
+
+
+def client(url: str, service: str):
+    return boto3.client(service, endpoint_url=url, region_name=REGION,
+                        aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)
+
+
+@pytest.fixture
+def ec2(moto):
+    return client(moto, "ec2")
+
+
+@pytest.fixture
+def ebs(moto):
+    return client(moto, "ebs")
+
+
+def make_provider(tmp_path: Path, url: str, max_retries: int = 1, **settings) -> AwsProvider:
+    secret_file = tmp_path / "aws-secret"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
+    section = {"type": "aws", "region": REGION, "endpoint_url": url, "access_key_id": KEY_ID,
+               "secret_access_key_file": str(secret_file), "poll_interval": "10ms",
+               "parallel_blocks": 4, **settings}
+    config = parse_config({"providers": {"aws": section}, "export": {"max_retries": max_retries}},
+                          "(test)", env={})
+    return AwsProvider("aws", config.providers["aws"], config)
+
+
+@pytest.fixture
+async def provider(tmp_path, moto):
+    made = make_provider(tmp_path, moto)
+    yield made
+    await made.close()
+
+
+class RecordingSink:
+    """Collects what an export reports (the job context's role in the service)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+        self.total = 0
+        self.done = 0
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.lines.append((level, message))
+
+    def add_total(self, nbytes: int) -> None:
+        self.total += nbytes
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    """An empty export directory."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def sink() -> RecordingSink:
+    return RecordingSink()
+
+
+def put_snapshot(ebs, blocks: dict[int, bytes], size_gib: int = 1,
+                 bad_checksum: set[int] = frozenset()) -> str:
+    """A completed snapshot made with StartSnapshot/PutSnapshotBlock/CompleteSnapshot."""
+    snapshot_id = ebs.start_snapshot(VolumeSize=size_gib, Description="test data")["SnapshotId"]
+    for index, data in blocks.items():
+        digest = hashlib.sha256(b"tampered" if index in bad_checksum else data).digest()
+        ebs.put_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockData=data,
+                               DataLength=len(data), ChecksumAlgorithm="SHA256",
+                               Checksum=base64.b64encode(digest).decode())
+    ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=len(blocks))
+    return snapshot_id
+
+
+def run_instance(ec2, name: str, tags: dict | None = None, instance_type: str = "t3.medium") -> dict:
+    image_id = ec2.describe_images()["Images"][0]["ImageId"]
+    all_tags = [{"Key": "Name", "Value": name}] + [{"Key": k, "Value": v} for k, v in (tags or {}).items()]
+    made = ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1, InstanceType=instance_type,
+                             TagSpecifications=[{"ResourceType": "instance", "Tags": all_tags}],
+                             BlockDeviceMappings=[{"DeviceName": "/dev/sda1",
+                                                   "Ebs": {"VolumeSize": 1}}])
+    return made["Instances"][0]
+
+
+def instance_on_snapshot_volume(ec2, name: str, snapshot_id: str) -> tuple[str, str]:
+    """An instance whose only volume is the one moto made for `snapshot_id` (its root swapped).
+
+    moto's EBS direct APIs only know snapshots made with StartSnapshot, so the test
+    puts such a snapshot's volume under an instance to export it.
+    """
+    instance = run_instance(ec2, name)
+    instance_id = instance["InstanceId"]
+    ec2.stop_instances(InstanceIds=[instance_id])
+    root = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    ec2.detach_volume(VolumeId=root, InstanceId=instance_id)
+    volume_id = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["VolumeId"]
+    ec2.attach_volume(VolumeId=volume_id, InstanceId=instance_id, Device="/dev/sda1")
+    return instance_id, volume_id
