@@ -194,7 +194,8 @@ def _describe(exc: BaseException) -> str:
 async def download(session: aiohttp.ClientSession, url: str, target: Path, *,
                    expected_size: int | None, chunk_size: int, max_retries: int,
                    on_bytes: Callable[[int], None], log: Log, headers: dict | None = None,
-                   ssl=None, read_timeout: float = 60.0) -> DownloadResult:
+                   ssl=None, read_timeout: float = 60.0,
+                   shown: str | None = None) -> DownloadResult:
     """Download `url` to `target`; see the module docstring for the guarantees.
 
     `log(message)` or `log(message, level)` receives progress lines (URLs without
@@ -203,7 +204,7 @@ async def download(session: aiohttp.ClientSession, url: str, target: Path, *,
     naming the file; the temporary file is gone afterwards.
     """
     target = Path(target)
-    shown = redact_url(url)
+    shown = shown or redact_url(url)  # callers whose URL path is a secret name it themselves
     temp = temp_path_for(target)
     handle = await asyncio.to_thread(open, temp, "wb")
     writer = _HashingWriter(handle)
