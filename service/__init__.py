@@ -1,1 +1,3 @@
 """hypervisord: the hypersdk system service."""
+
+__version__ = "1.0.0"

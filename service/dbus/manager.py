@@ -1,0 +1,139 @@
+"""org.hypersdk.HyperSDK1.Manager (see org.hypersdk.HyperSDK1.Manager.xml)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_property, method
+
+from .. import __version__
+from ..errors import InvalidArgument, Unavailable
+from ..job_kinds import get_kind, kind_names
+from .dispatch import caller, require
+from .paths import job_path
+
+if TYPE_CHECKING:
+    from .service import DBusService
+
+MANAGER_INTERFACE = "org.hypersdk.HyperSDK1.Manager"
+VIEW = "org.hypersdk.HyperSDK1.view"
+
+
+def parse_json(text: str, field: str, expect: type = dict) -> Any:
+    """Parse a JSON argument; errors name the argument and the position."""
+    if text.strip() == "" and expect is dict:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(field, f"malformed JSON: {exc.msg} at line {exc.lineno} "
+                                     f"column {exc.colno}") from None
+    if not isinstance(value, expect):
+        raise InvalidArgument(field, f"must be a JSON {'object' if expect is dict else 'value'}")
+    return value
+
+
+def option(options: dict, name: str, default: Any = None) -> Any:
+    return options[name].value if name in options else default
+
+
+class ManagerObject(ServiceInterface):
+    def __init__(self, service: "DBusService") -> None:
+        super().__init__(MANAGER_INTERFACE)
+        self._service = service
+        self._engine = service.engine
+
+    async def _submit(self, kind_name: str, definition_json: str) -> str:
+        kind = get_kind(kind_name)
+        if kind is None:
+            raise InvalidArgument("kind", f"unknown job kind {kind_name!r}; known: "
+                                  + ", ".join(kind_names()))
+        who = await require(kind.polkit_action)
+        definition = parse_json(definition_json, "definition")
+        job = self._engine.submit(kind_name, definition, who.uid)
+        return job_path(job.id)
+
+    # -- properties --------------------------------------------------------------------
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Capabilities(self) -> "s":
+        return json.dumps(self._service.capabilities())
+
+    @dbus_property(access=PropertyAccess.READ)
+    def JobCounts(self) -> "a{su}":
+        return self._service.job_counts()
+
+    # -- jobs --------------------------------------------------------------------------
+    @method()
+    async def SubmitJob(self, definition: "s", options: "a{sv}") -> "o":
+        return await self._submit(str(option(options, "kind", "export")), definition)
+
+    @method()
+    async def ListJobs(self, options: "a{sv}") -> "ao":
+        await require(VIEW)
+        status = option(options, "status")
+        jobs = self._engine.list(status, int(option(options, "limit", 1000)),
+                                 int(option(options, "offset", 0)))
+        return [job_path(job.id) for job in jobs]
+
+    @method()
+    async def Convert(self, request: "s", options: "a{sv}") -> "o":
+        return await self._submit("convert", request)
+
+    @method()
+    async def ImportToKvm(self, request: "s", options: "a{sv}") -> "o":
+        return await self._submit("import", request)
+
+    # -- discovery ---------------------------------------------------------------------
+    @method()
+    async def ListVMs(self, provider: "s", filter: "s", options: "a{sv}") -> "s":
+        await require(VIEW)
+        vm_filter = parse_json(filter, "filter")
+        source = await self._engine.providers.get(provider)
+        vms = await source.list_vms(vm_filter)
+        return json.dumps([vm.to_dict() for vm in vms])
+
+    @method()
+    async def GetVMInfo(self, provider: "s", identifier: "s", options: "a{sv}") -> "s":
+        await require(VIEW)
+        if not identifier:
+            raise InvalidArgument("identifier", "must not be empty")
+        source = await self._engine.providers.get(provider)
+        return json.dumps((await source.get_vm(identifier)).to_dict())
+
+    @method()
+    async def ParseVmdk(self, path: "s", options: "a{sv}") -> "s":
+        await require(VIEW)
+        from ..pipeline.vmdk import parse_vmdk  # noqa: PLC0415 - keeps start-up light
+        if not path.startswith("/"):
+            raise InvalidArgument("path", "must be an absolute path")
+        return json.dumps(await asyncio.to_thread(parse_vmdk, path))
+
+    # -- automation --------------------------------------------------------------------
+    def _automation(self):
+        if self._service.automation is None:
+            raise Unavailable("schedules, backup policies and webhooks are not available")
+        return self._service.automation
+
+    @method()
+    async def CreateSchedule(self, definition: "s", options: "a{sv}") -> "o":
+        await require("org.hypersdk.HyperSDK1.manage-schedules")
+        return await self._automation().create_schedule(parse_json(definition, "definition"),
+                                                        caller().uid)
+
+    @method()
+    async def CreateBackupPolicy(self, definition: "s", options: "a{sv}") -> "o":
+        await require("org.hypersdk.HyperSDK1.manage-backup-policies")
+        return await self._automation().create_backup_policy(
+            parse_json(definition, "definition"), caller().uid)
+
+    @method()
+    async def ConfigureWebhook(self, definition: "s", options: "a{sv}") -> "o":
+        await require("org.hypersdk.HyperSDK1.manage-webhooks")
+        return await self._automation().configure_webhook(parse_json(definition, "definition"),
+                                                          caller().uid)

@@ -1,0 +1,101 @@
+"""The D-Bus face of hypervisord: owns the objects and keeps them in step with the engine."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dbus_fast import RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from ..engine import JobEngine, JobEvent
+from ..errors import Failed
+from ..job_kinds import kind_names
+from .dispatch import Dispatcher
+from .job import JobObject, usec
+from .manager import ManagerObject
+from .paths import BUS_NAME, MANAGER_PATH, job_path
+from .polkit import Authority
+
+log = logging.getLogger(__name__)
+
+EXPORT_METHODS = ["ova", "ovf", "disk"]
+OUTPUT_FORMATS = ["qcow2", "raw"]
+
+
+class DBusService:
+    def __init__(self, bus: MessageBus, engine: JobEngine) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.automation: Any = None  # set by the daemon when automation is running
+        self.dispatcher = Dispatcher(bus, Authority(bus))
+        self.manager = ManagerObject(self)
+        self.jobs: dict[str, JobObject] = {}
+
+    def export_all(self) -> None:
+        """Export the Manager and one object per stored job, then follow the engine."""
+        self.dispatcher.export(MANAGER_PATH, self.manager)
+        for job in self.engine.list(limit=1_000_000):
+            self._export_job(job.id)
+        self.engine.subscribe(self._on_job_event)
+
+    async def own_name(self) -> None:
+        reply = await self.bus.request_name(BUS_NAME)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise Failed(f"could not own the bus name {BUS_NAME} ({reply.name}); "
+                         "is another hypervisord running?")
+
+    def export_object(self, path: str, interface) -> None:
+        """For automation objects (schedules, policies, webhooks)."""
+        self.dispatcher.export(path, interface)
+
+    def unexport_object(self, path: str) -> None:
+        self.dispatcher.unexport(path)
+
+    def _export_job(self, job_id: str) -> None:
+        obj = JobObject(self, job_id)
+        self.jobs[job_id] = obj
+        self.dispatcher.export(job_path(job_id), obj)
+
+    def _on_job_event(self, event: JobEvent) -> None:
+        job = event.job
+        if event.type == "created":
+            self._export_job(job.id)
+            self._counts_changed()
+            return
+        obj = self.jobs.get(job.id)
+        if obj is None:
+            return
+        if event.type == "progress":
+            obj.progress_changed()
+        elif event.type == "status":
+            obj.status_changed()
+            self._counts_changed()
+        elif event.type == "log" and event.line is not None:
+            line = event.line
+            obj.LogLine(line.id, usec(line.time), line.level, line.message)
+
+    def _counts_changed(self) -> None:
+        self.manager.emit_properties_changed({"JobCounts": self.job_counts()})
+
+    def job_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("pending", "running", "completed", "failed", "cancelled"), 0)
+        for status, count in self.engine.store.execute(
+                "SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+            counts[status] = count
+        return counts
+
+    def capabilities(self) -> dict:
+        return {
+            "providers": self.engine.providers.capabilities(),
+            "job_kinds": kind_names(),
+            "export_methods": EXPORT_METHODS,
+            "output_formats": OUTPUT_FORMATS,
+            "features": ["hyper2kvm_daemon_mode", "direct_pipeline", "schedules",
+                         "backup_policies", "webhooks"] if self.automation else
+                        ["hyper2kvm_daemon_mode", "direct_pipeline"],
+        }
+
+    async def close(self) -> None:
+        for obj in self.jobs.values():
+            obj.close()
+        await self.dispatcher.close()

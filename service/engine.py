@@ -1,0 +1,324 @@
+"""The job engine: a persistent queue, a worker pool, cancel, retries and progress.
+
+Jobs are rows in the store first and tasks second, so nothing is lost on a crash.
+Recovery rule at start (documented in the README): a job found `running` was
+interrupted by a crash or kill; it is marked `failed` with the reason
+"interrupted: ..." (its partial output cannot be trusted, and re-running an export
+silently could shut a VM down twice) and the user may retry it. `pending` jobs are
+queued again. On SIGTERM the engine stops taking work, cancels running jobs (their
+partial files are removed) and marks them failed "interrupted by service shutdown".
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import Config
+from .errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
+from .job_kinds import JobKind, get_kind, kind_names
+from .progress import ProgressSnapshot, ProgressTracker
+from .providers.registry import ProviderRegistry
+from .store import JobRecord, LogLine, Store
+
+log = logging.getLogger(__name__)
+
+PROGRESS_SAVE_INTERVAL = 1.0
+RETRY_BACKOFF_BASE = 2.0
+RETRY_BACKOFF_MAX = 60.0
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """What listeners (D-Bus objects, webhooks, schedules) hear about a job.
+
+    type: created | status | progress | log
+    """
+
+    type: str
+    job: JobRecord
+    line: LogLine | None = None
+
+
+Listener = Callable[[JobEvent], None]
+
+
+class RunningJob:
+    """The JobContext a kind sees while it runs."""
+
+    def __init__(self, engine: "JobEngine", record: JobRecord, kind: JobKind) -> None:
+        self.engine = engine
+        self.record = record
+        self.kind = kind
+        self.job_id = record.id
+        self.definition = record.definition
+        self.config = engine.config
+        self.providers = engine.providers
+        self.tracker = ProgressTracker()
+        self.task: asyncio.Task | None = None
+        self.cancel_reason = ""
+        self._cleanup: list[Path] = []
+        self._last_save = 0.0
+
+    # -- JobContext ------------------------------------------------------------------
+    @property
+    def attempt(self) -> int:
+        return self.record.attempts
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.engine.append_log(self.record, message, level)
+
+    def set_stage(self, stage: str) -> None:
+        self.tracker.set_stage(stage)
+        self._progress_changed()
+
+    def set_total(self, nbytes: int) -> None:
+        self.tracker.set_total(nbytes)
+        self._progress_changed()
+
+    def add_total(self, nbytes: int) -> None:
+        self.tracker.add_total(nbytes)
+        self._progress_changed()
+
+    def advance(self, nbytes: int) -> None:
+        self.tracker.advance(nbytes)
+        self._progress_changed()
+
+    def set_done(self, nbytes: int) -> None:
+        self.tracker.update(nbytes)
+        self._progress_changed()
+
+    def add_cleanup(self, path: Path) -> None:
+        self._cleanup.append(Path(path))
+
+    def keep(self, path: Path) -> None:
+        self._cleanup = [p for p in self._cleanup if p != Path(path)]
+
+    # -- engine side -----------------------------------------------------------------
+    def _progress_changed(self) -> None:
+        record = self.record
+        record.stage = self.tracker.stage
+        record.bytes_done = self.tracker.bytes_done
+        record.bytes_total = self.tracker.bytes_total
+        now = time.monotonic()
+        if now - self._last_save >= PROGRESS_SAVE_INTERVAL:
+            self._last_save = now
+            self.engine.store.save_progress(record)
+        self.engine.notify(JobEvent("progress", record))
+
+    def remove_partial_output(self) -> None:
+        for path in reversed(self._cleanup):
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+            except OSError as exc:
+                self.log(f"could not remove partial output {path}: {exc.strerror}", "warning")
+        self._cleanup.clear()
+
+
+class JobEngine:
+    def __init__(self, store: Store, config: Config, providers: ProviderRegistry) -> None:
+        self.store = store
+        self.config = config
+        self.providers = providers
+        self._listeners: list[Listener] = []
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._running: dict[str, RunningJob] = {}
+        self._workers: list[asyncio.Task] = []
+        self._export_slots = asyncio.Semaphore(config.export.concurrent_exports)
+        self._accepting = False
+
+    # -- listeners -------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def notify(self, event: JobEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break a job
+                log.exception("job listener failed for %s", event.type)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def recover(self) -> list[JobRecord]:
+        """Mark interrupted work failed and return the jobs that are still pending."""
+        for job in self.store.list_jobs(status="running", limit=1_000_000):
+            job.status = "failed"
+            job.finished_at = time.time()
+            job.error = ("interrupted: hypervisord stopped while the job was running; "
+                         "its partial output was discarded (retry the job)")
+            self.store.set_status(job, reason="recovered after restart")
+            self.store.append_log(job.id, time.time(), "error", job.error)
+        return self.store.list_jobs(status="pending", limit=1_000_000)
+
+    async def start(self) -> None:
+        for job in self.recover():
+            self._queue.put_nowait(job.id)
+        self._accepting = True
+        self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
+                         for i in range(self.config.daemon.workers)]
+
+    async def shutdown(self) -> None:
+        """Stop taking work, interrupt running jobs, and wait for the workers."""
+        self._accepting = False
+        for running in list(self._running.values()):
+            running.cancel_reason = "shutdown"
+            if running.task:
+                running.task.cancel()
+        await asyncio.gather(*(r.task for r in self._running.values() if r.task),
+                             return_exceptions=True)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # -- queries ---------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord:
+        running = self._running.get(job_id)
+        return running.record if running else self.store.get_job(job_id)
+
+    def snapshot(self, job_id: str) -> ProgressSnapshot:
+        running = self._running.get(job_id)
+        if running:
+            return running.tracker.snapshot()
+        job = self.store.get_job(job_id)
+        return ProgressSnapshot(job.bytes_done, job.bytes_total, 0.0, 0, job.stage)
+
+    def list(self, status: str | None = None, limit: int = 1000, offset: int = 0) -> list[JobRecord]:
+        jobs = self.store.list_jobs(status, limit, offset)
+        return [self._running[j.id].record if j.id in self._running else j for j in jobs]
+
+    # -- commands --------------------------------------------------------------------
+    def validate(self, kind_name: str, definition: object) -> tuple[JobKind, dict]:
+        kind = get_kind(kind_name)
+        if kind is None:
+            raise InvalidArgument("kind", f"unknown job kind {kind_name!r}; known: "
+                                  + ", ".join(kind_names()))
+        return kind, kind.validate(definition, self)
+
+    def submit(self, kind_name: str, definition: object, uid: int = -1,
+               retry_of: str | None = None) -> JobRecord:
+        if not self._accepting:
+            raise Failed("hypervisord is shutting down; no new jobs are accepted")
+        kind, normalised = self.validate(kind_name, definition)
+        summary = kind.describe(normalised)
+        job = JobRecord(id="job-" + uuid.uuid4().hex[:12], kind=kind.name, status="pending",
+                        definition=normalised, vm=summary["vm"], provider=summary["provider"],
+                        started_by_uid=uid, created_at=time.time(), retry_of=retry_of)
+        self.store.insert_job(job)
+        self.notify(JobEvent("created", job))
+        self._queue.put_nowait(job.id)
+        return job
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.finished:
+            raise InvalidArgument("job", f"job {job_id} has already {job.status}")
+        running = self._running.get(job_id)
+        if running and running.task:
+            running.cancel_reason = "user"
+            running.task.cancel()
+            return job
+        self._finish(job, "cancelled", error="cancelled before it started")
+        return job
+
+    def retry(self, job_id: str, uid: int) -> JobRecord:
+        job = self.get(job_id)
+        if job.status not in ("failed", "cancelled"):
+            raise InvalidArgument("job", f"only failed or cancelled jobs can be retried; "
+                                  f"{job_id} is {job.status}")
+        return self.submit(job.kind, job.definition, uid, retry_of=job.id)
+
+    def append_log(self, job: JobRecord, message: str, level: str = "info") -> None:
+        level = level if level in LOG_LEVELS else "info"
+        now = time.time()
+        line_id = self.store.append_log(job.id, now, level, message)
+        self.notify(JobEvent("log", job, LogLine(line_id, now, level, message)))
+
+    # -- running ---------------------------------------------------------------------
+    def _finish(self, job: JobRecord, status: str, error: str = "", result: dict | None = None,
+                reason: str = "") -> None:
+        job.status = status
+        job.finished_at = time.time()
+        job.error = error
+        if result is not None:
+            job.result = result
+        self.store.set_status(job, reason=reason)
+        if error:
+            self.append_log(job, error, "error" if status == "failed" else "info")
+        self.notify(JobEvent("status", job))
+
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            try:
+                job = self.store.get_job(job_id)
+            except NotFound:
+                continue
+            if job.status != "pending" or not self._accepting:
+                continue
+            kind = get_kind(job.kind)
+            if kind is None:
+                self._finish(job, "failed", error=f"job kind {job.kind!r} is not available")
+                continue
+            if kind.export_slot:
+                async with self._export_slots:
+                    await self._run(job, kind)
+            else:
+                await self._run(job, kind)
+
+    async def _run(self, job: JobRecord, kind: JobKind) -> None:
+        if job.status != "pending" or not self._accepting:
+            return  # cancelled while it waited for a slot
+        running = RunningJob(self, job, kind)
+        self._running[job.id] = running
+        job.status, job.started_at = "running", time.time()
+        self.store.set_status(job)
+        self.notify(JobEvent("status", job))
+        running.task = asyncio.create_task(self._attempts(running, kind), name=job.id)
+        try:
+            result = await running.task
+        except asyncio.CancelledError:
+            running.remove_partial_output()
+            if running.cancel_reason == "user":
+                self._finish(job, "cancelled", error="cancelled by the user")
+            else:
+                self._finish(job, "failed", error="interrupted by service shutdown",
+                             reason="shutdown")
+            if not running.task.cancelled():
+                raise  # the worker itself is being cancelled
+        except HyperSDKError as exc:
+            running.remove_partial_output()
+            self._finish(job, "failed", error=exc.message)
+        except Exception as exc:  # a bug: the journal gets the traceback, the user a summary
+            log.exception("job %s failed unexpectedly", job.id)
+            running.remove_partial_output()
+            self._finish(job, "failed", error=f"internal error ({type(exc).__name__}); "
+                                              "see the hypervisord journal")
+        else:
+            self._finish(job, "completed", result=result)
+        finally:
+            del self._running[job.id]
+
+    async def _attempts(self, running: RunningJob, kind: JobKind) -> dict:
+        max_retries = self.config.export.max_retries
+        for attempt in range(max_retries + 1):
+            running.record.attempts = attempt + 1
+            try:
+                return await kind.run(running)
+            except Retryable as exc:
+                if attempt >= max_retries:
+                    raise Failed(f"{exc.message} (gave up after {attempt + 1} attempts)") from exc
+                delay = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE ** attempt)
+                running.log(f"attempt {attempt + 1} failed: {exc.message}; retrying in "
+                            f"{delay:g}s", "warning")
+                running.remove_partial_output()
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")

@@ -1,0 +1,207 @@
+"""The SQLite store: the one source of truth for jobs and automation.
+
+WAL mode, foreign keys on, `PRAGMA user_version` as the schema version, and an ordered
+list of migrations applied in one transaction each at open. Calls are synchronous and
+short (a row or two); they run on the event loop thread, which keeps ordering simple.
+Progress is written at most once a second per job by the engine, not per chunk.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import NotFound
+
+MIGRATIONS: list[str] = [
+    # 1: jobs, their status history and log lines
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN
+            ('pending', 'running', 'completed', 'failed', 'cancelled')),
+        definition TEXT NOT NULL,
+        vm TEXT NOT NULL DEFAULT '',
+        provider TEXT NOT NULL DEFAULT '',
+        started_by_uid INTEGER NOT NULL DEFAULT -1,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        stage TEXT NOT NULL DEFAULT '',
+        bytes_done INTEGER NOT NULL DEFAULT 0,
+        bytes_total INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT NOT NULL DEFAULT '',
+        result TEXT NOT NULL DEFAULT '{}',
+        retry_of TEXT REFERENCES jobs(id) ON DELETE SET NULL
+    );
+    CREATE INDEX jobs_status ON jobs(status, created_at);
+    CREATE TABLE job_status_history (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        time REAL NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE job_logs (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        time REAL NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX job_logs_job ON job_logs(job_id, id);
+    """,
+]
+
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class JobRecord:
+    id: str
+    kind: str
+    status: str
+    definition: dict
+    vm: str = ""
+    provider: str = ""
+    started_by_uid: int = -1
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    stage: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    attempts: int = 0
+    error: str = ""
+    result: dict = field(default_factory=dict)
+    retry_of: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class LogLine:
+    id: int
+    time: float
+    level: str
+    message: str
+
+
+def _row_to_job(row: sqlite3.Row) -> JobRecord:
+    data = dict(row)
+    data["definition"] = json.loads(data["definition"])
+    data["result"] = json.loads(data["result"])
+    return JobRecord(**data)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self.path.chmod(0o600)
+        self._migrate()
+
+    # -- plumbing --------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, params)
+
+    @property
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        current = self.schema_version
+        if current > len(MIGRATIONS):
+            raise RuntimeError(f"{self.path}: schema version {current} is newer than this "
+                               f"hypervisord understands ({len(MIGRATIONS)})")
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            with self.transaction() as db:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- jobs ------------------------------------------------------------------------
+    def insert_job(self, job: JobRecord) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO jobs (id, kind, status, definition, vm, provider, started_by_uid,"
+                " created_at, retry_of) VALUES (?,?,?,?,?,?,?,?,?)",
+                (job.id, job.kind, job.status, json.dumps(job.definition), job.vm, job.provider,
+                 job.started_by_uid, job.created_at, job.retry_of))
+            db.execute("INSERT INTO job_status_history (job_id, time, status) VALUES (?,?,?)",
+                       (job.id, job.created_at, job.status))
+
+    def get_job(self, job_id: str) -> JobRecord:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        return _row_to_job(row)
+
+    def list_jobs(self, status: str | None = None, limit: int = 1000,
+                  offset: int = 0) -> list[JobRecord]:
+        sql, params = "SELECT * FROM jobs", []
+        if status:
+            sql += " WHERE status = ?"
+            params.append(status)
+        sql += " ORDER BY created_at, rowid LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        return [_row_to_job(r) for r in self._db.execute(sql, params)]
+
+    def set_status(self, job: JobRecord, reason: str = "") -> None:
+        """Persist the status and the fields that change with it, plus a history row."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=?,"
+                " attempts=?, stage=?, bytes_done=?, bytes_total=? WHERE id=?",
+                (job.status, job.started_at, job.finished_at, job.error, json.dumps(job.result),
+                 job.attempts, job.stage, job.bytes_done, job.bytes_total, job.id))
+            db.execute("INSERT INTO job_status_history (job_id, time, status, reason)"
+                       " VALUES (?,?,?,?)", (job.id, time.time(), job.status, reason))
+
+    def save_progress(self, job: JobRecord) -> None:
+        self._db.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?",
+                         (job.stage, job.bytes_done, job.bytes_total, job.id))
+
+    def status_history(self, job_id: str) -> list[tuple[float, str, str]]:
+        return [tuple(r) for r in self._db.execute(
+            "SELECT time, status, reason FROM job_status_history WHERE job_id=? ORDER BY id",
+            (job_id,))]
+
+    def append_log(self, job_id: str, when: float, level: str, message: str) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO job_logs (job_id, time, level, message) VALUES (?,?,?,?)",
+            (job_id, when, level, message))
+        return int(cursor.lastrowid)
+
+    def logs(self, job_id: str, after_id: int = 0, limit: int = 10000) -> list[LogLine]:
+        return [LogLine(*r) for r in self._db.execute(
+            "SELECT id, time, level, message FROM job_logs WHERE job_id=? AND id>?"
+            " ORDER BY id LIMIT ?", (job_id, after_id, limit))]

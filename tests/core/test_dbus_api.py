@@ -1,0 +1,131 @@
+"""The D-Bus API as users see it: busctl, gdbus, the introspection XML, signals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from lxml import etree
+
+from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, busctl, busctl_json,
+                           gdbus_call, job_property, submit)
+
+XML_DIR = Path(__file__).resolve().parents[2] / "service" / "dbus"
+
+
+def _members(interface: etree._Element) -> dict[str, str]:
+    """name -> signature summary of every method, property and signal of an interface."""
+    members = {}
+    for element in interface:
+        if not isinstance(element.tag, str):
+            continue
+        name = element.get("name")
+        if element.tag == "property":
+            members[f"property {name}"] = element.get("type") + " " + element.get("access")
+        elif element.tag in ("method", "signal"):
+            args = [(a.get("direction", "out" if element.tag == "signal" else "in"), a.get("type"))
+                    for a in element.findall("arg")]
+            members[f"{element.tag} {name}"] = " ".join(f"{d}:{t}" for d, t in args)
+    return members
+
+
+def _documented(interface_name: str) -> dict[str, str]:
+    tree = etree.parse(str(XML_DIR / f"{interface_name}.xml"))
+    return _members(tree.find(f"interface[@name='{interface_name}']"))
+
+
+def _live(address: str, path: str, interface_name: str) -> dict[str, str]:
+    xml = busctl(address, "introspect", "--xml-interface", BUS_NAME, path).stdout
+    root = etree.fromstring(xml.encode())
+    return _members(root.find(f"interface[@name='{interface_name}']"))
+
+
+def wait_for_status(address: str, path: str, wanted: set[str], timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = job_property(address, path, "Status")
+        if status in wanted:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"{path} stayed {status}, wanted {wanted}")
+
+
+def test_live_introspection_matches_the_documented_xml(system_bus, hypervisord):
+    assert _live(system_bus.address, MANAGER, MANAGER_IFACE) == _documented(MANAGER_IFACE)
+    path = submit(system_bus.address, {"steps": 1, "interval": 0.01}, kind="sleep").stdout.split()[1]
+    path = json.loads(path)
+    assert _live(system_bus.address, path, JOB_IFACE) == _documented(JOB_IFACE)
+
+
+def test_root_is_an_object_manager_listing_jobs(system_bus, hypervisord):
+    path = json.loads(submit(system_bus.address, {"steps": 1}, kind="sleep").stdout.split()[1])
+    reply = busctl_json(system_bus.address, "call", BUS_NAME, "/org/hypersdk/HyperSDK1",
+                        "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+    objects = reply["data"][0]
+    assert MANAGER in objects and MANAGER_IFACE in objects[MANAGER]
+    assert objects[path][JOB_IFACE]["Operation"]["data"] == "test"
+
+
+def test_busctl_submit_then_gdbus_reads_properties_and_sees_changes(system_bus, hypervisord):
+    monitor = subprocess.Popen(["gdbus", "monitor", "--address", system_bus.address,
+                                "--dest", BUS_NAME], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # let the monitor subscribe
+        reply = submit(system_bus.address, {"steps": 5, "interval": 0.1}, kind="sleep")
+        path = json.loads(reply.stdout.split()[1])
+        assert path.startswith("/org/hypersdk/HyperSDK1/jobs/job_")
+        wait_for_status(system_bus.address, path, {"completed"})
+        result = gdbus_call(system_bus.address, path, "org.freedesktop.DBus.Properties.Get",
+                            JOB_IFACE, "BytesDone")
+        assert result.returncode == 0, result.stderr
+        assert f"<uint64 {5 << 20}>" in result.stdout
+        time.sleep(0.5)
+    finally:
+        monitor.terminate()
+        output = monitor.communicate(timeout=10)[0]
+    assert "InterfacesAdded" in output
+    assert f"{path}: org.freedesktop.DBus.Properties.PropertiesChanged" in output
+    assert "'Status': <'completed'>" in output
+    assert f"{path}: org.hypersdk.HyperSDK1.Job.Completed (true, '')" in output
+
+
+def test_property_changes_are_coalesced(system_bus, hypervisord):
+    """50 progress steps in ~0.5 s must not become 50 PropertiesChanged signals."""
+    monitor = subprocess.Popen(["gdbus", "monitor", "--address", system_bus.address,
+                                "--dest", BUS_NAME], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        path = json.loads(submit(system_bus.address, {"steps": 50, "interval": 0.01},
+                                 kind="sleep").stdout.split()[1])
+        wait_for_status(system_bus.address, path, {"completed"})
+        time.sleep(0.5)
+    finally:
+        monitor.terminate()
+        output = monitor.communicate(timeout=10)[0]
+    changes = [line for line in output.splitlines()
+               if line.startswith(f"{path}: org.freedesktop.DBus.Properties.PropertiesChanged")]
+    assert 2 <= len(changes) <= 12, changes
+
+
+def test_bad_json_is_a_named_error_not_a_traceback(system_bus, hypervisord):
+    result = busctl(system_bus.address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "SubmitJob",
+                    "sa{sv}", "{not json", "1", "kind", "s", "sleep", check=False)
+    assert result.returncode != 0
+    assert "definition: malformed JSON" in result.stderr
+    result = submit(system_bus.address, {"steps": 1, "colour": "red"}, kind="sleep", check=False)
+    assert "colour: unknown field" in result.stderr
+    result = submit(system_bus.address, {}, kind="teleport", check=False)
+    assert "unknown job kind 'teleport'" in result.stderr
+    assert "Traceback" not in hypervisord.log()
+
+
+def test_get_log_returns_lines_in_order(system_bus, hypervisord):
+    path = json.loads(submit(system_bus.address, {"steps": 3, "interval": 0.01},
+                             kind="sleep").stdout.split()[1])
+    wait_for_status(system_bus.address, path, {"completed"})
+    reply = busctl_json(system_bus.address, "call", BUS_NAME, path, JOB_IFACE, "GetLog",
+                        "ta{sv}", "0", "0")
+    messages = [line[3] for line in reply["data"][0]]
+    assert messages == ["step 1", "step 2", "step 3"]

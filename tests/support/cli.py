@@ -1,0 +1,46 @@
+"""Drive the service the way users do: busctl and gdbus, optionally as another user."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+BUS_NAME = "org.hypersdk.HyperSDK1"
+MANAGER = "/org/hypersdk/HyperSDK1/Manager"
+MANAGER_IFACE = "org.hypersdk.HyperSDK1.Manager"
+JOB_IFACE = "org.hypersdk.HyperSDK1.Job"
+
+
+def busctl(address: str, *args: str, user: str | None = None,
+           check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    command = ["busctl", f"--address={address}", *args]
+    if user:
+        command = ["runuser", "-u", user, "--", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed: {result.stderr}")
+    return result
+
+
+def busctl_json(address: str, *args: str, user: str | None = None) -> dict:
+    """`busctl --json=short call ...` parsed: {"type": ..., "data": [...]}."""
+    return json.loads(busctl(address, "--json=short", *args, user=user).stdout)
+
+
+def submit(address: str, definition: dict, kind: str = "export", user: str | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    return busctl(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "SubmitJob", "sa{sv}",
+                  json.dumps(definition), "1", "kind", "s", kind, user=user, check=check)
+
+
+def job_property(address: str, path: str, name: str, user: str | None = None):
+    reply = busctl_json(address, "get-property", BUS_NAME, path, JOB_IFACE, name, user=user)
+    return reply["data"]
+
+
+def gdbus_call(address: str, path: str, method: str, *args: str,
+               user: str | None = None) -> subprocess.CompletedProcess:
+    command = ["gdbus", "call", "--address", address, "--dest", BUS_NAME,
+               "--object-path", path, "--method", method, *args]
+    if user:
+        command = ["runuser", "-u", user, "--", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)

@@ -1,0 +1,115 @@
+"""Real system peers for tests: a private system bus, polkitd on it, real Unix users.
+
+Everything runs as root in CI. The bus is a dbus-daemon with a copy of Debian's
+system.conf that listens on its own socket and also reads the project's policy file;
+polkitd reads the project's action and rules files, installed where it looks for them.
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+POLKIT_ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
+POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
+MEMBER, OUTSIDER, ADMIN = "hsdk-member", "hsdk-outsider", "hsdk-admin"
+
+
+def _bus_config(socket_path: Path) -> str:
+    config = Path("/usr/share/dbus-1/system.conf").read_text()
+    config = re.sub(r"<listen>.*?</listen>", f"<listen>unix:path={socket_path}</listen>", config)
+    config = re.sub(r"<pidfile>.*?</pidfile>", "", config)
+    config = config.replace("<fork/>", "")
+    config = config.replace("<standard_system_servicedirs/>", "")
+    config = config.replace("<includedir>system.d</includedir>",
+                            "<includedir>/usr/share/dbus-1/system.d</includedir>\n"
+                            f"  <includedir>{REPO}/data/dbus-1/system.d</includedir>")
+    return config
+
+
+@dataclass
+class PrivateSystemBus:
+    address: str
+    process: subprocess.Popen
+
+    @classmethod
+    def start(cls, directory: Path) -> "PrivateSystemBus":
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+        socket_path = directory / "system_bus_socket"
+        config = directory / "system.conf"
+        config.write_text(_bus_config(socket_path))
+        process = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork",
+                                    "--print-address"], stdout=subprocess.PIPE, text=True)
+        address = process.stdout.readline().strip()
+        if not address:
+            raise RuntimeError("dbus-daemon did not start")
+        return cls(address, process)
+
+    def env(self) -> dict:
+        return {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.address}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def install_polkit_files() -> None:
+    POLKIT_ACTIONS_DIR.mkdir(parents=True, exist_ok=True)
+    POLKIT_RULES_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "polkit/org.hypersdk.HyperSDK1.policy", POLKIT_ACTIONS_DIR)
+    shutil.copy(REPO / "polkit/50-hypersdk.rules", POLKIT_RULES_DIR)
+
+
+def start_polkitd(bus: PrivateSystemBus) -> subprocess.Popen:
+    install_polkit_files()
+    process = subprocess.Popen(["/usr/lib/polkit-1/polkitd", "--no-debug"], env=bus.env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        probe = subprocess.run(
+            ["busctl", f"--address={bus.address}", "status", "org.freedesktop.PolicyKit1"],
+            capture_output=True)
+        if probe.returncode == 0:
+            return process
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("polkitd did not appear on the private bus")
+
+
+def ensure_group(name: str) -> None:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", name], check=True)
+
+
+def ensure_user(name: str, groups: list[str]) -> int:
+    for group in groups:
+        ensure_group(group)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True)
+    subprocess.run(["usermod", "-G", ",".join(groups) if groups else "", name], check=True)
+    return pwd.getpwnam(name).pw_uid
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

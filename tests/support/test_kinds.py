@@ -1,0 +1,92 @@
+"""Job kinds that exist only to exercise the engine; they are never in the product.
+
+- "sleep": writes a partial file under the definition's "dir", advances progress in
+  steps of "step_bytes" every "interval" seconds for "steps" steps.
+- "fail": fails at once with the definition's "message".
+- "flaky": raises Retryable until attempt "succeed_on".
+- "logflood": emits "lines" log lines as fast as it can.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from hypersdk.service.errors import Failed, InvalidArgument, Retryable
+from hypersdk.service.job_kinds import JobKind, register
+
+TEST_ACTION = "org.hypersdk.HyperSDK1.export"
+
+
+class _TestKind(JobKind):
+    operation = "test"
+    polkit_action = TEST_ACTION
+    fields: dict = {}
+
+    def validate(self, definition, submit) -> dict:
+        if not isinstance(definition, dict):
+            raise InvalidArgument("definition", "must be a JSON object")
+        for key in definition:
+            if key not in self.fields:
+                raise InvalidArgument(key, "unknown field")
+        return {key: definition.get(key, default) for key, default in self.fields.items()}
+
+
+class SleepKind(_TestKind):
+    name = "sleep"
+    fields = {"dir": "", "steps": 10, "interval": 0.1, "step_bytes": 1 << 20}
+
+    async def run(self, ctx) -> dict:
+        ctx.set_stage("sleeping")
+        ctx.set_total(self._total(ctx.definition))
+        partial = None
+        if ctx.definition["dir"]:
+            partial = Path(ctx.definition["dir"]) / f"{ctx.job_id}.partial"
+            partial.write_bytes(b"partial")
+            ctx.add_cleanup(partial)
+        for step in range(ctx.definition["steps"]):
+            await asyncio.sleep(ctx.definition["interval"])
+            ctx.advance(ctx.definition["step_bytes"])
+            ctx.log(f"step {step + 1}")
+        if partial:
+            ctx.keep(partial)
+        return {"steps": ctx.definition["steps"]}
+
+    @staticmethod
+    def _total(definition: dict) -> int:
+        return definition["steps"] * definition["step_bytes"]
+
+
+class FailKind(_TestKind):
+    name = "fail"
+    fields = {"message": "it failed"}
+
+    async def run(self, ctx) -> dict:
+        raise Failed(ctx.definition["message"])
+
+
+class FlakyKind(_TestKind):
+    name = "flaky"
+    fields = {"succeed_on": 2}
+
+    async def run(self, ctx) -> dict:
+        attempt = ctx.attempt
+        if attempt < ctx.definition["succeed_on"]:
+            raise Retryable(f"transient failure on attempt {attempt}")
+        return {"attempt": attempt}
+
+
+class LogFloodKind(_TestKind):
+    name = "logflood"
+    fields = {"lines": 1000}
+
+    async def run(self, ctx) -> dict:
+        for i in range(ctx.definition["lines"]):
+            ctx.log(f"line {i}")
+            ctx.advance(1)
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+        return {"lines": ctx.definition["lines"]}
+
+
+for kind in (SleepKind(), FailKind(), FlakyKind(), LogFloodKind()):
+    register(kind)
