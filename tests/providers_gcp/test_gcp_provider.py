@@ -17,25 +17,8 @@ from hypersdk.service.errors import Failed, InvalidArgument, NotAuthorized, NotF
 from hypersdk.service.providers.base import ExportOptions
 from hypersdk.service.providers.gcp import GcpProvider
 
-from conftest import BUCKET, PROJECT, storage_client
-
-
-class FakeExportSink:
-    """Collects what a job context would show (a test double for the job engine)."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.total = 0
-        self.done = 0
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.lines.append(f"{level}: {message}")
-
-    def add_total(self, nbytes: int) -> None:
-        self.total += nbytes
-
-    def advance(self, nbytes: int) -> None:
-        self.done += nbytes
+from .fake_sink import FakeExportSink
+from .fake_compute import BUCKET, PROJECT, storage_client
 
 
 def make_provider(fake, gcs_endpoint: str, **overrides) -> GcpProvider:
