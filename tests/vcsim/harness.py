@@ -194,7 +194,7 @@ def find_vm(si, name: str) -> vim.VirtualMachine:
     raise LookupError(f"no VM named {name}")
 
 
-def _wait(task) -> None:
+def wait_task(task) -> None:
     while task.info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
         time.sleep(0.02)
     if task.info.state != vim.TaskInfo.State.success:
@@ -209,7 +209,7 @@ def _datacenter_of(entity) -> str:
 
 def power_off(vm: vim.VirtualMachine) -> None:
     if vm.runtime.powerState != vim.VirtualMachinePowerState.poweredOff:
-        _wait(vm.PowerOffVM_Task())
+        wait_task(vm.PowerOffVM_Task())
 
 
 def _disk_specs(vm: vim.VirtualMachine, sizes: list[int]) -> list[vim.vm.device.VirtualDeviceSpec]:
@@ -243,7 +243,7 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
     """Power the VM off, give it len(sizes) disks of those sizes, upload real VMDKs to them."""
     vm = find_vm(si, vm_name)
     power_off(vm)
-    _wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=_disk_specs(vm, sizes))))
+    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=_disk_specs(vm, sizes))))
     datacenter = _datacenter_of(vm)
     disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
     uploaded = []

@@ -28,6 +28,8 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on (loopback only)")
 	urlFile := flag.String("url-file", "", "write the SDK URL to this file when ready")
 	useTLS := flag.Bool("tls", false, "serve https with a self-signed certificate")
+	username := flag.String("username", "user", "the one user name the simulator accepts")
+	password := flag.String("password", "pass", "that user's password")
 	flag.Parse()
 
 	model := simulator.VPX()
@@ -41,7 +43,8 @@ func main() {
 	}
 	defer model.Remove()
 
-	model.Service.Listen = &url.URL{Host: *listen}
+	// A user other than simulator.DefaultLogin makes the simulator check passwords.
+	model.Service.Listen = &url.URL{Host: *listen, User: url.UserPassword(*username, *password)}
 	if *useTLS {
 		model.Service.TLS = new(tls.Config)
 	}

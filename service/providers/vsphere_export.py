@@ -1,0 +1,253 @@
+"""Getting a powered-off VM's disks out of vSphere, over one of two HTTP paths.
+
+1. The NFC export lease (`ExportVm` -> `HttpNfcLease`): wait until the lease is
+   ready, download each disk's device URL (stream-optimized VMDKs), keep the
+   lease alive with `HttpNfcLeaseProgress` while that runs, then
+   `HttpNfcLeaseComplete`, or `HttpNfcLeaseAbort` on failure or cancellation.
+2. When the server has no `ExportVm` (govmomi's simulator, some ESXi setups), the
+   disk files over the datastore HTTP interface
+   (`/folder/<path>?dcPath=..&dsName=..` with the session cookie).
+
+Either way every disk goes through `pipeline.download.download` (streamed, hashed,
+resumed with Range, size-checked, write-then-rename); the disks of one VM download
+in parallel up to `options.parallel_disks`. If any disk fails, the finished ones
+are removed too, so the target directory holds a complete set or nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+
+from ..errors import Failed
+from ..pipeline.download import download, redact_url
+from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, VMInfo
+from .vsphere_session import SessionPool
+
+LEASE_READY_TIMEOUT = 300.0
+UNSUPPORTED_FAULTS = ("MethodNotFound", "NotSupported", "NotImplemented")
+
+
+@dataclass
+class DiskSource:
+    disk: DiskInfo
+    url: str
+    target: Path
+    expected_size: int | None
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a VM name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "vm"
+
+
+def _target(target_dir: Path, vm: VMInfo, index: int) -> Path:
+    return target_dir / f"{safe_name(vm.name)}-disk{index + 1}.vmdk"
+
+
+# --- the NFC export lease ------------------------------------------------------------
+
+
+def open_export_lease(si, identifier: str):
+    """`ExportVm` on the VM, or None when the server does not offer it (blocking)."""
+    from pyVmomi import vim, vmodl
+
+    try:
+        return vim.VirtualMachine(identifier, si._stub).ExportVm()
+    except vmodl.MethodFault as fault:
+        if type(fault).__name__.split(".")[-1] in UNSUPPORTED_FAULTS:
+            return None
+        raise Failed(f"ExportVm on {identifier} failed: {fault.msg}") from None
+
+
+def _wait_lease_ready(si, lease, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        state = str(lease.state)
+        if state == "ready":
+            return lease.info
+        if state == "error":
+            error = lease.error
+            raise Failed(f"the export lease failed: {getattr(error, 'msg', None) or error}")
+        if time.monotonic() > deadline:
+            raise Failed(f"the export lease was not ready within {timeout:g}s (state {state})")
+        time.sleep(0.5)
+
+
+def _lease_url(url: str, host: str) -> str:
+    """Device URLs may name the host as '*': it means the host we talk to."""
+    parts = urlsplit(url)
+    if parts.hostname == "*":
+        netloc = parts.netloc.replace("*", host, 1)
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return url
+
+
+def _lease_sources(info, pool: SessionPool, vm: VMInfo, target_dir: Path) -> list[DiskSource]:
+    """One source per disk device URL; they come in the VM's disk order."""
+    urls = [d for d in info.deviceUrl if getattr(d, "disk", False)]
+    if len(urls) != len(vm.disks):
+        raise Failed(f"the export lease offers {len(urls)} disk URLs for {len(vm.disks)} disks")
+    return [DiskSource(disk, _lease_url(device.url, pool.host), _target(target_dir, vm, i), None)
+            for i, (disk, device) in enumerate(zip(vm.disks, urls))]
+
+
+class _LeaseKeeper:
+    """Reports progress to the lease every `interval` seconds so it does not time out."""
+
+    def __init__(self, pool: SessionPool, lease, total: int, interval: float) -> None:
+        self.pool, self.lease, self.total, self.interval = pool, lease, max(total, 1), interval
+        self.done = 0
+
+    def count(self, nbytes: int) -> None:
+        self.done += nbytes
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            percent = min(99, int(self.done * 100 / self.total))
+            await self.pool.run(lambda si: self.lease.HttpNfcLeaseProgress(percent))
+
+
+def _lease_interval(info) -> float:
+    timeout = getattr(info, "leaseTimeout", None) or 300
+    return max(1.0, min(60.0, timeout / 4))
+
+
+async def _export_with_lease(pool: SessionPool, lease, vm: VMInfo, target_dir: Path,
+                             options: ExportOptions, sink: ExportSink) -> list[ExportedDisk]:
+    try:
+        info = await pool.run(_wait_lease_ready, lease, LEASE_READY_TIMEOUT)
+        sink.log(f"export lease ready: {len(vm.disks)} disk(s)")
+        sources = _lease_sources(info, pool, vm, target_dir)
+        total = sum(d.capacity_bytes for d in vm.disks)
+        keeper = _LeaseKeeper(pool, lease, total, _lease_interval(info))
+        sink.add_total(total)
+        keepalive = asyncio.ensure_future(keeper.run())
+        try:
+            disks = await _download_all(pool, sources, options, sink, keeper.count)
+        finally:
+            keepalive.cancel()
+            await asyncio.gather(keepalive, return_exceptions=True)
+        await pool.run(lambda si: lease.HttpNfcLeaseProgress(100))
+        await pool.run(lambda si: lease.HttpNfcLeaseComplete())
+        sink.log("export lease completed")
+        return disks
+    except BaseException:
+        await asyncio.shield(_abort(pool, lease, sink))
+        raise
+
+
+async def _abort(pool: SessionPool, lease, sink: ExportSink) -> None:
+    try:
+        await pool.run(lambda si: lease.HttpNfcLeaseAbort())
+        sink.log("export lease aborted", "warning")
+    except Exception as exc:  # the lease may already be gone; the export failed anyway
+        sink.log(f"could not abort the export lease: {exc}", "warning")
+
+
+# --- the datastore /folder interface ---------------------------------------------------
+
+
+def datastore_url(pool: SessionPool, datastore_path: str, datacenter: str) -> str:
+    """`[ds] dir/disk.vmdk` -> `https://host:port/folder/dir/disk.vmdk?dcPath=..&dsName=..`."""
+    match = re.match(r"^\[([^\]]+)\]\s*(.+)$", datastore_path)
+    if not match:
+        raise Failed(f"cannot read the disk file {datastore_path!r}: not a datastore path")
+    query = urlencode({"dcPath": datacenter, "dsName": match.group(1)})
+    return (f"{pool.protocol}://{pool.host}:{pool.port}/folder/{quote(match.group(2))}?{query}")
+
+
+async def _head_size(session: aiohttp.ClientSession, url: str, headers: dict, ssl) -> int | None:
+    async with session.head(url, headers=headers, ssl=ssl) as response:
+        if response.status == 404:
+            raise Failed(f"the disk file {redact_url(url)} is missing on the datastore")
+        if response.status != 200:
+            raise Failed(f"the datastore refused {redact_url(url)}: HTTP {response.status}")
+        return response.content_length
+
+
+async def _datastore_sources(session: aiohttp.ClientSession, pool: SessionPool, vm: VMInfo,
+                             target_dir: Path, headers: dict, ssl) -> list[DiskSource]:
+    sources = []
+    for index, disk in enumerate(vm.disks):
+        url = datastore_url(pool, disk.location, vm.datacenter)
+        size = await _head_size(session, url, headers, ssl)
+        sources.append(DiskSource(disk, url, _target(target_dir, vm, index), size))
+    return sources
+
+
+# --- shared ----------------------------------------------------------------------------
+
+
+async def _download_all(pool: SessionPool, sources: list[DiskSource], options: ExportOptions,
+                        sink: ExportSink, count=None) -> list[ExportedDisk]:
+    cookie = await pool.run(SessionPool.cookie)
+    headers = {"Cookie": cookie.split(";")[0]}
+    limit = asyncio.Semaphore(options.parallel_disks)
+    finished: list[Path] = []
+
+    def on_bytes(nbytes: int) -> None:
+        sink.advance(nbytes)
+        if count is not None:
+            count(nbytes)
+
+    async def one(index: int, source: DiskSource, session: aiohttp.ClientSession) -> ExportedDisk:
+        async with limit:
+            sink.log(f"disk {index + 1}/{len(sources)}: {source.disk.label} from "
+                     f"{redact_url(source.url)}")
+            result = await download(session, source.url, source.target,
+                                    expected_size=source.expected_size,
+                                    chunk_size=options.chunk_size,
+                                    max_retries=options.max_retries, on_bytes=on_bytes,
+                                    log=sink.log, headers=headers, ssl=pool.ssl_context(),
+                                    read_timeout=pool.timeout)
+            finished.append(result.path)
+            sink.log(f"disk {index + 1}/{len(sources)} done: {result.size} bytes, "
+                     f"sha256 {result.sha256}")
+            return ExportedDisk(path=result.path, format="vmdk",
+                                capacity_bytes=source.disk.capacity_bytes,
+                                file_bytes=result.size, sha256=result.sha256,
+                                boot_order=source.disk.boot_order, label=source.disk.label,
+                                key=source.disk.key)
+
+    try:
+        async with _http_session(options) as session:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i, s, session)) for i, s in enumerate(sources)]
+        return [task.result() for task in tasks]
+    except BaseException as exc:
+        for path in finished:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, BaseExceptionGroup):
+            raise exc.exceptions[0] from None
+        raise
+
+
+def _http_session(options: ExportOptions) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=max(2, options.parallel_disks * 2))
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+
+async def export_vm_disks(pool: SessionPool, vm: VMInfo, target_dir: Path,
+                          options: ExportOptions, sink: ExportSink) -> list[ExportedDisk]:
+    """Download every disk of the (powered-off) VM into target_dir; see the module docstring."""
+    if not vm.disks:
+        raise Failed(f"VM {vm.name} ({vm.identifier}) has no disks to export")
+    lease = await pool.run(open_export_lease, vm.identifier)
+    if lease is not None:
+        return await _export_with_lease(pool, lease, vm, target_dir, options, sink)
+    sink.log("the server offers no export lease (ExportVm); reading the disk files from the "
+             "datastore")
+    cookie = await pool.run(SessionPool.cookie)
+    headers = {"Cookie": cookie.split(";")[0]}
+    async with _http_session(options) as session:
+        sources = await _datastore_sources(session, pool, vm, target_dir, headers,
+                                           pool.ssl_context())
+    sink.add_total(sum(s.expected_size or s.disk.capacity_bytes for s in sources))
+    return await _download_all(pool, sources, options, sink)
