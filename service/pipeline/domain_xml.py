@@ -78,6 +78,10 @@ def guest_family(guest_os: str) -> str:
     return "unknown"
 
 
+def is_uuid(text: str) -> bool:
+    return bool(_UUID_RE.match(text))
+
+
 def detect_domain_type() -> str:
     """`kvm` when this host can open /dev/kvm, else `qemu` (software emulation)."""
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
@@ -104,7 +108,7 @@ def check_spec(spec: DomainSpec) -> None:
     """Raise InvalidArgument for anything libvirt would refuse or the guest could not boot."""
     if not spec.name or "/" in spec.name or len(spec.name) > 200:
         raise InvalidArgument("vm_name", "a non-empty name of at most 200 characters without '/'")
-    if spec.uuid and not _UUID_RE.match(spec.uuid):
+    if spec.uuid and not is_uuid(spec.uuid):
         raise InvalidArgument("uuid", "a UUID such as 4dea22b3-1d52-d8f3-2516-782e98ab3fa0")
     if spec.memory_mb < 1:
         raise InvalidArgument("memory_mb", "an integer >= 1")

@@ -10,11 +10,18 @@ Three modes, chosen by the job definition:
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidArgument
+from .. import __version__
+from ..errors import AlreadyExists, InvalidArgument
+from .convert import convert_image
+from .domain_xml import DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid
+from .hyper2kvm import unit_state, wait_for_output
+from .libvirt_import import import_domain
+from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -24,6 +31,8 @@ if TYPE_CHECKING:
 FIELD = "hyper2kvm_integration"
 INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 FORMATS = ("qcow2", "raw")
+DEFAULT_MEMORY_MB = 1024
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _BOOL_FIELDS = ("enabled", "auto_convert", "daemon_mode", "import_to_kvm", "autostart",
                 "start", "compression")
 _STR_FIELDS = ("instance", "network", "format")
@@ -70,6 +79,8 @@ def validate_integration(block: Any, config: "Config") -> dict:
         raise InvalidArgument(f"{FIELD}.instance", "letters, digits, '_', '.' and '-' only")
     if result["format"] not in FORMATS:
         raise InvalidArgument(f"{FIELD}.format", "one of " + ", ".join(FORMATS))
+    if result["format"] == "raw" and block.get("compression"):
+        raise InvalidArgument(f"{FIELD}.compression", "only qcow2 output can be compressed")
     if result["enabled"] and not (result["daemon_mode"] or result["auto_convert"]):
         raise InvalidArgument(FIELD, "enabled needs daemon_mode or auto_convert set to true")
     if result["import_to_kvm"] and not result["enabled"]:
@@ -81,8 +92,131 @@ def validate_integration(block: Any, config: "Config") -> dict:
 
 async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
                           export_dir: Path, integration: dict) -> dict:
-    """Run the hand-off chosen by `integration` (from validate_integration); return the
-    job result's `hyper2kvm` section."""
+    """Run the hand-off chosen by `integration` (from validate_integration).
+
+    Returns the job result's section: `mode` (export-only, daemon, builtin,
+    builtin-fallback), the manifest path, the converted disks and the domain.
+
+    In daemon mode, when hyper2kvm@<instance> is not active, this says so in the
+    job log and converts with the built-in converter instead of failing or
+    waiting: the user asked for converted disks, and a manifest dropped for a
+    dead daemon would only make the job wait out `job_timeout` for nothing.
+    """
     if not integration["enabled"]:
         return {"mode": "export-only"}
-    raise NotImplementedError("hyper2kvm integration is being written (issue 4)")
+    if integration["daemon_mode"]:
+        state = await unit_state(integration["instance"])
+        if state.active:
+            return await _hand_off(ctx, vm, disks, integration, state.unit)
+        ctx.log(f"{state.describe()}: converting with the built-in converter instead", "warning")
+        result = await _convert_builtin(ctx, vm, disks, integration)
+        return {**result, "mode": "builtin-fallback", "fallback_reason": state.describe()}
+    return await _convert_builtin(ctx, vm, disks, integration)
+
+
+def _vm_output_dir(config: "Config", vm: "VMInfo") -> Path:
+    return Path(config.hyper2kvm.output_dir) / (_UNSAFE.sub("_", vm.name).strip("._") or "vm")
+
+
+async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
+                    integration: dict, unit: str) -> dict:
+    settings = ctx.config.hyper2kvm
+    out_dir = _vm_output_dir(ctx.config, vm)
+    fmt = integration["format"]
+    manifest = build_manifest(vm, disks, job_id=ctx.job_id, output_dir=out_dir, output_format=fmt,
+                              compress=_compress(integration),
+                              export_method=str(ctx.definition.get("export_method", "")),
+                              hypersdk_version=__version__)
+    ctx.set_stage("handoff")
+    watch_dir = Path(settings.watch_dir) / integration["instance"]
+    path = await asyncio.to_thread(write_manifest, manifest, watch_dir, vm.name)
+    ctx.log(f"handed off to {unit.removesuffix('.service')}: manifest {path}")
+    ctx.set_stage("waiting for hyper2kvm")
+    expected = [out_dir / f"{disk['id']}.{fmt}" for disk in manifest["disks"]]
+    outputs = await wait_for_output(expected, poll_interval=settings.poll_interval,
+                                    timeout=settings.job_timeout, log=ctx.log)
+    ctx.log(f"hyper2kvm finished: {', '.join(str(p) for p in outputs)}")
+    result = {"mode": "daemon", "unit": unit, "manifest": str(path),
+              "output_dir": str(out_dir), "disks": [{"path": str(p), "format": fmt}
+                                                    for p in outputs]}
+    if integration["import_to_kvm"]:
+        result["import"] = await _import(ctx, vm, [(p, fmt) for p in outputs], integration)
+    return result
+
+
+async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
+                           integration: dict) -> dict:
+    """The Direct Pipeline: convert every disk into output_dir/<vm>/, then maybe import."""
+    out_dir = _vm_output_dir(ctx.config, vm)
+    fmt = integration["format"]
+    ordered = boot_sorted(disks)
+    targets = [out_dir / f"{disk_id}.{fmt}" for disk_id in disk_ids(ordered)]
+    for target in targets:
+        if target.exists():
+            raise AlreadyExists(f"{target} already exists (an earlier conversion of this VM?); "
+                                "it is left untouched: move it away or rename the VM")
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        ctx.add_cleanup(out_dir)
+    ctx.set_stage("convert")
+    ctx.add_total(sum(disk.capacity_bytes for disk in ordered))
+    converted = []
+    for disk, target in zip(ordered, targets):
+        ctx.add_cleanup(target)
+        image = await convert_image(disk.path, target, out_format=fmt,
+                                    compress=_compress(integration),
+                                    on_progress=_progress_into(ctx, disk.capacity_bytes),
+                                    log=ctx.log)
+        converted.append(image)
+    ctx.log(f"converted {len(converted)} disk(s) into {out_dir}")
+    result = {"mode": "builtin", "output_dir": str(out_dir),
+              "disks": [image.to_dict() for image in converted]}
+    if integration["import_to_kvm"]:
+        result["import"] = await _import(ctx, vm, [(i.path, i.format) for i in converted],
+                                         integration)
+    return result
+
+
+def _compress(integration: dict) -> bool:
+    return integration["compression"] and integration["format"] == "qcow2"
+
+
+def _progress_into(ctx: "JobContext", planned: int):
+    """An on_progress(done, total) for convert_image that advances the job by deltas,
+    never past the disk's planned share of the total."""
+    reported = 0
+
+    def on_progress(done: int, _total: int) -> None:
+        nonlocal reported
+        done = min(done, planned)
+        if done > reported:
+            ctx.advance(done - reported)
+            reported = done
+    return on_progress
+
+
+async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]],
+                  integration: dict) -> dict:
+    ctx.set_stage("import")
+    uri = ctx.config.libvirt.uri
+    uuid = vm.uuid if is_uuid(vm.uuid) else ""
+    if vm.uuid and not uuid:
+        ctx.log(f"the source id {vm.uuid!r} is not a UUID; libvirt assigns a new one", "warning")
+    spec = DomainSpec(
+        name=vm.name, uuid=uuid, memory_mb=vm.memory_mb or DEFAULT_MEMORY_MB,
+        vcpus=max(1, vm.cpus), disks=[DomainDisk(Path(p), f) for p, f in images],
+        nics=[DomainNic(integration["network"], nic.mac) for nic in vm.nics],
+        firmware=vm.firmware if vm.firmware in ("bios", "uefi") else "bios",
+        secure_boot=vm.secure_boot and vm.firmware == "uefi",
+        os_family=guest_family(vm.guest_os))
+    if not vm.memory_mb:
+        ctx.log(f"the VM reports no memory size; giving it {DEFAULT_MEMORY_MB} MiB", "warning")
+    ctx.log(f"defining domain {vm.name!r} at {uri}")
+    imported = await import_domain(uri, spec, autostart=integration["autostart"],
+                                   start=integration["start"])
+    for note in imported.notes:
+        ctx.log(note, "warning")
+    ctx.log(f"domain {imported.name!r} defined (uuid {imported.uuid})"
+            + (", autostart on" if imported.autostart else "")
+            + (", started" if imported.started else ""))
+    return imported.to_dict()

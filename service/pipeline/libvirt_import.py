@@ -8,11 +8,10 @@ the new domain is undefined again so nothing half-imported is left behind.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AlreadyExists, Failed, InvalidArgument, NotFound, Unavailable
+from ..errors import AlreadyExists, Failed, NotFound, Unavailable
 from .domain_xml import DomainSpec, build_domain_xml, domain_notes
 
 
@@ -36,18 +35,6 @@ def _libvirt():
     # libvirt prints every error on stderr by default; ours carry them in exceptions.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     return libvirt
-
-
-async def disk_format(path: Path) -> str:
-    """The image format qemu-img sees in `path` (qcow2, raw, vmdk, ...)."""
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "info", "--output=json", "-U", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise InvalidArgument("disk_path", f"{path} is not a readable disk image: "
-                              f"{err.decode(errors='replace').strip()}")
-    return json.loads(out)["format"]
 
 
 async def import_domain(uri: str, spec: DomainSpec, *, autostart: bool = False,

@@ -1,0 +1,116 @@
+"""The hyper2kvm daemon as seen from an export job: is its unit running, is its output there.
+
+`unit_state` asks systemd over the system bus (the only D-Bus use in pipeline/, as
+a plain client of org.freedesktop.systemd1): Manager.GetUnit, or LoadUnit for a
+unit systemd has not loaded yet, then the Unit's ActiveState property.
+`wait_for_output` polls the converter's output directory for the disk images
+named in the manifest until they exist and stop growing.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from ..errors import Failed
+
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+BUS_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class UnitState:
+    unit: str
+    active_state: str  # active, inactive, failed, activating, ... or "unknown"
+    reason: str = ""   # why the state is unknown (no bus, no such unit)
+
+    @property
+    def active(self) -> bool:
+        return self.active_state == "active"
+
+    def describe(self) -> str:
+        return f"{self.unit} is {self.active_state}" + (f" ({self.reason})" if self.reason else "")
+
+
+def unit_name(instance: str) -> str:
+    return f"hyper2kvm@{instance}.service"
+
+
+async def unit_state(instance: str, bus_address: str | None = None) -> UnitState:
+    """ActiveState of hyper2kvm@<instance>.service; never raises for an absent bus or unit.
+
+    The bus is DBUS_SYSTEM_BUS_ADDRESS (or the standard system socket) unless
+    `bus_address` is given.
+    """
+    unit = unit_name(instance)
+    try:
+        bus = MessageBus(bus_address=bus_address, bus_type=BusType.SYSTEM)
+        await asyncio.wait_for(bus.connect(), BUS_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - whatever the cause, there is no bus to ask
+        return UnitState(unit, "unknown", f"cannot reach systemd on the system bus: {exc}")
+    try:
+        return await asyncio.wait_for(_ask_systemd(bus, unit), BUS_TIMEOUT)
+    except asyncio.TimeoutError:
+        return UnitState(unit, "unknown", "systemd did not answer within "
+                         f"{BUS_TIMEOUT:g} s")
+    finally:
+        bus.disconnect()
+
+
+async def _ask_systemd(bus, unit: str) -> UnitState:
+    reply = await _call(bus, SYSTEMD_PATH, MANAGER_IFACE, "GetUnit", "s", [unit])
+    if reply.message_type == MessageType.ERROR:
+        # GetUnit only knows loaded units; LoadUnit loads its file (real systemd).
+        reply = await _call(bus, SYSTEMD_PATH, MANAGER_IFACE, "LoadUnit", "s", [unit])
+    if reply.message_type == MessageType.ERROR:
+        return UnitState(unit, "unknown", f"systemd does not know the unit: {_error_text(reply)}")
+    unit_path = reply.body[0]
+    reply = await _call(bus, unit_path, PROPERTIES_IFACE, "Get", "ss", [UNIT_IFACE, "ActiveState"])
+    if reply.message_type == MessageType.ERROR:
+        return UnitState(unit, "unknown", f"cannot read ActiveState: {_error_text(reply)}")
+    return UnitState(unit, str(reply.body[0].value))
+
+
+def _error_text(reply: Message) -> str:
+    """The error's name and the last line of its message (a peer may send a traceback)."""
+    lines = str(reply.body[0]).strip().splitlines() if reply.body else []
+    return f"{reply.error_name}: {lines[-1][:200]}" if lines else str(reply.error_name)
+
+
+async def _call(bus, path: str, interface: str, member: str, signature: str, body: list):
+    return await bus.call(Message(destination=SYSTEMD_BUS_NAME, path=path, interface=interface,
+                                  member=member, signature=signature, body=body))
+
+
+async def wait_for_output(expected: list[Path], *, poll_interval: float, timeout: float,
+                          log: Callable[[str], None] | None = None,
+                          clock: Callable[[], float] = time.monotonic) -> list[Path]:
+    """Wait until every path in `expected` exists with the same size on two polls in a row.
+
+    Raises Failed naming the missing files when `timeout` seconds pass first.
+    """
+    deadline = clock() + timeout
+    previous: dict[Path, int] | None = None
+    if log is not None:
+        log(f"waiting for hyper2kvm output in {expected[0].parent} "
+            f"(every {poll_interval:g} s, at most {timeout:g} s)")
+    while True:
+        sizes = {path: path.stat().st_size for path in expected if path.is_file()}
+        if len(sizes) == len(expected) and sizes == previous:
+            return list(expected)
+        previous = sizes
+        if clock() >= deadline:
+            missing = [str(p) for p in expected if p not in sizes]
+            what = ("missing: " + ", ".join(missing)) if missing else "files still growing"
+            raise Failed(f"hyper2kvm produced no finished output within {timeout:g} s "
+                         f"(hyper2kvm.job_timeout); {what}")
+        await asyncio.sleep(poll_interval)

@@ -1,0 +1,109 @@
+"""The "import" job: define a VM in libvirt from disk images that are already converted.
+
+The definition is the spec's `/import-to-kvm` body — vm_name, disk_path (or
+disk_paths, boot disk first), memory_mb, vcpus, network, autostart — plus the
+optional firmware, os_type, uuid and start. `network: ""` means no NIC. The libvirt
+URI comes from the config (`libvirt.uri`), never from the caller.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidArgument
+from ..job_kinds import JobContext, JobKind, SubmitContext, register
+from .convert import detect_format
+from .domain_xml import DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec
+from .libvirt_import import import_domain
+
+_FIELDS: dict[str, type] = {
+    "vm_name": str, "disk_path": str, "disk_paths": list, "memory_mb": int, "vcpus": int,
+    "network": str, "autostart": bool, "start": bool, "firmware": str, "os_type": str,
+    "uuid": str,
+}
+_REQUIRED = ("vm_name", "memory_mb")
+
+
+class ImportKind(JobKind):
+    name = "import"
+    operation = "import"
+    polkit_action = "org.hypersdk.HyperSDK1.import"
+
+    def validate(self, definition: Any, submit: SubmitContext) -> dict:
+        if not isinstance(definition, dict):
+            raise InvalidArgument("definition", "an object")
+        for key, value in definition.items():
+            expected = _FIELDS.get(key)
+            if expected is None:
+                raise InvalidArgument(key, "unknown field (known: " + ", ".join(sorted(_FIELDS)) + ")")
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise InvalidArgument(key, f"a {_TYPE_NAMES[expected]}")
+        for key in _REQUIRED:
+            if key not in definition:
+                raise InvalidArgument(key, "required")
+        result = {
+            "vm_name": definition["vm_name"],
+            "disk_paths": _disk_paths(definition),
+            "memory_mb": definition["memory_mb"],
+            "vcpus": definition.get("vcpus", 1),
+            "network": definition.get("network", submit.config.libvirt.network),
+            "autostart": definition.get("autostart", False),
+            "start": definition.get("start", False),
+            "firmware": definition.get("firmware", "bios"),
+            "os_type": definition.get("os_type", "unknown"),
+            "uuid": definition.get("uuid", ""),
+        }
+        check_spec(_spec(result, formats=["raw"] * len(result["disk_paths"])))
+        return result
+
+    async def run(self, ctx: JobContext) -> dict:
+        definition = ctx.definition
+        uri = ctx.config.libvirt.uri
+        ctx.set_stage("import")
+        formats = [await asyncio.to_thread(detect_format, Path(p)) for p in definition["disk_paths"]]
+        for path, fmt in zip(definition["disk_paths"], formats):
+            if fmt not in DISK_FORMATS:
+                raise InvalidArgument("disk_path", f"{path} is a {fmt} image; convert it to "
+                                      "qcow2 or raw first")
+        ctx.log(f"defining domain {definition['vm_name']!r} at {uri}")
+        imported = await import_domain(uri, _spec(definition, formats),
+                                       autostart=definition["autostart"],
+                                       start=definition["start"])
+        for note in imported.notes:
+            ctx.log(note, "warning")
+        ctx.log(f"domain {imported.name!r} defined (uuid {imported.uuid})")
+        return imported.to_dict()
+
+    def describe(self, definition: dict) -> dict:
+        return {"vm": definition.get("vm_name", ""), "provider": "libvirt"}
+
+
+_TYPE_NAMES = {str: "string", list: "list of strings", int: "integer", bool: "true or false"}
+
+
+def _disk_paths(definition: dict) -> list[str]:
+    if ("disk_path" in definition) == ("disk_paths" in definition):
+        raise InvalidArgument("disk_path", "give exactly one of disk_path or disk_paths")
+    paths = definition.get("disk_paths") or [definition.get("disk_path")]
+    field = "disk_paths" if "disk_paths" in definition else "disk_path"
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise InvalidArgument(field, "one or more file paths")
+    for path in paths:
+        if not Path(path).is_absolute():
+            raise InvalidArgument(field, f"{path!r} is not an absolute path")
+        if not Path(path).is_file():
+            raise InvalidArgument(field, f"{path} does not exist")
+    return paths
+
+
+def _spec(definition: dict, formats: list[str]) -> DomainSpec:
+    network = definition["network"]
+    return DomainSpec(
+        name=definition["vm_name"], memory_mb=definition["memory_mb"], vcpus=definition["vcpus"],
+        disks=[DomainDisk(Path(p), f) for p, f in zip(definition["disk_paths"], formats)],
+        nics=[DomainNic(network)] if network else [], uuid=definition["uuid"],
+        firmware=definition["firmware"], os_family=definition["os_type"])
+
+
+register(ImportKind())

@@ -1,0 +1,235 @@
+"""Fixtures for the domain / import / hyper2kvm tests: real libvirt, a dbusmock systemd,
+a bootable disk, and a recording stand-in for the job engine's context."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hypersdk.service.config import parse_config
+
+SYSTEM_URI = "qemu:///system"
+BOOT_LINE = b"HYPERSDK BOOT OK"
+IMAGES_DIR = Path("/var/lib/libvirt/images")
+
+# x86 real mode at 0x7C00: ds=0; dx=0x3F8 (COM1); si=message; out each byte until NUL; halt.
+_BOOT_CODE = bytes([
+    0x31, 0xC0,              # xor ax, ax
+    0x8E, 0xD8,              # mov ds, ax
+    0xFC,                    # cld
+    0xBA, 0xF8, 0x03,        # mov dx, 0x3F8
+    0xBE, 0x16, 0x7C,        # mov si, 0x7C16 (the message, right after this code)
+    0xAC,                    # next: lodsb
+    0x08, 0xC0,              # or al, al
+    0x74, 0x03,              # jz halt
+    0xEE,                    # out dx, al
+    0xEB, 0xF8,              # jmp next
+    0xF4,                    # halt: hlt
+    0xEB, 0xFD,              # jmp halt
+])
+
+
+def boot_sector() -> bytes:
+    """A 512-byte MBR that prints BOOT_LINE on the first serial port, then halts."""
+    assert len(_BOOT_CODE) == 0x16
+    body = _BOOT_CODE + BOOT_LINE + b"\r\n\0"
+    return body + bytes(510 - len(body)) + b"\x55\xaa"
+
+
+def write_boot_disk(path: Path, size: int = 1024 * 1024) -> Path:
+    """A raw disk whose first sector is boot_sector(); the rest is a hole."""
+    with open(path, "wb") as handle:
+        handle.write(boot_sector())
+        handle.truncate(size)
+    return path
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def config_for(tmp_path):
+    """A Config whose hyper2kvm dirs live under tmp_path; keyword args override sections."""
+    def make(**sections) -> object:
+        document = {"hyper2kvm": {"watch_dir": str(tmp_path / "watch"),
+                                  "output_dir": str(tmp_path / "out"),
+                                  "poll_interval": "50ms", "job_timeout": "5s"},
+                    "libvirt": {"uri": "test:///default"}}
+        for name, values in sections.items():
+            document.setdefault(name, {}).update(values)
+        return parse_config(document, "(test)", env={})
+    return make
+
+
+class FakeJobContext:
+    """Records what a job reports; stands in for the engine, which other code owns."""
+
+    def __init__(self, config, definition: dict | None = None) -> None:
+        self.job_id = "job-" + uuid.uuid4().hex[:8]
+        self.definition = definition or {}
+        self.config = config
+        self.providers = None
+        self.logs: list[tuple[str, str]] = []
+        self.stages: list[str] = []
+        self.total = 0
+        self.done = 0
+        self.cleanups: list[Path] = []
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.logs.append((level, message))
+
+    def set_stage(self, stage: str) -> None:
+        self.stages.append(stage)
+
+    def set_total(self, nbytes: int) -> None:
+        self.total = nbytes
+
+    def add_total(self, nbytes: int) -> None:
+        self.total += nbytes
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+
+    def set_done(self, nbytes: int) -> None:
+        self.done = nbytes
+
+    def add_cleanup(self, path: Path) -> None:
+        self.cleanups.append(path)
+
+    def keep(self, path: Path) -> None:
+        self.cleanups.remove(path)
+
+    def text(self) -> str:
+        return "\n".join(message for _level, message in self.logs)
+
+
+def _system_libvirt_reachable() -> bool:
+    import libvirt
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    try:
+        libvirt.open(SYSTEM_URI).close()
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def system_libvirt() -> str:
+    """qemu:///system, starting virtlogd and libvirtd (left running) when they are not up."""
+    if not Path("/usr/sbin/libvirtd").exists():
+        pytest.skip("/usr/sbin/libvirtd is not installed (scripts/install-system-deps.sh)")
+    if not _system_libvirt_reachable():
+        for directory in ("/var/log/libvirt", "/run/libvirt"):
+            os.makedirs(directory, exist_ok=True)
+        subprocess.run(["virtlogd", "--daemon"], check=False)
+        subprocess.run(["libvirtd", "--daemon"], check=True)
+        deadline = time.monotonic() + 20
+        while not _system_libvirt_reachable():
+            assert time.monotonic() < deadline, "libvirtd did not answer at qemu:///system"
+            time.sleep(0.2)
+    return SYSTEM_URI
+
+
+@pytest.fixture
+def guest_dir():
+    """A directory the qemu user (libvirt-qemu) can traverse, unlike pytest's tmp_path."""
+    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="hypersdk-test-", dir=IMAGES_DIR))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _systemd_escape(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else f"_{ord(c):02x}" for c in name)
+
+
+class DbusmockSystemd:
+    """python-dbusmock's systemd template on a private system bus."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def _busctl(self, *args: str) -> None:
+        subprocess.run(["busctl", f"--address={self.address}", "call",
+                        "org.freedesktop.systemd1", "/org/freedesktop/systemd1", *args],
+                       check=True, capture_output=True)
+
+    def add_unit(self, name: str, active_state: str) -> None:
+        """A loaded unit in `active_state` (the template's AddMockUnit cannot take '@')."""
+        path = "/org/freedesktop/systemd1/unit/" + _systemd_escape(name)
+        self._busctl("org.freedesktop.DBus.Mock", "AddObject", "ssa{sv}a(ssss)", path,
+                     "org.freedesktop.systemd1.Unit", "3",
+                     "Id", "s", name, "LoadState", "s", "loaded", "ActiveState", "s", active_state,
+                     "0")
+        self._busctl("org.freedesktop.DBus.Mock", "RegisterUnitPath", "ss", name, path)
+
+
+@pytest.fixture(scope="session")
+def dbusmock_systemd(tmp_path_factory):
+    """Start a private bus and python-dbusmock's systemd template on it.
+
+    dbusmock needs PyGObject, which Debian's python3 has and the venv does not, so
+    the mock runs under /usr/bin/python3 with only the venv's dbusmock package on
+    its path.
+    """
+    import dbusmock
+
+    base = tmp_path_factory.mktemp("sysbus")
+    (base / "pylib").mkdir()
+    (base / "pylib" / "dbusmock").symlink_to(Path(dbusmock.__file__).parent)
+    socket = base / "bus.sock"
+    (base / "bus.conf").write_text(f"""<!DOCTYPE busconfig PUBLIC
+ "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+""")
+    bus = subprocess.run(["dbus-daemon", f"--config-file={base / 'bus.conf'}", "--fork",
+                          "--print-pid=1"], check=True, capture_output=True, text=True)
+    bus_pid = int(bus.stdout.split()[0])
+    address = f"unix:path={socket}"
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address, PYTHONPATH=str(base / "pylib"))
+    mock = subprocess.Popen(["/usr/bin/python3", "-m", "dbusmock", "--system",
+                             "--template", "systemd"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    systemd = DbusmockSystemd(address)
+    try:
+        _wait_for_mock(systemd, mock)
+        # The template's GetUnit reads self.units; this lets a test register a unit path in it.
+        systemd._busctl("org.freedesktop.DBus.Mock", "AddMethod", "sssss",
+                        "org.freedesktop.DBus.Mock", "RegisterUnitPath", "ss", "",
+                        "self.units[str(args[0])] = str(args[1])")
+        yield systemd
+    finally:
+        mock.terminate()
+        mock.wait(timeout=10)
+        os.kill(bus_pid, 15)
+
+
+def _wait_for_mock(systemd: DbusmockSystemd, mock: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        probe = subprocess.run(["busctl", f"--address={systemd.address}", "status",
+                                "org.freedesktop.systemd1"], capture_output=True)
+        if probe.returncode == 0:
+            return
+        if mock.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("dbusmock systemd did not start: "
+                               + mock.stderr.read().decode(errors="replace")[-2000:])
+        time.sleep(0.1)
