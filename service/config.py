@@ -205,7 +205,7 @@ def parse_config(document: Any, source: str, env: dict | None = None) -> Config:
         raise ConfigError([ConfigProblem("(top level)", "a mapping", type(document).__name__)])
     document = _expand_env(document, "", dict(os.environ if env is None else env), problems)
     main_part = {k: v for k, v in document.items() if k not in ("providers", "webhooks")}
-    sections = validate(MAIN_SCHEMA, main_part, "", problems)
+    sections = validate(MAIN_SCHEMA, main_part, "", problems, ("providers", "webhooks"))
     providers = _validate_providers(document.get("providers"), problems)
     webhooks = _validate_webhooks(document.get("webhooks"), problems)
     if problems:

@@ -132,8 +132,12 @@ def _coerce(field: Field, value: Any) -> tuple[Any, str | None]:
     return value, None
 
 
-def validate(schema: Schema, data: Any, path: str, problems: list[ConfigProblem]) -> dict:
-    """Check `data` against `schema`; return it with defaults filled in."""
+def validate(schema: Schema, data: Any, path: str, problems: list[ConfigProblem],
+             handled_elsewhere: tuple[str, ...] = ()) -> dict:
+    """Check `data` against `schema`; return it with defaults filled in.
+
+    Keys in `handled_elsewhere` are known but checked by the caller.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -141,8 +145,8 @@ def validate(schema: Schema, data: Any, path: str, problems: list[ConfigProblem]
         return {}
     result: dict[str, Any] = {}
     for key in data:
-        if key not in schema:
-            known = ", ".join(sorted(schema))
+        if key not in schema and key not in handled_elsewhere:
+            known = ", ".join(sorted([*schema, *handled_elsewhere]))
             problems.append(ConfigProblem(_join(path, str(key)), f"one of the known keys ({known})",
                                           "an unknown key"))
     for key, rule in schema.items():

@@ -44,3 +44,15 @@ def gdbus_call(address: str, path: str, method: str, *args: str,
     if user:
         command = ["runuser", "-u", user, "--", *command]
     return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
+def gvariant_string(text: str) -> str:
+    """Quote text as a GVariant string literal for gdbus."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def gdbus_submit(address: str, definition: dict, kind: str = "export",
+                 user: str | None = None) -> subprocess.CompletedProcess:
+    return gdbus_call(address, MANAGER, f"{MANAGER_IFACE}.SubmitJob",
+                      gvariant_string(json.dumps(definition)), f"{{'kind': <'{kind}'>}}",
+                      user=user)

@@ -4,7 +4,7 @@
   steps of "step_bytes" every "interval" seconds for "steps" steps.
 - "fail": fails at once with the definition's "message".
 - "flaky": raises Retryable until attempt "succeed_on".
-- "logflood": emits "lines" log lines as fast as it can.
+- "logflood": emits "lines" log lines (plus "padding" bytes each) in one burst.
 """
 from __future__ import annotations
 
@@ -77,14 +77,14 @@ class FlakyKind(_TestKind):
 
 class LogFloodKind(_TestKind):
     name = "logflood"
-    fields = {"lines": 1000}
+    fields = {"lines": 1000, "padding": 0}
 
     async def run(self, ctx) -> dict:
+        """All lines in one burst, never yielding: the bus socket fills up."""
+        padding = "x" * ctx.definition["padding"]
         for i in range(ctx.definition["lines"]):
-            ctx.log(f"line {i}")
+            ctx.log(f"line {i} {padding}")
             ctx.advance(1)
-            if i % 500 == 0:
-                await asyncio.sleep(0)
         return {"lines": ctx.definition["lines"]}
 
 
