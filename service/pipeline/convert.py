@@ -19,7 +19,7 @@ import subprocess
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from ..errors import Failed, InvalidArgument
 from . import streamopt
@@ -32,6 +32,7 @@ _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 # raw -> qcow2 copy); only shapes the progress curve.
 _DECODE_SHARE = 0.7
 
+T = TypeVar("T")
 ProgressFn = Callable[[int, int], None]
 LogFn = Callable[[str], None]
 
@@ -151,22 +152,30 @@ async def _convert_stream_optimized(source: Path, tmp: Path, out_format: str, co
             raw.unlink(missing_ok=True)
 
 
-async def _decode_in_thread(source: Path, raw: Path, progress: ProgressFn) -> None:
-    """Run the blocking decoder in a thread; on cancel stop it and wait for it to end."""
-    loop = asyncio.get_running_loop()
+async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
+    """Run blocking `fn(stop)` in a thread; on cancel set `stop` and wait for it to end.
+
+    A plain `asyncio.to_thread` returns at cancellation while the thread goes on
+    writing; waiting lets the caller remove what the thread wrote.
+    """
     stop = threading.Event()
-
-    def thread_safe_progress(done: int, total: int) -> None:
-        loop.call_soon_threadsafe(progress, done, total)
-
-    fut = loop.run_in_executor(None, lambda: streamopt.decode_to_raw(
-        source, raw, workers=streamopt_workers(), on_progress=thread_safe_progress, stop=stop))
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, stop)
     try:
-        await asyncio.shield(fut)
+        return await asyncio.shield(fut)
     except asyncio.CancelledError:
         stop.set()
         await asyncio.wait([fut])
         raise
+
+
+async def _decode_in_thread(source: Path, raw: Path, progress: ProgressFn) -> None:
+    loop = asyncio.get_running_loop()
+
+    def thread_safe_progress(done: int, total: int) -> None:
+        loop.call_soon_threadsafe(progress, done, total)
+
+    await run_stoppable(lambda stop: streamopt.decode_to_raw(
+        source, raw, workers=streamopt_workers(), on_progress=thread_safe_progress, stop=stop))
 
 
 async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_format: str,

@@ -17,10 +17,11 @@ import os
 import re
 import shutil
 import tarfile
+import threading
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from ..errors import AlreadyExists, Failed, InvalidArgument
+from ..errors import AlreadyExists, Cancelled, Failed, InvalidArgument
 
 COPY_CHUNK = 1 << 20
 HASHES = {"SHA1": hashlib.sha1, "SHA256": hashlib.sha256, "SHA512": hashlib.sha512}
@@ -72,11 +73,14 @@ def _member_kind_error(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _copy_hashed(src, dest: Path, algorithms: list[str]) -> dict[str, str]:
+def _copy_hashed(src, dest: Path, algorithms: list[str],
+                 stop: threading.Event | None) -> dict[str, str]:
     hashers = {alg: HASHES[alg]() for alg in algorithms}
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as out:
         while chunk := src.read(COPY_CHUNK):
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"{dest.name}: extraction cancelled")
             out.write(chunk)
             for hasher in hashers.values():
                 hasher.update(chunk)
@@ -123,7 +127,8 @@ def verify_manifest(directory: Path) -> dict[str, str]:
     return {name: alg for name, (alg, _d) in manifest.items()}
 
 
-def _extract_members(path: Path, tmp: Path) -> tuple[list[str], dict]:
+def _extract_members(path: Path, tmp: Path,
+                     stop: threading.Event | None) -> tuple[list[str], dict]:
     """Write every member under tmp; return (regular file names in order, digests)."""
     seen: set[str] = set()
     files: list[str] = []
@@ -147,7 +152,7 @@ def _extract_members(path: Path, tmp: Path) -> tuple[list[str], dict]:
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 algs = [manifest[name][0]] if manifest and name in manifest else ["SHA1", "SHA256"]
-                computed[name] = _copy_hashed(tar.extractfile(member), dest, algs)
+                computed[name] = _copy_hashed(tar.extractfile(member), dest, algs, stop)
                 files.append(name)
                 if name.endswith(".mf"):
                     manifest = parse_manifest(dest)
@@ -158,8 +163,13 @@ def _extract_members(path: Path, tmp: Path) -> tuple[list[str], dict]:
     return files, computed
 
 
-def extract_ova(path: Path, target_dir: Path, log: LogFn | None = None) -> Path:
-    """Safely extract the OVA at `path` into `target_dir` (created); return the .ovf path."""
+def extract_ova(path: Path, target_dir: Path, log: LogFn | None = None,
+                stop: threading.Event | None = None) -> Path:
+    """Safely extract the OVA at `path` into `target_dir` (created); return the .ovf path.
+
+    Blocking. Setting `stop` (from another thread) aborts with Cancelled and removes
+    everything written.
+    """
     path, target_dir = Path(path), Path(target_dir)
     say = log or (lambda message: None)
     if not path.is_file():
@@ -171,7 +181,7 @@ def extract_ova(path: Path, target_dir: Path, log: LogFn | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
     try:
-        files, computed = _extract_members(path, tmp)
+        files, computed = _extract_members(path, tmp, stop)
         ovfs = [name for name in files if name.lower().endswith(".ovf")]
         if len(ovfs) != 1:
             raise InvalidArgument(str(path), f"an OVA holds exactly one .ovf descriptor, this "

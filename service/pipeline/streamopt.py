@@ -3,7 +3,8 @@
 A streamOptimized VMDK is a sequence of markers after its header: each grain
 marker (LBA, compressed size, deflate data padded to a sector) carries one
 compressed grain; metadata markers (grain table, grain directory, footer) carry
-tables we do not need, and an all-zero end-of-stream marker ends it. qemu-img
+tables we do not need, and an all-zero end-of-stream marker ends it (VMware
+writes one; qemu, which keeps its tables at the front, just ends the file). qemu-img
 inflates grains on one thread; zlib releases the GIL, so here one thread parses
 markers sequentially and a small pool inflates and `pwrite`s grains at their
 offset. All-zero grains and missing grains stay holes, so the raw output is
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Cancelled, Failed
-from .vmdk import MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR, read_sparse_header
+from .vmdk import (GD_AT_END, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
+                   read_sparse_header)
 
 READ_SIZE = 8 << 20
 MAX_IN_FLIGHT = 64
@@ -147,6 +149,8 @@ def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header, f
     next_report = PROGRESS_EVERY
     while True:
         if not reader.ensure(_MARKER.size):
+            if reader.offset == file_size and header.gd_offset != GD_AT_END:
+                return  # qemu ends its streams without an EOS marker (tables are up front)
             raise Failed(f"{source}: truncated at byte {reader.offset} of {file_size}: "
                          f"the stream ends without its end-of-stream marker")
         val, size, kind = _MARKER.unpack_from(reader.buf, reader.pos)

@@ -130,46 +130,45 @@ def _extent_path(path: Path, name: str) -> Path:
     return path.parent / rel
 
 
-def _check_grain_tables(path: Path, fh, header: SparseHeader, file_size: int) -> bool:
-    """True when every grain-table and grain offset lies inside the file."""
+def _check_grain_tables(fh, header: SparseHeader, file_size: int) -> bool:
+    """True when every grain table and grain, up to the last one, lies inside the file."""
     gt_coverage = header.gtes_per_gt * header.grain_sectors
     num_gts = -(-header.capacity_sectors // gt_coverage)
     fh.seek(header.gd_offset * SECTOR)
     gd = fh.read(num_gts * 4)
     if len(gd) != num_gts * 4:
         return False
+    last = 0
     for gt_sector in struct.unpack(f"<{num_gts}I", gd):
         if gt_sector == 0:
             continue
-        if (gt_sector * SECTOR) + header.gtes_per_gt * 4 > file_size:
+        if gt_sector * SECTOR + header.gtes_per_gt * 4 > file_size:
             return False
         fh.seek(gt_sector * SECTOR)
-        table = struct.unpack(f"<{header.gtes_per_gt}I", fh.read(header.gtes_per_gt * 4))
-        if max(table) * SECTOR >= file_size and max(table) > 1:
+        last = max(last, *struct.unpack(f"<{header.gtes_per_gt}I",
+                                         fh.read(header.gtes_per_gt * 4)))
+    if last <= 1:  # no data, or only zero grains
+        return True
+    grain_end = last * SECTOR + header.grain_sectors * SECTOR
+    if header.stream_optimized:
+        fh.seek(last * SECTOR)
+        marker = fh.read(12)
+        if len(marker) < 12:
             return False
-    return True
+        grain_end = last * SECTOR + 12 + struct.unpack_from("<I", marker, 8)[0]
+    return grain_end <= file_size
 
 
-def _stream_end_ok(fh, header: SparseHeader, file_size: int) -> bool:
-    """A streamOptimized file ends with an end-of-stream marker.
-
-    VMware writes `footer marker, footer header, EOS` at the very end (and GD_AT_END
-    in the first header); qemu writes the grain tables up front and ends the stream
-    with an all-zero EOS sector. Every grain ends in a sector holding some of its
-    data, so an all-zero last sector can only be the EOS marker or padding after it.
-    """
+def _footer_ok(fh, file_size: int) -> bool:
+    """VMware's streamOptimized ends with: footer marker, footer header, EOS marker."""
     if file_size % SECTOR or file_size < 3 * SECTOR:
         return False
     fh.seek(file_size - 3 * SECTOR)
     tail = fh.read(3 * SECTOR)
-    eos = tail[2 * SECTOR:]
-    if eos.count(0) != SECTOR:
-        return False
-    if header.gd_offset != GD_AT_END:
-        return True
-    val, size, kind = struct.unpack_from("<QII", tail, 0)
+    _val, size, kind = struct.unpack_from("<QII", tail, 0)
     footer_magic = struct.unpack_from("<I", tail, SECTOR)[0]
-    return size == 0 and kind == MARKER_FOOTER and footer_magic == SPARSE_MAGIC
+    return (size == 0 and kind == MARKER_FOOTER and footer_magic == SPARSE_MAGIC
+            and tail[2 * SECTOR:].count(0) == SECTOR)
 
 
 def read_footer(path: Path, fh, file_size: int) -> SparseHeader:
@@ -191,16 +190,16 @@ def _sparse_extent_info(path: Path) -> tuple[SparseHeader, str | None, bool]:
             fh.seek(header.descriptor_offset * SECTOR)
             text = fh.read(header.descriptor_size * SECTOR).split(b"\0", 1)[0].decode(
                 "utf-8", "replace")
-        if header.stream_optimized:
-            complete = _stream_end_ok(fh, header, file_size)
-            if complete and header.gd_offset == GD_AT_END:
+        if header.gd_offset != GD_AT_END:
+            complete = _check_grain_tables(fh, header, file_size)
+        else:
+            complete = _footer_ok(fh, file_size)
+            if complete:
                 footer = read_footer(path, fh, file_size)
                 if footer.capacity_sectors != header.capacity_sectors:
                     raise _fail(path, f"footer capacity {footer.capacity_sectors * SECTOR} "
                                       f"disagrees with header capacity "
                                       f"{header.capacity_sectors * SECTOR}")
-        else:
-            complete = _check_grain_tables(path, fh, header, file_size)
     return header, text, complete
 
 

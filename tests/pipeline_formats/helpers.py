@@ -41,6 +41,8 @@ def make_image(tmp: Path, fmt: str, name: str = "disk", subformat: str | None = 
     args = ["convert", "-f", "raw", "-O", fmt]
     if subformat:
         args += ["-o", f"subformat={subformat}"]
+    if fmt == "vpc":  # keep the exact size instead of rounding to a CHS geometry
+        args += ["-o", "force_size=on"]
     qemu_img(*args, raw, image)
     return raw, image
 

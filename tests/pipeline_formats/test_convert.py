@@ -1,0 +1,154 @@
+"""convert_image with real qemu-img: every input format, sparseness, progress, cancel."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from hypersdk.service.errors import Failed, InvalidArgument
+from hypersdk.service.pipeline.convert import convert_image, detect_format
+from hypersdk.service.pipeline.streamopt import decode_to_raw
+
+from .helpers import DATA_BYTES, DISK_SIZE, allocated, images_equal, make_image, make_raw, qemu_img
+
+INPUTS = [("vmdk", "streamOptimized"), ("vmdk", "monolithicSparse"), ("vpc", None),
+          ("vhdx", None), ("raw", None), ("qcow2", None)]
+# Output allocation may round each data extent up to a 64 KiB cluster / 1 MiB block.
+SPARSE_LIMIT = DATA_BYTES + 4 * (1 << 20)
+
+
+@pytest.mark.parametrize("fmt,subformat", INPUTS)
+@pytest.mark.parametrize("out_format", ["qcow2", "raw"])
+async def test_convert_keeps_content_and_holes(tmp_path, fmt, subformat, out_format):
+    raw, image = make_image(tmp_path, fmt, subformat=subformat)
+    target = tmp_path / "out" / f"disk.{out_format}"
+    target.parent.mkdir()
+    seen: list[tuple[int, int]] = []
+    result = await convert_image(image, target, out_format=out_format,
+                                 on_progress=lambda d, t: seen.append((d, t)))
+    assert result.path == target and result.format == out_format
+    assert result.virtual_size == DISK_SIZE
+    assert detect_format(target) == out_format
+    assert images_equal(raw, target)
+    assert allocated(target) < SPARSE_LIMIT, "output lost its holes"
+    assert result.actual_size == allocated(target)
+    assert seen[-1] == (DISK_SIZE, DISK_SIZE)
+    assert [d for d, _t in seen] == sorted(d for d, _t in seen), "progress went backwards"
+    assert os.listdir(target.parent) == [target.name], "a temporary file was left behind"
+
+
+async def test_compressed_qcow2(tmp_path):
+    raw = make_raw(tmp_path / "zeros-and-text.raw", extents=())
+    with open(raw, "r+b") as fh:
+        fh.write(b"compressible text " * 100000)
+    plain = await convert_image(raw, tmp_path / "plain.qcow2", out_format="qcow2")
+    small = await convert_image(raw, tmp_path / "small.qcow2", out_format="qcow2", compress=True)
+    assert images_equal(raw, small.path)
+    assert small.actual_size < plain.actual_size / 4
+
+
+async def test_detect_format_ignores_the_extension(tmp_path):
+    _raw, image = make_image(tmp_path, "vpc")
+    liar = tmp_path / "disk.qcow2"
+    image.rename(liar)
+    assert detect_format(liar) == "vpc"
+    result = await convert_image(liar, tmp_path / "disk.raw", out_format="raw")
+    assert result.virtual_size >= DISK_SIZE
+
+
+async def test_backing_file_is_refused(tmp_path):
+    _raw, base = make_image(tmp_path, "qcow2")
+    overlay = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay)
+    with pytest.raises(InvalidArgument, match="backing file are refused"):
+        await convert_image(overlay, tmp_path / "out.qcow2", out_format="qcow2")
+
+
+async def test_bad_options(tmp_path):
+    _raw, image = make_image(tmp_path, "raw")
+    with pytest.raises(InvalidArgument, match="format: must be one of qcow2, raw"):
+        await convert_image(image, tmp_path / "x.vdi", out_format="vdi")
+    with pytest.raises(InvalidArgument, match="only qcow2 output can be compressed"):
+        await convert_image(image, tmp_path / "x.raw", out_format="raw", compress=True)
+
+
+async def test_truncated_stream_optimized_is_refused_without_output(tmp_path):
+    _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    with open(vmdk, "r+b") as fh:
+        fh.truncate(vmdk.stat().st_size // 2 + 100)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(Failed, match="the VMDK is incomplete"):
+        await convert_image(vmdk, out / "disk.qcow2", out_format="qcow2")
+    assert os.listdir(out) == []
+
+
+def test_decoder_refuses_a_stream_cut_before_its_end_marker(tmp_path):
+    _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    with open(vmdk, "r+b") as fh:
+        fh.truncate(vmdk.stat().st_size // 2 + 100)
+    with pytest.raises(Failed) as err:
+        decode_to_raw(vmdk, tmp_path / "out.raw")
+    assert str(vmdk) in str(err.value)
+    assert "without its end-of-stream marker" in str(err.value)
+
+
+def test_decoder_is_byte_identical_and_sparse(tmp_path):
+    raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    out = tmp_path / "decoded.raw"
+    assert decode_to_raw(vmdk, out, workers=2) == DISK_SIZE
+    assert out.stat().st_size == DISK_SIZE
+    assert images_equal(raw, out)
+    assert allocated(out) < SPARSE_LIMIT
+
+
+def test_decoder_reads_vmware_style_footer(tmp_path):
+    """VMware puts GD_AT_END in the header and GT/GD/footer markers before the EOS marker."""
+    raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    data = bytearray(vmdk.read_bytes())
+    header = bytes(data[:512])
+    end = len(data.rstrip(b"\0"))
+    end = (end + 511) // 512 * 512
+    gd_at_end = header[:56] + (0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + header[64:]
+    gt_marker = (4).to_bytes(8, "little") + bytes(4) + (1).to_bytes(4, "little")
+    footer_marker = (1).to_bytes(8, "little") + bytes(4) + (3).to_bytes(4, "little")
+    tail = (gt_marker.ljust(512, b"\0") + bytes(4 * 512) + footer_marker.ljust(512, b"\0")
+            + header + bytes(512))
+    vmware = tmp_path / "vmware.vmdk"
+    vmware.write_bytes(gd_at_end + bytes(data[512:end]) + tail)
+    out = tmp_path / "decoded.raw"
+    decode_to_raw(vmware, out)
+    assert images_equal(raw, out)
+
+
+@pytest.mark.parametrize("subformat", ["streamOptimized", None])
+async def test_cancel_removes_partial_output(tmp_path, subformat):
+    size = 96 << 20
+    raw = make_raw(tmp_path / "big.raw", size, extents=[(0, size)])
+    source = raw
+    if subformat:
+        source = tmp_path / "big.vmdk"
+        qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, source)
+    out = tmp_path / "out"
+    out.mkdir()
+    started = asyncio.Event()
+    task = asyncio.create_task(convert_image(
+        source, out / "disk.qcow2", out_format="qcow2", compress=subformat is None,
+        on_progress=lambda d, t: started.set()))
+    await asyncio.wait_for(started.wait(), 30)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert os.listdir(out) == []
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_convert_of(p, out)]
+
+
+def _is_convert_of(pid: str, out) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"qemu-img" in fh.read() and str(out).encode() in open(
+                f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
