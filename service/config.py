@@ -84,6 +84,7 @@ MAIN_SCHEMA: Schema = {
         "missed_run_grace": Field("duration", 3600.0),
         "webhook_timeout": Field("duration", 10.0),
         "webhook_max_attempts": Field("int", 8, minimum=1),
+        "webhook_retry_base": Field("duration", 5.0),  # first retry delay; doubles each time
     },
     "ova": {
         "import_dirs": Field("list[str]", ["/var/lib/hypersdk/imports"]),

@@ -57,6 +57,85 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX job_logs_job ON job_logs(job_id, id);
     """,
+    # 2: automation: schedules and their jobs, backup policies and the backups they made,
+    # webhooks with a persisted outbox and a delivery log (service/automation.py)
+    """
+    CREATE TABLE schedules (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        definition TEXT NOT NULL,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created_by_uid INTEGER NOT NULL DEFAULT -1,
+        created_at REAL NOT NULL,
+        last_slot REAL NOT NULL,
+        last_run REAL,
+        last_job TEXT
+    );
+    CREATE TABLE schedule_jobs (
+        schedule_id TEXT NOT NULL REFERENCES schedules(id) ON DELETE CASCADE,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        slot REAL,
+        PRIMARY KEY (schedule_id, job_id)
+    );
+    CREATE TABLE backup_policies (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        definition TEXT NOT NULL,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created_by_uid INTEGER NOT NULL DEFAULT -1,
+        created_at REAL NOT NULL,
+        last_slot REAL NOT NULL,
+        last_run REAL
+    );
+    CREATE TABLE backups (
+        id INTEGER PRIMARY KEY,
+        policy_id TEXT NOT NULL REFERENCES backup_policies(id) ON DELETE CASCADE,
+        run_id TEXT NOT NULL,
+        vm TEXT NOT NULL,
+        vm_name TEXT NOT NULL DEFAULT '',
+        job_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'good', 'failed', 'deleted')),
+        deleted_at REAL
+    );
+    CREATE INDEX backups_job ON backups(job_id);
+    CREATE INDEX backups_policy ON backups(policy_id, vm, created_at);
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        headers TEXT NOT NULL DEFAULT '{}',
+        secret TEXT NOT NULL DEFAULT '',
+        enabled INTEGER NOT NULL DEFAULT 1,
+        source TEXT NOT NULL CHECK (source IN ('api', 'config')),
+        created_by_uid INTEGER NOT NULL DEFAULT -1,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE webhook_outbox (
+        id INTEGER PRIMARY KEY,
+        webhook_id TEXT NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
+        event TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed'))
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox(state, next_attempt);
+    CREATE TABLE webhook_deliveries (
+        id INTEGER PRIMARY KEY,
+        webhook_id TEXT NOT NULL REFERENCES webhooks(id) ON DELETE CASCADE,
+        outbox_id INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        time REAL NOT NULL,
+        attempt INTEGER NOT NULL,
+        status_code INTEGER NOT NULL DEFAULT 0,
+        error TEXT NOT NULL DEFAULT '',
+        duration REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX webhook_deliveries_hook ON webhook_deliveries(webhook_id, id);
+    """,
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
