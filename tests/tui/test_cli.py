@@ -1,0 +1,120 @@
+"""hyperctl subcommands as a script runs them: a subprocess on the private bus."""
+from __future__ import annotations
+
+import json
+
+from .conftest import submit_job, wait_status
+
+
+def test_jobs_json_lists_jobs_and_filters_by_status(system_bus, hypervisord, hyperctl):
+    done = submit_job(system_bus.address, {"steps": 1, "interval": 0.01}, "sleep")
+    failed = submit_job(system_bus.address, {"message": "boom"}, "fail")
+    wait_status(system_bus.address, done, {"completed"})
+    wait_status(system_bus.address, failed, {"failed"})
+
+    result = hyperctl("jobs", "--json")
+    assert result.returncode == 0, result.stderr
+    jobs = {job["id"]: job for job in json.loads(result.stdout)}
+    assert jobs[done]["status"] == "completed" and jobs[done]["progress"] == 1.0
+    assert jobs[done]["result"] == {"steps": 1}
+    assert jobs[failed]["status"] == "failed" and jobs[failed]["error"] == "boom"
+
+    only_failed = json.loads(hyperctl("jobs", "--status", "failed", "--json").stdout)
+    assert [job["id"] for job in only_failed] == [failed]
+
+    human = hyperctl("jobs")
+    assert human.returncode == 0
+    assert human.stdout.splitlines()[0].split()[:3] == ["ID", "STATUS", "OPERATION"]
+    assert done in human.stdout and failed in human.stdout
+
+
+def test_jobs_rejects_an_unknown_status(hypervisord, hyperctl):
+    result = hyperctl("jobs", "--status", "exploded")
+    assert result.returncode == 2
+    assert "--status" in result.stderr and "exploded" in result.stderr
+
+
+def test_submit_from_stdin_then_watch_exits_0(system_bus, hypervisord, hyperctl):
+    result = hyperctl("submit", "-", "--kind", "sleep", "--json",
+                      stdin=json.dumps({"steps": 5, "interval": 0.1}))
+    assert result.returncode == 0, result.stderr
+    job_id = json.loads(result.stdout)["job_id"]
+    assert job_id.startswith("job-")
+
+    watched = hyperctl("watch", job_id)
+    assert watched.returncode == 0, watched.stderr
+    lines = watched.stdout.splitlines()
+    assert lines[-1] == f"{job_id} completed"
+    assert any("100%" in line for line in lines)
+
+
+def test_watch_a_failing_job_exits_1_and_prints_the_error(system_bus, hypervisord, hyperctl):
+    job_id = submit_job(system_bus.address, {"message": "disk 2 exploded"}, "fail")
+    result = hyperctl("watch", job_id)
+    assert result.returncode == 1
+    assert f"{job_id} failed: disk 2 exploded" in result.stderr
+
+
+def test_submit_rejects_bad_files_naming_them(tmp_path, hypervisord, hyperctl):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"steps": 1,,}')
+    result = hyperctl("submit", str(broken), "--kind", "sleep")
+    assert result.returncode == 2
+    assert str(broken) in result.stderr and "malformed JSON" in result.stderr and "line 1" in result.stderr
+
+    missing = hyperctl("submit", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and "nope.json: cannot read" in missing.stderr
+
+    array = tmp_path / "array.json"
+    array.write_text("[1, 2]")
+    assert "must be a JSON object" in hyperctl("submit", str(array)).stderr
+
+
+def test_submit_an_invalid_definition_names_the_field(tmp_path, hypervisord, hyperctl):
+    definition = tmp_path / "job.json"
+    definition.write_text(json.dumps({"steps": 1, "bogus": True}))
+    result = hyperctl("submit", str(definition), "--kind", "sleep")
+    assert result.returncode == 2
+    assert "bogus: unknown field" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_logs_follow_prints_lines_until_the_job_ends(system_bus, hypervisord, hyperctl):
+    job_id = submit_job(system_bus.address, {"steps": 5, "interval": 0.2}, "sleep")
+    result = hyperctl("logs", "-f", job_id)
+    assert result.returncode == 0, result.stderr
+    messages = [line.split(None, 2)[2] for line in result.stdout.splitlines()]
+    steps = [m for m in messages if m.startswith("step ")]
+    assert steps == [f"step {i}" for i in range(1, 6)]
+
+    again = hyperctl("logs", job_id)
+    assert again.stdout == result.stdout
+
+
+def test_cancel_then_watch_reports_cancelled(system_bus, hypervisord, hyperctl):
+    job_id = submit_job(system_bus.address, {"steps": 200, "interval": 0.1}, "sleep")
+    wait_status(system_bus.address, job_id, {"running"})
+    result = hyperctl("cancel", job_id)
+    assert result.returncode == 0, result.stderr
+    assert wait_status(system_bus.address, job_id, {"cancelled"}) == "cancelled"
+    watched = hyperctl("watch", job_id)
+    assert watched.returncode == 1
+    assert f"{job_id} cancelled" in watched.stderr
+
+
+def test_unknown_job_is_reported(hypervisord, hyperctl):
+    result = hyperctl("watch", "job-doesnotexist")
+    assert result.returncode == 1
+    assert "job 'job-doesnotexist' not found" in result.stderr
+
+
+def test_service_not_running_exits_69(system_bus, hyperctl):
+    result = hyperctl("jobs")
+    assert result.returncode == 69
+    assert "hypervisord is not running" in result.stderr
+
+
+def test_unreachable_bus_exits_69(tmp_path, hyperctl):
+    result = hyperctl("--bus", f"unix:path={tmp_path}/no-such-socket", "jobs")
+    assert result.returncode == 69
+    assert "cannot connect" in result.stderr

@@ -1,0 +1,268 @@
+"""hyperctl: with no arguments the console; with a subcommand a scripting CLI.
+
+Exit codes: 0 success; 1 the job or the request failed (or was cancelled);
+2 bad usage or input; 69 the bus or hypervisord cannot be reached; 77 polkit refused.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import TextIO
+
+from . import format as fmt
+from .client import JOB_STATUSES, ClientError, ClientEvent, HyperClient, JobState
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_NOPERM = 77
+
+
+class UsageError(Exception):
+    """Bad input from the command line or a file; exits with EXIT_USAGE."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperctl", description="Console and scripting CLI for hypervisord.",
+        epilog="Without a command, opens the full-screen console. Exit codes: 0 ok, "
+               "1 failed, 2 usage, 69 service unreachable, 77 not authorized.")
+    parser.add_argument("--bus", default="system",
+                        help="system (default), session, or a D-Bus address")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    vms = commands.add_parser("vms", help="list the VMs of the configured providers")
+    vms.add_argument("--provider", help="only this provider (default: all configured)")
+    vms.add_argument("--json", action="store_true", help="print a JSON array")
+
+    submit = commands.add_parser("submit", help="submit a job from a JSON definition")
+    submit.add_argument("file", metavar="FILE.json|-", help="the definition, '-' for stdin")
+    submit.add_argument("--kind", default="export", help="job kind (default: export)")
+    submit.add_argument("--json", action="store_true", help="print {\"job_id\": ...}")
+
+    jobs = commands.add_parser("jobs", help="list jobs")
+    jobs.add_argument("--status", choices=JOB_STATUSES, help="only jobs with this status")
+    jobs.add_argument("--json", action="store_true", help="print a JSON array")
+
+    watch = commands.add_parser("watch", help="show a job's progress until it ends")
+    watch.add_argument("job", help="job id (job-...) or object path")
+
+    logs = commands.add_parser("logs", help="print a job's log")
+    logs.add_argument("job", help="job id (job-...) or object path")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job", help="job id (job-...) or object path")
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------
+def _require_up(client: HyperClient) -> None:
+    if not client.mirror.service_up:
+        raise ClientError(f"hypervisord is not running on the {client.bus_spec} bus",
+                          "ServiceUnknown")
+
+
+def _provider_names(client: HyperClient, wanted: str | None) -> list[str]:
+    providers = client.mirror.providers()
+    if wanted:
+        names = [p["name"] for p in providers]
+        if names and wanted not in names:
+            raise UsageError(f"--provider: unknown provider {wanted!r}; configured: "
+                             + (", ".join(names) or "none"))
+        return [wanted]
+    return [p["name"] for p in providers if p.get("configured", True)]
+
+
+async def cmd_vms(client: HyperClient, args, out: TextIO) -> int:
+    vms: list[dict] = []
+    for name in _provider_names(client, args.provider):
+        vms.extend(await client.list_vms(name))
+    if args.json:
+        json.dump(vms, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    rows = [[vm.get("name", ""), vm.get("power_state", ""), str(vm.get("cpus", "")),
+             fmt.memory_mb(vm.get("memory_mb")), fmt.size(vm.get("disk_bytes")),
+             vm.get("guest_os", ""), vm.get("datacenter", ""), vm.get("provider", "")]
+            for vm in vms]
+    out.write(fmt.table(["NAME", "POWER", "CPUS", "MEMORY", "DISK", "GUEST OS", "DATACENTER",
+                         "PROVIDER"], rows) + "\n")
+    return EXIT_OK
+
+
+def _read_definition(source: str) -> dict:
+    try:
+        text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
+    except OSError as exc:
+        raise UsageError(f"{source}: cannot read: {exc.strerror}") from None
+    name = "stdin" if source == "-" else source
+    try:
+        definition = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{name}: malformed JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}") from None
+    if not isinstance(definition, dict):
+        raise UsageError(f"{name}: the definition must be a JSON object")
+    return definition
+
+
+async def cmd_submit(client: HyperClient, args, out: TextIO) -> int:
+    definition = _read_definition(args.file)
+    job_id = await client.submit(definition, args.kind)
+    if args.json:
+        out.write(json.dumps({"job_id": job_id}) + "\n")
+    else:
+        out.write(f"submitted {job_id}\n")
+    return EXIT_OK
+
+
+def _job_row(job: JobState, now: float) -> list[str]:
+    return [job.id, job.status, job.get("Operation", ""), job.get("VM", ""),
+            fmt.bar(job.progress, 10), fmt.rate(job.get("Rate")),
+            fmt.duration(job.eta_seconds(now)), job.get("Stage", "") or job.get("Error", "")]
+
+
+async def cmd_jobs(client: HyperClient, args, out: TextIO) -> int:
+    jobs = [job for job in client.mirror.sorted_jobs()
+            if not args.status or job.status == args.status]
+    if args.json:
+        json.dump([job.to_dict() for job in jobs], out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    now = time.time()
+    out.write(fmt.table(["ID", "STATUS", "OPERATION", "VM", "PROGRESS", "RATE", "ETA",
+                         "STAGE"], [_job_row(job, now) for job in jobs]) + "\n")
+    return EXIT_OK
+
+
+class ProgressPrinter:
+    """On a terminal one line redrawn in place; in a pipe a line per visible change."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self._last = ""
+
+    def line(self, job: JobState) -> str:
+        eta = job.eta_seconds(time.time())
+        parts = [job.id, f"{job.status:<9}", fmt.bar(job.progress), fmt.rate(job.get("Rate"))]
+        if eta is not None:
+            parts.append(f"ETA {fmt.duration(eta)}")
+        if job.get("Stage"):
+            parts.append(job.get("Stage"))
+        return "  ".join(parts)
+
+    def update(self, job: JobState) -> None:
+        text = self.line(job)
+        if self.tty:
+            self.out.write("\r\033[K" + text)
+        else:
+            key = f"{job.status} {job.get('Stage')} {int((job.progress or 0) * 10)}"
+            if key == self._last:
+                return
+            self._last = key
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+async def cmd_watch(client: HyperClient, args, out: TextIO) -> int:
+    job = client.job(args.job)
+    printer = ProgressPrinter(out)
+    ended = asyncio.Event()
+
+    def on_event(event: ClientEvent) -> None:
+        if event.job_id == job.id and event.type in ("job", "completed"):
+            printer.update(job)
+            if job.finished or event.type == "completed":
+                ended.set()
+        elif event.type == "service" and not client.mirror.service_up:
+            ended.set()
+
+    unsubscribe = client.subscribe(on_event)
+    try:
+        printer.update(job)
+        if not job.finished:
+            await ended.wait()
+    finally:
+        unsubscribe()
+        printer.finish()
+    if not client.mirror.service_up:
+        raise ClientError("hypervisord left the bus while the job was running",
+                          "ServiceUnknown")
+    if job.status == "completed":
+        out.write(f"{job.id} completed\n")
+        return EXIT_OK
+    print(f"hyperctl: {job.id} {job.status}: {job.get('Error') or 'no message'}",
+          file=sys.stderr)
+    return EXIT_FAILED
+
+
+async def cmd_logs(client: HyperClient, args, out: TextIO) -> int:
+    job = client.job(args.job)
+    async for line in client.follow_log(job.id, follow=args.follow):
+        out.write(line.format() + "\n")
+        out.flush()
+    return EXIT_OK
+
+
+async def cmd_cancel(client: HyperClient, args, out: TextIO) -> int:
+    job = client.job(args.job)
+    await client.cancel(job.id)
+    out.write(f"cancel requested for {job.id}\n")
+    return EXIT_OK
+
+
+COMMANDS = {"vms": cmd_vms, "submit": cmd_submit, "jobs": cmd_jobs, "watch": cmd_watch,
+            "logs": cmd_logs, "cancel": cmd_cancel}
+
+
+async def run_command(args, out: TextIO) -> int:
+    client = HyperClient(args.bus)
+    await client.connect()
+    try:
+        _require_up(client)
+        return await COMMANDS[args.command](client, args, out)
+    finally:
+        client.close()
+
+
+def exit_code(error: ClientError) -> int:
+    if error.access_denied:
+        return EXIT_NOPERM
+    if error.unavailable:
+        return EXIT_UNAVAILABLE
+    if error.name == "InvalidArgument":
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        from .app import run_console  # noqa: PLC0415 - Textual only for the console
+        return run_console(args.bus)
+    try:
+        return asyncio.run(run_command(args, sys.stdout))
+    except UsageError as exc:
+        print(f"hyperctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClientError as exc:
+        print(f"hyperctl: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
