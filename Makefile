@@ -8,6 +8,12 @@ DESTDIR ?=
 
 .PHONY: venv test test-fast demo install clean
 
+# Where Debian expects each file; override PREFIX for /usr/local.
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DBUSDIR ?= $(PREFIX)/share/dbus-1
+POLKITDIR ?= $(PREFIX)/share/polkit-1
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
@@ -22,6 +28,31 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -ra -m "not slow"
+
+install:
+	$(PYTHON) -m pip install -q --no-deps --ignore-installed --no-warn-script-location \
+		--root="$(DESTDIR)/" --prefix="$(PREFIX)" .
+	install -D -m 0644 data/dbus-1/system.d/org.hypersdk.HyperSDK1.conf \
+		"$(DESTDIR)$(DBUSDIR)/system.d/org.hypersdk.HyperSDK1.conf"
+	sed 's|/usr/bin/|$(PREFIX)/bin/|g' data/dbus-1/system-services/org.hypersdk.HyperSDK1.service \
+		| install -D -m 0644 /dev/stdin "$(DESTDIR)$(DBUSDIR)/system-services/org.hypersdk.HyperSDK1.service"
+	for xml in service/dbus/org.hypersdk.HyperSDK1.*.xml; do \
+		install -D -m 0644 "$$xml" "$(DESTDIR)$(DBUSDIR)/interfaces/$$(basename $$xml)"; done
+	for unit in data/systemd/*.service; do \
+		sed 's|/usr/bin/|$(PREFIX)/bin/|g' "$$unit" \
+		| install -D -m 0644 /dev/stdin "$(DESTDIR)$(UNITDIR)/$$(basename $$unit)"; done
+	install -D -m 0644 polkit/org.hypersdk.HyperSDK1.policy \
+		"$(DESTDIR)$(POLKITDIR)/actions/org.hypersdk.HyperSDK1.policy"
+	install -D -m 0644 polkit/50-hypersdk.rules "$(DESTDIR)$(POLKITDIR)/rules.d/50-hypersdk.rules"
+	install -D -m 0644 data/sysusers.d/hypersdk.conf "$(DESTDIR)$(SYSUSERSDIR)/hypersdk.conf"
+	install -d -m 0755 "$(DESTDIR)$(SYSCONFDIR)/hypersdk"
+	test -e "$(DESTDIR)$(SYSCONFDIR)/hypersdk/config.yaml" || \
+		install -m 0640 data/config.example.yaml "$(DESTDIR)$(SYSCONFDIR)/hypersdk/config.yaml"
+	@if [ -z "$(DESTDIR)" ]; then \
+		getent group hypersdk >/dev/null || groupadd --system hypersdk; \
+		getent passwd hypersdk >/dev/null || useradd --system -g hypersdk \
+			-d /var/lib/hypersdk -s /usr/sbin/nologin hypersdk; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
