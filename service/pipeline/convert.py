@@ -72,7 +72,13 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no message"
 
 
-def _check_input(source: Path, info: dict) -> None:
+def inspect_source(source: Path) -> dict:
+    """qemu-img's info on an input image, after refusing what must not be converted.
+
+    Blocking. Refuses unknown formats, backing files, VMDK delta disks and
+    incomplete VMDKs (missing extents, truncated streams).
+    """
+    info = image_info(source)
     fmt = info["format"]
     if fmt not in INPUT_FORMATS:
         raise InvalidArgument(str(source), f"format {fmt!r} is not one of {', '.join(INPUT_FORMATS)}")
@@ -86,6 +92,7 @@ def _check_input(source: Path, info: dict) -> None:
                                                "converted on its own")
         if not vmdk["complete"]:
             raise Failed(f"{source}: the VMDK is incomplete (missing or truncated extents)")
+    return info
 
 
 def _is_stream_optimized(info: dict) -> bool:
@@ -108,8 +115,7 @@ async def convert_image(source: Path, target: Path, *, out_format: str, compress
         raise InvalidArgument("compression", "only qcow2 output can be compressed")
     if not target.parent.is_dir():
         raise InvalidArgument(str(target), "its directory does not exist")
-    info = await asyncio.to_thread(image_info, source)
-    await asyncio.to_thread(_check_input, source, info)
+    info = await asyncio.to_thread(inspect_source, source)
     size = int(info["virtual-size"])
     report = on_progress or (lambda done, total: None)
     say = log or (lambda message: None)

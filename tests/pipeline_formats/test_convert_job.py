@@ -1,0 +1,159 @@
+"""The "convert" JobKind: validation of the /convert body, and runs over image/OVF/OVA."""
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hypersdk.service.errors import Failed, InvalidArgument
+from hypersdk.service.job_kinds import get_kind
+from hypersdk.service.pipeline.convert_job import ConvertKind
+
+from .helpers import DISK_SIZE, FakeJobContext, images_equal, make_image
+from .test_ova import manifest
+
+SAMPLE_OVF = Path(__file__).with_name("sample.ovf")
+
+
+def small_ovf_text() -> str:
+    """The sample OVF with disks small enough for tests (16 MiB each)."""
+    return SAMPLE_OVF.read_text().replace(
+        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^30"',
+        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^20"').replace(
+        'ovf:capacity="512" ovf:capacityAllocationUnits="byte * 2^20"',
+        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^20"')
+
+
+def make_ovf_dir(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """web01.ovf + two streamOptimized disks + a .mf, like an OVF export; returns refs."""
+    src = tmp_path / "export"
+    src.mkdir()
+    refs = []
+    for n in (1, 2):
+        raw, vmdk = make_image(tmp_path, "vmdk", name=f"web01-disk{n}",
+                               subformat="streamOptimized", seed=n)
+        vmdk.rename(src / vmdk.name)
+        refs.append(raw)
+    (src / "web01.ovf").write_text(small_ovf_text())
+    files = {p.name: p.read_bytes() for p in sorted(src.iterdir())}
+    (src / "web01.mf").write_bytes(manifest(files))
+    return src / "web01.ovf", refs
+
+
+def test_registered_with_its_polkit_action():
+    kind = get_kind("convert")
+    assert isinstance(kind, ConvertKind)
+    assert kind.operation == "convert"
+    assert kind.polkit_action == "org.hypersdk.HyperSDK1.convert"
+
+
+def test_validate_normalises_and_applies_defaults(tmp_path, submit_ctx):
+    _raw, image = make_image(tmp_path, "raw")
+    definition = ConvertKind().validate(
+        {"source_path": str(image), "output_path": str(tmp_path / "out")}, submit_ctx)
+    assert definition["conversion_options"] == {"format": "qcow2", "compression": False}
+
+
+@pytest.mark.parametrize("change,field,rule", [
+    ({"colour": "red"}, "colour", "unknown field"),
+    ({"source_path": "relative/disk.raw"}, "source_path", "must be an absolute path"),
+    ({"output_path": "/tmp/a/../b"}, "output_path", "must not contain '..'"),
+    ({"source_path": "/nonexistent/disk.raw"}, "source_path", "no such file"),
+    ({"conversion_options": {"format": "vdi"}}, "conversion_options.format", "must be one of"),
+    ({"conversion_options": {"speed": 1}}, "conversion_options.speed", "unknown field"),
+    ({"conversion_options": {"format": "raw", "compression": True}},
+     "conversion_options.compression", "only qcow2"),
+    ({"conversion_options": {"compression": "yes"}}, "conversion_options.compression",
+     "true or false"),
+])
+def test_validate_refuses_bad_definitions(tmp_path, submit_ctx, change, field, rule):
+    _raw, image = make_image(tmp_path, "raw")
+    definition = {"source_path": str(image), "output_path": str(tmp_path / "out"), **change}
+    with pytest.raises(InvalidArgument) as err:
+        ConvertKind().validate(definition, submit_ctx)
+    assert err.value.field == field
+    assert rule in str(err.value)
+
+
+async def test_run_on_a_single_image(tmp_path, submit_ctx):
+    raw, image = make_image(tmp_path, "vhdx")
+    kind = ConvertKind()
+    definition = kind.validate({"source_path": str(image), "output_path": str(tmp_path / "out"),
+                                "conversion_options": {"format": "raw"}}, submit_ctx)
+    ctx = FakeJobContext(definition)
+    result = await kind.run(ctx)
+    [disk] = result["disks"]
+    assert disk["path"] == str(tmp_path / "out" / "disk.raw") and disk["format"] == "raw"
+    assert images_equal(raw, Path(disk["path"]))
+    assert result["ovf"] is None
+    assert ctx.total == DISK_SIZE and ctx.done_values[-1] == DISK_SIZE
+    assert ctx.cleanups == []
+
+
+async def test_run_on_an_ovf_converts_every_disk(tmp_path, submit_ctx):
+    ovf, refs = make_ovf_dir(tmp_path)
+    kind = ConvertKind()
+    definition = kind.validate({"source_path": str(ovf), "output_path": str(tmp_path / "kvm")},
+                               submit_ctx)
+    ctx = FakeJobContext(definition)
+    result = await kind.run(ctx)
+    paths = [Path(d["path"]) for d in result["disks"]]
+    assert [p.name for p in paths] == ["web01-disk1.qcow2", "web01-disk2.qcow2"]
+    assert all(images_equal(ref, p) for ref, p in zip(refs, paths))
+    assert result["ovf"]["name"] == "web01" and result["ovf"]["memory_mb"] == 512
+    assert ctx.total == 2 * DISK_SIZE
+    assert ctx.done_values[-1] == 2 * DISK_SIZE
+    assert ctx.done_values == sorted(ctx.done_values)
+    assert any("manifest: 3 files checked" in line for line in ctx.logs)
+
+
+async def test_run_on_an_ova_extracts_then_converts(tmp_path, submit_ctx):
+    ovf, refs = make_ovf_dir(tmp_path)
+    ova = tmp_path / "web01.ova"
+    with tarfile.open(ova, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("web01.ovf", "web01.mf", "web01-disk1.vmdk", "web01-disk2.vmdk"):
+            tar.add(ovf.parent / name, arcname=name)
+    shutil.rmtree(ovf.parent)
+    kind = ConvertKind()
+    out = tmp_path / "kvm"
+    ctx = FakeJobContext(kind.validate({"source_path": str(ova), "output_path": str(out)},
+                                       submit_ctx))
+    result = await kind.run(ctx)
+    assert sorted(p.name for p in out.iterdir()) == ["web01-disk1.qcow2", "web01-disk2.qcow2"]
+    assert images_equal(refs[1], out / "web01-disk2.qcow2")
+    assert result["ovf"]["disks"][0]["boot_order"] == 1
+    assert ctx.stages == ["extract", "convert"]
+
+
+async def test_truncated_second_disk_fails_before_any_conversion(tmp_path, submit_ctx):
+    ovf, _refs = make_ovf_dir(tmp_path)
+    (ovf.parent / "web01.mf").unlink()
+    disk2 = ovf.parent / "web01-disk2.vmdk"
+    with open(disk2, "r+b") as fh:
+        fh.truncate(disk2.stat().st_size // 2 + 100)
+    kind = ConvertKind()
+    out = tmp_path / "kvm"
+    ctx = FakeJobContext(kind.validate({"source_path": str(ovf), "output_path": str(out)},
+                                       submit_ctx))
+    with pytest.raises(Failed, match="web01-disk2.vmdk: the VMDK is incomplete"):
+        await kind.run(ctx)
+    assert list(out.iterdir()) == []
+
+
+async def test_corrupt_second_disk_leaves_the_first_for_cleanup(tmp_path, submit_ctx):
+    ovf, _refs = make_ovf_dir(tmp_path)
+    (ovf.parent / "web01.mf").unlink()
+    with open(ovf.parent / "web01-disk2.vmdk", "r+b") as fh:
+        fh.seek(65536 + 12 + 100)  # inside the first compressed grain
+        fh.write(b"\xff" * 64)
+    kind = ConvertKind()
+    out = tmp_path / "kvm"
+    ctx = FakeJobContext(kind.validate({"source_path": str(ovf), "output_path": str(out)},
+                                       submit_ctx))
+    with pytest.raises(Failed, match="web01-disk2.vmdk: grain at sector 0 does not inflate"):
+        await kind.run(ctx)
+    # The engine removes what is still registered for cleanup when a job fails.
+    assert out in ctx.cleanups and out / "web01-disk1.qcow2" in ctx.cleanups
+    assert sorted(p.name for p in out.iterdir()) == ["web01-disk1.qcow2"]
