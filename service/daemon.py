@@ -52,12 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_job_kinds() -> None:
     for module in JOB_KIND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # TODO(lead): strict once all kinds have landed
-            if exc.name != module:
-                raise
-            log.warning("job kind module %s is missing", module)
+        importlib.import_module(module)
 
 
 class Daemon:
