@@ -26,6 +26,7 @@ import aiohttp
 
 from ..errors import Failed
 from ..pipeline.download import download, redact_url
+from ..pipeline.ovf_writer import safe_name
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, VMInfo
 from .vsphere_session import SessionPool
 
@@ -39,11 +40,6 @@ class DiskSource:
     url: str
     target: Path
     expected_size: int | None
-
-
-def safe_name(name: str) -> str:
-    """A file-name-safe form of a VM name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "vm"
 
 
 def _target(target_dir: Path, vm: VMInfo, index: int) -> Path:

@@ -1,9 +1,10 @@
 """FaultInjectingProxy: a loopback TCP proxy that cuts connections after N response bytes.
 
 It sits between a client and a real server (the simulator, a small aiohttp
-server) and forwards bytes both ways. For the first `cuts` connections (all of
-them when `cuts` is None) it closes both sides once `cut_after` bytes have gone
-from the server to the client, which looks to the client like a dropped link.
+server) and forwards bytes both ways. When a connection has carried `cut_after`
+bytes from the server to the client, it aborts that connection, which looks to
+the client like a dropped link. It does that `cuts` times in all (always when
+`cuts` is None); connections that stay below `cut_after` (small SOAP calls) pass.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class FaultInjectingProxy:
             with contextlib.suppress(BaseException):
                 await task
 
-    def _should_cut(self) -> bool:
+    def _take_cut(self) -> bool:
         if self.cuts_left is None:
             return True
         if self.cuts_left > 0:
@@ -50,14 +51,13 @@ class FaultInjectingProxy:
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
-        cut = self._should_cut()
         try:
             up_r, up_w = await asyncio.open_connection(*self.upstream)
         except OSError:
             client_w.close()
             return
         to_server = asyncio.ensure_future(self._pipe(client_r, up_w, None))
-        to_client = asyncio.ensure_future(self._pipe(up_r, client_w, self.cut_after if cut else None))
+        to_client = asyncio.ensure_future(self._pipe(up_r, client_w, self.cut_after))
         self._tasks.update((to_server, to_client))
         try:
             await asyncio.wait((to_server, to_client), return_when=asyncio.FIRST_COMPLETED)
@@ -75,12 +75,11 @@ class FaultInjectingProxy:
             data = await reader.read(65536)
             if not data:
                 return
-            if limit is not None and sent + len(data) >= limit:
+            if limit is not None and sent + len(data) >= limit and self._take_cut():
                 writer.write(data[: limit - sent])
                 await writer.drain()
                 self.cuts_done += 1
-                transport = writer.transport
-                transport.abort()
+                writer.transport.abort()
                 return
             writer.write(data)
             await writer.drain()

@@ -1,0 +1,263 @@
+"""The "export" job: a VM's disks out of a provider, packaged as OVA, OVF or plain disks.
+
+The definition is the spec's `/jobs/submit` body. Everything that can be checked
+without touching the provider is checked at submit time: unknown fields, the
+provider being usable, the options, the hyper2kvm_integration block, and the
+export_path, which must resolve (symlinks included) to a directory under
+`export.base_path`.
+
+A run downloads the disks into a hidden staging directory inside export_path
+(so final renames stay on one filesystem), then packages them:
+- `ova`: `<vm>.ova`, a tar of `<vm>.ovf` (first), `<vm>.mf` and the disks;
+- `ovf`: `<vm>.ovf`, `<vm>.mf` and the disk files;
+- `disk`: the disk files and `<vm>.mf`.
+Finally the hyper2kvm hand-off runs when the definition enables it. Output files
+are registered for cleanup until the job completes, so a failed or cancelled
+export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import AlreadyExists, InvalidArgument
+from ..job_kinds import JobContext, JobKind, SubmitContext, register
+from ..providers.base import ExportedDisk, ExportOptions, VMInfo
+from . import handoff, ovf_writer
+from .ovf_writer import safe_name
+from .diskspace import check_free_space
+
+METHODS = ("ova", "ovf", "disk")
+FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options",
+          "hyper2kvm_integration")
+BOOL_OPTIONS = {"shutdown_vm": False, "restore_power_state": False, "remove_cdrom": True,
+                "compress": False}
+DEFAULT_SHUTDOWN_TIMEOUT = 300.0
+
+
+def _check_options(options: Any) -> dict:
+    result: dict[str, Any] = dict(BOOL_OPTIONS, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT)
+    if options is None:
+        return result
+    if not isinstance(options, dict):
+        raise InvalidArgument("options", "an object")
+    for key, value in options.items():
+        if key in BOOL_OPTIONS:
+            if not isinstance(value, bool):
+                raise InvalidArgument(f"options.{key}", "true or false")
+        elif key == "shutdown_timeout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
+            value = float(value)
+        else:
+            known = ", ".join([*BOOL_OPTIONS, "shutdown_timeout"])
+            raise InvalidArgument(f"options.{key}", f"unknown option (known: {known})")
+        result[key] = value
+    if result["restore_power_state"] and not result["shutdown_vm"]:
+        raise InvalidArgument("options.restore_power_state", "needs shutdown_vm: true")
+    return result
+
+
+def resolve_export_path(value: Any, base_path: str) -> Path:
+    """The absolute export directory for `value`, which must stay under base_path.
+
+    A relative value is taken relative to base_path. `..` components are refused
+    outright; symlinks are resolved and the result must still lie inside the
+    (resolved) base, so neither a link nor an absolute path can lead elsewhere.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgument("export_path", "a non-empty path under export.base_path")
+    if ".." in Path(value).parts:
+        raise InvalidArgument("export_path", "must not contain '..'")
+    base = Path(base_path).resolve()
+    candidate = Path(value) if os.path.isabs(value) else Path(base_path) / value
+    resolved = candidate.resolve()
+    if resolved == base or not resolved.is_relative_to(base):
+        raise InvalidArgument("export_path", f"must lie inside export.base_path ({base}); "
+                                             f"{value!r} resolves to {resolved}")
+    return resolved
+
+
+class ExportKind(JobKind):
+    name = "export"
+    operation = "export"
+    polkit_action = "org.hypersdk.HyperSDK1.export"
+    export_slot = True
+
+    def validate(self, definition: Any, submit: SubmitContext) -> dict:
+        if not isinstance(definition, dict):
+            raise InvalidArgument("definition", "an object")
+        for key in definition:
+            if key not in FIELDS:
+                raise InvalidArgument(key, f"unknown field (known: {', '.join(FIELDS)})")
+        vm_identifier = definition.get("vm_identifier")
+        if not isinstance(vm_identifier, str) or not vm_identifier.strip():
+            raise InvalidArgument("vm_identifier", "a VM id, name or inventory path")
+        provider = definition.get("provider")
+        if not isinstance(provider, str) or not provider:
+            raise InvalidArgument("provider", "the name of a configured provider")
+        submit.providers.check_usable(provider)
+        method = definition.get("export_method", "ova")
+        if method not in METHODS:
+            raise InvalidArgument("export_method", "one of " + ", ".join(METHODS))
+        base = submit.config.export.base_path
+        export_path = definition.get("export_path", safe_name(vm_identifier))
+        return {
+            "vm_identifier": vm_identifier.strip(),
+            "provider": provider,
+            "export_method": method,
+            "export_path": str(resolve_export_path(export_path, base)),
+            "options": _check_options(definition.get("options")),
+            "hyper2kvm_integration": handoff.validate_integration(
+                definition.get("hyper2kvm_integration"), submit.config),
+        }
+
+    async def run(self, ctx: JobContext) -> dict:
+        definition = ctx.definition
+        export_dir = resolve_export_path(definition["export_path"], ctx.config.export.base_path)
+        method = definition["export_method"]
+        provider = await ctx.providers.get(definition["provider"])
+        ctx.set_stage("discovery")
+        vm = await provider.get_vm(definition["vm_identifier"])
+        ctx.log(f"exporting {vm.name} ({vm.identifier}, {len(vm.disks)} disk(s)) as {method} "
+                f"to {export_dir}")
+        await asyncio.to_thread(export_dir.mkdir, parents=True, exist_ok=True)
+        names = _output_names(vm, method, len(vm.disks))
+        _refuse_existing(export_dir, names)
+        disk_bytes = sum(d.capacity_bytes for d in vm.disks)
+        needed = disk_bytes * (2 if method == "ova" else 1)
+        check_free_space(export_dir, needed, f"exporting {vm.name} as {method}")
+        staging = export_dir / f".staging-{ctx.job_id}"
+        ctx.add_cleanup(staging)
+        await asyncio.to_thread(staging.mkdir)
+        ctx.set_stage("export")
+        vm, disks = await provider.export_disks(vm.identifier, staging,
+                                                _export_options(definition, ctx), ctx)
+        ctx.set_stage("package")
+        outputs = await _package(ctx, vm, disks, method, staging, export_dir,
+                                 definition["options"]["remove_cdrom"],
+                                 definition["hyper2kvm_integration"]["enabled"])
+        integration = await handoff.run_integration(ctx, vm, outputs["disks"], export_dir,
+                                                    definition["hyper2kvm_integration"])
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+        for path in (staging, *outputs["files"]):
+            ctx.keep(path)
+        return _result(vm, method, export_dir, outputs, integration)
+
+
+def _export_options(definition: dict, ctx: JobContext) -> ExportOptions:
+    options = definition["options"]
+    return ExportOptions(shutdown_vm=options["shutdown_vm"],
+                         restore_power_state=options["restore_power_state"],
+                         remove_cdrom=options["remove_cdrom"], compress=options["compress"],
+                         chunk_size=ctx.config.export.chunk_size,
+                         max_retries=ctx.config.export.max_retries,
+                         parallel_disks=ctx.config.export.parallel_disks,
+                         extra={"shutdown_timeout": options["shutdown_timeout"]})
+
+
+def _output_names(vm: VMInfo, method: str, disk_count: int) -> list[str]:
+    stem = safe_name(vm.name)
+    disks = [f"{stem}-disk{i + 1}.vmdk" for i in range(disk_count)]
+    if method == "ova":
+        return [f"{stem}.ova"]
+    if method == "ovf":
+        return [f"{stem}.ovf", f"{stem}.mf", *disks]
+    return [*disks, f"{stem}.mf"]
+
+
+def _refuse_existing(export_dir: Path, names: list[str]) -> None:
+    existing = [name for name in names if (export_dir / name).exists()]
+    if existing:
+        raise AlreadyExists(f"{export_dir} already holds {', '.join(existing)}; "
+                            f"remove it or choose another export_path")
+
+
+async def _package(ctx: JobContext, vm: VMInfo, disks: list[ExportedDisk], method: str,
+                   staging: Path, export_dir: Path, remove_cdrom: bool,
+                   keep_disks: bool) -> dict:
+    """Write descriptor/manifest/archive; return the final files and disks."""
+    stem = safe_name(vm.name)
+    digests = {}
+    descriptor = staging / f"{stem}.ovf"
+    if method in ("ova", "ovf"):
+        data = await asyncio.to_thread(ovf_writer.build_ovf, vm, disks, remove_cdrom=remove_cdrom)
+        await asyncio.to_thread(ovf_writer.write_atomic, descriptor, data)
+        digests[descriptor.name] = hashlib.sha256(data).hexdigest()
+    digests.update({d.path.name: d.sha256 for d in disks})
+    manifest = staging / f"{stem}.mf"
+    await asyncio.to_thread(ovf_writer.write_atomic, manifest, ovf_writer.manifest_text(digests))
+    ctx.log(f"manifest {manifest.name}: SHA-256 of {len(digests)} file(s)")
+    if method == "ova":
+        ova = export_dir / f"{stem}.ova"
+        ctx.add_cleanup(ova)
+        members = [descriptor, manifest, *(d.path for d in disks)]
+        ctx.add_total(sum(member.stat().st_size for member in members))
+        await _write_ova(ctx, ova, members)
+        ctx.log(f"wrote {ova.name} ({ova.stat().st_size} bytes)")
+        files, moved = [ova], disks
+        if keep_disks:  # the hand-off reads disk files, not the archive
+            moved = await _move_disks(ctx, disks, export_dir)
+            files += [d.path for d in moved]
+        return {"files": files, "disks": moved, "ova": ova, "ovf": None, "manifest": None}
+    moved = await _move_disks(ctx, disks, export_dir)
+    finals = []
+    for source in ([manifest] if method == "disk" else [descriptor, manifest]):
+        target = export_dir / source.name
+        ctx.add_cleanup(target)
+        await asyncio.to_thread(os.replace, source, target)
+        finals.append(target)
+    return {"files": [*finals, *(d.path for d in moved)], "disks": moved, "ova": None,
+            "ovf": finals[0] if method == "ovf" else None, "manifest": finals[-1]}
+
+
+async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_bytes(nbytes: int) -> None:
+        loop.call_soon_threadsafe(ctx.advance, nbytes)
+
+    await asyncio.to_thread(ovf_writer.write_ova, ova, members, on_bytes)
+
+
+async def _move_disks(ctx: JobContext, disks: list[ExportedDisk], export_dir: Path) -> list[ExportedDisk]:
+    moved = []
+    for disk in disks:
+        target = export_dir / disk.path.name
+        ctx.add_cleanup(target)
+        await asyncio.to_thread(os.replace, disk.path, target)
+        moved.append(ExportedDisk(path=target, format=disk.format,
+                                  capacity_bytes=disk.capacity_bytes, file_bytes=disk.file_bytes,
+                                  sha256=disk.sha256, boot_order=disk.boot_order,
+                                  label=disk.label, key=disk.key))
+    return moved
+
+
+def _disk_entry(disk: ExportedDisk, ova: Path | None) -> dict:
+    """A disk of the result; one that exists only inside the OVA is named by its member name."""
+    inside = ova is not None and disk.path.parent != ova.parent
+    return {"path": disk.path.name if inside else str(disk.path),
+            "archive": str(ova) if inside else None, "format": disk.format,
+            "bytes": disk.file_bytes, "capacity_bytes": disk.capacity_bytes,
+            "sha256": disk.sha256, "label": disk.label}
+
+
+def _result(vm: VMInfo, method: str, export_dir: Path, outputs: dict, integration: dict) -> dict:
+    return {
+        "vm": vm.to_dict(),
+        "export_method": method,
+        "export_dir": str(export_dir),
+        "files": [str(p) for p in outputs["files"]],
+        "disks": [_disk_entry(d, outputs["ova"]) for d in outputs["disks"]],
+        "ova": str(outputs["ova"]) if outputs["ova"] else None,
+        "ovf": str(outputs["ovf"]) if outputs["ovf"] else None,
+        "manifest": str(outputs["manifest"]) if outputs["manifest"] else None,
+        "hyper2kvm": integration,
+    }
+
+
+register(ExportKind())

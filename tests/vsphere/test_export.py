@@ -1,0 +1,237 @@
+"""Export jobs against the govmomi simulator: OVA/OVF/disk output, faults, bad input."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
+from hypersdk.service.pipeline import diskspace
+from hypersdk.service.pipeline.export import ExportKind
+from hypersdk.service.pipeline.ovf_writer import OVF, RASD
+from hypersdk.service.providers.registry import ProviderRegistry
+from tests.vcsim.harness import find_vm
+
+from .conftest import DISK_SIZES, EXPORT_VM, make_config
+from .fake_context import FakeJobContext, FakeSubmitContext, run_job
+from .fault_proxy import FaultInjectingProxy
+
+KIND = ExportKind()
+
+
+def definition(**overrides) -> dict:
+    body = {"vm_identifier": EXPORT_VM, "provider": "vsphere", "export_method": "ova",
+            "export_path": "vm1", "options": {"shutdown_vm": False, "remove_cdrom": True}}
+    body.update(overrides)
+    return body
+
+
+async def export(config, registry, **overrides) -> tuple[dict, FakeJobContext]:
+    checked = KIND.validate(definition(**overrides), FakeSubmitContext(config, registry))
+    ctx = FakeJobContext(checked, config, registry)
+    return await run_job(KIND, ctx), ctx
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_manifest(mf: Path, directory: Path) -> list[str]:
+    names = []
+    for line in mf.read_text().splitlines():
+        name, digest = line.removeprefix("SHA256(").split(")= ")
+        assert sha256_file(directory / name) == digest, name
+        names.append(name)
+    return names
+
+
+def same_image(a: Path, b: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)]).returncode == 0
+
+
+def parse_ovf(path: Path):
+    tree = etree.parse(str(path))
+    ns = {"ovf": OVF, "rasd": RASD}
+    items = {}
+    for item in tree.iterfind(".//ovf:VirtualHardwareSection/ovf:Item", ns):
+        kind = int(item.findtext("rasd:ResourceType", namespaces=ns))
+        items.setdefault(kind, []).append(item)
+    capacities = [int(d.get(f"{{{OVF}}}capacity")) for d in tree.iterfind(".//ovf:Disk", ns)]
+    return tree, items, capacities, ns
+
+
+def check_ovf(path: Path, *, cdrom: bool = False) -> None:
+    _, items, capacities, ns = parse_ovf(path)
+    assert items[3][0].findtext("rasd:VirtualQuantity", namespaces=ns) == "1"
+    assert items[4][0].findtext("rasd:VirtualQuantity", namespaces=ns) == "32"
+    assert capacities == DISK_SIZES
+    assert len(items[17]) == 2 and len(items[10]) == 1 and len(items[6]) == 1
+    parents = {d.findtext("rasd:Parent", namespaces=ns) for d in items[17]}
+    assert parents == {items[6][0].findtext("rasd:InstanceID", namespaces=ns)}
+    assert (15 in items) == cdrom
+
+
+async def test_export_ova_with_two_disks(config, registry, uploaded, tmp_path):
+    result, ctx = await export(config, registry)
+    export_dir = Path(config.export.base_path) / "vm1"
+    ova = export_dir / f"{EXPORT_VM}.ova"
+    assert result["ova"] == str(ova) and os.listdir(export_dir) == [ova.name]
+    with tarfile.open(ova) as tar:
+        names = tar.getnames()
+        assert names == [f"{EXPORT_VM}.ovf", f"{EXPORT_VM}.mf", f"{EXPORT_VM}-disk1.vmdk",
+                         f"{EXPORT_VM}-disk2.vmdk"]
+        unpacked = tmp_path / "unpacked"
+        tar.extractall(unpacked, filter="data")
+    assert check_manifest(unpacked / names[1], unpacked) == [names[0], *names[2:]]
+    for disk, name in zip(uploaded, names[2:]):
+        assert same_image(disk.local_vmdk, unpacked / name)
+    check_ovf(unpacked / names[0])
+    assert [d["sha256"] for d in result["disks"]] == [sha256_file(unpacked / n) for n in names[2:]]
+    assert ctx.done == ctx.total > 0
+    assert ctx.cleanup == [] and result["hyper2kvm"] == {"mode": "export-only"}
+    text = ctx.text()
+    assert "no export lease" in text and "disk 2/2 done" in text
+
+
+async def test_export_ovf_keeps_cdrom_when_asked(config, registry, uploaded):
+    result, _ = await export(config, registry, export_method="ovf",
+                             options={"remove_cdrom": False})
+    export_dir = Path(result["export_dir"])
+    assert sorted(os.listdir(export_dir)) == sorted(
+        [f"{EXPORT_VM}.ovf", f"{EXPORT_VM}.mf", f"{EXPORT_VM}-disk1.vmdk",
+         f"{EXPORT_VM}-disk2.vmdk"])
+    check_manifest(Path(result["manifest"]), export_dir)
+    check_ovf(Path(result["ovf"]), cdrom=True)
+    for disk, entry in zip(uploaded, result["disks"]):
+        assert same_image(disk.local_vmdk, Path(entry["path"]))
+        assert entry["bytes"] == disk.local_vmdk.stat().st_size
+
+
+async def test_export_disk_method_writes_disks_and_manifest(config, registry, uploaded):
+    result, _ = await export(config, registry, export_method="disk")
+    export_dir = Path(result["export_dir"])
+    assert sorted(os.listdir(export_dir)) == sorted(
+        [f"{EXPORT_VM}.mf", f"{EXPORT_VM}-disk1.vmdk", f"{EXPORT_VM}-disk2.vmdk"])
+    assert len(check_manifest(Path(result["manifest"]), export_dir)) == 2
+
+
+async def test_dropped_connections_resume_byte_identical(tmp_path, sim, uploaded):
+    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=1_500_000, cuts=2).start()
+    config = make_config(tmp_path, sim, port=proxy.port)
+    registry = ProviderRegistry(config)
+    try:
+        result, ctx = await export(config, registry, export_method="ovf")
+    finally:
+        await registry.close()
+        await proxy.close()
+    assert proxy.cuts_done == 2
+    assert ctx.text().count("resumed at byte") == 2
+    for disk, entry in zip(uploaded, result["disks"]):
+        assert same_image(disk.local_vmdk, Path(entry["path"]))
+        assert Path(entry["path"]).read_bytes() == disk.local_vmdk.read_bytes()
+
+
+async def test_too_many_drops_fail_cleanly(tmp_path, sim, uploaded):
+    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=1_500_000, cuts=None).start()
+    config = make_config(tmp_path, sim, port=proxy.port)
+    registry = ProviderRegistry(config)
+    try:
+        with pytest.raises(Failed, match=r"failed after 3 attempts \(export.max_retries is 2\)"):
+            await export(config, registry)
+    finally:
+        await registry.close()
+        await proxy.close()
+    assert os.listdir(Path(config.export.base_path) / "vm1") == []
+
+
+async def test_powered_on_vm_is_refused_without_shutdown(config, registry, si):
+    with pytest.raises(Failed, match=r"is poweredOn.*options.shutdown_vm: true"):
+        await export(config, registry, vm_identifier="DC0_H0_VM1")
+    assert os.listdir(Path(config.export.base_path) / "vm1") == []
+
+
+async def test_shutdown_and_restore_power_state(config, registry, si):
+    result, ctx = await export(config, registry, vm_identifier="DC0_H0_VM1",
+                               export_method="disk",
+                               options={"shutdown_vm": True, "restore_power_state": True})
+    assert "shutting down the guest" in ctx.text() and "powering on" in ctx.text()
+    assert find_vm(si, "DC0_H0_VM1").runtime.powerState == "poweredOn"
+    assert len(result["disks"]) == 1
+
+
+async def test_unknown_vm_is_not_found_and_writes_nothing(config, registry):
+    with pytest.raises(NotFound, match="did you mean"):
+        await export(config, registry, vm_identifier="DC0_H0_VMX")
+    assert not any(Path(config.export.base_path).iterdir())
+
+
+async def test_not_enough_free_space(config, registry, uploaded, monkeypatch):
+    """statvfs is monkeypatched to report 1 MiB free (no tmpfs mount needed)."""
+    real = os.statvfs
+
+    def tiny(path):
+        info = real(path)
+        return os.statvfs_result((info.f_bsize, 4096, info.f_blocks, 256, 256, *info[5:]))
+
+    monkeypatch.setattr(diskspace.os, "statvfs", tiny)
+    with pytest.raises(Failed, match=r"not enough free space .* needs 48\.0 MiB \(50331648 "
+                                     r"bytes\), only 1\.0 MiB \(1048576 bytes\) are free"):
+        await export(config, registry)
+    assert os.listdir(Path(config.export.base_path) / "vm1") == []
+
+
+async def test_existing_output_is_not_overwritten(config, registry, uploaded):
+    target = Path(config.export.base_path) / "vm1"
+    target.mkdir()
+    (target / f"{EXPORT_VM}.ova").write_text("keep me")
+    with pytest.raises(AlreadyExists, match=f"{EXPORT_VM}.ova"):
+        await export(config, registry)
+    assert (target / f"{EXPORT_VM}.ova").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"export_path": "/etc/hypersdk-x"}, "export_path"),
+    ({"export_path": "../outside"}, "export_path"),
+    ({"export_path": "a/../../b"}, "export_path"),
+    ({"export_method": "zip"}, "export_method"),
+    ({"provider": "vshpere"}, "provider"),
+    ({"colour": "red"}, "colour"),
+    ({"options": {"shutdown": True}}, "options.shutdown"),
+    ({"options": {"compress": "yes"}}, "options.compress"),
+    ({"vm_identifier": ""}, "vm_identifier"),
+    ({"hyper2kvm_integration": {"enabled": "yes"}}, "hyper2kvm_integration.enabled"),
+])
+def test_bad_definitions_are_refused(config, overrides, field):
+    registry = ProviderRegistry(config)
+    with pytest.raises(InvalidArgument) as err:
+        KIND.validate(definition(**overrides), FakeSubmitContext(config, registry))
+    assert err.value.field == field
+    assert not any(Path(config.export.base_path).iterdir())
+
+
+def test_symlink_out_of_the_base_is_refused(config, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (Path(config.export.base_path) / "link").symlink_to(outside)
+    registry = ProviderRegistry(config)
+    with pytest.raises(InvalidArgument, match=r"export_path: must lie inside export.base_path"):
+        KIND.validate(definition(export_path="link/vm"), FakeSubmitContext(config, registry))
+    assert not any(outside.iterdir())
+
+
+def test_absolute_path_inside_the_base_is_accepted(config):
+    registry = ProviderRegistry(config)
+    inside = str(Path(config.export.base_path) / "a" / "b")
+    checked = KIND.validate(definition(export_path=inside), FakeSubmitContext(config, registry))
+    assert checked["export_path"] == inside
+    assert checked["options"]["remove_cdrom"] is True
+    assert not (Path(config.export.base_path) / "a").exists()
