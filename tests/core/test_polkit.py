@@ -92,3 +92,21 @@ def test_overlapping_callers_each_get_their_own_answer(system_bus, hypervisord, 
     rows = _db_jobs(hypervisord)
     assert len(rows) == 40
     assert {uid for _, uid in rows} == {users[MEMBER]}
+
+
+def test_polkitd_knows_every_action_and_the_rules_grant_the_group(system_bus, polkitd, users):
+    from lxml import etree
+    from ..support.system import REPO
+    actions = etree.parse(str(REPO / "polkit/org.hypersdk.HyperSDK1.policy")).xpath("//action/@id")
+    assert len(actions) == 10
+    listed = subprocess.run(["pkaction"], capture_output=True, text=True, env=system_bus.env())
+    assert set(actions) <= set(listed.stdout.split())
+    admin_only = {"org.hypersdk.HyperSDK1.cancel-job-other-user",
+                  "org.hypersdk.HyperSDK1.manage-providers"}
+    for action in actions:
+        for user, allowed in ((MEMBER, action not in admin_only), (OUTSIDER, False), (ADMIN, True)):
+            check = subprocess.run(
+                ["runuser", "-u", user, "--", "sh", "-c",
+                 f"exec pkcheck --action-id {action} --process $$"],
+                capture_output=True, text=True, env=system_bus.env())
+            assert (check.returncode == 0) == allowed, (user, action, check.stderr)
