@@ -1,0 +1,190 @@
+"""Azurite (real Blob service, npm) for the downloads; FakeArmServer for the compute calls."""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from azure.core.credentials import AccessToken
+from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
+
+from hypersdk.service.config import parse_config
+from hypersdk.service.providers.azure import AzureProvider
+
+from .fake_arm import SUB, TOKEN, FakeArmServer, FakeArmState
+
+AZURITE_DIR = Path(os.environ.get("HYPERSDK_AZURITE_DIR", "/var/tmp/hypersdk-azurite"))
+AZURITE_BIN = AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob"
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
+               "K1SZFPTOtr/KBHBeksoGMGw==")  # Azurite's published development key
+CONTAINER = "vhds"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not start")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """The Azurite blob service on loopback; returns its blob endpoint URL."""
+    if not AZURITE_BIN.exists():
+        if shutil.which("npm") is None:
+            pytest.skip("npm is not installed; run scripts/install-system-deps.sh")
+        AZURITE_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "azurite@3"],
+                       cwd=AZURITE_DIR, check=True, capture_output=True, timeout=600)
+    port = _free_port()
+    workspace = tmp_path_factory.mktemp("azurite")
+    proc = subprocess.Popen([str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port),
+                             "--location", str(workspace), "--silent", "--skipApiVersionCheck",
+                             "--disableTelemetry"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(port, proc, "azurite")
+    url = f"http://127.0.0.1:{port}/{ACCOUNT}"
+    service = BlobServiceClient(url, credential={"account_name": ACCOUNT, "account_key": ACCOUNT_KEY})
+    service.create_container(CONTAINER)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def upload_disk(azurite_url: str, name: str, data: bytes) -> None:
+    """Put `data` as the page blob behind managed disk `name` (as Azure keeps disks)."""
+    service = BlobServiceClient(azurite_url, credential={"account_name": ACCOUNT,
+                                                         "account_key": ACCOUNT_KEY})
+    service.get_blob_client(CONTAINER, f"{name}.vhd").upload_blob(
+        data, blob_type="PageBlob", overwrite=True)
+
+
+def sas_url(azurite_url: str, disk: str) -> str:
+    """A real read-only SAS URL for the disk's blob, signed with the account key."""
+    token = generate_blob_sas(ACCOUNT, CONTAINER, f"{disk}.vhd", account_key=ACCOUNT_KEY,
+                              permission=BlobSasPermissions(read=True),
+                              expiry=datetime.datetime.now(datetime.timezone.utc)
+                              + datetime.timedelta(hours=1))
+    return f"{azurite_url}/{CONTAINER}/{disk}.vhd?{token}"
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1: (server context, CA file for the client)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context, str(cert)
+
+
+class StaticTokenCredential:
+    """An async token credential that always hands out one bearer token."""
+
+    def __init__(self, token: str = TOKEN) -> None:
+        self.token = token
+
+    async def get_token(self, *scopes: str, **kwargs) -> AccessToken:
+        return AccessToken(self.token, int(time.time()) + 3600)
+
+    async def close(self) -> None:
+        pass
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        pass
+
+
+@pytest.fixture
+def arm_state(azurite) -> FakeArmState:
+    return FakeArmState(sas_for_disk=lambda disk: sas_url(azurite, disk))
+
+
+@pytest.fixture
+async def arm(arm_state, tls):
+    server = FakeArmServer(arm_state, tls[0])
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def make_provider(arm: FakeArmServer, ca_file: str, token: str = TOKEN, **settings) -> AzureProvider:
+    section = {"type": "azure", "subscription_id": SUB, "resource_group": "rg1",
+               "arm_endpoint": arm.base_url, "ca_file": ca_file, "poll_interval": "10ms", **settings}
+    config = parse_config({"providers": {"azure": section}, "export": {"max_retries": 2}},
+                          "(test)", env={})
+    return AzureProvider("azure", config.providers["azure"], config,
+                         credential=StaticTokenCredential(token))
+
+
+@pytest.fixture
+async def provider(arm, tls):
+    made = make_provider(arm, tls[1])
+    yield made
+    await made.close()
+
+
+class RecordingSink:
+    """Collects what an export reports (the job context's role in the service)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+        self.total = 0
+        self.done = 0
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.lines.append((level, message))
+
+    def add_total(self, nbytes: int) -> None:
+        self.total += nbytes
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+
+
+@pytest.fixture
+def sink() -> RecordingSink:
+    return RecordingSink()
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+def make_vhd(tmp_path: Path, name: str, size: int, pattern: bytes) -> bytes:
+    """A fixed VHD made by qemu-img, with `pattern` written at a few offsets of the disk."""
+    path = tmp_path / f"{name}.vhd"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on",
+                    str(path), str(size)], check=True)
+    with open(path, "r+b") as handle:
+        for offset in (0, size // 3, size - len(pattern)):
+            handle.seek(offset)
+            handle.write(pattern)
+    return path.read_bytes()
