@@ -35,3 +35,10 @@ getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent group kvm >/dev/null || groupadd --system kvm
 id libvirt-qemu >/dev/null 2>&1 || useradd --system -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
 mkdir -p /var/log/libvirt /run/libvirt
+
+# Azurite (the Azure Blob emulator) for the Azure provider tests, kept outside the git tree
+AZURITE_DIR="${HYPERSDK_AZURITE_DIR:-/var/tmp/hypersdk-azurite}"
+if command -v npm >/dev/null && [ ! -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ]; then
+  mkdir -p "$AZURITE_DIR"
+  (cd "$AZURITE_DIR" && npm install --no-audit --no-fund --silent azurite@3)
+fi
