@@ -157,7 +157,7 @@ def put_snapshot(ebs, blocks: dict[int, bytes], size_gib: int = 1,
 
 
 def run_instance(ec2, name: str, tags: dict | None = None, instance_type: str = "t3.medium") -> dict:
-    image_id = ec2.describe_images()["Images"][0]["ImageId"]
+    image_id = ec2.describe_images(Owners=["amazon"], MaxResults=5)["Images"][0]["ImageId"]
     all_tags = [{"Key": "Name", "Value": name}] + [{"Key": k, "Value": v} for k, v in (tags or {}).items()]
     made = ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1, InstanceType=instance_type,
                              TagSpecifications=[{"ResourceType": "instance", "Tags": all_tags}],
