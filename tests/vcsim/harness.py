@@ -167,18 +167,26 @@ class Simulator:
             conn.close()
 
 
-def make_vmdk(path: Path, capacity_bytes: int, seed: int, data_bytes: int = 1 << 20) -> Path:
-    """A monolithicSparse VMDK of `capacity_bytes` with `seed`-dependent data in a few places."""
+def make_vmdk(path: Path, capacity_bytes: int, seed: int, *, dense: bool = False) -> Path:
+    """A monolithicSparse VMDK of `capacity_bytes` with `seed`-dependent data.
+
+    Sparse (the default): 1 MiB of data at each quarter of the disk. Dense: every
+    MiB holds data, so the VMDK file is as large as the disk (for benchmarks).
+    """
     raw = path.with_suffix(".raw")
+    block = 1 << 20
+    offsets = (range(0, capacity_bytes, block) if dense
+               else range(0, capacity_bytes - block + 1, max(capacity_bytes // 4, block)))
     with open(raw, "wb") as handle:
         handle.truncate(capacity_bytes)
-        step = max(capacity_bytes // 4, data_bytes)
-        for offset in range(0, capacity_bytes - data_bytes + 1, step):
+        for offset in offsets:
             handle.seek(offset)
-            handle.write(hashlib.sha256(f"{seed}:{offset}".encode()).digest() * (data_bytes // 32))
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(path)],
-                   check=True, capture_output=True)
-    raw.unlink()
+            handle.write(hashlib.sha256(f"{seed}:{offset}".encode()).digest() * (block // 32))
+    try:
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(path)],
+                       check=True, capture_output=True)
+    finally:
+        raw.unlink()
     return path
 
 
@@ -239,7 +247,7 @@ def _disk_specs(vm: vim.VirtualMachine, sizes: list[int]) -> list[vim.vm.device.
 
 
 def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path,
-               seed: int = 0) -> list[VirtualDiskContent]:
+               seed: int = 0, dense: bool = False) -> list[VirtualDiskContent]:
     """Power the VM off, give it len(sizes) disks of those sizes, upload real VMDKs to them."""
     vm = find_vm(si, vm_name)
     power_off(vm)
@@ -248,7 +256,8 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
     disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
     uploaded = []
     for index, (disk, size) in enumerate(zip(disks, sizes)):
-        local = make_vmdk(workdir / f"{vm_name}-disk{index}.vmdk", size, seed * 100 + index)
+        local = make_vmdk(workdir / f"{vm_name}-upload{index + 1}.vmdk", size, seed * 100 + index,
+                          dense=dense)
         sim.put_file(local, disk.backing.fileName, datacenter)
         uploaded.append(VirtualDiskContent(disk.backing.fileName, local, size))
     return uploaded

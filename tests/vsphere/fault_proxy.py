@@ -5,6 +5,7 @@ server) and forwards bytes both ways. When a connection has carried `cut_after`
 bytes from the server to the client, it aborts that connection, which looks to
 the client like a dropped link. It does that `cuts` times in all (always when
 `cuts` is None); connections that stay below `cut_after` (small SOAP calls) pass.
+`delay` slows the server-to-client direction down (seconds per 64 KiB read).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import contextlib
 
 class FaultInjectingProxy:
     def __init__(self, upstream_host: str, upstream_port: int, *, cut_after: int,
-                 cuts: int | None = 1) -> None:
+                 cuts: int | None = 1, delay: float = 0.0) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.cut_after = cut_after
         self.cuts_left = cuts
+        self.delay = delay
         self.connections = 0
         self.cuts_done = 0
         self._server: asyncio.AbstractServer | None = None
@@ -84,3 +86,5 @@ class FaultInjectingProxy:
             writer.write(data)
             await writer.drain()
             sent += len(data)
+            if limit is not None and self.delay:
+                await asyncio.sleep(self.delay)

@@ -141,7 +141,8 @@ async def test_dropped_connections_resume_byte_identical(tmp_path, sim, uploaded
 
 
 async def test_too_many_drops_fail_cleanly(tmp_path, sim, uploaded):
-    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=1_500_000, cuts=None).start()
+    # each disk file is ~4.2 MB: three attempts of 0.5 MB cannot finish it
+    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=500_000, cuts=None).start()
     config = make_config(tmp_path, sim, port=proxy.port)
     registry = ProviderRegistry(config)
     try:

@@ -1,0 +1,85 @@
+"""The NFC export-lease path. The simulator has no ExportVm, so FakeNfcLease stands in
+for the lease calls only; the disks are downloaded over real HTTP from the
+simulator's datastore (through a slowing proxy, so the lease keep-alive runs)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hypersdk.service.errors import NotFound
+from hypersdk.service.pipeline.export import ExportKind
+from hypersdk.service.providers import vsphere_export
+
+from .fake_context import FakeJobContext, FakeSubmitContext, run_job
+from .fault_proxy import FaultInjectingProxy
+from .test_export import definition, same_image
+
+
+class FakeNfcLease:
+    """A test double for HttpNfcLease: state, info and the three lease calls, recorded."""
+
+    def __init__(self, urls: list[str], lease_timeout: int = 4) -> None:
+        self.polls = 0
+        self.calls: list[tuple] = []
+        self.error = None
+        self.info = SimpleNamespace(
+            leaseTimeout=lease_timeout,
+            deviceUrl=[SimpleNamespace(url=url, disk=True, key=f"/vm/disk{i}",
+                                       targetId=f"disk-{i}.vmdk") for i, url in enumerate(urls)])
+
+    @property
+    def state(self) -> str:
+        self.polls += 1
+        return "initializing" if self.polls == 1 else "ready"
+
+    def HttpNfcLeaseProgress(self, percent: int) -> None:
+        self.calls.append(("progress", percent))
+
+    def HttpNfcLeaseComplete(self) -> None:
+        self.calls.append(("complete",))
+
+    def HttpNfcLeaseAbort(self, fault=None) -> None:
+        self.calls.append(("abort",))
+
+
+def lease_urls(sim, uploaded, port: int) -> list[str]:
+    """Device URLs as ESXi gives them, with '*' for the host."""
+    return [f"http://*:{port}" + sim.datastore_url_path(d.datastore_path, "DC0") for d in uploaded]
+
+
+async def run_with_lease(config, registry, lease, monkeypatch):
+    monkeypatch.setattr(vsphere_export, "open_export_lease", lambda si, identifier: lease)
+    kind = ExportKind()
+    checked = kind.validate(definition(export_method="ovf"), FakeSubmitContext(config, registry))
+    ctx = FakeJobContext(checked, config, registry)
+    return await run_job(kind, ctx), ctx
+
+
+async def test_lease_is_kept_alive_and_completed(config, registry, sim, uploaded, monkeypatch):
+    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=1 << 40, cuts=0,
+                                      delay=0.05).start()
+    lease = FakeNfcLease(lease_urls(sim, uploaded, proxy.port))
+    try:
+        result, ctx = await run_with_lease(config, registry, lease, monkeypatch)
+    finally:
+        await proxy.close()
+    progress = [call[1] for call in lease.calls if call[0] == "progress"]
+    assert len(progress) >= 2 and progress == sorted(progress) and progress[-1] == 100
+    assert lease.calls[-1] == ("complete",) and ("abort",) not in lease.calls
+    assert "export lease ready: 2 disk(s)" in ctx.text()
+    for disk, entry in zip(uploaded, result["disks"]):
+        assert same_image(disk.local_vmdk, Path(entry["path"]))
+
+
+async def test_lease_is_aborted_when_a_download_fails(config, registry, sim, uploaded,
+                                                      monkeypatch):
+    urls = lease_urls(sim, uploaded, sim.port)
+    urls[1] = urls[1].replace(".vmdk", "-missing.vmdk")
+    lease = FakeNfcLease(urls)
+    with pytest.raises(NotFound, match="HTTP 404"):
+        await run_with_lease(config, registry, lease, monkeypatch)
+    assert lease.calls[-1] == ("abort",) and ("complete",) not in lease.calls
+    assert os.listdir(Path(config.export.base_path) / "vm1") == []
