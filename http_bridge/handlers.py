@@ -1,0 +1,264 @@
+"""The REST handlers: validate the HTTP shape, call hypervisord or read the mirror, answer JSON.
+
+No business logic lives here: request bodies go to hypervisord as they are, and it
+validates them (its InvalidArgument errors name the field). The bridge checks only
+what it needs to build the D-Bus call.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+
+from hypersdk.service import __version__ as BRIDGE_VERSION
+from hypersdk.service.dbus.paths import JOBS_PATH, MANAGER_PATH, ROOT_PATH, job_id_from_path
+
+from .errors import ApiError, invalid, not_found
+from .keys import HUB, METRICS, MIRROR
+from .metrics import MANAGER_IFACE
+from .mirror import JOB_IFACE, ServiceMirror, check_dbus_string
+from .views import JOB_STATUSES, eta_json, job_json, object_json, progress_json, rfc3339
+
+JOB_ID_RE = re.compile(r"^job-[0-9a-f]{1,64}$")
+OBJECT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+MAX_PAGE = 1000
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+async def json_body(request: web.Request) -> dict:
+    """The request body as a JSON object; errors name the body and the rule."""
+    raw = await request.read()
+    if not raw.strip():
+        raise invalid("body", "expected a JSON object, found an empty body")
+    try:
+        value = json.loads(raw)
+    except UnicodeDecodeError:
+        raise invalid("body", "malformed JSON: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise invalid("body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
+                              f"column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise invalid("body", "expected a JSON object")
+    return value
+
+
+def as_dbus_json(value: Any) -> str:
+    """Re-serialise a body for hypervisord; ASCII-only, so any text survives the bus."""
+    return json.dumps(value, ensure_ascii=True)
+
+
+def query_text(request: web.Request, name: str, required: bool = True) -> str:
+    value = request.query.get(name, "")
+    if required and not value:
+        raise invalid(name, "a non-empty query parameter is required")
+    return check_dbus_string(name, value)
+
+
+def query_int(request: web.Request, name: str, default: int, maximum: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or int(text) > maximum:
+        raise invalid(name, f"expected an integer from 0 to {maximum}")
+    return int(text)
+
+
+def find_job(mirror: ServiceMirror, job_id: str, field: str = "job_id") -> tuple[str, dict]:
+    """(object path, mirrored properties) of a job, or NotFound naming the field."""
+    if JOB_ID_RE.match(job_id):
+        path = f"{JOBS_PATH}/{job_id.replace('-', '_')}"
+        props = mirror.get(path, JOB_IFACE)
+        if props is not None:
+            return path, props
+    raise not_found(field, f"{field}: no job {job_id!r}")
+
+
+def submitted(request: web.Request, path: str) -> web.Response:
+    """The spec's answer to a submission: {job_id, status: pending, created_at}."""
+    job_id = job_id_from_path(path)
+    request["audit_target"] = job_id
+    props = request.app[MIRROR].get(path, JOB_IFACE) or {}
+    created = rfc3339(props.get("CreatedTime", 0)) or rfc3339(int(time.time() * 1_000_000))
+    return json_response({"job_id": job_id, "status": "pending", "created_at": created})
+
+
+# -- service ----------------------------------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    mirror = request.app[MIRROR]
+    if not mirror.healthy:
+        return json_response({"status": "unhealthy", "version": BRIDGE_VERSION,
+                              "reason": mirror.reason}, status=503)
+    manager = mirror.get(MANAGER_PATH, MANAGER_IFACE) or {}
+    return json_response({"status": "healthy", "version": manager.get("Version", "")})
+
+
+async def capabilities(request: web.Request) -> web.Response:
+    manager = request.app[MIRROR].get(MANAGER_PATH, MANAGER_IFACE) or {}
+    try:
+        caps = json.loads(manager.get("Capabilities", "{}"))
+    except ValueError:
+        caps = {}
+    return json_response({"version": manager.get("Version", ""), **caps})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    text = request.app[METRICS].render(request.app[MIRROR], len(hub.clients),
+                                       hub.dropped_total, hub.disconnected_slow)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+# -- VMs ----------------------------------------------------------------------------------
+async def vms_list(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    for key in body:
+        if key not in ("provider", "filter"):
+            raise invalid(key, "unknown field; expected provider and filter")
+    provider = body.get("provider")
+    if not isinstance(provider, str) or not provider:
+        raise invalid("provider", "a provider name (string) is required")
+    vm_filter = body.get("filter") or {}
+    if not isinstance(vm_filter, dict):
+        raise invalid("filter", "expected a JSON object")
+    (reply,) = await request.app[MIRROR].call(
+        MANAGER_PATH, MANAGER_IFACE, "ListVMs", "ssa{sv}",
+        [check_dbus_string("provider", provider), as_dbus_json(vm_filter), {}])
+    vms = json.loads(reply)
+    return json_response({"provider": provider, "vms": vms, "total": len(vms)})
+
+
+async def vms_info(request: web.Request) -> web.Response:
+    identifier = query_text(request, "identifier")
+    provider = query_text(request, "provider")
+    (reply,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, "GetVMInfo",
+                                              "ssa{sv}", [provider, identifier, {}])
+    return json_response(json.loads(reply))
+
+
+# -- jobs -------------------------------------------------------------------------------
+async def _submit_to(request: web.Request, member: str) -> web.Response:
+    body = await json_body(request)
+    (path,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, member, "sa{sv}",
+                                             [as_dbus_json(body), {}])
+    return submitted(request, path)
+
+
+async def jobs_submit(request: web.Request) -> web.Response:
+    return await _submit_to(request, "SubmitJob")
+
+
+async def convert(request: web.Request) -> web.Response:
+    return await _submit_to(request, "Convert")
+
+
+async def import_to_kvm(request: web.Request) -> web.Response:
+    return await _submit_to(request, "ImportToKvm")
+
+
+async def jobs_query(request: web.Request) -> web.Response:
+    _, props = find_job(request.app[MIRROR], query_text(request, "job_id"))
+    return json_response(job_json(props))
+
+
+async def jobs_progress(request: web.Request) -> web.Response:
+    _, props = find_job(request.app[MIRROR], request.match_info["id"], "id")
+    return json_response(progress_json(props))
+
+
+async def jobs_eta(request: web.Request) -> web.Response:
+    _, props = find_job(request.app[MIRROR], request.match_info["id"], "id")
+    return json_response(eta_json(props))
+
+
+async def jobs_list(request: web.Request) -> web.Response:
+    status = request.query.get("status", "")
+    if status and status not in JOB_STATUSES:
+        raise invalid("status", "expected one of " + ", ".join(JOB_STATUSES))
+    provider = request.query.get("provider", "")
+    limit = query_int(request, "limit", 100, MAX_PAGE)
+    offset = query_int(request, "offset", 0, 1 << 31)
+    jobs = [props for ifaces in request.app[MIRROR].objects.values()
+            if (props := ifaces.get(JOB_IFACE)) is not None
+            and (not status or props.get("Status") == status)
+            and (not provider or props.get("Provider") == provider)]
+    jobs.sort(key=lambda p: (p.get("CreatedTime", 0), p.get("Id", "")))
+    page = jobs[offset:offset + limit]
+    return json_response({"jobs": [job_json(p) for p in page], "total": len(jobs),
+                          "limit": limit, "offset": offset})
+
+
+async def jobs_cancel(request: web.Request) -> web.Response:
+    mirror = request.app[MIRROR]
+    path, props = find_job(mirror, request.match_info["id"], "id")
+    request["audit_target"] = props.get("Id")
+    await mirror.call(path, JOB_IFACE, "Cancel", "a{sv}", [{}])
+    return json_response({"job_id": props.get("Id"), "status": props.get("Status"),
+                          "cancel_requested": True})
+
+
+# -- disks --------------------------------------------------------------------------------
+async def parse_vmdk(request: web.Request) -> web.Response:
+    path = query_text(request, "path")
+    (reply,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, "ParseVmdk",
+                                              "sa{sv}", [path, {}])
+    return json_response(json.loads(reply))
+
+
+# -- schedules, backup policies, webhooks -----------------------------------------------------
+class AutomationKind:
+    """One kind of automation object: where its objects live and how they are made."""
+
+    def __init__(self, url: str, path_part: str, interface: str, create: str) -> None:
+        self.url = url
+        self.prefix = f"{ROOT_PATH}/{path_part}"
+        self.interface = interface
+        self.create = create
+        self.list_key = path_part
+
+    def find(self, mirror: ServiceMirror, object_id: str) -> tuple[str, dict]:
+        if OBJECT_ID_RE.match(object_id):
+            for path, ifaces in mirror.under(self.prefix).items():
+                props = ifaces.get(self.interface)
+                segment = path.rsplit("/", 1)[-1]
+                if props is not None and object_id in (props.get("Id"), segment,
+                                                       segment.replace("_", "-")):
+                    return path, props
+        raise not_found("id", f"id: no {self.url.rstrip('s').replace('-', ' ')} {object_id!r}")
+
+    async def create_handler(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        mirror = request.app[MIRROR]
+        (path,) = await mirror.call(MANAGER_PATH, MANAGER_IFACE, self.create, "sa{sv}",
+                                    [as_dbus_json(body), {}])
+        answer = object_json(path, mirror.get(path, self.interface) or {})
+        request["audit_target"] = answer["id"]
+        return json_response(answer)
+
+    async def list_handler(self, request: web.Request) -> web.Response:
+        objects = [object_json(path, ifaces[self.interface])
+                   for path, ifaces in sorted(request.app[MIRROR].under(self.prefix).items())
+                   if self.interface in ifaces]
+        return json_response({self.list_key: objects, "total": len(objects)})
+
+    async def delete_handler(self, request: web.Request) -> web.Response:
+        mirror = request.app[MIRROR]
+        path, props = self.find(mirror, request.match_info["id"])
+        answer_id = object_json(path, props)["id"]
+        request["audit_target"] = answer_id
+        await mirror.call(path, self.interface, "Delete", "a{sv}", [{}])
+        return json_response({"id": answer_id, "deleted": True})
+
+
+SCHEDULES = AutomationKind("schedules", "schedules", "org.hypersdk.HyperSDK1.Schedule",
+                           "CreateSchedule")
+BACKUP_POLICIES = AutomationKind("backup-policies", "backup_policies",
+                                 "org.hypersdk.HyperSDK1.BackupPolicy", "CreateBackupPolicy")
+WEBHOOKS = AutomationKind("webhooks", "webhooks", "org.hypersdk.HyperSDK1.Webhook",
+                          "ConfigureWebhook")

@@ -1,0 +1,104 @@
+"""`hypersdk-bridge --config PATH`: the REST + WebSocket API, a D-Bus client of hypervisord.
+
+It reads the same config file as hypervisord: `daemon.address` to listen on and
+`api.*` for auth, TLS, the body limit and the audit log. A broken setting stops it
+at start with a message naming the setting; nothing is served half-configured.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import ssl
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from hypersdk.service.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
+from .app import create_app
+from .auth import Authenticator, TokenFileError, is_loopback, load_tokens
+
+log = logging.getLogger("hypersdk.bridge")
+SHUTDOWN_TIMEOUT = 10.0
+
+
+class SetupError(Exception):
+    """A setting the bridge cannot run with; the message names it."""
+
+
+class AccessLogger(web.AbstractAccessLogger):
+    """Method, path (never the query: it may hold ?access_token=), status, size, time."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info('%s "%s %s" %s %s %.1fms', request.remote, request.method,
+                         request.path, response.status, response.body_length, time * 1000)
+
+
+def listen_address(config: Config) -> tuple[str, int]:
+    host, _, port = config.daemon.address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def authenticator(config: Config, host: str) -> Authenticator:
+    if config.api.auth == "none":
+        if not is_loopback(host):
+            raise SetupError(f"api.auth: none is allowed only when daemon.address is a "
+                             f"loopback address, found {config.daemon.address}; "
+                             "set api.auth: token and api.tokens_file")
+        log.warning("api.auth is none: every local client is an admin (loopback only)")
+        return Authenticator(None)
+    try:
+        tokens = load_tokens(Path(config.api.tokens_file))
+    except TokenFileError as exc:
+        raise SetupError(f"api.tokens_file: {exc}") from None
+    log.info("loaded %d API tokens", len(tokens))
+    return Authenticator(tokens)
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    cert, key = config.api.tls_cert, config.api.tls_key
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise SetupError("api.tls_cert and api.tls_key: set both or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SetupError(f"api.tls_cert/api.tls_key: cannot load ({exc})") from None
+    return context
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hypersdk-bridge", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                        help=f"hypervisord's config file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--bus", default="system",
+                        help="system (default, honours DBUS_SYSTEM_BUS_ADDRESS), session "
+                             "or a D-Bus address")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.daemon.log_level.upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        host, port = listen_address(config)
+        auth = authenticator(config, host)
+        ssl_context = tls_context(config)
+    except SetupError as exc:
+        print(f"hypersdk-bridge: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(bus=args.bus, authenticator=auth, audit_path=Path(config.api.audit_log),
+                     max_body_bytes=config.api.max_body_bytes)
+    web.run_app(app, host=host, port=port, ssl_context=ssl_context, print=None,
+                access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                handler_cancellation=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Fixtures: hypervisord plus a real hypersdk-bridge process on a free loopback port."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ..support.cli import submit
+from .stack import Bridge, free_port
+
+
+@pytest.fixture
+def start_bridge(start_hypervisord, system_bus):
+    """start(**config overrides) -> Bridge, next to a hypervisord with the same config."""
+    started: list[Bridge] = []
+
+    def start(**overrides) -> Bridge:
+        port = free_port()
+        daemon_section = {"address": f"127.0.0.1:{port}", **overrides.pop("daemon", {})}
+        daemon = start_hypervisord(daemon=daemon_section, **overrides)
+        bridge = Bridge(daemon.config_path, system_bus.address, port)
+        bridge.daemon = daemon
+        started.append(bridge)
+        return bridge.start()
+
+    yield start
+    for bridge in started:
+        bridge.stop()
+
+
+@pytest.fixture
+def bridge(start_bridge) -> Bridge:
+    return start_bridge()
+
+
+def submit_sleep(address: str, **definition) -> str:
+    """Submit a test "sleep" job over D-Bus (busctl); returns its job id."""
+    reply = submit(address, {"steps": 5, "interval": 0.05, **definition}, kind="sleep")
+    path = json.loads(reply.stdout.split()[1])
+    return path.rsplit("/", 1)[-1].replace("_", "-")
+
+
+@pytest.fixture
+def sleep_job(system_bus):
+    def make(**definition) -> str:
+        return submit_sleep(system_bus.address, **definition)
+    return make
+
+

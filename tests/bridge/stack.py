@@ -1,0 +1,94 @@
+"""A real hypersdk-bridge process next to a real hypervisord, and curl to talk to it."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..support.system import REPO, stop_process
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class CurlResult:
+    status: int
+    body: str
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class Bridge:
+    config_path: Path
+    bus_address: str
+    port: int
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20, wait_healthy: bool = True) -> "Bridge":
+        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address,
+               "PYTHONPATH": str(REPO)}
+        self.log_path = self.config_path.parent / f"bridge-{self.port}.log"
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "hypersdk.http_bridge.main", "--config",
+                 str(self.config_path)], env=env, stdout=log_file, stderr=log_file, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bridge exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                result = curl(self, "/health")
+            except subprocess.SubprocessError:
+                result = None
+            if result and result.status in (200, 503) and (
+                    not wait_healthy or result.status == 200):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("bridge did not answer /health:\n" + self.log())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self) -> int:
+        return stop_process(self.process) if self.process else 0
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+def curl(bridge: Bridge, path: str, *args: str, token: str | None = None,
+         timeout: float = 30) -> CurlResult:
+    """Run real curl against the bridge; returns the status and the body."""
+    command = ["curl", "-s", "-S", "-o", "-", "-w", "\n%{http_code}", *args]
+    if token:
+        command += ["-H", f"Authorization: Bearer {token}"]
+    command.append(bridge.url + path)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode not in (0, 22):
+        raise subprocess.SubprocessError(f"curl failed: {done.stderr}")
+    body, _, status = done.stdout.rpartition("\n")
+    return CurlResult(int(status), body)
+
+
+def post_json(bridge: Bridge, path: str, body: object, token: str | None = None) -> CurlResult:
+    return curl(bridge, path, "-X", "POST", "-H", "Content-Type: application/json",
+                "-d", body if isinstance(body, str) else json.dumps(body), token=token)
