@@ -1,0 +1,1 @@
+"""The console's screens: VMs, Migrate, Jobs, one job, automation objects, help."""

@@ -1,0 +1,187 @@
+"""Schedules, backup policies and webhooks: list, create, enable/disable, delete.
+
+The objects come from the ObjectManager like jobs do (`Mirror.objects`), under
+`/org/hypersdk/HyperSDK1/<kind>/`. Creation goes through the Manager's Create*
+method with a JSON definition typed into an editor.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Label, Static, TextArea
+
+from hypersdk.service.dbus.paths import ROOT_PATH
+
+from ..client import ClientError, ClientEvent
+from .base import HyperScreen
+
+
+@dataclass(frozen=True)
+class AutomationKind:
+    label: str
+    feature: str              # the Capabilities feature that says the service has them
+    path: str                 # objects live below this path
+    interface: str
+    create_method: str
+    example: dict
+
+
+AUTOMATION_KINDS = {
+    "schedules": AutomationKind(
+        "Schedules", "schedules", ROOT_PATH + "/schedules", "org.hypersdk.HyperSDK1.Schedule",
+        "CreateSchedule",
+        {"name": "nightly-web01", "cron": "0 2 * * *",
+         "job": {"vm_identifier": "web01", "provider": "vsphere", "export_method": "ova"}}),
+    "backup_policies": AutomationKind(
+        "Backup policies", "backup_policies", ROOT_PATH + "/backup_policies",
+        "org.hypersdk.HyperSDK1.BackupPolicy", "CreateBackupPolicy",
+        {"name": "weekly", "cron": "0 3 * * 0", "retention": {"keep_last": 4},
+         "vms": [{"vm_identifier": "web01", "provider": "vsphere"}]}),
+    "webhooks": AutomationKind(
+        "Webhooks", "webhooks", ROOT_PATH + "/webhooks", "org.hypersdk.HyperSDK1.Webhook",
+        "ConfigureWebhook",
+        {"url": "https://hooks.example.com/hypersdk", "events": ["job.completed",
+                                                                 "job.failed"]}),
+}
+NAME_PROPERTIES = ("Name", "Id", "Url", "URL")
+
+
+def summary(props: dict) -> str:
+    """The interesting properties in one line (JSON-valued ones left out)."""
+    parts = [f"{name}={value}" for name, value in sorted(props.items())
+             if name not in NAME_PROPERTIES + ("Enabled",) and not str(value).startswith(("{", "["))]
+    return "  ".join(parts)
+
+
+class CreateDialog(ModalScreen[str | None]):
+    """A JSON editor for a new object's definition."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, kind: AutomationKind) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="create-dialog"):
+            yield Label(f"New {self.kind.label.lower()[:-1]}: the definition as JSON")
+            yield TextArea(json.dumps(self.kind.example, indent=2), language=None, id="definition")
+            yield Static(id="create-error")
+            with Horizontal(classes="form-row"):
+                yield Button("Create", variant="primary", id="create")
+                yield Button("Cancel", id="cancel")
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#create")
+    def _create(self) -> None:
+        text = self.query_one("#definition", TextArea).text
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.query_one("#create-error", Static).update(Text(
+                f"definition: malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                style="red"))
+            return
+        if not isinstance(value, dict):
+            self.query_one("#create-error", Static).update(
+                Text("definition: must be a JSON object", style="red"))
+            return
+        self.dismiss(json.dumps(value))
+
+
+class AutomationScreen(HyperScreen):
+    BINDINGS = [
+        Binding("n", "create", "New"),
+        Binding("e", "toggle", "Enable/disable"),
+        Binding("d", "delete", "Delete"),
+    ]
+
+    def __init__(self, kind_name: str) -> None:
+        super().__init__()
+        self.kind = AUTOMATION_KINDS[kind_name]
+        self.heading = self.kind.label
+
+    def compose_body(self) -> ComposeResult:
+        yield Static(id="automation-note")
+        yield DataTable(id="objects", cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        table = self.query_one("#objects", DataTable)
+        for column in ("Name", "Enabled", "Details"):
+            table.add_column(column, key=column)
+        self.rebuild()
+
+    def objects(self) -> dict[str, dict]:
+        found = self.hyper_app.client.mirror.objects_under(self.kind.path)
+        return {path: ifaces.get(self.kind.interface, {}) for path, ifaces in found.items()}
+
+    def rebuild(self) -> None:
+        mirror = self.hyper_app.client.mirror
+        note = self.query_one("#automation-note", Static)
+        available = self.kind.feature in mirror.capabilities.get("features", [])
+        note.display = not available
+        note.update(Text(f"{self.kind.label} are not available on this service.", style="dim"))
+        table = self.query_one("#objects", DataTable)
+        table.clear()
+        for path, props in self.objects().items():
+            name = next((str(props[n]) for n in NAME_PROPERTIES if props.get(n)),
+                        path.rsplit("/", 1)[-1])
+            enabled = props.get("Enabled")
+            table.add_row(name, "—" if enabled is None else ("yes" if enabled else "no"),
+                          summary(props), key=path)
+
+    def client_event(self, event: ClientEvent) -> None:
+        if event.type in ("objects", "service", "manager"):
+            self.rebuild()
+
+    def selected(self) -> str | None:
+        table = self.query_one("#objects", DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def action_create(self) -> None:
+        def created(definition: str | None) -> None:
+            if definition:
+                self.create(definition)
+        self.app.push_screen(CreateDialog(self.kind), created)
+
+    @work(group="automation")
+    async def create(self, definition: str) -> None:
+        try:
+            path = await self.hyper_app.client.call_manager(self.kind.create_method, "s",
+                                                            definition)
+        except ClientError as exc:
+            self.report(exc)
+            return
+        self.notify(f"created {path.rsplit('/', 1)[-1]}")
+
+    @work(group="automation")
+    async def call(self, path: str, member: str, signature: str = "", *args) -> None:
+        try:
+            await self.hyper_app.client.call_object(path, self.kind.interface, member,
+                                                    signature, *args)
+        except ClientError as exc:
+            self.report(exc)
+
+    def action_toggle(self) -> None:
+        path = self.selected()
+        if path:
+            enabled = bool(self.objects()[path].get("Enabled"))
+            self.call(path, "SetEnabled", "b", not enabled)
+
+    def action_delete(self) -> None:
+        path = self.selected()
+        if path:
+            self.call(path, "Delete")
