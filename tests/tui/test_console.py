@@ -1,0 +1,116 @@
+"""The console driven by Pilot against a real hypervisord on the private bus."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from textual.widgets import DataTable, Log
+
+from hypersdk.tui.app import HyperctlApp
+from hypersdk.tui.client import HyperClient
+
+from .conftest import submit_job, wait_status
+
+
+async def wait_for(pilot, predicate, timeout: float = 20, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cell(app: HyperctlApp, job_id: str, column: str) -> str:
+    table = app.screen.query_one("#jobs", DataTable)
+    if job_id not in table.rows:
+        return ""
+    return str(table.get_cell(job_id, column))
+
+
+async def test_jobs_table_follows_a_job_live_to_completed(system_bus, hypervisord):
+    app = HyperctlApp(HyperClient(system_bus.address))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        job_id = await asyncio.to_thread(submit_job, system_bus.address,
+                                         {"steps": 10, "interval": 0.15}, "sleep")
+        seen: set[str] = set()
+
+        def observe() -> bool:
+            if cell(app, job_id, "Status"):
+                seen.add(cell(app, job_id, "Status") + " " + cell(app, job_id, "Progress").split()[-1])
+            return cell(app, job_id, "Status") == "completed"
+
+        await wait_for(pilot, observe, what="the job to complete in the table")
+        assert "100%" in cell(app, job_id, "Progress")
+        partial = [s for s in seen if s.startswith("running") and not s.endswith(("?", "100%"))]
+        assert partial, f"never saw partial progress: {seen}"
+        assert "completed" in str(app.screen.query_one("#status-line").render())
+
+
+async def test_cancel_a_job_from_the_table(system_bus, hypervisord):
+    app = HyperctlApp(HyperClient(system_bus.address))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        keep = await asyncio.to_thread(submit_job, system_bus.address,
+                                       {"steps": 3, "interval": 0.05}, "sleep")
+        victim = await asyncio.to_thread(submit_job, system_bus.address,
+                                         {"steps": 300, "interval": 0.1}, "sleep")
+        await wait_for(pilot, lambda: cell(app, victim, "Status") == "running", what="running")
+        table = app.screen.query_one("#jobs", DataTable)
+        table.move_cursor(row=table.get_row_index(victim))
+        await pilot.press("c")
+        await wait_for(pilot, lambda: cell(app, victim, "Status") == "cancelled", what="cancel")
+        await wait_for(pilot, lambda: cell(app, keep, "Status") == "completed", what="the other")
+        assert any("cancel requested" in n.message for n in app._notifications)
+
+
+async def test_job_view_log_follows_live_and_status_filter(system_bus, hypervisord):
+    app = HyperctlApp(HyperClient(system_bus.address))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        job_id = await asyncio.to_thread(submit_job, system_bus.address,
+                                         {"steps": 6, "interval": 0.3}, "sleep")
+        await wait_for(pilot, lambda: bool(cell(app, job_id, "Status")), what="the row")
+        table = app.screen.query_one("#jobs", DataTable)
+        table.move_cursor(row=table.get_row_index(job_id))
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "JobScreen", what="job view")
+        log = app.screen.query_one("#job-log", Log)
+        await wait_for(pilot, lambda: "step 1" in "\n".join(log.lines), what="first line")
+        assert "step 6" not in "\n".join(log.lines)  # it is following, not replaying
+        await wait_for(pilot, lambda: "step 6" in "\n".join(log.lines), what="last line")
+        await wait_for(pilot, lambda: "completed" in str(
+            app.screen.query_one("#job-summary").render()), what="completed summary")
+        steps = [line.split()[-1] for line in log.lines if " step " in line]
+        assert steps == [str(i) for i in range(1, 7)]
+
+        await pilot.press("escape")
+        failed = await asyncio.to_thread(submit_job, system_bus.address, {"message": "x"}, "fail")
+        await wait_for(pilot, lambda: cell(app, failed, "Status") == "failed", what="failed row")
+        app.screen.query_one("#status-filter").value = "failed"
+        await pilot.pause(0.1)
+        rows = app.screen.query_one("#jobs", DataTable).rows
+        assert failed in rows and job_id not in rows
+
+
+async def test_service_restart_shows_the_banner_and_reconnects(system_bus, start_hypervisord):
+    daemon = start_hypervisord()
+    app = HyperctlApp(HyperClient(system_bus.address))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        job_id = await asyncio.to_thread(submit_job, system_bus.address, {"steps": 1}, "sleep")
+        await wait_for(pilot, lambda: cell(app, job_id, "Status") == "completed", what="job")
+        banner = app.screen.query_one("#banner")
+        assert not banner.display
+
+        await asyncio.to_thread(daemon.stop)
+        await wait_for(pilot, lambda: banner.display, what="the banner")
+        assert "not running" in str(banner.render())
+        assert "down" in str(app.screen.query_one("#status-line").render())
+
+        await asyncio.to_thread(start_hypervisord)
+        await wait_for(pilot, lambda: not banner.display, what="the reconnect")
+        later = await asyncio.to_thread(submit_job, system_bus.address, {"steps": 1}, "sleep")
+        await wait_for(pilot, lambda: cell(app, later, "Status") == "completed", what="new job")
+        assert cell(app, job_id, "Status") == "completed"  # reloaded from the store
