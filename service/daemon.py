@@ -18,7 +18,9 @@ from pathlib import Path
 import sdnotify
 
 from . import __version__
+from .automation import Automation
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .dbus.automation import AutomationObjects
 from .dbus.bus import connect
 from .dbus.paths import ROOT_PATH
 from .dbus.service import DBusService
@@ -74,8 +76,12 @@ class Daemon:
         service = DBusService(bus, engine)
         try:
             service.export_all()
+            automation = Automation(store, engine, self.config)
+            service.automation = AutomationObjects(service, automation)
+            service.automation.export_all()
             await service.own_name()
             await engine.start()
+            await automation.start()
             self.notifier.notify("READY=1")
             self.status(f"hypervisord {__version__} ready; store {store.path}")
             loop = asyncio.get_running_loop()
@@ -90,6 +96,7 @@ class Daemon:
             bus_lost.cancel()
             self.notifier.notify("STOPPING=1")
             self.status("stopping: no new jobs; interrupting running jobs")
+            await automation.stop()
             await engine.shutdown()
         finally:
             await service.close()

@@ -1,0 +1,301 @@
+"""Schedule, BackupPolicy and Webhook objects on the bus (see their introspection XML).
+
+`AutomationObjects` is what the Manager reaches as `service.automation`: it creates
+items through the `Automation` facade, exports one object per item under
+/schedules, /backup_policies and /webhooks (listed by the root ObjectManager),
+and announces property changes. Webhook secrets never leave the service; header
+values that look like credentials are redacted.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_property, method
+
+from ..automation import Automation
+from .dispatch import caller, require
+from .job import usec
+from .manager import VIEW, option
+from .paths import ROOT_PATH, job_path
+
+if TYPE_CHECKING:
+    from .service import DBusService
+
+SCHEDULE_INTERFACE = "org.hypersdk.HyperSDK1.Schedule"
+POLICY_INTERFACE = "org.hypersdk.HyperSDK1.BackupPolicy"
+WEBHOOK_INTERFACE = "org.hypersdk.HyperSDK1.Webhook"
+MANAGE_SCHEDULES = "org.hypersdk.HyperSDK1.manage-schedules"
+MANAGE_POLICIES = "org.hypersdk.HyperSDK1.manage-backup-policies"
+MANAGE_WEBHOOKS = "org.hypersdk.HyperSDK1.manage-webhooks"
+COLLECTIONS = {"schedule": ROOT_PATH + "/schedules", "policy": ROOT_PATH + "/backup_policies",
+               "webhook": ROOT_PATH + "/webhooks"}
+
+
+def item_path(collection: str, item_id: str) -> str:
+    return f"{COLLECTIONS[collection]}/{item_id.replace('-', '_')}"
+
+
+class _ItemObject(ServiceInterface):
+    collection = ""
+    changing: tuple[str, ...] = ()
+
+    def __init__(self, objects: "AutomationObjects", item_id: str, interface: str) -> None:
+        super().__init__(interface)
+        self._objects = objects
+        self._automation = objects.automation
+        self.item_id = item_id
+
+    def announce(self) -> None:
+        values = {name: getattr(self, "_value_" + name)() for name in self.changing}
+        self.emit_properties_changed(values)
+
+    def _delete(self) -> None:
+        self._objects.remove(self.collection, self.item_id)
+
+
+class ScheduleObject(_ItemObject):
+    collection = "schedule"
+    changing = ("Enabled", "NextRun", "LastRun", "LastJob")
+
+    def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
+        super().__init__(objects, item_id, SCHEDULE_INTERFACE)
+
+    def _item(self):
+        return self._automation.schedules.get(self.item_id)
+
+    def _value_Enabled(self) -> bool:
+        return self._item().enabled
+
+    def _value_NextRun(self) -> int:
+        return usec(self._item().next_run)
+
+    def _value_LastRun(self) -> int:
+        return usec(self._item().last_run)
+
+    def _value_LastJob(self) -> str:
+        last_job = self._item().last_job
+        return job_path(last_job) if last_job else "/"
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.item_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._item().name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Cron(self) -> "s":
+        return self._item().cron.expression
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Timezone(self) -> "s":
+        return self._item().cron.zone.key
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Enabled(self) -> "b":
+        return self._value_Enabled()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NextRun(self) -> "t":
+        return self._value_NextRun()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastRun(self) -> "t":
+        return self._value_LastRun()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastJob(self) -> "o":
+        return self._value_LastJob()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Definition(self) -> "s":
+        return json.dumps(self._item().to_dict())
+
+    @method()
+    async def SetEnabled(self, enabled: "b", options: "a{sv}"):
+        await require(MANAGE_SCHEDULES)
+        self._automation.schedules.set_enabled(self.item_id, enabled)
+        self._automation.wake()
+
+    @method()
+    async def RunNow(self, options: "a{sv}") -> "o":
+        await require(MANAGE_SCHEDULES)
+        return job_path(self._automation.schedules.run_now(self.item_id, caller().uid).id)
+
+    @method()
+    async def Delete(self, options: "a{sv}"):
+        await require(MANAGE_SCHEDULES)
+        self._automation.schedules.delete(self.item_id)
+        self._delete()
+
+
+class BackupPolicyObject(_ItemObject):
+    collection = "policy"
+    changing = ("NextRun", "LastRun")
+
+    def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
+        super().__init__(objects, item_id, POLICY_INTERFACE)
+
+    def _item(self):
+        return self._automation.policies.get(self.item_id)
+
+    def _value_NextRun(self) -> int:
+        return usec(self._item().next_run)
+
+    def _value_LastRun(self) -> int:
+        return usec(self._item().last_run)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.item_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._item().name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Definition(self) -> "s":
+        return json.dumps(self._item().definition)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Schedule(self) -> "s":
+        return self._item().definition["schedule"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Enabled(self) -> "b":
+        return self._item().enabled
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NextRun(self) -> "t":
+        return self._value_NextRun()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastRun(self) -> "t":
+        return self._value_LastRun()
+
+    @method()
+    async def Run(self, options: "a{sv}") -> "ao":
+        await require(MANAGE_POLICIES)
+        jobs = await self._automation.policies.run(self.item_id, caller().uid)
+        return [job_path(job.id) for job in jobs]
+
+    @method()
+    async def DryRun(self, options: "a{sv}") -> "s":
+        await require(VIEW)
+        return json.dumps(await self._automation.policies.dry_run(self.item_id))
+
+    @method()
+    async def Delete(self, options: "a{sv}"):
+        await require(MANAGE_POLICIES)
+        self._automation.policies.delete(self.item_id)
+        self._delete()
+
+
+class WebhookObject(_ItemObject):
+    collection = "webhook"
+
+    def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
+        super().__init__(objects, item_id, WEBHOOK_INTERFACE)
+
+    def _public(self) -> dict:
+        return self._automation.webhooks.get(self.item_id).public()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.item_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Url(self) -> "s":
+        return self._public()["url"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Events(self) -> "as":
+        return self._public()["events"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Headers(self) -> "a{ss}":
+        return self._public()["headers"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def HasSecret(self) -> "b":
+        return self._public()["has_secret"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Enabled(self) -> "b":
+        return self._public()["enabled"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Source(self) -> "s":
+        return self._public()["source"]
+
+    @method()
+    async def Delete(self, options: "a{sv}"):
+        await require(MANAGE_WEBHOOKS)
+        self._automation.webhooks.delete(self.item_id)
+        self._delete()
+
+    @method()
+    async def GetDeliveries(self, options: "a{sv}") -> "s":
+        await require(VIEW)
+        limit = int(option(options, "limit", 100))
+        return json.dumps(self._automation.webhooks.deliveries(self.item_id, limit))
+
+    @method()
+    async def Test(self, options: "a{sv}"):
+        await require(MANAGE_WEBHOOKS)
+        self._automation.webhooks.test(self.item_id)
+
+
+OBJECT_CLASSES = {"schedule": ScheduleObject, "policy": BackupPolicyObject,
+                  "webhook": WebhookObject}
+
+
+class AutomationObjects:
+    """The Manager's `service.automation`: creates items and keeps their objects on the bus."""
+
+    def __init__(self, service: "DBusService", automation: Automation) -> None:
+        self.service = service
+        self.automation = automation
+        self._objects: dict[tuple[str, str], _ItemObject] = {}
+        automation.on_change.append(self._on_change)
+
+    def export_all(self) -> None:
+        for schedule in self.automation.schedules.list():
+            self._add("schedule", schedule.id)
+        for policy in self.automation.policies.list():
+            self._add("policy", policy.id)
+        for webhook in self.automation.webhooks.list():
+            self._add("webhook", webhook.id)
+
+    def _add(self, collection: str, item_id: str) -> str:
+        obj = OBJECT_CLASSES[collection](self, item_id)
+        path = item_path(collection, item_id)
+        self._objects[(collection, item_id)] = obj
+        self.service.export_object(path, obj)
+        return path
+
+    def remove(self, collection: str, item_id: str) -> None:
+        if self._objects.pop((collection, item_id), None) is not None:
+            self.service.unexport_object(item_path(collection, item_id))
+
+    def _on_change(self, collection: str, item_id: str) -> None:
+        obj = self._objects.get((collection, item_id))
+        if obj is not None:
+            obj.announce()
+
+    # -- called by the Manager after its polkit check -----------------------------------
+    async def create_schedule(self, definition: dict, uid: int) -> str:
+        schedule = self.automation.schedules.create(definition, uid)
+        self.automation.wake()
+        return self._add("schedule", schedule.id)
+
+    async def create_backup_policy(self, definition: dict, uid: int) -> str:
+        policy = self.automation.policies.create(definition, uid)
+        self.automation.wake()
+        return self._add("policy", policy.id)
+
+    async def configure_webhook(self, definition: dict, uid: int) -> str:
+        return self._add("webhook", self.automation.webhooks.create(definition, uid).id)

@@ -1,0 +1,339 @@
+"""Webhooks: events POSTed as JSON from a persisted outbox, with retries and a delivery log.
+
+- Events: job.started, job.completed, job.failed, job.cancelled, schedule.triggered,
+  backup.retention_applied (and webhook.test, sent only by Webhook.Test). The body is
+  a JSON object {event, time, job_id, status, vm, error, ...}.
+- Enqueueing is one INSERT per subscribed webhook on the event loop; the delivery
+  runs in its own tasks, so a slow or dead receiver never holds up a job.
+- Each POST carries the configured headers, `X-HyperSDK-Event`, `X-HyperSDK-Delivery`
+  (the outbox id; the same on every attempt, so receivers can drop duplicates) and,
+  when a secret is set, `X-HyperSDK-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+- A 2xx answer within `automation.webhook_timeout` is a delivery. Anything else is
+  retried after `webhook_retry_base` seconds, doubling each time, up to
+  `webhook_max_attempts` attempts; then the event is marked failed. The outbox is in
+  the store, so pending events are delivered after a restart (at least once: an
+  attempt cut short by a crash is made again). Events may arrive out of order.
+- Secrets: the `secret` is stored (the database is root-only, mode 0600) but never
+  returned; header values that look like credentials and passwords or tokens in the
+  URL are redacted wherever a webhook is shown. Errors in the delivery log are written
+  here, never copied from exceptions (which may quote the URL).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+
+from . import __version__
+from .config import WEBHOOK_EVENTS
+from .errors import InvalidArgument, NotFound
+from .schedules import Clock, check_bool, check_fields, new_id, wait_until
+
+if TYPE_CHECKING:
+    from .engine import JobEvent
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_FIELDS = ("url", "events", "headers", "secret", "enabled")
+TEST_EVENT = "webhook.test"
+SIGNATURE_HEADER = "X-HyperSDK-Signature"
+RESERVED_HEADERS = ("content-type", "content-length", "host", "x-hypersdk-signature",
+                    "x-hypersdk-event", "x-hypersdk-delivery")
+REDACTED = "<redacted>"
+MAX_BACKOFF = 3600.0
+CONCURRENT_DELIVERIES = 4
+JOB_EVENTS = {"running": "job.started", "completed": "job.completed", "failed": "job.failed",
+              "cancelled": "job.cancelled"}
+_SECRET_NAME_RE = re.compile(r"auth|token|secret|key|pass|cookie|session|signature|credential",
+                             re.IGNORECASE)
+_SECRET_VALUE_RE = re.compile(r"^\s*(bearer|basic|digest|token|negotiate)\s", re.IGNORECASE)
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+
+
+# -- redaction -------------------------------------------------------------------------
+def looks_secret(name: str, value: str) -> bool:
+    return bool(_SECRET_NAME_RE.search(name) or _SECRET_VALUE_RE.match(value))
+
+
+def redact_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {k: REDACTED if looks_secret(k, v) else v for k, v in headers.items()}
+
+
+def redact_url(url: str) -> str:
+    """The URL without a password and without the values of secret-looking query keys."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = urlencode([(k, REDACTED if looks_secret(k, v) else v)
+                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="<>")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+# -- validation ------------------------------------------------------------------------
+def validate_webhook(definition: Any) -> dict:
+    """A normalised webhook {url, events, headers, secret, enabled} or InvalidArgument."""
+    check_fields(definition, WEBHOOK_FIELDS, ("url", "events"))
+    url = definition["url"]
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidArgument("url", "must be an http:// or https:// URL with a host")
+    try:
+        parts.port
+    except ValueError:
+        raise InvalidArgument("url", "has an invalid port") from None
+    events = definition["events"]
+    if not isinstance(events, list) or not events:
+        raise InvalidArgument("events", "must be a non-empty list of: " + ", ".join(WEBHOOK_EVENTS))
+    for i, event in enumerate(events):
+        if event not in WEBHOOK_EVENTS:
+            raise InvalidArgument(f"events[{i}]", f"unknown event {event!r}; known: "
+                                  + ", ".join(WEBHOOK_EVENTS))
+    headers = definition.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise InvalidArgument("headers", "must be a JSON object of header names to strings")
+    for name, value in headers.items():
+        if not _HEADER_NAME_RE.match(name):
+            raise InvalidArgument(f"headers.{name}", "is not a valid HTTP header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise InvalidArgument(f"headers.{name}", "is set by hypervisord and cannot be "
+                                                      "configured")
+        if not isinstance(value, str) or "\r" in value or "\n" in value:
+            raise InvalidArgument(f"headers.{name}", "must be a single-line string")
+    secret = definition.get("secret") or ""
+    if not isinstance(secret, str):
+        raise InvalidArgument("secret", "must be a string")
+    return {"url": url, "events": list(dict.fromkeys(events)), "headers": dict(headers),
+            "secret": secret, "enabled": check_bool(definition.get("enabled", True), "enabled")}
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def iso_time(moment: float) -> str:
+    return datetime.fromtimestamp(moment, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Webhook:
+    id: str
+    url: str
+    events: list[str]
+    headers: dict[str, str]
+    secret: str
+    enabled: bool
+    source: str  # api | config
+    created_at: float
+
+    def public(self) -> dict:
+        """What may be shown to anyone: no secret, redacted headers and URL."""
+        return {"id": self.id, "url": redact_url(self.url), "events": self.events,
+                "headers": redact_headers(self.headers), "has_secret": bool(self.secret),
+                "enabled": self.enabled, "source": self.source}
+
+
+def _row_to_webhook(row) -> Webhook:
+    return Webhook(id=row["id"], url=row["url"], events=json.loads(row["events"]),
+                   headers=json.loads(row["headers"]), secret=row["secret"],
+                   enabled=bool(row["enabled"]), source=row["source"],
+                   created_at=row["created_at"])
+
+
+class Webhooks:
+    def __init__(self, store: "Store", settings, clock: Clock) -> None:
+        """`settings` is the config's `automation` section."""
+        self.store = store
+        self.timeout = settings.webhook_timeout
+        self.max_attempts = settings.webhook_max_attempts
+        self.retry_base = settings.webhook_retry_base
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._in_flight: set[int] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- CRUD --------------------------------------------------------------------------
+    def create(self, definition: Any, uid: int) -> Webhook:
+        data = validate_webhook(definition)
+        webhook_id = new_id("webhook")
+        self._insert(webhook_id, data, "api", uid)
+        log.info("webhook %s created for %s (%s)", webhook_id, redact_url(data["url"]),
+                 ", ".join(data["events"]))
+        return self.get(webhook_id)
+
+    def _insert(self, webhook_id: str, data: dict, source: str, uid: int) -> None:
+        self.store.execute(
+            "INSERT INTO webhooks (id, url, events, headers, secret, enabled, source,"
+            " created_by_uid, created_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE"
+            " SET url=excluded.url, events=excluded.events, headers=excluded.headers,"
+            " secret=excluded.secret, enabled=excluded.enabled",
+            (webhook_id, data["url"], json.dumps(data["events"]), json.dumps(data["headers"]),
+             data["secret"], int(data["enabled"]), source, uid, self.clock.now()))
+
+    def load_config(self, webhooks: list[dict]) -> None:
+        """Make the config file's webhooks current; ids are stable across restarts."""
+        ids = []
+        for item in webhooks:
+            digest = hashlib.sha256(f"{item['url']}#{len(ids)}".encode()).hexdigest()
+            webhook_id = "webhook-c" + digest[:11]
+            self._insert(webhook_id, validate_webhook(item), "config", 0)
+            ids.append(webhook_id)
+        placeholders = ",".join("?" * len(ids))
+        self.store.execute(f"DELETE FROM webhooks WHERE source='config' AND id NOT IN "
+                           f"({placeholders})", ids)
+
+    def get(self, webhook_id: str) -> Webhook:
+        row = self.store.execute("SELECT * FROM webhooks WHERE id=?", (webhook_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no webhook {webhook_id!r}")
+        return _row_to_webhook(row)
+
+    def list(self) -> list[Webhook]:
+        return [_row_to_webhook(r) for r in
+                self.store.execute("SELECT * FROM webhooks ORDER BY created_at, id")]
+
+    def delete(self, webhook_id: str) -> None:
+        if self.get(webhook_id).source == "config":
+            raise InvalidArgument("webhook", f"{webhook_id} comes from the config file; "
+                                             "remove it there")
+        self.store.execute("DELETE FROM webhooks WHERE id=?", (webhook_id,))
+
+    def deliveries(self, webhook_id: str, limit: int = 100) -> list[dict]:
+        self.get(webhook_id)
+        rows = self.store.execute(
+            "SELECT d.*, o.state FROM webhook_deliveries d JOIN webhook_outbox o"
+            " ON o.id = d.outbox_id WHERE d.webhook_id=? ORDER BY d.id DESC LIMIT ?",
+            (webhook_id, limit))
+        return [{"id": r["id"], "delivery": r["outbox_id"], "event": r["event"],
+                 "time": iso_time(r["time"]), "attempt": r["attempt"],
+                 "status_code": r["status_code"], "error": r["error"],
+                 "duration_ms": round(r["duration"] * 1000, 1), "state": r["state"]}
+                for r in rows][::-1]
+
+    # -- enqueueing --------------------------------------------------------------------
+    def emit(self, event: str, payload: dict) -> int:
+        """Queue `event` for every enabled webhook that wants it; returns how many."""
+        targets = [w.id for w in self.list() if w.enabled and event in w.events]
+        for webhook_id in targets:
+            self._enqueue(webhook_id, event, payload)
+        return len(targets)
+
+    def test(self, webhook_id: str) -> None:
+        self.get(webhook_id)
+        self._enqueue(webhook_id, TEST_EVENT, {"message": "test event from hypervisord"})
+
+    def _enqueue(self, webhook_id: str, event: str, payload: dict) -> None:
+        now = self.clock.now()
+        body = json.dumps({"event": event, "time": iso_time(now), **payload}, sort_keys=True)
+        self.store.execute("INSERT INTO webhook_outbox (webhook_id, event, body, created_at,"
+                           " next_attempt, state) VALUES (?,?,?,?,?, 'pending')",
+                           (webhook_id, event, body, now, now))
+        self._wake.set()
+
+    def on_job_event(self, event: "JobEvent") -> None:
+        """Engine listener: enqueue only, never wait."""
+        name = JOB_EVENTS.get(event.job.status) if event.type == "status" else None
+        if name is None:
+            return
+        job = event.job
+        self.emit(name, {"job_id": job.id, "kind": job.kind, "status": job.status,
+                         "vm": job.vm, "provider": job.provider, "error": job.error})
+
+    # -- delivery ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Deliver due events until cancelled."""
+        limit = asyncio.Semaphore(CONCURRENT_DELIVERIES)
+        headers = {"User-Agent": f"hypersdk/{__version__}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            try:
+                while True:
+                    for row in self._due():
+                        self._in_flight.add(row["id"])
+                        task = asyncio.create_task(self._deliver(session, limit, row))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    await wait_until(self.clock, self._next_due(), self._wake)
+            finally:
+                for task in list(self._tasks):
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _due(self) -> list:
+        rows = self.store.execute(
+            "SELECT o.*, w.url, w.headers, w.secret FROM webhook_outbox o JOIN webhooks w"
+            " ON w.id = o.webhook_id WHERE o.state='pending' AND o.next_attempt<=?"
+            " ORDER BY o.id", (self.clock.now(),)).fetchall()
+        return [r for r in rows if r["id"] not in self._in_flight]
+
+    def _next_due(self) -> float | None:
+        rows = self.store.execute("SELECT id, next_attempt FROM webhook_outbox"
+                                  " WHERE state='pending' ORDER BY next_attempt").fetchall()
+        return next((r[1] for r in rows if r[0] not in self._in_flight), None)
+
+    async def _deliver(self, session: aiohttp.ClientSession, limit: asyncio.Semaphore,
+                       row) -> None:
+        body = row["body"].encode()
+        headers = {**json.loads(row["headers"]), "Content-Type": "application/json",
+                   "X-HyperSDK-Event": row["event"], "X-HyperSDK-Delivery": str(row["id"])}
+        if row["secret"]:
+            headers[SIGNATURE_HEADER] = sign(row["secret"], body)
+        try:
+            async with limit:
+                started = time.monotonic()
+                status, error = await self._post(session, row["url"], body, headers)
+                self._record(row, status, error, time.monotonic() - started)
+        finally:
+            self._in_flight.discard(row["id"])
+            self._wake.set()
+
+    async def _post(self, session: aiohttp.ClientSession, url: str, body: bytes,
+                    headers: dict) -> tuple[int, str]:
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        try:
+            async with session.post(url, data=body, headers=headers, timeout=timeout,
+                                    allow_redirects=False) as response:
+                await response.read()
+                return response.status, "" if 200 <= response.status < 300 else \
+                    f"HTTP {response.status}"
+        except asyncio.TimeoutError:
+            return 0, f"no answer within {self.timeout:g}s"
+        except aiohttp.ClientConnectorError as exc:
+            return 0, f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
+        except aiohttp.ClientError as exc:
+            return 0, f"HTTP client error ({type(exc).__name__})"
+
+    def _record(self, row, status: int, error: str, duration: float) -> None:
+        attempt = row["attempts"] + 1
+        now = self.clock.now()
+        if not error:
+            state, next_attempt = "delivered", row["next_attempt"]
+        elif attempt >= self.max_attempts:
+            state, next_attempt = "failed", row["next_attempt"]
+            log.warning("webhook %s: %s event %d given up after %d attempts: %s",
+                        row["webhook_id"], row["event"], row["id"], attempt, error)
+        else:
+            state = "pending"
+            next_attempt = now + min(MAX_BACKOFF, self.retry_base * 2 ** (attempt - 1))
+        with self.store.transaction() as db:
+            if db.execute("SELECT 1 FROM webhooks WHERE id=?", (row["webhook_id"],)).fetchone() \
+                    is None:
+                return  # deleted while the attempt was under way
+            db.execute("UPDATE webhook_outbox SET attempts=?, next_attempt=?, state=? WHERE id=?",
+                       (attempt, next_attempt, state, row["id"]))
+            db.execute("INSERT INTO webhook_deliveries (webhook_id, outbox_id, event, time,"
+                       " attempt, status_code, error, duration) VALUES (?,?,?,?,?,?,?,?)",
+                       (row["webhook_id"], row["id"], row["event"], now, attempt, status,
+                        error, duration))

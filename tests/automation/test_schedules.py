@@ -1,0 +1,206 @@
+"""Schedules against a real store and engine, driven by a fake clock (the edge cases)."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from hypersdk.service.errors import AlreadyExists, InvalidArgument
+from hypersdk.service.schedules import CronSpec, Schedules, decide
+
+from .conftest import FakeClock
+
+BERLIN = ZoneInfo("Europe/Berlin")
+QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
+
+
+def at(*fields, tz=BERLIN) -> float:
+    return datetime(*fields, tzinfo=tz).timestamp()
+
+
+def local(ts: float, tz=BERLIN) -> str:
+    return datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def make(env, clock, grace=600.0):
+    events = []
+    changed = []
+    schedules = Schedules(env.store, env.engine, grace, clock,
+                          emit=lambda name, payload: events.append((name, payload)),
+                          changed=changed.append)
+    return schedules, events
+
+
+def definition(**overrides) -> dict:
+    base = {"name": "nightly", "cron": "0 2 * * *", "timezone": "Europe/Berlin",
+            "kind": "sleep", "job_definition": dict(QUICK)}
+    base.update(overrides)
+    return base
+
+
+# -- cron parsing and DST -------------------------------------------------------------
+@pytest.mark.parametrize("cron, field", [
+    ("61 * * * *", "cron"), ("* * *", "cron"), ("", "cron"), (5, "cron"), ("@sometimes", "cron"),
+])
+def test_invalid_cron_names_the_field(cron, field):
+    with pytest.raises(InvalidArgument) as info:
+        CronSpec.parse(cron)
+    assert info.value.field == field
+
+
+def test_unknown_timezone_is_refused():
+    with pytest.raises(InvalidArgument, match="timezone: unknown IANA time zone 'Mars/Olympus'"):
+        CronSpec.parse("@daily", "Mars/Olympus")
+
+
+def test_names_and_seconds_field_are_accepted():
+    start = at(2026, 1, 1, 10, 0, 0)
+    assert local(CronSpec.parse("@daily", "Europe/Berlin").next_after(start)) == \
+        "2026-01-02 00:00 CET"
+    assert CronSpec.parse("* * * * * */10", "UTC").next_after(start) == start + 10
+
+
+def test_spring_forward_runs_once_when_the_clocks_resume():
+    spec = CronSpec.parse("30 2 * * *", "Europe/Berlin")
+    first = spec.next_after(at(2026, 3, 28, 12, 0))
+    second = spec.next_after(first)
+    assert local(first) == "2026-03-29 03:00 CEST"   # 02:30 does not exist that night
+    assert local(second) == "2026-03-30 02:30 CEST"
+
+
+def test_fall_back_fixed_hour_fires_once_but_hourly_keeps_elapsed_time():
+    daily = CronSpec.parse("30 2 * * *", "Europe/Berlin")
+    first = daily.next_after(at(2026, 10, 24, 12, 0))
+    assert local(first) == "2026-10-25 02:30 CEST"
+    assert local(daily.next_after(first)) == "2026-10-26 02:30 CET"  # not 02:30 CET on the 25th
+    hourly = CronSpec.parse("30 * * * *", "Europe/Berlin")
+    slots = [hourly.next_after(at(2026, 10, 25, 1, 45))]
+    for _ in range(3):
+        slots.append(hourly.next_after(slots[-1]))
+    assert [b - a for a, b in zip(slots, slots[1:])] == [3600, 3600, 3600]
+
+
+def test_decide_latest_missed_slot_within_grace_fires_once():
+    spec = CronSpec.parse("0 * * * *", "UTC")
+    last = at(2026, 1, 1, 0, 0, tz=ZoneInfo("UTC"))
+    now = last + 3 * 3600 + 120  # three slots passed, the latest 2 minutes ago
+    decision = decide(spec, last, now, grace=600)
+    assert decision.fire and decision.missed_earlier and decision.slot == last + 3 * 3600
+    assert decide(spec, decision.slot, now, grace=600) is None  # never twice
+    late = decide(spec, last, last + 3 * 3600 + 1200, grace=600)
+    assert not late.fire
+
+
+# -- schedules with a real engine ------------------------------------------------------
+async def test_create_validates_and_refuses_duplicates(env):
+    schedules, _ = make(env, FakeClock(at(2026, 1, 1, 12, 0)))
+    for bad, field in [({"name": "x", "cron": "0 2 * * *"}, "job_definition"),
+                       (definition(color="red"), "color"),
+                       (definition(kind="nope"), "kind"),
+                       (definition(job_definition={"steps": 1, "bogus": 1}),
+                        "job_definition.bogus"),
+                       (definition(enabled="yes"), "enabled")]:
+        with pytest.raises(InvalidArgument) as info:
+            schedules.create(bad, 0)
+        assert info.value.field == field
+    schedules.create(definition(), 0)
+    with pytest.raises(AlreadyExists):
+        schedules.create(definition(), 0)
+
+
+async def test_fires_at_its_slot_links_the_job_and_emits_the_event(env):
+    clock = FakeClock(at(2026, 1, 1, 12, 0))
+    schedules, events = make(env, clock)
+    schedule = schedules.create(definition(), 1000)
+    assert local(schedule.next_run) == "2026-01-02 02:00 CET"
+    clock.t = at(2026, 1, 2, 1, 59)
+    schedules.tick()
+    assert schedules.jobs(schedule.id) == []
+    clock.t = at(2026, 1, 2, 2, 0, 1)
+    schedules.tick()
+    schedules.tick()
+    jobs = schedules.jobs(schedule.id)
+    assert len(jobs) == 1
+    job = env.engine.get(jobs[0])
+    assert job.kind == "sleep" and job.started_by_uid == 1000
+    assert await env.wait_job(job.id) == "completed"
+    after = schedules.get(schedule.id)
+    assert after.last_job == job.id and after.last_run == clock.t
+    assert local(after.next_run) == "2026-01-03 02:00 CET"
+    assert [name for name, _ in events] == ["schedule.triggered"]
+    assert events[0][1]["job_id"] == job.id
+
+
+async def test_missed_run_fires_once_at_start_and_never_twice_after_a_restart(env):
+    clock = FakeClock(at(2026, 1, 1, 12, 0))
+    schedules, _ = make(env, clock)
+    schedule = schedules.create(definition(cron="0 * * * *"), 0)
+    clock.t = at(2026, 1, 1, 15, 5)  # "the service was down": slots 13:00, 14:00, 15:00 passed
+    schedules.tick()
+    assert len(schedules.jobs(schedule.id)) == 1
+    restarted, _ = make(env, clock)  # a new scheduler over the same store
+    restarted.tick()
+    assert len(restarted.jobs(schedule.id)) == 1
+    assert local(restarted.get(schedule.id).next_run) == "2026-01-01 16:00 CET"
+
+
+async def test_missed_run_beyond_the_grace_period_is_skipped_and_logged(env, caplog):
+    clock = FakeClock(at(2026, 1, 1, 12, 0))
+    schedules, events = make(env, clock, grace=600)
+    schedule = schedules.create(definition(cron="0 * * * *"), 0)
+    clock.t = at(2026, 1, 1, 15, 30)  # latest slot 15:00 is 30 min old
+    with caplog.at_level(logging.WARNING):
+        schedules.tick()
+    assert schedules.jobs(schedule.id) == [] and events == []
+    assert "missed by more than the grace period" in caplog.text
+    assert local(schedules.get(schedule.id).next_run) == "2026-01-01 16:00 CET"
+
+
+async def test_overlap_skips_the_slot_while_the_previous_job_runs(env, caplog):
+    clock = FakeClock(at(2026, 1, 1, 12, 0))
+    schedules, _ = make(env, clock)
+    slow = {"steps": 100, "interval": 0.1, "step_bytes": 1}
+    schedule = schedules.create(definition(cron="* * * * *", job_definition=slow), 0)
+    clock.advance(60)
+    schedules.tick()
+    first = schedules.jobs(schedule.id)
+    assert len(first) == 1
+    clock.advance(60)
+    with caplog.at_level(logging.WARNING):
+        schedules.tick()
+    assert schedules.jobs(schedule.id) == first
+    assert f"the previous job {first[0]} is still" in caplog.text
+    env.engine.cancel(first[0])
+    assert await env.wait_job(first[0]) == "cancelled"
+    clock.advance(60)
+    schedules.tick()
+    assert len(schedules.jobs(schedule.id)) == 2
+
+
+async def test_disabled_schedule_does_not_fire_nor_backfill_when_enabled(env):
+    clock = FakeClock(at(2026, 1, 1, 12, 0))
+    schedules, _ = make(env, clock)
+    schedule = schedules.create(definition(cron="*/5 * * * *"), 0)
+    schedules.set_enabled(schedule.id, False)
+    assert schedules.get(schedule.id).next_run is None
+    clock.advance(3600)
+    schedules.tick()
+    schedules.set_enabled(schedule.id, True)
+    schedules.tick()
+    assert schedules.jobs(schedule.id) == []
+    clock.advance(300)
+    schedules.tick()
+    assert len(schedules.jobs(schedule.id)) == 1
+
+
+async def test_run_now_submits_and_delete_keeps_the_jobs(env):
+    schedules, events = make(env, FakeClock(at(2026, 1, 1, 12, 0)))
+    schedule = schedules.create(definition(), 0)
+    job = schedules.run_now(schedule.id, 1000)
+    assert schedules.jobs(schedule.id) == [job.id]
+    assert events[0][1]["manual"] is True
+    schedules.delete(schedule.id)
+    assert env.engine.get(job.id).id == job.id
+    assert schedules.list() == []
