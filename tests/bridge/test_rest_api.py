@@ -1,0 +1,187 @@
+"""The REST API against a real hypervisord on a private bus, called with real curl."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from ..support.hypervisord import Hypervisord
+from .stack import curl, post_json
+
+
+def wait_status(bridge, job_id: str, wanted: set[str], timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = curl(bridge, f"/jobs/query?job_id={job_id}").json()
+        if job["status"] in wanted:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} stayed {job['status']}")
+
+
+def test_health_and_capabilities_have_the_documented_shape(bridge):
+    health = curl(bridge, "/health")
+    assert health.status == 200
+    assert health.json() == {"status": "healthy", "version": "1.0.0"}
+    caps = curl(bridge, "/capabilities").json()
+    assert caps["version"] == "1.0.0"
+    assert "sleep" in caps["job_kinds"] and "qcow2" in caps["output_formats"]
+
+
+def test_job_reads_come_from_the_service(bridge, sleep_job):
+    job_id = sleep_job(steps=4, interval=0.1, step_bytes=1000)
+    job = wait_status(bridge, job_id, {"completed"})
+    assert job["job_id"] == job_id and job["operation"] == "test"
+    assert job["progress"] == 100.0 and job["bytes_done"] == 4000
+    assert job["created_at"].endswith("Z") and job["ended_at"]
+    assert job["result"] == {"steps": 4}
+    progress = curl(bridge, f"/jobs/progress/{job_id}").json()
+    assert progress["percentage"] == 100.0
+    assert progress["bytes_done"] == progress["bytes_total"] == 4000
+    eta = curl(bridge, f"/jobs/eta/{job_id}").json()
+    assert eta["job_id"] == job_id and eta["eta_seconds"] is None
+    logs = curl(bridge, f"/jobs/logs/{job_id}")
+    assert logs.status == 200
+    messages = [line.split(" ", 2)[2] for line in logs.body.splitlines()]
+    assert [m for m in messages if m.startswith("step")] == [f"step {i}" for i in range(1, 5)]
+
+
+def test_progress_of_a_running_job_moves(bridge, sleep_job):
+    job_id = sleep_job(steps=20, interval=0.1, step_bytes=1 << 20)
+    wait_status(bridge, job_id, {"running"})
+    seen = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(seen) < 3:
+        progress = curl(bridge, f"/jobs/progress/{job_id}").json()
+        if progress["progress_valid"]:
+            assert progress["bytes_total"] == 20 << 20
+            seen.add(progress["percentage"])
+        time.sleep(0.1)
+    assert len(seen) >= 3, seen
+
+
+def test_logs_follow_streams_until_the_job_ends(bridge, sleep_job):
+    job_id = sleep_job(steps=10, interval=0.1, step_bytes=10)
+    started = time.monotonic()
+    logs = curl(bridge, f"/jobs/logs/{job_id}?follow=true")
+    assert logs.status == 200
+    assert time.monotonic() - started >= 0.5  # it waited for the job
+    steps = [line for line in logs.body.splitlines() if " step " in line]
+    assert len(steps) == 10 and steps[-1].endswith("step 10")
+    assert curl(bridge, f"/jobs/query?job_id={job_id}").json()["status"] == "completed"
+
+
+def test_list_jobs_filters_and_pages(bridge, sleep_job):
+    ids = [sleep_job(steps=1, interval=0.01) for _ in range(3)]
+    for job_id in ids:
+        wait_status(bridge, job_id, {"completed"})
+    listing = curl(bridge, "/jobs?status=completed&limit=2&offset=1").json()
+    assert listing["total"] == 3 and listing["limit"] == 2 and listing["offset"] == 1
+    assert [j["job_id"] for j in listing["jobs"]] == ids[1:]
+    assert curl(bridge, "/jobs?status=failed").json()["total"] == 0
+    bad = curl(bridge, "/jobs?status=sleeping")
+    assert bad.status == 400 and bad.json()["field"] == "status"
+    assert curl(bridge, "/jobs?limit=-1").json()["field"] == "limit"
+
+
+def test_cancel_a_running_job(bridge, sleep_job):
+    job_id = sleep_job(steps=100, interval=0.1)
+    wait_status(bridge, job_id, {"running"})
+    answer = post_json(bridge, f"/jobs/cancel/{job_id}", {})
+    assert answer.status == 200 and answer.json()["cancel_requested"] is True
+    assert wait_status(bridge, job_id, {"cancelled", "failed"})["status"] == "cancelled"
+    again = post_json(bridge, f"/jobs/cancel/{job_id}", {})
+    assert again.status == 400 and again.json()["error"] == "InvalidArgument"
+
+
+@pytest.mark.parametrize("path", ["/jobs/query?job_id=job-0123456789ab",
+                                  "/jobs/progress/job-0123456789ab", "/jobs/eta/nonsense",
+                                  "/jobs/logs/job-ffff"])
+def test_unknown_job_is_404_json(bridge, path):
+    answer = curl(bridge, path)
+    assert answer.status == 404
+    body = answer.json()
+    assert body["error"] == "NotFound" and body["field"] in ("job_id", "id")
+
+
+def test_bad_requests_name_the_problem(bridge):
+    malformed = post_json(bridge, "/jobs/submit", '{"provider": "vsphere",')
+    assert malformed.status == 400
+    assert malformed.json()["field"] == "body" and "malformed JSON" in malformed.json()["message"]
+    not_object = post_json(bridge, "/convert", "[1, 2]")
+    assert not_object.status == 400 and not_object.json()["field"] == "body"
+    missing = curl(bridge, "/jobs/query")
+    assert missing.status == 400 and missing.json()["field"] == "job_id"
+    no_route = curl(bridge, "/no/such/thing")
+    assert no_route.status == 404 and no_route.json()["error"] == "NotFound"
+    wrong_method = curl(bridge, "/jobs/submit")
+    assert wrong_method.status == 405 and wrong_method.json()["error"] == "MethodNotAllowed"
+    websocket = curl(bridge, "/websocket")
+    assert websocket.status == 426
+
+
+def test_body_over_the_limit_is_413(start_bridge):
+    bridge = start_bridge(api={"max_body_bytes": 2048})
+    big = json.dumps({"source_path": "/x" * 2000, "output_path": "/y"})
+    answer = post_json(bridge, "/convert", big)
+    assert answer.status == 413 and answer.json()["error"] == "PayloadTooLarge"
+    chunked = curl(bridge, "/convert", "-X", "POST", "-H", "Transfer-Encoding: chunked",
+                   "-H", "Content-Type: application/json", "--data-binary", big)
+    assert chunked.status == 413 and chunked.json()["field"] == "body"
+
+
+def test_service_errors_map_through_the_table(bridge, tmp_path):
+    unknown_provider = post_json(bridge, "/vms/list", {"provider": "vsphere"})
+    assert unknown_provider.status == 400
+    assert unknown_provider.json()["field"] == "provider"
+    info = curl(bridge, "/vms/info?identifier=vm-123&provider=vsphere")
+    assert info.status == 400 and info.json()["field"] == "provider"
+    convert = post_json(bridge, "/convert", {"source_path": "relative.ovf",
+                                              "output_path": str(tmp_path)})
+    assert convert.status == 400 and convert.json()["field"]
+    relative = curl(bridge, "/parse-vmdk?path=disk.vmdk")
+    assert relative.status == 400 and relative.json()["field"] == "path"
+
+
+def test_parse_vmdk_reads_a_real_vmdk(bridge, service_dir):
+    disk = service_dir / "disk.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
+                    "subformat=monolithicSparse", str(disk), "16M"], check=True)
+    answer = curl(bridge, f"/parse-vmdk?path={disk}")
+    assert answer.status == 200, answer.body
+    assert answer.json()
+
+
+def test_metrics_are_prometheus_text(bridge, sleep_job):
+    wait_status(bridge, sleep_job(steps=1, interval=0.01), {"completed"})
+    text = curl(bridge, "/metrics").body
+    assert "# TYPE hypersdk_jobs gauge" in text
+    assert 'hypersdk_jobs{status="completed"} 1' in text
+    assert "hypersdk_up 1" in text
+    assert 'hypersdk_bridge_requests_total{method="GET",route="/jobs/query",status="200"}' in text
+
+
+def test_hypervisord_leaving_the_bus_makes_the_bridge_unhealthy(bridge, sleep_job, system_bus):
+    job_id = sleep_job(steps=1, interval=0.01)
+    wait_status(bridge, job_id, {"completed"})
+    bridge.daemon.stop()
+    deadline = time.monotonic() + 10
+    while curl(bridge, "/health").status != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = curl(bridge, "/health")
+    assert health.status == 503
+    assert health.json()["status"] == "unhealthy" and "bus" in health.json()["reason"]
+    query = curl(bridge, f"/jobs/query?job_id={job_id}")
+    assert query.status == 503 and query.json()["error"] == "ServiceUnavailable"
+    assert "hypersdk_up 0" in curl(bridge, "/metrics").body
+    again = Hypervisord(bridge.daemon.config_path, system_bus.address)
+    again.start()
+    try:
+        deadline = time.monotonic() + 10
+        while curl(bridge, "/health").status != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert curl(bridge, f"/jobs/query?job_id={job_id}").json()["status"] == "completed"
+    finally:
+        again.stop()
