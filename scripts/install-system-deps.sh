@@ -35,6 +35,10 @@ getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent group kvm >/dev/null || groupadd --system kvm
 id libvirt-qemu >/dev/null 2>&1 || useradd --system -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
 mkdir -p /var/log/libvirt /run/libvirt
+# What udev does on a normal host: group kvm (libvirt-qemu is in it) may use /dev/kvm.
+# Without it libvirtd sees KVM "vanish" for the qemu user and re-probes QEMU (~50 s)
+# on every define.
+if [ -c /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi
 
 # Azurite (the Azure Blob emulator) for the Azure provider tests, kept outside the git tree
 AZURITE_DIR="${HYPERSDK_AZURITE_DIR:-/var/tmp/hypersdk-azurite}"
