@@ -110,6 +110,15 @@ class FakeJobContext:
         return "\n".join(message for _level, message in self.logs)
 
 
+@pytest.fixture
+def test_driver():
+    """An open test:///default connection: the driver's state lives while one is open."""
+    import libvirt
+    conn = libvirt.open("test:///default")
+    yield conn
+    conn.close()
+
+
 def _system_libvirt_reachable() -> bool:
     import libvirt
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
@@ -125,6 +134,11 @@ def system_libvirt() -> str:
     """qemu:///system, starting virtlogd and libvirtd (left running) when they are not up."""
     if not Path("/usr/sbin/libvirtd").exists():
         pytest.skip("/usr/sbin/libvirtd is not installed (scripts/install-system-deps.sh)")
+    if Path("/dev/kvm").exists() and os.stat("/dev/kvm").st_mode & 0o060 != 0o060:
+        # As scripts/install-system-deps.sh does: otherwise libvirtd re-probes QEMU
+        # (~50 s) on every call because KVM looks unusable for the qemu user.
+        subprocess.run(["chgrp", "kvm", "/dev/kvm"], check=True)
+        os.chmod("/dev/kvm", 0o660)
     if not _system_libvirt_reachable():
         for directory in ("/var/log/libvirt", "/run/libvirt"):
             os.makedirs(directory, exist_ok=True)
