@@ -152,13 +152,14 @@ class HypervProvider(Provider):
         This is the provider's single transport boundary: the parameters travel as a
         JSON here-string so that no value is ever parsed as PowerShell code.
         """
+        session = self._get_session()   # first: a missing extra is Unavailable, not ImportError
         import requests
         import winrm.exceptions
 
         text = (f"# hypersdk-op: {op}\n$ErrorActionPreference = 'Stop'\n"
                 f"$p = ConvertFrom-Json @'\n{json.dumps(params)}\n'@\n{script}")
         try:
-            result = self._get_session().run_ps(text)
+            result = session.run_ps(text)
         except winrm.exceptions.InvalidCredentialsError:
             raise NotAuthorized(f"provider {self.name!r}: the host {self.settings['host']} "
                                 f"refused the credentials of '{self.settings['username']}'") from None

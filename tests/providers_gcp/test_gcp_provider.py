@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,18 @@ def test_credentials_file_readable_by_others_is_refused_at_config_time(tmp_path)
                                             "credentials_file": str(key_file)}}}, "test")
     assert "providers.gcp.credentials_file" in str(err.value)
     assert "0600 or stricter" in str(err.value) and "0644" in str(err.value)
+
+
+async def test_missing_extra_is_unavailable_naming_it(monkeypatch, fake_compute, gcs_emulator):
+    from hypersdk.service.errors import Unavailable
+    from hypersdk.service.providers.registry import ProviderRegistry
+
+    monkeypatch.setitem(sys.modules, "google.cloud.compute_v1", None)
+    provider = make_provider(fake_compute, gcs_emulator)
+    with pytest.raises(Unavailable, match=r"pip install hypersdk\[gcp\]"):
+        await provider.list_vms({})
+    registry = ProviderRegistry(provider.config)
+    with pytest.raises(Unavailable, match=r"pip install hypersdk\[gcp\]"):
+        registry.check_usable("gcp")
+    [row] = [r for r in registry.capabilities() if r["name"] == "gcp"]
+    assert row["available"] is False and "hypersdk[gcp]" in row["reason"]

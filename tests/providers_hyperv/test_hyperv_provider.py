@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 import pytest
 
@@ -119,3 +120,14 @@ def test_password_file_must_be_private(tmp_path):
     with pytest.raises(ConfigError, match=r"providers\.hv\.password_file"):
         parse_config({"providers": {"hv": {"type": "hyperv", "host": "h",
                                            "password_file": str(secret)}}}, "test")
+
+
+async def test_missing_extra_is_unavailable_naming_it(monkeypatch, fake_winrm):
+    from hypersdk.service.providers.registry import ProviderRegistry
+
+    monkeypatch.setitem(sys.modules, "winrm", None)
+    provider = make_provider(fake_winrm)
+    with pytest.raises(Unavailable, match=r"pip install hypersdk\[hyperv\]"):
+        await provider.list_vms({})
+    with pytest.raises(Unavailable, match=r"pip install hypersdk\[hyperv\]"):
+        ProviderRegistry(provider.config).check_usable("hv")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
+import sys
 
 import pytest
 
@@ -137,3 +137,15 @@ def test_key_file_readable_by_others_is_refused(api_key):
     with pytest.raises(ConfigError, match=r"providers\.oci\.key_file.*0600 or stricter"):
         parse_config({"providers": {"oci": {"compartment_id": COMPARTMENT,
                                             "key_file": str(api_key.key_file)}}}, "test")
+
+
+async def test_missing_extra_is_unavailable_naming_it(monkeypatch, fake_oci, api_key):
+    from hypersdk.service.errors import Unavailable
+    from hypersdk.service.providers.registry import ProviderRegistry
+
+    monkeypatch.setitem(sys.modules, "oci", None)
+    provider = make_provider(fake_oci, api_key.key_file)
+    with pytest.raises(Unavailable, match=r"pip install hypersdk\[oci\]"):
+        await provider.list_vms({})
+    with pytest.raises(Unavailable, match=r"pip install hypersdk\[oci\]"):
+        ProviderRegistry(provider.config).check_usable("oci")
