@@ -32,10 +32,18 @@ def missing_sdk(kind: str) -> str | None:
     except ImportError as exc:
         return f"provider module for {kind} is not part of this build ({exc})"
     for name in getattr(module, "SDK_MODULES", ()):
-        if importlib.util.find_spec(name.split(".")[0]) is None:
+        if not _importable(name):
             extra = EXTRA_FOR_KIND.get(kind, kind)
             return f"needs the Python package {name!r}: pip install hypersdk[{extra}]"
     return None
+
+
+def _importable(module_name: str) -> bool:
+    """Whether the full dotted module exists (a bare 'google' says nothing about compute_v1)."""
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class ProviderRegistry:
