@@ -28,8 +28,8 @@ from .vmdk import parse_vmdk
 OUTPUT_FORMATS = ("qcow2", "raw")
 INPUT_FORMATS = ("vmdk", "vpc", "vhdx", "raw", "qcow2")
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-# Share of a streamOptimized -> qcow2 conversion spent decoding (the rest is the
-# raw -> qcow2 copy); only shapes the progress curve.
+# Share of a streamOptimized -> compressed qcow2 conversion spent decoding (the rest
+# is qemu-img compressing the raw result); only shapes the progress curve.
 _DECODE_SHARE = 0.7
 
 T = TypeVar("T")
@@ -143,19 +143,20 @@ def streamopt_workers() -> int:
 
 async def _convert_stream_optimized(source: Path, tmp: Path, out_format: str, compress: bool,
                                     size: int, report: ProgressFn) -> None:
-    """Decode to sparse raw; for qcow2 then let qemu-img copy raw -> qcow2 (data only)."""
-    raw = tmp if out_format == "raw" else tmp.with_name(tmp.name + ".raw")
-    share = 1.0 if out_format == "raw" else _DECODE_SHARE
+    """Decode straight into raw or qcow2; compressed qcow2 goes raw first, then qemu-img -c."""
+    if not compress:
+        await _decode_in_thread(source, tmp, out_format,
+                                lambda done, total: report(size * done // total, size))
+        return
+    raw = tmp.with_name(tmp.name + ".raw")
     try:
-        await _decode_in_thread(
-            source, raw, lambda done, total: report(int(size * share * done / total), size))
-        if out_format == "qcow2":
-            await run_qemu_img_convert(
-                raw, "raw", tmp, "qcow2", compress,
-                lambda frac: report(int(size * (share + (1 - share) * frac)), size))
+        await _decode_in_thread(source, raw, "raw", lambda done, total: report(
+            int(size * _DECODE_SHARE * done / total), size))
+        await run_qemu_img_convert(
+            raw, "raw", tmp, "qcow2", True,
+            lambda frac: report(int(size * (_DECODE_SHARE + (1 - _DECODE_SHARE) * frac)), size))
     finally:
-        if raw != tmp:
-            raw.unlink(missing_ok=True)
+        raw.unlink(missing_ok=True)
 
 
 async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
@@ -174,14 +175,16 @@ async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
         raise
 
 
-async def _decode_in_thread(source: Path, raw: Path, progress: ProgressFn) -> None:
+async def _decode_in_thread(source: Path, target: Path, out_format: str,
+                            progress: ProgressFn) -> None:
     loop = asyncio.get_running_loop()
 
     def thread_safe_progress(done: int, total: int) -> None:
         loop.call_soon_threadsafe(progress, done, total)
 
-    await run_stoppable(lambda stop: streamopt.decode_to_raw(
-        source, raw, workers=streamopt_workers(), on_progress=thread_safe_progress, stop=stop))
+    await run_stoppable(lambda stop: streamopt.decode(
+        source, target, out_format=out_format, workers=streamopt_workers(),
+        on_progress=thread_safe_progress, stop=stop))
 
 
 async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_format: str,

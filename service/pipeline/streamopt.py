@@ -4,12 +4,15 @@ A streamOptimized VMDK is a sequence of markers after its header: each grain
 marker (LBA, compressed size, deflate data padded to a sector) carries one
 compressed grain; metadata markers (grain table, grain directory, footer) carry
 tables we do not need, and an all-zero end-of-stream marker ends it (VMware
-writes one; qemu, which keeps its tables at the front, just ends the file). qemu-img
-inflates grains on one thread; zlib releases the GIL, so here one thread parses
-markers sequentially and a small pool inflates and `pwrite`s grains at their
-offset. All-zero grains and missing grains stay holes, so the raw output is
-sparse. The queue of grains in flight is bounded, so memory does not grow with
-the disk. Running out of file before the end-of-stream marker is an error.
+writes one; qemu, which keeps its tables at the front, just ends the file).
+
+qemu-img inflates grains on one thread. Here one thread parses markers
+sequentially and a small pool inflates grains (ISA-L's inflate from the `isal`
+package, ~2.4x zlib's speed; both release the GIL) and writes them at their
+offset, either into a raw file or straight into a qcow2 image (`qcow2write.py`).
+All-zero grains and missing grains stay holes, so the output is sparse. The
+queue of grains in flight is bounded, so memory does not grow with the disk.
+A stream that ends inside a grain or a marker is an error.
 """
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Cancelled, Failed
+
+try:  # ISA-L inflates ~2.4x faster than zlib here and also releases the GIL
+    from isal import isal_zlib as inflater
+except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps it working
+    inflater = zlib
+from .qcow2write import Qcow2Writer
 from .vmdk import (GD_AT_END, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
                    read_sparse_header)
 
@@ -33,12 +42,16 @@ _MARKER = struct.Struct("<QII")
 
 
 class _Reader:
-    """Sequential buffered reads over the file with an absolute position."""
+    """Sequential reads over the file in big chunks, with an absolute position.
+
+    Every refill reads into a fresh buffer (no copy beyond the kernel's), so
+    memoryview slices handed to the inflate threads stay valid while they work.
+    """
 
     def __init__(self, fh, start: int) -> None:
         self._fh = fh
         fh.seek(start)
-        self.buf = b""
+        self.buf = memoryview(b"")
         self.pos = 0          # position inside buf
         self.base = start     # file offset of buf[0]
 
@@ -51,9 +64,11 @@ class _Reader:
         if len(self.buf) - self.pos >= n:
             return True
         rest = self.buf[self.pos:]
+        fresh = bytearray(len(rest) + max(READ_SIZE, n))
+        fresh[:len(rest)] = rest
+        got = self._fh.readinto(memoryview(fresh)[len(rest):])
         self.base += self.pos
-        chunk = self._fh.read(max(READ_SIZE, n - len(rest)))
-        self.buf = rest + chunk
+        self.buf = memoryview(fresh)[:len(rest) + got]
         self.pos = 0
         return len(self.buf) >= n
 
@@ -68,12 +83,16 @@ def _round_up(n: int) -> int:
     return (n + SECTOR - 1) // SECTOR * SECTOR
 
 
-class _GrainWriter:
-    """Inflates grains on a thread pool and writes them at their offset."""
+StoreFn = Callable[[int, bytes], None]
 
-    def __init__(self, path: Path, fd: int, grain_bytes: int, capacity: int, workers: int) -> None:
+
+class _GrainWriter:
+    """Inflates grains on a thread pool and stores the non-zero ones at their offset."""
+
+    def __init__(self, path: Path, store: StoreFn, grain_bytes: int, capacity: int,
+                 workers: int) -> None:
         self._path = path
-        self._fd = fd
+        self._store = store
         self._grain_bytes = grain_bytes
         self._capacity = capacity
         self._zero = bytes(grain_bytes)
@@ -89,15 +108,15 @@ class _GrainWriter:
         offset = lba * SECTOR
         expected = min(self._grain_bytes, self._capacity - offset)
         try:
-            out = zlib.decompress(data, bufsize=self._grain_bytes)
-        except zlib.error as exc:
+            out = inflater.decompress(data, bufsize=self._grain_bytes)
+        except inflater.error as exc:
             raise Failed(f"{self._path}: grain at sector {lba} does not inflate: {exc}") from None
         if len(out) < expected or len(out) > self._grain_bytes:
             raise Failed(f"{self._path}: grain at sector {lba} inflates to {len(out)} bytes, "
                          f"expected {expected}")
         out = out[:expected] if len(out) > expected else out
         if out != self._zero[:len(out)]:
-            os.pwrite(self._fd, out, offset)
+            self._store(offset, out)
 
     def finish(self) -> None:
         while self._pending:
@@ -110,33 +129,43 @@ class _GrainWriter:
         self._pool.shutdown(wait=True)
 
 
-def decode_to_raw(source: Path, target: Path, *, workers: int = 2,
-                  on_progress: Callable[[int, int], None] | None = None,
-                  stop: threading.Event | None = None) -> int:
-    """Decode a streamOptimized VMDK into a sparse raw file; return its virtual size.
+def decode(source: Path, target: Path, *, out_format: str = "raw", workers: int = 2,
+           on_progress: Callable[[int, int], None] | None = None,
+           stop: threading.Event | None = None) -> int:
+    """Decode a streamOptimized VMDK into a sparse raw or qcow2 file; return its size.
 
     Blocking: run it in a thread. `on_progress(bytes_read, file_size)` is called every
     few MiB; setting `stop` makes it raise Cancelled soon after. The caller owns
     `target`: it fsyncs it when it keeps it and removes it on failure.
     """
+    if out_format not in ("raw", "qcow2"):
+        raise ValueError(f"out_format must be raw or qcow2, not {out_format!r}")
     source = Path(source)
     file_size = source.stat().st_size
-    with open(source, "rb") as fh:
+    with open(source, "rb", buffering=0) as fh:
         header = read_sparse_header(source, fh.read(SECTOR), file_size)
         if not header.stream_optimized:
             raise Failed(f"{source}: not a streamOptimized VMDK (no compressed grains with markers)")
         capacity = header.capacity_sectors * SECTOR
         grain_bytes = header.grain_sectors * SECTOR
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        writer = _GrainWriter(source, fd, grain_bytes, capacity, workers)
         try:
-            os.ftruncate(fd, capacity)
-            _walk_markers(source, _Reader(fh, header.overhead_sectors * SECTOR), writer, header,
-                          file_size, on_progress, stop)
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+            if out_format == "qcow2":
+                image = Qcow2Writer(fd, capacity, grain_bytes)
+                store, close = image.write_cluster, image.close
+            else:
+                os.ftruncate(fd, capacity)
+                store, close = (lambda offset, data: os.pwrite(fd, data, offset)), None
+            writer = _GrainWriter(source, store, grain_bytes, capacity, workers)
+            try:
+                _walk_markers(source, _Reader(fh, header.overhead_sectors * SECTOR), writer,
+                              header, file_size, on_progress, stop)
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            if close:
+                close()
         finally:
             os.close(fd)
     return capacity
