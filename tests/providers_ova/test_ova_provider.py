@@ -134,3 +134,25 @@ async def test_ova_provider_needs_no_config_section(imports):
     assert await provider.list_vms({}) == []
     assert {"name": "ova", "type": "ova", "configured": True, "available": True,
             "reason": ""} in registry.capabilities()
+
+
+async def test_ova_from_our_writer_becomes_a_libvirt_domain(provider, imports, tmp_path):
+    """The whole way a user's OVA goes: ova provider -> qemu-img convert -> domain."""
+    from hypersdk.service.pipeline.convert import convert_image
+    from hypersdk.service.pipeline.domain_xml import DomainDisk, DomainNic, DomainSpec
+    from hypersdk.service.pipeline.libvirt_import import import_domain
+
+    package = write_package(imports, "roundtrip")
+    vm, disks = await provider.export_disks("roundtrip.ova", tmp_path / "staging",
+                                            ExportOptions(), FakeExportSink())
+    converted = []
+    for disk, raw in zip(disks, package.raws):
+        image = await convert_image(disk.path, tmp_path / f"{disk.path.stem}.qcow2",
+                                    out_format="qcow2")
+        assert same_image(image.path, raw)
+        converted.append(DomainDisk(image.path, "qcow2"))
+    spec = DomainSpec(name=vm.name, memory_mb=vm.memory_mb, vcpus=vm.cpus, disks=converted,
+                      nics=[DomainNic("default", nic.mac) for nic in vm.nics],
+                      firmware=vm.firmware, domain_type="qemu")
+    domain = await import_domain("test:///default", spec)
+    assert domain.name == "roundtrip"
