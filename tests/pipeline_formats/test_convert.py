@@ -8,7 +8,7 @@ import pytest
 
 from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.pipeline.convert import convert_image, detect_format
-from hypersdk.service.pipeline.streamopt import decode_to_raw
+from hypersdk.service.pipeline.streamopt import decode
 
 from .helpers import DATA_BYTES, DISK_SIZE, allocated, images_equal, make_image, make_raw, qemu_img
 
@@ -89,7 +89,7 @@ def test_decoder_refuses_a_stream_cut_before_its_end_marker(tmp_path):
     with open(vmdk, "r+b") as fh:
         fh.truncate(vmdk.stat().st_size // 2 + 100)
     with pytest.raises(Failed) as err:
-        decode_to_raw(vmdk, tmp_path / "out.raw")
+        decode(vmdk, tmp_path / "out.raw")
     assert str(vmdk) in str(err.value)
     assert "without its end-of-stream marker" in str(err.value)
 
@@ -97,7 +97,7 @@ def test_decoder_refuses_a_stream_cut_before_its_end_marker(tmp_path):
 def test_decoder_is_byte_identical_and_sparse(tmp_path):
     raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
     out = tmp_path / "decoded.raw"
-    assert decode_to_raw(vmdk, out, workers=2) == DISK_SIZE
+    assert decode(vmdk, out, workers=2) == DISK_SIZE
     assert out.stat().st_size == DISK_SIZE
     assert images_equal(raw, out)
     assert allocated(out) < SPARSE_LIMIT
@@ -118,7 +118,7 @@ def test_decoder_reads_vmware_style_footer(tmp_path):
     vmware = tmp_path / "vmware.vmdk"
     vmware.write_bytes(gd_at_end + bytes(data[512:end]) + tail)
     out = tmp_path / "decoded.raw"
-    decode_to_raw(vmware, out)
+    decode(vmware, out)
     assert images_equal(raw, out)
 
 

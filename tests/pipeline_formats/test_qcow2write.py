@@ -1,0 +1,82 @@
+"""Qcow2Writer output checked by qemu-img itself: `qemu-img check` and `compare`."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+
+import pytest
+
+from hypersdk.service.pipeline.qcow2write import Qcow2Writer
+
+from .helpers import images_equal, qemu_img
+
+
+def write_both(tmp_path, size: int, cluster: int, clusters: list[int], seed: int = 3):
+    """Write the same clusters into a raw reference and, in the given order, a qcow2."""
+    rng = random.Random(seed)
+    raw, image = tmp_path / "ref.raw", tmp_path / "out.qcow2"
+    with open(raw, "wb") as ref:
+        ref.truncate(size)
+    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        writer = Qcow2Writer(fd, size, cluster)
+        for index in clusters:
+            data = rng.randbytes(min(cluster, size - index * cluster))
+            with open(raw, "r+b") as ref:
+                ref.seek(index * cluster)
+                ref.write(data)
+            writer.write_cluster(index * cluster, data)
+        writer.close()
+    finally:
+        os.close(fd)
+    return raw, image
+
+
+def check(image) -> dict:
+    proc = subprocess.run(["qemu-img", "check", "--output=json", str(image)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_in_order_clusters_across_many_l2_tables(tmp_path):
+    # 4 KiB clusters: one L2 table covers 2 MiB, so 24 MiB spans 12 tables.
+    size, cluster = 24 << 20, 4096
+    chosen = sorted(random.Random(1).sample(range(size // cluster), 700))
+    raw, image = write_both(tmp_path, size, cluster, chosen)
+    result = check(image)
+    assert result["check-errors"] == 0 and result.get("leaks", 0) == 0
+    assert result["allocated-clusters"] == len(chosen)
+    assert images_equal(raw, image)
+    info = json.loads(qemu_img("info", "--output=json", image))
+    assert info["virtual-size"] == size and info["cluster-size"] == cluster
+
+
+def test_out_of_order_clusters_patch_written_tables(tmp_path):
+    size, cluster = 24 << 20, 4096
+    chosen = random.Random(2).sample(range(size // cluster), 500)  # shuffled
+    raw, image = write_both(tmp_path, size, cluster, chosen)
+    assert check(image)["check-errors"] == 0
+    assert images_equal(raw, image)
+
+
+def test_partial_last_cluster_and_empty_image(tmp_path):
+    size, cluster = 10 * 65536 + 4096, 65536
+    raw, image = write_both(tmp_path, size, cluster, [0, 10])
+    assert check(image)["check-errors"] == 0
+    assert images_equal(raw, image)
+    (tmp_path / "empty").mkdir()
+    empty_raw, empty = write_both(tmp_path / "empty", size, cluster, [])
+    assert check(empty).get("allocated-clusters", 0) == 0
+    assert images_equal(empty_raw, empty)
+
+
+def test_refuses_impossible_cluster_sizes(tmp_path):
+    fd = os.open(tmp_path / "x.qcow2", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(ValueError, match="power of two"):
+            Qcow2Writer(fd, 1 << 20, 3000)
+    finally:
+        os.close(fd)
