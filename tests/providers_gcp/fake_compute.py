@@ -187,7 +187,7 @@ class FakeComputeServer:
     async def get_build(self, request):
         build = self.builds[request.match_info["build_id"]]
         build["polls"] += 1
-        if build["status"] == "WORKING" and build["polls"] >= 2:
+        if build["status"] == "WORKING" and build["polls"] >= 2 and self.build_outcome != "HANG":
             if self.build_outcome == "SUCCESS":
                 await asyncio.to_thread(self._write_export, build)
             build["status"] = self.build_outcome

@@ -2,6 +2,7 @@
 compute calls against FakeComputeServer, the download against gcp-storage-emulator."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -198,3 +199,23 @@ async def test_missing_extra_is_unavailable_naming_it(monkeypatch, fake_compute,
         registry.check_usable("gcp")
     [row] = [r for r in registry.capabilities() if r["name"] == "gcp"]
     assert row["available"] is False and "hypersdk[gcp]" in row["reason"]
+
+
+async def test_cancelled_export_cancels_the_build_and_deletes_the_image(populated, gcs_emulator,
+                                                                        tmp_path):
+    populated.build_outcome = "HANG"
+    provider = make_provider(populated, gcs_emulator)
+    target = tmp_path / "out"
+    target.mkdir()
+    task = asyncio.ensure_future(provider.export_disks("web-2", target, ExportOptions(),
+                                                       FakeExportSink()))
+    for _ in range(500):
+        if populated.builds:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [b["status"] for b in populated.builds.values()] == ["CANCELLED"]
+    assert populated.images == {} and list(target.iterdir()) == []
+    await provider.close()
