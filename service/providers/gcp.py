@@ -163,13 +163,14 @@ class GcpProvider(Provider):
     async def _instances(self, zone: str) -> list[tuple[str, Any]]:
         clients = self._get_clients()
         project = self.settings["project"]
+        instances = clients["instances"]
+        # the pagers fetch further pages while iterated: iterate inside the mapped call
         if zone:
-            pager = await self._call("listing instances", clients["instances"].list,
-                                     project=project, zone=zone)
-            return [(zone, inst) for inst in await asyncio.to_thread(list, pager)]
-        pager = await self._call("listing instances", clients["instances"].aggregated_list,
-                                 project=project)
-        scoped = await asyncio.to_thread(list, pager)
+            found = await self._call("listing instances",
+                                     lambda: list(instances.list(project=project, zone=zone)))
+            return [(zone, inst) for inst in found]
+        scoped = await self._call("listing instances",
+                                  lambda: list(instances.aggregated_list(project=project)))
         return [(key.rpartition("/")[2], inst) for key, items in scoped for inst in items.instances]
 
     async def get_vm(self, identifier: str) -> VMInfo:
