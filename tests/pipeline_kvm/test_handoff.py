@@ -1,0 +1,206 @@
+"""The hyper2kvm_integration block: export-only, built-in Direct Pipeline, daemon hand-off."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from hyper2kvm.manifest.loader import ManifestLoader
+
+from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
+from hypersdk.service.pipeline.handoff import run_integration, validate_integration
+from hypersdk.service.providers.base import ExportedDisk, NicInfo, VMInfo
+
+from .conftest import FakeJobContext, qemu_img, write_boot_disk
+
+
+def export_vmdk(directory: Path, name: str, boot_order: int, size: int = 4 << 20) -> ExportedDisk:
+    """A streamOptimized VMDK as an export leaves it, with content the test wrote."""
+    raw = directory / f"{name}.raw"
+    write_boot_disk(raw, size)
+    vmdk = directory / f"{name}.vmdk"
+    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(vmdk))
+    raw.unlink()
+    return ExportedDisk(path=vmdk, format="vmdk", capacity_bytes=size,
+                        file_bytes=vmdk.stat().st_size,
+                        sha256=hashlib.sha256(vmdk.read_bytes()).hexdigest(),
+                        boot_order=boot_order, label=name, key=f"disk-{2000 + boot_order}")
+
+
+@pytest.fixture
+def exported(tmp_path) -> tuple[VMInfo, list[ExportedDisk], Path]:
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    disks = [export_vmdk(export_dir, "data", 1), export_vmdk(export_dir, "boot", 0)]
+    vm = VMInfo(identifier="vm-7", name="app-" + uuid.uuid4().hex[:6], provider="vsphere",
+                cpus=1, memory_mb=512, guest_os="debian11_64Guest",
+                uuid=str(uuid.uuid4()),
+                nics=[NicInfo("4000", "00:50:56:00:00:07", "VM Network")])
+    return vm, disks, export_dir
+
+
+def integration(config, **block) -> dict:
+    return validate_integration({"enabled": True, **block}, config)
+
+
+# --- validation ----------------------------------------------------------------------
+
+def test_defaults_are_export_only_with_config_values(config_for):
+    config = config_for(hyper2kvm={"default_format": "raw"}, libvirt={"network": "lan"})
+    result = validate_integration(None, config)
+    assert result["enabled"] is False and result["instance"] == "default"
+    assert (result["format"], result["network"]) == ("raw", "lan")
+
+
+def test_spec_example_block_is_accepted(config_for):
+    result = validate_integration({"enabled": True, "auto_convert": False, "daemon_mode": True,
+                                   "instance": "vsphere"}, config_for())
+    assert result["daemon_mode"] and result["instance"] == "vsphere"
+
+
+@pytest.mark.parametrize("block, field, rule", [
+    ({"enabled": True, "daemon_mode": True, "colour": 1}, "hyper2kvm_integration.colour",
+     "unknown field"),
+    ({"enabled": "yes"}, "hyper2kvm_integration.enabled", "true or false"),
+    ({"enabled": True, "daemon_mode": True, "instance": "a/b"},
+     "hyper2kvm_integration.instance", "letters, digits"),
+    ({"enabled": True, "auto_convert": True, "format": "vmdk"}, "hyper2kvm_integration.format",
+     "one of qcow2, raw"),
+    ({"enabled": True, "auto_convert": True, "format": "raw", "compression": True},
+     "hyper2kvm_integration.compression", "only qcow2"),
+    ({"enabled": True}, "hyper2kvm_integration", "daemon_mode or auto_convert"),
+    ({"import_to_kvm": True}, "hyper2kvm_integration.import_to_kvm", "enabled: true"),
+    ({"enabled": True, "auto_convert": True, "autostart": True},
+     "hyper2kvm_integration.autostart", "import_to_kvm"),
+])
+def test_bad_blocks_name_the_field(config_for, block, field, rule):
+    with pytest.raises(InvalidArgument) as info:
+        validate_integration(block, config_for())
+    assert info.value.field == field and rule in info.value.rule
+
+
+def test_not_an_object(config_for):
+    with pytest.raises(InvalidArgument, match="hyper2kvm_integration: an object"):
+        validate_integration(["enabled"], config_for())
+
+
+# --- running ---------------------------------------------------------------------------
+
+async def test_disabled_does_nothing(config_for, exported, tmp_path):
+    vm, disks, export_dir = exported
+    config = config_for()
+    ctx = FakeJobContext(config)
+    result = await run_integration(ctx, vm, disks, export_dir, validate_integration({}, config))
+    assert result == {"mode": "export-only"}
+    assert not (tmp_path / "out").exists() and not (tmp_path / "watch").exists()
+    assert ctx.total == 0
+
+
+async def test_auto_convert_converts_every_disk_and_imports(config_for, exported, tmp_path,
+                                                           test_driver):
+    vm, disks, export_dir = exported
+    config = config_for()
+    ctx = FakeJobContext(config)
+    result = await run_integration(ctx, vm, disks, export_dir, integration(
+        config, auto_convert=True, import_to_kvm=True, autostart=True, network="default"))
+    out = tmp_path / "out" / vm.name
+    assert result["mode"] == "builtin" and result["output_dir"] == str(out)
+    paths = [Path(d["path"]) for d in result["disks"]]
+    assert paths == [out / "disk-2000.qcow2", out / "disk-2001.qcow2"]  # boot disk first
+    for path, source in zip(paths, [disks[1], disks[0]]):
+        subprocess.run(["qemu-img", "compare", "-q", str(source.path), str(path)], check=True)
+    assert ctx.total == sum(d.capacity_bytes for d in disks) and ctx.done == ctx.total
+    assert ctx.stages == ["convert", "import"]
+    assert result["import"]["domain"] == vm.name and result["import"]["autostart"]
+    domain = test_driver.lookupByName(vm.name)
+    assert domain.UUIDString() == vm.uuid
+    xml = domain.XMLDesc()
+    assert "00:50:56:00:00:07" in xml and "bus='virtio'" in xml
+    assert xml.index("disk-2000.qcow2") < xml.index("disk-2001.qcow2")
+
+
+async def test_auto_convert_never_overwrites_an_earlier_output(config_for, exported, tmp_path):
+    vm, disks, export_dir = exported
+    config = config_for()
+    earlier = tmp_path / "out" / vm.name / "disk-2001.qcow2"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"precious")
+    with pytest.raises(AlreadyExists, match=f"{earlier} already exists"):
+        await run_integration(FakeJobContext(config), vm, disks, export_dir,
+                              integration(config, auto_convert=True))
+    assert earlier.read_bytes() == b"precious"
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["disk-2001.qcow2"]
+
+
+async def fake_hyper2kvm_daemon(watch_dir: Path) -> Path:
+    """Stands in for the hyper2kvm daemon: waits for a manifest, loads it with the real
+    loader, converts each disk to <output.directory>/<id>.<format>."""
+    while not (manifests := list(watch_dir.glob("*.json"))):
+        await asyncio.sleep(0.02)
+    loader = ManifestLoader()
+    manifest = loader.load(manifests[0])
+    out = Path(manifest["output"]["directory"])
+    out.mkdir(parents=True, exist_ok=True)
+    for disk in loader.get_disks():
+        target = out / f"{disk.id}.{manifest['output']['format']}"
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "convert", "-O", manifest["output"]["format"], str(disk.local_path),
+            str(target))
+        assert await proc.wait() == 0
+    return manifests[0]
+
+
+async def test_daemon_mode_hands_off_waits_and_imports(config_for, exported, tmp_path,
+                                                       dbusmock_systemd, monkeypatch, test_driver):
+    vm, disks, export_dir = exported
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbusmock_systemd.address)
+    name = "vsphere-" + uuid.uuid4().hex[:6]
+    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
+    config = config_for()
+    ctx = FakeJobContext(config)
+    daemon = asyncio.create_task(fake_hyper2kvm_daemon(tmp_path / "watch" / name))
+    result = await run_integration(ctx, vm, disks, export_dir, integration(
+        config, daemon_mode=True, instance=name, import_to_kvm=True))
+    manifest = await daemon
+    assert result["mode"] == "daemon" and result["manifest"] == str(manifest)
+    assert result["unit"] == f"hyper2kvm@{name}.service"
+    assert f"handed off to hyper2kvm@{name}" in ctx.text()
+    assert [Path(d["path"]).name for d in result["disks"]] == ["disk-2000.qcow2",
+                                                              "disk-2001.qcow2"]
+    assert ctx.stages == ["handoff", "waiting for hyper2kvm", "import"]
+    assert test_driver.lookupByName(vm.name).UUIDString() == vm.uuid
+
+
+async def test_daemon_mode_times_out_clearly(config_for, exported, dbusmock_systemd,
+                                             monkeypatch, tmp_path):
+    vm, disks, export_dir = exported
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbusmock_systemd.address)
+    name = "idle-" + uuid.uuid4().hex[:6]
+    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
+    config = config_for(hyper2kvm={"job_timeout": "0.2s"})
+    ctx = FakeJobContext(config)
+    with pytest.raises(Failed, match=r"no finished output within 0.2 s \(hyper2kvm.job_timeout\)"):
+        await run_integration(ctx, vm, disks, export_dir,
+                              integration(config, daemon_mode=True, instance=name))
+    assert len(list((tmp_path / "watch" / name).glob("*.json"))) == 1
+
+
+async def test_daemon_mode_with_inactive_unit_falls_back_to_builtin(
+        config_for, exported, tmp_path, dbusmock_systemd, monkeypatch):
+    vm, disks, export_dir = exported
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbusmock_systemd.address)
+    name = "dead-" + uuid.uuid4().hex[:6]
+    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "failed")
+    config = config_for()
+    ctx = FakeJobContext(config)
+    result = await run_integration(ctx, vm, disks, export_dir,
+                                   integration(config, daemon_mode=True, instance=name))
+    assert result["mode"] == "builtin-fallback"
+    assert result["fallback_reason"] == f"hyper2kvm@{name}.service is failed"
+    assert ("warning", f"hyper2kvm@{name}.service is failed: converting with the built-in "
+                       "converter instead") in ctx.logs
+    assert len(result["disks"]) == 2 and all(Path(d["path"]).is_file() for d in result["disks"])
+    assert not (tmp_path / "watch").exists()
