@@ -14,6 +14,8 @@ import os
 import secrets
 from pathlib import Path
 
+from ..errors import Failed
+
 HASH_CHUNK = 4 * 1024 * 1024
 
 
@@ -36,7 +38,8 @@ class SparseImage:
     def write(self, offset: int, data: bytes) -> None:
         """Write `data` at `offset` (thread-safe); it must lie inside the image."""
         if offset < 0 or offset + len(data) > self.size:
-            raise ValueError(f"block at {offset}+{len(data)} lies outside the image of {self.size} bytes")
+            raise Failed(f"{self.target.name}: a block at byte {offset} of {len(data)} bytes lies "
+                         f"outside the image of {self.size} bytes")
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, offset)

@@ -17,6 +17,8 @@ import pytest
 from hypersdk.service.config import parse_config
 from hypersdk.service.providers.aws import AwsProvider
 
+from ..providers_gcp.fake_sink import FakeExportSink
+
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 REGION = "us-east-1"
 KEY_ID = "AKIDTESTEXAMPLE0001"
@@ -112,24 +114,6 @@ async def provider(tmp_path, moto):
     await made.close()
 
 
-class RecordingSink:
-    """Collects what an export reports (the job context's role in the service)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-        self.total = 0
-        self.done = 0
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.lines.append((level, message))
-
-    def add_total(self, nbytes: int) -> None:
-        self.total += nbytes
-
-    def advance(self, nbytes: int) -> None:
-        self.done += nbytes
-
-
 @pytest.fixture
 def out(tmp_path) -> Path:
     """An empty export directory."""
@@ -139,8 +123,8 @@ def out(tmp_path) -> Path:
 
 
 @pytest.fixture
-def sink() -> RecordingSink:
-    return RecordingSink()
+def sink() -> FakeExportSink:
+    return FakeExportSink()
 
 
 def put_snapshot(ebs, blocks: dict[int, bytes], size_gib: int = 1,

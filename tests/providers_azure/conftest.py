@@ -17,6 +17,7 @@ from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_b
 from hypersdk.service.config import parse_config
 from hypersdk.service.providers.azure import AzureProvider
 
+from ..providers_gcp.fake_sink import FakeExportSink
 from .fake_arm import SUB, TOKEN, FakeArmServer, FakeArmState
 
 AZURITE_DIR = Path(os.environ.get("HYPERSDK_AZURITE_DIR", "/var/tmp/hypersdk-azurite"))
@@ -148,27 +149,9 @@ async def provider(arm, tls):
     await made.close()
 
 
-class RecordingSink:
-    """Collects what an export reports (the job context's role in the service)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-        self.total = 0
-        self.done = 0
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.lines.append((level, message))
-
-    def add_total(self, nbytes: int) -> None:
-        self.total += nbytes
-
-    def advance(self, nbytes: int) -> None:
-        self.done += nbytes
-
-
 @pytest.fixture
-def sink() -> RecordingSink:
-    return RecordingSink()
+def sink() -> FakeExportSink:
+    return FakeExportSink()
 
 
 @pytest.fixture
