@@ -117,8 +117,8 @@ def _snake(name: str) -> str:
 def redact(value: Any) -> Any:
     """Hide values under keys that look secret (webhook headers, passwords) in answers."""
     if isinstance(value, dict):
-        return {k: "***" if _SECRET_KEY_RE.search(str(k)) and v else redact(v)
-                for k, v in value.items()}
+        return {k: "<redacted>" if isinstance(v, str) and v and _SECRET_KEY_RE.search(str(k))
+                else redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

@@ -47,3 +47,19 @@ def sleep_job(system_bus):
     return make
 
 
+
+
+@pytest.fixture(scope="module")
+def vcsim():
+    """The govmomi vCenter simulator (tests/vcsim/harness.py), one per module."""
+    from tests.vcsim.harness import Simulator  # noqa: PLC0415 - pyvmomi only where needed
+
+    with Simulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def vsphere_bridge(start_bridge, vcsim, service_dir):
+    """A bridge whose hypervisord has the provider "vsphere" pointing at the simulator."""
+    return start_bridge(providers={"vsphere": vcsim.provider_settings()},
+                        export={"base_path": str(service_dir / "exports"), "chunk_size": "256KiB"})
