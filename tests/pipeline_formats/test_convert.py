@@ -30,6 +30,8 @@ async def test_convert_keeps_content_and_holes(tmp_path, fmt, subformat, out_for
     assert result.path == target and result.format == out_format
     assert result.virtual_size == DISK_SIZE
     assert detect_format(target) == out_format
+    if out_format == "qcow2":
+        qemu_img("check", target)
     assert images_equal(raw, target)
     assert allocated(target) < SPARSE_LIMIT, "output lost its holes"
     assert result.actual_size == allocated(target)
