@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from textual.widgets import DataTable, Log
@@ -114,3 +115,31 @@ async def test_service_restart_shows_the_banner_and_reconnects(system_bus, start
         later = await asyncio.to_thread(submit_job, system_bus.address, {"steps": 1}, "sleep")
         await wait_for(pilot, lambda: cell(app, later, "Status") == "completed", what="new job")
         assert cell(app, job_id, "Status") == "completed"  # reloaded from the store
+
+
+async def test_schedules_create_disable_delete(system_bus, hypervisord):
+    app = HyperctlApp(HyperClient(system_bus.address), start_mode="schedules")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        screen = app.screen
+        assert not screen.query_one("#automation-note").display
+        await pilot.press("n")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "CreateDialog", what="dialog")
+        editor = app.screen.query_one("#definition")
+        editor.load_text("{not json")
+        await pilot.click("#create")
+        assert "malformed JSON" in str(app.screen.query_one("#create-error").render())
+        editor.load_text(json.dumps({"name": "tui-nightly", "cron": "0 2 * * *", "kind": "sleep",
+                                     "job_definition": {"steps": 1}}))
+        await pilot.press("ctrl+s")
+
+        def row() -> list[str]:
+            table = screen.query_one("#objects", DataTable)
+            return [str(c) for c in table.get_row_at(0)] if table.row_count else []
+
+        await wait_for(pilot, lambda: row()[:2] == ["tui-nightly", "yes"], what="the schedule")
+        assert "Cron=0 2 * * *" in row()[2]
+        await pilot.press("e")
+        await wait_for(pilot, lambda: row()[:2] == ["tui-nightly", "no"], what="disabled")
+        await pilot.press("d")
+        await wait_for(pilot, lambda: row() == [], what="deleted")

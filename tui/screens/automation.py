@@ -7,6 +7,7 @@ method with a JSON definition typed into an editor.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -31,6 +32,8 @@ class AutomationKind:
     interface: str
     create_method: str
     example: dict
+    run_method: str = ""      # "run now" / "test": a method taking only options
+    can_toggle: bool = False  # has SetEnabled(b, options)
 
 
 AUTOMATION_KINDS = {
@@ -38,32 +41,47 @@ AUTOMATION_KINDS = {
         "Schedules", "schedules", ROOT_PATH + "/schedules", "org.hypersdk.HyperSDK1.Schedule",
         "CreateSchedule",
         {"name": "nightly-web01", "cron": "0 2 * * *",
-         "job": {"vm_identifier": "web01", "provider": "vsphere", "export_method": "ova"}}),
+         "job_definition": {"vm_identifier": "web01", "provider": "vsphere",
+                            "export_method": "ova"}},
+        run_method="RunNow", can_toggle=True),
     "backup_policies": AutomationKind(
         "Backup policies", "backup_policies", ROOT_PATH + "/backup_policies",
         "org.hypersdk.HyperSDK1.BackupPolicy", "CreateBackupPolicy",
-        {"name": "weekly", "cron": "0 3 * * 0", "retention": {"keep_last": 4},
-         "vms": [{"vm_identifier": "web01", "provider": "vsphere"}]}),
+        {"name": "weekly", "provider": "vsphere", "vm_filter": {"datacenter": "DC0"},
+         "schedule": "0 3 * * 0", "retention": {"count": 4}},
+        run_method="Run"),
     "webhooks": AutomationKind(
         "Webhooks", "webhooks", ROOT_PATH + "/webhooks", "org.hypersdk.HyperSDK1.Webhook",
         "ConfigureWebhook",
         {"url": "https://hooks.example.com/hypersdk", "events": ["job.completed",
-                                                                 "job.failed"]}),
+                                                                 "job.failed"]},
+        run_method="Test"),
 }
-NAME_PROPERTIES = ("Name", "Id", "Url", "URL")
+NAME_PROPERTIES = ("Name", "Url", "Id")
+HIDDEN_PROPERTIES = NAME_PROPERTIES + ("Enabled", "Definition")
+
+
+def _value(name: str, value) -> str:
+    if name.endswith("Run") and isinstance(value, int):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value / 1e6)) if value else "—"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return ",".join(value)
+    return str(value)
 
 
 def summary(props: dict) -> str:
-    """The interesting properties in one line (JSON-valued ones left out)."""
-    parts = [f"{name}={value}" for name, value in sorted(props.items())
-             if name not in NAME_PROPERTIES + ("Enabled",) and not str(value).startswith(("{", "["))]
-    return "  ".join(parts)
+    """The interesting properties in one line."""
+    return "  ".join(f"{name}={_value(name, value)}" for name, value in sorted(props.items())
+                     if name not in HIDDEN_PROPERTIES and value not in ("", "/"))
 
 
 class CreateDialog(ModalScreen[str | None]):
     """A JSON editor for a new object's definition."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"),
+                Binding("ctrl+s", "create", "Create")]
 
     def __init__(self, kind: AutomationKind) -> None:
         super().__init__()
@@ -83,7 +101,7 @@ class CreateDialog(ModalScreen[str | None]):
         self.dismiss(None)
 
     @on(Button.Pressed, "#create")
-    def _create(self) -> None:
+    def action_create(self) -> None:
         text = self.query_one("#definition", TextArea).text
         try:
             value = json.loads(text)
@@ -103,6 +121,7 @@ class AutomationScreen(HyperScreen):
     BINDINGS = [
         Binding("n", "create", "New"),
         Binding("e", "toggle", "Enable/disable"),
+        Binding("x", "run", "Run now / test"),
         Binding("d", "delete", "Delete"),
     ]
 
@@ -174,6 +193,21 @@ class AutomationScreen(HyperScreen):
                                                     signature, *args)
         except ClientError as exc:
             self.report(exc)
+            return
+        self.notify(f"{member}: done for {path.rsplit('/', 1)[-1]}")
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Offer only what this kind of object supports."""
+        if action == "toggle":
+            return self.kind.can_toggle
+        if action == "run":
+            return bool(self.kind.run_method)
+        return True
+
+    def action_run(self) -> None:
+        path = self.selected()
+        if path:
+            self.call(path, self.kind.run_method)
 
     def action_toggle(self) -> None:
         path = self.selected()

@@ -25,7 +25,7 @@ HELP = """\
   enter  open the job (live log)     c  cancel     r  retry     /  filter
 
 [b]Schedules, backup policies, webhooks[/b]
-  n  create     e  enable/disable     d  delete
+  n  create   e  enable/disable (schedules)   x  run now / test   d  delete
 
 Press escape to close."""
 
