@@ -172,6 +172,8 @@ async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
     except asyncio.CancelledError:
         stop.set()
         await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # mark it retrieved: the cancellation is what the caller sees
         raise
 
 

@@ -175,6 +175,7 @@ def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header, f
                   on_progress, stop) -> None:
     capacity_sectors = header.capacity_sectors
     max_compressed = header.grain_sectors * SECTOR * 2 + 1024
+    seen = bytearray(capacity_sectors // header.grain_sectors // 8 + 1)  # one bit per grain
     next_report = PROGRESS_EVERY
     while True:
         if not reader.ensure(_MARKER.size):
@@ -190,6 +191,10 @@ def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header, f
             if size > max_compressed:
                 raise Failed(f"{source}: grain marker at byte {reader.offset} claims {size} "
                              f"compressed bytes, more than a grain can need")
+            grain, bit = divmod(val // header.grain_sectors, 8)
+            if seen[grain] & (1 << bit):
+                raise Failed(f"{source}: a second grain for sector {val} at byte {reader.offset}")
+            seen[grain] |= 1 << bit
             total = _round_up(12 + size)
             if not reader.ensure(total):
                 raise Failed(f"{source}: truncated inside the grain at byte {reader.offset}: "

@@ -154,3 +154,15 @@ def _is_convert_of(pid: str, out) -> bool:
                 f"/proc/{pid}/cmdline", "rb").read()
     except OSError:
         return False
+
+
+def test_decoder_refuses_a_grain_given_twice(tmp_path):
+    _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    data = vmdk.read_bytes()
+    overhead = int.from_bytes(data[64:72], "little") * 512
+    size = int.from_bytes(data[overhead + 8:overhead + 12], "little")
+    first = data[overhead:overhead + (12 + size + 511) // 512 * 512]
+    doubled = tmp_path / "doubled.vmdk"
+    doubled.write_bytes(data[:overhead] + first + data[overhead:])
+    with pytest.raises(Failed, match="a second grain for sector 0"):
+        decode(doubled, tmp_path / "out.raw")
