@@ -16,9 +16,11 @@ def start_bridge(start_hypervisord, system_bus):
 
     def start(**overrides) -> Bridge:
         port = free_port()
+        overrides = dict(overrides)
         daemon_section = {"address": f"127.0.0.1:{port}", **overrides.pop("daemon", {})}
         daemon = start_hypervisord(daemon=daemon_section, **overrides)
-        bridge = Bridge(daemon.config_path, system_bus.address, port)
+        tls = bool(overrides.get("api", {}).get("tls_cert"))
+        bridge = Bridge(daemon.config_path, system_bus.address, port, tls=tls)
         bridge.daemon = daemon
         started.append(bridge)
         return bridge.start()

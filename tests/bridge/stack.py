@@ -35,10 +35,11 @@ class Bridge:
     port: int
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20, wait_healthy: bool = True) -> "Bridge":
         env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address,
@@ -78,7 +79,7 @@ class Bridge:
 def curl(bridge: Bridge, path: str, *args: str, token: str | None = None,
          timeout: float = 30) -> CurlResult:
     """Run real curl against the bridge; returns the status and the body."""
-    command = ["curl", "-s", "-S", "-o", "-", "-w", "\n%{http_code}", *args]
+    command = ["curl", "-s", "-S", "-k", "-o", "-", "-w", "\n%{http_code}", *args]
     if token:
         command += ["-H", f"Authorization: Bearer {token}"]
     command.append(bridge.url + path)

@@ -1,0 +1,124 @@
+"""Bearer tokens and roles, the audit log, refusing unsafe setups, TLS."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+import yaml
+
+from ..support.hypervisord import write_config
+from ..support.system import REPO
+from .stack import curl, post_json
+
+TOKENS = {
+    "viewer-token-0123456789": {"name": "vera", "role": "viewer"},
+    "operator-token-0123456789": {"name": "otto", "role": "operator"},
+    "admin-token-0123456789abc": {"name": "ada", "role": "admin"},
+}
+VIEWER, OPERATOR, ADMIN = TOKENS
+
+
+def write_tokens(directory, mode: int = 0o600):
+    path = directory / "tokens.yaml"
+    path.write_text(yaml.safe_dump(TOKENS))
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture
+def secured(start_bridge, service_dir):
+    tokens = write_tokens(service_dir)
+    return start_bridge(api={"auth": "token", "tokens_file": str(tokens)})
+
+
+def audit_lines(bridge) -> list[dict]:
+    path = bridge.config_path.parent / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tokens_and_roles(secured, system_bus):
+    assert curl(secured, "/health").status == 200  # public, for load balancers
+    no_token = curl(secured, "/jobs")
+    assert no_token.status == 401 and no_token.json()["error"] == "Unauthorized"
+    assert curl(secured, "/jobs", token="not-a-valid-token-at-all").status == 401
+    assert curl(secured, "/jobs", "-H", "Authorization: Basic abc").status == 401
+    assert curl(secured, "/jobs", token=VIEWER).status == 200
+    refused = post_json(secured, "/jobs/submit", {"provider": "x"}, token=VIEWER)
+    assert refused.status == 403 and refused.json()["error"] == "Forbidden"
+    passed = post_json(secured, "/jobs/submit", {"vm_identifier": "vm-1", "provider": "nope"},
+                       token=OPERATOR)
+    assert passed.status == 400 and passed.json()["field"] == "provider"
+    hook = {"url": "https://example.com/hook", "events": ["job.failed"]}
+    assert post_json(secured, "/webhooks/configure", hook, token=OPERATOR).status == 403
+    assert post_json(secured, "/webhooks/configure", hook, token=ADMIN).status == 200
+
+
+def test_every_mutating_or_refused_call_is_audited(secured):
+    curl(secured, "/jobs")
+    curl(secured, "/jobs", token="not-a-valid-token-at-all")
+    post_json(secured, "/jobs/submit", {"provider": "x"}, token=VIEWER)
+    post_json(secured, "/jobs/submit", {"vm_identifier": "vm-1", "provider": "nope"},
+              token=OPERATOR)
+    curl(secured, "/jobs", token=VIEWER)  # a plain read: not audited
+    lines = audit_lines(secured)
+    summary = [(l["who"], l["method"], l["path"], l["status"], l["result"]) for l in lines]
+    assert summary == [
+        ("unauthenticated", "GET", "/jobs", 401, "Unauthorized"),
+        ("unauthenticated", "GET", "/jobs", 401, "Unauthorized"),
+        ("vera", "POST", "/jobs/submit", 403, "Forbidden"),
+        ("otto", "POST", "/jobs/submit", 400, "InvalidArgument"),
+    ]
+    assert all(l["time"].endswith("Z") and l["remote"] == "127.0.0.1" for l in lines)
+    text = (secured.config_path.parent / "audit.log").read_text()
+    assert "token" not in text.replace("Unauthorized", "")
+
+
+async def test_websocket_needs_a_token_too(secured):
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(secured.url + "/websocket")
+        assert refused.value.status == 401
+        async with session.ws_connect(f"{secured.url}/websocket?access_token={VIEWER}") as ws:
+            await ws.send_json({"type": "ping"})
+            assert (await ws.receive_json(timeout=5)) == {"type": "pong"}
+
+
+def run_bridge(config_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hypersdk.http_bridge.main", "--config",
+                           str(config_path)], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_tokens_file_others_can_read_is_refused(service_dir):
+    tokens = write_tokens(service_dir, 0o644)
+    config = write_config(service_dir, api={"auth": "token", "tokens_file": str(tokens)})
+    done = run_bridge(config)
+    assert done.returncode == 2
+    assert "api.tokens_file" in done.stderr and "0644" in done.stderr
+    assert "token-0123" not in done.stderr
+
+
+def test_auth_none_is_refused_off_loopback(service_dir):
+    config = write_config(service_dir, daemon={"address": "0.0.0.0:8080"})
+    done = run_bridge(config)
+    assert done.returncode == 2 and "api.auth: none" in done.stderr
+
+
+def test_auth_none_on_loopback_is_a_logged_warning(bridge):
+    assert "WARNING" in bridge.log() and "api.auth is none" in bridge.log()
+
+
+def test_tls(start_bridge, service_dir):
+    cert, key = service_dir / "cert.pem", service_dir / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    bridge = start_bridge(api={"tls_cert": str(cert), "tls_key": str(key)})
+    assert bridge.url.startswith("https://")
+    done = subprocess.run(["curl", "-s", "--cacert", str(cert), bridge.url + "/health"],
+                          capture_output=True, text=True, timeout=30)
+    assert json.loads(done.stdout)["status"] == "healthy"
