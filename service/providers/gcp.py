@@ -291,18 +291,24 @@ class GcpProvider(Provider):
                         outputs: OutputFiles) -> str:
         from google.api_core import exceptions as gexc
         import requests
+        import urllib3
 
         md5 = hashlib.md5(usedforsecurity=False)
         sink.add_total(blob.size)
         sink.log(f"downloading gs://{blob.bucket.name}/{blob.name} ({blob.size} bytes)")
 
+        # ranges through the configured endpoint (not the object's mediaLink), all from the
+        # generation whose size and md5 we have: a replaced object fails instead of mixing
+        reader = blob.bucket.blob(blob.name, generation=blob.generation)
+
         def read_range(offset: int, length: int) -> bytes:
-            return blob.download_as_bytes(start=offset, end=offset + length - 1, checksum=None,
-                                          raw_download=True, retry=None)
+            return reader.download_as_bytes(start=offset, end=offset + length - 1, checksum=None,
+                                            raw_download=True, retry=None)
 
         sha256 = await fetch_ranges(read_range, target, blob.size, chunk_size=options.chunk_size,
                                     max_retries=options.max_retries, sink=sink, label=blob.name,
                                     retry_on=(requests.exceptions.RequestException,
+                                              urllib3.exceptions.HTTPError, ConnectionError,
                                               gexc.ServerError, gexc.TooManyRequests),
                                     also_hash=md5.update)
         outputs.add(target)

@@ -219,3 +219,26 @@ async def test_cancelled_export_cancels_the_build_and_deletes_the_image(populate
     assert [b["status"] for b in populated.builds.values()] == ["CANCELLED"]
     assert populated.images == {} and list(target.iterdir()) == []
     await provider.close()
+
+
+async def test_dropped_connection_during_the_gcs_download_is_resumed(populated, gcs_emulator,
+                                                                     tmp_path):
+    from ..vsphere.fault_proxy import FaultInjectingProxy
+
+    host, port = gcs_emulator.removeprefix("http://").split(":")
+    proxy = await FaultInjectingProxy(host, int(port), cut_after=100_000, cuts=1).start()
+    provider = make_provider(populated, gcs_emulator,
+                             storage_endpoint=f"http://127.0.0.1:{proxy.port}")
+    target = tmp_path / "out"
+    target.mkdir()
+    sink = FakeExportSink()
+    try:
+        vm, disks = await provider.export_disks("web-1", target,
+                                                ExportOptions(chunk_size=256 * 1024), sink)
+    finally:
+        await proxy.close()
+        await provider.close()
+    assert proxy.cuts_done == 1
+    assert any("resuming" in line for line in sink.lines)
+    for disk in disks:
+        assert disk.path.read_bytes() == populated.disk_content[disk.label]
