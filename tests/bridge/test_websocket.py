@@ -1,0 +1,145 @@
+"""/websocket: updates for every job, subscriptions, and slow clients that never hurt others."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+
+import aiohttp
+import pytest
+
+from hypersdk.http_bridge.websocket import ClientQueue
+
+from .conftest import submit_sleep
+from .stack import curl
+
+
+async def collect_until_done(ws, jobs: set[str], timeout: float = 60) -> list[dict]:
+    """Messages until every job in `jobs` has sent job.completed."""
+    messages, pending = [], set(jobs)
+    deadline = time.monotonic() + timeout
+    while pending:
+        message = await ws.receive_json(timeout=max(0.1, deadline - time.monotonic()))
+        messages.append(message)
+        if message.get("type") == "job.completed":
+            pending.discard(message["job_id"])
+    return messages
+
+
+def statuses(messages: list[dict], job_id: str) -> list[str]:
+    """The distinct statuses a client saw for a job, in order."""
+    seen: list[str] = []
+    for message in messages:
+        if message.get("job_id") == job_id and message["type"] in ("job.created", "job.status"):
+            if not seen or seen[-1] != message["status"]:
+                seen.append(message["status"])
+    return seen
+
+
+async def submit_in_thread(address: str, count: int, **definition) -> list[str]:
+    return await asyncio.to_thread(
+        lambda: [submit_sleep(address, **definition) for _ in range(count)])
+
+
+async def test_a_client_sees_a_job_from_creation_to_completion(bridge, system_bus):
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(bridge.url + "/websocket") as ws:
+            (job_id,) = await submit_in_thread(system_bus.address, 1, steps=10, interval=0.1,
+                                               step_bytes=1000)
+            messages = await collect_until_done(ws, {job_id})
+    assert statuses(messages, job_id) == ["pending", "running", "completed"]
+    assert messages[0]["type"] == "job.created"
+    progress = [m["progress"] for m in messages if m["type"] == "job.progress"]
+    assert len(progress) >= 2 and progress == sorted(progress)
+    for message in messages:  # the spec's snippet reads exactly these
+        assert {"job_id", "status", "progress"} <= message.keys()
+    assert messages[-1]["type"] == "job.completed" and messages[-1]["progress"] == 100.0
+
+
+async def test_subscribe_limits_updates_to_some_jobs(bridge, system_bus):
+    (watched,) = await submit_in_thread(system_bus.address, 1, steps=10, interval=0.05)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(bridge.url + "/websocket") as ws:
+            await ws.send_json({"subscribe": [watched]})
+            assert await ws.receive_json(timeout=5) == {"type": "subscribed", "jobs": [watched]}
+            (other,) = await submit_in_thread(system_bus.address, 1, steps=2, interval=0.01)
+            messages = await collect_until_done(ws, {watched})
+            await ws.send_str("not json")
+            error = await ws.receive_json(timeout=5)
+    assert {m["job_id"] for m in messages} == {watched}
+    assert messages[0]["type"] == "job.status"  # the current state, at once
+    assert error["type"] == "error" and error["field"] == "message"
+    assert other
+
+
+def stalled_client(port: int) -> socket.socket:
+    """A real WebSocket client that completes the handshake and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /websocket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    return sock
+
+
+@pytest.mark.slow
+async def test_hundred_clients_one_never_reading(bridge, system_bus):
+    stalled = stalled_client(bridge.port)
+    async with aiohttp.ClientSession() as session:
+        clients = [await session.ws_connect(bridge.url + "/websocket") for _ in range(99)]
+        await asyncio.sleep(0.2)
+        rss_before = bridge.rss_kib()
+        jobs = set(await submit_in_thread(system_bus.address, 40, steps=8, interval=0.05,
+                                          step_bytes=4096))
+        results = await asyncio.gather(*(collect_until_done(ws, jobs, 120) for ws in clients))
+        rss_after = bridge.rss_kib()
+        metrics = curl(bridge, "/metrics").body
+        for ws in clients:
+            await ws.close()
+    stalled.close()
+    for messages in results:
+        for job_id in jobs:
+            assert statuses(messages, job_id) == ["pending", "running", "completed"], job_id
+    assert rss_after - rss_before < 40 * 1024, (rss_before, rss_after)
+    assert "hypersdk_bridge_websocket_clients 100" in metrics
+
+
+def test_queue_replaces_a_waiting_progress_update_of_the_same_job():
+    queue = ClientQueue(max_items=10)
+    queue.put("p1", progress_of="job-a")
+    queue.put("s1")
+    queue.put("p2", progress_of="job-a")
+    assert list(queue._items.values()) == ["s1", "p2"] and queue.dropped == 1
+
+
+async def test_queue_drops_old_progress_first_never_status():
+    queue = ClientQueue(max_items=3)
+    queue.put("s1")
+    queue.put("pa", progress_of="job-a")
+    queue.put("pb", progress_of="job-b")
+    assert queue.put("s2")  # full: the oldest progress (pa) goes
+    assert [await queue.get() for _ in range(3)] == ["s1", "pb", "s2"]
+
+
+async def test_queue_full_of_status_changes_overflows():
+    queue = ClientQueue(max_items=2)
+    assert queue.put("s1") and queue.put("s2")
+    assert not queue.put("s3")
+    assert queue.overflowed and len(queue) == 0
+    assert await queue.get() is None
+
+
+async def test_websocket_snippet_shape_matches_the_openapi_update_schema(bridge, system_bus):
+    schema = json.loads(curl(bridge, "/openapi.json").body)["components"]["schemas"]["Update"]
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(bridge.url + "/websocket") as ws:
+            (job_id,) = await submit_in_thread(system_bus.address, 1, steps=2, interval=0.05)
+            messages = await collect_until_done(ws, {job_id})
+    for message in messages:
+        assert set(message) == set(schema["properties"])
+        assert message["type"] in schema["properties"]["type"]["enum"]
