@@ -78,6 +78,12 @@ def guest_family(guest_os: str) -> str:
     return "unknown"
 
 
+def serial_log_beside(disk: Path, vm_name: str) -> Path:
+    """Where an imported VM's serial console is logged: next to its boot disk."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", vm_name).strip("._") or "vm"
+    return Path(disk).parent / f"{safe}.serial.log"
+
+
 def is_uuid(text: str) -> bool:
     return bool(_UUID_RE.match(text))
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import AlreadyExists, InvalidArgument
 from .convert import convert_image
-from .domain_xml import DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid
+from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
+                         serial_log_beside)
 from .hyper2kvm import unit_state, wait_for_output
 from .libvirt_import import import_domain
 from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
@@ -208,7 +209,8 @@ async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]
         nics=[DomainNic(integration["network"], nic.mac) for nic in vm.nics],
         firmware=vm.firmware if vm.firmware in ("bios", "uefi") else "bios",
         secure_boot=vm.secure_boot and vm.firmware == "uefi",
-        os_family=guest_family(vm.guest_os))
+        os_family=guest_family(vm.guest_os),
+        serial_log=serial_log_beside(Path(images[0][0]), vm.name))
     if not vm.memory_mb:
         ctx.log(f"the VM reports no memory size; giving it {DEFAULT_MEMORY_MB} MiB", "warning")
     ctx.log(f"defining domain {vm.name!r} at {uri}")

@@ -14,7 +14,8 @@ from typing import Any
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from .convert import detect_format
-from .domain_xml import DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec
+from .domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec,
+                         serial_log_beside)
 from .libvirt_import import import_domain
 
 _FIELDS: dict[str, type] = {
@@ -103,7 +104,8 @@ def _spec(definition: dict, formats: list[str]) -> DomainSpec:
         name=definition["vm_name"], memory_mb=definition["memory_mb"], vcpus=definition["vcpus"],
         disks=[DomainDisk(Path(p), f) for p, f in zip(definition["disk_paths"], formats)],
         nics=[DomainNic(network)] if network else [], uuid=definition["uuid"],
-        firmware=definition["firmware"], os_family=definition["os_type"])
+        firmware=definition["firmware"], os_family=definition["os_type"],
+        serial_log=serial_log_beside(Path(definition["disk_paths"][0]), definition["vm_name"]))
 
 
 register(ImportKind())

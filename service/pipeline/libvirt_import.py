@@ -1,5 +1,8 @@
 """Define a domain in libvirt (libvirt-python, blocking calls in a thread).
 
+When the spec leaves the domain type open, it is kvm if the hypervisor at the URI
+offers KVM for x86_64 guests, else qemu (TCG).
+
 An existing domain is never overwritten: the name and the UUID are looked up
 first, and libvirt itself refuses a define whose name exists under another UUID,
 so a define can only create. When autostart or start fails after the define,
@@ -8,11 +11,13 @@ the new domain is undefined again so nothing half-imported is left behind.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lxml import etree
+
 from ..errors import AlreadyExists, Failed, NotFound, Unavailable
-from .domain_xml import DomainSpec, build_domain_xml, domain_notes
+from .domain_xml import DomainSpec, build_domain_xml, detect_domain_type, domain_notes
 
 
 @dataclass
@@ -23,10 +28,14 @@ class ImportedDomain:
     autostart: bool
     started: bool
     notes: list[str]
+    serial_log: str
+    domain_type: str
 
     def to_dict(self) -> dict:
         return {"domain": self.name, "uuid": self.uuid, "uri": self.uri,
-                "autostart": self.autostart, "started": self.started, "notes": self.notes}
+                "domain_type": self.domain_type,
+                "autostart": self.autostart, "started": self.started, "notes": self.notes,
+                "serial_log": self.serial_log}
 
 
 def _libvirt():
@@ -43,24 +52,26 @@ async def import_domain(uri: str, spec: DomainSpec, *, autostart: bool = False,
     for disk in spec.disks:
         if not Path(disk.path).is_file():
             raise NotFound(f"disk {disk.path} does not exist")
-    xml = build_domain_xml(spec)
-    networks = sorted({nic.network for nic in spec.nics})
-    name, uuid = await asyncio.to_thread(_define, uri, spec.name, spec.uuid, xml, networks,
-                                         autostart, start)
-    return ImportedDomain(name, uuid, uri, autostart, start, domain_notes(spec))
+    build_domain_xml(spec)  # refuse a bad spec before connecting
+    name, uuid, domain_type = await asyncio.to_thread(_define, uri, spec, autostart, start)
+    return ImportedDomain(name, uuid, uri, autostart, start, domain_notes(spec),
+                          str(spec.serial_log or ""), domain_type)
 
 
-def _define(uri: str, name: str, uuid: str, xml: str, networks: list[str], autostart: bool,
-            start: bool) -> tuple[str, str]:
+def _define(uri: str, spec: DomainSpec, autostart: bool, start: bool) -> tuple[str, str, str]:
     libvirt = _libvirt()
+    name = spec.name
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise Unavailable(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
     try:
-        _check_free(libvirt, conn, uri, name, uuid)
-        for network in networks:
+        _check_free(libvirt, conn, uri, name, spec.uuid)
+        for network in sorted({nic.network for nic in spec.nics}):
             _check_network(libvirt, conn, uri, network)
+        if not spec.domain_type:
+            spec = replace(spec, domain_type=_domain_type_at(conn))
+        xml = build_domain_xml(spec)
         try:
             domain = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
         except libvirt.libvirtError as exc:
@@ -76,9 +87,20 @@ def _define(uri: str, name: str, uuid: str, xml: str, networks: list[str], autos
             what = "start" if start else "set autostart for"
             raise Failed(f"libvirt at {uri} could not {what} domain {name!r} "
                          f"(the definition was removed again): {exc.get_error_message()}") from exc
-        return domain.name(), domain.UUIDString()
+        return domain.name(), domain.UUIDString(), spec.domain_type
     finally:
         conn.close()
+
+
+def _domain_type_at(conn) -> str:
+    """kvm when the hypervisor behind `conn` offers it for x86_64 guests, else qemu; the
+    local guess (detect_domain_type) for drivers that offer neither (test:///)."""
+    caps = etree.fromstring(conn.getCapabilities().encode())
+    offered = set(caps.xpath("guest[arch/@name='x86_64']/arch/domain/@type"))
+    for domain_type in ("kvm", "qemu"):
+        if domain_type in offered:
+            return domain_type
+    return detect_domain_type()
 
 
 def _check_free(libvirt, conn, uri: str, name: str, uuid: str) -> None:

@@ -2,6 +2,7 @@
 a bootable disk, and a recording stand-in for the job engine's context."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.config import parse_config
+from hypersdk.service.providers.base import ExportedDisk
 
 SYSTEM_URI = "qemu:///system"
 BOOT_LINE = b"HYPERSDK BOOT OK"
@@ -52,6 +54,19 @@ def write_boot_disk(path: Path, size: int = 1024 * 1024) -> Path:
 
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def export_vmdk(directory: Path, name: str, boot_order: int, size: int = 4 << 20) -> ExportedDisk:
+    """A streamOptimized VMDK of a boot disk, as an export leaves it."""
+    raw = directory / f"{name}.raw"
+    write_boot_disk(raw, size)
+    vmdk = directory / f"{name}.vmdk"
+    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(vmdk))
+    raw.unlink()
+    return ExportedDisk(path=vmdk, format="vmdk", capacity_bytes=size,
+                        file_bytes=vmdk.stat().st_size,
+                        sha256=hashlib.sha256(vmdk.read_bytes()).hexdigest(),
+                        boot_order=boot_order, label=name, key=f"disk-{2000 + boot_order}")
 
 
 @pytest.fixture

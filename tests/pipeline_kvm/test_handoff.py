@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import subprocess
 import uuid
 from pathlib import Path
@@ -14,20 +13,7 @@ from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
 from hypersdk.service.pipeline.handoff import run_integration, validate_integration
 from hypersdk.service.providers.base import ExportedDisk, NicInfo, VMInfo
 
-from .conftest import FakeJobContext, qemu_img, write_boot_disk
-
-
-def export_vmdk(directory: Path, name: str, boot_order: int, size: int = 4 << 20) -> ExportedDisk:
-    """A streamOptimized VMDK as an export leaves it, with content the test wrote."""
-    raw = directory / f"{name}.raw"
-    write_boot_disk(raw, size)
-    vmdk = directory / f"{name}.vmdk"
-    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(vmdk))
-    raw.unlink()
-    return ExportedDisk(path=vmdk, format="vmdk", capacity_bytes=size,
-                        file_bytes=vmdk.stat().st_size,
-                        sha256=hashlib.sha256(vmdk.read_bytes()).hexdigest(),
-                        boot_order=boot_order, label=name, key=f"disk-{2000 + boot_order}")
+from .conftest import FakeJobContext, export_vmdk
 
 
 @pytest.fixture
