@@ -268,6 +268,9 @@ class OciProvider(Provider):
             if volume is not boot:
                 sink.log(f"block volume {volume.label} is not part of a custom image and is "
                          "not exported", "warning")
+        if vm.power_state == "poweredOn":
+            sink.log(f"{vm.name} runs: OCI stops it while the custom image is taken and "
+                     "starts it again afterwards")
         fmt = self.settings["export_format"]
         outputs = OutputFiles(target_dir)
         cleanup: list[tuple[str, Any]] = []

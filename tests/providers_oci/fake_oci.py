@@ -47,6 +47,7 @@ class FakeOciServer:
     throttle: list[float] = field(default_factory=list)   # Retry-After values to answer first
     drop_after: int | None = None     # cut the next PAR download after this many bytes
     export_fails: bool = False
+    export_hangs: bool = False        # the export never finishes (for cancellation)
     page_size: int = 0                # >0: list calls answer in pages (opc-next-page)
     calls: list[tuple[float, str]] = field(default_factory=list)
     par_gets: list[str] = field(default_factory=list)     # Range header of each PAR GET
@@ -194,7 +195,9 @@ class FakeOciServer:
         if image is None:
             return _error(404, "NotAuthorizedOrNotFound", "image not found")
         image["_polls"] += 1
-        if image["lifecycleState"] == "PROVISIONING" and image["_polls"] >= 2:
+        if image["lifecycleState"] == "EXPORTING" and self.export_hangs:
+            pass
+        elif image["lifecycleState"] == "PROVISIONING" and image["_polls"] >= 2:
             image["lifecycleState"] = "AVAILABLE"
         elif image["lifecycleState"] == "EXPORTING" and image["_polls"] >= 2:
             if self.export_fails:

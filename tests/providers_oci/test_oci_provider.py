@@ -149,3 +149,21 @@ async def test_missing_extra_is_unavailable_naming_it(monkeypatch, fake_oci, api
         await provider.list_vms({})
     with pytest.raises(Unavailable, match=r"pip install hypersdk\[oci\]"):
         ProviderRegistry(provider.config).check_usable("oci")
+
+
+async def test_cancelled_export_removes_image_and_object(populated, api_key, tmp_path):
+    import asyncio
+
+    populated.export_hangs = True
+    provider = make_provider(populated, api_key.key_file)
+    task = asyncio.ensure_future(provider.export_disks("app-1", tmp_path, ExportOptions(),
+                                                       FakeExportSink()))
+    for _ in range(500):
+        if any(image["lifecycleState"] == "EXPORTING" for image in populated.images.values()):
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert populated.images == {} and populated.pars == {}
+    assert any(call.startswith("DELETE /n/testns/b/exports/o/") for _, call in populated.calls)
