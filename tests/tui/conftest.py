@@ -47,3 +47,6 @@ def hyperctl(system_bus):
     def run(*args: str, stdin: str | None = None, timeout: float = 60):
         return run_hyperctl(system_bus.address, *args, stdin=stdin, timeout=timeout)
     return run
+
+
+from ..vsphere.conftest import si, sim, vcsim_binary  # noqa: E402,F401 - the simulator fixtures

@@ -43,7 +43,7 @@ class MigrateScreen(HyperScreen):
             yield Label("Conversion", classes="section")
             with RadioSet(id="mode"):
                 for key, label in MODES.items():
-                    yield RadioButton(label, value=key == defaults.mode, name=key)
+                    yield RadioButton(label, value=key == defaults.mode, name=key, id=f"mode-{key}")
             with Horizontal(classes="form-row"):
                 yield Label("Format")
                 yield Select([(f, f) for f in OUTPUT_FORMATS], value=defaults.output_format,
