@@ -21,7 +21,7 @@ from .convert import convert_image
 from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                          serial_log_beside)
 from .hyper2kvm import unit_state, wait_for_output
-from .libvirt_import import import_domain
+from .libvirt_import import import_domain, preflight
 from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
 
 if TYPE_CHECKING:
@@ -97,6 +97,8 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
 
     Returns the job result's section: `mode` (export-only, daemon, builtin,
     builtin-fallback), the manifest path, the converted disks and the domain.
+    With import_to_kvm, libvirt is asked first whether the name, UUID and network
+    are usable, so an hour of conversion is not wasted on a name that is taken.
 
     In daemon mode, when hyper2kvm@<instance> is not active, this says so in the
     job log and converts with the built-in converter instead of failing or
@@ -105,14 +107,26 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
     """
     if not integration["enabled"]:
         return {"mode": "export-only"}
+    if integration["import_to_kvm"]:
+        await preflight(ctx.config.libvirt.uri, vm.name, _kept_uuid(vm),
+                        [integration["network"]] if vm.nics else [])
     if integration["daemon_mode"]:
         state = await unit_state(integration["instance"])
         if state.active:
-            return await _hand_off(ctx, vm, disks, integration, state.unit)
-        ctx.log(f"{state.describe()}: converting with the built-in converter instead", "warning")
+            result = await _hand_off(ctx, vm, disks, integration, state.unit)
+        else:
+            ctx.log(f"{state.describe()}: converting with the built-in converter instead",
+                    "warning")
+            result = {**await _convert_builtin(ctx, vm, disks, integration),
+                      "mode": "builtin-fallback", "fallback_reason": state.describe()}
+    else:
         result = await _convert_builtin(ctx, vm, disks, integration)
-        return {**result, "mode": "builtin-fallback", "fallback_reason": state.describe()}
-    return await _convert_builtin(ctx, vm, disks, integration)
+    return {**result, "export_dir": str(export_dir)}
+
+
+def _kept_uuid(vm: "VMInfo") -> str:
+    """The source UUID when it is one (libvirt keeps it), else "" (libvirt picks one)."""
+    return vm.uuid if is_uuid(vm.uuid) else ""
 
 
 def _vm_output_dir(config: "Config", vm: "VMInfo") -> Path:
@@ -200,7 +214,7 @@ async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]
                   integration: dict) -> dict:
     ctx.set_stage("import")
     uri = ctx.config.libvirt.uri
-    uuid = vm.uuid if is_uuid(vm.uuid) else ""
+    uuid = _kept_uuid(vm)
     if vm.uuid and not uuid:
         ctx.log(f"the source id {vm.uuid!r} is not a UUID; libvirt assigns a new one", "warning")
     spec = DomainSpec(

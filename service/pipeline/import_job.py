@@ -37,7 +37,8 @@ class ImportKind(JobKind):
         for key, value in definition.items():
             expected = _FIELDS.get(key)
             if expected is None:
-                raise InvalidArgument(key, "unknown field (known: " + ", ".join(sorted(_FIELDS)) + ")")
+                known = ", ".join(sorted(_FIELDS))
+                raise InvalidArgument(key, f"unknown field (known: {known})")
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise InvalidArgument(key, f"a {_TYPE_NAMES[expected]}")
         for key in _REQUIRED:
@@ -62,7 +63,8 @@ class ImportKind(JobKind):
         definition = ctx.definition
         uri = ctx.config.libvirt.uri
         ctx.set_stage("import")
-        formats = [await asyncio.to_thread(detect_format, Path(p)) for p in definition["disk_paths"]]
+        formats = [await asyncio.to_thread(detect_format, Path(path))
+                   for path in definition["disk_paths"]]
         for path, fmt in zip(definition["disk_paths"], formats):
             if fmt not in DISK_FORMATS:
                 raise InvalidArgument("disk_path", f"{path} is a {fmt} image; convert it to "

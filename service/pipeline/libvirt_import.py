@@ -58,17 +58,40 @@ async def import_domain(uri: str, spec: DomainSpec, *, autostart: bool = False,
                           str(spec.serial_log or ""), domain_type)
 
 
+async def preflight(uri: str, name: str, uuid: str, networks: list[str]) -> None:
+    """Raise now what import_domain would raise later for this name, UUID and networks,
+    so a long conversion does not start for a VM that cannot be imported."""
+    await asyncio.to_thread(_preflight, uri, name, uuid, networks)
+
+
+def _preflight(uri: str, name: str, uuid: str, networks: list[str]) -> None:
+    libvirt = _libvirt()
+    conn = _open(libvirt, uri)
+    try:
+        _check_target(libvirt, conn, uri, name, uuid, networks)
+    finally:
+        conn.close()
+
+
+def _open(libvirt, uri: str):
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise Unavailable(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
+
+
+def _check_target(libvirt, conn, uri: str, name: str, uuid: str, networks: list[str]) -> None:
+    _check_free(libvirt, conn, uri, name, uuid)
+    for network in sorted(set(networks)):
+        _check_network(libvirt, conn, uri, network)
+
+
 def _define(uri: str, spec: DomainSpec, autostart: bool, start: bool) -> tuple[str, str, str]:
     libvirt = _libvirt()
     name = spec.name
+    conn = _open(libvirt, uri)
     try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        raise Unavailable(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
-    try:
-        _check_free(libvirt, conn, uri, name, spec.uuid)
-        for network in sorted({nic.network for nic in spec.nics}):
-            _check_network(libvirt, conn, uri, network)
+        _check_target(libvirt, conn, uri, name, spec.uuid, [nic.network for nic in spec.nics])
         if not spec.domain_type:
             spec = replace(spec, domain_type=_domain_type_at(conn))
         xml = build_domain_xml(spec)

@@ -97,6 +97,7 @@ async def test_start_failure_leaves_no_definition(libvirt_system, guest_dir):
     spec = DomainSpec(name="hypersdk-boot-" + uuid.uuid4().hex[:6], memory_mb=64, vcpus=1,
                       disks=[DomainDisk(broken)], domain_type="qemu")
     names.append(spec.name)
-    with pytest.raises(Failed, match="could not start domain .*the definition was removed again\): .*not in qcow2 format"):
+    with pytest.raises(Failed, match=r"could not start domain .*the definition was removed "
+                                     r"again\): .*not in qcow2 format"):
         await import_domain("qemu:///system", spec, start=True)
     assert spec.name not in conn.listDefinedDomains()

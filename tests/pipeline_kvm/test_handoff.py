@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hyper2kvm.manifest.loader import ManifestLoader
 
-from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
+from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
 from hypersdk.service.pipeline.handoff import run_integration, validate_integration
 from hypersdk.service.providers.base import ExportedDisk, NicInfo, VMInfo
 
@@ -189,4 +189,27 @@ async def test_daemon_mode_with_inactive_unit_falls_back_to_builtin(
     assert ("warning", f"hyper2kvm@{name}.service is failed: converting with the built-in "
                        "converter instead") in ctx.logs
     assert len(result["disks"]) == 2 and all(Path(d["path"]).is_file() for d in result["disks"])
+    assert not (tmp_path / "watch").exists()
+
+
+async def test_taken_name_is_refused_before_any_conversion(config_for, exported, tmp_path,
+                                                          test_driver):
+    vm, disks, export_dir = exported
+    test_driver.defineXML(f"<domain type='test'><name>{vm.name}</name><memory>65536</memory>"
+                          "<os><type>hvm</type></os></domain>")
+    config = config_for()
+    ctx = FakeJobContext(config)
+    with pytest.raises(AlreadyExists, match=f"a domain named '{vm.name}' already exists"):
+        await run_integration(ctx, vm, disks, export_dir,
+                              integration(config, auto_convert=True, import_to_kvm=True))
+    assert not (tmp_path / "out").exists() and ctx.total == 0
+
+
+async def test_missing_network_is_refused_before_the_hand_off(config_for, exported, tmp_path,
+                                                              test_driver):
+    vm, disks, export_dir = exported
+    config = config_for()
+    with pytest.raises(NotFound, match="network 'lan' does not exist at test:///default"):
+        await run_integration(FakeJobContext(config), vm, disks, export_dir, integration(
+            config, daemon_mode=True, import_to_kvm=True, network="lan"))
     assert not (tmp_path / "watch").exists()
