@@ -24,7 +24,7 @@ from itertools import count
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .mirror import JOB_IFACE, MirrorEvent, ServiceMirror
-from .views import FINISHED, update_json
+from .views import update_json
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ class ClientQueue:
 
 
 class Client:
-    def __init__(self, ws: web.WebSocketResponse, transport, who: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, transport, who: str, max_queued: int) -> None:
         self.ws = ws
         self.transport = transport
         self.who = who
-        self.queue = ClientQueue()
+        self.queue = ClientQueue(max_queued)
         self.jobs: set[str] | None = None  # None: every job
 
     def wants(self, job_id: str) -> bool:
@@ -100,8 +100,9 @@ class Client:
 
 
 class WebSocketHub:
-    def __init__(self, mirror: ServiceMirror) -> None:
+    def __init__(self, mirror: ServiceMirror, max_queued: int = MAX_QUEUED) -> None:
         self.mirror = mirror
+        self.max_queued = max_queued
         self.clients: weakref.WeakSet[Client] = weakref.WeakSet()
         self.dropped_total = 0
         self.disconnected_slow = 0
@@ -149,7 +150,7 @@ class WebSocketHub:
     async def handle(self, request: web.Request, who: str) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=64 * 1024)
         await ws.prepare(request)
-        client = Client(ws, request.transport, who)
+        client = Client(ws, request.transport, who, self.max_queued)
         self.clients.add(client)
         request.app[WEBSOCKETS].add(ws)
         writer = asyncio.create_task(self._write(client), name="ws-writer")
@@ -222,5 +223,3 @@ async def close_all(app: web.Application) -> None:
     for ws in set(app[WEBSOCKETS]):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
-
-__all__ = ["ClientQueue", "WebSocketHub", "WEBSOCKETS", "close_all", "FINISHED"]

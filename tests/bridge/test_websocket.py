@@ -7,11 +7,13 @@ import json
 import os
 import socket
 import time
+import weakref
 
 import aiohttp
 import pytest
 
-from hypersdk.http_bridge.websocket import ClientQueue
+from hypersdk.http_bridge.mirror import JOB_IFACE, MirrorEvent
+from hypersdk.http_bridge.websocket import WEBSOCKETS, ClientQueue, WebSocketHub
 
 from .conftest import submit_sleep
 from .stack import curl
@@ -143,3 +145,67 @@ async def test_websocket_snippet_shape_matches_the_openapi_update_schema(bridge,
     for message in messages:
         assert set(message) == set(schema["properties"])
         assert message["type"] in schema["properties"]["type"]["enum"]
+
+
+class FakeMirror:
+    """Stands in for ServiceMirror so the hub can be flooded faster than any real job can;
+    the WebSocket server and both clients are real."""
+
+    def __init__(self) -> None:
+        self.listeners = []
+        self.objects = {}
+
+    def subscribe(self, listener) -> None:
+        self.listeners.append(listener)
+
+    def unsubscribe(self, listener) -> None:
+        self.listeners.remove(listener)
+
+    def get(self, path: str, interface: str):
+        return self.objects.get(path, {}).get(interface)
+
+    def set_status(self, index: int) -> None:
+        path = "/org/hypersdk/HyperSDK1/jobs/job_1"
+        props = {"Id": "job-1", "Status": f"status-{index}", "Error": "x" * 1000}
+        self.objects[path] = {JOB_IFACE: props}
+        for listener in self.listeners:
+            listener(MirrorEvent("changed", path, JOB_IFACE, {"Status": props["Status"]}))
+
+
+async def test_a_stalled_client_is_cut_off_and_never_slows_others():
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    mirror = FakeMirror()
+    hub = WebSocketHub(mirror, max_queued=16)
+    app = web.Application()
+    app[WEBSOCKETS] = weakref.WeakSet()
+
+    async def handler(request):
+        return await hub.handle(request, "test")
+
+    app.router.add_get("/websocket", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    stalled = stalled_client(server.port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"http://127.0.0.1:{server.port}/websocket") as ws:
+                while len(hub.clients) < 2:
+                    await asyncio.sleep(0.01)
+                count = 10_000
+                reader = asyncio.create_task(_read(ws, count))
+                for index in range(count):
+                    mirror.set_status(index)
+                    if index % 8 == 7:
+                        await asyncio.sleep(0.001)
+                statuses_seen = await reader
+    finally:
+        stalled.close()
+        await server.close()
+    assert statuses_seen == [f"status-{i}" for i in range(count)]
+    assert hub.disconnected_slow == 1 and len(hub.clients) == 0
+
+
+async def _read(ws, count: int) -> list[str]:
+    return [(await ws.receive_json(timeout=30))["status"] for _ in range(count)]
