@@ -11,21 +11,20 @@ HELP = """\
 [b]hyperctl[/b] — the hypersdk migration console
 
 [b]Screens[/b]
-  v  VMs of the configured providers     j  Jobs
-  s  Schedules    b  Backup policies     w  Webhooks
-  ?  this help    ctrl+p  command palette    q  quit
+  v VMs   j jobs   s schedules   b backup policies   w webhooks
+  ? help   ctrl+p command palette   q quit
 
 [b]VMs[/b]
-  type in the filter box to narrow the list; provider, datacenter and power
-  selectors filter too; click a column header or press o to sort
-  space  mark/unmark a VM     m  migrate the marked (or highlighted) VMs
-  r  reload the list
+  type in the filter box (/) to narrow the list; the provider,
+  datacenter and power selectors filter too
+  o or a click on a column header: sort     r reload
+  space mark/unmark a VM     m migrate the marked (or highlighted) VMs
 
 [b]Jobs[/b]
-  enter  open the job (live log)     c  cancel     r  retry     /  filter
+  enter open the job (live log)   c cancel   r retry   / filter
 
 [b]Schedules, backup policies, webhooks[/b]
-  n  create   e  enable/disable (schedules)   x  run now / test   d  delete
+  n create   e enable/disable   x run now / test   d delete
 
 Press escape to close."""
 
