@@ -114,6 +114,12 @@ class GcpProvider(Provider):
             }
         return self._clients
 
+    async def _clients_ready(self) -> dict[str, Any]:
+        """The clients, created in a thread: finding default credentials may probe the network."""
+        if self._clients is None:
+            await asyncio.to_thread(self._get_clients)
+        return self._get_clients()
+
     async def _call(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run a blocking SDK call in a thread, turning its errors into ours."""
         import google.auth.exceptions
@@ -161,7 +167,7 @@ class GcpProvider(Provider):
         return result
 
     async def _instances(self, zone: str) -> list[tuple[str, Any]]:
-        clients = self._get_clients()
+        clients = await self._clients_ready()
         project = self.settings["project"]
         instances = clients["instances"]
         # the pagers fetch further pages while iterated: iterate inside the mapped call
@@ -176,7 +182,7 @@ class GcpProvider(Provider):
     async def get_vm(self, identifier: str) -> VMInfo:
         zone, _, name = identifier.rpartition("/")
         if zone:
-            clients = self._get_clients()
+            clients = await self._clients_ready()
             inst = await self._call(f"instance {identifier}", clients["instances"].get,
                                     project=self.settings["project"], zone=zone, instance=name)
             return await self._vm_info(zone, inst)
@@ -192,7 +198,7 @@ class GcpProvider(Provider):
         type_name = url.rpartition("/")[2]
         key = f"{zone}/{type_name}"
         if key not in self._machine_types:
-            clients = self._get_clients()
+            clients = await self._clients_ready()
             mtype = await self._call(f"machine type {type_name}", clients["machine_types"].get,
                                      project=self.settings["project"], zone=zone,
                                      machine_type=type_name)
@@ -258,7 +264,7 @@ class GcpProvider(Provider):
     async def _export_disk(self, vm: VMInfo, disk: DiskInfo, target_dir: Path,
                            options: ExportOptions, sink: ExportSink, running: bool,
                            created: list[tuple[str, str]], outputs: OutputFiles) -> ExportedDisk:
-        clients = self._get_clients()
+        clients = await self._clients_ready()
         fmt = self.settings["export_format"]
         image = f"{_resource_name('hypersdk-' + vm.name)[:40]}-{disk.key}-{secrets.token_hex(4)}"
         project = self.settings["project"]
@@ -362,7 +368,7 @@ class GcpProvider(Provider):
         import google.auth.exceptions
         import requests
 
-        session = self._get_clients()["session"]
+        session = (await self._clients_ready())["session"]
         try:
             response = await asyncio.to_thread(session.request, method, url, json=json,
                                                timeout=self.settings["request_timeout"])
@@ -386,7 +392,7 @@ class GcpProvider(Provider):
         raise Failed(f"provider {self.name!r}: {what} failed: HTTP {response.status_code} {message}")
 
     async def _set_power(self, zone: str, name: str, action: str, sink: ExportSink) -> None:
-        clients = self._get_clients()
+        clients = await self._clients_ready()
         sink.log(f"{action} instance {name}")
         operation = await self._call(f"{action} instance {name}", getattr(clients["instances"], action),
                                      project=self.settings["project"], zone=zone, instance=name)
@@ -395,7 +401,7 @@ class GcpProvider(Provider):
 
     async def _remove_created(self, created: list[tuple[str, str]], sink: ExportSink) -> None:
         """Delete the images and objects this export made; log (not raise) what fails."""
-        clients = self._get_clients()
+        clients = await self._clients_ready()
         project = self.settings["project"]
         for kind, name in reversed(created):
             try:
