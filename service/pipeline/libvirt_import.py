@@ -126,34 +126,38 @@ def _domain_type_at(conn) -> str:
     return detect_domain_type()
 
 
-def _check_free(libvirt, conn, uri: str, name: str, uuid: str) -> None:
+def _absent(libvirt, uri: str, lookup, missing_code: int) -> bool:
+    """True when `lookup()` fails with `missing_code`; other libvirt errors are failures."""
     try:
-        conn.lookupByName(name)
-    except libvirt.libvirtError:
-        pass
-    else:
+        lookup()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == missing_code:
+            return True
+        raise Failed(f"libvirt at {uri}: {exc.get_error_message()}") from exc
+    return False
+
+
+def _check_free(libvirt, conn, uri: str, name: str, uuid: str) -> None:
+    if not _absent(libvirt, uri, lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN):
         raise AlreadyExists(f"a domain named {name!r} already exists at {uri}; "
                             "it is left untouched (choose another vm_name)")
-    if not uuid:
-        return
-    try:
-        other = conn.lookupByUUIDString(uuid)
-    except libvirt.libvirtError:
-        return
-    raise AlreadyExists(f"domain {other.name()!r} at {uri} already has UUID {uuid}; "
-                        "it is left untouched")
+    if uuid and not _absent(libvirt, uri, lambda: conn.lookupByUUIDString(uuid),
+                            libvirt.VIR_ERR_NO_DOMAIN):
+        other = conn.lookupByUUIDString(uuid).name()
+        raise AlreadyExists(f"domain {other!r} at {uri} already has UUID {uuid}; "
+                            "it is left untouched")
 
 
 def _check_network(libvirt, conn, uri: str, network: str) -> None:
+    if not _absent(libvirt, uri, lambda: conn.networkLookupByName(network),
+                   libvirt.VIR_ERR_NO_NETWORK):
+        return
     try:
-        conn.networkLookupByName(network)
-    except libvirt.libvirtError as exc:
-        try:
-            known = ", ".join(sorted(conn.listNetworks() + conn.listDefinedNetworks())) or "none"
-        except libvirt.libvirtError:
-            known = "unknown"
-        raise NotFound(f"libvirt network {network!r} does not exist at {uri} "
-                       f"(defined networks: {known})") from exc
+        known = ", ".join(sorted(conn.listNetworks() + conn.listDefinedNetworks())) or "none"
+    except libvirt.libvirtError:
+        known = "unknown"
+    raise NotFound(f"libvirt network {network!r} does not exist at {uri} "
+                   f"(defined networks: {known})")
 
 
 def _undefine(libvirt, domain) -> None:
