@@ -73,10 +73,8 @@ class OciProvider(Provider):
 
     def _sdk_config(self, oci: Any) -> dict:
         s = self.settings
+        key_field = f"providers.{self.name}.key_file"
         if s["key_file"] or s["user"]:
-            private_check = private_file_rule(s["key_file"])
-            if private_check:
-                raise InvalidArgument(f"providers.{self.name}.key_file", private_check)
             sdk_config = {"tenancy": s["tenancy"], "user": s["user"],
                           "fingerprint": s["fingerprint"], "key_file": s["key_file"],
                           "region": s["region"]}
@@ -90,6 +88,10 @@ class OciProvider(Provider):
                                   f"({type(exc).__name__} for {path} [{s['profile']}])") from None
             if s["region"]:
                 sdk_config["region"] = s["region"]
+            key_field = f"{path} [{s['profile']}] key_file"
+        rule = private_file_rule(sdk_config.get("key_file", ""))
+        if rule:
+            raise InvalidArgument(key_field, rule)
         try:
             oci.config.validate_config(sdk_config)
         except oci.exceptions.InvalidConfig as exc:

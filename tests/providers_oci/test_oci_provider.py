@@ -167,3 +167,19 @@ async def test_cancelled_export_removes_image_and_object(populated, api_key, tmp
         await task
     assert populated.images == {} and populated.pars == {}
     assert any(call.startswith("DELETE /n/testns/b/exports/o/") for _, call in populated.calls)
+
+
+async def test_oci_config_file_is_used_and_its_key_mode_checked(populated, api_key, tmp_path):
+    config_file = tmp_path / "oci_config"
+    config_file.write_text(f"[work]\nuser={USER}\nfingerprint={FINGERPRINT}\n"
+                           f"key_file={api_key.key_file}\ntenancy={TENANCY}\n"
+                           "region=us-phoenix-1\n")
+    provider = make_provider(populated, "", user="", tenancy="", fingerprint="", region="",
+                             config_file=str(config_file), profile="work")
+    assert len(await provider.list_vms({})) == 3
+
+    api_key.key_file.chmod(0o644)
+    provider = make_provider(populated, "", user="", tenancy="", fingerprint="", region="",
+                             config_file=str(config_file), profile="work")
+    with pytest.raises(InvalidArgument, match=r"\[work\] key_file.*0600 or stricter"):
+        await provider.list_vms({})
