@@ -276,7 +276,7 @@ class HypervProvider(Provider):
         remote_path = remote["Path"]
         size = int(remote["Length"])
         fmt = PureWindowsPath(remote_path).suffix.lower().lstrip(".")
-        target = target_dir / f"{vm.name}-{disk.key}.{fmt}"
+        target = target_dir / f"{_safe(vm.name)}-{disk.key}.{fmt}"
         chunk = min(self.settings["read_chunk"], max(options.chunk_size, 4096))
 
         def read_range(offset: int, length: int) -> bytes:

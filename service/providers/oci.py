@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fnmatch
+import re
 import secrets
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ class OciProvider(Provider):
     def __init__(self, name: str, settings: dict, config: Any) -> None:
         super().__init__(name, settings, config)
         self._clients: dict[str, Any] | None = None
+        self._object_namespace: str = settings["namespace"]
 
     # ----------------------------------------------------------------- clients
 
@@ -234,8 +236,8 @@ class OciProvider(Provider):
         clients = self._get_clients()
         compartment = self.settings["compartment_id"]
         boots = await self._list_all("listing boot volumes",
-                                 clients["compute"].list_boot_volume_attachments,
-                                 inst.availability_domain, compartment, instance_id=inst.id)
+                                     clients["compute"].list_boot_volume_attachments,
+                                     inst.availability_domain, compartment, instance_id=inst.id)
         disks = []
         for attachment in boots:
             volume = await self._call("boot volume", clients["blockstorage"].get_boot_volume,
@@ -244,8 +246,8 @@ class OciProvider(Provider):
                                   capacity_bytes=volume.size_in_gbs * GIB, location=volume.id,
                                   controller="virtio", boot_order=1))
         attached = await self._list_all("listing block volumes",
-                                    clients["compute"].list_volume_attachments, compartment,
-                                    instance_id=inst.id)
+                                        clients["compute"].list_volume_attachments, compartment,
+                                        instance_id=inst.id)
         for index, attachment in enumerate(a for a in attached if a.lifecycle_state == "ATTACHED"):
             volume = await self._call("block volume", clients["blockstorage"].get_volume,
                                       attachment.volume_id)
@@ -279,7 +281,7 @@ class OciProvider(Provider):
         try:
             namespace = await self._namespace()
             image_id = await self._create_image(vm, sink, cleanup)
-            object_name = f"hypersdk/{vm.name}-{secrets.token_hex(4)}.{fmt.lower()}"
+            object_name = f"hypersdk/{_safe(vm.name)}-{secrets.token_hex(4)}.{fmt.lower()}"
             await self._export_image(image_id, namespace, bucket, object_name, fmt, sink, cleanup)
             disk = await self._download(vm, boot, namespace, bucket, object_name, target_dir,
                                         options, sink, cleanup, outputs)
@@ -291,18 +293,18 @@ class OciProvider(Provider):
         return vm, [disk]
 
     async def _namespace(self) -> str:
-        if not self.settings["namespace"]:
-            self.settings = {**self.settings, "namespace": await self._call(
-                "Object Storage namespace", self._get_clients()["objects"].get_namespace)}
-        return self.settings["namespace"]
+        if not self._object_namespace:
+            self._object_namespace = await self._call(
+                "Object Storage namespace", self._get_clients()["objects"].get_namespace)
+        return self._object_namespace
 
     async def _create_image(self, vm: VMInfo, sink: ExportSink,
                             cleanup: list[tuple[str, Any]]) -> str:
         clients = self._get_clients()
         models = clients["oci"].core.models
+        name = f"hypersdk-{_safe(vm.name)}-{secrets.token_hex(4)}"
         details = models.CreateImageDetails(compartment_id=self.settings["compartment_id"],
-                                            instance_id=vm.identifier,
-                                            display_name=f"hypersdk-{vm.name}-{secrets.token_hex(4)}")
+                                            instance_id=vm.identifier, display_name=name)
         image = await self._call("creating a custom image", clients["compute"].create_image, details)
         cleanup.append(("image", image.id))
         sink.log(f"creating custom image {image.display_name} of {vm.name}")
@@ -352,7 +354,7 @@ class OciProvider(Provider):
         cleanup.append(("par", (namespace, bucket, par.id)))
         url = clients["objects"].base_client.endpoint.rstrip("/") + par.access_uri
         fmt = self.settings["export_format"].lower()
-        target = target_dir / f"{vm.name}-boot.{fmt}"
+        target = target_dir / f"{_safe(vm.name)}-boot.{fmt}"
         shown = f"{bucket}/{object_name} (via a pre-authenticated request)"
         sink.add_total(size)
         async with aiohttp.ClientSession() as session:
@@ -384,6 +386,11 @@ class OciProvider(Provider):
             except HyperSDKError as exc:
                 sink.log(f"could not remove the {kind} made for the export: {exc}", "warning")
         cleanup.clear()
+
+
+def _safe(name: str) -> str:
+    """A VM name usable in object and file names."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "vm"
 
 
 def _retry_delay(headers: Any, attempt: int) -> float:
