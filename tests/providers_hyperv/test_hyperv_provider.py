@@ -131,3 +131,13 @@ async def test_missing_extra_is_unavailable_naming_it(monkeypatch, fake_winrm):
         await provider.list_vms({})
     with pytest.raises(Unavailable, match=r"pip install hypersdk\[hyperv\]"):
         ProviderRegistry(provider.config).check_usable("hv")
+
+
+async def test_a_vm_name_cannot_place_files_outside_the_target(fake_winrm, tmp_path):
+    fake_winrm.add_vm("../../evil", {"evil.vhdx": b"e" * 5000})
+    target = tmp_path / "out"
+    target.mkdir()
+    provider = make_provider(fake_winrm)
+    _, [disk] = await provider.export_disks("../../evil", target, ExportOptions(),
+                                            FakeExportSink())
+    assert disk.path.parent == target and [p.name for p in tmp_path.iterdir()] == ["out"]
