@@ -1,5 +1,5 @@
 """Fixtures for the domain / import / hyper2kvm tests: real libvirt, a dbusmock systemd,
-a bootable disk, and a recording stand-in for the job engine's context."""
+a bootable disk, and the recording stand-in for the job engine's context."""
 from __future__ import annotations
 
 import hashlib
@@ -8,13 +8,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.providers.base import ExportedDisk
+from tests.vsphere.fake_context import FakeJobContext
 
 SYSTEM_URI = "qemu:///system"
 BOOT_LINE = b"HYPERSDK BOOT OK"
@@ -83,46 +83,9 @@ def config_for(tmp_path):
     return make
 
 
-class FakeJobContext:
-    """Records what a job reports; stands in for the engine, which other code owns."""
-
-    def __init__(self, config, definition: dict | None = None) -> None:
-        self.job_id = "job-" + uuid.uuid4().hex[:8]
-        self.definition = definition or {}
-        self.config = config
-        self.providers = None
-        self.logs: list[tuple[str, str]] = []
-        self.stages: list[str] = []
-        self.total = 0
-        self.done = 0
-        self.cleanups: list[Path] = []
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.logs.append((level, message))
-
-    def set_stage(self, stage: str) -> None:
-        self.stages.append(stage)
-
-    def set_total(self, nbytes: int) -> None:
-        self.total = nbytes
-
-    def add_total(self, nbytes: int) -> None:
-        self.total += nbytes
-
-    def advance(self, nbytes: int) -> None:
-        self.done += nbytes
-
-    def set_done(self, nbytes: int) -> None:
-        self.done = nbytes
-
-    def add_cleanup(self, path: Path) -> None:
-        self.cleanups.append(path)
-
-    def keep(self, path: Path) -> None:
-        self.cleanups.remove(path)
-
-    def text(self) -> str:
-        return "\n".join(message for _level, message in self.logs)
+def fake_job_context(config, definition: dict | None = None) -> FakeJobContext:
+    """The shared stand-in for the job engine's context (tests/vsphere/fake_context.py)."""
+    return FakeJobContext(definition or {}, config, None)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from hypersdk.service.pipeline.handoff import run_integration, validate_integrat
 from hypersdk.service.pipeline.libvirt_import import import_domain
 from hypersdk.service.providers.base import VMInfo
 
-from .conftest import BOOT_LINE, FakeJobContext, export_vmdk, qemu_img, write_boot_disk
+from .conftest import BOOT_LINE, fake_job_context, export_vmdk, qemu_img, write_boot_disk
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ async def test_exported_vm_boots_after_direct_pipeline(libvirt_system, guest_dir
                         libvirt={"uri": "qemu:///system"})
     block = validate_integration({"enabled": True, "auto_convert": True, "import_to_kvm": True,
                                   "autostart": True, "start": True}, config)
-    ctx = FakeJobContext(config)
+    ctx = fake_job_context(config)
     result = await run_integration(ctx, vm, [disk], export_dir, block)
     domain = conn.lookupByName(vm.name)
     assert domain.isActive() == 1 and domain.autostart() == 1

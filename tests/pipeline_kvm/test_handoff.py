@@ -13,7 +13,7 @@ from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotF
 from hypersdk.service.pipeline.handoff import run_integration, validate_integration
 from hypersdk.service.providers.base import ExportedDisk, NicInfo, VMInfo
 
-from .conftest import FakeJobContext, export_vmdk
+from .conftest import fake_job_context, export_vmdk
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_not_an_object(config_for):
 async def test_disabled_does_nothing(config_for, exported, tmp_path):
     vm, disks, export_dir = exported
     config = config_for()
-    ctx = FakeJobContext(config)
+    ctx = fake_job_context(config)
     result = await run_integration(ctx, vm, disks, export_dir, validate_integration({}, config))
     assert result == {"mode": "export-only"}
     assert not (tmp_path / "out").exists() and not (tmp_path / "watch").exists()
@@ -89,7 +89,7 @@ async def test_auto_convert_converts_every_disk_and_imports(config_for, exported
                                                            test_driver):
     vm, disks, export_dir = exported
     config = config_for()
-    ctx = FakeJobContext(config)
+    ctx = fake_job_context(config)
     result = await run_integration(ctx, vm, disks, export_dir, integration(
         config, auto_convert=True, import_to_kvm=True, autostart=True, network="default"))
     out = tmp_path / "out" / vm.name
@@ -115,7 +115,7 @@ async def test_auto_convert_never_overwrites_an_earlier_output(config_for, expor
     earlier.parent.mkdir(parents=True)
     earlier.write_bytes(b"precious")
     with pytest.raises(AlreadyExists, match=f"{earlier} already exists"):
-        await run_integration(FakeJobContext(config), vm, disks, export_dir,
+        await run_integration(fake_job_context(config), vm, disks, export_dir,
                               integration(config, auto_convert=True))
     assert earlier.read_bytes() == b"precious"
     assert sorted(p.name for p in earlier.parent.iterdir()) == ["disk-2001.qcow2"]
@@ -146,7 +146,7 @@ async def test_daemon_mode_hands_off_waits_and_imports(config_for, exported, tmp
     name = "vsphere-" + uuid.uuid4().hex[:6]
     dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
     config = config_for()
-    ctx = FakeJobContext(config)
+    ctx = fake_job_context(config)
     daemon = asyncio.create_task(fake_hyper2kvm_daemon(tmp_path / "watch" / name))
     result = await run_integration(ctx, vm, disks, export_dir, integration(
         config, daemon_mode=True, instance=name, import_to_kvm=True))
@@ -167,7 +167,7 @@ async def test_daemon_mode_times_out_clearly(config_for, exported, dbusmock_syst
     name = "idle-" + uuid.uuid4().hex[:6]
     dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
     config = config_for(hyper2kvm={"job_timeout": "0.2s"})
-    ctx = FakeJobContext(config)
+    ctx = fake_job_context(config)
     with pytest.raises(Failed, match=r"no finished output within 0.2 s \(hyper2kvm.job_timeout\)"):
         await run_integration(ctx, vm, disks, export_dir,
                               integration(config, daemon_mode=True, instance=name))
@@ -181,13 +181,13 @@ async def test_daemon_mode_with_inactive_unit_falls_back_to_builtin(
     name = "dead-" + uuid.uuid4().hex[:6]
     dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "failed")
     config = config_for()
-    ctx = FakeJobContext(config)
+    ctx = fake_job_context(config)
     result = await run_integration(ctx, vm, disks, export_dir,
                                    integration(config, daemon_mode=True, instance=name))
     assert result["mode"] == "builtin-fallback"
     assert result["fallback_reason"] == f"hyper2kvm@{name}.service is failed"
     assert ("warning", f"hyper2kvm@{name}.service is failed: converting with the built-in "
-                       "converter instead") in ctx.logs
+                       "converter instead") in ctx.lines
     assert len(result["disks"]) == 2 and all(Path(d["path"]).is_file() for d in result["disks"])
     assert not (tmp_path / "watch").exists()
 
@@ -198,7 +198,7 @@ async def test_taken_name_is_refused_before_any_conversion(config_for, exported,
     test_driver.defineXML(f"<domain type='test'><name>{vm.name}</name><memory>65536</memory>"
                           "<os><type>hvm</type></os></domain>")
     config = config_for()
-    ctx = FakeJobContext(config)
+    ctx = fake_job_context(config)
     with pytest.raises(AlreadyExists, match=f"a domain named '{vm.name}' already exists"):
         await run_integration(ctx, vm, disks, export_dir,
                               integration(config, auto_convert=True, import_to_kvm=True))
@@ -210,6 +210,6 @@ async def test_missing_network_is_refused_before_the_hand_off(config_for, export
     vm, disks, export_dir = exported
     config = config_for()
     with pytest.raises(NotFound, match="network 'lan' does not exist at test:///default"):
-        await run_integration(FakeJobContext(config), vm, disks, export_dir, integration(
+        await run_integration(fake_job_context(config), vm, disks, export_dir, integration(
             config, daemon_mode=True, import_to_kvm=True, network="lan"))
     assert not (tmp_path / "watch").exists()

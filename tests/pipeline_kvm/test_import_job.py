@@ -10,7 +10,7 @@ from hypersdk.service.errors import AlreadyExists, InvalidArgument
 from hypersdk.service.job_kinds import get_kind
 from hypersdk.service.pipeline.import_job import ImportKind
 
-from .conftest import FakeJobContext, qemu_img
+from .conftest import fake_job_context, qemu_img
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ async def test_run_defines_the_domain_in_the_configured_uri(config_for, disk, tm
     del definition["disk_path"]
     definition["disk_paths"] = [str(disk), str(raw)]
     kind = ImportKind()
-    ctx = FakeJobContext(config, kind.validate(definition, SimpleNamespace(config=config)))
+    ctx = fake_job_context(config, kind.validate(definition, SimpleNamespace(config=config)))
     result = await kind.run(ctx)
     assert result["domain"] == definition["vm_name"] and result["uri"] == "test:///default"
     assert result["autostart"] and result["started"]
@@ -98,7 +98,7 @@ async def test_run_defines_the_domain_in_the_configured_uri(config_for, disk, tm
     assert ctx.stages == ["import"]
     # a second import of the same name is refused, the first left as it was
     with pytest.raises(AlreadyExists):
-        await kind.run(FakeJobContext(config, ctx.definition))
+        await kind.run(fake_job_context(config, ctx.definition))
 
 
 async def test_run_refuses_an_unconverted_image(config_for, tmp_path, test_driver):
@@ -106,6 +106,6 @@ async def test_run_refuses_an_unconverted_image(config_for, tmp_path, test_drive
     qemu_img("create", "-f", "vmdk", str(vmdk), "8M")
     config = config_for()
     kind = ImportKind()
-    ctx = FakeJobContext(config, kind.validate(body(vmdk), SimpleNamespace(config=config)))
+    ctx = fake_job_context(config, kind.validate(body(vmdk), SimpleNamespace(config=config)))
     with pytest.raises(InvalidArgument, match="is a vmdk image; convert it to qcow2 or raw first"):
         await kind.run(ctx)
