@@ -221,6 +221,7 @@ class GcpProvider(Provider):
         return VMInfo(identifier=f"{zone}/{inst.name}", name=inst.name, provider=self.name,
                       power_state=POWER_STATES.get(inst.status, "unknown"),
                       path=_resource_path(inst.self_link), uuid=str(inst.id),
+                      guest_os=_guest_os(inst),
                       cpus=cpus, memory_mb=memory_mb,
                       firmware="uefi" if uefi or secure_boot else "bios",
                       secure_boot=secure_boot, datacenter=zone,
@@ -424,6 +425,14 @@ class GcpProvider(Provider):
         if self._clients is not None:
             await asyncio.to_thread(self._clients["session"].close)
             self._clients = None
+
+
+def _guest_os(inst: Any) -> str:
+    """The boot disk's OS license name, e.g. 'debian-12-bookworm' or 'windows-server-2022-dc'."""
+    for disk in inst.disks:
+        if disk.boot and disk.licenses:
+            return disk.licenses[0].rpartition("/")[2]
+    return ""
 
 
 def _resource_path(url: str) -> str:

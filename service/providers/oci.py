@@ -222,15 +222,27 @@ class OciProvider(Provider):
         memory_mb = int((shape.memory_in_gbs or 0) * 1024) if shape else 0
         launch = inst.launch_options
         platform = inst.platform_config
+        guest_os = await self._guest_os(inst.image_id)
         return VMInfo(identifier=inst.id, name=inst.display_name, provider=self.name,
                       power_state=POWER_STATES.get(inst.lifecycle_state, "unknown"),
-                      uuid=inst.id, cpus=max(1, cpus), memory_mb=memory_mb,
+                      uuid=inst.id, guest_os=guest_os, cpus=max(1, cpus), memory_mb=memory_mb,
                       firmware="uefi" if launch and launch.firmware == "UEFI_64" else "bios",
                       secure_boot=bool(platform and platform.is_secure_boot_enabled),
                       datacenter=inst.availability_domain,
                       tags=sorted(f"{k}={v}" for k, v in (inst.freeform_tags or {}).items()),
                       disks=disks,
                       extra={"shape": inst.shape, "lifecycle_state": inst.lifecycle_state})
+
+    async def _guest_os(self, image_id: str | None) -> str:
+        """'Oracle Linux 8' from the image the instance was launched from ('' once it is gone)."""
+        if not image_id:
+            return ""
+        try:
+            image = await self._call("source image", self._get_clients()["compute"].get_image,
+                                     image_id)
+        except NotFound:
+            return ""
+        return " ".join(filter(None, (image.operating_system, image.operating_system_version)))
 
     async def _volumes(self, inst: Any) -> list[DiskInfo]:
         clients = self._get_clients()

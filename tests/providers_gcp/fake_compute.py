@@ -64,7 +64,10 @@ class FakeComputeServer:
         for index, (disk_name, content) in enumerate(disks.items()):
             self.disk_content[disk_name] = content
             features = [{"type": "UEFI_COMPATIBLE"}] if uefi and index == 0 else []
+            licenses = [self.link("global/licenses/debian-12-bookworm").replace(
+                PROJECT, "debian-cloud")] if index == 0 else []
             attached.append({"deviceName": disk_name, "index": index, "boot": index == 0,
+                             "licenses": licenses,
                              "type": "PERSISTENT", "interface": "SCSI",
                              "source": self.link(f"zones/{zone}/disks/{disk_name}"),
                              "diskSizeGb": "1", "guestOsFeatures": features})

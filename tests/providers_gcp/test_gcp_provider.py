@@ -73,7 +73,7 @@ async def test_instance_info_with_disks(populated, gcs_emulator):
     vm = await provider.get_vm("us-central1-a/web-1")
     assert (vm.name, vm.cpus, vm.memory_mb, vm.firmware, vm.power_state) == \
         ("web-1", 2, 8192, "uefi", "poweredOn")
-    assert vm.tags == ["env=prod"]
+    assert vm.tags == ["env=prod"] and vm.guest_os == "debian-12-bookworm"
     assert [(d.label, d.capacity_bytes, d.boot_order, d.controller) for d in vm.disks] == \
         [("web-1-boot", 1 << 30, 1, "scsi"), ("web-1-data", 1 << 30, None, "scsi")]
     assert vm.disks[0].location == "zones/us-central1-a/disks/web-1-boot"

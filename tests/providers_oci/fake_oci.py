@@ -41,7 +41,8 @@ class FakeOciServer:
     boot_attachments: list[dict] = field(default_factory=list)
     volume_attachments: list[dict] = field(default_factory=list)
     disk_content: dict[str, bytes] = field(default_factory=dict)   # boot volume id -> bytes
-    images: dict[str, dict] = field(default_factory=dict)
+    images: dict[str, dict] = field(default_factory=dict)      # custom images made by exports
+    base_images: dict[str, dict] = field(default_factory=dict)  # platform images instances use
     objects: dict[tuple[str, str], bytes] = field(default_factory=dict)   # (bucket, name)
     pars: dict[str, dict] = field(default_factory=dict)
     throttle: list[float] = field(default_factory=list)   # Retry-After values to answer first
@@ -79,7 +80,14 @@ class FakeOciServer:
                                             "compartmentId": self.compartment,
                                             "attachmentType": "paravirtualized",
                                             "lifecycleState": "ATTACHED"})
+        image_id = ocid("image")
+        self.base_images[image_id] = {"id": image_id, "displayName": "Oracle-Linux-8.9",
+                                      "operatingSystem": "Oracle Linux",
+                                      "operatingSystemVersion": "8", "compartmentId": None,
+                                      "lifecycleState": "AVAILABLE", "createImageAllowed": True,
+                                      "timeCreated": "2026-01-01T00:00:00.000Z"}
         self.instances[inst_id] = {
+            "imageId": image_id,
             "id": inst_id, "displayName": name, "lifecycleState": state,
             "availabilityDomain": AD, "compartmentId": self.compartment, "region": "phx",
             "shape": "VM.Standard.E4.Flex",
@@ -191,6 +199,8 @@ class FakeOciServer:
         return web.json_response(_public(image))
 
     async def get_image(self, request):
+        if request.match_info["id"] in self.base_images:
+            return web.json_response(self.base_images[request.match_info["id"]])
         image = self.images.get(request.match_info["id"])
         if image is None:
             return _error(404, "NotAuthorizedOrNotFound", "image not found")
