@@ -1,0 +1,117 @@
+"""The spec's Pattern 1 (Direct Pipeline) end to end, and the VM really boots.
+
+A VM in the vSphere simulator gets a disk whose first sector prints a line on COM1.
+One export job with `hyper2kvm_integration` {auto_convert, import_to_kvm, autostart,
+start} exports it, converts it, defines it in the real libvirt daemon at
+qemu:///system and starts it; the line must appear on the domain's serial console.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+from pyVim.connect import Disconnect
+from pyVmomi import vim
+
+from hypersdk.service.config import parse_config
+from hypersdk.service.errors import Failed
+from hypersdk.service.pipeline.export import ExportKind
+from hypersdk.service.providers.registry import ProviderRegistry
+from tests.vcsim.harness import Simulator, find_vm, give_disks, wait_task
+from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
+
+from .conftest import BOOT_LINE, qemu_img, write_boot_disk
+
+pytestmark = pytest.mark.slow
+
+VM_NAME = "DC0_H0_VM0"
+DISK_SIZE = 4 << 20
+
+
+def prepare_boot_vm(sim: Simulator, workdir: Path, upload_name: str) -> None:
+    """VM_NAME powered off, one disk holding the boot sector, no NIC (qemu:///system
+    here has no libvirt network to put one on). The VMDK's embedded descriptor names
+    its extent `upload_name`."""
+    si = sim.connect()
+    try:
+        uploaded = give_disks(sim, si, VM_NAME, [DISK_SIZE], workdir)
+        vmdk = workdir / upload_name
+        qemu_img("convert", "-O", "vmdk", str(write_boot_disk(workdir / "boot.raw", DISK_SIZE)),
+                 str(vmdk))
+        sim.put_file(vmdk, uploaded[0].datastore_path, "DC0")
+        vm = find_vm(si, VM_NAME)
+        nics = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
+                for device in vm.config.hardware.device
+                if isinstance(device, vim.vm.device.VirtualEthernetCard)]
+        if nics:
+            wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=nics)))
+    finally:
+        Disconnect(si)
+
+
+@pytest.fixture
+def domain_cleanup(system_libvirt):
+    conn = libvirt.open(system_libvirt)
+    yield
+    try:
+        domain = conn.lookupByName(VM_NAME)
+    except libvirt.libvirtError:
+        domain = None
+    if domain is not None:
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    conn.close()
+
+
+RENAMED_EXTENT_BUG = pytest.mark.xfail(
+    raises=Failed, strict=False,
+    reason="pipeline/vmdk.py looks for a monolithicSparse file's embedded extent under the "
+           "name its descriptor records, so a VMDK the export renamed reads as incomplete")
+
+
+@pytest.mark.parametrize("upload_name", [
+    "DC0_H0_VM0-disk1.vmdk",  # the name the export gives the file
+    pytest.param("boot.vmdk", marks=RENAMED_EXTENT_BUG, id="descriptor-names-another-file"),
+])
+async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, guest_dir,
+                                                              domain_cleanup, upload_name):
+    with Simulator() as sim:
+        prepare_boot_vm(sim, guest_dir, upload_name)
+        config = parse_config({
+            "export": {"base_path": str(guest_dir / "exports"), "chunk_size": "256KiB"},
+            "hyper2kvm": {"output_dir": str(guest_dir / "images")},
+            "libvirt": {"uri": system_libvirt},
+            "providers": {"vsphere": sim.provider_settings()},
+        }, "(test)", env={})
+        (guest_dir / "exports").mkdir()
+        registry = ProviderRegistry(config)
+        kind = ExportKind()
+        definition = kind.validate({
+            "vm_identifier": VM_NAME, "provider": "vsphere", "export_method": "ova",
+            "export_path": "pattern1", "options": {"shutdown_vm": False, "remove_cdrom": True},
+            "hyper2kvm_integration": {"enabled": True, "auto_convert": True,
+                                      "import_to_kvm": True, "autostart": True, "start": True},
+        }, FakeSubmitContext(config, registry))
+        ctx = FakeJobContext(definition, config, registry)
+        try:
+            result = await run_job(kind, ctx)
+        finally:
+            await registry.close()
+
+    handoff = result["hyper2kvm"]
+    assert handoff["mode"] == "builtin"
+    assert ctx.stages[-2:] == ["convert", "import"]
+    assert ctx.done == ctx.total > 0
+    conn = libvirt.open(system_libvirt)
+    domain = conn.lookupByName(VM_NAME)
+    assert domain.isActive() == 1 and domain.autostart() == 1
+    assert domain.UUIDString() == handoff["import"]["uuid"]
+    conn.close()
+    serial = Path(handoff["import"]["serial_log"])
+    deadline = time.monotonic() + 60
+    while not (serial.is_file() and BOOT_LINE in serial.read_bytes()):
+        assert time.monotonic() < deadline, f"no boot line on the serial console: {serial}"
+        time.sleep(0.2)
