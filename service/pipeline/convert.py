@@ -105,9 +105,13 @@ def _temp_name(target: Path) -> Path:
 
 
 async def convert_image(source: Path, target: Path, *, out_format: str, compress: bool = False,
-                        on_progress: ProgressFn | None = None,
-                        log: LogFn | None = None) -> ConvertedImage:
-    """Convert `source` into `target` (qcow2 or raw); progress in bytes of virtual size."""
+                        on_progress: ProgressFn | None = None, log: LogFn | None = None,
+                        growing: streamopt.GrowingFile | None = None) -> ConvertedImage:
+    """Convert `source` into `target` (qcow2 or raw); progress in bytes of virtual size.
+
+    With `growing`, `source` is a streamOptimized VMDK still being downloaded: the
+    decoder starts on the first bytes and keeps pace with the download.
+    """
     source, target = Path(source), Path(target)
     if out_format not in OUTPUT_FORMATS:
         raise InvalidArgument("format", f"must be one of {', '.join(OUTPUT_FORMATS)}")
@@ -115,7 +119,10 @@ async def convert_image(source: Path, target: Path, *, out_format: str, compress
         raise InvalidArgument("compression", "only qcow2 output can be compressed")
     if not target.parent.is_dir():
         raise InvalidArgument(str(target), "its directory does not exist")
-    info = await asyncio.to_thread(inspect_source, source)
+    if growing is None:
+        info = await asyncio.to_thread(inspect_source, source)
+    else:
+        info = await run_stoppable(lambda stop: _growing_stream_info(source, growing, stop))
     size = int(info["virtual-size"])
     report = on_progress or (lambda done, total: None)
     say = log or (lambda message: None)
@@ -123,7 +130,8 @@ async def convert_image(source: Path, target: Path, *, out_format: str, compress
     try:
         if _is_stream_optimized(info):
             say(f"decoding streamOptimized {source.name} on {streamopt_workers()} threads")
-            await _convert_stream_optimized(source, tmp, out_format, compress, size, report)
+            await _convert_stream_optimized(source, tmp, out_format, compress, size, report,
+                                            growing)
         else:
             say(f"converting {source.name} ({info['format']}) to {out_format} with qemu-img")
             await run_qemu_img_convert(source, info["format"], tmp, out_format, compress,
@@ -137,20 +145,29 @@ async def convert_image(source: Path, target: Path, *, out_format: str, compress
     return ConvertedImage(target, out_format, size, actual)
 
 
+def _growing_stream_info(source: Path, growing: streamopt.GrowingFile, stop) -> dict:
+    """What inspect_source gives, for a streamOptimized VMDK whose download is under way."""
+    with open(source, "rb") as fh:
+        header = streamopt.read_header(source, fh, growing, stop)
+    return {"format": "vmdk", "virtual-size": header.capacity_sectors * 512,
+            "format-specific": {"data": {"create-type": "streamOptimized"}}}
+
+
 def streamopt_workers() -> int:
     return max(2, os.cpu_count() or 2)
 
 
 async def _convert_stream_optimized(source: Path, tmp: Path, out_format: str, compress: bool,
-                                    size: int, report: ProgressFn) -> None:
+                                    size: int, report: ProgressFn,
+                                    growing: streamopt.GrowingFile | None) -> None:
     """Decode straight into raw or qcow2; compressed qcow2 goes raw first, then qemu-img -c."""
     if not compress:
-        await _decode_in_thread(source, tmp, out_format,
+        await _decode_in_thread(source, tmp, out_format, growing,
                                 lambda done, total: report(size * done // total, size))
         return
     raw = tmp.with_name(tmp.name + ".raw")
     try:
-        await _decode_in_thread(source, raw, "raw", lambda done, total: report(
+        await _decode_in_thread(source, raw, "raw", growing, lambda done, total: report(
             int(size * _DECODE_SHARE * done / total), size))
         await run_qemu_img_convert(
             raw, "raw", tmp, "qcow2", True,
@@ -178,7 +195,7 @@ async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
 
 
 async def _decode_in_thread(source: Path, target: Path, out_format: str,
-                            progress: ProgressFn) -> None:
+                            growing: streamopt.GrowingFile | None, progress: ProgressFn) -> None:
     loop = asyncio.get_running_loop()
 
     def thread_safe_progress(done: int, total: int) -> None:
@@ -186,7 +203,7 @@ async def _decode_in_thread(source: Path, target: Path, out_format: str,
 
     await run_stoppable(lambda stop: streamopt.decode(
         source, target, out_format=out_format, workers=streamopt_workers(),
-        on_progress=thread_safe_progress, stop=stop))
+        on_progress=thread_safe_progress, stop=stop, growing=growing))
 
 
 async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_format: str,

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps it wo
     inflater = zlib
 from .qcow2write import Qcow2Writer
 from .vmdk import (GD_AT_END, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
-                   read_sparse_header)
+                   SparseHeader, grain_tables_complete, read_sparse_header)
 
 READ_SIZE = 8 << 20
 MAX_IN_FLIGHT = 64
@@ -41,15 +41,53 @@ PROGRESS_EVERY = 32 << 20
 _MARKER = struct.Struct("<QII")
 
 
+class GrowingFile:
+    """How far a file that is still being written (a download) has got.
+
+    The writer calls `grew(size)` as bytes land and `finish()` when it stops, in
+    any thread; the decoder blocks in `wait_beyond` instead of treating the end
+    of what is there so far as the end of the stream.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._size = 0
+        self._finished = False
+
+    def grew(self, size: int) -> None:
+        with self._cond:
+            self._size = max(self._size, size)
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    def wait_beyond(self, offset: int, stop: threading.Event | None) -> bool:
+        """Block until the file is longer than `offset` (True) or finished (False)."""
+        with self._cond:
+            while self._size <= offset and not self._finished:
+                if stop is not None and stop.is_set():
+                    raise Cancelled("decoding cancelled")
+                self._cond.wait(0.2)
+            return self._size > offset
+
+
 class _Reader:
     """Sequential reads over the file in big chunks, with an absolute position.
 
     Every refill reads into a fresh buffer (no copy beyond the kernel's), so
     memoryview slices handed to the inflate threads stay valid while they work.
+    A short refill from a growing file is copied into a buffer of its own size,
+    so grains in flight never pin many mostly-empty chunks.
     """
 
-    def __init__(self, fh, start: int) -> None:
+    def __init__(self, fh, start: int, growing: GrowingFile | None,
+                 stop: threading.Event | None) -> None:
         self._fh = fh
+        self._growing = growing
+        self._stop = stop
         fh.seek(start)
         self.buf = memoryview(b"")
         self.pos = 0          # position inside buf
@@ -59,18 +97,31 @@ class _Reader:
     def offset(self) -> int:
         return self.base + self.pos
 
+    @property
+    def exhausted(self) -> bool:
+        """Nothing left unread in the buffer (check after a failed `ensure`)."""
+        return self.pos == len(self.buf)
+
     def ensure(self, n: int) -> bool:
-        """Make n bytes available at pos; False at end of file."""
+        """Make n bytes available at pos; False when the file ends first."""
         if len(self.buf) - self.pos >= n:
             return True
         rest = self.buf[self.pos:]
         fresh = bytearray(len(rest) + max(READ_SIZE, n))
         fresh[:len(rest)] = rest
-        got = self._fh.readinto(memoryview(fresh)[len(rest):])
+        view = memoryview(fresh)
+        have = len(rest)
+        while have < n:
+            got = self._fh.readinto(view[have:])
+            if got:
+                have += got
+            elif self._growing is None or not self._growing.wait_beyond(
+                    self.offset + have, self._stop):
+                break
         self.base += self.pos
-        self.buf = memoryview(fresh)[:len(rest) + got]
         self.pos = 0
-        return len(self.buf) >= n
+        self.buf = view[:have] if have * 2 >= len(fresh) else memoryview(bytes(view[:have]))
+        return have >= n
 
     def skip(self, n: int) -> bool:
         if not self.ensure(n):
@@ -131,21 +182,20 @@ class _GrainWriter:
 
 def decode(source: Path, target: Path, *, out_format: str = "raw", workers: int = 2,
            on_progress: Callable[[int, int], None] | None = None,
-           stop: threading.Event | None = None) -> int:
+           stop: threading.Event | None = None, growing: GrowingFile | None = None) -> int:
     """Decode a streamOptimized VMDK into a sparse raw or qcow2 file; return its size.
 
-    Blocking: run it in a thread. `on_progress(bytes_read, file_size)` is called every
-    few MiB; setting `stop` makes it raise Cancelled soon after. The caller owns
-    `target`: it fsyncs it when it keeps it and removes it on failure.
+    Blocking: run it in a thread. `on_progress(bytes_done, capacity)` follows the
+    LBA of the grains; setting `stop` makes it raise Cancelled soon after. With
+    `growing`, the source is still being written and the decoder keeps pace with
+    it. The caller owns `target`: it fsyncs it when it keeps it and removes it on
+    failure.
     """
     if out_format not in ("raw", "qcow2"):
         raise ValueError(f"out_format must be raw or qcow2, not {out_format!r}")
     source = Path(source)
-    file_size = source.stat().st_size
     with open(source, "rb", buffering=0) as fh:
-        header = read_sparse_header(source, fh.read(SECTOR), file_size)
-        if not header.stream_optimized:
-            raise Failed(f"{source}: not a streamOptimized VMDK (no compressed grains with markers)")
+        header = read_header(source, fh, growing, stop)
         capacity = header.capacity_sectors * SECTOR
         grain_bytes = header.grain_sectors * SECTOR
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -158,12 +208,13 @@ def decode(source: Path, target: Path, *, out_format: str = "raw", workers: int 
                 store, close = (lambda offset, data: os.pwrite(fd, data, offset)), None
             writer = _GrainWriter(source, store, grain_bytes, capacity, workers)
             try:
-                _walk_markers(source, _Reader(fh, header.overhead_sectors * SECTOR), writer,
-                              header, file_size, on_progress, stop)
+                reader = _Reader(fh, header.overhead_sectors * SECTOR, growing, stop)
+                _walk_markers(source, reader, writer, header, on_progress, stop)
                 writer.finish()
             except BaseException:
                 writer.abort()
                 raise
+            _check_tables(source, fh, header)
             if close:
                 close()
         finally:
@@ -171,18 +222,39 @@ def decode(source: Path, target: Path, *, out_format: str = "raw", workers: int 
     return capacity
 
 
-def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header, file_size: int,
+def read_header(source: Path, fh, growing: GrowingFile | None = None,
+                stop: threading.Event | None = None) -> SparseHeader:
+    """The streamOptimized header at the start of `fh` (waiting for it if growing)."""
+    if growing is not None:
+        growing.wait_beyond(SECTOR - 1, stop)
+    fh.seek(0)
+    size = None if growing is not None else os.fstat(fh.fileno()).st_size
+    header = read_sparse_header(source, fh.read(SECTOR), size)
+    if not header.stream_optimized:
+        raise Failed(f"{source}: not a streamOptimized VMDK (no compressed grains with markers)")
+    return header
+
+
+def _check_tables(source: Path, fh, header: SparseHeader) -> None:
+    """A qemu-style stream has no end marker: its up-front grain tables must fit the file."""
+    if header.gd_offset != GD_AT_END and not grain_tables_complete(
+            fh, header, os.fstat(fh.fileno()).st_size):
+        raise Failed(f"{source}: truncated: its grain tables point past the end of the file")
+
+
+def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header: SparseHeader,
                   on_progress, stop) -> None:
     capacity_sectors = header.capacity_sectors
     max_compressed = header.grain_sectors * SECTOR * 2 + 1024
     seen = bytearray(capacity_sectors // header.grain_sectors // 8 + 1)  # one bit per grain
-    next_report = PROGRESS_EVERY
+    capacity = capacity_sectors * SECTOR
+    next_report, done = PROGRESS_EVERY, 0
     while True:
         if not reader.ensure(_MARKER.size):
-            if reader.offset == file_size and header.gd_offset != GD_AT_END:
+            if reader.exhausted and header.gd_offset != GD_AT_END:
                 return  # qemu ends its streams without an EOS marker (tables are up front)
-            raise Failed(f"{source}: truncated at byte {reader.offset} of {file_size}: "
-                         f"the stream ends without its end-of-stream marker")
+            raise Failed(f"{source}: truncated at byte {reader.offset}: the stream ends "
+                         f"without its end-of-stream marker")
         val, size, kind = _MARKER.unpack_from(reader.buf, reader.pos)
         if size:
             if val >= capacity_sectors or val % header.grain_sectors:
@@ -202,6 +274,7 @@ def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header, f
             start = reader.pos + 12
             writer.submit(val, reader.buf[start:start + size])
             reader.pos += total
+            done = min(capacity, (val + header.grain_sectors) * SECTOR)
         elif kind == MARKER_EOS:
             return
         elif kind in (MARKER_GT, MARKER_GD, MARKER_FOOTER):
@@ -215,6 +288,6 @@ def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header, f
             if stop is not None and stop.is_set():
                 raise Cancelled(f"{source}: decoding cancelled")
             if on_progress:
-                on_progress(reader.offset, file_size)
+                on_progress(done, capacity)
             next_report = reader.offset + PROGRESS_EVERY
 

@@ -59,8 +59,12 @@ def _fail(path: Path, what: str) -> Failed:
     return Failed(f"{path}: {what}")
 
 
-def read_sparse_header(path: Path, data: bytes, file_size: int) -> SparseHeader:
-    """Decode and sanity-check a 512-byte SparseExtentHeader."""
+def read_sparse_header(path: Path, data: bytes, file_size: int | None) -> SparseHeader:
+    """Decode and sanity-check a 512-byte SparseExtentHeader.
+
+    `file_size` None means the file is still growing (a download): offsets are not
+    checked against its end.
+    """
     if len(data) < SECTOR:
         raise _fail(path, f"truncated: {len(data)} bytes, a sparse VMDK header needs {SECTOR}")
     (magic, version, flags, capacity, grain, desc_off, desc_size, gtes, _rgd, gd_off,
@@ -82,6 +86,8 @@ def read_sparse_header(path: Path, data: bytes, file_size: int) -> SparseHeader:
         raise _fail(path, f"{gtes} entries per grain table, VMDK uses 512")
     if compress not in (0, 1):
         raise _fail(path, f"unknown compression algorithm {compress}")
+    if file_size is None:
+        return header
     if desc_size and (desc_off + desc_size) * SECTOR > file_size:
         raise _fail(path, f"header puts the descriptor at sectors {desc_off}+{desc_size}, "
                           f"past the end of the file ({file_size} bytes)")
@@ -130,7 +136,7 @@ def _extent_path(path: Path, name: str) -> Path:
     return path.parent / rel
 
 
-def _check_grain_tables(fh, header: SparseHeader, file_size: int) -> bool:
+def grain_tables_complete(fh, header: SparseHeader, file_size: int) -> bool:
     """True when every grain table and grain, up to the last one, lies inside the file."""
     gt_coverage = header.gtes_per_gt * header.grain_sectors
     num_gts = -(-header.capacity_sectors // gt_coverage)
@@ -191,7 +197,7 @@ def _sparse_extent_info(path: Path) -> tuple[SparseHeader, str | None, bool]:
             text = fh.read(header.descriptor_size * SECTOR).split(b"\0", 1)[0].decode(
                 "utf-8", "replace")
         if header.gd_offset != GD_AT_END:
-            complete = _check_grain_tables(fh, header, file_size)
+            complete = grain_tables_complete(fh, header, file_size)
         else:
             complete = _footer_ok(fh, file_size)
             if complete:

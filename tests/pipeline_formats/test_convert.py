@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 
 import pytest
 
 from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.pipeline.convert import convert_image, detect_format
-from hypersdk.service.pipeline.streamopt import decode
+from hypersdk.service.pipeline.streamopt import GrowingFile, decode
 
 from .helpers import DATA_BYTES, DISK_SIZE, allocated, images_equal, make_image, make_raw, qemu_img
 
@@ -166,3 +168,69 @@ def test_decoder_refuses_a_grain_given_twice(tmp_path):
     doubled.write_bytes(data[:overhead] + first + data[overhead:])
     with pytest.raises(Failed, match="a second grain for sector 0"):
         decode(doubled, tmp_path / "out.raw")
+
+
+def _grain_ends(vmdk) -> list[int]:
+    """File offsets where each grain of a qemu-made streamOptimized VMDK ends."""
+    data = vmdk.read_bytes()
+    pos = int.from_bytes(data[64:72], "little") * 512
+    ends = []
+    while pos + 12 <= len(data):
+        size = int.from_bytes(data[pos + 8:pos + 12], "little")
+        if not size:
+            break
+        pos += (12 + size + 511) // 512 * 512
+        ends.append(pos)
+    return ends
+
+
+def test_decoder_refuses_a_stream_cut_at_a_grain_boundary(tmp_path):
+    _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    with open(vmdk, "r+b") as fh:
+        fh.truncate(_grain_ends(vmdk)[0])
+    with pytest.raises(Failed, match="truncated: its grain tables point past the end"):
+        decode(vmdk, tmp_path / "out.raw")
+
+
+def _feed(source, growing_path, growing: GrowingFile, started: threading.Event,
+          upto: int | None = None) -> None:
+    """A fake download: copy `source` into `growing_path` in pieces, announcing each."""
+    data = source.read_bytes()[:upto]
+    with open(growing_path, "wb") as out:
+        for offset in range(0, len(data), 32 * 1024):
+            out.write(data[offset:offset + 32 * 1024])
+            out.flush()
+            growing.grew(out.tell())
+            if offset == 0:
+                started.wait(10)  # the decoder has begun before the download goes on
+            time.sleep(0.002)
+    growing.finish()
+
+
+@pytest.mark.parametrize("out_format", ["qcow2", "raw"])
+async def test_convert_keeps_pace_with_a_download(tmp_path, out_format):
+    raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    partial = tmp_path / "downloading.vmdk"
+    growing, started = GrowingFile(), threading.Event()
+    partial.touch()
+    feeder = threading.Thread(target=_feed, args=(vmdk, partial, growing, started))
+    feeder.start()
+    try:
+        result = await convert_image(
+            partial, tmp_path / f"disk.{out_format}", out_format=out_format, growing=growing,
+            log=lambda message: started.set())
+    finally:
+        feeder.join()
+    assert images_equal(raw, result.path)
+
+
+async def test_download_that_stops_early_fails(tmp_path):
+    _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    partial = tmp_path / "downloading.vmdk"
+    growing, started = GrowingFile(), threading.Event()
+    started.set()
+    _feed(vmdk, partial, growing, started, upto=_grain_ends(vmdk)[1] - 700)
+    with pytest.raises(Failed, match="truncated inside the grain"):
+        await convert_image(partial, tmp_path / "disk.qcow2", out_format="qcow2", growing=growing)
+    assert not (tmp_path / "disk.qcow2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
