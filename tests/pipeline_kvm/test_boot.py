@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import libvirt
+from lxml import etree
 import pytest
 
 from hypersdk.service.errors import Failed
@@ -101,3 +102,19 @@ async def test_start_failure_leaves_no_definition(libvirt_system, guest_dir):
                                      r"again\): .*not in qcow2 format"):
         await import_domain("qemu:///system", spec, start=True)
     assert spec.name not in conn.listDefinedDomains()
+
+
+@pytest.mark.parametrize("secure_boot", [False, True], ids=["uefi", "uefi-secure-boot"])
+async def test_uefi_domain_starts_with_its_own_nvram(libvirt_system, guest_dir, secure_boot):
+    conn, names = libvirt_system
+    disk = guest_dir / "empty.qcow2"
+    qemu_img("create", "-f", "qcow2", str(disk), "16M")
+    spec = DomainSpec(name="hypersdk-boot-" + uuid.uuid4().hex[:6], memory_mb=256, vcpus=1,
+                      disks=[DomainDisk(disk)], domain_type="qemu", firmware="uefi",
+                      secure_boot=secure_boot)
+    names.append(spec.name)
+    await import_domain("qemu:///system", spec, start=True)
+    domain = conn.lookupByName(spec.name)
+    assert domain.isActive() == 1
+    nvram = Path(etree.fromstring(domain.XMLDesc()).findtext("os/nvram"))
+    assert nvram.is_file() and nvram.stat().st_size > 0
