@@ -45,7 +45,22 @@ async def json_body(request: web.Request) -> dict:
                               f"column {exc.colno}") from None
     if not isinstance(value, dict):
         raise invalid("body", "expected a JSON object")
+    check_text(value, "body")
     return value
+
+
+def check_text(value: Any, where: str) -> None:
+    """Every key and string must be Unicode text without NUL (D-Bus carries nothing else,
+    and hypervisord quotes keys and values back in its error messages)."""
+    if isinstance(value, str):
+        check_dbus_string(where, value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_dbus_string(where, key)
+            check_text(item, f"{where}.{key}" if where != "body" else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_text(item, f"{where}[{index}]")
 
 
 def as_dbus_json(value: Any) -> str:

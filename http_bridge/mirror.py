@@ -31,7 +31,7 @@ DBUS_NAME, DBUS_PATH, DBUS_IFACE = "org.freedesktop.DBus", "/org/freedesktop/DBu
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 JOB_IFACE = "org.hypersdk.HyperSDK1.Job"
-CALL_TIMEOUT = 300.0
+CALL_TIMEOUT = 120.0
 RECONNECT_DELAY = 1.0
 
 
@@ -58,12 +58,12 @@ def _plain(props: dict[str, Variant]) -> dict[str, Any]:
 
 def check_dbus_string(field: str, value: str) -> str:
     """D-Bus strings are valid UTF-8 without NUL; refuse others before they reach the bus."""
-    if "\x00" in value:
-        raise invalid(field, "must not contain NUL characters")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise invalid(field, "must be valid UTF-8 text") from None
+        raise invalid(field, "must be valid Unicode text (no lone surrogates)") from None
+    if "\x00" in value:
+        raise invalid(field, "must not contain NUL characters")
     return value
 
 

@@ -128,8 +128,10 @@ _DATE = {"type": "string", "format": "date-time"}
 
 
 def _object(required: list[str], properties: dict, additional: bool = False) -> dict:
-    return {"type": "object", "required": required, "properties": properties,
-            "additionalProperties": additional}
+    schema = {"type": "object", "properties": properties, "additionalProperties": additional}
+    if required:  # OpenAPI 3.0 refuses an empty list
+        schema["required"] = required
+    return schema
 
 
 _INTEGRATION = _object([], {"enabled": _BOOL, "auto_convert": _BOOL, "daemon_mode": _BOOL,

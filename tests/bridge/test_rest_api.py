@@ -185,3 +185,12 @@ def test_hypervisord_leaving_the_bus_makes_the_bridge_unhealthy(bridge, sleep_jo
         assert curl(bridge, f"/jobs/query?job_id={job_id}").json()["status"] == "completed"
     finally:
         again.stop()
+
+
+@pytest.mark.parametrize("body", ['{"name": "a\\u0000b", "cron": "0 2 * * *"}',
+                                  '{"x\\udbda": 1, "cron": "0 2 * * *"}',
+                                  '{"job_definition": {"tags": ["ok", "\\ud800"]}}'])
+def test_text_dbus_cannot_carry_is_refused_naming_where(bridge, body):
+    answer = post_json(bridge, "/schedules/create", body)
+    assert answer.status == 400, answer.body
+    assert answer.json()["field"] in ("name", "body", "job_definition.tags[1]")
