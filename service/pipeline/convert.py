@@ -81,7 +81,8 @@ def inspect_source(source: Path) -> dict:
     info = image_info(source)
     fmt = info["format"]
     if fmt not in INPUT_FORMATS:
-        raise InvalidArgument(str(source), f"format {fmt!r} is not one of {', '.join(INPUT_FORMATS)}")
+        raise InvalidArgument(str(source),
+                              f"format {fmt!r} is not one of {', '.join(INPUT_FORMATS)}")
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise InvalidArgument(str(source), "images with a backing file are refused; convert a "
                                            "flattened image")
@@ -229,7 +230,8 @@ async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_f
         raise Failed(f"{source}: qemu-img convert failed: {_last_line(stderr)}")
 
 
-async def _read_progress(stream: asyncio.StreamReader, on_fraction: Callable[[float], None]) -> None:
+async def _read_progress(stream: asyncio.StreamReader,
+                         on_fraction: Callable[[float], None]) -> None:
     pending = b""
     while chunk := await stream.read(4096):
         pending += chunk

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Cancelled, Failed
+from .qcow2write import Qcow2Writer
+from .vmdk import (GD_AT_END, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
+                   SparseHeader, grain_tables_complete, read_sparse_header)
 
 try:  # ISA-L inflates ~2.4x faster than zlib here and also releases the GIL
     from isal import isal_zlib as inflater
 except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps it working
     inflater = zlib
-from .qcow2write import Qcow2Writer
-from .vmdk import (GD_AT_END, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
-                   SparseHeader, grain_tables_complete, read_sparse_header)
 
 READ_SIZE = 8 << 20
 MAX_IN_FLIGHT = 64

@@ -9,7 +9,6 @@ file and the broken rule.
 """
 from __future__ import annotations
 
-import os
 import re
 import struct
 from dataclasses import dataclass
