@@ -20,7 +20,7 @@ from ..errors import AlreadyExists, InvalidArgument
 from .convert import convert_image
 from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                          serial_log_beside)
-from .hyper2kvm import unit_state, wait_for_output
+from .hyper2kvm import UnitState, unit_name, unit_state, wait_for_output
 from .libvirt_import import import_domain, preflight
 from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
 
@@ -100,7 +100,8 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
     With import_to_kvm, libvirt is asked first whether the name, UUID and network
     are usable, so an hour of conversion is not wasted on a name that is taken.
 
-    In daemon mode, when hyper2kvm@<instance> is not active, this says so in the
+    In daemon mode, when hyper2kvm@<instance> is not active (or the config says
+    `hyper2kvm.daemon_enabled: false`), this says so in the
     job log and converts with the built-in converter instead of failing or
     waiting: the user asked for converted disks, and a manifest dropped for a
     dead daemon would only make the job wait out `job_timeout` for nothing.
@@ -111,7 +112,7 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
         await preflight(ctx.config.libvirt.uri, vm.name, _kept_uuid(vm),
                         [integration["network"]] if vm.nics else [])
     if integration["daemon_mode"]:
-        state = await unit_state(integration["instance"])
+        state = await _daemon_state(ctx.config, integration["instance"])
         if state.active:
             result = await _hand_off(ctx, vm, disks, integration, state.unit)
         else:
@@ -122,6 +123,14 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
     else:
         result = await _convert_builtin(ctx, vm, disks, integration)
     return {**result, "export_dir": str(export_dir)}
+
+
+async def _daemon_state(config: "Config", instance: str) -> UnitState:
+    """The unit's state, unless the config says no hyper2kvm daemon is deployed here."""
+    if not config.hyper2kvm.daemon_enabled:
+        return UnitState(unit_name(instance), "disabled in the config",
+                         "hyper2kvm.daemon_enabled: false")
+    return await unit_state(instance)
 
 
 def _kept_uuid(vm: "VMInfo") -> str:

@@ -75,7 +75,8 @@ def config_for(tmp_path):
     def make(**sections) -> object:
         document = {"hyper2kvm": {"watch_dir": str(tmp_path / "watch"),
                                   "output_dir": str(tmp_path / "out"),
-                                  "poll_interval": "50ms", "job_timeout": "5s"},
+                                  "poll_interval": "50ms", "job_timeout": "5s",
+                                  "daemon_enabled": True},
                     "libvirt": {"uri": "test:///default"}}
         for name, values in sections.items():
             document.setdefault(name, {}).update(values)

@@ -213,3 +213,17 @@ async def test_missing_network_is_refused_before_the_hand_off(config_for, export
         await run_integration(fake_job_context(config), vm, disks, export_dir, integration(
             config, daemon_mode=True, import_to_kvm=True, network="lan"))
     assert not (tmp_path / "watch").exists()
+
+
+async def test_daemon_disabled_in_config_falls_back_without_asking_systemd(
+        config_for, exported, tmp_path, monkeypatch):
+    vm, disks, export_dir = exported
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    config = config_for(hyper2kvm={"daemon_enabled": False})
+    ctx = fake_job_context(config)
+    result = await run_integration(ctx, vm, disks, export_dir,
+                                   integration(config, daemon_mode=True, instance="vsphere"))
+    assert result["mode"] == "builtin-fallback"
+    assert result["fallback_reason"] == ("hyper2kvm@vsphere.service is disabled in the config "
+                                         "(hyper2kvm.daemon_enabled: false)")
+    assert not (tmp_path / "watch").exists()
