@@ -100,7 +100,7 @@ class JobsScreen(HyperScreen):
         self.hyper_app.open_job(event.row_key.value)
 
     def action_focus_filter(self) -> None:
-        self.query_one("#job-filter", Input).focus()
+        self.set_focus(self.query_one("#job-filter", Input))
 
     def action_cancel_job(self) -> None:
         job_id = self.selected_job()

@@ -197,7 +197,7 @@ class VMsScreen(HyperScreen):
 
     # -- actions -----------------------------------------------------------------------
     def action_focus_filter(self) -> None:
-        self.query_one("#vm-filter", Input).focus()
+        self.set_focus(self.query_one("#vm-filter", Input))
 
     def action_cycle_sort(self) -> None:
         self.sort_label = SORTABLE[(SORTABLE.index(self.sort_label) + 1) % len(SORTABLE)]
