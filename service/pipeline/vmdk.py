@@ -224,12 +224,16 @@ def _read_text_descriptor(path: Path) -> str:
 Embedded = tuple[Path, SparseHeader, bool]  # sparse file, its header, its completeness
 
 
-def _check_extent(path: Path, extent: dict, embedded: Embedded | None) -> None:
-    """Fill in present/complete for one extent, refusing headers that contradict it."""
+def _check_extent(path: Path, extent: dict, embedded: Embedded | None, is_self: bool) -> None:
+    """Fill in present/complete for one extent, refusing headers that contradict it.
+
+    `is_self`: the extent is the sparse file holding the descriptor, whatever name
+    the descriptor records (an export renames the file; qemu-img ignores the name too).
+    """
     if extent["type"] == "ZERO":
         extent.update(present=True, complete=True)
         return
-    if embedded and extent["type"] == "SPARSE" and Path(extent["file"]).name == embedded[0].name:
+    if embedded and is_self:
         target, header, complete = embedded
     else:
         target = _extent_path(path, extent["file"])
@@ -272,8 +276,11 @@ def parse_vmdk(path: Path) -> dict:
     desc = parse_descriptor(path, text)
     values = desc["values"]
     extents = desc["extents"]
+    sparse = [e for e in extents if e["type"] == "SPARSE"]
     for extent in extents:
-        _check_extent(path, extent, embedded)
+        is_self = extent["type"] == "SPARSE" and (
+            len(sparse) == 1 or Path(extent["file"]).name == path.name)
+        _check_extent(path, extent, embedded, is_self)
     parent_cid = values.get("parentCID", NO_PARENT_CID).lower()
     parent = None
     if parent_cid != NO_PARENT_CID:

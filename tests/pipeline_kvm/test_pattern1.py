@@ -16,7 +16,6 @@ from pyVim.connect import Disconnect
 from pyVmomi import vim
 
 from hypersdk.service.config import parse_config
-from hypersdk.service.errors import Failed
 from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.vcsim.harness import Simulator, find_vm, give_disks, wait_task
@@ -66,15 +65,9 @@ def domain_cleanup(system_libvirt):
     conn.close()
 
 
-RENAMED_EXTENT_BUG = pytest.mark.xfail(
-    raises=Failed, strict=False,
-    reason="pipeline/vmdk.py looks for a monolithicSparse file's embedded extent under the "
-           "name its descriptor records, so a VMDK the export renamed reads as incomplete")
-
-
 @pytest.mark.parametrize("upload_name", [
     "DC0_H0_VM0-disk1.vmdk",  # the name the export gives the file
-    pytest.param("boot.vmdk", marks=RENAMED_EXTENT_BUG, id="descriptor-names-another-file"),
+    "boot.vmdk",  # the embedded descriptor names another file, as after any rename
 ])
 async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, guest_dir,
                                                               domain_cleanup, upload_name):
