@@ -1,0 +1,69 @@
+"""A polkit refusal reaches the person as words that name the missing permission."""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pwd
+
+from hypersdk.tui.app import HyperctlApp
+from hypersdk.tui.client import ClientError, HyperClient
+from tests.support.system import OUTSIDER
+
+from .conftest import submit_job
+from .fake_client import NOW, FakeConsoleClient
+
+
+def _cancel_as(user: str, address: str, job_id: str, results) -> None:
+    """In a forked child: become `user`, connect with the real client, try to cancel."""
+    entry = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+    async def attempt() -> str:
+        client = HyperClient(address)
+        await client.connect()
+        try:
+            await client.cancel(job_id)
+        except ClientError as exc:
+            return f"{exc.name}|{exc.message}"
+        finally:
+            client.close()
+        return "allowed"
+
+    results.put(asyncio.run(attempt()))
+
+
+def test_outsider_cancel_is_refused_naming_the_action(system_bus, hypervisord, users):
+    job_id = submit_job(system_bus.address, {"steps": 50, "interval": 0.1}, "sleep")
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_cancel_as,
+                            args=(OUTSIDER, system_bus.address, job_id, results))
+    child.start()
+    outcome = results.get(timeout=30)
+    child.join(10)
+    name, _, message = outcome.partition("|")
+    assert name == "AccessDenied", outcome
+    assert message.startswith("permission denied: not authorized for "
+                              "org.hypersdk.HyperSDK1.cancel-job-other-user"), message
+
+
+class RefusingFakeClient(FakeConsoleClient):
+    """Refuses cancel the way the real service does (same error, fake transport)."""
+
+    async def cancel(self, job_id: str) -> None:
+        raise ClientError("permission denied: not authorized for "
+                          "org.hypersdk.HyperSDK1.cancel-job-other-user", "AccessDenied")
+
+
+async def test_console_shows_a_refusal_as_a_notification():
+    app = HyperctlApp(RefusingFakeClient(), clock=lambda: NOW)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("down", "c")
+        await pilot.pause(0.2)
+        notes = [(n.title, n.message, n.severity) for n in app._notifications]
+        assert ("Not authorized", "permission denied: not authorized for "
+                "org.hypersdk.HyperSDK1.cancel-job-other-user", "error") in notes
