@@ -3,9 +3,10 @@
 Export reads each managed disk through a SAS URL: it grants read access to the disk
 itself when the VM is deallocated (after `shutdown_vm` it is), otherwise to a
 snapshot of the disk made for the export (a disk attached to a running VM cannot be
-granted). The fixed VHD behind the SAS URL is downloaded with `pipeline/download.py`
-(streamed, resumed with Range, sha256) and its footer checked. Access is revoked
-and our snapshots deleted at the end whatever happens: success, failure or cancel.
+granted). The fixed VHD behind the SAS URL is downloaded by `azure_blob.py` (only
+the page ranges that hold data, in parallel ranged reads, into a sparse file,
+sha256) and its footer checked. Access is revoked and our snapshots deleted at the
+end whatever happens: success, failure or cancel.
 
 Credentials: `tenant_id` + `client_id` + `client_secret_file` (mode 0600) for a
 service principal, else azure-identity's DefaultAzureCredential chain (environment,
@@ -16,16 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import ssl
 from pathlib import Path
 from typing import Any, Awaitable
 
 from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable, Unavailable
-from ..pipeline.download import download
-from .azure_vhd import FOOTER_SIZE, check_fixed_vhd
+from .azure_blob import download_disk_blob
+from .azure_vhd import check_fixed_vhd
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, require_extra
 from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
+from .sparse import SparseImage
 
 GIB = 1024 ** 3
 SDK_MODULES = ("azure.mgmt.compute", "azure.identity", "azure.storage.blob")
@@ -51,6 +52,7 @@ CONFIG_SCHEMA = {
     "access_duration": Field("duration", 4 * 3600.0, minimum=60,
                              doc="how long a SAS URL granted for a download stays valid"),
     "poll_interval": Field("duration", 5.0, doc="how often long-running operations are polled"),
+    "parallel_ranges": Field("int", 8, minimum=1, doc="ranged reads of a disk blob in flight"),
 }
 
 
@@ -345,24 +347,27 @@ class AzureProvider(Provider):
 
     async def _download(self, access_url: str, disk: DiskInfo, target_dir: Path,
                         options: ExportOptions, sink: ExportSink) -> ExportedDisk:
-        aiohttp = require_extra("aiohttp", "azure")
         target = target_dir / f"{disk.key}.vhd"
-        expected = disk.capacity_bytes + FOOTER_SIZE if disk.capacity_bytes else None
-        sink.add_total(expected or 0)
-        context = (ssl.create_default_context(cafile=self.settings["ca_file"])
-                   if self.settings.get("ca_file") else None)
-        async with aiohttp.ClientSession() as session:
-            result = await download(session, access_url, target, expected_size=expected,
-                                    chunk_size=options.chunk_size, max_retries=options.max_retries,
-                                    on_bytes=sink.advance, log=sink.log, ssl=context)
+        size, digest, read = await self._guard(
+            f"downloading disk {disk.key}",
+            download_disk_blob(access_url, lambda size: SparseImage(target, size),
+                               chunk_size=options.chunk_size,
+                               parallel=int(self.settings.get("parallel_ranges", 8)),
+                               max_retries=options.max_retries, sink=sink,
+                               ca_file=self.settings.get("ca_file", "")))
+        sink.log(f"{disk.key}: {read} of {size} bytes held data and were downloaded")
         try:
             capacity = await asyncio.to_thread(check_fixed_vhd, target)
         except Failed:
             target.unlink(missing_ok=True)
             raise
-        return ExportedDisk(path=target, format="vhd", capacity_bytes=capacity,
-                            file_bytes=result.size, sha256=result.sha256,
-                            boot_order=disk.boot_order, label=disk.label, key=disk.key)
+        if disk.capacity_bytes and capacity != disk.capacity_bytes:
+            target.unlink(missing_ok=True)
+            raise Failed(f"{target.name}: the VHD holds {capacity} bytes of disk, Azure reports "
+                         f"{disk.capacity_bytes}")
+        return ExportedDisk(path=target, format="vhd", capacity_bytes=capacity, file_bytes=size,
+                            sha256=digest, boot_order=disk.boot_order, label=disk.label,
+                            key=disk.key)
 
     async def close(self) -> None:
         if self._client is not None:

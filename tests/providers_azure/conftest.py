@@ -71,12 +71,17 @@ def azurite(tmp_path_factory):
     proc.wait(timeout=10)
 
 
-def upload_disk(azurite_url: str, name: str, data: bytes) -> None:
-    """Put `data` as the page blob behind managed disk `name` (as Azure keeps disks)."""
+def upload_disk(azurite_url: str, name: str, data: bytes, page_chunk: int = 64 * 1024) -> None:
+    """Put `data` as the page blob behind managed disk `name`, writing only the
+    `page_chunk` pieces that hold data (as a cloud disk: unwritten pages stay empty)."""
     service = BlobServiceClient(azurite_url, credential={"account_name": ACCOUNT,
                                                          "account_key": ACCOUNT_KEY})
-    service.get_blob_client(CONTAINER, f"{name}.vhd").upload_blob(
-        data, blob_type="PageBlob", overwrite=True)
+    blob = service.get_blob_client(CONTAINER, f"{name}.vhd")
+    blob.create_page_blob(len(data))
+    for offset in range(0, len(data), page_chunk):
+        piece = data[offset:offset + page_chunk]
+        if any(piece):
+            blob.upload_page(piece, offset=offset, length=len(piece))
 
 
 def sas_url(azurite_url: str, disk: str) -> str:

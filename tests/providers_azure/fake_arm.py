@@ -118,7 +118,7 @@ class FakeArmServer:
         app.router.add_delete(rg + "/snapshots/{name}", self.delete_snapshot)
         app.router.add_post(rg + "/{kind}/{name}/{action}", self.access)
         app.router.add_get("/operations/{op}", self.operation)
-        app.router.add_get("/stall/{name}", self.stall)
+        app.router.add_get("/stall/{blob:.*}", self.stall)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
@@ -230,7 +230,10 @@ class FakeArmServer:
 
     async def stall(self, request: web.Request) -> web.StreamResponse:
         """A blob download that sends headers and a little data, then nothing until stop()."""
-        response = web.StreamResponse(headers={"Content-Length": str(1 << 30)})
+        response = web.StreamResponse(headers={"Content-Length": str(1 << 30),
+                                               "x-ms-blob-type": "BlockBlob"})
+        if request.method == "HEAD":  # the blob's properties
+            return response
         await response.prepare(request)
         await response.write(b"\0" * 4096)
         await self._stopping.wait()

@@ -20,9 +20,9 @@ MIB = 1024 * 1024
 
 
 def _add_vm(arm_state, azurite, tmp_path, name: str, **kwargs) -> dict[str, bytes]:
-    """A VM with an OS disk (2 MiB) and a data disk (1 MiB) whose VHDs are in Azurite."""
+    """A VM with an OS disk (8 MiB) and a data disk (1 MiB) whose VHDs are in Azurite."""
     from .fake_arm import add_vm
-    disks = {f"{name}-os": make_vhd(tmp_path, f"{name}-os", 2 * MIB, b"OS-DISK" * 100),
+    disks = {f"{name}-os": make_vhd(tmp_path, f"{name}-os", 8 * MIB, b"OS-DISK" * 100),
              f"{name}-data": make_vhd(tmp_path, f"{name}-data", MIB, b"DATA" * 100)}
     for disk, data in disks.items():
         upload_disk(azurite, disk, data)
@@ -66,7 +66,7 @@ async def test_vm_info_with_os_and_data_disks(provider, arm_state, azurite, tmp_
     assert (vm.identifier, vm.power_state, vm.cpus, vm.memory_mb) == ("rg1/app-1", "poweredOn", 2, 8192)
     assert (vm.firmware, vm.secure_boot, vm.guest_os) == ("uefi", True, "Linux")
     assert [(d.key, d.label, d.capacity_bytes, d.boot_order) for d in vm.disks] == [
-        ("app-1-os", "os disk", 2 * MIB, 1), ("app-1-data", "data disk lun 0", MIB, None)]
+        ("app-1-os", "os disk", 8 * MIB, 1), ("app-1-data", "data disk lun 0", MIB, None)]
     assert vm.tags == ["role=app"] and vm.nics[0].key == "app-1-nic"
     with pytest.raises(NotFound, match="did you mean app-1"):
         await provider.get_vm("rg1/app-2")
@@ -89,7 +89,10 @@ async def test_export_running_vm_through_snapshots(provider, arm_state, azurite,
     assert len(snapshots) == 2 and all("-hypersdk-" in s for s in snapshots)
     assert _granted(arm_state) == snapshots and _revoked(arm_state) == snapshots
     assert arm_state.snapshots == {}  # deleted after the export
-    assert sink.done == sink.total == sum(len(v) for v in disks.values())
+    # only the pages holding data were read (per disk: 3 written pieces of 64 KiB and the
+    # 512-byte footer); everything else stays a hole
+    assert sink.done == sink.total == 2 * (3 * 64 * 1024 + 512)
+    assert exported[0].path.stat().st_blocks * 512 <= 1024 * 1024
     assert not any("sig=" in m for m in sink.lines)  # SAS URLs are secrets
 
 
@@ -114,7 +117,7 @@ async def test_failed_download_still_revokes_and_deletes(provider, arm_state, az
     # the data disk's blob was never uploaded: Azurite answers 404 to its SAS URL
     add_vm(arm_state, "rg1", "bad-1", disks=[("bad-1-os", MIB), ("bad-1-missing", MIB)])
 
-    with pytest.raises(NotFound, match="bad-1-missing.vhd"):
+    with pytest.raises(NotFound, match="downloading disk bad-1-missing: not found"):
         await provider.export_disks("bad-1", out, ExportOptions(), sink)
 
     assert len(_granted(arm_state)) == 2 and sorted(_revoked(arm_state)) == sorted(_granted(arm_state))
@@ -125,10 +128,14 @@ async def test_failed_download_still_revokes_and_deletes(provider, arm_state, az
 async def test_cancel_during_download_revokes_access(provider, arm, arm_state, out, sink):
     from .fake_arm import add_vm
     add_vm(arm_state, "rg1", "slow-1", power="deallocated", disks=[("slow-1-os", MIB)])
-    arm_state.sas_for_disk = lambda disk: f"{arm.base_url}/stall/{disk}?sig=secret"
+    arm_state.sas_for_disk = lambda disk: f"{arm.base_url}/stall/vhds/{disk}.vhd?sig=secret"
     task = asyncio.create_task(provider.export_disks("slow-1", out, ExportOptions(), sink))
-    while not arm_state.calls_to("GET", "/stall/slow-1-os"):
-        await asyncio.sleep(0.02)
+
+    async def download_started() -> None:
+        while not arm_state.calls_to("GET", "/stall/vhds/slow-1-os.vhd") and not task.done():
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(download_started(), 20)
+    assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
