@@ -21,6 +21,7 @@ from pathlib import Path
 from lxml import etree
 
 from ..errors import InvalidArgument
+from .ovf_writer import safe_name
 
 OVMF_DIR = Path("/usr/share/OVMF")
 OVMF_CODE = OVMF_DIR / "OVMF_CODE_4M.fd"
@@ -80,8 +81,7 @@ def guest_family(guest_os: str) -> str:
 
 def serial_log_beside(disk: Path, vm_name: str) -> Path:
     """Where an imported VM's serial console is logged: next to its boot disk."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", vm_name).strip("._") or "vm"
-    return Path(disk).parent / f"{safe}.serial.log"
+    return Path(disk).parent / f"{safe_name(vm_name)}.serial.log"
 
 
 def is_uuid(text: str) -> bool:

@@ -23,6 +23,7 @@ from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uui
 from .hyper2kvm import UnitState, unit_name, unit_state, wait_for_output
 from .libvirt_import import import_domain, preflight
 from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
+from .ovf_writer import safe_name
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -33,7 +34,6 @@ FIELD = "hyper2kvm_integration"
 INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 FORMATS = ("qcow2", "raw")
 DEFAULT_MEMORY_MB = 1024
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _BOOL_FIELDS = ("enabled", "auto_convert", "daemon_mode", "import_to_kvm", "autostart",
                 "start", "compression")
 _STR_FIELDS = ("instance", "network", "format")
@@ -139,7 +139,7 @@ def _kept_uuid(vm: "VMInfo") -> str:
 
 
 def _vm_output_dir(config: "Config", vm: "VMInfo") -> Path:
-    return Path(config.hyper2kvm.output_dir) / (_UNSAFE.sub("_", vm.name).strip("._") or "vm")
+    return Path(config.hyper2kvm.output_dir) / safe_name(vm.name)
 
 
 async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import Failed
 from ..providers.base import ExportedDisk, VMInfo
 from .domain_xml import guest_family
+from .ovf_writer import safe_name
 
 MANIFEST_VERSION = "1.0"
 SOURCE_FORMATS = ("vmdk", "qcow2", "raw", "vhd", "vhdx", "vdi")
@@ -98,9 +99,8 @@ def _disk_entry(disk: ExportedDisk, disk_id: str, position: int) -> dict:
 
 def write_manifest(manifest: dict, directory: Path, vm_name: str) -> Path:
     """Write `manifest` atomically into `directory` under a name no earlier attempt used."""
-    stem = _ID_BAD_CHARS.sub("_", vm_name).strip("_") or "vm"
-    job = _ID_BAD_CHARS.sub("_", manifest.get("metadata", {}).get("job_id", "")) or "job"
-    name = f"{stem}-{job}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.json"
+    job = safe_name(manifest.get("metadata", {}).get("job_id", ""))
+    name = f"{safe_name(vm_name)}-{job}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.json"
     data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
     try:
         directory.mkdir(parents=True, exist_ok=True)
