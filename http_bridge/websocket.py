@@ -1,12 +1,18 @@
 """`/websocket`: job updates pushed to every client, each with its own bounded queue.
 
-The hub turns mirror events into JSON text once and offers it to every client's
-queue; a writer task per client sends from that queue, so a slow or stalled client
-only ever blocks its own writer. A queue holds at most `max_items` messages: a
-newer progress update of a job replaces the one still waiting, and when the queue
-is full the oldest progress update is dropped first. Status changes, created and
-completed events are never dropped; a client so far behind that its queue is full
-of them is disconnected (close code 1013), which keeps memory bounded.
+The hub turns each mirror event into one JSON text and one WebSocket frame (server
+frames are unmasked, so the same bytes serve every client; compression is off).
+For each client the frame goes into the client's queue, and the queue is flushed
+straight into the client's transport while that transport's write buffer is below
+HIGH_WATER. A client that does not read fills its own buffer, then its own queue;
+it never makes the hub wait, so it never slows other clients or the service. One
+drain task retries the clients with a backlog every DRAIN_INTERVAL.
+
+A queue holds at most `max_items` frames: a newer progress update of a job replaces
+the one still waiting, and when the queue is full the oldest progress update is
+dropped first. Status changes, created and completed events are never dropped; a
+client so far behind that its queue is full of them is disconnected, which keeps
+memory bounded.
 
 Client messages: `{"subscribe": ["job-..", ...]}` limits the updates to those jobs
 (an empty list: all jobs again); `{"type": "ping"}` is answered `{"type": "pong"}`.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import weakref
 from collections import OrderedDict
 from itertools import count
@@ -30,25 +37,38 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 20.0
 MAX_QUEUED = 256
-CLOSE_TOO_SLOW = 1013  # "try again later"
+HIGH_WATER = 256 * 1024
+DRAIN_INTERVAL = 0.02
+
+
+def text_frame(body: dict) -> bytes:
+    """One unmasked, uncompressed, final WebSocket text frame (RFC 6455 5.2)."""
+    payload = json.dumps(body).encode()
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload
 
 
 class ClientQueue:
-    """Pending messages of one client; see the module docstring for the dropping rule."""
+    """Pending frames of one client; see the module docstring for the dropping rule."""
 
     def __init__(self, max_items: int = MAX_QUEUED) -> None:
         self.max_items = max_items
         self.dropped = 0
         self.overflowed = False
-        self._items: OrderedDict[object, str] = OrderedDict()
-        self._ready = asyncio.Event()
+        self._items: OrderedDict[object, bytes] = OrderedDict()
         self._seq = count()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, text: str, progress_of: str | None = None) -> bool:
-        """Queue `text`; progress updates name their job. False once overflowed."""
+    def put(self, frame: bytes, progress_of: str | None = None) -> bool:
+        """Queue `frame`; progress updates name their job. False once overflowed."""
         if self.overflowed:
             return False
         if progress_of is not None:
@@ -57,14 +77,12 @@ class ClientQueue:
                 self.dropped += 1
         else:
             key = next(self._seq)
-        self._items[key] = text
+        self._items[key] = frame
         while len(self._items) > self.max_items:
             if not self._drop_oldest_progress():
                 self.overflowed = True
                 self._items.clear()
-                self._ready.set()
                 return False
-        self._ready.set()
         return True
 
     def _drop_oldest_progress(self) -> bool:
@@ -75,20 +93,13 @@ class ClientQueue:
                 return True
         return False
 
-    async def get(self) -> str | None:
-        """The next message, or None once the client overflowed."""
-        while not self._items:
-            if self.overflowed:
-                return None
-            self._ready.clear()
-            await self._ready.wait()
-        if self.overflowed:
-            return None
+    def pop(self) -> bytes:
         return self._items.popitem(last=False)[1]
 
 
 class Client:
-    def __init__(self, ws: web.WebSocketResponse, transport, who: str, max_queued: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, who: str,
+                 max_queued: int) -> None:
         self.ws = ws
         self.transport = transport
         self.who = who
@@ -98,18 +109,29 @@ class Client:
     def wants(self, job_id: str) -> bool:
         return self.jobs is None or job_id in self.jobs
 
+    def flush(self) -> None:
+        """Write queued frames while the transport takes them without piling up."""
+        transport = self.transport
+        while self.queue and not transport.is_closing() \
+                and transport.get_write_buffer_size() < HIGH_WATER:
+            transport.write(self.queue.pop())
+
 
 class WebSocketHub:
     def __init__(self, mirror: ServiceMirror, max_queued: int = MAX_QUEUED) -> None:
         self.mirror = mirror
         self.max_queued = max_queued
-        self.clients: weakref.WeakSet[Client] = weakref.WeakSet()
+        self.clients: set[Client] = set()
         self.dropped_total = 0
         self.disconnected_slow = 0
+        self._backlog: set[Client] = set()
+        self._drainer: asyncio.Task | None = None
         mirror.subscribe(self._on_event)
 
     def close(self) -> None:
         self.mirror.unsubscribe(self._on_event)
+        if self._drainer:
+            self._drainer.cancel()
 
     # -- from the mirror ---------------------------------------------------------------
     def _on_event(self, event: MirrorEvent) -> None:
@@ -129,90 +151,92 @@ class WebSocketHub:
 
     def broadcast(self, props: dict, event: str, droppable: bool) -> None:
         job_id = props.get("Id", "")
-        text = json.dumps(update_json(props, event))
+        frame = text_frame(update_json(props, event))
         for client in list(self.clients):
-            if not client.wants(job_id):
-                continue
-            before = client.queue.dropped
-            if not client.queue.put(text, job_id if droppable else None):
-                self._disconnect_slow(client)
-            self.dropped_total += client.queue.dropped - before
+            if client.wants(job_id):
+                self.send(client, frame, job_id if droppable else None)
+
+    def send(self, client: Client, frame: bytes, progress_of: str | None = None) -> None:
+        before = client.queue.dropped
+        accepted = client.queue.put(frame, progress_of)
+        self.dropped_total += client.queue.dropped - before
+        if not accepted:
+            self._disconnect_slow(client)
+            return
+        client.flush()
+        if client.queue:
+            self._backlog.add(client)
+            if self._drainer is None or self._drainer.done():
+                self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._backlog:
+            await asyncio.sleep(DRAIN_INTERVAL)
+            for client in list(self._backlog):
+                if client.transport.is_closing():
+                    self._backlog.discard(client)
+                    continue
+                client.flush()
+                if not client.queue:
+                    self._backlog.discard(client)
 
     def _disconnect_slow(self, client: Client) -> None:
-        self.clients.discard(client)
+        self._forget(client)
         self.disconnected_slow += 1
         log.warning("websocket client %s fell %d messages behind; disconnected",
                     client.who, client.queue.max_items)
-        if client.transport is not None:
-            client.transport.abort()
+        client.transport.abort()
+
+    def _forget(self, client: Client) -> None:
+        self.clients.discard(client)
+        self._backlog.discard(client)
 
     # -- one client --------------------------------------------------------------------
     async def handle(self, request: web.Request, who: str) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=64 * 1024)
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=64 * 1024,
+                                   compress=False)
         await ws.prepare(request)
         client = Client(ws, request.transport, who, self.max_queued)
         self.clients.add(client)
         request.app[WEBSOCKETS].add(ws)
-        writer = asyncio.create_task(self._write(client), name="ws-writer")
         try:
             async for message in ws:
                 if message.type == WSMsgType.TEXT:
                     self._on_client_message(client, message.data)
         finally:
-            self.clients.discard(client)
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            self._forget(client)
             request.app[WEBSOCKETS].discard(ws)
         return ws
-
-    async def _write(self, client: Client) -> None:
-        while True:
-            text = await client.queue.get()
-            if text is None:
-                await client.ws.close(code=CLOSE_TOO_SLOW, message=b"client too slow")
-                return
-            try:
-                await client.ws.send_str(text)
-            except ConnectionError:
-                return
 
     def _on_client_message(self, client: Client, data: str) -> None:
         try:
             message = json.loads(data)
         except ValueError:
-            self._reply(client, {"type": "error", "error": "InvalidArgument", "field": "message",
-                                 "message": "message: malformed JSON"})
+            self._error(client, "message", "message: malformed JSON")
             return
         if isinstance(message, dict) and message.get("type") == "ping":
-            self._reply(client, {"type": "pong"})
+            self.send(client, text_frame({"type": "pong"}))
         elif isinstance(message, dict) and "subscribe" in message:
             self._subscribe(client, message["subscribe"])
         else:
-            self._reply(client, {"type": "error", "error": "InvalidArgument", "field": "message",
-                                 "message": 'message: expected {"subscribe": [job ids]} '
-                                            'or {"type": "ping"}'})
+            self._error(client, "message", 'message: expected {"subscribe": [job ids]} '
+                                           'or {"type": "ping"}')
 
     def _subscribe(self, client: Client, jobs) -> None:
         if not isinstance(jobs, list) or not all(isinstance(j, str) for j in jobs):
-            self._reply(client, {"type": "error", "error": "InvalidArgument",
-                                 "field": "subscribe",
-                                 "message": "subscribe: expected a list of job ids"})
+            self._error(client, "subscribe", "subscribe: expected a list of job ids")
             return
         client.jobs = set(jobs) or None
-        self._reply(client, {"type": "subscribed", "jobs": sorted(jobs)})
+        self.send(client, text_frame({"type": "subscribed", "jobs": sorted(jobs)}))
         # the current state of each watched job, so a client never misses where it is
-        for props in self._job_props(client.jobs):
-            client.queue.put(json.dumps(update_json(props, "job.status")))
+        for ifaces in list(self.mirror.objects.values()):
+            props = ifaces.get(JOB_IFACE)
+            if props and client.jobs and props.get("Id") in client.jobs:
+                self.send(client, text_frame(update_json(props, "job.status")))
 
-    def _job_props(self, jobs: set[str] | None) -> list[dict]:
-        if not jobs:
-            return []
-        return [props for ifaces in self.mirror.objects.values()
-                if (props := ifaces.get(JOB_IFACE)) and props.get("Id") in jobs]
-
-    @staticmethod
-    def _reply(client: Client, body: dict) -> None:
-        client.queue.put(json.dumps(body))
+    def _error(self, client: Client, field: str, message: str) -> None:
+        self.send(client, text_frame({"type": "error", "error": "InvalidArgument",
+                                      "field": field, "message": message}))
 
 
 WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet)
@@ -222,4 +246,3 @@ async def close_all(app: web.Application) -> None:
     """on_shutdown: tell every WebSocket client the server is going away."""
     for ws in set(app[WEBSOCKETS]):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-

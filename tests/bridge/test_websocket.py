@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from hypersdk.http_bridge.mirror import JOB_IFACE, MirrorEvent
-from hypersdk.http_bridge.websocket import WEBSOCKETS, ClientQueue, WebSocketHub
+from hypersdk.http_bridge.websocket import WEBSOCKETS, ClientQueue, WebSocketHub, text_frame
 
 from .conftest import submit_sleep
 from .stack import curl
@@ -113,27 +113,34 @@ async def test_hundred_clients_one_never_reading(bridge, system_bus):
 
 def test_queue_replaces_a_waiting_progress_update_of_the_same_job():
     queue = ClientQueue(max_items=10)
-    queue.put("p1", progress_of="job-a")
-    queue.put("s1")
-    queue.put("p2", progress_of="job-a")
-    assert list(queue._items.values()) == ["s1", "p2"] and queue.dropped == 1
+    queue.put(b"p1", progress_of="job-a")
+    queue.put(b"s1")
+    queue.put(b"p2", progress_of="job-a")
+    assert [queue.pop() for _ in range(len(queue))] == [b"s1", b"p2"] and queue.dropped == 1
 
 
-async def test_queue_drops_old_progress_first_never_status():
+def test_queue_drops_old_progress_first_never_status():
     queue = ClientQueue(max_items=3)
-    queue.put("s1")
-    queue.put("pa", progress_of="job-a")
-    queue.put("pb", progress_of="job-b")
-    assert queue.put("s2")  # full: the oldest progress (pa) goes
-    assert [await queue.get() for _ in range(3)] == ["s1", "pb", "s2"]
+    queue.put(b"s1")
+    queue.put(b"pa", progress_of="job-a")
+    queue.put(b"pb", progress_of="job-b")
+    assert queue.put(b"s2")  # full: the oldest progress (pa) goes
+    assert [queue.pop() for _ in range(len(queue))] == [b"s1", b"pb", b"s2"]
 
 
-async def test_queue_full_of_status_changes_overflows():
+def test_queue_full_of_status_changes_overflows():
     queue = ClientQueue(max_items=2)
-    assert queue.put("s1") and queue.put("s2")
-    assert not queue.put("s3")
+    assert queue.put(b"s1") and queue.put(b"s2")
+    assert not queue.put(b"s3")
     assert queue.overflowed and len(queue) == 0
-    assert await queue.get() is None
+
+
+def test_frames_are_rfc6455_text_frames():
+    for size in (10, 1000, 70_000):
+        frame = text_frame({"x": "y" * size})
+        payload = json.dumps({"x": "y" * size}).encode()
+        assert frame.endswith(payload) and frame[0] == 0x81
+        assert len(frame) - len(payload) == (2 if size < 120 else 4 if size < 65000 else 10)
 
 
 async def test_websocket_snippet_shape_matches_the_openapi_update_schema(bridge, system_bus):

@@ -1,0 +1,194 @@
+"""Benchmark: the REST bridge against a bare aiohttp JSON endpoint, and WebSocket delivery.
+
+Starts a private system bus, polkitd, a real hypervisord (with the test job kinds) and
+a real hypersdk-bridge, plus a bare aiohttp "hello world" JSON server, each in its own
+process. A load generator in another process (an aiohttp client; wrk is not installed)
+then measures, in the same run and with the same client:
+
+- requests/s of GET /health and GET /jobs/query?job_id=... on the bridge at
+  --connections concurrent connections, against the bare server's GET /;
+  goal: >= 0.5 x the bare server's rate;
+- WebSocket delivery latency (p50/p99) for --ws-clients clients watching --jobs
+  running "sleep" jobs: the time from the bridge turning a D-Bus signal into an
+  update (its "time" field) to a client having it; goal: p99 < 100 ms.
+
+    .venv/bin/python bench/api.py [--seconds 5] [--connections 50] [--ws-clients 200] [--jobs 20]
+
+The load generator shares the 2 cores with the servers, so absolute rates are lower
+than wrk's; the ratios are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# -- child roles -------------------------------------------------------------------------
+def run_hello(port: int) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+async def load(url: str, seconds: float, connections: int) -> dict:
+    """Keep `connections` requests in flight for `seconds`; count the answers."""
+    done = errors = 0
+    deadline = time.monotonic() + seconds
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker() -> None:
+            nonlocal done, errors
+            while time.monotonic() < deadline:
+                async with session.get(url) as response:
+                    await response.read()
+                    if response.status == 200:
+                        done += 1
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(connections)))
+    return {"url": url, "requests_per_second": done / seconds, "errors": errors}
+
+
+async def watch(url: str, clients: int, seconds: float) -> dict:
+    """`clients` WebSocket clients; latency of every update they receive."""
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        async with session.ws_connect(url) as ws:
+            while time.monotonic() < deadline:
+                try:
+                    message = await ws.receive(timeout=max(0.05, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    return
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    return
+                sent = json.loads(message.data).get("time")
+                if sent:
+                    latencies.append(time.time() - sent)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    latencies.sort()
+
+    def percentile(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0
+
+    return {"updates": len(latencies), "p50_ms": percentile(0.50), "p99_ms": percentile(0.99)}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.role == "hello":
+        run_hello(args.port)
+    elif args.role == "load":
+        print(json.dumps(asyncio.run(load(args.url, args.seconds, args.connections))))
+    elif args.role == "watch":
+        print(json.dumps(asyncio.run(watch(args.url, args.ws_clients, args.seconds))))
+
+
+# -- the run -----------------------------------------------------------------------------
+def run_child(*arguments: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, *arguments], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(["curl", "-sf", "-o", "/dev/null", url]).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--ws-clients", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--role", choices=["hello", "load", "watch"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        child(args)
+        return
+
+    from tests.bridge.conftest import submit_sleep
+    from tests.bridge.stack import Bridge, free_port
+    from tests.support.hypervisord import Hypervisord, write_config
+    from tests.support.system import PrivateSystemBus, start_polkitd, stop_process
+
+    work = Path(tempfile.mkdtemp(prefix="hypersdk-bench-api-"))
+    work.chmod(0o755)
+    bus = PrivateSystemBus.start(work / "bus")
+    polkitd = start_polkitd(bus)
+    port, hello_port = free_port(), free_port()
+    config = write_config(work, daemon={"address": f"127.0.0.1:{port}", "log_level": "warning",
+                                        "workers": args.jobs + 2})
+    daemon = Hypervisord(config, bus.address)
+    bridge = Bridge(config, bus.address, port)
+    hello = subprocess.Popen([sys.executable, __file__, "--role", "hello", "--port",
+                              str(hello_port)])
+    try:
+        daemon.start()
+        bridge.start()
+        wait_http(f"http://127.0.0.1:{hello_port}/")
+        job = submit_sleep(bus.address, steps=1, interval=0.01)
+        seconds, connections = str(args.seconds), str(args.connections)
+        rates = {}
+        for name, url in (("bare aiohttp GET /", f"http://127.0.0.1:{hello_port}/"),
+                          ("bridge GET /health", f"{bridge.url}/health"),
+                          ("bridge GET /jobs/query", f"{bridge.url}/jobs/query?job_id={job}")):
+            rates[name] = run_child("--role", "load", "--url", url, "--seconds", seconds,
+                                    "--connections", connections)
+        bare = rates["bare aiohttp GET /"]["requests_per_second"]
+        print(f"HTTP, {args.connections} connections, {args.seconds:g} s each:")
+        for name, result in rates.items():
+            rate = result["requests_per_second"]
+            print(f"  {name:26s} {rate:9.0f} req/s  ratio to bare {rate / bare:5.2f}"
+                  f"  errors {result['errors']}")
+
+        steps = int((args.seconds + 10) / 0.05)
+        for _ in range(args.jobs):
+            submit_sleep(bus.address, steps=steps, interval=0.05, step_bytes=1 << 20)
+        time.sleep(0.5)
+        latency = run_child("--role", "watch", "--url", f"{bridge.url}/websocket",
+                            "--ws-clients", str(args.ws_clients), "--seconds", seconds)
+        print(f"WebSocket, {args.ws_clients} clients, {args.jobs} running jobs: "
+              f"{latency['updates']} updates, p50 {latency['p50_ms']:.1f} ms, "
+              f"p99 {latency['p99_ms']:.1f} ms (goal p99 < 100 ms)")
+        print(f"bridge RSS {bridge.rss_kib() / 1024:.1f} MiB")
+    finally:
+        stop_process(hello)
+        bridge.stop()
+        daemon.stop()
+        stop_process(polkitd)
+        bus.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONPATH", str(REPO))
+    main()
