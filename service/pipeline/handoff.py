@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,12 +154,14 @@ async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]"
                               hypersdk_version=__version__)
     ctx.set_stage("handoff")
     watch_dir = Path(settings.watch_dir) / integration["instance"]
+    handed_off_at = time.time()
     path = await asyncio.to_thread(write_manifest, manifest, watch_dir, vm.name)
     ctx.log(f"handed off to {unit.removesuffix('.service')}: manifest {path}")
     ctx.set_stage("waiting for hyper2kvm")
     expected = [out_dir / f"{disk['id']}.{fmt}" for disk in manifest["disks"]]
     outputs = await wait_for_output(expected, poll_interval=settings.poll_interval,
-                                    timeout=settings.job_timeout, log=ctx.log)
+                                    timeout=settings.job_timeout, since=handed_off_at,
+                                    log=ctx.log)
     ctx.log(f"hyper2kvm finished: {', '.join(str(p) for p in outputs)}")
     result = {"mode": "daemon", "unit": unit, "manifest": str(path),
               "output_dir": str(out_dir), "disks": [{"path": str(p), "format": fmt}

@@ -4,11 +4,12 @@
 a plain client of org.freedesktop.systemd1): Manager.GetUnit, or LoadUnit for a
 unit systemd has not loaded yet, then the Unit's ActiveState property.
 `wait_for_output` polls the converter's output directory for the disk images
-named in the manifest until they exist and stop growing.
+named in the manifest until they exist and stop growing, or its report says it failed.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 BUS_TIMEOUT = 5.0
+REPORT_NAME = "report.json"  # hyper2kvm's end-of-pipeline report, in its output directory
 
 
 @dataclass(frozen=True)
@@ -92,13 +94,16 @@ async def _call(bus, path: str, interface: str, member: str, signature: str, bod
 
 
 async def wait_for_output(expected: list[Path], *, poll_interval: float, timeout: float,
-                          log: Callable[[str], None] | None = None,
-                          clock: Callable[[], float] = time.monotonic) -> list[Path]:
+                          since: float, log: Callable[[str], None] | None = None) -> list[Path]:
     """Wait until every path in `expected` exists with the same size on two polls in a row.
 
-    Raises Failed naming the missing files when `timeout` seconds pass first.
+    hyper2kvm writes `report.json` beside its output when its pipeline ends; one
+    written after `since` (a time.time() value) that reports a failure ends the wait
+    at once with hyper2kvm's own error. Raises Failed naming the missing files when
+    `timeout` seconds pass first.
     """
-    deadline = clock() + timeout
+    deadline = time.monotonic() + timeout
+    report = expected[0].parent / REPORT_NAME
     previous: dict[Path, int] | None = None
     if log is not None:
         log(f"waiting for hyper2kvm output in {expected[0].parent} "
@@ -108,9 +113,32 @@ async def wait_for_output(expected: list[Path], *, poll_interval: float, timeout
         if len(sizes) == len(expected) and sizes == previous:
             return list(expected)
         previous = sizes
-        if clock() >= deadline:
+        failure = reported_failure(report, since)
+        if failure:
+            raise Failed(f"hyper2kvm failed ({report}): {failure}")
+        if time.monotonic() >= deadline:
             missing = [str(p) for p in expected if p not in sizes]
             what = ("missing: " + ", ".join(missing)) if missing else "files still growing"
             raise Failed(f"hyper2kvm produced no finished output within {timeout:g} s "
                          f"(hyper2kvm.job_timeout); {what}")
         await asyncio.sleep(poll_interval)
+
+
+def reported_failure(report: Path, since: float) -> str | None:
+    """The error in hyper2kvm's report.json when it is newer than `since` and says the
+    pipeline failed; None otherwise (absent, older, half-written, or a success)."""
+    try:
+        if report.stat().st_mtime < since:
+            return None
+        data = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("pipeline"), dict):
+        return None
+    if data["pipeline"].get("success") is not False:
+        return None
+    errors = [e for e in data.get("errors") or [] if isinstance(e, dict)]
+    if not errors:
+        return "its report says the pipeline failed, without an error message"
+    last = errors[-1]
+    return f"stage {last.get('stage', '?')}: {last.get('message', '')}"

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import time
 import uuid
+
+from pathlib import Path
 
 import pytest
 
 from hypersdk.service.errors import Failed
-from hypersdk.service.pipeline.hyper2kvm import unit_state, wait_for_output
+from hypersdk.service.pipeline.hyper2kvm import reported_failure, unit_state, wait_for_output
 
 
 def instance() -> str:
@@ -63,7 +68,8 @@ async def test_output_is_returned_once_present_and_stable(tmp_path):
 
     lines: list[str] = []
     task = asyncio.create_task(converter())
-    found = await wait_for_output(expected, poll_interval=0.02, timeout=5, log=lines.append)
+    found = await wait_for_output(expected, poll_interval=0.02, timeout=5, since=time.time(),
+                                  log=lines.append)
     await task
     assert found == expected
     assert expected[1].stat().st_size == 200
@@ -75,4 +81,42 @@ async def test_timeout_names_the_missing_files_and_the_setting(tmp_path):
     present.write_bytes(b"x")
     missing = tmp_path / "b.qcow2"
     with pytest.raises(Failed, match=rf"within 0.1 s \(hyper2kvm.job_timeout\); missing: {missing}"):
-        await wait_for_output([present, missing], poll_interval=0.02, timeout=0.1)
+        await wait_for_output([present, missing], poll_interval=0.02, timeout=0.1,
+                              since=time.time())
+
+
+def hyper2kvm_report(directory: Path, success: bool, errors: list[dict]) -> Path:
+    """A report.json shaped like hyper2kvm 0.2.1's ManifestReporter writes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    report = directory / "report.json"
+    report.write_text(json.dumps({"pipeline": {"success": success, "stages": {},
+                                               "duration_seconds": 1.0},
+                                  "errors": errors, "warnings": []}))
+    return report
+
+
+async def test_a_failure_report_ends_the_wait_with_hyper2kvms_error(tmp_path):
+    since = time.time()
+    hyper2kvm_report(tmp_path / "vm", False, [{"stage": "convert", "message": "No space left",
+                                               "timestamp": "2026-01-01T00:00:00"}])
+    started = time.monotonic()
+    with pytest.raises(Failed, match=r"hyper2kvm failed .*report.json\): stage convert: "
+                                     "No space left"):
+        await wait_for_output([tmp_path / "vm" / "d.qcow2"], poll_interval=0.02, timeout=30,
+                              since=since)
+    assert time.monotonic() - started < 5
+
+
+async def test_a_report_from_an_earlier_run_is_ignored(tmp_path):
+    report = hyper2kvm_report(tmp_path / "vm", False, [{"stage": "convert", "message": "old"}])
+    os.utime(report, (time.time() - 3600, time.time() - 3600))
+    with pytest.raises(Failed, match="no finished output within"):
+        await wait_for_output([tmp_path / "vm" / "d.qcow2"], poll_interval=0.02, timeout=0.1,
+                              since=time.time() - 60)
+
+
+@pytest.mark.parametrize("content", ["{half", "[]", '{"pipeline": {"success": true}}'])
+def test_unreadable_or_successful_reports_are_not_failures(tmp_path, content):
+    report = tmp_path / "report.json"
+    report.write_text(content)
+    assert reported_failure(report, 0) is None
