@@ -164,6 +164,10 @@ class HypervProvider(Provider):
         except winrm.exceptions.InvalidCredentialsError:
             raise NotAuthorized(f"provider {self.name!r}: the host {self.settings['host']} "
                                 f"refused the credentials of '{self.settings['username']}'") from None
+        except requests.exceptions.SSLError:
+            raise NotAuthorized(f"provider {self.name!r}: the TLS certificate of "
+                                f"{self.settings['host']} is not trusted (set ca_file, or "
+                                "server_cert_validation: false for a lab host)") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise HostUnreachable(f"cannot reach {self.settings['host']} "
                                  f"({type(exc).__name__})") from None

@@ -31,6 +31,7 @@ class FakeWinRMServer:
     username: str
     password: str
     url: str = ""
+    ca_file: str = ""               # set when served over HTTPS
     vms: list[dict] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)   # Windows path (lower) -> bytes
     ops: list[str] = field(default_factory=list)

@@ -141,3 +141,17 @@ async def test_a_vm_name_cannot_place_files_outside_the_target(fake_winrm, tmp_p
     _, [disk] = await provider.export_disks("../../evil", target, ExportOptions(),
                                             FakeExportSink())
     assert disk.path.parent == target and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+async def test_https_with_the_hosts_ca_works_and_an_untrusted_certificate_is_refused(
+        fake_winrm_tls, tmp_path):
+    fake_winrm_tls.add_vm("tls01", {"tls01.vhdx": b"t" * 9000})
+    provider = make_provider(fake_winrm_tls, scheme="https", ca_file=fake_winrm_tls.ca_file)
+    [vm] = await provider.list_vms({})
+    _, [disk] = await provider.export_disks(vm.identifier, tmp_path, ExportOptions(),
+                                            FakeExportSink())
+    assert disk.path.read_bytes() == b"t" * 9000
+
+    untrusted = make_provider(fake_winrm_tls, scheme="https")
+    with pytest.raises(NotAuthorized, match="TLS certificate of 127.0.0.1 is not trusted"):
+        await untrusted.list_vms({})
