@@ -399,8 +399,11 @@ async def wait_until(clock: Clock, moment: float | None, wake: asyncio.Event,
                      longest: float = 30.0) -> None:
     """Sleep until `moment` (capped to `longest`) or until `wake` is set."""
     delay = longest if moment is None else min(longest, max(0.0, moment - clock.now()))
+    # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that arrives as
+    # the event is set, and the loop would never stop.
+    waiter = asyncio.ensure_future(wake.wait())
     try:
-        await asyncio.wait_for(wake.wait(), delay)
-    except asyncio.TimeoutError:
-        pass
+        await asyncio.wait({waiter}, timeout=delay)
+    finally:
+        waiter.cancel()
     wake.clear()

@@ -1,0 +1,171 @@
+"""Webhooks: validation, redaction, and delivery to a real HTTP receiver on 127.0.0.1."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from hypersdk.service.automation import Automation
+from hypersdk.service.errors import InvalidArgument
+from hypersdk.service.webhooks import redact_headers, redact_url, validate_webhook
+
+from .conftest import make_config, start_engine, stop_engine
+
+SECRET = "s3cret-hmac-key"
+QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
+
+
+@pytest.mark.parametrize("definition, field", [
+    ({"url": "ftp://example.com/x", "events": ["job.failed"]}, "url"),
+    ({"url": "file:///etc/passwd", "events": ["job.failed"]}, "url"),
+    ({"url": "http://", "events": ["job.failed"]}, "url"),
+    ({"url": "https://example.com/x", "events": ["job.exploded"]}, "events[0]"),
+    ({"url": "https://example.com/x", "events": []}, "events"),
+    ({"url": "https://example.com/x", "events": ["job.failed"], "headers": {"A": 1}},
+     "headers.A"),
+    ({"url": "https://example.com/x", "events": ["job.failed"],
+      "headers": {"X-HyperSDK-Signature": "x"}}, "headers.X-HyperSDK-Signature"),
+    ({"url": "https://example.com/x", "events": ["job.failed"], "retries": 3}, "retries"),
+])
+def test_bad_webhooks_are_refused_naming_the_field(definition, field):
+    with pytest.raises(InvalidArgument) as info:
+        validate_webhook(definition)
+    assert info.value.field == field
+
+
+def test_secret_looking_values_are_redacted():
+    headers = {"Authorization": "Bearer token123", "X-Api-Key": "k", "X-Team": "ops",
+               "X-Note": "Basic dXNlcjpwYXNz"}
+    assert redact_headers(headers) == {"Authorization": "<redacted>", "X-Api-Key": "<redacted>",
+                                       "X-Team": "ops", "X-Note": "<redacted>"}
+    shown = redact_url("https://bob:hunter2@hooks.example.com/x?token=abc&team=ops")
+    assert "hunter2" not in shown and "abc" not in shown and "team=ops" in shown
+
+
+async def _automation(config):
+    env = await start_engine(config)
+    automation = Automation(env.store, env.engine, config)
+    await automation.start()
+    return env, automation
+
+
+async def _deliveries(automation, webhook_id: str, count: int) -> list[dict]:
+    """The delivery log once it has `count` entries (the receiver answers before it is written)."""
+    for _ in range(200):
+        log = automation.webhooks.deliveries(webhook_id)
+        if len(log) >= count and log[-1]["state"] != "pending":
+            return log
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"delivery log stayed {log}")
+
+
+async def _close(env, automation):
+    await automation.stop()
+    await stop_engine(env)
+
+
+async def test_each_job_event_arrives_once_with_a_valid_signature(tmp_path, receiver):
+    env, automation = await _automation(make_config(tmp_path))
+    try:
+        hook = automation.webhooks.create(
+            {"url": receiver.url, "events": ["job.started", "job.completed", "job.failed"],
+             "headers": {"Authorization": "Bearer token123"}, "secret": SECRET}, 0)
+        done = env.engine.submit("sleep", QUICK)
+        failed = env.engine.submit("fail", {"message": "disk on fire"})
+        await env.wait_job(done.id)
+        await env.wait_job(failed.id)
+        got = await receiver.wait_for(4)
+        await asyncio.sleep(0.3)  # nothing more arrives
+        assert len(receiver.attempts) == 4
+        by_key = {(r.event, r.payload["job_id"]): r for r in got}
+        assert set(by_key) == {("job.started", done.id), ("job.completed", done.id),
+                               ("job.started", failed.id), ("job.failed", failed.id)}
+        for item in got:
+            assert item.signature_ok(SECRET)
+            assert item.headers["Authorization"] == "Bearer token123"
+            assert item.headers["Content-Type"] == "application/json"
+        failure = by_key[("job.failed", failed.id)].payload
+        assert failure["status"] == "failed" and failure["error"] == "disk on fire"
+        assert set(failure) >= {"event", "time", "job_id", "status", "vm", "error"}
+        public = json.dumps(hook.public())
+        assert SECRET not in public and "token123" not in public
+        log = await _deliveries(automation, hook.id, 4)
+        assert len(log) == 4 and {d["state"] for d in log} == {"delivered"}
+    finally:
+        await _close(env, automation)
+
+
+async def test_500_three_times_then_200_is_delivered_after_backoff(tmp_path, receiver):
+    env, automation = await _automation(make_config(tmp_path))
+    try:
+        hook = automation.webhooks.create({"url": receiver.url, "events": ["job.completed"],
+                                           "secret": SECRET}, 0)
+        receiver.answers = [500, 500, 500]
+        job = env.engine.submit("sleep", QUICK)
+        await env.wait_job(job.id)
+        started = asyncio.get_running_loop().time()
+        [item] = await receiver.wait_for(1, timeout=15)
+        waited = asyncio.get_running_loop().time() - started
+        assert item.payload["job_id"] == job.id and item.signature_ok(SECRET)
+        assert len(receiver.attempts) == 4
+        assert len({a.headers["X-HyperSDK-Delivery"] for a in receiver.attempts}) == 1
+        assert waited >= 0.2 + 0.4 + 0.8 - 0.1  # retry_base 0.2s, doubling
+        log = await _deliveries(automation, hook.id, 4)
+        assert [d["status_code"] for d in log] == [500, 500, 500, 200]
+        assert [d["attempt"] for d in log] == [1, 2, 3, 4]
+        assert log[0]["error"] == "HTTP 500" and log[-1]["state"] == "delivered"
+    finally:
+        await _close(env, automation)
+
+
+async def test_gives_up_after_max_attempts_and_logs_unreachable_receivers(tmp_path, receiver):
+    config = make_config(tmp_path, automation={"webhook_max_attempts": 2,
+                                               "webhook_retry_base": 0.05})
+    env, automation = await _automation(config)
+    try:
+        dead = automation.webhooks.create({"url": "http://127.0.0.1:9/nothing",
+                                           "events": ["job.completed"]}, 0)
+        job = env.engine.submit("sleep", QUICK)
+        await env.wait_job(job.id)
+        log = await _deliveries(automation, dead.id, 2)
+        assert [d["attempt"] for d in log] == [1, 2] and log[-1]["state"] == "failed"
+        assert log[0]["status_code"] == 0 and log[0]["error"].startswith("cannot connect")
+    finally:
+        await _close(env, automation)
+
+
+async def test_undelivered_events_are_delivered_after_a_restart(tmp_path, receiver):
+    config = make_config(tmp_path, automation={"webhook_retry_base": 0.1},
+                         webhooks=[{"url": receiver.url, "events": ["job.completed"]}])
+    env, automation = await _automation(config)
+    receiver.default_status = 503  # the receiver is down
+    job = env.engine.submit("sleep", QUICK)
+    await env.wait_job(job.id)
+    while not receiver.attempts:
+        await asyncio.sleep(0.02)
+    await _close(env, automation)
+    assert receiver.received == []
+    receiver.default_status = 200
+    env, automation = await _automation(config)  # same database, same config webhook id
+    try:
+        [item] = await receiver.wait_for(1)
+        assert item.payload["job_id"] == job.id
+        [hook] = automation.webhooks.list()
+        assert hook.source == "config"
+    finally:
+        await _close(env, automation)
+
+
+async def test_test_event_and_config_webhooks_cannot_be_deleted_over_the_api(tmp_path, receiver):
+    config = make_config(tmp_path, webhooks=[{"url": receiver.url, "events": ["job.failed"]}])
+    env, automation = await _automation(config)
+    try:
+        [hook] = automation.webhooks.list()
+        automation.webhooks.test(hook.id)
+        [item] = await receiver.wait_for(1)
+        assert item.event == "webhook.test"
+        with pytest.raises(InvalidArgument, match="config file"):
+            automation.webhooks.delete(hook.id)
+    finally:
+        await _close(env, automation)
