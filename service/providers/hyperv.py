@@ -118,34 +118,30 @@ class HostUnreachable(Exception):
 class HypervProvider(Provider):
     kind = "hyperv"
 
-    def __init__(self, name: str, settings: dict, config: Any) -> None:
-        super().__init__(name, settings, config)
-        self._session: Any = None
-
     # --------------------------------------------------------------- transport
 
-    def _get_session(self) -> Any:
-        if self._session is None:
-            winrm = require_extra("winrm", "hyperv")
-            s = self.settings
-            password = s["password"]
-            if s["password_file"]:
-                password = read_private_file(s["password_file"], f"providers.{self.name}.password_file")
-            if not s["username"] or not password:
-                raise InvalidArgument(f"providers.{self.name}.username",
-                                      "a user name and a password (password or password_file)")
-            port = s["port"] or (5986 if s["scheme"] == "https" else 5985)
-            options: dict[str, Any] = {
-                "transport": s["transport"],
-                "server_cert_validation": "validate" if s["server_cert_validation"] else "ignore",
-                "operation_timeout_sec": int(s["operation_timeout"]),
-                "read_timeout_sec": int(s["operation_timeout"]) + 10,
-            }
-            if s["ca_file"]:
-                options["ca_trust_path"] = s["ca_file"]
-            self._session = winrm.Session(f"{s['scheme']}://{s['host']}:{port}/wsman",
-                                          auth=(s["username"], password), **options)
-        return self._session
+    def _new_session(self) -> Any:
+        """A pywinrm Session for one script: pywinrm closes its HTTP session after every
+        command, so one Session must not be shared by the threads of parallel disks."""
+        winrm = require_extra("winrm", "hyperv")
+        s = self.settings
+        password = s["password"]
+        if s["password_file"]:
+            password = read_private_file(s["password_file"], f"providers.{self.name}.password_file")
+        if not s["username"] or not password:
+            raise InvalidArgument(f"providers.{self.name}.username",
+                                  "a user name and a password (password or password_file)")
+        port = s["port"] or (5986 if s["scheme"] == "https" else 5985)
+        options: dict[str, Any] = {
+            "transport": s["transport"],
+            "server_cert_validation": "validate" if s["server_cert_validation"] else "ignore",
+            "operation_timeout_sec": int(s["operation_timeout"]),
+            "read_timeout_sec": int(s["operation_timeout"]) + 10,
+        }
+        if s["ca_file"]:
+            options["ca_trust_path"] = s["ca_file"]
+        return winrm.Session(f"{s['scheme']}://{s['host']}:{port}/wsman",
+                             auth=(s["username"], password), **options)
 
     def _run_ps(self, op: str, script: str, params: dict) -> Any:
         """Run one PowerShell script on the host (blocking) and return its JSON output.
@@ -153,7 +149,7 @@ class HypervProvider(Provider):
         This is the provider's single transport boundary: the parameters travel as a
         JSON here-string so that no value is ever parsed as PowerShell code.
         """
-        session = self._get_session()   # first: a missing extra is Unavailable, not ImportError
+        session = self._new_session()   # first: a missing extra is Unavailable, not ImportError
         import requests
         import winrm.exceptions
 
@@ -308,9 +304,6 @@ class HypervProvider(Provider):
             sink.log(f"removed {host_dir} on {self.settings['host']}")
         except HyperSDKError as exc:
             sink.log(f"could not remove {host_dir} on {self.settings['host']}: {exc}", "warning")
-
-    async def close(self) -> None:
-        self._session = None
 
 
 def _match_files(vm: VMInfo, files: list[dict]) -> list[tuple[DiskInfo, dict]]:
