@@ -12,7 +12,8 @@ then measures, in the same run and with the same client:
   running "sleep" jobs: the time from the bridge turning a D-Bus signal into an
   update (its "time" field) to a client having it; goal: p99 < 100 ms.
 
-    .venv/bin/python bench/api.py [--seconds 5] [--connections 50] [--ws-clients 200] [--jobs 20]
+    .venv/bin/python bench/api.py [--seconds 5] [--rounds 2] [--connections 50]
+        [--ws-clients 200] [--jobs 20] [--watch-processes 4]
 
 The load generator shares the 2 cores with the servers, so absolute rates are lower
 than wrk's; the ratios are what to compare.
@@ -88,12 +89,12 @@ async def watch(url: str, clients: int, seconds: float) -> dict:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(client(session) for _ in range(clients)))
-    latencies.sort()
+    return {"latencies": latencies}
 
-    def percentile(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0
 
-    return {"updates": len(latencies), "p50_ms": percentile(0.50), "p99_ms": percentile(0.99)}
+def percentile(values: list[float], p: float) -> float:
+    """The p-th fraction of sorted `values`, in ms."""
+    return values[min(len(values) - 1, int(p * len(values)))] * 1000 if values else 0.0
 
 
 def child(args: argparse.Namespace) -> None:
@@ -112,6 +113,20 @@ def run_child(*arguments: str) -> dict:
     return json.loads(done.stdout)
 
 
+def run_watchers(url: str, clients: int, processes: int, seconds: str) -> list[float]:
+    """Spread the WebSocket clients over a few processes so no client process is the
+    bottleneck; all their latencies, sorted."""
+    share = [clients // processes + (i < clients % processes) for i in range(processes)]
+    children = [subprocess.Popen([sys.executable, __file__, "--role", "watch", "--url", url,
+                                  "--ws-clients", str(n), "--seconds", seconds],
+                                 stdout=subprocess.PIPE, text=True) for n in share]
+    latencies: list[float] = []
+    for child_process in children:
+        output, _ = child_process.communicate()
+        latencies.extend(json.loads(output)["latencies"])
+    return sorted(latencies)
+
+
 def wait_http(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,6 +142,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--ws-clients", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--watch-processes", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--role", choices=["hello", "load", "watch"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -157,14 +174,20 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{hello_port}/")
         job = submit_sleep(bus.address, steps=1, interval=0.01)
         seconds, connections = str(args.seconds), str(args.connections)
-        rates = {}
-        for name, url in (("bare aiohttp GET /", f"http://127.0.0.1:{hello_port}/"),
-                          ("bridge GET /health", f"{bridge.url}/health"),
-                          ("bridge GET /jobs/query", f"{bridge.url}/jobs/query?job_id={job}")):
-            rates[name] = run_child("--role", "load", "--url", url, "--seconds", seconds,
-                                    "--connections", connections)
+        targets = {"bare aiohttp GET /": f"http://127.0.0.1:{hello_port}/",
+                   "bridge GET /health": f"{bridge.url}/health",
+                   "bridge GET /jobs/query": f"{bridge.url}/jobs/query?job_id={job}"}
+        rates: dict[str, dict] = {}
+        for _ in range(args.rounds):  # alternating rounds, best of each: the box is shared
+            for name, url in targets.items():
+                result = run_child("--role", "load", "--url", url, "--seconds", seconds,
+                                   "--connections", connections)
+                if result["requests_per_second"] > rates.get(name, {}).get(
+                        "requests_per_second", -1):
+                    rates[name] = result
         bare = rates["bare aiohttp GET /"]["requests_per_second"]
-        print(f"HTTP, {args.connections} connections, {args.seconds:g} s each:")
+        print(f"HTTP, {args.connections} connections, best of {args.rounds} rounds of "
+              f"{args.seconds:g} s:")
         for name, result in rates.items():
             rate = result["requests_per_second"]
             print(f"  {name:26s} {rate:9.0f} req/s  ratio to bare {rate / bare:5.2f}"
@@ -174,11 +197,12 @@ def main() -> None:
         for _ in range(args.jobs):
             submit_sleep(bus.address, steps=steps, interval=0.05, step_bytes=1 << 20)
         time.sleep(0.5)
-        latency = run_child("--role", "watch", "--url", f"{bridge.url}/websocket",
-                            "--ws-clients", str(args.ws_clients), "--seconds", seconds)
-        print(f"WebSocket, {args.ws_clients} clients, {args.jobs} running jobs: "
-              f"{latency['updates']} updates, p50 {latency['p50_ms']:.1f} ms, "
-              f"p99 {latency['p99_ms']:.1f} ms (goal p99 < 100 ms)")
+        latencies = run_watchers(f"{bridge.url}/websocket", args.ws_clients,
+                                 args.watch_processes, seconds)
+        print(f"WebSocket, {args.ws_clients} clients in {args.watch_processes} processes, "
+              f"{args.jobs} running jobs: {len(latencies)} updates, "
+              f"p50 {percentile(latencies, 0.5):.1f} ms, p99 {percentile(latencies, 0.99):.1f} ms "
+              "(goal p99 < 100 ms)")
         print(f"bridge RSS {bridge.rss_kib() / 1024:.1f} MiB")
     finally:
         stop_process(hello)

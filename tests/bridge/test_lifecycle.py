@@ -1,0 +1,30 @@
+"""The bridge stops cleanly: open WebSockets get 1001 and log streams end, within seconds."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+
+import aiohttp
+
+from .conftest import submit_sleep
+
+
+async def test_sigterm_closes_websockets_and_log_streams(bridge, system_bus):
+    job_id = await asyncio.to_thread(submit_sleep, system_bus.address, steps=300, interval=0.1)
+    follow = subprocess.Popen(["curl", "-sS", f"{bridge.url}/jobs/logs/{job_id}?follow=true"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(bridge.url + "/websocket") as ws:
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            bridge.process.send_signal(signal.SIGTERM)
+            while (message := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
+                pass
+            assert ws.close_code == 1001
+            returncode = await asyncio.to_thread(bridge.process.wait, 15)
+    assert returncode == 0 and time.monotonic() - started < 5, bridge.log()
+    output, errors = await asyncio.to_thread(follow.communicate, timeout=10)
+    assert follow.returncode == 0, errors  # a complete, cleanly ended stream
+    assert " step " in output
