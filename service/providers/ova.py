@@ -101,7 +101,7 @@ class OvaProvider(Provider):
         return result
 
     async def get_vm(self, identifier: str) -> VMInfo:
-        path = self.resolve(identifier)
+        path = await asyncio.to_thread(self.resolve, identifier)
         return await asyncio.to_thread(self._describe, path)
 
     def _describe(self, path: Path) -> VMInfo:
@@ -133,7 +133,7 @@ class OvaProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
-        path = self.resolve(identifier)
+        path = await asyncio.to_thread(self.resolve, identifier)
         target_dir.mkdir(parents=True, exist_ok=True)
         outputs = OutputFiles(target_dir)
         try:
