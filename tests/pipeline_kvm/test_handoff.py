@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from hyper2kvm.manifest.loader import ManifestLoader
 
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
 from hypersdk.service.pipeline.handoff import run_integration, validate_integration
 from hypersdk.service.providers.base import ExportedDisk, NicInfo, VMInfo
 
-from .conftest import fake_job_context, export_vmdk
+from .conftest import export_vmdk, fake_job_context, qemu_img
 
 
 @pytest.fixture
@@ -121,21 +122,16 @@ async def test_auto_convert_never_overwrites_an_earlier_output(config_for, expor
     assert sorted(p.name for p in earlier.parent.iterdir()) == ["disk-2001.qcow2"]
 
 
-async def fake_hyper2kvm_daemon(watch_dir: Path) -> Path:
-    """Stands in for the hyper2kvm daemon: waits for a manifest, loads it with the real
-    loader, converts each disk to <output.directory>/<id>.<format>."""
+async def run_real_hyper2kvm_on_first_manifest(watch_dir: Path) -> Path:
+    """Does what the hyper2kvm@ daemon does with a new manifest, with the real hyper2kvm
+    0.2.1: `hyper2kvm --manifest FILE` converts each disk to <output.directory>/<id>.<fmt>."""
     while not (manifests := list(watch_dir.glob("*.json"))):
         await asyncio.sleep(0.02)
-    loader = ManifestLoader()
-    manifest = loader.load(manifests[0])
-    out = Path(manifest["output"]["directory"])
-    out.mkdir(parents=True, exist_ok=True)
-    for disk in loader.get_disks():
-        target = out / f"{disk.id}.{manifest['output']['format']}"
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "convert", "-O", manifest["output"]["format"], str(disk.local_path),
-            str(target))
-        assert await proc.wait() == 0
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "hyper2kvm"), "--manifest", str(manifests[0]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
     return manifests[0]
 
 
@@ -147,7 +143,7 @@ async def test_daemon_mode_hands_off_waits_and_imports(config_for, exported, tmp
     dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
     config = config_for()
     ctx = fake_job_context(config)
-    daemon = asyncio.create_task(fake_hyper2kvm_daemon(tmp_path / "watch" / name))
+    daemon = asyncio.create_task(run_real_hyper2kvm_on_first_manifest(tmp_path / "watch" / name))
     result = await run_integration(ctx, vm, disks, export_dir, integration(
         config, daemon_mode=True, instance=name, import_to_kvm=True))
     manifest = await daemon
@@ -227,3 +223,29 @@ async def test_daemon_disabled_in_config_falls_back_without_asking_systemd(
     assert result["fallback_reason"] == ("hyper2kvm@vsphere.service is disabled in the config "
                                          "(hyper2kvm.daemon_enabled: false)")
     assert not (tmp_path / "watch").exists()
+
+
+async def test_daemon_mode_ends_with_the_real_hyper2kvms_error(config_for, tmp_path,
+                                                               dbusmock_systemd, monkeypatch):
+    raw = tmp_path / "random.raw"
+    raw.write_bytes(os.urandom(4 << 20))
+    vmdk = tmp_path / "truncated.vmdk"
+    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(vmdk))
+    os.truncate(vmdk, 1_000_000)  # an export cut short: qemu-img fails reading it
+    disk = ExportedDisk(path=vmdk, format="vmdk", capacity_bytes=4 << 20,
+                        file_bytes=1_000_000, sha256="", boot_order=0, key="disk-2000")
+    vm = VMInfo(identifier="vm-9", name="broken-" + uuid.uuid4().hex[:6], provider="vsphere")
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbusmock_systemd.address)
+    name = "fails-" + uuid.uuid4().hex[:6]
+    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
+    config = config_for(hyper2kvm={"job_timeout": "60s"})
+
+    async def hyper2kvm_that_fails() -> None:
+        with pytest.raises(AssertionError, match="Pipeline failed"):
+            await run_real_hyper2kvm_on_first_manifest(tmp_path / "watch" / name)
+
+    daemon = asyncio.create_task(hyper2kvm_that_fails())
+    with pytest.raises(Failed, match=r"hyper2kvm failed \(.*report.json\): stage convert: "):
+        await run_integration(fake_job_context(config), vm, [disk], tmp_path,
+                              integration(config, daemon_mode=True, instance=name))
+    await daemon
