@@ -25,6 +25,7 @@ import base64
 import fnmatch
 import json
 import secrets
+import time
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
@@ -40,6 +41,7 @@ FILTER_KEYS = ("name", "power_state", "generation")
 POWER_STATES = {"Running": "poweredOn", "Off": "poweredOff", "Saved": "suspended",
                 "Paused": "suspended"}
 DISK_SUFFIXES = (".vhdx", ".vhd")
+BUSY_STATUSES = (429, 503)
 
 CONFIG_SCHEMA = {
     "host": Field("str", doc="the Hyper-V host name or address"),
@@ -54,6 +56,7 @@ CONFIG_SCHEMA = {
     "host_export_dir": Field("str", "C:\\ProgramData\\hypersdk\\exports"),
     "read_chunk": Field("size", 8 * 1024 * 1024, minimum=4096),
     "operation_timeout": Field("duration", 60.0),
+    "busy_retry_delay": Field("duration", 2.0, doc="first wait when the host answers 429/503"),
 }
 
 LIST_VMS = r"""
@@ -156,7 +159,7 @@ class HypervProvider(Provider):
         text = (f"# hypersdk-op: {op}\n$ErrorActionPreference = 'Stop'\n"
                 f"$p = ConvertFrom-Json @'\n{json.dumps(params)}\n'@\n{script}")
         try:
-            result = session.run_ps(text)
+            result = self._run_when_not_busy(session, text, op)
         except winrm.exceptions.InvalidCredentialsError:
             raise NotAuthorized(f"provider {self.name!r}: the host {self.settings['host']} "
                                 f"refused the credentials of '{self.settings['username']}'") from None
@@ -167,7 +170,7 @@ class HypervProvider(Provider):
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise HostUnreachable(f"cannot reach {self.settings['host']} "
                                  f"({type(exc).__name__})") from None
-        except winrm.exceptions.WinRMError as exc:
+        except (winrm.exceptions.WinRMError, winrm.exceptions.WinRMTransportError) as exc:
             raise Failed(f"provider {self.name!r}: WinRM error from {self.settings['host']} "
                          f"during {op}: {exc}") from None
         if result.status_code != 0:
@@ -179,6 +182,24 @@ class HypervProvider(Provider):
         except ValueError:
             raise Failed(f"provider {self.name!r}: {op}: the host answered something that is "
                          "not JSON") from None
+
+    def _run_when_not_busy(self, session: Any, text: str, op: str) -> Any:
+        """`run_ps`, retried with backoff while the host answers 429/503 (WinRM quota).
+
+        pywinrm does not expose response headers, so a Retry-After cannot be read here;
+        the wait doubles from `busy_retry_delay`, up to `export.max_retries` times.
+        """
+        import winrm.exceptions
+
+        attempt = 0
+        while True:
+            try:
+                return session.run_ps(text)
+            except winrm.exceptions.WinRMTransportError as exc:
+                if exc.code not in BUSY_STATUSES or attempt >= self.config.export.max_retries:
+                    raise
+                attempt += 1
+                time.sleep(self.settings["busy_retry_delay"] * 2 ** (attempt - 1))
 
     async def _ps(self, op: str, script: str, params: dict | None = None) -> Any:
         try:

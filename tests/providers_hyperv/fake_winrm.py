@@ -37,6 +37,8 @@ class FakeWinRMServer:
     ops: list[str] = field(default_factory=list)
     drop_receives: int = 0          # close the connection on this many Receive requests
     corrupt_hash: bool = False      # Get-FileHash answers a wrong digest
+    busy: int = 0                   # answer this many shell Creates with 503 (quota)
+    creates: int = 0
     _commands: dict[str, dict] = field(default_factory=dict)
 
     # ------------------------------------------------------------ host setup
@@ -136,6 +138,10 @@ class FakeWinRMServer:
         message_id = root.findtext(".//a:MessageID", namespaces=NS) or ""
         verb = action.rpartition("/")[2]
         if verb == "Create":
+            self.creates += 1
+            if self.busy:
+                self.busy -= 1
+                return web.Response(status=503, headers={"Retry-After": "1"})
             shell_id = str(uuid.uuid4()).upper()
             body = (f'<x:ResourceCreated xmlns:x="http://schemas.xmlsoap.org/ws/2004/09/transfer">'
                     f'<a:ReferenceParameters><w:SelectorSet><w:Selector Name="ShellId">{shell_id}'

@@ -155,3 +155,14 @@ async def test_https_with_the_hosts_ca_works_and_an_untrusted_certificate_is_ref
     untrusted = make_provider(fake_winrm_tls, scheme="https")
     with pytest.raises(NotAuthorized, match="TLS certificate of 127.0.0.1 is not trusted"):
         await untrusted.list_vms({})
+
+
+async def test_a_busy_host_is_retried_with_backoff(host):
+    host.busy = 2
+    provider = make_provider(host, busy_retry_delay="10ms")
+    assert len(await provider.list_vms({})) == 2
+    assert host.creates == 3
+
+    host.busy = 10
+    with pytest.raises(Failed, match="Code 503"):
+        await provider.list_vms({})
