@@ -32,7 +32,15 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 async def json_body(request: web.Request) -> dict:
-    """The request body as a JSON object; errors name the body and the rule."""
+    """The request body as a JSON object; errors name the body and the rule.
+
+    Content-Type must be application/json: a browser cannot send that cross-origin
+    without a CORS preflight (which the bridge never grants), so no other site can
+    make a user's browser submit jobs (CSRF), even on a loopback bridge without auth.
+    """
+    if request.content_type != "application/json":
+        raise ApiError(415, "UnsupportedMediaType", "body: Content-Type must be "
+                       f"application/json, found {request.content_type or 'none'}", "body")
     raw = await request.read()
     if not raw.strip():
         raise invalid("body", "expected a JSON object, found an empty body")

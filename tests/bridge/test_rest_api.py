@@ -194,3 +194,9 @@ def test_text_dbus_cannot_carry_is_refused_naming_where(bridge, body):
     answer = post_json(bridge, "/schedules/create", body)
     assert answer.status == 400, answer.body
     assert answer.json()["field"] in ("name", "body", "job_definition.tags[1]")
+
+
+def test_bodies_must_be_json_so_browsers_cannot_forge_them(bridge):
+    forged = curl(bridge, "/jobs/submit", "-X", "POST", "-H", "Content-Type: text/plain",
+                  "-d", '{"vm_identifier": "vm-1", "provider": "vsphere"}')
+    assert forged.status == 415 and forged.json()["field"] == "body"
