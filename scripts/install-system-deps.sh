@@ -19,6 +19,8 @@ packages=(
   golang-go golang-github-vmware-govmomi-dev
   # tools the tests drive as users do
   curl jq tmux
+  # a real browser runs the spec's WebSocket snippet (tests/bridge/test_browser.py)
+  chromium
 )
 
 missing=()
