@@ -172,13 +172,14 @@ class BackupPolicies:
         data = {"name": name, "provider": provider, "vm_filter": vm_filter,
                 "schedule": schedule, "timezone": tz_name,
                 "retention": _check_retention(definition.get("retention")),
-                "export_options": self._check_export_options(definition.get("export_options"),
-                                                             provider),
                 "export_path": export_path, "description": description}
+        root = self._root(data)
+        data["export_options"] = self._check_export_options(definition.get("export_options"),
+                                                            provider, root)
         check_bool(definition.get("enabled", True), "enabled")
         return data
 
-    def _check_export_options(self, options: Any, provider: str) -> dict:
+    def _check_export_options(self, options: Any, provider: str, root: Path) -> dict:
         options = options or {}
         if not isinstance(options, dict):
             raise InvalidArgument("export_options", "must be a JSON object")
@@ -186,11 +187,11 @@ class BackupPolicies:
             if key in options:
                 raise InvalidArgument(f"export_options.{key}", "is set by the policy for each VM")
         probe = {**options, "vm_identifier": "probe", "provider": provider,
-                 "export_path": str(Path(self.config.export.base_path) / "probe")}
+                 "export_path": str(root / "probe")}
         try:
             self.engine.validate(self.kind, probe)
         except InvalidArgument as exc:
-            field = exc.field if exc.field in ("kind", "provider") else \
+            field = exc.field if exc.field in ("kind", *RESERVED_EXPORT_KEYS) else \
                 f"export_options.{exc.field}"
             raise InvalidArgument(field, exc.rule) from None
         return options
@@ -210,13 +211,16 @@ class BackupPolicies:
         log.info("backup policy %s (%s) created", policy_id, data["name"])
         return self.get(policy_id)
 
+    def _root(self, definition: dict) -> Path:
+        return Path(definition["export_path"] or
+                    Path(self.config.export.base_path) / "backups" / definition["name"])
+
     def _row_to_policy(self, row) -> Policy:
         definition = json.loads(row["definition"])
-        root = Path(definition["export_path"] or
-                    Path(self.config.export.base_path) / "backups" / definition["name"])
         return Policy(id=row["id"], definition=definition, enabled=bool(row["enabled"]),
                       created_by_uid=row["created_by_uid"], created_at=row["created_at"],
-                      last_slot=row["last_slot"], last_run=row["last_run"], root=root)
+                      last_slot=row["last_slot"], last_run=row["last_run"],
+                      root=self._root(definition))
 
     def get(self, policy_id: str) -> Policy:
         row = self.store.execute("SELECT * FROM backup_policies WHERE id=?",
