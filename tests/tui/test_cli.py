@@ -118,3 +118,14 @@ def test_unreachable_bus_exits_69(tmp_path, hyperctl):
     result = hyperctl("--bus", f"unix:path={tmp_path}/no-such-socket", "jobs")
     assert result.returncode == 69
     assert "cannot connect" in result.stderr
+
+
+def test_logs_follow_a_flood_gets_every_line_once_in_order(system_bus, hypervisord, hyperctl):
+    """A burst of LogLine signals (the service never yields) arrives whole and in order."""
+    job_id = submit_job(system_bus.address, {"lines": 3000, "padding": 100}, "logflood")
+    result = hyperctl("logs", "-f", job_id)
+    assert result.returncode == 0, result.stderr
+    messages = [line.split(None, 2)[2] for line in result.stdout.splitlines()]
+    flood = [m.split()[1] for m in messages if m.startswith("line ")]
+    assert len(flood) == 3000
+    assert flood == [str(i) for i in range(3000)]
