@@ -31,7 +31,7 @@ from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Retryable, \
     Unavailable
 from ..pipeline.download import download
-from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, Provider, VMInfo, \
+from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, \
     require_extra
 from .common import OutputFiles, check_filter, closest, private_file_rule
 
@@ -119,6 +119,8 @@ class OciProvider(Provider):
                 "compute": oci.core.ComputeClient(sdk_config, **common, **endpoint("compute_endpoint")),
                 "blockstorage": oci.core.BlockstorageClient(sdk_config, **common,
                                                             **endpoint("compute_endpoint")),
+                "network": oci.core.VirtualNetworkClient(sdk_config, **common,
+                                                         **endpoint("compute_endpoint")),
                 "objects": oci.object_storage.ObjectStorageClient(
                     sdk_config, **common, **endpoint("objectstorage_endpoint")),
             }
@@ -217,6 +219,7 @@ class OciProvider(Provider):
 
     async def _vm_info(self, inst: Any) -> VMInfo:
         disks = await self._volumes(inst)
+        nics = await self._nics(inst)
         shape = inst.shape_config
         cpus = (shape.vcpus or int((shape.ocpus or 0) * 2)) if shape else 1
         memory_mb = int((shape.memory_in_gbs or 0) * 1024) if shape else 0
@@ -230,7 +233,7 @@ class OciProvider(Provider):
                       secure_boot=bool(platform and platform.is_secure_boot_enabled),
                       datacenter=inst.availability_domain,
                       tags=sorted(f"{k}={v}" for k, v in (inst.freeform_tags or {}).items()),
-                      disks=disks,
+                      disks=disks, nics=nics,
                       extra={"shape": inst.shape, "lifecycle_state": inst.lifecycle_state})
 
     async def _guest_os(self, image_id: str | None) -> str:
@@ -243,6 +246,18 @@ class OciProvider(Provider):
         except NotFound:
             return ""
         return " ".join(filter(None, (image.operating_system, image.operating_system_version)))
+
+    async def _nics(self, inst: Any) -> list[NicInfo]:
+        clients = self._get_clients()
+        attachments = await self._list_all("listing VNICs", clients["compute"].list_vnic_attachments,
+                                           self.settings["compartment_id"], instance_id=inst.id)
+        nics = []
+        for attachment in sorted((a for a in attachments if a.lifecycle_state == "ATTACHED"),
+                                 key=lambda a: a.nic_index or 0):
+            vnic = await self._call("VNIC", clients["network"].get_vnic, attachment.vnic_id)
+            nics.append(NicInfo(key=vnic.id, mac=(vnic.mac_address or "").lower(),
+                                network=vnic.subnet_id or "", adapter="paravirtualized"))
+        return nics
 
     async def _volumes(self, inst: Any) -> list[DiskInfo]:
         clients = self._get_clients()

@@ -40,6 +40,8 @@ class FakeOciServer:
     volumes: dict[str, dict] = field(default_factory=dict)
     boot_attachments: list[dict] = field(default_factory=list)
     volume_attachments: list[dict] = field(default_factory=list)
+    vnics: dict[str, dict] = field(default_factory=dict)
+    vnic_attachments: list[dict] = field(default_factory=list)
     disk_content: dict[str, bytes] = field(default_factory=dict)   # boot volume id -> bytes
     images: dict[str, dict] = field(default_factory=dict)      # custom images made by exports
     base_images: dict[str, dict] = field(default_factory=dict)  # platform images instances use
@@ -80,6 +82,18 @@ class FakeOciServer:
                                             "compartmentId": self.compartment,
                                             "attachmentType": "paravirtualized",
                                             "lifecycleState": "ATTACHED"})
+        vnic_id = ocid("vnic")
+        self.vnics[vnic_id] = {"id": vnic_id, "macAddress": "02:00:17:AA:BB:CC",
+                               "subnetId": "ocid1.subnet.oc1.phx.subnet1", "isPrimary": True,
+                               "availabilityDomain": AD, "compartmentId": self.compartment,
+                               "lifecycleState": "AVAILABLE",
+                               "timeCreated": "2026-01-01T00:00:00.000Z"}
+        self.vnic_attachments.append({"id": ocid("vnicattachment"), "instanceId": inst_id,
+                                      "vnicId": vnic_id, "nicIndex": 0,
+                                      "availabilityDomain": AD, "compartmentId": self.compartment,
+                                      "subnetId": "ocid1.subnet.oc1.phx.subnet1",
+                                      "lifecycleState": "ATTACHED",
+                                      "timeCreated": "2026-01-01T00:00:00.000Z"})
         image_id = ocid("image")
         self.base_images[image_id] = {"id": image_id, "displayName": "Oracle-Linux-8.9",
                                       "operatingSystem": "Oracle Linux",
@@ -106,6 +120,8 @@ class FakeOciServer:
         r.add_get(f"{API}/instances/{{id}}", self.get_instance)
         r.add_get(f"{API}/bootVolumeAttachments", self.list_boot_attachments)
         r.add_get(f"{API}/volumeAttachments", self.list_volume_attachments)
+        r.add_get(f"{API}/vnicAttachments", self.list_vnic_attachments)
+        r.add_get(f"{API}/vnics/{{id}}", self.get_vnic)
         r.add_get(f"{API}/bootVolumes/{{id}}", self.get_boot_volume)
         r.add_get(f"{API}/volumes/{{id}}", self.get_volume)
         r.add_post(f"{API}/images", self.create_image)
@@ -177,6 +193,13 @@ class FakeOciServer:
     async def list_volume_attachments(self, request):
         return web.json_response([a for a in self.volume_attachments
                                   if a["instanceId"] == request.query.get("instanceId")])
+
+    async def list_vnic_attachments(self, request):
+        return web.json_response([a for a in self.vnic_attachments
+                                  if a["instanceId"] == request.query.get("instanceId")])
+
+    async def get_vnic(self, request):
+        return web.json_response(self.vnics[request.match_info["id"]])
 
     async def get_boot_volume(self, request):
         return web.json_response(self.boot_volumes[request.match_info["id"]])

@@ -61,6 +61,7 @@ async def test_instance_info_has_boot_and_block_volumes(populated, api_key):
     assert [(d.key, d.capacity_bytes, d.boot_order) for d in vm.disks] == \
         [("boot", 47 << 30, 1), ("volume-0", 100 << 30, None)]
     assert vm.disks[1].controller == "paravirtualized" and vm.guest_os == "Oracle Linux 8"
+    assert [nic.mac for nic in vm.nics] == ["02:00:17:aa:bb:cc"]
     assert (await provider.get_vm(vm.identifier)).name == "app-1"
     with pytest.raises(NotFound, match="did you mean.*app-1"):
         await provider.get_vm("app-9")
