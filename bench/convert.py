@@ -56,8 +56,8 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Run cmd; return (wall seconds, its own peak RSS in MiB, its stdout)."""
+def measured(cmd: list[str]) -> tuple[float, float, float, str]:
+    """Run cmd; return (wall seconds, CPU seconds, its own peak RSS in MiB, its stdout)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
@@ -65,7 +65,8 @@ def measured(cmd: list[str]) -> tuple[float, float, str]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{cmd[0]} failed with exit code {proc.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, out
+    cpu = usage.ru_utime + usage.ru_stime
+    return time.perf_counter() - start, cpu, usage.ru_maxrss / 1024, out
 
 
 def child_convert(source: str, target: str) -> None:
@@ -97,18 +98,21 @@ def main() -> int:
         print(f"disk: {size / MiB:.0f} MiB virtual, streamOptimized file "
               f"{vmdk.stat().st_size / MiB:.0f} MiB")
         bare_times, ours_times, bare_rss, ours_rss = [], [], 0.0, 0.0
+        bare_cpu, ours_cpu = [], []
         for _round in range(args.rounds):
             for out in (work / "bare.qcow2", work / "ours.qcow2"):
                 out.unlink(missing_ok=True)
             run(["sync"])
-            seconds, rss, _out = measured(["qemu-img", "convert", "-O", "qcow2", str(vmdk),
-                                           str(work / "bare.qcow2")])
+            seconds, cpu, rss, _out = measured(["qemu-img", "convert", "-O", "qcow2", str(vmdk),
+                                                str(work / "bare.qcow2")])
             bare_times.append(seconds)
+            bare_cpu.append(cpu)
             bare_rss = max(bare_rss, rss)
             run(["sync"])
-            _wall, rss, out = measured([sys.executable, __file__, "--child", str(vmdk),
-                                        str(work / "ours.qcow2")])
+            _wall, cpu, rss, out = measured([sys.executable, __file__, "--child", str(vmdk),
+                                             str(work / "ours.qcow2")])
             ours_times.append(float(out.strip()))
+            ours_cpu.append(cpu)
             ours_rss = max(ours_rss, rss)
         bare_time, ours_time = min(bare_times), min(ours_times)
         run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(work / "ours.qcow2")])
@@ -120,6 +124,10 @@ def main() -> int:
         print(f"hypersdk convert_image:    {ours_time:6.2f} s ({data_mb / ours_time:6.0f} MB/s)"
               f"  rounds: {', '.join(f'{t:.2f}' for t in ours_times)}")
         print(f"ratio ours/qemu-img: {ours_time / bare_time:.2f} (goal <= 0.75)")
+        print(f"CPU seconds (user+sys, best round): qemu-img {min(bare_cpu):.2f}, "
+              f"hypersdk {min(ours_cpu):.2f} (includes Python start-up)")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+              f"(other work on the machine skews wall times)")
         print(f"peak RSS: hypersdk {ours_rss:.0f} MiB (whole Python process), "
               f"qemu-img {bare_rss:.0f} MiB")
         print("qemu-img compare: identical")

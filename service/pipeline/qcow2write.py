@@ -57,24 +57,31 @@ class Qcow2Writer:
         self._next_cluster += count
         return offset
 
-    def write_cluster(self, guest_offset: int, data: bytes) -> None:
-        """Store one cluster of guest data (shorter data is zero-padded)."""
-        index = guest_offset >> self._bits
-        l1_index, l2_index = divmod(index, self._l2_entries)
+    def write_clusters(self, clusters: list[tuple[int, bytes]]) -> None:
+        """Store clusters of guest data, given as (guest offset, data), with one write.
+
+        They get consecutive host clusters, so one pwritev stores them all; data
+        shorter than a cluster (the disk's last one) is zero-padded.
+        """
         with self._lock:
-            host = self._allocate()
-            self._flush_tables_before(l1_index)
-            table = self._open_tables.get(l1_index)
-            if table is None and self._l1[l1_index]:
-                os.pwrite(self._fd, struct.pack(">Q", host | COPIED),
-                          self._l1[l1_index] + l2_index * 8)
-            else:
-                if table is None:
-                    table = self._open_tables[l1_index] = [0] * self._l2_entries
-                table[l2_index] = host | COPIED
-        if len(data) < self._cluster:
-            data = data + bytes(self._cluster - len(data))
-        os.pwrite(self._fd, data, host)
+            host = self._allocate(len(clusters))
+            for n, (guest_offset, _data) in enumerate(clusters):
+                self._map(guest_offset >> self._bits, host + n * self._cluster)
+        buffers = [data if len(data) == self._cluster else data + bytes(self._cluster - len(data))
+                   for _offset, data in clusters]
+        os.pwritev(self._fd, buffers, host)
+
+    def _map(self, index: int, host: int) -> None:
+        """Point guest cluster `index` at `host` (called with the lock held)."""
+        l1_index, l2_index = divmod(index, self._l2_entries)
+        self._flush_tables_before(l1_index)
+        table = self._open_tables.get(l1_index)
+        if table is None and self._l1[l1_index]:
+            os.pwrite(self._fd, struct.pack(">Q", host | COPIED), self._l1[l1_index] + l2_index * 8)
+            return
+        if table is None:
+            table = self._open_tables[l1_index] = [0] * self._l2_entries
+        table[l2_index] = host | COPIED
 
     def _flush_tables_before(self, l1_index: int) -> None:
         """Write out L2 tables the stream has moved past (called with the lock held)."""

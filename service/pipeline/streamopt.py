@@ -36,7 +36,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps it wo
     inflater = zlib
 
 READ_SIZE = 8 << 20
-MAX_IN_FLIGHT = 64
+BATCH_GRAINS = 16   # grains per task for the inflate threads
+MAX_IN_FLIGHT = 6   # batches queued or being inflated: bounds memory
 PROGRESS_EVERY = 32 << 20
 _MARKER = struct.Struct("<QII")
 
@@ -134,11 +135,31 @@ def _round_up(n: int) -> int:
     return (n + SECTOR - 1) // SECTOR * SECTOR
 
 
-StoreFn = Callable[[int, bytes], None]
+StoreFn = Callable[[list[tuple[int, bytes]]], None]
+
+
+def raw_store(fd: int) -> StoreFn:
+    """Write (offset, data) pieces into a raw file, one pwritev per contiguous run."""
+    def store(pieces: list[tuple[int, bytes]]) -> None:
+        run: list[bytes] = []
+        start = end = 0
+        for offset, data in pieces:
+            if run and offset != end:
+                os.pwritev(fd, run, start)
+                run = []
+            if not run:
+                start = offset
+            run.append(data)
+            end = offset + len(data)
+        os.pwritev(fd, run, start)
+    return store
 
 
 class _GrainWriter:
-    """Inflates grains on a thread pool and stores the non-zero ones at their offset."""
+    """Inflates grains in batches on a thread pool and stores the non-zero ones.
+
+    Batches keep per-grain Python work, thread hand-offs and write calls few.
+    """
 
     def __init__(self, path: Path, store: StoreFn, grain_bytes: int, capacity: int,
                  workers: int) -> None:
@@ -149,15 +170,30 @@ class _GrainWriter:
         self._zero = bytes(grain_bytes)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamopt")
         self._pending: deque[Future] = deque()
+        self._batch: list[tuple[int, memoryview]] = []
 
-    def submit(self, lba: int, data: bytes) -> None:
+    def submit(self, lba: int, data: memoryview) -> None:
+        self._batch.append((lba, data))
+        if len(self._batch) >= BATCH_GRAINS:
+            self._submit_batch()
+
+    def _submit_batch(self) -> None:
         if len(self._pending) >= MAX_IN_FLIGHT:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._inflate_write, lba, data))
+        self._pending.append(self._pool.submit(self._inflate_batch, self._batch))
+        self._batch = []
 
-    def _inflate_write(self, lba: int, data: bytes) -> None:
-        offset = lba * SECTOR
-        expected = min(self._grain_bytes, self._capacity - offset)
+    def _inflate_batch(self, batch: list[tuple[int, memoryview]]) -> None:
+        pieces = []
+        for lba, data in batch:
+            out = self._inflate(lba, data)
+            if out != self._zero[:len(out)]:
+                pieces.append((lba * SECTOR, out))
+        if pieces:
+            self._store(pieces)
+
+    def _inflate(self, lba: int, data: memoryview) -> bytes:
+        expected = min(self._grain_bytes, self._capacity - lba * SECTOR)
         try:
             out = inflater.decompress(data, bufsize=self._grain_bytes)
         except inflater.error as exc:
@@ -165,11 +201,11 @@ class _GrainWriter:
         if len(out) < expected or len(out) > self._grain_bytes:
             raise Failed(f"{self._path}: grain at sector {lba} inflates to {len(out)} bytes, "
                          f"expected {expected}")
-        out = out[:expected] if len(out) > expected else out
-        if out != self._zero[:len(out)]:
-            self._store(offset, out)
+        return out[:expected] if len(out) > expected else out
 
     def finish(self) -> None:
+        if self._batch:
+            self._submit_batch()
         while self._pending:
             self._pending.popleft().result()
         self._pool.shutdown()
@@ -202,10 +238,10 @@ def decode(source: Path, target: Path, *, out_format: str = "raw", workers: int 
         try:
             if out_format == "qcow2":
                 image = Qcow2Writer(fd, capacity, grain_bytes)
-                store, close = image.write_cluster, image.close
+                store, close = image.write_clusters, image.close
             else:
                 os.ftruncate(fd, capacity)
-                store, close = (lambda offset, data: os.pwrite(fd, data, offset)), None
+                store, close = raw_store(fd), None
             writer = _GrainWriter(source, store, grain_bytes, capacity, workers)
             try:
                 reader = _Reader(fh, header.overhead_sectors * SECTOR, growing, stop)

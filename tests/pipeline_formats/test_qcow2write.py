@@ -27,7 +27,7 @@ def write_both(tmp_path, size: int, cluster: int, clusters: list[int], seed: int
             with open(raw, "r+b") as ref:
                 ref.seek(index * cluster)
                 ref.write(data)
-            writer.write_cluster(index * cluster, data)
+            writer.write_clusters([(index * cluster, data)])
         writer.close()
     finally:
         os.close(fd)
@@ -59,6 +59,29 @@ def test_out_of_order_clusters_patch_written_tables(tmp_path):
     chosen = random.Random(2).sample(range(size // cluster), 500)  # shuffled
     raw, image = write_both(tmp_path, size, cluster, chosen)
     assert check(image)["check-errors"] == 0
+    assert images_equal(raw, image)
+
+
+def test_batches_of_clusters(tmp_path):
+    size, cluster = 8 << 20, 65536
+    rng = random.Random(4)
+    raw, image = tmp_path / "ref.raw", tmp_path / "out.qcow2"
+    with open(raw, "wb") as ref:
+        ref.truncate(size)
+    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        writer = Qcow2Writer(fd, size, cluster)
+        for first in (0, 40, 100):
+            batch = [((first + n) * cluster, rng.randbytes(cluster)) for n in range(0, 12, 2)]
+            with open(raw, "r+b") as ref:
+                for offset, data in batch:
+                    ref.seek(offset)
+                    ref.write(data)
+            writer.write_clusters(batch)
+        writer.close()
+    finally:
+        os.close(fd)
+    assert check(image)["allocated-clusters"] == 18
     assert images_equal(raw, image)
 
 
