@@ -16,7 +16,7 @@ from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from .convert import detect_format
 from .domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec,
                          serial_log_beside)
-from .libvirt_import import import_domain
+from .libvirt_import import import_domain, preflight
 
 _FIELDS: dict[str, type] = {
     "vm_name": str, "disk_path": str, "disk_paths": list, "memory_mb": int, "vcpus": int,
@@ -63,6 +63,8 @@ class ImportKind(JobKind):
         definition = ctx.definition
         uri = ctx.config.libvirt.uri
         ctx.set_stage("import")
+        await preflight(uri, definition["vm_name"], definition["uuid"],
+                        [definition["network"]] if definition["network"] else [])
         formats = [await asyncio.to_thread(detect_format, Path(path))
                    for path in definition["disk_paths"]]
         for path, fmt in zip(definition["disk_paths"], formats):
