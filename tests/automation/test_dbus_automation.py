@@ -1,0 +1,186 @@
+"""Schedules, backup policies and webhooks through a real hypervisord on the private bus."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+
+from ..core.test_dbus_api import _documented, _live
+from ..support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, gdbus_call
+from ..support.cli import gvariant_string, job_property, submit
+
+SCHEDULE_IFACE = "org.hypersdk.HyperSDK1.Schedule"
+POLICY_IFACE = "org.hypersdk.HyperSDK1.BackupPolicy"
+WEBHOOK_IFACE = "org.hypersdk.HyperSDK1.Webhook"
+ROOT = "/org/hypersdk/HyperSDK1"
+MEMBER = "hsdk-member"
+SECRET = "hmac-secret-value"
+QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
+FAST_WEBHOOKS = {"webhook_retry_base": 0.2, "webhook_timeout": 2}
+
+
+def create(address: str, method: str, definition: dict, user: str | None = MEMBER) -> str:
+    reply = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, method, "sa{sv}",
+                        json.dumps(definition), "0", user=user)
+    return reply["data"][0]
+
+
+def create_error(address: str, method: str, definition: dict, user: str = MEMBER) -> str:
+    result = gdbus_call(address, MANAGER, f"{MANAGER_IFACE}.{method}",
+                        gvariant_string(json.dumps(definition)), "{}", user=user)
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
+def prop(address: str, path: str, interface: str, name: str):
+    return busctl_json(address, "get-property", BUS_NAME, path, interface, name)["data"]
+
+
+def call(address: str, path: str, interface: str, method: str, *args: str,
+         user: str | None = MEMBER) -> list:
+    out = busctl(address, "--json=short", "call", BUS_NAME, path, interface, method, *args,
+                 user=user).stdout
+    return json.loads(out)["data"] if out.strip() else []
+
+
+def managed_objects(address: str) -> dict:
+    return busctl_json(address, "call", BUS_NAME, ROOT, "org.freedesktop.DBus.ObjectManager",
+                       "GetManagedObjects")["data"][0]
+
+
+def wait_for(predicate, timeout: float = 15, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_cron_schedule_fires_on_each_slot_with_linked_jobs(system_bus, hypervisord):
+    address = system_bus.address
+    path = create(address, "CreateSchedule", {
+        "name": "every-two-seconds", "cron": "* * * * * */2", "timezone": "UTC",
+        "kind": "sleep", "job_definition": QUICK})
+    assert path.startswith(ROOT + "/schedules/schedule_")
+    assert _live(address, path, SCHEDULE_IFACE) == _documented(SCHEDULE_IFACE)
+    next_run = prop(address, path, SCHEDULE_IFACE, "NextRun")
+    assert 0 < next_run - time.time() * 1e6 <= 2.1e6
+    first = wait_for(lambda: (j := prop(address, path, SCHEDULE_IFACE, "LastJob")) != "/" and j,
+                     what="the first run")
+    second = wait_for(lambda: (j := prop(address, path, SCHEDULE_IFACE, "LastJob")) != first
+                      and j, what="the second run")
+    for job in (first, second):
+        assert wait_for(lambda: job_property(address, job, "Status") == "completed",
+                        what=f"{job} to complete")
+    fired_at = [job_property(address, job, "CreatedTime") for job in (first, second)]
+    assert 1.5e6 <= fired_at[1] - fired_at[0] <= 2.6e6  # one per two-second slot
+    definition = json.loads(prop(address, path, SCHEDULE_IFACE, "Definition"))
+    assert definition["cron"] == "* * * * * */2" and definition["kind"] == "sleep"
+    call(address, path, SCHEDULE_IFACE, "SetEnabled", "ba{sv}", "false", "0")
+    assert prop(address, path, SCHEDULE_IFACE, "Enabled") is False
+    assert prop(address, path, SCHEDULE_IFACE, "NextRun") == 0
+    settled = prop(address, path, SCHEDULE_IFACE, "LastJob")
+    time.sleep(2.5)
+    assert prop(address, path, SCHEDULE_IFACE, "LastJob") == settled
+    [manual] = call(address, path, SCHEDULE_IFACE, "RunNow", "a{sv}", "0")
+    assert prop(address, path, SCHEDULE_IFACE, "LastJob") == manual
+    assert path in managed_objects(address)
+    call(address, path, SCHEDULE_IFACE, "Delete", "a{sv}", "0")
+    assert path not in managed_objects(address)
+
+
+def test_schedules_survive_a_restart(system_bus, start_hypervisord):
+    address = system_bus.address
+    daemon = start_hypervisord()
+    path = create(address, "CreateSchedule", {"name": "nightly", "cron": "@daily",
+                                              "kind": "sleep", "job_definition": QUICK})
+    next_run = prop(address, path, SCHEDULE_IFACE, "NextRun")
+    daemon.stop()
+    start_hypervisord()
+    assert prop(address, path, SCHEDULE_IFACE, "NextRun") == next_run
+    assert prop(address, path, SCHEDULE_IFACE, "LastJob") == "/"
+    assert prop(address, path, SCHEDULE_IFACE, "Name") == "nightly"
+
+
+def test_bad_input_is_a_clear_error_naming_the_field(system_bus, hypervisord):
+    address = system_bus.address
+    error = "org.hypersdk.HyperSDK1.Error.InvalidArgument: "
+    cases = [
+        ("CreateSchedule", {"name": "x", "cron": "0 25 * * *", "kind": "sleep",
+                            "job_definition": QUICK}, "cron: "),
+        ("CreateSchedule", {"name": "x", "cron": "@daily", "timezone": "Mars/Base",
+                            "kind": "sleep", "job_definition": QUICK}, "timezone: "),
+        ("CreateSchedule", {"name": "x", "cron": "@daily", "kind": "sleep",
+                            "job_definition": QUICK, "owner": "me"}, "owner: "),
+        ("ConfigureWebhook", {"url": "https://example.com/h", "events": ["job.exploded"]},
+         "events[0]: "),
+        ("ConfigureWebhook", {"url": "ftp://example.com/h", "events": ["job.failed"]}, "url: "),
+        ("CreateBackupPolicy", {"name": "p", "provider": "vsphere",
+                                "retention": {"count": -2}}, "retention.count: "),
+        ("CreateBackupPolicy", {"name": "p", "provider": "vsphere",
+                                "retention": {"age_days": -1}}, "retention.age_days: "),
+    ]
+    for method, definition, field in cases:
+        assert error + field in create_error(address, method, definition), (method, field)
+    refused = create_error(address, "CreateSchedule", {"name": "x", "cron": "@daily",
+                                                       "kind": "sleep", "job_definition": QUICK},
+                           user="hsdk-outsider")
+    assert "org.freedesktop.DBus.Error.AccessDenied" in refused
+
+
+async def test_webhooks_get_each_event_signed_and_never_show_secrets(system_bus,
+                                                                    start_hypervisord, receiver):
+    address = system_bus.address
+    await asyncio.to_thread(start_hypervisord, automation=FAST_WEBHOOKS, webhooks=[
+        {"url": receiver.url, "events": ["job.completed"], "secret": SECRET}])
+    path = await asyncio.to_thread(create, address, "ConfigureWebhook", {
+        "url": receiver.url, "events": ["job.started", "job.completed"],
+        "headers": {"Authorization": "Bearer token-123", "X-Team": "ops"}})
+    assert await asyncio.to_thread(_live, address, path, WEBHOOK_IFACE) == \
+        _documented(WEBHOOK_IFACE)
+    reply = await asyncio.to_thread(submit, address, QUICK, "sleep")
+    job_id = json.loads(reply.stdout.split()[1]).rsplit("/", 1)[1].replace("_", "-")
+    got = await receiver.wait_for(3)
+    await asyncio.sleep(0.5)
+    assert sorted(r.event for r in receiver.attempts) == \
+        ["job.completed", "job.completed", "job.started"]
+    signed = [r for r in got if "X-HyperSDK-Signature" in r.headers]
+    assert len(signed) == 1 and signed[0].signature_ok(SECRET)
+    assert signed[0].payload["job_id"] == job_id and signed[0].payload["status"] == "completed"
+    from_api = [r for r in got if "Authorization" in r.headers]
+    assert {r.headers["Authorization"] for r in from_api} == {"Bearer token-123"}
+    objects = await asyncio.to_thread(managed_objects, address)
+    text = json.dumps(objects)
+    assert SECRET not in text and "token-123" not in text
+    webhooks = {p: o[WEBHOOK_IFACE] for p, o in objects.items() if WEBHOOK_IFACE in o}
+    assert len(webhooks) == 2
+    assert webhooks[path]["Headers"]["data"] == {"Authorization": "<redacted>", "X-Team": "ops"}
+    assert sorted(w["HasSecret"]["data"] for w in webhooks.values()) == [False, True]
+    log = json.loads((await asyncio.to_thread(call, address, path, WEBHOOK_IFACE,
+                                              "GetDeliveries", "a{sv}", "0"))[0])
+    assert [(d["event"], d["status_code"]) for d in log] == \
+        [("job.started", 200), ("job.completed", 200)]
+
+
+async def test_undelivered_events_are_delivered_after_a_restart(system_bus, start_hypervisord,
+                                                                receiver):
+    address = system_bus.address
+    settings = {"automation": FAST_WEBHOOKS,
+                "webhooks": [{"url": receiver.url, "events": ["job.failed"]}]}
+    daemon = await asyncio.to_thread(start_hypervisord, **settings)
+    receiver.default_status = 500
+    await asyncio.to_thread(submit, address, {"message": "boom"}, "fail")
+    for _ in range(100):
+        if len(receiver.attempts) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(receiver.attempts) >= 2 and receiver.received == []
+    await asyncio.to_thread(daemon.stop)
+    receiver.default_status = 200
+    await asyncio.to_thread(start_hypervisord, **settings)
+    [item] = await receiver.wait_for(1)
+    assert item.event == "job.failed" and item.payload["error"] == "boom"
+    assert len({r.headers["X-HyperSDK-Delivery"] for r in receiver.attempts}) == 1
