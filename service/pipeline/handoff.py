@@ -156,6 +156,9 @@ async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]"
     watch_dir = Path(settings.watch_dir) / integration["instance"]
     handed_off_at = time.time()
     path = await asyncio.to_thread(write_manifest, manifest, watch_dir, vm.name)
+    # A job that fails or is cancelled withdraws its manifest, so a daemon that has not
+    # picked it up yet does not convert for a job that no longer exists.
+    ctx.add_cleanup(path)
     ctx.log(f"handed off to {unit.removesuffix('.service')}: manifest {path}")
     ctx.set_stage("waiting for hyper2kvm")
     expected = [out_dir / f"{disk['id']}.{fmt}" for disk in manifest["disks"]]

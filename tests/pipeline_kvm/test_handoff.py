@@ -167,7 +167,8 @@ async def test_daemon_mode_times_out_clearly(config_for, exported, dbusmock_syst
     with pytest.raises(Failed, match=r"no finished output within 0.2 s \(hyper2kvm.job_timeout\)"):
         await run_integration(ctx, vm, disks, export_dir,
                               integration(config, daemon_mode=True, instance=name))
-    assert len(list((tmp_path / "watch" / name).glob("*.json"))) == 1
+    manifests = list((tmp_path / "watch" / name).glob("*.json"))
+    assert len(manifests) == 1 and manifests[0] in ctx.cleanup  # withdrawn when the job fails
 
 
 async def test_daemon_mode_with_inactive_unit_falls_back_to_builtin(
