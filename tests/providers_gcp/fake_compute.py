@@ -53,6 +53,7 @@ class FakeComputeServer:
     required_token: str = ""       # when set, requests need it or a JWT from a trusted key
     trusted_key: object = None     # an RSA public key whose self-signed JWTs are accepted
     requests: list[str] = field(default_factory=list)
+    paged: bool = False
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def link(self, path: str) -> str:
@@ -137,8 +138,17 @@ class FakeComputeServer:
                                   "status": "DONE", "targetLink": target, "progress": 100})
 
     async def aggregated(self, request):
-        items = {f"zones/{zone}": {"instances": found} for zone, found in self.instances.items()}
-        return web.json_response({"kind": "compute#instanceAggregatedList", "items": items})
+        """One zone per page when `paged` (the pager must follow nextPageToken)."""
+        zones = sorted(self.instances)
+        if self.paged:
+            index = int(request.query.get("pageToken") or 0)
+            zones = zones[index:index + 1]
+            more = {"nextPageToken": str(index + 1)} if index + 1 < len(self.instances) else {}
+        else:
+            more = {}
+        items = {f"zones/{zone}": {"instances": self.instances[zone]} for zone in zones}
+        return web.json_response({"kind": "compute#instanceAggregatedList", "items": items,
+                                  **more})
 
     async def list_zone(self, request):
         return web.json_response({"items": self.instances.get(request.match_info["zone"], [])})

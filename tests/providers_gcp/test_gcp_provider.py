@@ -62,6 +62,11 @@ async def test_list_instances_with_filters(populated, gcs_emulator):
     assert names(await provider.list_vms({"labels": {"env": "prod"}})) == ["web-1", "web-2"]
     assert names(await provider.list_vms({"name": "web-*"})) == ["web-1", "web-2"]
     assert names(await provider.list_vms({"power_state": "poweredOff"})) == ["db-1"]
+    populated.paged = True
+    listing = f"GET /compute/v1/projects/{PROJECT}/aggregated/instances"
+    before = populated.requests.count(listing)
+    assert names(await provider.list_vms({})) == ["db-1", "web-1", "web-2"]
+    assert populated.requests.count(listing) - before == 2      # one page per zone
     with pytest.raises(InvalidArgument) as err:
         await provider.list_vms({"region": "x"})
     assert err.value.field == "filter.region"
