@@ -1,10 +1,10 @@
 """Backup policies over the vSphere simulator's VMs, with retention over real files.
 
-The product's "export" job kind (pipeline/export.py) has not landed while this was
-written, and the simulator has no ExportVm; each VM's backup therefore runs as
-"fake_export" (below), which writes a small real file into the directory the policy
-chose. Everything else is real: the simulator's inventory and tags through the
-vSphere provider, the engine and its SQLite store, the files and their removal.
+The main test runs the product's real "export" jobs against tagged simulator VMs
+that have real (small) disks. The edge cases (age, failures, dry run, overlap) run
+the backups as "fake_export" (below), which writes one small real file where the
+policy said and can fail on demand; the inventory, tags, engine, store and files
+are real there too.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pyVmomi import vim
 from hypersdk.service.backup_policies import Backup, BackupPolicies, plan_retention
 from hypersdk.service.errors import Failed, InvalidArgument, Unavailable
 from hypersdk.service.job_kinds import JobKind, register
-from tests.vcsim.harness import Simulator, build_vcsim, find_vm
+from hypersdk.service.pipeline import export as _export_kind  # noqa: F401 (registers "export")
+from tests.vcsim.harness import Simulator, build_vcsim, find_vm, give_disks
 
 from .conftest import FakeClock, make_config, start_engine, stop_engine
 
@@ -55,29 +56,47 @@ register(FakeExportKind())
 
 
 @pytest.fixture(scope="module")
-def tagged_sim():
-    """A simulator with four VMs, two of them tagged backup=production, one backup=dev."""
+def tagged_sim(tmp_path_factory):
+    """A simulator with four VMs: two tagged backup=production (with a 2 MiB disk of real
+    content each), one backup=dev."""
     build_vcsim()
     with Simulator() as simulator:
         si = simulator.connect()
         fields = si.content.customFieldsManager
         field = fields.AddCustomFieldDef(name="backup", moType=vim.VirtualMachine)
-        for name in PRODUCTION:
+        uploads = tmp_path_factory.mktemp("uploads")
+        for seed, name in enumerate(PRODUCTION):
             fields.SetField(entity=find_vm(si, name), key=field.key, value="production")
+            give_disks(simulator, si, name, [2 << 20], uploads, seed=seed)
         fields.SetField(entity=find_vm(si, "DC0_H0_VM1"), key=field.key, value="dev")
         yield simulator
 
 
-@pytest.fixture
-async def policies_env(tmp_path, tagged_sim):
-    config = make_config(tmp_path, providers={"vsphere": tagged_sim.provider_settings()})
+async def _policies_env(tmp_path, sim, kind: str):
+    config = make_config(tmp_path, providers={"vsphere": sim.provider_settings()})
     env = await start_engine(config)
     clock = FakeClock(1_800_000_000.0)
     events: list[tuple[str, dict]] = []
     policies = BackupPolicies(env.store, env.engine, 600.0, clock,
                               emit=lambda name, payload: events.append((name, payload)),
-                              changed=lambda item: None, kind="fake_export")
+                              changed=lambda item: None, kind=kind)
     env.engine.subscribe(policies.on_job_event)
+    return env, policies, clock, events
+
+
+@pytest.fixture
+async def policies_env(tmp_path, tagged_sim):
+    """Policies whose backups run as fake_export."""
+    env, policies, clock, events = await _policies_env(tmp_path, tagged_sim, "fake_export")
+    yield env, policies, clock, events
+    await policies.close()
+    await stop_engine(env)
+
+
+@pytest.fixture
+async def export_policies_env(tmp_path, tagged_sim):
+    """Policies whose backups are the product's export jobs."""
+    env, policies, clock, events = await _policies_env(tmp_path, tagged_sim, "export")
     yield env, policies, clock, events
     await policies.close()
     await stop_engine(env)
@@ -104,9 +123,9 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-async def test_four_runs_keep_the_two_newest_backups_and_foreign_files(policies_env):
-    env, policies, clock, events = policies_env
-    policy = policies.create(production_policy(), 0)
+async def test_four_runs_keep_the_two_newest_backups_and_foreign_files(export_policies_env):
+    env, policies, clock, events = export_policies_env
+    policy = policies.create(production_policy(export_options={"export_method": "disk"}), 0)
     root = policy.root
     (root / "DC0_H0_VM0").mkdir(parents=True)
     (root / "DC0_H0_VM0" / "notes.txt").write_text("mine, not the policy's")
@@ -121,6 +140,9 @@ async def test_four_runs_keep_the_two_newest_backups_and_foreign_files(policies_
         mine = [b for b in all_made if b.vm_name == vm]
         assert len(mine) == 4
         assert dirs == sorted(Path(b.path).name for b in mine[-2:])
+    for backup in policies.backups(policy.id, ("good",)):
+        files = sorted(p.name for p in Path(backup.path).iterdir())
+        assert files == [f"{backup.vm_name}-disk1.vmdk", f"{backup.vm_name}.mf"], files
     assert (root / "README").read_text() == "foreign"
     assert (root / "DC0_H0_VM0" / "notes.txt").exists()
     retention_events = [p for name, p in events if name == "backup.retention_applied"]
