@@ -28,6 +28,7 @@ from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable, Unavailable
 from .aws_ebs import SnapshotRead, read_snapshot
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, require_extra
+from .cleanup import run_to_completion
 from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
 
 GIB = 1024 ** 3
@@ -246,7 +247,7 @@ class AwsProvider(Provider):
             raise
         finally:
             if made and not extra["keep_snapshots"]:
-                await self._delete_snapshots(region, made, sink)
+                await run_to_completion(self._delete_snapshots(region, made, sink))
             if stopped_by_us and options.restore_power_state:
                 await self._set_power(vm, "start", sink)
         vm.extra["snapshot_ids"] = snapshots

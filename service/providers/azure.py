@@ -25,6 +25,7 @@ from ..errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
 from .azure_blob import download_disk_blob
 from .azure_vhd import check_fixed_vhd
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, require_extra
+from .cleanup import run_to_completion
 from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
 from .sparse import SparseImage
 
@@ -284,14 +285,19 @@ class AzureProvider(Provider):
             output.discard()
             raise
         finally:
-            for source in list(granted):
-                await self._revoke(source, granted, sink)
-            for snapshot in made:
-                await self._delete_snapshot(snapshot, sink)
+            await run_to_completion(self._release(granted, made, sink))
             if deallocated_by_us and options.restore_power_state:
                 sink.log(f"starting VM {vm.name} again")
                 await self._lro(f"starting VM {vm.name}", vms.begin_start(group, vm.name))
         return vm, exported
+
+    async def _release(self, granted: list[tuple[str, str, str]], made: list[tuple[str, str]],
+                       sink: ExportSink) -> None:
+        """Revoke every grant still open and delete the snapshots we made."""
+        for source in list(granted):
+            await self._revoke(source, granted, sink)
+        for snapshot in made:
+            await self._delete_snapshot(snapshot, sink)
 
     async def _snapshot(self, vm: VMInfo, disk: DiskInfo, made: list[tuple[str, str]],
                         sink: ExportSink) -> tuple[str, str, str]:

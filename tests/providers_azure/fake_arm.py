@@ -230,10 +230,15 @@ class FakeArmServer:
 
     async def stall(self, request: web.Request) -> web.StreamResponse:
         """A blob download that sends headers and a little data, then nothing until stop()."""
-        response = web.StreamResponse(headers={"Content-Length": str(1 << 30),
-                                               "x-ms-blob-type": "BlockBlob"})
+        size = 1 << 30
+        headers = {"Content-Length": str(size), "x-ms-blob-type": "BlockBlob"}
         if request.method == "HEAD":  # the blob's properties
-            return response
+            return web.Response(headers=headers)
+        first, _, last = request.headers.get("x-ms-range", "bytes=0-").split("=")[1].partition("-")
+        last = last or str(size - 1)
+        headers.update({"Content-Length": str(int(last) - int(first) + 1),
+                        "Content-Range": f"bytes {first}-{last}/{size}"})
+        response = web.StreamResponse(status=206, headers=headers)
         await response.prepare(request)
         await response.write(b"\0" * 4096)
         await self._stopping.wait()

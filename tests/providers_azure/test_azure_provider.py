@@ -125,7 +125,8 @@ async def test_failed_download_still_revokes_and_deletes(provider, arm_state, az
     assert list(out.iterdir()) == []  # the finished OS disk is removed too: nothing partial
 
 
-async def test_cancel_during_download_revokes_access(provider, arm, arm_state, out, sink):
+async def _start_stalled_export(provider, arm, arm_state, out, sink) -> asyncio.Task:
+    """An export of a deallocated VM whose download stalls (the blob URL never finishes)."""
     from .fake_arm import add_vm
     add_vm(arm_state, "rg1", "slow-1", power="deallocated", disks=[("slow-1-os", MIB)])
     arm_state.sas_for_disk = lambda disk: f"{arm.base_url}/stall/vhds/{disk}.vhd?sig=secret"
@@ -136,11 +137,32 @@ async def test_cancel_during_download_revokes_access(provider, arm, arm_state, o
             await asyncio.sleep(0.02)
     await asyncio.wait_for(download_started(), 20)
     assert not task.done()
+    return task
+
+
+async def test_cancel_during_download_revokes_access(provider, arm, arm_state, out, sink):
+    task = await _start_stalled_export(provider, arm, arm_state, out, sink)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert _revoked(arm_state) == ["slow-1-os"]
+    assert _revoked(arm_state) == ["slow-1-os"], sink.lines
     assert list(out.iterdir()) == []
+
+
+async def test_cancel_again_during_cleanup_still_revokes(provider, arm, arm_state, out, sink):
+    task = await _start_stalled_export(provider, arm, arm_state, out, sink)
+    # the first revoke is throttled: the SDK waits out Retry-After (1 s) before trying again
+    arm_state.throttle[("POST", "/endGetAccess")] = 1
+    task.cancel()
+
+    async def revoke_calls(count: int) -> None:
+        while len(_revoked(arm_state)) < count:
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(revoke_calls(1), 10)
+    task.cancel()  # while the cleanup waits to retry the revoke
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(revoke_calls(2), 10)  # the shielded cleanup went on and revoked
 
 
 async def test_not_a_vhd_is_refused_and_removed(provider, arm_state, azurite, out, sink):
