@@ -1,9 +1,9 @@
 """One streamed HTTP download to a file: hashed while written, resumed, checked, atomic.
 
 Every provider that pulls a disk over HTTP (vSphere datastore files and NFC lease
-URLs, cloud blob URLs) uses `download`. The body never sits in memory: bytes are
-gathered into buffers of about `chunk_size`, and each buffer is hashed and written
-in a worker thread while the next one is being received. A dropped connection is
+URLs, cloud blob URLs) uses `download`. The body never sits in memory: received
+pieces are gathered up to about `chunk_size`, then hashed and written in a worker
+thread while the next batch is being received. A dropped connection is
 resumed with an HTTP `Range` request from the first byte not yet received, up to
 `max_retries` times. The file appears under its final name only when complete
 and of the expected size; on failure or cancellation the temporary file is removed.
@@ -61,14 +61,16 @@ class _HashingWriter:
         self._pending: asyncio.Future | None = None
         self.size = 0
 
-    def _write(self, data: bytes) -> None:
-        self._hash.update(data)
-        self._handle.write(data)
+    def _write(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self._hash.update(piece)
+            self._handle.write(piece)
 
-    async def submit(self, data: bytes) -> None:
+    async def submit(self, pieces: list[bytes], nbytes: int) -> None:
+        """Queue `pieces` (in order) behind the write in flight; no joining, no copies."""
         await self.drain()
-        self.size += len(data)
-        self._pending = asyncio.ensure_future(asyncio.to_thread(self._write, data))
+        self.size += nbytes
+        self._pending = asyncio.ensure_future(asyncio.to_thread(self._write, pieces))
 
     async def drain(self) -> None:
         if self._pending is not None:
@@ -132,19 +134,21 @@ def _resume_offset(response: aiohttp.ClientResponse, offset: int, shown: str) ->
 
 async def _receive(response: aiohttp.ClientResponse, writer: _HashingWriter, chunk_size: int,
                    on_bytes: Callable[[int], None]) -> None:
-    buffer = bytearray()
+    pieces: list[bytes] = []
+    gathered = 0
     try:
         async for piece in response.content.iter_any():
-            buffer += piece
-            if len(buffer) >= chunk_size:
-                await writer.submit(bytes(buffer))
-                on_bytes(len(buffer))
-                buffer.clear()
+            pieces.append(piece)
+            gathered += len(piece)
+            if gathered >= chunk_size:
+                await writer.submit(pieces, gathered)
+                on_bytes(gathered)
+                pieces, gathered = [], 0
     finally:
         # bytes received before a drop are good: keep them so the resume starts after them
-        if buffer:
-            await writer.submit(bytes(buffer))
-            on_bytes(len(buffer))
+        if gathered:
+            await writer.submit(pieces, gathered)
+            on_bytes(gathered)
 
 
 async def _fetch_into(session: aiohttp.ClientSession, url: str, writer: _HashingWriter, *,
