@@ -26,6 +26,8 @@ MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 BUS_TIMEOUT = 5.0
+_NO_PEER_ERRORS = ("org.freedesktop.DBus.Error.ServiceUnknown",
+                   "org.freedesktop.DBus.Error.NameHasNoOwner")
 REPORT_NAME = "report.json"  # hyper2kvm's end-of-pipeline report, in its output directory
 
 
@@ -70,6 +72,8 @@ async def unit_state(instance: str, bus_address: str | None = None) -> UnitState
 
 async def _ask_systemd(bus, unit: str) -> UnitState:
     reply = await _call(bus, SYSTEMD_PATH, MANAGER_IFACE, "GetUnit", "s", [unit])
+    if reply.message_type == MessageType.ERROR and reply.error_name in _NO_PEER_ERRORS:
+        return UnitState(unit, "unknown", f"systemd is not on the system bus ({reply.error_name})")
     if reply.message_type == MessageType.ERROR:
         # GetUnit only knows loaded units; LoadUnit loads its file (real systemd).
         reply = await _call(bus, SYSTEMD_PATH, MANAGER_IFACE, "LoadUnit", "s", [unit])

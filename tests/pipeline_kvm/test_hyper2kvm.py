@@ -120,3 +120,9 @@ def test_unreadable_or_successful_reports_are_not_failures(tmp_path, content):
     report = tmp_path / "report.json"
     report.write_text(content)
     assert reported_failure(report, 0) is None
+
+
+async def test_a_bus_without_systemd_says_so(system_bus):
+    state = await unit_state("vsphere", system_bus.address)
+    assert not state.active
+    assert state.reason.startswith("systemd is not on the system bus")
