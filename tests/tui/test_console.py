@@ -71,7 +71,7 @@ async def test_job_view_log_follows_live_and_status_filter(system_bus, hyperviso
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
         job_id = await asyncio.to_thread(submit_job, system_bus.address,
-                                         {"steps": 6, "interval": 0.3}, "sleep")
+                                         {"steps": 8, "interval": 0.4}, "sleep")
         await wait_for(pilot, lambda: bool(cell(app, job_id, "Status")), what="the row")
         table = app.screen.query_one("#jobs", DataTable)
         table.move_cursor(row=table.get_row_index(job_id))
@@ -79,12 +79,12 @@ async def test_job_view_log_follows_live_and_status_filter(system_bus, hyperviso
         await wait_for(pilot, lambda: type(app.screen).__name__ == "JobScreen", what="job view")
         log = app.screen.query_one("#job-log", Log)
         await wait_for(pilot, lambda: "step 1" in "\n".join(log.lines), what="first line")
-        assert "step 6" not in "\n".join(log.lines)  # it is following, not replaying
-        await wait_for(pilot, lambda: "step 6" in "\n".join(log.lines), what="last line")
+        assert "step 8" not in "\n".join(log.lines)  # it is following, not replaying
+        await wait_for(pilot, lambda: "step 8" in "\n".join(log.lines), what="last line")
         await wait_for(pilot, lambda: "completed" in str(
             app.screen.query_one("#job-summary").render()), what="completed summary")
         steps = [line.split()[-1] for line in log.lines if " step " in line]
-        assert steps == [str(i) for i in range(1, 7)]
+        assert steps == [str(i) for i in range(1, 9)]
 
         await pilot.press("escape")
         failed = await asyncio.to_thread(submit_job, system_bus.address, {"message": "x"}, "fail")
@@ -122,7 +122,8 @@ async def test_schedules_create_disable_delete(system_bus, hypervisord):
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
         screen = app.screen
-        assert not screen.query_one("#automation-note").display
+        await wait_for(pilot, lambda: not screen.query_one("#automation-note").display,
+                       what="the features")
         await pilot.press("n")
         await wait_for(pilot, lambda: type(app.screen).__name__ == "CreateDialog", what="dialog")
         editor = app.screen.query_one("#definition")

@@ -77,6 +77,7 @@ class VMsScreen(HyperScreen):
     def __init__(self) -> None:
         super().__init__()
         self.vms: list[dict] = []
+        self.provider_names: list[str] = []
         self.marked: set[str] = set()
         self.sort_label = "Name"
         self.sort_reverse = False
@@ -104,6 +105,9 @@ class VMsScreen(HyperScreen):
         select = self.query_one("#provider", Select)
         names = [p["name"] for p in self.hyper_app.client.mirror.providers()
                  if p.get("configured", True)]
+        if names == self.provider_names:
+            return  # JobCounts changes also arrive as manager events
+        self.provider_names = names
         current = select.value
         select.set_options([(name, name) for name in names])
         if current in names:
