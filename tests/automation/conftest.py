@@ -10,13 +10,18 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from pyVmomi import vim
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.engine import JobEngine
 from hypersdk.service.providers.registry import ProviderRegistry
 from hypersdk.service.store import Store
 
+from tests.vcsim.harness import Simulator, build_vcsim, find_vm, give_disks
+
 from ..support import test_kinds  # noqa: F401  (registers sleep, fail, ...)
+
+PRODUCTION = ["DC0_H0_VM0", "DC0_C0_RP0_VM1"]  # simulator VMs tagged backup=production
 
 
 class FakeClock:
@@ -151,3 +156,20 @@ async def receiver():
     recv.url = f"http://127.0.0.1:{port}/hook"
     yield recv
     await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def tagged_sim(tmp_path_factory):
+    """A simulator with four VMs: two tagged backup=production (with a 2 MiB disk of real
+    content each), one backup=dev."""
+    build_vcsim()
+    with Simulator() as simulator:
+        si = simulator.connect()
+        fields = si.content.customFieldsManager
+        field = fields.AddCustomFieldDef(name="backup", moType=vim.VirtualMachine)
+        uploads = tmp_path_factory.mktemp("uploads")
+        for seed, name in enumerate(PRODUCTION):
+            fields.SetField(entity=find_vm(si, name), key=field.key, value="production")
+            give_disks(simulator, si, name, [2 << 20], uploads, seed=seed)
+        fields.SetField(entity=find_vm(si, "DC0_H0_VM1"), key=field.key, value="dev")
+        yield simulator

@@ -13,18 +13,15 @@ import os
 from pathlib import Path
 
 import pytest
-from pyVmomi import vim
 
 from hypersdk.service.backup_policies import Backup, BackupPolicies, plan_retention
 from hypersdk.service.errors import Failed, InvalidArgument, Unavailable
 from hypersdk.service.job_kinds import JobKind, register
 from hypersdk.service.pipeline import export as _export_kind  # noqa: F401 (registers "export")
-from tests.vcsim.harness import Simulator, build_vcsim, find_vm, give_disks
 
-from .conftest import FakeClock, make_config, start_engine, stop_engine
+from .conftest import PRODUCTION, FakeClock, make_config, start_engine, stop_engine
 
 DAY = 86400.0
-PRODUCTION = ["DC0_H0_VM0", "DC0_C0_RP0_VM1"]
 
 
 class FakeExportKind(JobKind):
@@ -53,23 +50,6 @@ class FakeExportKind(JobKind):
 
 
 register(FakeExportKind())
-
-
-@pytest.fixture(scope="module")
-def tagged_sim(tmp_path_factory):
-    """A simulator with four VMs: two tagged backup=production (with a 2 MiB disk of real
-    content each), one backup=dev."""
-    build_vcsim()
-    with Simulator() as simulator:
-        si = simulator.connect()
-        fields = si.content.customFieldsManager
-        field = fields.AddCustomFieldDef(name="backup", moType=vim.VirtualMachine)
-        uploads = tmp_path_factory.mktemp("uploads")
-        for seed, name in enumerate(PRODUCTION):
-            fields.SetField(entity=find_vm(si, name), key=field.key, value="production")
-            give_disks(simulator, si, name, [2 << 20], uploads, seed=seed)
-        fields.SetField(entity=find_vm(si, "DC0_H0_VM1"), key=field.key, value="dev")
-        yield simulator
 
 
 async def _policies_env(tmp_path, sim, kind: str):

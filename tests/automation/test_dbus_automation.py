@@ -9,6 +9,7 @@ import time
 from ..core.test_dbus_api import _documented, _live
 from ..support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, gdbus_call
 from ..support.cli import gvariant_string, job_property, submit
+from .conftest import PRODUCTION
 
 SCHEDULE_IFACE = "org.hypersdk.HyperSDK1.Schedule"
 POLICY_IFACE = "org.hypersdk.HyperSDK1.BackupPolicy"
@@ -184,3 +185,40 @@ async def test_undelivered_events_are_delivered_after_a_restart(system_bus, star
     [item] = await receiver.wait_for(1)
     assert item.event == "job.failed" and item.payload["error"] == "boom"
     assert len({r.headers["X-HyperSDK-Delivery"] for r in receiver.attempts}) == 1
+
+
+def test_schedule_and_policy_export_simulator_vms_over_dbus(system_bus, start_hypervisord,
+                                                            service_dir, tagged_sim):
+    address = system_bus.address
+    start_hypervisord(providers={"vsphere": tagged_sim.provider_settings()})
+    exports = service_dir / "exports"
+    schedule = create(address, "CreateSchedule", {
+        "name": "sim-export", "cron": "* * * * * */3", "timezone": "UTC",
+        "job_definition": {"vm_identifier": "DC0_H0_VM0", "provider": "vsphere",
+                           "export_method": "disk", "export_path": "scheduled"}})
+    job = wait_for(lambda: (j := prop(address, schedule, SCHEDULE_IFACE, "LastJob")) != "/" and j,
+                   what="the schedule to fire")
+    wait_for(lambda: job_property(address, job, "Status") in ("completed", "failed"),
+             what="the scheduled export")
+    call(address, schedule, SCHEDULE_IFACE, "Delete", "a{sv}", "0")
+    assert job_property(address, job, "Status") == "completed", \
+        job_property(address, job, "Error")
+    assert sorted(p.name for p in (exports / "scheduled").iterdir()) == \
+        ["DC0_H0_VM0-disk1.vmdk", "DC0_H0_VM0.mf"]
+
+    policy = create(address, "CreateBackupPolicy", {
+        "name": "prod", "vm_filter": {"tags": ["backup=production"]},
+        "retention": {"count": 1}, "export_options": {"export_method": "disk"}})
+    assert _live(address, policy, POLICY_IFACE) == _documented(POLICY_IFACE)
+    plan = json.loads(call(address, policy, POLICY_IFACE, "DryRun", "a{sv}", "0")[0])
+    assert sorted(vm["name"] for vm in plan["vms"]) == sorted(PRODUCTION)
+    root = exports / "backups" / "prod"
+    for _ in range(2):
+        [jobs] = call(address, policy, POLICY_IFACE, "Run", "a{sv}", "0")
+        assert len(jobs) == 2
+        for path in jobs:
+            wait_for(lambda: job_property(address, path, "Status") == "completed",
+                     what=f"{path} to complete")
+    wait_for(lambda: all(len(list((root / vm).iterdir())) == 1 for vm in PRODUCTION),
+             what="retention to keep one backup per VM")
+    assert prop(address, policy, POLICY_IFACE, "LastRun") > 0
