@@ -1,0 +1,52 @@
+"""HyperClient on its own: reconnecting when the bus itself goes away and comes back."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from hypersdk.tui.client import HyperClient
+from tests.support.hypervisord import Hypervisord, write_config
+from tests.support.system import PrivateSystemBus
+
+
+async def wait_until(predicate, timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_client_reconnects_after_the_bus_restarts_and_sees_the_service(service_dir):
+    bus_dir = service_dir / "bus"
+    bus = PrivateSystemBus.start(bus_dir)
+    address = f"unix:path={bus_dir / 'system_bus_socket'}"
+    client = HyperClient(address)
+    events: list[str] = []
+    client.subscribe(lambda event: events.append(event.type))
+    runner = asyncio.create_task(client.run())
+    daemon = None
+    try:
+        await wait_until(lambda: client.connected, what="the first connection")
+        assert not client.mirror.service_up  # nobody owns the name yet
+
+        await asyncio.to_thread(bus.stop)
+        await wait_until(lambda: not client.connected, what="the disconnect")
+        bus = await asyncio.to_thread(PrivateSystemBus.start, bus_dir)
+        await wait_until(lambda: client.connected, what="the reconnect")
+
+        daemon = Hypervisord(write_config(service_dir), address)
+        await asyncio.to_thread(daemon.start)
+        await wait_until(lambda: client.mirror.service_up, what="the service")
+        assert client.mirror.version and "service" in events
+        job_id = await client.submit({"steps": 2, "interval": 0.05}, "sleep")
+        await wait_until(lambda: job_id in client.mirror.jobs
+                         and client.mirror.jobs[job_id].status == "completed", what="the job")
+    finally:
+        client.close()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        if daemon:
+            await asyncio.to_thread(daemon.stop)
+        await asyncio.to_thread(bus.stop)
