@@ -98,10 +98,7 @@ async def fetch_ranges(read_range: Callable[[int, int], bytes], target: Path, si
                 length = min(chunk_size, size - offset)
                 data = await _read_with_retries(read_range, offset, length, max_retries,
                                                 sink, label, retry_on)
-                await asyncio.to_thread(out.write, data)
-                digest.update(data)
-                if also_hash:
-                    also_hash(data)
+                await asyncio.to_thread(_write_hashed, out, data, digest, also_hash)
                 offset += len(data)
                 sink.advance(len(data))
             await asyncio.to_thread(_flush_and_sync, out)
@@ -132,6 +129,14 @@ async def _read_with_retries(read_range: Callable[[int, int], bytes], offset: in
             raise Failed(f"{label}: asked for {length} bytes at offset {offset}, "
                          f"got {len(data)}; the source changed or is truncated")
         return data
+
+
+def _write_hashed(out, data: bytes, digest, also_hash: Callable[[bytes], None] | None) -> None:
+    """Hash and write one range (in a worker thread: hashing 10 MB takes milliseconds)."""
+    digest.update(data)
+    if also_hash:
+        also_hash(data)
+    out.write(data)
 
 
 def _flush_and_sync(out) -> None:
