@@ -41,7 +41,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_break(bridge, sleep_jo
          "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                      "response_schema_conformance",
          "--max-examples", "10", "--workers", "2", "--seed", "1",
-         "--phases", "examples,coverage,fuzzing", "--max-time", "30",
+         "--phases", "examples,coverage,fuzzing", "--max-time", "20",
          "--report-dir", str(tmp_path / "report")],
         capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
