@@ -9,7 +9,9 @@ Choices that decide whether the guest boots:
 - UEFI uses the OVMF builds from Debian's `ovmf` package: the loader is read-only
   pflash and libvirt copies the NVRAM template per domain. Secure boot needs the
   secboot loader, the Microsoft-keys variable store, SMM and the q35 machine.
-- Domain type `kvm` when /dev/kvm is usable here, else `qemu` (TCG).
+- Domain type `kvm` when /dev/kvm is usable here, else `qemu` (TCG). The CPU is the
+  host's (kvm) or QEMU's `max` model (TCG), never the default qemu64, which lacks
+  the x86-64-v2 features current distributions require.
 """
 from __future__ import annotations
 
@@ -148,12 +150,17 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
 def build_domain_xml(spec: DomainSpec) -> str:
     """The domain XML for `spec` (checked first with check_spec)."""
     check_spec(spec)
-    root = etree.Element("domain", type=spec.domain_type or detect_domain_type())
+    domain_type = spec.domain_type or detect_domain_type()
+    root = etree.Element("domain", type=domain_type)
     etree.SubElement(root, "name").text = spec.name
     if spec.uuid:
         etree.SubElement(root, "uuid").text = spec.uuid
     etree.SubElement(root, "memory", unit="MiB").text = str(spec.memory_mb)
     etree.SubElement(root, "vcpu", placement="static").text = str(spec.vcpus)
+    # libvirt's default CPU model (qemu64) lacks x86-64-v2, which RHEL 9 and other
+    # current guests need to boot: give them the host's CPU, or all TCG can emulate.
+    etree.SubElement(root, "cpu", check="none",
+                     mode="host-passthrough" if domain_type == "kvm" else "maximum")
     _add_os(root, spec)
     features = etree.SubElement(root, "features")
     etree.SubElement(features, "acpi")

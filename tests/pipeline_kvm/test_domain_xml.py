@@ -164,3 +164,10 @@ def test_bad_specs_name_the_field(tmp_path, change, field):
 ])
 def test_guest_family(guest_os, family):
     assert guest_family(guest_os) == family
+
+
+@pytest.mark.parametrize("domain_type, mode", [("kvm", "host-passthrough"), ("qemu", "maximum")])
+def test_cpu_is_never_the_default_qemu64(tmp_path, domain_type, mode):
+    xml = build_domain_xml(spec_for(tmp_path, domain_type=domain_type))
+    assert etree.fromstring(xml).find("cpu").get("mode") == mode
+    validate_with_libvirt_schema(xml, tmp_path)
