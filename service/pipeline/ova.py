@@ -138,6 +138,8 @@ def _extract_members(path: Path, tmp: Path,
     try:
         with tarfile.open(path, mode="r|") as tar:
             for member in tar:
+                if member.isdir() and member.name.strip("/") in (".", ""):
+                    continue  # the "./" entry of `tar -C dir .`
                 rel = _safe_name(member.name, where)
                 name = rel.as_posix()
                 if name in seen:

@@ -103,6 +103,15 @@ def test_hostile_members_are_refused(tmp_path, member, message):
     assert not Path("/etc/x").exists()
 
 
+def test_dot_slash_names_from_gnu_tar_are_fine(tmp_path):
+    members = [_special("./", tarfile.DIRTYPE)] + [
+        _file("./" + info.name, data) for info, data in good_members()]
+    ova = make_ova(tmp_path / "dots.ova", members)
+    ovf = extract_ova(ova, tmp_path / "out")
+    assert ovf.name == "web01.ovf"
+    assert (tmp_path / "out" / "web01-disk2.vmdk").read_bytes() == DISK2
+
+
 def test_ovf_not_first_is_tolerated_with_a_warning(tmp_path):
     members = good_members()
     ova = make_ova(tmp_path / "late.ova", members[2:] + members[:2])
