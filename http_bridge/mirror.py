@@ -23,7 +23,7 @@ from dbus_fast.aio import MessageBus
 from hypersdk.service.dbus.bus import connect
 from hypersdk.service.dbus.paths import BUS_NAME, ROOT_PATH
 
-from .errors import ApiError, from_dbus, invalid, unavailable
+from .errors import from_dbus, invalid, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -262,5 +262,3 @@ class ServiceMirror:
             raise from_dbus(reply.error_name or "", str(reply.body[0]) if reply.body else "")
         return reply.body
 
-
-__all__ = ["ApiError", "MirrorEvent", "ServiceMirror", "check_dbus_string"]

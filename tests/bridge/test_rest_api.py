@@ -5,8 +5,6 @@ import json
 import subprocess
 import time
 
-import pytest
-
 from ..support.hypervisord import Hypervisord
 from .stack import curl, post_json
 
