@@ -183,15 +183,17 @@ def _disk_section(path: Path, root) -> dict[str, dict]:
     return disks
 
 
-def _firmware(hardware) -> str:
-    for config in _children(hardware, "Config"):
-        if _attr(config, "key") == "firmware":
-            return "efi" if (_attr(config, "value") or "").lower() == "efi" else "bios"
-    value = _attr(hardware, "firmware") or ""
-    for el in hardware.iter():
-        if _local(el.tag).lower() == "firmware":
-            value = el.text or _attr(el, "value") or value
-    return "efi" if value.strip().lower() in ("efi", "uefi") else "bios"
+def _firmware(system, hardware) -> str:
+    """"efi" or "bios": VMware's `vmw:Config key="firmware"`, else a `firmware`
+    attribute or element anywhere in the VirtualSystem (VirtualBox writes
+    `<Firmware type="EFI"/>`)."""
+    values = [_attr(c, "value") for c in _children(hardware, "Config")
+              if _attr(c, "key") == "firmware"]
+    values.append(_attr(hardware, "firmware"))
+    values += [(el.text or "").strip() or _attr(el, "type") or _attr(el, "value")
+               for el in system.iter() if _local(el.tag).lower() == "firmware"]
+    value = next((v for v in values if v), "")
+    return "efi" if value.strip().lower() in ("efi", "efi64", "uefi") else "bios"
 
 
 def _controller(item) -> tuple[str | None, str | None]:
@@ -247,7 +249,7 @@ def parse_ovf(path: Path) -> OvfInfo:
     system_el = (_children(hardware, "System") or [None])[0]
     hw_version = _child_text(system_el, "VirtualSystemType") if system_el is not None else None
     networks = [_attr(n, "name") for n in _find_all(root, "Network") if _attr(n, "name")]
-    return OvfInfo(name=name, cpus=cpus, memory_bytes=memory, firmware=_firmware(hardware),
+    return OvfInfo(name=name, cpus=cpus, memory_bytes=memory, firmware=_firmware(system, hardware),
                    os_type=os_type, os_id=os_id, hw_version=hw_version, disks=disks, nics=nics,
                    networks=networks)
 

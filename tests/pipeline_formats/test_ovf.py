@@ -43,6 +43,17 @@ def test_bios_is_the_default_firmware_and_memory_units_vary(tmp_path):
     assert info.memory_bytes == 512 << 30
 
 
+def test_virtualbox_style_firmware(tmp_path):
+    text = SAMPLE.read_text().replace(
+        '<vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>', "").replace(
+        "</VirtualHardwareSection>",
+        '</VirtualHardwareSection><vbox:Machine xmlns:vbox="http://www.virtualbox.org/ovf/machine">'
+        '<Hardware><Firmware type="EFI"/></Hardware></vbox:Machine>')
+    ovf = tmp_path / "vbox.ovf"
+    ovf.write_text(text)
+    assert parse_ovf(ovf).firmware == "efi"
+
+
 @pytest.mark.parametrize("unit,factor", [
     ("byte", 1), ("byte * 2^10", 1024), ("byte * 2^20", 1 << 20), ("byte * 1024", 1024),
     ("MegaBytes", 1 << 20), ("byte * 10^6", 10 ** 6), (None, 1)])
