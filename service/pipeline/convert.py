@@ -208,11 +208,14 @@ async def _decode_in_thread(source: Path, target: Path, out_format: str,
 
 
 async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_format: str,
-                               compress: bool, on_fraction: Callable[[float], None]) -> None:
+                               compress: bool, on_fraction: Callable[[float], None],
+                               out_options: str = "") -> None:
     """Run `qemu-img convert -p` in its own process group, parsing its percentage lines."""
     args = ["qemu-img", "convert", "-p", "-f", in_format, "-O", out_format]
     if compress:
         args.append("-c")
+    if out_options:  # e.g. "subformat=streamOptimized"
+        args += ["-o", out_options]
     args += [str(source), str(target)]
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

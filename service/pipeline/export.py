@@ -11,13 +11,16 @@ A run downloads the disks into a hidden staging directory inside export_path
 - `ova`: `<vm>.ova`, a tar of `<vm>.ovf` (first), `<vm>.mf` and the disks;
 - `ovf`: `<vm>.ovf`, `<vm>.mf` and the disk files;
 - `disk`: the disk files and `<vm>.mf`.
-Finally the hyper2kvm hand-off runs when the definition enables it. Output files
+With `options.compress`, OVA/OVF disks that are not stream-optimized yet are
+rewritten as stream-optimized (deflated) VMDKs with qemu-img, the OVF disk format
+for transport. Finally the hyper2kvm hand-off runs when the definition enables it. Output files
 are registered for cleanup until the job completes, so a failed or cancelled
 export leaves nothing behind.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -29,7 +32,9 @@ from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..providers.base import ExportedDisk, ExportOptions, VMInfo
 from . import handoff, ovf_writer
 from .ovf_writer import safe_name
+from .convert import run_qemu_img_convert
 from .diskspace import check_free_space
+from .download import temp_path_for
 
 METHODS = ("ova", "ovf", "disk")
 FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options",
@@ -37,6 +42,7 @@ FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options"
 BOOL_OPTIONS = {"shutdown_vm": False, "restore_power_state": False, "remove_cdrom": True,
                 "compress": False}
 DEFAULT_SHUTDOWN_TIMEOUT = 300.0
+HASH_BLOCK = 4 << 20
 
 
 def _check_options(options: Any) -> dict:
@@ -138,6 +144,8 @@ class ExportKind(JobKind):
         vm, disks = await provider.export_disks(vm.identifier, staging,
                                                 _export_options(definition, ctx), ctx)
         ctx.set_stage("package")
+        if definition["options"]["compress"] and method in ("ova", "ovf"):
+            disks = [await _compress(ctx, disk) for disk in disks]
         outputs = await _package(ctx, vm, disks, method, staging, export_dir,
                                  definition["options"]["remove_cdrom"],
                                  definition["hyper2kvm_integration"]["enabled"])
@@ -215,6 +223,44 @@ async def _package(ctx: JobContext, vm: VMInfo, disks: list[ExportedDisk], metho
             "ovf": finals[0] if method == "ovf" else None, "manifest": finals[-1]}
 
 
+async def _compress(ctx: JobContext, disk: ExportedDisk) -> ExportedDisk:
+    """A stream-optimized (deflated) copy of a VMDK, replacing it; others are left as they are."""
+    if disk.format != "vmdk" or ovf_writer.vmdk_create_type(disk.path) == "streamOptimized":
+        return disk
+    temp = temp_path_for(disk.path)
+    ctx.add_total(disk.capacity_bytes)
+    done = 0
+
+    def on_fraction(fraction: float) -> None:
+        nonlocal done
+        now = int(fraction * disk.capacity_bytes)
+        ctx.advance(now - done)
+        done = now
+
+    ctx.log(f"compressing {disk.path.name} (stream-optimized VMDK)")
+    try:
+        await run_qemu_img_convert(disk.path, "vmdk", temp, "vmdk", False, on_fraction,
+                                   out_options="subformat=streamOptimized")
+        await asyncio.to_thread(os.replace, temp, disk.path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    on_fraction(1.0)
+    size, digest = await asyncio.to_thread(_size_and_sha256, disk.path)
+    ctx.log(f"compressed {disk.path.name}: {disk.file_bytes} -> {size} bytes")
+    return dataclasses.replace(disk, file_bytes=size, sha256=digest)
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
 async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:
     loop = asyncio.get_running_loop()
 
@@ -230,10 +276,7 @@ async def _move_disks(ctx: JobContext, disks: list[ExportedDisk], export_dir: Pa
         target = export_dir / disk.path.name
         ctx.add_cleanup(target)
         await asyncio.to_thread(os.replace, disk.path, target)
-        moved.append(ExportedDisk(path=target, format=disk.format,
-                                  capacity_bytes=disk.capacity_bytes, file_bytes=disk.file_bytes,
-                                  sha256=disk.sha256, boot_order=disk.boot_order,
-                                  label=disk.label, key=disk.key))
+        moved.append(dataclasses.replace(disk, path=target))
     return moved
 
 

@@ -70,7 +70,9 @@ def parse_ovf(path: Path):
 
 
 def check_ovf(path: Path, *, cdrom: bool = False) -> None:
-    _, items, capacities, ns = parse_ovf(path)
+    tree, items, capacities, ns = parse_ovf(path)
+    formats = {d.get(f"{{{OVF}}}format") for d in tree.iterfind(".//ovf:Disk", ns)}
+    assert formats == {"http://www.vmware.com/interfaces/specifications/vmdk.html#sparse"}
     assert items[3][0].findtext("rasd:VirtualQuantity", namespaces=ns) == "1"
     assert items[4][0].findtext("rasd:VirtualQuantity", namespaces=ns) == "32"
     assert capacities == DISK_SIZES
@@ -114,6 +116,22 @@ async def test_export_ovf_keeps_cdrom_when_asked(config, registry, uploaded):
     for disk, entry in zip(uploaded, result["disks"]):
         assert same_image(disk.local_vmdk, Path(entry["path"]))
         assert entry["bytes"] == disk.local_vmdk.stat().st_size
+
+
+async def test_compress_writes_stream_optimized_disks(config, registry, uploaded, tmp_path):
+    result, ctx = await export(config, registry, options={"compress": True})
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(result["ova"]) as tar:
+        names = tar.getnames()
+        tar.extractall(unpacked, filter="data")
+    check_manifest(unpacked / names[1], unpacked)
+    tree, _, _, ns = parse_ovf(unpacked / names[0])
+    formats = {d.get(f"{{{OVF}}}format") for d in tree.iterfind(".//ovf:Disk", ns)}
+    assert formats == {"http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"}
+    for disk, name in zip(uploaded, names[2:]):
+        assert same_image(disk.local_vmdk, unpacked / name)
+        assert (unpacked / name).stat().st_size < disk.local_vmdk.stat().st_size
+    assert ctx.done == ctx.total and "compressing" in ctx.text()
 
 
 async def test_export_disk_method_writes_disks_and_manifest(config, registry, uploaded):
