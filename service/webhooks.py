@@ -53,6 +53,8 @@ RESERVED_HEADERS = ("content-type", "content-length", "host", "x-hypersdk-signat
 REDACTED = "<redacted>"
 MAX_BACKOFF = 3600.0
 CONCURRENT_DELIVERIES = 4
+KEEP_FINISHED = 7 * 86400.0  # delivered and failed events stay in the delivery log this long
+PRUNE_EVERY = 3600.0
 JOB_EVENTS = {"running": "job.started", "completed": "job.completed", "failed": "job.failed",
               "cancelled": "job.cancelled"}
 _SECRET_NAME_RE = re.compile(r"auth|token|secret|key|pass|cookie|session|signature|credential",
@@ -186,10 +188,14 @@ class Webhooks:
     def load_config(self, webhooks: list[dict]) -> None:
         """Make the config file's webhooks current; ids are stable across restarts."""
         ids = []
-        for item in webhooks:
-            digest = hashlib.sha256(f"{item['url']}#{len(ids)}".encode()).hexdigest()
+        for index, item in enumerate(webhooks):
+            try:
+                data = validate_webhook(item)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"config: webhooks[{index}].{exc.field}", exc.rule) from None
+            digest = hashlib.sha256(f"{item['url']}#{index}".encode()).hexdigest()
             webhook_id = "webhook-c" + digest[:11]
-            self._insert(webhook_id, validate_webhook(item), "config", 0)
+            self._insert(webhook_id, data, "config", 0)
             ids.append(webhook_id)
         placeholders = ",".join("?" * len(ids))
         self.store.execute(f"DELETE FROM webhooks WHERE source='config' AND id NOT IN "
@@ -252,14 +258,27 @@ class Webhooks:
         self.emit(name, {"job_id": job.id, "kind": job.kind, "status": job.status,
                          "vm": job.vm, "provider": job.provider, "error": job.error})
 
+    def prune(self) -> int:
+        """Forget delivered and failed events older than KEEP_FINISHED; returns how many."""
+        cutoff = self.clock.now() - KEEP_FINISHED
+        finished = "FROM webhook_outbox WHERE state != 'pending' AND created_at < ?"
+        with self.store.transaction() as db:
+            db.execute(f"DELETE FROM webhook_deliveries WHERE outbox_id IN (SELECT id {finished})",
+                       (cutoff,))
+            return db.execute(f"DELETE {finished}", (cutoff,)).rowcount
+
     # -- delivery ----------------------------------------------------------------------
     async def run(self) -> None:
         """Deliver due events until cancelled."""
         limit = asyncio.Semaphore(CONCURRENT_DELIVERIES)
         headers = {"User-Agent": f"hypersdk/{__version__}"}
+        pruned_at = float("-inf")
         async with aiohttp.ClientSession(headers=headers) as session:
             try:
                 while True:
+                    if time.monotonic() - pruned_at >= PRUNE_EVERY:
+                        self.prune()
+                        pruned_at = time.monotonic()
                     for row in self._due():
                         self._in_flight.add(row["id"])
                         task = asyncio.create_task(self._deliver(session, limit, row))

@@ -15,6 +15,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
 from ..automation import Automation
+from ..job_kinds import get_kind
 from .dispatch import caller, require
 from .job import usec
 from .manager import VIEW, option
@@ -35,6 +36,13 @@ COLLECTIONS = {"schedule": ROOT_PATH + "/schedules", "policy": ROOT_PATH + "/bac
 
 def item_path(collection: str, item_id: str) -> str:
     return f"{COLLECTIONS[collection]}/{item_id.replace('-', '_')}"
+
+
+async def require_kind_action(kind_name: object) -> None:
+    """Scheduling jobs of a kind needs the right to submit that kind, too."""
+    kind = get_kind(kind_name) if isinstance(kind_name, str) else None
+    if kind is not None:
+        await require(kind.polkit_action)
 
 
 class _ItemObject(ServiceInterface):
@@ -123,6 +131,7 @@ class ScheduleObject(_ItemObject):
     @method()
     async def RunNow(self, options: "a{sv}") -> "o":
         await require(MANAGE_SCHEDULES)
+        await require_kind_action(self._item().kind)
         return job_path(self._automation.schedules.run_now(self.item_id, caller().uid).id)
 
     @method()
@@ -179,6 +188,7 @@ class BackupPolicyObject(_ItemObject):
     @method()
     async def Run(self, options: "a{sv}") -> "ao":
         await require(MANAGE_POLICIES)
+        await require_kind_action(self._automation.policies.kind)
         jobs = await self._automation.policies.run(self.item_id, caller().uid)
         return [job_path(job.id) for job in jobs]
 
@@ -288,11 +298,13 @@ class AutomationObjects:
 
     # -- called by the Manager after its polkit check -----------------------------------
     async def create_schedule(self, definition: dict, uid: int) -> str:
+        await require_kind_action(definition.get("kind", "export"))
         schedule = self.automation.schedules.create(definition, uid)
         self.automation.wake()
         return self._add("schedule", schedule.id)
 
     async def create_backup_policy(self, definition: dict, uid: int) -> str:
+        await require_kind_action(self.automation.policies.kind)
         policy = self.automation.policies.create(definition, uid)
         self.automation.wake()
         return self._add("policy", policy.id)

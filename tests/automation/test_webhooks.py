@@ -8,9 +8,9 @@ import pytest
 
 from hypersdk.service.automation import Automation
 from hypersdk.service.errors import InvalidArgument
-from hypersdk.service.webhooks import redact_headers, redact_url, validate_webhook
+from hypersdk.service.webhooks import Webhooks, redact_headers, redact_url, validate_webhook
 
-from .conftest import make_config, start_engine, stop_engine
+from .conftest import FakeClock, make_config, start_engine, stop_engine
 
 SECRET = "s3cret-hmac-key"
 QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
@@ -50,14 +50,18 @@ async def _automation(config):
     return env, automation
 
 
-async def _deliveries(automation, webhook_id: str, count: int) -> list[dict]:
+async def _deliveries_of(webhooks: Webhooks, webhook_id: str, count: int) -> list[dict]:
     """The delivery log once it has `count` entries (the receiver answers before it is written)."""
     for _ in range(200):
-        log = automation.webhooks.deliveries(webhook_id)
+        log = webhooks.deliveries(webhook_id)
         if len(log) >= count and log[-1]["state"] != "pending":
             return log
         await asyncio.sleep(0.02)
     raise AssertionError(f"delivery log stayed {log}")
+
+
+async def _deliveries(automation, webhook_id: str, count: int) -> list[dict]:
+    return await _deliveries_of(automation.webhooks, webhook_id, count)
 
 
 async def _close(env, automation):
@@ -169,3 +173,28 @@ async def test_test_event_and_config_webhooks_cannot_be_deleted_over_the_api(tmp
             automation.webhooks.delete(hook.id)
     finally:
         await _close(env, automation)
+
+
+async def test_finished_events_are_pruned_after_a_week(tmp_path, receiver):
+    env = await start_engine(make_config(tmp_path))
+    clock = FakeClock(1_800_000_000.0)
+    webhooks = Webhooks(env.store, env.config.automation, clock)
+    deliverer = asyncio.create_task(webhooks.run())
+    try:
+        hook = webhooks.create({"url": receiver.url, "events": ["job.failed"]}, 0)
+        webhooks.test(hook.id)
+        await receiver.wait_for(1)
+        await _deliveries_of(webhooks, hook.id, 1)
+        webhooks._enqueue(hook.id, "job.failed", {"job_id": "job-pending"})
+        receiver.default_status = 500  # this one stays pending: never pruned
+        clock.advance(6 * 86400)
+        assert webhooks.prune() == 0
+        clock.advance(2 * 86400)
+        assert webhooks.prune() == 1
+        assert [tuple(r) for r in env.store.execute("SELECT event, state FROM webhook_outbox")] \
+            == [("job.failed", "pending")]
+        assert all(d["event"] == "job.failed" for d in webhooks.deliveries(hook.id))
+    finally:
+        deliverer.cancel()
+        await asyncio.gather(deliverer, return_exceptions=True)
+        await stop_engine(env)
