@@ -8,8 +8,8 @@ subscribe. Nothing polls: every change on screen comes from a D-Bus signal.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Protocol
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.signal import Signal
 
-from .client import ClientError, ClientEvent, HyperClient, Mirror
+from .client import ClientError, ClientEvent, HyperClient, LogLine, Mirror
 from .messages import ClientUpdate
 from .screens.automation import AUTOMATION_KINDS, AutomationScreen
 from .screens.help import HelpScreen
@@ -37,6 +37,14 @@ class ConsoleClient(Protocol):
     def subscribe(self, listener: Callable[[ClientEvent], None]) -> Callable[[], None]: ...
     async def run(self) -> None: ...
     def close(self) -> None: ...
+    async def list_vms(self, provider: str, vm_filter: dict | None = None) -> list[dict]: ...
+    async def submit(self, definition: dict, kind: str = "export") -> str: ...
+    async def cancel(self, job_id: str) -> None: ...
+    async def retry(self, job_id: str) -> str: ...
+    def follow_log(self, job_id: str, follow: bool = True) -> AsyncIterator[LogLine]: ...
+    async def call_manager(self, member: str, signature: str, *args: Any) -> Any: ...
+    async def call_object(self, path: str, interface: str, member: str, signature: str = "",
+                          *args: Any) -> Any: ...
 
 
 SCREENS_BY_KEY = {"v": ("vms", "VMs"), "j": ("jobs", "Jobs"), "s": ("schedules", "Schedules"),
@@ -46,7 +54,6 @@ SCREENS_BY_KEY = {"v": ("vms", "VMs"), "j": ("jobs", "Jobs"), "s": ("schedules",
 class HyperctlApp(App):
     CSS_PATH = "hyperctl.tcss"
     TITLE = "hyperctl"
-    ENABLE_COMMAND_PALETTE = True
     MODES = {
         "vms": VMsScreen,
         "jobs": JobsScreen,

@@ -420,9 +420,6 @@ class HyperClient:
         text = await self.call_manager("ListVMs", "ss", provider, json.dumps(vm_filter or {}))
         return json.loads(text)
 
-    async def get_vm(self, provider: str, identifier: str) -> dict:
-        return json.loads(await self.call_manager("GetVMInfo", "ss", provider, identifier))
-
     async def submit(self, definition: dict, kind: str = "export") -> str:
         """Submit a job; returns its id."""
         path = (await self._call(BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "SubmitJob", "sa{sv}",

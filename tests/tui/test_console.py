@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Log
 from hypersdk.tui.app import HyperctlApp
 from hypersdk.tui.client import HyperClient
 
-from .conftest import submit_job, wait_status
+from .conftest import submit_job
 
 
 async def wait_for(pilot, predicate, timeout: float = 20, what: str = "condition"):

@@ -1,7 +1,6 @@
 """The VMs screen and `hyperctl vms` against the vSphere simulator through hypervisord."""
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest

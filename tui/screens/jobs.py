@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Select
 
 from .. import format as fmt
-from ..client import JOB_STATUSES, ClientError, ClientEvent, JobState
+from ..client import JOB_STATUSES, ClientEvent, JobState
 from ..widgets import styled_status
 from .base import HyperScreen
 
