@@ -197,3 +197,14 @@ def test_bodies_must_be_json_so_browsers_cannot_forge_them(bridge):
     forged = curl(bridge, "/jobs/submit", "-X", "POST", "-H", "Content-Type: text/plain",
                   "-d", '{"vm_identifier": "vm-1", "provider": "vsphere"}')
     assert forged.status == 415 and forged.json()["field"] == "body"
+
+
+def test_long_logs_come_in_pages_without_loss(bridge, system_bus):
+    from ..support.cli import submit
+
+    reply = submit(system_bus.address, {"lines": 2500}, kind="logflood")
+    job_id = json.loads(reply.stdout.split()[1]).rsplit("/", 1)[-1].replace("_", "-")
+    wait_status(bridge, job_id, {"completed"})
+    lines = curl(bridge, f"/jobs/logs/{job_id}").body.splitlines()
+    flood = [line.split(" ", 2)[2].strip() for line in lines if " line " in line]
+    assert flood == [f"line {i}" for i in range(2500)]

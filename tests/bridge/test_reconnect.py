@@ -1,0 +1,50 @@
+"""The mirror is derived state: when the bus itself goes away and comes back, it is rebuilt."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ..support.hypervisord import Hypervisord, write_config
+from ..support.system import PrivateSystemBus
+from .conftest import submit_sleep
+from .stack import Bridge, curl, free_port
+
+
+def wait_health(bridge: Bridge, status: int, timeout: float = 15) -> dict:
+    deadline = time.monotonic() + timeout
+    while (answer := curl(bridge, "/health")).status != status:
+        assert time.monotonic() < deadline, answer.body
+        time.sleep(0.1)
+    return answer.json()
+
+
+@pytest.mark.slow
+def test_the_bridge_survives_a_restart_of_the_bus(service_dir):
+    """A bus of its own (root callers need no polkitd), stopped and started again."""
+    bus_dir = Path(tempfile.mkdtemp(prefix="hypersdk-bridge-bus-"))
+    bus = PrivateSystemBus.start(bus_dir)
+    port = free_port()
+    config = write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"})
+    daemon = Hypervisord(config, bus.address)
+    bridge = Bridge(config, bus.address, port)
+    try:
+        daemon.start()
+        bridge.start()
+        job_id = submit_sleep(bus.address, steps=1, interval=0.01)
+        daemon.stop()
+        bus.stop()
+        assert "connection to the system bus" in wait_health(bridge, 503)["reason"]
+        bus = PrivateSystemBus.start(bus_dir)
+        daemon = Hypervisord(config, bus.address)
+        daemon.start()
+        assert wait_health(bridge, 200)["status"] == "healthy"
+        assert curl(bridge, f"/jobs/query?job_id={job_id}").json()["job_id"] == job_id
+    finally:
+        bridge.stop()
+        daemon.stop()
+        bus.stop()
+        shutil.rmtree(bus_dir, ignore_errors=True)
