@@ -111,14 +111,12 @@ class ConvertKind(JobKind):
         kind = await asyncio.to_thread(sniff_source, source)
         info: OvfInfo | None = None
         scratch: Path | None = None
+        extracted = 0
         try:
             if kind == "ova":
                 scratch = output / f".{source.stem}.ova-extract"
                 ctx.add_cleanup(scratch)
-                ctx.set_stage("extract")
-                ctx.log(f"extracting {source.name} (checking its manifest)")
-                ovf_path = await run_stoppable(
-                    lambda stop: extract_ova(source, scratch, log=ctx.log, stop=stop))
+                ovf_path, extracted = await self._extract(ctx, source, scratch)
             elif kind == "ovf":
                 ovf_path = source
                 checked = await asyncio.to_thread(verify_manifest, source.parent)
@@ -129,7 +127,7 @@ class ConvertKind(JobKind):
                 disks = _disk_paths(ovf_path, info)
             else:
                 disks = [source]
-            converted = await self._convert_all(ctx, disks, output, options)
+            converted = await self._convert_all(ctx, disks, output, options, extracted)
         finally:
             if scratch is not None:
                 await asyncio.to_thread(shutil.rmtree, scratch, True)
@@ -137,8 +135,27 @@ class ConvertKind(JobKind):
         return {"disks": converted, "ovf": info.to_dict() if info else None,
                 "output_path": str(output)}
 
+    async def _extract(self, ctx: JobContext, source: Path, scratch: Path) -> tuple[Path, int]:
+        """Extract the OVA into scratch, progress in bytes of the OVA: (.ovf path, OVA size)."""
+        loop = asyncio.get_running_loop()
+        size = source.stat().st_size
+        ctx.set_stage("extract")
+        ctx.set_total(size)
+        ctx.log(f"extracting {source.name} (checking its manifest)")
+
+        def log(message: str) -> None:
+            loop.call_soon_threadsafe(ctx.log, message)
+
+        def on_bytes(nbytes: int) -> None:
+            loop.call_soon_threadsafe(ctx.advance, nbytes)
+
+        ovf_path = await run_stoppable(lambda stop: extract_ova(
+            source, scratch, log=log, stop=stop, on_bytes=on_bytes))
+        ctx.set_done(size)
+        return ovf_path, size
+
     async def _convert_all(self, ctx: JobContext, disks: list[Path], output: Path,
-                           options: dict) -> list[dict]:
+                           options: dict, done_before: int) -> list[dict]:
         fmt = options["format"]
         targets = [output / f"{disk.stem}.{fmt}" for disk in disks]
         for target in targets:
@@ -149,9 +166,9 @@ class ConvertKind(JobKind):
         # Check every disk before converting any, so a bad one fails the job early.
         sizes = [int((await asyncio.to_thread(inspect_source, disk))["virtual-size"])
                  for disk in disks]
-        ctx.set_total(sum(sizes))
+        ctx.set_total(done_before + sum(sizes))
         ctx.set_stage("convert")
-        results, base = [], 0
+        results, base = [], done_before
         for disk, target, size in zip(disks, targets, sizes):
             ctx.log(f"converting {disk.name} -> {target.name}")
             image = await convert_image(

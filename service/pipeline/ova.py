@@ -18,6 +18,7 @@ import re
 import shutil
 import tarfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -73,14 +74,26 @@ def _member_kind_error(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _copy_hashed(src, dest: Path, algorithms: list[str],
-                 stop: threading.Event | None) -> dict[str, str]:
+@dataclass
+class _Watch:
+    """Cancellation and progress for an extraction running in a thread."""
+
+    stop: threading.Event | None
+    on_bytes: Callable[[int], None] | None
+
+    def chunk(self, nbytes: int) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Cancelled("OVA extraction cancelled")
+        if self.on_bytes is not None:
+            self.on_bytes(nbytes)
+
+
+def _copy_hashed(src, dest: Path, algorithms: list[str], watch: _Watch) -> dict[str, str]:
     hashers = {alg: HASHES[alg]() for alg in algorithms}
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as out:
         while chunk := src.read(COPY_CHUNK):
-            if stop is not None and stop.is_set():
-                raise Cancelled(f"{dest.name}: extraction cancelled")
+            watch.chunk(len(chunk))
             out.write(chunk)
             for hasher in hashers.values():
                 hasher.update(chunk)
@@ -127,8 +140,7 @@ def verify_manifest(directory: Path) -> dict[str, str]:
     return {name: alg for name, (alg, _d) in manifest.items()}
 
 
-def _extract_members(path: Path, tmp: Path,
-                     stop: threading.Event | None) -> tuple[list[str], dict]:
+def _extract_members(path: Path, tmp: Path, watch: _Watch) -> tuple[list[str], dict]:
     """Write every member under tmp; return (regular file names in order, digests)."""
     seen: set[str] = set()
     files: list[str] = []
@@ -154,7 +166,7 @@ def _extract_members(path: Path, tmp: Path,
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 algs = [manifest[name][0]] if manifest and name in manifest else ["SHA1", "SHA256"]
-                computed[name] = _copy_hashed(tar.extractfile(member), dest, algs, stop)
+                computed[name] = _copy_hashed(tar.extractfile(member), dest, algs, watch)
                 files.append(name)
                 if name.endswith(".mf"):
                     manifest = parse_manifest(dest)
@@ -166,11 +178,12 @@ def _extract_members(path: Path, tmp: Path,
 
 
 def extract_ova(path: Path, target_dir: Path, log: LogFn | None = None,
-                stop: threading.Event | None = None) -> Path:
+                stop: threading.Event | None = None,
+                on_bytes: Callable[[int], None] | None = None) -> Path:
     """Safely extract the OVA at `path` into `target_dir` (created); return the .ovf path.
 
     Blocking. Setting `stop` (from another thread) aborts with Cancelled and removes
-    everything written.
+    everything written; `on_bytes(n)` is called for every chunk of n bytes written.
     """
     path, target_dir = Path(path), Path(target_dir)
     say = log or (lambda message: None)
@@ -183,7 +196,7 @@ def extract_ova(path: Path, target_dir: Path, log: LogFn | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
     try:
-        files, computed = _extract_members(path, tmp, stop)
+        files, computed = _extract_members(path, tmp, _Watch(stop, on_bytes))
         ovfs = [name for name in files if name.lower().endswith(".ovf")]
         if len(ovfs) != 1:
             raise InvalidArgument(str(path), f"an OVA holds exactly one .ovf descriptor, this "

@@ -125,6 +125,10 @@ async def test_run_on_an_ova_extracts_then_converts(tmp_path, submit_ctx):
     assert images_equal(refs[1], out / "web01-disk2.qcow2")
     assert result["ovf"]["disks"][0]["boot_order"] == 1
     assert ctx.stages == ["extract", "convert"]
+    assert ctx.total == ova.stat().st_size + 2 * DISK_SIZE
+    assert ctx.done_values == sorted(ctx.done_values)
+    assert ctx.done_values[-1] == ctx.total
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "scratch dir left behind"
 
 
 async def test_truncated_second_disk_fails_before_any_conversion(tmp_path, submit_ctx):
