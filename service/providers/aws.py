@@ -20,6 +20,7 @@ or boto3's standard chain (environment, shared files, instance role).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -97,6 +98,7 @@ class AwsProvider(Provider):
         super().__init__(name, settings, config)
         self._session: Any = None
         self._clients: dict[tuple[str, str], Any] = {}
+        self._clients_lock = threading.Lock()
         self._instance_types: dict[tuple[str, str], dict] = {}
 
     # --- clients -------------------------------------------------------------------
@@ -118,20 +120,29 @@ class AwsProvider(Provider):
         return self._session
 
     def client(self, service: str, region: str | None = None) -> Any:
-        """A cached boto3 client (thread-safe) for `service` in `region`."""
+        """A cached boto3 client (thread-safe) for `service` in `region` (blocking: it loads
+        the service model and may read the secret file)."""
         region = region or self.settings.get("region") or "us-east-1"
         key = (service, region)
-        if key not in self._clients:
-            botocore_config = require_extra("botocore.config", "aws")
-            parallel = int(self.settings.get("parallel_blocks", 16))
-            retries = int(self.config.export.max_retries) if self.config else 3
-            options = botocore_config.Config(
-                retries={"max_attempts": retries + 1, "mode": "standard"},
-                max_pool_connections=max(10, parallel), connect_timeout=10, read_timeout=60)
-            self._clients[key] = self._boto_session().client(
-                service, region_name=region, endpoint_url=self.settings.get("endpoint_url") or None,
-                config=options)
-        return self._clients[key]
+        with self._clients_lock:
+            if key not in self._clients:
+                self._clients[key] = self._new_client(service, region)
+            return self._clients[key]
+
+    async def _aclient(self, service: str, region: str | None) -> Any:
+        return await self._call(f"aws provider {self.name!r}: setting up the {service} client",
+                                self.client, service, region)
+
+    def _new_client(self, service: str, region: str) -> Any:
+        botocore_config = require_extra("botocore.config", "aws")
+        parallel = int(self.settings.get("parallel_blocks", 16))
+        retries = int(self.config.export.max_retries) if self.config else 3
+        options = botocore_config.Config(
+            retries={"max_attempts": retries + 1, "mode": "standard"},
+            max_pool_connections=max(10, parallel), connect_timeout=10, read_timeout=60)
+        return self._boto_session().client(
+            service, region_name=region, endpoint_url=self.settings.get("endpoint_url") or None,
+            config=options)
 
     async def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a blocking SDK call in a thread; errors become project errors naming `what`."""
@@ -169,7 +180,7 @@ class AwsProvider(Provider):
         return await self._vm_info(found[0], region)
 
     async def _describe_instances(self, region: str | None, **kwargs: Any) -> list[dict]:
-        ec2 = self.client("ec2", region)
+        ec2 = await self._aclient("ec2", region)
 
         def collect() -> list[dict]:
             pages = ec2.get_paginator("describe_instances").paginate(**kwargs)
@@ -179,7 +190,7 @@ class AwsProvider(Provider):
     async def _instance_type(self, region: str | None, name: str) -> dict:
         key = (region or "", name)
         if key not in self._instance_types:
-            ec2 = self.client("ec2", region)
+            ec2 = await self._aclient("ec2", region)
             found = await self._call(f"describing instance type {name}",
                                      ec2.describe_instance_types, InstanceTypes=[name])
             types = found.get("InstanceTypes") or [{}]
@@ -212,7 +223,7 @@ class AwsProvider(Provider):
         ids = [m["Ebs"]["VolumeId"] for m in instance.get("BlockDeviceMappings", []) if "Ebs" in m]
         if not ids:
             return {}
-        ec2 = self.client("ec2", region)
+        ec2 = await self._aclient("ec2", region)
         found = await self._call(f"describing the volumes of {instance['InstanceId']}",
                                  ec2.describe_volumes, VolumeIds=ids)
         return {v["VolumeId"]: v for v in found["Volumes"]}
@@ -262,9 +273,10 @@ class AwsProvider(Provider):
                             base_image=extra["base_images"].get(disk.key) if base else None)
         how = f"changes since {base}" if base else "all blocks"
         sink.log(f"reading snapshot {snapshot_id} of {disk.key} ({how})")
+        ebs = await self._aclient("ebs", vm.extra["region"])
         size, digest, fetched = await _guarded(
             f"reading snapshot {snapshot_id} of volume {disk.key}",
-            read_snapshot(self.client("ebs", vm.extra["region"]), read,
+            read_snapshot(ebs, read,
                           parallel=int(self.settings.get("parallel_blocks", 16)),
                           max_retries=options.max_retries, sink=sink))
         sink.log(f"{disk.key}: {fetched} blocks read into {read.target.name}")
@@ -273,7 +285,7 @@ class AwsProvider(Provider):
                             key=disk.key)
 
     async def _create_snapshot(self, vm: VMInfo, disk: DiskInfo, sink: ExportSink) -> str:
-        ec2 = self.client("ec2", vm.extra["region"])
+        ec2 = await self._aclient("ec2", vm.extra["region"])
         tags = [{"ResourceType": "snapshot", "Tags": [
             {"Key": "hypersdk:instance", "Value": vm.identifier},
             {"Key": "hypersdk:volume", "Value": disk.key}]}]
@@ -286,7 +298,7 @@ class AwsProvider(Provider):
     async def _wait_snapshots(self, region: str, snapshot_ids: list[str], sink: ExportSink) -> None:
         if not snapshot_ids:
             return
-        ec2 = self.client("ec2", region)
+        ec2 = await self._aclient("ec2", region)
         deadline = time.monotonic() + float(self.settings.get("snapshot_timeout", 7200.0))
         pending = set(snapshot_ids)
         while pending:
@@ -307,7 +319,7 @@ class AwsProvider(Provider):
 
     async def _delete_snapshots(self, region: str, snapshot_ids: list[str], sink: ExportSink) -> None:
         """Best effort: a snapshot that cannot be deleted is logged, never raised over the result."""
-        ec2 = self.client("ec2", region)
+        ec2 = await self._aclient("ec2", region)
         for snapshot_id in snapshot_ids:
             try:
                 await self._call(f"deleting snapshot {snapshot_id}", ec2.delete_snapshot,
@@ -317,7 +329,7 @@ class AwsProvider(Provider):
                 sink.log(f"could not delete snapshot {snapshot_id}: {exc}", "warning")
 
     async def _set_power(self, vm: VMInfo, action: str, sink: ExportSink) -> None:
-        ec2 = self.client("ec2", vm.extra["region"])
+        ec2 = await self._aclient("ec2", vm.extra["region"])
         call = ec2.stop_instances if action == "stop" else ec2.start_instances
         wanted = "stopped" if action == "stop" else "running"
         sink.log(f"{action} instance {vm.identifier}")
