@@ -49,7 +49,8 @@ class MigrateScreen(HyperScreen):
                 yield Select([(f, f) for f in OUTPUT_FORMATS], value=defaults.output_format,
                              allow_blank=False, id="format")
                 yield Checkbox("Compressed qcow2", defaults.compression, id="compression")
-                yield Label("hyper2kvm instance")
+            with Horizontal(classes="form-row"):
+                yield Label("hyper2kvm instance (daemon mode)")
                 yield Input(defaults.instance, id="instance")
             yield Label("Import to KVM", classes="section")
             with Horizontal(classes="form-row"):
