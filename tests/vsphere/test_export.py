@@ -1,6 +1,7 @@
 """Export jobs against the govmomi simulator: OVA/OVF/disk output, faults, bad input."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from hypersdk.service.config import parse_config
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
 from hypersdk.service.pipeline import diskspace
 from hypersdk.service.pipeline.export import ExportKind
@@ -254,3 +256,41 @@ def test_absolute_path_inside_the_base_is_accepted(config):
     assert checked["export_path"] == inside
     assert checked["options"]["remove_cdrom"] is True
     assert not (Path(config.export.base_path) / "a").exists()
+
+
+async def test_cancelled_export_leaves_nothing(tmp_path, sim, uploaded):
+    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=1 << 40, cuts=0,
+                                      delay=0.05).start()
+    config = make_config(tmp_path, sim, port=proxy.port)
+    registry = ProviderRegistry(config)
+    checked = KIND.validate(definition(), FakeSubmitContext(config, registry))
+    ctx = FakeJobContext(checked, config, registry)
+    task = asyncio.ensure_future(run_job(KIND, ctx))
+    try:
+        while ctx.done < 1_000_000 and not task.done():
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await registry.close()
+        await proxy.close()
+    assert os.listdir(Path(config.export.base_path) / "vm1") == []
+
+
+async def test_two_named_vsphere_endpoints(tmp_path, sim):
+    base = tmp_path / "exports"
+    base.mkdir()
+    document = {"export": {"base_path": str(base)},
+                "providers": {"vc-east": sim.provider_settings(),
+                              "vc-west": sim.provider_settings(connection_pool_size=1)}}
+    config = parse_config(document, "(test)", env={})
+    registry = ProviderRegistry(config)
+    try:
+        for name in ("vc-east", "vc-west"):
+            provider = await registry.get(name)
+            assert provider.name == name and len(await provider.list_vms({})) == 4
+        checked = KIND.validate(definition(provider="vc-west"), FakeSubmitContext(config, registry))
+        assert checked["provider"] == "vc-west"
+    finally:
+        await registry.close()

@@ -3,6 +3,7 @@ for the lease calls only; the disks are downloaded over real HTTP from the
 simulator's datastore (through a slowing proxy, so the lease keep-alive runs)."""
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,5 +82,23 @@ async def test_lease_is_aborted_when_a_download_fails(config, registry, sim, upl
     lease = FakeNfcLease(urls)
     with pytest.raises(NotFound, match="HTTP 404"):
         await run_with_lease(config, registry, lease, monkeypatch)
+    assert lease.calls[-1] == ("abort",) and ("complete",) not in lease.calls
+    assert os.listdir(Path(config.export.base_path) / "vm1") == []
+
+
+async def test_lease_is_aborted_on_cancel(config, registry, sim, uploaded, monkeypatch):
+    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=1 << 40, cuts=0,
+                                      delay=0.05).start()
+    lease = FakeNfcLease(lease_urls(sim, uploaded, proxy.port))
+    task = asyncio.ensure_future(run_with_lease(config, registry, lease, monkeypatch))
+    try:
+        while lease.polls < 2:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await proxy.close()
     assert lease.calls[-1] == ("abort",) and ("complete",) not in lease.calls
     assert os.listdir(Path(config.export.base_path) / "vm1") == []
