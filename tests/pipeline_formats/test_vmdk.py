@@ -26,6 +26,14 @@ def test_sparse_vmdk_with_embedded_descriptor(tmp_path, subformat):
     assert [(e["type"], e["size_bytes"]) for e in info["extents"]] == [("SPARSE", DISK_SIZE)]
 
 
+def test_renamed_sparse_file_still_describes_itself(tmp_path):
+    _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    renamed = vmdk.rename(tmp_path / "exported-disk1.vmdk")
+    info = parse_vmdk(renamed)
+    assert info["complete"] is True
+    assert info["extents"][0]["path"] == str(renamed)
+
+
 @pytest.mark.parametrize("subformat,extent_type", [
     ("monolithicFlat", "FLAT"), ("twoGbMaxExtentFlat", "FLAT"),
     ("twoGbMaxExtentSparse", "SPARSE")])
