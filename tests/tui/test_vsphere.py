@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 from textual.widgets import Checkbox, DataTable, RadioButton, Select
@@ -40,7 +41,7 @@ def test_cli_vms_json_and_table(system_bus, vsphere_daemon):
     assert unknown.returncode == 2 and "--provider: unknown provider 'nope'" in unknown.stderr
 
 
-async def test_browse_filter_and_migrate_a_vm(system_bus, vsphere_daemon, service_dir):
+async def test_browse_filter_and_migrate_a_vm_with_conversion(system_bus, vsphere_daemon, service_dir):
     app = HyperctlApp(HyperClient(system_bus.address), start_mode="vms")
     async with app.run_test(size=(120, 40)) as pilot:
         screen = app.screen
@@ -75,9 +76,11 @@ async def test_browse_filter_and_migrate_a_vm(system_bus, vsphere_daemon, servic
         assert "import to KVM: needs a conversion" in str(plan.render())
         assert form.query_one("#submit").disabled
 
+        form.query_one("#mode-direct", RadioButton).value = True
         form.query_one("#import", Checkbox).value = False
         await pilot.press("ctrl+r")
         assert f"export {EXPORT_VM} from vsphere as OVA" in str(plan.render())
+        assert "convert the disks to qcow2 with the built-in converter" in str(plan.render())
         await pilot.click("#submit")
         await wait_for(pilot, lambda: type(app.screen).__name__ == "JobsScreen", what="jobs")
         job_id = next(iter(app.client.mirror.jobs))
@@ -85,3 +88,9 @@ async def test_browse_filter_and_migrate_a_vm(system_bus, vsphere_daemon, servic
                        timeout=60, what="the export")
         assert cell(app, job_id, "Status") == "completed", app.client.mirror.jobs[job_id].props
         assert list((service_dir / "exports").rglob("*.ova"))
+        converted = list((service_dir / "kvm").rglob("*.qcow2"))
+        assert len(converted) == 2, converted
+        for image in converted:
+            info = subprocess.run(["qemu-img", "info", "--output=json", str(image)],
+                                  capture_output=True, text=True, check=True).stdout
+            assert json.loads(info)["format"] == "qcow2"
