@@ -365,8 +365,10 @@ class Schedules:
             return
         # Record the slot first: whatever happens next, this slot is never fired again.
         with self.store.transaction() as db:
-            db.execute("UPDATE schedules SET last_slot=? WHERE id=? AND last_slot=?",
-                       (decision.slot, schedule.id, schedule.last_slot))
+            claimed = db.execute("UPDATE schedules SET last_slot=? WHERE id=? AND last_slot=?",
+                                 (decision.slot, schedule.id, schedule.last_slot)).rowcount
+        if not claimed:
+            return  # changed meanwhile (deleted, re-enabled): decide again on the next tick
         when = datetime.fromtimestamp(decision.slot, timezone.utc).isoformat()
         if decision.missed_earlier:
             log.warning("schedule %s (%s): earlier missed runs were skipped", schedule.id,

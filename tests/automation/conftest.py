@@ -1,10 +1,12 @@
-"""Fixtures: an in-process engine on a real SQLite store, a fake clock, a real HTTP receiver."""
+"""Fixtures: an in-process engine on a real SQLite store, a fake clock, a real HTTP receiver,
+a simulator with tagged VMs, and the "fake_export" kind for backup-policy edge cases."""
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +16,43 @@ from pyVmomi import vim
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.engine import JobEngine
+from hypersdk.service.errors import Failed, InvalidArgument
+from hypersdk.service.job_kinds import JobKind, register
 from hypersdk.service.providers.registry import ProviderRegistry
 from hypersdk.service.store import Store
 
-from tests.vcsim.harness import Simulator, build_vcsim, find_vm, give_disks
-
 from ..support import test_kinds  # noqa: F401  (registers sleep, fail, ...)
+from ..vcsim.harness import Simulator, build_vcsim, find_vm, give_disks
 
 PRODUCTION = ["DC0_H0_VM0", "DC0_C0_RP0_VM1"]  # simulator VMs tagged backup=production
+
+
+class FakeExportKind(JobKind):
+    """Stands in for the export kind: writes one small file into export_path."""
+
+    name = "fake_export"
+    operation = "export"
+    polkit_action = "org.hypersdk.HyperSDK1.export"
+    export_slot = True
+
+    def validate(self, definition, submit) -> dict:
+        for key in definition:
+            if key not in ("vm_identifier", "provider", "export_path", "compress", "fail"):
+                raise InvalidArgument(key, "unknown field")
+        return dict(definition)
+
+    async def run(self, ctx) -> dict:
+        target = Path(ctx.definition["export_path"])
+        ctx.add_cleanup(target)
+        await asyncio.to_thread(target.mkdir, parents=True)
+        (target / "disk.img").write_bytes(os.urandom(4096))
+        if ctx.definition.get("fail") == ctx.definition["vm_identifier"]:
+            raise Failed("simulated export failure")
+        ctx.keep(target)
+        return {"path": str(target)}
+
+
+register(FakeExportKind())
 
 
 class FakeClock:

@@ -9,47 +9,17 @@ are real there too.
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
 
 from hypersdk.service.backup_policies import Backup, BackupPolicies, plan_retention
-from hypersdk.service.errors import Failed, InvalidArgument, Unavailable
-from hypersdk.service.job_kinds import JobKind, register
+from hypersdk.service.errors import InvalidArgument, Unavailable
 from hypersdk.service.pipeline import export as _export_kind  # noqa: F401 (registers "export")
 
 from .conftest import PRODUCTION, FakeClock, make_config, start_engine, stop_engine
 
 DAY = 86400.0
-
-
-class FakeExportKind(JobKind):
-    """Stands in for the export kind: writes one small file into export_path."""
-
-    name = "fake_export"
-    operation = "export"
-    polkit_action = "org.hypersdk.HyperSDK1.export"
-    export_slot = True
-
-    def validate(self, definition, submit) -> dict:
-        for key in definition:
-            if key not in ("vm_identifier", "provider", "export_path", "compress", "fail"):
-                raise InvalidArgument(key, "unknown field")
-        return dict(definition)
-
-    async def run(self, ctx) -> dict:
-        target = Path(ctx.definition["export_path"])
-        ctx.add_cleanup(target)
-        await asyncio.to_thread(target.mkdir, parents=True)
-        (target / "disk.img").write_bytes(os.urandom(4096))
-        if ctx.definition.get("fail") == ctx.definition["vm_identifier"]:
-            raise Failed("simulated export failure")
-        ctx.keep(target)
-        return {"path": str(target)}
-
-
-register(FakeExportKind())
 
 
 async def _policies_env(tmp_path, sim, kind: str):

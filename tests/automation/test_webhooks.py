@@ -45,7 +45,7 @@ def test_secret_looking_values_are_redacted():
 
 async def _automation(config):
     env = await start_engine(config)
-    automation = Automation(env.store, env.engine, config)
+    automation = Automation(env.store, env.engine, config, backup_kind="fake_export")
     await automation.start()
     return env, automation
 
@@ -198,3 +198,23 @@ async def test_finished_events_are_pruned_after_a_week(tmp_path, receiver):
         deliverer.cancel()
         await asyncio.gather(deliverer, return_exceptions=True)
         await stop_engine(env)
+
+
+async def test_schedule_and_retention_events_reach_the_receiver(tmp_path, receiver):
+    env, automation = await _automation(make_config(tmp_path))
+    try:
+        automation.webhooks.create({"url": receiver.url, "events": [
+            "schedule.triggered", "backup.retention_applied"], "secret": SECRET}, 0)
+        schedule = automation.schedules.create({
+            "name": "hourly", "cron": "@hourly", "kind": "sleep", "job_definition": QUICK}, 0)
+        job = automation.schedules.run_now(schedule.id, 0)
+        [triggered] = await receiver.wait_for(1, event="schedule.triggered")
+        assert triggered.payload["schedule_id"] == schedule.id
+        assert triggered.payload["job_id"] == job.id and triggered.signature_ok(SECRET)
+        policy = automation.policies.create({"name": "nightly", "provider": "vsphere",
+                                             "retention": {"count": 2}}, 0)
+        await automation.policies.apply_retention(policy.id, "run-1")
+        [applied] = await receiver.wait_for(1, event="backup.retention_applied")
+        assert applied.payload["policy_id"] == policy.id and applied.payload["deleted"] == []
+    finally:
+        await _close(env, automation)
