@@ -15,8 +15,10 @@ then measures, in the same run and with the same client:
     .venv/bin/python bench/api.py [--seconds 5] [--rounds 2] [--connections 50]
         [--ws-clients 200] [--jobs 20] [--watch-processes 4]
 
-The load generator shares the 2 cores with the servers, so absolute rates are lower
-than wrk's; the ratios are what to compare.
+The load generator shares the 2 cores with the servers (and, on a shared box, with
+everything else), so absolute rates are lower than wrk's and noisy; the server's own
+CPU time per request, read from /proc, is printed too: its ratio is what a quiet
+machine's throughput ratio would be.
 """
 from __future__ import annotations
 
@@ -127,6 +129,12 @@ def run_watchers(url: str, clients: int, processes: int, seconds: str) -> list[f
     return sorted(latencies)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_http(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,35 +182,46 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{hello_port}/")
         job = submit_sleep(bus.address, steps=1, interval=0.01)
         seconds, connections = str(args.seconds), str(args.connections)
-        targets = {"bare aiohttp GET /": f"http://127.0.0.1:{hello_port}/",
-                   "bridge GET /health": f"{bridge.url}/health",
-                   "bridge GET /jobs/query": f"{bridge.url}/jobs/query?job_id={job}"}
+        targets = {"bare aiohttp GET /": (f"http://127.0.0.1:{hello_port}/", hello.pid),
+                   "bridge GET /health": (f"{bridge.url}/health", bridge.process.pid),
+                   "bridge GET /jobs/query": (f"{bridge.url}/jobs/query?job_id={job}",
+                                              bridge.process.pid)}
         rates: dict[str, dict] = {}
         for _ in range(args.rounds):  # alternating rounds, best of each: the box is shared
-            for name, url in targets.items():
+            for name, (url, pid) in targets.items():
+                cpu_before = cpu_seconds(pid)
                 result = run_child("--role", "load", "--url", url, "--seconds", seconds,
                                    "--connections", connections)
+                served = result["requests_per_second"] * args.seconds
+                result["cpu_us_per_request"] = (cpu_seconds(pid) - cpu_before) / served * 1e6
                 if result["requests_per_second"] > rates.get(name, {}).get(
                         "requests_per_second", -1):
                     rates[name] = result
         bare = rates["bare aiohttp GET /"]["requests_per_second"]
+        bare_cpu = rates["bare aiohttp GET /"]["cpu_us_per_request"]
         print(f"HTTP, {args.connections} connections, best of {args.rounds} rounds of "
               f"{args.seconds:g} s:")
         for name, result in rates.items():
             rate = result["requests_per_second"]
-            print(f"  {name:26s} {rate:9.0f} req/s  ratio to bare {rate / bare:5.2f}"
-                  f"  errors {result['errors']}")
+            cpu = result["cpu_us_per_request"]
+            print(f"  {name:26s} {rate:7.0f} req/s  ratio to bare {rate / bare:5.2f}  "
+                  f"server CPU {cpu:6.0f} us/request (bare/this {bare_cpu / cpu:4.2f})  "
+                  f"errors {result['errors']}")
 
         steps = int((args.seconds + 10) / 0.05)
         for _ in range(args.jobs):
             submit_sleep(bus.address, steps=steps, interval=0.05, step_bytes=1 << 20)
         time.sleep(0.5)
+        cpu_before = cpu_seconds(bridge.process.pid)
         latencies = run_watchers(f"{bridge.url}/websocket", args.ws_clients,
                                  args.watch_processes, seconds)
+        ws_cpu = cpu_seconds(bridge.process.pid) - cpu_before
         print(f"WebSocket, {args.ws_clients} clients in {args.watch_processes} processes, "
               f"{args.jobs} running jobs: {len(latencies)} updates, "
               f"p50 {percentile(latencies, 0.5):.1f} ms, p99 {percentile(latencies, 0.99):.1f} ms "
               "(goal p99 < 100 ms)")
+        print(f"  bridge CPU {ws_cpu / max(1, len(latencies)) * 1e6:.1f} us per delivered update, "
+              f"{ws_cpu / args.seconds * 100:.0f} % of a core")
         print(f"bridge RSS {bridge.rss_kib() / 1024:.1f} MiB")
     finally:
         stop_process(hello)

@@ -30,6 +30,10 @@ class SetupError(Exception):
 class AccessLogger(web.AbstractAccessLogger):
     """Method, path (never the query: it may hold ?access_token=), status, size, time."""
 
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info('%s "%s %s" %s %s %.1fms', request.remote, request.method,
                          request.path, response.status, response.body_length, time * 1000)
