@@ -47,6 +47,17 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def file_sha256(path: Path, block: int = 4 << 20) -> tuple[int, str]:
+    """Size and SHA-256 of a file, read in blocks (blocking)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while data := handle.read(block):
+            digest.update(data)
+            size += len(data)
+    return size, digest.hexdigest()
+
+
 def temp_path_for(target: Path) -> Path:
     """A hidden temporary name next to `target`, so the final rename stays on one filesystem."""
     return target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")

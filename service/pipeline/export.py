@@ -34,7 +34,7 @@ from . import handoff, ovf_writer
 from .ovf_writer import safe_name
 from .convert import run_qemu_img_convert
 from .diskspace import check_free_space
-from .download import temp_path_for
+from .download import file_sha256, temp_path_for
 
 METHODS = ("ova", "ovf", "disk")
 FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options",
@@ -42,7 +42,6 @@ FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options"
 BOOL_OPTIONS = {"shutdown_vm": False, "restore_power_state": False, "remove_cdrom": True,
                 "compress": False}
 DEFAULT_SHUTDOWN_TIMEOUT = 300.0
-HASH_BLOCK = 4 << 20
 
 
 def _check_options(options: Any) -> dict:
@@ -246,19 +245,9 @@ async def _compress(ctx: JobContext, disk: ExportedDisk) -> ExportedDisk:
         temp.unlink(missing_ok=True)
         raise
     on_fraction(1.0)
-    size, digest = await asyncio.to_thread(_size_and_sha256, disk.path)
+    size, digest = await asyncio.to_thread(file_sha256, disk.path)
     ctx.log(f"compressed {disk.path.name}: {disk.file_bytes} -> {size} bytes")
     return dataclasses.replace(disk, file_bytes=size, sha256=digest)
-
-
-def _size_and_sha256(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(HASH_BLOCK):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
 
 
 async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:

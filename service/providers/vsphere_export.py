@@ -6,7 +6,10 @@
    `HttpNfcLeaseComplete`, or `HttpNfcLeaseAbort` on failure or cancellation.
 2. When the server has no `ExportVm` (govmomi's simulator, some ESXi setups), the
    disk files over the datastore HTTP interface
-   (`/folder/<path>?dcPath=..&dsName=..` with the session cookie).
+   (`/folder/<path>?dcPath=..&dsName=..` with the session cookie). A disk that is
+   a text descriptor with separate extents (`disk.vmdk` + `disk-flat.vmdk`, the
+   usual datastore layout) has its extents fetched too and joined by qemu-img into
+   one monolithicSparse VMDK, so every exported disk is one self-contained file.
 
 Either way every disk goes through `pipeline.download.download` (streamed, hashed,
 resumed with Range, size-checked, write-then-rename); the disks of one VM download
@@ -16,17 +19,22 @@ are removed too, so the target directory holds a complete set or nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
 from ..errors import Failed
-from ..pipeline.download import download, redact_url
+from ..pipeline.convert import run_qemu_img_convert
+from ..pipeline.download import download, file_sha256, redact_url, temp_path_for
 from ..pipeline.ovf_writer import safe_name
+from ..pipeline.vmdk import MAX_DESCRIPTOR_BYTES, parse_descriptor
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, VMInfo
 from .vsphere_session import SessionPool
 
@@ -178,11 +186,62 @@ async def _datastore_sources(session: aiohttp.ClientSession, pool: SessionPool, 
     return sources
 
 
+def _read_descriptor(path: Path) -> str | None:
+    """The text of a VMDK descriptor file, or None for a self-contained (sparse) VMDK."""
+    if path.stat().st_size > MAX_DESCRIPTOR_BYTES:
+        return None
+    data = path.read_bytes()
+    if data[:4] == b"KDMV" or b"createType" not in data:
+        return None
+    return data.decode("utf-8", "replace")
+
+
+def _sibling(datastore_path: str, name: str) -> str:
+    """`[ds] dir/disk.vmdk` + `disk-flat.vmdk` -> `[ds] dir/disk-flat.vmdk`."""
+    head, _, rel = datastore_path.partition("] ")
+    return f"{head}] {PurePosixPath(rel).parent / name}".replace("] ./", "] ")
+
+
+async def _join_extents(pool: SessionPool, vm: VMInfo, disk: ExportedDisk,
+                        options: ExportOptions, sink: ExportSink) -> ExportedDisk:
+    """A datastore disk is usually a descriptor naming its data file (`disk-flat.vmdk`):
+    fetch the extents next to it and join them into one monolithicSparse VMDK."""
+    text = await asyncio.to_thread(_read_descriptor, disk.path)
+    if text is None:
+        return disk
+    location = next(d.location for d in vm.disks if d.key == disk.key)
+    extents = [e for e in parse_descriptor(disk.path, text)["extents"] if e["type"] != "ZERO"]
+    work = disk.path.with_name(f".{disk.path.stem}.extents")
+    joined = temp_path_for(disk.path)
+    await asyncio.to_thread(work.mkdir)
+    try:
+        descriptor = work / PurePosixPath(location.partition("] ")[2]).name
+        await asyncio.to_thread(os.replace, disk.path, descriptor)
+        sources = []
+        for extent in extents:
+            name = extent["file"]
+            if PurePosixPath(name).name != name or name in (".", ".."):
+                raise Failed(f"{location}: extent file {name!r} is not a plain file name")
+            url = datastore_url(pool, _sibling(location, name), vm.datacenter)
+            sources.append(DiskSource(DiskInfo(key=name, label=name, capacity_bytes=0), url,
+                                      work / name, None))
+        sink.add_total(sum(e["size_bytes"] for e in extents))
+        await _download_all(pool, sources, options, sink, what="extent")
+        sink.log(f"{disk.path.name}: joining {len(extents)} extent(s) into one sparse VMDK")
+        await run_qemu_img_convert(descriptor, "vmdk", joined, "vmdk", False, lambda _: None)
+        await asyncio.to_thread(os.replace, joined, disk.path)
+    finally:
+        joined.unlink(missing_ok=True)
+        await asyncio.to_thread(shutil.rmtree, work, True)
+    size, digest = await asyncio.to_thread(file_sha256, disk.path)
+    return dataclasses.replace(disk, file_bytes=size, sha256=digest)
+
+
 # --- shared ----------------------------------------------------------------------------
 
 
 async def _download_all(pool: SessionPool, sources: list[DiskSource], options: ExportOptions,
-                        sink: ExportSink, count=None) -> list[ExportedDisk]:
+                        sink: ExportSink, count=None, what: str = "disk") -> list[ExportedDisk]:
     cookie = await pool.run(SessionPool.cookie)
     headers = {"Cookie": cookie.split(";")[0]}
     limit = asyncio.Semaphore(options.parallel_disks)
@@ -195,7 +254,7 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
 
     async def one(index: int, source: DiskSource, session: aiohttp.ClientSession) -> ExportedDisk:
         async with limit:
-            sink.log(f"disk {index + 1}/{len(sources)}: {source.disk.label} from "
+            sink.log(f"{what} {index + 1}/{len(sources)}: {source.disk.label} from "
                      f"{redact_url(source.url)}")
             result = await download(session, source.url, source.target,
                                     expected_size=source.expected_size,
@@ -204,7 +263,7 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
                                     log=sink.log, headers=headers, ssl=pool.ssl_context(),
                                     read_timeout=pool.timeout)
             finished.append(result.path)
-            sink.log(f"disk {index + 1}/{len(sources)} done: {result.size} bytes, "
+            sink.log(f"{what} {index + 1}/{len(sources)} done: {result.size} bytes, "
                      f"sha256 {result.sha256}")
             return ExportedDisk(path=result.path, format="vmdk",
                                 capacity_bytes=source.disk.capacity_bytes,
@@ -246,4 +305,10 @@ async def export_vm_disks(pool: SessionPool, vm: VMInfo, target_dir: Path,
         sources = await _datastore_sources(session, pool, vm, target_dir, headers,
                                            pool.ssl_context())
     sink.add_total(sum(s.expected_size or s.disk.capacity_bytes for s in sources))
-    return await _download_all(pool, sources, options, sink)
+    disks = await _download_all(pool, sources, options, sink)
+    try:
+        return [await _join_extents(pool, vm, disk, options, sink) for disk in disks]
+    except BaseException:
+        for disk in disks:
+            disk.path.unlink(missing_ok=True)
+        raise

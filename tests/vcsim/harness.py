@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode, urlsplit
 
 from pyVim.connect import Disconnect, SmartConnect
@@ -167,11 +167,13 @@ class Simulator:
             conn.close()
 
 
-def make_vmdk(path: Path, capacity_bytes: int, seed: int, *, dense: bool = False) -> Path:
-    """A monolithicSparse VMDK of `capacity_bytes` with `seed`-dependent data.
+def make_vmdk(path: Path, capacity_bytes: int, seed: int, *, dense: bool = False,
+              subformat: str = "monolithicSparse") -> Path:
+    """A VMDK of `capacity_bytes` with `seed`-dependent data.
 
     Sparse (the default): 1 MiB of data at each quarter of the disk. Dense: every
     MiB holds data, so the VMDK file is as large as the disk (for benchmarks).
+    With subformat monolithicFlat, `path` is a descriptor next to `<stem>-flat.vmdk`.
     """
     raw = path.with_suffix(".raw")
     block = 1 << 20
@@ -183,7 +185,8 @@ def make_vmdk(path: Path, capacity_bytes: int, seed: int, *, dense: bool = False
             handle.seek(offset)
             handle.write(hashlib.sha256(f"{seed}:{offset}".encode()).digest() * (block // 32))
     try:
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(path)],
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o",
+                        f"subformat={subformat}", str(raw), str(path)],
                        check=True, capture_output=True)
     finally:
         raw.unlink()
@@ -247,8 +250,12 @@ def _disk_specs(vm: vim.VirtualMachine, sizes: list[int]) -> list[vim.vm.device.
 
 
 def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path,
-               seed: int = 0, dense: bool = False) -> list[VirtualDiskContent]:
-    """Power the VM off, give it len(sizes) disks of those sizes, upload real VMDKs to them."""
+               seed: int = 0, dense: bool = False, flat: bool = False) -> list[VirtualDiskContent]:
+    """Power the VM off, give it len(sizes) disks of those sizes, upload real VMDKs to them.
+
+    flat: upload the usual datastore layout instead, a descriptor at the disk's
+    path and its `-flat.vmdk` data file next to it.
+    """
     vm = find_vm(si, vm_name)
     power_off(vm)
     wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=_disk_specs(vm, sizes))))
@@ -256,10 +263,19 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
     disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
     uploaded = []
     for index, (disk, size) in enumerate(zip(disks, sizes)):
-        local = make_vmdk(workdir / f"{vm_name}-upload{index + 1}.vmdk", size, seed * 100 + index,
-                          dense=dense)
-        sim.put_file(local, disk.backing.fileName, datacenter)
-        uploaded.append(VirtualDiskContent(disk.backing.fileName, local, size))
+        backing = disk.backing.fileName
+        if flat:
+            folder = workdir / f"{vm_name}-upload{index + 1}"
+            folder.mkdir()
+            local = make_vmdk(folder / PurePosixPath(backing).name, size, seed * 100 + index,
+                              dense=dense, subformat="monolithicFlat")
+            for part in sorted(folder.iterdir()):
+                sim.put_file(part, str(PurePosixPath(backing).with_name(part.name)), datacenter)
+        else:
+            local = make_vmdk(workdir / f"{vm_name}-upload{index + 1}.vmdk", size,
+                              seed * 100 + index, dense=dense)
+            sim.put_file(local, backing, datacenter)
+        uploaded.append(VirtualDiskContent(backing, local, size))
     return uploaded
 
 

@@ -17,7 +17,7 @@ from hypersdk.service.pipeline import diskspace
 from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.pipeline.ovf_writer import OVF, RASD
 from hypersdk.service.providers.registry import ProviderRegistry
-from tests.vcsim.harness import find_vm
+from tests.vcsim.harness import find_vm, give_disks
 
 from .conftest import DISK_SIZES, EXPORT_VM, make_config
 from .fake_context import FakeJobContext, FakeSubmitContext, run_job
@@ -294,3 +294,21 @@ async def test_two_named_vsphere_endpoints(tmp_path, sim):
         assert checked["provider"] == "vc-west"
     finally:
         await registry.close()
+
+
+async def test_descriptor_with_flat_extent_is_joined(config, registry, sim, si, tmp_path):
+    """The usual datastore layout: disk.vmdk (descriptor) + disk-flat.vmdk (data)."""
+    work = tmp_path / "flat-upload"
+    work.mkdir()
+    uploaded = give_disks(sim, si, EXPORT_VM, DISK_SIZES, work, flat=True)
+    result, ctx = await export(config, registry, export_method="ovf")
+    assert "fetching" not in ctx.text() and "joining 1 extent(s)" in ctx.text()
+    export_dir = Path(result["export_dir"])
+    assert sorted(os.listdir(export_dir)) == sorted(
+        [f"{EXPORT_VM}.ovf", f"{EXPORT_VM}.mf", f"{EXPORT_VM}-disk1.vmdk",
+         f"{EXPORT_VM}-disk2.vmdk"])
+    check_manifest(Path(result["manifest"]), export_dir)
+    check_ovf(Path(result["ovf"]))
+    for disk, entry in zip(uploaded, result["disks"]):
+        assert same_image(disk.local_vmdk, Path(entry["path"]))
+    assert ctx.done == ctx.total
