@@ -41,6 +41,7 @@ AUTH_ERROR_CODES = {"AuthFailure", "InvalidClientTokenId", "UnrecognizedClientEx
                     "AccessDeniedException", "UnauthorizedOperation", "AccessDenied"}
 THROTTLE_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded",
                   "RequestThrottledException", "TooManyRequestsException"}
+EC2_STATES = ("pending", "running", "shutting-down", "terminated", "stopping", "stopped")
 POWER_STATES = {"running": "poweredOn", "stopped": "poweredOff", "stopping": "poweredOff"}
 
 
@@ -369,9 +370,9 @@ def _ec2_filters(vm_filter: dict) -> list[dict]:
     if vm_filter.get("state"):
         states = vm_filter["state"]
         states = [states] if isinstance(states, str) else states
-        if not isinstance(states, list) or not all(isinstance(s, str) for s in states):
-            raise InvalidArgument("filter.state", "an instance state such as running or stopped, "
-                                                  "or a list of them")
+        if not isinstance(states, list) or not set(states) <= set(EC2_STATES):
+            raise InvalidArgument("filter.state", "an instance state or a list of them, from: "
+                                                  + ", ".join(EC2_STATES))
         filters.append({"Name": "instance-state-name", "Values": states})
     if vm_filter.get("name"):
         filters.append({"Name": "tag:Name", "Values": [str(vm_filter["name"])]})

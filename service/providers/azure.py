@@ -161,12 +161,14 @@ class AzureProvider(Provider):
         tags = vm_filter.get("tags") or {}
         if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
             raise InvalidArgument("filter.tags", "a mapping of tag names to values")
+        wanted_state = vm_filter.get("power_state")
+        if wanted_state and wanted_state not in ("poweredOn", "poweredOff", "unknown"):
+            raise InvalidArgument("filter.power_state", "one of poweredOn, poweredOff, unknown")
         group = vm_filter.get("resource_group") or self.settings.get("resource_group")
         client = self.client()
         pager = (client.virtual_machines.list(group, expand="instanceView") if group
                  else client.virtual_machines.list_all(expand="instanceView"))
         vms = await self._collect(f"azure provider {self.name!r}: listing VMs", pager)
-        wanted_state = vm_filter.get("power_state")
         result = []
         for vm in vms:
             vm_tags = vm.get("tags") or {}

@@ -79,9 +79,11 @@ async def test_list_filters_by_tags_state_and_name(provider, ec2):
     both = await provider.list_vms({"tags": {"env": "prod", "team": "b"}, "state": ["running"]})
     assert [vm.name for vm in both] == ["web-2"]
     assert [vm.name for vm in await provider.list_vms({"name": "db-1"})] == ["db-1"]
-    with pytest.raises(InvalidArgument) as caught:
-        await provider.list_vms({"colour": "red"})
-    assert caught.value.field == "filter.colour"
+    for bad, field in (({"colour": "red"}, "filter.colour"), ({"state": "asleep"}, "filter.state"),
+                       ({"tags": ["env"]}, "filter.tags")):
+        with pytest.raises(InvalidArgument) as caught:
+            await provider.list_vms(bad)
+        assert caught.value.field == field
 
 
 async def test_vm_info_has_cpus_memory_disks_and_nics(provider, ec2):

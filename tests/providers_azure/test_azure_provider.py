@@ -53,9 +53,11 @@ async def test_list_vms_by_group_tags_name_and_state(provider, arm_state):
     off = await provider.list_vms({"power_state": "poweredOff"})
     assert [vm.name for vm in off] == ["web-2"]
     assert (off[0].cpus, off[0].memory_mb, off[0].firmware) == (1, 1024, "bios")
-    with pytest.raises(InvalidArgument) as caught:
-        await provider.list_vms({"zone": "1"})
-    assert caught.value.field == "filter.zone"
+    for bad, field in (({"zone": "1"}, "filter.zone"), ({"power_state": "running"}, "filter.power_state"),
+                       ({"tags": "env=prod"}, "filter.tags")):
+        with pytest.raises(InvalidArgument) as caught:
+            await provider.list_vms(bad)
+        assert caught.value.field == field
     # every request carried an api-version and went through the real SDK
     assert all(c.path.startswith("/subscriptions/") for c in arm_state.calls)
 
