@@ -8,6 +8,7 @@ qemu:///system and starts it; the line must appear on the domain's serial consol
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import libvirt
@@ -29,9 +30,10 @@ VM_NAME = "DC0_H0_VM0"
 DISK_SIZE = 4 << 20
 
 
-def prepare_boot_vm(sim: Simulator, workdir: Path, upload_name: str) -> None:
+def prepare_boot_vm(sim: Simulator, workdir: Path, upload_name: str, new_name: str) -> None:
     """VM_NAME powered off, one disk holding the boot sector, no NIC (qemu:///system
-    here has no libvirt network to put one on). The VMDK's embedded descriptor names
+    here has no libvirt network to put one on), renamed to `new_name` so that runs
+    sharing the libvirt daemon do not collide. The VMDK's embedded descriptor names
     its extent `upload_name`."""
     si = sim.connect()
     try:
@@ -44,18 +46,19 @@ def prepare_boot_vm(sim: Simulator, workdir: Path, upload_name: str) -> None:
         nics = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
                 for device in vm.config.hardware.device
                 if isinstance(device, vim.vm.device.VirtualEthernetCard)]
-        if nics:
-            wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=nics)))
+        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(name=new_name, deviceChange=nics)))
     finally:
         Disconnect(si)
 
 
 @pytest.fixture
-def domain_cleanup(system_libvirt):
+def vm_name(system_libvirt):
+    """A unique VM (and so domain) name; the domain is removed after the test."""
+    name = "hypersdk-p1-" + uuid.uuid4().hex[:6]
     conn = libvirt.open(system_libvirt)
-    yield
+    yield name
     try:
-        domain = conn.lookupByName(VM_NAME)
+        domain = conn.lookupByName(name)
     except libvirt.libvirtError:
         domain = None
     if domain is not None:
@@ -65,14 +68,15 @@ def domain_cleanup(system_libvirt):
     conn.close()
 
 
-@pytest.mark.parametrize("upload_name", [
-    "DC0_H0_VM0-disk1.vmdk",  # the name the export gives the file
-    "boot.vmdk",  # the embedded descriptor names another file, as after any rename
-])
+@pytest.mark.parametrize("descriptor_names", ["the-exported-file", "another-file"])
 async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, guest_dir,
-                                                              domain_cleanup, upload_name):
+                                                              vm_name, descriptor_names):
+    # the export names the file <vm>-disk1.vmdk; a VMDK renamed on the way (as any real
+    # export is) still records its old name in the embedded descriptor
+    upload_name = (f"{vm_name}-disk1.vmdk" if descriptor_names == "the-exported-file"
+                   else "boot.vmdk")
     with Simulator() as sim:
-        prepare_boot_vm(sim, guest_dir, upload_name)
+        prepare_boot_vm(sim, guest_dir, upload_name, vm_name)
         config = parse_config({
             "export": {"base_path": str(guest_dir / "exports"), "chunk_size": "256KiB"},
             "hyper2kvm": {"output_dir": str(guest_dir / "images")},
@@ -83,7 +87,7 @@ async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, gu
         registry = ProviderRegistry(config)
         kind = ExportKind()
         definition = kind.validate({
-            "vm_identifier": VM_NAME, "provider": "vsphere", "export_method": "ova",
+            "vm_identifier": vm_name, "provider": "vsphere", "export_method": "ova",
             "export_path": "pattern1", "options": {"shutdown_vm": False, "remove_cdrom": True},
             "hyper2kvm_integration": {"enabled": True, "auto_convert": True,
                                       "import_to_kvm": True, "autostart": True, "start": True},
@@ -99,7 +103,7 @@ async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, gu
     assert ctx.stages[-2:] == ["convert", "import"]
     assert ctx.done == ctx.total > 0
     conn = libvirt.open(system_libvirt)
-    domain = conn.lookupByName(VM_NAME)
+    domain = conn.lookupByName(vm_name)
     assert domain.isActive() == 1 and domain.autostart() == 1
     assert domain.UUIDString() == handoff["import"]["uuid"]
     conn.close()
