@@ -302,7 +302,7 @@ async def test_descriptor_with_flat_extent_is_joined(config, registry, sim, si, 
     work.mkdir()
     uploaded = give_disks(sim, si, EXPORT_VM, DISK_SIZES, work, flat=True)
     result, ctx = await export(config, registry, export_method="ovf")
-    assert "fetching" not in ctx.text() and "joining 1 extent(s)" in ctx.text()
+    assert "extent 1/1 done" in ctx.text() and "joining 1 extent(s)" in ctx.text()
     export_dir = Path(result["export_dir"])
     assert sorted(os.listdir(export_dir)) == sorted(
         [f"{EXPORT_VM}.ovf", f"{EXPORT_VM}.mf", f"{EXPORT_VM}-disk1.vmdk",
