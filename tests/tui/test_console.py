@@ -144,3 +144,12 @@ async def test_schedules_create_disable_delete(system_bus, hypervisord):
         await wait_for(pilot, lambda: row()[:2] == ["tui-nightly", "no"], what="disabled")
         await pilot.press("d")
         await wait_for(pilot, lambda: row() == [], what="deleted")
+
+
+async def test_unreachable_bus_shows_the_banner(tmp_path):
+    app = HyperctlApp(HyperClient(f"unix:path={tmp_path}/no-bus"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        banner = app.screen.query_one("#banner")
+        await wait_for(pilot, lambda: banner.display and "Cannot reach" in str(banner.render()),
+                       what="the banner")
+        assert "down" in str(app.screen.query_one("#status-line").render())
