@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import socket
@@ -140,8 +141,14 @@ def put_snapshot(ebs, blocks: dict[int, bytes], size_gib: int = 1,
     return snapshot_id
 
 
+@functools.cache
+def _image_id(ec2_url: str) -> str:
+    """One of moto's built-in AMIs (the same after every reset); the listing is large, so once."""
+    return client(ec2_url, "ec2").describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+
+
 def run_instance(ec2, name: str, tags: dict | None = None, instance_type: str = "t3.medium") -> dict:
-    image_id = ec2.describe_images(Owners=["amazon"], MaxResults=5)["Images"][0]["ImageId"]
+    image_id = _image_id(ec2.meta.endpoint_url)
     all_tags = [{"Key": "Name", "Value": name}] + [{"Key": k, "Value": v} for k, v in (tags or {}).items()]
     made = ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1, InstanceType=instance_type,
                              TagSpecifications=[{"ResourceType": "instance", "Tags": all_tags}],
