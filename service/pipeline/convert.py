@@ -6,7 +6,8 @@ point at any file on the host), and the output is written to a hidden temporary
 name in the target directory and renamed into place only when complete. On
 failure or cancellation qemu-img's process group is killed and the temporary
 file removed. streamOptimized VMDKs go through our parallel decoder
-(`streamopt.py`), which is faster than qemu-img's single-threaded inflate.
+(`streamopt.py`), which is faster than qemu-img's single-threaded inflate, writes
+qcow2 directly and can start while the VMDK is still downloading (`growing`).
 """
 from __future__ import annotations
 
