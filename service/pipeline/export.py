@@ -138,7 +138,7 @@ class ExportKind(JobKind):
         check_free_space(export_dir, needed, f"exporting {vm.name} as {method}")
         staging = export_dir / f".staging-{ctx.job_id}"
         ctx.add_cleanup(staging)
-        await asyncio.to_thread(staging.mkdir)
+        await asyncio.to_thread(staging.mkdir, exist_ok=True)  # a retried attempt reuses it
         ctx.set_stage("export")
         vm, disks = await provider.export_disks(vm.identifier, staging,
                                                 _export_options(definition, ctx), ctx)
