@@ -32,6 +32,7 @@ from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotF
     Unavailable
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, \
     require_extra
+from .cleanup import run_to_completion
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
     private_file_rule, read_private_file
 
@@ -257,9 +258,9 @@ class GcpProvider(Provider):
             outputs.discard()
             raise
         finally:
-            await self._remove_created(created, sink)
+            await run_to_completion(self._remove_created(created, sink))
             if stopped and options.restore_power_state:
-                await self._set_power(zone, vm.name, "start", sink)
+                await run_to_completion(self._set_power(zone, vm.name, "start", sink))
         return vm, disks
 
     async def _export_disk(self, vm: VMInfo, disk: DiskInfo, target_dir: Path,
@@ -359,8 +360,8 @@ class GcpProvider(Provider):
                     raise Failed(f"exporting image {image} did not finish within {timeout:g}s")
                 await asyncio.sleep(self.settings["poll_interval"])
         except BaseException:
-            await self._rest("POST", f"{base}/{build_id}:cancel", f"cancelling build {build_id}",
-                             ignore_errors=True)
+            await run_to_completion(self._rest("POST", f"{base}/{build_id}:cancel",
+                                               f"cancelling build {build_id}", ignore_errors=True))
             raise
 
     async def _rest(self, method: str, url: str, what: str, *, json: dict | None = None,

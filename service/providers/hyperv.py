@@ -33,6 +33,7 @@ from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Unavailable
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, \
     require_extra
+from .cleanup import run_to_completion
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
     private_file_rule, read_private_file
 
@@ -286,10 +287,11 @@ class HypervProvider(Provider):
             outputs.discard()
             raise
         finally:
-            await self._remove_host_dir(host_dir, sink)
+            await run_to_completion(self._remove_host_dir(host_dir, sink))
             if stopped and options.restore_power_state:
                 sink.log(f"starting {vm.name} again")
-                await self._ps("start_vm", SET_POWER, {"id": vm.identifier, "action": "start"})
+                await run_to_completion(self._ps("start_vm", SET_POWER,
+                                                 {"id": vm.identifier, "action": "start"}))
         return vm, disks
 
     async def _fetch(self, vm: VMInfo, disk: DiskInfo, remote: dict, target_dir: Path,

@@ -33,6 +33,7 @@ from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotF
 from ..pipeline.download import download
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, \
     require_extra
+from .cleanup import run_to_completion
 from .common import OutputFiles, check_filter, closest, private_file_rule
 
 SDK_MODULES = ("oci",)
@@ -316,7 +317,7 @@ class OciProvider(Provider):
             outputs.discard()
             raise
         finally:
-            await self._clean_up(cleanup, sink)
+            await run_to_completion(self._clean_up(cleanup, sink))
         return vm, [disk]
 
     async def _namespace(self) -> str:

@@ -247,3 +247,26 @@ async def test_dropped_connection_during_the_gcs_download_is_resumed(populated, 
     assert any("resuming" in line for line in sink.lines)
     for disk in disks:
         assert disk.path.read_bytes() == populated.disk_content[disk.label]
+
+
+async def test_a_second_cancel_during_cleanup_still_deletes_the_image(populated, gcs_emulator,
+                                                                     tmp_path):
+    populated.build_outcome = "HANG"
+    provider = make_provider(populated, gcs_emulator)
+    task = asyncio.ensure_future(provider.export_disks("web-2", tmp_path / "x", ExportOptions(),
+                                                       FakeExportSink()))
+    for _ in range(500):
+        if populated.builds:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()                       # impatient: cancelled again while cleaning up
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):
+        if not populated.images:
+            break
+        await asyncio.sleep(0.01)
+    assert populated.images == {} and populated.deleted_images
+    await provider.close()
