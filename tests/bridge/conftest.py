@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from ..support.cli import submit
+from ..support.hypervisord import Hypervisord, write_config
 from .stack import Bridge, free_port
 
 
@@ -33,6 +35,26 @@ def start_bridge(start_hypervisord, system_bus):
 @pytest.fixture
 def bridge(start_bridge) -> Bridge:
     return start_bridge()
+
+
+@pytest.fixture(scope="module")
+def shared_bridge(system_bus, polkitd, users, tmp_path_factory):
+    """One hypervisord + bridge for a module's tests that only add jobs and read."""
+    directory = tmp_path_factory.mktemp("bridge")
+    for path in (directory, *directory.parents):
+        if str(path).startswith("/tmp/pytest-of-"):
+            os.chmod(path, 0o755)
+    port = free_port()
+    config = write_config(directory, daemon={"address": f"127.0.0.1:{port}"})
+    daemon = Hypervisord(config, system_bus.address)
+    daemon.start()
+    bridge = Bridge(config, system_bus.address, port)
+    bridge.daemon = daemon
+    try:
+        yield bridge.start()
+    finally:
+        bridge.stop()
+        daemon.stop()
 
 
 def submit_sleep(address: str, **definition) -> str:

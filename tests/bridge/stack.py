@@ -93,3 +93,13 @@ def curl(bridge: Bridge, path: str, *args: str, token: str | None = None,
 def post_json(bridge: Bridge, path: str, body: object, token: str | None = None) -> CurlResult:
     return curl(bridge, path, "-X", "POST", "-H", "Content-Type: application/json",
                 "-d", body if isinstance(body, str) else json.dumps(body), token=token)
+
+
+def wait_status(bridge, job_id: str, wanted: set[str], timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = curl(bridge, f"/jobs/query?job_id={job_id}").json()
+        if job["status"] in wanted:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id} stayed {job['status']}")

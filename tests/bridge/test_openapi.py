@@ -14,6 +14,12 @@ from hypersdk.http_bridge.app import ROUTES
 from .stack import curl
 
 
+@pytest.fixture
+def bridge(shared_bridge):
+    """These tests only add jobs and read, so they share one hypervisord and bridge."""
+    return shared_bridge
+
+
 def test_every_route_is_documented_and_every_operation_is_a_route(bridge):
     served = curl(bridge, "/openapi.json").json()
     documented = {(path, method.upper()) for path, operations in served["paths"].items()

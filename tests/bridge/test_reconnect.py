@@ -1,4 +1,5 @@
-"""The mirror is derived state: when the bus itself goes away and comes back, it is rebuilt."""
+"""The mirror is derived state: when hypervisord or the bus itself goes away and comes
+back, the bridge says so (503) and then rebuilds it."""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,7 @@ import pytest
 from ..support.hypervisord import Hypervisord, write_config
 from ..support.system import PrivateSystemBus
 from .conftest import submit_sleep
-from .stack import Bridge, curl, free_port
+from .stack import Bridge, curl, free_port, wait_status
 
 
 def wait_health(bridge: Bridge, status: int, timeout: float = 15) -> dict:
@@ -48,3 +49,27 @@ def test_the_bridge_survives_a_restart_of_the_bus(service_dir):
         daemon.stop()
         bus.stop()
         shutil.rmtree(bus_dir, ignore_errors=True)
+
+
+def test_hypervisord_leaving_the_bus_makes_the_bridge_unhealthy(bridge, sleep_job, system_bus):
+    job_id = sleep_job(steps=1, interval=0.01)
+    wait_status(bridge, job_id, {"completed"})
+    bridge.daemon.stop()
+    deadline = time.monotonic() + 10
+    while curl(bridge, "/health").status != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = curl(bridge, "/health")
+    assert health.status == 503
+    assert health.json()["status"] == "unhealthy" and "bus" in health.json()["reason"]
+    query = curl(bridge, f"/jobs/query?job_id={job_id}")
+    assert query.status == 503 and query.json()["error"] == "ServiceUnavailable"
+    assert "hypersdk_up 0" in curl(bridge, "/metrics").body
+    again = Hypervisord(bridge.daemon.config_path, system_bus.address)
+    again.start()
+    try:
+        deadline = time.monotonic() + 10
+        while curl(bridge, "/health").status != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert curl(bridge, f"/jobs/query?job_id={job_id}").json()["status"] == "completed"
+    finally:
+        again.stop()

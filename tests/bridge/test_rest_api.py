@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
-from ..support.hypervisord import Hypervisord
-from .stack import curl, post_json
+import pytest
+
+from .stack import curl, post_json, wait_status
 
 
-def wait_status(bridge, job_id: str, wanted: set[str], timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = curl(bridge, f"/jobs/query?job_id={job_id}").json()
-        if job["status"] in wanted:
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} stayed {job['status']}")
+@pytest.fixture
+def bridge(shared_bridge):
+    """These tests only add jobs and read, so they share one hypervisord and bridge."""
+    return shared_bridge
 
 
 def test_health_and_capabilities_have_the_documented_shape(bridge):
@@ -75,10 +73,15 @@ def test_list_jobs_filters_and_pages(bridge, sleep_job):
     ids = [sleep_job(steps=1, interval=0.01) for _ in range(3)]
     for job_id in ids:
         wait_status(bridge, job_id, {"completed"})
-    listing = curl(bridge, "/jobs?status=completed&limit=2&offset=1").json()
-    assert listing["total"] == 3 and listing["limit"] == 2 and listing["offset"] == 1
-    assert [j["job_id"] for j in listing["jobs"]] == ids[1:]
-    assert curl(bridge, "/jobs?status=failed").json()["total"] == 0
+    everything = curl(bridge, "/jobs?status=completed&limit=1000").json()
+    listed = [j["job_id"] for j in everything["jobs"]]
+    assert listed[-3:] == ids and everything["total"] == len(listed)  # oldest first
+    offset = len(listed) - 2
+    page = curl(bridge, f"/jobs?status=completed&limit=2&offset={offset}").json()
+    assert page["limit"] == 2 and page["offset"] == offset
+    assert [j["job_id"] for j in page["jobs"]] == ids[1:]
+    assert all(j["status"] == "completed" for j in page["jobs"])
+    assert curl(bridge, "/jobs?provider=no-such-provider").json()["total"] == 0
     bad = curl(bridge, "/jobs?status=sleeping")
     assert bad.status == 400 and bad.json()["field"] == "status"
     assert curl(bridge, "/jobs?limit=-1").json()["field"] == "limit"
@@ -119,16 +122,6 @@ def test_bad_requests_name_the_problem(bridge):
     assert websocket.status == 426
 
 
-def test_body_over_the_limit_is_413(start_bridge):
-    bridge = start_bridge(api={"max_body_bytes": 2048})
-    big = json.dumps({"source_path": "/x" * 2000, "output_path": "/y"})
-    answer = post_json(bridge, "/convert", big)
-    assert answer.status == 413 and answer.json()["error"] == "PayloadTooLarge"
-    chunked = curl(bridge, "/convert", "-X", "POST", "-H", "Transfer-Encoding: chunked",
-                   "-H", "Content-Type: application/json", "--data-binary", big)
-    assert chunked.status == 413 and chunked.json()["field"] == "body"
-
-
 def test_service_errors_map_through_the_table(bridge, tmp_path):
     unknown_provider = post_json(bridge, "/vms/list", {"provider": "vsphere"})
     assert unknown_provider.status == 400
@@ -142,8 +135,8 @@ def test_service_errors_map_through_the_table(bridge, tmp_path):
     assert relative.status == 400 and relative.json()["field"] == "path"
 
 
-def test_parse_vmdk_reads_a_real_vmdk(bridge, service_dir):
-    disk = service_dir / "disk.vmdk"
+def test_parse_vmdk_reads_a_real_vmdk(bridge, tmp_path):
+    disk = tmp_path / "disk.vmdk"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
                     "subformat=monolithicSparse", str(disk), "16M"], check=True)
     answer = curl(bridge, f"/parse-vmdk?path={disk}")
@@ -155,33 +148,9 @@ def test_metrics_are_prometheus_text(bridge, sleep_job):
     wait_status(bridge, sleep_job(steps=1, interval=0.01), {"completed"})
     text = curl(bridge, "/metrics").body
     assert "# TYPE hypersdk_jobs gauge" in text
-    assert 'hypersdk_jobs{status="completed"} 1' in text
+    assert re.search(r'^hypersdk_jobs\{status="completed"\} [1-9]', text, re.MULTILINE)
     assert "hypersdk_up 1" in text
     assert 'hypersdk_bridge_requests_total{method="GET",route="/jobs/query",status="200"}' in text
-
-
-def test_hypervisord_leaving_the_bus_makes_the_bridge_unhealthy(bridge, sleep_job, system_bus):
-    job_id = sleep_job(steps=1, interval=0.01)
-    wait_status(bridge, job_id, {"completed"})
-    bridge.daemon.stop()
-    deadline = time.monotonic() + 10
-    while curl(bridge, "/health").status != 503 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    health = curl(bridge, "/health")
-    assert health.status == 503
-    assert health.json()["status"] == "unhealthy" and "bus" in health.json()["reason"]
-    query = curl(bridge, f"/jobs/query?job_id={job_id}")
-    assert query.status == 503 and query.json()["error"] == "ServiceUnavailable"
-    assert "hypersdk_up 0" in curl(bridge, "/metrics").body
-    again = Hypervisord(bridge.daemon.config_path, system_bus.address)
-    again.start()
-    try:
-        deadline = time.monotonic() + 10
-        while curl(bridge, "/health").status != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert curl(bridge, f"/jobs/query?job_id={job_id}").json()["status"] == "completed"
-    finally:
-        again.stop()
 
 
 def test_text_dbus_cannot_carry_is_refused_naming_where(bridge):

@@ -122,3 +122,13 @@ def test_tls(start_bridge, service_dir):
     done = subprocess.run(["curl", "-s", "--cacert", str(cert), bridge.url + "/health"],
                           capture_output=True, text=True, timeout=30)
     assert json.loads(done.stdout)["status"] == "healthy"
+
+
+def test_body_over_the_limit_is_413(start_bridge):
+    bridge = start_bridge(api={"max_body_bytes": 2048})
+    big = json.dumps({"source_path": "/x" * 2000, "output_path": "/y"})
+    answer = post_json(bridge, "/convert", big)
+    assert answer.status == 413 and answer.json()["error"] == "PayloadTooLarge"
+    chunked = curl(bridge, "/convert", "-X", "POST", "-H", "Transfer-Encoding: chunked",
+                   "-H", "Content-Type: application/json", "--data-binary", big)
+    assert chunked.status == 413 and chunked.json()["field"] == "body"
