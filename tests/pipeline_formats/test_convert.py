@@ -126,19 +126,14 @@ def test_decoder_reads_vmware_style_footer(tmp_path):
     assert images_equal(raw, out)
 
 
-@pytest.mark.parametrize("subformat", ["streamOptimized", None])
-async def test_cancel_removes_partial_output(tmp_path, subformat):
+async def test_cancel_of_qemu_img_removes_partial_output_and_process(tmp_path):
     size = 96 << 20
-    raw = make_raw(tmp_path / "big.raw", size, extents=[(0, size)])
-    source = raw
-    if subformat:
-        source = tmp_path / "big.vmdk"
-        qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, source)
+    source = make_raw(tmp_path / "big.raw", size, extents=[(0, size)])
     out = tmp_path / "out"
     out.mkdir()
     started = asyncio.Event()
     task = asyncio.create_task(convert_image(
-        source, out / "disk.qcow2", out_format="qcow2", compress=subformat is None,
+        source, out / "disk.qcow2", out_format="qcow2", compress=True,
         on_progress=lambda d, t: started.set()))
     await asyncio.wait_for(started.wait(), 30)
     await asyncio.sleep(0.05)
@@ -149,13 +144,37 @@ async def test_cancel_removes_partial_output(tmp_path, subformat):
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_convert_of(p, out)]
 
 
+@pytest.mark.parametrize("out_format", ["qcow2", "raw"])
+async def test_cancel_of_the_decoder_removes_partial_output(tmp_path, out_format):
+    """The decoder is mid-stream (half the file has arrived) when the task is cancelled."""
+    _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
+    partial = tmp_path / "downloading.vmdk"
+    growing = GrowingFile()
+    half = vmdk.read_bytes()[:vmdk.stat().st_size // 2]
+    partial.write_bytes(half)
+    growing.grew(len(half))
+    out = tmp_path / "out"
+    out.mkdir()
+    started = asyncio.Event()
+    task = asyncio.create_task(convert_image(
+        partial, out / f"disk.{out_format}", out_format=out_format, growing=growing,
+        log=lambda message: started.set()))
+    await asyncio.wait_for(started.wait(), 30)
+    await asyncio.sleep(0.1)
+    assert os.listdir(out), "the decoder should have started writing"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert os.listdir(out) == []
+
+
 def _is_convert_of(pid: str, out) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"qemu-img" in fh.read() and str(out).encode() in open(
-                f"/proc/{pid}/cmdline", "rb").read()
+            cmdline = fh.read()
     except OSError:
         return False
+    return b"qemu-img" in cmdline and str(out).encode() in cmdline
 
 
 def test_decoder_refuses_a_grain_given_twice(tmp_path):
