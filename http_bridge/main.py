@@ -14,13 +14,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-from hypersdk.service.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+import yaml
+
+from hypersdk.service.config import DEFAULT_CONFIG_PATH, Config, ConfigError, parse_config
+from hypersdk.service.config_schema import ConfigProblem
 
 from .app import create_app
 from .auth import Authenticator, TokenFileError, is_loopback, load_tokens
 
 log = logging.getLogger("hypersdk.bridge")
 SHUTDOWN_TIMEOUT = 10.0
+
+
+BRIDGE_SECTIONS = ("daemon", "api")
 
 
 class SetupError(Exception):
@@ -37,6 +43,27 @@ class AccessLogger(web.AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info('%s "%s %s" %s %s %.1fms', request.remote, request.method,
                          request.path, response.status, response.body_length, time * 1000)
+
+
+def load_bridge_config(path: Path) -> Config:
+    """hypervisord's config file, validated, but only the sections the bridge uses.
+
+    Provider credentials in the same file are never read into the bridge, and their
+    `${VAR}`s (set in hypervisord's environment, not the bridge's) need not resolve.
+    """
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(str(path), "a readable file",
+                                         exc.strerror or str(exc))]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem(str(path), "valid YAML",
+                                         str(exc).splitlines()[0])]) from None
+    if not isinstance(document, dict):
+        document = {} if document is None else document
+    else:
+        document = {k: v for k, v in document.items() if k in BRIDGE_SECTIONS}
+    return parse_config(document, str(path))
 
 
 def listen_address(config: Config) -> tuple[str, int]:
@@ -83,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                              "or a D-Bus address")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_bridge_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import yaml
 
 from ..support.hypervisord import write_config
 from ..support.system import REPO
-from .stack import curl, post_json
+from .stack import Bridge, curl, free_port, post_json
 
 TOKENS = {
     "viewer-token-0123456789": {"name": "vera", "role": "viewer"},
@@ -132,3 +132,23 @@ def test_body_over_the_limit_is_413(start_bridge):
     chunked = curl(bridge, "/convert", "-X", "POST", "-H", "Transfer-Encoding: chunked",
                    "-H", "Content-Type: application/json", "--data-binary", big)
     assert chunked.status == 413 and chunked.json()["field"] == "body"
+
+
+def test_the_bridge_never_needs_provider_credentials(service_dir, system_bus):
+    """Provider secrets (${VAR}s of hypervisord's environment) are not the bridge's business."""
+    port = free_port()
+    config = write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"},
+                          providers={"vsphere": {"type": "vsphere", "host": "vc.example.com",
+                                                 "username": "u", "password": "${UNSET_PW}"}})
+    bridge = Bridge(config, system_bus.address, port)
+    try:
+        bridge.start(wait_healthy=False)  # no hypervisord here: unhealthy, but serving
+        assert curl(bridge, "/health").json()["status"] == "unhealthy"
+    finally:
+        bridge.stop()
+
+
+def test_a_broken_bridge_setting_is_named(service_dir):
+    config = write_config(service_dir, api={"max_body_bytes": "lots"})
+    done = run_bridge(config)
+    assert done.returncode == 2 and "api.max_body_bytes" in done.stderr
