@@ -135,6 +135,8 @@ class HyperctlApp(App):
             self.report_error(exc)
             return
         self.notify(f"{job_id} retried as {new_id}")
+        if isinstance(self.screen, JobScreen):
+            self.switch_screen(JobScreen(new_id))
 
 
 def run_console(bus: str = "system") -> int:

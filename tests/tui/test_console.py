@@ -23,8 +23,9 @@ async def wait_for(pilot, predicate, timeout: float = 20, what: str = "condition
 
 
 def cell(app: HyperctlApp, job_id: str, column: str) -> str:
-    table = app.screen.query_one("#jobs", DataTable)
-    if job_id not in table.rows:
+    tables = app.screen.query("#jobs").results(DataTable)
+    table = next(tables, None)
+    if table is None or job_id not in table.rows:
         return ""
     return str(table.get_cell(job_id, column))
 
@@ -76,7 +77,7 @@ async def test_job_view_log_follows_live_and_status_filter(system_bus, hyperviso
         table = app.screen.query_one("#jobs", DataTable)
         table.move_cursor(row=table.get_row_index(job_id))
         await pilot.press("enter")
-        await wait_for(pilot, lambda: type(app.screen).__name__ == "JobScreen", what="job view")
+        await wait_for(pilot, lambda: bool(app.screen.query("#job-log")), what="job view")
         log = app.screen.query_one("#job-log", Log)
         await wait_for(pilot, lambda: "step 1" in "\n".join(log.lines), what="first line")
         assert "step 8" not in "\n".join(log.lines)  # it is following, not replaying
@@ -125,7 +126,7 @@ async def test_schedules_create_disable_delete(system_bus, hypervisord):
         await wait_for(pilot, lambda: not screen.query_one("#automation-note").display,
                        what="the features")
         await pilot.press("n")
-        await wait_for(pilot, lambda: type(app.screen).__name__ == "CreateDialog", what="dialog")
+        await wait_for(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
         editor = app.screen.query_one("#definition")
         editor.load_text("{not json")
         await pilot.click("#create")
@@ -153,3 +154,22 @@ async def test_unreachable_bus_shows_the_banner(tmp_path):
         await wait_for(pilot, lambda: banner.display and "Cannot reach" in str(banner.render()),
                        what="the banner")
         assert "down" in str(app.screen.query_one("#status-line").render())
+
+
+async def test_retry_from_the_job_view_follows_the_new_job(system_bus, hypervisord):
+    app = HyperctlApp(HyperClient(system_bus.address))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        failed = await asyncio.to_thread(submit_job, system_bus.address,
+                                         {"message": "no space left"}, "fail")
+        await wait_for(pilot, lambda: cell(app, failed, "Status") == "failed", what="failure")
+        app.open_job(failed)
+        await wait_for(pilot, lambda: "no space left" in "".join(
+            str(node.render()) for node in app.screen.query("#job-summary")), what="job view")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: getattr(app.screen, "job_id", failed) != failed,
+                       what="the retry's view")
+        retry = app.screen.job_id
+        await wait_for(pilot, lambda: app.client.mirror.jobs.get(retry) is not None
+                       and app.client.mirror.jobs[retry].get("RetryOf") == failed,
+                       what="the retry job")

@@ -15,6 +15,7 @@ from .conftest import run_hyperctl
 from .test_console import cell, wait_for
 
 EXPORT_VM = "DC0_H0_VM0"
+pytestmark = pytest.mark.slow  # a simulator and a real export per test
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ async def test_browse_filter_and_migrate_a_vm_with_conversion(system_bus, vspher
         assert EXPORT_VM in details and "Disks" in details and "NICs" in details
 
         await pilot.press("space", "m")
-        await wait_for(pilot, lambda: type(app.screen).__name__ == "MigrateScreen", what="form")
+        await wait_for(pilot, lambda: bool(app.screen.query("#plan")), what="the form")
         form = app.screen
         form.query_one("#mode-export", RadioButton).value = True
         form.query_one("#import", Checkbox).value = True  # import without conversion: refused
