@@ -11,7 +11,8 @@ Export options (`options.extra`), all optional, keyed by volume id where per vol
 - `base_snapshot_ids` + `base_images`: an incremental export; only the blocks that
   changed since the base snapshot are read, on top of a copy of `base_images[vol]`
   (the raw image exported from that base);
-- `keep_snapshots`: keep the snapshots we made, to serve as the next base.
+- `keep_snapshots`: keep the snapshots we made, to serve as the next base;
+- `shutdown_timeout`: seconds to wait for the instance to stop (and start again).
 The snapshot read for each volume is reported in `VMInfo.extra["snapshot_ids"]`.
 
 Credentials: `access_key_id` + `secret_access_key_file` (mode 0600), or `profile`,
@@ -35,7 +36,9 @@ from .common import OutputFiles, check_filter, closest, private_file_rule, read_
 GIB = 1024 ** 3
 SDK_MODULES = ("boto3",)
 FILTER_KEYS = ("tags", "state", "region", "name")
-EXTRA_KEYS = ("snapshot_ids", "base_snapshot_ids", "base_images", "keep_snapshots")
+EXTRA_KEYS = ("snapshot_ids", "base_snapshot_ids", "base_images", "keep_snapshots",
+              "shutdown_timeout")
+DEFAULT_SHUTDOWN_TIMEOUT = 600.0
 AUTH_ERROR_CODES = {"AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException",
                     "SignatureDoesNotMatch", "ExpiredToken", "InvalidAccessKeyId",
                     "AccessDeniedException", "UnauthorizedOperation", "AccessDenied"}
@@ -238,7 +241,7 @@ class AwsProvider(Provider):
         region = vm.extra["region"]
         stopped_by_us = False
         if options.shutdown_vm and vm.power_state == "poweredOn":
-            await self._set_power(vm, "stop", sink)
+            await self._set_power(vm, "stop", sink, extra["shutdown_timeout"])
             stopped_by_us = True
         made: list[str] = []
         output = OutputFiles(target_dir)
@@ -261,7 +264,7 @@ class AwsProvider(Provider):
             if made and not extra["keep_snapshots"]:
                 await run_to_completion(self._delete_snapshots(region, made, sink))
             if stopped_by_us and options.restore_power_state:
-                await self._set_power(vm, "start", sink)
+                await self._set_power(vm, "start", sink, extra["shutdown_timeout"])
         vm.extra["snapshot_ids"] = snapshots
         vm.extra["snapshots_deleted"] = [] if extra["keep_snapshots"] else made
         return vm, exported
@@ -329,19 +332,19 @@ class AwsProvider(Provider):
             except HyperSDKError as exc:
                 sink.log(f"could not delete snapshot {snapshot_id}: {exc}", "warning")
 
-    async def _set_power(self, vm: VMInfo, action: str, sink: ExportSink) -> None:
+    async def _set_power(self, vm: VMInfo, action: str, sink: ExportSink, timeout: float) -> None:
         ec2 = await self._aclient("ec2", vm.extra["region"])
         call = ec2.stop_instances if action == "stop" else ec2.start_instances
         wanted = "stopped" if action == "stop" else "running"
         sink.log(f"{action} instance {vm.identifier}")
         await self._call(f"{action} instance {vm.identifier}", call, InstanceIds=[vm.identifier])
-        deadline = time.monotonic() + float(self.settings.get("snapshot_timeout", 7200.0))
+        deadline = time.monotonic() + timeout
         while True:
             found = await self._describe_instances(vm.extra["region"], InstanceIds=[vm.identifier])
             if found and found[0]["State"]["Name"] == wanted:
                 return
             if time.monotonic() > deadline:
-                raise Failed(f"instance {vm.identifier} did not reach {wanted!r} in time")
+                raise Failed(f"instance {vm.identifier} did not reach {wanted!r} within {timeout:g} s")
             await asyncio.sleep(float(self.settings.get("poll_interval", 5.0)))
 
     async def close(self) -> None:
@@ -421,6 +424,10 @@ def _parse_extra(extra: dict, vm: VMInfo) -> dict:
             raise InvalidArgument(f"options.extra.{key}", "one of " + ", ".join(EXTRA_KEYS))
     volume_ids = {d.key for d in vm.disks}
     result: dict[str, Any] = {"keep_snapshots": bool(extra.get("keep_snapshots", False))}
+    timeout = extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise InvalidArgument("options.extra.shutdown_timeout", "a number of seconds > 0")
+    result["shutdown_timeout"] = float(timeout)
     for key in ("snapshot_ids", "base_snapshot_ids", "base_images"):
         value = extra.get(key) or {}
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):

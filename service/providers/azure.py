@@ -36,6 +36,7 @@ POWER_STATES = {"PowerState/running": "poweredOn", "PowerState/starting": "power
                 "PowerState/stopped": "poweredOff", "PowerState/deallocated": "poweredOff",
                 "PowerState/deallocating": "poweredOff", "PowerState/stopping": "poweredOff"}
 DEALLOCATED = "PowerState/deallocated"
+DEFAULT_SHUTDOWN_TIMEOUT = 600.0
 
 
 def _https_url(value: str) -> str | None:
@@ -259,16 +260,19 @@ class AzureProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
-        if options.extra:
-            raise InvalidArgument(f"options.extra.{next(iter(options.extra))}",
-                                  "the azure provider takes no extra export options")
+        timeout = _shutdown_timeout(options.extra)
         vm = await self.get_vm(identifier)
         group = vm.extra["resource_group"]
         vms = self.client().virtual_machines
         deallocated_by_us = False
         if options.shutdown_vm and vm.extra["power_code"] != DEALLOCATED:
             sink.log(f"deallocating VM {vm.name}")
-            await self._lro(f"deallocating VM {vm.name}", vms.begin_deallocate(group, vm.name))
+            try:
+                await asyncio.wait_for(self._lro(f"deallocating VM {vm.name}",
+                                                 vms.begin_deallocate(group, vm.name)), timeout)
+            except asyncio.TimeoutError:
+                raise Failed(f"VM {vm.name} was not deallocated within {timeout:g} s "
+                             "(options.shutdown_timeout)") from None
             deallocated_by_us = True
         direct = deallocated_by_us or vm.extra["power_code"] == DEALLOCATED
         output = OutputFiles(target_dir)
@@ -384,6 +388,18 @@ class AzureProvider(Provider):
         if self._own_credential and self._credential is not None:
             await self._credential.close()
             self._credential = None
+
+
+def _shutdown_timeout(extra: dict) -> float:
+    """The only extra export option: `shutdown_timeout` (seconds), from the export job."""
+    for key in extra:
+        if key != "shutdown_timeout":
+            raise InvalidArgument(f"options.extra.{key}", "the azure provider knows only "
+                                                          "shutdown_timeout")
+    timeout = extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise InvalidArgument("options.extra.shutdown_timeout", "a number of seconds > 0")
+    return float(timeout)
 
 
 PROVIDER_CLASS = AzureProvider

@@ -157,7 +157,9 @@ async def test_export_snapshots_volumes_stops_and_restarts_and_cleans_up(provide
     keeps the two apart), so reading fails: the test checks everything around it."""
     instance = run_instance(ec2, "snap-1")
     instance_id = instance["InstanceId"]
-    options = ExportOptions(shutdown_vm=True, restore_power_state=True, max_retries=0)
+    # extra as the export job kind passes it
+    options = ExportOptions(shutdown_vm=True, restore_power_state=True, max_retries=0,
+                            extra={"shutdown_timeout": 30.0})
 
     with pytest.raises(Failed, match="reading snapshot snap-"):
         await provider.export_disks(instance_id, out, options, sink)
@@ -219,7 +221,8 @@ async def test_bad_export_extras_name_the_field(provider, ec2, tmp_path, sink):
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
     cases = [({"colour": 1}, "options.extra.colour"),
              ({"snapshot_ids": {"vol-nope": "snap-1"}}, "options.extra.snapshot_ids.vol-nope"),
-             ({"base_snapshot_ids": {volume_id: "snap-1"}}, f"options.extra.base_images.{volume_id}")]
+             ({"base_snapshot_ids": {volume_id: "snap-1"}}, f"options.extra.base_images.{volume_id}"),
+             ({"shutdown_timeout": 0}, "options.extra.shutdown_timeout")]
     for extra, field in cases:
         with pytest.raises(InvalidArgument) as caught:
             await provider.export_disks(instance["InstanceId"], tmp_path, ExportOptions(extra=extra), sink)

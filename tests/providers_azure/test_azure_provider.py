@@ -101,7 +101,8 @@ async def test_export_running_vm_through_snapshots(provider, arm_state, azurite,
 async def test_shutdown_vm_deallocates_grants_disks_and_restarts(provider, arm_state, azurite,
                                                                 tmp_path, out, sink):
     _add_vm(arm_state, azurite, tmp_path, "stop-1")
-    options = ExportOptions(shutdown_vm=True, restore_power_state=True)
+    options = ExportOptions(shutdown_vm=True, restore_power_state=True,
+                            extra={"shutdown_timeout": 30.0})  # as the export job kind passes it
     _, exported = await provider.export_disks("stop-1", out, options, sink)
 
     assert len(exported) == 2
@@ -174,6 +175,12 @@ async def test_not_a_vhd_is_refused_and_removed(provider, arm_state, azurite, ou
     with pytest.raises(Failed, match="raw-1-os.vhd: no VHD footer"):
         await provider.export_disks("raw-1", out, ExportOptions(), sink)
     assert list(out.iterdir()) == [] and _revoked(arm_state) == ["raw-1-os"]
+
+
+async def test_unknown_export_extra_is_refused(provider, out, sink):
+    with pytest.raises(InvalidArgument) as caught:
+        await provider.export_disks("rg1/any", out, ExportOptions(extra={"keep": True}), sink)
+    assert caught.value.field == "options.extra.keep"
 
 
 async def test_throttled_request_is_retried_after_retry_after(provider, arm_state):
