@@ -2,7 +2,8 @@
 
 1. The NFC export lease (`ExportVm` -> `HttpNfcLease`): wait until the lease is
    ready, download each disk's device URL (stream-optimized VMDKs), keep the
-   lease alive with `HttpNfcLeaseProgress` while that runs, then
+   lease alive with `HttpNfcLeaseProgress` while that runs, check our SHA-256
+   against the server's `HttpNfcLeaseGetManifest` where it offers one, then
    `HttpNfcLeaseComplete`, or `HttpNfcLeaseAbort` on failure or cancellation.
 2. When the server has no `ExportVm` (govmomi's simulator, some ESXi setups), the
    disk files over the datastore HTTP interface
@@ -92,9 +93,13 @@ def _lease_url(url: str, host: str) -> str:
     return url
 
 
+def _disk_devices(info) -> list:
+    return [d for d in info.deviceUrl if getattr(d, "disk", False)]
+
+
 def _lease_sources(info, pool: SessionPool, vm: VMInfo, target_dir: Path) -> list[DiskSource]:
     """One source per disk device URL; they come in the VM's disk order."""
-    urls = [d for d in info.deviceUrl if getattr(d, "disk", False)]
+    urls = _disk_devices(info)
     if len(urls) != len(vm.disks):
         raise Failed(f"the export lease offers {len(urls)} disk URLs for {len(vm.disks)} disks")
     return [DiskSource(disk, _lease_url(device.url, pool.host), _target(target_dir, vm, i), None)
@@ -138,13 +143,51 @@ async def _export_with_lease(pool: SessionPool, lease, vm: VMInfo, target_dir: P
         finally:
             keepalive.cancel()
             await asyncio.gather(keepalive, return_exceptions=True)
-        await pool.run(lambda si: lease.HttpNfcLeaseProgress(100))
-        await pool.run(lambda si: lease.HttpNfcLeaseComplete())
+        try:
+            await _verify_checksums(pool, lease, disks, [d.key for d in _disk_devices(info)],
+                                    sink)
+            await pool.run(lambda si: lease.HttpNfcLeaseProgress(100))
+            await pool.run(lambda si: lease.HttpNfcLeaseComplete())
+        except BaseException:
+            for disk in disks:
+                disk.path.unlink(missing_ok=True)
+            raise
         sink.log("export lease completed")
         return disks
     except BaseException:
         await asyncio.shield(_abort(pool, lease, sink))
         raise
+
+
+def _server_checksums(si, lease) -> dict[str, tuple[str, str]]:
+    """deviceUrl key -> (algorithm, hex digest) from HttpNfcLeaseGetManifest, where offered."""
+    from pyVmomi import vmodl
+
+    try:
+        entries = lease.HttpNfcLeaseGetManifest() or []
+    except vmodl.MethodFault as fault:
+        if type(fault).__name__.split(".")[-1] in UNSUPPORTED_FAULTS:
+            return {}
+        raise Failed(f"HttpNfcLeaseGetManifest failed: {fault.msg}") from None
+    return {entry.key: ((getattr(entry, "checksumType", None) or "sha1").lower(),
+                        (getattr(entry, "checksum", None) or entry.sha1 or "").lower())
+            for entry in entries}
+
+
+async def _verify_checksums(pool: SessionPool, lease, disks: list[ExportedDisk],
+                            device_keys: list[str], sink: ExportSink) -> None:
+    """Compare our SHA-256 of each disk with the server's manifest (vSphere 7+ offers one)."""
+    checksums = await pool.run(_server_checksums, lease)
+    for index, (disk, key) in enumerate(zip(disks, device_keys)):
+        algorithm, expected = checksums.get(key, ("", ""))
+        label = f"disk {index + 1}/{len(disks)}"
+        if algorithm != "sha256" or not expected:
+            sink.log(f"{label}: the server's manifest has no SHA-256 for it; size checked only")
+        elif expected != disk.sha256:
+            raise Failed(f"{label} ({disk.path.name}): SHA-256 {disk.sha256} differs from the "
+                         f"server's manifest ({expected})")
+        else:
+            sink.log(f"{label}: checksum ok (SHA-256 matches the server's manifest)")
 
 
 async def _abort(pool: SessionPool, lease, sink: ExportSink) -> None:

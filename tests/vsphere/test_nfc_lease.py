@@ -10,19 +10,22 @@ from types import SimpleNamespace
 
 import pytest
 
-from hypersdk.service.errors import NotFound
+from hypersdk.service.errors import Failed, NotFound
 from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers import vsphere_export
+from hypersdk.service.providers.base import ExportOptions
 
 from .fake_context import FakeJobContext, FakeSubmitContext, run_job
 from .fault_proxy import FaultInjectingProxy
-from .test_export import definition, same_image
+from .test_export import definition, same_image, sha256_file
 
 
 class FakeNfcLease:
     """A test double for HttpNfcLease: state, info and the three lease calls, recorded."""
 
-    def __init__(self, urls: list[str], lease_timeout: int = 4) -> None:
+    def __init__(self, urls: list[str], lease_timeout: int = 4,
+                 sha256: list[str] | None = None) -> None:
+        self.sha256 = sha256 or []
         self.polls = 0
         self.calls: list[tuple] = []
         self.error = None
@@ -38,6 +41,11 @@ class FakeNfcLease:
 
     def HttpNfcLeaseProgress(self, percent: int) -> None:
         self.calls.append(("progress", percent))
+
+    def HttpNfcLeaseGetManifest(self) -> list:
+        self.calls.append(("manifest",))
+        return [SimpleNamespace(key=device.key, checksumType="sha256", checksum=digest, sha1=None)
+                for device, digest in zip(self.info.deviceUrl, self.sha256)]
 
     def HttpNfcLeaseComplete(self) -> None:
         self.calls.append(("complete",))
@@ -62,7 +70,8 @@ async def run_with_lease(config, registry, lease, monkeypatch):
 async def test_lease_is_kept_alive_and_completed(config, registry, sim, uploaded, monkeypatch):
     proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=1 << 40, cuts=0,
                                       delay=0.05).start()
-    lease = FakeNfcLease(lease_urls(sim, uploaded, proxy.port))
+    digests = [sha256_file(d.local_vmdk) for d in uploaded]
+    lease = FakeNfcLease(lease_urls(sim, uploaded, proxy.port), sha256=digests)
     try:
         result, ctx = await run_with_lease(config, registry, lease, monkeypatch)
     finally:
@@ -71,8 +80,25 @@ async def test_lease_is_kept_alive_and_completed(config, registry, sim, uploaded
     assert len(progress) >= 2 and progress == sorted(progress) and progress[-1] == 100
     assert lease.calls[-1] == ("complete",) and ("abort",) not in lease.calls
     assert "export lease ready: 2 disk(s)" in ctx.text()
+    assert ctx.text().count("checksum ok") == 2
     for disk, entry in zip(uploaded, result["disks"]):
         assert same_image(disk.local_vmdk, Path(entry["path"]))
+
+
+async def test_checksum_mismatch_with_server_manifest_fails(config, registry, sim, uploaded,
+                                                            monkeypatch, tmp_path):
+    """Straight through the provider: the disks it had written are removed again."""
+    lease = FakeNfcLease(lease_urls(sim, uploaded, sim.port), sha256=["00" * 32, "11" * 32])
+    monkeypatch.setattr(vsphere_export, "open_export_lease", lambda si, identifier: lease)
+    checked = ExportKind().validate(definition(), FakeSubmitContext(config, registry))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    provider = await registry.get("vsphere")
+    with pytest.raises(Failed, match=r"disk 1/2 .*differs from the server's manifest"):
+        await provider.export_disks(checked["vm_identifier"], staging, ExportOptions(),
+                                    FakeJobContext(checked, config, registry))
+    assert os.listdir(staging) == []
+    assert lease.calls[-1] == ("abort",) and ("complete",) not in lease.calls
 
 
 async def test_lease_is_aborted_when_a_download_fails(config, registry, sim, uploaded,
