@@ -5,7 +5,6 @@ import asyncio
 import logging
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -146,11 +145,12 @@ async def _audit(request: web.Request, route: Route, status: int, result: str) -
         status=status, result=result, target=request.get("audit_target"))
 
 
-def create_app(*, bus: str, authenticator: Authenticator, audit_path: Path,
+def create_app(*, bus: str, authenticator: Authenticator, audit: AuditLog,
                max_body_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes,
                           middlewares=[api_middleware(max_body_bytes)])
     app[AUTH] = authenticator
+    app[AUDIT] = audit
     app[METRICS] = Metrics()
     app[WEBSOCKETS] = weakref.WeakSet()
     app[STOPPING] = asyncio.Event()
@@ -162,12 +162,10 @@ def create_app(*, bus: str, authenticator: Authenticator, audit_path: Path,
         mirror = ServiceMirror(bus)
         app[MIRROR] = mirror
         app[HUB] = WebSocketHub(mirror)
-        app[AUDIT] = AuditLog(audit_path)
         await mirror.start()
         yield
         app[HUB].close()
         await mirror.stop()
-        app[AUDIT].close()
 
     async def stopping(app: web.Application) -> None:
         app[STOPPING].set()

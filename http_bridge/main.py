@@ -20,6 +20,7 @@ from hypersdk.service.config import DEFAULT_CONFIG_PATH, Config, ConfigError, pa
 from hypersdk.service.config_schema import ConfigProblem
 
 from .app import create_app
+from .audit import AuditLog
 from .auth import Authenticator, TokenFileError, is_loopback, load_tokens
 
 log = logging.getLogger("hypersdk.bridge")
@@ -101,6 +102,14 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+def open_audit_log(config: Config) -> AuditLog:
+    try:
+        return AuditLog(Path(config.api.audit_log))
+    except OSError as exc:
+        raise SetupError(f"api.audit_log: cannot open {config.api.audit_log} for appending "
+                         f"({exc.strerror or exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hypersdk-bridge", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
@@ -120,14 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         host, port = listen_address(config)
         auth = authenticator(config, host)
         ssl_context = tls_context(config)
+        audit = open_audit_log(config)
     except SetupError as exc:
         print(f"hypersdk-bridge: {exc}", file=sys.stderr)
         return 2
-    app = create_app(bus=args.bus, authenticator=auth, audit_path=Path(config.api.audit_log),
+    app = create_app(bus=args.bus, authenticator=auth, audit=audit,
                      max_body_bytes=config.api.max_body_bytes)
-    web.run_app(app, host=host, port=port, ssl_context=ssl_context, print=None,
-                access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT,
-                handler_cancellation=True)
+    try:
+        web.run_app(app, host=host, port=port, ssl_context=ssl_context, print=None,
+                    access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                    handler_cancellation=True)
+    except OSError as exc:
+        print(f"hypersdk-bridge: daemon.address: cannot listen on {config.daemon.address} "
+              f"({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    finally:
+        audit.close()
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -152,3 +153,17 @@ def test_a_broken_bridge_setting_is_named(service_dir):
     config = write_config(service_dir, api={"max_body_bytes": "lots"})
     done = run_bridge(config)
     assert done.returncode == 2 and "api.max_body_bytes" in done.stderr
+
+
+def test_an_unwritable_audit_log_or_a_busy_port_is_named(service_dir):
+    (service_dir / "not-a-dir").write_text("")
+    config = write_config(service_dir, api={"audit_log": str(service_dir / "not-a-dir" / "a.log")})
+    done = run_bridge(config)
+    assert done.returncode == 2 and "api.audit_log" in done.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_bridge(write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"}))
+    assert done.returncode == 1 and "daemon.address" in done.stderr
+    assert "Traceback" not in done.stderr
