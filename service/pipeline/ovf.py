@@ -8,6 +8,7 @@ VMware's and VirtualBox's extensions) read the same way.
 """
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,8 +146,8 @@ def load_ovf_tree(path: Path):
                                          f"is refused")
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
                              dtd_validation=False, huge_tree=False, remove_comments=True)
-    try:
-        tree = etree.parse(str(path), parser)
+    try:  # from bytes: lxml reports bad encodings from files as OSError, from bytes as syntax
+        tree = etree.parse(io.BytesIO(path.read_bytes()), parser)
     except etree.XMLSyntaxError as exc:
         raise InvalidArgument(str(path), f"not well-formed XML: {exc}") from None
     _refuse_doctype(path, tree)
@@ -173,6 +174,8 @@ def _disk_section(path: Path, root) -> dict[str, dict]:
         capacity = _int(_attr(disk, "capacity"), where)
         if not disk_id or capacity is None:
             raise InvalidArgument(where, "a Disk needs ovf:diskId and ovf:capacity")
+        if capacity <= 0:
+            raise InvalidArgument(where, f"capacity {capacity} is not positive")
         unit = parse_units(_attr(disk, "capacityAllocationUnits"), where)
         file_ref = _attr(disk, "fileRef")
         if file_ref and file_ref not in files:
@@ -227,7 +230,9 @@ def parse_ovf(path: Path) -> OvfInfo:
         rtype = _int(_child_text(item, "ResourceType"), where)
         quantity = _int(_child_text(item, "VirtualQuantity"), where)
         if rtype == RT_CPU:
-            cpus = quantity or 1
+            cpus = 1 if quantity is None else quantity
+            if cpus < 1:
+                raise InvalidArgument(where, f"{cpus} virtual CPUs: needs at least 1")
         elif rtype == RT_MEMORY:
             memory = (quantity or 0) * parse_units(_child_text(item, "AllocationUnits"), where)
         elif rtype in (RT_IDE, RT_SCSI, RT_OTHER_STORAGE):

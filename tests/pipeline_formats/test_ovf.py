@@ -107,6 +107,27 @@ def test_not_xml_and_not_ovf(tmp_path):
         parse_ovf(other)
 
 
+@pytest.mark.parametrize("old,new,message", [
+    ("<rasd:VirtualQuantity>2</rasd:VirtualQuantity>",
+     "<rasd:VirtualQuantity>-2</rasd:VirtualQuantity>", "-2 virtual CPUs: needs at least 1"),
+    ('ovf:capacity="16"', 'ovf:capacity="-16"', "capacity -16 is not positive"),
+    ("<rasd:VirtualQuantity>512</rasd:VirtualQuantity>",
+     "<rasd:VirtualQuantity>lots</rasd:VirtualQuantity>", "'lots' is not an integer"),
+])
+def test_nonsense_values_are_refused(tmp_path, old, new, message):
+    ovf = tmp_path / "nonsense.ovf"
+    ovf.write_text(SAMPLE.read_text().replace(old, new, 1))
+    with pytest.raises(InvalidArgument, match=message):
+        parse_ovf(ovf)
+
+
+def test_bad_encoding_is_a_clear_error(tmp_path):
+    bad = tmp_path / "enc.ovf"
+    bad.write_bytes(b'<?xml version="1.0" encoding="UTF-8"?><Envelope>\xff\xfe</Envelope>')
+    with pytest.raises(InvalidArgument, match="enc.ovf: not well-formed XML: Invalid bytes"):
+        parse_ovf(bad)
+
+
 def test_disk_item_naming_an_unknown_disk_is_refused(tmp_path):
     ovf = tmp_path / "dangling.ovf"
     ovf.write_text(SAMPLE.read_text().replace("ovf:/disk/vmdisk2", "ovf:/disk/nosuch"))
