@@ -5,6 +5,8 @@ import asyncio
 import json
 import time
 
+from dbus_fast import Message
+
 
 from ..core.test_dbus_api import _documented, _live
 from ..support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, gdbus_call
@@ -223,3 +225,29 @@ def test_schedule_and_policy_export_simulator_vms_over_dbus(system_bus, start_hy
     wait_for(lambda: all(len(list((root / vm).iterdir())) == 1 for vm in PRODUCTION),
              what="retention to keep one backup per VM")
     assert prop(address, policy, POLICY_IFACE, "LastRun") > 0
+
+
+async def test_a_firing_schedule_announces_its_new_properties(system_bus, hypervisord,
+                                                              client_bus):
+    address = system_bus.address
+    path = await asyncio.to_thread(create, address, "CreateSchedule", {
+        "name": "announce", "cron": "* * * * * */2", "kind": "sleep", "job_definition": QUICK})
+    changes: list[dict] = []
+
+    def on_message(msg: Message) -> None:
+        if msg.member == "PropertiesChanged" and msg.path == path:
+            changes.append({k: v.value for k, v in msg.body[1].items()})
+
+    client_bus.add_message_handler(on_message)
+    await client_bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+        body=[f"type='signal',interface='org.freedesktop.DBus.Properties',path='{path}'"]))
+    for _ in range(100):
+        if any(c.get("LastJob", "/") != "/" for c in changes):
+            break
+        await asyncio.sleep(0.1)
+    fired = next(c for c in changes if c.get("LastJob", "/") != "/")
+    assert fired["LastJob"].startswith(ROOT + "/jobs/job_")
+    assert fired["LastRun"] > 0 and fired["NextRun"] > fired["LastRun"]
+    await asyncio.to_thread(call, address, path, SCHEDULE_IFACE, "Delete", "a{sv}", "0")
