@@ -234,11 +234,16 @@ class HyperClient:
             raise ClientError(f"cannot connect to the {self.bus_spec} bus: {exc}",
                               "NoConnection") from None
         self._bus = bus
-        bus.add_message_handler(self._on_message)
-        for rule in _match_rules():
-            await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                             "org.freedesktop.DBus", "AddMatch", "s", [rule])
-        await self.reload()
+        try:
+            bus.add_message_handler(self._on_message)
+            for rule in _match_rules():
+                await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                 "org.freedesktop.DBus", "AddMatch", "s", [rule])
+            await self.reload()
+        except ClientError:
+            self._bus = None  # half set up: `run()` must start over, not wait on it
+            bus.disconnect()
+            raise
 
     async def run(self) -> None:
         """Stay connected until `close()`: reconnect with backoff whenever the bus drops."""
