@@ -7,10 +7,9 @@ import time
 
 from dbus_fast import Message
 
-
 from ..core.test_dbus_api import _documented, _live
-from ..support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, gdbus_call
-from ..support.cli import gvariant_string, job_property, submit
+from ..support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, gdbus_call,
+                           gvariant_string, job_property, submit)
 from .conftest import PRODUCTION
 
 SCHEDULE_IFACE = "org.hypersdk.HyperSDK1.Schedule"
