@@ -154,3 +154,31 @@ async def test_password_file_is_used(tmp_path, sim):
     provider = VSphereProvider("vsphere", config.providers["vsphere"], config)
     assert len(await provider.list_vms({})) == 4
     await provider.close()
+
+
+async def test_listing_is_one_property_collector_round_trip(tmp_path, vcsim_binary, monkeypatch):
+    """The number of SOAP calls does not grow with the number of VMs."""
+    from pyVmomi.SoapAdapter import SoapStubAdapter
+
+    calls: list[str] = []
+    real = SoapStubAdapter.InvokeMethod
+
+    def counting(self, mo, info, args, *rest):
+        calls.append(info.name)
+        return real(self, mo, info, args, *rest)
+
+    counts = {}
+    for vms in (1, 8):
+        with Simulator(vms=vms) as big:
+            config = make_config(tmp_path, big)
+            provider = VSphereProvider("vsphere", config.providers["vsphere"], config)
+            await provider.list_vms({})  # logs in
+            monkeypatch.setattr(SoapStubAdapter, "InvokeMethod", counting)
+            found = await provider.list_vms({})
+            monkeypatch.setattr(SoapStubAdapter, "InvokeMethod", real)
+            assert len(found) == vms * 2
+            counts[vms] = list(calls)
+            calls.clear()
+            await provider.close()
+    assert counts[1] == counts[8]
+    assert counts[8].count("RetrievePropertiesEx") == 1 and len(counts[8]) <= 4
