@@ -304,13 +304,14 @@ class HyperClient:
             mirror.jobs[job.id] = job
             self._emit(ClientEvent("job", job.id))
         elif MANAGER_IFACE in interfaces:
-            props = interfaces[MANAGER_IFACE]
+            props = interfaces[MANAGER_IFACE]  # all of them, or only the changed ones
             mirror.version = props.get("Version", mirror.version)
             mirror.job_counts = dict(props.get("JobCounts", mirror.job_counts))
-            try:
-                mirror.capabilities = json.loads(props.get("Capabilities") or "{}")
-            except json.JSONDecodeError:
-                mirror.capabilities = {}
+            if "Capabilities" in props:
+                try:
+                    mirror.capabilities = json.loads(props["Capabilities"] or "{}")
+                except json.JSONDecodeError:
+                    mirror.capabilities = {}
             self._emit(ClientEvent("manager"))
         else:
             own = {name: dict(values) for name, values in interfaces.items()

@@ -50,3 +50,20 @@ async def test_client_reconnects_after_the_bus_restarts_and_sees_the_service(ser
         if daemon:
             await asyncio.to_thread(daemon.stop)
         await asyncio.to_thread(bus.stop)
+
+
+async def test_mirror_follows_job_counts_and_keeps_capabilities(system_bus, hypervisord):
+    client = HyperClient(system_bus.address)
+    await client.connect()
+    try:
+        assert client.mirror.service_up and client.mirror.version
+        providers = client.mirror.providers()
+        assert providers
+        before = client.mirror.job_counts.get("completed", 0)
+        job_id = await client.submit({"steps": 1, "interval": 0.01}, "sleep")
+        await wait_until(lambda: client.mirror.job_counts.get("completed", 0) == before + 1,
+                         what="JobCounts")
+        assert client.mirror.jobs[job_id].status == "completed"
+        assert client.mirror.providers() == providers  # a JobCounts change keeps the rest
+    finally:
+        client.close()
