@@ -156,7 +156,9 @@ def _growing_stream_info(source: Path, growing: streamopt.GrowingFile, stop) -> 
 
 
 def streamopt_workers() -> int:
-    return max(2, os.cpu_count() or 2)
+    """Inflate threads: one per core, at most 4 (beyond that the marker-parsing
+    thread and the GIL are the limit)."""
+    return min(4, max(2, os.cpu_count() or 2))
 
 
 async def _convert_stream_optimized(source: Path, tmp: Path, out_format: str, compress: bool,
