@@ -62,6 +62,7 @@ ROUTES: list[Route] = [
     Route("GET", "/jobs/eta/{id}", h.jobs_eta, VIEWER),
     Route("GET", "/jobs/logs/{id}", job_logs, VIEWER),
     Route("POST", "/jobs/cancel/{id}", h.jobs_cancel, OPERATOR, mutating=True),
+    Route("POST", "/jobs/retry/{id}", h.jobs_retry, OPERATOR, mutating=True),
     Route("POST", "/convert", h.convert, OPERATOR, mutating=True),
     Route("POST", "/import-to-kvm", h.import_to_kvm, OPERATOR, mutating=True),
     Route("GET", "/parse-vmdk", h.parse_vmdk, VIEWER),

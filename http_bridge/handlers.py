@@ -226,6 +226,14 @@ async def jobs_cancel(request: web.Request) -> web.Response:
                           "cancel_requested": True})
 
 
+async def jobs_retry(request: web.Request) -> web.Response:
+    """Submit a failed or cancelled job's definition again, as a new job."""
+    mirror = request.app[MIRROR]
+    path, _ = find_job(mirror, request.match_info["id"], "id")
+    (new_path,) = await mirror.call(path, JOB_IFACE, "Retry", "a{sv}", [{}])
+    return submitted(request, new_path)
+
+
 # -- disks --------------------------------------------------------------------------------
 async def parse_vmdk(request: web.Request) -> web.Response:
     path = query_text(request, "path")

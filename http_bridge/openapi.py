@@ -103,6 +103,8 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                                  "stay open until the job ends")]),
     ("/jobs/cancel/{id}", "post"): _op("Cancel a job", _json(_ref("CancelAnswer")),
                                        params=[ID_PARAM]),
+    ("/jobs/retry/{id}", "post"): _op("Run a failed or cancelled job again, as a new job",
+                                      _json(_ref("Submitted")), params=[ID_PARAM]),
     ("/convert", "post"): _op("Convert a disk, OVF or OVA (a job)", _json(_ref("Submitted")),
                               body="ConvertRequest", tag="kvm"),
     ("/import-to-kvm", "post"): _op("Define a libvirt domain (a job)", _json(_ref("Submitted")),

@@ -97,10 +97,30 @@ def test_cancel_a_running_job(bridge, sleep_job):
     assert again.status == 400 and again.json()["error"] == "InvalidArgument"
 
 
+def test_retry_a_failed_job(bridge, system_bus, sleep_job):
+    from ..support.cli import submit
+
+    reply = submit(system_bus.address, {"message": "disk full"}, kind="fail")
+    failed = json.loads(reply.stdout.split()[1]).rsplit("/", 1)[-1].replace("_", "-")
+    assert wait_status(bridge, failed, {"failed"})["error"] == "disk full"
+    retried = post_json(bridge, f"/jobs/retry/{failed}", {})
+    assert retried.status == 200 and retried.json()["status"] == "pending"
+    new_job = wait_status(bridge, retried.json()["job_id"], {"failed"})
+    assert new_job["retry_of"] == failed and new_job["job_id"] != failed
+    again = post_json(bridge, f"/jobs/retry/{retried.json()['job_id']}", {})
+    assert again.status == 200  # a failed retry may be retried again
+    completed = sleep_job(steps=1, interval=0.01)
+    wait_status(bridge, completed, {"completed"})
+    refused = post_json(bridge, f"/jobs/retry/{completed}", {})
+    assert refused.status == 400 and refused.json()["field"] == "job"
+
+
 def test_unknown_job_is_404_json(bridge):
     for path in ("/jobs/query?job_id=job-0123456789ab", "/jobs/progress/job-0123456789ab",
-                 "/jobs/eta/nonsense", "/jobs/logs/job-ffff", "/jobs/cancel/job-1"):
-        answer = curl(bridge, path, *(["-X", "POST"] if "cancel" in path else []))
+                 "/jobs/eta/nonsense", "/jobs/logs/job-ffff", "/jobs/cancel/job-1",
+                 "/jobs/retry/job-2"):
+        answer = curl(bridge, path, *(["-X", "POST"] if "/jobs/c" in path or "/jobs/r" in path
+                                      else []))
         assert answer.status == 404, path
         body = answer.json()
         assert body["error"] == "NotFound" and body["field"] in ("job_id", "id")
