@@ -381,7 +381,10 @@ class BackupPolicies:
         now = self.clock.now()
         for policy in self.list():
             if policy.enabled and policy.cron:
-                self._tick_one(policy, now)
+                try:
+                    self._tick_one(policy, now)
+                except Exception:  # one broken policy must not stop the others
+                    log.exception("backup policy %s: tick failed", policy.id)
 
     def _tick_one(self, policy: Policy, now: float) -> None:
         decision = decide(policy.cron, policy.last_slot, now, self.grace)

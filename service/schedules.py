@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -147,7 +147,12 @@ class CronSpec:
                                          "(minute hour day month weekday) or 6 (plus seconds)")
         if not croniter.is_valid(expression):
             raise InvalidArgument(field, f"{expression!r} is not a valid cron expression")
-        return cls(expression, check_timezone(tz_name, tz_field))
+        spec = cls(expression, check_timezone(tz_name, tz_field))
+        try:
+            spec.next_after(time.time())
+        except CroniterError:
+            raise InvalidArgument(field, f"{expression!r} never matches a date") from None
+        return spec
 
     @property
     def zone(self) -> ZoneInfo:
@@ -155,7 +160,7 @@ class CronSpec:
 
     def _hourly(self) -> bool:
         fields = self.expression.split(" ")
-        return len(fields) >= 5 and fields[1] == "*"
+        return self.expression == "@hourly" or (len(fields) >= 5 and fields[1] == "*")
 
     def _accept(self, slot: datetime) -> bool:
         """False for the second occurrence of a repeated (fall-back) wall time, see above."""
@@ -357,7 +362,10 @@ class Schedules:
         now = self.clock.now()
         for schedule in self.list():
             if schedule.enabled:
-                self._tick_one(schedule, now)
+                try:
+                    self._tick_one(schedule, now)
+                except Exception:  # one broken schedule must not stop the others
+                    log.exception("schedule %s: tick failed", schedule.id)
 
     def _tick_one(self, schedule: Schedule, now: float) -> None:
         decision = decide(schedule.cron, schedule.last_slot, now, self.grace)

@@ -43,6 +43,7 @@ def definition(**overrides) -> dict:
 # -- cron parsing and DST -------------------------------------------------------------
 @pytest.mark.parametrize("cron, field", [
     ("61 * * * *", "cron"), ("* * *", "cron"), ("", "cron"), (5, "cron"), ("@sometimes", "cron"),
+    ("0 0 31 2 *", "cron"),
 ])
 def test_invalid_cron_names_the_field(cron, field):
     with pytest.raises(InvalidArgument) as info:
@@ -75,11 +76,12 @@ def test_fall_back_fixed_hour_fires_once_but_hourly_keeps_elapsed_time():
     first = daily.next_after(at(2026, 10, 24, 12, 0))
     assert local(first) == "2026-10-25 02:30 CEST"
     assert local(daily.next_after(first)) == "2026-10-26 02:30 CET"  # not 02:30 CET on the 25th
-    hourly = CronSpec.parse("30 * * * *", "Europe/Berlin")
-    slots = [hourly.next_after(at(2026, 10, 25, 1, 45))]
-    for _ in range(3):
-        slots.append(hourly.next_after(slots[-1]))
-    assert [b - a for a, b in zip(slots, slots[1:])] == [3600, 3600, 3600]
+    for expression in ("30 * * * *", "@hourly"):
+        hourly = CronSpec.parse(expression, "Europe/Berlin")
+        slots = [hourly.next_after(at(2026, 10, 25, 1, 45))]
+        for _ in range(3):
+            slots.append(hourly.next_after(slots[-1]))
+        assert [b - a for a, b in zip(slots, slots[1:])] == [3600, 3600, 3600]
 
 
 def test_decide_latest_missed_slot_within_grace_fires_once():
