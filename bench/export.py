@@ -101,7 +101,8 @@ async def main() -> None:
     synced_rate = mb / min(synced_times)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"file: {file_bytes} bytes ({args.size} disk), best of {args.repeat}")
-    print(f"curl:       {curl_rate:8.1f} MB/s  (runs: {', '.join(f'{t:.2f}s' for t in curl_times)})")
+    runs = ", ".join(f"{t:.2f}s" for t in curl_times)
+    print(f"curl:       {curl_rate:8.1f} MB/s  (runs: {runs})")
     print(f"curl+fsync: {synced_rate:8.1f} MB/s  "
           f"(runs: {', '.join(f'{t:.2f}s' for t in synced_times)})")
     print(f"export:     {our_rate:8.1f} MB/s  (runs: {', '.join(f'{t:.2f}s' for t in our_times)}; "

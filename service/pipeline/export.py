@@ -259,7 +259,8 @@ async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:
     await asyncio.to_thread(ovf_writer.write_ova, ova, members, on_bytes)
 
 
-async def _move_disks(ctx: JobContext, disks: list[ExportedDisk], export_dir: Path) -> list[ExportedDisk]:
+async def _move_disks(ctx: JobContext, disks: list[ExportedDisk],
+                      export_dir: Path) -> list[ExportedDisk]:
     moved = []
     for disk in disks:
         target = export_dir / disk.path.name

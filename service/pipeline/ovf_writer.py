@@ -35,8 +35,10 @@ COPY_BUFFER = 4 << 20
 # rasd:ResourceType values (CIM_ResourceAllocationSettingData)
 RT_CPU, RT_MEMORY, RT_IDE, RT_SCSI, RT_NIC, RT_CDROM, RT_DISK, RT_OTHER = 3, 4, 5, 6, 10, 15, 17, 20
 CONTROLLER_TYPES = {"scsi": RT_SCSI, "ide": RT_IDE, "sata": RT_OTHER, "nvme": RT_OTHER}
-SCSI_SUBTYPES = {"ParaVirtualSCSIController": "VirtualSCSI", "VirtualLsiLogicController": "lsilogic",
-                 "VirtualLsiLogicSASController": "lsilogicsas", "VirtualBusLogicController": "buslogic"}
+SCSI_SUBTYPES = {"ParaVirtualSCSIController": "VirtualSCSI",
+                 "VirtualLsiLogicController": "lsilogic",
+                 "VirtualLsiLogicSASController": "lsilogicsas",
+                 "VirtualBusLogicController": "buslogic"}
 OTHER_SUBTYPES = {"sata": "vmware.sata.ahci", "nvme": "vmware.nvme.controller"}
 NIC_SUBTYPES = {"vmxnet3": "VmxNet3", "e1000": "E1000", "e1000e": "E1000e", "pcnet32": "PCNet32"}
 

@@ -74,7 +74,8 @@ def _retrieve(content) -> list:
     spec, view = _spec(content)
     collector = content.propertyCollector
     try:
-        result = collector.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
+        options = vmodl.query.PropertyCollector.RetrieveOptions()
+        result = collector.RetrievePropertiesEx([spec], options)
         objects = list(result.objects) if result else []
         while result and result.token:
             result = collector.ContinueRetrievePropertiesEx(result.token)
@@ -201,7 +202,8 @@ def check_filter(vm_filter: dict | None) -> dict:
     result = {}
     for key, value in vm_filter.items():
         if key not in FILTER_KEYS:
-            raise InvalidArgument(f"filter.{key}", "an unknown key; known: " + ", ".join(FILTER_KEYS))
+            raise InvalidArgument(f"filter.{key}",
+                                  "an unknown key; known: " + ", ".join(FILTER_KEYS))
         if key in ("status", "power_state"):
             if value not in POWER_STATES:
                 raise InvalidArgument(f"filter.{key}", "one of " + ", ".join(POWER_STATES))
