@@ -46,14 +46,18 @@ async def json_body(request: web.Request) -> dict:
         raise invalid("body", "expected a JSON object, found an empty body")
     try:
         value = json.loads(raw)
-    except UnicodeDecodeError:
-        raise invalid("body", "malformed JSON: not UTF-8 text") from None
+        if not isinstance(value, dict):
+            raise invalid("body", "expected a JSON object")
+        check_text(value, "body")
     except json.JSONDecodeError as exc:
         raise invalid("body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
                               f"column {exc.colno}") from None
-    if not isinstance(value, dict):
-        raise invalid("body", "expected a JSON object")
-    check_text(value, "body")
+    except UnicodeDecodeError:
+        raise invalid("body", "malformed JSON: not UTF-8 text") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise invalid("body", f"unusable JSON: {exc}") from None
+    except RecursionError:
+        raise invalid("body", "unusable JSON: nested too deeply") from None
     return value
 
 

@@ -196,6 +196,8 @@ class WebSocketHub:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=64 * 1024,
                                    compress=False)
         await ws.prepare(request)
+        if request.transport is None:  # the client left during the handshake
+            return ws
         client = Client(ws, request.transport, who, self.max_queued)
         self.clients.add(client)
         request.app[WEBSOCKETS].add(ws)

@@ -197,3 +197,10 @@ def test_long_logs_come_in_pages_without_loss(bridge, system_bus):
     lines = curl(bridge, f"/jobs/logs/{job_id}").body.splitlines()
     flood = [line.split(" ", 2)[2].strip() for line in lines if " line " in line]
     assert flood == [f"line {i}" for i in range(2500)]
+
+
+def test_pathological_json_is_a_400_not_a_crash(bridge):
+    for body in ("[" * 50_000 + "]" * 50_000, '{"n": ' + "9" * 5000 + "}",
+                 '{"a": ' * 3000 + "1" + "}" * 3000):
+        answer = post_json(bridge, "/convert", body)
+        assert answer.status == 400 and answer.json()["field"] == "body", answer.body[:200]
