@@ -312,3 +312,20 @@ async def test_descriptor_with_flat_extent_is_joined(config, registry, sim, si, 
     for disk, entry in zip(uploaded, result["disks"]):
         assert same_image(disk.local_vmdk, Path(entry["path"]))
     assert ctx.done == ctx.total
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+async def test_parallel_disks_bound(tmp_path, sim, uploaded, parallel):
+    base = tmp_path / "exports"
+    base.mkdir(exist_ok=True)
+    config = parse_config({"export": {"base_path": str(base), "parallel_disks": parallel},
+                           "providers": {"vsphere": sim.provider_settings()}}, "(test)", env={})
+    registry = ProviderRegistry(config)
+    try:
+        _, ctx = await export(config, registry, export_method="disk")
+    finally:
+        await registry.close()
+    lines = [m for _, m in ctx.lines if m.startswith("disk ")]
+    first_done = lines.index(next(m for m in lines if " done:" in m))
+    second_start = lines.index(next(m for m in lines if m.startswith("disk 2/2:")))
+    assert (second_start > first_done) == (parallel == 1)
