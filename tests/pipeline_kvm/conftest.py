@@ -14,42 +14,10 @@ import pytest
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.providers.base import ExportedDisk
+from tests.support.bootdisk import write_boot_disk
+from tests.support.libvirtd import ensure_system_libvirt
 from tests.vsphere.fake_context import FakeJobContext
-
-SYSTEM_URI = "qemu:///system"
-BOOT_LINE = b"HYPERSDK BOOT OK"
 IMAGES_DIR = Path("/var/lib/libvirt/images")
-
-# x86 real mode at 0x7C00: ds=0; dx=0x3F8 (COM1); si=message; out each byte until NUL; halt.
-_BOOT_CODE = bytes([
-    0x31, 0xC0,              # xor ax, ax
-    0x8E, 0xD8,              # mov ds, ax
-    0xFC,                    # cld
-    0xBA, 0xF8, 0x03,        # mov dx, 0x3F8
-    0xBE, 0x16, 0x7C,        # mov si, 0x7C16 (the message, right after this code)
-    0xAC,                    # next: lodsb
-    0x08, 0xC0,              # or al, al
-    0x74, 0x03,              # jz halt
-    0xEE,                    # out dx, al
-    0xEB, 0xF8,              # jmp next
-    0xF4,                    # halt: hlt
-    0xEB, 0xFD,              # jmp halt
-])
-
-
-def boot_sector() -> bytes:
-    """A 512-byte MBR that prints BOOT_LINE on the first serial port, then halts."""
-    assert len(_BOOT_CODE) == 0x16
-    body = _BOOT_CODE + BOOT_LINE + b"\r\n\0"
-    return body + bytes(510 - len(body)) + b"\x55\xaa"
-
-
-def write_boot_disk(path: Path, size: int = 1024 * 1024) -> Path:
-    """A raw disk whose first sector is boot_sector(); the rest is a hole."""
-    with open(path, "wb") as handle:
-        handle.write(boot_sector())
-        handle.truncate(size)
-    return path
 
 
 def qemu_img(*args: str) -> None:
@@ -98,36 +66,12 @@ def test_driver():
     conn.close()
 
 
-def _system_libvirt_reachable() -> bool:
-    import libvirt
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    try:
-        libvirt.open(SYSTEM_URI).close()
-        return True
-    except libvirt.libvirtError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def system_libvirt() -> str:
     """qemu:///system, starting virtlogd and libvirtd (left running) when they are not up."""
     if not Path("/usr/sbin/libvirtd").exists():
         pytest.skip("/usr/sbin/libvirtd is not installed (scripts/install-system-deps.sh)")
-    if Path("/dev/kvm").exists() and os.stat("/dev/kvm").st_mode & 0o060 != 0o060:
-        # As scripts/install-system-deps.sh does: otherwise libvirtd re-probes QEMU
-        # (~50 s) on every call because KVM looks unusable for the qemu user.
-        subprocess.run(["chgrp", "kvm", "/dev/kvm"], check=True)
-        os.chmod("/dev/kvm", 0o660)
-    if not _system_libvirt_reachable():
-        for directory in ("/var/log/libvirt", "/run/libvirt"):
-            os.makedirs(directory, exist_ok=True)
-        subprocess.run(["virtlogd", "--daemon"], check=False)
-        subprocess.run(["libvirtd", "--daemon"], check=True)
-        deadline = time.monotonic() + 20
-        while not _system_libvirt_reachable():
-            assert time.monotonic() < deadline, "libvirtd did not answer at qemu:///system"
-            time.sleep(0.2)
-    return SYSTEM_URI
+    return ensure_system_libvirt()
 
 
 @pytest.fixture

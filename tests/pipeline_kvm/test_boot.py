@@ -21,7 +21,9 @@ from hypersdk.service.pipeline.handoff import run_integration, validate_integrat
 from hypersdk.service.pipeline.libvirt_import import import_domain
 from hypersdk.service.providers.base import VMInfo
 
-from .conftest import BOOT_LINE, fake_job_context, export_vmdk, qemu_img, write_boot_disk
+from tests.support.bootdisk import BOOT_LINE, write_boot_disk
+
+from .conftest import export_vmdk, fake_job_context, qemu_img
 
 pytestmark = pytest.mark.slow
 

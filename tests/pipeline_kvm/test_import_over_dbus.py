@@ -11,7 +11,9 @@ import pytest
 from tests.core.test_dbus_api import wait_for_status
 from tests.support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, job_property
 
-from .conftest import qemu_img, write_boot_disk
+from tests.support.bootdisk import write_boot_disk
+
+from .conftest import qemu_img
 from .test_boot import wait_for_line
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,9 @@ from hypersdk.service.providers.registry import ProviderRegistry
 from tests.vcsim.harness import Simulator, find_vm, give_disks, wait_task
 from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
 
-from .conftest import BOOT_LINE, qemu_img, write_boot_disk
+from tests.support.bootdisk import BOOT_LINE, write_boot_disk
+
+from .conftest import qemu_img
 
 pytestmark = pytest.mark.slow
 
