@@ -27,9 +27,13 @@ def _pieces(ranges: list[tuple[int, int]], chunk_size: int) -> Iterator[tuple[in
 async def _valid_ranges(blob: Any, size: int, blob_type: Any) -> list[tuple[int, int]]:
     if blob_type != "PageBlob":  # BlobType is a str enum
         return [(0, size)] if size else []
-    ranges = []
+    ranges: list[tuple[int, int]] = []
     async for page in blob.list_page_ranges():
-        if not page.cleared:
+        if page.cleared:
+            continue
+        if ranges and ranges[-1][1] == page.start:  # adjacent: one range, fewer requests
+            ranges[-1] = (ranges[-1][0], page.end + 1)
+        else:
             ranges.append((page.start, page.end + 1))
     return ranges
 

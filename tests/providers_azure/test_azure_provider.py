@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -14,6 +15,7 @@ from hypersdk.service.config import ConfigError, parse_config
 from hypersdk.service.errors import Failed, InvalidArgument, NotFound, Unavailable
 from hypersdk.service.providers.base import ExportOptions, require_extra
 
+from ..vsphere.fault_proxy import FaultInjectingProxy
 from .conftest import make_provider, make_vhd, upload_disk
 
 MIB = 1024 * 1024
@@ -120,8 +122,9 @@ async def test_failed_download_still_revokes_and_deletes(provider, arm_state, az
     # the data disk's blob was never uploaded: Azurite answers 404 to its SAS URL
     add_vm(arm_state, "rg1", "bad-1", disks=[("bad-1-os", MIB), ("bad-1-missing", MIB)])
 
-    with pytest.raises(NotFound, match="downloading disk bad-1-missing: not found"):
+    with pytest.raises(NotFound, match="downloading disk bad-1-missing: not found") as caught:
         await provider.export_disks("bad-1", out, ExportOptions(), sink)
+    assert "sig=" not in str(caught.value) and not any("sig=" in m for m in sink.lines)
 
     assert len(_granted(arm_state)) == 2 and sorted(_revoked(arm_state)) == sorted(_granted(arm_state))
     assert arm_state.snapshots == {}
@@ -166,6 +169,27 @@ async def test_cancel_again_during_cleanup_still_revokes(provider, arm, arm_stat
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.wait_for(revoke_calls(2), 10)  # the shielded cleanup went on and revoked
+
+
+async def test_dropped_connection_mid_download_is_resumed(provider, arm_state, azurite, tmp_path,
+                                                          out, sink):
+    from .fake_arm import add_vm
+    dense = make_vhd(tmp_path, "drop-1-os", MIB, b"")
+    dense = bytes(range(256)) * (MIB // 256) + dense[MIB:]  # every page holds data
+    upload_disk(azurite, "drop-1-os", dense)
+    add_vm(arm_state, "rg1", "drop-1", power="deallocated", disks=[("drop-1-os", MIB)])
+    proxy = await FaultInjectingProxy("127.0.0.1", urlsplit(azurite).port,
+                                      cut_after=300 * 1024, cuts=1).start()
+    real_sas = arm_state.sas_for_disk
+    arm_state.sas_for_disk = lambda disk: real_sas(disk).replace(
+        f":{urlsplit(azurite).port}/", f":{proxy.port}/")
+    try:
+        _, [disk] = await provider.export_disks("drop-1", out, ExportOptions(), sink)
+    finally:
+        await proxy.close()
+    assert proxy.cuts_done == 1
+    assert disk.path.read_bytes() == dense
+    assert disk.sha256 == hashlib.sha256(dense).hexdigest()
 
 
 async def test_not_a_vhd_is_refused_and_removed(provider, arm_state, azurite, out, sink):
