@@ -18,6 +18,9 @@ Rules (documented for users in org.hypersdk.HyperSDK1.Schedule.xml):
   with a fixed hour fires only at the first occurrence, while one whose hour field is
   `*` keeps firing by elapsed time.
 - Re-enabling a schedule does not fire the slots that passed while it was disabled.
+- `{time}` in any string of the job definition becomes the run's UTC time
+  (`20260102T020000Z`), e.g. `"export_path": "nightly/{time}"`: an export refuses to
+  overwrite, so a fixed path would make every run after the first fail.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACTIVE_STATUSES = ("pending", "running")
+TIME_PLACEHOLDER = "{time}"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 
 
@@ -211,6 +215,21 @@ def decide(spec: CronSpec, last_slot: float, now: float, grace: float) -> SlotDe
     return SlotDecision(latest, now - latest <= grace, latest > due)
 
 
+def expand_time(value: Any, moment: float) -> Any:
+    """`{time}` in any string of a job definition -> the run's UTC time, 20260102T020000Z.
+
+    So that each run of, say, a nightly export can write to a directory of its own.
+    """
+    if isinstance(value, str):
+        return value.replace(TIME_PLACEHOLDER, datetime.fromtimestamp(
+            moment, timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    if isinstance(value, dict):
+        return {k: expand_time(v, moment) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_time(v, moment) for v in value]
+    return value
+
+
 # -- schedules -------------------------------------------------------------------------
 SCHEDULE_FIELDS = ("name", "cron", "timezone", "kind", "job_definition", "enabled",
                    "description")
@@ -276,7 +295,7 @@ class Schedules:
         if not isinstance(job_definition, dict):
             raise InvalidArgument("job_definition", "must be a JSON object")
         try:
-            _, normalised = self.engine.validate(kind, job_definition)
+            self.engine.validate(kind, expand_time(job_definition, self.clock.now()))
         except InvalidArgument as exc:
             field = "kind" if exc.field == "kind" else f"job_definition.{exc.field}"
             raise InvalidArgument(field, exc.rule) from None
@@ -284,7 +303,7 @@ class Schedules:
         if not isinstance(description, str):
             raise InvalidArgument("description", "must be a string")
         return {"name": name, "cron": cron.expression, "timezone": cron.timezone, "kind": kind,
-                "job_definition": normalised, "description": description,
+                "job_definition": job_definition, "description": description,
                 "enabled": check_bool(definition.get("enabled", True), "enabled")}
 
     def create(self, definition: Any, uid: int) -> Schedule:
@@ -335,7 +354,8 @@ class Schedules:
         return self._submit(self.get(schedule_id), None, uid)
 
     def _submit(self, schedule: Schedule, slot: float | None, uid: int) -> "JobRecord":
-        job = self.engine.submit(schedule.kind, schedule.job_definition, uid)
+        definition = expand_time(schedule.job_definition, slot or self.clock.now())
+        job = self.engine.submit(schedule.kind, definition, uid)
         with self.store.transaction() as db:
             db.execute("INSERT INTO schedule_jobs (schedule_id, job_id, slot) VALUES (?,?,?)",
                        (schedule.id, job.id, slot))

@@ -206,3 +206,17 @@ async def test_run_now_submits_and_delete_keeps_the_jobs(env):
     schedules.delete(schedule.id)
     assert env.engine.get(job.id).id == job.id
     assert schedules.list() == []
+
+
+async def test_time_placeholder_gives_each_run_its_own_value(env):
+    clock = FakeClock(datetime(2026, 1, 1, 11, 0, tzinfo=ZoneInfo("UTC")).timestamp())
+    schedules, _ = make(env, clock)
+    schedule = schedules.create(definition(kind="fail", job_definition={"message": "run {time}"},
+                                           cron="0 * * * *"), 0)
+    assert schedules.get(schedule.id).job_definition == {"message": "run {time}"}
+    clock.advance(3600)
+    schedules.tick()
+    manual = schedules.run_now(schedule.id, 0)
+    first = env.engine.get(schedules.jobs(schedule.id)[0])
+    assert first.definition == {"message": "run 20260101T120000Z"}
+    assert manual.definition == {"message": "run 20260101T120000Z"}
