@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
 test: venv
 	$(PY) -m pytest -q -ra
 
+demo: venv
+	$(PY) scripts/demo.py
+
 test-fast: venv
 	$(PY) -m pytest -q -ra -m "not slow"
 

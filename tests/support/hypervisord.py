@@ -41,6 +41,7 @@ class Hypervisord:
     process: subprocess.Popen | None = None
     notifications: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    module: str = "tests.support.run_daemon"  # the product's is hypersdk.service.daemon
 
     def start(self, timeout: float = 30) -> None:
         notify_path = self.config_path.parent / f"notify-{time.monotonic_ns()}.sock"
@@ -52,7 +53,7 @@ class Hypervisord:
         self.log_path = self.config_path.parent / "hypervisord.log"
         log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.run_daemon", "--config", str(self.config_path)],
+            [sys.executable, "-m", self.module, "--config", str(self.config_path)],
             env=env, stdout=log_file, stderr=log_file, cwd=REPO)
         log_file.close()
         deadline = time.monotonic() + timeout

@@ -1,0 +1,163 @@
+"""`make demo`: the main job end to end on this machine, no cloud account needed.
+
+1. the govmomi vSphere simulator (built from Debian's package) with a VM whose disk
+   really boots: its first sector prints a line on the serial port;
+2. a private system bus and the real `hypervisord` on it, configured for the simulator
+   and the local libvirt daemon (qemu:///system, started if needed);
+3. `hyperctl` lists the VMs, submits the spec's export job with the direct pipeline
+   (export → convert to qcow2 → define in libvirt with autostart → start) and watches it;
+4. the migrated VM boots under QEMU and its serial console is shown.
+
+Everything it starts is stopped at the end; the domain is removed unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pyVim.connect import Disconnect  # noqa: E402
+from pyVmomi import vim  # noqa: E402
+
+from tests.support.bootdisk import BOOT_LINE, write_boot_disk  # noqa: E402
+from tests.support.hypervisord import Hypervisord, write_config  # noqa: E402
+from tests.support.libvirtd import ensure_system_libvirt  # noqa: E402
+from tests.support.system import PrivateSystemBus  # noqa: E402
+from tests.vcsim.harness import Simulator, find_vm, give_disks, wait_task  # noqa: E402
+
+SOURCE_VM = "DC0_H0_VM0"
+DOMAIN = "hypersdk-demo"
+HYPERCTL = str(Path(sys.executable).with_name("hyperctl"))
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def remove_domain(uri: str, name: str) -> None:
+    import libvirt
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    conn = libvirt.open(uri)
+    try:
+        domain = conn.lookupByName(name)
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    except libvirt.libvirtError:
+        pass  # not defined
+    finally:
+        conn.close()
+
+
+def prepare_vm(sim: Simulator, workdir: Path) -> None:
+    """Give the VM one boot disk, drop its NICs (no libvirt network here), rename it."""
+    si = sim.connect()
+    try:
+        uploaded = give_disks(sim, si, SOURCE_VM, [4 << 20], workdir)
+        vmdk = workdir / "boot.vmdk"
+        subprocess.run(["qemu-img", "convert", "-O", "vmdk",
+                        str(write_boot_disk(workdir / "boot.raw", 4 << 20)), str(vmdk)],
+                       check=True)
+        sim.put_file(vmdk, uploaded[0].datastore_path, "DC0")
+        vm = find_vm(si, SOURCE_VM)
+        nics = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
+                for device in vm.config.hardware.device
+                if isinstance(device, vim.vm.device.VirtualEthernetCard)]
+        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(name=DOMAIN, deviceChange=nics)))
+    finally:
+        Disconnect(si)
+
+
+def hyperctl(bus: str, *args: str, capture: bool = False) -> str:
+    result = subprocess.run([HYPERCTL, "--bus", bus, *args], text=True,
+                            stdout=subprocess.PIPE if capture else None)
+    if result.returncode != 0:
+        raise SystemExit(f"hyperctl {' '.join(args)} failed ({result.returncode})")
+    return result.stdout or ""
+
+
+def run(keep: bool) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="hypersdk-demo-", dir="/var/tmp"))
+    workdir.chmod(0o755)
+    images = Path("/var/lib/libvirt/images/hypersdk-demo")
+    uri = ensure_system_libvirt()
+    remove_domain(uri, DOMAIN)
+    shutil.rmtree(images, ignore_errors=True)
+    say("1. vSphere simulator with a bootable VM")
+    with Simulator() as sim:
+        prepare_vm(sim, workdir)
+        print(f"simulator at {sim.host}:{sim.port}; VM {SOURCE_VM} renamed {DOMAIN}")
+        bus = PrivateSystemBus.start(workdir / "bus")
+        daemon = None
+        try:
+            say("2. hypervisord on a private system bus")
+            config = write_config(workdir, providers={"vsphere": sim.provider_settings()},
+                                  hyper2kvm={"output_dir": str(images),
+                                             "watch_dir": str(workdir / "watch")},
+                                  libvirt={"uri": uri}, daemon={"log_level": "info"})
+            daemon = Hypervisord(config, bus.address, module="hypersdk.service.daemon")
+            daemon.start()
+            print(f"ready ({daemon.notifications[-1].strip()}); config {config}")
+            say("3. hyperctl vms --provider vsphere")
+            hyperctl(bus.address, "vms", "--provider", "vsphere")
+            job = {"vm_identifier": DOMAIN, "provider": "vsphere", "export_method": "ova",
+                   "export_path": str(workdir / "exports" / DOMAIN),
+                   "options": {"shutdown_vm": False, "remove_cdrom": True, "compress": True},
+                   "hyper2kvm_integration": {"enabled": True, "auto_convert": True,
+                                             "daemon_mode": False, "import_to_kvm": True,
+                                             "autostart": True, "start": True}}
+            job_file = workdir / "job.json"
+            job_file.write_text(json.dumps(job, indent=2))
+            say(f"4. hyperctl submit {job_file}")
+            print(job_file.read_text())
+            job_id = json.loads(hyperctl(bus.address, "submit", str(job_file), "--json",
+                                         capture=True))["job_id"]
+            say(f"5. hyperctl watch {job_id}")
+            hyperctl(bus.address, "watch", job_id)
+            say(f"6. hyperctl logs {job_id}")
+            hyperctl(bus.address, "logs", job_id)
+            show_domain(uri, images)
+        finally:
+            if daemon:
+                daemon.stop()
+            bus.stop()
+    if not keep:
+        remove_domain(uri, DOMAIN)
+        shutil.rmtree(images, ignore_errors=True)
+        print(f"\n(domain {DOMAIN} removed again; run with --keep to leave it defined)")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def show_domain(uri: str, images: Path) -> None:
+    say(f"7. virsh -c {uri} dominfo {DOMAIN}")
+    subprocess.run(["virsh", "-c", uri, "dominfo", DOMAIN], check=True)
+    serial = next(images.rglob(f"{DOMAIN}.serial.log"))  # the import logs it beside the disk
+    say(f"8. the migrated VM's serial console ({serial})")
+    deadline = time.monotonic() + 60
+    while not (serial.is_file() and BOOT_LINE in serial.read_bytes()):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the VM did not print {BOOT_LINE!r} on its serial console")
+        time.sleep(0.2)
+    print(serial.read_bytes().decode(errors="replace").strip())
+    print("\nThe VM was exported from vSphere, converted, defined in libvirt and booted.")
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("make demo runs as root (it starts libvirtd and a system bus)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="leave the domain defined")
+    run(parser.parse_args().keep)
+
+
+if __name__ == "__main__":
+    main()
