@@ -11,9 +11,9 @@ A run downloads the disks into a hidden staging directory inside export_path
 - `ova`: `<vm>.ova`, a tar of `<vm>.ovf` (first), `<vm>.mf` and the disks;
 - `ovf`: `<vm>.ovf`, `<vm>.mf` and the disk files;
 - `disk`: the disk files and `<vm>.mf`.
-With `options.compress`, OVA/OVF disks that are not stream-optimized yet are
-rewritten as stream-optimized (deflated) VMDKs with qemu-img, the OVF disk format
-for transport. Finally the hyper2kvm hand-off runs when the definition enables it. Output files
+OVA/OVF packages carry VMDKs: disks in other formats (raw, vhd, ... from the
+cloud providers) are rewritten as stream-optimized VMDKs with qemu-img, and with
+`options.compress` so are VMDKs that are not stream-optimized yet. Finally the hyper2kvm hand-off runs when the definition enables it. Output files
 are registered for cleanup until the job completes, so a failed or cancelled
 export leaves nothing behind.
 """
@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import AlreadyExists, InvalidArgument
+from ..errors import AlreadyExists, Failed, InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..providers.base import ExportedDisk, ExportOptions, VMInfo
 from . import handoff, ovf_writer
@@ -42,6 +42,7 @@ FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options"
 BOOL_OPTIONS = {"shutdown_vm": False, "restore_power_state": False, "remove_cdrom": True,
                 "compress": False}
 DEFAULT_SHUTDOWN_TIMEOUT = 300.0
+QEMU_INPUT_FORMATS = {"vmdk": "vmdk", "raw": "raw", "vhd": "vpc", "vhdx": "vhdx", "qcow2": "qcow2"}
 
 
 def _check_options(options: Any) -> dict:
@@ -131,8 +132,7 @@ class ExportKind(JobKind):
         ctx.log(f"exporting {vm.name} ({vm.identifier}, {len(vm.disks)} disk(s)) as {method} "
                 f"to {export_dir}")
         await asyncio.to_thread(export_dir.mkdir, parents=True, exist_ok=True)
-        names = _output_names(vm, method, len(vm.disks))
-        _refuse_existing(export_dir, names)
+        _refuse_existing(export_dir, _package_names(vm, method))
         disk_bytes = sum(d.capacity_bytes for d in vm.disks)
         needed = disk_bytes * (2 if method == "ova" else 1)
         check_free_space(export_dir, needed, f"exporting {vm.name} as {method}")
@@ -143,8 +143,9 @@ class ExportKind(JobKind):
         vm, disks = await provider.export_disks(vm.identifier, staging,
                                                 _export_options(definition, ctx), ctx)
         ctx.set_stage("package")
-        if definition["options"]["compress"] and method in ("ova", "ovf"):
-            disks = [await _compress(ctx, disk) for disk in disks]
+        if method in ("ova", "ovf"):
+            compress = definition["options"]["compress"]
+            disks = [await to_ovf_disk(ctx, disk, compress) for disk in disks]
         outputs = await _package(ctx, vm, disks, method, staging, export_dir,
                                  definition["options"]["remove_cdrom"],
                                  definition["hyper2kvm_integration"]["enabled"])
@@ -167,14 +168,11 @@ def _export_options(definition: dict, ctx: JobContext) -> ExportOptions:
                          extra={"shutdown_timeout": options["shutdown_timeout"]})
 
 
-def _output_names(vm: VMInfo, method: str, disk_count: int) -> list[str]:
+def _package_names(vm: VMInfo, method: str) -> list[str]:
+    """The files a package adds besides the disks (whose names the provider chooses)."""
     stem = safe_name(vm.name)
-    disks = [f"{stem}-disk{i + 1}.vmdk" for i in range(disk_count)]
-    if method == "ova":
-        return [f"{stem}.ova"]
-    if method == "ovf":
-        return [f"{stem}.ovf", f"{stem}.mf", *disks]
-    return [*disks, f"{stem}.mf"]
+    return {"ova": [f"{stem}.ova"], "ovf": [f"{stem}.ovf", f"{stem}.mf"],
+            "disk": [f"{stem}.mf"]}[method]
 
 
 def _refuse_existing(export_dir: Path, names: list[str]) -> None:
@@ -222,11 +220,16 @@ async def _package(ctx: JobContext, vm: VMInfo, disks: list[ExportedDisk], metho
             "ovf": finals[0] if method == "ovf" else None, "manifest": finals[-1]}
 
 
-async def _compress(ctx: JobContext, disk: ExportedDisk) -> ExportedDisk:
-    """A stream-optimized (deflated) copy of a VMDK, replacing it; others are left as they are."""
-    if disk.format != "vmdk" or ovf_writer.vmdk_create_type(disk.path) == "streamOptimized":
+async def to_ovf_disk(ctx: JobContext, disk: ExportedDisk, compress: bool) -> ExportedDisk:
+    """The disk as an OVF package carries it: a VMDK. Other formats (raw, vhd, ...) become
+    stream-optimized VMDKs; a VMDK is rewritten as stream-optimized only for `compress`."""
+    if disk.format == "vmdk" and (not compress or
+                                  ovf_writer.vmdk_create_type(disk.path) == "streamOptimized"):
         return disk
-    temp = temp_path_for(disk.path)
+    if disk.format not in QEMU_INPUT_FORMATS:
+        raise Failed(f"{disk.path.name}: cannot put a {disk.format} disk into an OVF package")
+    target = disk.path.with_suffix(".vmdk")
+    temp = temp_path_for(target)
     ctx.add_total(disk.capacity_bytes)
     done = 0
 
@@ -236,18 +239,20 @@ async def _compress(ctx: JobContext, disk: ExportedDisk) -> ExportedDisk:
         ctx.advance(now - done)
         done = now
 
-    ctx.log(f"compressing {disk.path.name} (stream-optimized VMDK)")
+    ctx.log(f"writing {disk.path.name} as a stream-optimized VMDK")
     try:
-        await run_qemu_img_convert(disk.path, "vmdk", temp, "vmdk", False, on_fraction,
-                                   out_options="subformat=streamOptimized")
-        await asyncio.to_thread(os.replace, temp, disk.path)
+        await run_qemu_img_convert(disk.path, QEMU_INPUT_FORMATS[disk.format], temp, "vmdk",
+                                   False, on_fraction, out_options="subformat=streamOptimized")
+        await asyncio.to_thread(os.replace, temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    if target != disk.path:
+        disk.path.unlink()
     on_fraction(1.0)
-    size, digest = await asyncio.to_thread(file_sha256, disk.path)
-    ctx.log(f"compressed {disk.path.name}: {disk.file_bytes} -> {size} bytes")
-    return dataclasses.replace(disk, file_bytes=size, sha256=digest)
+    size, digest = await asyncio.to_thread(file_sha256, target)
+    ctx.log(f"{target.name}: {size} bytes (was {disk.file_bytes})")
+    return dataclasses.replace(disk, path=target, format="vmdk", file_bytes=size, sha256=digest)
 
 
 async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:
@@ -261,6 +266,7 @@ async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:
 
 async def _move_disks(ctx: JobContext, disks: list[ExportedDisk],
                       export_dir: Path) -> list[ExportedDisk]:
+    _refuse_existing(export_dir, [disk.path.name for disk in disks])
     moved = []
     for disk in disks:
         target = export_dir / disk.path.name

@@ -133,7 +133,7 @@ async def test_compress_writes_stream_optimized_disks(config, registry, uploaded
     for disk, name in zip(uploaded, names[2:]):
         assert same_image(disk.local_vmdk, unpacked / name)
         assert (unpacked / name).stat().st_size < disk.local_vmdk.stat().st_size
-    assert ctx.done == ctx.total and "compressing" in ctx.text()
+    assert ctx.done == ctx.total and "as a stream-optimized VMDK" in ctx.text()
 
 
 async def test_export_disk_method_writes_disks_and_manifest(config, registry, uploaded):
@@ -329,3 +329,32 @@ async def test_parallel_disks_bound(tmp_path, sim, uploaded, parallel):
     first_done = lines.index(next(m for m in lines if " done:" in m))
     second_start = lines.index(next(m for m in lines if m.startswith("disk 2/2:")))
     assert (second_start > first_done) == (parallel == 1)
+
+
+async def test_raw_disk_from_another_provider_becomes_stream_optimized_vmdk(tmp_path):
+    """OVA/OVF packages carry VMDKs: a raw disk (as the cloud providers export) is rewritten."""
+    from hypersdk.service.pipeline.download import file_sha256
+    from hypersdk.service.pipeline.export import to_ovf_disk
+    from hypersdk.service.pipeline.ovf_writer import vmdk_create_type
+    from hypersdk.service.providers.base import ExportedDisk
+
+    raw = tmp_path / "vm-disk1.raw"
+    with open(raw, "wb") as handle:
+        handle.truncate(8 << 20)
+        handle.seek(3 << 20)
+        handle.write(os.urandom(1 << 20))
+    size, digest = file_sha256(raw)
+    disk = ExportedDisk(path=raw, format="raw", capacity_bytes=size, file_bytes=size,
+                        sha256=digest, label="disk 1", key="disk-1")
+    copy = tmp_path / "original.raw"
+    copy.write_bytes(raw.read_bytes())
+    ctx = FakeJobContext({}, None, None)
+    converted = await to_ovf_disk(ctx, disk, compress=False)
+    assert converted.path == tmp_path / "vm-disk1.vmdk" and not raw.exists()
+    assert converted.format == "vmdk" and vmdk_create_type(converted.path) == "streamOptimized"
+    assert (converted.file_bytes, converted.sha256) == file_sha256(converted.path)
+    assert same_image(copy, converted.path)
+    assert ctx.done == ctx.total == size
+    with pytest.raises(Failed, match="cannot put a iso disk into an OVF package"):
+        await to_ovf_disk(ctx, ExportedDisk(path=copy, format="iso", capacity_bytes=1,
+                                            file_bytes=1, sha256=""), compress=False)
