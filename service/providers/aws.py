@@ -67,8 +67,6 @@ CONFIG_SCHEMA = {
 def aws_error(exc: Exception, what: str) -> HyperSDKError:
     """Map a botocore exception to a project error whose message says what failed."""
     botocore_exceptions = require_extra("botocore.exceptions", "aws")
-    if isinstance(exc, HyperSDKError):
-        return exc
     if isinstance(exc, botocore_exceptions.NoCredentialsError):
         return Unavailable(f"{what}: no AWS credentials found; set access_key_id and "
                            "secret_access_key_file or profile in the provider config, "

@@ -61,8 +61,6 @@ CONFIG_SCHEMA = {
 def azure_error(exc: Exception, what: str) -> HyperSDKError:
     """Map an azure-core exception to a project error whose message says what failed."""
     errors = require_extra("azure.core.exceptions", "azure")
-    if isinstance(exc, HyperSDKError):
-        return exc
     if isinstance(exc, errors.ClientAuthenticationError):
         return Unavailable(f"{what}: Azure refused the credentials ({_first_line(exc)})")
     if isinstance(exc, errors.ResourceNotFoundError):
@@ -245,9 +243,11 @@ class AzureProvider(Provider):
                          boot_order: int | None) -> tuple[DiskInfo, str]:
         """The disk behind a VM's disk reference, and its Hyper-V generation (V2 = UEFI)."""
         disk_id = (ref.get("managedDisk") or {}).get("id")
-        if not disk_id:
-            raise Failed(f"{label} {ref.get('name', '')!r} is not a managed disk; only managed "
-                         "disks can be exported")
+        if not disk_id:  # a legacy unmanaged disk: listed, refused by export_disks
+            return (DiskInfo(key=ref.get("name", label), label=label,
+                             capacity_bytes=int(ref.get("diskSizeGB") or 0) * GIB,
+                             location=(ref.get("vhd") or {}).get("uri", ""),
+                             boot_order=boot_order), "")
         group, name = parse_resource_id(disk_id)
         disk = await self._guard(f"reading disk {name}", self.client().disks.get(group, name))
         props = disk.get("properties") or {}
@@ -262,6 +262,10 @@ class AzureProvider(Provider):
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
         timeout = _shutdown_timeout(options.extra)
         vm = await self.get_vm(identifier)
+        unmanaged = [d.key for d in vm.disks if not d.location.startswith("/subscriptions/")]
+        if unmanaged:
+            raise InvalidArgument("vm_identifier", f"{vm.name} has unmanaged disks "
+                                  f"({', '.join(unmanaged)}); only managed disks can be exported")
         group = vm.extra["resource_group"]
         vms = self.client().virtual_machines
         deallocated_by_us = False

@@ -201,6 +201,19 @@ async def test_not_a_vhd_is_refused_and_removed(provider, arm_state, azurite, ou
     assert list(out.iterdir()) == [] and _revoked(arm_state) == ["raw-1-os"]
 
 
+async def test_unmanaged_disk_is_listed_but_not_exported(provider, arm_state, out, sink):
+    from .fake_arm import add_vm
+    add_vm(arm_state, "rg1", "old-1", disks=[("old-1-os", MIB)])
+    os_disk = arm_state.vms["old-1"]["properties"]["storageProfile"]["osDisk"]
+    del os_disk["managedDisk"]
+    os_disk.update(diskSizeGB=30, vhd={"uri": "https://acct.blob.core.windows.net/vhds/old-1.vhd"})
+    [vm] = await provider.list_vms({"name": "old-1"})
+    assert vm.disks[0].capacity_bytes == 30 * 1024 ** 3
+    with pytest.raises(InvalidArgument, match="unmanaged disks"):
+        await provider.export_disks("old-1", out, ExportOptions(), sink)
+    assert arm_state.calls_to("POST", "/beginGetAccess") == []
+
+
 async def test_unknown_export_extra_is_refused(provider, out, sink):
     with pytest.raises(InvalidArgument) as caught:
         await provider.export_disks("rg1/any", out, ExportOptions(extra={"keep": True}), sink)
