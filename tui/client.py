@@ -287,8 +287,9 @@ class HyperClient:
         mirror.jobs.clear()
         mirror.objects.clear()
         for path, interfaces in unpack_variants(objects[0]).items():
-            self._add_object(path, interfaces)
+            self._add_object(path, interfaces, announce=False)
         mirror.service_up = True
+        self._emit(ClientEvent("manager"))
         self._emit(ClientEvent("service"))
         self._emit(ClientEvent("objects"))
 
@@ -297,12 +298,15 @@ class HyperClient:
             self.mirror.service_up = False
             self._emit(ClientEvent("service"))
 
-    def _add_object(self, path: str, interfaces: dict[str, dict[str, Any]]) -> None:
+    def _add_object(self, path: str, interfaces: dict[str, dict[str, Any]],
+                    announce: bool = True) -> None:
+        """Take in one object's interfaces; `announce=False` while reloading everything."""
         mirror = self.mirror
+        emit = self._emit if announce else (lambda event: None)
         if JOB_IFACE in interfaces:
             job = JobState(path, dict(interfaces[JOB_IFACE]))
             mirror.jobs[job.id] = job
-            self._emit(ClientEvent("job", job.id))
+            emit(ClientEvent("job", job.id))
         elif MANAGER_IFACE in interfaces:
             props = interfaces[MANAGER_IFACE]  # all of them, or only the changed ones
             mirror.version = props.get("Version", mirror.version)
@@ -312,13 +316,13 @@ class HyperClient:
                     mirror.capabilities = json.loads(props["Capabilities"] or "{}")
                 except json.JSONDecodeError:
                     mirror.capabilities = {}
-            self._emit(ClientEvent("manager"))
+            emit(ClientEvent("manager"))
         else:
             own = {name: dict(values) for name, values in interfaces.items()
                    if name.startswith("org.hypersdk.")}
             if own:
                 mirror.objects.setdefault(path, {}).update(own)
-                self._emit(ClientEvent("objects"))
+                emit(ClientEvent("objects"))
 
     # -- signals -----------------------------------------------------------------------
     def _on_message(self, msg: Message) -> None:
