@@ -9,6 +9,7 @@ finished and every line is out (or when hypervisord goes away, said in a last li
 from __future__ import annotations
 
 import asyncio
+
 from aiohttp import web
 from dbus_fast import Variant
 
