@@ -120,6 +120,7 @@ async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retr
     executor = ThreadPoolExecutor(parallel, thread_name_prefix="ebs-block")
     loop = asyncio.get_running_loop()
     fetched = 0
+    futures: list[asyncio.Future] = []
     try:
         while page is not None:
             await asyncio.to_thread(check_free_space, read.target.parent,
@@ -136,6 +137,7 @@ async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retr
     except BaseException:
         # let block writes still running finish before the file goes away
         await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+        await asyncio.gather(*futures, return_exceptions=True)  # collected: no stray warnings
         image.discard()
         raise
     finally:
