@@ -40,6 +40,7 @@ SCSI_SUBTYPES = {"ParaVirtualSCSIController": "VirtualSCSI",
                  "VirtualLsiLogicSASController": "lsilogicsas",
                  "VirtualBusLogicController": "buslogic"}
 OTHER_SUBTYPES = {"sata": "vmware.sata.ahci", "nvme": "vmware.nvme.controller"}
+DEFAULT_CONTROLLER = {"key": -1, "type": "scsi", "model": "VirtualLsiLogicController", "bus": 0}
 NIC_SUBTYPES = {"vmxnet3": "VmxNet3", "e1000": "E1000", "e1000e": "E1000e", "pcnet32": "PCNet32"}
 
 
@@ -126,8 +127,11 @@ def _references(envelope, vm: VMInfo, disks: list[ExportedDisk]) -> None:
 
 def _controllers(hw: _Hardware, vm: VMInfo, wanted: set[str]) -> dict[int, str]:
     """Controller items for the controller types in use; returns controller key -> InstanceID."""
+    known = vm.extra.get("controllers")
+    if not known:  # providers without controller details: one SCSI controller for all disks
+        known, wanted = [DEFAULT_CONTROLLER], {"scsi"}
     ids = {}
-    for ctl in vm.extra.get("controllers", []):
+    for ctl in known:
         if ctl["type"] not in wanted:
             continue
         subtype = (SCSI_SUBTYPES.get(ctl["model"], "lsilogic") if ctl["type"] == "scsi"

@@ -358,3 +358,28 @@ async def test_raw_disk_from_another_provider_becomes_stream_optimized_vmdk(tmp_
     with pytest.raises(Failed, match="cannot put a iso disk into an OVF package"):
         await to_ovf_disk(ctx, ExportedDisk(path=copy, format="iso", capacity_bytes=1,
                                             file_bytes=1, sha256=""), compress=False)
+
+
+def test_ovf_for_a_vm_without_controller_details(tmp_path):
+    """Cloud providers do not report controllers: the disks hang off one SCSI controller."""
+    from hypersdk.service.pipeline.ovf_writer import build_ovf
+    from hypersdk.service.providers.base import DiskInfo, ExportedDisk, NicInfo, VMInfo
+    from tests.vcsim.harness import make_vmdk
+
+    vmdk = make_vmdk(tmp_path / "web-disk1.vmdk", 4 << 20, seed=7)
+    vm = VMInfo(identifier="i-0abc", name="web", provider="aws", cpus=2, memory_mb=2048,
+                firmware="uefi",
+                disks=[DiskInfo(key="vol-1", label="root", capacity_bytes=4 << 20)],
+                nics=[NicInfo(key="eni-1", mac="02:00:00:00:00:01", network="subnet-1")])
+    disk = ExportedDisk(path=vmdk, format="vmdk", capacity_bytes=4 << 20,
+                        file_bytes=vmdk.stat().st_size, sha256="", key="vol-1", label="root")
+    path = tmp_path / "web.ovf"
+    path.write_bytes(build_ovf(vm, [disk], remove_cdrom=True))
+    tree, items, capacities, ns = parse_ovf(path)
+    assert capacities == [4 << 20] and len(items[6]) == 1 and 15 not in items
+    scsi_id = items[6][0].findtext("rasd:InstanceID", namespaces=ns)
+    assert items[17][0].findtext("rasd:Parent", namespaces=ns) == scsi_id
+    assert items[3][0].findtext("rasd:VirtualQuantity", namespaces=ns) == "2"
+    assert items[4][0].findtext("rasd:VirtualQuantity", namespaces=ns) == "2048"
+    firmware = tree.find(".//{http://www.vmware.com/schema/ovf}Config")
+    assert firmware.get("{http://www.vmware.com/schema/ovf}value") == "efi"
