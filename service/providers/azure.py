@@ -37,6 +37,7 @@ POWER_STATES = {"PowerState/running": "poweredOn", "PowerState/starting": "power
                 "PowerState/deallocating": "poweredOff", "PowerState/stopping": "poweredOff"}
 DEALLOCATED = "PowerState/deallocated"
 DEFAULT_SHUTDOWN_TIMEOUT = 600.0
+NETWORK_API_VERSION = "2023-09-01"
 
 
 def _https_url(value: str) -> str | None:
@@ -234,7 +235,7 @@ class AzureProvider(Provider):
             firmware="uefi" if generation == "V2" or uefi else "bios",
             secure_boot=bool(uefi.get("secureBootEnabled")), datacenter=vm["location"],
             tags=[f"{k}={v}" for k, v in sorted(tags.items())], disks=disks,
-            nics=[NicInfo(key=parse_resource_id(n["id"])[1], mac="", network="")
+            nics=[await self._nic_info(n["id"])
                   for n in (props.get("networkProfile") or {}).get("networkInterfaces", [])],
             extra={"resource_group": group, "power_code": power,
                    "vm_size": (props.get("hardwareProfile") or {}).get("vmSize", "")})
@@ -255,6 +256,28 @@ class AzureProvider(Provider):
         return (DiskInfo(key=name, label=label, capacity_bytes=capacity, location=disk_id,
                          boot_order=boot_order),
                 props.get("hyperVGeneration", ""))
+
+    async def _nic_info(self, nic_id: str) -> NicInfo:
+        """MAC and subnet of a network interface, read from ARM through the compute client's
+        pipeline (no azure-mgmt-network needed); without read access to it, no MAC."""
+        name = parse_resource_id(nic_id)[1]
+        rest = require_extra("azure.core.rest", "azure")
+        request = rest.HttpRequest("GET", nic_id, params={"api-version": NETWORK_API_VERSION})
+
+        async def fetch() -> dict:
+            response = await self.client().send_request(request)
+            response.raise_for_status()
+            return response.json()
+        try:
+            data = await self._guard(f"reading network interface {name}", fetch())
+        except (NotFound, Unavailable):
+            return NicInfo(key=name, mac="", network="")
+        props = data.get("properties") or {}
+        configs = props.get("ipConfigurations") or [{}]
+        subnet = ((configs[0].get("properties") or {}).get("subnet") or {}).get("id", "")
+        network = subnet.rpartition("/virtualNetworks/")[2].replace("/subnets/", "/")
+        return NicInfo(key=name, mac=props.get("macAddress", "").replace("-", ":").lower(),
+                       network=network)
 
     # --- export ----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class FakeArmState:
     vms: dict[str, dict] = field(default_factory=dict)            # name -> VM JSON
     disks: dict[str, dict] = field(default_factory=dict)          # name -> disk JSON
     snapshots: dict[str, dict] = field(default_factory=dict)      # name -> snapshot JSON
+    nics: dict[str, dict] = field(default_factory=dict)           # name -> network interface JSON
     sas_for_disk: Callable[[str], str] = lambda disk: ""          # disk name -> SAS URL
     throttle: dict[tuple[str, str], int] = field(default_factory=dict)  # (method, path end) -> 429s
     calls: list[Call] = field(default_factory=list)
@@ -60,6 +61,13 @@ def add_vm(state: FakeArmState, group: str, name: str, *, power: str = "running"
             "properties": {"diskSizeGB": max(1, size_bytes // 1024 ** 3), "diskSizeBytes": size_bytes,
                            "hyperVGeneration": generation, "diskState": "Attached",
                            "provisioningState": "Succeeded"}}
+    nic_id = f"{rg_id(group)}/providers/Microsoft.Network/networkInterfaces/{name}-nic"
+    state.nics[f"{name}-nic"] = {
+        "id": nic_id, "name": f"{name}-nic", "location": "westeurope",
+        "properties": {"macAddress": f"00-0D-3A-00-00-{len(state.nics) + 1:02X}", "primary": True,
+                       "ipConfigurations": [{"name": "ipconfig1", "properties": {"subnet": {
+                           "id": f"{rg_id(group)}/providers/Microsoft.Network/virtualNetworks/"
+                                 f"vnet1/subnets/default"}}}]}}
     os_name, *data = [d for d, _ in disks]
     state.vms[name] = {
         "id": f"{prefix}/virtualMachines/{name}", "name": name, "location": "westeurope",
@@ -73,8 +81,7 @@ def add_vm(state: FakeArmState, group: str, name: str, *, power: str = "running"
                 "dataDisks": [{"lun": lun, "name": d, "createOption": "Empty",
                                "managedDisk": {"id": f"{prefix}/disks/{d}"}}
                               for lun, d in enumerate(data)]},
-            "networkProfile": {"networkInterfaces": [
-                {"id": f"{rg_id(group)}/providers/Microsoft.Network/networkInterfaces/{name}-nic"}]},
+            "networkProfile": {"networkInterfaces": [{"id": nic_id}]},
             "securityProfile": {"uefiSettings": {"secureBootEnabled": True}} if generation == "V2" else {},
         },
         "_power": power,
@@ -114,6 +121,8 @@ class FakeArmServer:
         app.router.add_get(rg + "/virtualMachines/{name}", self.get_vm)
         app.router.add_post(rg + "/virtualMachines/{name}/{action}", self.power)
         app.router.add_get(rg + "/disks/{name}", self.get_disk)
+        app.router.add_get(base + "/resourceGroups/{rg}/providers/Microsoft.Network/"
+                                  "networkInterfaces/{name}", self.get_nic)
         app.router.add_put(rg + "/snapshots/{name}", self.put_snapshot)
         app.router.add_delete(rg + "/snapshots/{name}", self.delete_snapshot)
         app.router.add_post(rg + "/{kind}/{name}/{action}", self.access)
@@ -199,6 +208,12 @@ class FakeArmServer:
         if disk is None:
             return _error(404, "ResourceNotFound", "disk not found")
         return web.json_response(disk)
+
+    async def get_nic(self, request: web.Request) -> web.Response:
+        nic = self.state.nics.get(request.match_info["name"])
+        if nic is None:
+            return _error(404, "ResourceNotFound", "network interface not found")
+        return web.json_response(nic)
 
     async def put_snapshot(self, request: web.Request) -> web.Response:
         body = await request.json()

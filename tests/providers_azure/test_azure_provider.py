@@ -71,7 +71,11 @@ async def test_vm_info_with_os_and_data_disks(provider, arm_state, azurite, tmp_
     assert (vm.firmware, vm.secure_boot, vm.guest_os) == ("uefi", True, "Linux")
     assert [(d.key, d.label, d.capacity_bytes, d.boot_order) for d in vm.disks] == [
         ("app-1-os", "os disk", 8 * MIB, 1), ("app-1-data", "data disk lun 0", MIB, None)]
-    assert vm.tags == ["role=app"] and vm.nics[0].key == "app-1-nic"
+    assert vm.tags == ["role=app"]
+    [nic] = vm.nics
+    assert (nic.key, nic.mac, nic.network) == ("app-1-nic", "00:0d:3a:00:00:01", "vnet1/default")
+    del arm_state.nics["app-1-nic"]  # e.g. no read access to the network resources
+    assert [(n.key, n.mac) for n in (await provider.get_vm("app-1")).nics] == [("app-1-nic", "")]
     with pytest.raises(NotFound, match="did you mean app-1"):
         await provider.get_vm("rg1/app-2")
 
