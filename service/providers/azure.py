@@ -67,6 +67,8 @@ def azure_error(exc: Exception, what: str) -> HyperSDKError:
     if isinstance(exc, errors.ResourceNotFoundError):
         return NotFound(f"{what}: not found ({_first_line(exc)})")
     if isinstance(exc, errors.HttpResponseError):
+        if exc.status_code == 404:
+            return NotFound(f"{what}: not found ({_first_line(exc)})")
         if exc.status_code == 429 or (exc.status_code or 0) >= 500:
             return Retryable(f"{what}: Azure answered HTTP {exc.status_code} ({_first_line(exc)})")
         if exc.status_code == 403:
