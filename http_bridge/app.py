@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import weakref
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -168,10 +169,16 @@ def create_app(*, bus: str, authenticator: Authenticator, audit: AuditLog,
         app[HUB].close()
         await mirror.stop()
 
+    async def reload_on_sighup(app: web.Application) -> None:
+        def reload() -> None:
+            log.warning("SIGHUP: %s", app[AUTH].reload())
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
     async def stopping(app: web.Application) -> None:
         app[STOPPING].set()
         await close_all(app)
 
     app.cleanup_ctx.append(service)
+    app.on_startup.append(reload_on_sighup)
     app.on_shutdown.append(stopping)
     return app

@@ -86,8 +86,19 @@ class Authenticator:
     """Who is calling: from `Authorization: Bearer <token>` (or `?access_token=` for
     WebSocket clients such as browsers, which cannot set headers)."""
 
-    def __init__(self, tokens: dict[str, Identity] | None) -> None:
+    def __init__(self, tokens: dict[str, Identity] | None, path: Path | None = None) -> None:
         self._tokens = tokens  # None: auth is off
+        self._path = path
+
+    def reload(self) -> str:
+        """Read the tokens file again (SIGHUP); a broken file keeps the tokens in use."""
+        if self._path is None:
+            return "auth is off; nothing to reload"
+        try:
+            self._tokens = load_tokens(self._path)
+        except TokenFileError as exc:
+            return f"kept the previous tokens: {exc}"
+        return f"reloaded {len(self._tokens)} API tokens"
 
     @property
     def enabled(self) -> bool:

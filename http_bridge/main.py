@@ -85,7 +85,7 @@ def authenticator(config: Config, host: str) -> Authenticator:
     except TokenFileError as exc:
         raise SetupError(f"api.tokens_file: {exc}") from None
     log.info("loaded %d API tokens", len(tokens))
-    return Authenticator(tokens)
+    return Authenticator(tokens, Path(config.api.tokens_file))
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:

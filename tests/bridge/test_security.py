@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import aiohttp
 import pytest
@@ -167,3 +169,20 @@ def test_an_unwritable_audit_log_or_a_busy_port_is_named(service_dir):
         done = run_bridge(write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"}))
     assert done.returncode == 1 and "daemon.address" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sighup_reloads_the_tokens(secured, service_dir):
+    assert curl(secured, "/jobs", token=VIEWER).status == 200
+    (service_dir / "tokens.yaml").write_text(yaml.safe_dump(
+        {"rotated-token-0123456789": {"name": "vera", "role": "viewer"}}))
+    secured.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while curl(secured, "/jobs", token="rotated-token-0123456789").status != 200:
+        assert time.monotonic() < deadline, secured.log()
+        time.sleep(0.1)
+    assert curl(secured, "/jobs", token=VIEWER).status == 401
+    (service_dir / "tokens.yaml").chmod(0o644)  # a broken file keeps the tokens in use
+    secured.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert curl(secured, "/jobs", token="rotated-token-0123456789").status == 200
+    assert "kept the previous tokens" in secured.log()
