@@ -47,7 +47,8 @@ async def test_jobs_table_follows_a_job_live_to_completed(system_bus, hypervisor
         assert "100%" in cell(app, job_id, "Progress")
         partial = [s for s in seen if s.startswith("running") and not s.endswith(("?", "100%"))]
         assert partial, f"never saw partial progress: {seen}"
-        assert "completed" in str(app.screen.query_one("#status-line").render())
+        await wait_for(pilot, lambda: "completed" in str(
+            app.screen.query_one("#status-line").render()), what="the counts in the header")
 
 
 async def test_cancel_a_job_from_the_table(system_bus, hypervisord):
