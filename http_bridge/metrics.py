@@ -8,6 +8,9 @@ from hypersdk.service.dbus.paths import MANAGER_PATH
 from .mirror import JOB_IFACE, ServiceMirror
 
 MANAGER_IFACE = "org.hypersdk.HyperSDK1.Manager"
+# Any token is a valid HTTP method: count unknown ones together, or a client could
+# grow the counter table without bound.
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 class Metrics:
@@ -17,7 +20,7 @@ class Metrics:
         self.requests: Counter[tuple[str, str, int]] = Counter()
 
     def count(self, method: str, route: str, status: int) -> None:
-        self.requests[(method, route, status)] += 1
+        self.requests[(method if method in KNOWN_METHODS else "OTHER", route, status)] += 1
 
     def render(self, mirror: ServiceMirror, websocket_clients: int, dropped: int,
                disconnected_slow: int) -> str:

@@ -204,3 +204,12 @@ def test_pathological_json_is_a_400_not_a_crash(bridge):
                  '{"a": ' * 3000 + "1" + "}" * 3000):
         answer = post_json(bridge, "/convert", body)
         assert answer.status == 400 and answer.json()["field"] == "body", answer.body[:200]
+
+
+def test_odd_methods_are_json_405_counted_together(bridge):
+    for method in ("PROPFIND", "MKCOL", "LOCK"):
+        answer = curl(bridge, "/jobs", "-X", method)
+        assert answer.status == 405 and answer.json()["error"] == "MethodNotAllowed"
+    text = curl(bridge, "/metrics").body
+    assert "PROPFIND" not in text
+    assert 'method="OTHER",route="(unmatched)",status="405"} 3' in text
