@@ -79,20 +79,30 @@ def _provider_names(client: HyperClient, wanted: str | None) -> list[str]:
 
 
 async def cmd_vms(client: HyperClient, args, out: TextIO) -> int:
+    """Every provider is asked; one that fails is reported and the others still listed."""
     vms: list[dict] = []
-    for name in _provider_names(client, args.provider):
-        vms.extend(await client.list_vms(name))
+    names = _provider_names(client, args.provider)
+    failed = 0
+    for name in names:
+        try:
+            vms.extend(await client.list_vms(name))
+        except ClientError as exc:
+            if len(names) == 1:
+                raise
+            failed += 1
+            print(f"hyperctl: {name}: {exc}", file=sys.stderr)
+    code = EXIT_FAILED if failed else EXIT_OK
     if args.json:
         json.dump(vms, out, indent=2)
         out.write("\n")
-        return EXIT_OK
+        return code
     rows = [[vm.get("name", ""), vm.get("power_state", ""), str(vm.get("cpus", "")),
              fmt.memory_mb(vm.get("memory_mb")), fmt.size(vm.get("disk_bytes")),
              vm.get("guest_os", ""), vm.get("datacenter", ""), vm.get("provider", "")]
             for vm in vms]
     out.write(fmt.table(["NAME", "POWER", "CPUS", "MEMORY", "DISK", "GUEST OS", "DATACENTER",
                          "PROVIDER"], rows) + "\n")
-    return EXIT_OK
+    return code
 
 
 def _read_definition(source: str) -> dict:

@@ -129,3 +129,17 @@ def test_logs_follow_a_flood_gets_every_line_once_in_order(system_bus, hyperviso
     flood = [m.split()[1] for m in messages if m.startswith("line ")]
     assert len(flood) == 3000
     assert flood == [str(i) for i in range(3000)]
+
+
+def test_vms_reports_a_broken_provider_and_lists_the_others(start_hypervisord, hyperctl):
+    dead = {"type": "vsphere", "host": "127.0.0.1", "port": 1, "username": "admin",
+            "password": "s3cret-pw", "insecure": True, "protocol": "https"}
+    start_hypervisord(providers={"deadsphere": dead})
+    result = hyperctl("vms", timeout=120)
+    assert result.returncode == 1
+    assert "hyperctl: deadsphere: " in result.stderr
+    assert result.stdout.startswith("NAME")
+    only = hyperctl("vms", "--provider", "deadsphere", "--json", timeout=120)
+    assert only.returncode == 1 and only.stdout == ""
+    assert only.stderr.startswith("hyperctl: ") and "Traceback" not in only.stderr
+    assert "s3cret-pw" not in result.stderr + only.stderr
