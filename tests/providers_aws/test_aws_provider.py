@@ -237,6 +237,25 @@ async def test_wrong_credentials_give_a_clear_error_without_the_secret(tmp_path,
     await provider.close()
 
 
+async def test_credentials_from_the_environment_or_a_clear_error(tmp_path, moto, ec2, monkeypatch):
+    run_instance(ec2, "env-1")
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDFROMENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env")
+    provider = make_provider(tmp_path, moto, access_key_id="", secret_access_key_file="")
+    assert [vm.name for vm in await provider.list_vms({})] == ["env-1"]
+    await provider.close()
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    provider = make_provider(tmp_path, moto, access_key_id="", secret_access_key_file="")
+    with pytest.raises(Unavailable, match="no AWS credentials found"):
+        await provider.list_vms({})
+    await provider.close()
+
+
 def test_secret_file_must_be_private(tmp_path):
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET)
