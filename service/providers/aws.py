@@ -1,6 +1,7 @@
 """AWS EC2 as a source of VMs (boto3): discovery, details, export through EBS snapshots.
 
-Export snapshots each EBS volume of the instance (stopping it first when asked),
+Export snapshots each EBS volume of the instance (stopping it first when asked, and
+starting it again as soon as the snapshots are complete when restore_power_state),
 waits for the snapshots, reads them with the EBS direct APIs into sparse raw images
 (`aws_ebs.py`) and deletes the snapshots it made unless the job keeps them. No S3
 bucket or export role is needed.
@@ -250,6 +251,10 @@ class AwsProvider(Provider):
                     snapshots[disk.key] = await self._create_snapshot(vm, disk, sink)
                     made.append(snapshots[disk.key])
             await self._wait_snapshots(region, made, sink)
+            if stopped_by_us and options.restore_power_state:
+                # the snapshots hold the disks now: the instance need not wait for the reading
+                await self._set_power(vm, "start", sink, extra["shutdown_timeout"])
+                stopped_by_us = False
             exported = []
             for disk in vm.disks:
                 exported.append(await self._export_volume(vm, disk, snapshots[disk.key], extra,

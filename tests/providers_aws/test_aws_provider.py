@@ -165,6 +165,11 @@ async def test_export_snapshots_volumes_stops_and_restarts_and_cleans_up(provide
         await provider.export_disks(instance_id, out, options, sink)
 
     assert f"info: stop instance {instance_id}" in sink.lines
+    # started again as soon as the snapshots completed, before their blocks were read
+    start = sink.lines.index(f"info: start instance {instance_id}")
+    assert any(m.startswith("info: snapshot snap-") and m.endswith("completed")
+               for m in sink.lines[:start])
+    assert any(m.startswith("info: reading snapshot") for m in sink.lines[start:])
     assert any(m.startswith("info: snapshot snap-") and m.endswith("completed") for m in sink.lines)
     assert any(m.startswith("info: snapshot snap-") and m.endswith("deleted") for m in sink.lines)
     mine = ec2.describe_snapshots(Filters=[{"Name": "tag:hypersdk:instance",
