@@ -51,7 +51,7 @@ class StatusLine(ClientAware):
         else:
             text.append("  ● hypervisord down", style="bold red")
         if client.bus_spec != "system":
-            text.append(f"  bus: {client.bus_spec}", style="dim")
+            text.append(f"  bus: {client.bus_spec.split(',guid=')[0]}", style="dim")
         counts = mirror.job_counts
         if counts:
             text.append("   jobs:")
