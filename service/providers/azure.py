@@ -1,9 +1,10 @@
 """Azure VMs as a source (azure-mgmt-compute, async client): discovery, details, export.
 
 Export reads each managed disk through a SAS URL: it grants read access to the disk
-itself when the VM is deallocated (after `shutdown_vm` it is), otherwise to a
-snapshot of the disk made for the export (a disk attached to a running VM cannot be
-granted). The fixed VHD behind the SAS URL is downloaded by `azure_blob.py` (only
+itself when the VM is deallocated (and stays so), otherwise to a snapshot of the
+disk made for the export: a disk attached to a running VM cannot be granted, and
+with `shutdown_vm` + `restore_power_state` the VM is deallocated, snapshotted and
+started again before the download, so it is down only for the snapshots. The fixed VHD behind the SAS URL is downloaded by `azure_blob.py` (only
 the page ranges that hold data, in parallel ranged reads, into a sparse file,
 sha256) and its footer checked. Access is revoked and our snapshots deleted at the
 end whatever happens: success, failure or cancel.
@@ -303,15 +304,21 @@ class AzureProvider(Provider):
                 raise Failed(f"VM {vm.name} was not deallocated within {timeout:g} s "
                              "(options.shutdown_timeout)") from None
             deallocated_by_us = True
-        direct = deallocated_by_us or vm.extra["power_code"] == DEALLOCATED
+        restart = deallocated_by_us and options.restore_power_state
+        # a deallocated VM's disks can be granted directly; to restart the VM before the
+        # download (or to read a running VM) the disks are snapshotted first
+        direct = vm.extra["power_code"] == DEALLOCATED or (deallocated_by_us and not restart)
         output = OutputFiles(target_dir)
         granted: list[tuple[str, str, str]] = []
         made: list[tuple[str, str]] = []
         exported: list[ExportedDisk] = []
         try:
-            for disk in vm.disks:
-                source = (("disks", *parse_resource_id(disk.location)) if direct
-                          else await self._snapshot(vm, disk, made, sink))
+            sources = [("disks", *parse_resource_id(disk.location)) if direct
+                       else await self._snapshot(vm, disk, made, sink) for disk in vm.disks]
+            if restart:
+                await self._start(vm, sink)
+                restart = False
+            for disk, source in zip(vm.disks, sources):
                 access_url = await self._grant(source, granted, sink)
                 exported.append(await self._download(access_url, disk, target_dir, options, sink))
                 output.add(exported[-1].path)
@@ -321,10 +328,14 @@ class AzureProvider(Provider):
             raise
         finally:
             await run_to_completion(self._release(granted, made, sink))
-            if deallocated_by_us and options.restore_power_state:
-                sink.log(f"starting VM {vm.name} again")
-                await self._lro(f"starting VM {vm.name}", vms.begin_start(group, vm.name))
+            if restart:
+                await self._start(vm, sink)
         return vm, exported
+
+    async def _start(self, vm: VMInfo, sink: ExportSink) -> None:
+        sink.log(f"starting VM {vm.name} again")
+        await self._lro(f"starting VM {vm.name}", self.client().virtual_machines.begin_start(
+            vm.extra["resource_group"], vm.name))
 
     async def _release(self, granted: list[tuple[str, str, str]], made: list[tuple[str, str]],
                        sink: ExportSink) -> None:

@@ -104,19 +104,36 @@ async def test_export_running_vm_through_snapshots(provider, arm_state, azurite,
     assert not any("sig=" in m for m in sink.lines)  # SAS URLs are secrets
 
 
-async def test_shutdown_vm_deallocates_grants_disks_and_restarts(provider, arm_state, azurite,
-                                                                tmp_path, out, sink):
+async def test_shutdown_vm_deallocates_and_grants_the_disks(provider, arm_state, azurite,
+                                                             tmp_path, out, sink):
     _add_vm(arm_state, azurite, tmp_path, "stop-1")
-    options = ExportOptions(shutdown_vm=True, restore_power_state=True,
-                            extra={"shutdown_timeout": 30.0})  # as the export job kind passes it
+    options = ExportOptions(shutdown_vm=True, extra={"shutdown_timeout": 30.0})  # as the job passes it
     _, exported = await provider.export_disks("stop-1", out, options, sink)
 
     assert len(exported) == 2
     assert len(arm_state.calls_to("POST", "/stop-1/deallocate")) == 1
-    assert len(arm_state.calls_to("POST", "/stop-1/start")) == 1
     assert _granted(arm_state) == ["stop-1-os", "stop-1-data"]  # the disks themselves
     assert _revoked(arm_state) == ["stop-1-os", "stop-1-data"]
-    assert arm_state.calls_to("PUT", "") == []
+    assert arm_state.calls_to("PUT", "") == [] and arm_state.calls_to("POST", "/start") == []
+    assert arm_state.vms["stop-1"]["_power"] == "deallocated"
+
+
+async def test_restore_power_state_restarts_before_the_download(provider, arm_state, azurite,
+                                                                tmp_path, out, sink):
+    _add_vm(arm_state, azurite, tmp_path, "back-1")
+    options = ExportOptions(shutdown_vm=True, restore_power_state=True)
+    _, exported = await provider.export_disks("back-1", out, options, sink)
+
+    assert len(exported) == 2
+    deallocate, = arm_state.calls_to("POST", "/back-1/deallocate")
+    start, = arm_state.calls_to("POST", "/back-1/start")
+    snapshots = arm_state.calls_to("PUT", "")
+    grants = arm_state.calls_to("POST", "/beginGetAccess")
+    # deallocated, snapshotted, running again, and only then read from the snapshots
+    assert deallocate.time < min(c.time for c in snapshots)
+    assert max(c.time for c in snapshots) < start.time < min(c.time for c in grants)
+    assert all("-hypersdk-" in g.path for g in grants)
+    assert arm_state.vms["back-1"]["_power"] == "running" and arm_state.snapshots == {}
 
 
 async def test_failed_download_still_revokes_and_deletes(provider, arm_state, azurite, tmp_path,
