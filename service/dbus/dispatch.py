@@ -105,7 +105,7 @@ class Dispatcher:
             body = [] if not out_types else ([result] if len(out_types) == 1 else list(result))
             reply = Message.new_method_return(msg, method.out_signature, body)
         except HyperSDKError as exc:
-            reply = Message.new_error(msg, exc.dbus_name, exc.message)
+            reply = Message.new_error(msg, exc.dbus_name, wire_safe(exc.message))
         except Exception as exc:
             log.exception("%s.%s failed", msg.interface, msg.member)
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed",
@@ -114,5 +114,16 @@ class Dispatcher:
         self._reply(msg, reply)
 
     def _reply(self, msg: Message, reply: Message) -> None:
-        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return
+        try:
             self._bus.send(reply)
+        except Exception:  # a reply that cannot be marshalled must not leave the caller hanging
+            log.exception("cannot send the reply to %s.%s", msg.interface, msg.member)
+            self._bus.send(Message.new_error(msg, ERROR_PREFIX + "Failed",
+                                             "internal error: the reply could not be encoded"))
+
+
+def wire_safe(text: str) -> str:
+    """Text D-Bus can carry: no NUL, no lone surrogates (error messages quote user input)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\0", "\\0")

@@ -129,3 +129,13 @@ def test_get_log_returns_lines_in_order(system_bus, hypervisord):
                         "ta{sv}", "0", "0")
     messages = [line[3] for line in reply["data"][0]]
     assert messages == ["step 1", "step 2", "step 3"]
+
+
+def test_an_error_quoting_nul_or_a_lone_surrogate_still_reaches_the_caller(system_bus,
+                                                                           hypervisord):
+    for key in ("x\\u0000", "y\\ud800"):
+        result = busctl(system_bus.address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "SubmitJob",
+                        "sa{sv}", '{"%s": 1}' % key, "1", "kind", "s", "sleep", check=False,
+                        timeout=10)
+        assert result.returncode != 0 and "unknown field" in result.stderr
+    assert busctl(system_bus.address, "status", BUS_NAME, check=False).returncode == 0
