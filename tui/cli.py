@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file", metavar="FILE.json|-", help="the definition, '-' for stdin")
     submit.add_argument("--kind", default="export", help="job kind (default: export)")
     submit.add_argument("--json", action="store_true", help="print {\"job_id\": ...}")
+    submit.add_argument("--watch", action="store_true",
+                        help="then watch the job; the exit code is the job's")
 
     jobs = commands.add_parser("jobs", help="list jobs")
     jobs.add_argument("--status", choices=JOB_STATUSES, help="only jobs with this status")
@@ -128,7 +130,11 @@ async def cmd_submit(client: HyperClient, args, out: TextIO) -> int:
         out.write(json.dumps({"job_id": job_id}) + "\n")
     else:
         out.write(f"submitted {job_id}\n")
-    return EXIT_OK
+    if not args.watch:
+        return EXIT_OK
+    out.flush()
+    await _wait_for_job(client, job_id)
+    return await watch_job(client, job_id, out)
 
 
 def _job_row(job: JobState, now: float) -> list[str]:
@@ -184,8 +190,27 @@ class ProgressPrinter:
             self.out.write("\n")
 
 
+async def _wait_for_job(client: HyperClient, job_id: str) -> None:
+    """A job just submitted is announced by InterfacesAdded; wait until the mirror has it."""
+    if job_id in client.mirror.jobs:
+        return
+    known = asyncio.Event()
+    unsubscribe = client.subscribe(lambda event: known.set() if event.job_id == job_id else None)
+    try:
+        await asyncio.wait_for(known.wait(), 30)
+    except asyncio.TimeoutError:
+        raise ClientError(f"job {job_id} was not announced by the service", "Failed") from None
+    finally:
+        unsubscribe()
+
+
 async def cmd_watch(client: HyperClient, args, out: TextIO) -> int:
-    job = client.job(args.job)
+    return await watch_job(client, args.job, out)
+
+
+async def watch_job(client: HyperClient, identifier: str, out: TextIO) -> int:
+    """Show the job's progress until it ends; 0 when it completed, 1 otherwise."""
+    job = client.job(identifier)
     printer = ProgressPrinter(out)
     ended = asyncio.Event()
 

@@ -143,3 +143,18 @@ def test_vms_reports_a_broken_provider_and_lists_the_others(start_hypervisord, h
     assert only.returncode == 1 and only.stdout == ""
     assert only.stderr.startswith("hyperctl: ") and "Traceback" not in only.stderr
     assert "s3cret-pw" not in result.stderr + only.stderr
+
+
+def test_submit_watch_exit_code_is_the_jobs(tmp_path, hypervisord, hyperctl):
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"steps": 3, "interval": 0.05}))
+    result = hyperctl("submit", str(ok), "--kind", "sleep", "--watch")
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.split()[1]
+    assert result.stdout.splitlines()[-1] == f"{job_id} completed"
+
+    failing = tmp_path / "fail.json"
+    failing.write_text(json.dumps({"message": "quota exceeded"}))
+    result = hyperctl("submit", str(failing), "--kind", "fail", "--watch")
+    assert result.returncode == 1
+    assert "failed: quota exceeded" in result.stderr
