@@ -174,3 +174,29 @@ async def test_retry_from_the_job_view_follows_the_new_job(system_bus, hyperviso
         await wait_for(pilot, lambda: app.client.mirror.jobs.get(retry) is not None
                        and app.client.mirror.jobs[retry].get("RetryOf") == failed,
                        what="the retry job")
+
+
+async def test_webhooks_create_test_delete(system_bus, hypervisord):
+    app = HyperctlApp(HyperClient(system_bus.address), start_mode="webhooks")
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.screen
+        await wait_for(pilot, lambda: not screen.query_one("#automation-note").display,
+                       what="the features")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
+        app.screen.query_one("#definition").load_text(json.dumps(
+            {"url": "http://127.0.0.1:9/hook", "events": ["job.failed"]}))
+        await pilot.press("ctrl+s")
+
+        def row() -> list[str]:
+            table = screen.query_one("#objects", DataTable)
+            return [str(c) for c in table.get_row_at(0)] if table.row_count else []
+
+        await wait_for(pilot, lambda: row()[:1] == ["http://127.0.0.1:9/hook"], what="webhook")
+        assert "Events=job.failed" in row()[2]
+        await pilot.press("e")  # webhooks have no enable/disable on the service: not offered
+        await pilot.press("x")
+        await wait_for(pilot, lambda: any("Test: done" in n.message for n in app._notifications),
+                       what="the test delivery queued")
+        await pilot.press("d")
+        await wait_for(pilot, lambda: row() == [], what="deleted")
