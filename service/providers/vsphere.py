@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+
+import aiohttp
 from pathlib import Path
 
 from ..config_schema import Field
-from ..errors import Failed, NotFound
+from ..errors import Failed, NotFound, Unavailable
 from .base import ExportedDisk, ExportOptions, ExportSink, Provider, VMInfo
 from .common import closest, private_file_rule
 from .vsphere_session import SessionPool
@@ -41,11 +43,30 @@ class VSphereProvider(Provider):
     def __init__(self, name: str, settings: dict, config) -> None:
         super().__init__(name, settings, config)
         self.pool = SessionPool(name, settings)
+        self._tags_api = True  # until the endpoint shows it has no vAPI REST service
 
     async def _inventory(self) -> list[VMInfo]:
         from .vsphere_inventory import fetch_inventory
 
-        return await self.pool.run(fetch_inventory, self.name)
+        vms = await self.pool.run(fetch_inventory, self.name)
+        if self._tags_api and vms:
+            await self._add_tags(vms)
+        return vms
+
+    async def _add_tags(self, vms: list[VMInfo]) -> None:
+        """vSphere tags (vAPI REST) next to the custom attributes; see vsphere_tags."""
+        from .vsphere_tags import TagsUnavailable, fetch_vm_tags
+
+        try:
+            tags = await fetch_vm_tags(self.pool, [vm.identifier for vm in vms])
+        except TagsUnavailable:
+            self._tags_api = False
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise Unavailable(f"{self.pool.where}: reading the VMs' tags failed: "
+                              f"{exc or type(exc).__name__}") from None
+        for vm in vms:
+            vm.tags.extend(tags.get(vm.identifier, []))
 
     async def list_vms(self, vm_filter: dict) -> list[VMInfo]:
         from .vsphere_inventory import check_filter, filter_vms

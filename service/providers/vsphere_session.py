@@ -47,7 +47,8 @@ class SessionPool:
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    def _password(self) -> str:
+    def password(self) -> str:
+        """The configured password, or the first line of password_file (blocking)."""
         if self._settings.get("password"):
             return self._settings["password"]
         path = self._settings.get("password_file")
@@ -68,7 +69,7 @@ class SessionPool:
 
         try:
             return SmartConnect(protocol=self.protocol, host=self.host, port=self.port,
-                                user=self.username, pwd=self._password(),
+                                user=self.username, pwd=self.password(),
                                 sslContext=self.ssl_context(),
                                 httpConnectionTimeout=self.timeout)
         except vim.fault.InvalidLogin:

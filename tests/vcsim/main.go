@@ -17,6 +17,7 @@ import (
 	"syscall"
 
 	"github.com/vmware/govmomi/simulator"
+	_ "github.com/vmware/govmomi/vapi/simulator" // the vAPI REST endpoint (/rest): tags
 )
 
 func main() {
@@ -48,6 +49,7 @@ func main() {
 	if *useTLS {
 		model.Service.TLS = new(tls.Config)
 	}
+	model.Service.RegisterEndpoints = true
 	server := model.Service.NewServer()
 	defer server.Close()
 

@@ -182,3 +182,64 @@ async def test_listing_is_one_property_collector_round_trip(tmp_path, vcsim_bina
             await provider.close()
     assert counts[1] == counts[8]
     assert counts[8].count("RetrievePropertiesEx") == 1 and len(counts[8]) <= 4
+
+
+def _vapi(sim, method: str, path: str, body=None, session: str | None = None):
+    """One call to the simulator's vAPI REST endpoint (test setup, like a vSphere admin)."""
+    import base64
+    import http.client
+    import json
+
+    headers = {"Content-Type": "application/json"}
+    if session:
+        headers["vmware-api-session-id"] = session
+    else:
+        token = base64.b64encode(f"{sim.username}:{sim.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    conn = http.client.HTTPConnection(sim.host, sim.port, timeout=10)
+    try:
+        conn.request(method, "/rest" + path, body=json.dumps(body) if body else None,
+                     headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        assert response.status == 200, (path, response.status, data)
+        return json.loads(data).get("value") if data else None
+    finally:
+        conn.close()
+
+
+async def test_vsphere_tags_from_the_rest_api(provider, sim):
+    session = _vapi(sim, "POST", "/com/vmware/cis/session")
+    category = _vapi(sim, "POST", "/com/vmware/cis/tagging/category", {"create_spec": {
+        "name": "tier", "description": "", "cardinality": "SINGLE",
+        "associable_types": ["VirtualMachine"]}}, session)
+    tag = _vapi(sim, "POST", "/com/vmware/cis/tagging/tag", {"create_spec": {
+        "name": "gold", "description": "", "category_id": category}}, session)
+    vm = await provider.get_vm("DC0_C0_RP0_VM1")
+    _vapi(sim, "POST", f"/com/vmware/cis/tagging/tag-association/id:{tag}?~action=attach",
+          {"object_id": {"type": "VirtualMachine", "id": vm.identifier}}, session)
+    tagged = await provider.list_vms({"tags": "tier=gold"})
+    assert [(v.name, v.tags) for v in tagged] == [("DC0_C0_RP0_VM1", ["tier=gold"])]
+    assert [v.name for v in await provider.list_vms({"tags": ["tier"]})] == ["DC0_C0_RP0_VM1"]
+
+
+async def test_server_without_tags_api_means_no_tags():
+    """A plain ESXi host has no /rest: TagsUnavailable, which the provider takes as 'no tags'."""
+    from aiohttp import web
+
+    from hypersdk.service.providers.vsphere_session import SessionPool
+    from hypersdk.service.providers.vsphere_tags import TagsUnavailable, fetch_vm_tags
+
+    runner = web.AppRunner(web.Application())  # answers 404 to everything
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    pool = SessionPool("esx", {"host": "127.0.0.1", "port": port, "protocol": "http",
+                               "username": "root", "password": "pw", "insecure": True,
+                               "timeout": 5.0, "connection_pool_size": 1})
+    try:
+        with pytest.raises(TagsUnavailable, match="HTTP 404"):
+            await fetch_vm_tags(pool, ["vm-1"])
+    finally:
+        await runner.cleanup()
