@@ -1,7 +1,8 @@
 """The vSphere provider (vCenter or ESXi through pyvmomi): discovery, details, export.
 
 Sessions come from a per-endpoint pool (`vsphere_session`), the inventory from one
-PropertyCollector round trip (`vsphere_inventory`), and the disk transfer from
+PropertyCollector round trip (`vsphere_inventory`), vSphere tags from the vAPI REST
+endpoint where there is one (`vsphere_tags`), and the disk transfer from
 `vsphere_export` (NFC export lease when the server offers it, else the datastore's
 /folder HTTP interface). This module wires them together and handles the power
 state around an export (guest shutdown, power-off, restore).
