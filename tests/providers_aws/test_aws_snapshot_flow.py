@@ -1,0 +1,96 @@
+"""The whole AWS export flow with snapshots the provider makes itself, as a backup series.
+
+moto keeps EC2 snapshots (CreateSnapshot) and EBS direct API data (StartSnapshot/
+PutSnapshotBlock) apart, so a snapshot made by CreateSnapshot has no blocks to read.
+Here moto runs in-process (ThreadedMotoServer, still spoken to over HTTP by boto3)
+and a small bridge, `SnapshotsOfVolumes`, gives each EC2 snapshot the block data of
+the EBS snapshot the test declared as its volume's current content. Everything else
+is moto's.
+"""
+from __future__ import annotations
+
+import pytest
+from moto.ebs.models import ebs_backends
+from moto.ec2.models import ec2_backends
+from moto.server import ThreadedMotoServer
+
+from hypersdk.service.providers.base import ExportOptions
+
+from ..providers_gcp.fake_sink import FakeExportSink
+from .conftest import REGION, client, make_provider, put_snapshot, run_instance
+from .test_aws_provider import _block, assert_image_holds
+
+ACCOUNT = "123456789012"  # moto's default account
+
+
+class SnapshotsOfVolumes(dict):
+    """moto's EBS snapshot table; an EC2 snapshot it does not know reads as the EBS snapshot
+    holding its volume's content (`content[volume_id]`) when it was first read."""
+
+    def __init__(self, existing: dict, content: dict[str, str]) -> None:
+        super().__init__(existing)
+        self.content = content
+
+    def __missing__(self, snapshot_id: str):
+        ec2_snapshot = ec2_backends[ACCOUNT][REGION].snapshots.get(snapshot_id)
+        if ec2_snapshot is None or ec2_snapshot.volume.id not in self.content:
+            raise KeyError(snapshot_id)
+        self[snapshot_id] = self[self.content[ec2_snapshot.volume.id]]
+        return self[snapshot_id]
+
+
+@pytest.fixture(scope="module")
+def inprocess_moto():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def volume_content(inprocess_moto) -> dict[str, str]:
+    """volume id -> id of the EBS snapshot whose blocks are that volume's data."""
+    backend = ebs_backends[ACCOUNT][REGION]
+    backend.snapshots = SnapshotsOfVolumes(backend.snapshots, {})
+    return backend.snapshots.content
+
+
+async def test_backup_series_full_then_incremental(inprocess_moto, volume_content, tmp_path):
+    ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
+    provider = make_provider(tmp_path, inprocess_moto)
+    instance = run_instance(ec2, "backup-1")
+    volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    monday = {0: _block("mbr"), 5: _block("fs"), 9: _block("data")}
+    tuesday = {0: _block("mbr"), 5: _block("fs2"), 9: _block("data")}
+    volume_content[volume_id] = put_snapshot(ebs, monday)
+    fetched = []
+    provider.client("ebs").meta.events.register(
+        "before-call.ebs.GetSnapshotBlock", lambda params, **_: fetched.append(params["url_path"]))
+    full, inc = tmp_path / "monday", tmp_path / "tuesday"
+    full.mkdir()
+    inc.mkdir()
+
+    vm, [disk] = await provider.export_disks(
+        instance["InstanceId"], full, ExportOptions(extra={"keep_snapshots": True}), FakeExportSink())
+    base_snapshot = vm.extra["snapshot_ids"][volume_id]
+    assert_image_holds(disk.path, monday)
+    assert len(fetched) == 3
+    kept = ec2.describe_snapshots(SnapshotIds=[base_snapshot])["Snapshots"]
+    assert kept[0]["VolumeId"] == volume_id  # made by the provider, kept as the next base
+
+    fetched.clear()
+    volume_content[volume_id] = put_snapshot(ebs, tuesday)  # the disk changed
+    options = ExportOptions(extra={"base_snapshot_ids": {volume_id: base_snapshot},
+                                   "base_images": {volume_id: str(disk.path)}})
+    vm, [disk2] = await provider.export_disks(instance["InstanceId"], inc, options, FakeExportSink())
+
+    assert_image_holds(disk2.path, tuesday)
+    assert [p.rsplit("/", 1)[-1] for p in fetched] == ["5"]  # only the changed block
+    new_snapshot = vm.extra["snapshot_ids"][volume_id]
+    assert vm.extra["snapshots_deleted"] == [new_snapshot]  # not kept this time
+    mine = ec2.describe_snapshots(Filters=[{"Name": "tag:hypersdk:instance",
+                                            "Values": [instance["InstanceId"]]}])["Snapshots"]
+    assert [s["SnapshotId"] for s in mine] == [base_snapshot]
+    await provider.close()
+
