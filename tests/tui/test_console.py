@@ -200,3 +200,37 @@ async def test_webhooks_create_test_delete(system_bus, hypervisord):
                        what="the test delivery queued")
         await pilot.press("d")
         await wait_for(pilot, lambda: row() == [], what="deleted")
+
+
+async def test_backup_policy_errors_name_the_field_then_create_run_delete(system_bus,
+                                                                         hypervisord):
+    app = HyperctlApp(HyperClient(system_bus.address), start_mode="backup_policies")
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.screen
+        await wait_for(pilot, lambda: not screen.query_one("#automation-note").display,
+                       what="the features")
+
+        async def create(definition: dict) -> None:
+            await pilot.press("n")
+            await wait_for(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
+            app.screen.query_one("#definition").load_text(json.dumps(definition))
+            await pilot.press("ctrl+s")
+
+        await create({"name": "weekly", "provider": "nosuch"})
+        await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications),
+                       what="the refusal")
+        error = next(n for n in app._notifications if n.severity == "error")
+        assert "provider" in error.message, error.message
+
+        await create({"name": "weekly", "provider": "ova"})
+
+        def row() -> list[str]:
+            table = screen.query_one("#objects", DataTable)
+            return [str(c) for c in table.get_row_at(0)] if table.row_count else []
+
+        await wait_for(pilot, lambda: row()[:1] == ["weekly"], what="the policy")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: any("Run: done" in n.message for n in app._notifications),
+                       what="the run")
+        await pilot.press("d")
+        await wait_for(pilot, lambda: row() == [], what="deleted")
