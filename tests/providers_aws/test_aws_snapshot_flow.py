@@ -14,9 +14,13 @@ from moto.ebs.models import ebs_backends
 from moto.ec2.models import ec2_backends
 from moto.server import ThreadedMotoServer
 
+from hypersdk.service.config import parse_config
+from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers.base import ExportOptions
+from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..providers_gcp.fake_sink import FakeExportSink
+from ..vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
 from .conftest import REGION, client, make_provider, put_snapshot, run_instance
 from .test_aws_provider import _block, assert_image_holds
 
@@ -94,3 +98,37 @@ async def test_backup_series_full_then_incremental(inprocess_moto, volume_conten
     assert [s["SnapshotId"] for s in mine] == [base_snapshot]
     await provider.close()
 
+
+
+async def test_export_job_kind_writes_the_raw_disk(inprocess_moto, volume_content, tmp_path):
+    """pipeline/export.py drives the provider the registry builds from the config."""
+    ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
+    instance = run_instance(ec2, "job-1")
+    volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    blocks = {0: _block("boot"), 77: _block("root")}
+    volume_content[volume_id] = put_snapshot(ebs, blocks)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    section = make_provider(tmp_path, inprocess_moto).settings
+    config = parse_config({"export": {"base_path": str(exports)},
+                           "providers": {"aws": section}}, "(test)", env={})
+    registry = ProviderRegistry(config)
+    kind = ExportKind()
+    definition = kind.validate({"vm_identifier": "job-1", "provider": "aws",
+                                "export_method": "disk", "export_path": "job-1",
+                                "options": {"shutdown_vm": True, "restore_power_state": True}},
+                               FakeSubmitContext(config, registry))
+    ctx = FakeJobContext(definition, config, registry)
+    try:
+        result = await run_job(kind, ctx)
+    finally:
+        await registry.close()
+
+    [disk] = result["disks"]
+    path = exports / "job-1" / f"{volume_id}.raw"
+    assert disk["path"] == str(path) and disk["format"] == "raw"
+    assert_image_holds(path, blocks)
+    assert disk["sha256"] in (exports / "job-1" / "job-1.mf").read_text()
+    assert result["vm"]["extra"]["snapshots_deleted"] == [result["vm"]["extra"]["snapshot_ids"][volume_id]]
+    state = ec2.describe_instances(InstanceIds=[instance["InstanceId"]])
+    assert state["Reservations"][0]["Instances"][0]["State"]["Name"] == "running"
