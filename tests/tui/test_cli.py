@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
-from .conftest import submit_job, wait_status
+from .conftest import HYPERCTL, submit_job, wait_status
 
 
 def test_jobs_json_lists_jobs_and_filters_by_status(system_bus, hypervisord, hyperctl):
@@ -158,3 +160,16 @@ def test_submit_watch_exit_code_is_the_jobs(tmp_path, hypervisord, hyperctl):
     result = hyperctl("submit", str(failing), "--kind", "fail", "--watch")
     assert result.returncode == 1
     assert "failed: quota exceeded" in result.stderr
+
+
+def test_watch_on_a_terminal_redraws_one_line(system_bus, hypervisord):
+    """Under a pseudo-terminal (util-linux `script`) the bar is redrawn in place."""
+    job_id = submit_job(system_bus.address, {"steps": 4, "interval": 0.1}, "sleep")
+    command = f"{HYPERCTL} watch {job_id}"
+    result = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True,
+                            timeout=60,
+                            env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": system_bus.address})
+    output = result.stdout.decode()
+    assert result.returncode == 0, output
+    assert output.count("\r\x1b[K") >= 2 and "100%" in output
+    assert output.rstrip().endswith(f"{job_id} completed")
