@@ -192,8 +192,11 @@ class AzureProvider(Provider):
                                    self.client().virtual_machines.get(group, name,
                                                                       expand="instanceView"))
         except NotFound:
-            names = [v["name"] for v in await self._collect(
-                "listing VMs", self.client().virtual_machines.list(group))]
+            try:
+                names = [v["name"] for v in await self._collect(
+                    "listing VMs", self.client().virtual_machines.list(group))]
+            except NotFound:  # the resource group itself does not exist
+                names = []
             raise NotFound(f"azure provider {self.name!r}: no VM {name!r} in resource group "
                            f"{group!r}{closest(name, names)}") from None
         return await self._vm_info(vm)

@@ -173,7 +173,11 @@ class FakeArmServer:
         return self._vms(request, None)
 
     async def list_group(self, request: web.Request) -> web.Response:
-        return self._vms(request, request.match_info["rg"])
+        group = request.match_info["rg"]
+        if not any(vm["id"].startswith(rg_id(group) + "/") for vm in self.state.vms.values()):
+            # the fake knows a resource group only through its VMs
+            return _error(404, "ResourceGroupNotFound", f"Resource group '{group}' could not be found.")
+        return self._vms(request, group)
 
     async def sizes(self, request: web.Request) -> web.Response:
         return web.json_response({"value": VM_SIZES})

@@ -78,6 +78,8 @@ async def test_vm_info_with_os_and_data_disks(provider, arm_state, azurite, tmp_
     assert [(n.key, n.mac) for n in (await provider.get_vm("app-1")).nics] == [("app-1-nic", "")]
     with pytest.raises(NotFound, match="did you mean app-1"):
         await provider.get_vm("rg1/app-2")
+    with pytest.raises(NotFound, match="no VM 'app-1' in resource group 'rg9'"):
+        await provider.get_vm("rg9/app-1")
 
 
 async def test_export_running_vm_through_snapshots(provider, arm_state, azurite, tmp_path, out, sink):
