@@ -2,9 +2,9 @@
 
 A managed disk exported by SAS is a page blob holding a fixed VHD. Most of a cloud
 disk was never written: `Get Page Ranges` names the ranges that hold data, so only
-those are fetched (split into `chunk_size` pieces, `parallel` at a time, each a
-ranged GET with azure-storage-blob's retries and resume) and written at their
-offsets into a `SparseImage`; everything else stays a hole. A block blob (or a
+those are fetched (in pieces of chunk_size, at most 4 MiB, `parallel` at a time,
+each a ranged GET with azure-storage-blob's retries and resume) and written at
+their offsets into a `SparseImage`; everything else stays a hole. A block blob (or a
 server without page ranges) is fetched whole the same way. The SAS URL is a secret:
 it is passed to the SDK only, never logged.
 """
@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 from .base import ExportSink, require_extra
 from .sparse import SparseImage
+
+MAX_PIECE = 4 * 1024 * 1024  # memory in flight is at most parallel * MAX_PIECE
 
 
 def _pieces(ranges: list[tuple[int, int]], chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -70,7 +72,7 @@ async def download_disk_blob(sas_url: str, image_factory: Any, *, chunk_size: in
         sink.add_total(to_read)
         image: SparseImage = await asyncio.to_thread(image_factory, size)
         try:
-            pieces = _pieces(ranges, chunk_size)
+            pieces = _pieces(ranges, min(chunk_size, MAX_PIECE))
             workers = [asyncio.create_task(_fetch(blob, image, pieces, sink))
                        for _ in range(max(1, parallel))]
             try:
