@@ -236,7 +236,7 @@ class AwsProvider(Provider):
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
         vm = await self.get_vm(identifier)
-        extra = _parse_extra(options.extra, vm)
+        extra = _parse_extra(options.extra, vm, Path(self.config.export.base_path))
         region = vm.extra["region"]
         stopped_by_us = False
         if options.shutdown_vm and vm.power_state == "poweredOn":
@@ -420,8 +420,11 @@ def _nics(instance: dict) -> list[NicInfo]:
                               key=lambda n: n.get("Attachment", {}).get("DeviceIndex", 0))]
 
 
-def _parse_extra(extra: dict, vm: VMInfo) -> dict:
-    """Check `options.extra` against the instance's volumes; fill defaults."""
+def _parse_extra(extra: dict, vm: VMInfo, export_base: Path) -> dict:
+    """Check `options.extra` against the instance's volumes; fill defaults.
+
+    Base images must lie under export.base_path: the daemon reads them as root, and
+    any other file would be copied into the export."""
     for key in extra:
         if key not in EXTRA_KEYS:
             raise InvalidArgument(f"options.extra.{key}", "one of " + ", ".join(EXTRA_KEYS))
@@ -442,11 +445,13 @@ def _parse_extra(extra: dict, vm: VMInfo) -> dict:
         result[key] = dict(value)
     for volume_id in result["base_snapshot_ids"]:
         image = result["base_images"].get(volume_id)
+        field = f"options.extra.base_images.{volume_id}"
         if not image or not Path(image).is_file():
-            raise InvalidArgument(f"options.extra.base_images.{volume_id}",
-                                  "the raw image exported from the base snapshot "
-                                  "(an existing file) is needed for an incremental export")
-    result["base_images"] = {k: Path(v) for k, v in result["base_images"].items()}
+            raise InvalidArgument(field, "the raw image exported from the base snapshot "
+                                         "(an existing file) is needed for an incremental export")
+        if not Path(image).resolve().is_relative_to(export_base.resolve()):
+            raise InvalidArgument(field, f"a file under export.base_path ({export_base})")
+    result["base_images"] = {k: Path(v).resolve() for k, v in result["base_images"].items()}
     return result
 
 

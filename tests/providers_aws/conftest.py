@@ -103,7 +103,8 @@ def make_provider(tmp_path: Path, url: str, max_retries: int = 1, **settings) ->
     section = {"type": "aws", "region": REGION, "endpoint_url": url, "access_key_id": KEY_ID,
                "secret_access_key_file": str(secret_file), "poll_interval": "10ms",
                "parallel_blocks": 4, **settings}
-    config = parse_config({"providers": {"aws": section}, "export": {"max_retries": max_retries}},
+    config = parse_config({"providers": {"aws": section},
+                           "export": {"max_retries": max_retries, "base_path": str(tmp_path)}},
                           "(test)", env={})
     return AwsProvider("aws", config.providers["aws"], config)
 
