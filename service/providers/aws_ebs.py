@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import Failed, Unavailable
+from ..errors import Failed
+from ..pipeline.diskspace import check_free_space
 from .base import ExportSink
 from .sparse import SparseImage
 
@@ -92,15 +92,6 @@ def _fetch_block(ebs: Any, image: SparseImage, snapshot_id: str, index: int, tok
                  f"checksum in {max_retries + 1} attempts")
 
 
-def check_free_space(directory: Path, needed: int) -> None:
-    """Raise Unavailable if `directory`'s filesystem has less than `needed` bytes free."""
-    info = os.statvfs(directory)
-    free = info.f_bavail * info.f_frsize
-    if free < needed:
-        raise Unavailable(f"not enough free space in {directory}: {needed} bytes needed, "
-                          f"{free} free")
-
-
 async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retries: int,
                         sink: ExportSink) -> tuple[int, str, int]:
     """Write the snapshot's image to `read.target`; return (size, sha256, blocks fetched).
@@ -115,7 +106,8 @@ async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retr
         if base_size > page.volume_bytes:
             raise Failed(f"the base image {read.base_image} ({base_size} bytes) is larger than "
                          f"snapshot {read.snapshot_id} ({page.volume_bytes} bytes)")
-        await asyncio.to_thread(check_free_space, read.target.parent, base_size)
+        await asyncio.to_thread(check_free_space, read.target.parent, base_size,
+                                f"the copy of base image {read.base_image.name}")
     image = await asyncio.to_thread(SparseImage, read.target, page.volume_bytes, read.base_image)
     executor = ThreadPoolExecutor(parallel, thread_name_prefix="ebs-block")
     loop = asyncio.get_running_loop()
@@ -124,7 +116,8 @@ async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retr
     try:
         while page is not None:
             await asyncio.to_thread(check_free_space, read.target.parent,
-                                    len(page.blocks) * page.block_size)
+                                    len(page.blocks) * page.block_size,
+                                    f"the blocks of snapshot {read.snapshot_id}")
             sink.add_total(len(page.blocks) * page.block_size)
             futures = [loop.run_in_executor(executor, _fetch_block, ebs, image, read.snapshot_id,
                                             index, token, page.block_size, max_retries)
