@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from pathlib import Path
 
 from ..errors import Failed
+from ..pipeline.download import temp_path_for
 
 HASH_CHUNK = 4 * 1024 * 1024
 
@@ -25,7 +25,7 @@ class SparseImage:
     def __init__(self, target: Path, size: int, base: Path | None = None) -> None:
         self.target = Path(target)
         self.size = size
-        self.temp = self.target.with_name(f".{self.target.name}.part-{secrets.token_hex(4)}")
+        self.temp = temp_path_for(self.target)
         self._fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if base is not None:
