@@ -9,14 +9,11 @@ hole for hole (the base of an incremental export).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from ..errors import Failed
-from ..pipeline.download import temp_path_for
-
-HASH_CHUNK = 4 * 1024 * 1024
+from ..pipeline.download import file_sha256, temp_path_for
 
 
 class SparseImage:
@@ -48,9 +45,9 @@ class SparseImage:
     def commit(self) -> str:
         """fsync, rename to the target name and return the file's sha256 (hex)."""
         os.fsync(self._fd)
-        digest = sha256_fd(self._fd)
         os.close(self._fd)
         self._fd = -1
+        _, digest = file_sha256(self.temp)
         os.replace(self.temp, self.target)
         _fsync_dir(self.target.parent)
         return digest
@@ -61,18 +58,6 @@ class SparseImage:
             os.close(self._fd)
             self._fd = -1
         self.temp.unlink(missing_ok=True)
-
-
-def sha256_fd(fd: int) -> str:
-    """sha256 of a whole file read in chunks with pread (holes read as zeros)."""
-    digest = hashlib.sha256()
-    offset = 0
-    while True:
-        chunk = os.pread(fd, HASH_CHUNK, offset)
-        if not chunk:
-            return digest.hexdigest()
-        digest.update(chunk)
-        offset += len(chunk)
 
 
 def copy_sparse(source: Path, dest_fd: int) -> None:
