@@ -59,8 +59,14 @@ def _check_options(options: Any) -> dict:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
             value = float(value)
+        elif key == "provider_options":
+            # passed to the provider as ExportOptions.extra; the provider checks its keys
+            # (e.g. AWS base_snapshot_ids, keep_snapshots) and names any it does not know
+            if not isinstance(value, dict) or "shutdown_timeout" in value:
+                raise InvalidArgument("options.provider_options",
+                                      "an object of provider-specific options")
         else:
-            known = ", ".join([*BOOL_OPTIONS, "shutdown_timeout"])
+            known = ", ".join([*BOOL_OPTIONS, "shutdown_timeout", "provider_options"])
             raise InvalidArgument(f"options.{key}", f"unknown option (known: {known})")
         result[key] = value
     if result["restore_power_state"] and not result["shutdown_vm"]:
@@ -165,7 +171,8 @@ def _export_options(definition: dict, ctx: JobContext) -> ExportOptions:
                          chunk_size=ctx.config.export.chunk_size,
                          max_retries=ctx.config.export.max_retries,
                          parallel_disks=ctx.config.export.parallel_disks,
-                         extra={"shutdown_timeout": options["shutdown_timeout"]})
+                         extra={**options.get("provider_options", {}),
+                                "shutdown_timeout": options["shutdown_timeout"]})
 
 
 def _package_names(vm: VMInfo, method: str) -> list[str]:

@@ -6,7 +6,7 @@ waits for the snapshots, reads them with the EBS direct APIs into sparse raw ima
 (`aws_ebs.py`) and deletes the snapshots it made unless the job keeps them. No S3
 bucket or export role is needed.
 
-Export options (`options.extra`), all optional, keyed by volume id where per volume:
+Export options (`options.provider_options` of the job, `ExportOptions.extra` here), all optional, keyed by volume id where per volume:
 - `snapshot_ids`: read these existing snapshots instead of making new ones (never
   deleted by us), e.g. an AWS Backup recovery point;
 - `base_snapshot_ids` + `base_images`: an incremental export; only the blocks that
@@ -427,25 +427,25 @@ def _parse_extra(extra: dict, vm: VMInfo, export_base: Path) -> dict:
     any other file would be copied into the export."""
     for key in extra:
         if key not in EXTRA_KEYS:
-            raise InvalidArgument(f"options.extra.{key}", "one of " + ", ".join(EXTRA_KEYS))
+            raise InvalidArgument(f"options.provider_options.{key}", "one of " + ", ".join(EXTRA_KEYS))
     volume_ids = {d.key for d in vm.disks}
     result: dict[str, Any] = {"keep_snapshots": bool(extra.get("keep_snapshots", False))}
     timeout = extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise InvalidArgument("options.extra.shutdown_timeout", "a number of seconds > 0")
+        raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
     result["shutdown_timeout"] = float(timeout)
     for key in ("snapshot_ids", "base_snapshot_ids", "base_images"):
         value = extra.get(key) or {}
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise InvalidArgument(f"options.extra.{key}", "a mapping of volume ids to strings")
+            raise InvalidArgument(f"options.provider_options.{key}", "a mapping of volume ids to strings")
         for volume_id in value:
             if volume_id not in volume_ids:
-                raise InvalidArgument(f"options.extra.{key}.{volume_id}",
+                raise InvalidArgument(f"options.provider_options.{key}.{volume_id}",
                                       f"a volume of {vm.identifier} ({', '.join(sorted(volume_ids))})")
         result[key] = dict(value)
     for volume_id in result["base_snapshot_ids"]:
         image = result["base_images"].get(volume_id)
-        field = f"options.extra.base_images.{volume_id}"
+        field = f"options.provider_options.base_images.{volume_id}"
         if not image or not Path(image).is_file():
             raise InvalidArgument(field, "the raw image exported from the base snapshot "
                                          "(an existing file) is needed for an incremental export")

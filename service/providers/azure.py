@@ -437,11 +437,11 @@ def _shutdown_timeout(extra: dict) -> float:
     """The only extra export option: `shutdown_timeout` (seconds), from the export job."""
     for key in extra:
         if key != "shutdown_timeout":
-            raise InvalidArgument(f"options.extra.{key}", "the azure provider knows only "
+            raise InvalidArgument(f"options.provider_options.{key}", "the azure provider knows only "
                                                           "shutdown_timeout")
     timeout = extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise InvalidArgument("options.extra.shutdown_timeout", "a number of seconds > 0")
+        raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
     return float(timeout)
 
 

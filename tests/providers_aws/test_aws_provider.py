@@ -224,12 +224,12 @@ async def test_cancel_while_reading_blocks_leaves_nothing(provider, ec2, ebs, si
 async def test_bad_export_extras_name_the_field(provider, ec2, tmp_path, sink):
     instance = run_instance(ec2, "opt-1")
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
-    cases = [({"colour": 1}, "options.extra.colour"),
-             ({"snapshot_ids": {"vol-nope": "snap-1"}}, "options.extra.snapshot_ids.vol-nope"),
-             ({"base_snapshot_ids": {volume_id: "snap-1"}}, f"options.extra.base_images.{volume_id}"),
-             ({"shutdown_timeout": 0}, "options.extra.shutdown_timeout"),
+    cases = [({"colour": 1}, "options.provider_options.colour"),
+             ({"snapshot_ids": {"vol-nope": "snap-1"}}, "options.provider_options.snapshot_ids.vol-nope"),
+             ({"base_snapshot_ids": {volume_id: "snap-1"}}, f"options.provider_options.base_images.{volume_id}"),
+             ({"shutdown_timeout": 0}, "options.shutdown_timeout"),
              ({"base_snapshot_ids": {volume_id: "snap-1"}, "base_images": {volume_id: "/etc/passwd"}},
-              f"options.extra.base_images.{volume_id}")]
+              f"options.provider_options.base_images.{volume_id}")]
     for extra, field in cases:
         with pytest.raises(InvalidArgument) as caught:
             await provider.export_disks(instance["InstanceId"], tmp_path, ExportOptions(extra=extra), sink)

@@ -15,6 +15,7 @@ from moto.ec2.models import ec2_backends
 from moto.server import ThreadedMotoServer
 
 from hypersdk.service.config import parse_config
+from hypersdk.service.errors import InvalidArgument
 from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers.base import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
@@ -132,3 +133,39 @@ async def test_export_job_kind_writes_the_raw_disk(inprocess_moto, volume_conten
     assert result["vm"]["extra"]["snapshots_deleted"] == [result["vm"]["extra"]["snapshot_ids"][volume_id]]
     state = ec2.describe_instances(InstanceIds=[instance["InstanceId"]])
     assert state["Reservations"][0]["Instances"][0]["State"]["Name"] == "running"
+
+
+async def test_provider_options_of_an_export_job_reach_the_provider(inprocess_moto,
+                                                                    volume_content, tmp_path):
+    """options.provider_options → ExportOptions.extra: keep_snapshots keeps ours; a bad key
+    is named with the job's field name."""
+    ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
+    instance = run_instance(ec2, "job-2")
+    volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    volume_content[volume_id] = put_snapshot(ebs, {0: _block("boot")})
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    config = parse_config({"export": {"base_path": str(exports)},
+                           "providers": {"aws": make_provider(tmp_path, inprocess_moto).settings}},
+                          "(test)", env={})
+    registry = ProviderRegistry(config)
+    kind = ExportKind()
+    submit = FakeSubmitContext(config, registry)
+    try:
+        kept = FakeJobContext(kind.validate(
+            {"vm_identifier": "job-2", "provider": "aws", "export_method": "disk",
+             "export_path": "kept", "options": {"provider_options": {"keep_snapshots": True}}},
+            submit), config, registry)
+        result = await run_job(kind, kept)
+        assert result["vm"]["extra"]["snapshots_deleted"] == []
+        snapshot = result["vm"]["extra"]["snapshot_ids"][volume_id]
+        assert ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
+        bad = FakeJobContext(kind.validate(
+            {"vm_identifier": "job-2", "provider": "aws", "export_method": "disk",
+             "export_path": "bad", "options": {"provider_options": {"colour": "red"}}},
+            submit), config, registry)
+        with pytest.raises(InvalidArgument) as caught:
+            await run_job(kind, bad)
+        assert caught.value.field == "options.provider_options.colour"
+    finally:
+        await registry.close()

@@ -240,7 +240,7 @@ async def test_unmanaged_disk_is_listed_but_not_exported(provider, arm_state, ou
 async def test_unknown_export_extra_is_refused(provider, out, sink):
     with pytest.raises(InvalidArgument) as caught:
         await provider.export_disks("rg1/any", out, ExportOptions(extra={"keep": True}), sink)
-    assert caught.value.field == "options.extra.keep"
+    assert caught.value.field == "options.provider_options.keep"
 
 
 async def test_throttled_request_is_retried_after_retry_after(provider, arm_state):
