@@ -50,17 +50,42 @@ class ConvertedImage:
         data["path"] = str(self.path)
         return data
 
+VHD_FOOTER_BYTES = 512
+VHD_COOKIE = b"conectix"
+
 
 def image_info(path: Path) -> dict:
-    """`qemu-img info --output=json` of an image (blocking)."""
+    """`qemu-img info --output=json` of an image (blocking).
+
+    A fixed VHD (what Azure and Hyper-V hand out) has its only marker in the footer,
+    which qemu-img's probe does not read: it would call the disk "raw" and convert the
+    512-byte footer as data. A raw probe whose last sector is a VHD footer is read as vpc.
+    """
     path = Path(path)
     if not path.is_file():
         raise InvalidArgument(str(path), "no such file")
-    proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+    info = _qemu_img_info(path)
+    if info["format"] == "raw" and _ends_with_vhd_footer(path):
+        info = _qemu_img_info(path, "vpc")
+    return info
+
+
+def _qemu_img_info(path: Path, fmt: str | None = None) -> dict:
+    forced = ["-f", fmt] if fmt else []
+    proc = subprocess.run(["qemu-img", "info", "--output=json", *forced, str(path)],
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise Failed(f"{path}: qemu-img cannot read it: {_last_line(proc.stderr)}")
     return json.loads(proc.stdout)
+
+
+def _ends_with_vhd_footer(path: Path) -> bool:
+    size = path.stat().st_size
+    if size < VHD_FOOTER_BYTES:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(size - VHD_FOOTER_BYTES)
+        return handle.read(len(VHD_COOKIE)) == VHD_COOKIE
 
 
 def detect_format(path: Path) -> str:

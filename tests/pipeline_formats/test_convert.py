@@ -14,7 +14,7 @@ from hypersdk.service.pipeline.streamopt import GrowingFile, decode
 
 from .helpers import DATA_BYTES, DISK_SIZE, allocated, images_equal, make_image, make_raw, qemu_img
 
-INPUTS = [("vmdk", "streamOptimized"), ("vmdk", "monolithicSparse"), ("vpc", None),
+INPUTS = [("vmdk", "streamOptimized"), ("vmdk", "monolithicSparse"), ("vpc", None), ("vpc", "fixed"),
           ("vhdx", None), ("raw", None), ("qcow2", None)]
 # Output allocation may round each data extent up to a 64 KiB cluster / 1 MiB block.
 SPARSE_LIMIT = DATA_BYTES + 4 * (1 << 20)
@@ -253,3 +253,11 @@ async def test_download_that_stops_early_fails(tmp_path):
         await convert_image(partial, tmp_path / "disk.qcow2", out_format="qcow2", growing=growing)
     assert not (tmp_path / "disk.qcow2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_fixed_vhd_is_recognised_by_its_footer(tmp_path):
+    """qemu-img's probe calls a fixed VHD raw; read as raw, its footer would become data."""
+    _raw, image = make_image(tmp_path, "vpc", subformat="fixed")
+    assert detect_format(image) == "vpc"
+    plain = make_raw(tmp_path / "plain.raw", DISK_SIZE)
+    assert detect_format(plain) == "raw"
