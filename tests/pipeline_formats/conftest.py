@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import FakeSubmitContext
+from hypersdk.service.config import parse_config
+from tests.vsphere.fake_context import FakeSubmitContext
 
 
 @pytest.fixture
 def submit_ctx() -> FakeSubmitContext:
-    return FakeSubmitContext()
+    return FakeSubmitContext(parse_config({}, "test"), None)

@@ -6,7 +6,6 @@ import random
 import subprocess
 from pathlib import Path
 
-from hypersdk.service.config import parse_config
 
 MiB = 1 << 20
 # (offset, length) of the random data written into every test disk; the rest is holes.
@@ -54,49 +53,3 @@ def images_equal(a: Path, b: Path) -> bool:
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
-
-
-class FakeJobContext:
-    """A stand-in for the lead's job engine: records progress, logs and cleanups."""
-
-    def __init__(self, definition: dict, config=None) -> None:
-        self.job_id = "test-job"
-        self.definition = definition
-        self.config = config or parse_config({}, "test")
-        self.providers = None
-        self.logs: list[str] = []
-        self.stages: list[str] = []
-        self.total = 0
-        self.done_values: list[int] = []
-        self.cleanups: list[Path] = []
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.logs.append(message)
-
-    def set_stage(self, stage: str) -> None:
-        self.stages.append(stage)
-
-    def set_total(self, nbytes: int) -> None:
-        self.total = nbytes
-
-    def add_total(self, nbytes: int) -> None:
-        self.total += nbytes
-
-    def advance(self, nbytes: int) -> None:
-        self.set_done((self.done_values or [0])[-1] + nbytes)
-
-    def set_done(self, nbytes: int) -> None:
-        self.done_values.append(nbytes)
-
-    def add_cleanup(self, path: Path) -> None:
-        self.cleanups.append(Path(path))
-
-    def keep(self, path: Path) -> None:
-        if Path(path) in self.cleanups:
-            self.cleanups.remove(Path(path))
-
-
-class FakeSubmitContext:
-    def __init__(self) -> None:
-        self.config = parse_config({}, "test")
-        self.providers = None

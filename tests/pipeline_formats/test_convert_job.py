@@ -11,10 +11,17 @@ from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.job_kinds import get_kind
 from hypersdk.service.pipeline.convert_job import ConvertKind
 
-from .helpers import DISK_SIZE, FakeJobContext, images_equal, make_image
+from hypersdk.service.config import parse_config
+from tests.vsphere.fake_context import FakeJobContext
+
+from .helpers import DISK_SIZE, images_equal, make_image
 from .test_ova import manifest
 
 SAMPLE_OVF = Path(__file__).with_name("sample.ovf")
+
+
+def job_context(definition: dict) -> FakeJobContext:
+    return FakeJobContext(definition, parse_config({}, "test"), None)
 
 
 def small_ovf_text() -> str:
@@ -82,14 +89,14 @@ async def test_run_on_a_single_image(tmp_path, submit_ctx):
     kind = ConvertKind()
     definition = kind.validate({"source_path": str(image), "output_path": str(tmp_path / "out"),
                                 "conversion_options": {"format": "raw"}}, submit_ctx)
-    ctx = FakeJobContext(definition)
+    ctx = job_context(definition)
     result = await kind.run(ctx)
     [disk] = result["disks"]
     assert disk["path"] == str(tmp_path / "out" / "disk.raw") and disk["format"] == "raw"
     assert images_equal(raw, Path(disk["path"]))
     assert result["ovf"] is None
-    assert ctx.total == DISK_SIZE and ctx.done_values[-1] == DISK_SIZE
-    assert ctx.cleanups == []
+    assert ctx.total == DISK_SIZE and ctx.done_history[-1] == DISK_SIZE
+    assert ctx.cleanup == []
 
 
 async def test_run_on_an_ovf_converts_every_disk(tmp_path, submit_ctx):
@@ -97,16 +104,16 @@ async def test_run_on_an_ovf_converts_every_disk(tmp_path, submit_ctx):
     kind = ConvertKind()
     definition = kind.validate({"source_path": str(ovf), "output_path": str(tmp_path / "kvm")},
                                submit_ctx)
-    ctx = FakeJobContext(definition)
+    ctx = job_context(definition)
     result = await kind.run(ctx)
     paths = [Path(d["path"]) for d in result["disks"]]
     assert [p.name for p in paths] == ["web01-disk1.qcow2", "web01-disk2.qcow2"]
     assert all(images_equal(ref, p) for ref, p in zip(refs, paths))
     assert result["ovf"]["name"] == "web01" and result["ovf"]["memory_mb"] == 512
     assert ctx.total == 2 * DISK_SIZE
-    assert ctx.done_values[-1] == 2 * DISK_SIZE
-    assert ctx.done_values == sorted(ctx.done_values)
-    assert any("manifest: 3 files checked" in line for line in ctx.logs)
+    assert ctx.done_history[-1] == 2 * DISK_SIZE
+    assert ctx.done_history == sorted(ctx.done_history)
+    assert any("manifest: 3 files checked" in line for line in ctx.messages)
 
 
 async def test_run_on_an_ova_extracts_then_converts(tmp_path, submit_ctx):
@@ -118,16 +125,16 @@ async def test_run_on_an_ova_extracts_then_converts(tmp_path, submit_ctx):
     shutil.rmtree(ovf.parent)
     kind = ConvertKind()
     out = tmp_path / "kvm"
-    ctx = FakeJobContext(kind.validate({"source_path": str(ova), "output_path": str(out)},
-                                       submit_ctx))
+    ctx = job_context(kind.validate({"source_path": str(ova), "output_path": str(out)},
+                                    submit_ctx))
     result = await kind.run(ctx)
     assert sorted(p.name for p in out.iterdir()) == ["web01-disk1.qcow2", "web01-disk2.qcow2"]
     assert images_equal(refs[1], out / "web01-disk2.qcow2")
     assert result["ovf"]["disks"][0]["boot_order"] == 1
     assert ctx.stages == ["extract", "convert"]
     assert ctx.total == ova.stat().st_size + 2 * DISK_SIZE
-    assert ctx.done_values == sorted(ctx.done_values)
-    assert ctx.done_values[-1] == ctx.total
+    assert ctx.done_history == sorted(ctx.done_history)
+    assert ctx.done_history[-1] == ctx.total
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "scratch dir left behind"
 
 
@@ -139,8 +146,8 @@ async def test_truncated_second_disk_fails_before_any_conversion(tmp_path, submi
         fh.truncate(disk2.stat().st_size // 2 + 100)
     kind = ConvertKind()
     out = tmp_path / "kvm"
-    ctx = FakeJobContext(kind.validate({"source_path": str(ovf), "output_path": str(out)},
-                                       submit_ctx))
+    ctx = job_context(kind.validate({"source_path": str(ovf), "output_path": str(out)},
+                                    submit_ctx))
     with pytest.raises(Failed, match="web01-disk2.vmdk: the VMDK is incomplete"):
         await kind.run(ctx)
     assert list(out.iterdir()) == []
@@ -154,10 +161,10 @@ async def test_corrupt_second_disk_leaves_the_first_for_cleanup(tmp_path, submit
         fh.write(b"\xff" * 64)
     kind = ConvertKind()
     out = tmp_path / "kvm"
-    ctx = FakeJobContext(kind.validate({"source_path": str(ovf), "output_path": str(out)},
-                                       submit_ctx))
+    ctx = job_context(kind.validate({"source_path": str(ovf), "output_path": str(out)},
+                                    submit_ctx))
     with pytest.raises(Failed, match="web01-disk2.vmdk: grain at sector 0 does not inflate"):
         await kind.run(ctx)
     # The engine removes what is still registered for cleanup when a job fails.
-    assert out in ctx.cleanups and out / "web01-disk1.qcow2" in ctx.cleanups
+    assert out in ctx.cleanup and out / "web01-disk1.qcow2" in ctx.cleanup
     assert sorted(p.name for p in out.iterdir()) == ["web01-disk1.qcow2"]

@@ -27,7 +27,12 @@ class FakeJobContext:
     stages: list[str] = field(default_factory=list)
     total: int = 0
     done: int = 0
+    done_history: list[int] = field(default_factory=list)  # every value `done` took
     cleanup: list[Path] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list[str]:
+        return [message for _level, message in self.lines]
 
     def log(self, message: str, level: str = "info") -> None:
         self.lines.append((level, message))
@@ -42,10 +47,11 @@ class FakeJobContext:
         self.total += nbytes
 
     def advance(self, nbytes: int) -> None:
-        self.done += nbytes
+        self.set_done(self.done + nbytes)
 
     def set_done(self, nbytes: int) -> None:
         self.done = nbytes
+        self.done_history.append(nbytes)
 
     def add_cleanup(self, path: Path) -> None:
         self.cleanup.append(Path(path))
