@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ChangeListener = Callable[[str, str], None]  # (collection, id): "schedule"|"policy", id
+ChangeListener = Callable[[str, str], None]  # (collection, id): "schedule"|"policy"|"webhook"
 
 
 class Automation:
@@ -33,7 +33,8 @@ class Automation:
         self.clock = clock or SystemClock()
         settings = config.automation
         self.on_change: list[ChangeListener] = []
-        self.webhooks = Webhooks(store, settings, self.clock)
+        self.webhooks = Webhooks(store, settings, self.clock,
+                                 changed=lambda item: self._changed("webhook", item))
         self.schedules = Schedules(store, engine, settings.missed_run_grace, self.clock,
                                    emit=self.webhooks.emit,
                                    changed=lambda item: self._changed("schedule", item))

@@ -15,6 +15,10 @@ whose jobs failed applies no retention. Deleting a policy keeps its backups on d
 Overlap: a run does not start while the policy's previous run has jobs pending or
 running (a scheduled slot is skipped and logged; Run() is refused). Scheduling uses
 the same rules as schedules (see schedules.py).
+
+Enabled: a disabled policy is skipped by the scheduler (NextRun 0) but Run() still
+runs it when asked, like a schedule's RunNow; re-enabling does not fire the slots
+that passed meanwhile.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from .schedules import (Clock, CronSpec, check_bool, check_fields, check_name, check_timezone,
-                        decide, new_id)
+                        decide, new_id, store_enabled)
 from .store import TERMINAL_STATUSES
 
 if TYPE_CHECKING:
@@ -232,6 +236,16 @@ class BackupPolicies:
     def list(self) -> list[Policy]:
         return [self._row_to_policy(r) for r in
                 self.store.execute("SELECT * FROM backup_policies ORDER BY created_at, id")]
+
+    def set_enabled(self, policy_id: str, enabled: bool) -> Policy:
+        policy = self.get(policy_id)
+        if policy.enabled != enabled:
+            store_enabled(self.store, "backup_policies", policy_id, enabled, policy.last_slot,
+                          self.clock.now())
+            log.info("backup policy %s (%s) %s", policy_id, policy.name,
+                     "enabled" if enabled else "disabled")
+            self._changed(policy_id)
+        return self.get(policy_id)
 
     def delete(self, policy_id: str) -> None:
         self.get(policy_id)

@@ -130,6 +130,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def store_enabled(store: "Store", table: str, item_id: str, enabled: bool,
+                  last_slot: float, now: float) -> None:
+    """Enable or disable a cron-driven row (a schedule or a backup policy).
+
+    Slots that passed while it was disabled are not "missed": counting starts again
+    from now, so re-enabling never fires them.
+    """
+    store.execute(f"UPDATE {table} SET enabled=?, last_slot=? WHERE id=?",
+                  (int(enabled), max(last_slot, now), item_id))
+
+
 # -- cron ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CronSpec:
@@ -333,10 +344,8 @@ class Schedules:
     def set_enabled(self, schedule_id: str, enabled: bool) -> Schedule:
         schedule = self.get(schedule_id)
         if schedule.enabled != enabled:
-            # Slots that passed while disabled are not "missed": start counting from now.
-            self.store.execute("UPDATE schedules SET enabled=?, last_slot=? WHERE id=?",
-                               (int(enabled), max(schedule.last_slot, self.clock.now()),
-                                schedule_id))
+            store_enabled(self.store, "schedules", schedule_id, enabled, schedule.last_slot,
+                          self.clock.now())
             self._changed(schedule_id)
         return self.get(schedule_id)
 

@@ -17,6 +17,10 @@
   returned; header values that look like credentials and passwords or tokens in the
   URL are redacted wherever a webhook is shown. Errors in the delivery log are written
   here, never copied from exceptions (which may quote the URL).
+- Disabled webhooks get no new events (Test is refused too). Events queued before
+  disabling are held, neither attempted nor pruned, and delivered once the webhook is
+  enabled again (an attempt already under way finishes). A config-file webhook's
+  `enabled` is set in the config only.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
@@ -156,9 +160,12 @@ def _row_to_webhook(row) -> Webhook:
 
 
 class Webhooks:
-    def __init__(self, store: "Store", settings, clock: Clock) -> None:
-        """`settings` is the config's `automation` section."""
+    def __init__(self, store: "Store", settings, clock: Clock,
+                 changed: Callable[[str], None] = lambda webhook_id: None) -> None:
+        """`settings` is the config's `automation` section; `changed(id)` hears that a
+        webhook's properties changed."""
         self.store = store
+        self._changed = changed
         self.timeout = settings.webhook_timeout
         self.max_attempts = settings.webhook_max_attempts
         self.retry_base = settings.webhook_retry_base
@@ -211,6 +218,19 @@ class Webhooks:
         return [_row_to_webhook(r) for r in
                 self.store.execute("SELECT * FROM webhooks ORDER BY created_at, id")]
 
+    def set_enabled(self, webhook_id: str, enabled: bool) -> Webhook:
+        webhook = self.get(webhook_id)
+        if webhook.source == "config":
+            raise InvalidArgument("enabled", f"{webhook_id} comes from the config file; "
+                                             "set its enabled there")
+        if webhook.enabled != enabled:
+            self.store.execute("UPDATE webhooks SET enabled=? WHERE id=?",
+                               (int(enabled), webhook_id))
+            log.info("webhook %s %s", webhook_id, "enabled" if enabled else "disabled")
+            self._changed(webhook_id)
+            self._wake.set()  # held events may be due now
+        return self.get(webhook_id)
+
     def delete(self, webhook_id: str) -> None:
         if self.get(webhook_id).source == "config":
             raise InvalidArgument("webhook", f"{webhook_id} comes from the config file; "
@@ -238,7 +258,8 @@ class Webhooks:
         return len(targets)
 
     def test(self, webhook_id: str) -> None:
-        self.get(webhook_id)
+        if not self.get(webhook_id).enabled:
+            raise InvalidArgument("webhook", f"{webhook_id} is disabled; enable it to test it")
         self._enqueue(webhook_id, TEST_EVENT, {"message": "test event from hypervisord"})
 
     def _enqueue(self, webhook_id: str, event: str, payload: dict) -> None:
@@ -293,13 +314,14 @@ class Webhooks:
     def _due(self) -> list:
         rows = self.store.execute(
             "SELECT o.*, w.url, w.headers, w.secret FROM webhook_outbox o JOIN webhooks w"
-            " ON w.id = o.webhook_id WHERE o.state='pending' AND o.next_attempt<=?"
-            " ORDER BY o.id", (self.clock.now(),)).fetchall()
+            " ON w.id = o.webhook_id WHERE o.state='pending' AND w.enabled=1"
+            " AND o.next_attempt<=? ORDER BY o.id", (self.clock.now(),)).fetchall()
         return [r for r in rows if r["id"] not in self._in_flight]
 
     def _next_due(self) -> float | None:
-        rows = self.store.execute("SELECT id, next_attempt FROM webhook_outbox"
-                                  " WHERE state='pending' ORDER BY next_attempt").fetchall()
+        rows = self.store.execute("SELECT o.id, o.next_attempt FROM webhook_outbox o JOIN"
+                                  " webhooks w ON w.id = o.webhook_id WHERE o.state='pending'"
+                                  " AND w.enabled=1 ORDER BY o.next_attempt").fetchall()
         return next((r[1] for r in rows if r[0] not in self._in_flight), None)
 
     async def _deliver(self, session: aiohttp.ClientSession, limit: asyncio.Semaphore,

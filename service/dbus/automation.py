@@ -143,13 +143,16 @@ class ScheduleObject(_ItemObject):
 
 class BackupPolicyObject(_ItemObject):
     collection = "policy"
-    changing = ("NextRun", "LastRun")
+    changing = ("Enabled", "NextRun", "LastRun")
 
     def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
         super().__init__(objects, item_id, POLICY_INTERFACE)
 
     def _item(self):
         return self._automation.policies.get(self.item_id)
+
+    def _value_Enabled(self) -> bool:
+        return self._item().enabled
 
     def _value_NextRun(self) -> int:
         return usec(self._item().next_run)
@@ -175,7 +178,7 @@ class BackupPolicyObject(_ItemObject):
 
     @dbus_property(access=PropertyAccess.READ)
     def Enabled(self) -> "b":
-        return self._item().enabled
+        return self._value_Enabled()
 
     @dbus_property(access=PropertyAccess.READ)
     def NextRun(self) -> "t":
@@ -184,6 +187,12 @@ class BackupPolicyObject(_ItemObject):
     @dbus_property(access=PropertyAccess.READ)
     def LastRun(self) -> "t":
         return self._value_LastRun()
+
+    @method()
+    async def SetEnabled(self, enabled: "b", options: "a{sv}"):
+        await require(MANAGE_POLICIES)
+        self._automation.policies.set_enabled(self.item_id, enabled)
+        self._automation.wake()
 
     @method()
     async def Run(self, options: "a{sv}") -> "ao":
@@ -206,12 +215,16 @@ class BackupPolicyObject(_ItemObject):
 
 class WebhookObject(_ItemObject):
     collection = "webhook"
+    changing = ("Enabled",)
 
     def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
         super().__init__(objects, item_id, WEBHOOK_INTERFACE)
 
     def _public(self) -> dict:
         return self._automation.webhooks.get(self.item_id).public()
+
+    def _value_Enabled(self) -> bool:
+        return self._public()["enabled"]
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
@@ -235,11 +248,16 @@ class WebhookObject(_ItemObject):
 
     @dbus_property(access=PropertyAccess.READ)
     def Enabled(self) -> "b":
-        return self._public()["enabled"]
+        return self._value_Enabled()
 
     @dbus_property(access=PropertyAccess.READ)
     def Source(self) -> "s":
         return self._public()["source"]
+
+    @method()
+    async def SetEnabled(self, enabled: "b", options: "a{sv}"):
+        await require(MANAGE_WEBHOOKS)
+        self._automation.webhooks.set_enabled(self.item_id, enabled)
 
     @method()
     async def Delete(self, options: "a{sv}"):

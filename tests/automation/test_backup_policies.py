@@ -199,3 +199,20 @@ async def test_bad_policies_are_refused_naming_the_field(policies_env, overrides
     with pytest.raises(InvalidArgument) as info:
         policies.create(production_policy(**overrides), 0)
     assert info.value.field == field
+
+
+async def test_a_disabled_policy_is_skipped_by_its_schedule_but_runs_when_asked(policies_env):
+    env, policies, clock, _ = policies_env
+    policy = policies.create(production_policy(schedule="0 3 * * *", timezone="UTC"), 0)
+    slot = policy.next_run
+    assert policies.set_enabled(policy.id, False).next_run is None
+    assert policies.next_due() is None
+    clock.t = slot + 1
+    policies.tick()
+    assert not policies._tasks and policies.backups(policy.id) == []
+    assert policies.set_enabled(policy.id, True).next_run == slot + DAY  # no backfill
+    policies.tick()
+    assert not policies._tasks and policies.backups(policy.id) == []
+    policies.set_enabled(policy.id, False)
+    assert await run_and_settle(env, policies, policy.id) == ["completed", "completed"]
+    assert not policies.get(policy.id).enabled

@@ -218,3 +218,43 @@ async def test_schedule_and_retention_events_reach_the_receiver(tmp_path, receiv
         assert applied.payload["policy_id"] == policy.id and applied.payload["deleted"] == []
     finally:
         await _close(env, automation)
+
+
+async def test_a_disabled_webhook_gets_no_events_and_holds_queued_ones(tmp_path, receiver):
+    env, automation = await _automation(make_config(tmp_path))
+    webhooks = automation.webhooks
+    changed: list[tuple[str, str]] = []
+    automation.on_change.append(lambda collection, item: changed.append((collection, item)))
+    try:
+        hook = webhooks.create({"url": receiver.url, "events": ["job.failed"]}, 0)
+        assert webhooks.set_enabled(hook.id, False).enabled is False
+        assert changed == [("webhook", hook.id)]
+        # an event queued before the webhook was disabled, still undelivered
+        webhooks._enqueue(hook.id, "job.failed", {"job_id": "queued-before"})
+        job = env.engine.submit("fail", {"message": "boom"}, 0)
+        assert await env.wait_job(job.id) == "failed"
+        with pytest.raises(InvalidArgument, match="webhook: .* is disabled"):
+            webhooks.test(hook.id)
+        await asyncio.sleep(0.6)
+        assert receiver.attempts == []
+        assert [tuple(r) for r in env.store.execute("SELECT state FROM webhook_outbox")] == \
+            [("pending",)]
+        webhooks.set_enabled(hook.id, True)
+        [item] = await receiver.wait_for(1)
+        assert item.payload["job_id"] == "queued-before"
+        await asyncio.sleep(0.3)
+        assert len(receiver.attempts) == 1
+    finally:
+        await _close(env, automation)
+
+
+async def test_config_webhooks_are_enabled_or_disabled_in_the_config_only(tmp_path, receiver):
+    config = make_config(tmp_path, webhooks=[{"url": receiver.url, "events": ["job.failed"]}])
+    env, automation = await _automation(config)
+    try:
+        [hook] = automation.webhooks.list()
+        with pytest.raises(InvalidArgument, match="enabled: .* config file"):
+            automation.webhooks.set_enabled(hook.id, False)
+        assert automation.webhooks.get(hook.id).enabled
+    finally:
+        await _close(env, automation)
