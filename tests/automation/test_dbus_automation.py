@@ -255,3 +255,101 @@ async def test_a_firing_schedule_announces_its_new_properties(system_bus, hyperv
     assert fired["LastJob"].startswith(ROOT + "/jobs/job_")
     assert fired["LastRun"] > 0 and fired["NextRun"] > fired["LastRun"]
     await asyncio.to_thread(call, address, path, SCHEDULE_IFACE, "Delete", "a{sv}", "0")
+
+
+async def _watch_properties(bus, paths: list[str]) -> dict[str, list[dict]]:
+    """PropertiesChanged of `paths`, collected as they arrive: {path: [changed values]}."""
+    changes: dict[str, list[dict]] = {path: [] for path in paths}
+
+    def on_message(msg: Message) -> None:
+        if msg.member == "PropertiesChanged" and msg.path in changes:
+            changes[msg.path].append({k: v.value for k, v in msg.body[1].items()})
+
+    bus.add_message_handler(on_message)
+    for path in paths:
+        await bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+            body=[f"type='signal',interface='org.freedesktop.DBus.Properties',path='{path}'"]))
+    return changes
+
+
+async def _announced(changes: list[dict], wanted: dict) -> None:
+    for _ in range(50):
+        if any(wanted.items() <= change.items() for change in changes):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no PropertiesChanged with {wanted}: {changes}")
+
+
+async def test_set_enabled_on_a_backup_policy_and_a_webhook(system_bus, start_hypervisord,
+                                                            client_bus, receiver):
+    address = system_bus.address
+    await asyncio.to_thread(start_hypervisord, automation=FAST_WEBHOOKS, webhooks=[
+        {"url": "http://127.0.0.1:9/from-config", "events": ["job.failed"]}])
+
+    def set_enabled(path: str, interface: str, enabled: bool, user: str = MEMBER):
+        return gdbus_call(address, path, f"{interface}.SetEnabled",
+                          "true" if enabled else "false", "{}", user=user)
+
+    webhook = await asyncio.to_thread(create, address, "ConfigureWebhook", {
+        "url": receiver.url, "events": ["job.started", "job.completed"]})
+    policy = await asyncio.to_thread(create, address, "CreateBackupPolicy", {
+        "name": "every-second", "provider": "ova", "schedule": "* * * * * */1",
+        "timezone": "UTC", "enabled": False})
+    for path, interface in ((webhook, WEBHOOK_IFACE), (policy, POLICY_IFACE)):
+        assert await asyncio.to_thread(_live, address, path, interface) == \
+            _documented(interface)
+    changes = await _watch_properties(client_bus, [webhook, policy])
+
+    async def prop_of(path: str, interface: str, name: str):
+        return await asyncio.to_thread(prop, address, path, interface, name)
+
+    async def run_sleep_job() -> str:
+        reply = await asyncio.to_thread(submit, address, QUICK, "sleep")
+        path = json.loads(reply.stdout.split()[1])
+        await asyncio.to_thread(wait_for, lambda: job_property(address, path, "Status") ==
+                                "completed", what="the job")
+        return path.rsplit("/", 1)[1].replace("_", "-")
+
+    # a disabled webhook's receiver gets nothing; enabled again, it gets the next events
+    assert set_enabled(webhook, WEBHOOK_IFACE, False).returncode == 0
+    assert await prop_of(webhook, WEBHOOK_IFACE, "Enabled") is False
+    await _announced(changes[webhook], {"Enabled": False})
+    await run_sleep_job()
+    await asyncio.sleep(0.8)
+    assert receiver.attempts == []
+    assert set_enabled(webhook, WEBHOOK_IFACE, True).returncode == 0
+    await _announced(changes[webhook], {"Enabled": True})
+    second = await run_sleep_job()
+    got = await receiver.wait_for(2)
+    assert {r.payload["job_id"] for r in got} == {second}
+
+    # a disabled policy is not run by its schedule; enabled, it is; Run works either way
+    assert await prop_of(policy, POLICY_IFACE, "NextRun") == 0
+    await asyncio.sleep(2.2)
+    assert await prop_of(policy, POLICY_IFACE, "LastRun") == 0
+    assert set_enabled(policy, POLICY_IFACE, True).returncode == 0
+    await _announced(changes[policy], {"Enabled": True})
+    assert next(c for c in changes[policy] if c.get("Enabled"))["NextRun"] > 0
+    await asyncio.to_thread(wait_for, lambda: prop(address, policy, POLICY_IFACE, "LastRun"),
+                            what="a scheduled run")
+    assert set_enabled(policy, POLICY_IFACE, False).returncode == 0
+    await _announced(changes[policy], {"Enabled": False, "NextRun": 0})
+    await asyncio.sleep(0.5)  # a run that started before SetEnabled may still finish
+    settled = await prop_of(policy, POLICY_IFACE, "LastRun")
+    await asyncio.sleep(2.2)
+    assert await prop_of(policy, POLICY_IFACE, "LastRun") == settled
+    assert await asyncio.to_thread(call, address, policy, POLICY_IFACE, "Run", "a{sv}", "0") \
+        == [[]]  # no OVA files: a run of nothing, but a run
+    assert await prop_of(policy, POLICY_IFACE, "LastRun") > settled
+
+    # a config-file webhook is enabled in the config only; outsiders are refused
+    [from_config] = [p for p, o in (await asyncio.to_thread(managed_objects, address)).items()
+                     if o.get(WEBHOOK_IFACE, {}).get("Source", {}).get("data") == "config"]
+    refused = set_enabled(from_config, WEBHOOK_IFACE, False)
+    assert "org.hypersdk.HyperSDK1.Error.InvalidArgument: enabled: " in refused.stderr
+    for path, interface in ((webhook, WEBHOOK_IFACE), (policy, POLICY_IFACE)):
+        refused = set_enabled(path, interface, False, user="hsdk-outsider")
+        assert "org.freedesktop.DBus.Error.AccessDenied" in refused.stderr, refused.stderr
+    assert await prop_of(webhook, WEBHOOK_IFACE, "Enabled") is True
