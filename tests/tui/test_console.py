@@ -194,7 +194,14 @@ async def test_webhooks_create_test_delete(system_bus, hypervisord):
 
         await wait_for(pilot, lambda: row()[:1] == ["http://127.0.0.1:9/hook"], what="webhook")
         assert "Events=job.failed" in row()[2]
-        await pilot.press("e")  # webhooks have no enable/disable on the service: not offered
+        await wait_for(pilot, lambda: row()[1] == "yes", what="enabled")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: row()[1] == "no", what="disabled")
+        await pilot.press("x")  # a disabled webhook cannot be tested: the refusal is shown
+        await wait_for(pilot, lambda: any(n.severity == "error" and "is disabled" in n.message
+                                          for n in app._notifications), what="the refusal")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: row()[1] == "yes", what="enabled again")
         await pilot.press("x")
         await wait_for(pilot, lambda: any("Test: done" in n.message for n in app._notifications),
                        what="the test delivery queued")
@@ -228,8 +235,10 @@ async def test_backup_policy_errors_name_the_field_then_create_run_delete(system
             table = screen.query_one("#objects", DataTable)
             return [str(c) for c in table.get_row_at(0)] if table.row_count else []
 
-        await wait_for(pilot, lambda: row()[:1] == ["weekly"], what="the policy")
-        await pilot.press("x")
+        await wait_for(pilot, lambda: row()[:2] == ["weekly", "yes"], what="the policy")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: row()[1] == "no", what="disabled")
+        await pilot.press("x")  # Run works on a disabled policy too
         await wait_for(pilot, lambda: any("Run: done" in n.message for n in app._notifications),
                        what="the run")
         await pilot.press("d")

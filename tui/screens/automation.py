@@ -33,7 +33,6 @@ class AutomationKind:
     create_method: str
     example: dict
     run_method: str = ""      # "run now" / "test": a method taking only options
-    can_toggle: bool = False  # has SetEnabled(b, options)
 
 
 AUTOMATION_KINDS = {
@@ -43,7 +42,7 @@ AUTOMATION_KINDS = {
         {"name": "nightly-web01", "cron": "0 2 * * *",
          "job_definition": {"vm_identifier": "web01", "provider": "vsphere",
                             "export_method": "ova"}},
-        run_method="RunNow", can_toggle=True),
+        run_method="RunNow"),
     "backup_policies": AutomationKind(
         "Backup policies", "backup_policies", ROOT_PATH + "/backup_policies",
         "org.hypersdk.HyperSDK1.BackupPolicy", "CreateBackupPolicy",
@@ -198,8 +197,6 @@ class AutomationScreen(HyperScreen):
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """Offer only what this kind of object supports."""
-        if action == "toggle":
-            return self.kind.can_toggle
         if action == "run":
             return bool(self.kind.run_method)
         return True
