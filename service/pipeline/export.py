@@ -13,8 +13,10 @@ A run downloads the disks into a hidden staging directory inside export_path
 - `disk`: the disk files and `<vm>.mf`.
 OVA/OVF packages carry VMDKs: disks in other formats (raw, vhd, ... from the
 cloud providers) are rewritten as stream-optimized VMDKs with qemu-img, and with
-`options.compress` so are VMDKs that are not stream-optimized yet. Finally the hyper2kvm hand-off runs when the definition enables it. Output files
-are registered for cleanup until the job completes, so a failed or cancelled
+`options.compress` so are VMDKs that are not stream-optimized yet. Finally the
+hyper2kvm hand-off runs when the definition enables it; with the Direct Pipeline,
+disks a provider streams are converted while they download (`overlap.py`). Output
+files are registered for cleanup until the job completes, so a failed or cancelled
 export leaves nothing behind.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 from ..errors import AlreadyExists, Failed, InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..providers.base import ExportedDisk, ExportOptions, VMInfo
-from . import handoff, ovf_writer
+from . import handoff, overlap, ovf_writer
 from .ovf_writer import safe_name
 from .convert import run_qemu_img_convert
 from .diskspace import check_free_space
@@ -129,6 +131,13 @@ class ExportKind(JobKind):
         }
 
     async def run(self, ctx: JobContext) -> dict:
+        streaming = overlap.StreamConversions(ctx)
+        try:
+            return await self._run(ctx, streaming)
+        finally:
+            await streaming.close()
+
+    async def _run(self, ctx: JobContext, streaming: overlap.StreamConversions) -> dict:
         definition = ctx.definition
         export_dir = resolve_export_path(definition["export_path"], ctx.config.export.base_path)
         method = definition["export_method"]
@@ -145,9 +154,10 @@ class ExportKind(JobKind):
         staging = export_dir / f".staging-{ctx.job_id}"
         ctx.add_cleanup(staging)
         await asyncio.to_thread(staging.mkdir, exist_ok=True)  # a retried attempt reuses it
+        handoff.enable_streaming(ctx, vm, definition["hyper2kvm_integration"], streaming)
         ctx.set_stage("export")
         vm, disks = await provider.export_disks(vm.identifier, staging,
-                                                _export_options(definition, ctx), ctx)
+                                                _export_options(definition, ctx, streaming), ctx)
         ctx.set_stage("package")
         if method in ("ova", "ovf"):
             compress = definition["options"]["compress"]
@@ -156,14 +166,16 @@ class ExportKind(JobKind):
                                  definition["options"]["remove_cdrom"],
                                  definition["hyper2kvm_integration"]["enabled"])
         integration = await handoff.run_integration(ctx, vm, outputs["disks"], export_dir,
-                                                    definition["hyper2kvm_integration"])
+                                                    definition["hyper2kvm_integration"],
+                                                    streaming)
         await asyncio.to_thread(shutil.rmtree, staging, True)
         for path in (staging, *outputs["files"]):
             ctx.keep(path)
         return _result(vm, method, export_dir, outputs, integration)
 
 
-def _export_options(definition: dict, ctx: JobContext) -> ExportOptions:
+def _export_options(definition: dict, ctx: JobContext,
+                    streaming: overlap.StreamConversions) -> ExportOptions:
     options = definition["options"]
     return ExportOptions(shutdown_vm=options["shutdown_vm"],
                          restore_power_state=options["restore_power_state"],
@@ -172,7 +184,8 @@ def _export_options(definition: dict, ctx: JobContext) -> ExportOptions:
                          max_retries=ctx.config.export.max_retries,
                          parallel_disks=ctx.config.export.parallel_disks,
                          extra={**options.get("provider_options", {}),
-                                "shutdown_timeout": options["shutdown_timeout"]})
+                                "shutdown_timeout": options["shutdown_timeout"]},
+                         stream_consumer=streaming if streaming.enabled else None)
 
 
 def _package_names(vm: VMInfo, method: str) -> list[str]:

@@ -6,11 +6,15 @@ Three modes, chosen by the job definition:
   Manifest in `<hyper2kvm.watch_dir>/<instance>/`, then wait for its output.
 - `auto_convert: true` (without daemon mode): the spec's "Direct Pipeline" — convert
   every disk with the built-in converter into `<hyper2kvm.output_dir>/<vm>/` and, when
-  `import_to_kvm` is set, define the domain in libvirt.
+  `import_to_kvm` is set, define the domain in libvirt. Disks that arrive as
+  streamOptimized VMDKs are converted while they download (`enable_streaming`,
+  `pipeline/overlap.py`); the others after the export.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import re
 import time
 from pathlib import Path
@@ -18,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import AlreadyExists, InvalidArgument
-from .convert import convert_image
+from .convert import ConvertedImage, convert_image
 from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                          serial_log_beside)
 from .hyper2kvm import UnitState, unit_name, unit_state, wait_for_output
 from .libvirt_import import import_domain, preflight
 from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
+from .overlap import JobProgress, StreamConversions
 from .ovf_writer import safe_name
 
 if TYPE_CHECKING:
@@ -92,12 +97,22 @@ def validate_integration(block: Any, config: "Config") -> dict:
     return result
 
 
+def enable_streaming(ctx: "JobContext", vm: "VMInfo", integration: dict,
+                     streaming: StreamConversions) -> None:
+    """When the Direct Pipeline will convert, let `streaming` start while the disks download."""
+    if integration["enabled"] and not integration["daemon_mode"]:
+        streaming.enable(_make_output_dir(ctx, vm), integration["format"],
+                         _compress(integration))
+
+
 async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
-                          export_dir: Path, integration: dict) -> dict:
+                          export_dir: Path, integration: dict,
+                          streamed: StreamConversions | None = None) -> dict:
     """Run the hand-off chosen by `integration` (from validate_integration).
 
     Returns the job result's section: `mode` (export-only, daemon, builtin,
     builtin-fallback), the manifest path, the converted disks and the domain.
+    `streamed` holds the conversions that ran during the export (builtin mode).
     With import_to_kvm, libvirt is asked first whether the name, UUID and network
     are usable, so an hour of conversion is not wasted on a name that is taken.
 
@@ -122,7 +137,7 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
             result = {**await _convert_builtin(ctx, vm, disks, integration),
                       "mode": "builtin-fallback", "fallback_reason": state.describe()}
     else:
-        result = await _convert_builtin(ctx, vm, disks, integration)
+        result = await _convert_builtin(ctx, vm, disks, integration, streamed)
     return {**result, "export_dir": str(export_dir)}
 
 
@@ -141,6 +156,15 @@ def _kept_uuid(vm: "VMInfo") -> str:
 
 def _vm_output_dir(config: "Config", vm: "VMInfo") -> Path:
     return Path(config.hyper2kvm.output_dir) / safe_name(vm.name)
+
+
+def _make_output_dir(ctx: "JobContext", vm: "VMInfo") -> Path:
+    """output_dir/<vm>/, created (and removed if the job fails) unless it exists."""
+    out_dir = _vm_output_dir(ctx.config, vm)
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        ctx.add_cleanup(out_dir)
+    return out_dir
 
 
 async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
@@ -175,8 +199,10 @@ async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]"
 
 
 async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
-                           integration: dict) -> dict:
-    """The Direct Pipeline: convert every disk into output_dir/<vm>/, then maybe import."""
+                           integration: dict,
+                           streamed: StreamConversions | None = None) -> dict:
+    """The Direct Pipeline: convert every disk into output_dir/<vm>/, then maybe import.
+    Disks `streamed` converted during the export are only moved to their names."""
     out_dir = _vm_output_dir(ctx.config, vm)
     fmt = integration["format"]
     ordered = boot_sorted(disks)
@@ -185,18 +211,20 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
         if target.exists():
             raise AlreadyExists(f"{target} already exists (an earlier conversion of this VM?); "
                                 "it is left untouched: move it away or rename the VM")
-    if not out_dir.exists():
-        out_dir.mkdir(parents=True)
-        ctx.add_cleanup(out_dir)
+    _make_output_dir(ctx, vm)
     ctx.set_stage("convert")
-    ctx.add_total(sum(disk.capacity_bytes for disk in ordered))
+    done = await streamed.results() if streamed is not None else {}
+    ctx.add_total(sum(disk.capacity_bytes for disk in ordered if disk.key not in done))
     converted = []
     for disk, target in zip(ordered, targets):
         ctx.add_cleanup(target)
-        image = await convert_image(disk.path, target, out_format=fmt,
-                                    compress=_compress(integration),
-                                    on_progress=_progress_into(ctx, disk.capacity_bytes),
-                                    log=ctx.log)
+        if disk.key in done:
+            image = await asyncio.to_thread(_move_image, done[disk.key], target)
+        else:
+            image = await convert_image(disk.path, target, out_format=fmt,
+                                        compress=_compress(integration),
+                                        on_progress=JobProgress(ctx, disk.capacity_bytes),
+                                        log=ctx.log)
         converted.append(image)
     ctx.log(f"converted {len(converted)} disk(s) into {out_dir}")
     result = {"mode": "builtin", "output_dir": str(out_dir),
@@ -211,18 +239,9 @@ def _compress(integration: dict) -> bool:
     return integration["compression"] and integration["format"] == "qcow2"
 
 
-def _progress_into(ctx: "JobContext", planned: int):
-    """An on_progress(done, total) for convert_image that advances the job by deltas,
-    never past the disk's planned share of the total."""
-    reported = 0
-
-    def on_progress(done: int, _total: int) -> None:
-        nonlocal reported
-        done = min(done, planned)
-        if done > reported:
-            ctx.advance(done - reported)
-            reported = done
-    return on_progress
+def _move_image(image: ConvertedImage, target: Path) -> ConvertedImage:
+    os.replace(image.path, target)
+    return dataclasses.replace(image, path=target)
 
 
 async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]],

@@ -88,6 +88,23 @@ class ExportOptions:
     max_retries: int = 3
     parallel_disks: int = 2
     extra: dict[str, Any] = field(default_factory=dict)  # provider-specific options
+    # takes disks while they download (pipeline/overlap.py); a provider may ignore it
+    stream_consumer: "StreamConsumer | None" = None
+
+
+class DiskFeed(Protocol):
+    """One disk's download as a stream consumer follows it."""
+
+    def on_bytes(self, nbytes: int) -> None: ...  # each count the download reports
+    def done(self) -> None: ...                   # the file is complete under its final name
+    def failed(self) -> None: ...
+
+
+class StreamConsumer(Protocol):
+    """Converts disks while they download. A provider that can offers it every disk it
+    downloads whole into one file: `begin(disk, target)`, then the feed's calls."""
+
+    def begin(self, disk: DiskInfo, target: Path) -> DiskFeed: ...
 
 
 class ExportSink(Protocol):

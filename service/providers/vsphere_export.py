@@ -15,7 +15,9 @@
 Either way every disk goes through `pipeline.download.download` (streamed, hashed,
 resumed with Range, size-checked, write-then-rename); the disks of one VM download
 in parallel up to `options.parallel_disks`. If any disk fails, the finished ones
-are removed too, so the target directory holds a complete set or nothing.
+are removed too, so the target directory holds a complete set or nothing. A
+disk's download also feeds `options.stream_consumer`, when set, so its conversion
+can run while it downloads (`pipeline/overlap.py`).
 """
 from __future__ import annotations
 
@@ -299,12 +301,27 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
         async with limit:
             sink.log(f"{what} {index + 1}/{len(sources)}: {source.disk.label} from "
                      f"{redact_url(source.url)}")
-            result = await download(session, source.url, source.target,
-                                    expected_size=source.expected_size,
-                                    chunk_size=options.chunk_size,
-                                    max_retries=options.max_retries, on_bytes=on_bytes,
-                                    log=sink.log, headers=headers, ssl=pool.ssl_context(),
-                                    read_timeout=pool.timeout)
+            feed = (options.stream_consumer.begin(source.disk, source.target)
+                    if options.stream_consumer is not None and what == "disk" else None)
+
+            def disk_bytes(nbytes: int) -> None:
+                on_bytes(nbytes)
+                if feed is not None:
+                    feed.on_bytes(nbytes)
+
+            try:
+                result = await download(session, source.url, source.target,
+                                        expected_size=source.expected_size,
+                                        chunk_size=options.chunk_size,
+                                        max_retries=options.max_retries, on_bytes=disk_bytes,
+                                        log=sink.log, headers=headers, ssl=pool.ssl_context(),
+                                        read_timeout=pool.timeout)
+            except BaseException:
+                if feed is not None:
+                    feed.failed()
+                raise
+            if feed is not None:
+                feed.done()
             finished.append(result.path)
             sink.log(f"{what} {index + 1}/{len(sources)} done: {result.size} bytes, "
                      f"sha256 {result.sha256}")

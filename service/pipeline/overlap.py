@@ -1,0 +1,209 @@
+"""Converting disks while they download: the overlap of the Direct Pipeline's two stages.
+
+An export job with `hyper2kvm_integration` {auto_convert} (no daemon) converts every
+disk once the export is done. A streamOptimized VMDK is decoded front to back, so it
+can be converted while its bytes arrive: the provider calls
+`StreamConversions.begin(disk, target)` for each disk it downloads and feeds the
+returned `DiskFeed` from the download's `on_bytes`; the hand-off then collects the
+finished images with `results()` and converts the other disks the sequential way.
+Providers that never call `begin` simply get the sequential conversion.
+
+The download writes a hidden temporary file (`download.temp_path_for`) and renames it
+when complete. On its first bytes the feed hard-links that file under a name of its
+own, so the decoder reads the same inode whatever the download renames. How far the
+decoder may read is the file's size on disk, never the byte counts, which the
+download reports while their write is still in flight.
+
+A disk that turns out not to be a streamOptimized VMDK, or whose download restarts
+from byte 0, is left to the sequential conversion. Cancellation or failure of the job
+stops every conversion (`close()`), which removes its partial output.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import Failed
+from . import streamopt
+from .convert import ConvertedImage, convert_image, run_stoppable
+from .ovf_writer import safe_name
+from .vmdk import SECTOR, read_sparse_header
+
+if TYPE_CHECKING:
+    from ..job_kinds import JobContext
+    from ..providers.base import DiskInfo
+
+
+class JobProgress:
+    """An on_progress(done, total) for convert_image that advances the job by deltas,
+    never past the disk's planned share of the total; `reported` is what it advanced."""
+
+    def __init__(self, ctx: "JobContext", planned: int) -> None:
+        self.ctx, self.planned, self.reported = ctx, planned, 0
+
+    def __call__(self, done: int, _total: int) -> None:
+        done = min(done, self.planned)
+        if done > self.reported:
+            self.ctx.advance(done - self.reported)
+            self.reported = done
+
+
+def is_stream_optimized(path: Path, growing: streamopt.GrowingFile,
+                        stop: threading.Event) -> bool:
+    """Whether the (growing) file starts with a streamOptimized VMDK header (blocking)."""
+    growing.wait_beyond(SECTOR - 1, stop)
+    with open(path, "rb") as handle:
+        data = handle.read(SECTOR)
+    try:
+        return read_sparse_header(path, data, None).stream_optimized
+    except Failed:  # not a sparse VMDK at all (a descriptor, raw data, too short)
+        return False
+
+
+def download_temp_file(target: Path) -> Path | None:
+    """The temporary file `download` is writing for `target`, if exactly one is there."""
+    found = list(target.parent.glob(f".{target.name}.part-*"))
+    return found[0] if len(found) == 1 else None
+
+
+@dataclass
+class DiskFeed:
+    """One disk's download, as its stream conversion sees it."""
+
+    owner: "StreamConversions"
+    disk: "DiskInfo"
+    target: Path          # the download's final name
+    output: Path          # the converted image, until the hand-off renames it
+    growing: streamopt.GrowingFile = field(default_factory=streamopt.GrowingFile)
+    link: Path | None = None
+    task: asyncio.Task | None = None
+    dropped: bool = False
+    stopped: bool = False
+
+    def on_bytes(self, nbytes: int) -> None:
+        """Call with each `download(on_bytes=...)` count. Never raises: the download
+        must not fail because its conversion could not follow."""
+        if self.dropped or (self.task is not None and self.task.done()):
+            return
+        if nbytes < 0:
+            self.drop("its download restarted from byte 0")
+            return
+        try:
+            if self.link is None:
+                self._start()
+            self.growing.grew(os.stat(self.link).st_size)
+        except OSError as exc:
+            self.drop(f"cannot follow its download file ({exc.strerror})")
+
+    def done(self) -> None:
+        """The download completed (the file has its final name and size)."""
+        if self.link is not None and not self.dropped:
+            self.growing.grew(os.stat(self.link).st_size)
+        self.growing.finish()
+
+    def failed(self) -> None:
+        """The download failed: stop converting it."""
+        self.drop("its download failed")
+
+    def drop(self, why: str) -> None:
+        """Leave this disk to the sequential conversion (or to the job's failure)."""
+        if not self.dropped and self.task is not None:
+            self.owner.ctx.log(f"{self.disk.label}: stopped converting while downloading: {why}")
+        self.dropped = True
+        self.stop()
+
+    def stop(self) -> None:
+        """End the conversion; once only: a second cancel would stop run_stoppable from
+        waiting for its thread, which must finish before its output is removed."""
+        self.growing.finish()
+        if self.task is not None and not self.stopped:
+            self.stopped = True
+            self.task.cancel()
+
+    def _start(self) -> None:
+        temp = download_temp_file(self.target)
+        if temp is None:
+            raise OSError(0, "no single temporary download file")
+        link = self.target.with_name(f".{self.target.name}.stream")
+        link.unlink(missing_ok=True)  # left by an attempt that was killed
+        os.link(temp, link)
+        self.link = link
+        self.task = asyncio.ensure_future(self.owner.convert(self))
+
+
+class StreamConversions:
+    """The stream conversions of one export job; inert until `enable` is called."""
+
+    def __init__(self, ctx: "JobContext") -> None:
+        self.ctx = ctx
+        self.out_dir: Path | None = None
+        self.out_format = "qcow2"
+        self.compress = False
+        self.feeds: dict[str, DiskFeed] = {}
+
+    def enable(self, out_dir: Path, out_format: str, compress: bool) -> None:
+        """Convert into `out_dir` (which exists) as the disks download."""
+        self.out_dir, self.out_format, self.compress = out_dir, out_format, compress
+
+    @property
+    def enabled(self) -> bool:
+        return self.out_dir is not None
+
+    def begin(self, disk: "DiskInfo", target: Path) -> DiskFeed:
+        """A feed for the download of `disk` into `target` (the provider calls this)."""
+        assert self.out_dir is not None, "begin() before enable()"
+        name = safe_name(f"{self.ctx.job_id}-{disk.key}")
+        output = self.out_dir / f".{name}.streamed.{self.out_format}"
+        self.ctx.add_cleanup(output)
+        feed = DiskFeed(self, disk, Path(target), output)
+        self.feeds[disk.key] = feed
+        return feed
+
+    async def convert(self, feed: DiskFeed) -> ConvertedImage | None:
+        """The conversion task of one feed; None when the disk is left to the sequential way."""
+        assert feed.link is not None
+        progress = JobProgress(self.ctx, feed.disk.capacity_bytes)
+        counted = False
+        try:
+            if not await run_stoppable(
+                    lambda stop: is_stream_optimized(feed.link, feed.growing, stop)):
+                self.ctx.log(f"{feed.disk.label}: not a streamOptimized VMDK; converting it "
+                             f"after the download")
+                return None
+            self.ctx.add_total(feed.disk.capacity_bytes)
+            counted = True
+            self.ctx.log(f"{feed.disk.label}: converting to {self.out_format} while it downloads")
+            return await convert_image(feed.link, feed.output, out_format=self.out_format,
+                                       compress=self.compress, on_progress=progress,
+                                       log=self.ctx.log, growing=feed.growing)
+        except asyncio.CancelledError:
+            if counted and feed.dropped:  # the sequential conversion counts it again
+                self.ctx.advance(-progress.reported)
+                self.ctx.add_total(-feed.disk.capacity_bytes)
+            raise
+
+    async def results(self) -> dict[str, ConvertedImage]:
+        """Wait for the conversions; disk key -> image, for the disks they converted."""
+        images = {}
+        for key, feed in self.feeds.items():
+            if feed.task is None or feed.dropped:
+                continue
+            image = await feed.task
+            if image is not None:
+                images[key] = image
+        return images
+
+    async def close(self) -> None:
+        """Stop what still runs and remove outputs nobody took (the job ends either way)."""
+        for feed in self.feeds.values():
+            feed.stop()
+        tasks = [feed.task for feed in self.feeds.values() if feed.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for feed in self.feeds.values():
+            await asyncio.to_thread(feed.output.unlink, missing_ok=True)
+            if feed.link is not None:
+                await asyncio.to_thread(feed.link.unlink, missing_ok=True)

@@ -1,0 +1,184 @@
+"""Direct-pipeline exports convert streamOptimized disks while they download.
+
+Real govmomi simulator, real export job (FakeJobContext as the engine), a loopback
+proxy that holds the disk download back near its end: the conversion must have
+written most of the image before the download's last bytes were even sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hypersdk.service.errors import Failed
+from hypersdk.service.pipeline.export import ExportKind
+from hypersdk.service.providers.registry import ProviderRegistry
+from tests.vcsim.harness import give_disks
+from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
+from tests.vsphere.fault_proxy import FaultInjectingProxy
+
+from .conftest import GatedProxy, make_config, stream_optimized_vmdk
+
+VM = "DC0_H0_VM0"
+MiB = 1 << 20
+KIND = ExportKind()
+
+
+def definition() -> dict:
+    return {"vm_identifier": VM, "provider": "vsphere", "export_method": "disk",
+            "export_path": "vm1", "options": {"shutdown_vm": False},
+            "hyper2kvm_integration": {"enabled": True, "auto_convert": True,
+                                      "format": "qcow2"}}
+
+
+def same_image(a: Path, b: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)]).returncode == 0
+
+
+def put_stream_optimized(sim, si, tmp_path: Path, sizes: list[int]) -> list[tuple[Path, Path]]:
+    """Give the VM disks of `sizes`; the first becomes a streamOptimized VMDK.
+    Returns (uploaded file, raw content or the uploaded file) per disk."""
+    work = tmp_path / "uploaded"
+    work.mkdir()
+    uploaded = give_disks(sim, si, VM, sizes, work)
+    vmdk, raw = stream_optimized_vmdk(work, "streamed", sizes[0])
+    sim.put_file(vmdk, uploaded[0].datastore_path, "DC0")
+    return [(vmdk, raw)] + [(d.local_vmdk, d.local_vmdk) for d in uploaded[1:]]
+
+
+def converted_bytes(out_dir: Path) -> int:
+    """Bytes the conversion has written so far (its hidden partial files)."""
+    if not out_dir.is_dir():
+        return 0
+    return sum(p.stat().st_blocks * 512 for p in out_dir.iterdir() if p.name.endswith(".partial"))
+
+
+async def start_export(tmp_path: Path, sim, port: int):
+    config = make_config(tmp_path, sim, port)
+    registry = ProviderRegistry(config)
+    checked = KIND.validate(definition(), FakeSubmitContext(config, registry))
+    ctx = FakeJobContext(checked, config, registry)
+    return asyncio.ensure_future(run_job(KIND, ctx)), ctx, registry
+
+
+async def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    found = []
+    for top in (tmp_path / "exports", tmp_path / "images"):
+        if top.exists():
+            found += [str(p) for p in top.rglob("*")]
+    return found
+
+
+async def test_conversion_runs_while_the_disk_downloads(tmp_path, sim, si):
+    capacity = 32 * MiB
+    [(vmdk, raw)] = put_stream_optimized(sim, si, tmp_path, [capacity])
+    file_bytes = vmdk.stat().st_size
+    proxy = await GatedProxy(sim.host, sim.port, hold_at=file_bytes * 3 // 4).start()
+    task, ctx, registry = await start_export(tmp_path, sim, proxy.port)
+    out_dir = tmp_path / "images" / VM
+    try:
+        await asyncio.wait_for(proxy.holding.wait(), 60)
+        # the last quarter of the file is not sent yet: half the disk converted already
+        overlapped = await wait_for(lambda: converted_bytes(out_dir) >= capacity // 4, 30)
+        proxy.release.set()
+        result = await asyncio.wait_for(task, 120)
+    finally:
+        proxy.release.set()
+        await registry.close()
+        await proxy.close()
+    assert overlapped, ctx.text()
+    handoff = result["hyper2kvm"]
+    assert handoff["mode"] == "builtin"
+    [image] = handoff["disks"]
+    assert Path(image["path"]).parent == out_dir and image["format"] == "qcow2"
+    assert same_image(raw, Path(image["path"]))
+    assert "converting to qcow2 while it downloads" in ctx.text()
+    assert ctx.total == file_bytes + capacity and ctx.done == ctx.total
+    assert os.listdir(out_dir) == [Path(image["path"]).name]
+    assert not [p for p in (tmp_path / "exports" / "vm1").iterdir() if p.name.startswith(".")]
+
+
+async def test_a_disk_that_is_not_stream_optimized_converts_after_the_download(tmp_path, sim,
+                                                                               si):
+    sizes = [8 * MiB, 4 * MiB]
+    disks = put_stream_optimized(sim, si, tmp_path, sizes)
+    task, ctx, registry = await start_export(tmp_path, sim, sim.port)
+    try:
+        result = await asyncio.wait_for(task, 120)
+    finally:
+        await registry.close()
+    text = ctx.text()
+    assert text.count("while it downloads") == 1
+    assert "not a streamOptimized VMDK; converting it after the download" in text
+    images = [Path(d["path"]) for d in result["hyper2kvm"]["disks"]]
+    assert len(images) == 2 and all(p.suffix == ".qcow2" for p in images)
+    for (_uploaded, content), image in zip(disks, images):
+        assert same_image(content, image)
+    exported = sum(d["bytes"] for d in result["disks"])
+    assert ctx.total == exported + sum(sizes) and ctx.done == ctx.total
+
+
+async def test_cancel_during_the_overlap_leaves_nothing(tmp_path, sim, si):
+    capacity = 32 * MiB
+    [(vmdk, _raw)] = put_stream_optimized(sim, si, tmp_path, [capacity])
+    proxy = await GatedProxy(sim.host, sim.port, hold_at=vmdk.stat().st_size // 2).start()
+    task, ctx, registry = await start_export(tmp_path, sim, proxy.port)
+    out_dir = tmp_path / "images" / VM
+    try:
+        await asyncio.wait_for(proxy.holding.wait(), 60)
+        assert await wait_for(lambda: converted_bytes(out_dir) > 0, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        proxy.release.set()
+        await registry.close()
+        await proxy.close()
+    assert leftovers(tmp_path) == [str(tmp_path / "exports" / "vm1")]
+
+
+async def test_the_conversion_follows_a_resumed_download(tmp_path, sim, si):
+    capacity = 16 * MiB
+    [(vmdk, raw)] = put_stream_optimized(sim, si, tmp_path, [capacity])
+    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=vmdk.stat().st_size // 3,
+                                      cuts=2).start()
+    task, ctx, registry = await start_export(tmp_path, sim, proxy.port)
+    try:
+        result = await asyncio.wait_for(task, 120)
+    finally:
+        await registry.close()
+        await proxy.close()
+    assert proxy.cuts_done == 2 and ctx.text().count("resumed at byte") == 2
+    assert "while it downloads" in ctx.text()
+    assert same_image(raw, Path(result["hyper2kvm"]["disks"][0]["path"]))
+    assert ctx.done == ctx.total == vmdk.stat().st_size + capacity
+
+
+async def test_a_failed_download_stops_its_conversion_and_leaves_nothing(tmp_path, sim, si):
+    capacity = 16 * MiB
+    [(vmdk, _raw)] = put_stream_optimized(sim, si, tmp_path, [capacity])
+    # three attempts (export.max_retries is 2) of a fifth of the file each cannot finish it
+    proxy = await FaultInjectingProxy(sim.host, sim.port, cut_after=vmdk.stat().st_size // 5,
+                                      cuts=None).start()
+    task, ctx, registry = await start_export(tmp_path, sim, proxy.port)
+    try:
+        with pytest.raises(Failed, match="failed after 3 attempts"):
+            await asyncio.wait_for(task, 120)
+    finally:
+        await registry.close()
+        await proxy.close()
+    assert "while it downloads" in ctx.text()
+    assert leftovers(tmp_path) == [str(tmp_path / "exports" / "vm1")]
