@@ -15,8 +15,11 @@ decoder may read is the file's size on disk, never the byte counts, which the
 download reports while their write is still in flight.
 
 A disk that turns out not to be a streamOptimized VMDK, or whose download restarts
-from byte 0, is left to the sequential conversion. Cancellation or failure of the job
-stops every conversion (`close()`), which removes its partial output.
+from byte 0, is left to the sequential conversion, and so is a disk that starts while
+MAX_STREAMS others are converting: each conversion holds a thread of the event
+loop's default executor while it waits for its download, whose writes need threads
+of that same executor. Cancellation or failure of the job stops every conversion
+(`close()`), which removes its partial output.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from .vmdk import SECTOR, read_sparse_header
 if TYPE_CHECKING:
     from ..job_kinds import JobContext
     from ..providers.base import DiskInfo
+
+MAX_STREAMS = 2  # conversions running at once while their disks download
 
 
 class JobProgress:
@@ -92,6 +97,9 @@ class DiskFeed:
         if nbytes < 0:
             self.drop("its download restarted from byte 0")
             return
+        if self.link is None and self.owner.running() >= MAX_STREAMS:
+            self.drop(f"{MAX_STREAMS} other disks are converting already")
+            return
         try:
             if self.link is None:
                 self._start()
@@ -106,13 +114,15 @@ class DiskFeed:
         self.growing.finish()
 
     def failed(self) -> None:
-        """The download failed: stop converting it."""
-        self.drop("its download failed")
+        """The download failed (and says so itself): stop converting it."""
+        self.dropped = True
+        self.stop()
 
     def drop(self, why: str) -> None:
-        """Leave this disk to the sequential conversion (or to the job's failure)."""
-        if not self.dropped and self.task is not None:
-            self.owner.ctx.log(f"{self.disk.label}: stopped converting while downloading: {why}")
+        """Leave this disk to the sequential conversion."""
+        if not self.dropped:
+            self.owner.ctx.log(f"{self.disk.label}: not converting it while it downloads "
+                               f"({why}); converting it after the download")
         self.dropped = True
         self.stop()
 
@@ -152,6 +162,10 @@ class StreamConversions:
     @property
     def enabled(self) -> bool:
         return self.out_dir is not None
+
+    def running(self) -> int:
+        return sum(1 for feed in self.feeds.values()
+                   if feed.task is not None and not feed.task.done())
 
     def begin(self, disk: "DiskInfo", target: Path) -> DiskFeed:
         """A feed for the download of `disk` into `target` (the provider calls this)."""
