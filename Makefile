@@ -1,5 +1,7 @@
 # hypersdk — set-up, tests and the demo on a fresh Debian machine (as root).
-PYTHON ?= python3
+# Debian's Python: a venv built on it is usable by every user on the machine, so tests
+# can run the bridge and hyperctl as unprivileged users (a pyenv under /root is not).
+PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PREFIX ?= /usr
@@ -13,6 +15,8 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 DBUSDIR ?= $(PREFIX)/share/dbus-1
 POLKITDIR ?= $(PREFIX)/share/polkit-1
 SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+# Debian's pip installs locally built packages under /usr/local (scheme posix_local)
+BINDIR ?= /usr/local/bin
 
 venv: $(VENV)/.installed
 
@@ -34,15 +38,15 @@ test-fast: venv
 
 install:
 	$(PYTHON) -m pip install -q --no-deps --ignore-installed --no-warn-script-location \
-		--root="$(DESTDIR)/" --prefix="$(PREFIX)" .
+		--break-system-packages --root="$(DESTDIR)/" .
 	install -D -m 0644 data/dbus-1/system.d/org.hypersdk.HyperSDK1.conf \
 		"$(DESTDIR)$(DBUSDIR)/system.d/org.hypersdk.HyperSDK1.conf"
-	sed 's|/usr/bin/|$(PREFIX)/bin/|g' data/dbus-1/system-services/org.hypersdk.HyperSDK1.service \
+	sed 's|/usr/bin/|$(BINDIR)/|g' data/dbus-1/system-services/org.hypersdk.HyperSDK1.service \
 		| install -D -m 0644 /dev/stdin "$(DESTDIR)$(DBUSDIR)/system-services/org.hypersdk.HyperSDK1.service"
 	for xml in service/dbus/org.hypersdk.HyperSDK1.*.xml; do \
 		install -D -m 0644 "$$xml" "$(DESTDIR)$(DBUSDIR)/interfaces/$$(basename $$xml)"; done
 	for unit in data/systemd/*.service; do \
-		sed 's|/usr/bin/|$(PREFIX)/bin/|g' "$$unit" \
+		sed 's|/usr/bin/|$(BINDIR)/|g' "$$unit" \
 		| install -D -m 0644 /dev/stdin "$(DESTDIR)$(UNITDIR)/$$(basename $$unit)"; done
 	install -D -m 0644 polkit/org.hypersdk.HyperSDK1.policy \
 		"$(DESTDIR)$(POLKITDIR)/actions/org.hypersdk.HyperSDK1.policy"

@@ -6,7 +6,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 packages=(
   # build of libvirt-python, and the venv
-  python3-venv pkg-config libvirt-dev gcc
+  python3 python3-venv python3-dev python3-pip pkg-config libvirt-dev gcc
   # dbus-python (under python-dbusmock) builds against these
   libdbus-1-dev libglib2.0-dev
   # disk formats and libvirt tooling

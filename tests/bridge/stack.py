@@ -36,6 +36,7 @@ class Bridge:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     tls: bool = False
+    user: str | None = None  # run as this Unix user, as hypersdk-bridge.service does
 
     @property
     def url(self) -> str:
@@ -46,9 +47,12 @@ class Bridge:
                "PYTHONPATH": str(REPO)}
         self.log_path = self.config_path.parent / f"bridge-{self.port}.log"
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "hypersdk.http_bridge.main", "--config",
-                 str(self.config_path)], env=env, stdout=log_file, stderr=log_file, cwd=REPO)
+            command = [sys.executable, "-m", "hypersdk.http_bridge.main", "--config",
+                       str(self.config_path)]
+            if self.user:
+                command = ["runuser", "-u", self.user, "--", *command]
+            self.process = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file,
+                                            cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_make_install_with_destdir_places_every_file(tmp_path):
     destdir = tmp_path / "root"
     result = subprocess.run(["make", "-C", str(REPO), "install", f"DESTDIR={destdir}",
-                             f"PYTHON={sys.executable}"], capture_output=True, text=True,
+                             "PYTHON=/usr/bin/python3"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     expected = {
@@ -29,9 +29,9 @@ def test_make_install_with_destdir_places_every_file(tmp_path):
         "usr/share/polkit-1/rules.d/50-hypersdk.rules": 0o644,
         "usr/lib/sysusers.d/hypersdk.conf": 0o644,
         "etc/hypersdk/config.yaml": 0o640,
-        "usr/bin/hypervisord": None,
-        "usr/bin/hypersdk-bridge": None,
-        "usr/bin/hyperctl": None,
+        "usr/local/bin/hypervisord": None,
+        "usr/local/bin/hypersdk-bridge": None,
+        "usr/local/bin/hyperctl": None,
     }
     for relative, mode in expected.items():
         path = destdir / relative
@@ -39,9 +39,10 @@ def test_make_install_with_destdir_places_every_file(tmp_path):
         if mode is not None:
             assert path.stat().st_mode & 0o777 == mode, relative
     unit = (destdir / "usr/lib/systemd/system/hypervisord.service").read_text()
-    assert "Type=notify" in unit and "ExecStart=/usr/bin/hypervisord" in unit
+    assert "Type=notify" in unit and "ExecStart=/usr/local/bin/hypervisord" in unit
+    assert (destdir / "usr/local/bin/hypervisord").read_text().startswith("#!/usr/bin/python3")
     # the installed (non-editable) package imports from the DESTDIR tree
-    site = next(destdir.glob("usr/lib/python3*/site-packages"))
+    site = next(destdir.glob("usr/local/lib/python3*/dist-packages"))
     probe = subprocess.run(
         [sys.executable, "-I", "-c",
          "import sys; sys.path.insert(0, sys.argv[1]); "

@@ -85,10 +85,16 @@ def start_polkitd(bus: PrivateSystemBus) -> subprocess.Popen:
     raise RuntimeError("polkitd did not appear on the private bus")
 
 
-def ensure_group(name: str) -> None:
+def _group_exists(name: str) -> bool:
     try:
         grp.getgrnam(name)
     except KeyError:
+        return False
+    return True
+
+
+def ensure_group(name: str) -> None:
+    if not _group_exists(name):
         subprocess.run(["groupadd", "--system", name], check=True)
 
 
@@ -98,8 +104,9 @@ def ensure_user(name: str, groups: list[str]) -> int:
     try:
         pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                       check=True)
+        own_group = ["-g", name] if _group_exists(name) else []  # e.g. the hypersdk user
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        *own_group, name], check=True)
     subprocess.run(["usermod", "-G", ",".join(groups) if groups else "", name], check=True)
     return pwd.getpwnam(name).pw_uid
 

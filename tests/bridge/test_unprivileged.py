@@ -1,0 +1,68 @@
+"""The bridge as hypersdk-bridge.service runs it: an unprivileged user, authorised by polkit."""
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+
+from ..support.system import OUTSIDER, ensure_user
+from .stack import Bridge, free_port, post_json, wait_status
+
+BRIDGE_USER = "hypersdk"
+
+
+def _bridge_as(user: str, start_hypervisord, system_bus, service_dir) -> Bridge:
+    """hypervisord (root) plus a bridge running as `user`, with its own writable log dir."""
+    logs = service_dir / f"logs-{user}"
+    logs.mkdir()
+    account = pwd.getpwnam(user)
+    os.chown(logs, account.pw_uid, account.pw_gid)
+    port = free_port()
+    daemon = start_hypervisord(daemon={"address": f"127.0.0.1:{port}"},
+                               api={"audit_log": str(logs / "audit.log")})
+    bridge = Bridge(daemon.config_path, system_bus.address, port, user=user)
+    bridge.daemon = daemon
+    return bridge.start()
+
+
+def _disk(service_dir):
+    disk = service_dir / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8M"], check=True)
+    return disk
+
+
+def test_bridge_as_the_hypersdk_user_submits_with_its_own_uid(start_hypervisord, system_bus,
+                                                              service_dir, users):
+    uid = ensure_user(BRIDGE_USER, ["hypersdk"])
+    bridge = _bridge_as(BRIDGE_USER, start_hypervisord, system_bus, service_dir)
+    try:
+        bridge_uid = subprocess.check_output(["ps", "-o", "uid=", "--ppid",
+                                              str(bridge.process.pid)], text=True).split()
+        assert bridge_uid == [str(uid)]  # runuser's child, the bridge itself
+        reply = post_json(bridge, "/convert", {
+            "source_path": str(_disk(service_dir)), "output_path": str(service_dir / "out"),
+            "conversion_options": {"format": "raw"}})
+        assert reply.status == 200, reply.body
+        job_id = reply.json()["job_id"]
+        assert wait_status(bridge, job_id, {"completed", "failed"})["status"] == "completed"
+        started_by = subprocess.run(
+            ["busctl", f"--address={system_bus.address}", "get-property",
+             "org.hypersdk.HyperSDK1", f"/org/hypersdk/HyperSDK1/jobs/{job_id.replace('-', '_')}",
+             "org.hypersdk.HyperSDK1.Job", "StartedByUID"], capture_output=True, text=True)
+        assert started_by.stdout.split() == ["u", str(uid)]
+    finally:
+        bridge.stop()
+
+
+def test_a_bridge_run_by_a_user_outside_the_group_is_refused_by_polkit(
+        start_hypervisord, system_bus, service_dir, users):
+    bridge = _bridge_as(OUTSIDER, start_hypervisord, system_bus, service_dir)
+    try:
+        reply = post_json(bridge, "/convert", {
+            "source_path": str(_disk(service_dir)), "output_path": str(service_dir / "out"),
+            "conversion_options": {"format": "raw"}})
+        assert reply.status == 403, reply.body
+        assert "org.hypersdk.HyperSDK1.convert" in reply.json()["message"]
+        assert not (service_dir / "out").exists()
+    finally:
+        bridge.stop()
