@@ -7,6 +7,13 @@ thread while the next batch is being received. A dropped connection is
 resumed with an HTTP `Range` request from the first byte not yet received, up to
 `max_retries` times. The file appears under its final name only when complete
 and of the expected size; on failure or cancellation the temporary file is removed.
+
+Throughput (bench/export.py): the page cache behind the writer is handed back with
+`posix_fadvise(DONTNEED)` one batch later. That starts writeback while the download
+runs, so the final fsync finds little left to write (it used to cost about a third
+of the download time), and a multi-GiB download does not flood the page cache.
+Responses are read with a 4 MiB buffer (aiohttp's default of 64 KiB pauses and
+resumes the socket every 128 KiB).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from ..errors import Failed, NotFound
 
 Log = Callable[..., None]
 
+_READ_BUFSIZE = 4 << 20
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _DROPPED = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError,
             ConnectionError)
@@ -71,11 +79,24 @@ class _HashingWriter:
         self._hash = hashlib.sha256()
         self._pending: asyncio.Future | None = None
         self.size = 0
+        self._previous_batch = 0  # file offset where the previous batch starts
 
     def _write(self, pieces: list[bytes]) -> None:
+        batch = self._handle.tell()
         for piece in pieces:
             self._hash.update(piece)
             self._handle.write(piece)
+        self._handle.flush()
+        self._release_cache(self._previous_batch, self._handle.tell())
+        self._previous_batch = batch
+
+    def _release_cache(self, start: int, end: int) -> None:
+        """DONTNEED over the previous batch and this one: for this one it starts writeback,
+        the previous one (written back by now) leaves the page cache."""
+        try:
+            os.posix_fadvise(self._handle.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+        except OSError:  # only advice: a filesystem that refuses it loses nothing
+            pass
 
     async def submit(self, pieces: list[bytes], nbytes: int) -> None:
         """Queue `pieces` (in order) behind the write in flight; no joining, no copies."""
@@ -98,6 +119,7 @@ class _HashingWriter:
     def _truncate(self) -> None:
         self._handle.seek(0)
         self._handle.truncate()
+        self._previous_batch = 0
 
     async def finish(self) -> str:
         await self.drain()
@@ -174,8 +196,8 @@ async def _fetch_into(session: aiohttp.ClientSession, url: str, writer: _Hashing
         if offset:
             request_headers["Range"] = f"bytes={offset}-"
         try:
-            async with session.get(url, headers=request_headers, ssl=ssl,
-                                   timeout=timeout) as response:
+            async with session.get(url, headers=request_headers, ssl=ssl, timeout=timeout,
+                                   read_bufsize=_READ_BUFSIZE) as response:
                 _check_status(response, shown, offset)
                 if offset and _resume_offset(response, offset, shown) == 0:
                     log(f"download {shown}: the server ignored the Range request; "

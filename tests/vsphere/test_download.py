@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 
 import aiohttp
 import pytest
@@ -91,6 +92,36 @@ async def test_download_streams_hashes_and_renames(server, payload, out):
     assert (out / "disk.bin").read_bytes() == payload[0].read_bytes()
     assert rec.bytes == SIZE
     assert os.listdir(out) == ["disk.bin"]
+
+
+def _cached_bytes(path) -> int:
+    """How much of the file sits in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
+                          str(path)], check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+async def test_download_hands_written_pages_back_to_the_kernel(tmp_path, out):
+    """The written pages leave the page cache as the download goes (writeback starts early,
+    so the final fsync is short); without that the whole file stays cached."""
+    size = 48 << 20
+    (tmp_path / "big.bin").write_bytes(os.urandom(size))
+    app = web.Application()
+    app.router.add_static("/files", tmp_path)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            result = await download(session, f"http://127.0.0.1:{runner.addresses[0][1]}"
+                                    "/files/big.bin", out / "big.bin", expected_size=size,
+                                    chunk_size=2 << 20, max_retries=0,
+                                    on_bytes=lambda n: None, log=lambda *a: None)
+    finally:
+        await runner.cleanup()
+    assert result.size == size
+    assert _cached_bytes(out / "big.bin") < size // 2
 
 
 async def test_dropped_connection_resumes_byte_identical(server, payload, out):
