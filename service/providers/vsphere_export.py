@@ -145,6 +145,7 @@ async def _export_with_lease(pool: SessionPool, lease, vm: VMInfo, target_dir: P
         finally:
             keepalive.cancel()
             await asyncio.gather(keepalive, return_exceptions=True)
+        sink.add_total(keeper.done - total)  # the streams' real size replaces the capacity
         try:
             await _verify_checksums(pool, lease, disks, [d.key for d in _disk_devices(info)],
                                     sink)

@@ -16,10 +16,13 @@ import pytest
 
 from hypersdk.service.errors import Failed
 from hypersdk.service.pipeline.export import ExportKind
+from hypersdk.service.providers import vsphere_export
 from hypersdk.service.providers.registry import ProviderRegistry
-from tests.vcsim.harness import give_disks
+from tests.vcsim.harness import find_vm, give_disks
 from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
 from tests.vsphere.fault_proxy import FaultInjectingProxy
+from tests.vsphere.test_export import sha256_file
+from tests.vsphere.test_nfc_lease import FakeNfcLease
 
 from .conftest import GatedProxy, make_config, stream_optimized_vmdk
 
@@ -182,3 +185,27 @@ async def test_a_failed_download_stops_its_conversion_and_leaves_nothing(tmp_pat
         await proxy.close()
     assert "while it downloads" in ctx.text()
     assert leftovers(tmp_path) == [str(tmp_path / "exports" / "vm1")]
+
+
+async def test_an_nfc_lease_export_as_ova_converts_while_downloading(tmp_path, sim, si,
+                                                                     monkeypatch):
+    """The lease path (real vSphere: its disks are streamOptimized), packaged as an OVA."""
+    capacity = 16 * MiB
+    [(vmdk, raw)] = put_stream_optimized(sim, si, tmp_path, [capacity])
+    config = make_config(tmp_path, sim, sim.port)
+    registry = ProviderRegistry(config)
+    [disk] = [d for d in find_vm(si, VM).config.hardware.device if hasattr(d, "capacityInKB")]
+    lease = FakeNfcLease([f"http://*:{sim.port}" + sim.datastore_url_path(
+        disk.backing.fileName, "DC0")], sha256=[sha256_file(vmdk)])
+    monkeypatch.setattr(vsphere_export, "open_export_lease", lambda si, identifier: lease)
+    body = dict(definition(), export_method="ova")
+    ctx = FakeJobContext(KIND.validate(body, FakeSubmitContext(config, registry)), config,
+                         registry)
+    try:
+        result = await asyncio.wait_for(run_job(KIND, ctx), 120)
+    finally:
+        await registry.close()
+    assert lease.calls[-1] == ("complete",)
+    assert "converting to qcow2 while it downloads" in ctx.text()
+    assert result["ova"] and same_image(raw, Path(result["hyper2kvm"]["disks"][0]["path"]))
+    assert ctx.done == ctx.total
