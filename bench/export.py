@@ -6,7 +6,9 @@ downloads that file with `curl` and runs the export job (`export_method: disk`:
 discovery, free-space check, streamed hashed download, manifest). Prints both
 rates, their ratio (goal >= 0.9) and this process's peak RSS (goal < 150 MiB;
 the setup runs qemu-img and curl as child processes, so the figure is the
-export's).
+export's). It also prints the CPU seconds each side used and the load average:
+on a 2-core machine the export (sha256 of every byte, aiohttp, a writer thread)
+needs about twice curl's CPU, so other load on the machine shows in the ratio.
 
     .venv/bin/python bench/export.py --size 2GiB --repeat 2
 """
@@ -33,6 +35,12 @@ from tests.vcsim.harness import Simulator, give_disks  # noqa: E402
 from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job  # noqa: E402
 
 VM = "DC0_H0_VM0"
+
+
+def cpu_seconds(who: int) -> float:
+    """User + system CPU seconds so far of this process or its waited-for children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def curl_download(sim: Simulator, datastore_path: str, target: Path) -> tuple[float, float]:
@@ -85,12 +93,17 @@ async def main() -> None:
                                   "(bench)", env={})
             registry = ProviderRegistry(config)
             curl_times, synced_times, our_times = [], [], []
+            curl_cpu, our_cpu = [], []
             for run in range(args.repeat):
+                before = cpu_seconds(resource.RUSAGE_CHILDREN)
                 curl_only, synced = curl_download(sim, disk.datastore_path, work / "curl.vmdk")
+                curl_cpu.append(cpu_seconds(resource.RUSAGE_CHILDREN) - before)
                 curl_times.append(curl_only)
                 synced_times.append(synced)
                 (work / "curl.vmdk").unlink()
+                before = cpu_seconds(resource.RUSAGE_SELF)
                 elapsed, nbytes = await our_export(config, registry, run)
+                our_cpu.append(cpu_seconds(resource.RUSAGE_SELF) - before)
                 assert nbytes == file_bytes, (nbytes, file_bytes)
                 our_times.append(elapsed)
             await registry.close()
@@ -110,6 +123,10 @@ async def main() -> None:
     print(f"ratio export/curl: {our_rate / curl_rate:.2f} (goal >= 0.9); "
           f"export/(curl+fsync): {our_rate / synced_rate:.2f}")
     print(f"peak RSS of this process: {rss_mib:.0f} MiB (goal < 150 MiB)")
+    print(f"CPU seconds per run: curl {', '.join(f'{t:.2f}' for t in curl_cpu)}; "
+          f"export {', '.join(f'{t:.2f}' for t in our_cpu)}")
+    print(f"load average (1, 5, 15 min) at the end: "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
