@@ -214,7 +214,8 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
     _make_output_dir(ctx, vm)
     ctx.set_stage("convert")
     done = await streamed.results() if streamed is not None else {}
-    ctx.add_total(sum(disk.capacity_bytes for disk in ordered if disk.key not in done))
+    counted = streamed.counted if streamed is not None else set()
+    ctx.add_total(sum(disk.capacity_bytes for disk in ordered if disk.key not in counted))
     converted = []
     for disk, target in zip(ordered, targets):
         ctx.add_cleanup(target)

@@ -154,6 +154,7 @@ class StreamConversions:
         self.out_format = "qcow2"
         self.compress = False
         self.feeds: dict[str, DiskFeed] = {}
+        self.counted: set[str] = set()  # disks whose capacity is in the job's total already
 
     def enable(self, out_dir: Path, out_format: str, compress: bool) -> None:
         """Convert into `out_dir` (which exists) as the disks download."""
@@ -181,7 +182,6 @@ class StreamConversions:
         """The conversion task of one feed; None when the disk is left to the sequential way."""
         assert feed.link is not None
         progress = JobProgress(self.ctx, feed.disk.capacity_bytes)
-        counted = False
         try:
             if not await run_stoppable(
                     lambda stop: is_stream_optimized(feed.link, feed.growing, stop)):
@@ -189,15 +189,14 @@ class StreamConversions:
                              f"after the download")
                 return None
             self.ctx.add_total(feed.disk.capacity_bytes)
-            counted = True
+            self.counted.add(feed.disk.key)
             self.ctx.log(f"{feed.disk.label}: converting to {self.out_format} while it downloads")
             return await convert_image(feed.link, feed.output, out_format=self.out_format,
                                        compress=self.compress, on_progress=progress,
                                        log=self.ctx.log, growing=feed.growing)
         except asyncio.CancelledError:
-            if counted and feed.dropped:  # the sequential conversion counts it again
+            if feed.dropped:  # the sequential conversion advances through it again
                 self.ctx.advance(-progress.reported)
-                self.ctx.add_total(-feed.disk.capacity_bytes)
             raise
 
     async def results(self) -> dict[str, ConvertedImage]:

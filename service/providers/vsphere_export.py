@@ -145,7 +145,7 @@ async def _export_with_lease(pool: SessionPool, lease, vm: VMInfo, target_dir: P
         finally:
             keepalive.cancel()
             await asyncio.gather(keepalive, return_exceptions=True)
-        sink.add_total(keeper.done - total)  # the streams' real size replaces the capacity
+        _settle(sink, keeper.done, total)
         try:
             await _verify_checksums(pool, lease, disks, [d.key for d in _disk_devices(info)],
                                     sink)
@@ -160,6 +160,15 @@ async def _export_with_lease(pool: SessionPool, lease, vm: VMInfo, target_dir: P
     except BaseException:
         await asyncio.shield(_abort(pool, lease, sink))
         raise
+
+
+def _settle(sink: ExportSink, received: int, estimate: int) -> None:
+    """The lease's streams are compressed: their size is unknown up front and the capacity
+    was the estimate. Make done reach the total: grow it, or count the rest as done."""
+    if received > estimate:
+        sink.add_total(received - estimate)
+    else:
+        sink.advance(estimate - received)
 
 
 def _server_checksums(si, lease) -> dict[str, tuple[str, str]]:
