@@ -8,10 +8,12 @@ resumed with an HTTP `Range` request from the first byte not yet received, up to
 `max_retries` times. The file appears under its final name only when complete
 and of the expected size; on failure or cancellation the temporary file is removed.
 
-Throughput (bench/export.py): the page cache behind the writer is handed back with
-`posix_fadvise(DONTNEED)` one batch later. That starts writeback while the download
-runs, so the final fsync finds little left to write (it used to take a fifth to a
-third of the download time), and a multi-GiB download does not flood the page cache.
+Throughput (bench/export.py): every batch written is passed to
+`posix_fadvise(DONTNEED)`, which starts its writeback while the download runs, so
+the final fsync finds little left to write (it used to take a fifth to a third of
+the download time). Pages more than CACHE_WINDOW behind the writer are dropped from
+the page cache the same way, so a multi-GiB download does not flood it while a
+reader that follows the download (pipeline/overlap.py) still finds recent data cached.
 Responses are read with a 1 MiB buffer: with aiohttp's default of 64 KiB the socket
 is paused and resumed every 128 KiB whenever the writer is behind, which cost
 about 10% more CPU; much larger buffers cost more again (they fall out of cache).
@@ -35,6 +37,7 @@ from ..errors import Failed, NotFound
 Log = Callable[..., None]
 
 _READ_BUFSIZE = 1 << 20
+CACHE_WINDOW = 64 << 20
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _DROPPED = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError,
             ConnectionError)
@@ -80,7 +83,7 @@ class _HashingWriter:
         self._hash = hashlib.sha256()
         self._pending: asyncio.Future | None = None
         self.size = 0
-        self._previous_batch = 0  # file offset where the previous batch starts
+        self._dropped = 0  # the file's pages before this offset have left the page cache
 
     def _write(self, pieces: list[bytes]) -> None:
         batch = self._handle.tell()
@@ -88,12 +91,13 @@ class _HashingWriter:
             self._hash.update(piece)
             self._handle.write(piece)
         self._handle.flush()
-        self._release_cache(self._previous_batch, self._handle.tell())
-        self._previous_batch = batch
+        end = self._handle.tell()
+        self._advise_dontneed(batch, end)  # dirty pages: this only starts their writeback
+        if end - CACHE_WINDOW > self._dropped:
+            self._advise_dontneed(self._dropped, end - CACHE_WINDOW)  # written back by now
+            self._dropped = end - CACHE_WINDOW
 
-    def _release_cache(self, start: int, end: int) -> None:
-        """DONTNEED over the previous batch and this one: for this one it starts writeback,
-        the previous one (written back by now) leaves the page cache."""
+    def _advise_dontneed(self, start: int, end: int) -> None:
         try:
             os.posix_fadvise(self._handle.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
         except OSError:  # only advice: a filesystem that refuses it loses nothing
@@ -120,7 +124,7 @@ class _HashingWriter:
     def _truncate(self) -> None:
         self._handle.seek(0)
         self._handle.truncate()
-        self._previous_batch = 0
+        self._dropped = 0
 
     async def finish(self) -> str:
         await self.drain()

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from hypersdk.service.errors import Failed, NotFound
+from hypersdk.service.pipeline import download as download_module
 from hypersdk.service.pipeline.download import download, redact_url
 
 from .fault_proxy import FaultInjectingProxy
@@ -101,10 +102,12 @@ def _cached_bytes(path) -> int:
     return int(out.strip())
 
 
-async def test_download_hands_written_pages_back_to_the_kernel(tmp_path, out):
-    """The written pages leave the page cache as the download goes (writeback starts early,
-    so the final fsync is short); without that the whole file stays cached."""
-    size = 48 << 20
+async def test_download_hands_written_pages_back_to_the_kernel(tmp_path, out, monkeypatch):
+    """Pages further than CACHE_WINDOW behind the writer leave the page cache as the
+    download goes (their writeback started early, so the final fsync is short);
+    without that the whole file stays cached."""
+    monkeypatch.setattr(download_module, "CACHE_WINDOW", 8 << 20)
+    size = 64 << 20
     (tmp_path / "big.bin").write_bytes(os.urandom(size))
     app = web.Application()
     app.router.add_static("/files", tmp_path)
