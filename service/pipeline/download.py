@@ -134,6 +134,11 @@ class _HashingWriter:
     def _sync(self) -> None:
         self._handle.flush()
         os.fsync(self._handle.fileno())
+        # every page is clean now, so this drop takes effect even where writeback had
+        # not caught up when the earlier advice was given (a busy machine)
+        keep_from = max(0, self._handle.tell() - CACHE_WINDOW)
+        if keep_from:
+            self._advise_dontneed(0, keep_from)
 
     async def abandon(self) -> None:
         """Wait for a write still running in its thread, so the file can be closed safely."""
