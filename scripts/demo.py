@@ -25,14 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pyVim.connect import Disconnect  # noqa: E402
-from pyVmomi import vim  # noqa: E402
-
-from tests.support.bootdisk import BOOT_LINE, write_boot_disk  # noqa: E402
+from tests.support.bootdisk import BOOT_LINE  # noqa: E402
 from tests.support.hypervisord import Hypervisord, write_config  # noqa: E402
 from tests.support.libvirtd import ensure_system_libvirt  # noqa: E402
 from tests.support.system import PrivateSystemBus  # noqa: E402
-from tests.vcsim.harness import Simulator, find_vm, give_disks, wait_task  # noqa: E402
+from tests.vcsim.harness import Simulator, prepare_boot_vm  # noqa: E402
 
 SOURCE_VM = "DC0_H0_VM0"
 DOMAIN = "hypersdk-demo"
@@ -58,25 +55,6 @@ def remove_domain(uri: str, name: str) -> None:
         conn.close()
 
 
-def prepare_vm(sim: Simulator, workdir: Path) -> None:
-    """Give the VM one boot disk, drop its NICs (no libvirt network here), rename it."""
-    si = sim.connect()
-    try:
-        uploaded = give_disks(sim, si, SOURCE_VM, [4 << 20], workdir)
-        vmdk = workdir / "boot.vmdk"
-        subprocess.run(["qemu-img", "convert", "-O", "vmdk",
-                        str(write_boot_disk(workdir / "boot.raw", 4 << 20)), str(vmdk)],
-                       check=True)
-        sim.put_file(vmdk, uploaded[0].datastore_path, "DC0")
-        vm = find_vm(si, SOURCE_VM)
-        nics = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
-                for device in vm.config.hardware.device
-                if isinstance(device, vim.vm.device.VirtualEthernetCard)]
-        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(name=DOMAIN, deviceChange=nics)))
-    finally:
-        Disconnect(si)
-
-
 def hyperctl(bus: str, *args: str, capture: bool = False) -> str:
     result = subprocess.run([HYPERCTL, "--bus", bus, *args], text=True,
                             stdout=subprocess.PIPE if capture else None)
@@ -94,7 +72,7 @@ def run(keep: bool) -> None:
     shutil.rmtree(images, ignore_errors=True)
     say("1. vSphere simulator with a bootable VM")
     with Simulator() as sim:
-        prepare_vm(sim, workdir)
+        prepare_boot_vm(sim, workdir, SOURCE_VM, DOMAIN)
         print(f"simulator at {sim.host}:{sim.port}; VM {SOURCE_VM} renamed {DOMAIN}")
         bus = PrivateSystemBus.start(workdir / "bus")
         daemon = None

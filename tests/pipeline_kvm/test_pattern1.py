@@ -13,44 +13,18 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from pyVim.connect import Disconnect
-from pyVmomi import vim
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers.registry import ProviderRegistry
-from tests.vcsim.harness import Simulator, find_vm, give_disks, wait_task
+from tests.support.bootdisk import BOOT_LINE
+from tests.vcsim.harness import Simulator, prepare_boot_vm
 from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
-
-from tests.support.bootdisk import BOOT_LINE, write_boot_disk
-
-from .conftest import qemu_img
 
 pytestmark = pytest.mark.slow
 
 VM_NAME = "DC0_H0_VM0"
 DISK_SIZE = 4 << 20
-
-
-def prepare_boot_vm(sim: Simulator, workdir: Path, upload_name: str, new_name: str) -> None:
-    """VM_NAME powered off, one disk holding the boot sector, no NIC (qemu:///system
-    here has no libvirt network to put one on), renamed to `new_name` so that runs
-    sharing the libvirt daemon do not collide. The VMDK's embedded descriptor names
-    its extent `upload_name`."""
-    si = sim.connect()
-    try:
-        uploaded = give_disks(sim, si, VM_NAME, [DISK_SIZE], workdir)
-        vmdk = workdir / upload_name
-        qemu_img("convert", "-O", "vmdk", str(write_boot_disk(workdir / "boot.raw", DISK_SIZE)),
-                 str(vmdk))
-        sim.put_file(vmdk, uploaded[0].datastore_path, "DC0")
-        vm = find_vm(si, VM_NAME)
-        nics = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
-                for device in vm.config.hardware.device
-                if isinstance(device, vim.vm.device.VirtualEthernetCard)]
-        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(name=new_name, deviceChange=nics)))
-    finally:
-        Disconnect(si)
 
 
 @pytest.fixture
@@ -78,7 +52,7 @@ async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, gu
     upload_name = (f"{vm_name}-disk1.vmdk" if descriptor_names == "the-exported-file"
                    else "boot.vmdk")
     with Simulator() as sim:
-        prepare_boot_vm(sim, guest_dir, upload_name, vm_name)
+        prepare_boot_vm(sim, guest_dir, VM_NAME, vm_name, upload_name=upload_name)
         config = parse_config({
             "export": {"base_path": str(guest_dir / "exports"), "chunk_size": "256KiB"},
             "hyper2kvm": {"output_dir": str(guest_dir / "images")},

@@ -279,6 +279,31 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
     return uploaded
 
 
+def prepare_boot_vm(sim: Simulator, workdir: Path, vm_name: str, new_name: str,
+                    upload_name: str = "boot.vmdk", size: int = 4 << 20) -> None:
+    """`vm_name` powered off with one disk that boots (its first sector prints
+    tests.support.bootdisk.BOOT_LINE on COM1), no NIC (a bare libvirt has no network to
+    put one on), renamed `new_name` so runs sharing a libvirt daemon do not collide.
+    The VMDK's embedded descriptor names its extent `upload_name`."""
+    from tests.support.bootdisk import write_boot_disk  # noqa: PLC0415
+
+    si = sim.connect()
+    try:
+        uploaded = give_disks(sim, si, vm_name, [size], workdir)
+        vmdk = workdir / upload_name
+        subprocess.run(["qemu-img", "convert", "-O", "vmdk",
+                        str(write_boot_disk(workdir / "boot.raw", size)), str(vmdk)],
+                       check=True, capture_output=True)
+        sim.put_file(vmdk, uploaded[0].datastore_path, _datacenter_of(find_vm(si, vm_name)))
+        vm = find_vm(si, vm_name)
+        nics = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
+                for device in vm.config.hardware.device
+                if isinstance(device, vim.vm.device.VirtualEthernetCard)]
+        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(name=new_name, deviceChange=nics)))
+    finally:
+        Disconnect(si)
+
+
 def _serve(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="hypersdk-vcsim-demo-"))
     with Simulator(vms=args.vms) as sim:
