@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..errors import Failed, InvalidArgument
+from ..files import fsync_replace
 from . import streamopt
 from .vmdk import parse_vmdk
 
@@ -163,7 +164,7 @@ async def convert_image(source: Path, target: Path, *, out_format: str, compress
             say(f"converting {source.name} ({info['format']}) to {out_format} with qemu-img")
             await run_qemu_img_convert(source, info["format"], tmp, out_format, compress,
                                        lambda frac: report(int(size * frac), size))
-        await asyncio.to_thread(_fsync_rename, tmp, target)
+        await asyncio.to_thread(fsync_replace, tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -281,15 +282,3 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
             pass
 
 
-def _fsync_rename(tmp: Path, target: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AlreadyExists, Failed, InvalidArgument
+from ..files import write_atomic
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..providers.base import ExportedDisk, ExportOptions, VMInfo
 from . import handoff, overlap, ovf_writer
@@ -211,11 +212,11 @@ async def _package(ctx: JobContext, vm: VMInfo, disks: list[ExportedDisk], metho
     descriptor = staging / f"{stem}.ovf"
     if method in ("ova", "ovf"):
         data = await asyncio.to_thread(ovf_writer.build_ovf, vm, disks, remove_cdrom=remove_cdrom)
-        await asyncio.to_thread(ovf_writer.write_atomic, descriptor, data)
+        await asyncio.to_thread(write_atomic, descriptor, data)
         digests[descriptor.name] = hashlib.sha256(data).hexdigest()
     digests.update({d.path.name: d.sha256 for d in disks})
     manifest = staging / f"{stem}.mf"
-    await asyncio.to_thread(ovf_writer.write_atomic, manifest, ovf_writer.manifest_text(digests))
+    await asyncio.to_thread(write_atomic, manifest, ovf_writer.manifest_text(digests))
     ctx.log(f"manifest {manifest.name}: SHA-256 of {len(digests)} file(s)")
     if method == "ova":
         ova = export_dir / f"{stem}.ova"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import Failed
+from ..files import write_atomic
 from ..providers.base import ExportedDisk, VMInfo
 from .domain_xml import guest_family
 from .ovf_writer import safe_name
@@ -104,26 +104,10 @@ def write_manifest(manifest: dict, directory: Path, vm_name: str) -> Path:
     data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(directory, name, data)
+        write_atomic(directory / name, data)
     except OSError as exc:
         raise Failed(f"cannot write the hyper2kvm manifest into {directory}: "
                      f"{exc.strerror or exc}") from exc
     return directory / name
 
 
-def _write_atomically(directory: Path, name: str, data: bytes) -> None:
-    temp = directory / f".{name}.tmp"
-    try:
-        with open(temp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temp, directory / name)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

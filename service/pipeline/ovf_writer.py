@@ -9,7 +9,6 @@ written under a temporary name, fsynced and renamed into place.
 """
 from __future__ import annotations
 
-import os
 import re
 import struct
 import tarfile
@@ -19,6 +18,7 @@ from typing import IO, Callable
 from lxml import etree
 
 from ..errors import Failed
+from ..files import fsync_replace
 from ..providers.base import ExportedDisk, VMInfo
 from .download import temp_path_for
 from .vmdk import MAX_DESCRIPTOR_BYTES, SECTOR
@@ -200,26 +200,6 @@ def build_ovf(vm: VMInfo, disks: list[ExportedDisk], *, remove_cdrom: bool) -> b
     return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8", pretty_print=True)
 
 
-def _fsync_replace(temp: Path, target: Path) -> None:
-    fd = os.open(temp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, target)
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    """Write small content (descriptor, manifest) by write-fsync-rename (blocking)."""
-    temp = temp_path_for(target)
-    try:
-        temp.write_bytes(data)
-        _fsync_replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def manifest_text(digests: dict[str, str]) -> bytes:
     """`.mf` content: one `SHA256(name)= hex` line per file, in the given order."""
     return "".join(f"SHA256({name})= {digest}\n" for name, digest in digests.items()).encode()
@@ -257,7 +237,7 @@ def write_ova(target: Path, members: list[Path], on_bytes: Callable[[int], None]
                 info.mode = 0o644
                 with open(member, "rb") as handle:
                     tar.addfile(info, _CountingReader(handle, on_bytes))
-        _fsync_replace(temp, target)
+        fsync_replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

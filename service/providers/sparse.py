@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import Failed
+from ..files import fsync_dir
 from ..pipeline.download import file_sha256, temp_path_for
 
 
@@ -49,7 +50,7 @@ class SparseImage:
         self._fd = -1
         _, digest = file_sha256(self.temp)
         os.replace(self.temp, self.target)
-        _fsync_dir(self.target.parent)
+        fsync_dir(self.target.parent)
         return digest
 
     def discard(self) -> None:
@@ -88,9 +89,3 @@ def _copy_range(src_fd: int, dest_fd: int, offset: int, length: int) -> None:
         length -= copied
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
