@@ -184,11 +184,11 @@ class JobEngine:
         running = self._running.get(job_id)
         return running.record if running else self.store.get_job(job_id)
 
-    def snapshot(self, job_id: str) -> ProgressSnapshot:
-        running = self._running.get(job_id)
+    def snapshot(self, job: JobRecord) -> ProgressSnapshot:
+        """Live progress of a running job; what was recorded for any other."""
+        running = self._running.get(job.id)
         if running:
             return running.tracker.snapshot()
-        job = self.store.get_job(job_id)
         return ProgressSnapshot(job.bytes_done, job.bytes_total, 0.0, 0, job.stage)
 
     def list(self, status: str | None = None, limit: int = 1000, offset: int = 0) -> list[JobRecord]:

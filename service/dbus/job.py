@@ -38,10 +38,17 @@ class JobObject(ServiceInterface):
         self.job_id = job_id
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._finished: JobRecord | None = None
 
     @property
     def _job(self) -> JobRecord:
-        return self._engine.get(self.job_id)
+        """The job's record; a finished job never changes again, so it is read once."""
+        if self._finished is not None:
+            return self._finished
+        job = self._engine.get(self.job_id)
+        if job.finished:
+            self._finished = job
+        return job
 
     # -- change announcements ----------------------------------------------------------
     def progress_changed(self) -> None:
@@ -77,7 +84,7 @@ class JobObject(ServiceInterface):
 
     def _values(self) -> dict:
         job = self._job
-        snap = self._engine.snapshot(self.job_id)
+        snap = self._engine.snapshot(job)
         return {
             "Status": job.status, "Stage": snap.stage, "Progress": snap.fraction,
             "ProgressValid": snap.valid, "BytesDone": snap.bytes_done,
@@ -104,27 +111,27 @@ class JobObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Stage(self) -> "s":
-        return self._engine.snapshot(self.job_id).stage
+        return self._engine.snapshot(self._job).stage
 
     @dbus_property(access=PropertyAccess.READ)
     def Progress(self) -> "d":
-        return self._engine.snapshot(self.job_id).fraction
+        return self._engine.snapshot(self._job).fraction
 
     @dbus_property(access=PropertyAccess.READ)
     def ProgressValid(self) -> "b":
-        return self._engine.snapshot(self.job_id).valid
+        return self._engine.snapshot(self._job).valid
 
     @dbus_property(access=PropertyAccess.READ)
     def BytesDone(self) -> "t":
-        return self._engine.snapshot(self.job_id).bytes_done
+        return self._engine.snapshot(self._job).bytes_done
 
     @dbus_property(access=PropertyAccess.READ)
     def BytesTotal(self) -> "t":
-        return self._engine.snapshot(self.job_id).bytes_total
+        return self._engine.snapshot(self._job).bytes_total
 
     @dbus_property(access=PropertyAccess.READ)
     def Rate(self) -> "t":
-        return int(self._engine.snapshot(self.job_id).rate)
+        return int(self._engine.snapshot(self._job).rate)
 
     @dbus_property(access=PropertyAccess.READ)
     def CreatedTime(self) -> "t":
@@ -140,7 +147,7 @@ class JobObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def ExpectedEndTime(self) -> "t":
-        return self._engine.snapshot(self.job_id).expected_end_usec
+        return self._engine.snapshot(self._job).expected_end_usec
 
     @dbus_property(access=PropertyAccess.READ)
     def Cancelable(self) -> "b":
