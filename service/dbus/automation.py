@@ -63,15 +63,11 @@ class _ItemObject(ServiceInterface):
         self._objects.remove(self.collection, self.item_id)
 
 
-class ScheduleObject(_ItemObject):
-    collection = "schedule"
-    changing = ("Enabled", "NextRun", "LastRun", "LastJob")
-
-    def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
-        super().__init__(objects, item_id, SCHEDULE_INTERFACE)
+class _TimedItemObject(_ItemObject):
+    """Items that run on a timetable (schedules, backup policies): Enabled, NextRun, LastRun."""
 
     def _item(self):
-        return self._automation.schedules.get(self.item_id)
+        raise NotImplementedError
 
     def _value_Enabled(self) -> bool:
         return self._item().enabled
@@ -81,6 +77,17 @@ class ScheduleObject(_ItemObject):
 
     def _value_LastRun(self) -> int:
         return usec(self._item().last_run)
+
+
+class ScheduleObject(_TimedItemObject):
+    collection = "schedule"
+    changing = ("Enabled", "NextRun", "LastRun", "LastJob")
+
+    def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
+        super().__init__(objects, item_id, SCHEDULE_INTERFACE)
+
+    def _item(self):
+        return self._automation.schedules.get(self.item_id)
 
     def _value_LastJob(self) -> str:
         last_job = self._item().last_job
@@ -141,7 +148,7 @@ class ScheduleObject(_ItemObject):
         self._delete()
 
 
-class BackupPolicyObject(_ItemObject):
+class BackupPolicyObject(_TimedItemObject):
     collection = "policy"
     changing = ("Enabled", "NextRun", "LastRun")
 
@@ -150,15 +157,6 @@ class BackupPolicyObject(_ItemObject):
 
     def _item(self):
         return self._automation.policies.get(self.item_id)
-
-    def _value_Enabled(self) -> bool:
-        return self._item().enabled
-
-    def _value_NextRun(self) -> int:
-        return usec(self._item().next_run)
-
-    def _value_LastRun(self) -> int:
-        return usec(self._item().last_run)
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
