@@ -25,7 +25,7 @@ from .dbus.bus import connect
 from .dbus.paths import ROOT_PATH
 from .dbus.service import DBusService
 from .engine import JobEngine
-from .errors import HyperSDKError
+from .errors import Failed, HyperSDKError
 from .providers.registry import ProviderRegistry
 from .store import Store
 
@@ -72,7 +72,12 @@ class Daemon:
         store = Store(Path(self.config.database.path))
         providers = ProviderRegistry(self.config)
         engine = JobEngine(store, self.config, providers)
-        bus = await connect(self.bus_spec, manager_path=ROOT_PATH)
+        try:
+            bus = await connect(self.bus_spec, manager_path=ROOT_PATH)
+        except OSError as exc:
+            store.close()
+            raise Failed(f"cannot connect to the {self.bus_spec} bus: "
+                         f"{exc.strerror or exc} (is dbus running?)") from exc
         service = DBusService(bus, engine)
         try:
             service.export_all()

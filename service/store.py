@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import NotFound
+from .errors import Failed, NotFound
 
 MIGRATIONS: list[str] = [
     # 1: jobs, their status history and log lines
@@ -215,7 +215,7 @@ class Store:
     def _migrate(self) -> None:
         current = self.schema_version
         if current > len(MIGRATIONS):
-            raise RuntimeError(f"{self.path}: schema version {current} is newer than this "
+            raise Failed(f"{self.path}: schema version {current} is newer than this "
                                f"hypervisord understands ({len(MIGRATIONS)})")
         for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
             with self.transaction() as db:

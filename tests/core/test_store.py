@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hypersdk.service import store as store_module
-from hypersdk.service.errors import NotFound
+from hypersdk.service.errors import Failed, NotFound
 from hypersdk.service.store import JobRecord, Store
 
 
@@ -44,7 +44,7 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path):
     path = tmp_path / "db.sqlite"
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 999")
-    with pytest.raises(RuntimeError, match="schema version 999 is newer"):
+    with pytest.raises(Failed, match="schema version 999 is newer"):
         Store(path)
 
 
@@ -69,3 +69,4 @@ def test_jobs_logs_and_history_round_trip(tmp_path):
     assert [line.message for line in store.logs("job-1", after_id=first)] == ["two"]
     assert [h[1] for h in store.status_history("job-1")] == ["pending", "completed"]
     assert store.list_jobs(status="completed")[0].result == {"ok": True}
+
