@@ -242,7 +242,8 @@ async def download(session: aiohttp.ClientSession, url: str, target: Path, *,
                    expected_size: int | None, chunk_size: int, max_retries: int,
                    on_bytes: Callable[[int], None], log: Log, headers: dict | None = None,
                    ssl=None, read_timeout: float = 60.0,
-                   shown: str | None = None) -> DownloadResult:
+                   shown: str | None = None,
+                   on_temp: Callable[[Path], None] | None = None) -> DownloadResult:
     """Download `url` to `target`; see the module docstring for the guarantees.
 
     `log(message)` or `log(message, level)` receives progress lines (URLs without
@@ -254,6 +255,8 @@ async def download(session: aiohttp.ClientSession, url: str, target: Path, *,
     shown = shown or redact_url(url)  # callers whose URL path is a secret name it themselves
     temp = temp_path_for(target)
     handle = await asyncio.to_thread(open, temp, "wb")
+    if on_temp is not None:  # a reader that follows the download (pipeline/overlap.py)
+        on_temp(temp)
     writer = _HashingWriter(handle)
     try:
         await _fetch_into(session, url, writer, shown=shown, expected_size=expected_size,

@@ -8,8 +8,8 @@ returned `DiskFeed` from the download's `on_bytes`; the hand-off then collects t
 finished images with `results()` and converts the other disks the sequential way.
 Providers that never call `begin` simply get the sequential conversion.
 
-The download writes a hidden temporary file (`download.temp_path_for`) and renames it
-when complete. On its first bytes the feed hard-links that file under a name of its
+The download writes a hidden temporary file, which it names through `on_temp`, and
+renames it when complete. On its first bytes the feed hard-links that file under a name of its
 own, so the decoder reads the same inode whatever the download renames. How far the
 decoder may read is the file's size on disk, never the byte counts, which the
 download reports while their write is still in flight.
@@ -69,12 +69,6 @@ def is_stream_optimized(path: Path, growing: streamopt.GrowingFile,
         return False
 
 
-def download_temp_file(target: Path) -> Path | None:
-    """The temporary file `download` is writing for `target`, if exactly one is there."""
-    found = list(target.parent.glob(f".{target.name}.part-*"))
-    return found[0] if len(found) == 1 else None
-
-
 @dataclass
 class DiskFeed:
     """One disk's download, as its stream conversion sees it."""
@@ -84,10 +78,15 @@ class DiskFeed:
     target: Path          # the download's final name
     output: Path          # the converted image, until the hand-off renames it
     growing: streamopt.GrowingFile = field(default_factory=streamopt.GrowingFile)
+    temp: Path | None = None  # the file the download is writing, from download(on_temp=)
     link: Path | None = None
     task: asyncio.Task | None = None
     dropped: bool = False
     stopped: bool = False
+
+    def on_temp(self, temp: Path) -> None:
+        """Call with `download(on_temp=...)`: the temporary file it writes."""
+        self.temp = temp
 
     def on_bytes(self, nbytes: int) -> None:
         """Call with each `download(on_bytes=...)` count. Never raises: the download
@@ -135,9 +134,9 @@ class DiskFeed:
             self.task.cancel()
 
     def _start(self) -> None:
-        temp = download_temp_file(self.target)
+        temp = self.temp
         if temp is None:
-            raise OSError(0, "no single temporary download file")
+            raise OSError(0, "the download did not say which file it writes")
         link = self.target.with_name(f".{self.target.name}.stream")
         link.unlink(missing_ok=True)  # left by an attempt that was killed
         os.link(temp, link)

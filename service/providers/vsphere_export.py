@@ -325,7 +325,8 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
                                         chunk_size=options.chunk_size,
                                         max_retries=options.max_retries, on_bytes=disk_bytes,
                                         log=sink.log, headers=headers, ssl=pool.ssl_context(),
-                                        read_timeout=pool.timeout)
+                                        read_timeout=pool.timeout,
+                                        on_temp=feed.on_temp if feed is not None else None)
             except BaseException:
                 if feed is not None:
                     feed.failed()

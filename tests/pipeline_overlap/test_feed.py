@@ -62,6 +62,7 @@ async def fetch(conversions, port: int, staging: Path, key: str) -> overlap.Disk
     async with aiohttp.ClientSession() as session:
         await download(session, f"http://127.0.0.1:{port}/disk", target, expected_size=None,
                        chunk_size=256 << 10, max_retries=2, on_bytes=feed.on_bytes,
+                       on_temp=feed.on_temp,
                        log=lambda *args: None)
     feed.done()
     return feed
