@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from .schedules import (Clock, CronSpec, check_bool, check_fields, check_name, check_timezone,
+from .definitions import check_fields
+from .schedules import (Clock, CronSpec, check_bool, check_name, check_timezone,
                         decide, new_id, store_enabled)
 from .store import TERMINAL_STATUSES
 

@@ -39,6 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
 
+from .definitions import check_fields
 from .errors import AlreadyExists, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
@@ -86,18 +87,6 @@ def host_timezone() -> ZoneInfo:
 
 
 # -- validation helpers shared by schedules and backup policies --------------------------
-def check_fields(definition: Any, allowed: tuple[str, ...], required: tuple[str, ...],
-                 prefix: str = "") -> dict:
-    """A JSON object with only `allowed` keys and every `required` one."""
-    if not isinstance(definition, dict):
-        raise InvalidArgument(prefix.rstrip(".") or "definition", "must be a JSON object")
-    for key in definition:
-        if key not in allowed:
-            raise InvalidArgument(prefix + str(key), "unknown field; known: " + ", ".join(allowed))
-    for key in required:
-        if definition.get(key) in (None, ""):
-            raise InvalidArgument(prefix + key, "is required")
-    return definition
 
 
 def check_name(value: Any, field: str = "name") -> str:

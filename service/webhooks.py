@@ -41,7 +41,8 @@ import aiohttp
 from . import __version__
 from .config import WEBHOOK_EVENTS
 from .errors import InvalidArgument, NotFound
-from .schedules import Clock, check_bool, check_fields, new_id, wait_until
+from .definitions import check_fields
+from .schedules import Clock, check_bool, new_id, wait_until
 
 if TYPE_CHECKING:
     from .engine import JobEvent

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..definitions import check_fields
 from ..errors import AlreadyExists, InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from .convert import OUTPUT_FORMATS, convert_image, inspect_source, run_stoppable
@@ -67,24 +68,15 @@ class ConvertKind(JobKind):
     polkit_action = "org.hypersdk.HyperSDK1.convert"
 
     def validate(self, definition: Any, submit: SubmitContext) -> dict:
-        if not isinstance(definition, dict):
-            raise InvalidArgument("definition", "must be an object")
-        for key in definition:
-            if key not in FIELDS:
-                raise InvalidArgument(key, f"unknown field (allowed: {', '.join(FIELDS)})")
+        check_fields(definition, FIELDS)
         source = _absolute_path(definition, "source_path")
         output = _absolute_path(definition, "output_path")
         if not source.is_file():
             raise InvalidArgument("source_path", "no such file")
         if output.exists() and not output.is_dir():
             raise InvalidArgument("output_path", "exists and is not a directory")
-        options = definition.get("conversion_options", {})
-        if not isinstance(options, dict):
-            raise InvalidArgument("conversion_options", "must be an object")
-        for key in options:
-            if key not in OPTION_FIELDS:
-                raise InvalidArgument(f"conversion_options.{key}",
-                                      f"unknown field (allowed: {', '.join(OPTION_FIELDS)})")
+        options = check_fields(definition.get("conversion_options", {}), OPTION_FIELDS,
+                               prefix="conversion_options.")
         fmt = options.get("format", submit.config.hyper2kvm.default_format)
         if fmt not in OUTPUT_FORMATS:
             raise InvalidArgument("conversion_options.format",

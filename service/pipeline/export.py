@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AlreadyExists, Failed, InvalidArgument
+from ..definitions import check_fields
 from ..files import write_atomic
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..providers.base import ExportedDisk, ExportOptions, VMInfo
@@ -104,11 +105,7 @@ class ExportKind(JobKind):
     export_slot = True
 
     def validate(self, definition: Any, submit: SubmitContext) -> dict:
-        if not isinstance(definition, dict):
-            raise InvalidArgument("definition", "an object")
-        for key in definition:
-            if key not in FIELDS:
-                raise InvalidArgument(key, f"unknown field (known: {', '.join(FIELDS)})")
+        check_fields(definition, FIELDS)
         vm_identifier = definition.get("vm_identifier")
         if not isinstance(vm_identifier, str) or not vm_identifier.strip():
             raise InvalidArgument("vm_identifier", "a VM id, name or inventory path")

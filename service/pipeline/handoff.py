@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..definitions import check_fields
 from ..errors import AlreadyExists, InvalidArgument
 from .convert import ConvertedImage, convert_image
 from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
@@ -71,12 +72,8 @@ def validate_integration(block: Any, config: "Config") -> dict:
     result = _defaults(config)
     if block is None:
         return result
-    if not isinstance(block, dict):
-        raise InvalidArgument(FIELD, "an object")
+    check_fields(block, sorted(result), prefix=f"{FIELD}.")
     for key, value in block.items():
-        if key not in result:
-            known = ", ".join(sorted(result))
-            raise InvalidArgument(f"{FIELD}.{key}", f"unknown field (known: {known})")
         if key in _BOOL_FIELDS and not isinstance(value, bool):
             raise InvalidArgument(f"{FIELD}.{key}", "true or false")
         if key in _STR_FIELDS and (not isinstance(value, str) or not value):

@@ -70,7 +70,7 @@ def test_bad_blocks_name_the_field(config_for, block, field, rule):
 
 
 def test_not_an_object(config_for):
-    with pytest.raises(InvalidArgument, match="hyper2kvm_integration: an object"):
+    with pytest.raises(InvalidArgument, match="hyper2kvm_integration: must be a JSON object"):
         validate_integration(["enabled"], config_for())
 
 
