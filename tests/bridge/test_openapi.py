@@ -46,8 +46,10 @@ def test_schemathesis_finds_no_server_error_and_no_schema_break(bridge, sleep_jo
         [str(schemathesis), "run", f"{bridge.url}/openapi.json",
          "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                      "response_schema_conformance",
-         "--max-examples", "10", "--workers", "2", "--seed", "1",
-         "--phases", "examples,coverage,fuzzing", "--max-time", "20",
+         # one worker: with two, schemathesis's own coverage phase intermittently dies in
+         # a KeyError inside its generator (seen in CI runs; not an answer of the bridge)
+         "--max-examples", "10", "--workers", "1", "--seed", "1",
+         "--phases", "examples,coverage,fuzzing", "--max-time", "30",
          "--request-timeout", "30",  # a loaded CI machine must not look like a broken API
          "--report-dir", str(tmp_path / "report")],
         capture_output=True, text=True, timeout=400, cwd=tmp_path)
