@@ -1,46 +1,53 @@
 """One streamed HTTP download to a file: hashed while written, resumed, checked, atomic.
 
 Every provider that pulls a disk over HTTP (vSphere datastore files and NFC lease
-URLs, cloud blob URLs) uses `download`. The body never sits in memory: received
-pieces are gathered up to about `chunk_size`, then hashed and written in a worker
-thread while the next batch is being received. A dropped connection is
-resumed with an HTTP `Range` request from the first byte not yet received, up to
-`max_retries` times. The file appears under its final name only when complete
-and of the expected size; on failure or cancellation the temporary file is removed.
+URLs, cloud blob URLs) uses `download`. The body never sits in memory: it is read
+straight into the buffers of a `disk_writer.HashingDiskWriter`, which hashes and
+writes them on two threads of its own while the next one fills. A dropped
+connection is resumed with an HTTP `Range` request from the first byte not yet
+received, up to `max_retries` times. The file appears under its final name only
+when complete and of the expected size; on failure or cancellation the temporary
+file is removed.
 
-Throughput (bench/export.py): every batch written is passed to
-`posix_fadvise(DONTNEED)`, which starts its writeback while the download runs, so
-the final fsync finds little left to write (it used to take a fifth to a third of
-the download time). Pages more than CACHE_WINDOW behind the writer are dropped from
-the page cache the same way, so a multi-GiB download does not flood it while a
-reader that follows the download (pipeline/overlap.py) still finds recent data cached.
-Responses are read with a 1 MiB buffer: with aiohttp's default of 64 KiB the socket
-is paused and resumed every 128 KiB whenever the writer is behind, which cost
-about 10% more CPU; much larger buffers cost more again (they fall out of cache).
+The transfer runs in a thread of its own with the standard library's blocking
+HTTP client, which reads the body with `readinto` into the writer's buffer, no
+copy beyond the kernel's. Through aiohttp the same body cost about 0.5 CPU-s per
+GiB more (its parser copies every piece, then the pieces were copied into the
+buffer), which on a 2-core machine was the difference between keeping up with
+`curl` or not (bench/export.py). Redirects are followed (at most 5; the Cookie and
+Authorization headers are not sent to another host). Cancelling the awaiting task
+shuts the socket down, so the thread ends within moments, and is waited for.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import os
 import re
 import secrets
+import socket
+import ssl as ssl_module
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
-from urllib.parse import urlsplit, urlunsplit
-
-import aiohttp
+from typing import Any, Callable
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from ..errors import Failed, NotFound
+from ..files import open_direct
+from .disk_writer import HashingDiskWriter, WriteFailed
 
 Log = Callable[..., None]
 
-_READ_BUFSIZE = 1 << 20
-CACHE_WINDOW = 64 << 20
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-_DROPPED = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError,
-            ConnectionError)
+_PRIVATE_HEADERS = ("cookie", "authorization")
+
+
+class _Dropped(Exception):
+    """The connection failed or ended early: worth a resume."""
 
 
 @dataclass(frozen=True)
@@ -75,83 +82,133 @@ def temp_path_for(target: Path) -> Path:
     return target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
 
 
-class _HashingWriter:
-    """Hashes and writes buffers in a worker thread, one buffer in flight at a time."""
+class _Transfer:
+    """The blocking side of one download: requests, retries, the body into the writer.
 
-    def __init__(self, handle: IO[bytes]) -> None:
-        self._handle = handle
-        self._hash = hashlib.sha256()
-        self._pending: asyncio.Future | None = None
-        self.size = 0
-        self._dropped = 0  # the file's pages before this offset have left the page cache
+    `log` and `on_bytes` must be safe to call from any thread (download() hands in
+    wrappers that post to the event loop).
+    """
 
-    def _write(self, pieces: list[bytes]) -> None:
-        batch = self._handle.tell()
-        for piece in pieces:
-            self._hash.update(piece)
-            self._handle.write(piece)
-        self._handle.flush()
-        end = self._handle.tell()
-        self._advise_dontneed(batch, end)  # dirty pages: this only starts their writeback
-        if end - CACHE_WINDOW > self._dropped:
-            self._advise_dontneed(self._dropped, end - CACHE_WINDOW)  # written back by now
-            self._dropped = end - CACHE_WINDOW
+    def __init__(self, url: str, writer: HashingDiskWriter, *, shown: str,
+                 expected_size: int | None, max_retries: int, log: Log,
+                 on_restart: Callable[[int], None], headers: dict | None,
+                 ssl: ssl_module.SSLContext | None, read_timeout: float) -> None:
+        self.url, self.writer, self.shown = url, writer, shown
+        self.expected_size, self.max_retries = expected_size, max_retries
+        self.log, self.on_restart = log, on_restart
+        self.headers = dict(headers or {})
+        self.ssl, self.read_timeout = ssl, read_timeout
+        self._stopped = threading.Event()
+        self._connection: http.client.HTTPConnection | None = None
 
-    def _advise_dontneed(self, start: int, end: int) -> None:
-        try:
-            os.posix_fadvise(self._handle.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
-        except OSError:  # only advice: a filesystem that refuses it loses nothing
-            pass
-
-    async def submit(self, pieces: list[bytes], nbytes: int) -> None:
-        """Queue `pieces` (in order) behind the write in flight; no joining, no copies."""
-        await self.drain()
-        self.size += nbytes
-        self._pending = asyncio.ensure_future(asyncio.to_thread(self._write, pieces))
-
-    async def drain(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
-
-    async def restart(self) -> None:
-        """Forget everything written (the server ignored a Range request)."""
-        await self.drain()
-        await asyncio.to_thread(self._truncate)
-        self._hash = hashlib.sha256()
-        self.size = 0
-
-    def _truncate(self) -> None:
-        self._handle.seek(0)
-        self._handle.truncate()
-        self._dropped = 0
-
-    async def finish(self) -> str:
-        await self.drain()
-        await asyncio.to_thread(self._sync)
-        return self._hash.hexdigest()
-
-    def _sync(self) -> None:
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        # every page is clean now, so this drop takes effect even where writeback had
-        # not caught up when the earlier advice was given (a busy machine)
-        keep_from = max(0, self._handle.tell() - CACHE_WINDOW)
-        if keep_from:
-            self._advise_dontneed(0, keep_from)
-
-    async def abandon(self) -> None:
-        """Wait for a write still running in its thread, so the file can be closed safely."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            try:
-                await asyncio.shield(pending)
-            except BaseException:  # the original failure is what matters
+    def stop(self) -> None:
+        """From another thread: end the transfer now (a blocked read returns at once)."""
+        self._stopped.set()
+        connection = self._connection
+        if connection is not None and connection.sock is not None:
+            try:  # the plain socket's shutdown, also under TLS: it only wakes the reader
+                socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+            except OSError:
                 pass
 
+    def run(self) -> None:
+        drops = 0
+        while True:
+            try:
+                self._attempt()
+                return
+            except _Dropped as exc:
+                if self._stopped.is_set():
+                    raise Failed(f"download {self.shown}: stopped") from None
+                drops += 1
+                if drops > self.max_retries:
+                    raise Failed(f"download {self.shown} failed after {drops} attempts "
+                                 f"(export.max_retries is {self.max_retries}): {exc}") from None
+                self.log(f"download {self.shown}: connection lost at byte "
+                         f"{self.writer.received} ({exc}); retry {drops}/{self.max_retries}",
+                         "warning")
+                if self._stopped.wait(min(0.2 * 2 ** (drops - 1), 5.0)):
+                    raise Failed(f"download {self.shown}: stopped") from None
+                self.log(f"download {self.shown}: resumed at byte {self.writer.received}")
+            finally:
+                self._close()
 
-def _check_status(response: aiohttp.ClientResponse, shown: str, offset: int) -> None:
-    status = response.status
+    def _attempt(self) -> None:
+        offset = self.writer.received
+        try:
+            response = self._request(offset)
+            if offset and _resume_offset(response, offset, self.shown) == 0:
+                self.log(f"download {self.shown}: the server ignored the Range request; "
+                         f"starting again from byte 0")
+                self.on_restart(self.writer.restart())
+            self._receive(response)
+        except ssl_module.SSLCertVerificationError as exc:
+            raise Failed(f"download {self.shown}: the server's certificate is not trusted "
+                         f"({exc.verify_message})") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Dropped(_describe(exc)) from None
+
+    def _request(self, offset: int) -> http.client.HTTPResponse:
+        """GET from `offset`, following redirects; the response of a 200 or 206."""
+        url, headers = self.url, dict(self.headers)
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._get(url, headers)
+            location = response.getheader("Location")
+            if response.status not in _REDIRECTS or not location:
+                _check_status(response.status, response.reason, self.shown, offset)
+                return response
+            next_url = urljoin(url, location)
+            if urlsplit(next_url).netloc != urlsplit(url).netloc:
+                headers = {k: v for k, v in headers.items() if k.lower() not in _PRIVATE_HEADERS}
+            url = next_url
+            self._close()
+        raise Failed(f"download {self.shown}: more than {MAX_REDIRECTS} redirects")
+
+    def _get(self, url: str, headers: dict) -> http.client.HTTPResponse:
+        parts = urlsplit(url)
+        if parts.scheme == "https":
+            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=self.read_timeout,
+                context=self.ssl or ssl_module.create_default_context())
+        elif parts.scheme == "http":
+            connection = http.client.HTTPConnection(parts.hostname, parts.port,
+                                                    timeout=self.read_timeout)
+        else:
+            raise Failed(f"download {self.shown}: unsupported URL scheme {parts.scheme!r}")
+        self._connection = connection
+        if self._stopped.is_set():
+            raise _Dropped("stopped")
+        path = parts.path or "/"
+        connection.request("GET", f"{path}?{parts.query}" if parts.query else path,
+                           headers=headers)
+        return connection.getresponse()
+
+    def _receive(self, response: http.client.HTTPResponse) -> None:
+        writer = self.writer
+        while True:
+            space = writer.space()
+            try:
+                nbytes = response.readinto(space)
+            finally:
+                space.release()
+            if not nbytes:
+                break
+            writer.filled(nbytes)
+        if self._stopped.is_set():
+            raise _Dropped("stopped")
+        if response.length or (self.expected_size is not None
+                               and writer.received < self.expected_size):
+            raise _Dropped("the connection closed early")
+
+    def _close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+def _check_status(status: int, reason: str, shown: str, offset: int) -> None:
     if status == 404:
         raise NotFound(f"download {shown}: the server has no such file (HTTP 404)")
     if status in (401, 403):
@@ -160,118 +217,115 @@ def _check_status(response: aiohttp.ClientResponse, shown: str, offset: int) -> 
         raise Failed(f"download {shown}: the file on the server ends before byte {offset}, "
                      f"shorter than expected (HTTP 416)")
     if status not in (200, 206):
-        raise aiohttp.ClientResponseError(response.request_info, response.history,
-                                          status=status, message=response.reason or "")
+        raise _Dropped(f"HTTP {status} {reason}".strip())
 
 
-def _resume_offset(response: aiohttp.ClientResponse, offset: int, shown: str) -> int:
+def _resume_offset(response: http.client.HTTPResponse, offset: int, shown: str) -> int:
     """Where the body of this response starts: `offset` for a 206, 0 for a full 200."""
     if response.status == 200:
         return 0
-    match = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", ""))
+    content_range = response.getheader("Content-Range", "")
+    match = _CONTENT_RANGE_RE.match(content_range)
     if not match or int(match.group(1)) != offset:
         raise Failed(f"download {shown}: the server answered a resume at byte {offset} "
-                     f"with Content-Range {response.headers.get('Content-Range')!r}")
+                     f"with Content-Range {content_range!r}")
     return offset
 
 
-async def _receive(response: aiohttp.ClientResponse, writer: _HashingWriter, chunk_size: int,
-                   on_bytes: Callable[[int], None]) -> None:
-    pieces: list[bytes] = []
-    gathered = 0
-    try:
-        async for piece in response.content.iter_any():
-            pieces.append(piece)
-            gathered += len(piece)
-            if gathered >= chunk_size:
-                await writer.submit(pieces, gathered)
-                on_bytes(gathered)
-                pieces, gathered = [], 0
-    finally:
-        # bytes received before a drop are good: keep them so the resume starts after them
-        if gathered:
-            await writer.submit(pieces, gathered)
-            on_bytes(gathered)
-
-
-async def _fetch_into(session: aiohttp.ClientSession, url: str, writer: _HashingWriter, *,
-                      shown: str, expected_size: int | None, chunk_size: int, max_retries: int,
-                      on_bytes: Callable[[int], None], log: Log, headers: dict | None,
-                      ssl, read_timeout: float) -> None:
-    drops = 0
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=read_timeout, sock_read=read_timeout)
-    while True:
-        offset = writer.size
-        request_headers = dict(headers or {})
-        if offset:
-            request_headers["Range"] = f"bytes={offset}-"
-        try:
-            async with session.get(url, headers=request_headers, ssl=ssl, timeout=timeout,
-                                   read_bufsize=_READ_BUFSIZE) as response:
-                _check_status(response, shown, offset)
-                if offset and _resume_offset(response, offset, shown) == 0:
-                    log(f"download {shown}: the server ignored the Range request; "
-                        f"starting again from byte 0")
-                    on_bytes(-offset)
-                    await writer.restart()
-                await _receive(response, writer, chunk_size, on_bytes)
-                if expected_size is not None and writer.size < expected_size:
-                    raise aiohttp.ClientPayloadError("the connection closed early")
-            return
-        except (*_DROPPED, aiohttp.ClientResponseError) as exc:
-            drops += 1
-            cause = _describe(exc)
-            if drops > max_retries:
-                raise Failed(f"download {shown} failed after {drops} attempts "
-                             f"(export.max_retries is {max_retries}): {cause}") from None
-            log(f"download {shown}: connection lost at byte {writer.size} ({cause}); "
-                f"retry {drops}/{max_retries}", "warning")
-            await asyncio.sleep(min(0.2 * 2 ** (drops - 1), 5.0))
-            log(f"download {shown}: resumed at byte {writer.size}")
-
-
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return f"HTTP {exc.status} {exc.message}".strip()
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, (socket.timeout, TimeoutError)):
         return "no data within the read timeout"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the connection closed early"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def download(session: aiohttp.ClientSession, url: str, target: Path, *,
-                   expected_size: int | None, chunk_size: int, max_retries: int,
-                   on_bytes: Callable[[int], None], log: Log, headers: dict | None = None,
-                   ssl=None, read_timeout: float = 60.0,
-                   shown: str | None = None,
+async def _in_own_thread(run: Callable[[], Any], stop: Callable[[], None]) -> Any:
+    """Run blocking `run()` in a new thread; on cancel call `stop()` and wait for the end.
+
+    A thread of its own, not the default executor: conversions that follow a
+    download (pipeline/overlap.py) wait in executor threads for its bytes.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = run()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, result, None)
+
+    threading.Thread(target=target, name="download", daemon=True).start()
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        stop()
+        await asyncio.wait([done])
+        if not done.cancelled():
+            done.exception()  # retrieved: the cancellation is what the caller sees
+        raise
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+async def download(url: str, target: Path, *, expected_size: int | None, chunk_size: int,
+                   max_retries: int, on_bytes: Callable[[int], None], log: Log,
+                   headers: dict | None = None, ssl: ssl_module.SSLContext | None = None,
+                   read_timeout: float = 60.0, shown: str | None = None,
                    on_temp: Callable[[Path], None] | None = None) -> DownloadResult:
     """Download `url` to `target`; see the module docstring for the guarantees.
 
     `log(message)` or `log(message, level)` receives progress lines (URLs without
-    their query). `on_bytes(n)` is called as data is written (n < 0 if a server
-    that ignores Range forced a restart). Raises Failed or NotFound with a message
-    naming the file; the temporary file is gone afterwards.
+    their query). `on_bytes(n)` is called as data lands in the file (n < 0 if a
+    server that ignores Range forced a restart). `ssl` verifies https (None: the
+    system's trust store). Raises Failed or NotFound with a message naming the file;
+    the temporary file is gone afterwards.
     """
     target = Path(target)
     shown = shown or redact_url(url)  # callers whose URL path is a secret name it themselves
     temp = temp_path_for(target)
-    handle = await asyncio.to_thread(open, temp, "wb")
-    if on_temp is not None:  # a reader that follows the download (pipeline/overlap.py)
-        on_temp(temp)
-    writer = _HashingWriter(handle)
+    loop = asyncio.get_running_loop()
+
+    def post(fn: Callable[..., None]) -> Callable[..., None]:
+        return lambda *args: loop.call_soon_threadsafe(fn, *args)
+
+    fd, direct = await asyncio.to_thread(
+        open_direct, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        await _fetch_into(session, url, writer, shown=shown, expected_size=expected_size,
-                          chunk_size=chunk_size,
-                          max_retries=max_retries, on_bytes=on_bytes, log=log,
-                          headers=headers, ssl=ssl, read_timeout=read_timeout)
-        digest = await writer.finish()
-        if expected_size is not None and writer.size != expected_size:
-            raise Failed(f"download {shown}: received {writer.size} bytes, expected "
+        if on_temp is not None:  # a reader that follows the download (pipeline/overlap.py)
+            on_temp(temp)
+        writer = HashingDiskWriter(fd, direct, chunk_size, post(on_bytes))
+        transfer = _Transfer(url, writer, shown=shown, expected_size=expected_size,
+                             max_retries=max_retries, log=post(log),
+                             on_restart=lambda written: post(on_bytes)(-written),
+                             headers=headers, ssl=ssl, read_timeout=read_timeout)
+
+        def run() -> str:
+            try:
+                transfer.run()
+                return writer.finish()
+            except WriteFailed as exc:
+                raise Failed(f"download {shown}: writing {target.name} failed: {exc}") from None
+            finally:
+                writer.abort()
+
+        digest = await _in_own_thread(run, transfer.stop)
+        if expected_size is not None and writer.received != expected_size:
+            raise Failed(f"download {shown}: received {writer.received} bytes, expected "
                          f"{expected_size}")
-        await asyncio.to_thread(handle.close)
         await asyncio.to_thread(os.replace, temp, target)
-        return DownloadResult(target, writer.size, digest)
+        return DownloadResult(target, writer.received, digest)
     except BaseException:
-        await writer.abandon()
-        handle.close()
         temp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import aiohttp
 
 from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Retryable, \
@@ -385,10 +384,9 @@ class OciProvider(Provider):
         target = target_dir / f"{_safe(vm.name)}-boot.{fmt}"
         shown = f"{bucket}/{object_name} (via a pre-authenticated request)"
         sink.add_total(size)
-        async with aiohttp.ClientSession() as session:
-            result = await download(session, url, target, expected_size=size,
-                                    chunk_size=options.chunk_size, max_retries=options.max_retries,
-                                    on_bytes=sink.advance, log=sink.log, shown=shown)
+        result = await download(url, target, expected_size=size,
+                                chunk_size=options.chunk_size, max_retries=options.max_retries,
+                                on_bytes=sink.advance, log=sink.log, shown=shown)
         outputs.add(target)
         sink.log(f"{target.name}: {result.size} bytes, sha256 {result.sha256}")
         return ExportedDisk(path=target, format=fmt, capacity_bytes=boot.capacity_bytes,

@@ -307,7 +307,7 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
         if count is not None:
             count(nbytes)
 
-    async def one(index: int, source: DiskSource, session: aiohttp.ClientSession) -> ExportedDisk:
+    async def one(index: int, source: DiskSource) -> ExportedDisk:
         async with limit:
             sink.log(f"{what} {index + 1}/{len(sources)}: {source.disk.label} from "
                      f"{redact_url(source.url)}")
@@ -320,7 +320,7 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
                     feed.on_bytes(nbytes)
 
             try:
-                result = await download(session, source.url, source.target,
+                result = await download(source.url, source.target,
                                         expected_size=source.expected_size,
                                         chunk_size=options.chunk_size,
                                         max_retries=options.max_retries, on_bytes=disk_bytes,
@@ -343,9 +343,8 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
                                 key=source.disk.key)
 
     try:
-        async with _http_session(options) as session:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(i, s, session)) for i, s in enumerate(sources)]
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i, s)) for i, s in enumerate(sources)]
         return [task.result() for task in tasks]
     except BaseException as exc:
         for path in finished:
@@ -356,6 +355,7 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
 
 
 def _http_session(options: ExportOptions) -> aiohttp.ClientSession:
+    """For the HEAD requests that size the datastore files (downloads use their own)."""
     connector = aiohttp.TCPConnector(limit=max(2, options.parallel_disks * 2))
     return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 

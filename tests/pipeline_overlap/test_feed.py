@@ -6,7 +6,6 @@ import asyncio
 import subprocess
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -59,11 +58,9 @@ async def fetch(conversions, port: int, staging: Path, key: str) -> overlap.Disk
     disk = DiskInfo(key=key, label=key, capacity_bytes=CAPACITY)
     target = staging / f"{key}.vmdk"
     feed = conversions.begin(disk, target)
-    async with aiohttp.ClientSession() as session:
-        await download(session, f"http://127.0.0.1:{port}/disk", target, expected_size=None,
-                       chunk_size=256 << 10, max_retries=2, on_bytes=feed.on_bytes,
-                       on_temp=feed.on_temp,
-                       log=lambda *args: None)
+    await download(f"http://127.0.0.1:{port}/disk", target, expected_size=None,
+                   chunk_size=256 << 10, max_retries=2, on_bytes=feed.on_bytes,
+                   on_temp=feed.on_temp, log=lambda *args: None)
     feed.done()
     return feed
 

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import subprocess
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from hypersdk.service.errors import Failed, NotFound
-from hypersdk.service.pipeline import download as download_module
 from hypersdk.service.pipeline.download import download, redact_url
 
 from .fault_proxy import FaultInjectingProxy
@@ -80,10 +79,9 @@ class Recorder:
 
 async def _get(port: int, path: str, target, rec: Recorder, *, retries: int = 3,
                expected: int | None = SIZE):
-    async with aiohttp.ClientSession() as session:
-        return await download(session, f"http://127.0.0.1:{port}{path}", target,
-                              expected_size=expected, chunk_size=256 * 1024,
-                              max_retries=retries, on_bytes=rec.on_bytes, log=rec.log)
+    return await download(f"http://127.0.0.1:{port}{path}", target,
+                          expected_size=expected, chunk_size=256 * 1024,
+                          max_retries=retries, on_bytes=rec.on_bytes, log=rec.log)
 
 
 async def test_download_streams_hashes_and_renames(server, payload, out):
@@ -102,29 +100,54 @@ def _cached_bytes(path) -> int:
     return int(out.strip())
 
 
-async def test_download_hands_written_pages_back_to_the_kernel(tmp_path, out, monkeypatch):
-    """Pages further than CACHE_WINDOW behind the writer leave the page cache as the
-    download goes (their writeback started early, so the final fsync is short);
-    without that the whole file stays cached."""
-    monkeypatch.setattr(download_module, "CACHE_WINDOW", 8 << 20)
-    size = 64 << 20
-    (tmp_path / "big.bin").write_bytes(os.urandom(size))
+async def _serve_file(directory):
     app = web.Application()
-    app.router.add_static("/files", tmp_path)
+    app.router.add_static("/files", directory)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+async def _download_big(tmp_path, out, size: int):
+    (tmp_path / "big.bin").write_bytes(os.urandom(size))
+    runner = await _serve_file(tmp_path)
     try:
-        async with aiohttp.ClientSession() as session:
-            result = await download(session, f"http://127.0.0.1:{runner.addresses[0][1]}"
-                                    "/files/big.bin", out / "big.bin", expected_size=size,
-                                    chunk_size=2 << 20, max_retries=0,
-                                    on_bytes=lambda n: None, log=lambda *a: None)
+        return await download(f"http://127.0.0.1:{runner.addresses[0][1]}/files/big.bin",
+                              out / "big.bin", expected_size=size, chunk_size=2 << 20,
+                              max_retries=0, on_bytes=lambda n: None, log=lambda *a: None)
     finally:
         await runner.cleanup()
+
+
+async def test_download_writes_past_the_page_cache(tmp_path, out):
+    """The file is written with O_DIRECT: none of it sits in the page cache afterwards
+    (buffered writes would leave all of it there), yet every byte, including the
+    unaligned tail, is right."""
+    size = (32 << 20) + 1234
+    result = await _download_big(tmp_path, out, size)
     assert result.size == size
-    assert _cached_bytes(out / "big.bin") < size // 2
+    assert _cached_bytes(out / "big.bin") < size // 8
+    assert (out / "big.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
+
+
+async def test_download_without_o_direct_fake_filesystem(tmp_path, out, monkeypatch):
+    """A filesystem that refuses O_DIRECT (faked: open with the flag fails with EINVAL,
+    as on such filesystems) gets ordinary writes, byte-identical."""
+    real_open = os.open
+
+    def refusing_open(path, flags, mode=0o777, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    size = (8 << 20) + 77
+    result = await _download_big(tmp_path, out, size)
+    monkeypatch.undo()
+    assert result.size == size
+    assert result.sha256 == hashlib.sha256((tmp_path / "big.bin").read_bytes()).hexdigest()
+    assert (out / "big.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
 
 
 async def test_dropped_connection_resumes_byte_identical(server, payload, out):
