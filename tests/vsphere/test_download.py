@@ -5,7 +5,10 @@ import asyncio
 import errno
 import hashlib
 import os
+import ssl
 import subprocess
+import threading
+import time
 
 import pytest
 from aiohttp import web
@@ -30,8 +33,8 @@ def payload(tmp_path):
 async def _slow(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Length": str(SIZE)})
     await response.prepare(request)
-    while True:
-        await response.write(b"x" * 1024)
+    while True:  # ~1.6 MB/s: the first 256 KiB buffer lands within moments
+        await response.write(b"x" * 16384)
         await asyncio.sleep(0.01)
 
 
@@ -214,3 +217,319 @@ async def test_cancel_removes_temp_file(server, out):
 
 def test_redact_url_drops_query_and_credentials():
     assert redact_url("https://u:pw@h:8443/a/b?sig=SECRET&x=1") == "https://h:8443/a/b"
+
+
+# --- servers built per test: redirects, TLS, a full disk, 503s, a stall, chunked ------------
+
+
+@pytest.fixture
+async def serve():
+    """Start aiohttp apps on loopback ports; `await serve(app, ssl_context=None)` -> port."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> int:
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        runners.append(runner)
+        return runner.addresses[0][1]
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def _recording_file(data: bytes, seen: list[dict]):
+    """A handler that serves `data` (Range-aware via web.Response is not needed here)
+    and records the headers of every request it gets."""
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(body=data)
+    return handler
+
+
+def _redirect(status: int, location: str):
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": location})
+    return handler
+
+
+SECRET_HEADERS = {"Cookie": "vmware_soap_session=SESSION", "Authorization": "Basic dTpwdw=="}
+
+
+async def _fetch(url: str, target, rec: Recorder, *, expected: int | None, retries: int = 3,
+                 **kwargs):
+    return await download(url, target, expected_size=expected, chunk_size=256 * 1024,
+                          max_retries=retries, on_bytes=rec.on_bytes, log=rec.log, **kwargs)
+
+
+async def test_redirect_same_host_keeps_the_cookie(serve, payload, out):
+    data = payload[0].read_bytes()
+    seen: list[dict] = []
+    app = web.Application()
+    app.router.add_get("/moved", _redirect(302, "/final/disk.bin"))
+    app.router.add_get("/final/disk.bin", _recording_file(data, seen))
+    port = await serve(app)
+    rec = Recorder()
+    result = await _fetch(f"http://127.0.0.1:{port}/moved", out / "disk.bin", rec,
+                          expected=SIZE, headers=SECRET_HEADERS)
+    assert result.sha256 == payload[1]
+    assert (out / "disk.bin").read_bytes() == data
+    assert len(seen) == 1 and seen[0].get("Cookie") == SECRET_HEADERS["Cookie"]
+    assert seen[0].get("Authorization") == SECRET_HEADERS["Authorization"]
+
+
+async def test_redirect_to_another_server_drops_cookie_and_authorization(serve, payload, out):
+    data = payload[0].read_bytes()
+    seen_first: list[dict] = []
+    seen_other: list[dict] = []
+    other = web.Application()
+    other.router.add_get("/blob", _recording_file(data, seen_other))
+    other_port = await serve(other)
+
+    async def first_hop(request: web.Request) -> web.Response:
+        seen_first.append(dict(request.headers))
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{other_port}/blob")
+
+    app = web.Application()
+    app.router.add_get("/disk.bin", first_hop)
+    port = await serve(app)
+    assert port != other_port
+    result = await _fetch(f"http://127.0.0.1:{port}/disk.bin", out / "disk.bin", Recorder(),
+                          expected=SIZE, headers=SECRET_HEADERS)
+    assert result.sha256 == payload[1]
+    assert (out / "disk.bin").read_bytes() == data
+    # the first server got the secrets (so the test would notice them being dropped early)
+    assert seen_first[0].get("Cookie") == SECRET_HEADERS["Cookie"]
+    assert len(seen_other) == 1
+    lowered = {name.lower() for name in seen_other[0]}
+    assert "cookie" not in lowered and "authorization" not in lowered
+
+
+def _chain_app(data: bytes) -> web.Application:
+    """/chain/N redirects to /chain/N-1 ... /chain/0 serves `data`."""
+    async def chain(request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        if n == 0:
+            return web.Response(body=data)
+        raise web.HTTPFound(f"/chain/{n - 1}")
+
+    app = web.Application()
+    app.router.add_get("/chain/{n}", chain)
+    return app
+
+
+async def test_five_redirects_are_followed(serve, payload, out):
+    port = await serve(_chain_app(payload[0].read_bytes()))
+    result = await _fetch(f"http://127.0.0.1:{port}/chain/5", out / "d", Recorder(),
+                          expected=SIZE)
+    assert result.sha256 == payload[1]
+
+
+async def test_six_redirects_fail_and_leave_nothing(serve, payload, out):
+    port = await serve(_chain_app(payload[0].read_bytes()))
+    rec = Recorder()
+    with pytest.raises(Failed, match="more than 5 redirects"):
+        await _fetch(f"http://127.0.0.1:{port}/chain/6", out / "d", rec, expected=SIZE)
+    assert os.listdir(out) == []
+    assert not any("retry" in line for line in rec.lines)
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 (openssl command line): (cert, key) paths."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+async def tls_port(serve, payload, self_signed):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*self_signed)
+    app = web.Application()
+    app.router.add_static("/files", payload[0].parent)
+    return await serve(app, ssl_context=context)
+
+
+async def test_untrusted_certificate_fails_at_once_without_retries(tls_port, out):
+    rec = Recorder()
+    started = time.monotonic()
+    with pytest.raises(Failed, match="certificate is not trusted"):
+        await _fetch(f"https://127.0.0.1:{tls_port}/files/disk.bin", out / "d", rec,
+                     expected=SIZE, retries=3, ssl=None)
+    assert time.monotonic() - started < 1.0  # three backed-off retries would take 1.4 s
+    assert not any("retry" in line for line in rec.lines)
+    assert os.listdir(out) == []
+
+
+async def test_trusted_certificate_downloads_byte_identical(tls_port, payload, self_signed, out):
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=str(self_signed[0]))
+    rec = Recorder()
+    result = await _fetch(f"https://127.0.0.1:{tls_port}/files/disk.bin", out / "disk.bin",
+                          rec, expected=SIZE, ssl=context)
+    assert result.size == SIZE and result.sha256 == payload[1]
+    assert (out / "disk.bin").read_bytes() == payload[0].read_bytes()
+    assert rec.bytes == SIZE
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs), unmounted afterwards."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)],
+                   check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+async def test_full_disk_fails_without_retry_and_leaves_nothing(serve, tmp_path, small_disk):
+    size = 16 << 20
+    (tmp_path / "big.bin").write_bytes(os.urandom(size))
+    app = web.Application()
+    app.router.add_static("/files", tmp_path)
+    port = await serve(app)
+    rec = Recorder()
+    with pytest.raises(Failed, match="writing big.bin failed: No space left on device"):
+        await _fetch(f"http://127.0.0.1:{port}/files/big.bin", small_disk / "big.bin", rec,
+                     expected=size, retries=3)
+    assert not any("retry" in line for line in rec.lines)
+    assert os.listdir(small_disk) == []
+
+
+async def test_503_twice_then_served_is_retried(serve, payload, out):
+    data = payload[0].read_bytes()
+    answers: list[int] = []
+
+    async def flaky(request: web.Request) -> web.Response:
+        if len(answers) < 2:
+            answers.append(503)
+            return web.Response(status=503, text="busy")
+        answers.append(200)
+        return web.Response(body=data)
+
+    app = web.Application()
+    app.router.add_get("/disk.bin", flaky)
+    port = await serve(app)
+    rec = Recorder()
+    result = await _fetch(f"http://127.0.0.1:{port}/disk.bin", out / "disk.bin", rec,
+                          expected=SIZE, retries=3)
+    assert answers == [503, 503, 200]
+    assert result.sha256 == payload[1]
+    assert (out / "disk.bin").read_bytes() == data
+    retries = [line for line in rec.lines if "retry" in line]
+    assert len(retries) == 2 and "503" in retries[0]
+    assert os.listdir(out) == ["disk.bin"]
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_cancel_while_the_server_stalls_after_headers(serve, out, self_signed, scheme):
+    """The blocked body read is woken by the socket shutdown, also under TLS."""
+    headers_sent = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(SIZE)})
+        await response.prepare(request)  # a StreamResponse sends its headers right away
+        headers_sent.set()
+        await release.wait()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/stall", stall)
+    server_context = client_context = None
+    if scheme == "https":
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(*self_signed)
+        client_context = ssl.create_default_context(cafile=str(self_signed[0]))
+    port = await serve(app, ssl_context=server_context)
+    rec = Recorder()
+    task = asyncio.ensure_future(_fetch(f"{scheme}://127.0.0.1:{port}/stall", out / "d", rec,
+                                        expected=SIZE, read_timeout=30, ssl=client_context))
+    try:
+        await asyncio.wait_for(headers_sent.wait(), 5)
+        await asyncio.sleep(0.2)  # the client is now blocked reading the body
+        assert not task.done()
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+    assert os.listdir(out) == []
+    assert rec.bytes == 0
+
+
+async def test_chunked_response_without_content_length(serve, out):
+    size = 1_000_003  # not a multiple of 4096: an unaligned tail
+    data = os.urandom(size)
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        assert response.chunked and response.content_length is None
+        for start in range(0, size, 70_001):
+            await response.write(data[start:start + 70_001])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/disk.bin", chunked)
+    port = await serve(app)
+    rec = Recorder()
+    result = await _fetch(f"http://127.0.0.1:{port}/disk.bin", out / "disk.bin", rec,
+                          expected=None)
+    assert result.size == size
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert (out / "disk.bin").read_bytes() == data
+    assert rec.bytes == size
+
+
+def _busy_writer_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate()
+            if thread.name in ("download-hash", "download-write")]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG in download._in_own_thread: a second cancel "
+                   "while it waits for the stopped thread returns at once, and download() "
+                   "closes the file descriptor while the writer threads still write to it")
+async def test_second_cancel_still_waits_for_the_writer_threads(serve, tmp_path, out):
+    """A task can be cancelled twice (a job cancelled while its timeout fires). The
+    download must still end only after its writer threads have stopped: download()
+    closes the descriptor when it ends, and a writer thread still writing would then
+    write into whatever file reuses that descriptor number next (seen: 16 MiB of the
+    disk landed in an unrelated file opened right after the cancelled task ended)."""
+    size = 32 << 20
+    (tmp_path / "big.bin").write_bytes(os.urandom(size))
+    app = web.Application()
+    app.router.add_static("/files", tmp_path)
+    port = await serve(app)
+    for _ in range(3):  # the writer is usually still busy; three tries make it near certain
+        rec = Recorder()
+        task = asyncio.ensure_future(download(
+            f"http://127.0.0.1:{port}/files/big.bin", out / "big.bin", expected_size=size,
+            chunk_size=8 << 20, max_retries=0, on_bytes=rec.on_bytes, log=rec.log))
+        alive_at_end: list[list[str]] = []
+        task.add_done_callback(lambda _task: alive_at_end.append(_busy_writer_threads()))
+        while rec.bytes == 0:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.sleep(0)  # the task is now waiting for its thread to stop
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert alive_at_end == [[]]
+        while _busy_writer_threads():  # let a leaked thread finish before the next try
+            await asyncio.sleep(0.01)
+        assert os.listdir(out) == []
