@@ -8,6 +8,14 @@ failure or cancellation qemu-img's process group is killed and the temporary
 file removed. streamOptimized VMDKs go through our parallel decoder
 (`streamopt.py`), which is faster than qemu-img's single-threaded inflate, writes
 qcow2 directly and can start while the VMDK is still downloading (`growing`).
+
+Uncompressed qcow2 and raw output is written by qemu-img with `-t none` (O_DIRECT)
+where the filesystem allows it: measured on the 2-core test machine, a 2 GiB VHDX to
+qcow2 took 1.4 s instead of 4.2 s with writeback caching (which spends ~1.5 CPU-s per
+GiB in the kernel filling the page cache), and the data is on disk when qemu-img
+exits, so the fsync before the rename is short. Compressed output stays buffered:
+it is CPU-bound and small, and O_DIRECT made it slower. The input is read through
+the page cache (`-T none` halved qemu-img's read speed).
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..errors import Failed, InvalidArgument
-from ..files import fsync_replace
+from ..files import fsync_replace, supports_direct_io
 from . import streamopt
 from .vmdk import parse_vmdk
 
@@ -243,6 +251,9 @@ async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_f
     args = ["qemu-img", "convert", "-p", "-f", in_format, "-O", out_format]
     if compress:
         args.append("-c")
+    elif out_format in OUTPUT_FORMATS and await asyncio.to_thread(supports_direct_io,
+                                                                  target.parent):
+        args += ["-t", "none"]
     if out_options:  # e.g. "subformat=streamOptimized"
         args += ["-o", out_options]
     args += [str(source), str(target)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import time
@@ -12,7 +13,9 @@ from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.pipeline.convert import convert_image, detect_format
 from hypersdk.service.pipeline.streamopt import GrowingFile, decode
 
-from .helpers import DATA_BYTES, DISK_SIZE, allocated, images_equal, make_image, make_raw, qemu_img
+from ..support.pagecache import cached_bytes
+from .helpers import (DATA_BYTES, DISK_SIZE, MiB, allocated, images_equal, make_image,
+                      make_raw, qemu_img)
 
 INPUTS = [("vmdk", "streamOptimized"), ("vmdk", "monolithicSparse"), ("vpc", None), ("vpc", "fixed"),
           ("vhdx", None), ("raw", None), ("qcow2", None)]
@@ -40,6 +43,44 @@ async def test_convert_keeps_content_and_holes(tmp_path, fmt, subformat, out_for
     assert seen[-1] == (DISK_SIZE, DISK_SIZE)
     assert [d for d, _t in seen] == sorted(d for d, _t in seen), "progress went backwards"
     assert os.listdir(target.parent) == [target.name], "a temporary file was left behind"
+
+
+DENSE = 8 * MiB  # enough data that qcow2's own metadata (cached) is a small part
+
+
+def _dense_vhdx(tmp_path):
+    raw = make_raw(tmp_path / "dense.raw", DENSE, extents=((0, DENSE),))
+    qemu_img("convert", "-f", "raw", "-O", "vhdx", raw, tmp_path / "dense.vhdx")
+    return raw, tmp_path / "dense.vhdx"
+
+
+@pytest.mark.parametrize("out_format", ["qcow2", "raw"])
+async def test_qemu_img_writes_past_the_page_cache(tmp_path, out_format):
+    """qemu-img writes uncompressed output with -t none (O_DIRECT): the converted image
+    is not left in the page cache (with writeback caching all of its data would be)."""
+    raw, image = _dense_vhdx(tmp_path)
+    result = await convert_image(image, tmp_path / f"out.{out_format}", out_format=out_format)
+    assert result.actual_size >= DENSE
+    assert cached_bytes(result.path) < DENSE // 8  # before the compare reads it
+    assert images_equal(raw, result.path)
+
+
+async def test_convert_without_o_direct_fake_filesystem(tmp_path, monkeypatch):
+    """Where the filesystem refuses O_DIRECT (faked: the probe's open fails with EINVAL,
+    as on such filesystems) qemu-img writes through the page cache instead."""
+    real_open = os.open
+
+    def refusing_open(path, flags, mode=0o777, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode, **kwargs)
+
+    raw, image = _dense_vhdx(tmp_path)
+    monkeypatch.setattr(os, "open", refusing_open)
+    result = await convert_image(image, tmp_path / "out.qcow2", out_format="qcow2")
+    monkeypatch.undo()
+    assert cached_bytes(result.path) >= DENSE // 2
+    assert images_equal(raw, result.path)
 
 
 async def test_compressed_qcow2(tmp_path):
