@@ -25,15 +25,15 @@ import os
 import re
 import signal
 import subprocess
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable
 
 from ..errors import Failed, InvalidArgument
 from ..files import fsync_replace, supports_direct_io
 from . import streamopt
 from .vmdk import parse_vmdk
+from .threads import run_stoppable
 
 OUTPUT_FORMATS = ("qcow2", "raw")
 INPUT_FORMATS = ("vmdk", "vpc", "vhdx", "raw", "qcow2")
@@ -42,7 +42,6 @@ _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 # is qemu-img compressing the raw result); only shapes the progress curve.
 _DECODE_SHARE = 0.7
 
-T = TypeVar("T")
 ProgressFn = Callable[[int, int], None]
 LogFn = Callable[[str], None]
 
@@ -212,24 +211,6 @@ async def _convert_stream_optimized(source: Path, tmp: Path, out_format: str, co
             lambda frac: report(int(size * (_DECODE_SHARE + (1 - _DECODE_SHARE) * frac)), size))
     finally:
         raw.unlink(missing_ok=True)
-
-
-async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
-    """Run blocking `fn(stop)` in a thread; on cancel set `stop` and wait for it to end.
-
-    A plain `asyncio.to_thread` returns at cancellation while the thread goes on
-    writing; waiting lets the caller remove what the thread wrote.
-    """
-    stop = threading.Event()
-    fut = asyncio.get_running_loop().run_in_executor(None, fn, stop)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        stop.set()
-        await asyncio.wait([fut])
-        if not fut.cancelled():
-            fut.exception()  # mark it retrieved: the cancellation is what the caller sees
-        raise
 
 
 async def _decode_in_thread(source: Path, target: Path, out_format: str,

@@ -18,9 +18,10 @@ from typing import Any
 from ..definitions import check_fields
 from ..errors import AlreadyExists, InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
-from .convert import OUTPUT_FORMATS, convert_image, inspect_source, run_stoppable
+from .convert import OUTPUT_FORMATS, convert_image, inspect_source
 from .ova import extract_ova, verify_manifest
 from .ovf import OvfInfo, parse_ovf
+from .threads import run_stoppable
 
 FIELDS = ("source_path", "output_path", "conversion_options")
 OPTION_FIELDS = ("format", "compression")

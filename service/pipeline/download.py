@@ -31,12 +31,13 @@ import ssl as ssl_module
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from ..errors import Failed, NotFound
 from ..files import open_direct
 from .disk_writer import HashingDiskWriter, WriteFailed
+from .threads import run_in_own_thread
 
 Log = Callable[..., None]
 
@@ -178,7 +179,8 @@ class _Transfer:
         else:
             raise Failed(f"download {self.shown}: unsupported URL scheme {parts.scheme!r}")
         self._connection = connection
-        if self._stopped.is_set():
+        connection.connect()
+        if self._stopped.is_set():  # a stop() while connecting found no socket to shut
             raise _Dropped("stopped")
         path = parts.path or "/"
         connection.request("GET", f"{path}?{parts.query}" if parts.query else path,
@@ -240,43 +242,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def _in_own_thread(run: Callable[[], Any], stop: Callable[[], None]) -> Any:
-    """Run blocking `run()` in a new thread; on cancel call `stop()` and wait for the end.
-
-    A thread of its own, not the default executor: conversions that follow a
-    download (pipeline/overlap.py) wait in executor threads for its bytes.
-    """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-
-    def target() -> None:
-        try:
-            result = run()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, done, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, done, result, None)
-
-    threading.Thread(target=target, name="download", daemon=True).start()
-    try:
-        return await asyncio.shield(done)
-    except asyncio.CancelledError:
-        stop()
-        await asyncio.wait([done])
-        if not done.cancelled():
-            done.exception()  # retrieved: the cancellation is what the caller sees
-        raise
-
-
-def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
 async def download(url: str, target: Path, *, expected_size: int | None, chunk_size: int,
                    max_retries: int, on_bytes: Callable[[int], None], log: Log,
                    headers: dict | None = None, ssl: ssl_module.SSLContext | None = None,
@@ -318,7 +283,7 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
             finally:
                 writer.abort()
 
-        digest = await _in_own_thread(run, transfer.stop)
+        digest = await run_in_own_thread(run, transfer.stop)
         if expected_size is not None and writer.received != expected_size:
             raise Failed(f"download {shown}: received {writer.received} bytes, expected "
                          f"{expected_size}")

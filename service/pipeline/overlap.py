@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import Failed
 from . import streamopt
-from .convert import ConvertedImage, convert_image, run_stoppable
+from .convert import ConvertedImage, convert_image
 from .ovf_writer import safe_name
 from .vmdk import SECTOR, read_sparse_header
+from .threads import run_stoppable
 
 if TYPE_CHECKING:
     from ..job_kinds import JobContext
@@ -126,8 +127,7 @@ class DiskFeed:
         self.stop()
 
     def stop(self) -> None:
-        """End the conversion; once only: a second cancel would stop run_stoppable from
-        waiting for its thread, which must finish before its output is removed."""
+        """End the conversion (once: later calls find it stopped)."""
         self.growing.finish()
         if self.task is not None and not self.stopped:
             self.stopped = True

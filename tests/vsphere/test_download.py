@@ -501,9 +501,6 @@ def _busy_writer_threads() -> list[str]:
             if thread.name in ("download-hash", "download-write")]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG in download._in_own_thread: a second cancel "
-                   "while it waits for the stopped thread returns at once, and download() "
-                   "closes the file descriptor while the writer threads still write to it")
 async def test_second_cancel_still_waits_for_the_writer_threads(serve, tmp_path, out):
     """A task can be cancelled twice (a job cancelled while its timeout fires). The
     download must still end only after its writer threads have stopped: download()
