@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Failed, InvalidArgument
-from ..files import fsync_replace, supports_direct_io
+from ..direct_io import supports_direct_io
+from ..files import fsync_replace
 from . import streamopt
 from .vmdk import parse_vmdk
 from .threads import run_stoppable

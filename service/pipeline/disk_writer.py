@@ -6,7 +6,7 @@ receiving, hashing and writing overlap on separate threads (hashlib and os.pwrit
 release the GIL). Three page-aligned buffers circulate: the receiver blocks when
 all three are busy, so memory stays at three buffers whatever the disk's size.
 
-The file is written with O_DIRECT where its filesystem allows it (`files.open_direct`
+The file is written with O_DIRECT where its filesystem allows it (`direct_io.py`
 says why). Full buffers are a multiple of DIRECT_IO_ALIGNMENT and land at aligned
 offsets; only the last, partial buffer has an unaligned tail, written without
 O_DIRECT. Measured with bench/export.py on the 2-core test machine: receiving 2 GiB
@@ -18,7 +18,6 @@ called from one thread, the receiving one; none of it touches asyncio.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import mmap
 import os
@@ -26,7 +25,7 @@ import queue
 import threading
 from typing import Callable
 
-from ..files import DIRECT_IO_ALIGNMENT, set_direct
+from ..direct_io import DirectFile, align_up
 
 MAX_BUFFER = 8 << 20   # larger buffers gain nothing and cost memory
 MIN_BUFFER = 64 << 10
@@ -41,18 +40,16 @@ class WriteFailed(Exception):
 
 def buffer_size_for(chunk_size: int) -> int:
     """`export.chunk_size` clamped to [MIN_BUFFER, MAX_BUFFER] and rounded up to the alignment."""
-    size = min(max(chunk_size, MIN_BUFFER), MAX_BUFFER)
-    return -(-size // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
+    return align_up(min(max(chunk_size, MIN_BUFFER), MAX_BUFFER))
 
 
 class HashingDiskWriter:
     """See the module docstring. `on_written(n)` is called on the writer thread after
     each write lands (so the file's size on disk has grown by n)."""
 
-    def __init__(self, fd: int, direct: bool, chunk_size: int,
+    def __init__(self, out: DirectFile, chunk_size: int,
                  on_written: Callable[[int], None]) -> None:
-        self._fd = fd
-        self._direct = direct
+        self._out = out
         self._on_written = on_written
         size = buffer_size_for(chunk_size)
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
@@ -132,26 +129,7 @@ class HashingDiskWriter:
 
     def _write(self, buffer: mmap.mmap, nbytes: int, offset: int) -> None:
         with memoryview(buffer) as view:
-            aligned = nbytes - nbytes % DIRECT_IO_ALIGNMENT if self._direct else nbytes
-            self._pwrite_all(view[:aligned], offset)
-            if aligned < nbytes:  # the unaligned tail of the last buffer
-                self._leave_direct()
-                self._pwrite_all(view[aligned:nbytes], offset + aligned)
-
-    def _pwrite_all(self, view: memoryview, offset: int) -> None:
-        while view:
-            try:
-                written = os.pwrite(self._fd, view, offset)
-            except OSError as exc:
-                if not (self._direct and exc.errno == errno.EINVAL):
-                    raise
-                self._leave_direct()  # a device whose logical block exceeds the alignment
-                continue
-            view, offset = view[written:], offset + written
-
-    def _leave_direct(self) -> None:
-        set_direct(self._fd, False)
-        self._direct = False
+            self._out.pwrite(view[:nbytes], offset)
 
     def _wait_idle(self) -> None:
         self._to_hash.join()
@@ -162,7 +140,7 @@ class HashingDiskWriter:
         returns how many bytes had been written."""
         self._wait_idle()
         self._raise_if_failed()
-        os.ftruncate(self._fd, 0)
+        os.ftruncate(self._out.fd, 0)
         written, self.written = self.written, 0
         self._hash = hashlib.sha256()
         self._fill = self._dispatched = 0
@@ -173,7 +151,7 @@ class HashingDiskWriter:
         self.flush()
         self._stop_threads()
         self._raise_if_failed()
-        os.fsync(self._fd)
+        os.fsync(self._out.fd)
         return self._hash.hexdigest()
 
     def abort(self) -> None:

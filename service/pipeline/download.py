@@ -35,7 +35,7 @@ from typing import Callable
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from ..errors import Failed, NotFound
-from ..files import open_direct
+from ..direct_io import DirectFile
 from .disk_writer import HashingDiskWriter, WriteFailed
 from .threads import run_in_own_thread
 
@@ -263,12 +263,12 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
     def post(fn: Callable[..., None]) -> Callable[..., None]:
         return lambda *args: loop.call_soon_threadsafe(fn, *args)
 
-    fd, direct = await asyncio.to_thread(
-        open_direct, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    out = await asyncio.to_thread(DirectFile, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                  0o666)
     try:
         if on_temp is not None:  # a reader that follows the download (pipeline/overlap.py)
             on_temp(temp)
-        writer = HashingDiskWriter(fd, direct, chunk_size, post(on_bytes))
+        writer = HashingDiskWriter(out, chunk_size, post(on_bytes))
         transfer = _Transfer(url, writer, shown=shown, expected_size=expected_size,
                              max_retries=max_retries, log=post(log),
                              on_restart=lambda written: post(on_bytes)(-written),
@@ -293,4 +293,4 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
         temp.unlink(missing_ok=True)
         raise
     finally:
-        os.close(fd)
+        out.close()

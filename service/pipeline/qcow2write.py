@@ -11,12 +11,17 @@ refcount is 1 and all entries carry the COPIED flag.
 L2 tables are written out as soon as data moves past them (streams arrive in
 LBA order), so memory stays at a few tables whatever the disk size; a late
 cluster for a table already on disk is patched in place.
+
+Data clusters go past the page cache (`DirectFile.pwrite_pieces`, see direct_io.py);
+the tables and the header, small and written once, go through its ordinary `fd`.
 """
 from __future__ import annotations
 
 import os
 import struct
 import threading
+
+from ..direct_io import DirectFile
 
 QCOW2_MAGIC = 0x514649FB
 COPIED = 1 << 63
@@ -33,14 +38,15 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class Qcow2Writer:
-    """A qcow2 v3 image of `size` bytes with `cluster_bytes` clusters, on an open fd."""
+    """A qcow2 v3 image of `size` bytes with `cluster_bytes` clusters, in an open file."""
 
-    def __init__(self, fd: int, size: int, cluster_bytes: int) -> None:
+    def __init__(self, out: DirectFile, size: int, cluster_bytes: int) -> None:
         bits = cluster_bytes.bit_length() - 1
         if cluster_bytes != 1 << bits or not 9 <= bits <= 21:
             raise ValueError(f"qcow2 clusters are a power of two from 512 B to 2 MiB, "
                              f"not {cluster_bytes}")
-        self._fd = fd
+        self._out = out
+        self._fd = out.fd
         self._size = size
         self._cluster = cluster_bytes
         self._bits = bits
@@ -50,7 +56,7 @@ class Qcow2Writer:
         self._open_tables: dict[int, list[int]] = {}
         self._next_cluster = 1                  # cluster 0 holds the header
         self._lock = threading.Lock()
-        os.ftruncate(fd, 0)
+        os.ftruncate(self._fd, 0)
 
     def _allocate(self, count: int = 1) -> int:
         offset = self._next_cluster * self._cluster
@@ -60,7 +66,7 @@ class Qcow2Writer:
     def write_clusters(self, clusters: list[tuple[int, bytes]]) -> None:
         """Store clusters of guest data, given as (guest offset, data), with one write.
 
-        They get consecutive host clusters, so one pwritev stores them all; data
+        They get consecutive host clusters, so one write stores them all; data
         shorter than a cluster (the disk's last one) is zero-padded.
         """
         with self._lock:
@@ -69,7 +75,7 @@ class Qcow2Writer:
                 self._map(guest_offset >> self._bits, host + n * self._cluster)
         buffers = [data if len(data) == self._cluster else data + bytes(self._cluster - len(data))
                    for _offset, data in clusters]
-        os.pwritev(self._fd, buffers, host)
+        self._out.pwrite_pieces(buffers, host)
 
     def _map(self, index: int, host: int) -> None:
         """Point guest cluster `index` at `host` (called with the lock held)."""

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from hypersdk.service.direct_io import DirectFile
 from hypersdk.service.pipeline.qcow2write import Qcow2Writer
 
 from .helpers import images_equal, qemu_img
@@ -19,9 +20,9 @@ def write_both(tmp_path, size: int, cluster: int, clusters: list[int], seed: int
     raw, image = tmp_path / "ref.raw", tmp_path / "out.qcow2"
     with open(raw, "wb") as ref:
         ref.truncate(size)
-    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
+    out = DirectFile(image, os.O_RDWR | os.O_CREAT)
     try:
-        writer = Qcow2Writer(fd, size, cluster)
+        writer = Qcow2Writer(out, size, cluster)
         for index in clusters:
             data = rng.randbytes(min(cluster, size - index * cluster))
             with open(raw, "r+b") as ref:
@@ -30,7 +31,7 @@ def write_both(tmp_path, size: int, cluster: int, clusters: list[int], seed: int
             writer.write_clusters([(index * cluster, data)])
         writer.close()
     finally:
-        os.close(fd)
+        out.close()
     return raw, image
 
 
@@ -68,9 +69,9 @@ def test_batches_of_clusters(tmp_path):
     raw, image = tmp_path / "ref.raw", tmp_path / "out.qcow2"
     with open(raw, "wb") as ref:
         ref.truncate(size)
-    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
+    out = DirectFile(image, os.O_RDWR | os.O_CREAT)
     try:
-        writer = Qcow2Writer(fd, size, cluster)
+        writer = Qcow2Writer(out, size, cluster)
         for first in (0, 40, 100):
             batch = [((first + n) * cluster, rng.randbytes(cluster)) for n in range(0, 12, 2)]
             with open(raw, "r+b") as ref:
@@ -80,7 +81,7 @@ def test_batches_of_clusters(tmp_path):
             writer.write_clusters(batch)
         writer.close()
     finally:
-        os.close(fd)
+        out.close()
     assert check(image)["allocated-clusters"] == 18
     assert images_equal(raw, image)
 
@@ -97,9 +98,9 @@ def test_partial_last_cluster_and_empty_image(tmp_path):
 
 
 def test_refuses_impossible_cluster_sizes(tmp_path):
-    fd = os.open(tmp_path / "x.qcow2", os.O_RDWR | os.O_CREAT, 0o600)
+    out = DirectFile(tmp_path / "x.qcow2", os.O_RDWR | os.O_CREAT)
     try:
         with pytest.raises(ValueError, match="power of two"):
-            Qcow2Writer(fd, 1 << 20, 3000)
+            Qcow2Writer(out, 1 << 20, 3000)
     finally:
-        os.close(fd)
+        out.close()
