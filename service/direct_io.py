@@ -83,10 +83,12 @@ class DirectFile:
 
     def pwrite_pieces(self, pieces: Sequence[bytes], offset: int) -> None:
         """Write `pieces` back to back at `offset` (copied into an aligned buffer first)."""
+        total = sum(len(piece) for piece in pieces)
+        if not total:
+            return
         if not self.direct or offset % DIRECT_IO_ALIGNMENT:
             self._write_all(self.fd, memoryview(b"".join(pieces)), offset)
             return
-        total = sum(len(piece) for piece in pieces)
         buffer = self._buffer(total)
         position = 0
         for piece in pieces:

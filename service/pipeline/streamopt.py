@@ -16,7 +16,6 @@ A stream that ends inside a grain or a marker is an error.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import threading
@@ -26,9 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from ..direct_io import DIRECT_IO_ALIGNMENT, DirectFile, align_up, open_direct
+from ..direct_io import DirectFile
 from ..errors import Cancelled, Failed
 from .qcow2write import Qcow2Writer
+from .stream_reader import StreamReader
 from .vmdk import (GD_AT_END, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
                    SparseHeader, grain_tables_complete, read_sparse_header)
 
@@ -37,7 +37,6 @@ try:  # ISA-L inflates ~2.4x faster than zlib here and also releases the GIL
 except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps it working
     inflater = zlib
 
-READ_SIZE = 8 << 20
 BATCH_GRAINS = 16   # grains per task for the inflate threads
 MAX_IN_FLIGHT = 6   # batches queued or being inflated: bounds memory
 PROGRESS_EVERY = 32 << 20
@@ -75,103 +74,6 @@ class GrowingFile:
                     raise Cancelled("decoding cancelled")
                 self._cond.wait(0.2)
             return self._size > offset
-
-
-class _Reader:
-    """Sequential reads over the file in big chunks, with an absolute position.
-
-    The file is read with O_DIRECT where its filesystem allows it, into two
-    page-aligned buffers used in turn: a download that this decoder follows writes
-    past the page cache, and reading it back through the cache cost about 1 CPU-s
-    per GiB on the test machine (page allocation), as much as inflating it. A
-    refill carries the unread rest, from its 4 KiB-aligned start, into the other
-    buffer and reads on at an aligned offset. So `buf` is only valid until the next
-    `ensure`: whatever a caller keeps (grain data) it copies.
-    """
-
-    def __init__(self, path: Path, start: int, growing: GrowingFile | None,
-                 stop: threading.Event | None) -> None:
-        self._fd, _direct = open_direct(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._growing = growing
-        self._stop = stop
-        self._buffers = [mmap.mmap(-1, READ_SIZE), mmap.mmap(-1, READ_SIZE)]
-        self._current = 0
-        self.base = start - start % DIRECT_IO_ALIGNMENT  # file offset of buf[0]: aligned
-        self.pos = start - self.base                      # position inside buf
-        self.buf = memoryview(self._buffers[0])[:0]
-        self._ended = False   # a read found the end of a file that no longer grows
-
-    def close(self) -> None:
-        self.buf.release()
-        os.close(self._fd)
-        for buffer in self._buffers:
-            buffer.close()
-
-    @property
-    def offset(self) -> int:
-        return self.base + self.pos
-
-    @property
-    def exhausted(self) -> bool:
-        """Nothing left unread in the buffer (check after a failed `ensure`)."""
-        return self.pos == len(self.buf)
-
-    def ensure(self, n: int) -> bool:
-        """Make n bytes available at pos; False when the file ends first."""
-        if len(self.buf) - self.pos >= n:
-            return True
-        keep_from = self.pos - self.pos % DIRECT_IO_ALIGNMENT
-        valid_end = len(self.buf) - len(self.buf) % DIRECT_IO_ALIGNMENT  # re-read a partial page
-        carried = valid_end - keep_from
-        need = self.pos - keep_from + n
-        target = self._buffer(1 - self._current, max(READ_SIZE, align_up(need)))
-        target[:carried] = self.buf[keep_from:valid_end]
-        have = carried + self._fill(target, carried, self.base + valid_end, need)
-        self.buf.release()
-        self._current = 1 - self._current
-        self.base += keep_from
-        self.pos -= keep_from
-        self.buf = memoryview(target)[:have]
-        return have >= need
-
-    def _buffer(self, index: int, size: int) -> mmap.mmap:
-        if len(self._buffers[index]) < size:
-            self._buffers[index].close()
-            self._buffers[index] = mmap.mmap(-1, size)
-        return self._buffers[index]
-
-    def _fill(self, target: mmap.mmap, at: int, offset: int, need: int) -> int:
-        """Read into target[at:] from file `offset` (aligned) until `need` bytes are
-        there or the file ends, waiting while it grows; returns the bytes read.
-
-        Direct reads must start on a page, so a file that ends mid-page for now
-        (a growing one) has that page read again once it grows.
-        """
-        view = memoryview(target)
-        got = 0
-        try:
-            while at + got < need:
-                count = os.preadv(self._fd, [view[at + got:]], offset + got)
-                partial = count % DIRECT_IO_ALIGNMENT
-                got += count - partial
-                if partial and (at + got + partial >= need or not self._wait(offset + got +
-                                                                             partial)):
-                    return got + partial  # enough, or the true end of the file
-                if not count and not self._wait(offset + got):
-                    break
-        finally:
-            view.release()
-        return got
-
-    def _wait(self, size: int) -> bool:
-        """For a growing file: wait until it is longer than `size` (False: it ended)."""
-        return self._growing is not None and self._growing.wait_beyond(size, self._stop)
-
-    def skip(self, n: int) -> bool:
-        if not self.ensure(n):
-            return False
-        self.pos += n
-        return True
 
 
 def _round_up(n: int) -> int:
@@ -286,7 +188,7 @@ def decode(source: Path, target: Path, *, out_format: str = "raw", workers: int 
                 os.ftruncate(out.fd, capacity)
                 store, close = raw_store(out), None
             writer = _GrainWriter(source, store, grain_bytes, capacity, workers)
-            reader = _Reader(source, header.overhead_sectors * SECTOR, growing, stop)
+            reader = StreamReader(source, header.overhead_sectors * SECTOR, growing, stop)
             try:
                 _walk_markers(source, reader, writer, header, on_progress, stop)
                 writer.finish()
@@ -323,7 +225,7 @@ def _check_tables(source: Path, fh, header: SparseHeader) -> None:
         raise Failed(f"{source}: truncated: its grain tables point past the end of the file")
 
 
-def _walk_markers(source: Path, reader: _Reader, writer: _GrainWriter, header: SparseHeader,
+def _walk_markers(source: Path, reader: StreamReader, writer: _GrainWriter, header: SparseHeader,
                   on_progress, stop) -> None:
     capacity_sectors = header.capacity_sectors
     max_compressed = header.grain_sectors * SECTOR * 2 + 1024

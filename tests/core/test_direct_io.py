@@ -132,9 +132,6 @@ def test_pwrite_pieces_from_several_threads_on_disjoint_ranges(tmp_path):
     assert path.read_bytes() == expected
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="BUG: pwrite_pieces([]) maps a 0-byte scratch buffer (EINVAL) on a "
-                          "thread that has none yet")
 def test_pwrite_pieces_of_nothing_writes_nothing(tmp_path):
     path = tmp_path / "out"
     expected = _background(path, 8192)

@@ -264,14 +264,7 @@ def test_decode_of_a_finished_file_on_a_fake_filesystem_refusing_o_direct(
     assert len(direct_opens) >= 4, "the reader and the writer should both have tried O_DIRECT"
 
 
-OFF_PAGE_BUG = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="BUG: stream_reader.StreamReader.ensure computes a negative `rest` when the "
-           "markers do not start on a 4 KiB page (buf empty, pos = start % 4096 > 0)")
-
-
-@pytest.mark.parametrize("shift_sectors", [8, pytest.param(1, marks=OFF_PAGE_BUG),
-                                           pytest.param(3, marks=OFF_PAGE_BUG)])
+@pytest.mark.parametrize("shift_sectors", [8, 1, 3])
 def test_stream_starting_off_a_page_boundary(tmp_path, sparse_vmdk, shift_sectors):
     """The header's overHead (where the markers start) is a count of 512-byte sectors:
     a VMware-style stream (GD at the end, an end-of-stream marker) whose markers start
