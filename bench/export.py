@@ -7,8 +7,9 @@ discovery, free-space check, streamed hashed download, manifest). Prints both
 rates, their ratio (goal >= 0.9) and this process's peak RSS (goal < 150 MiB;
 the setup runs qemu-img and curl as child processes, so the figure is the
 export's). It also prints the CPU seconds each side used and the load average:
-on a 2-core machine the export (sha256 of every byte, aiohttp, a writer thread)
-needs about twice curl's CPU, so other load on the machine shows in the ratio.
+the export hashes every byte (SHA-256, ~0.7 CPU-s per GiB) on top of receiving it,
+so on a 2-core machine other load shows in the ratio. Our export fsyncs what it
+wrote (O_DIRECT, so that is quick); curl does not, hence the "curl+fsync" line.
 
     .venv/bin/python bench/export.py --size 2GiB --repeat 2
 """
