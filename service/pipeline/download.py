@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 from ..errors import Failed, NotFound
 from ..direct_io import DirectFile
@@ -61,9 +61,7 @@ class DownloadResult:
 def redact_url(url: str) -> str:
     """The URL without query or credentials: signed URLs carry secrets in the query."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: a bad port is shown, not parsed
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
@@ -169,16 +167,7 @@ class _Transfer:
 
     def _get(self, url: str, headers: dict) -> http.client.HTTPResponse:
         parts = urlsplit(url)
-        if parts.scheme == "https":
-            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=self.read_timeout,
-                context=self.ssl or ssl_module.create_default_context())
-        elif parts.scheme == "http":
-            connection = http.client.HTTPConnection(parts.hostname, parts.port,
-                                                    timeout=self.read_timeout)
-        else:
-            raise Failed(f"download {self.shown}: unsupported URL scheme {parts.scheme!r}")
-        self._connection = connection
+        connection = self._connection = self._connection_for(parts)
         connection.connect()
         if self._stopped.is_set():  # a stop() while connecting found no socket to shut
             raise _Dropped("stopped")
@@ -186,6 +175,20 @@ class _Transfer:
         connection.request("GET", f"{path}?{parts.query}" if parts.query else path,
                            headers=headers)
         return connection.getresponse()
+
+    def _connection_for(self, parts: SplitResult) -> http.client.HTTPConnection:
+        try:
+            port = parts.port  # the port is always given: http.client would misparse "::1"
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            raise Failed(f"download {self.shown}: not a usable http(s) URL")
+        if parts.scheme == "http":
+            return http.client.HTTPConnection(parts.hostname, port or 80,
+                                              timeout=self.read_timeout)
+        return http.client.HTTPSConnection(
+            parts.hostname, port or 443, timeout=self.read_timeout,
+            context=self.ssl or ssl_module.create_default_context())
 
     def _receive(self, response: http.client.HTTPResponse) -> None:
         writer = self.writer

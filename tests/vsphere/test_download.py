@@ -530,3 +530,32 @@ async def test_second_cancel_still_waits_for_the_writer_threads(serve, tmp_path,
         while _busy_writer_threads():  # let a leaked thread finish before the next try
             await asyncio.sleep(0.01)
         assert os.listdir(out) == []
+
+
+async def test_ipv6_loopback_url(tmp_path, out):
+    """An IPv6 literal host ([::1]) is connected to as such (http.client, left to parse
+    "::1" itself, would take the last group for a port)."""
+    data = os.urandom(300_000)
+    (tmp_path / "v6.bin").write_bytes(data)
+    app = web.Application()
+    app.router.add_static("/files", tmp_path)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "::1", 0).start()
+    try:
+        rec = Recorder()
+        result = await download(f"http://[::1]:{runner.addresses[0][1]}/files/v6.bin",
+                                out / "v6.bin", expected_size=len(data), chunk_size=1 << 16,
+                                max_retries=0, on_bytes=rec.on_bytes, log=rec.log)
+    finally:
+        await runner.cleanup()
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert (out / "v6.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "http:///nohost", "http://h:port/x"])
+async def test_unusable_url_is_a_clear_error(out, url):
+    with pytest.raises(Failed, match="not a usable http\\(s\\) URL"):
+        await download(url, out / "x", expected_size=None, chunk_size=1 << 16, max_retries=3,
+                       on_bytes=lambda n: None, log=lambda *a: None)
+    assert os.listdir(out) == []
