@@ -123,6 +123,8 @@ class StreamReader:
                     break
                 self._ready.put((chunk, nbytes))
                 offset += nbytes
+                if nbytes % DIRECT_IO_ALIGNMENT:
+                    break  # only the true end is handed on mid-page
         except Cancelled:
             pass  # halted while waiting for the file to grow
         except BaseException as exc:  # handed to the decoder, which reports it
