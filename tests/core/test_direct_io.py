@@ -1,7 +1,6 @@
 """DirectFile and supports_direct_io against real files (tmp_path is ext4, which allows O_DIRECT)."""
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import random
@@ -11,22 +10,11 @@ import pytest
 
 from hypersdk.service.direct_io import DirectFile, supports_direct_io
 
+from ..support.direct_io import fake_refusing_o_direct
 from ..support.pagecache import cached_bytes
 
 PAGE = 4096
 ODD_PIECES = (1, 4095, 4097, 65536 + 3)
-
-
-def _fake_refusing_o_direct(monkeypatch) -> None:
-    """Make os.open fail with EINVAL for O_DIRECT, as filesystems without it do."""
-    real_open = os.open
-
-    def refusing_open(path, flags, mode=0o777, **kwargs):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, mode, **kwargs)
-
-    monkeypatch.setattr(os, "open", refusing_open)
 
 
 def _background(path, size: int, seed: int = 7) -> bytearray:
@@ -146,7 +134,7 @@ def test_pwrite_pieces_of_nothing_writes_nothing(tmp_path):
 def test_fake_filesystem_refusing_o_direct_gets_ordinary_writes(tmp_path, monkeypatch):
     path = tmp_path / "out"
     expected = _background(path, 128 * 1024)
-    _fake_refusing_o_direct(monkeypatch)
+    fake_refusing_o_direct(monkeypatch)
     rng = random.Random(4)
     pieces = [rng.randbytes(size) for size in ODD_PIECES]
     data = rng.randbytes(2 * PAGE + 5)
@@ -173,7 +161,7 @@ def test_supports_direct_io_probe(tmp_path, monkeypatch):
 
 
 def test_supports_direct_io_under_a_fake_refusal(tmp_path, monkeypatch):
-    _fake_refusing_o_direct(monkeypatch)
+    fake_refusing_o_direct(monkeypatch)
     assert supports_direct_io(tmp_path) is False
     assert os.listdir(tmp_path) == [], "the probe file was left behind"
 

@@ -53,3 +53,17 @@ def images_equal(a: Path, b: Path) -> bool:
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def grain_ends(vmdk: Path) -> list[int]:
+    """File offsets where each grain of a qemu-made streamOptimized VMDK ends."""
+    data = vmdk.read_bytes()
+    pos = int.from_bytes(data[64:72], "little") * 512
+    ends = []
+    while pos + 12 <= len(data):
+        size = int.from_bytes(data[pos + 8:pos + 12], "little")
+        if not size:
+            break
+        pos += (12 + size + 511) // 512 * 512
+        ends.append(pos)
+    return ends

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import threading
 import time
@@ -13,9 +12,10 @@ from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.pipeline.convert import convert_image, detect_format
 from hypersdk.service.pipeline.streamopt import GrowingFile, decode
 
+from ..support.direct_io import fake_refusing_o_direct
 from ..support.pagecache import cached_bytes
 from .helpers import (DATA_BYTES, DISK_SIZE, MiB, allocated, images_equal, make_image,
-                      make_raw, qemu_img)
+                      grain_ends, make_raw, qemu_img)
 
 INPUTS = [("vmdk", "streamOptimized"), ("vmdk", "monolithicSparse"), ("vpc", None), ("vpc", "fixed"),
           ("vhdx", None), ("raw", None), ("qcow2", None)]
@@ -68,15 +68,8 @@ async def test_qemu_img_writes_past_the_page_cache(tmp_path, out_format):
 async def test_convert_without_o_direct_fake_filesystem(tmp_path, monkeypatch):
     """Where the filesystem refuses O_DIRECT (faked: the probe's open fails with EINVAL,
     as on such filesystems) qemu-img writes through the page cache instead."""
-    real_open = os.open
-
-    def refusing_open(path, flags, mode=0o777, **kwargs):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, mode, **kwargs)
-
     raw, image = _dense_vhdx(tmp_path)
-    monkeypatch.setattr(os, "open", refusing_open)
+    fake_refusing_o_direct(monkeypatch)
     result = await convert_image(image, tmp_path / "out.qcow2", out_format="qcow2")
     monkeypatch.undo()
     assert cached_bytes(result.path) >= DENSE // 2
@@ -230,24 +223,10 @@ def test_decoder_refuses_a_grain_given_twice(tmp_path):
         decode(doubled, tmp_path / "out.raw")
 
 
-def _grain_ends(vmdk) -> list[int]:
-    """File offsets where each grain of a qemu-made streamOptimized VMDK ends."""
-    data = vmdk.read_bytes()
-    pos = int.from_bytes(data[64:72], "little") * 512
-    ends = []
-    while pos + 12 <= len(data):
-        size = int.from_bytes(data[pos + 8:pos + 12], "little")
-        if not size:
-            break
-        pos += (12 + size + 511) // 512 * 512
-        ends.append(pos)
-    return ends
-
-
 def test_decoder_refuses_a_stream_cut_at_a_grain_boundary(tmp_path):
     _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
     with open(vmdk, "r+b") as fh:
-        fh.truncate(_grain_ends(vmdk)[0])
+        fh.truncate(grain_ends(vmdk)[0])
     with pytest.raises(Failed, match="truncated: its grain tables point past the end"):
         decode(vmdk, tmp_path / "out.raw")
 
@@ -289,7 +268,7 @@ async def test_download_that_stops_early_fails(tmp_path):
     partial = tmp_path / "downloading.vmdk"
     growing, started = GrowingFile(), threading.Event()
     started.set()
-    _feed(vmdk, partial, growing, started, upto=_grain_ends(vmdk)[1] - 700)
+    _feed(vmdk, partial, growing, started, upto=grain_ends(vmdk)[1] - 700)
     with pytest.raises(Failed, match="truncated inside the grain"):
         await convert_image(partial, tmp_path / "disk.qcow2", out_format="qcow2", growing=growing)
     assert not (tmp_path / "disk.qcow2").exists()

@@ -14,8 +14,10 @@ from hypersdk.service.pipeline.qcow2write import Qcow2Writer
 from .helpers import images_equal, qemu_img
 
 
-def write_both(tmp_path, size: int, cluster: int, clusters: list[int], seed: int = 3):
-    """Write the same clusters into a raw reference and, in the given order, a qcow2."""
+def write_both(tmp_path, size: int, cluster: int, clusters: list[int], seed: int = 3,
+               per_write: int = 1):
+    """Write the same clusters into a raw reference and, in the given order and
+    `per_write` clusters per write_clusters call, a qcow2."""
     rng = random.Random(seed)
     raw, image = tmp_path / "ref.raw", tmp_path / "out.qcow2"
     with open(raw, "wb") as ref:
@@ -23,12 +25,14 @@ def write_both(tmp_path, size: int, cluster: int, clusters: list[int], seed: int
     out = DirectFile(image, os.O_RDWR | os.O_CREAT)
     try:
         writer = Qcow2Writer(out, size, cluster)
-        for index in clusters:
-            data = rng.randbytes(min(cluster, size - index * cluster))
+        for start in range(0, len(clusters), per_write):
+            batch = [(index * cluster, rng.randbytes(min(cluster, size - index * cluster)))
+                     for index in clusters[start:start + per_write]]
             with open(raw, "r+b") as ref:
-                ref.seek(index * cluster)
-                ref.write(data)
-            writer.write_clusters([(index * cluster, data)])
+                for offset, data in batch:
+                    ref.seek(offset)
+                    ref.write(data)
+            writer.write_clusters(batch)
         writer.close()
     finally:
         out.close()
@@ -65,23 +69,8 @@ def test_out_of_order_clusters_patch_written_tables(tmp_path):
 
 def test_batches_of_clusters(tmp_path):
     size, cluster = 8 << 20, 65536
-    rng = random.Random(4)
-    raw, image = tmp_path / "ref.raw", tmp_path / "out.qcow2"
-    with open(raw, "wb") as ref:
-        ref.truncate(size)
-    out = DirectFile(image, os.O_RDWR | os.O_CREAT)
-    try:
-        writer = Qcow2Writer(out, size, cluster)
-        for first in (0, 40, 100):
-            batch = [((first + n) * cluster, rng.randbytes(cluster)) for n in range(0, 12, 2)]
-            with open(raw, "r+b") as ref:
-                for offset, data in batch:
-                    ref.seek(offset)
-                    ref.write(data)
-            writer.write_clusters(batch)
-        writer.close()
-    finally:
-        out.close()
+    chosen = [first + n for first in (0, 40, 100) for n in range(0, 12, 2)]
+    raw, image = write_both(tmp_path, size, cluster, chosen, seed=4, per_write=6)
     assert check(image)["allocated-clusters"] == 18
     assert images_equal(raw, image)
 

@@ -7,7 +7,6 @@ result with qemu-img.
 """
 from __future__ import annotations
 
-import errno
 import itertools
 import mmap
 import os
@@ -21,7 +20,8 @@ from hypersdk.service.errors import Cancelled, Failed
 from hypersdk.service.pipeline import stream_reader
 from hypersdk.service.pipeline.streamopt import GrowingFile, decode
 
-from .helpers import MiB, images_equal, make_raw, qemu_img
+from ..support.direct_io import fake_refusing_o_direct
+from .helpers import MiB, grain_ends, images_equal, make_raw, qemu_img
 
 DISK = 24 * MiB + 3 * 512  # the last grain is short
 # data and holes: a grain-aligned run, runs that start and end mid-grain, the last bytes
@@ -165,24 +165,10 @@ def test_decode_follows_a_download_writing_with_o_direct(tmp_path, dense_vmdk, o
     _assert_identical(raw, target, out_format)
 
 
-def _grain_ends(vmdk) -> list[int]:
-    """File offsets where each grain of a qemu-made streamOptimized VMDK ends."""
-    data = vmdk.read_bytes()
-    pos = int.from_bytes(data[64:72], "little") * 512
-    ends = []
-    while pos + 12 <= len(data):
-        size = int.from_bytes(data[pos + 8:pos + 12], "little")
-        if not size:
-            break
-        pos += (12 + size + 511) // 512 * 512
-        ends.append(pos)
-    return ends
-
-
 @pytest.mark.parametrize("cut", ["mid-grain", "grain-boundary", "mid-marker"])
 def test_a_growing_file_that_stops_early_fails_as_truncated(tmp_path, dense_vmdk, cut):
     _raw, vmdk = dense_vmdk
-    ends = _grain_ends(vmdk)
+    ends = grain_ends(vmdk)
     upto = {"mid-grain": ends[30] - 700, "grain-boundary": ends[30],
             "mid-marker": ends[30] + 5}[cut]
     with pytest.raises(Failed, match="truncated") as err:
@@ -192,7 +178,7 @@ def test_a_growing_file_that_stops_early_fails_as_truncated(tmp_path, dense_vmdk
 
 def test_truncated_growing_file_fails_soon_after_finish(tmp_path, dense_vmdk):
     _raw, vmdk = dense_vmdk
-    upto = _grain_ends(vmdk)[30] - 700
+    upto = grain_ends(vmdk)[30] - 700
     data = vmdk.read_bytes()[:upto]
     partial = tmp_path / "downloading.vmdk"
     partial.write_bytes(data)
@@ -247,16 +233,7 @@ def test_stop_while_waiting_on_a_stalled_file_cancels(tmp_path, sparse_vmdk, pre
 @pytest.mark.parametrize("out_format", ["qcow2", "raw"])
 def test_decode_of_a_finished_file_on_a_fake_filesystem_refusing_o_direct(
         tmp_path, sparse_vmdk, dense_vmdk, monkeypatch, out_format):
-    real_open = os.open
-    direct_opens: list[int] = []
-
-    def refusing_open(path, flags, mode=0o777, **kwargs):
-        if flags & os.O_DIRECT:
-            direct_opens.append(flags)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, mode, **kwargs)
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    direct_opens = fake_refusing_o_direct(monkeypatch)
     for raw, vmdk in (sparse_vmdk, dense_vmdk):
         target = tmp_path / f"{vmdk.stem}.{out_format}"
         assert decode(vmdk, target, out_format=out_format) == DISK

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import ssl
@@ -16,6 +15,8 @@ from aiohttp import web
 from hypersdk.service.errors import Failed, NotFound
 from hypersdk.service.pipeline.download import download, redact_url
 
+from ..support.direct_io import fake_refusing_o_direct
+from ..support.pagecache import cached_bytes
 from .fault_proxy import FaultInjectingProxy
 
 SIZE = 3 * 1024 * 1024 + 123
@@ -96,13 +97,6 @@ async def test_download_streams_hashes_and_renames(server, payload, out):
     assert os.listdir(out) == ["disk.bin"]
 
 
-def _cached_bytes(path) -> int:
-    """How much of the file sits in the page cache (util-linux fincore)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
-                          str(path)], check=True, capture_output=True, text=True).stdout
-    return int(out.strip())
-
-
 async def _serve_file(directory):
     app = web.Application()
     app.router.add_static("/files", directory)
@@ -130,21 +124,14 @@ async def test_download_writes_past_the_page_cache(tmp_path, out):
     size = (32 << 20) + 1234
     result = await _download_big(tmp_path, out, size)
     assert result.size == size
-    assert _cached_bytes(out / "big.bin") < size // 8
+    assert cached_bytes(out / "big.bin") < size // 8
     assert (out / "big.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
 
 
 async def test_download_without_o_direct_fake_filesystem(tmp_path, out, monkeypatch):
     """A filesystem that refuses O_DIRECT (faked: open with the flag fails with EINVAL,
     as on such filesystems) gets ordinary writes, byte-identical."""
-    real_open = os.open
-
-    def refusing_open(path, flags, mode=0o777, **kwargs):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, mode, **kwargs)
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    fake_refusing_o_direct(monkeypatch)
     size = (8 << 20) + 77
     result = await _download_big(tmp_path, out, size)
     monkeypatch.undo()
