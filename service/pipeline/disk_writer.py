@@ -62,7 +62,6 @@ class HashingDiskWriter:
         self._current = self._free.get()
         self._fill = 0          # bytes in the current buffer
         self._dispatched = 0    # bytes handed to the threads: the current buffer's file offset
-        self.written = 0        # bytes on disk
         self._threads = [threading.Thread(target=self._hash_loop, name="download-hash",
                                           daemon=True),
                          threading.Thread(target=self._write_loop, name="download-write",
@@ -118,7 +117,6 @@ class HashingDiskWriter:
             try:
                 if self._error is None:
                     self._write(buffer, nbytes, offset)
-                    self.written += nbytes
                     self._on_written(nbytes)
             except BaseException as exc:  # handed to the producer by _raise_if_failed
                 self._error = exc
@@ -141,7 +139,7 @@ class HashingDiskWriter:
         self._wait_idle()
         self._raise_if_failed()
         os.ftruncate(self._out.fd, 0)
-        written, self.written = self.written, 0
+        written = self._dispatched  # all of it: the threads are idle and nothing failed
         self._hash = hashlib.sha256()
         self._fill = self._dispatched = 0
         return written

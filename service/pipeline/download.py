@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, urljoin, urlsplit, urlunsplit
 
 from ..errors import Failed, NotFound
 from ..direct_io import DirectFile
@@ -136,7 +136,7 @@ class _Transfer:
         offset = self.writer.received
         try:
             response = self._request(offset)
-            if offset and _resume_offset(response, offset, self.shown) == 0:
+            if offset and not _resumed(response, offset, self.shown):
                 self.log(f"download {self.shown}: the server ignored the Range request; "
                          f"starting again from byte 0")
                 self.on_restart(self.writer.restart())
@@ -171,23 +171,23 @@ class _Transfer:
         connection.connect()
         if self._stopped.is_set():  # a stop() while connecting found no socket to shut
             raise _Dropped("stopped")
-        path = parts.path or "/"
-        connection.request("GET", f"{path}?{parts.query}" if parts.query else path,
-                           headers=headers)
+        # http.client sends the target as it is: escape what is not ASCII, keep escapes
+        target = quote(urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                       safe="/%:@!$&'()*+,;=?")
+        connection.request("GET", target, headers=headers)
         return connection.getresponse()
 
     def _connection_for(self, parts: SplitResult) -> http.client.HTTPConnection:
-        try:
-            port = parts.port  # the port is always given: http.client would misparse "::1"
+        try:  # the port is always given: http.client would misparse a host like "::1"
+            port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
             raise Failed(f"download {self.shown}: not a usable http(s) URL")
         if parts.scheme == "http":
-            return http.client.HTTPConnection(parts.hostname, port or 80,
-                                              timeout=self.read_timeout)
+            return http.client.HTTPConnection(parts.hostname, port, timeout=self.read_timeout)
         return http.client.HTTPSConnection(
-            parts.hostname, port or 443, timeout=self.read_timeout,
+            parts.hostname, port, timeout=self.read_timeout,
             context=self.ssl or ssl_module.create_default_context())
 
     def _receive(self, response: http.client.HTTPResponse) -> None:
@@ -225,16 +225,16 @@ def _check_status(status: int, reason: str, shown: str, offset: int) -> None:
         raise _Dropped(f"HTTP {status} {reason}".strip())
 
 
-def _resume_offset(response: http.client.HTTPResponse, offset: int, shown: str) -> int:
-    """Where the body of this response starts: `offset` for a 206, 0 for a full 200."""
+def _resumed(response: http.client.HTTPResponse, offset: int, shown: str) -> bool:
+    """Whether the body continues at `offset` (a 206) rather than starting over (a 200)."""
     if response.status == 200:
-        return 0
+        return False
     content_range = response.getheader("Content-Range", "")
     match = _CONTENT_RANGE_RE.match(content_range)
     if not match or int(match.group(1)) != offset:
         raise Failed(f"download {shown}: the server answered a resume at byte {offset} "
                      f"with Content-Range {content_range!r}")
-    return offset
+    return True
 
 
 def _describe(exc: BaseException) -> str:

@@ -546,3 +546,24 @@ async def test_unusable_url_is_a_clear_error(out, url):
         await download(url, out / "x", expected_size=None, chunk_size=1 << 16, max_retries=3,
                        on_bytes=lambda n: None, log=lambda *a: None)
     assert os.listdir(out) == []
+
+
+async def test_a_url_with_characters_outside_ascii(tmp_path, out):
+    """A path with non-ASCII characters (a VM named in French, say) is sent escaped, as
+    a browser would; an already escaped path is left alone."""
+    data = os.urandom(100_000)
+    (tmp_path / "disque-été.bin").write_bytes(data)
+    app = web.Application()
+    app.router.add_static("/files", tmp_path)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}/files/"
+    try:
+        for name in ("disque-été.bin", "disque-%C3%A9t%C3%A9.bin"):
+            result = await download(base + name, out / "d.bin", expected_size=len(data),
+                                    chunk_size=1 << 16, max_retries=0,
+                                    on_bytes=lambda n: None, log=lambda *a: None)
+            assert result.sha256 == hashlib.sha256(data).hexdigest()
+    finally:
+        await runner.cleanup()
