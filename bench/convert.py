@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,17 +63,43 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def measured(cmd: list[str]) -> tuple[float, float, float, str]:
-    """Run cmd; return (wall seconds, CPU seconds, its own peak RSS in MiB, its stdout)."""
+    """Run cmd; (wall seconds, CPU seconds, its own peak RSS in MiB, its stdout).
+
+    The peak is the child's VmHWM, polled: wait4's ru_maxrss would include this
+    process's memory, which a child inherits as its high-water mark through fork+exec.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
+    peak, exited = [0], threading.Event()
+
+    def watch() -> None:
+        while not exited.wait(0.02):
+            peak[0] = max(peak[0], _vm_hwm_kib(proc.pid))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    out = proc.stdout.read()  # ends when the child exits (it is not reaped yet)
+    peak[0] = max(peak[0], _vm_hwm_kib(proc.pid))
+    exited.set()
+    watcher.join()
     _pid, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{cmd[0]} failed with exit code {proc.returncode}")
     cpu = usage.ru_utime + usage.ru_stime
-    return time.perf_counter() - start, cpu, usage.ru_maxrss / 1024, out
+    return time.perf_counter() - start, cpu, peak[0] / 1024, out
 
 
 def child_convert(source: str, target: str) -> None:

@@ -24,16 +24,14 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.convert import MiB, make_raw, parse_size, run  # noqa: E402
+from bench.convert import MiB, make_raw, measured, parse_size, run  # noqa: E402
 from hypersdk.service.config import parse_config  # noqa: E402
 from hypersdk.service.pipeline.export import ExportKind  # noqa: E402
 from hypersdk.service.providers.registry import ProviderRegistry  # noqa: E402
@@ -76,45 +74,6 @@ def job_spec(work: Path, sim: Simulator, name: str, convert: bool, chunk_size: s
     path = work / f"{name}.json"
     path.write_text(json.dumps(spec))
     return path
-
-
-def _vm_hwm_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def measured(cmd: list[str]) -> tuple[float, float, float, str]:
-    """Run cmd; (wall seconds, CPU seconds, its own peak RSS in MiB, its stdout).
-
-    The peak is the child's VmHWM, polled: wait4's ru_maxrss would include this
-    process's memory, which a child inherits as its high-water mark through fork+exec.
-    """
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    peak, exited = [0], threading.Event()
-
-    def watch() -> None:
-        while not exited.wait(0.02):
-            peak[0] = max(peak[0], _vm_hwm_kib(proc.pid))
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    out = proc.stdout.read()  # ends when the child exits (it is not reaped yet)
-    peak[0] = max(peak[0], _vm_hwm_kib(proc.pid))
-    exited.set()
-    watcher.join()
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{cmd[0]} failed with exit code {proc.returncode}")
-    cpu = usage.ru_utime + usage.ru_stime
-    return time.perf_counter() - start, cpu, peak[0] / 1024, out
 
 
 Measurement = tuple[float, float, float]  # wall seconds, CPU seconds, peak RSS MiB

@@ -286,7 +286,7 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
             finally:
                 writer.abort()
 
-        digest = await run_in_own_thread(run, transfer.stop)
+        digest = await run_in_own_thread(run, transfer.stop, "download")
         if expected_size is not None and writer.received != expected_size:
             raise Failed(f"download {shown}: received {writer.received} bytes, expected "
                          f"{expected_size}")

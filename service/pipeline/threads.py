@@ -38,8 +38,8 @@ async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
     return await wait_for_thread(future, stop.set)
 
 
-async def run_in_own_thread(fn: Callable[[], T], stop: Callable[[], None]) -> T:
-    """Run blocking `fn()` in a new thread; on cancel call `stop()` and wait.
+async def run_in_own_thread(fn: Callable[[], T], stop: Callable[[], None], name: str) -> T:
+    """Run blocking `fn()` in a new thread called `name`; on cancel call `stop()` and wait.
 
     For work that must not take a thread of the default executor (a download that
     conversions, waiting in executor threads, follow: pipeline/overlap.py).
@@ -63,5 +63,5 @@ async def run_in_own_thread(fn: Callable[[], T], stop: Callable[[], None]) -> T:
         else:
             loop.call_soon_threadsafe(settle, result, None)
 
-    threading.Thread(target=target, name="download", daemon=True).start()
+    threading.Thread(target=target, name=name, daemon=True).start()
     return await wait_for_thread(future, stop)
