@@ -33,7 +33,7 @@ from hypersdk.service.config_schema import parse_size  # noqa: E402
 from hypersdk.service.pipeline.export import ExportKind  # noqa: E402
 from hypersdk.service.providers.registry import ProviderRegistry  # noqa: E402
 from tests.vcsim.harness import Simulator, give_disks  # noqa: E402
-from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job  # noqa: E402
+from tests.vsphere.fake_context import job_context, run_job  # noqa: E402
 
 VM = "DC0_H0_VM0"
 
@@ -60,10 +60,9 @@ def curl_download(sim: Simulator, datastore_path: str, target: Path) -> tuple[fl
 
 async def our_export(config, registry, run: int) -> tuple[float, int]:
     kind = ExportKind()
-    definition = kind.validate({"vm_identifier": VM, "provider": "vsphere",
-                                "export_method": "disk", "export_path": f"run{run}"},
-                               FakeSubmitContext(config, registry))
-    ctx = FakeJobContext(definition, config, registry, job_id=f"bench-{run}")
+    ctx = job_context(kind, {"vm_identifier": VM, "provider": "vsphere",
+                             "export_method": "disk", "export_path": f"run{run}"},
+                      config, registry, job_id=f"bench-{run}")
     start = time.perf_counter()
     result = await run_job(kind, ctx)
     elapsed = time.perf_counter() - start

@@ -36,7 +36,7 @@ from hypersdk.service.config import parse_config  # noqa: E402
 from hypersdk.service.pipeline.export import ExportKind  # noqa: E402
 from hypersdk.service.providers.registry import ProviderRegistry  # noqa: E402
 from tests.vcsim.harness import Simulator, give_disks  # noqa: E402
-from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job  # noqa: E402
+from tests.vsphere.fake_context import job_context, run_job  # noqa: E402
 
 VM = "DC0_H0_VM0"
 CONVERT_CHILD = str(Path(__file__).with_name("convert.py"))
@@ -49,8 +49,7 @@ async def child_job(spec_path: str) -> None:
     registry = ProviderRegistry(config)
     kind = ExportKind()
     try:
-        definition = kind.validate(spec["definition"], FakeSubmitContext(config, registry))
-        ctx = FakeJobContext(definition, config, registry, job_id="job-bench")
+        ctx = job_context(kind, spec["definition"], config, registry, job_id="job-bench")
         start = time.perf_counter()
         result = await run_job(kind, ctx)
         elapsed = time.perf_counter() - start

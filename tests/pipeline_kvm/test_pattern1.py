@@ -19,7 +19,7 @@ from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.bootdisk import BOOT_LINE
 from tests.vcsim.harness import Simulator, prepare_boot_vm
-from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
+from tests.vsphere.fake_context import job_context, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +62,12 @@ async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, gu
         (guest_dir / "exports").mkdir()
         registry = ProviderRegistry(config)
         kind = ExportKind()
-        definition = kind.validate({
+        ctx = job_context(kind, {
             "vm_identifier": vm_name, "provider": "vsphere", "export_method": "ova",
             "export_path": "pattern1", "options": {"shutdown_vm": False, "remove_cdrom": True},
             "hyper2kvm_integration": {"enabled": True, "auto_convert": True,
                                       "import_to_kvm": True, "autostart": True, "start": True},
-        }, FakeSubmitContext(config, registry))
-        ctx = FakeJobContext(definition, config, registry)
+        }, config, registry)
         try:
             result = await run_job(kind, ctx)
         finally:

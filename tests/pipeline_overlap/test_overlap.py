@@ -19,7 +19,7 @@ from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers import vsphere_export
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.vcsim.harness import find_vm, give_disks
-from tests.vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
+from tests.vsphere.fake_context import job_context, run_job
 from tests.vsphere.fault_proxy import FaultInjectingProxy
 from tests.vsphere.test_export import sha256_file
 from tests.vsphere.test_nfc_lease import FakeNfcLease
@@ -63,8 +63,7 @@ def converted_bytes(out_dir: Path) -> int:
 async def start_export(tmp_path: Path, sim, port: int):
     config = make_config(tmp_path, sim, port)
     registry = ProviderRegistry(config)
-    checked = KIND.validate(definition(), FakeSubmitContext(config, registry))
-    ctx = FakeJobContext(checked, config, registry)
+    ctx = job_context(KIND, definition(), config, registry)
     return asyncio.ensure_future(run_job(KIND, ctx)), ctx, registry
 
 
@@ -199,8 +198,7 @@ async def test_an_nfc_lease_export_as_ova_converts_while_downloading(tmp_path, s
         disk.backing.fileName, "DC0")], sha256=[sha256_file(vmdk)])
     monkeypatch.setattr(vsphere_export, "open_export_lease", lambda si, identifier: lease)
     body = dict(definition(), export_method="ova")
-    ctx = FakeJobContext(KIND.validate(body, FakeSubmitContext(config, registry)), config,
-                         registry)
+    ctx = job_context(KIND, body, config, registry)
     try:
         result = await asyncio.wait_for(run_job(KIND, ctx), 120)
     finally:

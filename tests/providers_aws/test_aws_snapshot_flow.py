@@ -21,7 +21,7 @@ from hypersdk.service.providers.base import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..providers_gcp.fake_sink import FakeExportSink
-from ..vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
+from ..vsphere.fake_context import job_context, run_job
 from .conftest import REGION, client, make_provider, put_snapshot, run_instance
 from .test_aws_provider import _block, assert_image_holds
 
@@ -115,11 +115,10 @@ async def test_export_job_kind_writes_the_raw_disk(inprocess_moto, volume_conten
                            "providers": {"aws": section}}, "(test)", env={})
     registry = ProviderRegistry(config)
     kind = ExportKind()
-    definition = kind.validate({"vm_identifier": "job-1", "provider": "aws",
-                                "export_method": "disk", "export_path": "job-1",
-                                "options": {"shutdown_vm": True, "restore_power_state": True}},
-                               FakeSubmitContext(config, registry))
-    ctx = FakeJobContext(definition, config, registry)
+    ctx = job_context(kind, {"vm_identifier": "job-1", "provider": "aws",
+                             "export_method": "disk", "export_path": "job-1",
+                             "options": {"shutdown_vm": True, "restore_power_state": True}},
+                      config, registry)
     try:
         result = await run_job(kind, ctx)
     finally:
@@ -150,20 +149,19 @@ async def test_provider_options_of_an_export_job_reach_the_provider(inprocess_mo
                           "(test)", env={})
     registry = ProviderRegistry(config)
     kind = ExportKind()
-    submit = FakeSubmitContext(config, registry)
     try:
-        kept = FakeJobContext(kind.validate(
-            {"vm_identifier": "job-2", "provider": "aws", "export_method": "disk",
-             "export_path": "kept", "options": {"provider_options": {"keep_snapshots": True}}},
-            submit), config, registry)
+        kept = job_context(kind, {
+            "vm_identifier": "job-2", "provider": "aws", "export_method": "disk",
+            "export_path": "kept", "options": {"provider_options": {"keep_snapshots": True}}},
+            config, registry)
         result = await run_job(kind, kept)
         assert result["vm"]["extra"]["snapshots_deleted"] == []
         snapshot = result["vm"]["extra"]["snapshot_ids"][volume_id]
         assert ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
-        bad = FakeJobContext(kind.validate(
-            {"vm_identifier": "job-2", "provider": "aws", "export_method": "disk",
-             "export_path": "bad", "options": {"provider_options": {"colour": "red"}}},
-            submit), config, registry)
+        bad = job_context(kind, {
+            "vm_identifier": "job-2", "provider": "aws", "export_method": "disk",
+            "export_path": "bad", "options": {"provider_options": {"colour": "red"}}},
+            config, registry)
         with pytest.raises(InvalidArgument) as caught:
             await run_job(kind, bad)
         assert caught.value.field == "options.provider_options.colour"

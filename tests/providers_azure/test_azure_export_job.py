@@ -11,7 +11,7 @@ from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers.azure import AzureProvider
 from hypersdk.service.providers.registry import ProviderRegistry
 
-from ..vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
+from ..vsphere.fake_context import job_context, run_job
 from .conftest import StaticTokenCredential, make_vhd, upload_disk
 from .fake_arm import SUB, add_vm
 
@@ -34,11 +34,10 @@ async def test_export_job_writes_the_vm_disks_as_vhd(arm, arm_state, azurite, tl
                                 "poll_interval": "10ms"}}}, "(test)", env={})
     registry = ProviderRegistry(config)
     kind = ExportKind()
-    definition = kind.validate({"vm_identifier": "rg1/job-1", "provider": "azure",
-                                "export_method": "disk", "export_path": "job-1",
-                                "options": {"shutdown_vm": True, "restore_power_state": True}},
-                               FakeSubmitContext(config, registry))
-    ctx = FakeJobContext(definition, config, registry)
+    ctx = job_context(kind, {"vm_identifier": "rg1/job-1", "provider": "azure",
+                             "export_method": "disk", "export_path": "job-1",
+                             "options": {"shutdown_vm": True, "restore_power_state": True}},
+                      config, registry)
     try:
         result = await run_job(kind, ctx)
     finally:

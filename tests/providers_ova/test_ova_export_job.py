@@ -10,7 +10,7 @@ from hypersdk.service.providers.base import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..providers_gcp.fake_sink import FakeExportSink
-from ..vsphere.fake_context import FakeJobContext, FakeSubmitContext, run_job
+from ..vsphere.fake_context import job_context, run_job
 from .conftest import write_package
 
 
@@ -23,10 +23,8 @@ async def test_export_job_output_round_trips_through_the_ova_provider(tmp_path):
                            "export": {"base_path": str(exports)}}, "test")
     registry = ProviderRegistry(config)
     kind = ExportKind()
-    definition = kind.validate({"vm_identifier": str(package.ova), "provider": "ova",
-                                "export_method": "ova", "export_path": "again"},
-                               FakeSubmitContext(config, registry))
-    ctx = FakeJobContext(definition, config, registry)
+    ctx = job_context(kind, {"vm_identifier": str(package.ova), "provider": "ova",
+                             "export_method": "ova", "export_path": "again"}, config, registry)
     result = await run_job(kind, ctx)
 
     produced = exports / "again" / "app01.ova"

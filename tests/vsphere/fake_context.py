@@ -70,6 +70,12 @@ class FakeJobContext:
         return "\n".join(message for _, message in self.lines)
 
 
+def job_context(kind, body: dict, config, registry, **fields) -> FakeJobContext:
+    """The context of a job whose `body` the kind has checked, as SubmitJob would."""
+    definition = kind.validate(body, FakeSubmitContext(config, registry))
+    return FakeJobContext(definition, config, registry, **fields)
+
+
 async def run_job(kind, ctx: FakeJobContext) -> dict:
     """Run a kind like the engine: on any failure, remove what it registered for cleanup."""
     try:

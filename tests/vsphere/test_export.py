@@ -20,7 +20,7 @@ from hypersdk.service.providers.registry import ProviderRegistry
 from tests.vcsim.harness import find_vm, give_disks
 
 from .conftest import DISK_SIZES, EXPORT_VM, make_config
-from .fake_context import FakeJobContext, FakeSubmitContext, run_job
+from .fake_context import FakeJobContext, FakeSubmitContext, job_context, run_job
 from .fault_proxy import FaultInjectingProxy
 
 KIND = ExportKind()
@@ -34,8 +34,7 @@ def definition(**overrides) -> dict:
 
 
 async def export(config, registry, **overrides) -> tuple[dict, FakeJobContext]:
-    checked = KIND.validate(definition(**overrides), FakeSubmitContext(config, registry))
-    ctx = FakeJobContext(checked, config, registry)
+    ctx = job_context(KIND, definition(**overrides), config, registry)
     return await run_job(KIND, ctx), ctx
 
 
@@ -263,8 +262,7 @@ async def test_cancelled_export_leaves_nothing(tmp_path, sim, uploaded):
                                       delay=0.05).start()
     config = make_config(tmp_path, sim, port=proxy.port)
     registry = ProviderRegistry(config)
-    checked = KIND.validate(definition(), FakeSubmitContext(config, registry))
-    ctx = FakeJobContext(checked, config, registry)
+    ctx = job_context(KIND, definition(), config, registry)
     task = asyncio.ensure_future(run_job(KIND, ctx))
     try:
         while ctx.done < 1_000_000 and not task.done():

@@ -15,7 +15,7 @@ from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers import vsphere_export
 from hypersdk.service.providers.base import ExportOptions
 
-from .fake_context import FakeJobContext, FakeSubmitContext, run_job
+from .fake_context import FakeJobContext, FakeSubmitContext, job_context, run_job
 from .fault_proxy import FaultInjectingProxy
 from .test_export import definition, same_image, sha256_file
 
@@ -62,8 +62,7 @@ def lease_urls(sim, uploaded, port: int) -> list[str]:
 async def run_with_lease(config, registry, lease, monkeypatch):
     monkeypatch.setattr(vsphere_export, "open_export_lease", lambda si, identifier: lease)
     kind = ExportKind()
-    checked = kind.validate(definition(export_method="ovf"), FakeSubmitContext(config, registry))
-    ctx = FakeJobContext(checked, config, registry)
+    ctx = job_context(kind, definition(export_method="ovf"), config, registry)
     return await run_job(kind, ctx), ctx
 
 
