@@ -6,26 +6,27 @@ import subprocess
 import sys
 
 
+def _hypervisord(tmp_path, db) -> subprocess.CompletedProcess:
+    """hypervisord with the store at `db`, pointed at a bus that does not exist."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"database: {{path: {db}}}\n")
+    return subprocess.run([sys.executable, "-m", "hypersdk.service.daemon", "--config",
+                           str(config), "--bus", "unix:path=/nonexistent"],
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_hypervisord_refuses_a_newer_store_with_one_line_not_a_traceback(tmp_path):
     db = tmp_path / "db.sqlite"
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA user_version = 999")
-    config = tmp_path / "config.yaml"
-    config.write_text(f"database: {{path: {db}}}\n")
-    result = subprocess.run([sys.executable, "-m", "hypersdk.service.daemon", "--config",
-                             str(config), "--bus", "unix:path=/nonexistent"],
-                            capture_output=True, text=True, timeout=60)
+    result = _hypervisord(tmp_path, db)
     assert result.returncode == 1
     assert "schema version 999 is newer" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_hypervisord_without_a_bus_says_so_in_one_line(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(f"database: {{path: {tmp_path / 'db.sqlite'}}}\n")
-    result = subprocess.run([sys.executable, "-m", "hypersdk.service.daemon", "--config",
-                             str(config), "--bus", "unix:path=/nonexistent"],
-                            capture_output=True, text=True, timeout=60)
+    result = _hypervisord(tmp_path, tmp_path / "db.sqlite")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "ERROR hypervisord: cannot connect to the unix:path=/nonexistent bus: "
