@@ -206,6 +206,13 @@ async def test_missing_extra_is_unavailable_naming_it(monkeypatch, fake_compute,
     assert row["available"] is False and "hypersdk[gcp]" in row["reason"]
 
 
+async def _until_a_build_starts(populated, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if populated.builds:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_cancelled_export_cancels_the_build_and_deletes_the_image(populated, gcs_emulator,
                                                                         tmp_path):
     populated.build_outcome = "HANG"
@@ -214,10 +221,7 @@ async def test_cancelled_export_cancels_the_build_and_deletes_the_image(populate
     target.mkdir()
     task = asyncio.ensure_future(provider.export_disks("web-2", target, ExportOptions(),
                                                        FakeExportSink()))
-    for _ in range(500):
-        if populated.builds:
-            break
-        await asyncio.sleep(0.01)
+    await _until_a_build_starts(populated)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -255,10 +259,7 @@ async def test_a_second_cancel_during_cleanup_still_deletes_the_image(populated,
     provider = make_provider(populated, gcs_emulator)
     task = asyncio.ensure_future(provider.export_disks("web-2", tmp_path / "x", ExportOptions(),
                                                        FakeExportSink()))
-    for _ in range(500):
-        if populated.builds:
-            break
-        await asyncio.sleep(0.01)
+    await _until_a_build_starts(populated)
     task.cancel()
     await asyncio.sleep(0)
     task.cancel()                       # impatient: cancelled again while cleaning up
