@@ -83,7 +83,6 @@ class DiskFeed:
     link: Path | None = None
     task: asyncio.Task | None = None
     dropped: bool = False
-    stopped: bool = False
 
     def on_temp(self, temp: Path) -> None:
         """Call with `download(on_temp=...)`: the temporary file it writes."""
@@ -127,10 +126,10 @@ class DiskFeed:
         self.stop()
 
     def stop(self) -> None:
-        """End the conversion (once: later calls find it stopped)."""
+        """End the conversion (again is harmless: threads.wait_for_thread outlasts a
+        second cancel)."""
         self.growing.finish()
-        if self.task is not None and not self.stopped:
-            self.stopped = True
+        if self.task is not None:
             self.task.cancel()
 
     def _start(self) -> None:
