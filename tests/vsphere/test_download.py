@@ -97,43 +97,38 @@ async def test_download_streams_hashes_and_renames(server, payload, out):
     assert os.listdir(out) == ["disk.bin"]
 
 
-async def _serve_file(directory):
+def _files_app(directory) -> web.Application:
+    """An app serving the files of `directory` under /files."""
     app = web.Application()
     app.router.add_static("/files", directory)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
+    return app
 
 
-async def _download_big(tmp_path, out, size: int):
+async def _download_big(serve, tmp_path, out, size: int):
     (tmp_path / "big.bin").write_bytes(os.urandom(size))
-    runner = await _serve_file(tmp_path)
-    try:
-        return await download(f"http://127.0.0.1:{runner.addresses[0][1]}/files/big.bin",
-                              out / "big.bin", expected_size=size, chunk_size=2 << 20,
-                              max_retries=0, on_bytes=lambda n: None, log=lambda *a: None)
-    finally:
-        await runner.cleanup()
+    port = await serve(_files_app(tmp_path))
+    return await download(f"http://127.0.0.1:{port}/files/big.bin",
+                          out / "big.bin", expected_size=size, chunk_size=2 << 20,
+                          max_retries=0, on_bytes=lambda n: None, log=lambda *a: None)
 
 
-async def test_download_writes_past_the_page_cache(tmp_path, out):
+async def test_download_writes_past_the_page_cache(serve, tmp_path, out):
     """The file is written with O_DIRECT: none of it sits in the page cache afterwards
     (buffered writes would leave all of it there), yet every byte, including the
     unaligned tail, is right."""
     size = (32 << 20) + 1234
-    result = await _download_big(tmp_path, out, size)
+    result = await _download_big(serve, tmp_path, out, size)
     assert result.size == size
     assert cached_bytes(out / "big.bin") < size // 8
     assert (out / "big.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
 
 
-async def test_download_without_o_direct_fake_filesystem(tmp_path, out, monkeypatch):
+async def test_download_without_o_direct_fake_filesystem(serve, tmp_path, out, monkeypatch):
     """A filesystem that refuses O_DIRECT (faked: open with the flag fails with EINVAL,
     as on such filesystems) gets ordinary writes, byte-identical."""
     fake_refusing_o_direct(monkeypatch)
     size = (8 << 20) + 77
-    result = await _download_big(tmp_path, out, size)
+    result = await _download_big(serve, tmp_path, out, size)
     monkeypatch.undo()
     assert result.size == size
     assert result.sha256 == hashlib.sha256((tmp_path / "big.bin").read_bytes()).hexdigest()
@@ -211,13 +206,15 @@ def test_redact_url_drops_query_and_credentials():
 
 @pytest.fixture
 async def serve():
-    """Start aiohttp apps on loopback ports; `await serve(app, ssl_context=None)` -> port."""
+    """Start aiohttp apps on loopback ports; `await serve(app, ssl_context=None,
+    host="127.0.0.1")` -> port."""
     runners: list[web.AppRunner] = []
 
-    async def start(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> int:
+    async def start(app: web.Application, ssl_context: ssl.SSLContext | None = None,
+                    host: str = "127.0.0.1") -> int:
         runner = web.AppRunner(app, shutdown_timeout=0.5)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        await web.TCPSite(runner, host, 0, ssl_context=ssl_context).start()
         runners.append(runner)
         return runner.addresses[0][1]
 
@@ -339,9 +336,7 @@ def self_signed(tmp_path_factory):
 async def tls_port(serve, payload, self_signed):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(*self_signed)
-    app = web.Application()
-    app.router.add_static("/files", payload[0].parent)
-    return await serve(app, ssl_context=context)
+    return await serve(_files_app(payload[0].parent), ssl_context=context)
 
 
 async def test_untrusted_certificate_fails_at_once_without_retries(tls_port, out):
@@ -382,9 +377,7 @@ def small_disk(tmp_path):
 async def test_full_disk_fails_without_retry_and_leaves_nothing(serve, tmp_path, small_disk):
     size = 16 << 20
     (tmp_path / "big.bin").write_bytes(os.urandom(size))
-    app = web.Application()
-    app.router.add_static("/files", tmp_path)
-    port = await serve(app)
+    port = await serve(_files_app(tmp_path))
     rec = Recorder()
     with pytest.raises(Failed, match="writing big.bin failed: No space left on device"):
         await _fetch(f"http://127.0.0.1:{port}/files/big.bin", small_disk / "big.bin", rec,
@@ -496,9 +489,7 @@ async def test_second_cancel_still_waits_for_the_writer_threads(serve, tmp_path,
     disk landed in an unrelated file opened right after the cancelled task ended)."""
     size = 32 << 20
     (tmp_path / "big.bin").write_bytes(os.urandom(size))
-    app = web.Application()
-    app.router.add_static("/files", tmp_path)
-    port = await serve(app)
+    port = await serve(_files_app(tmp_path))
     for _ in range(3):  # the writer is usually still busy; three tries make it near certain
         rec = Recorder()
         task = asyncio.ensure_future(download(
@@ -519,23 +510,14 @@ async def test_second_cancel_still_waits_for_the_writer_threads(serve, tmp_path,
         assert os.listdir(out) == []
 
 
-async def test_ipv6_loopback_url(tmp_path, out):
+async def test_ipv6_loopback_url(serve, tmp_path, out):
     """An IPv6 literal host ([::1]) is connected to as such (http.client, left to parse
     "::1" itself, would take the last group for a port)."""
     data = os.urandom(300_000)
     (tmp_path / "v6.bin").write_bytes(data)
-    app = web.Application()
-    app.router.add_static("/files", tmp_path)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "::1", 0).start()
-    try:
-        rec = Recorder()
-        result = await download(f"http://[::1]:{runner.addresses[0][1]}/files/v6.bin",
-                                out / "v6.bin", expected_size=len(data), chunk_size=1 << 16,
-                                max_retries=0, on_bytes=rec.on_bytes, log=rec.log)
-    finally:
-        await runner.cleanup()
+    port = await serve(_files_app(tmp_path), host="::1")
+    result = await _fetch(f"http://[::1]:{port}/files/v6.bin", out / "v6.bin", Recorder(),
+                          expected=len(data), retries=0)
     assert result.sha256 == hashlib.sha256(data).hexdigest()
     assert (out / "v6.bin").read_bytes() == data
 
@@ -548,22 +530,13 @@ async def test_unusable_url_is_a_clear_error(out, url):
     assert os.listdir(out) == []
 
 
-async def test_a_url_with_characters_outside_ascii(tmp_path, out):
+async def test_a_url_with_characters_outside_ascii(serve, tmp_path, out):
     """A path with non-ASCII characters (a VM named in French, say) is sent escaped, as
     a browser would; an already escaped path is left alone."""
     data = os.urandom(100_000)
     (tmp_path / "disque-été.bin").write_bytes(data)
-    app = web.Application()
-    app.router.add_static("/files", tmp_path)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}/files/"
-    try:
-        for name in ("disque-été.bin", "disque-%C3%A9t%C3%A9.bin"):
-            result = await download(base + name, out / "d.bin", expected_size=len(data),
-                                    chunk_size=1 << 16, max_retries=0,
-                                    on_bytes=lambda n: None, log=lambda *a: None)
-            assert result.sha256 == hashlib.sha256(data).hexdigest()
-    finally:
-        await runner.cleanup()
+    port = await serve(_files_app(tmp_path))
+    for name in ("disque-été.bin", "disque-%C3%A9t%C3%A9.bin"):
+        result = await _fetch(f"http://127.0.0.1:{port}/files/{name}", out / "d.bin",
+                              Recorder(), expected=len(data), retries=0)
+        assert result.sha256 == hashlib.sha256(data).hexdigest()
