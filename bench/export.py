@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hypersdk.service.allocator import keep_heap_padding  # noqa: E402
 from hypersdk.service.config import parse_config  # noqa: E402
 from hypersdk.service.config_schema import parse_size  # noqa: E402
 from hypersdk.service.pipeline.export import ExportKind  # noqa: E402
@@ -76,6 +77,7 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each")
     parser.add_argument("--chunk-size", default="10MiB", help="export.chunk_size")
     args = parser.parse_args()
+    keep_heap_padding()  # as hypervisord does at start
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="hypersdk-bench-export-", dir="/var/tmp"))
     try:

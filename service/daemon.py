@@ -18,6 +18,7 @@ from pathlib import Path
 import sdnotify
 
 from . import __version__
+from .allocator import keep_heap_padding
 from .automation import Automation
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .dbus.automation import AutomationObjects
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.daemon.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     load_job_kinds()
+    keep_heap_padding()
     try:
         asyncio.run(Daemon(config, args.bus).run())
     except HyperSDKError as exc:
