@@ -19,7 +19,9 @@ those writes in flight instead of waiting for each (2 GiB VHDX: 1.3 s instead of
 qcow2 clusters land in the file in the order the writes finish (runs of about 1 MiB,
 not in guest order), which costs nothing on SSDs and network storage; on rotating
 disks a later `qemu-img convert` without `-W` restores the order. Compressed output
-stays buffered: it is CPU-bound and small, and O_DIRECT made it slower. The input is read through
+stays buffered: it is CPU-bound and small, and O_DIRECT made it slower. There `-W`
+lets qemu-img compress clusters on more than one thread at a time: 2 GiB of raw to
+compressed qcow2 took 21.6 s instead of 40.9 s. The input is read through
 the page cache (`-T none` halved qemu-img's read speed).
 """
 from __future__ import annotations
@@ -238,11 +240,13 @@ async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_f
                                out_options: str = "") -> None:
     """Run `qemu-img convert -p` in its own process group, parsing its percentage lines."""
     args = ["qemu-img", "convert", "-p", "-f", in_format, "-O", out_format]
+    if out_format in OUTPUT_FORMATS:  # not a streamOptimized VMDK, which is written in order
+        args.append("-W")
     if compress:
         args.append("-c")
     elif out_format in OUTPUT_FORMATS and await asyncio.to_thread(supports_direct_io,
                                                                   target.parent):
-        args += ["-t", "none", "-W"]
+        args += ["-t", "none"]
     if out_options:  # e.g. "subformat=streamOptimized"
         args += ["-o", out_options]
     args += [str(source), str(target)]
