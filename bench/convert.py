@@ -22,6 +22,7 @@ import asyncio
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,10 @@ def child_convert(source: str, target: str) -> None:
     print(f"{time.perf_counter() - start:.6f}")
 
 
+def _median(results: list[tuple[float, float, float]]) -> float:
+    return statistics.median(r[0] for r in results)
+
+
 def compare(work: Path, raw: Path, source: Path, label: str, rounds: int, goal: str) -> None:
     """Time qemu-img and convert_image on `source` -> qcow2 in alternating rounds."""
     bare_out, ours_out = work / "bare.qcow2", work / "ours.qcow2"
@@ -150,6 +155,8 @@ def compare(work: Path, raw: Path, source: Path, label: str, rounds: int, goal: 
     print(f"  ratio hypersdk/qemu-img: {ours_best / min(r[0] for r in bare):.2f}, against "
           f"qemu-img + sync: {ours_best / min(bare_durable):.2f}, against qemu-img -t none -W: "
           f"{ours_best / min(r[0] for r in direct):.2f} (goal {goal}); "
+          f"medians against qemu-img: {_median(ours) / _median(bare):.2f} (a noisy machine "
+          f"flatters the best of the one that varies more); "
           f"qemu-img compare: identical")
 
 
