@@ -214,8 +214,10 @@ def _read_text_descriptor(path: Path) -> str:
     if len(data) > MAX_DESCRIPTOR_BYTES:
         raise InvalidArgument(str(path), "not a VMDK: no sparse header and larger than a text "
                                          "descriptor can be")
-    data = data.rstrip(b"\0")
-    if b"\0" in data or b"createType" not in data:
+    # A descriptor ends at its first NUL, as qemu and VMware read it: qemu-img itself
+    # leaves stale bytes after that NUL when it rewrites a descriptor with a shorter CID.
+    data = data.split(b"\0", 1)[0]
+    if b"createType" not in data:
         raise InvalidArgument(str(path), "not a VMDK: neither a sparse header nor a text "
                                          "descriptor with createType")
     return data.decode("utf-8", "replace")
