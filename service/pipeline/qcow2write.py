@@ -14,6 +14,11 @@ cluster for a table already on disk is patched in place.
 
 Data clusters go past the page cache (`DirectFile.pwrite_pieces`, see direct_io.py);
 the tables and the header, small and written once, go through its ordinary `fd`.
+The file is allocated RESERVE_STEP ahead of the clusters handed out (fallocate), so
+that the decoder's threads write into allocated blocks instead of each extending the
+file, which ext4 does one write at a time: decoding 2 GiB of streamOptimized VMDK to
+qcow2 on the test machine took 3.2-3.7 s instead of 3.95-4.75 s (9 alternating
+rounds). `close()` cuts off what was not used.
 """
 from __future__ import annotations
 
@@ -21,11 +26,12 @@ import os
 import struct
 import threading
 
-from ..direct_io import DirectFile
+from ..direct_io import DirectFile, reserve_space
 
 QCOW2_MAGIC = 0x514649FB
 COPIED = 1 << 63
 REFCOUNT_ORDER = 4  # 16-bit refcounts
+RESERVE_STEP = 64 << 20  # file space allocated ahead of the clusters handed out
 # magic, version, backing_file_offset, backing_file_size, cluster_bits, size,
 # crypt_method, l1_size, l1_table_offset, refcount_table_offset,
 # refcount_table_clusters, nb_snapshots, snapshots_offset, incompatible_features,
@@ -56,12 +62,22 @@ class Qcow2Writer:
         self._open_tables: dict[int, list[int]] = {}
         self._next_cluster = 1                  # cluster 0 holds the header
         self._lock = threading.Lock()
+        self._reserved = 0                      # bytes of the file allocated so far
+        self._reserving = out.direct            # only direct writes gain from it
         os.ftruncate(self._fd, 0)
 
     def _allocate(self, count: int = 1) -> int:
         offset = self._next_cluster * self._cluster
         self._next_cluster += count
+        self._reserve(self._next_cluster * self._cluster)
         return offset
+
+    def _reserve(self, end: int) -> None:
+        """Keep the file allocated past `end` (see the module docstring); stop trying
+        where the filesystem cannot."""
+        if self._reserving and end > self._reserved:
+            start, self._reserved = self._reserved, end + RESERVE_STEP
+            self._reserving = reserve_space(self._fd, start, self._reserved - start)
 
     def write_clusters(self, clusters: list[tuple[int, bytes]]) -> None:
         """Store clusters of guest data, given as (guest offset, data), with one write.

@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from hypersdk.service.direct_io import DirectFile
-from hypersdk.service.pipeline.qcow2write import Qcow2Writer
+from hypersdk.service.pipeline import qcow2write
+from hypersdk.service.pipeline.qcow2write import RESERVE_STEP, Qcow2Writer
 
 from .helpers import images_equal, qemu_img
 
@@ -93,3 +94,44 @@ def test_refuses_impossible_cluster_sizes(tmp_path):
             Qcow2Writer(out, 1 << 20, 3000)
     finally:
         out.close()
+
+
+def _one_cluster_image(tmp_path):
+    """A 1 GiB qcow2 with one data cluster written: (path, file stat before close, after)."""
+    image = tmp_path / "out.qcow2"
+    out = DirectFile(image, os.O_RDWR | os.O_CREAT)
+    try:
+        assert out.direct  # tmp_path's filesystem takes O_DIRECT, as the pipeline's does
+        writer = Qcow2Writer(out, 1 << 30, 65536)
+        writer.write_clusters([(0, bytes(range(256)) * 256)])
+        before_close = os.fstat(out.fd)
+        writer.close()
+        after_close = os.fstat(out.fd)
+    finally:
+        out.close()
+    assert check(image)["check-errors"] == 0
+    return image, before_close, after_close
+
+
+def test_space_is_reserved_ahead_and_cut_off_at_close(tmp_path):
+    """Data clusters land in blocks allocated RESERVE_STEP ahead, not at the end of
+    the file; close() gives back what was not used."""
+    _image, writing, closed = _one_cluster_image(tmp_path)
+    assert writing.st_size >= RESERVE_STEP and writing.st_blocks * 512 >= RESERVE_STEP
+    assert closed.st_size < 1 << 20 and closed.st_blocks * 512 <= closed.st_size
+
+
+def test_no_reservation_where_fallocate_is_refused_fake(tmp_path, monkeypatch):
+    """Where the filesystem has no fallocate (faked), the writer just appends."""
+    monkeypatch.setattr(qcow2write, "reserve_space", lambda fd, offset, length: False)
+    _image, writing, closed = _one_cluster_image(tmp_path)
+    assert writing.st_size < 1 << 20
+    assert closed.st_size < 1 << 20
+
+
+def test_no_reservation_where_it_does_not_fit(small_disk):
+    """On a real 4 MiB tmpfs the reservation finds no room: the writer appends, and an
+    image that fits is still written."""
+    _image, writing, closed = _one_cluster_image(small_disk)
+    assert writing.st_size < 1 << 20
+    assert closed.st_size < 1 << 20

@@ -361,19 +361,6 @@ async def test_trusted_certificate_downloads_byte_identical(tls_port, payload, s
     assert rec.bytes == SIZE
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 4 MiB filesystem (tmpfs), unmounted afterwards."""
-    directory = tmp_path / "small"
-    directory.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)],
-                   check=True)
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", str(directory)], check=True)
-
-
 async def test_full_disk_fails_without_retry_and_leaves_nothing(serve, tmp_path, small_disk):
     size = 16 << 20
     (tmp_path / "big.bin").write_bytes(os.urandom(size))
