@@ -42,4 +42,3 @@ def write_atomic(target: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-

@@ -99,12 +99,18 @@ def read_sparse_header(path: Path, data: bytes, file_size: int | None) -> Sparse
     return header
 
 
+def descriptor_text(data: bytes) -> str:
+    """A descriptor's text: up to its first NUL, as qemu and VMware read it (qemu-img
+    leaves stale bytes after that NUL when it rewrites a descriptor with a shorter CID)."""
+    return data.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def parse_descriptor(path: Path, text: str) -> dict:
     """Parse the text descriptor: `key=value` lines and extent lines."""
     values: dict[str, str] = {}
     extents: list[dict] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip().rstrip("\0")
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         match = _EXTENT_RE.match(line)
@@ -193,8 +199,7 @@ def _sparse_extent_info(path: Path) -> tuple[SparseHeader, str | None, bool]:
                 raise _fail(path, f"embedded descriptor of {header.descriptor_size} sectors is "
                                   f"larger than {MAX_DESCRIPTOR_BYTES} bytes")
             fh.seek(header.descriptor_offset * SECTOR)
-            text = fh.read(header.descriptor_size * SECTOR).split(b"\0", 1)[0].decode(
-                "utf-8", "replace")
+            text = descriptor_text(fh.read(header.descriptor_size * SECTOR))
         if header.gd_offset != GD_AT_END:
             complete = grain_tables_complete(fh, header, file_size)
         else:
@@ -214,13 +219,11 @@ def _read_text_descriptor(path: Path) -> str:
     if len(data) > MAX_DESCRIPTOR_BYTES:
         raise InvalidArgument(str(path), "not a VMDK: no sparse header and larger than a text "
                                          "descriptor can be")
-    # A descriptor ends at its first NUL, as qemu and VMware read it: qemu-img itself
-    # leaves stale bytes after that NUL when it rewrites a descriptor with a shorter CID.
-    data = data.split(b"\0", 1)[0]
-    if b"createType" not in data:
+    text = descriptor_text(data)
+    if "createType" not in text:
         raise InvalidArgument(str(path), "not a VMDK: neither a sparse header nor a text "
                                          "descriptor with createType")
-    return data.decode("utf-8", "replace")
+    return text
 
 
 Embedded = tuple[Path, SparseHeader, bool]  # sparse file, its header, its completeness

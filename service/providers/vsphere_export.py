@@ -37,7 +37,7 @@ from ..errors import Failed
 from ..pipeline.convert import run_qemu_img_convert
 from ..pipeline.download import download, file_sha256, redact_url, temp_path_for
 from ..pipeline.ovf_writer import safe_name
-from ..pipeline.vmdk import MAX_DESCRIPTOR_BYTES, parse_descriptor
+from ..pipeline.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, VMInfo
 from .vsphere_session import SessionPool
 
@@ -246,9 +246,10 @@ def _read_descriptor(path: Path) -> str | None:
     if path.stat().st_size > MAX_DESCRIPTOR_BYTES:
         return None
     data = path.read_bytes()
-    if data[:4] == b"KDMV" or b"createType" not in data:
+    text = descriptor_text(data)
+    if data[:4] == b"KDMV" or "createType" not in text:
         return None
-    return data.decode("utf-8", "replace")
+    return text
 
 
 def _sibling(datastore_path: str, name: str) -> str:
