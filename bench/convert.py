@@ -9,9 +9,9 @@ times, the ratio (goal <= 0.75), CPU seconds and each one's own peak RSS. The
 same for a VHDX of the same content, where convert_image runs qemu-img itself
 (goal: job overhead <= 5 %). qemu-img does not flush its output, convert_image
 does (write, fsync, rename), so a "qemu-img + sync" time is shown as well, and
-"qemu-img -t none": the invocation convert_image itself makes for uncompressed
-output (O_DIRECT, see service/pipeline/convert.py), so that ratio is the job's own
-overhead.
+"qemu-img -t none -W": the command line convert_image itself runs for uncompressed
+output (`qemu_img_convert_args`, see service/pipeline/convert.py), so that ratio is
+the job's own overhead.
 
     .venv/bin/python bench/convert.py --size 2G [--dir /var/tmp] [--rounds 2] [--keep]
 """
@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from hypersdk.service.allocator import keep_heap_padding
-from hypersdk.service.pipeline.convert import convert_image
+from hypersdk.service.direct_io import supports_direct_io
+from hypersdk.service.pipeline.convert import convert_image, detect_format, qemu_img_convert_args
 
 MiB = 1 << 20
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -119,6 +120,7 @@ def _median(results: list[tuple[float, float, float]]) -> float:
 def compare(work: Path, raw: Path, source: Path, label: str, rounds: int, goal: str) -> None:
     """Time qemu-img and convert_image on `source` -> qcow2 in alternating rounds."""
     bare_out, ours_out = work / "bare.qcow2", work / "ours.qcow2"
+    in_format, direct_io = detect_format(source), supports_direct_io(work)
     bare, direct, ours = [], [], []  # (wall, cpu, rss) per round
     bare_durable = []  # qemu-img's time plus flushing its output, as convert_image does
     for _round in range(rounds):
@@ -132,8 +134,8 @@ def compare(work: Path, raw: Path, source: Path, label: str, rounds: int, goal: 
         bare_durable.append(wall + flush)
         ours_out.unlink(missing_ok=True)
         run(["sync"])
-        direct.append(measured(["qemu-img", "convert", "-t", "none", "-W", "-O", "qcow2", str(source),
-                                str(ours_out)])[:3])
+        direct.append(measured(qemu_img_convert_args(source, in_format, ours_out, "qcow2",
+                                                     compress=False, direct=direct_io))[:3])
         ours_out.unlink()
         run(["sync"])
         _wall, cpu, rss, out = measured([sys.executable, __file__, "--child", str(source),

@@ -235,21 +235,29 @@ async def _decode_in_thread(source: Path, target: Path, out_format: str,
         on_progress=thread_safe_progress, stop=stop, growing=growing))
 
 
+def qemu_img_convert_args(source: Path, in_format: str, target: Path, out_format: str, *,
+                          compress: bool, direct: bool, out_options: str = "") -> list[str]:
+    """The `qemu-img convert -p` command line for one conversion (see the module
+    docstring for -W, -c and -t none; `direct`: the target's filesystem takes O_DIRECT)."""
+    args = ["qemu-img", "convert", "-p", "-f", in_format, "-O", out_format]
+    if out_format in OUTPUT_FORMATS:  # not a streamOptimized VMDK, which is written in order
+        args.append("-W")
+        if not compress and direct:
+            args += ["-t", "none"]
+    if compress:
+        args.append("-c")
+    if out_options:  # e.g. "subformat=streamOptimized"
+        args += ["-o", out_options]
+    return args + [str(source), str(target)]
+
+
 async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_format: str,
                                compress: bool, on_fraction: Callable[[float], None],
                                out_options: str = "") -> None:
     """Run `qemu-img convert -p` in its own process group, parsing its percentage lines."""
-    args = ["qemu-img", "convert", "-p", "-f", in_format, "-O", out_format]
-    if out_format in OUTPUT_FORMATS:  # not a streamOptimized VMDK, which is written in order
-        args.append("-W")
-    if compress:
-        args.append("-c")
-    elif out_format in OUTPUT_FORMATS and await asyncio.to_thread(supports_direct_io,
-                                                                  target.parent):
-        args += ["-t", "none"]
-    if out_options:  # e.g. "subformat=streamOptimized"
-        args += ["-o", out_options]
-    args += [str(source), str(target)]
+    direct = await asyncio.to_thread(supports_direct_io, target.parent)
+    args = qemu_img_convert_args(source, in_format, target, out_format, compress=compress,
+                                 direct=direct, out_options=out_options)
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
