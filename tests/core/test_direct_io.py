@@ -155,7 +155,7 @@ def test_fake_filesystem_refusing_o_direct_gets_ordinary_writes(tmp_path, monkey
     assert path.read_bytes() == expected
 
 
-def test_supports_direct_io_probe(tmp_path, monkeypatch):
+def test_supports_direct_io_probe(tmp_path):
     assert supports_direct_io(tmp_path) is True
     assert os.listdir(tmp_path) == []
 
