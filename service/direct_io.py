@@ -42,21 +42,17 @@ def open_direct(path: Path, flags: int, mode: int = 0o600) -> tuple[int, bool]:
     return os.open(path, flags, mode), False
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = ctypes.CDLL(None)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def reserve_space(fd: int, offset: int, length: int) -> bool:
     """Allocate `length` bytes of the file at `offset` (fallocate(2); the file grows to
-    cover them), so that direct writes there later land in allocated blocks. False
-    where the filesystem cannot, or has no room left (a write that needs it fails
-    then): os.posix_fallocate would write zeros instead where fallocate is missing."""
-    if _libc.fallocate(fd, 0, offset, length) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOSPC, errno.EDQUOT):
-        return False
-    raise OSError(error, os.strerror(error))
+    cover them), so that direct writes there later land in allocated blocks. Only an
+    optimisation, so any refusal is just False: no fallocate on this filesystem, no
+    room left or a file size limit (a write that truly needs the space fails then).
+    Not os.posix_fallocate, which writes zeros instead where fallocate is missing."""
+    return _libc.fallocate(fd, 0, offset, length) == 0
 
 
 def supports_direct_io(directory: Path) -> bool:
