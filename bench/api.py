@@ -168,7 +168,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hypersdk-bench-api-"))
     work.chmod(0o755)
     bus = PrivateSystemBus.start(work / "bus")
-    polkitd = start_polkitd(bus)
+    polkitd = start_polkitd(bus, work / "polkit")
     port, hello_port = free_port(), free_port()
     config = write_config(work, daemon={"address": f"127.0.0.1:{port}", "log_level": "warning",
                                         "workers": args.jobs + 2})

@@ -33,9 +33,11 @@ def system_bus() -> PrivateSystemBus:
 @pytest.fixture(scope="session")
 def polkitd(system_bus):
     """The real polkitd on the private bus, with the project's actions and rules."""
-    process = start_polkitd(system_bus)
+    directory = Path(tempfile.mkdtemp(prefix="hypersdk-polkit-"))
+    process = start_polkitd(system_bus, directory)
     yield process
     stop_process(process)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -62,17 +62,31 @@ class PrivateSystemBus:
         self.process.wait(timeout=10)
 
 
-def install_polkit_files() -> None:
-    POLKIT_ACTIONS_DIR.mkdir(parents=True, exist_ok=True)
-    POLKIT_RULES_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "polkit/org.hypersdk.HyperSDK1.policy", POLKIT_ACTIONS_DIR)
-    shutil.copy(REPO / "polkit/50-hypersdk.rules", POLKIT_RULES_DIR)
+def _private_polkit_dirs(directory: Path) -> tuple[Path, Path]:
+    """Copies of the machine's polkit actions plus the project's, and a rules directory
+    holding only the project's rules, for a polkitd of this test session alone."""
+    actions, rules = directory / "actions", directory / "rules.d"
+    shutil.copytree(POLKIT_ACTIONS_DIR, actions, dirs_exist_ok=True)
+    shutil.copy(REPO / "polkit/org.hypersdk.HyperSDK1.policy", actions)
+    rules.mkdir(exist_ok=True)
+    shutil.copy(REPO / "polkit/50-hypersdk.rules", rules)
+    for path in (directory, actions, rules):
+        path.chmod(0o755)
+    return actions, rules
 
 
-def start_polkitd(bus: PrivateSystemBus) -> subprocess.Popen:
-    install_polkit_files()
-    process = subprocess.Popen(["/usr/lib/polkit-1/polkitd", "--no-debug"], env=bus.env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_polkitd(bus: PrivateSystemBus, directory: Path) -> subprocess.Popen:
+    """The real polkitd on `bus`, reading the project's actions and rules from private
+    copies under `directory`: it runs in a mount namespace of its own where they are
+    bind-mounted over the system's directories, so nothing is installed on the machine
+    and two checkouts' test runs never read each other's rules."""
+    actions, rules = _private_polkit_dirs(directory)
+    script = ('mount --bind "$1" "$3" && mount --bind "$2" "$4" && '
+              'exec /usr/lib/polkit-1/polkitd --no-debug')
+    process = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+         str(actions), str(rules), str(POLKIT_ACTIONS_DIR), str(POLKIT_RULES_DIR)],
+        env=bus.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         probe = subprocess.run(
@@ -80,6 +94,8 @@ def start_polkitd(bus: PrivateSystemBus) -> subprocess.Popen:
             capture_output=True)
         if probe.returncode == 0:
             return process
+        if process.poll() is not None:
+            raise RuntimeError(f"polkitd exited with {process.returncode}")
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("polkitd did not appear on the private bus")
