@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .confine import default_roots
 from .config_schema import ConfigProblem, Field, Schema, validate
 
 DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
@@ -36,6 +37,10 @@ def _address_rule(value: str) -> str | None:
 
 def _absolute_path_rule(value: str) -> str | None:
     return None if value.startswith("/") else "an absolute path"
+
+
+def _absolute_paths_rule(values: list[str]) -> str | None:
+    return None if all(v.startswith("/") for v in values) else "a list of absolute paths"
 
 
 def _url_rule(value: str) -> str | None:
@@ -79,6 +84,9 @@ MAIN_SCHEMA: Schema = {
         "tls_key": Field("str", ""),
         "max_body_bytes": Field("size", 1024 * 1024, minimum=1024),
         "audit_log": Field("str", "/var/log/hypersdk/audit.log", check=_absolute_path_rule),
+        # the Unix user hypersdk-bridge runs as: hypervisord lets only it (and root) make
+        # calls on behalf of a REST user (service/dbus/dispatch.py)
+        "bridge_user": Field("str", "hypersdk"),
     },
     "automation": {
         "missed_run_grace": Field("duration", 3600.0),
@@ -88,6 +96,11 @@ MAIN_SCHEMA: Schema = {
     },
     "ova": {
         "import_dirs": Field("list[str]", ["/var/lib/hypersdk/imports"]),
+    },
+    # Where callers may name files (service/confine.py); empty: the defaults there.
+    "paths": {
+        "sources": Field("list[str]", [], check=_absolute_paths_rule),
+        "outputs": Field("list[str]", [], check=_absolute_paths_rule),
     },
 }
 
@@ -131,6 +144,7 @@ class Config:
     api: Section
     automation: Section
     ova: Section
+    paths: Section
     providers: dict[str, dict]  # name -> validated section, with "type"
     webhooks: list[dict]
     source: str  # the file it came from, or "(defaults)"
@@ -211,8 +225,16 @@ def parse_config(document: Any, source: str, env: dict | None = None) -> Config:
     webhooks = _validate_webhooks(document.get("webhooks"), problems)
     if problems:
         raise ConfigError(problems)
+    _fill_default_roots(sections)
     return Config(**{k: Section(v) for k, v in sections.items()}, providers=providers,
                   webhooks=webhooks, source=source)
+
+
+def _fill_default_roots(sections: dict) -> None:
+    sources, outputs = default_roots(sections)
+    paths = sections["paths"]
+    paths["sources"] = paths["sources"] or sources
+    paths["outputs"] = paths["outputs"] or outputs
 
 
 def load_config(path: Path | None, env: dict | None = None) -> Config:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import pwd
 import signal
 import sys
 from pathlib import Path
@@ -53,6 +54,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def bridge_uids(config: Config) -> frozenset[int]:
+    """The users whose calls may name a REST user to act for: root and api.bridge_user."""
+    try:
+        return frozenset({0, pwd.getpwnam(config.api.bridge_user).pw_uid})
+    except KeyError:
+        log.warning("api.bridge_user %r does not exist: REST calls are taken only from root",
+                    config.api.bridge_user)
+        return frozenset({0})
+
+
 def load_job_kinds() -> None:
     for module in JOB_KIND_MODULES:
         importlib.import_module(module)
@@ -79,7 +90,7 @@ class Daemon:
             store.close()
             raise Failed(f"cannot connect to the {self.bus_spec} bus: "
                          f"{exc.strerror or exc} (is dbus running?)") from exc
-        service = DBusService(bus, engine)
+        service = DBusService(bus, engine, bridge_uids(self.config))
         try:
             service.export_all()
             automation = Automation(store, engine, self.config)

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from .config import Config
+from .confine import OpenDir
 from .errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
 from .job_kinds import JobKind, get_kind, kind_names
 from .progress import ProgressSnapshot, ProgressTracker
 from .providers.registry import ProviderRegistry
+from .staging import OwnedPath, Staging, remove_owned
 from .store import JobRecord, LogLine, Store
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,21 @@ class JobEvent:
 Listener = Callable[[JobEvent], None]
 
 
+@dataclass(frozen=True)
+class StoreJournal:
+    """staging.Journal for a job: what it makes is in the store before the thing itself
+    exists, so a restart after a crash can remove it (JobEngine.recover)."""
+
+    store: Store
+    job_id: str
+
+    def record(self, owned: OwnedPath) -> None:
+        self.store.record_owned(self.job_id, owned)
+
+    def forget(self, owned: OwnedPath) -> None:
+        self.store.forget_owned(self.job_id, owned)
+
+
 class RunningJob:
     """The JobContext a kind sees while it runs."""
 
@@ -63,7 +78,7 @@ class RunningJob:
         self.tracker = ProgressTracker()
         self.task: asyncio.Task | None = None
         self.cancel_reason = ""
-        self._cleanup: list[Path] = []
+        self._stagings: list[Staging] = []
         self._last_save = 0.0
 
     # -- JobContext ------------------------------------------------------------------
@@ -94,11 +109,10 @@ class RunningJob:
         self.tracker.update(nbytes)
         self._progress_changed()
 
-    def add_cleanup(self, path: Path) -> None:
-        self._cleanup.append(Path(path))
-
-    def keep(self, path: Path) -> None:
-        self._cleanup = [p for p in self._cleanup if p != Path(path)]
+    def staging(self, dest: OpenDir) -> Staging:
+        staging = Staging.create(dest, self.job_id, StoreJournal(self.engine.store, self.job_id))
+        self._stagings.append(staging)
+        return staging
 
     # -- engine side -----------------------------------------------------------------
     def _progress_changed(self) -> None:
@@ -113,15 +127,17 @@ class RunningJob:
         self.engine.notify(JobEvent("progress", record))
 
     def remove_partial_output(self) -> None:
-        for path in reversed(self._cleanup):
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.exists() or path.is_symlink():
-                    path.unlink()
-            except OSError as exc:
-                self.log(f"could not remove partial output {path}: {exc.strerror}", "warning")
-        self._cleanup.clear()
+        """The job (or this attempt) failed: remove everything it made."""
+        for staging in reversed(self._stagings):
+            for problem in staging.discard():
+                self.log(problem, "warning")
+        self._stagings.clear()
+
+    def keep_output(self) -> None:
+        """The job completed: what landed stays, the staging directories go."""
+        for staging in self._stagings:
+            staging.keep()
+        self._stagings.clear()
 
 
 class JobEngine:
@@ -149,15 +165,32 @@ class JobEngine:
 
     # -- lifecycle -------------------------------------------------------------------
     def recover(self) -> list[JobRecord]:
-        """Mark interrupted work failed and return the jobs that are still pending."""
+        """Mark interrupted work failed, remove what it made, and return the pending jobs."""
         for job in self.store.list_jobs(status="running", limit=1_000_000):
+            left = self._remove_leftovers(job.id)
             job.status = "failed"
             job.finished_at = time.time()
             job.error = ("interrupted: hypervisord stopped while the job was running; "
-                         "its partial output was discarded (retry the job)")
+                         + ("its partial output was removed" if not left else
+                            f"{len(left)} of its files could not be removed (see its log)")
+                         + " (retry the job)")
             self.store.set_status(job, reason="recovered after restart")
             self.store.append_log(job.id, time.time(), "error", job.error)
         return self.store.list_jobs(status="pending", limit=1_000_000)
+
+    def _remove_leftovers(self, job_id: str) -> list[str]:
+        """Remove what an interrupted job had made (newest first); log each step."""
+        problems = []
+        for owned in reversed(self.store.owned_paths(job_id)):
+            problem = remove_owned(owned)
+            if problem:
+                problems.append(problem)
+                self.store.append_log(job_id, time.time(), "warning", problem)
+            else:
+                self.store.append_log(job_id, time.time(), "info",
+                                      f"after the restart: removed {owned.kind} {owned.shown}")
+            self.store.forget_owned(job_id, owned)
+        return problems
 
     async def start(self) -> None:
         for job in self.recover():
@@ -204,14 +237,15 @@ class JobEngine:
         return kind, kind.validate(definition, self)
 
     def submit(self, kind_name: str, definition: object, uid: int = -1,
-               retry_of: str | None = None) -> JobRecord:
+               retry_of: str | None = None, requested_by: str = "") -> JobRecord:
         if not self._accepting:
             raise Failed("hypervisord is shutting down; no new jobs are accepted")
         kind, normalised = self.validate(kind_name, definition)
         summary = kind.describe(normalised)
         job = JobRecord(id="job-" + uuid.uuid4().hex[:12], kind=kind.name, status="pending",
                         definition=normalised, vm=summary["vm"], provider=summary["provider"],
-                        started_by_uid=uid, created_at=time.time(), retry_of=retry_of)
+                        started_by_uid=uid, created_at=time.time(), retry_of=retry_of,
+                        requested_by=requested_by)
         self.store.insert_job(job)
         self.notify(JobEvent("created", job))
         self._queue.put_nowait(job.id)
@@ -229,12 +263,13 @@ class JobEngine:
         self._finish(job, "cancelled", error="cancelled before it started")
         return job
 
-    def retry(self, job_id: str, uid: int) -> JobRecord:
+    def retry(self, job_id: str, uid: int, requested_by: str = "") -> JobRecord:
         job = self.get(job_id)
         if job.status not in ("failed", "cancelled"):
             raise InvalidArgument("job", f"only failed or cancelled jobs can be retried; "
                                   f"{job_id} is {job.status}")
-        return self.submit(job.kind, job.definition, uid, retry_of=job.id)
+        return self.submit(job.kind, job.definition, uid, retry_of=job.id,
+                           requested_by=requested_by)
 
     def append_log(self, job: JobRecord, message: str, level: str = "info") -> None:
         level = level if level in LOG_LEVELS else "info"
@@ -303,6 +338,7 @@ class JobEngine:
             self._finish(job, "failed", error=f"internal error ({type(exc).__name__}); "
                                               "see the hypervisord journal")
         else:
+            running.keep_output()
             self._finish(job, "completed", result=result)
         finally:
             del self._running[job.id]

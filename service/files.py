@@ -1,44 +1,74 @@
-"""Landing files: write to a temporary name, fsync, rename, fsync the directory.
+"""File-system primitives for a root service that must not be steered by planted links.
 
-Every output of the service lands this way, so a crash leaves either the old state or
-the whole new file, never half of one. Temporary names start with "." (hyper2kvm's
-watcher and `ls` both pass over them). All functions block: call them in a thread.
+- `open_beneath` opens a path relative to a directory fd with openat2(2): the kernel
+  refuses any resolution that leaves the directory (`..`, absolute or escaping
+  symlinks, magic links), so no check-then-open race exists.
+- `fd_path` names an open directory as `/proc/self/fd/N`: a path through it reaches the
+  directory the fd holds even if someone renames it or plants a link at its old name,
+  and child processes given that fd (`pass_fds`) can use the same path.
+- `fsync_dir`, `fsync_file`: durability of a rename and of a file's data.
+
+All functions block: call them in a thread when they may touch large files.
 """
 from __future__ import annotations
 
+import ctypes
 import os
-import uuid
+import re
+import struct
 from pathlib import Path
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_OPENAT2 = 437  # the same number on every architecture (a "new" syscall)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_BENEATH = 0x08
+_FD_PATH_RE = re.compile(r"/proc/self/fd/(\d+)")
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+def _raise_errno(what: str) -> None:
+    code = ctypes.get_errno()
+    raise OSError(code, os.strerror(code), what)
+
+
+def open_beneath(dir_fd: int, relative: str, flags: int, mode: int = 0o600) -> int:
+    """openat2(dir_fd, relative) that may not resolve outside dir_fd (symlinks that stay
+    inside are followed). EXDEV means the path tried to leave; ELOOP a symlink loop."""
+    how = struct.pack("QQQ", flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
+                      RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+    buffer = ctypes.create_string_buffer(how, len(how))
+    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(relative), buffer, len(how))
+    if fd < 0:
+        _raise_errno(relative)
+    return fd
+
+
+def fd_path(fd: int) -> Path:
+    """`/proc/self/fd/<fd>`: the open directory, by a path nobody can redirect."""
+    return Path(f"/proc/self/fd/{fd}")
+
+
+def fds_in(args: list[str]) -> tuple[int, ...]:
+    """The fds that `fd_path` paths in a command line refer to, for `pass_fds`."""
+    return tuple(sorted({int(match) for arg in args for match in _FD_PATH_RE.findall(arg)}))
+
+
+def fsync_dir(path_or_fd: Path | int) -> None:
+    """Make a rename inside the directory durable."""
+    if isinstance(path_or_fd, int):
+        os.fsync(path_or_fd)
+        return
+    fd = os.open(path_or_fd, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def fsync_replace(temp: Path, target: Path) -> None:
-    """fsync `temp`, rename it over `target`, fsync the directory."""
-    fd = os.open(temp, os.O_RDONLY)
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(temp, target)
-    fsync_dir(Path(target).parent)
 
 
-def write_atomic(target: Path, data: bytes) -> None:
-    """Land small content (a descriptor, a manifest) at `target`; nothing is left on failure."""
-    target = Path(target)
-    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "xb") as handle:
-            handle.write(data)
-        fsync_replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

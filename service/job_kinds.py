@@ -2,7 +2,8 @@
 
 A kind validates a definition when it is submitted (so bad input never becomes a
 job) and runs it later with a JobContext that reports progress and log lines and
-collects paths to remove if the job fails or is cancelled. Cancellation arrives
+gives it staging directories: everything a job writes lands through one, and is
+removed again if the job fails or is cancelled. Cancellation arrives
 as asyncio.CancelledError at the next await; a kind must not swallow it.
 
 The export, convert and import kinds live in `pipeline/`; kinds used only to
@@ -11,11 +12,12 @@ exercise the engine live in `tests/`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from .config import Config
+    from .confine import OpenDir
+    from .staging import Staging
     from .providers.registry import ProviderRegistry
 
 
@@ -34,10 +36,10 @@ class JobContext(Protocol):
     def add_total(self, nbytes: int) -> None: ...
     def advance(self, nbytes: int) -> None: ...
     def set_done(self, nbytes: int) -> None: ...
-    def add_cleanup(self, path: Path) -> None:
-        """Remove `path` (file or directory) if the job does not complete."""
-    def keep(self, path: Path) -> None:
-        """Forget an earlier add_cleanup: the path is a finished result."""
+    def staging(self, dest: "OpenDir") -> "Staging":
+        """A private directory in `dest` (which it takes over) for the job's files, which
+        land in `dest` from there. If the job does not complete, what landed and the
+        staging directory are removed again (service/staging.py)."""
 
 
 class SubmitContext(Protocol):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import Failed, NotFound
+from .staging import OwnedPath
 
 MIGRATIONS: list[str] = [
     # 1: jobs, their status history and log lines
@@ -136,6 +137,21 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX webhook_deliveries_hook ON webhook_deliveries(webhook_id, id);
     """,
+    # 3: who asked for a job (a REST principal through the bridge, or a Unix user), and
+    # what each job has made on disk so far (service/staging.py), for cleanup after a crash
+    """
+    ALTER TABLE jobs ADD COLUMN requested_by TEXT NOT NULL DEFAULT '';
+    CREATE TABLE job_paths (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('staging', 'file', 'dir')),
+        root TEXT NOT NULL,
+        relative TEXT NOT NULL,
+        dev INTEGER NOT NULL,
+        ino INTEGER NOT NULL
+    );
+    CREATE INDEX job_paths_job ON job_paths(job_id, id);
+    """,
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -160,6 +176,7 @@ class JobRecord:
     error: str = ""
     result: dict = field(default_factory=dict)
     retry_of: str | None = None
+    requested_by: str = ""  # "rest:<token name>" or "unix:<user>" (dbus/dispatch.py)
 
     @property
     def finished(self) -> bool:
@@ -232,9 +249,9 @@ class Store:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO jobs (id, kind, status, definition, vm, provider, started_by_uid,"
-                " created_at, retry_of) VALUES (?,?,?,?,?,?,?,?,?)",
+                " created_at, retry_of, requested_by) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (job.id, job.kind, job.status, json.dumps(job.definition), job.vm, job.provider,
-                 job.started_by_uid, job.created_at, job.retry_of))
+                 job.started_by_uid, job.created_at, job.retry_of, job.requested_by))
             db.execute("INSERT INTO job_status_history (job_id, time, status) VALUES (?,?,?)",
                        (job.id, job.created_at, job.status))
 
@@ -284,3 +301,21 @@ class Store:
         return [LogLine(*r) for r in self._db.execute(
             "SELECT id, time, level, message FROM job_logs WHERE job_id=? AND id>?"
             " ORDER BY id LIMIT ?", (job_id, after_id, limit))]
+
+    # -- what jobs made on disk (staging.py) ---------------------------------------------
+    def record_owned(self, job_id: str, owned: OwnedPath) -> None:
+        self._db.execute(
+            "INSERT INTO job_paths (job_id, kind, root, relative, dev, ino) VALUES (?,?,?,?,?,?)",
+            (job_id, owned.kind, owned.root, owned.relative, owned.dev, owned.ino))
+
+    def forget_owned(self, job_id: str, owned: OwnedPath) -> None:
+        self._db.execute(
+            "DELETE FROM job_paths WHERE job_id=? AND kind=? AND root=? AND relative=?"
+            " AND dev=? AND ino=?",
+            (job_id, owned.kind, owned.root, owned.relative, owned.dev, owned.ino))
+
+    def owned_paths(self, job_id: str) -> list[OwnedPath]:
+        """What the job made and has not yet kept or removed, in the order it was made."""
+        return [OwnedPath(*row) for row in self._db.execute(
+            "SELECT kind, root, relative, dev, ino FROM job_paths WHERE job_id=? ORDER BY id",
+            (job_id,))]

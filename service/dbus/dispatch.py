@@ -7,20 +7,29 @@ with the caller stored in a context variable. Each call has its own task and so 
 own context: two callers whose calls overlap can never see each other's identity.
 Methods then call `await require(action)` before they change anything.
 
-Properties, introspection and ObjectManager stay with dbus-fast.
+The caller is the connection's Unix user, unless the call comes from the REST bridge's
+own user (`api.bridge_user`) or root and its options name the REST user it is made
+for (`requested_by`, `requested_role`): then that user is the principal, recorded on
+the jobs it submits and used for "another user's job" rules (polkit.py). Anybody
+else naming a principal is refused.
+
+Properties, introspection and ObjectManager stay with dbus-fast (the bus policy lets
+only members of group hypersdk read them).
 """
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
+import pwd
+import re
 
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from ..errors import ERROR_PREFIX, HyperSDKError
-from .polkit import Authority, Caller
+from ..errors import ERROR_PREFIX, HyperSDKError, InvalidArgument
+from .polkit import ROLES, AccessDenied, Authority, Caller
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +49,41 @@ async def require(action: str) -> Caller:
     return who
 
 
+PRINCIPAL_OPTION, ROLE_OPTION = "requested_by", "requested_role"
+_PRINCIPAL_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+
+
+def unix_principal(uid: int) -> str:
+    try:
+        return f"unix:{pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"unix:{uid}"
+
+
+def principal_of(uid: int, options: dict, trusted_uids: frozenset[int]) -> tuple[str, str]:
+    """(principal, REST role) of a call from `uid` with these options (module docstring)."""
+    if PRINCIPAL_OPTION not in options and ROLE_OPTION not in options:
+        return unix_principal(uid), ""
+    if uid not in trusted_uids:
+        raise AccessDenied(f"only hypersdk-bridge may act for a REST user "
+                           f"({PRINCIPAL_OPTION}/{ROLE_OPTION}); uid {uid} is not it")
+    name, role = options.get(PRINCIPAL_OPTION), options.get(ROLE_OPTION)
+    name = name.value if name is not None and name.signature == "s" else None
+    role = role.value if role is not None and role.signature == "s" else None
+    if not name or not _PRINCIPAL_RE.match(name):
+        raise InvalidArgument(f"options.{PRINCIPAL_OPTION}", "a REST user name (1-128 "
+                                                             "printable characters)")
+    if role not in ROLES:
+        raise InvalidArgument(f"options.{ROLE_OPTION}", "one of " + ", ".join(ROLES))
+    return f"rest:{name}", role
+
+
 class Dispatcher:
-    def __init__(self, bus: MessageBus, authority: Authority) -> None:
+    def __init__(self, bus: MessageBus, authority: Authority,
+                 trusted_uids: frozenset[int] = frozenset({0})) -> None:
         self._bus = bus
         self._authority = authority
+        self._trusted_uids = trusted_uids
         self._objects: dict[str, dict[str, ServiceInterface]] = {}
         self._tasks: set[asyncio.Task] = set()
         bus.add_message_handler(self._on_message)
@@ -97,9 +137,11 @@ class Dispatcher:
     async def _call(self, msg: Message, interface: ServiceInterface, method) -> None:
         uid = await self._authority.caller_uid(msg.sender)
         interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
-        current_caller.set(Caller(msg.sender, uid, interactive))
         _authority.set(self._authority)
         try:
+            options = msg.body[-1] if method.in_signature.endswith("a{sv}") else {}
+            principal, role = principal_of(uid, options, self._trusted_uids)
+            current_caller.set(Caller(msg.sender, uid, interactive, principal, role))
             result = await method.fn(interface, *msg.body)
             out_types = method.out_signature_tree.types
             body = [] if not out_types else ([result] if len(out_types) == 1 else list(result))

@@ -183,24 +183,41 @@ class JobObject(ServiceInterface):
         return self._job.provider
 
     @dbus_property(access=PropertyAccess.READ)
+    def RequestedBy(self) -> "s":
+        return self._job.requested_by
+
+    @dbus_property(access=PropertyAccess.READ)
     def RetryOf(self) -> "s":
         return self._job.retry_of or ""
 
     # -- methods -----------------------------------------------------------------------
+    def _owned_by_caller(self) -> bool:
+        """Whether the caller asked for this job: the same REST user or Unix user (a job
+        stored before principals were recorded: the same uid, and not through REST)."""
+        job, who = self._job, caller()
+        if job.requested_by:
+            return who.principal == job.requested_by
+        return not who.is_rest and who.uid == job.started_by_uid
+
+    async def _require_own_or_other(self) -> None:
+        await require("org.hypersdk.HyperSDK1.cancel-job" if self._owned_by_caller()
+                      else "org.hypersdk.HyperSDK1.cancel-job-other-user")
+
     @method()
     async def Cancel(self, options: "a{sv}"):
-        job = self._job
-        own = caller().uid == job.started_by_uid
-        await require("org.hypersdk.HyperSDK1.cancel-job" if own
-                      else "org.hypersdk.HyperSDK1.cancel-job-other-user")
+        await self._require_own_or_other()
         self._engine.cancel(self.job_id)
 
     @method()
     async def Retry(self, options: "a{sv}") -> "o":
+        """A new job with this one's definition; another user's job needs the right to
+        act on other users' jobs too (cancel-job-other-user)."""
         job = self._job
         kind = get_kind(job.kind)
-        await require(kind.polkit_action if kind else "org.hypersdk.HyperSDK1.export")
-        new_job = self._engine.retry(self.job_id, caller().uid)
+        who = await require(kind.polkit_action if kind else "org.hypersdk.HyperSDK1.export")
+        if not self._owned_by_caller():
+            await self._require_own_or_other()
+        new_job = self._engine.retry(self.job_id, who.uid, who.principal)
         return job_path(new_job.id)
 
     @method()

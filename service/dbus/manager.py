@@ -9,6 +9,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
 from .. import __version__
+from ..confine import open_source
 from ..errors import InvalidArgument, Unavailable
 from ..job_kinds import get_kind, kind_names
 from .dispatch import caller, require
@@ -21,8 +22,12 @@ MANAGER_INTERFACE = "org.hypersdk.HyperSDK1.Manager"
 VIEW = "org.hypersdk.HyperSDK1.view"
 
 
+MAX_JSON_DEPTH = 32
+
+
 def parse_json(text: str, field: str, expect: type = dict) -> Any:
-    """Parse a JSON argument; errors name the argument and the position."""
+    """Parse a JSON argument; errors name the argument and the rule (the position of a
+    syntax error, a number too long to read, nesting deeper than MAX_JSON_DEPTH)."""
     if text.strip() == "" and expect is dict:
         return {}
     try:
@@ -30,13 +35,46 @@ def parse_json(text: str, field: str, expect: type = dict) -> Any:
     except json.JSONDecodeError as exc:
         raise InvalidArgument(field, f"malformed JSON: {exc.msg} at line {exc.lineno} "
                                      f"column {exc.colno}") from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise InvalidArgument(field, f"unusable JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidArgument(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(value, expect):
         raise InvalidArgument(field, f"must be a JSON {'object' if expect is dict else 'value'}")
     return value
 
 
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a parsed JSON value (iteratively)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                children = item.values() if isinstance(item, dict) else item
+                pending.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def option(options: dict, name: str, default: Any = None) -> Any:
     return options[name].value if name in options else default
+
+
+def parse_vmdk_confined(value: str, roots: list[str]) -> dict:
+    """parse_vmdk of a caller-named file inside the source roots; its extents are opened
+    next to it, never through links (pipeline/vmdk.py); paths in the answer as named."""
+    from ..pipeline.vmdk import parse_vmdk  # noqa: PLC0415 - keeps start-up light
+    with open_source(value, roots, "path") as opened:
+        through_fd = str(opened.dir_path.parent)
+        result = parse_vmdk(opened.dir_path)
+    result["path"] = str(opened.shown)
+    for extent in result["extents"]:
+        if "path" in extent:
+            extent["path"] = extent["path"].replace(through_fd, str(opened.shown.parent), 1)
+    return result
 
 
 class ManagerObject(ServiceInterface):
@@ -52,7 +90,7 @@ class ManagerObject(ServiceInterface):
                                   + ", ".join(kind_names()))
         who = await require(kind.polkit_action)
         definition = parse_json(definition_json, "definition")
-        job = self._engine.submit(kind_name, definition, who.uid)
+        job = self._engine.submit(kind_name, definition, who.uid, requested_by=who.principal)
         return job_path(job.id)
 
     # -- properties --------------------------------------------------------------------
@@ -109,10 +147,8 @@ class ManagerObject(ServiceInterface):
     @method()
     async def ParseVmdk(self, path: "s", options: "a{sv}") -> "s":
         await require(VIEW)
-        from ..pipeline.vmdk import parse_vmdk  # noqa: PLC0415 - keeps start-up light
-        if not path.startswith("/"):
-            raise InvalidArgument("path", "must be an absolute path")
-        return json.dumps(await asyncio.to_thread(parse_vmdk, path))
+        return json.dumps(await asyncio.to_thread(parse_vmdk_confined, path,
+                                                  self._engine.config.paths.sources))
 
     # -- automation --------------------------------------------------------------------
     def _automation(self):

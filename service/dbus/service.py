@@ -23,11 +23,12 @@ OUTPUT_FORMATS = ["qcow2", "raw"]
 
 
 class DBusService:
-    def __init__(self, bus: MessageBus, engine: JobEngine) -> None:
+    def __init__(self, bus: MessageBus, engine: JobEngine,
+                 trusted_uids: frozenset[int] = frozenset({0})) -> None:
         self.bus = bus
         self.engine = engine
         self.automation: Any = None  # set by the daemon when automation is running
-        self.dispatcher = Dispatcher(bus, Authority(bus))
+        self.dispatcher = Dispatcher(bus, Authority(bus), trusted_uids)
         self.manager = ManagerObject(self)
         self.jobs: dict[str, JobObject] = {}
 

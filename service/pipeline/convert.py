@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import Failed, InvalidArgument
+from ..errors import AlreadyExists, Failed, InvalidArgument
 from ..direct_io import supports_direct_io
-from ..files import fsync_replace
+from ..files import fds_in, fsync_file
 from . import streamopt
 from .vmdk import parse_vmdk
 from .threads import run_stoppable
@@ -88,8 +88,9 @@ def image_info(path: Path) -> dict:
 
 def _qemu_img_info(path: Path, fmt: str | None = None) -> dict:
     forced = ["-f", fmt] if fmt else []
-    proc = subprocess.run(["qemu-img", "info", "--output=json", *forced, str(path)],
-                          capture_output=True, text=True, timeout=60)
+    args = ["qemu-img", "info", "--output=json", *forced, str(path)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                          pass_fds=fds_in(args))
     if proc.returncode != 0:
         raise Failed(f"{path}: qemu-img cannot read it: {_last_line(proc.stderr)}")
     return json.loads(proc.stdout)
@@ -143,17 +144,16 @@ def _is_stream_optimized(info: dict) -> bool:
     return info["format"] == "vmdk" and data.get("create-type") == "streamOptimized"
 
 
-def _temp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}.partial")
-
-
 async def convert_image(source: Path, target: Path, *, out_format: str, compress: bool = False,
                         on_progress: ProgressFn | None = None, log: LogFn | None = None,
                         growing: streamopt.GrowingFile | None = None) -> ConvertedImage:
     """Convert `source` into `target` (qcow2 or raw); progress in bytes of virtual size.
 
-    With `growing`, `source` is a streamOptimized VMDK still being downloaded: the
-    decoder starts on the first bytes and keeps pace with the download.
+    `target` is a new name in the job's staging directory (service/staging.py), which
+    nobody else can enter: it is written in place and is removed if the conversion
+    fails; the caller lands it. With `growing`, `source` is a streamOptimized VMDK
+    still being downloaded: the decoder starts on the first bytes and keeps pace
+    with the download.
     """
     source, target = Path(source), Path(target)
     if out_format not in OUTPUT_FORMATS:
@@ -169,19 +169,20 @@ async def convert_image(source: Path, target: Path, *, out_format: str, compress
     size = int(info["virtual-size"])
     report = on_progress or (lambda done, total: None)
     say = log or (lambda message: None)
-    tmp = _temp_name(target)
+    if target.exists():
+        raise AlreadyExists(f"{target.name}: already converted in this job")
     try:
         if _is_stream_optimized(info):
             say(f"decoding streamOptimized {source.name} on {streamopt_workers()} threads")
-            await _convert_stream_optimized(source, tmp, out_format, compress, size, report,
+            await _convert_stream_optimized(source, target, out_format, compress, size, report,
                                             growing)
         else:
             say(f"converting {source.name} ({info['format']}) to {out_format} with qemu-img")
-            await run_qemu_img_convert(source, info["format"], tmp, out_format, compress,
+            await run_qemu_img_convert(source, info["format"], target, out_format, compress,
                                        lambda frac: report(int(size * frac), size))
-        await asyncio.to_thread(fsync_replace, tmp, target)
+        await asyncio.to_thread(fsync_file, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         raise
     report(size, size)
     actual = target.stat().st_blocks * 512
@@ -260,7 +261,7 @@ async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_f
                                  direct=direct, out_options=out_options)
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+        stdin=asyncio.subprocess.DEVNULL, start_new_session=True, pass_fds=fds_in(args))
     try:
         stderr_task = asyncio.ensure_future(proc.stderr.read())
         await _read_progress(proc.stdout, on_fraction)

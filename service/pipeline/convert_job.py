@@ -3,40 +3,37 @@
 Definition (the spec's `/convert` body):
     {"source_path": "/abs/vm.ovf" | "/abs/vm.ova" | "/abs/disk.vmdk",
      "output_path": "/abs/dir",
-     "conversion_options": {"format": "qcow2" | "raw", "compression": bool}}
-The kind of source is read from its content, not its name. Every disk an OVF/OVA
-references is converted into output_path; progress adds up over all of them in
-bytes of virtual size. Each finished disk is removed again if a later one fails.
+     "conversion_options": {"format": "qcow2" | "raw", "compression": bool,
+                            "source_format": "raw" | "vmdk" | ...}}
+source_path must lie inside `paths.sources`, output_path inside `paths.outputs`
+(service/confine.py). The kind of source is read from its content, not its name, and
+must agree with its name; a source that is only raw data is converted only when the
+caller says `source_format: "raw"` (service/pipeline/disk_format.py). Every disk an
+OVF/OVA references is converted into output_path through the job's staging
+directory; progress adds up over all of them in bytes of virtual size. If any disk
+fails, the disks that had landed are removed again.
 """
 from __future__ import annotations
 
 import asyncio
-import shutil
+from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..confine import OpenFile, check_source, open_output_dir, open_source, split_under
 from ..definitions import check_fields
-from ..errors import AlreadyExists, InvalidArgument
+from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
+from ..staging import Staging
 from .convert import OUTPUT_FORMATS, convert_image, inspect_source
+from .disk_format import SOURCE_FORMATS, check_claimed_format
 from .ova import extract_ova, verify_manifest
 from .ovf import OvfInfo, parse_ovf
 from .threads import run_stoppable
+from .vmdk import external_files
 
 FIELDS = ("source_path", "output_path", "conversion_options")
-OPTION_FIELDS = ("format", "compression")
-
-
-def _absolute_path(definition: dict, field: str) -> Path:
-    value = definition.get(field)
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(field, "required, a path string")
-    path = PurePosixPath(value)
-    if not path.is_absolute():
-        raise InvalidArgument(field, "must be an absolute path")
-    if ".." in path.parts:
-        raise InvalidArgument(field, "must not contain '..' components")
-    return Path(value)
+OPTION_FIELDS = ("format", "compression", "source_format")
 
 
 def sniff_source(path: Path) -> str:
@@ -50,17 +47,33 @@ def sniff_source(path: Path) -> str:
     return "image"
 
 
-def _disk_paths(ovf_path: Path, info: OvfInfo) -> list[Path]:
-    paths = []
+def _disk_names(ovf_name: str, info: OvfInfo) -> list[str]:
+    """The file names of an OVF's disks: plain names next to the descriptor, each a disk
+    the OVF's References list (a Disk without a file is a blank disk: refused, since
+    there is nothing to convert and the VM would lose it silently)."""
+    names = []
     for disk in info.disks:
         if not disk.file_href:
-            continue
+            raise InvalidArgument("source_path", f"{ovf_name}: disk {disk.disk_id} has no file "
+                                  "(a blank disk); hypervisord converts only disks with data")
         rel = PurePosixPath(disk.file_href)
-        if rel.is_absolute() or ".." in rel.parts or "://" in disk.file_href:
-            raise InvalidArgument(str(ovf_path), f"disk file {disk.file_href!r} must be a "
-                                                 f"relative name next to the OVF")
-        paths.append(ovf_path.parent / rel)
-    return paths
+        if len(rel.parts) != 1 or "://" in disk.file_href or rel.name in (".", ".."):
+            raise InvalidArgument("source_path", f"{ovf_name}: disk file {disk.file_href!r} "
+                                                 "must be a plain name next to the OVF")
+        names.append(rel.name)
+    if not names:
+        raise InvalidArgument("source_path", f"{ovf_name}: the OVF describes no disks")
+    return names
+
+
+def stable_source(source: OpenFile, staging: Staging, field_name: str) -> Path:
+    """A race-free path to read `source` (and the extents a VMDK descriptor names) by,
+    valid while `source` stays open."""
+    path = staging.link_source(source, field_name)
+    for name in external_files(path):
+        with source.sibling(name, field_name) as extent:
+            staging.link_source(extent, field_name)
+    return path
 
 
 class ConvertKind(JobKind):
@@ -70,12 +83,11 @@ class ConvertKind(JobKind):
 
     def validate(self, definition: Any, submit: SubmitContext) -> dict:
         check_fields(definition, FIELDS)
-        source = _absolute_path(definition, "source_path")
-        output = _absolute_path(definition, "output_path")
-        if not source.is_file():
-            raise InvalidArgument("source_path", "no such file")
-        if output.exists() and not output.is_dir():
-            raise InvalidArgument("output_path", "exists and is not a directory")
+        paths = submit.config.paths
+        source = check_source(definition.get("source_path"), paths.sources, "source_path")
+        root, relative = split_under(definition.get("output_path"), paths.outputs,
+                                     "output_path", "output")
+        output = root / relative
         options = check_fields(definition.get("conversion_options", {}), OPTION_FIELDS,
                                prefix="conversion_options.")
         fmt = options.get("format", submit.config.hyper2kvm.default_format)
@@ -87,54 +99,64 @@ class ConvertKind(JobKind):
             raise InvalidArgument("conversion_options.compression", "must be true or false")
         if compression and fmt != "qcow2":
             raise InvalidArgument("conversion_options.compression", "only qcow2 can be compressed")
-        return {"source_path": str(source), "output_path": str(output),
-                "conversion_options": {"format": fmt, "compression": compression}}
+        source_format = options.get("source_format", "")
+        if source_format not in ("", *SOURCE_FORMATS):
+            raise InvalidArgument("conversion_options.source_format",
+                                  f"must be one of {', '.join(SOURCE_FORMATS)}")
+        result = {"format": fmt, "compression": compression}
+        if source_format:
+            result["source_format"] = source_format
+        return {"source_path": source, "output_path": str(output),
+                "conversion_options": result}
 
     def describe(self, definition: dict) -> dict:
         return {"vm": Path(definition.get("source_path", "")).stem, "provider": ""}
 
     async def run(self, ctx: JobContext) -> dict:
         definition = ctx.definition
-        source = Path(definition["source_path"])
-        output = Path(definition["output_path"])
-        options = definition["conversion_options"]
-        if not output.exists():
-            output.mkdir(parents=True, mode=0o755)
-            ctx.add_cleanup(output)
-        kind = await asyncio.to_thread(sniff_source, source)
-        info: OvfInfo | None = None
-        scratch: Path | None = None
-        extracted = 0
-        try:
-            if kind == "ova":
-                scratch = output / f".{source.stem}.ova-extract"
-                ctx.add_cleanup(scratch)
-                ovf_path, extracted = await self._extract(ctx, source, scratch)
-            elif kind == "ovf":
-                ovf_path = source
-                checked = await asyncio.to_thread(verify_manifest, source.parent)
-                ctx.log(f"manifest: {len(checked)} files checked" if checked
-                        else "no .mf manifest next to the OVF; digests not checked")
-            if kind in ("ova", "ovf"):
-                info = await asyncio.to_thread(parse_ovf, ovf_path)
-                disks = _disk_paths(ovf_path, info)
-            else:
-                disks = [source]
-            converted = await self._convert_all(ctx, disks, output, options, extracted)
-        finally:
-            if scratch is not None:
-                await asyncio.to_thread(shutil.rmtree, scratch, True)
-        ctx.keep(output)
-        return {"disks": converted, "ovf": info.to_dict() if info else None,
-                "output_path": str(output)}
+        paths = ctx.config.paths
+        with ExitStack() as files:  # what the job opened, closed when it ends
+            source = files.enter_context(await asyncio.to_thread(
+                open_source, definition["source_path"], paths.sources, "source_path"))
+            dest = await asyncio.to_thread(open_output_dir, definition["output_path"],
+                                           paths.outputs, "output_path")
+            return await self._run(ctx, source, ctx.staging(dest), files)
 
-    async def _extract(self, ctx: JobContext, source: Path, scratch: Path) -> tuple[Path, int]:
+    async def _run(self, ctx: JobContext, source: OpenFile, staging: Staging,
+                   files: ExitStack) -> dict:
+        options = ctx.definition["conversion_options"]
+        readable = await asyncio.to_thread(stable_source, source, staging, "source_path")
+        kind = await asyncio.to_thread(sniff_source, readable)
+        info: OvfInfo | None = None
+        extracted = 0
+        if kind == "ova":
+            ovf_path, extracted = await self._extract(ctx, readable, source.size,
+                                                      staging.path / "ova")
+            info = await asyncio.to_thread(parse_ovf, ovf_path)
+            disks = [ovf_path.parent / name for name in _disk_names(source.name, info)]
+        elif kind == "ovf":
+            info = await asyncio.to_thread(parse_ovf, readable)
+            disks = [await asyncio.to_thread(
+                stable_source, files.enter_context(source.sibling(name, "source_path")),
+                staging, "source_path") for name in _disk_names(source.name, info)]
+            checked = await asyncio.to_thread(verify_manifest, source, staging)
+            ctx.log(f"manifest: {len(checked)} files checked" if checked
+                    else "no .mf manifest next to the OVF; digests not checked")
+        else:
+            disks = [readable]
+        converted = await self._convert_all(ctx, disks, staging, options, extracted,
+                                            claimed=options.get("source_format", ""),
+                                            names=[source.name] if kind == "image" else None)
+        return {"disks": converted, "ovf": info.to_dict() if info else None,
+                "output_path": str(staging.dest.shown)}
+
+    async def _extract(self, ctx: JobContext, source: Path, size: int,
+                       scratch: Path) -> tuple[Path, int]:
         """Extract the OVA into scratch, progress in bytes of the OVA: (.ovf path, OVA size)."""
         loop = asyncio.get_running_loop()
-        size = source.stat().st_size
         ctx.set_stage("extract")
         ctx.set_total(size)
-        ctx.log(f"extracting {source.name} (checking its manifest)")
+        ctx.log(f"extracting {Path(ctx.definition['source_path']).name} (checking its manifest)")
 
         def log(message: str) -> None:
             loop.call_soon_threadsafe(ctx.log, message)
@@ -147,31 +169,36 @@ class ConvertKind(JobKind):
         ctx.set_done(size)
         return ovf_path, size
 
-    async def _convert_all(self, ctx: JobContext, disks: list[Path], output: Path,
-                           options: dict, done_before: int) -> list[dict]:
+    async def _convert_all(self, ctx: JobContext, disks: list[Path], staging: Staging,
+                           options: dict, done_before: int, claimed: str,
+                           names: list[str] | None) -> list[dict]:
+        """Convert every disk into staging, then land each under its final name.
+
+        `names`: the names users know the disks by (the file names they gave), when
+        `disks` are paths through a staging link or an fd."""
         fmt = options["format"]
-        targets = [output / f"{disk.stem}.{fmt}" for disk in disks]
-        for target in targets:
-            if target.exists():
-                raise AlreadyExists(f"{target}: already exists; not overwritten")
-        if len(set(targets)) != len(targets):
+        shown = names or [disk.name for disk in disks]
+        finals = [f"{PurePosixPath(name).stem}.{fmt}" for name in shown]
+        if len(set(finals)) != len(finals):
             raise InvalidArgument("source_path", "two disks would convert to the same file name")
         # Check every disk before converting any, so a bad one fails the job early.
-        sizes = [int((await asyncio.to_thread(inspect_source, disk))["virtual-size"])
-                 for disk in disks]
+        sizes = []
+        for disk, name in zip(disks, shown):
+            info = await asyncio.to_thread(inspect_source, disk)
+            check_claimed_format(info["format"], int(info["virtual-size"]), name, claimed,
+                                 "source_path", "conversion_options.source_format")
+            sizes.append(int(info["virtual-size"]))
         ctx.set_total(done_before + sum(sizes))
         ctx.set_stage("convert")
         results, base = [], done_before
-        for disk, target, size in zip(disks, targets, sizes):
-            ctx.log(f"converting {disk.name} -> {target.name}")
+        for disk, name, final, size in zip(disks, shown, finals, sizes):
+            ctx.log(f"converting {name} -> {final}")
             image = await convert_image(
-                disk, target, out_format=fmt, compress=options["compression"],
+                disk, staging.path / final, out_format=fmt, compress=options["compression"],
                 on_progress=lambda done, _total, b=base: ctx.set_done(b + done), log=ctx.log)
-            ctx.add_cleanup(target)
-            results.append(image.to_dict())
+            landed = await asyncio.to_thread(staging.land, final)
+            results.append({**image.to_dict(), "path": str(landed)})
             base += size
-        for target in targets:
-            ctx.keep(target)
         return results
 
 

@@ -29,16 +29,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..confine import OpenDir, open_dir, split_under
 from ..errors import AlreadyExists, Failed, InvalidArgument
 from ..definitions import check_fields
-from ..files import write_atomic
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
+from ..staging import Staging
 from ..providers.base import ExportedDisk, ExportOptions, VMInfo
 from . import handoff, overlap, ovf_writer
 from .ovf_writer import safe_name
 from .convert import run_qemu_img_convert
 from .diskspace import check_free_space
-from .download import file_sha256, temp_path_for
+from .download import file_sha256
 
 METHODS = ("ova", "ovf", "disk")
 FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options",
@@ -81,21 +82,25 @@ def _check_options(options: Any) -> dict:
 def resolve_export_path(value: Any, base_path: str) -> Path:
     """The absolute export directory for `value`, which must stay under base_path.
 
-    A relative value is taken relative to base_path. `..` components are refused
-    outright; symlinks are resolved and the result must still lie inside the
-    (resolved) base, so neither a link nor an absolute path can lead elsewhere.
+    A relative value is taken relative to base_path; `..` components are refused
+    outright and the base itself is not an export directory. Below the base the
+    directory is opened by the kernel beneath it (service/confine.py), so a symlink
+    cannot lead elsewhere either.
     """
     if not isinstance(value, str) or not value.strip():
         raise InvalidArgument("export_path", "a non-empty path under export.base_path")
-    if ".." in Path(value).parts:
-        raise InvalidArgument("export_path", "must not contain '..'")
-    base = Path(base_path).resolve()
-    candidate = Path(value) if os.path.isabs(value) else Path(base_path) / value
-    resolved = candidate.resolve()
-    if resolved == base or not resolved.is_relative_to(base):
-        raise InvalidArgument("export_path", f"must lie inside export.base_path ({base}); "
-                                             f"{value!r} resolves to {resolved}")
-    return resolved
+    candidate = value if os.path.isabs(value) else os.path.join(base_path, value)
+    root, relative = split_under(candidate, [base_path], "export_path", "export.base_path")
+    if not relative:
+        raise InvalidArgument("export_path", f"must lie inside export.base_path ({root}), "
+                                             "not be the base itself")
+    return root / relative
+
+
+def _open_export_dir(definition: dict, base_path: str) -> OpenDir:
+    path = resolve_export_path(definition["export_path"], base_path)
+    return open_dir(Path(base_path), str(path.relative_to(base_path)), "export_path",
+                    create=True)
 
 
 class ExportKind(JobKind):
@@ -137,39 +142,34 @@ class ExportKind(JobKind):
 
     async def _run(self, ctx: JobContext, streaming: overlap.StreamConversions) -> dict:
         definition = ctx.definition
-        export_dir = resolve_export_path(definition["export_path"], ctx.config.export.base_path)
         method = definition["export_method"]
         provider = await ctx.providers.get(definition["provider"])
         ctx.set_stage("discovery")
         vm = await provider.get_vm(definition["vm_identifier"])
+        dest = await asyncio.to_thread(_open_export_dir, definition,
+                                       ctx.config.export.base_path)
+        staging = ctx.staging(dest)
         ctx.log(f"exporting {vm.name} ({vm.identifier}, {len(vm.disks)} disk(s)) as {method} "
-                f"to {export_dir}")
-        await asyncio.to_thread(export_dir.mkdir, parents=True, exist_ok=True)
-        _refuse_existing(export_dir, _package_names(vm, method))
+                f"to {dest.shown}")
+        _refuse_existing(staging, _package_names(vm, method))
         disk_bytes = sum(d.capacity_bytes for d in vm.disks)
         needed = disk_bytes * (2 if method == "ova" else 1)
-        check_free_space(export_dir, needed, f"exporting {vm.name} as {method}")
-        staging = export_dir / f".staging-{ctx.job_id}"
-        ctx.add_cleanup(staging)
-        await asyncio.to_thread(staging.mkdir, exist_ok=True)  # a retried attempt reuses it
-        handoff.enable_streaming(ctx, vm, definition["hyper2kvm_integration"], streaming)
+        check_free_space(staging.path, needed, f"exporting {vm.name} as {method}")
+        await handoff.enable_streaming(ctx, vm, definition["hyper2kvm_integration"], streaming)
         ctx.set_stage("export")
-        vm, disks = await provider.export_disks(vm.identifier, staging,
+        vm, disks = await provider.export_disks(vm.identifier, staging.path,
                                                 _export_options(definition, ctx, streaming), ctx)
         ctx.set_stage("package")
         if method in ("ova", "ovf"):
             compress = definition["options"]["compress"]
             disks = [await to_ovf_disk(ctx, disk, compress) for disk in disks]
-        outputs = await _package(ctx, vm, disks, method, staging, export_dir,
+        outputs = await _package(ctx, vm, disks, method, staging,
                                  definition["options"]["remove_cdrom"],
                                  definition["hyper2kvm_integration"]["enabled"])
-        integration = await handoff.run_integration(ctx, vm, outputs["disks"], export_dir,
+        integration = await handoff.run_integration(ctx, vm, disks, dest.shown,
                                                     definition["hyper2kvm_integration"],
-                                                    streaming)
-        await asyncio.to_thread(shutil.rmtree, staging, True)
-        for path in (staging, *outputs["files"]):
-            ctx.keep(path)
-        return _result(vm, method, export_dir, outputs, integration)
+                                                    streaming, landed=outputs["disks"])
+        return _result(vm, method, dest.shown, outputs, integration)
 
 
 def _export_options(definition: dict, ctx: JobContext,
@@ -193,48 +193,54 @@ def _package_names(vm: VMInfo, method: str) -> list[str]:
             "disk": [f"{stem}.mf"]}[method]
 
 
-def _refuse_existing(export_dir: Path, names: list[str]) -> None:
-    existing = [name for name in names if (export_dir / name).exists()]
+def _refuse_existing(staging: Staging, names: list[str]) -> None:
+    """Fail early for names that landing would refuse at the end (after the download)."""
+    existing = [name for name in names if _exists(staging.dest, name)]
     if existing:
-        raise AlreadyExists(f"{export_dir} already holds {', '.join(existing)}; "
+        raise AlreadyExists(f"{staging.dest.shown} already holds {', '.join(existing)}; "
                             f"remove it or choose another export_path")
 
 
+def _exists(directory: OpenDir, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 async def _package(ctx: JobContext, vm: VMInfo, disks: list[ExportedDisk], method: str,
-                   staging: Path, export_dir: Path, remove_cdrom: bool,
-                   keep_disks: bool) -> dict:
-    """Write descriptor/manifest/archive; return the final files and disks."""
+                   staging: Staging, remove_cdrom: bool, keep_disks: bool) -> dict:
+    """Write descriptor, manifest and archive in staging and land the package; return the
+    landed files and disks (where others find them)."""
     stem = safe_name(vm.name)
     digests = {}
-    descriptor = staging / f"{stem}.ovf"
+    descriptor = staging.path / f"{stem}.ovf"
     if method in ("ova", "ovf"):
         data = await asyncio.to_thread(ovf_writer.build_ovf, vm, disks, remove_cdrom=remove_cdrom)
-        await asyncio.to_thread(write_atomic, descriptor, data)
+        await asyncio.to_thread(staging.write, descriptor.name, data)
         digests[descriptor.name] = hashlib.sha256(data).hexdigest()
     digests.update({d.path.name: d.sha256 for d in disks})
-    manifest = staging / f"{stem}.mf"
-    await asyncio.to_thread(write_atomic, manifest, ovf_writer.manifest_text(digests))
+    manifest = staging.path / f"{stem}.mf"
+    await asyncio.to_thread(staging.write, manifest.name, ovf_writer.manifest_text(digests))
     ctx.log(f"manifest {manifest.name}: SHA-256 of {len(digests)} file(s)")
     if method == "ova":
-        ova = export_dir / f"{stem}.ova"
-        ctx.add_cleanup(ova)
+        ova = staging.path / f"{stem}.ova"
         members = [descriptor, manifest, *(d.path for d in disks)]
         ctx.add_total(sum(member.stat().st_size for member in members))
         await _write_ova(ctx, ova, members)
+        landed_ova = await asyncio.to_thread(staging.land, ova.name)
         ctx.log(f"wrote {ova.name} ({ova.stat().st_size} bytes)")
-        files, moved = [ova], disks
+        files, landed = [landed_ova], disks
         if keep_disks:  # the hand-off reads disk files, not the archive
-            moved = await _move_disks(ctx, disks, export_dir)
-            files += [d.path for d in moved]
-        return {"files": files, "disks": moved, "ova": ova, "ovf": None, "manifest": None}
-    moved = await _move_disks(ctx, disks, export_dir)
-    finals = []
-    for source in ([manifest] if method == "disk" else [descriptor, manifest]):
-        target = export_dir / source.name
-        ctx.add_cleanup(target)
-        await asyncio.to_thread(os.replace, source, target)
-        finals.append(target)
-    return {"files": [*finals, *(d.path for d in moved)], "disks": moved, "ova": None,
+            landed = await _land_disks(staging, disks)
+            files += [d.path for d in landed]
+        return {"files": files, "disks": landed, "ova": landed_ova, "ovf": None,
+                "manifest": None}
+    landed = await _land_disks(staging, disks)
+    finals = [await asyncio.to_thread(staging.land, source.name)
+              for source in ([manifest] if method == "disk" else [descriptor, manifest])]
+    return {"files": [*finals, *(d.path for d in landed)], "disks": landed, "ova": None,
             "ovf": finals[0] if method == "ovf" else None, "manifest": finals[-1]}
 
 
@@ -247,7 +253,7 @@ async def to_ovf_disk(ctx: JobContext, disk: ExportedDisk, compress: bool) -> Ex
     if disk.format not in QEMU_INPUT_FORMATS:
         raise Failed(f"{disk.path.name}: cannot put a {disk.format} disk into an OVF package")
     target = disk.path.with_suffix(".vmdk")
-    temp = temp_path_for(target)
+    temp = disk.path.with_suffix(".vmdk.partial")
     ctx.add_total(disk.capacity_bytes)
     done = 0
 
@@ -282,16 +288,10 @@ async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:
     await asyncio.to_thread(ovf_writer.write_ova, ova, members, on_bytes)
 
 
-async def _move_disks(ctx: JobContext, disks: list[ExportedDisk],
-                      export_dir: Path) -> list[ExportedDisk]:
-    _refuse_existing(export_dir, [disk.path.name for disk in disks])
-    moved = []
-    for disk in disks:
-        target = export_dir / disk.path.name
-        ctx.add_cleanup(target)
-        await asyncio.to_thread(os.replace, disk.path, target)
-        moved.append(dataclasses.replace(disk, path=target))
-    return moved
+async def _land_disks(staging: Staging, disks: list[ExportedDisk]) -> list[ExportedDisk]:
+    _refuse_existing(staging, [disk.path.name for disk in disks])
+    return [dataclasses.replace(disk, path=await asyncio.to_thread(staging.land, disk.path.name))
+            for disk in disks]
 
 
 def _disk_entry(disk: ExportedDisk, ova: Path | None) -> dict:

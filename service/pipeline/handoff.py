@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..definitions import check_fields
 from ..errors import AlreadyExists, InvalidArgument
-from .convert import ConvertedImage, convert_image
+from ..confine import open_dir
+from ..staging import Staging
+from .convert import convert_image
 from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                          serial_log_beside)
 from .hyper2kvm import UnitState, unit_name, unit_state, wait_for_output
@@ -94,21 +96,25 @@ def validate_integration(block: Any, config: "Config") -> dict:
     return result
 
 
-def enable_streaming(ctx: "JobContext", vm: "VMInfo", integration: dict,
-                     streaming: StreamConversions) -> None:
+async def enable_streaming(ctx: "JobContext", vm: "VMInfo", integration: dict,
+                           streaming: StreamConversions) -> None:
     """When the Direct Pipeline will convert, let `streaming` start while the disks download."""
     if integration["enabled"] and not integration["daemon_mode"]:
-        streaming.enable(_make_output_dir(ctx, vm), integration["format"],
+        streaming.enable(await _output_staging(ctx, vm), integration["format"],
                          _compress(integration))
 
 
 async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
                           export_dir: Path, integration: dict,
-                          streamed: StreamConversions | None = None) -> dict:
+                          streamed: StreamConversions | None = None,
+                          landed: "list[ExportedDisk] | None" = None) -> dict:
     """Run the hand-off chosen by `integration` (from validate_integration).
 
     Returns the job result's section: `mode` (export-only, daemon, builtin,
     builtin-fallback), the manifest path, the converted disks and the domain.
+    `disks` are the exported disks where the job reads them (its staging directory),
+    `landed` the same disks where the export put them for others (the daemon;
+    default: `disks`).
     `streamed` holds the conversions that ran during the export (builtin mode).
     With import_to_kvm, libvirt is asked first whether the name, UUID and network
     are usable, so an hour of conversion is not wasted on a name that is taken.
@@ -127,7 +133,7 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
     if integration["daemon_mode"]:
         state = await _daemon_state(ctx.config, integration["instance"])
         if state.active:
-            result = await _hand_off(ctx, vm, disks, integration, state.unit)
+            result = await _hand_off(ctx, vm, landed or disks, integration, state.unit)
         else:
             ctx.log(f"{state.describe()}: converting with the built-in converter instead",
                     "warning")
@@ -155,13 +161,15 @@ def _vm_output_dir(config: "Config", vm: "VMInfo") -> Path:
     return Path(config.hyper2kvm.output_dir) / safe_name(vm.name)
 
 
-def _make_output_dir(ctx: "JobContext", vm: "VMInfo") -> Path:
-    """output_dir/<vm>/, created (and removed if the job fails) unless it exists."""
-    out_dir = _vm_output_dir(ctx.config, vm)
-    if not out_dir.exists():
-        out_dir.mkdir(parents=True)
-        ctx.add_cleanup(out_dir)
-    return out_dir
+async def _output_staging(ctx: "JobContext", vm: "VMInfo",
+                          streamed: StreamConversions | None = None) -> Staging:
+    """The job's staging in output_dir/<vm>/ (created, and removed again if the job fails,
+    unless it exists): the one the stream conversions use, when they run."""
+    if streamed is not None and streamed.staging is not None:
+        return streamed.staging
+    dest = await asyncio.to_thread(open_dir, Path(ctx.config.hyper2kvm.output_dir),
+                                   safe_name(vm.name), "hyper2kvm.output_dir", create=True)
+    return ctx.staging(dest)
 
 
 async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
@@ -174,12 +182,12 @@ async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]"
                               export_method=str(ctx.definition.get("export_method", "")),
                               hypersdk_version=__version__)
     ctx.set_stage("handoff")
-    watch_dir = Path(settings.watch_dir) / integration["instance"]
+    watch = await asyncio.to_thread(open_dir, Path(settings.watch_dir), integration["instance"],
+                                    "hyper2kvm.watch_dir", create=True)
     handed_off_at = time.time()
-    path = await asyncio.to_thread(write_manifest, manifest, watch_dir, vm.name)
-    # A job that fails or is cancelled withdraws its manifest, so a daemon that has not
-    # picked it up yet does not convert for a job that no longer exists.
-    ctx.add_cleanup(path)
+    # A job that fails or is cancelled withdraws its manifest (it landed through the job's
+    # staging), so a daemon that has not picked it up yet does not convert for nothing.
+    path = await asyncio.to_thread(write_manifest, manifest, ctx.staging(watch), vm.name)
     ctx.log(f"handed off to {unit.removesuffix('.service')}: manifest {path}")
     ctx.set_stage("waiting for hyper2kvm")
     expected = [out_dir / f"{disk['id']}.{fmt}" for disk in manifest["disks"]]
@@ -200,30 +208,30 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
                            streamed: StreamConversions | None = None) -> dict:
     """The Direct Pipeline: convert every disk into output_dir/<vm>/, then maybe import.
     Disks `streamed` converted during the export are only moved to their names."""
-    out_dir = _vm_output_dir(ctx.config, vm)
+    staging = await _output_staging(ctx, vm, streamed)
+    out_dir = staging.dest.shown
     fmt = integration["format"]
     ordered = boot_sorted(disks)
-    targets = [out_dir / f"{disk_id}.{fmt}" for disk_id in disk_ids(ordered)]
-    for target in targets:
-        if target.exists():
-            raise AlreadyExists(f"{target} already exists (an earlier conversion of this VM?); "
-                                "it is left untouched: move it away or rename the VM")
-    _make_output_dir(ctx, vm)
+    finals = [f"{disk_id}.{fmt}" for disk_id in disk_ids(ordered)]
+    for final in finals:
+        if _exists_in(staging, final):
+            raise AlreadyExists(f"{out_dir / final} already exists (an earlier conversion of "
+                                "this VM?); it is left untouched: move it away or rename the VM")
     ctx.set_stage("convert")
     done = await streamed.results() if streamed is not None else {}
     counted = streamed.counted if streamed is not None else set()
     ctx.add_total(sum(disk.capacity_bytes for disk in ordered if disk.key not in counted))
     converted = []
-    for disk, target in zip(ordered, targets):
-        ctx.add_cleanup(target)
+    for disk, final in zip(ordered, finals):
         if disk.key in done:
-            image = await asyncio.to_thread(_move_image, done[disk.key], target)
+            image = done[disk.key]
         else:
-            image = await convert_image(disk.path, target, out_format=fmt,
+            image = await convert_image(disk.path, staging.path / final, out_format=fmt,
                                         compress=_compress(integration),
                                         on_progress=JobProgress(ctx, disk.capacity_bytes),
                                         log=ctx.log)
-        converted.append(image)
+        landed = await asyncio.to_thread(staging.land, image.path.name, final)
+        converted.append(dataclasses.replace(image, path=landed))
     ctx.log(f"converted {len(converted)} disk(s) into {out_dir}")
     result = {"mode": "builtin", "output_dir": str(out_dir),
               "disks": [image.to_dict() for image in converted]}
@@ -237,9 +245,12 @@ def _compress(integration: dict) -> bool:
     return integration["compression"] and integration["format"] == "qcow2"
 
 
-def _move_image(image: ConvertedImage, target: Path) -> ConvertedImage:
-    os.replace(image.path, target)
-    return dataclasses.replace(image, path=target)
+def _exists_in(staging: Staging, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=staging.dest.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]],

@@ -2,8 +2,14 @@
 
 The definition is the spec's `/import-to-kvm` body — vm_name, disk_path (or
 disk_paths, boot disk first), memory_mb, vcpus, network, autostart — plus the
-optional firmware, os_type, uuid and start. `network: ""` means no NIC. The libvirt
-URI comes from the config (`libvirt.uri`), never from the caller.
+optional firmware, os_type, uuid, start and disk_format (say "raw" to import raw
+disks: service/pipeline/disk_format.py). `network: ""` means no NIC. The libvirt URI
+comes from the config (`libvirt.uri`), never from the caller.
+
+Disks must lie inside `paths.sources` and in a directory only root can change:
+libvirt and QEMU open a disk by its path (and libvirt hands it to the QEMU user), so
+a path through a directory others can write could be pointed at any file on the
+host after it was checked. /convert's output directories qualify.
 """
 from __future__ import annotations
 
@@ -11,19 +17,23 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from ..confine import check_source, open_source, real_path
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
-from .convert import detect_format
+from .convert import image_info
+from .disk_format import check_claimed_format
 from .domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec,
                          serial_log_beside)
-from .libvirt_import import import_domain, preflight
+from .libvirt_import import check_disk_for_libvirt, import_domain, preflight
 
 _FIELDS: dict[str, type] = {
     "vm_name": str, "disk_path": str, "disk_paths": list, "memory_mb": int, "vcpus": int,
     "network": str, "autostart": bool, "start": bool, "firmware": str, "os_type": str,
-    "uuid": str,
+    "uuid": str, "disk_format": str,
 }
 _REQUIRED = ("vm_name", "memory_mb")
+MAX_MEMORY_MB = 16 << 20  # 16 TiB, QEMU's x86_64 limit is above what any host has
+MAX_VCPUS = 4096
 
 
 class ImportKind(JobKind):
@@ -46,7 +56,7 @@ class ImportKind(JobKind):
                 raise InvalidArgument(key, "required")
         result = {
             "vm_name": definition["vm_name"],
-            "disk_paths": _disk_paths(definition),
+            "disk_paths": _disk_paths(definition, submit.config.paths.sources),
             "memory_mb": definition["memory_mb"],
             "vcpus": definition.get("vcpus", 1),
             "network": definition.get("network", submit.config.libvirt.network),
@@ -55,7 +65,14 @@ class ImportKind(JobKind):
             "firmware": definition.get("firmware", "bios"),
             "os_type": definition.get("os_type", "unknown"),
             "uuid": definition.get("uuid", ""),
+            "disk_format": definition.get("disk_format", ""),
         }
+        if result["disk_format"] not in ("", *DISK_FORMATS):
+            raise InvalidArgument("disk_format", "one of " + ", ".join(DISK_FORMATS))
+        if result["memory_mb"] > MAX_MEMORY_MB:
+            raise InvalidArgument("memory_mb", f"an integer from 1 to {MAX_MEMORY_MB}")
+        if result["vcpus"] > MAX_VCPUS:
+            raise InvalidArgument("vcpus", f"an integer from 1 to {MAX_VCPUS}")
         check_spec(_spec(result, formats=["raw"] * len(result["disk_paths"])))
         return result
 
@@ -65,14 +82,12 @@ class ImportKind(JobKind):
         ctx.set_stage("import")
         await preflight(uri, definition["vm_name"], definition["uuid"],
                         [definition["network"]] if definition["network"] else [])
-        formats = [await asyncio.to_thread(detect_format, Path(path))
-                   for path in definition["disk_paths"]]
-        for path, fmt in zip(definition["disk_paths"], formats):
-            if fmt not in DISK_FORMATS:
-                raise InvalidArgument("disk_path", f"{path} is a {fmt} image; convert it to "
-                                      "qcow2 or raw first")
+        disks = [await asyncio.to_thread(_checked_disk, path, ctx.config.paths.sources,
+                                         definition["disk_format"])
+                 for path in definition["disk_paths"]]
+        definition = {**definition, "disk_paths": [str(path) for path, _fmt in disks]}
         ctx.log(f"defining domain {definition['vm_name']!r} at {uri}")
-        imported = await import_domain(uri, _spec(definition, formats),
+        imported = await import_domain(uri, _spec(definition, [fmt for _p, fmt in disks]),
                                        autostart=definition["autostart"],
                                        start=definition["start"])
         for note in imported.notes:
@@ -87,19 +102,28 @@ class ImportKind(JobKind):
 _TYPE_NAMES = {str: "string", list: "list of strings", int: "integer", bool: "true or false"}
 
 
-def _disk_paths(definition: dict) -> list[str]:
+def _disk_paths(definition: dict, roots: list[str]) -> list[str]:
     if ("disk_path" in definition) == ("disk_paths" in definition):
         raise InvalidArgument("disk_path", "give exactly one of disk_path or disk_paths")
     paths = definition.get("disk_paths") or [definition.get("disk_path")]
     field = "disk_paths" if "disk_paths" in definition else "disk_path"
     if not paths or not all(isinstance(p, str) and p for p in paths):
         raise InvalidArgument(field, "one or more file paths")
-    for path in paths:
-        if not Path(path).is_absolute():
-            raise InvalidArgument(field, f"{path!r} is not an absolute path")
-        if not Path(path).is_file():
-            raise InvalidArgument(field, f"{path} does not exist")
-    return paths
+    return [check_source(path, roots, field) for path in paths]
+
+
+def _checked_disk(value: str, roots: list[str], claimed: str) -> tuple[Path, str]:
+    """(real path, format) of a disk libvirt may be given by path (module docstring)."""
+    with open_source(value, roots, "disk_path") as disk:
+        path = real_path(disk.dir_fd) / disk.name
+        check_disk_for_libvirt(path)
+        info = image_info(disk.dir_path)
+        check_claimed_format(info["format"], int(info["virtual-size"]), disk.name, claimed,
+                             "disk_path", "disk_format")
+        if info["format"] not in DISK_FORMATS:
+            raise InvalidArgument("disk_path", f"{disk.shown} is a {info['format']} image; "
+                                  "convert it to qcow2 or raw first")
+        return path, info["format"]
 
 
 def _spec(definition: dict, formats: list[str]) -> DomainSpec:

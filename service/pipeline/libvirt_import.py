@@ -11,12 +11,15 @@ the new domain is undefined again so nothing half-imported is left behind.
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lxml import etree
 
-from ..errors import AlreadyExists, Failed, NotFound, Unavailable
+from ..confine import changeable_by_others
+from ..errors import AlreadyExists, Failed, InvalidArgument, NotFound, Unavailable
 from .domain_xml import DomainSpec, build_domain_xml, detect_domain_type, domain_notes
 
 
@@ -50,12 +53,30 @@ async def import_domain(uri: str, spec: DomainSpec, *, autostart: bool = False,
                         start: bool = False) -> ImportedDomain:
     """Build the XML for `spec` and define it at `uri`; optionally autostart and start it."""
     for disk in spec.disks:
-        if not Path(disk.path).is_file():
-            raise NotFound(f"disk {disk.path} does not exist")
+        await asyncio.to_thread(check_disk_for_libvirt, Path(disk.path))
     build_domain_xml(spec)  # refuse a bad spec before connecting
     name, uuid, domain_type = await asyncio.to_thread(_define, uri, spec, autostart, start)
     return ImportedDomain(name, uuid, uri, autostart, start, domain_notes(spec),
                           str(spec.serial_log or ""), domain_type)
+
+
+def check_disk_for_libvirt(path: Path) -> None:
+    """A disk libvirt may be given: a regular file (not a link) in a directory only root
+    can change. libvirt, virtlogd and QEMU open disks and the serial log beside them by
+    path, following links, and libvirt hands the disk to the QEMU user: a path through a
+    directory others can write could be pointed at any file on the host once checked."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise NotFound(f"disk {path} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgument("disk_path", f"{path} is not a regular file")
+    unsafe = changeable_by_others(path.parent)
+    if unsafe is not None:
+        raise InvalidArgument("disk_path", f"{path}: {unsafe} can be changed by users other "
+                              "than root, and libvirt opens disks by path; import disks from "
+                              "a directory only root can write (such as the output of "
+                              "/convert)")
 
 
 async def preflight(uri: str, name: str, uuid: str, networks: list[str]) -> None:

@@ -1,9 +1,9 @@
 """Artifact Manifest v1.0: the file that hands an exported VM to the hyper2kvm daemon.
 
 The contract is `/work/shared/spec/artifact-manifest-v1.md` as hyper2kvm 0.2.1's
-loader checks it. The daemon reacts to new `*.json` files and skips names that
-start with `.`, so the manifest is written under a dot name, fsynced and renamed;
-each attempt gets a new name because the daemon never reprocesses a name.
+loader checks it. The daemon reacts to new `*.json` files, so the manifest is
+written in the job's staging directory and lands whole (service/staging.py); each
+attempt gets a new name because the daemon never reprocesses a name.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import Failed
-from ..files import write_atomic
+from ..staging import Staging
 from ..providers.base import ExportedDisk, VMInfo
 from .domain_xml import guest_family
 from .ovf_writer import safe_name
@@ -97,17 +97,17 @@ def _disk_entry(disk: ExportedDisk, disk_id: str, position: int) -> dict:
     return entry
 
 
-def write_manifest(manifest: dict, directory: Path, vm_name: str) -> Path:
-    """Write `manifest` atomically into `directory` under a name no earlier attempt used."""
+def write_manifest(manifest: dict, staging: Staging, vm_name: str) -> Path:
+    """Land `manifest` in the staging's directory under a name no earlier attempt used
+    (blocking); returns its path."""
     job = safe_name(manifest.get("metadata", {}).get("job_id", ""))
     name = f"{safe_name(vm_name)}-{job}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.json"
     data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        write_atomic(directory / name, data)
+        staging.write(name, data)
+        return staging.land(name)
     except OSError as exc:
-        raise Failed(f"cannot write the hyper2kvm manifest into {directory}: "
+        raise Failed(f"cannot write the hyper2kvm manifest into {staging.dest.shown}: "
                      f"{exc.strerror or exc}") from exc
-    return directory / name
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from ..confine import OpenFile
 from ..errors import AlreadyExists, Cancelled, Failed, InvalidArgument
 
 COPY_CHUNK = 1 << 20
@@ -31,18 +32,27 @@ _MF_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9a-fA-F]+)\s*
 LogFn = Callable[[str], None]
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+
+
 def parse_manifest(path: Path) -> dict[str, tuple[str, str]]:
     """`{file name: (algorithm, hex digest)}` from an OVF `.mf` file."""
+    with open(path, "rb") as fh:
+        return parse_manifest_text(fh.read(MAX_MANIFEST_BYTES + 1), str(path))
+
+
+def parse_manifest_text(data: bytes, where: str) -> dict[str, tuple[str, str]]:
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise InvalidArgument(where, f"a manifest larger than {MAX_MANIFEST_BYTES} bytes")
     entries: dict[str, tuple[str, str]] = {}
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            match = _MF_LINE.match(line.strip())
-            if not match:
-                raise InvalidArgument(str(path), f"line {lineno} is not 'SHA256(file)= digest'")
-            alg, name, digest = match.groups()
-            entries[_safe_name(name, str(path)).as_posix()] = (alg, digest.lower())
+    for lineno, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        match = _MF_LINE.match(line.strip())
+        if not match:
+            raise InvalidArgument(where, f"line {lineno} is not 'SHA256(file)= digest'")
+        alg, name, digest = match.groups()
+        entries[_safe_name(name, where).as_posix()] = (alg, digest.lower())
     return entries
 
 
@@ -103,10 +113,14 @@ def _copy_hashed(src, dest: Path, algorithms: list[str], watch: _Watch) -> dict[
 
 
 def hash_file(path: Path, algorithm: str) -> str:
-    hasher = HASHES[algorithm]()
     with open(path, "rb") as fh:
-        while chunk := fh.read(COPY_CHUNK):
-            hasher.update(chunk)
+        return hash_stream(fh, algorithm)
+
+
+def hash_stream(fh, algorithm: str) -> str:
+    hasher = HASHES[algorithm]()
+    while chunk := fh.read(COPY_CHUNK):
+        hasher.update(chunk)
     return hasher.hexdigest()
 
 
@@ -123,20 +137,23 @@ def _check_digests(root: Path, manifest: dict[str, tuple[str, str]],
                          f"{expected}, the file has {actual}")
 
 
-def verify_manifest(directory: Path) -> dict[str, str]:
-    """Check every file the directory's `.mf` lists; return {name: algorithm}.
-
-    A directory without a manifest verifies nothing and returns {}; more than one
-    manifest is refused.
-    """
-    directory = Path(directory)
-    manifests = sorted(directory.glob("*.mf"))
-    if not manifests:
+def verify_manifest(ovf: OpenFile, field_name: str = "source_path") -> dict[str, str]:
+    """Check every file the OVF's manifest (`<ovf stem>.mf` next to it) lists; return
+    {name: algorithm}, or {} when there is no manifest. Each file is opened next to
+    the OVF without following links, and hashed from the opened file."""
+    manifest_name = PurePosixPath(ovf.name).stem + ".mf"
+    if not ovf.has_sibling(manifest_name):
         return {}
-    if len(manifests) > 1:
-        raise InvalidArgument(str(directory), "more than one .mf manifest")
-    manifest = parse_manifest(manifests[0])
-    _check_digests(directory, manifest, {}, str(directory))
+    with ovf.sibling(manifest_name, field_name) as mf, os.fdopen(os.dup(mf.fd), "rb") as fh:
+        manifest = parse_manifest_text(fh.read(MAX_MANIFEST_BYTES + 1), str(mf.shown))
+    for name, (alg, expected) in manifest.items():
+        if "/" in name or not ovf.has_sibling(name):
+            raise Failed(f"{ovf.shown}: {name} is listed in the manifest but not present")
+        with ovf.sibling(name, field_name) as listed, os.fdopen(os.dup(listed.fd), "rb") as fh:
+            actual = hash_stream(fh, alg)
+        if actual != expected:
+            raise Failed(f"{ovf.shown}: {name}: {alg} digest mismatch: the manifest says "
+                         f"{expected}, the file has {actual}")
     return {name: alg for name, (alg, _d) in manifest.items()}
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import Failed
+from ..staging import Staging
 from . import streamopt
 from .convert import ConvertedImage, convert_image
 from .ovf_writer import safe_name
@@ -148,19 +149,19 @@ class StreamConversions:
 
     def __init__(self, ctx: "JobContext") -> None:
         self.ctx = ctx
-        self.out_dir: Path | None = None
+        self.staging: Staging | None = None
         self.out_format = "qcow2"
         self.compress = False
         self.feeds: dict[str, DiskFeed] = {}
         self.counted: set[str] = set()  # disks whose capacity is in the job's total already
 
-    def enable(self, out_dir: Path, out_format: str, compress: bool) -> None:
-        """Convert into `out_dir` (which exists) as the disks download."""
-        self.out_dir, self.out_format, self.compress = out_dir, out_format, compress
+    def enable(self, staging: Staging, out_format: str, compress: bool) -> None:
+        """Convert into `staging` (the output directory's) as the disks download."""
+        self.staging, self.out_format, self.compress = staging, out_format, compress
 
     @property
     def enabled(self) -> bool:
-        return self.out_dir is not None
+        return self.staging is not None
 
     def running(self) -> int:
         return sum(1 for feed in self.feeds.values()
@@ -168,10 +169,8 @@ class StreamConversions:
 
     def begin(self, disk: "DiskInfo", target: Path) -> DiskFeed:
         """A feed for the download of `disk` into `target` (the provider calls this)."""
-        assert self.out_dir is not None, "begin() before enable()"
-        name = safe_name(f"{self.ctx.job_id}-{disk.key}")
-        output = self.out_dir / f".{name}.streamed.{self.out_format}"
-        self.ctx.add_cleanup(output)
+        assert self.staging is not None, "begin() before enable()"
+        output = self.staging.path / f"{safe_name(disk.key)}.streamed.{self.out_format}"
         feed = DiskFeed(self, disk, Path(target), output)
         self.feeds[disk.key] = feed
         return feed
@@ -209,7 +208,8 @@ class StreamConversions:
         return images
 
     async def close(self) -> None:
-        """Stop what still runs and remove outputs nobody took (the job ends either way)."""
+        """Stop what still runs and remove outputs nobody took (the job ends either way;
+        what landed is the staging's to keep or remove)."""
         for feed in self.feeds.values():
             feed.stop()
         tasks = [feed.task for feed in self.feeds.values() if feed.task is not None]

@@ -18,9 +18,7 @@ from typing import IO, Callable
 from lxml import etree
 
 from ..errors import Failed
-from ..files import fsync_replace
 from ..providers.base import ExportedDisk, VMInfo
-from .download import temp_path_for
 from .vmdk import MAX_DESCRIPTOR_BYTES, SECTOR
 
 OVF = "http://schemas.dmtf.org/ovf/envelope/1"
@@ -219,16 +217,16 @@ class _CountingReader:
 
 
 def write_ova(target: Path, members: list[Path], on_bytes: Callable[[int], None]) -> None:
-    """Stream `members` (the .ovf first) into a tar at `target` (blocking).
+    """Stream `members` (the .ovf first) into a new tar at `target`, a name in the job's
+    staging directory (blocking; the caller lands it).
 
     PAX format: plain ustar headers, plus an extended header only for a member
     larger than ustar's 8 GiB limit.
     """
     if not members or members[0].suffix != ".ovf":
         raise ValueError("the OVF descriptor must be the first member of an OVA")
-    temp = temp_path_for(target)
     try:
-        with tarfile.open(temp, "w", format=tarfile.PAX_FORMAT,
+        with tarfile.open(target, "x", format=tarfile.PAX_FORMAT,
                           copybufsize=COPY_BUFFER) as tar:
             for member in members:
                 info = tar.gettarinfo(str(member), arcname=member.name)
@@ -237,7 +235,6 @@ def write_ova(target: Path, members: list[Path], on_bytes: Callable[[int], None]
                 info.mode = 0o644
                 with open(member, "rb") as handle:
                     tar.addfile(info, _CountingReader(handle, on_bytes))
-        fsync_replace(temp, target)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         raise

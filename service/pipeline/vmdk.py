@@ -9,10 +9,14 @@ file and the broken rule.
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import Failed, InvalidArgument
 
@@ -133,31 +137,58 @@ def parse_descriptor(path: Path, text: str) -> dict:
     return {"values": values, "extents": extents}
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """Open a VMDK file for reading without following a link at its name: a descriptor
+    or an extent that is a symlink (to a file the caller could not read) is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidArgument(str(path), "a symlink: refused") from None
+        if exc.errno == errno.ENOENT:
+            raise InvalidArgument(str(path), "no such file") from None
+        raise InvalidArgument(str(path), exc.strerror or str(exc)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(str(path), "not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def _extent_path(path: Path, name: str) -> Path:
-    rel = Path(name)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise InvalidArgument(str(path), f"extent file {name!r} must be a plain name next to the "
-                                         f"descriptor (no absolute path, no '..')")
-    return path.parent / rel
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidArgument(str(path), f"extent file {name!r} must be a plain file name in "
+                                         "the descriptor's directory")
+    return path.parent / name
+
+
+GD_CHUNK_ENTRIES = 16384  # grain directory entries read at a time (64 KiB)
 
 
 def grain_tables_complete(fh, header: SparseHeader, file_size: int) -> bool:
-    """True when every grain table and grain, up to the last one, lies inside the file."""
+    """True when every grain table and grain, up to the last one, lies inside the file.
+
+    The grain directory is read in chunks: a header may claim a capacity whose
+    directory has millions of entries, and memory must not grow with that claim."""
     gt_coverage = header.gtes_per_gt * header.grain_sectors
     num_gts = -(-header.capacity_sectors // gt_coverage)
-    fh.seek(header.gd_offset * SECTOR)
-    gd = fh.read(num_gts * 4)
-    if len(gd) != num_gts * 4:
+    if header.gd_offset * SECTOR + num_gts * 4 > file_size:
         return False
     last = 0
-    for gt_sector in struct.unpack(f"<{num_gts}I", gd):
-        if gt_sector == 0:
-            continue
-        if gt_sector * SECTOR + header.gtes_per_gt * 4 > file_size:
+    for first in range(0, num_gts, GD_CHUNK_ENTRIES):
+        count = min(GD_CHUNK_ENTRIES, num_gts - first)
+        fh.seek(header.gd_offset * SECTOR + first * 4)
+        chunk = fh.read(count * 4)
+        if len(chunk) != count * 4:
             return False
-        fh.seek(gt_sector * SECTOR)
-        last = max(last, *struct.unpack(f"<{header.gtes_per_gt}I",
-                                         fh.read(header.gtes_per_gt * 4)))
+        for gt_sector in struct.unpack(f"<{count}I", chunk):
+            if gt_sector == 0:
+                continue
+            if gt_sector * SECTOR + header.gtes_per_gt * 4 > file_size:
+                return False
+            fh.seek(gt_sector * SECTOR)
+            last = max(last, *struct.unpack(f"<{header.gtes_per_gt}I",
+                                             fh.read(header.gtes_per_gt * 4)))
     if last <= 1:  # no data, or only zero grains
         return True
     grain_end = last * SECTOR + header.grain_sectors * SECTOR
@@ -190,8 +221,8 @@ def read_footer(path: Path, fh, file_size: int) -> SparseHeader:
 
 def _sparse_extent_info(path: Path) -> tuple[SparseHeader, str | None, bool]:
     """Header, embedded descriptor text (or None) and completeness of one sparse extent."""
-    file_size = path.stat().st_size
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
+        file_size = os.fstat(fh.fileno()).st_size
         header = read_sparse_header(path, fh.read(SECTOR), file_size)
         text = None
         if header.descriptor_offset and header.descriptor_size:
@@ -214,7 +245,7 @@ def _sparse_extent_info(path: Path) -> tuple[SparseHeader, str | None, bool]:
 
 
 def _read_text_descriptor(path: Path) -> str:
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         data = fh.read(MAX_DESCRIPTOR_BYTES + 1)
     if len(data) > MAX_DESCRIPTOR_BYTES:
         raise InvalidArgument(str(path), "not a VMDK: no sparse header and larger than a text "
@@ -230,11 +261,8 @@ Embedded = tuple[Path, SparseHeader, bool]  # sparse file, its header, its compl
 
 
 def _check_extent(path: Path, extent: dict, embedded: Embedded | None, is_self: bool) -> None:
-    """Fill in present/complete for one extent, refusing headers that contradict it.
-
-    `is_self`: the extent is the sparse file holding the descriptor, whatever name
-    the descriptor records (an export renames the file; qemu-img ignores the name too).
-    """
+    """Fill in present/complete for one extent, refusing headers that contradict it
+    (`is_self`: see _is_self)."""
     if extent["type"] == "ZERO":
         extent.update(present=True, complete=True)
         return
@@ -242,13 +270,18 @@ def _check_extent(path: Path, extent: dict, embedded: Embedded | None, is_self: 
         target, header, complete = embedded
     else:
         target = _extent_path(path, extent["file"])
-        if not target.is_file():
+        try:
+            with open_regular(target) as fh:
+                size = os.fstat(fh.fileno()).st_size
+        except InvalidArgument as exc:
+            if exc.rule != "no such file":
+                raise
             extent.update(path=str(target), present=False, complete=False)
             return
         header, complete = None, True
     extent.update(path=str(target), present=True)
     if extent["type"] in ("FLAT", "VMFS"):
-        complete = target.stat().st_size >= extent["offset"] + extent["size_bytes"]
+        complete = size >= extent["offset"] + extent["size_bytes"]
     elif extent["type"] == "SPARSE":
         if header is None:
             header, _text, complete = _sparse_extent_info(target)
@@ -261,9 +294,7 @@ def _check_extent(path: Path, extent: dict, embedded: Embedded | None, is_self: 
 def parse_vmdk(path: Path) -> dict:
     """Metadata of a VMDK (descriptor file or sparse extent), reading headers only."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidArgument(str(path), "no such file")
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         head = fh.read(SECTOR)
     magic = struct.unpack_from("<I", head)[0] if len(head) >= 4 else 0
     header: SparseHeader | None = None
@@ -281,11 +312,8 @@ def parse_vmdk(path: Path) -> dict:
     desc = parse_descriptor(path, text)
     values = desc["values"]
     extents = desc["extents"]
-    sparse = [e for e in extents if e["type"] == "SPARSE"]
     for extent in extents:
-        is_self = extent["type"] == "SPARSE" and (
-            len(sparse) == 1 or Path(extent["file"]).name == path.name)
-        _check_extent(path, extent, embedded, is_self)
+        _check_extent(path, extent, embedded, _is_self(extent, extents, path))
     parent_cid = values.get("parentCID", NO_PARENT_CID).lower()
     parent = None
     if parent_cid != NO_PARENT_CID:
@@ -304,3 +332,32 @@ def parse_vmdk(path: Path) -> dict:
         "grain_size_bytes": header.grain_sectors * SECTOR if header else None,
         "complete": all(e["present"] and e["complete"] for e in extents),
     }
+
+
+def external_files(path: Path) -> list[str]:
+    """The files a VMDK names besides itself (its extents), from its descriptor alone;
+    [] for a single-file VMDK or a file that is not a VMDK at all."""
+    path = Path(path)
+    with open_regular(path) as fh:
+        head = fh.read(SECTOR)
+    if len(head) >= 4 and struct.unpack_from("<I", head)[0] == SPARSE_MAGIC:
+        _header, text, _complete = _sparse_extent_info(path)
+        if text is None:
+            return []
+    else:
+        try:
+            text = _read_text_descriptor(path)
+        except InvalidArgument:
+            return []  # not a descriptor: qemu-img will say what it is
+    embedded = len(head) >= 4 and struct.unpack_from("<I", head)[0] == SPARSE_MAGIC
+    extents = parse_descriptor(path, text)["extents"]
+    return [_extent_path(path, e["file"]).name for e in extents
+            if e["type"] != "ZERO" and not (embedded and _is_self(e, extents, path))]
+
+
+def _is_self(extent: dict, extents: list[dict], path: Path) -> bool:
+    """Whether a sparse file's descriptor `extent` is that file itself, whatever name the
+    descriptor records (an export renames the file; qemu-img ignores the name too)."""
+    sparse = [e for e in extents if e["type"] == "SPARSE"]
+    return extent["type"] == "SPARSE" and (len(sparse) == 1
+                                           or Path(extent["file"]).name == path.name)

@@ -27,6 +27,7 @@ import tempfile
 import threading
 from pathlib import Path, PurePosixPath
 
+from ..confine import OpenFile, open_source
 from ..errors import Failed, InvalidArgument, NotFound
 from ..pipeline.convert import detect_format
 from ..pipeline.ova import extract_ova, parse_manifest, verify_manifest
@@ -178,19 +179,25 @@ class OvaProvider(Provider):
 
     async def _from_ovf(self, path: Path, target_dir: Path, sink: ExportSink,
                         outputs: OutputFiles) -> tuple[VMInfo, list[ExportedDisk]]:
-        checked = await asyncio.to_thread(verify_manifest, path.parent)
-        sink.log(f"{path.name}: manifest checked ({len(checked)} files)" if checked else
-                 f"warning: {path.name}: no .mf manifest next to it, digests not checked")
-        info = await asyncio.to_thread(parse_ovf, path)
-        vm = self._vm_info(path, info)
-        sources = [_member(path.parent, disk.location, path) for disk in vm.disks]
-        sink.add_total(sum(s.stat().st_size for s in sources))
-        disks = []
-        for index, (disk, source) in enumerate(zip(vm.disks, sources)):
-            target = target_dir / _disk_name(vm.name, index, source)
-            sha256 = await _copy(source, target, sink)
-            outputs.add(target)
-            disks.append(await self._exported(target, disk, sha256))
+        with await asyncio.to_thread(open_source, str(path), self.config.ova.import_dirs,
+                                     "vm_identifier") as ovf:
+            checked = await asyncio.to_thread(verify_manifest, ovf, "vm_identifier")
+            sink.log(f"{path.name}: manifest checked ({len(checked)} files)" if checked else
+                     f"warning: {path.name}: no .mf manifest next to it, digests not checked")
+            info = await asyncio.to_thread(parse_ovf, ovf.dir_path)
+            vm = self._vm_info(path, info)
+            sources = [_sibling_disk(ovf, disk.location, path) for disk in vm.disks]
+            try:
+                sink.add_total(sum(source.size for source in sources))
+                disks = []
+                for index, (disk, source) in enumerate(zip(vm.disks, sources)):
+                    target = target_dir / _disk_name(vm.name, index, Path(source.name))
+                    sha256 = await _copy(source, target, sink)
+                    outputs.add(target)
+                    disks.append(await self._exported(target, disk, sha256))
+            finally:
+                for source in sources:
+                    source.close()
         return vm, disks
 
     async def _exported(self, target: Path, disk: DiskInfo, sha256: str) -> ExportedDisk:
@@ -217,16 +224,29 @@ def _read_descriptor(ova: Path, out: Path) -> None:
     raise InvalidArgument(str(ova), "the archive holds no .ovf descriptor")
 
 
-def _member(root: Path, href: str, where: Path) -> Path:
-    """The file an OVF `href` names inside `root`: relative, no '..', no link out."""
+def _plain_href(href: str, where: Path) -> str:
     rel = PurePosixPath(href)
-    if not href or rel.is_absolute() or ".." in rel.parts or "\\" in href or "://" in href:
+    if not href or len(rel.parts) != 1 or rel.name in (".", "..") or "\\" in href \
+            or "://" in href:
         raise InvalidArgument(str(where), f"disk file reference {href!r} is not a plain "
-                                          "relative name inside the package")
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()) or not path.is_file():
+                                          "file name inside the package")
+    return rel.name
+
+
+def _member(root: Path, href: str, where: Path) -> Path:
+    """The file an OVF `href` names in the extracted package `root` (the job's staging)."""
+    path = root / _plain_href(href, where)
+    if path.is_symlink() or not path.is_file():
         raise Failed(f"{where}: the disk file {href!r} the descriptor references is missing")
     return path
+
+
+def _sibling_disk(ovf: OpenFile, href: str, where: Path) -> OpenFile:
+    """The disk file an OVF `href` names next to the OVF, opened without following links."""
+    name = _plain_href(href, where)
+    if not ovf.has_sibling(name):
+        raise Failed(f"{where}: the disk file {href!r} the descriptor references is missing")
+    return ovf.sibling(name, "vm_identifier")
 
 
 def _sha256_lines(directory: Path) -> dict[str, str]:
@@ -251,12 +271,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def _copy(source: Path, target: Path, sink: ExportSink) -> str:
+async def _copy(source: OpenFile, target: Path, sink: ExportSink) -> str:
     """Stream `source` to `target` (temp name, fsync, rename), returning its sha256."""
     temp = target.with_name(f".{target.name}.part")
     digest = hashlib.sha256()
     try:
-        with open(source, "rb") as src, open(temp, "wb") as dst:
+        with os.fdopen(os.dup(source.fd), "rb") as src, open(temp, "wb") as dst:
             while chunk := await asyncio.to_thread(src.read, COPY_CHUNK):
                 digest.update(chunk)
                 await asyncio.to_thread(dst.write, chunk)

@@ -16,6 +16,7 @@ from pyVmomi import vim
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.engine import JobEngine
+from hypersdk.service.confine import open_dir
 from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.job_kinds import JobKind, register
 from hypersdk.service.providers.registry import ProviderRegistry
@@ -43,12 +44,11 @@ class FakeExportKind(JobKind):
 
     async def run(self, ctx) -> dict:
         target = Path(ctx.definition["export_path"])
-        ctx.add_cleanup(target)
-        await asyncio.to_thread(target.mkdir, parents=True)
-        (target / "disk.img").write_bytes(os.urandom(4096))
+        staging = ctx.staging(open_dir(target.parent, target.name, "export_path", create=True))
+        staging.write("disk.img", os.urandom(4096))
+        staging.land("disk.img")
         if ctx.definition.get("fail") == ctx.definition["vm_identifier"]:
             raise Failed("simulated export failure")
-        ctx.keep(target)
         return {"path": str(target)}
 
 

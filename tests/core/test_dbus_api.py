@@ -9,7 +9,7 @@ from pathlib import Path
 from lxml import etree
 
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, busctl, busctl_json,
-                           gdbus_call, job_property, submit)
+                           gdbus_call, job_property, submit, wait_for_status)
 
 XML_DIR = Path(__file__).resolve().parents[2] / "service" / "dbus"
 
@@ -39,17 +39,6 @@ def _live(address: str, path: str, interface_name: str) -> dict[str, str]:
     xml = busctl(address, "introspect", "--xml-interface", BUS_NAME, path).stdout
     root = etree.fromstring(xml.encode())
     return _members(root.find(f"interface[@name='{interface_name}']"))
-
-
-def wait_for_status(address: str, path: str, wanted: set[str], timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    status = ""
-    while time.monotonic() < deadline:
-        status = job_property(address, path, "Status")
-        if status in wanted:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"{path} stayed {status}, wanted {wanted}")
 
 
 def test_live_introspection_matches_the_documented_xml(system_bus, hypervisord):

@@ -58,12 +58,20 @@ def test_kill_9_mid_job_then_restart_leaves_every_job_in_a_defined_state(
                            "sleep")
     queued = _submit_path(address, {"steps": 2, "interval": 0.01}, "sleep")
     wait_for_status(address, running, {"running"})
+    running_id = job_property(address, running, "Id")
+    assert (service_dir / f"{running_id}.partial").exists()
+    assert list(service_dir.glob(".hypersdk-staging-*"))
     daemon.kill()
 
     daemon.start()
     assert job_property(address, done, "Status") == "completed"
     assert job_property(address, running, "Status") == "failed"
-    assert job_property(address, running, "Error").startswith("interrupted:")
+    assert job_property(address, running, "Error").startswith(
+        "interrupted: hypervisord stopped while the job was running; its partial output "
+        "was removed")
+    # what the killed job had made is gone: its landed file and its staging directory
+    assert not (service_dir / f"{running_id}.partial").exists()
+    assert not list(service_dir.glob(".hypersdk-staging-*"))
     assert wait_for_status(address, queued, {"completed"}) == "completed"
     lines = busctl_json(address, "call", BUS_NAME, running, JOB_IFACE, "GetLog", "ta{sv}", "0",
                         "0")["data"][0]

@@ -29,7 +29,8 @@ def test_an_old_store_gets_only_the_missing_migrations(tmp_path, monkeypatch):
     path = tmp_path / "db.sqlite"
     monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
     old = Store(path)
-    old.insert_job(_job())
+    old.execute("INSERT INTO jobs (id, kind, status, definition, created_at)"
+                " VALUES ('job-1', 'sleep', 'pending', '{\"a\": 1}', 0)")
     old.close()
     monkeypatch.setattr(store_module, "MIGRATIONS",
                         store_module.MIGRATIONS + ["CREATE TABLE extra (x INTEGER)"])

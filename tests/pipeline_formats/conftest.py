@@ -7,6 +7,12 @@ from hypersdk.service.config import parse_config
 from tests.vsphere.fake_context import FakeSubmitContext
 
 
+def roots_config(tmp_path):
+    """A Config that lets callers name files under tmp_path (paths.sources / outputs)."""
+    return parse_config({"paths": {"sources": [str(tmp_path)], "outputs": [str(tmp_path)]}},
+                        "test")
+
+
 @pytest.fixture
-def submit_ctx() -> FakeSubmitContext:
-    return FakeSubmitContext(parse_config({}, "test"), None)
+def submit_ctx(tmp_path) -> FakeSubmitContext:
+    return FakeSubmitContext(roots_config(tmp_path), None)

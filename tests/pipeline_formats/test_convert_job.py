@@ -11,17 +11,21 @@ from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.job_kinds import get_kind
 from hypersdk.service.pipeline.convert_job import ConvertKind
 
-from hypersdk.service.config import parse_config
-from tests.vsphere.fake_context import FakeJobContext
+from tests.vsphere.fake_context import FakeJobContext, run_job
 
+from .conftest import roots_config
 from .helpers import DISK_SIZE, images_equal, make_image
 from .test_ova import manifest
 
 SAMPLE_OVF = Path(__file__).with_name("sample.ovf")
 
 
-def job_context(definition: dict) -> FakeJobContext:
-    return FakeJobContext(definition, parse_config({}, "test"), None)
+def job_context(definition: dict, tmp_path: Path) -> FakeJobContext:
+    return FakeJobContext(definition, roots_config(tmp_path), None)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".hypersdk"))
 
 
 def small_ovf_text() -> str:
@@ -65,9 +69,10 @@ def test_validate_normalises_and_applies_defaults(tmp_path, submit_ctx):
 
 @pytest.mark.parametrize("change,field,rule", [
     ({"colour": "red"}, "colour", "unknown field"),
-    ({"source_path": "relative/disk.raw"}, "source_path", "must be an absolute path"),
+    ({"source_path": "relative/disk.raw"}, "source_path", "is not an absolute path"),
     ({"output_path": "/tmp/a/../b"}, "output_path", "must not contain '..'"),
-    ({"source_path": "/nonexistent/disk.raw"}, "source_path", "no such file"),
+    ({"source_path": "/nonexistent/disk.raw"}, "source_path", "is outside the source roots"),
+    ({"output_path": "/etc/cron.d"}, "output_path", "is outside the output roots"),
     ({"conversion_options": {"format": "vdi"}}, "conversion_options.format", "must be one of"),
     ({"conversion_options": {"speed": 1}}, "conversion_options.speed", "unknown field"),
     ({"conversion_options": {"format": "raw", "compression": True}},
@@ -89,14 +94,14 @@ async def test_run_on_a_single_image(tmp_path, submit_ctx):
     kind = ConvertKind()
     definition = kind.validate({"source_path": str(image), "output_path": str(tmp_path / "out"),
                                 "conversion_options": {"format": "raw"}}, submit_ctx)
-    ctx = job_context(definition)
-    result = await kind.run(ctx)
+    ctx = job_context(definition, tmp_path)
+    result = await run_job(kind, ctx)
     [disk] = result["disks"]
     assert disk["path"] == str(tmp_path / "out" / "disk.raw") and disk["format"] == "raw"
     assert images_equal(raw, Path(disk["path"]))
     assert result["ovf"] is None
     assert ctx.total == DISK_SIZE and ctx.done_history[-1] == DISK_SIZE
-    assert ctx.cleanup == []
+    assert ctx.owned == [] and leftovers(tmp_path / "out") == []
 
 
 async def test_run_on_an_ovf_converts_every_disk(tmp_path, submit_ctx):
@@ -104,8 +109,8 @@ async def test_run_on_an_ovf_converts_every_disk(tmp_path, submit_ctx):
     kind = ConvertKind()
     definition = kind.validate({"source_path": str(ovf), "output_path": str(tmp_path / "kvm")},
                                submit_ctx)
-    ctx = job_context(definition)
-    result = await kind.run(ctx)
+    ctx = job_context(definition, tmp_path)
+    result = await run_job(kind, ctx)
     paths = [Path(d["path"]) for d in result["disks"]]
     assert [p.name for p in paths] == ["web01-disk1.qcow2", "web01-disk2.qcow2"]
     assert all(images_equal(ref, p) for ref, p in zip(refs, paths))
@@ -126,8 +131,8 @@ async def test_run_on_an_ova_extracts_then_converts(tmp_path, submit_ctx):
     kind = ConvertKind()
     out = tmp_path / "kvm"
     ctx = job_context(kind.validate({"source_path": str(ova), "output_path": str(out)},
-                                    submit_ctx))
-    result = await kind.run(ctx)
+                                    submit_ctx), tmp_path)
+    result = await run_job(kind, ctx)
     assert sorted(p.name for p in out.iterdir()) == ["web01-disk1.qcow2", "web01-disk2.qcow2"]
     assert images_equal(refs[1], out / "web01-disk2.qcow2")
     assert result["ovf"]["disks"][0]["boot_order"] == 1
@@ -147,13 +152,14 @@ async def test_truncated_second_disk_fails_before_any_conversion(tmp_path, submi
     kind = ConvertKind()
     out = tmp_path / "kvm"
     ctx = job_context(kind.validate({"source_path": str(ovf), "output_path": str(out)},
-                                    submit_ctx))
+                                    submit_ctx), tmp_path)
     with pytest.raises(Failed, match="web01-disk2.vmdk: the VMDK is incomplete"):
-        await kind.run(ctx)
-    assert list(out.iterdir()) == []
+        await run_job(kind, ctx)
+    assert not any("converting" in line for line in ctx.messages)
+    assert not out.exists()  # the job made it, and removed it again
 
 
-async def test_corrupt_second_disk_leaves_the_first_for_cleanup(tmp_path, submit_ctx):
+async def test_corrupt_second_disk_removes_the_first_one_landed(tmp_path, submit_ctx):
     ovf, _refs = make_ovf_dir(tmp_path)
     (ovf.parent / "web01.mf").unlink()
     with open(ovf.parent / "web01-disk2.vmdk", "r+b") as fh:
@@ -162,9 +168,9 @@ async def test_corrupt_second_disk_leaves_the_first_for_cleanup(tmp_path, submit
     kind = ConvertKind()
     out = tmp_path / "kvm"
     ctx = job_context(kind.validate({"source_path": str(ovf), "output_path": str(out)},
-                                    submit_ctx))
+                                    submit_ctx), tmp_path)
     with pytest.raises(Failed, match="web01-disk2.vmdk: grain at sector 0 does not inflate"):
-        await kind.run(ctx)
-    # The engine removes what is still registered for cleanup when a job fails.
-    assert out in ctx.cleanup and out / "web01-disk1.qcow2" in ctx.cleanup
-    assert sorted(p.name for p in out.iterdir()) == ["web01-disk1.qcow2"]
+        await run_job(kind, ctx)
+    # the first disk had landed; the failed job removed it, its staging and the directory
+    assert "converting web01-disk2.vmdk -> web01-disk2.qcow2" in ctx.messages
+    assert not out.exists() and ctx.owned == []

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
+from hypersdk.service.confine import open_source
 from hypersdk.service.pipeline.ova import extract_ova, verify_manifest
 
 OVF_TEXT = (Path(__file__).with_name("sample.ovf")).read_bytes()
@@ -60,8 +61,9 @@ def test_good_ova_extracts_and_verifies(tmp_path, alg):
     assert ovf == tmp_path / "out" / "web01.ovf"
     assert (tmp_path / "out" / "web01-disk1.vmdk").read_bytes() == DISK1
     assert any("manifest web01.mf checked" in line for line in logs)
-    assert verify_manifest(tmp_path / "out") == {"web01.ovf": alg, "web01-disk1.vmdk": alg,
-                                                 "web01-disk2.vmdk": alg}
+    with open_source(str(ovf), [str(tmp_path)], "source_path") as opened:
+        assert verify_manifest(opened) == {"web01.ovf": alg, "web01-disk1.vmdk": alg,
+                                           "web01-disk2.vmdk": alg}
     assert leftovers(tmp_path) == ["out"]
 
 
@@ -79,8 +81,20 @@ def test_verify_manifest_catches_a_changed_file(tmp_path):
     out = tmp_path / "out"
     extract_ova(ova, out)
     (out / "web01-disk2.vmdk").write_bytes(b"tampered")
-    with pytest.raises(Failed, match="web01-disk2.vmdk: SHA256 digest mismatch"):
-        verify_manifest(out)
+    with open_source(str(out / "web01.ovf"), [str(tmp_path)], "source_path") as opened, \
+            pytest.raises(Failed, match="web01-disk2.vmdk: SHA256 digest mismatch"):
+        verify_manifest(opened)
+
+
+def test_verify_manifest_refuses_a_listed_file_that_is_a_symlink(tmp_path):
+    ova = make_ova(tmp_path / "web01.ova", good_members())
+    out = tmp_path / "out"
+    extract_ova(ova, out)
+    (out / "web01-disk2.vmdk").unlink()
+    (out / "web01-disk2.vmdk").symlink_to("/etc/shadow")
+    with open_source(str(out / "web01.ovf"), [str(tmp_path)], "source_path") as opened, \
+            pytest.raises(InvalidArgument, match="web01-disk2.vmdk is a symlink: refused"):
+        verify_manifest(opened)
 
 
 @pytest.mark.parametrize("member,message", [

@@ -137,5 +137,5 @@ def test_extent_outside_the_directory_is_refused(tmp_path):
     desc = tmp_path / "evil.vmdk"
     desc.write_text('# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n'
                     'createType="monolithicFlat"\nRW 8 FLAT "../../etc/shadow" 0\n')
-    with pytest.raises(InvalidArgument, match="must be a plain name next to the descriptor"):
+    with pytest.raises(InvalidArgument, match="must be a plain file name in the descriptor.s directory"):
         parse_vmdk(desc)

@@ -45,7 +45,9 @@ def config_for(tmp_path):
                                   "output_dir": str(tmp_path / "out"),
                                   "poll_interval": "50ms", "job_timeout": "5s",
                                   "daemon_enabled": True},
-                    "libvirt": {"uri": "test:///default"}}
+                    "libvirt": {"uri": "test:///default"},
+                    "paths": {"sources": [str(tmp_path), "/var/lib/libvirt/images"],
+                              "outputs": [str(tmp_path), "/var/lib/libvirt/images"]}}
         for name, values in sections.items():
             document.setdefault(name, {}).update(values)
         return parse_config(document, "(test)", env={})

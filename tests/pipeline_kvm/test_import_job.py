@@ -58,7 +58,7 @@ def test_network_defaults_to_the_config(config_for, disk):
     ({"autostart": "yes"}, "autostart", "true or false"),
     ({"vm_name": "a/b"}, "vm_name", "without '/'"),
     ({"disk_path": "relative.qcow2"}, "disk_path", "absolute"),
-    ({"disk_path": "/nonexistent/disk.qcow2"}, "disk_path", "does not exist"),
+    ({"disk_path": "/nonexistent/disk.qcow2"}, "disk_path", "outside the source roots"),
     ({"disk_paths": ["/x"]}, "disk_path", "exactly one of"),
     ({"firmware": "coreboot"}, "firmware", "one of bios, uefi"),
     ({"os_type": "beos"}, "os_type", "one of linux"),
@@ -69,6 +69,13 @@ def test_bad_fields_are_named(config_for, disk, change, field, rule):
     with pytest.raises(InvalidArgument) as info:
         ImportKind().validate(body(disk, **change), submit)
     assert info.value.field == field and rule in info.value.rule
+
+
+def test_a_missing_disk_inside_the_roots_is_named(config_for, disk):
+    submit = SimpleNamespace(config=config_for(), providers=None)
+    with pytest.raises(InvalidArgument) as info:
+        ImportKind().validate(body(disk, disk_path=str(disk.parent / "gone.qcow2")), submit)
+    assert info.value.field == "disk_path" and "no such file or directory" in info.value.rule
 
 
 def test_missing_required_field(config_for, disk):

@@ -8,7 +8,7 @@ import uuid
 import libvirt
 import pytest
 
-from tests.core.test_dbus_api import wait_for_status
+from tests.support.cli import wait_for_status
 from tests.support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, job_property
 
 from tests.support.bootdisk import write_boot_disk
@@ -72,7 +72,9 @@ async def test_import_to_kvm_over_dbus_defines_autostarts_and_boots(
 
 
 def test_bad_import_request_is_refused_with_the_field_named(system_bus, hypervisord, guest_dir):
-    reply = import_to_kvm(system_bus.address, {"vm_name": "x", "disk_path": "/nonexistent.qcow2",
-                                               "memory_mb": 64})
-    assert reply.returncode != 0
-    assert "disk_path" in reply.stderr and "does not exist" in reply.stderr
+    for path, rule in [("/nonexistent.qcow2", "is outside the source roots"),
+                       (f"{guest_dir}/nonexistent.qcow2", "no such file or directory")]:
+        reply = import_to_kvm(system_bus.address, {"vm_name": "x", "disk_path": path,
+                                                   "memory_mb": 64})
+        assert reply.returncode != 0
+        assert f"disk_path: {path}" in reply.stderr.replace("'", "") and rule in reply.stderr

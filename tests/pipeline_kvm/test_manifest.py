@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 from hyper2kvm.manifest.loader import ManifestLoader
 
-from hypersdk.service.errors import Failed
+from hypersdk.service.confine import open_dir
+from hypersdk.service.errors import Failed, NotFound
 from hypersdk.service.pipeline.manifest import build_manifest, mem_gb, write_manifest
 from hypersdk.service.providers.base import ExportedDisk, NicInfo, VMInfo
+
+from .conftest import fake_job_context
 
 
 def exported(path: Path, *, key: str, boot_order: int | None, content: bytes = b"disk",
@@ -35,7 +38,11 @@ def write(tmp_path: Path, the_vm: VMInfo, disks: list[ExportedDisk]) -> Path:
     manifest = build_manifest(the_vm, disks, job_id="job-1", output_dir=tmp_path / "out",
                               output_format="qcow2", compress=True, export_method="ova",
                               hypersdk_version="1.0.0")
-    return write_manifest(manifest, tmp_path / "watch" / "vsphere", the_vm.name)
+    watch = open_dir(tmp_path / "watch", "vsphere", "hyper2kvm.watch_dir", create=True)
+    ctx = fake_job_context(None)
+    path = write_manifest(manifest, ctx.staging(watch), the_vm.name)
+    ctx.succeed()  # the job's staging directory goes, the landed manifest stays
+    return path
 
 
 def load(path: Path) -> ManifestLoader:
@@ -128,6 +135,7 @@ def test_unwritable_watch_dir_is_a_clear_error(tmp_path):
     disk = exported(tmp_path / "d.vmdk", key="d", boot_order=0)
     blocker = tmp_path / "watch"
     blocker.write_text("a file where the directory should be")
-    with pytest.raises(Failed, match=f"cannot write the hyper2kvm manifest into {blocker}"):
+    with pytest.raises(NotFound, match=f"hyper2kvm.watch_dir: the configured root {blocker} "
+                                       r"is not usable \(Not a directory\)"):
         write(tmp_path, vm(), [disk])
     assert blocker.read_text() == "a file where the directory should be"

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.config import parse_config
-from hypersdk.service.files import write_atomic
 from hypersdk.service.pipeline import ovf_writer
 from hypersdk.service.providers.base import DiskInfo, ExportedDisk, NicInfo, VMInfo
 from hypersdk.service.providers.ova import OvaProvider
@@ -60,11 +59,11 @@ def write_package(directory: Path, name: str, *, as_ova: bool = True) -> Package
     out = directory if not as_ova else work
     descriptor = out / f"{name}.ovf"
     data = ovf_writer.build_ovf(vm, disks, remove_cdrom=True)
-    write_atomic(descriptor, data)
+    descriptor.write_bytes(data)
     digests = {descriptor.name: hashlib.sha256(data).hexdigest(),
                **{d.path.name: d.sha256 for d in disks}}
     manifest = out / f"{name}.mf"
-    write_atomic(manifest, ovf_writer.manifest_text(digests))
+    manifest.write_bytes(ovf_writer.manifest_text(digests))
     if as_ova:
         ova = directory / f"{name}.ova"
         ovf_writer.write_ova(ova, [descriptor, manifest, *(d.path for d in disks)], lambda n: None)

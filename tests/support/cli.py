@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 BUS_NAME = "org.hypersdk.HyperSDK1"
 MANAGER = "/org/hypersdk/HyperSDK1/Manager"
@@ -35,6 +36,18 @@ def submit(address: str, definition: dict, kind: str = "export", user: str | Non
 def job_property(address: str, path: str, name: str, user: str | None = None):
     reply = busctl_json(address, "get-property", BUS_NAME, path, JOB_IFACE, name, user=user)
     return reply["data"]
+
+
+def wait_for_status(address: str, path: str, wanted: set[str], timeout: float = 20) -> str:
+    """Poll the job's Status until it is one of `wanted`."""
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = job_property(address, path, "Status")
+        if status in wanted:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"{path} stayed {status}, wanted {wanted}")
 
 
 def gdbus_call(address: str, path: str, method: str, *args: str,

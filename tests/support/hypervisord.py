@@ -23,6 +23,9 @@ def write_config(directory: Path, **overrides) -> Path:
         "hyper2kvm": {"watch_dir": str(directory / "watch"),
                       "output_dir": str(directory / "kvm")},
         "api": {"audit_log": str(directory / "audit.log")},
+        # callers may name files under the test's directory and libvirt's image pool
+        "paths": {"sources": [str(directory), "/var/lib/libvirt/images"],
+                  "outputs": [str(directory), "/var/lib/libvirt/images"]},
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(config.get(section), dict):

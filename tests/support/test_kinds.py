@@ -1,7 +1,8 @@
 """Job kinds that exist only to exercise the engine; they are never in the product.
 
-- "sleep": writes a partial file under the definition's "dir", advances progress in
-  steps of "step_bytes" every "interval" seconds for "steps" steps.
+- "sleep": lands a file `<job id>.partial` in the definition's "dir" through a staging
+  directory (as every job writes), advances progress in steps of "step_bytes" every
+  "interval" seconds for "steps" steps.
 - "fail": fails at once with the definition's "message".
 - "flaky": raises Retryable until attempt "succeed_on".
 - "logflood": emits "lines" log lines (plus "padding" bytes each) in one burst.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from hypersdk.service.confine import open_dir
 from hypersdk.service.errors import Failed, InvalidArgument, Retryable
 from hypersdk.service.job_kinds import JobKind, register
 
@@ -38,17 +40,15 @@ class SleepKind(_TestKind):
     async def run(self, ctx) -> dict:
         ctx.set_stage("sleeping")
         ctx.set_total(self._total(ctx.definition))
-        partial = None
         if ctx.definition["dir"]:
-            partial = Path(ctx.definition["dir"]) / f"{ctx.job_id}.partial"
-            partial.write_bytes(b"partial")
-            ctx.add_cleanup(partial)
+            dest = open_dir(Path(ctx.definition["dir"]), "", "dir", create=False)
+            staging = ctx.staging(dest)
+            staging.write(f"{ctx.job_id}.partial", b"partial")
+            staging.land(f"{ctx.job_id}.partial")
         for step in range(ctx.definition["steps"]):
             await asyncio.sleep(ctx.definition["interval"])
             ctx.advance(ctx.definition["step_bytes"])
             ctx.log(f"step {step + 1}")
-        if partial:
-            ctx.keep(partial)
         return {"steps": ctx.definition["steps"]}
 
     @staticmethod

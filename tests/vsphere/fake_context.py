@@ -1,13 +1,15 @@
 """FakeJobContext: what the job engine gives a running kind, for tests and the benchmark.
 
-It records log lines, stages and progress, and on `fail()` removes the paths a
-kind registered with add_cleanup, as the engine does when a job fails.
+It records log lines, stages and progress, and gives the kind real staging
+directories (service/staging.py) whose records it keeps in memory instead of the
+store: `fail()` discards them and `succeed()` keeps what landed, as the engine does.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from hypersdk.service.confine import OpenDir
+from hypersdk.service.staging import OwnedPath, Staging
 
 
 @dataclass
@@ -28,7 +30,8 @@ class FakeJobContext:
     total: int = 0
     done: int = 0
     done_history: list[int] = field(default_factory=list)  # every value `done` took
-    cleanup: list[Path] = field(default_factory=list)
+    stagings: list[Staging] = field(default_factory=list)
+    owned: list[OwnedPath] = field(default_factory=list)  # what the store would hold
 
     @property
     def messages(self) -> list[str]:
@@ -53,18 +56,27 @@ class FakeJobContext:
         self.done = nbytes
         self.done_history.append(nbytes)
 
-    def add_cleanup(self, path: Path) -> None:
-        self.cleanup.append(Path(path))
+    def staging(self, dest: OpenDir) -> Staging:
+        staging = Staging.create(dest, self.job_id, self)
+        self.stagings.append(staging)
+        return staging
 
-    def keep(self, path: Path) -> None:
-        self.cleanup = [p for p in self.cleanup if p != Path(path)]
+    def record(self, owned: OwnedPath) -> None:
+        self.owned.append(owned)
+
+    def forget(self, owned: OwnedPath) -> None:
+        self.owned.remove(owned)
 
     def fail(self) -> None:
-        for path in reversed(self.cleanup):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        for staging in reversed(self.stagings):
+            for problem in staging.discard():
+                self.log(problem, "warning")
+        self.stagings.clear()
+
+    def succeed(self) -> None:
+        for staging in self.stagings:
+            staging.keep()
+        self.stagings.clear()
 
     def text(self) -> str:
         return "\n".join(message for _, message in self.lines)
@@ -77,9 +89,11 @@ def job_context(kind, body: dict, config, registry, **fields) -> FakeJobContext:
 
 
 async def run_job(kind, ctx: FakeJobContext) -> dict:
-    """Run a kind like the engine: on any failure, remove what it registered for cleanup."""
+    """Run a kind like the engine: on any failure, remove what it made; else keep it."""
     try:
-        return await kind.run(ctx)
+        result = await kind.run(ctx)
     except BaseException:
         ctx.fail()
         raise
+    ctx.succeed()
+    return result
