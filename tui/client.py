@@ -63,6 +63,11 @@ def error_from_reply(reply: Message) -> ClientError:
     """An ERROR reply -> ClientError with a human message."""
     error_name = reply.error_name or ""
     text = str(reply.body[0]) if reply.body else error_name
+    if error_name == ACCESS_DENIED and text.startswith("Rejected send message"):
+        # the bus itself refused (data/dbus-1/system.d): not a polkit answer
+        return ClientError("permission denied: only root and members of group hypersdk may "
+                           "talk to hypervisord (ask an administrator to add you to the "
+                           "group)", "AccessDenied")
     if error_name == ACCESS_DENIED:
         return ClientError(f"permission denied: {text}", "AccessDenied")
     if error_name.startswith(ERROR_PREFIX):

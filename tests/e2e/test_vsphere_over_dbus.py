@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from ..core.test_dbus_api import wait_for_status
+from tests.support.cli import wait_for_status
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, busctl, busctl_json,
                            gdbus_submit, job_property, submit)
 from ..support.system import MEMBER, OUTSIDER

@@ -8,7 +8,7 @@ import pwd
 
 from hypersdk.tui.app import HyperctlApp
 from hypersdk.tui.client import ClientError, HyperClient
-from tests.support.system import OUTSIDER
+from tests.support.system import MEMBER, OUTSIDER
 
 from .conftest import submit_job
 from .fake_client import NOW, FakeConsoleClient
@@ -17,14 +17,14 @@ from .fake_client import NOW, FakeConsoleClient
 def _cancel_as(user: str, address: str, job_id: str, results) -> None:
     """In a forked child: become `user`, connect with the real client, try to cancel."""
     entry = pwd.getpwnam(user)
-    os.setgroups([])
+    os.initgroups(user, entry.pw_gid)
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
 
     async def attempt() -> str:
         client = HyperClient(address)
-        await client.connect()
         try:
+            await client.connect()
             await client.cancel(job_id)
         except ClientError as exc:
             return f"{exc.name}|{exc.message}"
@@ -35,19 +35,34 @@ def _cancel_as(user: str, address: str, job_id: str, results) -> None:
     results.put(asyncio.run(attempt()))
 
 
-def test_outsider_cancel_is_refused_naming_the_action(system_bus, hypervisord, users):
-    job_id = submit_job(system_bus.address, {"steps": 50, "interval": 0.1}, "sleep")
+def _refusal(address: str, user: str, job_id: str) -> tuple[str, str]:
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    child = context.Process(target=_cancel_as,
-                            args=(OUTSIDER, system_bus.address, job_id, results))
+    child = context.Process(target=_cancel_as, args=(user, address, job_id, results))
     child.start()
     outcome = results.get(timeout=30)
     child.join(10)
     name, _, message = outcome.partition("|")
-    assert name == "AccessDenied", outcome
+    return name, message
+
+
+def test_member_cancel_of_anothers_job_is_refused_naming_the_action(system_bus, hypervisord,
+                                                                     users):
+    job_id = submit_job(system_bus.address, {"steps": 50, "interval": 0.1}, "sleep")
+    name, message = _refusal(system_bus.address, MEMBER, job_id)
+    assert name == "AccessDenied", message
     assert message.startswith("permission denied: not authorized for "
                               "org.hypersdk.HyperSDK1.cancel-job-other-user"), message
+
+
+def test_outsider_is_refused_naming_the_group(system_bus, hypervisord, users):
+    """The bus lets only members of group hypersdk read the service: a console started
+    by anybody else stops at connect, saying why."""
+    job_id = submit_job(system_bus.address, {"steps": 50, "interval": 0.1}, "sleep")
+    name, message = _refusal(system_bus.address, OUTSIDER, job_id)
+    assert name == "AccessDenied", message
+    assert message.startswith("permission denied: only root and members of group hypersdk "
+                              "may talk to hypervisord"), message
 
 
 class RefusingFakeClient(FakeConsoleClient):
