@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .config_schema import ConfigProblem, Field, Schema, validate
+from .webhook_targets import targets_rule
 
 DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
 PROVIDER_KINDS = ("vsphere", "aws", "azure", "gcp", "hyperv", "oci", "ova")
@@ -85,6 +86,8 @@ MAIN_SCHEMA: Schema = {
         "webhook_timeout": Field("duration", 10.0),
         "webhook_max_attempts": Field("int", 8, minimum=1),
         "webhook_retry_base": Field("duration", 5.0),  # first retry delay; doubles each time
+        # private hosts webhooks may reach, as host or host:port (public ones need no entry)
+        "webhook_private_targets": Field("list[str]", [], check=targets_rule),
     },
     "ova": {
         "import_dirs": Field("list[str]", ["/var/lib/hypersdk/imports"]),
