@@ -115,7 +115,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("/websocket", "get"): {
         "summary": "Live job updates (WebSocket)", "tags": ["jobs"],
         "description": "Messages are Update objects. Send {\"subscribe\": [job ids]} to "
-                       "watch some jobs only, {\"type\": \"ping\"} for a pong.",
+                       "watch some jobs only, {\"type\": \"ping\"} for a pong. Browsers, "
+                       "which cannot set headers here, may send the token as "
+                       "?access_token= (no other route takes it); pages need an origin "
+                       "in api.allowed_origins. The connection is closed (1008) when its "
+                       "token is removed.",
         "responses": {"101": {"description": "Switching to the WebSocket protocol"},
                       "426": ERROR, "default": ERROR}},
     **_automation("schedule", "schedules", "/schedules/create", "ScheduleRequest", "schedules"),

@@ -26,17 +26,31 @@ WEBHOOK_EVENTS = (
     "schedule.triggered", "backup.retention_applied",
 )
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ASCII_DIGITS_RE = re.compile(r"[0-9]{1,5}")
+_SERVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", re.IGNORECASE)
+_ORIGIN_RE = re.compile(r"https?://[^\s/?#@]+", re.IGNORECASE)
 
 
 def _address_rule(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not _ASCII_DIGITS_RE.fullmatch(port) or not 0 < int(port) < 65536:
         return "HOST:PORT with a port from 1 to 65535"
     return None
 
 
 def _absolute_path_rule(value: str) -> str | None:
     return None if value.startswith("/") else "an absolute path"
+
+
+def _server_names_rule(values: list[str]) -> str | None:
+    bad = [v for v in values if not _SERVER_NAME_RE.fullmatch(v)]
+    return f"a list of DNS names without port ({bad[0]!r} is not one)" if bad else None
+
+
+def _origins_rule(values: list[str]) -> str | None:
+    bad = [v for v in values if not _ORIGIN_RE.fullmatch(v)]
+    return (f"a list of origins such as https://console.example.com:8443, without path "
+            f"({bad[0]!r} is not one)") if bad else None
 
 
 def _url_rule(value: str) -> str | None:
@@ -74,12 +88,19 @@ MAIN_SCHEMA: Schema = {
         "network": Field("str", "default"),
     },
     "api": {
-        "auth": Field("str", "none", choices=("none", "token")),
+        "auth": Field("str", "token", choices=("none", "token")),
         "tokens_file": Field("str", "/etc/hypersdk/tokens.yaml", check=_absolute_path_rule),
+        # Host names the bridge answers to besides localhost and addresses (DNS rebinding)
+        "server_names": Field("list[str]", [], check=_server_names_rule),
+        # browser origins (scheme://host[:port]) whose pages may call the API
+        "allowed_origins": Field("list[str]", [], check=_origins_rule),
         "tls_cert": Field("str", ""),
         "tls_key": Field("str", ""),
         "max_body_bytes": Field("size", 1024 * 1024, minimum=1024),
         "audit_log": Field("str", "/var/log/hypersdk/audit.log", check=_absolute_path_rule),
+        # the Unix user hypersdk-bridge runs as: hypervisord lets only it (and root) make
+        # calls on behalf of a REST user (service/dbus/dispatch.py)
+        "bridge_user": Field("str", "hypersdk"),
     },
     "automation": {
         "missed_run_grace": Field("duration", 3600.0),

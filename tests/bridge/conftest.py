@@ -8,20 +8,35 @@ import pytest
 
 from ..support.cli import submit
 from ..support.hypervisord import Hypervisord, write_config
-from .stack import Bridge, free_port
+from ..support.system import ensure_user
+from .stack import Bridge, free_port, token_api
+
+
+BRIDGE_USER = "hypersdk"  # api.bridge_user's default, as hypersdk-bridge.service runs
 
 
 @pytest.fixture
-def start_bridge(start_hypervisord, system_bus):
-    """start(**config overrides) -> Bridge, next to a hypervisord with the same config."""
+def bridge_account(users) -> int:
+    """The bridge's own system user (in group hypersdk), as sysusers.d creates it; its uid.
+    Ask for it before hypervisord starts: that is when hypervisord looks the user up."""
+    return ensure_user(BRIDGE_USER, ["hypersdk"])
+
+
+@pytest.fixture
+def start_bridge(start_hypervisord, system_bus, service_dir):
+    """start(**config overrides) -> Bridge, next to a hypervisord with the same config;
+    token auth with the admin token in curl's config unless `api` says otherwise."""
     started: list[Bridge] = []
 
     def start(**overrides) -> Bridge:
         port = free_port()
         overrides = dict(overrides)
         daemon_section = {"address": f"127.0.0.1:{port}", **overrides.pop("daemon", {})}
-        daemon = start_hypervisord(daemon=daemon_section, **overrides)
-        tls = bool(overrides.get("api", {}).get("tls_cert"))
+        api = overrides.pop("api", {})
+        if "auth" not in api:
+            api = {**token_api(service_dir), **api}
+        daemon = start_hypervisord(daemon=daemon_section, api=api, **overrides)
+        tls = bool(api.get("tls_cert"))
         bridge = Bridge(daemon.config_path, system_bus.address, port, tls=tls)
         bridge.daemon = daemon
         started.append(bridge)
@@ -45,7 +60,8 @@ def shared_bridge(system_bus, polkitd, users, tmp_path_factory):
         if str(path).startswith("/tmp/pytest-of-"):
             os.chmod(path, 0o755)
     port = free_port()
-    config = write_config(directory, daemon={"address": f"127.0.0.1:{port}"})
+    config = write_config(directory, daemon={"address": f"127.0.0.1:{port}"},
+                          api=token_api(directory))
     daemon = Hypervisord(config, system_bus.address)
     daemon.start()
     bridge = Bridge(config, system_bus.address, port)
