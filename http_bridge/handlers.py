@@ -110,6 +110,13 @@ def query_int(request: web.Request, name: str, default: int, maximum: int) -> in
     return int(text)
 
 
+async def call(request: web.Request, path: str, interface: str, member: str, signature: str,
+               body: list) -> list:
+    """hypervisord's `member`, called on behalf of the request's authenticated caller."""
+    return await request.app[MIRROR].call(path, interface, member, signature, body,
+                                          principal=request["identity"])
+
+
 def find_job(mirror: ServiceMirror, job_id: str, field: str = "job_id") -> tuple[str, dict]:
     """(object path, mirrored properties) of a job, or NotFound naming the field."""
     if JOB_ID_RE.match(job_id):
@@ -168,9 +175,8 @@ async def vms_list(request: web.Request) -> web.Response:
     vm_filter = body.get("filter") or {}
     if not isinstance(vm_filter, dict):
         raise invalid("filter", "expected a JSON object")
-    (reply,) = await request.app[MIRROR].call(
-        MANAGER_PATH, MANAGER_IFACE, "ListVMs", "ssa{sv}",
-        [check_dbus_string("provider", provider), as_dbus_json(vm_filter), {}])
+    (reply,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "ListVMs", "ssa{sv}",
+                          [check_dbus_string("provider", provider), as_dbus_json(vm_filter), {}])
     vms = json.loads(reply)
     return json_response({"provider": provider, "vms": vms, "total": len(vms)})
 
@@ -178,16 +184,16 @@ async def vms_list(request: web.Request) -> web.Response:
 async def vms_info(request: web.Request) -> web.Response:
     identifier = query_text(request, "identifier")
     provider = query_text(request, "provider")
-    (reply,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, "GetVMInfo",
-                                              "ssa{sv}", [provider, identifier, {}])
+    (reply,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "GetVMInfo", "ssa{sv}",
+                          [provider, identifier, {}])
     return json_response(json.loads(reply))
 
 
 # -- jobs -------------------------------------------------------------------------------
 async def _submit_to(request: web.Request, member: str) -> web.Response:
     body = await json_body(request)
-    (path,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, member, "sa{sv}",
-                                             [as_dbus_json(body), {}])
+    (path,) = await call(request, MANAGER_PATH, MANAGER_IFACE, member, "sa{sv}",
+                         [as_dbus_json(body), {}])
     return submitted(request, path)
 
 
@@ -239,7 +245,7 @@ async def jobs_cancel(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
     path, props = find_job(mirror, request.match_info["id"], "id")
     request["audit_target"] = props.get("Id")
-    await mirror.call(path, JOB_IFACE, "Cancel", "a{sv}", [{}])
+    await call(request, path, JOB_IFACE, "Cancel", "a{sv}", [{}])
     return json_response({"job_id": props.get("Id"), "status": props.get("Status"),
                           "cancel_requested": True})
 
@@ -248,15 +254,15 @@ async def jobs_retry(request: web.Request) -> web.Response:
     """Submit a failed or cancelled job's definition again, as a new job."""
     mirror = request.app[MIRROR]
     path, _ = find_job(mirror, request.match_info["id"], "id")
-    (new_path,) = await mirror.call(path, JOB_IFACE, "Retry", "a{sv}", [{}])
+    (new_path,) = await call(request, path, JOB_IFACE, "Retry", "a{sv}", [{}])
     return submitted(request, new_path)
 
 
 # -- disks --------------------------------------------------------------------------------
 async def parse_vmdk(request: web.Request) -> web.Response:
     path = query_text(request, "path")
-    (reply,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, "ParseVmdk",
-                                              "sa{sv}", [path, {}])
+    (reply,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "ParseVmdk", "sa{sv}",
+                          [path, {}])
     return json_response(json.loads(reply))
 
 
@@ -284,8 +290,8 @@ class AutomationKind:
     async def create_handler(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         mirror = request.app[MIRROR]
-        (path,) = await mirror.call(MANAGER_PATH, MANAGER_IFACE, self.create, "sa{sv}",
-                                    [as_dbus_json(body), {}])
+        (path,) = await call(request, MANAGER_PATH, MANAGER_IFACE, self.create, "sa{sv}",
+                             [as_dbus_json(body), {}])
         answer = object_json(path, mirror.get(path, self.interface) or {})
         request["audit_target"] = answer["id"]
         return json_response(answer)
@@ -301,7 +307,7 @@ class AutomationKind:
         path, props = self.find(mirror, request.match_info["id"])
         answer_id = object_json(path, props)["id"]
         request["audit_target"] = answer_id
-        await mirror.call(path, self.interface, "Delete", "a{sv}", [{}])
+        await call(request, path, self.interface, "Delete", "a{sv}", [{}])
         return json_response({"id": answer_id, "deleted": True})
 
 
