@@ -11,7 +11,7 @@ from .stack import Bridge, free_port, post_json, token_api, wait_status
 
 
 def _bridge_as(user: str, start_hypervisord, system_bus, service_dir,
-               auth: dict | None = None) -> Bridge:
+               auth: dict | None = None, wait_healthy: bool = True) -> Bridge:
     """hypervisord (root) plus a bridge running as `user`, with its own writable log dir;
     token auth unless `auth` says otherwise."""
     logs = service_dir / f"logs-{user}"
@@ -24,7 +24,7 @@ def _bridge_as(user: str, start_hypervisord, system_bus, service_dir,
                                     "audit_log": str(logs / "audit.log")})
     bridge = Bridge(daemon.config_path, system_bus.address, port, user=user)
     bridge.daemon = daemon
-    return bridge.start()
+    return bridge.start(wait_healthy=wait_healthy)
 
 
 def _disk(service_dir):
@@ -60,7 +60,7 @@ def test_a_bridge_run_by_a_user_outside_the_group_is_refused(
         start_hypervisord, system_bus, service_dir, users):
     # auth none: the tokens file is for the group hypersdk, and this user is not in it
     bridge = _bridge_as(OUTSIDER, start_hypervisord, system_bus, service_dir,
-                        auth={"auth": "none"})
+                        auth={"auth": "none"}, wait_healthy=False)
     try:
         reply = post_json(bridge, "/convert", {
             "source_path": str(_disk(service_dir)), "output_path": str(service_dir / "out"),
