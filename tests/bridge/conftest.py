@@ -101,5 +101,7 @@ def vcsim():
 @pytest.fixture
 def vsphere_bridge(start_bridge, vcsim, service_dir):
     """A bridge whose hypervisord has the provider "vsphere" pointing at the simulator."""
+    for root in ("exports", "kvm"):  # export.base_path, hyper2kvm.output_dir: confined
+        (service_dir / root).mkdir()    # paths (issue 13) need their roots to exist
     return start_bridge(providers={"vsphere": vcsim.provider_settings()},
                         export={"base_path": str(service_dir / "exports"), "chunk_size": "256KiB"})
