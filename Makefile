@@ -59,6 +59,7 @@ install:
 		getent group hypersdk >/dev/null || groupadd --system hypersdk; \
 		getent passwd hypersdk >/dev/null || useradd --system -g hypersdk \
 			-d /var/lib/hypersdk -s /usr/sbin/nologin hypersdk; \
+		$(BINDIR)/hypersdk-bridge --init-tokens --config $(SYSCONFDIR)/hypersdk/config.yaml; \
 	fi
 
 clean:

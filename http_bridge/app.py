@@ -15,7 +15,8 @@ from . import openapi
 from .audit import AuditLog
 from .auth import PUBLIC, Authenticator, Identity
 from .errors import ApiError, from_http, unavailable
-from .keys import AUDIT, AUTH, HUB, METRICS, MIRROR, STOPPING
+from .guard import RequestGuard
+from .keys import AUDIT, AUTH, GUARD, HUB, METRICS, MIRROR, STOPPING
 from .logs import job_logs
 from .metrics import Metrics
 from .mirror import ServiceMirror
@@ -34,6 +35,7 @@ class Route:
     role: str  # public | viewer | operator | admin
     mutating: bool = False
     needs_service: bool = True  # answered 503 while hypervisord is away
+    token_in_url: bool = False  # takes ?access_token= (browsers' WebSockets only)
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -44,7 +46,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if request.headers.get("Upgrade", "").lower() != "websocket":
         raise ApiError(426, "UpgradeRequired", "this endpoint speaks WebSocket only; "
                        "send an Upgrade: websocket request")
-    return await request.app[HUB].handle(request, request["identity"].name)
+    return await request.app[HUB].handle(request, request["identity"])
 
 
 VIEWER, OPERATOR, ADMIN = "viewer", "operator", "admin"
@@ -67,7 +69,7 @@ ROUTES: list[Route] = [
     Route("POST", "/convert", h.convert, OPERATOR, mutating=True),
     Route("POST", "/import-to-kvm", h.import_to_kvm, OPERATOR, mutating=True),
     Route("GET", "/parse-vmdk", h.parse_vmdk, VIEWER),
-    Route("GET", "/websocket", websocket, VIEWER),
+    Route("GET", "/websocket", websocket, VIEWER, token_in_url=True),
     Route("POST", "/schedules/create", S.create_handler, OPERATOR, mutating=True),
     Route("GET", "/schedules", S.list_handler, VIEWER),
     Route("DELETE", "/schedules/{id}", S.delete_handler, OPERATOR, mutating=True),
@@ -94,7 +96,7 @@ async def _answer(request: web.Request, handler: Handler, route: Route | None,
         return await handler(request)  # aiohttp's own 404/405
     auth = request.app[AUTH]
     if route.role != PUBLIC:
-        request["identity"] = auth.identify(request)
+        request["identity"] = auth.identify(request, route.token_in_url)
         auth.authorize(request["identity"], route.role)
     if route.needs_service and not request.app[MIRROR].healthy:
         raise unavailable(request.app[MIRROR].reason)
@@ -105,13 +107,14 @@ async def _answer(request: web.Request, handler: Handler, route: Route | None,
 
 
 def api_middleware(max_body: int):
-    """Auth, JSON errors, metrics and audit around every handler, in one place."""
+    """Host/Origin checks, auth, JSON errors, metrics and audit around every handler."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = _route_of(request)
         status, result = 500, "InternalError"
         try:
+            request.app[GUARD].check(request, bool(route and route.token_in_url))
             response = await _answer(request, handler, route, max_body)
             status, result = response.status, "ok"
             return response
@@ -147,11 +150,12 @@ async def _audit(request: web.Request, route: Route, status: int, result: str) -
         status=status, result=result, target=request.get("audit_target"))
 
 
-def create_app(*, bus: str, authenticator: Authenticator, audit: AuditLog,
-               max_body_bytes: int) -> web.Application:
+def create_app(*, bus: str, authenticator: Authenticator, guard: RequestGuard,
+               audit: AuditLog, max_body_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes,
                           middlewares=[api_middleware(max_body_bytes)])
     app[AUTH] = authenticator
+    app[GUARD] = guard
     app[AUDIT] = audit
     app[METRICS] = Metrics()
     app[WEBSOCKETS] = weakref.WeakSet()
@@ -172,6 +176,9 @@ def create_app(*, bus: str, authenticator: Authenticator, audit: AuditLog,
     async def reload_on_sighup(app: web.Application) -> None:
         def reload() -> None:
             log.warning("SIGHUP: %s", app[AUTH].reload())
+            closed = app[HUB].revoke(app[AUTH].still_valid)
+            if closed:
+                log.warning("closed %d WebSockets whose token was removed or changed", closed)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
     async def stopping(app: web.Application) -> None:

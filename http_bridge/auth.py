@@ -1,32 +1,44 @@
 """Bearer tokens with roles, read from `api.tokens_file`.
 
-The file is YAML mapping each token to `{name, role}`; it must not be readable by
-others nor writable by the group (mode 0600 or 0640), since it holds credentials.
-Roles are ordered: viewer < operator < admin; every route names the least role it
-needs (`Route.role` in app.py). With `api.auth: none` (allowed only on a loopback
-address) every caller is the admin "anonymous".
+The file is YAML mapping each token to `{name, role}`. A key is the token itself or,
+better, `sha256:<hex SHA-256 of the token>` (what `hypersdk-bridge --init-tokens`
+writes), so the file read by this network-facing process holds no usable
+credential. It must not be readable by others nor writable by the group (mode 0600
+or 0640). Roles are ordered: viewer < operator < admin; every route names the least
+role it needs (`Route.role` in app.py). With `api.auth: none` (allowed only on a
+loopback address) every caller is the admin "anonymous".
+
+A token travels in `Authorization: Bearer <token>`; only the WebSocket route also
+takes `?access_token=`, because browsers cannot set headers there.
 """
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from aiohttp import web
 
+from hypersdk.service.principals import REST_NAME_RULE, ROLES, is_rest_name, role_at_least
+
 from .errors import ApiError
 
-ROLES = ("viewer", "operator", "admin")
 PUBLIC = "public"
+
+
+DIGEST_PREFIX = "sha256:"
+_DIGEST_KEY_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
 class Identity:
     name: str
     role: str
+    credential: str = field(default="", compare=False)  # the token's digest; "" if none
 
 
 ANONYMOUS_ADMIN = Identity("anonymous", "admin")
@@ -36,12 +48,22 @@ class TokenFileError(Exception):
     """The tokens file cannot be used; the message names the file and the rule."""
 
 
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+def token_digest(token: str) -> str:
+    """The form a token is kept in: `sha256:<hex>`."""
+    return DIGEST_PREFIX + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _key_digest(key: object) -> str | None:
+    """A tokens-file key as a digest: a stored digest as it is, a raw token hashed."""
+    if isinstance(key, str) and _DIGEST_KEY_RE.fullmatch(key):
+        return key
+    if isinstance(key, str) and len(key) >= 16:
+        return token_digest(key)
+    return None
 
 
 def load_tokens(path: Path) -> dict[str, Identity]:
-    """Read the tokens file -> {sha256(token): Identity}; only digests stay in memory."""
+    """Read the tokens file -> {digest: Identity}; only digests stay in memory."""
     try:
         mode = path.stat().st_mode
         text = path.read_text(encoding="utf-8")
@@ -59,13 +81,18 @@ def load_tokens(path: Path) -> dict[str, Identity]:
     tokens: dict[str, Identity] = {}
     for index, (token, entry) in enumerate(document.items()):
         where = f"{path}: entry {index + 1}"  # never the token itself
-        if not isinstance(token, str) or len(token) < 16:
-            raise TokenFileError(f"{where}: expected a token of at least 16 characters")
+        digest = _key_digest(token)
+        if digest is None:
+            raise TokenFileError(f"{where}: expected a token of at least 16 characters "
+                                 "or sha256:<64 hex digits>")
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise TokenFileError(f"{where}: expected {{name: <string>, role: <role>}}")
+        if not is_rest_name(entry["name"]):
+            raise TokenFileError(f"{where}: name expected {REST_NAME_RULE} (hypervisord "
+                                 "records it as rest:<name>)")
         if entry.get("role") not in ROLES:
             raise TokenFileError(f"{where}: role expected one of {', '.join(ROLES)}")
-        tokens[_digest(token)] = Identity(entry["name"], entry["role"])
+        tokens[digest] = Identity(entry["name"], entry["role"], digest)
     return tokens
 
 
@@ -79,12 +106,12 @@ def is_loopback(host: str) -> bool:
 
 
 def allows(identity: Identity, needed: str) -> bool:
-    return needed == PUBLIC or ROLES.index(identity.role) >= ROLES.index(needed)
+    return needed == PUBLIC or role_at_least(identity.role, needed)
 
 
 class Authenticator:
-    """Who is calling: from `Authorization: Bearer <token>` (or `?access_token=` for
-    WebSocket clients such as browsers, which cannot set headers)."""
+    """Who is calling: from `Authorization: Bearer <token>` (or `?access_token=` where
+    the route allows it: the WebSocket, for browsers)."""
 
     def __init__(self, tokens: dict[str, Identity] | None, path: Path | None = None) -> None:
         self._tokens = tokens  # None: auth is off
@@ -104,20 +131,17 @@ class Authenticator:
     def enabled(self) -> bool:
         return self._tokens is not None
 
-    def identify(self, request: web.Request) -> Identity:
+    def still_valid(self, identity: Identity) -> bool:
+        """Is `identity` still what its token grants (after a reload)?"""
+        return self._tokens is None or self._tokens.get(identity.credential) == identity
+
+    def identify(self, request: web.Request, token_in_url: bool = False) -> Identity:
+        """The caller; `token_in_url`: the route takes `?access_token=` (guard.py refuses
+        it everywhere else)."""
         if self._tokens is None:
             return ANONYMOUS_ADMIN
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if not header:
-            token = request.query.get("access_token", "")
-            if not token:
-                raise ApiError(401, "Unauthorized", "a bearer token is required "
-                               "(Authorization: Bearer <token>)")
-        elif scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "Unauthorized", "the Authorization header must be "
-                           "'Bearer <token>'")
-        identity = self._tokens.get(_digest(token.strip()))
+        token = _presented_token(request, token_in_url)
+        identity = self._tokens.get(token_digest(token))
         if identity is None:
             raise ApiError(401, "Unauthorized", "the bearer token is not valid")
         return identity
@@ -127,3 +151,20 @@ class Authenticator:
         if not allows(identity, needed):
             raise ApiError(403, "Forbidden", f"role {identity.role} may not do this; "
                            f"it needs role {needed} or higher")
+
+
+def _presented_token(request: web.Request, token_in_url: bool) -> str:
+    headers = request.headers.getall("Authorization", [])
+    if len(headers) > 1:
+        raise ApiError(401, "Unauthorized", "send exactly one Authorization header")
+    if not headers:
+        token = request.query.get("access_token", "") if token_in_url else ""
+        if not token:
+            raise ApiError(401, "Unauthorized", "a bearer token is required "
+                           "(Authorization: Bearer <token>)")
+        return token
+    scheme, _, token = headers[0].partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "Unauthorized", "the Authorization header must be "
+                       "'Bearer <token>'")
+    return token.strip()

@@ -11,6 +11,7 @@ import re
 
 from aiohttp import web
 
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 DBUS_ERROR_TABLE: dict[str, tuple[int, str]] = {
     "org.hypersdk.HyperSDK1.Error.InvalidArgument": (400, "InvalidArgument"),
     "org.hypersdk.HyperSDK1.Error.NotFound": (404, "NotFound"),
@@ -22,7 +23,7 @@ DBUS_ERROR_TABLE: dict[str, tuple[int, str]] = {
     # 503 is kept for "hypervisord itself cannot be reached", so clients can tell them apart.
     "org.hypersdk.HyperSDK1.Error.Unavailable": (422, "Unavailable"),
     "org.hypersdk.HyperSDK1.Error.Failed": (422, "Failed"),
-    "org.freedesktop.DBus.Error.AccessDenied": (403, "Forbidden"),
+    ACCESS_DENIED: (403, "Forbidden"),
     "org.freedesktop.DBus.Error.InvalidArgs": (400, "InvalidArgument"),
     "org.freedesktop.DBus.Error.UnknownObject": (404, "NotFound"),
     "org.freedesktop.DBus.Error.UnknownMethod": (404, "NotFound"),
@@ -73,8 +74,8 @@ def from_dbus(error_name: str, message: str) -> ApiError:
     if code == "InvalidArgument":
         match = _FIELD_RE.match(message)
         field = match.group(1) if match else None
-    if error_name == "org.freedesktop.DBus.Error.AccessDenied":
-        message = f"hypervisord refused the bridge: {message}"
+    if error_name == ACCESS_DENIED:  # polkit's word on the caller (or the bridge's user)
+        message = f"hypervisord refused: {message}"
     return ApiError(status, code, message, field)
 
 

@@ -7,6 +7,7 @@ what it needs to build the D-Bus call.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from typing import Any
@@ -24,7 +25,10 @@ from .views import JOB_STATUSES, eta_json, job_json, object_json, progress_json,
 
 JOB_ID_RE = re.compile(r"^job-[0-9a-f]{1,64}$")
 OBJECT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+ASCII_DIGITS_RE = re.compile(r"[0-9]{1,12}")  # str.isdigit() also takes '²' and '٣'
 MAX_PAGE = 1000
+MAX_DEPTH = 32
+MIN_INT, MAX_INT = -(1 << 63), (1 << 64) - 1
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -48,31 +52,41 @@ async def json_body(request: web.Request) -> dict:
         value = json.loads(raw)
         if not isinstance(value, dict):
             raise invalid("body", "expected a JSON object")
-        check_text(value, "body")
+        check_json(value, "body")
     except json.JSONDecodeError as exc:
         raise invalid("body", f"malformed JSON: {exc.msg} at line {exc.lineno} "
                               f"column {exc.colno}") from None
     except UnicodeDecodeError:
         raise invalid("body", "malformed JSON: not UTF-8 text") from None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise invalid("body", f"unusable JSON: {exc}") from None
+    except ValueError:  # json.loads refuses integers of more than 4300 digits
+        raise invalid("body", "numbers must be integers from -2^63 to 2^64-1 or finite "
+                              "floats") from None
     except RecursionError:
-        raise invalid("body", "unusable JSON: nested too deeply") from None
+        raise invalid("body", f"nested deeper than {MAX_DEPTH} levels") from None
     return value
 
 
-def check_text(value: Any, where: str) -> None:
-    """Every key and string must be Unicode text without NUL (D-Bus carries nothing else,
-    and hypervisord quotes keys and values back in its error messages)."""
+def check_json(value: Any, where: str, depth: int = 0) -> None:
+    """What hypervisord can take: keys and strings are Unicode text without NUL (D-Bus
+    carries nothing else, and hypervisord quotes them back in its errors), nesting is at
+    most MAX_DEPTH levels, numbers are finite and fit 64 bits (D-Bus and SQLite)."""
+    if depth > MAX_DEPTH:
+        raise invalid("body", f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, str):
         check_dbus_string(where, value)
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int) and not MIN_INT <= value <= MAX_INT:
+        raise invalid(where, "expected an integer from -2^63 to 2^64-1")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise invalid(where, "expected a finite number")
     elif isinstance(value, dict):
         for key, item in value.items():
             check_dbus_string(where, key)
-            check_text(item, f"{where}.{key}" if where != "body" else key)
+            check_json(item, f"{where}.{key}" if where != "body" else key, depth + 1)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            check_text(item, f"{where}[{index}]")
+            check_json(item, f"{where}[{index}]", depth + 1)
 
 
 def as_dbus_json(value: Any) -> str:
@@ -91,9 +105,16 @@ def query_int(request: web.Request, name: str, default: int, maximum: int) -> in
     text = request.query.get(name)
     if text is None or text == "":
         return default
-    if not text.isdigit() or int(text) > maximum:
+    if not ASCII_DIGITS_RE.fullmatch(text) or int(text) > maximum:
         raise invalid(name, f"expected an integer from 0 to {maximum}")
     return int(text)
+
+
+async def call(request: web.Request, path: str, interface: str, member: str, signature: str,
+               body: list) -> list:
+    """hypervisord's `member`, called on behalf of the request's authenticated caller."""
+    return await request.app[MIRROR].call(path, interface, member, signature, body,
+                                          principal=request["identity"])
 
 
 def find_job(mirror: ServiceMirror, job_id: str, field: str = "job_id") -> tuple[str, dict]:
@@ -154,9 +175,8 @@ async def vms_list(request: web.Request) -> web.Response:
     vm_filter = body.get("filter") or {}
     if not isinstance(vm_filter, dict):
         raise invalid("filter", "expected a JSON object")
-    (reply,) = await request.app[MIRROR].call(
-        MANAGER_PATH, MANAGER_IFACE, "ListVMs", "ssa{sv}",
-        [check_dbus_string("provider", provider), as_dbus_json(vm_filter), {}])
+    (reply,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "ListVMs", "ssa{sv}",
+                          [check_dbus_string("provider", provider), as_dbus_json(vm_filter), {}])
     vms = json.loads(reply)
     return json_response({"provider": provider, "vms": vms, "total": len(vms)})
 
@@ -164,16 +184,16 @@ async def vms_list(request: web.Request) -> web.Response:
 async def vms_info(request: web.Request) -> web.Response:
     identifier = query_text(request, "identifier")
     provider = query_text(request, "provider")
-    (reply,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, "GetVMInfo",
-                                              "ssa{sv}", [provider, identifier, {}])
+    (reply,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "GetVMInfo", "ssa{sv}",
+                          [provider, identifier, {}])
     return json_response(json.loads(reply))
 
 
 # -- jobs -------------------------------------------------------------------------------
 async def _submit_to(request: web.Request, member: str) -> web.Response:
     body = await json_body(request)
-    (path,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, member, "sa{sv}",
-                                             [as_dbus_json(body), {}])
+    (path,) = await call(request, MANAGER_PATH, MANAGER_IFACE, member, "sa{sv}",
+                         [as_dbus_json(body), {}])
     return submitted(request, path)
 
 
@@ -225,7 +245,7 @@ async def jobs_cancel(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
     path, props = find_job(mirror, request.match_info["id"], "id")
     request["audit_target"] = props.get("Id")
-    await mirror.call(path, JOB_IFACE, "Cancel", "a{sv}", [{}])
+    await call(request, path, JOB_IFACE, "Cancel", "a{sv}", [{}])
     return json_response({"job_id": props.get("Id"), "status": props.get("Status"),
                           "cancel_requested": True})
 
@@ -234,15 +254,15 @@ async def jobs_retry(request: web.Request) -> web.Response:
     """Submit a failed or cancelled job's definition again, as a new job."""
     mirror = request.app[MIRROR]
     path, _ = find_job(mirror, request.match_info["id"], "id")
-    (new_path,) = await mirror.call(path, JOB_IFACE, "Retry", "a{sv}", [{}])
+    (new_path,) = await call(request, path, JOB_IFACE, "Retry", "a{sv}", [{}])
     return submitted(request, new_path)
 
 
 # -- disks --------------------------------------------------------------------------------
 async def parse_vmdk(request: web.Request) -> web.Response:
     path = query_text(request, "path")
-    (reply,) = await request.app[MIRROR].call(MANAGER_PATH, MANAGER_IFACE, "ParseVmdk",
-                                              "sa{sv}", [path, {}])
+    (reply,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "ParseVmdk", "sa{sv}",
+                          [path, {}])
     return json_response(json.loads(reply))
 
 
@@ -270,8 +290,8 @@ class AutomationKind:
     async def create_handler(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         mirror = request.app[MIRROR]
-        (path,) = await mirror.call(MANAGER_PATH, MANAGER_IFACE, self.create, "sa{sv}",
-                                    [as_dbus_json(body), {}])
+        (path,) = await call(request, MANAGER_PATH, MANAGER_IFACE, self.create, "sa{sv}",
+                             [as_dbus_json(body), {}])
         answer = object_json(path, mirror.get(path, self.interface) or {})
         request["audit_target"] = answer["id"]
         return json_response(answer)
@@ -287,7 +307,7 @@ class AutomationKind:
         path, props = self.find(mirror, request.match_info["id"])
         answer_id = object_json(path, props)["id"]
         request["audit_target"] = answer_id
-        await mirror.call(path, self.interface, "Delete", "a{sv}", [{}])
+        await call(request, path, self.interface, "Delete", "a{sv}", [{}])
         return json_response({"id": answer_id, "deleted": True})
 
 

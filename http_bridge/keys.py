@@ -7,6 +7,7 @@ from aiohttp import web
 
 from .audit import AuditLog
 from .auth import Authenticator
+from .guard import RequestGuard
 from .metrics import Metrics
 from .mirror import ServiceMirror
 from .websocket import WebSocketHub
@@ -14,6 +15,7 @@ from .websocket import WebSocketHub
 MIRROR = web.AppKey("mirror", ServiceMirror)
 HUB = web.AppKey("hub", WebSocketHub)
 AUTH = web.AppKey("auth", Authenticator)
+GUARD = web.AppKey("guard", RequestGuard)
 AUDIT = web.AppKey("audit", AuditLog)
 METRICS = web.AppKey("metrics", Metrics)
 STOPPING = web.AppKey("stopping", asyncio.Event)

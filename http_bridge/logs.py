@@ -14,9 +14,9 @@ from aiohttp import web
 from dbus_fast import Variant
 
 from .errors import ApiError, invalid
-from .handlers import find_job
+from .handlers import call, find_job
 from .keys import MIRROR, STOPPING
-from .mirror import JOB_IFACE, MirrorEvent, ServiceMirror
+from .mirror import JOB_IFACE, MirrorEvent
 from .views import FINISHED, rfc3339
 
 PAGE = 1000
@@ -37,9 +37,9 @@ def format_line(line: list) -> str:
     return f"{rfc3339(usec)} {level.upper()} {message}\n"
 
 
-async def _get(mirror: ServiceMirror, path: str, after: int) -> list:
-    (lines,) = await mirror.call(path, JOB_IFACE, "GetLog", "ta{sv}",
-                                 [after, {"limit": Variant("u", PAGE)}])
+async def _get(request: web.Request, path: str, after: int) -> list:
+    (lines,) = await call(request, path, JOB_IFACE, "GetLog", "ta{sv}",
+                          [after, {"limit": Variant("u", PAGE)}])
     return lines
 
 
@@ -50,11 +50,11 @@ async def _send(response: web.StreamResponse, lines: list, last: int) -> int:
     return lines[-1][0]
 
 
-async def _drain(response: web.StreamResponse, mirror: ServiceMirror, path: str,
+async def _drain(response: web.StreamResponse, request: web.Request, path: str,
                  last: int) -> int:
     """Send every line after `last`, a page at a time; return the last id sent."""
     while True:
-        lines = await _get(mirror, path, last)
+        lines = await _get(request, path, last)
         last = await _send(response, lines, last)
         if len(lines) < PAGE:
             return last
@@ -73,17 +73,17 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
     mirror.subscribe(listener)
     response: web.StreamResponse | None = None
     try:
-        lines = await _get(mirror, path, 0)  # before the answer starts: errors stay JSON
+        lines = await _get(request, path, 0)  # before the answer starts: errors stay JSON
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         last = await _send(response, lines, 0)
         if len(lines) == PAGE:
-            last = await _drain(response, mirror, path, last)
+            last = await _drain(response, request, path, last)
         while follow and not request.app[STOPPING].is_set():
             finished = (mirror.get(path, JOB_IFACE) or {}).get("Status") in FINISHED
             wake.clear()
-            last = await _drain(response, mirror, path, last)
+            last = await _drain(response, request, path, last)
             if finished or not mirror.healthy:
                 break
             await _wait(wake, request.app[STOPPING])

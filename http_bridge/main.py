@@ -1,8 +1,10 @@
 """`hypersdk-bridge --config PATH`: the REST + WebSocket API, a D-Bus client of hypervisord.
 
 It reads the same config file as hypervisord: `daemon.address` to listen on and
-`api.*` for auth, TLS, the body limit and the audit log. A broken setting stops it
-at start with a message naming the setting; nothing is served half-configured.
+`api.*` for auth, the names and origins it serves, TLS, the body limit and the audit
+log. A broken setting stops it at start with a message naming the setting; nothing
+is served half-configured. `--init-tokens` (as root) creates the tokens file with a
+first admin token when it is missing (init_tokens.py), then exits.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from hypersdk.service.config_schema import ConfigProblem
 from .app import create_app
 from .audit import AuditLog
 from .auth import Authenticator, TokenFileError, is_loopback, load_tokens
+from .guard import RequestGuard
+from .init_tokens import InitTokensError, init_tokens
 
 log = logging.getLogger("hypersdk.bridge")
 SHUTDOWN_TIMEOUT = 10.0
@@ -110,6 +114,15 @@ def open_audit_log(config: Config) -> AuditLog:
                          f"({exc.strerror or exc})") from None
 
 
+def _init_tokens(config: Config) -> int:
+    try:
+        print(init_tokens(Path(config.api.tokens_file), config.api.bridge_user))
+    except InitTokensError as exc:
+        print(f"hypersdk-bridge: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hypersdk-bridge", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
@@ -117,12 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bus", default="system",
                         help="system (default, honours DBUS_SYSTEM_BUS_ADDRESS), session "
                              "or a D-Bus address")
+    parser.add_argument("--init-tokens", action="store_true",
+                        help="create api.tokens_file with a first admin token if it is "
+                             "missing (as root), then exit")
     args = parser.parse_args(argv)
     try:
         config = load_bridge_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.init_tokens:
+        return _init_tokens(config)
     logging.basicConfig(level=config.daemon.log_level.upper(),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -133,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as exc:
         print(f"hypersdk-bridge: {exc}", file=sys.stderr)
         return 2
-    app = create_app(bus=args.bus, authenticator=auth, audit=audit,
+    guard = RequestGuard(config.api.server_names, config.api.allowed_origins,
+                         "https" if ssl_context else "http")
+    app = create_app(bus=args.bus, authenticator=auth, guard=guard, audit=audit,
                      max_body_bytes=config.api.max_body_bytes)
     try:
         web.run_app(app, host=host, port=port, ssl_context=ssl_context, print=None,

@@ -23,7 +23,8 @@ from dbus_fast.aio import MessageBus
 from hypersdk.service.dbus.bus import connect
 from hypersdk.service.dbus.paths import BUS_NAME, ROOT_PATH
 
-from .errors import from_dbus, invalid, unavailable
+from .auth import Identity
+from .errors import ACCESS_DENIED, from_dbus, invalid, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,10 @@ class ServiceMirror:
                                              interface=OBJECT_MANAGER,
                                              member="GetManagedObjects", serial=serial))
         if reply.message_type == MessageType.ERROR:
-            self._set_unhealthy(f"hypervisord did not list its objects: {reply.error_name}")
+            hint = (" (only members of group hypersdk may read it; is the bridge's user one?)"
+                    if reply.error_name == ACCESS_DENIED else "")
+            self._set_unhealthy(f"hypervisord did not list its objects: {reply.error_name}"
+                                + hint)
         self._ready.set()
 
     def _set_unhealthy(self, reason: str) -> None:
@@ -239,12 +243,21 @@ class ServiceMirror:
             self._emit(MirrorEvent("completed", msg.path, JOB_IFACE, args=tuple(body)))
 
     # -- calls -------------------------------------------------------------------------
-    async def call(self, path: str, interface: str, member: str, signature: str = "",
-                   body: list | None = None) -> list:
-        """Call hypervisord; D-Bus errors become ApiError through the one table."""
+    async def call(self, path: str, interface: str, member: str, signature: str,
+                   body: list, *, principal: Identity) -> list:
+        """Call hypervisord on behalf of `principal`; D-Bus errors become ApiError.
+
+        Every method of hypervisord ends with `options a{sv}`: the REST identity goes
+        there as `requested_by` and `requested_role`, so hypervisord (which trusts them
+        from the bridge's uid only) records and authorises the end user, not the bridge.
+        """
         if not self.healthy or self._bus is None:
             raise unavailable(self.reason or "hypervisord is not available")
-        return await self._bus_call(BUS_NAME, path, interface, member, signature, body or [])
+        *arguments, options = body
+        options = {**options, "requested_by": Variant("s", principal.name),
+                   "requested_role": Variant("s", principal.role)}
+        return await self._bus_call(BUS_NAME, path, interface, member, signature,
+                                    [*arguments, options])
 
     async def _bus_call(self, destination: str, path: str, interface: str, member: str,
                         signature: str, body: list) -> list:

@@ -115,7 +115,11 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     ("/websocket", "get"): {
         "summary": "Live job updates (WebSocket)", "tags": ["jobs"],
         "description": "Messages are Update objects. Send {\"subscribe\": [job ids]} to "
-                       "watch some jobs only, {\"type\": \"ping\"} for a pong.",
+                       "watch some jobs only, {\"type\": \"ping\"} for a pong. Browsers, "
+                       "which cannot set headers here, may send the token as "
+                       "?access_token= (no other route takes it); pages need an origin "
+                       "in api.allowed_origins. The connection is closed (1008) when its "
+                       "token is removed.",
         "responses": {"101": {"description": "Switching to the WebSocket protocol"},
                       "426": ERROR, "default": ERROR}},
     **_automation("schedule", "schedules", "/schedules/create", "ScheduleRequest", "schedules"),
@@ -181,8 +185,8 @@ SCHEMAS: dict[str, dict] = {
         "created_at": _nullable("string", format="date-time"),
         "started_at": _nullable("string", format="date-time"),
         "ended_at": _nullable("string", format="date-time"), "error": _STR,
-        "attempts": _INT, "retry_of": _nullable("string"), "definition": _OBJ,
-        "result": _OBJ}),
+        "attempts": _INT, "retry_of": _nullable("string"),
+        "requested_by": _nullable("string"), "definition": _OBJ, "result": _OBJ}),
     "JobList": _object(["jobs", "total", "limit", "offset"], {
         "jobs": {"type": "array", "items": _ref("Job")}, "total": _INT, "limit": _INT,
         "offset": _INT}),

@@ -88,6 +88,9 @@ def job_json(props: dict) -> dict:
         "error": props.get("Error", ""),
         "attempts": int(props.get("Attempts", 0)),
         "retry_of": props.get("RetryOf", "") or None,
+        # who asked: "rest:<token name>" or "unix:<user>" (hypervisord's RequestedBy);
+        # None for jobs from before principals were recorded
+        "requested_by": props.get("RequestedBy", "") or None,
         "definition": _json_property(props.get("Definition", "")),
         "result": _json_property(props.get("Result", "")),
     }

@@ -27,9 +27,11 @@ import struct
 import weakref
 from collections import OrderedDict
 from itertools import count
+from typing import Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .auth import Identity
 from .mirror import JOB_IFACE, MirrorEvent, ServiceMirror
 from .views import update_json
 
@@ -98,11 +100,11 @@ class ClientQueue:
 
 
 class Client:
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, who: str,
-                 max_queued: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport,
+                 identity: Identity, max_queued: int) -> None:
         self.ws = ws
         self.transport = transport
-        self.who = who
+        self.identity = identity
         self.queue = ClientQueue(max_queued)
         self.jobs: set[str] | None = None  # None: every job
 
@@ -126,6 +128,7 @@ class WebSocketHub:
         self.disconnected_slow = 0
         self._backlog: set[Client] = set()
         self._drainer: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
         mirror.subscribe(self._on_event)
 
     def close(self) -> None:
@@ -184,21 +187,33 @@ class WebSocketHub:
         self._forget(client)
         self.disconnected_slow += 1
         log.warning("websocket client %s fell %d messages behind; disconnected",
-                    client.who, client.queue.max_items)
+                    client.identity.name, client.queue.max_items)
         client.transport.abort()
 
     def _forget(self, client: Client) -> None:
         self.clients.discard(client)
         self._backlog.discard(client)
 
+    def revoke(self, still_valid: Callable[[Identity], bool]) -> int:
+        """Close the clients whose token no longer grants what it did (SIGHUP); returns
+        how many. Their close frame says why (1008, policy violation)."""
+        revoked = [c for c in self.clients if not still_valid(c.identity)]
+        for client in revoked:
+            self._forget(client)
+            task = asyncio.get_running_loop().create_task(client.ws.close(
+                code=WSCloseCode.POLICY_VIOLATION, message=b"token revoked"))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return len(revoked)
+
     # -- one client --------------------------------------------------------------------
-    async def handle(self, request: web.Request, who: str) -> web.WebSocketResponse:
+    async def handle(self, request: web.Request, identity: Identity) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=64 * 1024,
                                    compress=False)
         await ws.prepare(request)
         if request.transport is None:  # the client left during the handshake
             return ws
-        client = Client(ws, request.transport, who, self.max_queued)
+        client = Client(ws, request.transport, identity, self.max_queued)
         self.clients.add(client)
         request.app[WEBSOCKETS].add(ws)
         try:

@@ -18,6 +18,7 @@ import yaml
 
 from .confine import default_roots
 from .config_schema import ConfigProblem, Field, Schema, validate
+from .webhook_targets import targets_rule
 
 DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
 PROVIDER_KINDS = ("vsphere", "aws", "azure", "gcp", "hyperv", "oci", "ova")
@@ -26,11 +27,14 @@ WEBHOOK_EVENTS = (
     "schedule.triggered", "backup.retention_applied",
 )
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ASCII_DIGITS_RE = re.compile(r"[0-9]{1,5}")
+_SERVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", re.IGNORECASE)
+_ORIGIN_RE = re.compile(r"https?://[^\s/?#@]+", re.IGNORECASE)
 
 
 def _address_rule(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not _ASCII_DIGITS_RE.fullmatch(port) or not 0 < int(port) < 65536:
         return "HOST:PORT with a port from 1 to 65535"
     return None
 
@@ -41,6 +45,17 @@ def _absolute_path_rule(value: str) -> str | None:
 
 def _absolute_paths_rule(values: list[str]) -> str | None:
     return None if all(v.startswith("/") for v in values) else "a list of absolute paths"
+
+
+def _server_names_rule(values: list[str]) -> str | None:
+    bad = [v for v in values if not _SERVER_NAME_RE.fullmatch(v)]
+    return f"a list of DNS names without port ({bad[0]!r} is not one)" if bad else None
+
+
+def _origins_rule(values: list[str]) -> str | None:
+    bad = [v for v in values if not _ORIGIN_RE.fullmatch(v)]
+    return (f"a list of origins such as https://console.example.com:8443, without path "
+            f"({bad[0]!r} is not one)") if bad else None
 
 
 def _url_rule(value: str) -> str | None:
@@ -78,8 +93,12 @@ MAIN_SCHEMA: Schema = {
         "network": Field("str", "default"),
     },
     "api": {
-        "auth": Field("str", "none", choices=("none", "token")),
+        "auth": Field("str", "token", choices=("none", "token")),
         "tokens_file": Field("str", "/etc/hypersdk/tokens.yaml", check=_absolute_path_rule),
+        # Host names the bridge answers to besides localhost and addresses (DNS rebinding)
+        "server_names": Field("list[str]", [], check=_server_names_rule),
+        # browser origins (scheme://host[:port]) whose pages may call the API
+        "allowed_origins": Field("list[str]", [], check=_origins_rule),
         "tls_cert": Field("str", ""),
         "tls_key": Field("str", ""),
         "max_body_bytes": Field("size", 1024 * 1024, minimum=1024),
@@ -93,6 +112,8 @@ MAIN_SCHEMA: Schema = {
         "webhook_timeout": Field("duration", 10.0),
         "webhook_max_attempts": Field("int", 8, minimum=1),
         "webhook_retry_base": Field("duration", 5.0),  # first retry delay; doubles each time
+        # private hosts webhooks may reach, as host or host:port (public ones need no entry)
+        "webhook_private_targets": Field("list[str]", [], check=targets_rule),
     },
     "ova": {
         "import_dirs": Field("list[str]", ["/var/lib/hypersdk/imports"]),

@@ -13,6 +13,10 @@
   `webhook_max_attempts` attempts; then the event is marked failed. The outbox is in
   the store, so pending events are delivered after a restart (at least once: an
   attempt cut short by a crash is made again). Events may arrive out of order.
+- Targets: public addresses only, unless `automation.webhook_private_targets` names
+  the host (webhook_targets.py); checked when a webhook is configured and again at
+  each delivery, where a refusal is a failed attempt logged as "refused: <why>".
+  Redirects are not followed.
 - Secrets: the `secret` is stored (the database is root-only, mode 0600) but never
   returned; header values that look like credentials and passwords or tokens in the
   URL are redacted wherever a webhook is shown. Errors in the delivery log are written
@@ -34,7 +38,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -42,7 +46,9 @@ from . import __version__
 from .config import WEBHOOK_EVENTS
 from .errors import InvalidArgument, NotFound
 from .definitions import check_fields
+from .redact import redact_headers, redact_url
 from .schedules import Clock, check_bool, new_id, wait_until
+from .webhook_targets import PublicOnlyResolver, RefusedTarget, TargetPolicy
 
 if TYPE_CHECKING:
     from .engine import JobEvent
@@ -55,43 +61,17 @@ TEST_EVENT = "webhook.test"
 SIGNATURE_HEADER = "X-HyperSDK-Signature"
 RESERVED_HEADERS = ("content-type", "content-length", "host", "x-hypersdk-signature",
                     "x-hypersdk-event", "x-hypersdk-delivery")
-REDACTED = "<redacted>"
 MAX_BACKOFF = 3600.0
 CONCURRENT_DELIVERIES = 4
 KEEP_FINISHED = 7 * 86400.0  # delivered and failed events stay in the delivery log this long
 PRUNE_EVERY = 3600.0
 JOB_EVENTS = {"running": "job.started", "completed": "job.completed", "failed": "job.failed",
               "cancelled": "job.cancelled"}
-_SECRET_NAME_RE = re.compile(r"auth|token|secret|key|pass|cookie|session|signature|credential",
-                             re.IGNORECASE)
-_SECRET_VALUE_RE = re.compile(r"^\s*(bearer|basic|digest|token|negotiate)\s", re.IGNORECASE)
 _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
 
 
-# -- redaction -------------------------------------------------------------------------
-def looks_secret(name: str, value: str) -> bool:
-    return bool(_SECRET_NAME_RE.search(name) or _SECRET_VALUE_RE.match(value))
-
-
-def redact_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {k: REDACTED if looks_secret(k, v) else v for k, v in headers.items()}
-
-
-def redact_url(url: str) -> str:
-    """The URL without a password and without the values of secret-looking query keys."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = urlencode([(k, REDACTED if looks_secret(k, v) else v)
-                       for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="<>")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
 # -- validation ------------------------------------------------------------------------
-def validate_webhook(definition: Any) -> dict:
+def validate_webhook(definition: Any, targets: TargetPolicy) -> dict:
     """A normalised webhook {url, events, headers, secret, enabled} or InvalidArgument."""
     check_fields(definition, WEBHOOK_FIELDS, ("url", "events"))
     url = definition["url"]
@@ -102,6 +82,8 @@ def validate_webhook(definition: Any) -> dict:
         parts.port
     except ValueError:
         raise InvalidArgument("url", "has an invalid port") from None
+    if reason := targets.url_refusal(url):
+        raise InvalidArgument("url", f"webhooks go to public addresses only: {reason}")
     events = definition["events"]
     if not isinstance(events, list) or not events:
         raise InvalidArgument("events", "must be a non-empty list of: " + ", ".join(WEBHOOK_EVENTS))
@@ -125,6 +107,14 @@ def validate_webhook(definition: Any) -> dict:
         raise InvalidArgument("secret", "must be a string")
     return {"url": url, "events": list(dict.fromkeys(events)), "headers": dict(headers),
             "secret": secret, "enabled": check_bool(definition.get("enabled", True), "enabled")}
+
+
+def _answer_error(status: int) -> str:
+    if 200 <= status < 300:
+        return ""
+    if 300 <= status < 400:
+        return f"HTTP {status} (redirects are not followed)"
+    return f"HTTP {status}"
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -170,6 +160,7 @@ class Webhooks:
         self.timeout = settings.webhook_timeout
         self.max_attempts = settings.webhook_max_attempts
         self.retry_base = settings.webhook_retry_base
+        self.targets = TargetPolicy(settings.webhook_private_targets)
         self.clock = clock
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
@@ -177,7 +168,7 @@ class Webhooks:
 
     # -- CRUD --------------------------------------------------------------------------
     def create(self, definition: Any, uid: int) -> Webhook:
-        data = validate_webhook(definition)
+        data = validate_webhook(definition, self.targets)
         webhook_id = new_id("webhook")
         self._insert(webhook_id, data, "api", uid)
         log.info("webhook %s created for %s (%s)", webhook_id, redact_url(data["url"]),
@@ -198,7 +189,7 @@ class Webhooks:
         ids = []
         for index, item in enumerate(webhooks):
             try:
-                data = validate_webhook(item)
+                data = validate_webhook(item, self.targets)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"config: webhooks[{index}].{exc.field}", exc.rule) from None
             digest = hashlib.sha256(f"{item['url']}#{index}".encode()).hexdigest()
@@ -295,7 +286,8 @@ class Webhooks:
         limit = asyncio.Semaphore(CONCURRENT_DELIVERIES)
         headers = {"User-Agent": f"hypersdk/{__version__}"}
         pruned_at = float("-inf")
-        async with aiohttp.ClientSession(headers=headers) as session:
+        connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(self.targets))
+        async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
             try:
                 while True:
                     if time.monotonic() - pruned_at >= PRUNE_EVERY:
@@ -343,13 +335,17 @@ class Webhooks:
 
     async def _post(self, session: aiohttp.ClientSession, url: str, body: bytes,
                     headers: dict) -> tuple[int, str]:
+        """POST once; redirects are not followed (they could lead to a private address)."""
+        if reason := self.targets.url_refusal(url):
+            return 0, f"refused: {reason}"
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with session.post(url, data=body, headers=headers, timeout=timeout,
                                     allow_redirects=False) as response:
                 await response.read()
-                return response.status, "" if 200 <= response.status < 300 else \
-                    f"HTTP {response.status}"
+                return response.status, _answer_error(response.status)
+        except RefusedTarget as exc:
+            return 0, str(exc)
         except asyncio.TimeoutError:
             return 0, f"no answer within {self.timeout:g}s"
         except aiohttp.ClientConnectorError as exc:

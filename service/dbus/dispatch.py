@@ -22,14 +22,14 @@ import asyncio
 import contextvars
 import logging
 import pwd
-import re
 
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
 from ..errors import ERROR_PREFIX, HyperSDKError, InvalidArgument
-from .polkit import ROLES, AccessDenied, Authority, Caller
+from ..principals import REST_NAME_RULE, ROLES, is_rest_name
+from .polkit import AccessDenied, Authority, Caller
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ async def require(action: str) -> Caller:
 
 
 PRINCIPAL_OPTION, ROLE_OPTION = "requested_by", "requested_role"
-_PRINCIPAL_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
 
 
 def unix_principal(uid: int) -> str:
@@ -70,9 +69,9 @@ def principal_of(uid: int, options: dict, trusted_uids: frozenset[int]) -> tuple
     name, role = options.get(PRINCIPAL_OPTION), options.get(ROLE_OPTION)
     name = name.value if name is not None and name.signature == "s" else None
     role = role.value if role is not None and role.signature == "s" else None
-    if not name or not _PRINCIPAL_RE.match(name):
-        raise InvalidArgument(f"options.{PRINCIPAL_OPTION}", "a REST user name (1-128 "
-                                                             "printable characters)")
+    if not is_rest_name(name):
+        raise InvalidArgument(f"options.{PRINCIPAL_OPTION}", f"a REST user name "
+                                                             f"({REST_NAME_RULE})")
     if role not in ROLES:
         raise InvalidArgument(f"options.{ROLE_OPTION}", "one of " + ", ".join(ROLES))
     return f"rest:{name}", role

@@ -20,6 +20,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from ..errors import HyperSDKError
+from ..principals import role_at_least
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ class AccessDenied(HyperSDKError):
         return "org.freedesktop.DBus.Error.AccessDenied"
 
 
-ROLES = ("viewer", "operator", "admin")
 ACTION_PREFIX = "org.hypersdk.HyperSDK1."
 # The least REST role for each action; anything not listed needs admin.
 ROLE_NEEDED = {
@@ -70,7 +70,7 @@ class Caller:
 
 def role_allows(role: str, action: str) -> bool:
     needed = ROLE_NEEDED.get(action.removeprefix(ACTION_PREFIX), "admin")
-    return role in ROLES and ROLES.index(role) >= ROLES.index(needed)
+    return role_at_least(role, needed)
 
 
 class Authority:

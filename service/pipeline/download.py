@@ -35,6 +35,7 @@ from typing import Callable
 from urllib.parse import SplitResult, quote, urljoin, urlsplit, urlunsplit
 
 from ..errors import Failed, NotFound
+from ..redact import redact_url
 from ..direct_io import DirectFile
 from .disk_writer import HashingDiskWriter, WriteFailed
 from .threads import run_in_own_thread
@@ -56,13 +57,6 @@ class DownloadResult:
     path: Path
     size: int
     sha256: str
-
-
-def redact_url(url: str) -> str:
-    """The URL without query or credentials: signed URLs carry secrets in the query."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]  # as written: a bad port is shown, not parsed
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def file_sha256(path: Path, block: int = 4 << 20) -> tuple[int, str]:
@@ -252,8 +246,8 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
                    on_temp: Callable[[Path], None] | None = None) -> DownloadResult:
     """Download `url` to `target`; see the module docstring for the guarantees.
 
-    `log(message)` or `log(message, level)` receives progress lines (URLs without
-    their query). `on_bytes(n)` is called as data lands in the file (n < 0 if a
+    `log(message)` or `log(message, level)` receives progress lines (URLs redacted by
+    redact_url). `on_bytes(n)` is called as data lands in the file (n < 0 if a
     server that ignores Range forced a restart). `ssl` verifies https (None: the
     system's trust store). Raises Failed or NotFound with a message naming the file;
     the temporary file is gone afterwards.

@@ -35,9 +35,10 @@ import aiohttp
 
 from ..errors import Failed
 from ..pipeline.convert import run_qemu_img_convert
-from ..pipeline.download import download, file_sha256, redact_url, temp_path_for
+from ..pipeline.download import download, file_sha256, temp_path_for
 from ..pipeline.ovf_writer import safe_name
 from ..pipeline.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
+from ..redact import redact_url
 from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, VMInfo
 from .vsphere_session import SessionPool
 

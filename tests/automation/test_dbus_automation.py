@@ -19,7 +19,9 @@ ROOT = "/org/hypersdk/HyperSDK1"
 MEMBER = "hsdk-member"
 SECRET = "hmac-secret-value"
 QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
-FAST_WEBHOOKS = {"webhook_retry_base": 0.2, "webhook_timeout": 2}
+# the receivers are on 127.0.0.1, which webhooks reach only when it is named
+FAST_WEBHOOKS = {"webhook_retry_base": 0.2, "webhook_timeout": 2,
+                 "webhook_private_targets": ["127.0.0.1"]}
 
 
 def create(address: str, method: str, definition: dict, user: str | None = MEMBER) -> str:

@@ -1,4 +1,5 @@
-"""Webhooks: validation, redaction, and delivery to a real HTTP receiver on 127.0.0.1."""
+"""Webhooks: validation, redaction, private targets, and delivery to a real HTTP receiver
+on 127.0.0.1 (named in automation.webhook_private_targets, as it must be)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,12 +9,20 @@ import pytest
 
 from hypersdk.service.automation import Automation
 from hypersdk.service.errors import InvalidArgument
-from hypersdk.service.webhooks import Webhooks, redact_headers, redact_url, validate_webhook
+from hypersdk.service.redact import redact_headers, redact_url
+from hypersdk.service.webhook_targets import TargetPolicy
+from hypersdk.service.webhooks import Webhooks, validate_webhook
 
 from .conftest import FakeClock, make_config, start_engine, stop_engine
 
 SECRET = "s3cret-hmac-key"
 QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
+
+
+def local_config(tmp_path, automation: dict | None = None, **sections):
+    """make_config with the receivers' address, 127.0.0.1, allowed as a private target."""
+    return make_config(tmp_path, automation={"webhook_private_targets": ["127.0.0.1"],
+                                             **(automation or {})}, **sections)
 
 
 @pytest.mark.parametrize("definition, field", [
@@ -30,7 +39,7 @@ QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
 ])
 def test_bad_webhooks_are_refused_naming_the_field(definition, field):
     with pytest.raises(InvalidArgument) as info:
-        validate_webhook(definition)
+        validate_webhook(definition, TargetPolicy([]))
     assert info.value.field == field
 
 
@@ -70,7 +79,7 @@ async def _close(env, automation):
 
 
 async def test_each_job_event_arrives_once_with_a_valid_signature(tmp_path, receiver):
-    env, automation = await _automation(make_config(tmp_path))
+    env, automation = await _automation(local_config(tmp_path))
     try:
         hook = automation.webhooks.create(
             {"url": receiver.url, "events": ["job.started", "job.completed", "job.failed"],
@@ -101,7 +110,7 @@ async def test_each_job_event_arrives_once_with_a_valid_signature(tmp_path, rece
 
 
 async def test_500_three_times_then_200_is_delivered_after_backoff(tmp_path, receiver):
-    env, automation = await _automation(make_config(tmp_path))
+    env, automation = await _automation(local_config(tmp_path))
     try:
         hook = automation.webhooks.create({"url": receiver.url, "events": ["job.completed"],
                                            "secret": SECRET}, 0)
@@ -124,7 +133,7 @@ async def test_500_three_times_then_200_is_delivered_after_backoff(tmp_path, rec
 
 
 async def test_gives_up_after_max_attempts_and_logs_unreachable_receivers(tmp_path, receiver):
-    config = make_config(tmp_path, automation={"webhook_max_attempts": 2,
+    config = local_config(tmp_path, automation={"webhook_max_attempts": 2,
                                                "webhook_retry_base": 0.05})
     env, automation = await _automation(config)
     try:
@@ -140,7 +149,7 @@ async def test_gives_up_after_max_attempts_and_logs_unreachable_receivers(tmp_pa
 
 
 async def test_undelivered_events_are_delivered_after_a_restart(tmp_path, receiver):
-    config = make_config(tmp_path, automation={"webhook_retry_base": 0.1},
+    config = local_config(tmp_path, automation={"webhook_retry_base": 0.1},
                          webhooks=[{"url": receiver.url, "events": ["job.completed"]}])
     env, automation = await _automation(config)
     receiver.default_status = 503  # the receiver is down
@@ -162,7 +171,7 @@ async def test_undelivered_events_are_delivered_after_a_restart(tmp_path, receiv
 
 
 async def test_test_event_and_config_webhooks_cannot_be_deleted_over_the_api(tmp_path, receiver):
-    config = make_config(tmp_path, webhooks=[{"url": receiver.url, "events": ["job.failed"]}])
+    config = local_config(tmp_path, webhooks=[{"url": receiver.url, "events": ["job.failed"]}])
     env, automation = await _automation(config)
     try:
         [hook] = automation.webhooks.list()
@@ -176,7 +185,7 @@ async def test_test_event_and_config_webhooks_cannot_be_deleted_over_the_api(tmp
 
 
 async def test_finished_events_are_pruned_after_a_week(tmp_path, receiver):
-    env = await start_engine(make_config(tmp_path))
+    env = await start_engine(local_config(tmp_path))
     clock = FakeClock(1_800_000_000.0)
     webhooks = Webhooks(env.store, env.config.automation, clock)
     deliverer = asyncio.create_task(webhooks.run())
@@ -201,7 +210,7 @@ async def test_finished_events_are_pruned_after_a_week(tmp_path, receiver):
 
 
 async def test_schedule_and_retention_events_reach_the_receiver(tmp_path, receiver):
-    env, automation = await _automation(make_config(tmp_path))
+    env, automation = await _automation(local_config(tmp_path))
     try:
         automation.webhooks.create({"url": receiver.url, "events": [
             "schedule.triggered", "backup.retention_applied"], "secret": SECRET}, 0)
@@ -221,7 +230,7 @@ async def test_schedule_and_retention_events_reach_the_receiver(tmp_path, receiv
 
 
 async def test_a_disabled_webhook_gets_no_events_and_holds_queued_ones(tmp_path, receiver):
-    env, automation = await _automation(make_config(tmp_path))
+    env, automation = await _automation(local_config(tmp_path))
     webhooks = automation.webhooks
     changed: list[tuple[str, str]] = []
     automation.on_change.append(lambda collection, item: changed.append((collection, item)))
@@ -249,7 +258,7 @@ async def test_a_disabled_webhook_gets_no_events_and_holds_queued_ones(tmp_path,
 
 
 async def test_config_webhooks_are_enabled_or_disabled_in_the_config_only(tmp_path, receiver):
-    config = make_config(tmp_path, webhooks=[{"url": receiver.url, "events": ["job.failed"]}])
+    config = local_config(tmp_path, webhooks=[{"url": receiver.url, "events": ["job.failed"]}])
     env, automation = await _automation(config)
     try:
         [hook] = automation.webhooks.list()
@@ -258,3 +267,124 @@ async def test_config_webhooks_are_enabled_or_disabled_in_the_config_only(tmp_pa
         assert automation.webhooks.get(hook.id).enabled
     finally:
         await _close(env, automation)
+
+
+# -- private targets ------------------------------------------------------------------
+@pytest.mark.parametrize("url, shown", [
+    ("http://127.0.0.1:8080/hook", "127.0.0.1 (loopback)"),
+    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 (link-local)"),
+    ("https://10.1.2.3/hook", "10.1.2.3 (private)"),
+    ("http://[::1]:8080/hook", "::1 (loopback)"),
+    ("http://[::ffff:127.0.0.1]/hook", "(loopback)"),
+    ("http://127.1/hook", "127.0.0.1 (loopback)"),  # shorthands the resolver reads
+    ("http://2130706433/hook", "127.0.0.1 (loopback)"),
+    ("http://0.0.0.0/hook", "0.0.0.0 ("),
+])
+def test_private_addresses_are_refused_when_configured(url, shown):
+    with pytest.raises(InvalidArgument) as info:
+        validate_webhook({"url": url, "events": ["job.failed"]}, TargetPolicy([]))
+    assert info.value.field == "url"
+    assert shown in info.value.rule and "not a public address" in info.value.rule
+    assert "automation.webhook_private_targets" in info.value.rule
+
+
+def test_the_allowlist_names_hosts_or_exact_ports():
+    policy = TargetPolicy(["127.0.0.1:8080", "10.1.2.3", "[::1]:9000"])
+    definition = {"events": ["job.failed"]}
+    for allowed in ("http://127.0.0.1:8080/x", "https://10.1.2.3/x", "http://10.1.2.3:81/x",
+                    "http://[::1]:9000/x", "https://hooks.example.com/x"):
+        validate_webhook({**definition, "url": allowed}, policy)
+    for refused in ("http://127.0.0.1:8081/x", "http://127.0.0.1/x", "http://[::1]/x",
+                    "http://169.254.169.254/x"):
+        with pytest.raises(InvalidArgument):
+            validate_webhook({**definition, "url": refused}, policy)
+
+
+def test_a_malformed_allowlist_entry_is_a_config_error(tmp_path):
+    from hypersdk.service.config import ConfigError
+    with pytest.raises(ConfigError, match="automation.webhook_private_targets: expected a list "
+                                          "of host or host:port"):
+        make_config(tmp_path, automation={"webhook_private_targets": ["http://10.0.0.1/"]})
+
+
+async def _one_delivery(tmp_path, url: str, targets: list[str]) -> dict:
+    """Create a webhook to `url` and send its test event; the delivery log's entry."""
+    env = await start_engine(make_config(tmp_path, automation={
+        "webhook_private_targets": targets, "webhook_max_attempts": 1}))
+    webhooks = Webhooks(env.store, env.config.automation, FakeClock(1_800_000_000.0))
+    deliverer = asyncio.create_task(webhooks.run())
+    try:
+        hook = webhooks.create({"url": url, "events": ["job.failed"]}, 0)
+        webhooks.test(hook.id)
+        [entry] = await _deliveries_of(webhooks, hook.id, 1)
+        return entry
+    finally:
+        deliverer.cancel()
+        await asyncio.gather(deliverer, return_exceptions=True)
+        await stop_engine(env)
+
+
+async def test_a_name_resolving_to_loopback_is_refused_at_delivery(tmp_path, receiver):
+    """A name passes the configure-time check; what it resolves to is checked before the
+    connection, which goes only to the checked address (DNS rebinding gains nothing)."""
+    port = receiver.url.split(":")[2].split("/")[0]
+    entry = await _one_delivery(tmp_path, f"http://localhost:{port}/hook", [])
+    assert entry["state"] == "failed" and entry["status_code"] == 0
+    assert entry["error"].startswith("refused: localhost resolves to 127.0.0.1 (loopback)")
+    assert f"name localhost:{port} in automation.webhook_private_targets" in entry["error"]
+    assert receiver.attempts == []
+
+
+async def test_a_named_private_target_is_delivered(tmp_path, receiver):
+    port = receiver.url.split(":")[2].split("/")[0]
+    entry = await _one_delivery(tmp_path, f"http://localhost:{port}/hook", [f"localhost:{port}"])
+    assert entry["state"] == "delivered" and len(receiver.received) == 1
+
+
+async def test_an_address_allowed_once_is_refused_at_delivery_once_unlisted(tmp_path, receiver):
+    """The delivery checks the URL's address again: the allowlist is the config's now."""
+    allowed = local_config(tmp_path)
+    env = await start_engine(allowed)
+    hook = Webhooks(env.store, allowed.automation, FakeClock(0)).create(
+        {"url": receiver.url, "events": ["job.failed"]}, 0)
+    await stop_engine(env)
+    unlisted = make_config(tmp_path, automation={"webhook_max_attempts": 1})
+    env = await start_engine(unlisted)
+    webhooks = Webhooks(env.store, unlisted.automation, FakeClock(1_800_000_000.0))
+    deliverer = asyncio.create_task(webhooks.run())
+    try:
+        webhooks.test(hook.id)
+        [entry] = await _deliveries_of(webhooks, hook.id, 1)
+        assert entry["error"].startswith("refused: 127.0.0.1 (loopback), not a public address")
+        assert receiver.attempts == []
+    finally:
+        deliverer.cancel()
+        await asyncio.gather(deliverer, return_exceptions=True)
+        await stop_engine(env)
+
+
+async def test_redirects_are_not_followed(tmp_path, receiver):
+    receiver.answers = [302]  # wherever it points, hypervisord does not go
+    entry = await _one_delivery(tmp_path, receiver.url, ["127.0.0.1"])
+    assert entry["status_code"] == 302 and entry["error"] == "HTTP 302 (redirects are not followed)"
+    assert len(receiver.attempts) == 1
+
+
+@pytest.mark.parametrize("url, secret", [
+    ("https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+     "XXXXXXXXXXXXXXXXXXXXXXXX"),
+    ("https://discord.com/api/webhooks/1234567890/AbCdEfGh1234567890_-xyzXYZ", "AbCdEfGh1234"),
+    ("https://fn.azurewebsites.net/api/hook?code=AzureFunctionKey==&clientId=default",
+     "AzureFunctionKey"),
+    ("https://acct.blob.core.windows.net/c/disk.vhd?sv=2022&sig=SasSignature%3D", "SasSignature"),
+    ("https://hooks.example.com/x?access_token=abc123", "abc123"),
+])
+def test_secrets_in_urls_are_redacted(url, secret):
+    shown = redact_url(url)
+    assert secret not in shown and "<redacted>" in shown
+    assert shown.split("/")[2] == url.split("/")[2]  # the host stays readable
+
+
+def test_plain_words_and_file_names_stay_readable():
+    url = "https://monitoring.example.com/hypersdk-events/disk-0.vmdk?team=ops&page=2"
+    assert redact_url(url) == url

@@ -8,20 +8,35 @@ import pytest
 
 from ..support.cli import submit
 from ..support.hypervisord import Hypervisord, write_config
-from .stack import Bridge, free_port
+from ..support.system import ensure_user
+from .stack import Bridge, free_port, token_api
+
+
+BRIDGE_USER = "hypersdk"  # api.bridge_user's default, as hypersdk-bridge.service runs
 
 
 @pytest.fixture
-def start_bridge(start_hypervisord, system_bus):
-    """start(**config overrides) -> Bridge, next to a hypervisord with the same config."""
+def bridge_account(users) -> int:
+    """The bridge's own system user (in group hypersdk), as sysusers.d creates it; its uid.
+    Ask for it before hypervisord starts: that is when hypervisord looks the user up."""
+    return ensure_user(BRIDGE_USER, ["hypersdk"])
+
+
+@pytest.fixture
+def start_bridge(start_hypervisord, system_bus, service_dir):
+    """start(**config overrides) -> Bridge, next to a hypervisord with the same config;
+    token auth with the admin token in curl's config unless `api` says otherwise."""
     started: list[Bridge] = []
 
     def start(**overrides) -> Bridge:
         port = free_port()
         overrides = dict(overrides)
         daemon_section = {"address": f"127.0.0.1:{port}", **overrides.pop("daemon", {})}
-        daemon = start_hypervisord(daemon=daemon_section, **overrides)
-        tls = bool(overrides.get("api", {}).get("tls_cert"))
+        api = overrides.pop("api", {})
+        if "auth" not in api:
+            api = {**token_api(service_dir), **api}
+        daemon = start_hypervisord(daemon=daemon_section, api=api, **overrides)
+        tls = bool(api.get("tls_cert"))
         bridge = Bridge(daemon.config_path, system_bus.address, port, tls=tls)
         bridge.daemon = daemon
         started.append(bridge)
@@ -45,7 +60,8 @@ def shared_bridge(system_bus, polkitd, users, tmp_path_factory):
         if str(path).startswith("/tmp/pytest-of-"):
             os.chmod(path, 0o755)
     port = free_port()
-    config = write_config(directory, daemon={"address": f"127.0.0.1:{port}"})
+    config = write_config(directory, daemon={"address": f"127.0.0.1:{port}"},
+                          api=token_api(directory))
     daemon = Hypervisord(config, system_bus.address)
     daemon.start()
     bridge = Bridge(config, system_bus.address, port)
@@ -85,5 +101,7 @@ def vcsim():
 @pytest.fixture
 def vsphere_bridge(start_bridge, vcsim, service_dir):
     """A bridge whose hypervisord has the provider "vsphere" pointing at the simulator."""
+    for root in ("exports", "kvm"):  # export.base_path, hyper2kvm.output_dir: confined
+        (service_dir / root).mkdir()    # paths (issue 13) need their roots to exist
     return start_bridge(providers={"vsphere": vcsim.provider_settings()},
                         export={"base_path": str(service_dir / "exports"), "chunk_size": "256KiB"})

@@ -1,6 +1,13 @@
-"""A real hypersdk-bridge process next to a real hypervisord, and curl to talk to it."""
+"""A real hypersdk-bridge process next to a real hypervisord, and curl to talk to it.
+
+The bridges run with token auth, the default. curl finds the admin token where a user
+would put it, in curl's own config file (`$CURL_HOME/.curlrc`: `header = "Authorization:
+Bearer ..."`), so the spec's curls run as written; a test passing `token=` turns that
+file off (`curl -q`) and sends its own.
+"""
 from __future__ import annotations
 
+import grp
 import json
 import os
 import socket
@@ -10,7 +17,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from hypersdk.http_bridge.auth import token_digest
+
 from ..support.system import REPO, stop_process
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+CURL_HOME = "curl-home"
+
+
+def token_api(directory: Path) -> dict:
+    """`api` settings for token auth with ADMIN_TOKEN, as an installed bridge has: the
+    tokens file (digests only, 0640 root:hypersdk) and a .curlrc holding the token."""
+    tokens = directory / "bridge-tokens.yaml"
+    tokens.write_text(yaml.safe_dump({token_digest(ADMIN_TOKEN): {"name": "admin",
+                                                                  "role": "admin"}}))
+    os.chown(tokens, 0, grp.getgrnam("hypersdk").gr_gid)
+    tokens.chmod(0o640)
+    write_curlrc(directory)
+    return {"auth": "token", "tokens_file": str(tokens)}
+
+
+def write_curlrc(directory: Path) -> None:
+    """curl's config file for the bridges under `directory`: it sends ADMIN_TOKEN."""
+    home = directory / CURL_HOME
+    home.mkdir(exist_ok=True)
+    (home / ".curlrc").write_text(f'header = "Authorization: Bearer {ADMIN_TOKEN}"\n')
 
 
 def free_port() -> int:
@@ -70,6 +103,11 @@ class Bridge:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What a non-curl client sends: the admin token (ignored with auth none)."""
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
     def stop(self) -> int:
         return stop_process(self.process) if self.process else 0
 
@@ -80,14 +118,20 @@ class Bridge:
         raise AssertionError("no VmRSS")
 
 
+def curl_env(bridge: Bridge) -> dict[str, str]:
+    """The environment for curl run against `bridge`: its .curlrc, as a user has it."""
+    return {**os.environ, "CURL_HOME": str(bridge.config_path.parent / CURL_HOME)}
+
+
 def curl(bridge: Bridge, path: str, *args: str, token: str | None = None,
          timeout: float = 30) -> CurlResult:
     """Run real curl against the bridge; returns the status and the body."""
     command = ["curl", "-s", "-S", "-k", "-o", "-", "-w", "\n%{http_code}", *args]
     if token:
-        command += ["-H", f"Authorization: Bearer {token}"]
+        command = ["curl", "-q", *command[1:], "-H", f"Authorization: Bearer {token}"]
     command.append(bridge.url + path)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=curl_env(bridge))
     if done.returncode not in (0, 22):
         raise subprocess.SubprocessError(f"curl failed: {done.stderr}")
     body, _, status = done.stdout.rpartition("\n")

@@ -1,9 +1,17 @@
-"""The spec's WebSocket snippet, unchanged but for the port, in a real headless Chromium."""
+"""The spec's WebSocket snippet, unchanged but for the port, in a real headless Chromium.
+
+The page is served over HTTP by the test (a page from a file:// URL has the origin
+"null", which no bridge should trust) from an origin named in api.allowed_origins; the
+bridge opts into auth none, so the snippet needs no token, as the spec writes it.
+"""
 from __future__ import annotations
 
+import http.server
 import shutil
 import subprocess
+import threading
 import time
+from functools import partial
 
 import pytest
 
@@ -23,14 +31,21 @@ ws.onmessage = (event) => {
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
-def test_the_specs_snippet_sees_progress_in_chromium(bridge, system_bus, service_dir):
-    page = service_dir / "snippet.html"
+def test_the_specs_snippet_sees_progress_in_chromium(start_bridge, system_bus, service_dir):
+    site = service_dir / "site"
+    site.mkdir()
+    pages = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler, directory=str(site)))
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    origin = f"http://localhost:{pages.server_address[1]}"
+    bridge = start_bridge(api={"auth": "none", "allowed_origins": [origin]})
     script = SPEC_SNIPPET.replace("localhost:8080", f"localhost:{bridge.port}")
-    page.write_text(f"<html><body><script>{script}</script></body></html>")
+    (site / "snippet.html").write_text(f"<html><body><script>{script}</script></body></html>")
     browser = subprocess.Popen(
         ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--enable-logging=stderr", "--v=0", f"--user-data-dir={service_dir / 'profile'}",
-         page.as_uri()], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         f"{origin}/snippet.html"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
     try:
         deadline = time.monotonic() + 30
         while "hypersdk_bridge_websocket_clients 1" not in curl(bridge, "/metrics").body:
@@ -46,6 +61,8 @@ def test_the_specs_snippet_sees_progress_in_chromium(bridge, system_bus, service
     finally:
         browser.terminate()
         browser.wait(timeout=10)
+        pages.shutdown()
+        pages.server_close()
     assert lines[0] == f"Job {job_id}: pending - 0%"
     running = [float(line.split(" - ")[1].rstrip("%")) for line in lines if ": running - " in line]
     assert any(0 < value < 100 for value in running), lines

@@ -9,13 +9,15 @@ import time
 import aiohttp
 
 from .conftest import submit_sleep
+from .stack import ADMIN_TOKEN
 
 
 async def test_sigterm_closes_websockets_and_log_streams(bridge, system_bus):
     job_id = await asyncio.to_thread(submit_sleep, system_bus.address, steps=300, interval=0.1)
-    follow = subprocess.Popen(["curl", "-sS", f"{bridge.url}/jobs/logs/{job_id}?follow=true"],
+    follow = subprocess.Popen(["curl", "-sS", "-H", f"Authorization: Bearer {ADMIN_TOKEN}",
+                               f"{bridge.url}/jobs/logs/{job_id}?follow=true"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=bridge.auth_headers) as session:
         async with session.ws_connect(bridge.url + "/websocket") as ws:
             await asyncio.sleep(0.5)
             started = time.monotonic()

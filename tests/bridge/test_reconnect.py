@@ -12,7 +12,7 @@ import pytest
 from ..support.hypervisord import Hypervisord, write_config
 from ..support.system import PrivateSystemBus
 from .conftest import submit_sleep
-from .stack import Bridge, curl, free_port, wait_status
+from .stack import Bridge, curl, free_port, token_api, wait_status
 
 
 def wait_health(bridge: Bridge, status: int, timeout: float = 15) -> dict:
@@ -24,12 +24,13 @@ def wait_health(bridge: Bridge, status: int, timeout: float = 15) -> dict:
 
 
 @pytest.mark.slow
-def test_the_bridge_survives_a_restart_of_the_bus(service_dir):
+def test_the_bridge_survives_a_restart_of_the_bus(service_dir, users):
     """A bus of its own (root callers need no polkitd), stopped and started again."""
     bus_dir = Path(tempfile.mkdtemp(prefix="hypersdk-bridge-bus-"))
     bus = PrivateSystemBus.start(bus_dir)
     port = free_port()
-    config = write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"})
+    config = write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"},
+                          api=token_api(service_dir))
     daemon = Hypervisord(config, bus.address)
     bridge = Bridge(config, bus.address, port)
     try:

@@ -155,8 +155,8 @@ def test_service_errors_map_through_the_table(bridge, tmp_path):
     assert relative.status == 400 and relative.json()["field"] == "path"
 
 
-def test_parse_vmdk_reads_a_real_vmdk(bridge, tmp_path):
-    disk = tmp_path / "disk.vmdk"
+def test_parse_vmdk_reads_a_real_vmdk(bridge):
+    disk = bridge.config_path.parent / "parse-me.vmdk"  # callers may name files under its roots
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
                     "subformat=monolithicSparse", str(disk), "16M"], check=True)
     answer = curl(bridge, f"/parse-vmdk?path={disk}")

@@ -15,7 +15,7 @@ import yaml
 
 from ..support.hypervisord import write_config
 from ..support.system import REPO
-from .stack import Bridge, curl, free_port, post_json
+from .stack import Bridge, curl, free_port, post_json, token_api
 
 TOKENS = {
     "viewer-token-0123456789": {"name": "vera", "role": "viewer"},
@@ -105,13 +105,25 @@ def test_a_tokens_file_others_can_read_is_refused(service_dir):
     assert "token-0123" not in done.stderr
 
 
+def test_a_token_name_hypervisord_would_refuse_is_named(service_dir):
+    """The name travels as requested_by: a control character is refused at start."""
+    tokens = service_dir / "tokens.yaml"
+    tokens.write_text(yaml.safe_dump({"viewer-token-0123456789": {"name": "vera\nroot",
+                                                                  "role": "viewer"}}))
+    tokens.chmod(0o600)
+    done = run_bridge(write_config(service_dir, api={"auth": "token",
+                                                     "tokens_file": str(tokens)}))
+    assert done.returncode == 2 and "entry 1: name expected 1-128 printable characters" in done.stderr
+
+
 def test_auth_none_is_refused_off_loopback(service_dir):
-    config = write_config(service_dir, daemon={"address": "0.0.0.0:8080"})
+    config = write_config(service_dir, daemon={"address": "0.0.0.0:8080"}, api={"auth": "none"})
     done = run_bridge(config)
     assert done.returncode == 2 and "api.auth: none" in done.stderr
 
 
-def test_auth_none_on_loopback_is_a_logged_warning(bridge):
+def test_auth_none_on_loopback_is_a_logged_warning(start_bridge):
+    bridge = start_bridge(api={"auth": "none"})
     assert "WARNING" in bridge.log() and "api.auth is none" in bridge.log()
 
 
@@ -137,10 +149,11 @@ def test_body_over_the_limit_is_413(start_bridge):
     assert chunked.status == 413 and chunked.json()["field"] == "body"
 
 
-def test_the_bridge_never_needs_provider_credentials(service_dir, system_bus):
+def test_the_bridge_never_needs_provider_credentials(service_dir, system_bus, users):
     """Provider secrets (${VAR}s of hypervisord's environment) are not the bridge's business."""
     port = free_port()
     config = write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"},
+                          api=token_api(service_dir),
                           providers={"vsphere": {"type": "vsphere", "host": "vc.example.com",
                                                  "username": "u", "password": "${UNSET_PW}"}})
     bridge = Bridge(config, system_bus.address, port)
@@ -157,16 +170,19 @@ def test_a_broken_bridge_setting_is_named(service_dir):
     assert done.returncode == 2 and "api.max_body_bytes" in done.stderr
 
 
-def test_an_unwritable_audit_log_or_a_busy_port_is_named(service_dir):
+def test_an_unwritable_audit_log_or_a_busy_port_is_named(service_dir, users):
     (service_dir / "not-a-dir").write_text("")
-    config = write_config(service_dir, api={"audit_log": str(service_dir / "not-a-dir" / "a.log")})
+    api = token_api(service_dir)
+    config = write_config(service_dir, api={**api, "audit_log": str(service_dir / "not-a-dir"
+                                                                      / "a.log")})
     done = run_bridge(config)
     assert done.returncode == 2 and "api.audit_log" in done.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = run_bridge(write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"}))
+        done = run_bridge(write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"},
+                                       api=api))
     assert done.returncode == 1 and "daemon.address" in done.stderr
     assert "Traceback" not in done.stderr
 

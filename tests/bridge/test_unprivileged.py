@@ -5,24 +5,26 @@ import os
 import pwd
 import subprocess
 
-from ..support.system import OUTSIDER, ensure_user
-from .stack import Bridge, free_port, post_json, wait_status
+from ..support.system import OUTSIDER
+from .conftest import BRIDGE_USER
+from .stack import Bridge, free_port, post_json, token_api, wait_status
 
-BRIDGE_USER = "hypersdk"
 
-
-def _bridge_as(user: str, start_hypervisord, system_bus, service_dir) -> Bridge:
-    """hypervisord (root) plus a bridge running as `user`, with its own writable log dir."""
+def _bridge_as(user: str, start_hypervisord, system_bus, service_dir,
+               auth: dict | None = None, wait_healthy: bool = True) -> Bridge:
+    """hypervisord (root) plus a bridge running as `user`, with its own writable log dir;
+    token auth unless `auth` says otherwise."""
     logs = service_dir / f"logs-{user}"
     logs.mkdir()
     account = pwd.getpwnam(user)
     os.chown(logs, account.pw_uid, account.pw_gid)
     port = free_port()
     daemon = start_hypervisord(daemon={"address": f"127.0.0.1:{port}"},
-                               api={"audit_log": str(logs / "audit.log")})
+                               api={**(auth or token_api(service_dir)),
+                                    "audit_log": str(logs / "audit.log")})
     bridge = Bridge(daemon.config_path, system_bus.address, port, user=user)
     bridge.daemon = daemon
-    return bridge.start()
+    return bridge.start(wait_healthy=wait_healthy)
 
 
 def _disk(service_dir):
@@ -31,9 +33,9 @@ def _disk(service_dir):
     return disk
 
 
-def test_bridge_as_the_hypersdk_user_submits_with_its_own_uid(start_hypervisord, system_bus,
-                                                              service_dir, users):
-    uid = ensure_user(BRIDGE_USER, ["hypersdk"])
+def test_bridge_as_the_hypersdk_user_submits_with_its_own_uid(bridge_account, start_hypervisord,
+                                                              system_bus, service_dir):
+    uid = bridge_account
     bridge = _bridge_as(BRIDGE_USER, start_hypervisord, system_bus, service_dir)
     try:
         bridge_uid = subprocess.check_output(["ps", "-o", "uid=", "--ppid",
@@ -54,15 +56,21 @@ def test_bridge_as_the_hypersdk_user_submits_with_its_own_uid(start_hypervisord,
         bridge.stop()
 
 
-def test_a_bridge_run_by_a_user_outside_the_group_is_refused_by_polkit(
+def test_a_bridge_run_by_a_user_outside_the_group_is_refused(
         start_hypervisord, system_bus, service_dir, users):
-    bridge = _bridge_as(OUTSIDER, start_hypervisord, system_bus, service_dir)
+    # auth none: the tokens file is for the group hypersdk, and this user is not in it
+    bridge = _bridge_as(OUTSIDER, start_hypervisord, system_bus, service_dir,
+                        auth={"auth": "none"}, wait_healthy=False)
     try:
         reply = post_json(bridge, "/convert", {
             "source_path": str(_disk(service_dir)), "output_path": str(service_dir / "out"),
             "conversion_options": {"format": "raw"}})
-        assert reply.status == 403, reply.body
-        assert "org.hypersdk.HyperSDK1.convert" in reply.json()["message"]
+        # refused by polkit at the method (403), or, where the bus policy keeps reading
+        # to group hypersdk (issue 13), already at the bridge's first read (503)
+        refusal = {403: "org.hypersdk.HyperSDK1.convert",
+                   503: "only members of group hypersdk may read it"}
+        assert reply.status in refusal, reply.body
+        assert refusal[reply.status] in reply.json()["message"], reply.body
         assert not (service_dir / "out").exists()
     finally:
         bridge.stop()

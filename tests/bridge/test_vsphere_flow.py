@@ -7,7 +7,7 @@ import pytest
 
 from tests.vcsim.harness import give_disks
 
-from .stack import curl, post_json
+from .stack import curl, curl_env, post_json
 from .test_spec_workflow import SPEC_POLICY, SPEC_SCHEDULE, SPEC_WEBHOOK
 
 VM = "DC0_H0_VM0"
@@ -91,7 +91,8 @@ def test_the_specs_integration_script_runs_green(vsphere_bridge, vcsim, service_
 
               .replace("@EXPORTS@", str(service_dir / "exports"))
               .replace("@KVM@", str(service_dir / "kvm")))
-    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=240)
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=240,
+                         env=curl_env(vsphere_bridge))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Export completed successfully!" in run.stdout
     assert ".qcow2" in run.stdout

@@ -12,11 +12,12 @@ import weakref
 import aiohttp
 import pytest
 
+from hypersdk.http_bridge.auth import Identity
 from hypersdk.http_bridge.mirror import JOB_IFACE, MirrorEvent
 from hypersdk.http_bridge.websocket import WEBSOCKETS, ClientQueue, WebSocketHub, text_frame
 
 from .conftest import submit_sleep
-from .stack import curl
+from .stack import ADMIN_TOKEN, curl
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ async def submit_in_thread(address: str, count: int, **definition) -> list[str]:
 
 
 async def test_a_client_sees_a_job_from_creation_to_completion(bridge, system_bus):
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=bridge.auth_headers) as session:
         async with session.ws_connect(bridge.url + "/websocket") as ws:
             (job_id,) = await submit_in_thread(system_bus.address, 1, steps=10, interval=0.1,
                                                step_bytes=1000)
@@ -70,7 +71,7 @@ async def test_a_client_sees_a_job_from_creation_to_completion(bridge, system_bu
 
 async def test_subscribe_limits_updates_to_some_jobs(bridge, system_bus):
     (watched,) = await submit_in_thread(system_bus.address, 1, steps=10, interval=0.05)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=bridge.auth_headers) as session:
         async with session.ws_connect(bridge.url + "/websocket") as ws:
             await ws.send_json({"subscribe": [watched]})
             while (reply := await ws.receive_json(timeout=5)).get("type") != "subscribed":
@@ -93,6 +94,7 @@ def stalled_client(port: int) -> socket.socket:
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /websocket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  f"Authorization: Bearer {ADMIN_TOKEN}\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
     return sock
@@ -101,7 +103,7 @@ def stalled_client(port: int) -> socket.socket:
 @pytest.mark.slow
 async def test_hundred_clients_one_never_reading(bridge, system_bus):
     stalled = stalled_client(bridge.port)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=bridge.auth_headers) as session:
         clients = [await session.ws_connect(bridge.url + "/websocket") for _ in range(99)]
         await asyncio.sleep(0.2)
         rss_before = bridge.rss_kib()
@@ -154,7 +156,7 @@ def test_frames_are_rfc6455_text_frames():
 
 async def test_websocket_snippet_shape_matches_the_openapi_update_schema(bridge, system_bus):
     schema = json.loads(curl(bridge, "/openapi.json").body)["components"]["schemas"]["Update"]
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=bridge.auth_headers) as session:
         async with session.ws_connect(bridge.url + "/websocket") as ws:
             (job_id,) = await submit_in_thread(system_bus.address, 1, steps=2, interval=0.05)
             messages = await collect_until_done(ws, {job_id})
@@ -198,7 +200,7 @@ async def test_a_stalled_client_is_cut_off_and_never_slows_others():
     app[WEBSOCKETS] = weakref.WeakSet()
 
     async def handler(request):
-        return await hub.handle(request, "test")
+        return await hub.handle(request, Identity("test", "viewer"))
 
     app.router.add_get("/websocket", handler)
     server = TestServer(app, host="127.0.0.1")

@@ -59,6 +59,7 @@ def test_defaults_for_everything_optional():
     assert config.daemon.address == "127.0.0.1:8080"
     assert config.export.max_retries == 3
     assert config.providers == {} and config.webhooks == []
+    assert config.api.auth == "token" and config.api.bridge_user == "hypersdk"
 
 
 @pytest.mark.parametrize("text, line", [
@@ -70,6 +71,12 @@ def test_defaults_for_everything_optional():
      "config: hyper2kvm.poll_interval: expected a duration such as 5s, 10m or 2h, found 'soon'"),
     ("export: {chunk_size: lots}", "config: export.chunk_size: expected a size"),
     ("daemon: {address: 'localhost'}", "config: daemon.address: expected HOST:PORT"),
+    ("daemon: {address: '127.0.0.1:８０'}", "config: daemon.address: expected HOST:PORT"),
+    ("api: {server_names: ['evil.example:8080']}",
+     "config: api.server_names: expected a list of DNS names without port"),
+    ("api: {allowed_origins: ['https://console.example.com/app']}",
+     "config: api.allowed_origins: expected a list of origins such as"),
+    ("api: {auth: basic}", "config: api.auth: expected one of none, token"),
     ("hyper2kvm: {default_format: vmdk}",
      "config: hyper2kvm.default_format: expected one of qcow2, raw, found 'vmdk'"),
     ("database: {path: relative.db}", "config: database.path: expected an absolute path"),

@@ -40,6 +40,13 @@ def test_make_install_with_destdir_places_every_file(tmp_path):
             assert path.stat().st_mode & 0o777 == mode, relative
     unit = (destdir / "usr/lib/systemd/system/hypervisord.service").read_text()
     assert "Type=notify" in unit and "ExecStart=/usr/local/bin/hypervisord" in unit
+    # the first admin token is made on the machine (first start, or make install without
+    # DESTDIR), never baked into a package tree
+    bridge_unit = (destdir / "usr/lib/systemd/system/hypersdk-bridge.service").read_text()
+    assert "ExecStartPre=+/usr/local/bin/hypersdk-bridge --init-tokens --config " \
+        "/etc/hypersdk/config.yaml" in bridge_unit
+    assert not (destdir / "etc/hypersdk/tokens.yaml").exists()
+    assert "auth: \"token\"" in (destdir / "etc/hypersdk/config.yaml").read_text()
     assert (destdir / "usr/local/bin/hypervisord").read_text().startswith("#!/usr/bin/python3")
     # the installed (non-editable) package imports from the DESTDIR tree
     site = next(destdir.glob("usr/local/lib/python3*/dist-packages"))

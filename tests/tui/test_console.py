@@ -176,7 +176,8 @@ async def test_retry_from_the_job_view_follows_the_new_job(system_bus, hyperviso
                        what="the retry job")
 
 
-async def test_webhooks_create_test_delete(system_bus, hypervisord):
+async def test_webhooks_create_test_delete(system_bus, start_hypervisord):
+    start_hypervisord(automation={"webhook_private_targets": ["127.0.0.1:9"]})
     app = HyperctlApp(HyperClient(system_bus.address), start_mode="webhooks")
     async with app.run_test(size=(120, 40)) as pilot:
         screen = app.screen

@@ -197,8 +197,9 @@ async def test_cancel_removes_temp_file(server, out):
     assert os.listdir(out) == []
 
 
-def test_redact_url_drops_query_and_credentials():
-    assert redact_url("https://u:pw@h:8443/a/b?sig=SECRET&x=1") == "https://h:8443/a/b"
+def test_redact_url_hides_signatures_and_credentials():
+    assert redact_url("https://u:pw@h:8443/a/b?sig=SECRET&x=1") == \
+        "https://u:<redacted>@h:8443/a/b?sig=<redacted>&x=1"
 
 
 # --- servers built per test: redirects, TLS, a full disk, 503s, a stall, chunked ------------
