@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .config_schema import ConfigProblem, Field, Schema, validate
+from .pipeline.cpu_choice import AUTO, cpu_mode_rule
 
 DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
 PROVIDER_KINDS = ("vsphere", "aws", "azure", "gcp", "hyperv", "oci", "ova")
@@ -71,6 +72,8 @@ MAIN_SCHEMA: Schema = {
     "libvirt": {
         "uri": Field("str", "qemu:///system"),
         "network": Field("str", "default"),
+        # the guest CPU: auto (probed once per URI, see pipeline/cpu_choice.py) or pinned
+        "cpu_mode": Field("str", AUTO, check=cpu_mode_rule),
     },
     "api": {
         "auth": Field("str", "none", choices=("none", "token")),

@@ -27,7 +27,8 @@ from .convert import ConvertedImage, convert_image
 from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                          serial_log_beside)
 from .hyper2kvm import UnitState, unit_name, unit_state, wait_for_output
-from .libvirt_import import import_domain, preflight
+from .kvm_landing import Landing, land
+from .libvirt_import import preflight
 from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
 from .overlap import JobProgress, StreamConversions
 from .ovf_writer import safe_name
@@ -245,7 +246,6 @@ def _move_image(image: ConvertedImage, target: Path) -> ConvertedImage:
 async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]],
                   integration: dict) -> dict:
     ctx.set_stage("import")
-    uri = ctx.config.libvirt.uri
     uuid = _kept_uuid(vm)
     if vm.uuid and not uuid:
         ctx.log(f"the source id {vm.uuid!r} is not a UUID; libvirt assigns a new one", "warning")
@@ -259,12 +259,5 @@ async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]
         serial_log=serial_log_beside(Path(images[0][0]), vm.name))
     if not vm.memory_mb:
         ctx.log(f"the VM reports no memory size; giving it {DEFAULT_MEMORY_MB} MiB", "warning")
-    ctx.log(f"defining domain {vm.name!r} at {uri}")
-    imported = await import_domain(uri, spec, autostart=integration["autostart"],
-                                   start=integration["start"])
-    for note in imported.notes:
-        ctx.log(note, "warning")
-    ctx.log(f"domain {imported.name!r} defined (uuid {imported.uuid})"
-            + (", autostart on" if imported.autostart else "")
-            + (", started" if imported.started else ""))
-    return imported.to_dict()
+    return await land(ctx, spec, Landing(autostart=integration["autostart"],
+                                         start=integration["start"]))

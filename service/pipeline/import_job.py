@@ -16,7 +16,8 @@ from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from .convert import detect_format
 from .domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec,
                          serial_log_beside)
-from .libvirt_import import import_domain, preflight
+from .kvm_landing import Landing, land
+from .libvirt_import import preflight
 
 _FIELDS: dict[str, type] = {
     "vm_name": str, "disk_path": str, "disk_paths": list, "memory_mb": int, "vcpus": int,
@@ -71,14 +72,8 @@ class ImportKind(JobKind):
             if fmt not in DISK_FORMATS:
                 raise InvalidArgument("disk_path", f"{path} is a {fmt} image; convert it to "
                                       "qcow2 or raw first")
-        ctx.log(f"defining domain {definition['vm_name']!r} at {uri}")
-        imported = await import_domain(uri, _spec(definition, formats),
-                                       autostart=definition["autostart"],
-                                       start=definition["start"])
-        for note in imported.notes:
-            ctx.log(note, "warning")
-        ctx.log(f"domain {imported.name!r} defined (uuid {imported.uuid})")
-        return imported.to_dict()
+        return await land(ctx, _spec(definition, formats),
+                          Landing(autostart=definition["autostart"], start=definition["start"]))
 
     def describe(self, definition: dict) -> dict:
         return {"vm": definition.get("vm_name", ""), "provider": "libvirt"}

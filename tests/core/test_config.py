@@ -73,6 +73,10 @@ def test_defaults_for_everything_optional():
     ("hyper2kvm: {default_format: vmdk}",
      "config: hyper2kvm.default_format: expected one of qcow2, raw, found 'vmdk'"),
     ("database: {path: relative.db}", "config: database.path: expected an absolute path"),
+    ("libvirt: {cpu_mode: host-pasthrough}",
+     "config: libvirt.cpu_mode: expected one of auto, host-passthrough, host-model, maximum, "
+     "tcg or custom:MODEL (e.g. custom:EPYC), found 'host-pasthrough'"),
+    ("libvirt: {cpu_mode: 'custom:'}", "config: libvirt.cpu_mode: expected one of auto"),
     ("webhooks: [{url: 'ftp://x', events: [job.failed]}]",
      "config: webhooks[0].url: expected an http:// or https:// URL"),
     ("webhooks: [{url: 'http://x', events: [job.exploded]}]",

@@ -10,11 +10,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.providers.base import ExportedDisk
-from tests.support.bootdisk import write_boot_disk
+from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.libvirtd import ensure_system_libvirt
 from tests.vsphere.fake_context import FakeJobContext
 IMAGES_DIR = Path("/var/lib/libvirt/images")
@@ -72,6 +73,33 @@ def system_libvirt() -> str:
     if not Path("/usr/sbin/libvirtd").exists():
         pytest.skip("/usr/sbin/libvirtd is not installed (scripts/install-system-deps.sh)")
     return ensure_system_libvirt()
+
+
+@pytest.fixture
+def libvirt_system(system_libvirt):
+    """An open qemu:///system connection and a list of domain names to remove after."""
+    conn = libvirt.open(system_libvirt)
+    names: list[str] = []
+    yield conn, names
+    for name in names:
+        try:
+            domain = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            continue
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    conn.close()
+
+
+def wait_for_line(log: Path, timeout: float = 60.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.is_file() and BOOT_LINE in log.read_bytes():
+            return log.read_bytes()
+        time.sleep(0.2)
+    pytest.fail(f"{BOOT_LINE!r} not on the serial console within {timeout:g} s; "
+                f"log: {log.read_bytes() if log.is_file() else 'absent'!r}")
 
 
 @pytest.fixture
