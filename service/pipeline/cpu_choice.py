@@ -17,13 +17,24 @@ Candidates, in order:
 A candidate refused for a feature QEMU names (an MSR write the host refused) is tried
 once more with that feature disabled before moving on. Where KVM is not offered only
 TCG is tried; drivers other than libvirt's QEMU driver (test:///) are not probed.
+
+A KVM vCPU that starts can still run no Linux kernel: on those nested-KVM hosts a
+Debian kernel prints nothing at all under KVM, whatever the CPU model, while GRUB and
+boot-sector code run. So the first KVM candidate that starts also boots the host's
+own kernel (/boot/vmlinuz-*, when there is one) with `console=ttyS0`: it prints
+"Linux version" within a second or two where KVM works; when nothing shows in
+KERNEL_PROBE_SECONDS, KVM is passed over for TCG.
 """
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from lxml import etree
 
@@ -35,11 +46,15 @@ TCG = "tcg"
 CUSTOM_PREFIX = "custom:"
 PINNED_MODES = ("host-passthrough", "host-model", "maximum", TCG)
 PROBE_MEMORY_MIB = 16
+KERNEL_PROBE_MEMORY_MIB = 256
 # MSRs QEMU names when the host refuses a write -> the libvirt feature behind them.
 _MSR_FEATURES = {0x10A: "arch-capabilities"}
 _MSR_RE = re.compile(r"failed to set MSR (0x[0-9a-fA-F]+)")
 _QEMU_ERROR_RE = re.compile(r"qemu-system-\w+: error: (.+)")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+KERNEL_PROBE_SECONDS = 10.0
+KERNEL_BANNER = b"Linux version"
+BOOT_DIR = Path("/boot")
 
 _lock = threading.Lock()
 _chosen: dict[str, "CpuChoice"] = {}
@@ -117,20 +132,28 @@ def host_model_name(libvirt, conn) -> str:
 
 
 def probe(libvirt, conn, candidates: list[tuple[str, GuestCpu]]) -> CpuChoice:
-    """Start a paused probe domain with each candidate; the first that starts wins.
-
-    Raise Failed, listing every refusal, when none does."""
+    """Start a paused probe domain with each candidate; the first that starts (and,
+    under KVM, runs a kernel) wins. Raise Failed, listing every refusal, when none does."""
     refusals: list[str] = []
+    kvm_runs_kernels = True
     for domain_type, cpu in candidates:
+        if domain_type == "kvm" and not kvm_runs_kernels:
+            continue
         error = start_paused(libvirt, conn, domain_type, cpu)
         refused = refused_features(error) if error else ()
         if refused and not set(refused) <= set(cpu.disabled):
             refusals.append(f"{cpu.describe()} refused: {short_error(error)}")
             cpu = GuestCpu(cpu.mode, cpu.model, tuple(sorted({*cpu.disabled, *refused})))
             error = start_paused(libvirt, conn, domain_type, cpu)
-        if error is None:
+        if error is None and domain_type == "kvm" and not runs_kernel(libvirt, conn, "kvm", cpu):
+            refusals.append(f"{cpu.describe()} refused: it starts, but a Linux kernel printed "
+                            f"nothing under it in {KERNEL_PROBE_SECONDS:g} s (KVM cannot run "
+                            "one on this host)")
+            kvm_runs_kernels = False
+        elif error is None:
             return CpuChoice(domain_type, cpu, "; ".join([*refusals, f"{cpu.describe()} started"]))
-        refusals.append(f"{cpu.describe()} refused: {short_error(error)}")
+        else:
+            refusals.append(f"{cpu.describe()} refused: {short_error(error)}")
     raise Failed("no guest CPU starts on this host: " + "; ".join(refusals))
 
 
@@ -146,16 +169,64 @@ def start_paused(libvirt, conn, domain_type: str, cpu: GuestCpu) -> str | None:
     return None
 
 
-def probe_xml(domain_type: str, cpu: GuestCpu) -> str:
+def probe_xml(domain_type: str, cpu: GuestCpu, kernel: Path | None = None,
+              serial_log: Path | None = None) -> str:
+    """A diskless probe domain; with `kernel`, booting it with its console logged."""
     root = etree.Element("domain", type=domain_type)
     etree.SubElement(root, "name").text = f"hypersdk-cpu-probe-{uuid.uuid4().hex[:12]}"
-    etree.SubElement(root, "memory", unit="MiB").text = str(PROBE_MEMORY_MIB)
+    memory = KERNEL_PROBE_MEMORY_MIB if kernel else PROBE_MEMORY_MIB
+    etree.SubElement(root, "memory", unit="MiB").text = str(memory)
     etree.SubElement(root, "vcpu").text = "1"
     add_cpu(root, cpu)
     os_el = etree.SubElement(root, "os")
     etree.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
-    etree.SubElement(root, "devices")
+    devices = etree.SubElement(root, "devices")
+    if kernel is not None:
+        etree.SubElement(os_el, "kernel").text = str(kernel)
+        etree.SubElement(os_el, "cmdline").text = "console=ttyS0 panic=-1"
+        serial = etree.SubElement(devices, "serial", type="pty")
+        etree.SubElement(serial, "log", file=str(serial_log), append="off")
+        etree.SubElement(serial, "target", port="0")
     return etree.tostring(root, encoding="unicode")
+
+
+def host_kernel() -> Path | None:
+    """The newest kernel in /boot, None when there is none."""
+    kernels = sorted(BOOT_DIR.glob("vmlinuz-*"), key=lambda path: path.stat().st_mtime)
+    return kernels[-1] if kernels else None
+
+
+def runs_kernel(libvirt, conn, domain_type: str, cpu: GuestCpu,
+                seconds: float = KERNEL_PROBE_SECONDS) -> bool:
+    """True when the host's kernel prints its banner within `seconds` in a domain of
+    `domain_type` with `cpu` (blocking). True too when this host has no kernel to try,
+    or the probe cannot start."""
+    kernel = host_kernel()
+    if kernel is None:
+        return True
+    with tempfile.TemporaryDirectory(prefix="hypersdk-cpu-probe-") as work:
+        Path(work).chmod(0o755)  # QEMU runs as libvirt-qemu; libvirt labels only the files
+        copy = Path(work) / "vmlinuz"
+        shutil.copyfile(kernel, copy)
+        log = Path(work) / "serial.log"
+        try:
+            domain = conn.createXML(probe_xml(domain_type, cpu, copy, log),
+                                    libvirt.VIR_DOMAIN_START_AUTODESTROY)
+        except libvirt.libvirtError:
+            return True  # it started paused a moment ago: not this probe's question
+        try:
+            return _banner_within(log, seconds)
+        finally:
+            domain.destroy()
+
+
+def _banner_within(log: Path, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if log.exists() and KERNEL_BANNER in log.read_bytes():
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def refused_features(error: str) -> tuple[str, ...]:

@@ -84,6 +84,8 @@ async def test_the_automatic_choice_runs_a_guest_and_says_what_was_refused(libvi
     if (choice.domain_type, choice.cpu) != tried[0]:
         assert steps[0].startswith(f"{tried[0][1].describe()} refused: ")
     await boots(names, choice, guest_dir)
+    # not only boot-sector code: a Linux kernel runs with it (nested KVM can run none)
+    assert cpu_choice.runs_kernel(libvirt, conn, choice.domain_type, choice.cpu, seconds=60)
 
 
 def test_no_candidate_starting_is_an_error_listing_each_refusal(libvirt_system):
