@@ -83,6 +83,11 @@ MAIN_SCHEMA: Schema = {
         "max_body_bytes": Field("size", 1024 * 1024, minimum=1024),
         "audit_log": Field("str", "/var/log/hypersdk/audit.log", check=_absolute_path_rule),
     },
+    "guest_conversion": {  # virt-v2v-in-place (pipeline/guest_conversion.py)
+        "virtio_win": Field("str", "", check=lambda v: None if not v or v.startswith("/")
+                            else "an absolute path to virtio-win.iso or its directory"),
+        "timeout": Field("duration", 3600.0, minimum=1),
+    },
     "automation": {
         "missed_run_grace": Field("duration", 3600.0),
         "webhook_timeout": Field("duration", 10.0),
@@ -133,6 +138,7 @@ class Config:
     libvirt: Section
     api: Section
     automation: Section
+    guest_conversion: Section
     ova: Section
     providers: dict[str, dict]  # name -> validated section, with "type"
     webhooks: list[dict]

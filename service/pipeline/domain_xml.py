@@ -32,6 +32,7 @@ OVMF_VARS = OVMF_DIR / "OVMF_VARS_4M.fd"
 OVMF_CODE_SECBOOT = OVMF_DIR / "OVMF_CODE_4M.secboot.fd"
 OVMF_VARS_SECBOOT = OVMF_DIR / "OVMF_VARS_4M.ms.fd"
 
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 MACHINES = ("q35", "pc")
 DOMAIN_TYPES = ("kvm", "qemu")
 FIRMWARES = ("bios", "uefi")
@@ -269,3 +270,6 @@ def _add_console(devices: etree._Element, spec: DomainSpec) -> None:
     etree.SubElement(serial, "target", port="0")
     console = etree.SubElement(devices, "console", type="pty")
     etree.SubElement(console, "target", type="serial", port="0")
+    # the QEMU guest agent's channel: libvirt reports whether an agent is connected
+    agent = etree.SubElement(devices, "channel", type="unix")
+    etree.SubElement(agent, "target", type="virtio", name=GUEST_AGENT_CHANNEL)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..definitions import check_fields
 from ..errors import AlreadyExists, InvalidArgument
+from .boot_verify import parse_verify_boot
 from .convert import ConvertedImage, convert_image
 from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                          serial_log_beside)
@@ -43,7 +44,7 @@ INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 FORMATS = ("qcow2", "raw")
 DEFAULT_MEMORY_MB = 1024
 _BOOL_FIELDS = ("enabled", "auto_convert", "daemon_mode", "import_to_kvm", "autostart",
-                "start", "compression")
+                "start", "compression", "guest_conversion")
 _STR_FIELDS = ("instance", "network", "format")
 
 
@@ -59,6 +60,8 @@ def _defaults(config: "Config") -> dict:
         "start": False,
         "format": config.hyper2kvm.default_format,
         "compression": config.hyper2kvm.compression,
+        "guest_conversion": False,
+        "verify_boot": None,
     }
 
 
@@ -67,8 +70,10 @@ def validate_integration(block: Any, config: "Config") -> dict:
 
     Fields: enabled, auto_convert, daemon_mode, instance (the `%i` of
     `hyper2kvm@.service`), import_to_kvm, network, autostart, start (boot the
-    domain once defined), format (qcow2 | raw), compression. Unknown fields are
-    refused so a typo never silently turns a conversion off.
+    domain once defined), format (qcow2 | raw), compression, guest_conversion
+    (virt-v2v-in-place before the define), verify_boot (true or {timeout, expect}:
+    start and wait for the guest to boot). Unknown fields are refused so a typo
+    never silently turns a conversion off.
     """
     result = _defaults(config)
     if block is None:
@@ -80,6 +85,7 @@ def validate_integration(block: Any, config: "Config") -> dict:
         if key in _STR_FIELDS and (not isinstance(value, str) or not value):
             raise InvalidArgument(f"{FIELD}.{key}", "a non-empty string")
         result[key] = value
+    result["verify_boot"] = parse_verify_boot(result["verify_boot"], f"{FIELD}.verify_boot")
     if not INSTANCE_RE.match(result["instance"]):
         raise InvalidArgument(f"{FIELD}.instance", "letters, digits, '_', '.' and '-' only")
     if result["format"] not in FORMATS:
@@ -92,6 +98,9 @@ def validate_integration(block: Any, config: "Config") -> dict:
         raise InvalidArgument(f"{FIELD}.import_to_kvm", "needs enabled: true")
     if (result["autostart"] or result["start"]) and not result["import_to_kvm"]:
         raise InvalidArgument(f"{FIELD}.autostart", "autostart and start need import_to_kvm: true")
+    for key in ("guest_conversion", "verify_boot"):
+        if result[key] and not result["import_to_kvm"]:
+            raise InvalidArgument(f"{FIELD}.{key}", "needs import_to_kvm: true")
     return result
 
 
@@ -259,5 +268,6 @@ async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]
         serial_log=serial_log_beside(Path(images[0][0]), vm.name))
     if not vm.memory_mb:
         ctx.log(f"the VM reports no memory size; giving it {DEFAULT_MEMORY_MB} MiB", "warning")
-    return await land(ctx, spec, Landing(autostart=integration["autostart"],
-                                         start=integration["start"]))
+    return await land(ctx, spec, Landing(integration["autostart"], integration["start"],
+                                         integration["guest_conversion"],
+                                         integration["verify_boot"]))

@@ -2,7 +2,9 @@
 
 The definition is the spec's `/import-to-kvm` body — vm_name, disk_path (or
 disk_paths, boot disk first), memory_mb, vcpus, network, autostart — plus the
-optional firmware, os_type, uuid and start. `network: ""` means no NIC. The libvirt
+optional firmware, os_type, uuid, start, guest_conversion (virt-v2v-in-place on the
+disks, in place, before the define) and verify_boot (true or {timeout, expect}: start
+and wait until the guest booted). `network: ""` means no NIC. The libvirt
 URI comes from the config (`libvirt.uri`), never from the caller.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
+from .boot_verify import parse_verify_boot
 from .convert import detect_format
 from .domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec,
                          serial_log_beside)
@@ -22,7 +25,7 @@ from .libvirt_import import preflight
 _FIELDS: dict[str, type] = {
     "vm_name": str, "disk_path": str, "disk_paths": list, "memory_mb": int, "vcpus": int,
     "network": str, "autostart": bool, "start": bool, "firmware": str, "os_type": str,
-    "uuid": str,
+    "uuid": str, "guest_conversion": bool, "verify_boot": object,
 }
 _REQUIRED = ("vm_name", "memory_mb")
 
@@ -56,6 +59,8 @@ class ImportKind(JobKind):
             "firmware": definition.get("firmware", "bios"),
             "os_type": definition.get("os_type", "unknown"),
             "uuid": definition.get("uuid", ""),
+            "guest_conversion": definition.get("guest_conversion", False),
+            "verify_boot": parse_verify_boot(definition.get("verify_boot"), "verify_boot"),
         }
         check_spec(_spec(result, formats=["raw"] * len(result["disk_paths"])))
         return result
@@ -73,13 +78,15 @@ class ImportKind(JobKind):
                 raise InvalidArgument("disk_path", f"{path} is a {fmt} image; convert it to "
                                       "qcow2 or raw first")
         return await land(ctx, _spec(definition, formats),
-                          Landing(autostart=definition["autostart"], start=definition["start"]))
+                          Landing(definition["autostart"], definition["start"],
+                                  definition["guest_conversion"], definition["verify_boot"]))
 
     def describe(self, definition: dict) -> dict:
         return {"vm": definition.get("vm_name", ""), "provider": "libvirt"}
 
 
-_TYPE_NAMES = {str: "string", list: "list of strings", int: "integer", bool: "true or false"}
+_TYPE_NAMES = {str: "string", list: "list of strings", int: "integer", bool: "true or false",
+               object: "value"}
 
 
 def _disk_paths(definition: dict) -> list[str]:

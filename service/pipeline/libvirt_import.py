@@ -80,6 +80,30 @@ def _preflight(uri: str, name: str, uuid: str, networks: list[str]) -> None:
         conn.close()
 
 
+def connect(uri: str):
+    """An open libvirt connection to `uri` (blocking); Unavailable when there is none."""
+    return _open(_libvirt(), uri)
+
+
+async def remove_domain(uri: str, name: str) -> None:
+    """Stop and undefine domain `name` at `uri` (with its NVRAM) if it is there."""
+    await asyncio.to_thread(_remove, uri, name)
+
+
+def _remove(uri: str, name: str) -> None:
+    libvirt = _libvirt()
+    conn = _open(libvirt, uri)
+    try:
+        if _absent(libvirt, uri, lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN):
+            return
+        domain = conn.lookupByName(name)
+        if domain.isActive():
+            domain.destroy()
+        _undefine(libvirt, domain)
+    finally:
+        conn.close()
+
+
 def _open(libvirt, uri: str):
     try:
         return libvirt.open(uri)
