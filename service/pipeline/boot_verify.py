@@ -95,9 +95,13 @@ async def verify_boot(ctx: "JobContext", uri: str, domain_name: str, serial_log:
     conn = await asyncio.to_thread(connect, uri)
     try:
         domain = await asyncio.to_thread(conn.lookupByName, domain_name)
-        return await _watch(ctx.log, domain, serial_log, check)
+        verification = await _watch(ctx.log, domain, serial_log, check)
     finally:
         conn.close()
+    how = (f"{check.expect!r} on the serial console" if verification["method"] == "console"
+           else "the guest agent answered")
+    ctx.log(f"boot verified after {verification['after_seconds']:g} s: {how}")
+    return verification
 
 
 async def _watch(log, domain, serial_log: Path, check: BootCheck) -> dict:
