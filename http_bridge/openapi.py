@@ -140,8 +140,11 @@ def _object(required: list[str], properties: dict, additional: bool = False) -> 
     return schema
 
 
+# true, or how to tell the guest booted: text on its serial console within a timeout
+_VERIFY_BOOT = {"oneOf": [_BOOL, _object([], {"timeout": _STR, "expect": _STR})]}
 _INTEGRATION = _object([], {"enabled": _BOOL, "auto_convert": _BOOL, "daemon_mode": _BOOL,
-                            "instance": _STR}, True)
+                            "instance": _STR, "guest_conversion": _BOOL,
+                            "verify_boot": _VERIFY_BOOT}, True)
 SCHEMAS: dict[str, dict] = {
     "Error": _object(["error", "message", "field"], {
         "error": _STR, "message": _STR, "field": _nullable("string")}),
@@ -165,7 +168,8 @@ SCHEMAS: dict[str, dict] = {
         "source_path": _STR, "output_path": _STR, "conversion_options": _OBJ}, True),
     "ImportRequest": _object(["vm_name", "disk_path"], {
         "vm_name": _STR, "disk_path": _STR, "memory_mb": _INT, "vcpus": _INT,
-        "network": _STR, "autostart": _BOOL}, True),
+        "network": _STR, "autostart": _BOOL, "guest_conversion": _BOOL,
+        "verify_boot": _VERIFY_BOOT}, True),
     "ScheduleRequest": _object(["name", "cron", "job_definition"], {
         "name": _STR, "cron": _STR, "job_definition": _OBJ}, True),
     "BackupPolicyRequest": _object(["name"], {

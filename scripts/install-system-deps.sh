@@ -13,6 +13,10 @@ packages=(
   qemu-utils libvirt-clients libxml2-utils
   # a real libvirt daemon that can boot a migrated VM under TCG
   libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 ovmf
+  # guest conversion (virt-v2v-in-place); libguestfs' appliance boots Debian's kernel
+  virt-v2v nbdkit linux-image-amd64
+  # the test guest: a Debian system from mmdebstrap, laid on a disk with guestfish
+  mmdebstrap guestfish
   # D-Bus and polkit (private system bus in tests)
   dbus dbus-daemon polkitd pkexec
   # the govmomi vSphere simulator, built from Debian's sources

@@ -268,7 +268,7 @@ async def run_qemu_img_convert(source: Path, in_format: str, target: Path, out_f
         stderr = (await stderr_task).decode("utf-8", "replace")
         rc = await proc.wait()
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         await proc.wait()
         raise
     if rc != 0:
@@ -287,7 +287,7 @@ async def _read_progress(stream: asyncio.StreamReader,
         pending = pending[-64:]
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
+def kill_group(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -10,8 +10,9 @@ Choices that decide whether the guest boots:
   pflash and libvirt copies the NVRAM template per domain. Secure boot needs the
   secboot loader, the Microsoft-keys variable store, SMM and the q35 machine.
 - Domain type `kvm` when /dev/kvm is usable here, else `qemu` (TCG). The CPU is the
-  host's (kvm) or QEMU's `max` model (TCG), never the default qemu64, which lacks
-  the x86-64-v2 features current distributions require.
+  one `cpu_choice.py` found this host can start, by default the host's (kvm) or QEMU's
+  `max` model (TCG), never the default qemu64, which lacks the x86-64-v2 features
+  current distributions require.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ OVMF_VARS = OVMF_DIR / "OVMF_VARS_4M.fd"
 OVMF_CODE_SECBOOT = OVMF_DIR / "OVMF_CODE_4M.secboot.fd"
 OVMF_VARS_SECBOOT = OVMF_DIR / "OVMF_VARS_4M.ms.fd"
 
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 MACHINES = ("q35", "pc")
 DOMAIN_TYPES = ("kvm", "qemu")
 FIRMWARES = ("bios", "uefi")
@@ -41,6 +43,32 @@ _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 _LINUX_WORDS = ("linux", "ubuntu", "debian", "rhel", "centos", "fedora", "sles", "suse",
                 "oracle", "rocky", "alma", "amazon", "coreos", "photon", "mandriva",
                 "asianux", "turbolinux", "flatcar")
+
+
+@dataclass(frozen=True)
+class GuestCpu:
+    """The `<cpu>` element: a libvirt CPU mode (host-passthrough, host-model, maximum,
+    custom), the model for custom, features turned off, and libvirt's check (none: start
+    with what the host gives; partial: refuse a model the host cannot run in full)."""
+
+    mode: str
+    model: str = ""
+    disabled: tuple[str, ...] = ()
+    check: str = "none"
+
+    def describe(self) -> str:
+        text = f"model {self.model}" if self.mode == "custom" else self.mode
+        return text + (f" without {', '.join(self.disabled)}" if self.disabled else "")
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "model": self.model, "disabled_features": list(self.disabled)}
+
+
+def default_cpu(domain_type: str) -> GuestCpu:
+    """The host's CPU under KVM, all that TCG can emulate otherwise: never libvirt's
+    default qemu64, which lacks the x86-64-v2 features RHEL 9 and other current guests
+    need to boot."""
+    return GuestCpu("host-passthrough" if domain_type == "kvm" else "maximum")
 
 
 @dataclass
@@ -68,6 +96,7 @@ class DomainSpec:
     machine: str = "q35"               # q35 | pc
     os_family: str = "unknown"         # linux | windows | unknown (see guest_family)
     domain_type: str = ""              # kvm | qemu | "" = detect_domain_type()
+    cpu: GuestCpu | None = None        # None: default_cpu(domain_type)
     serial_log: Path | None = None     # also copy the serial console to this file
 
 
@@ -157,10 +186,7 @@ def build_domain_xml(spec: DomainSpec) -> str:
         etree.SubElement(root, "uuid").text = spec.uuid
     etree.SubElement(root, "memory", unit="MiB").text = str(spec.memory_mb)
     etree.SubElement(root, "vcpu", placement="static").text = str(spec.vcpus)
-    # libvirt's default CPU model (qemu64) lacks x86-64-v2, which RHEL 9 and other
-    # current guests need to boot: give them the host's CPU, or all TCG can emulate.
-    etree.SubElement(root, "cpu", check="none",
-                     mode="host-passthrough" if domain_type == "kvm" else "maximum")
+    add_cpu(root, spec.cpu or default_cpu(domain_type))
     _add_os(root, spec)
     features = etree.SubElement(root, "features")
     etree.SubElement(features, "acpi")
@@ -181,6 +207,16 @@ def build_domain_xml(spec: DomainSpec) -> str:
     video = etree.SubElement(devices, "video")
     etree.SubElement(video, "model", type="vga")
     return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def add_cpu(root: etree._Element, cpu: GuestCpu) -> None:
+    """Append `<cpu>` for `cpu` to the domain element `root`."""
+    element = etree.SubElement(root, "cpu", mode=cpu.mode, check=cpu.check)
+    if cpu.mode == "custom":
+        element.set("match", "exact")
+        etree.SubElement(element, "model", fallback="forbid").text = cpu.model
+    for name in cpu.disabled:
+        etree.SubElement(element, "feature", policy="disable", name=name)
 
 
 def _add_os(root: etree._Element, spec: DomainSpec) -> None:
@@ -234,3 +270,6 @@ def _add_console(devices: etree._Element, spec: DomainSpec) -> None:
     etree.SubElement(serial, "target", port="0")
     console = etree.SubElement(devices, "console", type="pty")
     etree.SubElement(console, "target", type="serial", port="0")
+    # the QEMU guest agent's channel: libvirt reports whether an agent is connected
+    agent = etree.SubElement(devices, "channel", type="unix")
+    etree.SubElement(agent, "target", type="virtio", name=GUEST_AGENT_CHANNEL)

@@ -25,11 +25,13 @@ from ..definitions import check_fields
 from ..errors import AlreadyExists, InvalidArgument
 from ..confine import open_dir
 from ..staging import Staging
-from .convert import convert_image
+from .boot_verify import parse_verify_boot
+from .convert import ConvertedImage, convert_image
 from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                          serial_log_beside)
 from .hyper2kvm import UnitState, unit_name, unit_state, wait_for_output
-from .libvirt_import import import_domain, preflight
+from .kvm_landing import Landing, land
+from .libvirt_import import preflight
 from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
 from .overlap import JobProgress, StreamConversions
 from .ovf_writer import safe_name
@@ -44,7 +46,7 @@ INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 FORMATS = ("qcow2", "raw")
 DEFAULT_MEMORY_MB = 1024
 _BOOL_FIELDS = ("enabled", "auto_convert", "daemon_mode", "import_to_kvm", "autostart",
-                "start", "compression")
+                "start", "compression", "guest_conversion")
 _STR_FIELDS = ("instance", "network", "format")
 
 
@@ -60,6 +62,8 @@ def _defaults(config: "Config") -> dict:
         "start": False,
         "format": config.hyper2kvm.default_format,
         "compression": config.hyper2kvm.compression,
+        "guest_conversion": False,
+        "verify_boot": None,
     }
 
 
@@ -68,8 +72,10 @@ def validate_integration(block: Any, config: "Config") -> dict:
 
     Fields: enabled, auto_convert, daemon_mode, instance (the `%i` of
     `hyper2kvm@.service`), import_to_kvm, network, autostart, start (boot the
-    domain once defined), format (qcow2 | raw), compression. Unknown fields are
-    refused so a typo never silently turns a conversion off.
+    domain once defined), format (qcow2 | raw), compression, guest_conversion
+    (virt-v2v-in-place before the define), verify_boot (true or {timeout, expect}:
+    start and wait for the guest to boot). Unknown fields are refused so a typo
+    never silently turns a conversion off.
     """
     result = _defaults(config)
     if block is None:
@@ -81,6 +87,7 @@ def validate_integration(block: Any, config: "Config") -> dict:
         if key in _STR_FIELDS and (not isinstance(value, str) or not value):
             raise InvalidArgument(f"{FIELD}.{key}", "a non-empty string")
         result[key] = value
+    result["verify_boot"] = parse_verify_boot(result["verify_boot"], f"{FIELD}.verify_boot")
     if not INSTANCE_RE.match(result["instance"]):
         raise InvalidArgument(f"{FIELD}.instance", "letters, digits, '_', '.' and '-' only")
     if result["format"] not in FORMATS:
@@ -93,6 +100,9 @@ def validate_integration(block: Any, config: "Config") -> dict:
         raise InvalidArgument(f"{FIELD}.import_to_kvm", "needs enabled: true")
     if (result["autostart"] or result["start"]) and not result["import_to_kvm"]:
         raise InvalidArgument(f"{FIELD}.autostart", "autostart and start need import_to_kvm: true")
+    for key in ("guest_conversion", "verify_boot"):
+        if result[key] and not result["import_to_kvm"]:
+            raise InvalidArgument(f"{FIELD}.{key}", "needs import_to_kvm: true")
     return result
 
 
@@ -256,7 +266,6 @@ def _exists_in(staging: Staging, name: str) -> bool:
 async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]],
                   integration: dict) -> dict:
     ctx.set_stage("import")
-    uri = ctx.config.libvirt.uri
     uuid = _kept_uuid(vm)
     if vm.uuid and not uuid:
         ctx.log(f"the source id {vm.uuid!r} is not a UUID; libvirt assigns a new one", "warning")
@@ -270,12 +279,6 @@ async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]
         serial_log=serial_log_beside(Path(images[0][0]), vm.name))
     if not vm.memory_mb:
         ctx.log(f"the VM reports no memory size; giving it {DEFAULT_MEMORY_MB} MiB", "warning")
-    ctx.log(f"defining domain {vm.name!r} at {uri}")
-    imported = await import_domain(uri, spec, autostart=integration["autostart"],
-                                   start=integration["start"])
-    for note in imported.notes:
-        ctx.log(note, "warning")
-    ctx.log(f"domain {imported.name!r} defined (uuid {imported.uuid})"
-            + (", autostart on" if imported.autostart else "")
-            + (", started" if imported.started else ""))
-    return imported.to_dict()
+    return await land(ctx, spec, Landing(integration["autostart"], integration["start"],
+                                         integration["guest_conversion"],
+                                         integration["verify_boot"]))

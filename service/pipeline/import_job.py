@@ -2,9 +2,11 @@
 
 The definition is the spec's `/import-to-kvm` body — vm_name, disk_path (or
 disk_paths, boot disk first), memory_mb, vcpus, network, autostart — plus the
-optional firmware, os_type, uuid, start and disk_format (say "raw" to import raw
-disks: service/pipeline/disk_format.py). `network: ""` means no NIC. The libvirt URI
-comes from the config (`libvirt.uri`), never from the caller.
+optional firmware, os_type, uuid, start, disk_format (say "raw" to import raw
+disks: service/pipeline/disk_format.py), guest_conversion (virt-v2v-in-place on the
+disks, in place, before the define) and verify_boot (true or {timeout, expect}: start
+and wait until the guest booted). `network: ""` means no NIC. The libvirt URI comes
+from the config (`libvirt.uri`), never from the caller.
 
 Disks must lie inside `paths.sources` and in a directory only root can change:
 libvirt and QEMU open a disk by its path (and libvirt hands it to the QEMU user), so
@@ -20,16 +22,18 @@ from typing import Any
 from ..confine import check_source, open_source, real_path
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
+from .boot_verify import parse_verify_boot
 from .convert import image_info
 from .disk_format import check_claimed_format
 from .domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec,
                          serial_log_beside)
-from .libvirt_import import check_disk_for_libvirt, import_domain, preflight
+from .kvm_landing import Landing, land
+from .libvirt_import import check_disk_for_libvirt, preflight
 
 _FIELDS: dict[str, type] = {
     "vm_name": str, "disk_path": str, "disk_paths": list, "memory_mb": int, "vcpus": int,
     "network": str, "autostart": bool, "start": bool, "firmware": str, "os_type": str,
-    "uuid": str, "disk_format": str,
+    "uuid": str, "disk_format": str, "guest_conversion": bool, "verify_boot": object,
 }
 _REQUIRED = ("vm_name", "memory_mb")
 MAX_MEMORY_MB = 16 << 20  # 16 TiB, QEMU's x86_64 limit is above what any host has
@@ -66,6 +70,8 @@ class ImportKind(JobKind):
             "os_type": definition.get("os_type", "unknown"),
             "uuid": definition.get("uuid", ""),
             "disk_format": definition.get("disk_format", ""),
+            "guest_conversion": definition.get("guest_conversion", False),
+            "verify_boot": parse_verify_boot(definition.get("verify_boot"), "verify_boot"),
         }
         if result["disk_format"] not in ("", *DISK_FORMATS):
             raise InvalidArgument("disk_format", "one of " + ", ".join(DISK_FORMATS))
@@ -86,20 +92,16 @@ class ImportKind(JobKind):
                                          definition["disk_format"])
                  for path in definition["disk_paths"]]
         definition = {**definition, "disk_paths": [str(path) for path, _fmt in disks]}
-        ctx.log(f"defining domain {definition['vm_name']!r} at {uri}")
-        imported = await import_domain(uri, _spec(definition, [fmt for _p, fmt in disks]),
-                                       autostart=definition["autostart"],
-                                       start=definition["start"])
-        for note in imported.notes:
-            ctx.log(note, "warning")
-        ctx.log(f"domain {imported.name!r} defined (uuid {imported.uuid})")
-        return imported.to_dict()
+        return await land(ctx, _spec(definition, [fmt for _p, fmt in disks]),
+                          Landing(definition["autostart"], definition["start"],
+                                  definition["guest_conversion"], definition["verify_boot"]))
 
     def describe(self, definition: dict) -> dict:
         return {"vm": definition.get("vm_name", ""), "provider": "libvirt"}
 
 
-_TYPE_NAMES = {str: "string", list: "list of strings", int: "integer", bool: "true or false"}
+_TYPE_NAMES = {str: "string", list: "list of strings", int: "integer", bool: "true or false",
+               object: "value"}
 
 
 def _disk_paths(definition: dict, roots: list[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """Define a domain in libvirt (libvirt-python, blocking calls in a thread).
 
-When the spec leaves the domain type open, it is kvm if the hypervisor at the URI
-offers KVM for x86_64 guests, else qemu (TCG).
+When the spec leaves the domain type open, the domain type and CPU are the ones
+`cpu_choice.py` finds this host starts (or `libvirt.cpu_mode` pins), starting from
+kvm if the hypervisor at the URI offers KVM for x86_64 guests, else qemu (TCG).
 
 An existing domain is never overwritten: the name and the UUID are looked up
 first, and libvirt itself refuses a define whose name exists under another UUID,
@@ -20,7 +21,8 @@ from lxml import etree
 
 from ..confine import changeable_by_others
 from ..errors import AlreadyExists, Failed, InvalidArgument, NotFound, Unavailable
-from .domain_xml import DomainSpec, build_domain_xml, detect_domain_type, domain_notes
+from .cpu_choice import AUTO, CpuChoice, choose_cpu
+from .domain_xml import DomainSpec, build_domain_xml, default_cpu, detect_domain_type, domain_notes
 
 
 @dataclass
@@ -32,11 +34,15 @@ class ImportedDomain:
     started: bool
     notes: list[str]
     serial_log: str
-    domain_type: str
+    cpu: CpuChoice
+
+    @property
+    def domain_type(self) -> str:
+        return self.cpu.domain_type
 
     def to_dict(self) -> dict:
         return {"domain": self.name, "uuid": self.uuid, "uri": self.uri,
-                "domain_type": self.domain_type,
+                "domain_type": self.domain_type, "cpu": self.cpu.to_dict(),
                 "autostart": self.autostart, "started": self.started, "notes": self.notes,
                 "serial_log": self.serial_log}
 
@@ -50,14 +56,15 @@ def _libvirt():
 
 
 async def import_domain(uri: str, spec: DomainSpec, *, autostart: bool = False,
-                        start: bool = False) -> ImportedDomain:
-    """Build the XML for `spec` and define it at `uri`; optionally autostart and start it."""
+                        start: bool = False, cpu_mode: str = AUTO) -> ImportedDomain:
+    """Build the XML for `spec` and define it at `uri`; optionally autostart and start it.
+    `cpu_mode` is `libvirt.cpu_mode` (used when the spec leaves the domain type open)."""
     for disk in spec.disks:
         await asyncio.to_thread(check_disk_for_libvirt, Path(disk.path))
     build_domain_xml(spec)  # refuse a bad spec before connecting
-    name, uuid, domain_type = await asyncio.to_thread(_define, uri, spec, autostart, start)
+    name, uuid, cpu = await asyncio.to_thread(_define, uri, spec, autostart, start, cpu_mode)
     return ImportedDomain(name, uuid, uri, autostart, start, domain_notes(spec),
-                          str(spec.serial_log or ""), domain_type)
+                          str(spec.serial_log or ""), cpu)
 
 
 def check_disk_for_libvirt(path: Path) -> None:
@@ -94,6 +101,30 @@ def _preflight(uri: str, name: str, uuid: str, networks: list[str]) -> None:
         conn.close()
 
 
+def connect(uri: str):
+    """An open libvirt connection to `uri` (blocking); Unavailable when there is none."""
+    return _open(_libvirt(), uri)
+
+
+async def remove_domain(uri: str, name: str) -> None:
+    """Stop and undefine domain `name` at `uri` (with its NVRAM) if it is there."""
+    await asyncio.to_thread(_remove, uri, name)
+
+
+def _remove(uri: str, name: str) -> None:
+    libvirt = _libvirt()
+    conn = _open(libvirt, uri)
+    try:
+        if _absent(libvirt, uri, lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN):
+            return
+        domain = conn.lookupByName(name)
+        if domain.isActive():
+            domain.destroy()
+        _undefine(libvirt, domain)
+    finally:
+        conn.close()
+
+
 def _open(libvirt, uri: str):
     try:
         return libvirt.open(uri)
@@ -107,14 +138,15 @@ def _check_target(libvirt, conn, uri: str, name: str, uuid: str, networks: list[
         _check_network(libvirt, conn, uri, network)
 
 
-def _define(uri: str, spec: DomainSpec, autostart: bool, start: bool) -> tuple[str, str, str]:
+def _define(uri: str, spec: DomainSpec, autostart: bool, start: bool,
+            cpu_mode: str) -> tuple[str, str, CpuChoice]:
     libvirt = _libvirt()
     name = spec.name
     conn = _open(libvirt, uri)
     try:
         _check_target(libvirt, conn, uri, name, spec.uuid, [nic.network for nic in spec.nics])
-        if not spec.domain_type:
-            spec = replace(spec, domain_type=_domain_type_at(conn))
+        cpu = _cpu_for(libvirt, conn, uri, spec, cpu_mode)
+        spec = replace(spec, domain_type=cpu.domain_type, cpu=cpu.cpu)
         xml = build_domain_xml(spec)
         try:
             domain = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
@@ -131,9 +163,18 @@ def _define(uri: str, spec: DomainSpec, autostart: bool, start: bool) -> tuple[s
             what = "start" if start else "set autostart for"
             raise Failed(f"libvirt at {uri} could not {what} domain {name!r} "
                          f"(the definition was removed again): {exc.get_error_message()}") from exc
-        return domain.name(), domain.UUIDString(), spec.domain_type
+        return domain.name(), domain.UUIDString(), cpu
     finally:
         conn.close()
+
+
+def _cpu_for(libvirt, conn, uri: str, spec: DomainSpec, cpu_mode: str) -> CpuChoice:
+    """The spec's own domain type and CPU when it sets a domain type, else the choice
+    for this URI (probed once, or pinned by `cpu_mode`)."""
+    if spec.domain_type:
+        return CpuChoice(spec.domain_type, spec.cpu or default_cpu(spec.domain_type),
+                         "set by the caller")
+    return choose_cpu(libvirt, conn, uri, cpu_mode, _domain_type_at(conn))
 
 
 def _domain_type_at(conn) -> str:

@@ -80,6 +80,10 @@ def test_defaults_for_everything_optional():
     ("hyper2kvm: {default_format: vmdk}",
      "config: hyper2kvm.default_format: expected one of qcow2, raw, found 'vmdk'"),
     ("database: {path: relative.db}", "config: database.path: expected an absolute path"),
+    ("libvirt: {cpu_mode: host-pasthrough}",
+     "config: libvirt.cpu_mode: expected one of auto, host-passthrough, host-model, maximum, "
+     "tcg or custom:MODEL (e.g. custom:EPYC), found 'host-pasthrough'"),
+    ("libvirt: {cpu_mode: 'custom:'}", "config: libvirt.cpu_mode: expected one of auto"),
     ("webhooks: [{url: 'ftp://x', events: [job.failed]}]",
      "config: webhooks[0].url: expected an http:// or https:// URL"),
     ("webhooks: [{url: 'http://x', events: [job.exploded]}]",
@@ -125,7 +129,8 @@ def test_hypervisord_refuses_a_bad_config_with_one_line_each_and_touches_nothing
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "config: bogus: expected one of the known keys (api, automation, daemon, database, "
-        "export, hyper2kvm, libvirt, ova, paths, providers, webhooks), found an unknown key",
+        "export, guest_conversion, hyper2kvm, libvirt, ova, paths, providers, webhooks), "
+        "found an unknown key",
         "config: daemon.workers: expected a value >= 1, found 0",
     ]
     assert not db.parent.exists()

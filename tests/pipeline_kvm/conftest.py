@@ -8,15 +8,19 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from hypersdk.service.config import parse_config
+from hypersdk.service.pipeline.export import ExportKind
 from hypersdk.service.providers.base import ExportedDisk
-from tests.support.bootdisk import write_boot_disk
+from hypersdk.service.providers.registry import ProviderRegistry
+from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.libvirtd import ensure_system_libvirt
-from tests.vsphere.fake_context import FakeJobContext
+from tests.vsphere.fake_context import FakeJobContext, job_context, run_job
 IMAGES_DIR = Path("/var/lib/libvirt/images")
 
 
@@ -74,6 +78,71 @@ def system_libvirt() -> str:
     if not Path("/usr/sbin/libvirtd").exists():
         pytest.skip("/usr/sbin/libvirtd is not installed (scripts/install-system-deps.sh)")
     return ensure_system_libvirt()
+
+
+@pytest.fixture
+def libvirt_system(system_libvirt):
+    """An open qemu:///system connection and a list of domain names to remove after."""
+    conn = libvirt.open(system_libvirt)
+    names: list[str] = []
+    yield conn, names
+    for name in names:
+        try:
+            domain = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            continue
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+    conn.close()
+
+
+@pytest.fixture
+def vm_name(libvirt_system) -> str:
+    """A unique VM (and so domain) name; the domain is removed after the test."""
+    _conn, names = libvirt_system
+    names.append("hypersdk-vm-" + uuid.uuid4().hex[:6])
+    return names[-1]
+
+
+async def export_to_kvm(sim, workdir: Path, uri: str, vm_name: str, integration: dict,
+                        export_path: str, **export: str) -> tuple[dict, FakeJobContext]:
+    """Run one export job of `vm_name` from the vSphere simulator `sim` with the
+    Direct Pipeline's `integration` into libvirt at `uri`: its result and context."""
+    config = parse_config({
+        "export": {"base_path": str(workdir / "exports"), **export},
+        "hyper2kvm": {"output_dir": str(workdir / "images")},
+        "libvirt": {"uri": uri},
+        "providers": {"vsphere": sim.provider_settings()},
+    }, "(test)", env={})
+    (workdir / "exports").mkdir()
+    registry = ProviderRegistry(config)
+    kind = ExportKind()
+    ctx = job_context(kind, {
+        "vm_identifier": vm_name, "provider": "vsphere", "export_method": "ova",
+        "export_path": export_path, "options": {"shutdown_vm": False, "remove_cdrom": True},
+        "hyper2kvm_integration": {"enabled": True, "auto_convert": True,
+                                  "import_to_kvm": True, **integration},
+    }, config, registry)
+    try:
+        return await run_job(kind, ctx), ctx
+    finally:
+        await registry.close()
+
+
+def wait_for_line(log: Path, timeout: float = 60.0) -> bytes:
+    return wait_for_text(log, BOOT_LINE.decode(), timeout)
+
+
+def wait_for_text(log: Path, text: str, timeout: float = 60.0) -> bytes:
+    """The serial console log once `text` is in it; fails the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.is_file() and text.encode() in log.read_bytes():
+            return log.read_bytes()
+        time.sleep(0.2)
+    pytest.fail(f"{text!r} not on the serial console within {timeout:g} s; "
+                f"log: {log.read_bytes() if log.is_file() else 'absent'!r}")
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ domain's serial console log.
 """
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
-import libvirt
 from lxml import etree
 import pytest
 
@@ -21,38 +19,11 @@ from hypersdk.service.pipeline.handoff import run_integration, validate_integrat
 from hypersdk.service.pipeline.libvirt_import import import_domain
 from hypersdk.service.providers.base import VMInfo
 
-from tests.support.bootdisk import BOOT_LINE, write_boot_disk
+from tests.support.bootdisk import write_boot_disk
 
-from .conftest import export_vmdk, fake_job_context, qemu_img
+from .conftest import export_vmdk, fake_job_context, qemu_img, wait_for_line
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for_line(log: Path, timeout: float = 60.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.is_file() and BOOT_LINE in log.read_bytes():
-            return log.read_bytes()
-        time.sleep(0.2)
-    pytest.fail(f"{BOOT_LINE!r} not on the serial console within {timeout:g} s; "
-                f"log: {log.read_bytes() if log.is_file() else 'absent'!r}")
-
-
-@pytest.fixture
-def libvirt_system(system_libvirt):
-    """An open qemu:///system connection; domains named hypersdk-boot-* are removed after."""
-    conn = libvirt.open(system_libvirt)
-    names: list[str] = []
-    yield conn, names
-    for name in names:
-        try:
-            domain = conn.lookupByName(name)
-        except libvirt.libvirtError:
-            continue
-        if domain.isActive():
-            domain.destroy()
-        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    conn.close()
 
 
 async def test_exported_vm_boots_after_direct_pipeline(libvirt_system, guest_dir, config_for):

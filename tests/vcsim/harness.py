@@ -281,25 +281,42 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
 
 def prepare_boot_vm(sim: Simulator, workdir: Path, vm_name: str, new_name: str,
                     upload_name: str = "boot.vmdk", size: int = 4 << 20) -> None:
-    """`vm_name` powered off with one disk that boots (its first sector prints
-    tests.support.bootdisk.BOOT_LINE on COM1), no NIC (a bare libvirt has no network to
-    put one on), renamed `new_name` so runs sharing a libvirt daemon do not collide.
+    """`vm_name` with one disk that boots (its first sector prints
+    tests.support.bootdisk.BOOT_LINE on COM1): see prepare_image_vm.
     The VMDK's embedded descriptor names its extent `upload_name`."""
     from tests.support.bootdisk import write_boot_disk  # noqa: PLC0415
 
+    prepare_image_vm(sim, workdir, vm_name, new_name,
+                     write_boot_disk(workdir / "boot.raw", size), upload_name)
+
+
+def prepare_image_vm(sim: Simulator, workdir: Path, vm_name: str, new_name: str, raw: Path,
+                     upload_name: str, subformat: str = "monolithicSparse",
+                     guest_id: str = "", memory_mb: int = 0) -> None:
+    """`vm_name` powered off with the raw disk image `raw` as its one disk (uploaded as
+    a VMDK of `subformat`), no NIC (a bare libvirt has no network to put one on),
+    `guest_id` as its guest OS and `memory_mb` of memory when given (the simulator's
+    VMs have 32 MiB), renamed `new_name` so runs sharing a libvirt daemon do not
+    collide."""
     si = sim.connect()
     try:
-        uploaded = give_disks(sim, si, vm_name, [size], workdir)
-        vmdk = workdir / upload_name
-        subprocess.run(["qemu-img", "convert", "-O", "vmdk",
-                        str(write_boot_disk(workdir / "boot.raw", size)), str(vmdk)],
-                       check=True, capture_output=True)
-        sim.put_file(vmdk, uploaded[0].datastore_path, _datacenter_of(find_vm(si, vm_name)))
         vm = find_vm(si, vm_name)
+        power_off(vm)
+        resize = _disk_specs(vm, [raw.stat().st_size])
+        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=resize)))
+        vm = find_vm(si, vm_name)
+        disk = next(d for d in vm.config.hardware.device
+                    if isinstance(d, vim.vm.device.VirtualDisk))
+        vmdk = workdir / upload_name
+        subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={subformat}",
+                        str(raw), str(vmdk)], check=True, capture_output=True)
+        sim.put_file(vmdk, disk.backing.fileName, _datacenter_of(vm))
         nics = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=device)
                 for device in vm.config.hardware.device
                 if isinstance(device, vim.vm.device.VirtualEthernetCard)]
-        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(name=new_name, deviceChange=nics)))
+        wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(
+            name=new_name, deviceChange=nics, guestId=guest_id or None,
+            memoryMB=memory_mb or None)))
     finally:
         Disconnect(si)
 
