@@ -305,11 +305,14 @@ class JobEngine:
                 continue
             if kind.export_slot:
                 async with self._export_slots:
-                    await self._run(job, kind)
+                    await self._run(job.id, kind)
             else:
-                await self._run(job, kind)
+                await self._run(job.id, kind)
 
-    async def _run(self, job: JobRecord, kind: JobKind) -> None:
+    async def _run(self, job_id: str, kind: JobKind) -> None:
+        # read again: the record read before waiting for a slot may be stale (a Cancel
+        # meanwhile wrote "cancelled" to the store, not into that copy)
+        job = self.store.get_job(job_id)
         if job.status != "pending" or not self._accepting:
             return  # cancelled while it waited for a slot
         running = RunningJob(self, job, kind)

@@ -3,6 +3,7 @@
 - "sleep": lands a file `<job id>.partial` in the definition's "dir" through a staging
   directory (as every job writes), advances progress in steps of "step_bytes" every
   "interval" seconds for "steps" steps.
+- "slotted-sleep": "sleep" that waits for an export slot (export.concurrent_exports).
 - "fail": fails at once with the definition's "message".
 - "flaky": raises Retryable until attempt "succeed_on".
 - "logflood": emits "lines" log lines (plus "padding" bytes each) in one burst.
@@ -56,6 +57,12 @@ class SleepKind(_TestKind):
         return definition["steps"] * definition["step_bytes"]
 
 
+class SlottedSleepKind(SleepKind):
+    """"sleep" that takes one of the engine's export slots, as exports do."""
+    name = "slotted-sleep"
+    export_slot = True
+
+
 class FailKind(_TestKind):
     name = "fail"
     fields = {"message": "it failed"}
@@ -88,5 +95,5 @@ class LogFloodKind(_TestKind):
         return {"lines": ctx.definition["lines"]}
 
 
-for kind in (SleepKind(), FailKind(), FlakyKind(), LogFloodKind()):
+for kind in (SleepKind(), SlottedSleepKind(), FailKind(), FlakyKind(), LogFloodKind()):
     register(kind)

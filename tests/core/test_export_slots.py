@@ -1,0 +1,48 @@
+"""The real engine's export slots (export.concurrent_exports), in-process."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from hypersdk.service.config import parse_config
+from hypersdk.service.engine import JobEngine
+from hypersdk.service.providers.registry import ProviderRegistry
+from hypersdk.service.store import Store
+
+from ..support import test_kinds  # noqa: F401  (registers slotted-sleep)
+
+
+async def finished(engine: JobEngine, job_id: str) -> str:
+    while not engine.get(job_id).finished:
+        await asyncio.sleep(0.01)
+    return engine.get(job_id).status
+
+
+async def test_a_job_cancelled_while_it_waits_for_an_export_slot_never_runs(tmp_path: Path):
+    config = parse_config({"database": {"path": str(tmp_path / "jobs.db")},
+                           "export": {"concurrent_exports": 1,
+                                      "base_path": str(tmp_path / "exports")}},
+                          "(test)", env={})
+    store = Store(Path(config.database.path))
+    engine = JobEngine(store, config, ProviderRegistry(config))
+    statuses: dict[str, list[str]] = {}
+    engine.subscribe(lambda event: statuses.setdefault(event.job.id, []).append(
+        event.job.status) if event.type == "status" else None)
+    await engine.start()
+    try:
+        holder = engine.submit("slotted-sleep", {"steps": 1000, "interval": 0.01}, uid=0)
+        waiting = engine.submit("slotted-sleep", {"steps": 1, "interval": 0}, uid=0)
+        while engine.get(holder.id).status != "running":
+            await asyncio.sleep(0.01)
+        engine.cancel(waiting.id)
+        engine.cancel(holder.id)
+        assert await asyncio.wait_for(finished(engine, holder.id), 10) == "cancelled"
+        # a later export takes the slot after the waiting one's worker had it
+        later = engine.submit("slotted-sleep", {"steps": 1, "interval": 0}, uid=0)
+        assert await asyncio.wait_for(finished(engine, later.id), 10) == "completed"
+        record = store.get_job(waiting.id)
+    finally:
+        await engine.shutdown()
+        store.close()
+    assert (record.status, record.started_at, record.attempts) == ("cancelled", None, 0)
+    assert statuses[waiting.id] == ["cancelled"]  # never "running"
