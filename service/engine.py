@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -61,7 +62,11 @@ class StoreJournal:
         self.store.record_owned(self.job_id, owned)
 
     def forget(self, owned: OwnedPath) -> None:
-        self.store.forget_owned(self.job_id, owned)
+        try:
+            self.store.forget_owned(self.job_id, owned)
+        except sqlite3.Error as exc:  # the path is gone already; recovery finds nothing
+            log.warning("job %s: could not forget %s in the store: %s", self.job_id,
+                        owned.relative, exc)
 
 
 class RunningJob:
@@ -150,6 +155,7 @@ class JobEngine:
         self._running: dict[str, RunningJob] = {}
         self._workers: list[asyncio.Task] = []
         self._export_slots = asyncio.Semaphore(config.export.concurrent_exports)
+        self._unrecorded: dict[str, JobRecord] = {}  # finished, but the store refused it
         self._accepting = False
 
     # -- listeners -------------------------------------------------------------------
@@ -215,7 +221,9 @@ class JobEngine:
     # -- queries ---------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:
         running = self._running.get(job_id)
-        return running.record if running else self.store.get_job(job_id)
+        if running:
+            return running.record
+        return self._unrecorded.get(job_id) or self.store.get_job(job_id)
 
     def snapshot(self, job: JobRecord) -> ProgressSnapshot:
         """Live progress of a running job; what was recorded for any other."""
@@ -285,29 +293,62 @@ class JobEngine:
         job.error = error
         if result is not None:
             job.result = result
-        self.store.set_status(job, reason=reason)
-        if error:
-            self.append_log(job, error, "error" if status == "failed" else "info")
+        try:
+            self.store.set_status(job, reason=reason)
+            if error:
+                self.append_log(job, error, "error" if status == "failed" else "info")
+        except sqlite3.Error as exc:  # listeners still hear the truth; recorded later
+            log.error("job %s ended %s but the store could not record it: %s", job.id,
+                      status, exc)
+            self._unrecorded[job.id] = job
         self.notify(JobEvent("status", job))
 
+    def _record_unrecorded(self) -> None:
+        """Write the endings a broken store refused earlier (once it takes them again)."""
+        for job_id, job in list(self._unrecorded.items()):
+            try:
+                self.store.set_status(job)
+            except sqlite3.Error:
+                return
+            del self._unrecorded[job_id]
+
     async def _worker(self) -> None:
+        """Take jobs off the queue for good: one job's failure, even the store's (a full
+        disk), fails that job and never this worker."""
         while True:
             job_id = await self._queue.get()
             try:
-                job = self.store.get_job(job_id)
-            except NotFound:
-                continue
-            if job.status != "pending" or not self._accepting:
-                continue
-            kind = get_kind(job.kind)
-            if kind is None:
-                self._finish(job, "failed", error=f"job kind {job.kind!r} is not available")
-                continue
-            if kind.export_slot:
-                async with self._export_slots:
-                    await self._run(job.id, kind)
-            else:
+                await self._take(job_id)
+            except Exception as exc:
+                log.exception("worker: job %s could not be run", job_id)
+                self._fail_unrun(job_id, exc)
+
+    async def _take(self, job_id: str) -> None:
+        self._record_unrecorded()
+        try:
+            job = self.store.get_job(job_id)
+        except NotFound:
+            return
+        if job.status != "pending" or not self._accepting:
+            return
+        kind = get_kind(job.kind)
+        if kind is None:
+            self._finish(job, "failed", error=f"job kind {job.kind!r} is not available")
+        elif kind.export_slot:
+            async with self._export_slots:
                 await self._run(job.id, kind)
+        else:
+            await self._run(job.id, kind)
+
+    def _fail_unrun(self, job_id: str, exc: Exception) -> None:
+        """A job that could not even be started or finished normally: fail it truthfully."""
+        running = self._running.pop(job_id, None)
+        try:
+            job = running.record if running else self.store.get_job(job_id)
+        except (NotFound, sqlite3.Error):
+            return
+        if not job.finished:
+            self._finish(job, "failed", error=_internal_error(exc))
 
     async def _run(self, job_id: str, kind: JobKind) -> None:
         # read again: the record read before waiting for a slot may be stale (a Cancel
@@ -335,16 +376,15 @@ class JobEngine:
         except HyperSDKError as exc:
             running.remove_partial_output()
             self._finish(job, "failed", error=exc.message)
-        except Exception as exc:  # a bug: the journal gets the traceback, the user a summary
+        except Exception as exc:  # a bug or a broken store: the journal gets the traceback
             log.exception("job %s failed unexpectedly", job.id)
             running.remove_partial_output()
-            self._finish(job, "failed", error=f"internal error ({type(exc).__name__}); "
-                                              "see the hypervisord journal")
+            self._finish(job, "failed", error=_internal_error(exc))
         else:
             running.keep_output()
             self._finish(job, "completed", result=result)
         finally:
-            del self._running[job.id]
+            self._running.pop(job.id, None)
 
     async def _attempts(self, running: RunningJob, kind: JobKind) -> dict:
         max_retries = self.config.export.max_retries
@@ -361,3 +401,10 @@ class JobEngine:
                 running.remove_partial_output()
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _internal_error(exc: Exception) -> str:
+    """What the user reads about an unexpected exception (the journal has the rest)."""
+    if isinstance(exc, sqlite3.Error):
+        return f"the job store could not be written ({exc}); see the hypervisord journal"
+    return f"internal error ({type(exc).__name__}); see the hypervisord journal"

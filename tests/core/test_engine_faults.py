@@ -1,7 +1,8 @@
-"""The real engine's export slots (export.concurrent_exports), in-process."""
+"""The real engine, in-process, under faults: export slots and a store on a full disk."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 from hypersdk.service.config import parse_config
@@ -46,3 +47,30 @@ async def test_a_job_cancelled_while_it_waits_for_an_export_slot_never_runs(tmp_
         store.close()
     assert (record.status, record.started_at, record.attempts) == ("cancelled", None, 0)
     assert statuses[waiting.id] == ["cancelled"]  # never "running"
+
+
+async def test_a_full_disk_fails_the_job_and_the_worker_goes_on(tmp_path: Path, small_disk):
+    """The store on a real 4 MiB tmpfs that fills up while a job logs: the job fails
+    saying so, and the engine's only worker runs the next job once there is room."""
+    config = parse_config({"database": {"path": str(small_disk / "jobs.db")},
+                           "daemon": {"workers": 1},
+                           "export": {"base_path": str(tmp_path / "exports")}},
+                          "(test)", env={})
+    store = Store(Path(config.database.path))
+    engine = JobEngine(store, config, ProviderRegistry(config))
+    await engine.start()
+    filler = small_disk / "filler"
+    try:
+        with open(filler, "wb") as fh:  # leave ~256 KiB for the store
+            fh.write(b"\0" * (os.statvfs(small_disk).f_bavail * 4096 - (256 << 10)))
+        flood = engine.submit("logflood", {"lines": 20000, "padding": 200}, uid=0)
+        assert await asyncio.wait_for(finished(engine, flood.id), 30) == "failed"
+        assert "the job store could not be written (database or disk is full)" \
+            in engine.get(flood.id).error
+        filler.unlink()
+        after = engine.submit("sleep", {"steps": 1, "interval": 0}, uid=0)
+        assert await asyncio.wait_for(finished(engine, after.id), 10) == "completed"
+        assert store.get_job(flood.id).status == "failed"  # recorded once there was room
+    finally:
+        await engine.shutdown()
+        store.close()
