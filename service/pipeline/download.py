@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import SplitResult, quote, urljoin, urlsplit, urlunsplit
 
-from ..errors import Failed, NotFound
+from ..errors import Cancelled, Failed, NotFound
 from ..redact import redact_url
 from ..direct_io import DirectFile
 from .disk_writer import HashingDiskWriter, WriteFailed
@@ -59,12 +59,15 @@ class DownloadResult:
     sha256: str
 
 
-def file_sha256(path: Path, block: int = 4 << 20) -> tuple[int, str]:
-    """Size and SHA-256 of a file, read in blocks (blocking)."""
+def file_sha256(path: Path, block: int = 4 << 20,
+                stop: threading.Event | None = None) -> tuple[int, str]:
+    """Size and SHA-256 of a file, read in blocks (blocking); `stop` ends it early."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:
         while data := handle.read(block):
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"checksumming {path.name} cancelled")
             digest.update(data)
             size += len(data)
     return size, digest.hexdigest()

@@ -40,6 +40,7 @@ from .ovf_writer import safe_name
 from .convert import run_qemu_img_convert
 from .diskspace import check_free_space
 from .download import file_sha256
+from .threads import run_stoppable
 
 METHODS = ("ova", "ovf", "disk")
 FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options",
@@ -274,7 +275,7 @@ async def to_ovf_disk(ctx: JobContext, disk: ExportedDisk, compress: bool) -> Ex
     if target != disk.path:
         disk.path.unlink()
     on_fraction(1.0)
-    size, digest = await asyncio.to_thread(file_sha256, target)
+    size, digest = await run_stoppable(lambda stop: file_sha256(target, stop=stop))
     ctx.log(f"{target.name}: {size} bytes (was {disk.file_bytes})")
     return dataclasses.replace(disk, path=target, format="vmdk", file_bytes=size, sha256=digest)
 
@@ -285,7 +286,7 @@ async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:
     def on_bytes(nbytes: int) -> None:
         loop.call_soon_threadsafe(ctx.advance, nbytes)
 
-    await asyncio.to_thread(ovf_writer.write_ova, ova, members, on_bytes)
+    await run_stoppable(lambda stop: ovf_writer.write_ova(ova, members, on_bytes, stop))
 
 
 async def _land_disks(staging: Staging, disks: list[ExportedDisk]) -> list[ExportedDisk]:

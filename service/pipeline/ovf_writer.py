@@ -12,12 +12,13 @@ from __future__ import annotations
 import re
 import struct
 import tarfile
+import threading
 from pathlib import Path
 from typing import IO, Callable
 
 from lxml import etree
 
-from ..errors import Failed
+from ..errors import Cancelled, Failed
 from ..providers.base import ExportedDisk, VMInfo
 from .vmdk import MAX_DESCRIPTOR_BYTES, SECTOR
 
@@ -204,21 +205,28 @@ def manifest_text(digests: dict[str, str]) -> bytes:
 
 
 class _CountingReader:
-    """A file wrapper that reports how many bytes were read (for progress while packaging)."""
+    """A file wrapper that reports how many bytes were read (for progress while packaging)
+    and stops the packaging at the next read once `stop` is set (a cancelled job)."""
 
-    def __init__(self, handle: IO[bytes], on_bytes: Callable[[int], None]) -> None:
+    def __init__(self, handle: IO[bytes], on_bytes: Callable[[int], None],
+                 stop: threading.Event) -> None:
         self._handle = handle
         self._on_bytes = on_bytes
+        self._stop = stop
 
     def read(self, size: int = -1) -> bytes:
+        if self._stop.is_set():
+            raise Cancelled("packaging the OVA cancelled")
         data = self._handle.read(size)
         self._on_bytes(len(data))
         return data
 
 
-def write_ova(target: Path, members: list[Path], on_bytes: Callable[[int], None]) -> None:
+def write_ova(target: Path, members: list[Path], on_bytes: Callable[[int], None],
+              stop: threading.Event) -> None:
     """Stream `members` (the .ovf first) into a new tar at `target`, a name in the job's
-    staging directory (blocking; the caller lands it).
+    staging directory (blocking; the caller lands it). Setting `stop` ends it within one
+    copy buffer, the partial tar removed.
 
     PAX format: plain ustar headers, plus an extended header only for a member
     larger than ustar's 8 GiB limit.
@@ -234,7 +242,7 @@ def write_ova(target: Path, members: list[Path], on_bytes: Callable[[int], None]
                 info.uname = info.gname = "root"
                 info.mode = 0o644
                 with open(member, "rb") as handle:
-                    tar.addfile(info, _CountingReader(handle, on_bytes))
+                    tar.addfile(info, _CountingReader(handle, on_bytes, stop))
     except BaseException:
         target.unlink(missing_ok=True)
         raise

@@ -1,11 +1,13 @@
-"""parse_ovf on a VMware-style OVF, and refusal of DOCTYPEs and entities."""
+"""parse_ovf on a VMware-style OVF, and refusal of DOCTYPEs and entities; the OVA writer stops when asked."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
-from hypersdk.service.errors import InvalidArgument
+from hypersdk.service.errors import Cancelled, InvalidArgument
+from hypersdk.service.pipeline import ovf_writer
 from hypersdk.service.pipeline.ovf import parse_ovf, parse_units
 
 SAMPLE = Path(__file__).with_name("sample.ovf")
@@ -133,3 +135,25 @@ def test_disk_item_naming_an_unknown_disk_is_refused(tmp_path):
     ovf.write_text(SAMPLE.read_text().replace("ovf:/disk/vmdisk2", "ovf:/disk/nosuch"))
     with pytest.raises(InvalidArgument, match="names no Disk in DiskSection"):
         parse_ovf(ovf)
+
+
+def test_write_ova_stops_within_one_buffer_and_removes_the_partial_tar(tmp_path):
+    """A cancelled export must not go on packaging: setting `stop` (what run_stoppable
+    does on cancel) ends write_ova at its next read, and the half-written OVA is gone."""
+    descriptor = tmp_path / "vm.ovf"
+    descriptor.write_text("<Envelope/>")
+    disk = tmp_path / "vm-disk1.vmdk"
+    with open(disk, "wb") as fh:
+        fh.truncate(16 * ovf_writer.COPY_BUFFER)
+    stop, counted = threading.Event(), []
+
+    def on_bytes(nbytes: int) -> None:
+        counted.append(nbytes)
+        if sum(counted) > len(descriptor.read_bytes()):
+            stop.set()  # cancelled once the disk began
+
+    ova = tmp_path / "vm.ova"
+    with pytest.raises(Cancelled, match="packaging the OVA cancelled"):
+        ovf_writer.write_ova(ova, [descriptor, disk], on_bytes, stop)
+    assert not ova.exists()
+    assert sum(counted) <= 2 * ovf_writer.COPY_BUFFER

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def write_package(directory: Path, name: str, *, as_ova: bool = True) -> Package
     manifest.write_bytes(ovf_writer.manifest_text(digests))
     if as_ova:
         ova = directory / f"{name}.ova"
-        ovf_writer.write_ova(ova, [descriptor, manifest, *(d.path for d in disks)], lambda n: None)
+        ovf_writer.write_ova(ova, [descriptor, manifest, *(d.path for d in disks)], lambda n: None,
+                             threading.Event())
         return Package(ova, raws)
     for disk in disks:
         os.replace(disk.path, out / disk.path.name)
