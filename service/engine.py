@@ -28,6 +28,7 @@ from .staging import OwnedPath, Staging, remove_owned
 from .store import JobRecord, LogLine, Store
 
 log = logging.getLogger(__name__)
+MAX_LOG_MESSAGE = 4096  # characters of one log line
 
 PROGRESS_SAVE_INTERVAL = 1.0
 RETRY_BACKOFF_BASE = 2.0
@@ -281,6 +282,9 @@ class JobEngine:
 
     def append_log(self, job: JobRecord, message: str, level: str = "info") -> None:
         level = level if level in LOG_LEVELS else "info"
+        if len(message) > MAX_LOG_MESSAGE:  # a tool's whole output; GetLog pages stay small
+            message = (f"{message[:MAX_LOG_MESSAGE]}… ({len(message) - MAX_LOG_MESSAGE} "
+                       "more characters)")
         now = time.time()
         line_id = self.store.append_log(job.id, now, level, message)
         self.notify(JobEvent("log", job, LogLine(line_id, now, level, message)))

@@ -34,6 +34,7 @@ ERROR_PREFIX = "org.hypersdk.HyperSDK1.Error."
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
+LOG_PAGE = 1000  # GetLog's maximum page
 CALL_TIMEOUT = 120.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 10.0
@@ -450,9 +451,15 @@ class HyperClient:
         return _job_id(path)
 
     async def get_log(self, job_id: str, after_id: int = 0) -> list[LogLine]:
-        lines = (await self._call(BUS_NAME, job_path(job_id), JOB_IFACE, "GetLog", "ta{sv}",
-                                  [after_id, {}]))[0]
-        return [LogLine(*line) for line in lines]
+        """Every line after `after_id`, read in GetLog's pages (at most LOG_PAGE each)."""
+        lines: list[LogLine] = []
+        while True:
+            page = (await self._call(BUS_NAME, job_path(job_id), JOB_IFACE, "GetLog",
+                                     "ta{sv}", [after_id, {"limit": Variant("u", LOG_PAGE)}]))[0]
+            lines += [LogLine(*line) for line in page]
+            if len(page) < LOG_PAGE:
+                return lines
+            after_id = lines[-1].id
 
     def job(self, identifier: str) -> JobState:
         """A job of the mirror by id ("job-1a2b") or object path; ClientError if unknown."""

@@ -18,7 +18,8 @@ from ..automation import Automation
 from ..job_kinds import get_kind
 from .dispatch import caller, require
 from .job import usec
-from .manager import VIEW, option
+from .arguments import page_option
+from .manager import VIEW
 from .paths import ROOT_PATH, job_path
 
 if TYPE_CHECKING:
@@ -266,7 +267,7 @@ class WebhookObject(_ItemObject):
     @method()
     async def GetDeliveries(self, options: "a{sv}") -> "s":
         await require(VIEW)
-        limit = int(option(options, "limit", 100))
+        limit = page_option(options, "limit", 100, 1000)
         return json.dumps(self._automation.webhooks.deliveries(self.item_id, limit))
 
     @method()

@@ -11,6 +11,7 @@ from dbus_fast.constants import PropertyAccess
 from ..engine import JobEngine
 from ..job_kinds import get_kind
 from ..store import JobRecord
+from .arguments import MAX_LOG_PAGE, page_option
 from .dispatch import caller, require
 from .paths import job_path
 from .polkit import UNKNOWN_UID
@@ -223,7 +224,7 @@ class JobObject(ServiceInterface):
     @method()
     async def GetLog(self, after_id: "t", options: "a{sv}") -> "a(ttss)":
         await require("org.hypersdk.HyperSDK1.view")
-        limit = int(options["limit"].value) if "limit" in options else 10000
+        limit = page_option(options, "limit", MAX_LOG_PAGE, MAX_LOG_PAGE)
         return [[line.id, usec(line.time), line.level, line.message]
                 for line in self._engine.store.logs(self.job_id, after_id, limit)]
 

@@ -12,6 +12,7 @@ from .. import __version__
 from ..confine import open_source
 from ..errors import InvalidArgument, Unavailable
 from ..job_kinds import get_kind, kind_names
+from .arguments import MAX_JOBS_PAGE, option, page_option, parse_json
 from .dispatch import caller, require
 from .paths import job_path
 
@@ -20,47 +21,6 @@ if TYPE_CHECKING:
 
 MANAGER_INTERFACE = "org.hypersdk.HyperSDK1.Manager"
 VIEW = "org.hypersdk.HyperSDK1.view"
-
-
-MAX_JSON_DEPTH = 32
-
-
-def parse_json(text: str, field: str, expect: type = dict) -> Any:
-    """Parse a JSON argument; errors name the argument and the rule (the position of a
-    syntax error, a number too long to read, nesting deeper than MAX_JSON_DEPTH)."""
-    if text.strip() == "" and expect is dict:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(field, f"malformed JSON: {exc.msg} at line {exc.lineno} "
-                                     f"column {exc.colno}") from None
-    except ValueError as exc:  # an integer of more than 4300 digits
-        raise InvalidArgument(field, f"unusable JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidArgument(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise InvalidArgument(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    if not isinstance(value, expect):
-        raise InvalidArgument(field, f"must be a JSON {'object' if expect is dict else 'value'}")
-    return value
-
-
-def _depth(value: Any) -> int:
-    """How deeply objects and arrays nest in a parsed JSON value (iteratively)."""
-    deepest, pending = 0, [(value, 1)]
-    while pending:
-        item, level = pending.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, level)
-            if level <= MAX_JSON_DEPTH:
-                children = item.values() if isinstance(item, dict) else item
-                pending.extend((child, level + 1) for child in children)
-    return deepest
-
-
-def option(options: dict, name: str, default: Any = None) -> Any:
-    return options[name].value if name in options else default
 
 
 def parse_vmdk_confined(value: str, roots: list[str]) -> dict:
@@ -115,8 +75,9 @@ class ManagerObject(ServiceInterface):
     async def ListJobs(self, options: "a{sv}") -> "ao":
         await require(VIEW)
         status = option(options, "status")
-        jobs = self._engine.list(status, int(option(options, "limit", 1000)),
-                                 int(option(options, "offset", 0)))
+        jobs = self._engine.list(status, page_option(options, "limit", MAX_JOBS_PAGE,
+                                                     MAX_JOBS_PAGE),
+                                 page_option(options, "offset", 0, 2 ** 63 - 1))
         return [job_path(job.id) for job in jobs]
 
     @method()

@@ -120,6 +120,29 @@ def test_get_log_returns_lines_in_order(system_bus, hypervisord):
     assert messages == ["step 1", "step 2", "step 3"]
 
 
+def test_pages_are_capped_and_bad_paging_options_named(system_bus, hypervisord):
+    """No reply may outgrow the bus's message limit: GetLog and ListJobs pages are capped,
+    and a log line longer than 4096 characters is cut saying by how much."""
+    address = system_bus.address
+    path = json.loads(submit(address, {"lines": 1200, "padding": 5000}, kind="logflood")
+                      .stdout.split()[1])
+    wait_for_status(address, path, {"completed"})
+    lines = busctl_json(address, "call", BUS_NAME, path, JOB_IFACE, "GetLog", "ta{sv}", "0",
+                        "0")["data"][0]
+    assert len(lines) == 1000  # the default page is the maximum
+    assert all(len(line[3]) < 4200 and line[3].endswith("more characters)") for line in lines)
+    rest = busctl_json(address, "call", BUS_NAME, path, JOB_IFACE, "GetLog", "ta{sv}",
+                       str(lines[-1][0]), "0")["data"][0]
+    assert len(lines) + len(rest) == 1200
+    for method_path, iface, method, signature, args in [
+            (path, JOB_IFACE, "GetLog", "ta{sv}", ["0", "1", "limit", "u", "5000"]),
+            (MANAGER, MANAGER_IFACE, "ListJobs", "a{sv}", ["1", "limit", "u", "1001"]),
+            (MANAGER, MANAGER_IFACE, "ListJobs", "a{sv}", ["1", "limit", "s", "ten"])]:
+        refused = busctl(address, "call", BUS_NAME, method_path, iface, method, signature,
+                         *args, check=False)
+        assert refused.returncode != 0 and "options.limit" in refused.stderr, refused.stderr
+
+
 def test_an_error_quoting_nul_or_a_lone_surrogate_still_reaches_the_caller(system_bus,
                                                                            hypervisord):
     for key in ("x\\u0000", "y\\ud800"):
