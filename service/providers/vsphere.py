@@ -19,14 +19,14 @@ from ..config_schema import Field
 from ..errors import Failed, NotFound, Unavailable
 from .base import ExportedDisk, ExportOptions, ExportSink, Provider, VMInfo
 from .common import closest, private_file_rule
-from .vsphere_session import SessionPool
+from .vsphere_session import SessionPool, finish_config, host_rule
 
 SDK_MODULES = ()  # pyvmomi is a core dependency
 DEFAULT_SHUTDOWN_TIMEOUT = 300.0
 
 CONFIG_SCHEMA = {
-    "host": Field("str", doc="vCenter or ESXi host name"),
-    "port": Field("int", 443, minimum=1),
+    "host": Field("str", check=host_rule, doc="vCenter or ESXi host name, optionally :PORT"),
+    "port": Field("int", None, minimum=1, doc="443 unless host names the port"),
     "protocol": Field("str", "https", choices=("https", "http"),
                       doc="http only for simulators on loopback"),
     "username": Field("str"),
@@ -36,6 +36,7 @@ CONFIG_SCHEMA = {
     "connection_pool_size": Field("int", 2, minimum=1),
     "timeout": Field("duration", 60.0, doc="socket timeout of every call"),
 }
+CONFIG_FINISH = finish_config  # a port written in host ("vc:8443") becomes `port`
 
 
 class VSphereProvider(Provider):

@@ -35,7 +35,7 @@ async def _value(response: aiohttp.ClientResponse, what: str):
 
 async def fetch_vm_tags(pool: SessionPool, vm_ids: list[str]) -> dict[str, list[str]]:
     """VM id -> ['category=tag', ...]; raises TagsUnavailable when the server has no tags API."""
-    base = f"{pool.protocol}://{pool.host}:{pool.port}/rest"
+    base = pool.base_url + "/rest"
     password = await asyncio.to_thread(pool.password)
     timeout = aiohttp.ClientTimeout(total=pool.timeout)
     ssl = pool.ssl_context()
