@@ -180,13 +180,16 @@ class Config:
     source: str  # the file it came from, or "(defaults)"
 
 
+def _provider_module(kind: str):
+    try:
+        return importlib.import_module(f"hypersdk.service.providers.{kind}")
+    except ImportError:
+        return None  # reported when the provider is used (ProviderRegistry.check_usable)
+
+
 def provider_schema(kind: str) -> Schema:
     """The config schema a provider module declares as CONFIG_SCHEMA."""
-    try:
-        module = importlib.import_module(f"hypersdk.service.providers.{kind}")
-    except ImportError:
-        module = None  # reported when the provider is used (ProviderRegistry.check_usable)
-    schema = dict(getattr(module, "CONFIG_SCHEMA", {}))
+    schema = dict(getattr(_provider_module(kind), "CONFIG_SCHEMA", {}))
     schema.setdefault("type", Field("str", kind, choices=PROVIDER_KINDS))
     schema.setdefault("enabled", Field("bool", True))
     return schema
@@ -229,6 +232,9 @@ def _validate_providers(data: Any, problems: list[ConfigProblem]) -> dict[str, d
                                           repr(kind)))
             continue
         result[name] = validate(provider_schema(kind), section, path, problems)
+        finish = getattr(_provider_module(kind), "CONFIG_FINISH", None)
+        if finish is not None:  # rules between keys, values derived from others
+            problems.extend(finish(result[name], path))
     return result
 
 

@@ -14,8 +14,9 @@ A run downloads the disks into a hidden staging directory inside export_path
 OVA/OVF packages carry VMDKs: disks in other formats (raw, vhd, ... from the
 cloud providers) are rewritten as stream-optimized VMDKs with qemu-img, and with
 `options.compress` so are VMDKs that are not stream-optimized yet. Finally the
-hyper2kvm hand-off runs when the definition enables it; with the Direct Pipeline,
-disks a provider streams are converted while they download (`overlap.py`). Output
+hyper2kvm hand-off runs when the definition enables it (with import_to_kvm, libvirt
+is asked whether the VM can be imported before anything downloads); with the Direct
+Pipeline, disks a provider streams are converted while they download (`overlap.py`). Output
 files are registered for cleanup until the job completes, so a failed or cancelled
 export leaves nothing behind.
 """
@@ -147,6 +148,7 @@ class ExportKind(JobKind):
         provider = await ctx.providers.get(definition["provider"])
         ctx.set_stage("discovery")
         vm = await provider.get_vm(definition["vm_identifier"])
+        await handoff.preflight_import(ctx.config, vm, definition["hyper2kvm_integration"])
         dest = await asyncio.to_thread(_open_export_dir, definition,
                                        ctx.config.export.base_path)
         staging = ctx.staging(dest)

@@ -114,6 +114,16 @@ async def enable_streaming(ctx: "JobContext", vm: "VMInfo", integration: dict,
                          _compress(integration))
 
 
+async def preflight_import(config: "Config", vm: "VMInfo", integration: dict) -> None:
+    """With import_to_kvm, ask libvirt now whether the VM's name, UUID and network are
+    usable, so neither a download nor an hour of conversion is spent on a VM that cannot
+    be imported (the export job asks before the download, run_integration again before
+    converting: the name may have been taken meanwhile)."""
+    if integration["import_to_kvm"]:
+        await preflight(config.libvirt.uri, vm.name, _kept_uuid(vm),
+                        [integration["network"]] if vm.nics else [])
+
+
 async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
                           export_dir: Path, integration: dict,
                           streamed: StreamConversions | None = None,
@@ -126,8 +136,7 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
     `landed` the same disks where the export put them for others (the daemon;
     default: `disks`).
     `streamed` holds the conversions that ran during the export (builtin mode).
-    With import_to_kvm, libvirt is asked first whether the name, UUID and network
-    are usable, so an hour of conversion is not wasted on a name that is taken.
+    With import_to_kvm, libvirt is asked first (preflight_import).
 
     In daemon mode, when hyper2kvm@<instance> is not active (or the config says
     `hyper2kvm.daemon_enabled: false`), this says so in the
@@ -137,9 +146,7 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
     """
     if not integration["enabled"]:
         return {"mode": "export-only"}
-    if integration["import_to_kvm"]:
-        await preflight(ctx.config.libvirt.uri, vm.name, _kept_uuid(vm),
-                        [integration["network"]] if vm.nics else [])
+    await preflight_import(ctx.config, vm, integration)
     if integration["daemon_mode"]:
         state = await _daemon_state(ctx.config, integration["instance"])
         if state.active:

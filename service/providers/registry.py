@@ -2,6 +2,8 @@
 
 A provider module (`providers/<kind>.py`) declares:
 - `CONFIG_SCHEMA`: its config section (see config_schema.Field),
+- `CONFIG_FINISH` (optional): `(section, path) -> [ConfigProblem]`, run on the checked
+  section for rules between its keys; it may fill values derived from others,
 - `PROVIDER_CLASS`: its Provider subclass,
 - `SDK_MODULES`: the optional packages it needs, e.g. ("boto3",), all from the
   extra named like the kind (`pip install hypersdk[aws]`).

@@ -2,7 +2,8 @@
 
 Sessions come from a per-endpoint pool (`vsphere_session`), the inventory from one
 PropertyCollector round trip (`vsphere_inventory`), vSphere tags from the vAPI REST
-endpoint where there is one (`vsphere_tags`), and the disk transfer from
+endpoint when they can be read (`vsphere_tags`; optional: without them a listing or an
+export goes on, with a warning), and the disk transfer from
 `vsphere_export` (NFC export lease when the server offers it, else the datastore's
 /folder HTTP interface). This module wires them together and handles the power
 state around an export (guest shutdown, power-off, restore).
@@ -11,22 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-
-import aiohttp
 from pathlib import Path
 
 from ..config_schema import Field
-from ..errors import Failed, NotFound, Unavailable
+from ..errors import Failed, NotFound
 from .base import ExportedDisk, ExportOptions, ExportSink, Provider, VMInfo
 from .common import closest, private_file_rule
-from .vsphere_session import SessionPool
+from .vsphere_session import SessionPool, finish_config, host_rule
+from .vsphere_tags import SessionTags
 
 SDK_MODULES = ()  # pyvmomi is a core dependency
 DEFAULT_SHUTDOWN_TIMEOUT = 300.0
 
 CONFIG_SCHEMA = {
-    "host": Field("str", doc="vCenter or ESXi host name"),
-    "port": Field("int", 443, minimum=1),
+    "host": Field("str", check=host_rule, doc="vCenter or ESXi host name, optionally :PORT"),
+    "port": Field("int", None, minimum=1, doc="443 unless host names the port"),
     "protocol": Field("str", "https", choices=("https", "http"),
                       doc="http only for simulators on loopback"),
     "username": Field("str"),
@@ -36,6 +36,7 @@ CONFIG_SCHEMA = {
     "connection_pool_size": Field("int", 2, minimum=1),
     "timeout": Field("duration", 60.0, doc="socket timeout of every call"),
 }
+CONFIG_FINISH = finish_config  # a port written in host ("vc:8443") becomes `port`
 
 
 class VSphereProvider(Provider):
@@ -44,30 +45,15 @@ class VSphereProvider(Provider):
     def __init__(self, name: str, settings: dict, config) -> None:
         super().__init__(name, settings, config)
         self.pool = SessionPool(name, settings)
-        self._tags_api = True  # until the endpoint shows it has no vAPI REST service
+        self.tags = SessionTags(self.pool)
 
     async def _inventory(self) -> list[VMInfo]:
+        """Every VM, with its vSphere tags (vAPI REST) when they can be read."""
         from .vsphere_inventory import fetch_inventory
 
         vms = await self.pool.run(fetch_inventory, self.name)
-        if self._tags_api and vms:
-            await self._add_tags(vms)
+        await self.tags.add_to(vms)
         return vms
-
-    async def _add_tags(self, vms: list[VMInfo]) -> None:
-        """vSphere tags (vAPI REST) next to the custom attributes; see vsphere_tags."""
-        from .vsphere_tags import TagsUnavailable, fetch_vm_tags
-
-        try:
-            tags = await fetch_vm_tags(self.pool, [vm.identifier for vm in vms])
-        except TagsUnavailable:
-            self._tags_api = False
-            return
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"{self.pool.where}: reading the VMs' tags failed: "
-                              f"{exc or type(exc).__name__}") from None
-        for vm in vms:
-            vm.tags.extend(tags.get(vm.identifier, []))
 
     async def list_vms(self, vm_filter: dict) -> list[VMInfo]:
         from .vsphere_inventory import check_filter, filter_vms
@@ -95,6 +81,9 @@ class VSphereProvider(Provider):
         from .vsphere_export import export_vm_disks
 
         vm = await self.get_vm(identifier)
+        if "tags_unavailable" in vm.extra:
+            sink.log(f"{vm.name}: {vm.extra['tags_unavailable']}; exporting without them",
+                     "warning")
         original = vm.power_state
         await self._make_powered_off(vm, options, sink)
         try:

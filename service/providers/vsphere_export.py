@@ -105,7 +105,7 @@ def _lease_sources(info, pool: SessionPool, vm: VMInfo, target_dir: Path) -> lis
     urls = _disk_devices(info)
     if len(urls) != len(vm.disks):
         raise Failed(f"the export lease offers {len(urls)} disk URLs for {len(vm.disks)} disks")
-    return [DiskSource(disk, _lease_url(device.url, pool.host), _target(target_dir, vm, i), None)
+    return [DiskSource(disk, _lease_url(device.url, pool.url_host), _target(target_dir, vm, i), None)
             for i, (disk, device) in enumerate(zip(vm.disks, urls))]
 
 
@@ -220,7 +220,7 @@ def datastore_url(pool: SessionPool, datastore_path: str, datacenter: str) -> st
     if not match:
         raise Failed(f"cannot read the disk file {datastore_path!r}: not a datastore path")
     query = urlencode({"dcPath": datacenter, "dsName": match.group(1)})
-    return (f"{pool.protocol}://{pool.host}:{pool.port}/folder/{quote(match.group(2))}?{query}")
+    return f"{pool.base_url}/folder/{quote(match.group(2))}?{query}"
 
 
 async def _head_size(session: aiohttp.ClientSession, url: str, headers: dict, ssl) -> int | None:

@@ -6,17 +6,62 @@ The socket timeout (`timeout` in the config) bounds each SOAP call. A session th
 the server has expired (`NotAuthenticated`) is logged in again and the function
 retried once. Connection failures become `Unavailable` errors naming host and cause;
 the password never appears in them.
+
+`host` may carry the port (`vc:8443`, `[fd00::1]:8443`): `finish_config` moves it to
+`port` when the config is read, so SOAP, the datastore and the tags REST URLs all use
+the same host and port (`base_url`).
 """
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from typing import Any, Callable, TypeVar
 
+from ..config_schema import ConfigProblem
 from ..errors import Unavailable
 
 T = TypeVar("T")
+DEFAULT_PORT = 443
+HOST_RULE = "a host name or address, optionally with :PORT (vc.example.com, vc:8443, [fd00::1]:8443)"
+_HOST_PORT_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\s/:\[\]@]+))"
+                           r"(?::(?P<port>[0-9]{1,5}))?$")
+_BARE_V6_RE = re.compile(r"^[0-9A-Fa-f]*:[0-9A-Fa-f:.]*$")
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """'vc:8443' -> ('vc', 8443), 'vc' -> ('vc', None), '[fd00::1]:8443' -> ('fd00::1', 8443),
+    'fd00::1' -> ('fd00::1', None); None when `value` is not a host (a URL, a path, port 0)."""
+    if _BARE_V6_RE.match(value) and value.count(":") >= 2:
+        return value, None
+    match = _HOST_PORT_RE.match(value)
+    if not match:
+        return None
+    port = int(match.group("port")) if match.group("port") else None
+    if port is not None and not 0 < port < 65536:
+        return None
+    return match.group("v6") or match.group("name"), port
+
+
+def host_rule(value: str) -> str | None:
+    """Config check of `providers.<vsphere>.host`."""
+    return None if split_host(value) else HOST_RULE
+
+
+def finish_config(settings: dict, path: str) -> list[ConfigProblem]:
+    """Move a port written in `host` to `port` (443 when neither names one); a port in
+    both places must be the same."""
+    if "host" not in settings or split_host(settings["host"]) is None:
+        return []  # reported by the schema already
+    host, in_host = split_host(settings["host"])
+    given = settings.get("port")
+    if in_host is not None and given is not None and given != in_host:
+        return [ConfigProblem(f"{path}.port", f"the port written in host ({in_host}) or no port",
+                              repr(given))]
+    settings["host"] = host
+    settings["port"] = in_host or given or DEFAULT_PORT
+    return []
 
 
 class SessionPool:
@@ -36,7 +81,17 @@ class SessionPool:
 
     @property
     def where(self) -> str:
-        return f"vSphere {self.host}:{self.port}"
+        return f"vSphere {self.url_host}:{self.port}"
+
+    @property
+    def url_host(self) -> str:
+        """The host as a URL names it (an IPv6 address in brackets)."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
+    def base_url(self) -> str:
+        """`https://host:port`, the root of every HTTP URL of the endpoint."""
+        return f"{self.protocol}://{self.url_host}:{self.port}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.protocol != "https":

@@ -1,4 +1,5 @@
-"""FaultInjectingProxy: a loopback TCP proxy that cuts connections after N response bytes.
+"""FaultInjectingProxy: a loopback TCP proxy that cuts connections after N response bytes,
+or refuses requests for some paths.
 
 It sits between a client and a real server (the simulator, a small aiohttp
 server) and forwards bytes both ways. When a connection has carried `cut_after`
@@ -6,22 +7,42 @@ bytes from the server to the client, it aborts that connection, which looks to
 the client like a dropped link. It does that `cuts` times in all (always when
 `cuts` is None); connections that stay below `cut_after` (small SOAP calls) pass.
 `delay` slows the server-to-client direction down (seconds per 64 KiB read).
+
+`refuse_paths`: a connection whose first request's path starts with one of these
+prefixes (`/rest`, `/api`: the vAPI services) never reaches the server; the proxy
+answers as `refusal` says (see REFUSALS): it resets the connection, answers 403 or
+a proxy's 502 page, or never answers. The clients here open separate connections
+for SOAP, datastore and vAPI requests, so the first request decides for a connection.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+BAD_GATEWAY_PAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+REFUSALS: dict[str, bytes | None] = {
+    "reset": None,  # the connection is closed without an answer
+    "hang": b"",    # the request is read and never answered
+    "forbidden": b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    "bad-gateway": (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                    % (len(BAD_GATEWAY_PAGE), BAD_GATEWAY_PAGE)),
+}
+
 
 class FaultInjectingProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, *, cut_after: int,
-                 cuts: int | None = 1, delay: float = 0.0) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, *, cut_after: int | None = None,
+                 cuts: int | None = 1, delay: float = 0.0, refuse_paths: tuple[str, ...] = (),
+                 refusal: str = "reset") -> None:
         self.upstream = (upstream_host, upstream_port)
         self.cut_after = cut_after
         self.cuts_left = cuts
         self.delay = delay
+        self.refuse_paths = refuse_paths
+        self.refusal = REFUSALS[refusal]
         self.connections = 0
         self.cuts_done = 0
+        self.refused = 0
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -53,11 +74,16 @@ class FaultInjectingProxy:
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
+        first_line = await client_r.readline() if self.refuse_paths else b""
+        if self._refused(first_line):
+            await self._refuse(client_r, client_w)
+            return
         try:
             up_r, up_w = await asyncio.open_connection(*self.upstream)
         except OSError:
             client_w.close()
             return
+        up_w.write(first_line)
         to_server = asyncio.ensure_future(self._pipe(client_r, up_w, None))
         to_client = asyncio.ensure_future(self._pipe(up_r, client_w, self.cut_after))
         self._tasks.update((to_server, to_client))
@@ -69,6 +95,26 @@ class FaultInjectingProxy:
                 self._tasks.discard(task)
             for writer in (client_w, up_w):
                 writer.close()
+
+    def _refused(self, request_line: bytes) -> bool:
+        parts = request_line.split()
+        path = parts[1].decode("latin-1") if len(parts) > 1 else ""
+        return any(path.startswith(prefix) for prefix in self.refuse_paths)
+
+    async def _refuse(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.refused += 1
+        if self.refusal is None:
+            client_w.transport.abort()
+            return
+        if self.refusal:
+            while (await client_r.readline()).strip():  # the request's headers: closing
+                pass                                     # with them unread would reset
+            client_w.write(self.refusal)
+            await client_w.drain()
+        else:
+            while await client_r.read(65536):  # until the client gives up
+                pass
+        client_w.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     limit: int | None) -> None:

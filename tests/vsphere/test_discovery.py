@@ -12,6 +12,7 @@ from hypersdk.service.providers.vsphere import VSphereProvider
 from tests.vcsim.harness import Simulator, find_vm, power_off, wait_task
 
 from .conftest import make_config
+from .vapi import attach_tag
 
 
 async def test_list_returns_every_vm_with_details(provider):
@@ -184,43 +185,13 @@ async def test_listing_is_one_property_collector_round_trip(tmp_path, vcsim_bina
     assert counts[8].count("RetrievePropertiesEx") == 1 and len(counts[8]) <= 4
 
 
-def _vapi(sim, method: str, path: str, body=None, session: str | None = None):
-    """One call to the simulator's vAPI REST endpoint (test setup, like a vSphere admin)."""
-    import base64
-    import http.client
-    import json
-
-    headers = {"Content-Type": "application/json"}
-    if session:
-        headers["vmware-api-session-id"] = session
-    else:
-        token = base64.b64encode(f"{sim.username}:{sim.password}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
-    conn = http.client.HTTPConnection(sim.host, sim.port, timeout=10)
-    try:
-        conn.request(method, "/rest" + path, body=json.dumps(body) if body else None,
-                     headers=headers)
-        response = conn.getresponse()
-        data = response.read()
-        assert response.status == 200, (path, response.status, data)
-        return json.loads(data).get("value") if data else None
-    finally:
-        conn.close()
-
-
 async def test_vsphere_tags_from_the_rest_api(provider, sim):
-    session = _vapi(sim, "POST", "/com/vmware/cis/session")
-    category = _vapi(sim, "POST", "/com/vmware/cis/tagging/category", {"create_spec": {
-        "name": "tier", "description": "", "cardinality": "SINGLE",
-        "associable_types": ["VirtualMachine"]}}, session)
-    tag = _vapi(sim, "POST", "/com/vmware/cis/tagging/tag", {"create_spec": {
-        "name": "gold", "description": "", "category_id": category}}, session)
     vm = await provider.get_vm("DC0_C0_RP0_VM1")
-    _vapi(sim, "POST", f"/com/vmware/cis/tagging/tag-association/id:{tag}?~action=attach",
-          {"object_id": {"type": "VirtualMachine", "id": vm.identifier}}, session)
+    attach_tag(sim, vm.identifier, "tier", "gold")
     tagged = await provider.list_vms({"tags": "tier=gold"})
     assert [(v.name, v.tags) for v in tagged] == [("DC0_C0_RP0_VM1", ["tier=gold"])]
     assert [v.name for v in await provider.list_vms({"tags": ["tier"]})] == ["DC0_C0_RP0_VM1"]
+    assert "tags_unavailable" not in tagged[0].extra
 
 
 async def test_server_without_tags_api_means_no_tags():

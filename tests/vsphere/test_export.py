@@ -381,3 +381,39 @@ def test_ovf_for_a_vm_without_controller_details(tmp_path):
     assert items[4][0].findtext("rasd:VirtualQuantity", namespaces=ns) == "2048"
     firmware = tree.find(".//{http://www.vmware.com/schema/ovf}Config")
     assert firmware.get("{http://www.vmware.com/schema/ovf}value") == "efi"
+
+
+async def test_vm_name_taken_in_libvirt_fails_before_any_download(tmp_path, sim, uploaded):
+    """import_to_kvm: libvirt is asked whether the VM can be imported before the disks
+    download, not after. The datastore (/folder) and NFC (/nfc) paths sit behind a proxy
+    that refuses them, so a download that started would fail differently and be counted."""
+    import libvirt
+
+    proxy = await FaultInjectingProxy(sim.host, sim.port, refuse_paths=("/folder", "/nfc"),
+                                      refusal="forbidden").start()
+    base = tmp_path / "exports"
+    base.mkdir()
+    document = {"export": {"base_path": str(base)},
+                "providers": {"vsphere": sim.provider_settings(port=proxy.port)},
+                "hyper2kvm": {"output_dir": str(tmp_path / "out"),
+                              "watch_dir": str(tmp_path / "watch")},
+                "libvirt": {"uri": "test:///default"}}
+    config = parse_config(document, "(test)", env={})
+    registry = ProviderRegistry(config)
+    conn = libvirt.open("test:///default")  # the test driver's domains live while it is open
+    taken = conn.defineXML(f"<domain type='test'><name>{EXPORT_VM}</name><memory>1024</memory>"
+                           f"<os><type>hvm</type></os></domain>")
+    ctx = job_context(KIND, definition(hyper2kvm_integration={
+        "enabled": True, "auto_convert": True, "import_to_kvm": True}), config, registry)
+    try:
+        with pytest.raises(AlreadyExists, match=rf"a domain named '{EXPORT_VM}' already exists "
+                                                r"at test:///default"):
+            await run_job(KIND, ctx)
+    finally:
+        taken.undefine()
+        conn.close()
+        await registry.close()
+        await proxy.close()
+    assert proxy.refused == 0 and ctx.done == ctx.total == 0
+    assert ctx.stages == ["discovery"] and ctx.stagings == []
+    assert list(base.iterdir()) == [] and not (tmp_path / "out").exists()
