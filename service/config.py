@@ -88,6 +88,10 @@ MAIN_SCHEMA: Schema = {
     },
     "database": {
         "path": Field("str", "/var/lib/hypervisord/hypersdk.db", check=_absolute_path_rule),
+        # finished jobs kept (newest first) and for how long; older ones and their logs
+        # are removed when a job ends and at start-up (0: no limit)
+        "retention_count": Field("int", 5000, minimum=0),
+        "retention_age": Field("duration", 90 * 86400.0, minimum=0),
     },
     "libvirt": {
         "uri": Field("str", "qemu:///system"),

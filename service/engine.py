@@ -40,7 +40,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class JobEvent:
     """What listeners (D-Bus objects, webhooks, schedules) hear about a job.
 
-    type: created | status | progress | log
+    type: created | status | progress | log | removed (pruned: database.retention_*)
     """
 
     type: str
@@ -202,6 +202,7 @@ class JobEngine:
     async def start(self) -> None:
         for job in self.recover():
             self._queue.put_nowait(job.id)
+        self.prune()
         self._accepting = True
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
                          for i in range(self.config.daemon.workers)]
@@ -306,6 +307,22 @@ class JobEngine:
                       status, exc)
             self._unrecorded[job.id] = job
         self.notify(JobEvent("status", job))
+        self.prune()
+
+    def prune(self) -> None:
+        """Remove the finished jobs database.retention_count/_age no longer keep."""
+        settings = self.config.database
+        cutoff = time.time() - settings.retention_age if settings.retention_age else 0
+        try:
+            removed = self.store.prune_finished(settings.retention_count, cutoff)
+        except sqlite3.Error as exc:
+            log.warning("could not prune finished jobs: %s", exc)
+            return
+        if removed:
+            log.info("removed %d finished job(s) past database.retention_count/_age",
+                     len(removed))
+        for job in removed:
+            self.notify(JobEvent("removed", job))
 
     def _record_unrecorded(self) -> None:
         """Write the endings a broken store refused earlier (once it takes them again)."""

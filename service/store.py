@@ -271,6 +271,30 @@ class Store:
         params += [limit, offset]
         return [_row_to_job(r) for r in self._db.execute(sql, params)]
 
+    def prune_finished(self, keep: int, finished_before: float) -> list[JobRecord]:
+        """Delete finished jobs beyond the newest `keep` (0: no count limit) or finished
+        before `finished_before` (0: no age limit), with their logs and history. Jobs a
+        backup record still points at, or with paths on disk recorded as theirs
+        (job_paths: what could not be removed), stay. Returns the deleted jobs."""
+        conditions, params = [], []
+        if keep:
+            conditions.append("id NOT IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL"
+                              " ORDER BY finished_at DESC LIMIT ?)")
+            params.append(keep)
+        if finished_before:
+            conditions.append("finished_at < ?")
+            params.append(finished_before)
+        if not conditions:
+            return []
+        where = (f"status IN ('completed', 'failed', 'cancelled') AND ({' OR '.join(conditions)})"
+                 " AND id NOT IN (SELECT job_id FROM backups WHERE state != 'deleted')"
+                 " AND id NOT IN (SELECT job_id FROM job_paths)")
+        with self.transaction() as db:
+            jobs = [_row_to_job(row) for row in
+                    db.execute(f"SELECT * FROM jobs WHERE {where}", params)]
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(job.id,) for job in jobs])
+        return jobs
+
     def set_status(self, job: JobRecord, reason: str = "") -> None:
         """Persist the status and the fields that change with it, plus a history row."""
         with self.transaction() as db:

@@ -57,10 +57,20 @@ class DBusService:
         self.jobs[job_id] = obj
         self.dispatcher.export(job_path(job_id), obj)
 
+    def _unexport_job(self, job_id: str) -> None:
+        obj = self.jobs.pop(job_id, None)
+        if obj is not None:
+            obj.close()
+            self.dispatcher.unexport(job_path(job_id))
+
     def _on_job_event(self, event: JobEvent) -> None:
         job = event.job
         if event.type == "created":
             self._export_job(job.id)
+            self._counts_changed()
+            return
+        if event.type == "removed":
+            self._unexport_job(job.id)
             self._counts_changed()
             return
         obj = self.jobs.get(job.id)
