@@ -22,7 +22,7 @@ from .config import Config
 from .confine import OpenDir
 from .errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
 from .job_kinds import JobKind, get_kind, kind_names
-from .progress import ProgressSnapshot, ProgressTracker
+from .progress import ProgressSnapshot, ProgressTracker, done_fraction
 from .providers.registry import ProviderRegistry
 from .staging import OwnedPath, Staging, remove_owned
 from .store import JobRecord, LogLine, Store
@@ -107,6 +107,10 @@ class RunningJob:
         self.tracker.add_total(nbytes)
         self._progress_changed()
 
+    def plan(self, stages: dict[str, int]) -> None:
+        self.tracker.plan(stages)
+        self._progress_changed()
+
     def advance(self, nbytes: int) -> None:
         self.tracker.advance(nbytes)
         self._progress_changed()
@@ -125,7 +129,7 @@ class RunningJob:
         record = self.record
         record.stage = self.tracker.stage
         record.bytes_done = self.tracker.bytes_done
-        record.bytes_total = self.tracker.bytes_total
+        record.bytes_total = self.tracker.total_shown
         now = time.monotonic()
         if now - self._last_save >= PROGRESS_SAVE_INTERVAL:
             self._last_save = now
@@ -232,7 +236,9 @@ class JobEngine:
         running = self._running.get(job.id)
         if running:
             return running.tracker.snapshot()
-        return ProgressSnapshot(job.bytes_done, job.bytes_total, 0.0, 0, job.stage)
+        fraction = 1.0 if job.status == "completed" else done_fraction(job.bytes_done,
+                                                                        job.bytes_total)
+        return ProgressSnapshot(job.bytes_done, job.bytes_total, 0.0, 0, job.stage, fraction)
 
     def list(self, status: str | None = None, limit: int = 1000, offset: int = 0) -> list[JobRecord]:
         jobs = self.store.list_jobs(status, limit, offset)

@@ -156,6 +156,7 @@ class ExportKind(JobKind):
                 f"to {dest.shown}")
         _refuse_existing(staging, _package_names(vm, method))
         disk_bytes = sum(d.capacity_bytes for d in vm.disks)
+        ctx.plan(_plan(disk_bytes, method, definition["hyper2kvm_integration"]))
         needed = disk_bytes * (2 if method == "ova" else 1)
         check_free_space(staging.path, needed, f"exporting {vm.name} as {method}")
         await handoff.enable_streaming(ctx, vm, definition["hyper2kvm_integration"], streaming)
@@ -173,6 +174,17 @@ class ExportKind(JobKind):
                                                     definition["hyper2kvm_integration"],
                                                     streaming, landed=outputs["disks"])
         return _result(vm, method, dest.shown, outputs, integration)
+
+
+def _plan(disk_bytes: int, method: str, integration: dict) -> dict[str, int]:
+    """Estimated bytes of each stage, from the disks' capacity (progress.py): the
+    download, re-writing and packing into OVF/OVA, the built-in conversion."""
+    stages = {"export": disk_bytes}
+    if method in ("ova", "ovf"):
+        stages["package"] = disk_bytes
+    if integration["enabled"] and not integration["daemon_mode"]:
+        stages["convert"] = disk_bytes
+    return stages
 
 
 def _export_options(definition: dict, ctx: JobContext,

@@ -32,6 +32,7 @@ class FakeJobContext:
     done_history: list[int] = field(default_factory=list)  # every value `done` took
     stagings: list[Staging] = field(default_factory=list)
     owned: list[OwnedPath] = field(default_factory=list)  # what the store would hold
+    planned: dict[str, int] = field(default_factory=dict)  # the last plan(stages)
 
     @property
     def messages(self) -> list[str]:
@@ -48,6 +49,9 @@ class FakeJobContext:
 
     def add_total(self, nbytes: int) -> None:
         self.total += nbytes
+
+    def plan(self, stages: dict[str, int]) -> None:
+        self.planned = dict(stages)
 
     def advance(self, nbytes: int) -> None:
         self.set_done(self.done + nbytes)
