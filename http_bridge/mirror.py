@@ -6,6 +6,11 @@ and PropertiesChanged signals, so REST reads never cross the bus. It is rebuilt
 whenever hypervisord (re)appears on the bus and emptied when it leaves
 (NameOwnerChanged); then `healthy` is False and `reason` says why.
 
+What listeners last heard is kept over an outage: the first snapshot after it is
+compared with it, and every difference is told as the signals would have told it
+(added, changed, completed, removed), so a WebSocket client that saw a job running
+before hypervisord was killed hears that the restarted one failed it.
+
 Ordering: the GetManagedObjects reply is applied inside the bus message handler, in
 the order messages arrive, so a signal sent after the snapshot is never overwritten
 by it and one sent before it is already contained in it.
@@ -25,6 +30,7 @@ from hypersdk.service.dbus.paths import BUS_NAME, ROOT_PATH
 
 from .auth import Identity
 from .errors import ACCESS_DENIED, from_dbus, invalid, unavailable
+from .views import FINISHED
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,7 @@ class MirrorEvent:
 
 
 Listener = Callable[[MirrorEvent], None]
+Objects = dict[str, dict[str, dict[str, Any]]]
 
 
 def _plain(props: dict[str, Variant]) -> dict[str, Any]:
@@ -71,7 +78,8 @@ def check_dbus_string(field: str, value: str) -> str:
 class ServiceMirror:
     def __init__(self, bus_spec: str = "system") -> None:
         self.bus_spec = bus_spec
-        self.objects: dict[str, dict[str, dict[str, Any]]] = {}
+        self.objects: Objects = {}
+        self._before_outage: Objects = {}  # what listeners last heard, while unhealthy
         self.healthy = False
         self.reason = "not connected to the system bus yet"
         self._bus: MessageBus | None = None
@@ -100,7 +108,7 @@ class ServiceMirror:
     def get(self, path: str, interface: str) -> dict[str, Any] | None:
         return self.objects.get(path, {}).get(interface)
 
-    def under(self, prefix: str) -> dict[str, dict[str, dict[str, Any]]]:
+    def under(self, prefix: str) -> Objects:
         """Objects whose path is directly below `prefix`."""
         start = prefix.rstrip("/") + "/"
         return {path: ifaces for path, ifaces in self.objects.items()
@@ -176,6 +184,8 @@ class ServiceMirror:
         was = self.healthy
         self.healthy = False
         self.reason = reason
+        if self.objects:
+            self._before_outage = self.objects
         self.objects = {}
         self._owner = ""
         if was:
@@ -204,6 +214,31 @@ class ServiceMirror:
         self.reason = ""
         log.info("mirrored %d objects of hypervisord", len(self.objects))
         self._emit(MirrorEvent("health"))
+        before, self._before_outage = self._before_outage, {}
+        self._emit_differences(before)
+
+    def _emit_differences(self, before: Objects) -> None:
+        """Tell listeners what changed while hypervisord or the bus was away."""
+        if not before:
+            return
+        for path, ifaces in self.objects.items():
+            for interface, props in ifaces.items():
+                old = before.get(path, {}).get(interface)
+                if old is None:
+                    self._emit(MirrorEvent("added", path, interface))
+                    continue
+                changed = {name: value for name, value in props.items()
+                           if old.get(name) != value}
+                if changed:
+                    self._emit(MirrorEvent("changed", path, interface, changed))
+                if interface == JOB_IFACE and changed.get("Status") in FINISHED:
+                    self._emit(MirrorEvent("completed", path, interface,
+                                           args=(props["Status"] == "completed",
+                                                 props.get("Error", ""))))
+        for path, ifaces in before.items():
+            for interface in ifaces:
+                if interface not in self.objects.get(path, {}):
+                    self._emit(MirrorEvent("removed", path, interface))
 
     def _on_owner_changed(self, name: str, old: str, new: str) -> None:
         if name != BUS_NAME:

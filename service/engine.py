@@ -187,6 +187,9 @@ class JobEngine:
                          + " (retry the job)")
             self.store.set_status(job, reason="recovered after restart")
             self.store.append_log(job.id, time.time(), "error", job.error)
+            # the name is owned by now: a client that already read the job as running
+            # (the bridge's mirror, a console) must hear that it is not
+            self.notify(JobEvent("status", job))
         return self.store.list_jobs(status="pending", limit=1_000_000)
 
     def _remove_leftovers(self, job_id: str) -> list[str]:

@@ -7,6 +7,8 @@ subscribe. Nothing polls: every change on screen comes from a D-Bus signal.
 """
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
@@ -18,6 +20,7 @@ from textual.screen import Screen
 from textual.signal import Signal
 
 from .client import ClientError, ClientEvent, HyperClient, LogLine, Mirror
+from .hangup import watch_hangup
 from .messages import ClientUpdate
 from .screens.automation import AUTOMATION_KINDS, AutomationScreen
 from .screens.help import HelpScreen
@@ -47,6 +50,9 @@ class ConsoleClient(Protocol):
                           *args: Any) -> Any: ...
 
 
+# What a shell reports for a process ended by SIGHUP: the console's terminal went away.
+EXIT_HANGUP = 129
+
 SCREENS_BY_KEY = {"v": ("vms", "VMs"), "j": ("jobs", "Jobs"), "s": ("schedules", "Schedules"),
                   "b": ("backup_policies", "Backup policies"), "w": ("webhooks", "Webhooks")}
 
@@ -66,9 +72,11 @@ class HyperctlApp(App):
     ]
 
     def __init__(self, client: ConsoleClient, *, start_mode: str = "jobs",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, terminal: int | None = None) -> None:
+        """`terminal`: the file descriptor of the console's terminal, watched for a hang-up."""
         super().__init__()
         self.client = client
+        self.terminal = terminal
         self.clock = clock
         self.start_mode = start_mode
         self.client_changed: Signal[ClientEvent] = Signal(self, "client_changed")
@@ -77,6 +85,13 @@ class HyperctlApp(App):
         self.client.subscribe(lambda event: self.post_message(ClientUpdate(event)))
         self.keep_connected()
         self.switch_mode(self.start_mode)
+        if self.terminal is not None:
+            loop = asyncio.get_running_loop()
+            watch_hangup(self.terminal, lambda: loop.call_soon_threadsafe(self.hang_up))
+
+    def hang_up(self) -> None:
+        """The terminal is gone: nobody can see or type into the console any more."""
+        self.exit(return_code=EXIT_HANGUP)
 
     @work(group="client", exclusive=True)
     async def keep_connected(self) -> None:
@@ -140,5 +155,6 @@ class HyperctlApp(App):
 
 
 def run_console(bus: str = "system") -> int:
-    HyperctlApp(HyperClient(bus)).run()
-    return 0
+    app = HyperctlApp(HyperClient(bus), terminal=sys.__stdin__.fileno())
+    app.run()
+    return app.return_code or 0

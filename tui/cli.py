@@ -1,7 +1,8 @@
 """hyperctl: with no arguments the console; with a subcommand a scripting CLI.
 
 Exit codes: 0 success; 1 the job or the request failed (or was cancelled);
-2 bad usage or input; 69 the bus or hypervisord cannot be reached; 77 polkit refused.
+2 bad usage or input; 69 the bus or hypervisord cannot be reached; 77 polkit refused;
+129 the console's terminal went away (as if ended by SIGHUP).
 """
 from __future__ import annotations
 

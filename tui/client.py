@@ -208,6 +208,7 @@ class HyperClient:
         self._bus: MessageBus | None = None
         self._listeners: list[Listener] = []
         self._reload_task: asyncio.Task | None = None
+        self._snapshot_serial = 0  # the pending GetManagedObjects call, if any
         self._closing = False
 
     # -- listeners ---------------------------------------------------------------------
@@ -280,19 +281,31 @@ class HyperClient:
             self._bus = None
 
     async def reload(self) -> None:
-        """Replace the mirror with the service's current objects (or mark it down)."""
+        """Replace the mirror with the service's current objects (or mark it down).
+
+        The reply is applied by the message handler, in arrival order, before this call
+        returns: a signal sent after the snapshot (a job the restarted service has just
+        failed) lands on it instead of being overwritten by it.
+        """
+        serial = self._bus.next_serial() if self._bus is not None else 0
+        self._snapshot_serial = serial
         try:
-            objects = await self._call(BUS_NAME, ROOT_PATH, OBJECT_MANAGER_IFACE,
-                                       "GetManagedObjects", "", [])
+            await self._call(BUS_NAME, ROOT_PATH, OBJECT_MANAGER_IFACE,
+                             "GetManagedObjects", "", [], serial=serial)
         except ClientError as exc:
             if exc.unavailable:
                 self._set_down()
                 return
             raise
+        finally:
+            if self._snapshot_serial == serial:  # not applied (an error); not a newer call's
+                self._snapshot_serial = 0
+
+    def _apply_snapshot(self, objects: dict) -> None:
         mirror = self.mirror
         mirror.jobs.clear()
         mirror.objects.clear()
-        for path, interfaces in unpack_variants(objects[0]).items():
+        for path, interfaces in unpack_variants(objects).items():
             self._add_object(path, interfaces, announce=False)
         mirror.service_up = True
         self._emit(ClientEvent("manager"))
@@ -332,10 +345,13 @@ class HyperClient:
 
     # -- signals -----------------------------------------------------------------------
     def _on_message(self, msg: Message) -> None:
-        if msg.message_type != MessageType.SIGNAL:
-            return
         try:
-            self._on_signal(msg)
+            if msg.message_type == MessageType.SIGNAL:
+                self._on_signal(msg)
+            elif (msg.message_type == MessageType.METHOD_RETURN and self._snapshot_serial
+                  and msg.reply_serial == self._snapshot_serial):
+                self._snapshot_serial = 0
+                self._apply_snapshot(msg.body[0])
         except Exception:
             log.exception("could not handle %s.%s from %s", msg.interface, msg.member, msg.path)
 
@@ -402,11 +418,13 @@ class HyperClient:
 
     # -- calls -------------------------------------------------------------------------
     async def _call(self, destination: str, path: str, interface: str, member: str,
-                    signature: str, body: list, timeout: float = CALL_TIMEOUT) -> list:
+                    signature: str, body: list, timeout: float = CALL_TIMEOUT,
+                    serial: int = 0) -> list:
+        """`serial`: one from the bus's next_serial(), to recognise the reply (0: any)."""
         if self._bus is None:
             raise ClientError("not connected to the bus", "NoConnection")
         message = Message(destination=destination, path=path, interface=interface,
-                          member=member, signature=signature, body=body)
+                          member=member, signature=signature, body=body, serial=serial)
         try:
             reply = await asyncio.wait_for(self._bus.call(message), timeout)
         except asyncio.TimeoutError:

@@ -67,3 +67,31 @@ async def test_mirror_follows_job_counts_and_keeps_capabilities(system_bus, hype
         assert client.mirror.providers() == providers  # a JobCounts change keeps the rest
     finally:
         client.close()
+
+
+async def test_a_job_killed_with_hypervisord_ends_failed_for_a_connected_client(
+        system_bus, hypervisord):
+    """SIGKILL under a running job, then a restart: the console's client hears the job end
+    (as a job screen following its log needs) and shows it failed, as the service does."""
+    client = HyperClient(system_bus.address)
+    ended = []
+    client.subscribe(lambda event: ended.append(event) if event.type == "completed" else None)
+    runner = asyncio.create_task(client.run())
+    again = Hypervisord(hypervisord.config_path, system_bus.address)
+    try:
+        await wait_until(lambda: client.mirror.service_up, what="the service")
+        job_id = await client.submit({"steps": 600, "interval": 0.1}, "sleep")
+        await wait_until(lambda: job_id in client.mirror.jobs
+                         and client.mirror.jobs[job_id].status == "running", what="running")
+        await asyncio.to_thread(hypervisord.kill)
+        await asyncio.to_thread(again.start)
+        await wait_until(lambda: any(e.job_id == job_id for e in ended), timeout=10,
+                         what="the job's end")
+        assert client.mirror.jobs[job_id].status == "failed"
+        (end,) = [e for e in ended if e.job_id == job_id]
+        assert not end.success and end.message.startswith("interrupted: hypervisord stopped")
+    finally:
+        client.close()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await asyncio.to_thread(again.stop)
