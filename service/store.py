@@ -271,6 +271,12 @@ class Store:
         params += [limit, offset]
         return [_row_to_job(r) for r in self._db.execute(sql, params)]
 
+    def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(("pending", "running", "completed", "failed", "cancelled"), 0)
+        for status, count in self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+            counts[status] = count
+        return counts
+
     def prune_finished(self, keep: int, finished_before: float) -> list[JobRecord]:
         """Delete finished jobs beyond the newest `keep` (0: no count limit) or finished
         before `finished_before` (0: no age limit), with their logs and history. Jobs a

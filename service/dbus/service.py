@@ -89,11 +89,7 @@ class DBusService:
         self.manager.emit_properties_changed({"JobCounts": self.job_counts()})
 
     def job_counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(("pending", "running", "completed", "failed", "cancelled"), 0)
-        for status, count in self.engine.store.execute(
-                "SELECT status, COUNT(*) FROM jobs GROUP BY status"):
-            counts[status] = count
-        return counts
+        return self.engine.store.count_by_status()
 
     def capabilities(self) -> dict:
         return {
