@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~5 min; a first run also builds the guest image (~5 min)
 def test_the_demo_migrates_a_guest_that_boots_to_its_login_prompt():
     result = subprocess.run([sys.executable, str(REPO / "scripts/demo.py")], capture_output=True,
                             text=True, timeout=1800)
