@@ -236,6 +236,9 @@ async def watch_job(client: HyperClient, identifier: str, out: TextIO) -> int:
                           "ServiceUnknown")
     if job.status == "completed":
         out.write(f"{job.id} completed\n")
+        verified = fmt.boot_verification(job.to_dict()["result"])
+        if verified:
+            out.write(f"boot verified: {verified}\n")
         return EXIT_OK
     print(f"hyperctl: {job.id} {job.status}: {job.get('Error') or 'no message'}",
           file=sys.stderr)

@@ -1,6 +1,8 @@
 """Human renderings shared by the CLI and the console: sizes, rates, durations, bars."""
 from __future__ import annotations
 
+from typing import Any
+
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
@@ -49,3 +51,17 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
              for row in [headers, *rows]]
     return "\n".join(lines)
+
+
+def boot_verification(result: Any) -> str:
+    """How and when a job's guest was seen booted ('console at 2026-...Z: host login:'),
+    "" when its result has no verification: at the top of an import job's result,
+    under hyper2kvm.import in an export job's."""
+    if not isinstance(result, dict):
+        return ""
+    landed = (result.get("hyper2kvm") or {}).get("import") or result
+    verification = landed.get("verification") or {}
+    if not verification.get("verified"):
+        return ""
+    seen = verification.get("seen") or [""]
+    return f"{verification.get('method')} at {verification.get('at')}: {seen[-1]}"

@@ -147,11 +147,19 @@ class _Run:
         step = _STEP_RE.match(text)
         if step:
             self._reached(step.group(1))
-        self.ctx.log(f"{TOOL}: {text}")
+        self._log(text)
 
     def error(self, text: str) -> None:
         self.errors.append(text)
-        self.ctx.log(f"{TOOL}: {text}", "warning")
+        self._log(text, "warning")
+
+    def _log(self, text: str, level: str = "info") -> None:
+        """A line of the tool's in the job log, named once; its warnings as warnings."""
+        if text.startswith((f"{TOOL}: warning", f"{TOOL}: error")):
+            level = "warning"
+        if not text.startswith(f"{TOOL}: "):  # its own messages name it already
+            text = f"{TOOL}: {text}"
+        self.ctx.log(text, level)
 
     def _reached(self, step: str) -> None:
         converting = _CONVERTING_RE.match(step)

@@ -12,7 +12,7 @@ import pytest
 from hypersdk.service.errors import Failed, InvalidArgument, Unavailable
 from hypersdk.service.pipeline.boot_verify import DEFAULT_EXPECT, DEFAULT_TIMEOUT
 from hypersdk.service.pipeline.domain_xml import DomainDisk, DomainSpec
-from hypersdk.service.pipeline.guest_conversion import check_virtio_win, convert_guest
+from hypersdk.service.pipeline.guest_conversion import _Run, check_virtio_win, convert_guest
 from hypersdk.service.pipeline.handoff import validate_integration
 from hypersdk.service.pipeline.import_job import ImportKind
 from hypersdk.service.pipeline.kvm_landing import Landing, land
@@ -128,3 +128,24 @@ async def test_a_guest_that_does_not_is_failed_with_its_console_and_removed(
     assert errors[0].startswith("boot not verified: ")
     assert BOOT_LINE.decode() in errors[-1] and errors[-1].startswith("console: ")
     assert spec.name not in [domain.name() for domain in conn.listAllDomains()]
+
+
+def test_the_tools_lines_go_to_the_log_and_its_steps_to_the_progress(config_for):
+    ctx = fake_job_context(config_for())
+    run = _Run(ctx, 1000)
+    # lines virt-v2v-in-place 2.2 printed converting the test guest (stdout)
+    for line in ["[   0.0] Setting up the source: -i libvirtxml /tmp/domain.xml",
+                 "[   1.0] Opening the source", "[  25.9] Inspecting the source",
+                 "[  43.5] Converting 12.15 to run on KVM",
+                 "virt-v2v-in-place: warning: could not determine a way to update the "
+                 "configuration of Grub2",
+                 "virt-v2v-in-place: This guest has virtio drivers installed."]:
+        run.status(line)
+    assert run.guest == "12.15" and ctx.done == 300
+    assert ctx.lines[0] == ("info", "virt-v2v-in-place: [   0.0] Setting up the source: "
+                                    "-i libvirtxml /tmp/domain.xml")
+    assert ctx.lines[-2][0] == "warning" and ctx.lines[-2][1].count("virt-v2v-in-place") == 1
+    assert ctx.lines[-1] == ("info", "virt-v2v-in-place: This guest has virtio drivers "
+                                     "installed.")
+    run.status("[ 146.1] Finishing off")
+    assert ctx.done == 1000

@@ -173,3 +173,17 @@ def test_watch_on_a_terminal_redraws_one_line(system_bus, hypervisord):
     assert result.returncode == 0, output
     assert output.count("\r\x1b[K") >= 2 and "100%" in output
     assert output.rstrip().endswith(f"{job_id} completed")
+
+
+
+def test_a_boot_verification_is_found_in_import_and_export_results():
+    from hypersdk.tui.format import boot_verification
+
+    verification = {"verified": True, "method": "console", "at": "2026-12-07T05:40:12Z",
+                    "seen": ["Debian GNU/Linux 12 hypersdk-guest ttyS0", "hypersdk-guest login:"]}
+    shown = "console at 2026-12-07T05:40:12Z: hypersdk-guest login:"
+    assert boot_verification({"domain": "vm", "verification": verification}) == shown
+    assert boot_verification({"hyper2kvm": {"mode": "builtin",
+                                            "import": {"verification": verification}}}) == shown
+    assert boot_verification({"hyper2kvm": {"mode": "export-only"}}) == ""
+    assert boot_verification("") == ""

@@ -56,6 +56,9 @@ class JobScreen(HyperScreen):
                 ("Attempts", str(job.get("Attempts", 0)))]
         if job.get("Error"):
             rows.append(("Error", job.get("Error")))
+        verified = fmt.boot_verification(job.to_dict()["result"])
+        if verified:
+            rows.append(("Booted", verified))
         for label, value in rows:
             text.append(f"\n{label:>9}: ", style="dim")
             text.append(str(value), style="bold red" if label == "Error" else "")
