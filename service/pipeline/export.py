@@ -36,7 +36,7 @@ from ..definitions import check_fields
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..staging import Staging
 from ..providers.base import ExportedDisk, ExportOptions, VMInfo
-from . import handoff, overlap, ovf_writer
+from . import guest_conversion, handoff, overlap, ovf_writer
 from .ovf_writer import safe_name
 from .convert import run_qemu_img_convert
 from .diskspace import check_free_space
@@ -178,12 +178,15 @@ class ExportKind(JobKind):
 
 def _plan(disk_bytes: int, method: str, integration: dict) -> dict[str, int]:
     """Estimated bytes of each stage, from the disks' capacity (progress.py): the
-    download, re-writing and packing into OVF/OVA, the built-in conversion."""
+    download, re-writing and packing into OVF/OVA, the built-in conversion and
+    virt-v2v's guest conversion."""
     stages = {"export": disk_bytes}
     if method in ("ova", "ovf"):
         stages["package"] = disk_bytes
     if integration["enabled"] and not integration["daemon_mode"]:
         stages["convert"] = disk_bytes
+        if integration["guest_conversion"]:
+            stages[guest_conversion.STAGE] = disk_bytes
     return stages
 
 
