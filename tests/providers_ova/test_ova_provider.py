@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +158,33 @@ async def test_ova_from_our_writer_becomes_a_libvirt_domain(provider, imports, t
                       firmware=vm.firmware, domain_type="qemu")
     domain = await import_domain("test:///default", spec)
     assert domain.name == "roundtrip"
+
+
+async def test_one_hostile_file_does_not_break_listing_the_others(provider, imports):
+    """A truncated OVA, random bytes named .ova and an .ovf that is not XML are listed
+    with the reason each is unusable; the good OVA beside them is listed as usual."""
+    good = write_package(imports, "good")
+    truncated = good.ova.read_bytes()[:700]
+    (imports / "truncated.ova").write_bytes(truncated)
+    (imports / "noise.ova").write_bytes(os.urandom(4096))
+    (imports / "text.ovf").write_text("this is not XML")
+    listed = {Path(vm.identifier).name: vm for vm in await provider.list_vms({})}
+    assert set(listed) == {good.ova.name, "truncated.ova", "noise.ova", "text.ovf"}
+    assert "error" not in listed[good.ova.name].extra
+    for name in ("truncated.ova", "noise.ova", "text.ovf"):
+        assert listed[name].extra["error"], name
+
+
+async def test_an_ova_missing_a_disk_its_ovf_names_fails_and_leaves_nothing(provider, imports,
+                                                                           tmp_path):
+    (tmp_path / "src").mkdir()
+    package = write_package(tmp_path / "src", "partial")
+    with tarfile.open(package.ova) as source, \
+            tarfile.open(imports / "partial.ova", "w") as target:
+        for member in source.getmembers():
+            if not member.name.endswith("disk2.vmdk"):
+                target.addfile(member, source.extractfile(member))
+    out = tmp_path / "out"
+    with pytest.raises((Failed, InvalidArgument), match="partial-disk2.vmdk"):
+        await provider.export_disks("partial.ova", out, ExportOptions(), FakeExportSink())
+    assert not out.exists() or list(out.iterdir()) == []

@@ -231,3 +231,29 @@ def test_a_header_claiming_a_huge_grain_directory_does_not_grow_memory(tmp_path)
         tracemalloc.stop()
     assert entries > 100 * GD_CHUNK_ENTRIES
     assert peak < 4 * GD_CHUNK_ENTRIES * 8 * 4, peak  # a few chunks' worth, not 16 MiB
+
+
+def test_outsiders_do_not_receive_job_signals(system_bus, hypervisord, users):
+    """Log lines and property changes carry definitions and results: the bus delivers
+    them to members of group hypersdk, not to other users who subscribe."""
+    address = system_bus.address
+    monitors = {user: subprocess.Popen(
+        ["runuser", "-u", user, "--", "gdbus", "monitor", "--address", address, "--dest",
+         BUS_NAME], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for user in (MEMBER, OUTSIDER)}
+    try:
+        for process in monitors.values():  # both subscribed before the job starts
+            assert "Monitoring signals" in process.stdout.readline()
+        path = job_of(busctl(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "SubmitJob",
+                             "sa{sv}", json.dumps({"steps": 2, "interval": 0}), "1", "kind",
+                             "s", "sleep"))
+        seen_by_member = ""
+        while "step 2" not in seen_by_member:  # the member's copy of the last line
+            seen_by_member += monitors[MEMBER].stdout.readline()
+        wait_for_status(address, path, TERMINAL, 30)
+    finally:
+        for process in monitors.values():
+            process.terminate()
+    seen_by_outsider = monitors[OUTSIDER].communicate(timeout=10)[0]
+    assert "LogLine" in seen_by_member
+    assert "LogLine" not in seen_by_outsider and "PropertiesChanged" not in seen_by_outsider
