@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
 from lxml import etree
 
-from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, busctl, busctl_json,
-                           gdbus_call, job_property, submit, wait_for_status)
+from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, BusMonitor, busctl,
+                           busctl_json, gdbus_call, job_property, submit, wait_for_status)
 
 XML_DIR = Path(__file__).resolve().parents[2] / "service" / "dbus"
 
@@ -58,10 +56,7 @@ def test_root_is_an_object_manager_listing_jobs(system_bus, hypervisord):
 
 
 def test_busctl_submit_then_gdbus_reads_properties_and_sees_changes(system_bus, hypervisord):
-    monitor = subprocess.Popen(["gdbus", "monitor", "--address", system_bus.address,
-                                "--dest", BUS_NAME], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.5)  # let the monitor subscribe
+    with BusMonitor(system_bus.address) as monitor:
         reply = submit(system_bus.address, {"steps": 5, "interval": 0.1}, kind="sleep")
         path = json.loads(reply.stdout.split()[1])
         assert path.startswith("/org/hypersdk/HyperSDK1/jobs/job_")
@@ -70,30 +65,20 @@ def test_busctl_submit_then_gdbus_reads_properties_and_sees_changes(system_bus, 
                             JOB_IFACE, "BytesDone")
         assert result.returncode == 0, result.stderr
         assert f"<uint64 {5 << 20}>" in result.stdout
-        time.sleep(0.5)
-    finally:
-        monitor.terminate()
-        output = monitor.communicate(timeout=10)[0]
+        monitor.wait_for(f"{path}: org.hypersdk.HyperSDK1.Job.Completed (true, '')")
+    output = monitor.text
     assert "InterfacesAdded" in output
     assert f"{path}: org.freedesktop.DBus.Properties.PropertiesChanged" in output
     assert "'Status': <'completed'>" in output
-    assert f"{path}: org.hypersdk.HyperSDK1.Job.Completed (true, '')" in output
 
 
 def test_property_changes_are_coalesced(system_bus, hypervisord):
     """50 progress steps in ~0.5 s must not become 50 PropertiesChanged signals."""
-    monitor = subprocess.Popen(["gdbus", "monitor", "--address", system_bus.address,
-                                "--dest", BUS_NAME], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(0.5)
+    with BusMonitor(system_bus.address) as monitor:
         path = json.loads(submit(system_bus.address, {"steps": 50, "interval": 0.01},
                                  kind="sleep").stdout.split()[1])
-        wait_for_status(system_bus.address, path, {"completed"})
-        time.sleep(0.5)
-    finally:
-        monitor.terminate()
-        output = monitor.communicate(timeout=10)[0]
-    changes = [line for line in output.splitlines()
+        monitor.wait_for(f"{path}: org.hypersdk.HyperSDK1.Job.Completed")
+    changes = [line for line in monitor.text.splitlines()
                if line.startswith(f"{path}: org.freedesktop.DBus.Properties.PropertiesChanged")]
     assert 2 <= len(changes) <= 12, changes
 

@@ -17,8 +17,8 @@ import pytest
 from hypersdk.service.pipeline.vmdk import (GD_CHUNK_ENTRIES, SparseHeader,
                                             grain_tables_complete)
 
-from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, busctl, gdbus_call,
-                           gvariant_string, job_property, wait_for_status)
+from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, BusMonitor, busctl,
+                           gdbus_call, gvariant_string, job_property, wait_for_status)
 from ..support.system import MEMBER, OUTSIDER
 
 ACCESS_DENIED = "Access denied"
@@ -237,23 +237,11 @@ def test_outsiders_do_not_receive_job_signals(system_bus, hypervisord, users):
     """Log lines and property changes carry definitions and results: the bus delivers
     them to members of group hypersdk, not to other users who subscribe."""
     address = system_bus.address
-    monitors = {user: subprocess.Popen(
-        ["runuser", "-u", user, "--", "gdbus", "monitor", "--address", address, "--dest",
-         BUS_NAME], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for user in (MEMBER, OUTSIDER)}
-    try:
-        for process in monitors.values():  # both subscribed before the job starts
-            assert "Monitoring signals" in process.stdout.readline()
+    with BusMonitor(address, MEMBER) as member, BusMonitor(address, OUTSIDER) as outsider:
         path = job_of(busctl(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "SubmitJob",
                              "sa{sv}", json.dumps({"steps": 2, "interval": 0}), "1", "kind",
                              "s", "sleep"))
-        seen_by_member = ""
-        while "step 2" not in seen_by_member:  # the member's copy of the last line
-            seen_by_member += monitors[MEMBER].stdout.readline()
+        member.wait_for("step 2")  # the member's copy of the last line
         wait_for_status(address, path, TERMINAL, 30)
-    finally:
-        for process in monitors.values():
-            process.terminate()
-    seen_by_outsider = monitors[OUTSIDER].communicate(timeout=10)[0]
-    assert "LogLine" in seen_by_member
-    assert "LogLine" not in seen_by_outsider and "PropertiesChanged" not in seen_by_outsider
+    assert "LogLine" in member.text
+    assert "LogLine" not in outsider.text and "PropertiesChanged" not in outsider.text

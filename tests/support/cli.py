@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 
 BUS_NAME = "org.hypersdk.HyperSDK1"
@@ -69,3 +70,43 @@ def gdbus_submit(address: str, definition: dict, kind: str = "export",
     return gdbus_call(address, MANAGER, f"{MANAGER_IFACE}.SubmitJob",
                       gvariant_string(json.dumps(definition)), f"{{'kind': <'{kind}'>}}",
                       user=user)
+
+
+class BusMonitor:
+    """`gdbus monitor` of hypervisord's signals (as `user`), started subscribed: entering
+    waits for its "Monitoring signals" line, so nothing emitted afterwards is missed.
+    A thread collects the lines; `wait_for` waits on them instead of sleeping."""
+
+    def __init__(self, address: str, user: str | None = None) -> None:
+        command = ["gdbus", "monitor", "--address", address, "--dest", BUS_NAME]
+        self._command = ["runuser", "-u", user, "--", *command] if user else command
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+
+    def __enter__(self) -> "BusMonitor":
+        self._process = subprocess.Popen(self._command, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for("Monitoring signals")
+        return self
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 20) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: text in self.text, timeout):
+                raise AssertionError(f"gdbus monitor never showed {text!r}:\n{self.text}")
+
+    @property
+    def text(self) -> str:
+        return "".join(self._lines)
+
+    def __exit__(self, *exc) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=10)
+        self._reader.join(timeout=10)
