@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import InvalidArgument, NotFound
-from .files import fd_path, open_beneath
+from .files import fd_path, name_exists, open_beneath
 
 if TYPE_CHECKING:
     from .config import Config
@@ -81,6 +81,10 @@ class OpenDir:
         """A path through the fd (see files.fd_path)."""
         return fd_path(self.fd)
 
+    def holds(self, name: str) -> bool:
+        """Whether anything (a file, a link, ...) is named `name` in this directory."""
+        return name_exists(self.fd, name)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -117,11 +121,7 @@ class OpenFile:
 
     def has_sibling(self, name: str) -> bool:
         """Whether anything (a file, a link, ...) is named `name` next to this file."""
-        try:
-            os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError, ValueError):
-            return False
-        return True
+        return name_exists(self.dir_fd, name)
 
     def sibling(self, name: str, field_name: str) -> "OpenFile":
         """The regular file `name` next to this one: a plain name, not a link."""

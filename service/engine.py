@@ -24,7 +24,7 @@ from .errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
 from .job_kinds import JobKind, get_kind, kind_names
 from .progress import ProgressSnapshot, ProgressTracker, done_fraction
 from .providers.registry import ProviderRegistry
-from .staging import OwnedPath, Staging, remove_owned
+from .staging import JobStagings, OwnedPath, Staging, remove_owned
 from .store import JobRecord, LogLine, Store
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class RunningJob:
         self.tracker = ProgressTracker()
         self.task: asyncio.Task | None = None
         self.cancel_reason = ""
-        self._stagings: list[Staging] = []
+        self._stagings = JobStagings()
         self._last_save = 0.0
 
     # -- JobContext ------------------------------------------------------------------
@@ -120,9 +120,8 @@ class RunningJob:
         self._progress_changed()
 
     def staging(self, dest: OpenDir) -> Staging:
-        staging = Staging.create(dest, self.job_id, StoreJournal(self.engine.store, self.job_id))
-        self._stagings.append(staging)
-        return staging
+        return self._stagings.create(dest, self.job_id,
+                                     StoreJournal(self.engine.store, self.job_id))
 
     # -- engine side -----------------------------------------------------------------
     def _progress_changed(self) -> None:
@@ -138,16 +137,12 @@ class RunningJob:
 
     def remove_partial_output(self) -> None:
         """The job (or this attempt) failed: remove everything it made."""
-        for staging in reversed(self._stagings):
-            for problem in staging.discard():
-                self.log(problem, "warning")
-        self._stagings.clear()
+        for problem in self._stagings.discard():
+            self.log(problem, "warning")
 
     def keep_output(self) -> None:
         """The job completed: what landed stays, the staging directories go."""
-        for staging in self._stagings:
-            staging.keep()
-        self._stagings.clear()
+        self._stagings.keep()
 
 
 class JobEngine:

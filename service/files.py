@@ -42,6 +42,15 @@ def open_beneath(dir_fd: int, relative: str, flags: int, mode: int = 0o600) -> i
     return fd
 
 
+def name_exists(dir_fd: int, name: str) -> bool:
+    """Whether anything (a file, a link, ...) is named `name` in the directory `dir_fd`."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return False
+    return True
+
+
 def fd_path(fd: int) -> Path:
     """`/proc/self/fd/<fd>`: the open directory, by a path nobody can redirect."""
     return Path(f"/proc/self/fd/{fd}")

@@ -193,6 +193,34 @@ class Staging:
         self.dest.close()
 
 
+class JobStagings:
+    """The staging directories of one job run, kept or discarded together (the engine's
+    RunningJob and the tests' stand-in both hold one)."""
+
+    def __init__(self) -> None:
+        self._stagings: list[Staging] = []
+
+    def create(self, dest: OpenDir, job_id: str, journal: Journal) -> Staging:
+        staging = Staging.create(dest, job_id, journal)
+        self._stagings.append(staging)
+        return staging
+
+    def __len__(self) -> int:
+        return len(self._stagings)
+
+    def keep(self) -> None:
+        for staging in self._stagings:
+            staging.keep()
+        self._stagings.clear()
+
+    def discard(self) -> list[str]:
+        """Discard the newest first; what could not be removed, one line each."""
+        problems = [problem for staging in reversed(self._stagings)
+                    for problem in staging.discard()]
+        self._stagings.clear()
+        return problems
+
+
 def _stat_under(dest: OpenDir, relative: str) -> os.stat_result:
     """stat of a directory `dest` created on its way (relative to dest's root)."""
     root_fd = os.open(dest.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -213,18 +213,10 @@ def _package_names(vm: VMInfo, method: str) -> list[str]:
 
 def _refuse_existing(staging: Staging, names: list[str]) -> None:
     """Fail early for names that landing would refuse at the end (after the download)."""
-    existing = [name for name in names if _exists(staging.dest, name)]
+    existing = [name for name in names if staging.dest.holds(name)]
     if existing:
         raise AlreadyExists(f"{staging.dest.shown} already holds {', '.join(existing)}; "
                             f"remove it or choose another export_path")
-
-
-def _exists(directory: OpenDir, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 async def _package(ctx: JobContext, vm: VMInfo, disks: list[ExportedDisk], method: str,

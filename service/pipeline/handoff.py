@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import re
 import time
 from pathlib import Path
@@ -231,7 +230,7 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
     ordered = boot_sorted(disks)
     finals = [f"{disk_id}.{fmt}" for disk_id in disk_ids(ordered)]
     for final in finals:
-        if _exists_in(staging, final):
+        if staging.dest.holds(final):
             raise AlreadyExists(f"{out_dir / final} already exists (an earlier conversion of "
                                 "this VM?); it is left untouched: move it away or rename the VM")
     ctx.set_stage("convert")
@@ -260,14 +259,6 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
 
 def _compress(integration: dict) -> bool:
     return integration["compression"] and integration["format"] == "qcow2"
-
-
-def _exists_in(staging: Staging, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=staging.dest.fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]],

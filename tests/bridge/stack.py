@@ -98,6 +98,7 @@ class Bridge:
                     not wait_healthy or result.status == 200):
                 return self
             time.sleep(0.1)
+        self.stop()  # a bridge that never answered is not left running
         raise RuntimeError("bridge did not answer /health:\n" + self.log())
 
     def log(self) -> str:

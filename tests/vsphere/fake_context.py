@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hypersdk.service.confine import OpenDir
-from hypersdk.service.staging import OwnedPath, Staging
+from hypersdk.service.staging import JobStagings, OwnedPath, Staging
 
 
 @dataclass
@@ -30,7 +30,7 @@ class FakeJobContext:
     total: int = 0
     done: int = 0
     done_history: list[int] = field(default_factory=list)  # every value `done` took
-    stagings: list[Staging] = field(default_factory=list)
+    stagings: JobStagings = field(default_factory=JobStagings)
     owned: list[OwnedPath] = field(default_factory=list)  # what the store would hold
     planned: dict[str, int] = field(default_factory=dict)  # the last plan(stages)
 
@@ -61,9 +61,7 @@ class FakeJobContext:
         self.done_history.append(nbytes)
 
     def staging(self, dest: OpenDir) -> Staging:
-        staging = Staging.create(dest, self.job_id, self)
-        self.stagings.append(staging)
-        return staging
+        return self.stagings.create(dest, self.job_id, self)
 
     def record(self, owned: OwnedPath) -> None:
         self.owned.append(owned)
@@ -72,15 +70,11 @@ class FakeJobContext:
         self.owned.remove(owned)
 
     def fail(self) -> None:
-        for staging in reversed(self.stagings):
-            for problem in staging.discard():
-                self.log(problem, "warning")
-        self.stagings.clear()
+        for problem in self.stagings.discard():
+            self.log(problem, "warning")
 
     def succeed(self) -> None:
-        for staging in self.stagings:
-            staging.keep()
-        self.stagings.clear()
+        self.stagings.keep()
 
     def text(self) -> str:
         return "\n".join(message for _, message in self.lines)

@@ -415,5 +415,5 @@ async def test_vm_name_taken_in_libvirt_fails_before_any_download(tmp_path, sim,
         await registry.close()
         await proxy.close()
     assert proxy.refused == 0 and ctx.done == ctx.total == 0
-    assert ctx.stages == ["discovery"] and ctx.stagings == []
+    assert ctx.stages == ["discovery"] and len(ctx.stagings) == 0
     assert list(base.iterdir()) == [] and not (tmp_path / "out").exists()
