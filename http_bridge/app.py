@@ -50,7 +50,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 VIEWER, OPERATOR, ADMIN = "viewer", "operator", "admin"
-S, B, W = h.SCHEDULES, h.BACKUP_POLICIES, h.WEBHOOKS
+S, B, W = h.SCHEDULE_ROUTES, h.BACKUP_POLICY_ROUTES, h.WEBHOOK_ROUTES
 ROUTES: list[Route] = [
     Route("GET", "/health", h.health, PUBLIC, needs_service=False),
     Route("GET", "/openapi.json", openapi_document, PUBLIC, needs_service=False),

@@ -11,7 +11,8 @@ import re
 
 from aiohttp import web
 
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+from hypersdk.client.errors import ACCESS_DENIED, ClientError
+
 DBUS_ERROR_TABLE: dict[str, tuple[int, str]] = {
     "org.hypersdk.HyperSDK1.Error.InvalidArgument": (400, "InvalidArgument"),
     "org.hypersdk.HyperSDK1.Error.NotFound": (404, "NotFound"),
@@ -65,6 +66,13 @@ def not_found(field: str, message: str) -> ApiError:
 
 def unavailable(reason: str) -> ApiError:
     return ApiError(503, "ServiceUnavailable", reason)
+
+
+def from_client_error(error: ClientError) -> ApiError:
+    """A failed call to hypervisord -> ApiError (503 when no reply came at all)."""
+    if not error.dbus_error:
+        return unavailable(error.message)
+    return from_dbus(error.dbus_error, error.text)
 
 
 def from_dbus(error_name: str, message: str) -> ApiError:

@@ -14,14 +14,15 @@ from typing import Any
 
 from aiohttp import web
 
+from hypersdk.client.names import (BACKUP_POLICIES, JOB_IFACE, JOB_STATUSES, JOBS_PATH, MANAGER_IFACE,
+                                    MANAGER_PATH, SCHEDULES, WEBHOOKS, AutomationKind,
+                                    job_id_from_path)
 from hypersdk.service import __version__ as BRIDGE_VERSION
-from hypersdk.service.dbus.paths import JOBS_PATH, MANAGER_PATH, ROOT_PATH, job_id_from_path
 
 from .errors import ApiError, invalid, not_found
 from .keys import HUB, METRICS, MIRROR
-from .metrics import MANAGER_IFACE
-from .mirror import JOB_IFACE, ServiceMirror, check_dbus_string
-from .views import JOB_STATUSES, eta_json, job_json, object_json, progress_json, rfc3339
+from .mirror import ServiceMirror, check_dbus_string
+from .views import eta_json, job_json, object_json, progress_json, rfc3339
 
 JOB_ID_RE = re.compile(r"^job-[0-9a-f]{1,64}$")
 OBJECT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -113,8 +114,8 @@ def query_int(request: web.Request, name: str, default: int, maximum: int) -> in
 async def call(request: web.Request, path: str, interface: str, member: str, signature: str,
                body: list) -> list:
     """hypervisord's `member`, called on behalf of the request's authenticated caller."""
-    return await request.app[MIRROR].call(path, interface, member, signature, body,
-                                          principal=request["identity"])
+    return await request.app[MIRROR].call_as(request["identity"], path, interface, member,
+                                             signature, body)
 
 
 def find_job(mirror: ServiceMirror, job_id: str, field: str = "job_id") -> tuple[str, dict]:
@@ -267,15 +268,15 @@ async def parse_vmdk(request: web.Request) -> web.Response:
 
 
 # -- schedules, backup policies, webhooks -----------------------------------------------------
-class AutomationKind:
-    """One kind of automation object: where its objects live and how they are made."""
+class AutomationRoutes:
+    """The REST handlers of one kind of automation object (see AutomationKind)."""
 
-    def __init__(self, url: str, path_part: str, interface: str, create: str) -> None:
-        self.url = url
-        self.prefix = f"{ROOT_PATH}/{path_part}"
-        self.interface = interface
-        self.create = create
-        self.list_key = path_part
+    def __init__(self, kind: AutomationKind) -> None:
+        self.kind = kind
+        self.url = kind.name.replace("_", "-")
+        self.prefix = kind.path
+        self.interface = kind.interface
+        self.list_key = kind.name
 
     def find(self, mirror: ServiceMirror, object_id: str) -> tuple[str, dict]:
         if OBJECT_ID_RE.match(object_id):
@@ -290,7 +291,7 @@ class AutomationKind:
     async def create_handler(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         mirror = request.app[MIRROR]
-        (path,) = await call(request, MANAGER_PATH, MANAGER_IFACE, self.create, "sa{sv}",
+        (path,) = await call(request, MANAGER_PATH, MANAGER_IFACE, self.kind.create_method, "sa{sv}",
                              [as_dbus_json(body), {}])
         answer = object_json(path, mirror.get(path, self.interface) or {})
         request["audit_target"] = answer["id"]
@@ -311,9 +312,6 @@ class AutomationKind:
         return json_response({"id": answer_id, "deleted": True})
 
 
-SCHEDULES = AutomationKind("schedules", "schedules", "org.hypersdk.HyperSDK1.Schedule",
-                           "CreateSchedule")
-BACKUP_POLICIES = AutomationKind("backup-policies", "backup_policies",
-                                 "org.hypersdk.HyperSDK1.BackupPolicy", "CreateBackupPolicy")
-WEBHOOKS = AutomationKind("webhooks", "webhooks", "org.hypersdk.HyperSDK1.Webhook",
-                          "ConfigureWebhook")
+SCHEDULE_ROUTES = AutomationRoutes(SCHEDULES)
+BACKUP_POLICY_ROUTES = AutomationRoutes(BACKUP_POLICIES)
+WEBHOOK_ROUTES = AutomationRoutes(WEBHOOKS)

@@ -13,11 +13,13 @@ import asyncio
 from aiohttp import web
 from dbus_fast import Variant
 
+from hypersdk.client.names import FINISHED, JOB_IFACE
+from hypersdk.client.objects import ObjectEvent
+
 from .errors import ApiError, invalid
 from .handlers import call, find_job
 from .keys import MIRROR, STOPPING
-from .mirror import JOB_IFACE, MirrorEvent
-from .views import FINISHED, rfc3339
+from .views import rfc3339
 
 PAGE = 1000
 IDLE_WAKE_SECONDS = 15.0
@@ -66,7 +68,7 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
     follow = parse_bool(request.query.get("follow", ""), "follow")
     wake = asyncio.Event()
 
-    def listener(event: MirrorEvent) -> None:
+    def listener(event: ObjectEvent) -> None:
         if event.path == path or event.type == "health":
             wake.set()
 

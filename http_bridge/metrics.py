@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from hypersdk.service.dbus.paths import MANAGER_PATH
+from hypersdk.client.names import JOB_IFACE, MANAGER_IFACE, MANAGER_PATH
 
-from .mirror import JOB_IFACE, ServiceMirror
+from .mirror import ServiceMirror
 
-MANAGER_IFACE = "org.hypersdk.HyperSDK1.Manager"
 # Any token is a valid HTTP method: count unknown ones together, or a client could
 # grow the counter table without bound.
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))

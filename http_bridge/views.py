@@ -7,8 +7,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-FINISHED = ("completed", "failed", "cancelled")
-JOB_STATUSES = ("pending", "running") + FINISHED
+from hypersdk.client.names import FINISHED
 _SECRET_KEY_RE = re.compile(r"secret|password|token|authorization|credential", re.IGNORECASE)
 
 

@@ -31,8 +31,11 @@ from typing import Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from hypersdk.client.names import JOB_IFACE
+from hypersdk.client.objects import ObjectEvent
+
 from .auth import Identity
-from .mirror import JOB_IFACE, MirrorEvent, ServiceMirror
+from .mirror import ServiceMirror
 from .views import update_json
 
 log = logging.getLogger(__name__)
@@ -137,7 +140,7 @@ class WebSocketHub:
             self._drainer.cancel()
 
     # -- from the mirror ---------------------------------------------------------------
-    def _on_event(self, event: MirrorEvent) -> None:
+    def _on_event(self, event: ObjectEvent) -> None:
         if event.interface != JOB_IFACE or not self.clients:
             return
         props = self.mirror.get(event.path, JOB_IFACE)

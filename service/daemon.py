@@ -18,13 +18,14 @@ from pathlib import Path
 
 import sdnotify
 
+from hypersdk.client.names import ROOT_PATH
+
 from . import __version__
 from .allocator import keep_heap_padding
 from .automation import Automation
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .dbus.automation import AutomationObjects
 from .dbus.bus import connect
-from .dbus.paths import ROOT_PATH
 from .dbus.service import DBusService
 from .engine import JobEngine
 from .errors import Failed, HyperSDKError

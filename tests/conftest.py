@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hypersdk.service.dbus.bus import connect
+from hypersdk.client.bus import connect
 
 from .support.hypervisord import Hypervisord, write_config
 from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, ensure_user,

@@ -22,7 +22,7 @@ from textual.signal import Signal
 from .client import ClientError, ClientEvent, HyperClient, LogLine, Mirror
 from .hangup import watch_hangup
 from .messages import ClientUpdate
-from .screens.automation import AUTOMATION_KINDS, AutomationScreen
+from .screens.automation import AUTOMATION_VIEWS, AutomationScreen
 from .screens.help import HelpScreen
 from .screens.job import JobScreen
 from .screens.jobs import JobsScreen
@@ -63,7 +63,7 @@ class HyperctlApp(App):
     MODES = {
         "vms": VMsScreen,
         "jobs": JobsScreen,
-        **{kind: (lambda kind=kind: AutomationScreen(kind)) for kind in AUTOMATION_KINDS},
+        **{kind: (lambda kind=kind: AutomationScreen(kind)) for kind in AUTOMATION_VIEWS},
     }
     BINDINGS = [
         *[Binding(key, f"show('{mode}')", label) for key, (mode, label) in SCREENS_BY_KEY.items()],

@@ -13,8 +13,10 @@ import sys
 import time
 from typing import TextIO
 
+from hypersdk.client.names import JOB_STATUSES
+
 from . import format as fmt
-from .client import JOB_STATUSES, ClientError, ClientEvent, HyperClient, JobState
+from .client import ClientError, ClientEvent, HyperClient, JobState
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -1,85 +1,27 @@
-"""A D-Bus client of hypervisord: a mirror of its objects kept current by signals.
+"""The console's view of hypervisord, built on the shared client (hypersdk.client).
 
-The mirror is filled once from the ObjectManager (GetManagedObjects) and then kept
-in step by InterfacesAdded/Removed and PropertiesChanged; log lines and completions
-arrive as LogLine and Completed signals. There is no polling loop. When hypervisord
-leaves the bus (NameOwnerChanged to "") the mirror is marked down and reloaded when
-it returns; when the bus connection itself drops, `run()` reconnects with backoff.
-
-Listeners get `ClientEvent`s; the console and the CLI are both built on this.
+`ServiceObjects` keeps the connection and the mirror of the service's objects in
+arrival order; this module turns its events into the console's view (jobs as
+`JobState`, the Manager's version, counts and capabilities, the automation objects)
+and `ClientEvent`s for screens. There is no polling loop.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant, unpack_variants
-from dbus_fast.aio import MessageBus
+from dbus_fast import Variant
 
-from hypersdk.service.dbus.bus import connect
-from hypersdk.service.dbus.paths import BUS_NAME, JOBS_PATH, MANAGER_PATH, ROOT_PATH, job_path
+from hypersdk.client.errors import ClientError
+from hypersdk.client.names import (FINISHED, JOB_IFACE, JOBS_PATH, MANAGER_IFACE, MANAGER_PATH,
+                                   job_id_from_path, job_path)
+from hypersdk.client.objects import Listeners, ObjectEvent, ServiceObjects
 
-log = logging.getLogger(__name__)
-
-MANAGER_IFACE = "org.hypersdk.HyperSDK1.Manager"
-JOB_IFACE = "org.hypersdk.HyperSDK1.Job"
-PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
-OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
-ERROR_PREFIX = "org.hypersdk.HyperSDK1.Error."
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
-FINISHED = ("completed", "failed", "cancelled")
 LOG_PAGE = 1000  # GetLog's maximum page
-CALL_TIMEOUT = 120.0
-BACKOFF_START = 0.5
-BACKOFF_MAX = 10.0
-
-
-class ClientError(Exception):
-    """A failure a person can read: `name` is the short D-Bus error name."""
-
-    def __init__(self, message: str, name: str = "Failed") -> None:
-        super().__init__(message)
-        self.message = message
-        self.name = name
-
-    @property
-    def access_denied(self) -> bool:
-        return self.name == "AccessDenied"
-
-    @property
-    def unavailable(self) -> bool:
-        return self.name in ("ServiceUnknown", "NoConnection")
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def error_from_reply(reply: Message) -> ClientError:
-    """An ERROR reply -> ClientError with a human message."""
-    error_name = reply.error_name or ""
-    text = str(reply.body[0]) if reply.body else error_name
-    if error_name == ACCESS_DENIED and text.startswith("Rejected send message"):
-        # the bus itself refused (data/dbus-1/system.d): not a polkit answer
-        return ClientError("permission denied: only root and members of group hypersdk may "
-                           "talk to hypervisord (ask an administrator to add you to the "
-                           "group)", "AccessDenied")
-    if error_name == ACCESS_DENIED:
-        return ClientError(f"permission denied: {text}", "AccessDenied")
-    if error_name.startswith(ERROR_PREFIX):
-        return ClientError(text, error_name[len(ERROR_PREFIX):])
-    if error_name in ("org.freedesktop.DBus.Error.ServiceUnknown",
-                      "org.freedesktop.DBus.Error.NameHasNoOwner"):
-        return ClientError("hypervisord is not running (nobody owns " + BUS_NAME + ")",
-                           "ServiceUnknown")
-    if error_name == "org.freedesktop.DBus.Error.UnknownObject":
-        return ClientError(text, "NotFound")
-    return ClientError(f"{error_name}: {text}", error_name.rsplit(".", 1)[-1])
 
 
 @dataclass
@@ -188,266 +130,121 @@ class ClientEvent:
     message: str = ""
 
 
-Listener = Callable[[ClientEvent], None]
-
-
-def _match_rules() -> list[str]:
-    return [
-        f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT_PATH}'",
-        "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-        f"member='NameOwnerChanged',arg0='{BUS_NAME}'",
-    ]
-
 
 class HyperClient:
-    """The service seen from a client. `await connect()` once, or `await run()` to stay up."""
+    """The service seen from the console. `await connect()` once, or `await run()` to stay up."""
 
     def __init__(self, bus: str = "system") -> None:
-        self.bus_spec = bus
+        self.service = ServiceObjects(bus)
         self.mirror = Mirror()
-        self._bus: MessageBus | None = None
-        self._listeners: list[Listener] = []
-        self._reload_task: asyncio.Task | None = None
-        self._snapshot_serial = 0  # the pending GetManagedObjects call, if any
-        self._closing = False
-
-    # -- listeners ---------------------------------------------------------------------
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call `listener` for every event; returns a function that unsubscribes."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
-
-    def _emit(self, event: ClientEvent) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:  # a broken listener must not stop the others
-                log.exception("client listener failed")
+        self._listeners: Listeners[ClientEvent] = Listeners()
+        self.subscribe = self._listeners.subscribe
+        self._emit = self._listeners.emit
+        self.service.subscribe(self._on_object_event)
 
     # -- connection --------------------------------------------------------------------
     @property
+    def bus_spec(self) -> str:
+        return self.service.bus_spec
+
+    @property
     def connected(self) -> bool:
-        return self._bus is not None and self._bus.connected
+        return self.service.connected
 
     async def connect(self) -> None:
-        """Connect to the bus and load the mirror; ClientError if the bus is unreachable.
+        """Connect and load the view; ClientError if the bus is unreachable or refuses us.
 
-        If hypervisord is not running the connection still succeeds with the mirror
+        If hypervisord is not running the connection still succeeds with the view
         marked down; it fills in when the service appears.
         """
-        try:
-            bus = await connect(self.bus_spec)
-        except (OSError, ValueError) as exc:
-            raise ClientError(f"cannot connect to the {self.bus_spec} bus: {exc}",
-                              "NoConnection") from None
-        self._bus = bus
-        try:
-            bus.add_message_handler(self._on_message)
-            for rule in _match_rules():
-                await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                                 "org.freedesktop.DBus", "AddMatch", "s", [rule])
-            await self.reload()
-        except ClientError:
-            self._bus = None  # half set up: `run()` must start over, not wait on it
-            bus.disconnect()
-            raise
+        await self.service.connect()
 
     async def run(self) -> None:
         """Stay connected until `close()`: reconnect with backoff whenever the bus drops."""
-        delay = BACKOFF_START
-        while not self._closing:
-            try:
-                if not self.connected:
-                    await self.connect()
-                delay = BACKOFF_START
-                await self._bus.wait_for_disconnect()
-            except ClientError as exc:
-                log.debug("connect failed: %s", exc)
-            except Exception as exc:  # a dropped connection surfaces in many shapes
-                log.debug("bus connection lost: %s", exc)
-            if self._closing:
-                break
-            self._bus = None
-            self._set_down()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+        await self.service.run()
 
     def close(self) -> None:
-        self._closing = True
-        if self._reload_task:
-            self._reload_task.cancel()
-        if self._bus is not None:
-            self._bus.disconnect()
-            self._bus = None
+        self.service.close()
 
-    async def reload(self) -> None:
-        """Replace the mirror with the service's current objects (or mark it down).
+    # -- the view, from the shared mirror's events -----------------------------------------
+    def _on_object_event(self, event: ObjectEvent) -> None:
+        if event.type == "health":
+            self._on_health()
+        elif event.type in ("added", "changed"):
+            self._take(event.path, event.interface)
+        elif event.type == "removed":
+            self._drop(event.path, event.interface)
+        elif event.type == "log":
+            self._emit(ClientEvent("log", job_id_from_path(event.path),
+                                   line=LogLine(*event.args)))
+        elif event.type == "completed":
+            success, message = event.args
+            self._emit(ClientEvent("completed", job_id_from_path(event.path),
+                                   success=bool(success), message=str(message)))
 
-        The reply is applied by the message handler, in arrival order, before this call
-        returns: a signal sent after the snapshot (a job the restarted service has just
-        failed) lands on it instead of being overwritten by it.
-        """
-        serial = self._bus.next_serial() if self._bus is not None else 0
-        self._snapshot_serial = serial
-        try:
-            await self._call(BUS_NAME, ROOT_PATH, OBJECT_MANAGER_IFACE,
-                             "GetManagedObjects", "", [], serial=serial)
-        except ClientError as exc:
-            if exc.unavailable:
-                self._set_down()
-                return
-            raise
-        finally:
-            if self._snapshot_serial == serial:  # not applied (an error); not a newer call's
-                self._snapshot_serial = 0
-
-    def _apply_snapshot(self, objects: dict) -> None:
+    def _on_health(self) -> None:
         mirror = self.mirror
+        if not self.service.healthy:
+            if mirror.service_up:
+                mirror.service_up = False
+                self._emit(ClientEvent("service"))
+            return
         mirror.jobs.clear()
         mirror.objects.clear()
-        for path, interfaces in unpack_variants(objects).items():
-            self._add_object(path, interfaces, announce=False)
+        for path, interfaces in self.service.objects.items():
+            for interface in interfaces:
+                self._take(path, interface, announce=False)
         mirror.service_up = True
-        self._emit(ClientEvent("manager"))
-        self._emit(ClientEvent("service"))
-        self._emit(ClientEvent("objects"))
+        for kind in ("manager", "service", "objects"):
+            self._emit(ClientEvent(kind))
 
-    def _set_down(self) -> None:
-        if self.mirror.service_up:
-            self.mirror.service_up = False
-            self._emit(ClientEvent("service"))
-
-    def _add_object(self, path: str, interfaces: dict[str, dict[str, Any]],
-                    announce: bool = True) -> None:
-        """Take in one object's interfaces; `announce=False` while reloading everything."""
-        mirror = self.mirror
-        emit = self._emit if announce else (lambda event: None)
-        if JOB_IFACE in interfaces:
-            job = JobState(path, dict(interfaces[JOB_IFACE]))
-            mirror.jobs[job.id] = job
-            emit(ClientEvent("job", job.id))
-        elif MANAGER_IFACE in interfaces:
-            props = interfaces[MANAGER_IFACE]  # all of them, or only the changed ones
-            mirror.version = props.get("Version", mirror.version)
-            mirror.job_counts = dict(props.get("JobCounts", mirror.job_counts))
-            if "Capabilities" in props:
-                try:
-                    mirror.capabilities = json.loads(props["Capabilities"] or "{}")
-                except json.JSONDecodeError:
-                    mirror.capabilities = {}
-            emit(ClientEvent("manager"))
-        else:
-            own = {name: dict(values) for name, values in interfaces.items()
-                   if name.startswith("org.hypersdk.")}
-            if own:
-                mirror.objects.setdefault(path, {}).update(own)
-                emit(ClientEvent("objects"))
-
-    # -- signals -----------------------------------------------------------------------
-    def _on_message(self, msg: Message) -> None:
-        try:
-            if msg.message_type == MessageType.SIGNAL:
-                self._on_signal(msg)
-            elif (msg.message_type == MessageType.METHOD_RETURN and self._snapshot_serial
-                  and msg.reply_serial == self._snapshot_serial):
-                self._snapshot_serial = 0
-                self._apply_snapshot(msg.body[0])
-        except Exception:
-            log.exception("could not handle %s.%s from %s", msg.interface, msg.member, msg.path)
-
-    def _on_signal(self, msg: Message) -> None:
-        member, path = msg.member, msg.path or ""
-        if member == "NameOwnerChanged" and msg.body and msg.body[0] == BUS_NAME:
-            if msg.body[2]:
-                self._schedule_reload()
-            else:
-                self._set_down()
+    def _take(self, path: str, interface: str, announce: bool = True) -> None:
+        """Take in one object's interface as the shared mirror now holds it."""
+        props = self.service.get(path, interface)
+        if props is None:
             return
-        if not path.startswith(ROOT_PATH):
-            return
-        if member == "PropertiesChanged" and msg.interface == PROPERTIES_IFACE:
-            self._properties_changed(path, msg.body[0], unpack_variants(msg.body[1]))
-        elif member == "InterfacesAdded":
-            self._add_object(msg.body[0], unpack_variants(msg.body[1]))
-        elif member == "InterfacesRemoved":
-            self._remove_object(msg.body[0])
-        elif member == "LogLine" and msg.interface == JOB_IFACE:
-            line = LogLine(*msg.body)
-            self._emit(ClientEvent("log", _job_id(path), line=line))
-        elif member == "Completed" and msg.interface == JOB_IFACE:
-            self._emit(ClientEvent("completed", _job_id(path), success=bool(msg.body[0]),
-                                   message=str(msg.body[1])))
-
-    def _properties_changed(self, path: str, interface: str, changed: dict) -> None:
         mirror = self.mirror
         if interface == JOB_IFACE:
-            job = mirror.jobs.get(_job_id(path))
-            if job is not None:
-                job.props.update(changed)
-                self._emit(ClientEvent("job", job.id))
+            job = JobState(path, props)  # the mirror's own dict: changes land in it
+            mirror.jobs[job.id] = job
+            event = ClientEvent("job", job.id)
         elif interface == MANAGER_IFACE:
-            self._add_object(path, {MANAGER_IFACE: changed})
-        elif path in mirror.objects and interface in mirror.objects[path]:
-            mirror.objects[path][interface].update(changed)
-            self._emit(ClientEvent("objects"))
-
-    def _remove_object(self, path: str) -> None:
-        job_id = _job_id(path)
-        if path.startswith(JOBS_PATH + "/") and self.mirror.jobs.pop(job_id, None):
-            self._emit(ClientEvent("job-removed", job_id))
-        elif self.mirror.objects.pop(path, None) is not None:
-            self._emit(ClientEvent("objects"))
-
-    def _schedule_reload(self) -> None:
-        """hypervisord (re)appeared: reload, retrying with backoff while it starts up."""
-        if self._reload_task and not self._reload_task.done():
-            return
-        self._reload_task = asyncio.get_running_loop().create_task(self._reload_with_backoff())
-
-    async def _reload_with_backoff(self) -> None:
-        delay = BACKOFF_START
-        while not self._closing and self.connected:
+            mirror.version = props.get("Version", "")
+            mirror.job_counts = dict(props.get("JobCounts", {}))
             try:
-                await self.reload()
-                if self.mirror.service_up:
-                    return
-            except ClientError as exc:
-                log.debug("reload failed: %s", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+                mirror.capabilities = json.loads(props.get("Capabilities") or "{}")
+            except json.JSONDecodeError:
+                mirror.capabilities = {}
+            event = ClientEvent("manager")
+        elif interface.startswith("org.hypersdk."):
+            mirror.objects.setdefault(path, {})[interface] = props
+            event = ClientEvent("objects")
+        else:
+            return
+        if announce:
+            self._emit(event)
+
+    def _drop(self, path: str, interface: str) -> None:
+        if interface == JOB_IFACE and path.startswith(JOBS_PATH + "/"):
+            job_id = job_id_from_path(path)
+            if self.mirror.jobs.pop(job_id, None) is not None:
+                self._emit(ClientEvent("job-removed", job_id))
+        elif self.mirror.objects.get(path, {}).pop(interface, None) is not None:
+            if not self.mirror.objects[path]:
+                del self.mirror.objects[path]
+            self._emit(ClientEvent("objects"))
 
     # -- calls -------------------------------------------------------------------------
-    async def _call(self, destination: str, path: str, interface: str, member: str,
-                    signature: str, body: list, timeout: float = CALL_TIMEOUT,
-                    serial: int = 0) -> list:
-        """`serial`: one from the bus's next_serial(), to recognise the reply (0: any)."""
-        if self._bus is None:
-            raise ClientError("not connected to the bus", "NoConnection")
-        message = Message(destination=destination, path=path, interface=interface,
-                          member=member, signature=signature, body=body, serial=serial)
-        try:
-            reply = await asyncio.wait_for(self._bus.call(message), timeout)
-        except asyncio.TimeoutError:
-            raise ClientError(f"{member}: no answer from {destination} within {timeout:.0f} s",
-                              "Timeout") from None
-        except (OSError, EOFError) as exc:
-            raise ClientError(f"the bus connection was lost ({exc})", "NoConnection") from None
-        if reply is None:
-            raise ClientError("the bus connection was lost", "NoConnection")
-        if reply.message_type == MessageType.ERROR:
-            raise error_from_reply(reply)
-        return reply.body
-
     async def call_manager(self, member: str, signature: str, *args: Any) -> Any:
-        body = await self._call(BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member,
-                                signature + "a{sv}", [*args, {}])
+        body = await self.service.call(MANAGER_PATH, MANAGER_IFACE, member,
+                                       signature + "a{sv}", [*args, {}])
         return body[0] if body else None
 
     async def call_object(self, path: str, interface: str, member: str, signature: str = "",
                           *args: Any) -> Any:
         """Call a method of a schedule/policy/webhook object (they end with options a{sv})."""
-        body = await self._call(BUS_NAME, path, interface, member, signature + "a{sv}",
-                                [*args, {}])
+        body = await self.service.call(path, interface, member, signature + "a{sv}",
+                                       [*args, {}])
         return body[0] if body else None
 
     async def list_vms(self, provider: str, vm_filter: dict | None = None) -> list[dict]:
@@ -456,32 +253,31 @@ class HyperClient:
 
     async def submit(self, definition: dict, kind: str = "export") -> str:
         """Submit a job; returns its id."""
-        path = (await self._call(BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "SubmitJob", "sa{sv}",
-                                 [json.dumps(definition), {"kind": Variant("s", kind)}]))[0]
-        return _job_id(path)
+        (path,) = await self.service.call(MANAGER_PATH, MANAGER_IFACE, "SubmitJob", "sa{sv}",
+                                          [json.dumps(definition), {"kind": Variant("s", kind)}])
+        return job_id_from_path(path)
 
     async def cancel(self, job_id: str) -> None:
-        await self._call(BUS_NAME, job_path(job_id), JOB_IFACE, "Cancel", "a{sv}", [{}])
+        await self.service.call(job_path(job_id), JOB_IFACE, "Cancel", "a{sv}", [{}])
 
     async def retry(self, job_id: str) -> str:
-        path = (await self._call(BUS_NAME, job_path(job_id), JOB_IFACE, "Retry", "a{sv}",
-                                 [{}]))[0]
-        return _job_id(path)
+        (path,) = await self.service.call(job_path(job_id), JOB_IFACE, "Retry", "a{sv}", [{}])
+        return job_id_from_path(path)
 
     async def get_log(self, job_id: str, after_id: int = 0) -> list[LogLine]:
         """Every line after `after_id`, read in GetLog's pages (at most LOG_PAGE each)."""
         lines: list[LogLine] = []
         while True:
-            page = (await self._call(BUS_NAME, job_path(job_id), JOB_IFACE, "GetLog",
-                                     "ta{sv}", [after_id, {"limit": Variant("u", LOG_PAGE)}]))[0]
+            (page,) = await self.service.call(job_path(job_id), JOB_IFACE, "GetLog", "ta{sv}",
+                                              [after_id, {"limit": Variant("u", LOG_PAGE)}])
             lines += [LogLine(*line) for line in page]
             if len(page) < LOG_PAGE:
                 return lines
             after_id = lines[-1].id
 
     def job(self, identifier: str) -> JobState:
-        """A job of the mirror by id ("job-1a2b") or object path; ClientError if unknown."""
-        job_id = _job_id(identifier) if identifier.startswith("/") else identifier
+        """A job of the view by id ("job-1a2b") or object path; ClientError if unknown."""
+        job_id = job_id_from_path(identifier) if identifier.startswith("/") else identifier
         job = self.mirror.jobs.get(job_id)
         if job is None:
             raise ClientError(f"job {identifier!r} not found", "NotFound")
@@ -517,7 +313,3 @@ class HyperClient:
                     yield line
         finally:
             unsubscribe()
-
-
-def _job_id(path: str) -> str:
-    return path.rsplit("/", 1)[-1].replace("_", "-")

@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual.widgets import Static
 
-from .client import JOB_STATUSES, ClientEvent
+from hypersdk.client.names import JOB_STATUSES
+
+from .client import ClientEvent
 
 if TYPE_CHECKING:
     from .app import HyperctlApp

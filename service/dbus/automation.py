@@ -14,29 +14,27 @@ from typing import TYPE_CHECKING
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
+from hypersdk.client.names import (BACKUP_POLICIES, BACKUP_POLICY_IFACE, SCHEDULE_IFACE,
+                                    SCHEDULES, WEBHOOK_IFACE, WEBHOOKS, job_path)
+
 from ..automation import Automation
 from ..job_kinds import get_kind
 from .dispatch import caller, require
 from .job import usec
 from .arguments import page_option
 from .manager import VIEW
-from .paths import ROOT_PATH, job_path
 
 if TYPE_CHECKING:
     from .service import DBusService
 
-SCHEDULE_INTERFACE = "org.hypersdk.HyperSDK1.Schedule"
-POLICY_INTERFACE = "org.hypersdk.HyperSDK1.BackupPolicy"
-WEBHOOK_INTERFACE = "org.hypersdk.HyperSDK1.Webhook"
 MANAGE_SCHEDULES = "org.hypersdk.HyperSDK1.manage-schedules"
 MANAGE_POLICIES = "org.hypersdk.HyperSDK1.manage-backup-policies"
 MANAGE_WEBHOOKS = "org.hypersdk.HyperSDK1.manage-webhooks"
-COLLECTIONS = {"schedule": ROOT_PATH + "/schedules", "policy": ROOT_PATH + "/backup_policies",
-               "webhook": ROOT_PATH + "/webhooks"}
+COLLECTIONS = {"schedule": SCHEDULES, "policy": BACKUP_POLICIES, "webhook": WEBHOOKS}
 
 
 def item_path(collection: str, item_id: str) -> str:
-    return f"{COLLECTIONS[collection]}/{item_id.replace('-', '_')}"
+    return f"{COLLECTIONS[collection].path}/{item_id.replace('-', '_')}"
 
 
 async def require_kind_action(kind_name: object) -> None:
@@ -85,7 +83,7 @@ class ScheduleObject(_TimedItemObject):
     changing = ("Enabled", "NextRun", "LastRun", "LastJob")
 
     def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
-        super().__init__(objects, item_id, SCHEDULE_INTERFACE)
+        super().__init__(objects, item_id, SCHEDULE_IFACE)
 
     def _item(self):
         return self._automation.schedules.get(self.item_id)
@@ -154,7 +152,7 @@ class BackupPolicyObject(_TimedItemObject):
     changing = ("Enabled", "NextRun", "LastRun")
 
     def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
-        super().__init__(objects, item_id, POLICY_INTERFACE)
+        super().__init__(objects, item_id, BACKUP_POLICY_IFACE)
 
     def _item(self):
         return self._automation.policies.get(self.item_id)
@@ -217,7 +215,7 @@ class WebhookObject(_ItemObject):
     changing = ("Enabled",)
 
     def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
-        super().__init__(objects, item_id, WEBHOOK_INTERFACE)
+        super().__init__(objects, item_id, WEBHOOK_IFACE)
 
     def _public(self) -> dict:
         return self._automation.webhooks.get(self.item_id).public()

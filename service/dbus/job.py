@@ -8,18 +8,19 @@ from typing import TYPE_CHECKING
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 from dbus_fast.constants import PropertyAccess
 
+from hypersdk.client.names import JOB_IFACE, job_path
+
 from ..engine import JobEngine
 from ..job_kinds import get_kind
 from ..store import JobRecord
 from .arguments import MAX_LOG_PAGE, page_option
 from .dispatch import caller, require
-from .paths import job_path
 from .polkit import UNKNOWN_UID
 
 if TYPE_CHECKING:
     from .service import DBusService
 
-JOB_INTERFACE = "org.hypersdk.HyperSDK1.Job"
+
 COALESCE_SECONDS = 0.25
 PROGRESS_PROPERTIES = ("Stage", "Progress", "ProgressValid", "BytesDone", "BytesTotal", "Rate",
                        "ExpectedEndTime")
@@ -33,7 +34,7 @@ def usec(seconds: float | None) -> int:
 
 class JobObject(ServiceInterface):
     def __init__(self, service: "DBusService", job_id: str) -> None:
-        super().__init__(JOB_INTERFACE)
+        super().__init__(JOB_IFACE)
         self._service = service
         self._engine: JobEngine = service.engine
         self.job_id = job_id

@@ -8,18 +8,19 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
+from hypersdk.client.names import MANAGER_IFACE, job_path
+
 from .. import __version__
 from ..confine import open_source
 from ..errors import InvalidArgument, Unavailable
 from ..job_kinds import get_kind, kind_names
 from .arguments import MAX_JOBS_PAGE, option, page_option, parse_json
 from .dispatch import caller, require
-from .paths import job_path
 
 if TYPE_CHECKING:
     from .service import DBusService
 
-MANAGER_INTERFACE = "org.hypersdk.HyperSDK1.Manager"
+
 VIEW = "org.hypersdk.HyperSDK1.view"
 
 
@@ -39,7 +40,7 @@ def parse_vmdk_confined(value: str, roots: list[str]) -> dict:
 
 class ManagerObject(ServiceInterface):
     def __init__(self, service: "DBusService") -> None:
-        super().__init__(MANAGER_INTERFACE)
+        super().__init__(MANAGER_IFACE)
         self._service = service
         self._engine = service.engine
 

@@ -7,13 +7,14 @@ from typing import Any
 from dbus_fast import RequestNameReply
 from dbus_fast.aio import MessageBus
 
+from hypersdk.client.names import BUS_NAME, MANAGER_PATH, job_path
+
 from ..engine import JobEngine, JobEvent
 from ..errors import Failed
 from ..job_kinds import kind_names
 from .dispatch import Dispatcher
 from .job import JobObject, usec
 from .manager import ManagerObject
-from .paths import BUS_NAME, MANAGER_PATH, job_path
 from .polkit import Authority
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import aiohttp
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from hypersdk.service.dbus.paths import BUS_NAME, job_path
+from hypersdk.client.names import BUS_NAME, job_path
 
 from ..support.hypervisord import Hypervisord
 from .conftest import submit_sleep

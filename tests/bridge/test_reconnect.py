@@ -39,7 +39,7 @@ def test_the_bridge_survives_a_restart_of_the_bus(service_dir, users):
         job_id = submit_sleep(bus.address, steps=1, interval=0.01)
         daemon.stop()
         bus.stop()
-        assert "connection to the system bus" in wait_health(bridge, 503)["reason"]
+        assert "the connection to the bus was lost" in wait_health(bridge, 503)["reason"]
         bus = PrivateSystemBus.start(bus_dir)
         daemon = Hypervisord(config, bus.address)
         daemon.start()

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 
 from hypersdk.http_bridge.auth import Identity
-from hypersdk.http_bridge.mirror import JOB_IFACE, MirrorEvent
+from hypersdk.client.names import JOB_IFACE
+from hypersdk.client.objects import ObjectEvent
 from hypersdk.http_bridge.websocket import WEBSOCKETS, ClientQueue, WebSocketHub, text_frame
 
 from .conftest import submit_sleep
@@ -187,7 +188,7 @@ class FakeMirror:
         props = {"Id": "job-1", "Status": f"status-{index}", "Error": "x" * 1000}
         self.objects[path] = {JOB_IFACE: props}
         for listener in self.listeners:
-            listener(MirrorEvent("changed", path, JOB_IFACE, {"Status": props["Status"]}))
+            listener(ObjectEvent("changed", path, JOB_IFACE, {"Status": props["Status"]}))
 
 
 async def test_a_stalled_client_is_cut_off_and_never_slows_others():

@@ -61,8 +61,9 @@ def test_outsider_is_refused_naming_the_group(system_bus, hypervisord, users):
     job_id = submit_job(system_bus.address, {"steps": 50, "interval": 0.1}, "sleep")
     name, message = _refusal(system_bus.address, OUTSIDER, job_id)
     assert name == "AccessDenied", message
-    assert message.startswith("permission denied: only root and members of group hypersdk "
-                              "may talk to hypervisord"), message
+    assert message.startswith("hypervisord did not list its objects: permission denied: "
+                              "only root and members of group hypersdk may talk to "
+                              "hypervisord"), message
 
 
 class RefusingFakeClient(FakeConsoleClient):

@@ -18,43 +18,35 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label, Static, TextArea
 
-from hypersdk.service.dbus.paths import ROOT_PATH
+from hypersdk.client.names import BACKUP_POLICIES, SCHEDULES, WEBHOOKS, AutomationKind
 
 from ..client import ClientError, ClientEvent
 from .base import HyperScreen
 
 
 @dataclass(frozen=True)
-class AutomationKind:
+class AutomationView:
+    """How the console shows one kind of automation object, and an example to start from."""
+
+    kind: AutomationKind
     label: str
-    feature: str              # the Capabilities feature that says the service has them
-    path: str                 # objects live below this path
-    interface: str
-    create_method: str
     example: dict
-    run_method: str = ""      # "run now" / "test": a method taking only options
 
 
-AUTOMATION_KINDS = {
-    "schedules": AutomationKind(
-        "Schedules", "schedules", ROOT_PATH + "/schedules", "org.hypersdk.HyperSDK1.Schedule",
-        "CreateSchedule",
+AUTOMATION_VIEWS = {
+    "schedules": AutomationView(
+        SCHEDULES, "Schedules",
         {"name": "nightly-web01", "cron": "0 2 * * *",
          "job_definition": {"vm_identifier": "web01", "provider": "vsphere",
-                            "export_method": "ova"}},
-        run_method="RunNow"),
-    "backup_policies": AutomationKind(
-        "Backup policies", "backup_policies", ROOT_PATH + "/backup_policies",
-        "org.hypersdk.HyperSDK1.BackupPolicy", "CreateBackupPolicy",
+                            "export_method": "ova"}}),
+    "backup_policies": AutomationView(
+        BACKUP_POLICIES, "Backup policies",
         {"name": "weekly", "provider": "vsphere", "vm_filter": {"datacenter": "DC0"},
-         "schedule": "0 3 * * 0", "retention": {"count": 4}},
-        run_method="Run"),
-    "webhooks": AutomationKind(
-        "Webhooks", "webhooks", ROOT_PATH + "/webhooks", "org.hypersdk.HyperSDK1.Webhook",
-        "ConfigureWebhook",
+         "schedule": "0 3 * * 0", "retention": {"count": 4}}),
+    "webhooks": AutomationView(
+        WEBHOOKS, "Webhooks",
         {"url": "https://hooks.example.com/hypersdk", "events": ["job.completed",
-                                                                 "job.failed"]},
-        run_method="Test"),
+                                                                 "job.failed"]}),
 }
 NAME_PROPERTIES = ("Name", "Url", "Id")
 HIDDEN_PROPERTIES = NAME_PROPERTIES + ("Enabled", "Definition")
@@ -82,14 +74,14 @@ class CreateDialog(ModalScreen[str | None]):
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"),
                 Binding("ctrl+s", "create", "Create")]
 
-    def __init__(self, kind: AutomationKind) -> None:
+    def __init__(self, view: AutomationView) -> None:
         super().__init__()
-        self.kind = kind
+        self.automation_view = view
 
     def compose(self) -> ComposeResult:
         with Vertical(id="create-dialog"):
-            yield Label(f"New {self.kind.label.lower()[:-1]}: the definition as JSON")
-            yield TextArea(json.dumps(self.kind.example, indent=2), language=None, id="definition")
+            yield Label(f"New {self.automation_view.label.lower()[:-1]}: the definition as JSON")
+            yield TextArea(json.dumps(self.automation_view.example, indent=2), language=None, id="definition")
             yield Static(id="create-error")
             with Horizontal(classes="form-row"):
                 yield Button("Create", variant="primary", id="create")
@@ -126,8 +118,9 @@ class AutomationScreen(HyperScreen):
 
     def __init__(self, kind_name: str) -> None:
         super().__init__()
-        self.kind = AUTOMATION_KINDS[kind_name]
-        self.heading = self.kind.label
+        self.automation_view = AUTOMATION_VIEWS[kind_name]
+        self.kind = self.automation_view.kind
+        self.heading = self.automation_view.label
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="automation-note")
@@ -147,9 +140,9 @@ class AutomationScreen(HyperScreen):
     def rebuild(self) -> None:
         mirror = self.hyper_app.client.mirror
         note = self.query_one("#automation-note", Static)
-        available = self.kind.feature in mirror.capabilities.get("features", [])
+        available = self.kind.name in mirror.capabilities.get("features", [])
         note.display = not available
-        note.update(Text(f"{self.kind.label} are not available on this service.", style="dim"))
+        note.update(Text(f"{self.automation_view.label} are not available on this service.", style="dim"))
         table = self.query_one("#objects", DataTable)
         table.clear()
         for path, props in self.objects().items():
@@ -173,7 +166,7 @@ class AutomationScreen(HyperScreen):
         def created(definition: str | None) -> None:
             if definition:
                 self.create(definition)
-        self.app.push_screen(CreateDialog(self.kind), created)
+        self.app.push_screen(CreateDialog(self.automation_view), created)
 
     @work(group="automation")
     async def create(self, definition: str) -> None:

@@ -8,8 +8,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Select
 
+from hypersdk.client.names import JOB_STATUSES
+
 from .. import format as fmt
-from ..client import JOB_STATUSES, ClientEvent, JobState
+from ..client import ClientEvent, JobState
 from ..widgets import styled_status
 from .base import HyperScreen
 
