@@ -10,7 +10,7 @@ same for a VHDX of the same content, where convert_image runs qemu-img itself
 (goal: job overhead <= 5 %). qemu-img does not flush its output, convert_image
 does (write, fsync, rename), so a "qemu-img + sync" time is shown as well, and
 "qemu-img -t none -W": the command line convert_image itself runs for uncompressed
-output (`qemu_img_convert_args`, see service/pipeline/convert.py), so that ratio is
+output (`qemu_img_convert_args`, see service/disks/convert.py), so that ratio is
 the job's own overhead.
 
     .venv/bin/python bench/convert.py --size 2G [--dir /var/tmp] [--rounds 2] [--keep]
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from hypersdk.service.allocator import keep_heap_padding
 from hypersdk.service.direct_io import supports_direct_io
-from hypersdk.service.pipeline.convert import convert_image, detect_format, qemu_img_convert_args
+from hypersdk.service.disks.convert import convert_image, detect_format, qemu_img_convert_args
 
 MiB = 1 << 20
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

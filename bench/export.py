@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hypersdk.service.allocator import keep_heap_padding  # noqa: E402
 from hypersdk.service.config import parse_config  # noqa: E402
 from hypersdk.service.config_schema import parse_size  # noqa: E402
-from hypersdk.service.pipeline.export import ExportKind  # noqa: E402
+from hypersdk.service.jobs.export import ExportKind  # noqa: E402
 from hypersdk.service.providers.registry import ProviderRegistry  # noqa: E402
 from tests.vcsim.harness import Simulator, give_disks  # noqa: E402
 from tests.vsphere.fake_context import job_context, run_job  # noqa: E402

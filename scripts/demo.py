@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.guest_image import LOGIN_PROMPT, guest_image  # noqa: E402
-from hypersdk.service.pipeline.boot_verify import console_text, last_lines  # noqa: E402
+from hypersdk.service.kvm.boot_verify import console_text, last_lines  # noqa: E402
 from tests.support.hypervisord import Hypervisord, write_config  # noqa: E402
 from tests.support.libvirtd import ensure_system_libvirt  # noqa: E402
 from tests.support.system import PrivateSystemBus  # noqa: E402

@@ -1,6 +1,6 @@
 """glibc malloc settings for a process that moves whole disks through small buffers.
 
-The streamOptimized decoder (pipeline/streamopt.py) allocates and frees a grain's
+The streamOptimized decoder (disks/streamopt.py) allocates and frees a grain's
 worth of memory (64 KiB) per grain on several threads. With glibc's defaults each
 thread's heap hands its free top back to the kernel as soon as it passes 128 KiB, and
 the next grains fault fresh, zeroed pages in again: measured on the 2-core test

@@ -18,7 +18,7 @@ import yaml
 
 from .confine import default_roots
 from .config_schema import ConfigProblem, Field, Schema, validate
-from .pipeline.cpu_choice import AUTO, cpu_mode_rule
+from .kvm.cpu_choice import AUTO, cpu_mode_rule
 from .webhook_targets import targets_rule
 
 DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
@@ -96,7 +96,7 @@ MAIN_SCHEMA: Schema = {
     "libvirt": {
         "uri": Field("str", "qemu:///system"),
         "network": Field("str", "default"),
-        # the guest CPU: auto (probed once per URI, see pipeline/cpu_choice.py) or pinned
+        # the guest CPU: auto (probed once per URI, see kvm/cpu_choice.py) or pinned
         "cpu_mode": Field("str", AUTO, check=cpu_mode_rule),
     },
     "api": {
@@ -114,7 +114,7 @@ MAIN_SCHEMA: Schema = {
         # calls on behalf of a REST user (service/dbus/dispatch.py)
         "bridge_user": Field("str", "hypersdk"),
     },
-    "guest_conversion": {  # virt-v2v-in-place (pipeline/guest_conversion.py)
+    "guest_conversion": {  # virt-v2v-in-place (kvm/guest_conversion.py)
         "virtio_win": Field("str", "", check=lambda v: None if not v or v.startswith("/")
                             else "an absolute path to virtio-win.iso or its directory"),
         "timeout": Field("duration", 3600.0, minimum=1),

@@ -36,9 +36,9 @@ log = logging.getLogger("hypervisord")
 
 # Modules whose import registers the product's job kinds.
 JOB_KIND_MODULES = (
-    "hypersdk.service.pipeline.export",
-    "hypersdk.service.pipeline.convert_job",
-    "hypersdk.service.pipeline.import_job",
+    "hypersdk.service.jobs.export",
+    "hypersdk.service.jobs.convert_job",
+    "hypersdk.service.jobs.import_job",
 )
 
 

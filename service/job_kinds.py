@@ -6,7 +6,7 @@ gives it staging directories: everything a job writes lands through one, and is
 removed again if the job fails or is cancelled. Cancellation arrives
 as asyncio.CancelledError at the next await; a kind must not swallow it.
 
-The export, convert and import kinds live in `pipeline/`; kinds used only to
+The export, convert and import kinds live in `jobs/`; kinds used only to
 exercise the engine live in `tests/`.
 """
 from __future__ import annotations

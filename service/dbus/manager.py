@@ -26,8 +26,8 @@ VIEW = "org.hypersdk.HyperSDK1.view"
 
 def parse_vmdk_confined(value: str, roots: list[str]) -> dict:
     """parse_vmdk of a caller-named file inside the source roots; its extents are opened
-    next to it, never through links (pipeline/vmdk.py); paths in the answer as named."""
-    from ..pipeline.vmdk import parse_vmdk  # noqa: PLC0415 - keeps start-up light
+    next to it, never through links (disks/vmdk.py); paths in the answer as named."""
+    from ..disks.vmdk import parse_vmdk  # noqa: PLC0415 - keeps start-up light
     with open_source(value, roots, "path") as opened:
         through_fd = str(opened.dir_path.parent)
         result = parse_vmdk(opened.dir_path)

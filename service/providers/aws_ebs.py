@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import Failed
-from ..pipeline.diskspace import check_free_space
-from .base import ExportSink
+from ..disks.diskspace import check_free_space
+from ..model import ExportSink
 from .sparse import SparseImage
 
 GIB = 1024 ** 3

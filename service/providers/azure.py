@@ -25,7 +25,8 @@ from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable, Unavailable
 from .azure_blob import download_disk_blob
 from .azure_vhd import check_fixed_vhd
-from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, require_extra
+from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
+from .base import Provider, require_extra
 from .cleanup import run_to_completion
 from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
 from .sparse import SparseImage

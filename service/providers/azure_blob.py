@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Iterator
 
-from .base import ExportSink, require_extra
+from ..model import ExportSink
+from .base import require_extra
 from .sparse import SparseImage
 
 MAX_PIECE = 4 * 1024 * 1024  # memory in flight is at most parallel * MAX_PIECE

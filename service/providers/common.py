@@ -4,7 +4,7 @@
   must be readable by their owner only (mode 0600 or stricter).
 - `fetch_ranges`: a resumable, checksummed copy of a remote object read in ranges
   through an SDK call (a GCS blob range, a chunk read over WinRM) into a local file.
-  HTTP URLs go through `pipeline/download.py` instead.
+  HTTP URLs go through `disks/download.py` instead.
 - `OutputFiles`: the disk files one export wrote, removed again if the export fails
   so that nothing partial is left in the target directory.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import Failed, InvalidArgument
-from .base import ExportSink
+from ..model import ExportSink
 
 PRIVATE_FILE_RULE = "a file readable by its owner only (mode 0600 or stricter)"
 

@@ -31,8 +31,8 @@ from typing import Any
 
 from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Unavailable
-from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, \
-    require_extra
+from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
+from .base import Provider, require_extra
 from .cleanup import run_to_completion
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
     private_file_rule, read_private_file

@@ -4,7 +4,7 @@ Export: `CreateImage` from the instance (a custom image holds the boot volume; b
 volumes are listed in the VM info but OCI has no export of them to Object Storage),
 wait until it is AVAILABLE, `ExportImage` to `export_bucket` as QCOW2 or VMDK, wait
 until the image is AVAILABLE again, create a read-only pre-authenticated request
-(PAR) for the object and download it over plain HTTPS with `pipeline/download.py`
+(PAR) for the object and download it over plain HTTPS with `disks/download.py`
 (streamed, resumed with Range, sha256). The PAR, the object and the image are
 deleted afterwards, also when a step fails.
 
@@ -28,9 +28,9 @@ from typing import Any, Callable
 from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Retryable, \
     Unavailable
-from ..pipeline.download import download
-from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo, \
-    require_extra
+from ..disks.download import download
+from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
+from .base import Provider, require_extra
 from .cleanup import run_to_completion
 from .common import OutputFiles, check_filter, closest, private_file_rule
 

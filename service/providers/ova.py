@@ -7,9 +7,9 @@ read. No config section is needed (`provider: "ova"` always exists).
 
 - list_vms: the .ova/.ovf files in the import directories (one level of
   subdirectories, as an unpacked OVF usually sits in its own folder).
-- get_vm: the parsed OVF descriptor (pipeline/ovf.py: no DTDs, no entities). For an
+- get_vm: the parsed OVF descriptor (disks/ovf.py: no DTDs, no entities). For an
   OVA only the descriptor member is read from the tar.
-- export_disks: an OVA is safe-extracted with its .mf checked (pipeline/ova.py)
+- export_disks: an OVA is safe-extracted with its .mf checked (disks/ova_extract.py)
   into a hidden directory inside the target, its disks are moved into the target
   and the rest is removed; for an OVF the directory's .mf is checked and the
   referenced disks are copied (streamed, sha256). The normal pipeline takes over.
@@ -29,10 +29,11 @@ from pathlib import Path, PurePosixPath
 
 from ..confine import OpenFile, open_source
 from ..errors import Failed, InvalidArgument, NotFound
-from ..pipeline.convert import detect_format
-from ..pipeline.ova import extract_ova, parse_manifest, verify_manifest
-from ..pipeline.ovf import MAX_OVF_BYTES, OvfInfo, parse_ovf
-from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, NicInfo, Provider, VMInfo
+from ..disks.convert import detect_format
+from ..disks.ova_extract import extract_ova, parse_manifest, verify_manifest
+from ..disks.ovf import MAX_OVF_BYTES, OvfInfo, parse_ovf
+from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
+from .base import Provider
 from .common import OutputFiles, check_filter, closest
 
 SDK_MODULES: tuple[str, ...] = ()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..config_schema import Field
 from ..errors import Failed, NotFound
-from .base import ExportedDisk, ExportOptions, ExportSink, Provider, VMInfo
+from ..model import ExportOptions, ExportSink, ExportedDisk, VMInfo
+from .base import Provider
 from .common import closest, private_file_rule
 from .vsphere_session import SessionPool, finish_config, host_rule
 from .vsphere_tags import SessionTags

@@ -12,12 +12,12 @@
    usual datastore layout) has its extents fetched too and joined by qemu-img into
    one monolithicSparse VMDK, so every exported disk is one self-contained file.
 
-Either way every disk goes through `pipeline.download.download` (streamed, hashed,
+Either way every disk goes through `disks.download.download` (streamed, hashed,
 resumed with Range, size-checked, write-then-rename); the disks of one VM download
 in parallel up to `options.parallel_disks`. If any disk fails, the finished ones
 are removed too, so the target directory holds a complete set or nothing. A
 disk's download also feeds `options.stream_consumer`, when set, so its conversion
-can run while it downloads (`pipeline/overlap.py`).
+can run while it downloads (`jobs/overlap.py`).
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 import aiohttp
 
 from ..errors import Failed
-from ..pipeline.convert import run_qemu_img_convert
-from ..pipeline.download import download, file_sha256, temp_path_for
-from ..pipeline.ovf_writer import safe_name
-from ..pipeline.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
+from ..disks.convert import run_qemu_img_convert
+from ..disks.download import download, file_sha256, temp_path_for
+from ..disks.ovf_writer import safe_name
+from ..disks.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
 from ..redact import redact_url
-from .base import DiskInfo, ExportedDisk, ExportOptions, ExportSink, VMInfo
+from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, VMInfo
 from .vsphere_session import SessionPool
 
 LEASE_READY_TIMEOUT = 300.0

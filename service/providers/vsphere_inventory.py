@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pyVmomi import vim, vmodl
 
 from ..errors import InvalidArgument
-from .base import DiskInfo, NicInfo, VMInfo
+from ..model import DiskInfo, NicInfo, VMInfo
 
 POWER_STATES = ("poweredOn", "poweredOff", "suspended")
 FILTER_KEYS = ("datacenter", "status", "power_state", "folder", "name", "tags")

@@ -24,7 +24,7 @@ import time
 
 import aiohttp
 
-from .base import VMInfo
+from ..model import VMInfo
 from .vsphere_session import SessionPool
 
 log = logging.getLogger(__name__)

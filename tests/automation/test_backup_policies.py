@@ -15,7 +15,7 @@ import pytest
 
 from hypersdk.service.backup_policies import Backup, BackupPolicies, plan_retention
 from hypersdk.service.errors import InvalidArgument, Unavailable
-from hypersdk.service.pipeline import export as _export_kind  # noqa: F401 (registers "export")
+from hypersdk.service.jobs import export as _export_kind# noqa: F401 (registers "export")
 
 from .conftest import PRODUCTION, FakeClock, make_config, start_engine, stop_engine
 

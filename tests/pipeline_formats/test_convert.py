@@ -9,8 +9,8 @@ import time
 import pytest
 
 from hypersdk.service.errors import Failed, InvalidArgument
-from hypersdk.service.pipeline.convert import convert_image, detect_format
-from hypersdk.service.pipeline.streamopt import GrowingFile, decode
+from hypersdk.service.disks.convert import convert_image, detect_format
+from hypersdk.service.disks.streamopt import GrowingFile, decode
 
 from ..support.direct_io import fake_refusing_o_direct
 from ..support.pagecache import cached_bytes

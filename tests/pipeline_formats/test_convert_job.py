@@ -9,7 +9,7 @@ import pytest
 
 from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.job_kinds import get_kind
-from hypersdk.service.pipeline.convert_job import ConvertKind
+from hypersdk.service.jobs.convert_job import ConvertKind
 
 from tests.vsphere.fake_context import FakeJobContext, run_job
 

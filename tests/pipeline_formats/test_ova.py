@@ -10,7 +10,7 @@ import pytest
 
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
 from hypersdk.service.confine import open_source
-from hypersdk.service.pipeline.ova import extract_ova, verify_manifest
+from hypersdk.service.disks.ova_extract import extract_ova, verify_manifest
 
 OVF_TEXT = (Path(__file__).with_name("sample.ovf")).read_bytes()
 DISK1 = b"disk-one" * 10000

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.errors import Cancelled, InvalidArgument
-from hypersdk.service.pipeline import ovf_writer
-from hypersdk.service.pipeline.ovf import parse_ovf, parse_units
+from hypersdk.service.disks import ovf_writer
+from hypersdk.service.disks.ovf import parse_ovf, parse_units
 
 SAMPLE = Path(__file__).with_name("sample.ovf")
 

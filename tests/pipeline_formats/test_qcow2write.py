@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from hypersdk.service.direct_io import DirectFile
-from hypersdk.service.pipeline.qcow2write import RESERVE_STEP, Qcow2Writer
+from hypersdk.service.disks.qcow2write import RESERVE_STEP, Qcow2Writer
 
 from .helpers import images_equal, qemu_img
 

@@ -17,8 +17,8 @@ import pytest
 
 from hypersdk.service.direct_io import DirectFile
 from hypersdk.service.errors import Cancelled, Failed
-from hypersdk.service.pipeline import stream_reader
-from hypersdk.service.pipeline.streamopt import GrowingFile, decode
+from hypersdk.service.disks import stream_reader
+from hypersdk.service.disks.streamopt import GrowingFile, decode
 
 from ..support.direct_io import fake_refusing_o_direct
 from .helpers import MiB, grain_ends, images_equal, make_raw, qemu_img

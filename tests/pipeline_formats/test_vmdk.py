@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from hypersdk.service.errors import Failed, InvalidArgument
-from hypersdk.service.pipeline.vmdk import parse_vmdk
+from hypersdk.service.disks.vmdk import parse_vmdk
 
 from .helpers import DISK_SIZE, make_image
 

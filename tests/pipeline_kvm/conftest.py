@@ -15,8 +15,8 @@ import libvirt
 import pytest
 
 from hypersdk.service.config import parse_config
-from hypersdk.service.pipeline.export import ExportKind
-from hypersdk.service.providers.base import ExportedDisk
+from hypersdk.service.jobs.export import ExportKind
+from hypersdk.service.model import ExportedDisk
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.libvirtd import ensure_system_libvirt

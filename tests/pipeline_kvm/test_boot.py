@@ -14,10 +14,10 @@ from lxml import etree
 import pytest
 
 from hypersdk.service.errors import Failed
-from hypersdk.service.pipeline.domain_xml import DomainDisk, DomainSpec
-from hypersdk.service.pipeline.handoff import run_integration, validate_integration
-from hypersdk.service.pipeline.libvirt_import import import_domain
-from hypersdk.service.providers.base import VMInfo
+from hypersdk.service.kvm.domain_xml import DomainDisk, DomainSpec
+from hypersdk.service.jobs.handoff import run_integration, validate_integration
+from hypersdk.service.kvm.libvirt_import import import_domain
+from hypersdk.service.model import VMInfo
 
 from tests.support.bootdisk import write_boot_disk
 

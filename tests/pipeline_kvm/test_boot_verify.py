@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.errors import Failed, InvalidArgument, Unavailable
-from hypersdk.service.pipeline.boot_verify import DEFAULT_EXPECT, DEFAULT_TIMEOUT
-from hypersdk.service.pipeline.domain_xml import DomainDisk, DomainSpec
-from hypersdk.service.pipeline.guest_conversion import _Run, check_virtio_win, convert_guest
-from hypersdk.service.pipeline.handoff import validate_integration
-from hypersdk.service.pipeline.import_job import ImportKind
-from hypersdk.service.pipeline.kvm_landing import Landing, land
+from hypersdk.service.kvm.boot_verify import DEFAULT_EXPECT, DEFAULT_TIMEOUT
+from hypersdk.service.kvm.domain_xml import DomainDisk, DomainSpec
+from hypersdk.service.kvm.guest_conversion import _Run, check_virtio_win, convert_guest
+from hypersdk.service.jobs.handoff import validate_integration
+from hypersdk.service.jobs.import_job import ImportKind
+from hypersdk.service.kvm.kvm_landing import Landing, land
 from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.vsphere.fake_context import FakeSubmitContext
 

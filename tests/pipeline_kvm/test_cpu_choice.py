@@ -14,10 +14,10 @@ import pytest
 from lxml import etree
 
 from hypersdk.service.errors import Failed
-from hypersdk.service.pipeline import cpu_choice
-from hypersdk.service.pipeline.cpu_choice import CpuChoice, choose_cpu, probe
-from hypersdk.service.pipeline.domain_xml import DomainDisk, DomainSpec, GuestCpu
-from hypersdk.service.pipeline.libvirt_import import import_domain
+from hypersdk.service.kvm import cpu_choice
+from hypersdk.service.kvm.cpu_choice import CpuChoice, choose_cpu, probe
+from hypersdk.service.kvm.domain_xml import DomainDisk, DomainSpec, GuestCpu
+from hypersdk.service.kvm.libvirt_import import import_domain
 
 from tests.support.bootdisk import write_boot_disk
 

@@ -8,7 +8,7 @@ import pytest
 from lxml import etree
 
 from hypersdk.service.errors import InvalidArgument
-from hypersdk.service.pipeline.domain_xml import (
+from hypersdk.service.kvm.domain_xml import (
     OVMF_CODE, OVMF_CODE_SECBOOT, OVMF_VARS, OVMF_VARS_SECBOOT, DomainDisk, DomainNic, DomainSpec,
     build_domain_xml, detect_domain_type, domain_notes, guest_family)
 

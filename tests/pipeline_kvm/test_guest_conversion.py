@@ -20,8 +20,8 @@ import pytest
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.errors import Failed
-from hypersdk.service.pipeline.guest_conversion import STAGE as CONVERSION_STAGE, TOOL
-from hypersdk.service.pipeline.import_job import ImportKind
+from hypersdk.service.kvm.guest_conversion import STAGE as CONVERSION_STAGE, TOOL
+from hypersdk.service.jobs.import_job import ImportKind
 from tests.support.guest_image import LOGIN_PROMPT, guest_image
 from tests.vcsim.harness import Simulator, prepare_image_vm
 from tests.vsphere.fake_context import job_context, run_job

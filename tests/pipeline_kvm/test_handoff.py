@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
-from hypersdk.service.pipeline.handoff import run_integration, validate_integration
-from hypersdk.service.providers.base import ExportedDisk, NicInfo, VMInfo
+from hypersdk.service.jobs.handoff import run_integration, validate_integration
+from hypersdk.service.model import ExportedDisk, NicInfo, VMInfo
 
 from .conftest import export_vmdk, fake_job_context, qemu_img
 

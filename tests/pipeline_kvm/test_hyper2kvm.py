@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.errors import Failed
-from hypersdk.service.pipeline.hyper2kvm import reported_failure, unit_state, wait_for_output
+from hypersdk.service.jobs.hyper2kvm import reported_failure, unit_state, wait_for_output
 
 
 def instance() -> str:

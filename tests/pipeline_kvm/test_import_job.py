@@ -8,7 +8,7 @@ import pytest
 
 from hypersdk.service.errors import AlreadyExists, InvalidArgument
 from hypersdk.service.job_kinds import get_kind
-from hypersdk.service.pipeline.import_job import ImportKind
+from hypersdk.service.jobs.import_job import ImportKind
 
 from .conftest import fake_job_context, qemu_img
 

@@ -9,8 +9,8 @@ import pytest
 from lxml import etree
 
 from hypersdk.service.errors import AlreadyExists, NotFound, Unavailable
-from hypersdk.service.pipeline.domain_xml import DomainDisk, DomainNic, DomainSpec
-from hypersdk.service.pipeline.libvirt_import import import_domain
+from hypersdk.service.kvm.domain_xml import DomainDisk, DomainNic, DomainSpec
+from hypersdk.service.kvm.libvirt_import import import_domain
 
 from .conftest import qemu_img
 

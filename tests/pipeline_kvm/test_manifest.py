@@ -11,8 +11,8 @@ from hyper2kvm.manifest.loader import ManifestLoader
 
 from hypersdk.service.confine import open_dir
 from hypersdk.service.errors import Failed, NotFound
-from hypersdk.service.pipeline.manifest import build_manifest, mem_gb, write_manifest
-from hypersdk.service.providers.base import ExportedDisk, NicInfo, VMInfo
+from hypersdk.service.jobs.manifest import build_manifest, mem_gb, write_manifest
+from hypersdk.service.model import ExportedDisk, NicInfo, VMInfo
 
 from .conftest import fake_job_context
 

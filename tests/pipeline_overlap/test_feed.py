@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 
 from hypersdk.service.confine import open_dir
-from hypersdk.service.pipeline import overlap
-from hypersdk.service.pipeline.download import download
-from hypersdk.service.providers.base import DiskInfo
+from hypersdk.service.jobs import overlap
+from hypersdk.service.disks.download import download
+from hypersdk.service.model import DiskInfo
 from tests.vsphere.fake_context import FakeJobContext
 from tests.vsphere.fault_proxy import FaultInjectingProxy
 

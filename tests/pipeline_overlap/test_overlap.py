@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.errors import Failed
-from hypersdk.service.pipeline.export import ExportKind
+from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.providers import vsphere_export
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.vcsim.harness import find_vm, give_disks

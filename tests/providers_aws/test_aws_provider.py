@@ -12,7 +12,8 @@ import pytest
 
 from hypersdk.service.config import ConfigError, parse_config
 from hypersdk.service.errors import Failed, InvalidArgument, NotFound, Unavailable
-from hypersdk.service.providers.base import ExportOptions, require_extra
+from hypersdk.service.model import ExportOptions
+from hypersdk.service.providers.base import require_extra
 
 from .conftest import (SECRET, instance_on_snapshot_volume, make_provider, put_snapshot,
                        run_instance)

@@ -16,8 +16,8 @@ from moto.server import ThreadedMotoServer
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.errors import InvalidArgument
-from hypersdk.service.pipeline.export import ExportKind
-from hypersdk.service.providers.base import ExportOptions
+from hypersdk.service.jobs.export import ExportKind
+from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..providers_gcp.fake_sink import FakeExportSink
@@ -102,7 +102,7 @@ async def test_backup_series_full_then_incremental(inprocess_moto, volume_conten
 
 
 async def test_export_job_kind_writes_the_raw_disk(inprocess_moto, volume_content, tmp_path):
-    """pipeline/export.py drives the provider the registry builds from the config."""
+    """jobs/export.py drives the provider the registry builds from the config."""
     ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
     instance = run_instance(ec2, "job-1")
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]

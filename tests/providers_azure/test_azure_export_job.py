@@ -1,4 +1,4 @@
-"""The export job kind (pipeline/export.py) driving the Azure provider from the registry:
+"""The export job kind (jobs/export.py) driving the Azure provider from the registry:
 disks land in the export directory as fixed VHDs, named in the manifest, readable by qemu-img."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import subprocess
 
 from hypersdk.service.config import parse_config
-from hypersdk.service.pipeline.export import ExportKind
+from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.providers.azure import AzureProvider
 from hypersdk.service.providers.registry import ProviderRegistry
 

@@ -13,7 +13,8 @@ import pytest
 
 from hypersdk.service.config import ConfigError, parse_config
 from hypersdk.service.errors import Failed, InvalidArgument, NotFound, Unavailable
-from hypersdk.service.providers.base import ExportOptions, require_extra
+from hypersdk.service.model import ExportOptions
+from hypersdk.service.providers.base import require_extra
 
 from ..vsphere.fault_proxy import FaultInjectingProxy
 from .conftest import make_provider, make_vhd, upload_disk

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from hypersdk.service.config import ConfigError, parse_config
 from hypersdk.service.errors import Failed, InvalidArgument, NotAuthorized, NotFound
-from hypersdk.service.providers.base import ExportOptions
+from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.gcp import GcpProvider
 
 from .fake_sink import FakeExportSink

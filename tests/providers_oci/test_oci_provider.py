@@ -9,7 +9,7 @@ import pytest
 
 from hypersdk.service.config import ConfigError, parse_config
 from hypersdk.service.errors import Failed, InvalidArgument, NotAuthorized, NotFound
-from hypersdk.service.providers.base import ExportOptions
+from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.oci import OciProvider
 
 from ..providers_gcp.fake_sink import FakeExportSink

@@ -1,4 +1,4 @@
-"""OVAs and OVFs written by our own writer (pipeline/ovf_writer.py) from real VMDKs,
+"""OVAs and OVFs written by our own writer (disks/ovf_writer.py) from real VMDKs,
 placed in an import directory the config allows."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.config import parse_config
-from hypersdk.service.pipeline import ovf_writer
-from hypersdk.service.providers.base import DiskInfo, ExportedDisk, NicInfo, VMInfo
+from hypersdk.service.disks import ovf_writer
+from hypersdk.service.model import DiskInfo, ExportedDisk, NicInfo, VMInfo
 from hypersdk.service.providers.ova import OvaProvider
 
 

@@ -1,12 +1,12 @@
-"""An OVA written by our own export job (pipeline/export.py) read back through the ova
+"""An OVA written by our own export job (jobs/export.py) read back through the ova
 provider: the export job takes an OVA in and puts an OVA out, the disks stay identical."""
 from __future__ import annotations
 
 import subprocess
 
 from hypersdk.service.config import parse_config
-from hypersdk.service.pipeline.export import ExportKind
-from hypersdk.service.providers.base import ExportOptions
+from hypersdk.service.jobs.export import ExportKind
+from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..providers_gcp.fake_sink import FakeExportSink

@@ -11,7 +11,7 @@ import pytest
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.errors import Failed, InvalidArgument, NotFound
-from hypersdk.service.providers.base import ExportOptions
+from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..providers_gcp.fake_sink import FakeExportSink
@@ -140,9 +140,9 @@ async def test_ova_provider_needs_no_config_section(imports):
 
 async def test_ova_from_our_writer_becomes_a_libvirt_domain(provider, imports, tmp_path):
     """The whole way a user's OVA goes: ova provider -> qemu-img convert -> domain."""
-    from hypersdk.service.pipeline.convert import convert_image
-    from hypersdk.service.pipeline.domain_xml import DomainDisk, DomainNic, DomainSpec
-    from hypersdk.service.pipeline.libvirt_import import import_domain
+    from hypersdk.service.disks.convert import convert_image
+    from hypersdk.service.kvm.domain_xml import DomainDisk, DomainNic, DomainSpec
+    from hypersdk.service.kvm.libvirt_import import import_domain
 
     package = write_package(imports, "roundtrip")
     vm, disks = await provider.export_disks("roundtrip.ova", tmp_path / "staging",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hypersdk.service.pipeline.vmdk import (GD_CHUNK_ENTRIES, SparseHeader,
+from hypersdk.service.disks.vmdk import (GD_CHUNK_ENTRIES, SparseHeader,
                                             grain_tables_complete)
 
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, BusMonitor, busctl,

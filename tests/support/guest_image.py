@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hypersdk.service.pipeline.libguestfs import appliance_env
+from hypersdk.service.kvm.libguestfs import appliance_env
 
 CACHE_ROOT = Path(os.environ.get("HYPERSDK_GUEST_CACHE", "/var/tmp/hypersdk-guest"))
 SUITE = "bookworm"

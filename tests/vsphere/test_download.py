@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from hypersdk.service.errors import Failed, NotFound
-from hypersdk.service.pipeline.download import download, redact_url
+from hypersdk.service.disks.download import download, redact_url
 
 from ..support.direct_io import fake_refusing_o_direct
 from ..support.pagecache import cached_bytes

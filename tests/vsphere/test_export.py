@@ -13,9 +13,9 @@ from lxml import etree
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
-from hypersdk.service.pipeline import diskspace
-from hypersdk.service.pipeline.export import ExportKind
-from hypersdk.service.pipeline.ovf_writer import OVF, RASD
+from hypersdk.service.disks import diskspace
+from hypersdk.service.jobs.export import ExportKind
+from hypersdk.service.disks.ovf_writer import OVF, RASD
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.vcsim.harness import find_vm, give_disks
 
@@ -331,10 +331,10 @@ async def test_parallel_disks_bound(tmp_path, sim, uploaded, parallel):
 
 async def test_raw_disk_from_another_provider_becomes_stream_optimized_vmdk(tmp_path):
     """OVA/OVF packages carry VMDKs: a raw disk (as the cloud providers export) is rewritten."""
-    from hypersdk.service.pipeline.download import file_sha256
-    from hypersdk.service.pipeline.export import to_ovf_disk
-    from hypersdk.service.pipeline.ovf_writer import vmdk_create_type
-    from hypersdk.service.providers.base import ExportedDisk
+    from hypersdk.service.disks.download import file_sha256
+    from hypersdk.service.jobs.export import to_ovf_disk
+    from hypersdk.service.disks.ovf_writer import vmdk_create_type
+    from hypersdk.service.model import ExportedDisk
 
     raw = tmp_path / "vm-disk1.raw"
     with open(raw, "wb") as handle:
@@ -360,8 +360,8 @@ async def test_raw_disk_from_another_provider_becomes_stream_optimized_vmdk(tmp_
 
 def test_ovf_for_a_vm_without_controller_details(tmp_path):
     """Cloud providers do not report controllers: the disks hang off one SCSI controller."""
-    from hypersdk.service.pipeline.ovf_writer import build_ovf
-    from hypersdk.service.providers.base import DiskInfo, ExportedDisk, NicInfo, VMInfo
+    from hypersdk.service.disks.ovf_writer import build_ovf
+    from hypersdk.service.model import DiskInfo, ExportedDisk, NicInfo, VMInfo
     from tests.vcsim.harness import make_vmdk
 
     vmdk = make_vmdk(tmp_path / "web-disk1.vmdk", 4 << 20, seed=7)

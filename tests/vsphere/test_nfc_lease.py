@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from hypersdk.service.errors import Failed, NotFound
-from hypersdk.service.pipeline.export import ExportKind
+from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.providers import vsphere_export
-from hypersdk.service.providers.base import ExportOptions
+from hypersdk.service.model import ExportOptions
 
 from .fake_context import FakeJobContext, FakeSubmitContext, job_context, run_job
 from .fault_proxy import FaultInjectingProxy

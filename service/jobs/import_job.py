@@ -3,7 +3,7 @@
 The definition is the spec's `/import-to-kvm` body — vm_name, disk_path (or
 disk_paths, boot disk first), memory_mb, vcpus, network, autostart — plus the
 optional firmware, os_type, uuid, start, disk_format (say "raw" to import raw
-disks: service/pipeline/disk_format.py), guest_conversion (virt-v2v-in-place on the
+disks: service/disks/disk_format.py), guest_conversion (virt-v2v-in-place on the
 disks, in place, before the define) and verify_boot (true or {timeout, expect}: start
 and wait until the guest booted). `network: ""` means no NIC. The libvirt URI comes
 from the config (`libvirt.uri`), never from the caller.
@@ -22,13 +22,13 @@ from typing import Any
 from ..confine import check_source, open_source, real_path
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
-from .boot_verify import parse_verify_boot
-from .convert import image_info
-from .disk_format import check_claimed_format
-from .domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec,
+from ..kvm.boot_verify import parse_verify_boot
+from ..disks.convert import image_info
+from ..disks.disk_format import check_claimed_format
+from ..kvm.domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, check_spec,
                          serial_log_beside)
-from .kvm_landing import Landing, land
-from .libvirt_import import check_disk_for_libvirt, preflight
+from ..kvm.kvm_landing import Landing, land
+from ..kvm.libvirt_import import check_disk_for_libvirt, preflight
 
 _FIELDS: dict[str, type] = {
     "vm_name": str, "disk_path": str, "disk_paths": list, "memory_mb": int, "vcpus": int,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from ..errors import Failed
 from ..staging import Staging
-from ..providers.base import ExportedDisk, VMInfo
-from .domain_xml import guest_family
-from .ovf_writer import safe_name
+from ..model import ExportedDisk, VMInfo
+from ..kvm.domain_xml import guest_family
+from ..disks.ovf_writer import safe_name
 
 MANIFEST_VERSION = "1.0"
 SOURCE_FORMATS = ("vmdk", "qcow2", "raw", "vhd", "vhdx", "vdi")

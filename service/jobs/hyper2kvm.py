@@ -1,6 +1,6 @@
 """The hyper2kvm daemon as seen from an export job: is its unit running, is its output there.
 
-`unit_state` asks systemd over the system bus (the only D-Bus use in pipeline/, as
+`unit_state` asks systemd over the system bus (the only D-Bus use in jobs/, as
 a plain client of org.freedesktop.systemd1): Manager.GetUnit, or LoadUnit for a
 unit systemd has not loaded yet, then the Unit's ActiveState property.
 `wait_for_output` polls the converter's output directory for the disk images

@@ -42,7 +42,7 @@ async def run_in_own_thread(fn: Callable[[], T], stop: Callable[[], None], name:
     """Run blocking `fn()` in a new thread called `name`; on cancel call `stop()` and wait.
 
     For work that must not take a thread of the default executor (a download that
-    conversions, waiting in executor threads, follow: pipeline/overlap.py).
+    conversions, waiting in executor threads, follow: jobs/overlap.py).
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()

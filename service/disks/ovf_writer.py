@@ -19,7 +19,7 @@ from typing import IO, Callable
 from lxml import etree
 
 from ..errors import Cancelled, Failed
-from ..providers.base import ExportedDisk, VMInfo
+from ..model import ExportedDisk, VMInfo
 from .vmdk import MAX_DESCRIPTOR_BYTES, SECTOR
 
 OVF = "http://schemas.dmtf.org/ovf/envelope/1"

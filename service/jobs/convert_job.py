@@ -8,7 +8,7 @@ Definition (the spec's `/convert` body):
 source_path must lie inside `paths.sources`, output_path inside `paths.outputs`
 (service/confine.py). The kind of source is read from its content, not its name, and
 must agree with its name; a source that is only raw data is converted only when the
-caller says `source_format: "raw"` (service/pipeline/disk_format.py). Every disk an
+caller says `source_format: "raw"` (service/disks/disk_format.py). Every disk an
 OVF/OVA references is converted into output_path through the job's staging
 directory; progress adds up over all of them in bytes of virtual size. If any disk
 fails, the disks that had landed are removed again.
@@ -25,12 +25,12 @@ from ..definitions import check_fields
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..staging import Staging
-from .convert import OUTPUT_FORMATS, convert_image, inspect_source
-from .disk_format import SOURCE_FORMATS, check_claimed_format
-from .ova import extract_ova, verify_manifest
-from .ovf import OvfInfo, parse_ovf
-from .threads import run_stoppable
-from .vmdk import external_files
+from ..disks.convert import OUTPUT_FORMATS, convert_image, inspect_source
+from ..disks.disk_format import SOURCE_FORMATS, check_claimed_format
+from ..disks.ova_extract import extract_ova, verify_manifest
+from ..disks.ovf import OvfInfo, parse_ovf
+from ..disks.threads import run_stoppable
+from ..disks.vmdk import external_files
 
 FIELDS = ("source_path", "output_path", "conversion_options")
 OPTION_FIELDS = ("format", "compression", "source_format")

@@ -8,7 +8,7 @@ Three modes, chosen by the job definition:
   every disk with the built-in converter into `<hyper2kvm.output_dir>/<vm>/` and, when
   `import_to_kvm` is set, define the domain in libvirt. Disks that arrive as
   streamOptimized VMDKs are converted while they download (`enable_streaming`,
-  `pipeline/overlap.py`); the others after the export.
+  `jobs/overlap.py`); the others after the export.
 """
 from __future__ import annotations
 
@@ -24,21 +24,21 @@ from ..definitions import check_fields
 from ..errors import AlreadyExists, InvalidArgument
 from ..confine import open_dir
 from ..staging import Staging
-from .boot_verify import parse_verify_boot
-from .convert import ConvertedImage, convert_image
-from .domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
+from ..kvm.boot_verify import parse_verify_boot
+from ..disks.convert import ConvertedImage, convert_image
+from ..kvm.domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                          serial_log_beside)
 from .hyper2kvm import UnitState, unit_name, unit_state, wait_for_output
-from .kvm_landing import Landing, land
-from .libvirt_import import preflight
+from ..kvm.kvm_landing import Landing, land
+from ..kvm.libvirt_import import preflight
 from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
 from .overlap import JobProgress, StreamConversions
-from .ovf_writer import safe_name
+from ..disks.ovf_writer import safe_name
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..job_kinds import JobContext
-    from ..providers.base import ExportedDisk, VMInfo
+    from ..model import ExportedDisk, VMInfo
 
 FIELD = "hyper2kvm_integration"
 INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

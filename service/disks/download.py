@@ -266,7 +266,7 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
     out = await asyncio.to_thread(DirectFile, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                                   0o666)
     try:
-        if on_temp is not None:  # a reader that follows the download (pipeline/overlap.py)
+        if on_temp is not None:  # a reader that follows the download (jobs/overlap.py)
             on_temp(temp)
         writer = HashingDiskWriter(out, chunk_size, post(on_bytes))
         transfer = _Transfer(url, writer, shown=shown, expected_size=expected_size,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import Failed, Unavailable
-from .convert import kill_group
+from ..disks.convert import kill_group
 from .domain_xml import DomainSpec, build_domain_xml
 from .libguestfs import accelerator, appliance_env
 

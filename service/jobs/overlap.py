@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING
 
 from ..errors import Failed
 from ..staging import Staging
-from . import streamopt
-from .convert import ConvertedImage, convert_image
-from .ovf_writer import safe_name
-from .vmdk import SECTOR, read_sparse_header
-from .threads import run_stoppable
+from ..disks import streamopt
+from ..disks.convert import ConvertedImage, convert_image
+from ..disks.ovf_writer import safe_name
+from ..disks.vmdk import SECTOR, read_sparse_header
+from ..disks.threads import run_stoppable
 
 if TYPE_CHECKING:
     from ..job_kinds import JobContext
-    from ..providers.base import DiskInfo
+    from ..model import DiskInfo
 
 MAX_STREAMS = 2  # conversions running at once while their disks download
 

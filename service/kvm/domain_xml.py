@@ -24,7 +24,7 @@ from pathlib import Path
 from lxml import etree
 
 from ..errors import InvalidArgument
-from .ovf_writer import safe_name
+from ..disks.ovf_writer import safe_name
 
 OVMF_DIR = Path("/usr/share/OVMF")
 OVMF_CODE = OVMF_DIR / "OVMF_CODE_4M.fd"

@@ -35,13 +35,16 @@ from ..errors import AlreadyExists, Failed, InvalidArgument
 from ..definitions import check_fields
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..staging import Staging
-from ..providers.base import ExportedDisk, ExportOptions, VMInfo
-from . import guest_conversion, handoff, overlap, ovf_writer
-from .ovf_writer import safe_name
-from .convert import run_qemu_img_convert
-from .diskspace import check_free_space
-from .download import file_sha256
-from .threads import run_stoppable
+from ..model import ExportOptions, ExportedDisk, VMInfo
+from ..kvm import guest_conversion
+from . import handoff
+from . import overlap
+from ..disks import ovf_writer
+from ..disks.ovf_writer import safe_name
+from ..disks.convert import run_qemu_img_convert
+from ..disks.diskspace import check_free_space
+from ..disks.download import file_sha256
+from ..disks.threads import run_stoppable
 
 METHODS = ("ova", "ovf", "disk")
 FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options",

@@ -1,1 +1,0 @@
-"""Pipeline stages: export, disk formats, convert, libvirt domain, import, hand-off."""
