@@ -43,9 +43,10 @@ DEFAULT_CONTROLLER = {"key": -1, "type": "scsi", "model": "VirtualLsiLogicContro
 NIC_SUBTYPES = {"vmxnet3": "VmxNet3", "e1000": "E1000", "e1000e": "E1000e", "pcnet32": "PCNet32"}
 
 
-def safe_name(name: str) -> str:
-    """A file-name-safe stem for a VM's output files."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "vm"
+def safe_name(name: str, limit: int | None = None) -> str:
+    """A stem safe in file and object names: runs of other characters become one "_",
+    no leading or trailing "." or "_", at most `limit` characters; "vm" when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:limit] or "vm"
 
 
 def _q(ns: str, tag: str) -> str:

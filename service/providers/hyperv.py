@@ -31,6 +31,7 @@ from typing import Any
 
 from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Unavailable
+from ..disks.ovf_writer import safe_name
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import run_to_completion
@@ -266,7 +267,7 @@ class HypervProvider(Provider):
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
         vm = await self.get_vm(identifier)
         host_dir = str(PureWindowsPath(self.settings["host_export_dir"])
-                       / f"{_safe(vm.name)}-{secrets.token_hex(4)}")
+                       / f"{safe_name(vm.name, 40)}-{secrets.token_hex(4)}")
         outputs = OutputFiles(target_dir)
         stopped = False
         try:
@@ -299,7 +300,7 @@ class HypervProvider(Provider):
         remote_path = remote["Path"]
         size = int(remote["Length"])
         fmt = PureWindowsPath(remote_path).suffix.lower().lstrip(".")
-        target = target_dir / f"{_safe(vm.name)}-{disk.key}.{fmt}"
+        target = target_dir / f"{safe_name(vm.name, 40)}-{disk.key}.{fmt}"
         chunk = min(self.settings["read_chunk"], max(options.chunk_size, 4096))
 
         def read_range(offset: int, length: int) -> bytes:
@@ -348,10 +349,6 @@ def _mac(raw: str) -> str:
     """'00155D010203' -> '00:15:5d:01:02:03'."""
     raw = raw.replace("-", "").replace(":", "").lower()
     return ":".join(raw[i:i + 2] for i in range(0, len(raw), 2)) if len(raw) == 12 else raw
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40] or "vm"
 
 
 PROVIDER_CLASS = HypervProvider

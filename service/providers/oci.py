@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fnmatch
-import re
 import secrets
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Retryable, \
     Unavailable
 from ..disks.download import download
+from ..disks.ovf_writer import safe_name
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import run_to_completion
@@ -307,7 +307,7 @@ class OciProvider(Provider):
         try:
             namespace = await self._namespace()
             image_id = await self._create_image(vm, sink, cleanup)
-            object_name = f"hypersdk/{_safe(vm.name)}-{secrets.token_hex(4)}.{fmt.lower()}"
+            object_name = f"hypersdk/{safe_name(vm.name, 60)}-{secrets.token_hex(4)}.{fmt.lower()}"
             await self._export_image(image_id, namespace, bucket, object_name, fmt, sink, cleanup)
             disk = await self._download(vm, boot, namespace, bucket, object_name, target_dir,
                                         options, sink, cleanup, outputs)
@@ -328,7 +328,7 @@ class OciProvider(Provider):
                             cleanup: list[tuple[str, Any]]) -> str:
         clients = self._get_clients()
         models = clients["oci"].core.models
-        name = f"hypersdk-{_safe(vm.name)}-{secrets.token_hex(4)}"
+        name = f"hypersdk-{safe_name(vm.name, 60)}-{secrets.token_hex(4)}"
         details = models.CreateImageDetails(compartment_id=self.settings["compartment_id"],
                                             instance_id=vm.identifier, display_name=name)
         image = await self._call("creating a custom image", clients["compute"].create_image, details)
@@ -380,7 +380,7 @@ class OciProvider(Provider):
         cleanup.append(("par", (namespace, bucket, par.id)))
         url = clients["objects"].base_client.endpoint.rstrip("/") + par.access_uri
         fmt = self.settings["export_format"].lower()
-        target = target_dir / f"{_safe(vm.name)}-boot.{fmt}"
+        target = target_dir / f"{safe_name(vm.name, 60)}-boot.{fmt}"
         shown = f"{bucket}/{object_name} (via a pre-authenticated request)"
         sink.add_total(size)
         result = await download(url, target, expected_size=size,
@@ -411,11 +411,6 @@ class OciProvider(Provider):
             except HyperSDKError as exc:
                 sink.log(f"could not remove the {kind} made for the export: {exc}", "warning")
         cleanup.clear()
-
-
-def _safe(name: str) -> str:
-    """A VM name usable in object and file names."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "vm"
 
 
 def _retry_delay(headers: Any, attempt: int) -> float:
