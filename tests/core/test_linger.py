@@ -8,7 +8,7 @@ import time
 from hypersdk.service.store import JobRecord, Store
 
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, BusMonitor, busctl,
-                           busctl_json, gdbus_call, submit, wait_for_status)
+                           busctl_json, gdbus_call, interfaces_removed, submit, wait_for_status)
 from ..support.system import MEMBER, OUTSIDER
 
 ROOT = "/org/hypersdk/HyperSDK1"
@@ -20,11 +20,6 @@ def submitted_path(address: str, definition: dict, kind: str, user: str | None =
 
 def job_id(path: str) -> str:
     return path.rsplit("/", 1)[-1].replace("_", "-")
-
-
-def removed(path: str) -> str:
-    """How gdbus monitor shows the object at `path` leaving the bus."""
-    return f"InterfacesRemoved (objectpath '{path}'"
 
 
 def manager(address: str, method: str, signature: str, *args: str,
@@ -58,10 +53,10 @@ def test_a_finished_job_leaves_the_bus_and_is_read_from_the_store(system_bus,
     address = system_bus.address
     with BusMonitor(address) as monitor:
         path = submitted_path(address, {"steps": 2, "interval": 0}, "sleep")
-        monitor.wait_for(removed(path))
+        monitor.wait_for(interfaces_removed(path))
     # clients heard how it ended before it went
     assert monitor.text.index(f"{path}: {JOB_IFACE}.Completed (true") \
-        < monitor.text.index(removed(path))
+        < monitor.text.index(interfaces_removed(path))
     assert busctl(address, "get-property", BUS_NAME, path, JOB_IFACE, "Status",
                   check=False).returncode != 0
     assert path not in managed_paths(address)
@@ -103,8 +98,8 @@ def test_a_job_that_left_the_bus_is_retried_by_id_under_the_job_objects_rules(
     with BusMonitor(address) as monitor:
         roots = submitted_path(address, {"message": "boom"}, "fail")
         members = submitted_path(address, {"message": "boom"}, "fail", user=MEMBER)
-        monitor.wait_for(removed(roots))
-        monitor.wait_for(removed(members))
+        monitor.wait_for(interfaces_removed(roots))
+        monitor.wait_for(interfaces_removed(members))
     # another user's job needs cancel-job-other-user, as Job.Retry does
     for method in ("RetryJob", "CancelJob"):
         refused = gdbus_call(address, MANAGER, f"{MANAGER_IFACE}.{method}",
@@ -144,7 +139,7 @@ def test_a_restart_exports_only_unfinished_and_recently_finished_jobs(
         assert paths[0] not in on_bus
         assert {paths[2], f"{ROOT}/jobs/job_feed0001"} <= on_bus
         # exported for the 3 s left of its linger, then gone
-        monitor.wait_for(removed(paths[1]))
+        monitor.wait_for(interfaces_removed(paths[1]))
     assert paths[2] in managed_paths(address)
     records, total = manager(address, "ListJobRecords", "a{sv}", "0")
     assert [r["Id"]["data"] for r in records] == [old, leaving, recent, pending.id]
