@@ -95,6 +95,12 @@ class FakeConsoleClient:
     def close(self) -> None:
         pass
 
+    async def _call(self, destination: str, path: str, interface: str, member: str,
+                    signature: str, body: list) -> list:
+        """Manager.ListJobRecords (screens/history.py): nothing stored besides the mirror."""
+        self.calls.append((member, *body))
+        return [[], sum(self.mirror.job_counts.values())]
+
     async def list_vms(self, provider: str, vm_filter=None) -> list[dict]:
         self.calls.append(("list_vms", provider))
         return [dict(vm) for vm in FIXED_VMS]
