@@ -1,4 +1,6 @@
-"""org.hypersdk.HyperSDK1.Job: one object per job (see org.hypersdk.HyperSDK1.Job.xml)."""
+"""org.hypersdk.HyperSDK1.Job: one object per job on the bus (unfinished, or finished less than
+daemon.finished_job_linger ago; see org.hypersdk.HyperSDK1.Job.xml), and what the Manager
+shares with it to read and act on any stored job by id."""
 from __future__ import annotations
 
 import asyncio
