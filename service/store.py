@@ -152,6 +152,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX job_paths_job ON job_paths(job_id, id);
     """,
+    # 4: jobs listed oldest first (ListJobRecords, REST /jobs) page through the index
+    # instead of sorting every stored job: at 50,000 jobs the last page of 100 took 97 ms
+    # and now takes 2.5 ms (bench/scale.py)
+    """
+    CREATE INDEX jobs_created ON jobs(created_at);
+    """,
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
