@@ -13,10 +13,11 @@ import time
 from typing import Any
 
 from aiohttp import web
+from dbus_fast import Variant
 
-from hypersdk.client.names import (BACKUP_POLICIES, JOB_IFACE, JOB_STATUSES, JOBS_PATH, MANAGER_IFACE,
+from hypersdk.client.names import (BACKUP_POLICIES, JOB_IFACE, JOB_STATUSES, MANAGER_IFACE,
                                     MANAGER_PATH, SCHEDULES, WEBHOOKS, AutomationKind,
-                                    job_id_from_path)
+                                    job_id_from_path, job_path)
 from hypersdk.service import __version__ as BRIDGE_VERSION
 
 from .errors import ApiError, invalid, not_found
@@ -118,14 +119,41 @@ async def call(request: web.Request, path: str, interface: str, member: str, sig
                                              signature, body)
 
 
-def find_job(mirror: ServiceMirror, job_id: str, field: str = "job_id") -> tuple[str, dict]:
-    """(object path, mirrored properties) of a job, or NotFound naming the field."""
+def _plain(record: dict[str, Variant]) -> dict[str, Any]:
+    return {name: variant.value for name, variant in record.items()}
+
+
+async def job_props(request: web.Request, job_id: str, field: str = "job_id") -> dict:
+    """A job's properties: mirrored while it is on the bus, else its record from the store
+    (Manager.GetJob: finished jobs leave the bus after daemon.finished_job_linger).
+    NotFound naming the field when there is no such job."""
     if JOB_ID_RE.match(job_id):
-        path = f"{JOBS_PATH}/{job_id.replace('-', '_')}"
-        props = mirror.get(path, JOB_IFACE)
+        props = request.app[MIRROR].get(job_path(job_id), JOB_IFACE)
         if props is not None:
-            return path, props
+            return props
+        try:
+            (record,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "GetJob", "sa{sv}",
+                                   [job_id, {}])
+            return _plain(record)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
     raise not_found(field, f"{field}: no job {job_id!r}")
+
+
+async def job_records(request: web.Request, filters: dict[str, Variant], limit: int,
+                      offset: int) -> tuple[list[dict], int]:
+    """A page of stored jobs (Manager.ListJobRecords) and how many match; asks again
+    where hypervisord ended a page early to keep its reply small."""
+    jobs: list[dict] = []
+    while True:
+        options = {**filters, "limit": Variant("u", limit - len(jobs)),
+                   "offset": Variant("t", offset + len(jobs))}
+        records, total = await call(request, MANAGER_PATH, MANAGER_IFACE, "ListJobRecords",
+                                    "a{sv}", [options])
+        jobs += [_plain(record) for record in records]
+        if not records or len(jobs) >= limit or offset + len(jobs) >= total:
+            return jobs, total
 
 
 def submitted(request: web.Request, path: str) -> web.Response:
@@ -211,51 +239,47 @@ async def import_to_kvm(request: web.Request) -> web.Response:
 
 
 async def jobs_query(request: web.Request) -> web.Response:
-    _, props = find_job(request.app[MIRROR], query_text(request, "job_id"))
-    return json_response(job_json(props))
+    return json_response(job_json(await job_props(request, query_text(request, "job_id"))))
 
 
 async def jobs_progress(request: web.Request) -> web.Response:
-    _, props = find_job(request.app[MIRROR], request.match_info["id"], "id")
-    return json_response(progress_json(props))
+    return json_response(progress_json(await job_props(request, request.match_info["id"],
+                                                       "id")))
 
 
 async def jobs_eta(request: web.Request) -> web.Response:
-    _, props = find_job(request.app[MIRROR], request.match_info["id"], "id")
-    return json_response(eta_json(props))
+    return json_response(eta_json(await job_props(request, request.match_info["id"], "id")))
 
 
 async def jobs_list(request: web.Request) -> web.Response:
+    """Every stored job, oldest first, from hypervisord's store (finished jobs are not on
+    the bus for long, so the mirror cannot answer this)."""
     status = request.query.get("status", "")
     if status and status not in JOB_STATUSES:
         raise invalid("status", "expected one of " + ", ".join(JOB_STATUSES))
-    provider = request.query.get("provider", "")
+    provider = query_text(request, "provider", required=False)
     limit = query_int(request, "limit", 100, MAX_PAGE)
     offset = query_int(request, "offset", 0, 1 << 31)
-    jobs = [props for ifaces in request.app[MIRROR].objects.values()
-            if (props := ifaces.get(JOB_IFACE)) is not None
-            and (not status or props.get("Status") == status)
-            and (not provider or props.get("Provider") == provider)]
-    jobs.sort(key=lambda p: (p.get("CreatedTime", 0), p.get("Id", "")))
-    page = jobs[offset:offset + limit]
-    return json_response({"jobs": [job_json(p) for p in page], "total": len(jobs),
+    filters = {name: Variant("s", value) for name, value in
+               (("status", status), ("provider", provider)) if value}
+    jobs, total = await job_records(request, filters, limit, offset)
+    return json_response({"jobs": [job_json(props) for props in jobs], "total": total,
                           "limit": limit, "offset": offset})
 
 
 async def jobs_cancel(request: web.Request) -> web.Response:
-    mirror = request.app[MIRROR]
-    path, props = find_job(mirror, request.match_info["id"], "id")
+    props = await job_props(request, request.match_info["id"], "id")
     request["audit_target"] = props.get("Id")
-    await call(request, path, JOB_IFACE, "Cancel", "a{sv}", [{}])
+    await call(request, MANAGER_PATH, MANAGER_IFACE, "CancelJob", "sa{sv}", [props["Id"], {}])
     return json_response({"job_id": props.get("Id"), "status": props.get("Status"),
                           "cancel_requested": True})
 
 
 async def jobs_retry(request: web.Request) -> web.Response:
     """Submit a failed or cancelled job's definition again, as a new job."""
-    mirror = request.app[MIRROR]
-    path, _ = find_job(mirror, request.match_info["id"], "id")
-    (new_path,) = await call(request, path, JOB_IFACE, "Retry", "a{sv}", [{}])
+    props = await job_props(request, request.match_info["id"], "id")
+    (new_path,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "RetryJob", "sa{sv}",
+                             [props["Id"], {}])
     return submitted(request, new_path)
 
 

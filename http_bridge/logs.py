@@ -1,8 +1,9 @@
 """`GET /jobs/logs/{id}`: a job's log as text lines, streamed; `?follow=true` stays open.
 
-Lines come from Job.GetLog in pages, so memory stays flat whatever the log's size.
-While following, LogLine and status signals only wake the stream up; it then asks
-GetLog for the lines after the last one it sent, so a burst of lines costs one
+Lines come from Manager.GetJobLog in pages, so memory stays flat whatever the log's
+size (by job id: a finished job leaves the bus after daemon.finished_job_linger, its
+log stays). While following, LogLine and status signals only wake the stream up; it
+then asks GetJobLog for the lines after the last one it sent, so a burst of lines costs one
 round trip and nothing is missed or sent twice. The stream ends when the job has
 finished and every line is out (or when hypervisord goes away, said in a last line).
 """
@@ -13,11 +14,11 @@ import asyncio
 from aiohttp import web
 from dbus_fast import Variant
 
-from hypersdk.client.names import FINISHED, JOB_IFACE
+from hypersdk.client.names import FINISHED, JOB_IFACE, MANAGER_IFACE, MANAGER_PATH, job_path
 from hypersdk.client.objects import ObjectEvent
 
 from .errors import ApiError, invalid
-from .handlers import call, find_job
+from .handlers import call, job_props
 from .keys import MIRROR, STOPPING
 from .views import rfc3339
 
@@ -39,9 +40,9 @@ def format_line(line: list) -> str:
     return f"{rfc3339(usec)} {level.upper()} {message}\n"
 
 
-async def _get(request: web.Request, path: str, after: int) -> list:
-    (lines,) = await call(request, path, JOB_IFACE, "GetLog", "ta{sv}",
-                          [after, {"limit": Variant("u", PAGE)}])
+async def _get(request: web.Request, job_id: str, after: int) -> list:
+    (lines,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "GetJobLog", "sta{sv}",
+                          [job_id, after, {"limit": Variant("u", PAGE)}])
     return lines
 
 
@@ -52,11 +53,11 @@ async def _send(response: web.StreamResponse, lines: list, last: int) -> int:
     return lines[-1][0]
 
 
-async def _drain(response: web.StreamResponse, request: web.Request, path: str,
+async def _drain(response: web.StreamResponse, request: web.Request, job_id: str,
                  last: int) -> int:
     """Send every line after `last`, a page at a time; return the last id sent."""
     while True:
-        lines = await _get(request, path, last)
+        lines = await _get(request, job_id, last)
         last = await _send(response, lines, last)
         if len(lines) < PAGE:
             return last
@@ -64,7 +65,8 @@ async def _drain(response: web.StreamResponse, request: web.Request, path: str,
 
 async def job_logs(request: web.Request) -> web.StreamResponse:
     mirror = request.app[MIRROR]
-    path, _ = find_job(mirror, request.match_info["id"], "id")
+    job_id = (await job_props(request, request.match_info["id"], "id"))["Id"]
+    path = job_path(job_id)
     follow = parse_bool(request.query.get("follow", ""), "follow")
     wake = asyncio.Event()
 
@@ -75,17 +77,18 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
     mirror.subscribe(listener)
     response: web.StreamResponse | None = None
     try:
-        lines = await _get(request, path, 0)  # before the answer starts: errors stay JSON
+        lines = await _get(request, job_id, 0)  # before the answer starts: errors stay JSON
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         last = await _send(response, lines, 0)
         if len(lines) == PAGE:
-            last = await _drain(response, request, path, last)
+            last = await _drain(response, request, job_id, last)
         while follow and not request.app[STOPPING].is_set():
-            finished = (mirror.get(path, JOB_IFACE) or {}).get("Status") in FINISHED
+            props = mirror.get(path, JOB_IFACE)  # None: it finished and left the bus
+            finished = props is None or props.get("Status") in FINISHED
             wake.clear()
-            last = await _drain(response, request, path, last)
+            last = await _drain(response, request, job_id, last)
             if finished or not mirror.healthy:
                 break
             await _wait(wake, request.app[STOPPING])

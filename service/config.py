@@ -68,6 +68,9 @@ MAIN_SCHEMA: Schema = {
         "address": Field("str", "127.0.0.1:8080", check=_address_rule),
         "log_level": Field("str", "info", choices=("debug", "info", "warning", "error")),
         "workers": Field("int", 4, minimum=1),
+        # how long a finished job stays a D-Bus object (as udisks' jobs do); its record
+        # stays in the store (Manager.ListJobRecords, REST /jobs). 0: it leaves at once
+        "finished_job_linger": Field("duration", 300.0, minimum=0),
     },
     "hyper2kvm": {
         "path": Field("str", "/usr/local/bin/hyper2kvm"),

@@ -238,8 +238,9 @@ class JobEngine:
                                                                         job.bytes_total)
         return ProgressSnapshot(job.bytes_done, job.bytes_total, 0.0, 0, job.stage, fraction)
 
-    def list(self, status: str | None = None, limit: int = 1000, offset: int = 0) -> list[JobRecord]:
-        jobs = self.store.list_jobs(status, limit, offset)
+    def list(self, status: str | None = None, limit: int = 1000, offset: int = 0,
+             provider: str | None = None) -> list[JobRecord]:
+        jobs = self.store.list_jobs(status, limit, offset, provider)
         return [self._running[j.id].record if j.id in self._running else j for j in jobs]
 
     # -- commands --------------------------------------------------------------------

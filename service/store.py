@@ -152,9 +152,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX job_paths_job ON job_paths(job_id, id);
     """,
+    # 4: jobs listed oldest first (ListJobRecords, REST /jobs) page through the index
+    # instead of sorting every stored job: at 50,000 jobs the last page of 100 took 97 ms
+    # and now takes 2.5 ms (bench/scale.py)
+    """
+    CREATE INDEX jobs_created ON jobs(created_at);
+    """,
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+JOB_STATUSES = ("pending", "running") + TERMINAL_STATUSES
 
 
 @dataclass
@@ -196,6 +203,16 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
     data["definition"] = json.loads(data["definition"])
     data["result"] = json.loads(data["result"])
     return JobRecord(**data)
+
+
+def _job_filter(status: str | None, provider: str | None) -> tuple[str, list]:
+    """A WHERE clause (or "") and its parameters for list_jobs and count_jobs."""
+    conditions, params = [], []
+    for column, value in (("status", status), ("provider", provider)):
+        if value:
+            conditions.append(f"{column} = ?")
+            params.append(value)
+    return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
 class Store:
@@ -261,18 +278,25 @@ class Store:
             raise NotFound(f"no job {job_id!r}")
         return _row_to_job(row)
 
-    def list_jobs(self, status: str | None = None, limit: int = 1000,
-                  offset: int = 0) -> list[JobRecord]:
-        sql, params = "SELECT * FROM jobs", []
-        if status:
-            sql += " WHERE status = ?"
-            params.append(status)
-        sql += " ORDER BY created_at, rowid LIMIT ? OFFSET ?"
-        params += [limit, offset]
-        return [_row_to_job(r) for r in self._db.execute(sql, params)]
+    def list_jobs(self, status: str | None = None, limit: int = 1000, offset: int = 0,
+                  provider: str | None = None) -> list[JobRecord]:
+        """Jobs oldest first, optionally of one status and provider."""
+        where, params = _job_filter(status, provider)
+        sql = f"SELECT * FROM jobs{where} ORDER BY created_at, rowid LIMIT ? OFFSET ?"
+        return [_row_to_job(r) for r in self._db.execute(sql, [*params, limit, offset])]
+
+    def count_jobs(self, status: str | None = None, provider: str | None = None) -> int:
+        where, params = _job_filter(status, provider)
+        return self._db.execute(f"SELECT COUNT(*) FROM jobs{where}", params).fetchone()[0]
+
+    def jobs_unfinished_or_since(self, finished_since: float) -> list[JobRecord]:
+        """The jobs not finished yet and those finished at or after `finished_since`."""
+        return [_row_to_job(r) for r in self._db.execute(
+            "SELECT * FROM jobs WHERE status IN ('pending', 'running') OR finished_at >= ?"
+            " ORDER BY created_at, rowid", (finished_since,))]
 
     def count_by_status(self) -> dict[str, int]:
-        counts = dict.fromkeys(("pending", "running", "completed", "failed", "cancelled"), 0)
+        counts = dict.fromkeys(JOB_STATUSES, 0)
         for status, count in self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
             counts[status] = count
         return counts

@@ -275,6 +275,32 @@ class HyperClient:
                 return lines
             after_id = lines[-1].id
 
+    # -- jobs that have left the bus (daemon.finished_job_linger) ---------------------------
+    async def recent_jobs(self, count: int) -> dict[str, JobState]:
+        """The newest `count` stored jobs, on the bus or not (JobCounts says how many)."""
+        stored = sum(self.mirror.job_counts.values())
+        options = {"limit": Variant("u", count), "offset": Variant("t", max(0, stored - count))}
+        records, _total = await self.service.call(MANAGER_PATH, MANAGER_IFACE, "ListJobRecords",
+                                                  "a{sv}", [options])
+        return {job.id: job for job in map(_stored_state, records)}
+
+    async def stored_job(self, job_id: str) -> JobState:
+        return _stored_state(await self.call_manager("GetJob", "s", job_id))
+
+    async def stored_log(self, job_id: str) -> list[LogLine]:
+        """Every log line of a stored job, read in GetJobLog's pages."""
+        lines: list[LogLine] = []
+        while True:
+            after = lines[-1].id if lines else 0
+            page = await self.call_manager("GetJobLog", "st", job_id, after)
+            lines += [LogLine(*line) for line in page]
+            if len(page) < LOG_PAGE:
+                return lines
+
+    async def retry_stored(self, job_id: str) -> str:
+        """Retry a job by id through the Manager (it need not be on the bus); the new id."""
+        return job_id_from_path(await self.call_manager("RetryJob", "s", job_id))
+
     def job(self, identifier: str) -> JobState:
         """A job of the view by id ("job-1a2b") or object path; ClientError if unknown."""
         job_id = job_id_from_path(identifier) if identifier.startswith("/") else identifier
@@ -313,3 +339,9 @@ class HyperClient:
                     yield line
         finally:
             unsubscribe()
+
+
+def _stored_state(record: dict[str, Any]) -> JobState:
+    """A job record (the Job interface's property names) as the view's JobState."""
+    props = {name: getattr(value, "value", value) for name, value in record.items()}
+    return JobState(job_path(props["Id"]), props)

@@ -51,6 +51,23 @@ def option(options: dict, name: str, default: Any = None) -> Any:
 
 MAX_JOBS_PAGE = 1000
 MAX_LOG_PAGE = 1000  # lines of at most engine.MAX_LOG_MESSAGE (4096) each: < 16 MiB
+# Job records carry definitions and results of any size: a page of them ends early rather
+# than pass this many bytes (a quarter of the system bus's 32 MiB message limit)
+MAX_RECORDS_BYTES = 8 * 1024 * 1024
+
+
+def text_option(options: dict, name: str, choices: tuple[str, ...] = ()) -> str:
+    """A string option ("" when absent); InvalidArgument naming it when it is not a
+    string or, given `choices`, not one of them."""
+    if name not in options:
+        return ""
+    variant = options[name]
+    if variant.signature != "s":
+        raise InvalidArgument(f"options.{name}", f"a string (got D-Bus type "
+                                                 f"{variant.signature})")
+    if choices and variant.value not in choices:
+        raise InvalidArgument(f"options.{name}", "one of " + ", ".join(choices))
+    return variant.value
 
 
 def page_option(options: dict, name: str, default: int, maximum: int) -> int:

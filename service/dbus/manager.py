@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
@@ -14,14 +15,33 @@ from .. import __version__
 from ..confine import open_source
 from ..errors import InvalidArgument, Unavailable
 from ..job_kinds import get_kind, kind_names
-from .arguments import MAX_JOBS_PAGE, option, page_option, parse_json
+from ..store import JOB_STATUSES, JobRecord
+from .arguments import (MAX_JOBS_PAGE, MAX_RECORDS_BYTES, option, page_option, parse_json,
+                        text_option)
 from .dispatch import caller, require
+from .job import VIEW, cancel_job, job_record, log_page, records_within, retry_job
 
 if TYPE_CHECKING:
     from .service import DBusService
 
+@dataclass(frozen=True)
+class JobQuery:
+    """ListJobs' and ListJobRecords' options: filters ("" for any) and the page."""
 
-VIEW = "org.hypersdk.HyperSDK1.view"
+    status: str
+    provider: str
+    limit: int
+    offset: int
+
+    @classmethod
+    def from_options(cls, options: dict) -> "JobQuery":
+        return cls(text_option(options, "status", JOB_STATUSES), text_option(options, "provider"),
+                   page_option(options, "limit", MAX_JOBS_PAGE, MAX_JOBS_PAGE),
+                   page_option(options, "offset", 0, 2 ** 63 - 1))
+
+    def matches(self, job: JobRecord) -> bool:
+        return ((not self.status or job.status == self.status)
+                and (not self.provider or job.provider == self.provider))
 
 
 def parse_vmdk_confined(value: str, roots: list[str]) -> dict:
@@ -74,12 +94,44 @@ class ManagerObject(ServiceInterface):
 
     @method()
     async def ListJobs(self, options: "a{sv}") -> "ao":
+        """The job objects on the bus: unfinished jobs and those finished less than
+        daemon.finished_job_linger ago (ListJobRecords reads every stored job)."""
         await require(VIEW)
-        status = option(options, "status")
-        jobs = self._engine.list(status, page_option(options, "limit", MAX_JOBS_PAGE,
-                                                     MAX_JOBS_PAGE),
-                                 page_option(options, "offset", 0, 2 ** 63 - 1))
-        return [job_path(job.id) for job in jobs]
+        query = JobQuery.from_options(options)
+        jobs = sorted((obj.record for obj in self._service.jobs.values()),
+                      key=lambda job: (job.created_at, job.id))
+        matching = [job for job in jobs if query.matches(job)]
+        return [job_path(job.id) for job in matching[query.offset:query.offset + query.limit]]
+
+    @method()
+    async def ListJobRecords(self, options: "a{sv}") -> "aa{sv}u":
+        """Stored jobs as records (the Job properties), oldest first, and how many match."""
+        await require(VIEW)
+        query = JobQuery.from_options(options)
+        jobs = self._engine.list(query.status or None, query.limit, query.offset,
+                                 query.provider or None)
+        return [records_within(self._engine, jobs, MAX_RECORDS_BYTES),
+                self._engine.store.count_jobs(query.status or None, query.provider or None)]
+
+    @method()
+    async def GetJob(self, job_id: "s", options: "a{sv}") -> "a{sv}":
+        await require(VIEW)
+        return job_record(self._engine, self._engine.get(job_id))
+
+    @method()
+    async def CancelJob(self, job_id: "s", options: "a{sv}"):
+        await cancel_job(self._engine, self._engine.get(job_id))
+
+    @method()
+    async def RetryJob(self, job_id: "s", options: "a{sv}") -> "o":
+        return await retry_job(self._engine, self._engine.get(job_id))
+
+    @method()
+    async def GetJobLog(self, job_id: "s", after_id: "t", options: "a{sv}") -> "a(ttss)":
+        lines = await log_page(self._engine, job_id, after_id, options)
+        if not lines:
+            self._engine.get(job_id)  # NotFound for a job that does not exist
+        return lines
 
     @method()
     async def Convert(self, request: "s", options: "a{sv}") -> "o":

@@ -1,7 +1,9 @@
 """The D-Bus face of hypervisord: owns the objects and keeps them in step with the engine."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 from dbus_fast import RequestNameReply
@@ -12,6 +14,7 @@ from hypersdk.client.names import BUS_NAME, MANAGER_PATH, job_path
 from ..engine import JobEngine, JobEvent
 from ..errors import Failed
 from ..job_kinds import kind_names
+from ..store import JobRecord
 from .dispatch import Dispatcher
 from .job import JobObject, usec
 from .manager import ManagerObject
@@ -32,12 +35,18 @@ class DBusService:
         self.dispatcher = Dispatcher(bus, Authority(bus), trusted_uids)
         self.manager = ManagerObject(self)
         self.jobs: dict[str, JobObject] = {}
+        self._leaving: dict[str, asyncio.TimerHandle] = {}  # finished jobs still lingering
+        self.linger = engine.config.daemon.finished_job_linger
 
     def export_all(self) -> None:
-        """Export the Manager and one object per stored job, then follow the engine."""
+        """Export the Manager and the jobs clients may still follow: unfinished ones and
+        those finished less than daemon.finished_job_linger ago (the others are read
+        through Manager.ListJobRecords/GetJob); then follow the engine."""
         self.dispatcher.export(MANAGER_PATH, self.manager)
-        for job in self.engine.list(limit=1_000_000):
+        for job in self.engine.store.jobs_unfinished_or_since(time.time() - self.linger):
             self._export_job(job.id)
+            if job.finished:
+                self._leave_later(job)
         self.engine.subscribe(self._on_job_event)
 
     async def own_name(self) -> None:
@@ -58,7 +67,20 @@ class DBusService:
         self.jobs[job_id] = obj
         self.dispatcher.export(job_path(job_id), obj)
 
+    def _leave_later(self, job: JobRecord) -> None:
+        """Unexport a finished job once it has lingered, as udisks does with its jobs
+        (at once when the linger is 0: its Completed signal has been sent)."""
+        remaining = (job.finished_at or 0) + self.linger - time.time()
+        if remaining <= 0:
+            self._unexport_job(job.id)
+        elif job.id not in self._leaving:
+            self._leaving[job.id] = asyncio.get_running_loop().call_later(
+                remaining, self._unexport_job, job.id)
+
     def _unexport_job(self, job_id: str) -> None:
+        leaving = self._leaving.pop(job_id, None)
+        if leaving is not None:
+            leaving.cancel()
         obj = self.jobs.pop(job_id, None)
         if obj is not None:
             obj.close()
@@ -82,6 +104,8 @@ class DBusService:
         elif event.type == "status":
             obj.status_changed()
             self._counts_changed()
+            if job.finished:
+                self._leave_later(job)
         elif event.type == "log" and event.line is not None:
             line = event.line
             obj.LogLine(line.id, usec(line.time), line.level, line.message)
@@ -104,6 +128,8 @@ class DBusService:
         }
 
     async def close(self) -> None:
+        for leaving in self._leaving.values():
+            leaving.cancel()
         for obj in self.jobs.values():
             obj.close()
         await self.dispatcher.close()

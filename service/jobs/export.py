@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 

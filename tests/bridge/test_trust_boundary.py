@@ -99,8 +99,8 @@ def test_every_call_to_hypervisord_names_the_rest_principal(guarded, system_bus,
     options = [m["payload"]["data"][-1] for m in calls]
     seen = {(m["member"], o["requested_by"]["data"], o["requested_role"]["data"])
             for m, o in zip(calls, options)}
-    assert seen == {("ParseVmdk", "vera", "viewer"), ("GetLog", "vera", "viewer"),
-                    ("SubmitJob", "otto", "operator"), ("Cancel", "ada", "admin"),
+    assert seen == {("ParseVmdk", "vera", "viewer"), ("GetJobLog", "vera", "viewer"),
+                    ("SubmitJob", "otto", "operator"), ("CancelJob", "ada", "admin"),
                     ("CreateSchedule", "otto", "operator"), ("ConfigureWebhook", "ada", "admin")}
 
 

@@ -12,7 +12,7 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 
 from hypersdk.client.bus import connect
-from hypersdk.client.names import (BUS_NAME, JOB_IFACE, OBJECT_MANAGER_IFACE,
+from hypersdk.client.names import (BUS_NAME, JOB_IFACE,
                                    PROPERTIES_IFACE, job_path)
 from hypersdk.client.objects import ObjectEvent, ServiceObjects
 from hypersdk.tui.client import HyperClient

@@ -60,6 +60,7 @@ def test_defaults_for_everything_optional():
     assert config.export.max_retries == 3
     assert config.providers == {} and config.webhooks == []
     assert config.api.auth == "token" and config.api.bridge_user == "hypersdk"
+    assert config.daemon.finished_job_linger == 300.0
 
 
 @pytest.mark.parametrize("text, line", [
@@ -67,6 +68,11 @@ def test_defaults_for_everything_optional():
     ("daemon: {workers: four}", "config: daemon.workers: expected an integer, found 'four'"),
     ("daemon: {colour: red}", "config: daemon.colour: expected one of the known keys"),
     ("deamon: {}", "config: deamon: expected one of the known keys"),
+    ("daemon: {finished_job_linger: -1}",
+     "config: daemon.finished_job_linger: expected a duration such as 5s, 10m or 2h"),
+    ("daemon: {finished_job_linger: later}",
+     "config: daemon.finished_job_linger: expected a duration such as 5s, 10m or 2h, "
+     "found 'later'"),
     ("hyper2kvm: {poll_interval: soon}",
      "config: hyper2kvm.poll_interval: expected a duration such as 5s, 10m or 2h, found 'soon'"),
     ("export: {chunk_size: lots}", "config: export.chunk_size: expected a size"),

@@ -72,6 +72,11 @@ def gdbus_submit(address: str, definition: dict, kind: str = "export",
                       user=user)
 
 
+def interfaces_removed(path: str) -> str:
+    """How `gdbus monitor` shows the object at `path` leaving the bus (BusMonitor.wait_for)."""
+    return f"InterfacesRemoved (objectpath '{path}'"
+
+
 class BusMonitor:
     """`gdbus monitor` of hypervisord's signals (as `user`), started subscribed: entering
     waits for its "Monitoring signals" line, so nothing emitted afterwards is missed.

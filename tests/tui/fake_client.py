@@ -95,6 +95,11 @@ class FakeConsoleClient:
     def close(self) -> None:
         pass
 
+    async def recent_jobs(self, count: int) -> dict[str, JobState]:
+        """Manager.ListJobRecords: nothing stored besides the mirror."""
+        self.calls.append(("recent_jobs", count))
+        return {}
+
     async def list_vms(self, provider: str, vm_filter=None) -> list[dict]:
         self.calls.append(("list_vms", provider))
         return [dict(vm) for vm in FIXED_VMS]

@@ -10,7 +10,8 @@ from textual.widgets import DataTable, Log
 from hypersdk.tui.app import HyperctlApp
 from hypersdk.tui.client import HyperClient
 
-from .conftest import submit_job
+from ..support.cli import BusMonitor, interfaces_removed
+from .conftest import job_path_of, submit_job
 
 
 async def wait_for(pilot, predicate, timeout: float = 20, what: str = "condition"):
@@ -174,6 +175,35 @@ async def test_retry_from_the_job_view_follows_the_new_job(system_bus, hyperviso
         await wait_for(pilot, lambda: app.client.mirror.jobs.get(retry) is not None
                        and app.client.mirror.jobs[retry].get("RetryOf") == failed,
                        what="the retry job")
+
+
+async def test_jobs_that_left_the_bus_stay_listed_open_and_retry(system_bus, start_hypervisord):
+    """daemon.finished_job_linger 0: a job leaves the bus as it ends; the table keeps it, a
+    console started afterwards lists it from the store, opens it and retries it."""
+    start_hypervisord(daemon={"finished_job_linger": 0})
+    with BusMonitor(system_bus.address) as monitor:
+        failed = await asyncio.to_thread(submit_job, system_bus.address,
+                                         {"message": "no space left"}, "fail")
+        await asyncio.to_thread(monitor.wait_for, interfaces_removed(job_path_of(failed)))
+    app = HyperctlApp(HyperClient(system_bus.address))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: cell(app, failed, "Status") == "failed",
+                       what="the stored job in the table")
+        assert failed not in app.client.mirror.jobs
+        table = app.screen.query_one("#jobs", DataTable)
+        table.move_cursor(row=table.get_row_index(failed))
+        await pilot.press("r")
+        await wait_for(pilot, lambda: any(f"{failed} retried as" in n.message
+                                          for n in app._notifications), what="the retry")
+        retry = next(n.message for n in app._notifications
+                     if f"{failed} retried as" in n.message).rsplit(" ", 1)[-1]
+        await wait_for(pilot, lambda: cell(app, retry, "Status") == "failed",
+                       what="the retry, kept in the table after it left the bus")
+        app.open_job(failed)
+        await wait_for(pilot, lambda: "no space left" in "".join(
+            str(node.render()) for node in app.screen.query("#job-summary")), what="job view")
+        await wait_for(pilot, lambda: "no space left" in "\n".join(
+            app.screen.query_one("#job-log", Log).lines), what="its stored log")
 
 
 async def test_webhooks_create_test_delete(system_bus, start_hypervisord):

@@ -10,6 +10,7 @@ from textual.widgets import Log, ProgressBar, Static
 from .. import format as fmt
 from ..client import ClientError, ClientEvent, JobState
 from ..widgets import styled_status
+from . import history
 from .base import HyperScreen
 
 
@@ -23,6 +24,7 @@ class JobScreen(HyperScreen):
     def __init__(self, job_id: str) -> None:
         super().__init__()
         self.job_id = job_id
+        self.stored: JobState | None = None  # its record, once it has left the bus
 
     def compose_body(self) -> ComposeResult:
         yield Static(id="job-summary")
@@ -36,7 +38,7 @@ class JobScreen(HyperScreen):
 
     @property
     def job(self) -> JobState | None:
-        return self.hyper_app.client.mirror.jobs.get(self.job_id)
+        return self.hyper_app.client.mirror.jobs.get(self.job_id) or self.stored
 
     def refresh_summary(self) -> None:
         job = self.job
@@ -70,10 +72,18 @@ class JobScreen(HyperScreen):
 
     @work(group="log", exclusive=True)
     async def follow(self) -> None:
-        """The log so far, then new lines as the service signals them."""
+        """The log so far, then new lines as the service signals them; for a job that
+        has left the bus, its record and log from the store."""
         log = self.query_one("#job-log", Log)
+        client = self.hyper_app.client
         try:
-            async for line in self.hyper_app.client.follow_log(self.job_id):
+            if self.job_id in client.mirror.jobs:
+                async for line in client.follow_log(self.job_id):
+                    log.write_line(line.format())
+                return
+            self.stored = await client.stored_job(self.job_id)
+            self.refresh_summary()
+            for line in await client.stored_log(self.job_id):
                 log.write_line(line.format())
         except ClientError as exc:
             log.write_line(f"[log unavailable: {exc}]")
@@ -91,4 +101,4 @@ class JobScreen(HyperScreen):
         self.hyper_app.cancel_job(self.job_id)
 
     def action_retry_job(self) -> None:
-        self.hyper_app.retry_job(self.job_id)
+        history.retry(self, self.job_id)

@@ -1,8 +1,9 @@
-"""Jobs: a live table (status, progress bar, rate, ETA) with filters."""
+"""Jobs: a live table (status, progress bar, rate, ETA) with filters; the jobs on the bus
+and the newest stored ones that have left it (history.py)."""
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -11,8 +12,9 @@ from textual.widgets import DataTable, Input, Select
 from hypersdk.client.names import JOB_STATUSES
 
 from .. import format as fmt
-from ..client import ClientEvent, JobState
+from ..client import ClientError, ClientEvent, JobState
 from ..widgets import styled_status
+from . import history
 from .base import HyperScreen
 
 COLUMNS = ("ID", "Operation", "VM", "Status", "Progress", "Rate", "ETA", "Stage")
@@ -25,6 +27,10 @@ class JobsScreen(HyperScreen):
         Binding("r", "retry_job", "Retry"),
         Binding("slash", "focus_filter", "Filter", key_display="/"),
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: dict[str, JobState] = {}  # jobs as last seen when not on the bus
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(classes="filters"):
@@ -39,7 +45,32 @@ class JobsScreen(HyperScreen):
         for column in COLUMNS:
             table.add_column(column, key=column)
         self.rebuild()
+        self.load_history()
         table.focus()
+
+    @work(group="history", exclusive=True)
+    async def load_history(self) -> None:
+        if not self.hyper_app.client.mirror.service_up:
+            return
+        try:
+            self.stored = await self.hyper_app.client.recent_jobs(history.RECENT)
+        except ClientError as exc:
+            self.report(exc)
+            return
+        self.rebuild()
+
+    @work(group="stored")
+    async def keep_stored(self, job_id: str) -> None:
+        """A job that left the bus before the table saw it finished: its stored record."""
+        try:
+            self.stored[job_id] = await self.hyper_app.client.stored_job(job_id)
+        except ClientError:
+            return  # pruned (database.retention_*): gone for good
+        self._update_job(job_id)
+
+    def job(self, job_id: str) -> JobState | None:
+        """The job as the bus shows it, else as it was stored."""
+        return self.hyper_app.client.mirror.jobs.get(job_id) or self.stored.get(job_id)
 
     # -- rendering ---------------------------------------------------------------------
     def _matches(self, job: JobState) -> bool:
@@ -61,13 +92,16 @@ class JobsScreen(HyperScreen):
     def rebuild(self) -> None:
         table = self.query_one("#jobs", DataTable)
         table.clear()
-        for job in self.hyper_app.client.mirror.sorted_jobs():
+        jobs = {**self.stored, **self.hyper_app.client.mirror.jobs}
+        for job in sorted(jobs.values(), key=lambda job: (job.get("CreatedTime", 0), job.id)):
             if self._matches(job):
                 table.add_row(*self._cells(job), key=job.id)
 
     def _update_job(self, job_id: str) -> None:
         table = self.query_one("#jobs", DataTable)
-        job = self.hyper_app.client.mirror.jobs.get(job_id)
+        job = self.job(job_id)
+        if job is not None and job.finished:  # kept when it leaves the bus
+            self.stored[job_id] = job
         present = job_id in table.rows
         if job is None or not self._matches(job):
             if present:
@@ -80,10 +114,13 @@ class JobsScreen(HyperScreen):
             table.update_cell(job_id, column, value)
 
     def client_event(self, event: ClientEvent) -> None:
-        if event.type in ("job", "job-removed"):
+        if event.type == "job-removed" and event.job_id not in self.stored:
+            self.keep_stored(event.job_id)
+        elif event.type in ("job", "job-removed"):
             self._update_job(event.job_id)
         elif event.type in ("service", "objects"):
             self.rebuild()
+            self.load_history()
 
     @on(Select.Changed, "#status-filter")
     @on(Input.Changed, "#job-filter")
@@ -112,4 +149,4 @@ class JobsScreen(HyperScreen):
     def action_retry_job(self) -> None:
         job_id = self.selected_job()
         if job_id:
-            self.hyper_app.retry_job(job_id)
+            history.retry(self, job_id)
