@@ -19,7 +19,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.signal import Signal
 
-from .client import ClientError, ClientEvent, HyperClient, LogLine, Mirror
+from hypersdk.client.errors import ClientError
+
+from .client import ClientEvent, HyperClient, LogLine, Mirror
 from .hangup import watch_hangup
 from .messages import ClientUpdate
 from .screens.automation import AUTOMATION_VIEWS, AutomationScreen

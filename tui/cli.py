@@ -13,10 +13,11 @@ import sys
 import time
 from typing import TextIO
 
+from hypersdk.client.errors import ClientError
 from hypersdk.client.names import JOB_STATUSES
 
 from . import format as fmt
-from .client import ClientError, ClientEvent, HyperClient, JobState
+from .client import ClientEvent, HyperClient, JobState
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -147,8 +148,10 @@ def _job_row(job: JobState, now: float) -> list[str]:
 
 
 async def cmd_jobs(client: HyperClient, args, out: TextIO) -> int:
-    jobs = [job for job in client.mirror.sorted_jobs()
-            if not args.status or job.status == args.status]
+    """The jobs on the bus and the newest stored ones (finished jobs leave the bus)."""
+    known = {**await client.recent_jobs(), **client.mirror.jobs}
+    jobs = sorted((job for job in known.values() if not args.status or job.status == args.status),
+                  key=lambda job: job.order)
     if args.json:
         json.dump([job.to_dict() for job in jobs], out, indent=2)
         out.write("\n")
@@ -213,7 +216,7 @@ async def cmd_watch(client: HyperClient, args, out: TextIO) -> int:
 
 async def watch_job(client: HyperClient, identifier: str, out: TextIO) -> int:
     """Show the job's progress until it ends; 0 when it completed, 1 otherwise."""
-    job = client.job(identifier)
+    job = await client.find_job(identifier)
     printer = ProgressPrinter(out)
     ended = asyncio.Event()
 
@@ -248,7 +251,7 @@ async def watch_job(client: HyperClient, identifier: str, out: TextIO) -> int:
 
 
 async def cmd_logs(client: HyperClient, args, out: TextIO) -> int:
-    job = client.job(args.job)
+    job = await client.find_job(args.job)
     async for line in client.follow_log(job.id, follow=args.follow):
         out.write(line.format() + "\n")
         out.flush()
@@ -256,7 +259,7 @@ async def cmd_logs(client: HyperClient, args, out: TextIO) -> int:
 
 
 async def cmd_cancel(client: HyperClient, args, out: TextIO) -> int:
-    job = client.job(args.job)
+    job = await client.find_job(args.job)
     await client.cancel(job.id)
     out.write(f"cancel requested for {job.id}\n")
     return EXIT_OK

@@ -16,12 +16,12 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from hypersdk.client.errors import ClientError
 from hypersdk.client.names import (FINISHED, JOB_IFACE, JOBS_PATH, MANAGER_IFACE, MANAGER_PATH,
                                    job_id_from_path, job_path)
 from hypersdk.client.objects import Listeners, ObjectEvent, ServiceObjects
 
-LOG_PAGE = 1000  # GetLog's maximum page
+LOG_PAGE = 1000  # GetJobLog's maximum page
+RECENT_JOBS = 500  # stored jobs listed besides those on the bus
 
 
 @dataclass
@@ -45,6 +45,11 @@ class JobState:
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.props.get(name, default)
+
+    @property
+    def order(self) -> tuple[int, str]:
+        """Oldest first, as submitted."""
+        return self.props.get("CreatedTime", 0), self.id
 
     @property
     def id(self) -> str:
@@ -107,9 +112,6 @@ class Mirror:
     jobs: dict[str, JobState] = field(default_factory=dict)
     # Other objects (schedules, backup policies, webhooks): path -> interface -> props.
     objects: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-
-    def sorted_jobs(self) -> list[JobState]:
-        return sorted(self.jobs.values(), key=lambda job: (job.get("CreatedTime", 0), job.id))
 
     def objects_under(self, prefix: str) -> dict[str, dict[str, dict[str, Any]]]:
         return {path: ifaces for path, ifaces in sorted(self.objects.items())
@@ -257,26 +259,27 @@ class HyperClient:
                                           [json.dumps(definition), {"kind": Variant("s", kind)}])
         return job_id_from_path(path)
 
+    # -- jobs by id, through the Manager: on the bus or not (daemon.finished_job_linger) -------
     async def cancel(self, job_id: str) -> None:
-        await self.service.call(job_path(job_id), JOB_IFACE, "Cancel", "a{sv}", [{}])
+        await self.call_manager("CancelJob", "s", job_id)
 
     async def retry(self, job_id: str) -> str:
-        (path,) = await self.service.call(job_path(job_id), JOB_IFACE, "Retry", "a{sv}", [{}])
-        return job_id_from_path(path)
+        """Submit a finished job's definition again; the new job's id."""
+        return job_id_from_path(await self.call_manager("RetryJob", "s", job_id))
 
     async def get_log(self, job_id: str, after_id: int = 0) -> list[LogLine]:
-        """Every line after `after_id`, read in GetLog's pages (at most LOG_PAGE each)."""
+        """Every line after `after_id`, read in GetJobLog's pages (at most LOG_PAGE each)."""
         lines: list[LogLine] = []
         while True:
-            (page,) = await self.service.call(job_path(job_id), JOB_IFACE, "GetLog", "ta{sv}",
-                                              [after_id, {"limit": Variant("u", LOG_PAGE)}])
+            (page,) = await self.service.call(
+                MANAGER_PATH, MANAGER_IFACE, "GetJobLog", "sta{sv}",
+                [job_id, after_id, {"limit": Variant("u", LOG_PAGE)}])
             lines += [LogLine(*line) for line in page]
             if len(page) < LOG_PAGE:
                 return lines
             after_id = lines[-1].id
 
-    # -- jobs that have left the bus (daemon.finished_job_linger) ---------------------------
-    async def recent_jobs(self, count: int) -> dict[str, JobState]:
+    async def recent_jobs(self, count: int = RECENT_JOBS) -> dict[str, JobState]:
         """The newest `count` stored jobs, on the bus or not (JobCounts says how many)."""
         stored = sum(self.mirror.job_counts.values())
         options = {"limit": Variant("u", count), "offset": Variant("t", max(0, stored - count))}
@@ -285,29 +288,15 @@ class HyperClient:
         return {job.id: job for job in map(_stored_state, records)}
 
     async def stored_job(self, job_id: str) -> JobState:
+        """The job's record in the store (for a job that has left the bus)."""
         return _stored_state(await self.call_manager("GetJob", "s", job_id))
 
-    async def stored_log(self, job_id: str) -> list[LogLine]:
-        """Every log line of a stored job, read in GetJobLog's pages."""
-        lines: list[LogLine] = []
-        while True:
-            after = lines[-1].id if lines else 0
-            page = await self.call_manager("GetJobLog", "st", job_id, after)
-            lines += [LogLine(*line) for line in page]
-            if len(page) < LOG_PAGE:
-                return lines
-
-    async def retry_stored(self, job_id: str) -> str:
-        """Retry a job by id through the Manager (it need not be on the bus); the new id."""
-        return job_id_from_path(await self.call_manager("RetryJob", "s", job_id))
-
-    def job(self, identifier: str) -> JobState:
-        """A job of the view by id ("job-1a2b") or object path; ClientError if unknown."""
+    async def find_job(self, identifier: str) -> JobState:
+        """The job as the bus shows it, else as it is stored; ClientError if unknown."""
         job_id = job_id_from_path(identifier) if identifier.startswith("/") else identifier
-        job = self.mirror.jobs.get(job_id)
-        if job is None:
-            raise ClientError(f"job {identifier!r} not found", "NotFound")
-        return job
+        if job_id in self.mirror.jobs:
+            return self.mirror.jobs[job_id]
+        return await self.stored_job(job_id)
 
     async def follow_log(self, job_id: str, follow: bool = True) -> AsyncIterator[LogLine]:
         """The job's log so far, then (with follow) new lines until the job ends."""
@@ -325,7 +314,8 @@ class HyperClient:
             for line in await self.get_log(job_id):
                 last = line.id
                 yield line
-            if not follow or self.job(job_id).finished:
+            job = self.mirror.jobs.get(job_id)  # not on the bus: finished and stored
+            if not follow or job is None or job.finished:
                 return
             while True:
                 event = await queue.get()

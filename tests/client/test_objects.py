@@ -75,7 +75,7 @@ async def test_fake_service_the_console_shows_the_change_not_the_older_snapshot(
         await client.connect()
         await asyncio.wait_for(heard.wait(), 10)
         assert client.mirror.service_up
-        assert client.job(JOB_ID).status == "failed"
+        assert client.mirror.jobs[JOB_ID].status == "failed"
     finally:
         client.close()
 

@@ -95,7 +95,7 @@ class FakeConsoleClient:
     def close(self) -> None:
         pass
 
-    async def recent_jobs(self, count: int) -> dict[str, JobState]:
+    async def recent_jobs(self, count: int = 500) -> dict[str, JobState]:
         """Manager.ListJobRecords: nothing stored besides the mirror."""
         self.calls.append(("recent_jobs", count))
         return {}

@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 
-from .conftest import HYPERCTL, submit_job, wait_status
+from tests.support.cli import BusMonitor, interfaces_removed
+
+from .conftest import HYPERCTL, job_path_of, submit_job, wait_status
 
 
 def test_jobs_json_lists_jobs_and_filters_by_status(system_bus, hypervisord, hyperctl):
@@ -107,7 +109,7 @@ def test_cancel_then_watch_reports_cancelled(system_bus, hypervisord, hyperctl):
 def test_unknown_job_is_reported(hypervisord, hyperctl):
     result = hyperctl("watch", "job-doesnotexist")
     assert result.returncode == 1
-    assert "job 'job-doesnotexist' not found" in result.stderr
+    assert "no job 'job-doesnotexist'" in result.stderr
 
 
 def test_service_not_running_exits_69(system_bus, hyperctl):
@@ -187,3 +189,26 @@ def test_a_boot_verification_is_found_in_import_and_export_results():
                                             "import": {"verification": verification}}}) == shown
     assert boot_verification({"hyper2kvm": {"mode": "export-only"}}) == ""
     assert boot_verification("") == ""
+
+
+def test_jobs_that_left_the_bus_are_listed_watched_and_logged(
+        system_bus, start_hypervisord, hyperctl):
+    """With finished_job_linger 0 a finished job is only in the store: hyperctl still
+    lists it, shows its end, prints its log, and refuses to cancel it saying why."""
+    start_hypervisord(daemon={"finished_job_linger": 0})
+    with BusMonitor(system_bus.address) as monitor:
+        job_id = submit_job(system_bus.address, {"steps": 2, "interval": 0.01}, "sleep")
+        monitor.wait_for(interfaces_removed(job_path_of(job_id)))
+
+    listed = json.loads(hyperctl("jobs", "--json").stdout)
+    assert [(job["id"], job["status"]) for job in listed] == [(job_id, "completed")]
+    watched = hyperctl("watch", job_id)
+    assert watched.returncode == 0 and watched.stdout.splitlines()[-1] == f"{job_id} completed"
+    logged = hyperctl("logs", job_id)
+    assert logged.returncode == 0, logged.stderr
+    assert [line.split(None, 2)[1:] for line in logged.stdout.splitlines()] == \
+        [["info", "step 1"], ["info", "step 2"]]
+    refused = hyperctl("cancel", job_id)
+    assert refused.returncode != 0 and "completed" in refused.stderr, refused.stderr
+    unknown = hyperctl("logs", "job-000000000bad")
+    assert unknown.returncode != 0 and "job-000000000bad" in unknown.stderr

@@ -6,8 +6,9 @@ import multiprocessing
 import os
 import pwd
 
+from hypersdk.client.errors import ClientError
 from hypersdk.tui.app import HyperctlApp
-from hypersdk.tui.client import ClientError, HyperClient
+from hypersdk.tui.client import HyperClient
 from tests.support.system import MEMBER, OUTSIDER
 
 from .conftest import submit_job

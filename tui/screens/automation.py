@@ -18,9 +18,10 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label, Static, TextArea
 
+from hypersdk.client.errors import ClientError
 from hypersdk.client.names import BACKUP_POLICIES, SCHEDULES, WEBHOOKS, AutomationKind
 
-from ..client import ClientError, ClientEvent
+from ..client import ClientEvent
 from .base import HyperScreen
 
 

@@ -7,7 +7,9 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from ..client import ClientError, ClientEvent
+from hypersdk.client.errors import ClientError
+
+from ..client import ClientEvent
 from ..widgets import ServiceBanner, StatusLine
 
 if TYPE_CHECKING:

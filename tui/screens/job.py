@@ -7,10 +7,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Log, ProgressBar, Static
 
+from hypersdk.client.errors import ClientError
+
 from .. import format as fmt
-from ..client import ClientError, ClientEvent, JobState
+from ..client import ClientEvent, JobState
 from ..widgets import styled_status
-from . import history
 from .base import HyperScreen
 
 
@@ -83,7 +84,7 @@ class JobScreen(HyperScreen):
                 return
             self.stored = await client.stored_job(self.job_id)
             self.refresh_summary()
-            for line in await client.stored_log(self.job_id):
+            for line in await client.get_log(self.job_id):
                 log.write_line(line.format())
         except ClientError as exc:
             log.write_line(f"[log unavailable: {exc}]")
@@ -101,4 +102,4 @@ class JobScreen(HyperScreen):
         self.hyper_app.cancel_job(self.job_id)
 
     def action_retry_job(self) -> None:
-        history.retry(self, self.job_id)
+        self.hyper_app.retry_job(self.job_id)

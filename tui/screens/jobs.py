@@ -1,5 +1,6 @@
 """Jobs: a live table (status, progress bar, rate, ETA) with filters; the jobs on the bus
-and the newest stored ones that have left it (history.py)."""
+and the newest stored ones that have left it (finished jobs stay on the bus only for
+daemon.finished_job_linger; the rest are read through the Manager by id)."""
 from __future__ import annotations
 
 from rich.text import Text
@@ -9,12 +10,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Select
 
+from hypersdk.client.errors import ClientError
 from hypersdk.client.names import JOB_STATUSES
 
 from .. import format as fmt
-from ..client import ClientError, ClientEvent, JobState
+from ..client import ClientEvent, JobState
 from ..widgets import styled_status
-from . import history
 from .base import HyperScreen
 
 COLUMNS = ("ID", "Operation", "VM", "Status", "Progress", "Rate", "ETA", "Stage")
@@ -53,7 +54,7 @@ class JobsScreen(HyperScreen):
         if not self.hyper_app.client.mirror.service_up:
             return
         try:
-            self.stored = await self.hyper_app.client.recent_jobs(history.RECENT)
+            self.stored = await self.hyper_app.client.recent_jobs()
         except ClientError as exc:
             self.report(exc)
             return
@@ -93,7 +94,7 @@ class JobsScreen(HyperScreen):
         table = self.query_one("#jobs", DataTable)
         table.clear()
         jobs = {**self.stored, **self.hyper_app.client.mirror.jobs}
-        for job in sorted(jobs.values(), key=lambda job: (job.get("CreatedTime", 0), job.id)):
+        for job in sorted(jobs.values(), key=lambda job: job.order):
             if self._matches(job):
                 table.add_row(*self._cells(job), key=job.id)
 
@@ -149,4 +150,4 @@ class JobsScreen(HyperScreen):
     def action_retry_job(self) -> None:
         job_id = self.selected_job()
         if job_id:
-            history.retry(self, job_id)
+            self.hyper_app.retry_job(job_id)

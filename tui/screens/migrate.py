@@ -8,7 +8,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Checkbox, Input, Label, RadioButton, RadioSet, Select, Static
 
-from ..client import ClientError
+from hypersdk.client.errors import ClientError
+
 from ..plan import EXPORT_METHODS, MODES, OUTPUT_FORMATS, MigrationForm, build_definitions, \
     describe, validate
 from .base import HyperScreen

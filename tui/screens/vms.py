@@ -8,8 +8,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Select, Static
 
+from hypersdk.client.errors import ClientError
+
 from .. import format as fmt
-from ..client import ClientError, ClientEvent
+from ..client import ClientEvent
 from .base import HyperScreen
 from .migrate import MigrateScreen
 
