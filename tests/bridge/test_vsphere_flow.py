@@ -138,3 +138,12 @@ def test_automation_objects_create_list_delete(vsphere_bridge):
         assert deleted.status == 200 and deleted.json() == {"id": object_id, "deleted": True}
         assert curl(vsphere_bridge, listing).json()[key] == []
         assert curl(vsphere_bridge, f"{listing}/{object_id}", "-X", "DELETE").status == 404
+
+
+def test_vms_info_without_provider_when_two_are_configured_names_them(start_bridge, vcsim):
+    bridge = start_bridge(providers={"vsphere": vcsim.provider_settings(),
+                                     "vcenter2": vcsim.provider_settings()})
+    answer = curl(bridge, f"/vms/info?identifier={VM}")
+    assert answer.status == 400 and answer.json()["field"] == "provider"
+    assert answer.json()["message"] == ("provider: a non-empty query parameter is required: "
+                                        "2 providers are configured (vcenter2, vsphere)")
