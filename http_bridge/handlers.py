@@ -175,13 +175,19 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "healthy", "version": manager.get("Version", "")})
 
 
-async def capabilities(request: web.Request) -> web.Response:
+def _capabilities(request: web.Request) -> dict:
+    """hypervisord's Capabilities property (JSON), {} while it is unknown."""
     manager = request.app[MIRROR].get(MANAGER_PATH, MANAGER_IFACE) or {}
     try:
         caps = json.loads(manager.get("Capabilities", "{}"))
     except ValueError:
-        caps = {}
-    return json_response({"version": manager.get("Version", ""), **caps})
+        return {}
+    return caps if isinstance(caps, dict) else {}
+
+
+async def capabilities(request: web.Request) -> web.Response:
+    manager = request.app[MIRROR].get(MANAGER_PATH, MANAGER_IFACE) or {}
+    return json_response({"version": manager.get("Version", ""), **_capabilities(request)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -212,10 +218,25 @@ async def vms_list(request: web.Request) -> web.Response:
 
 async def vms_info(request: web.Request) -> web.Response:
     identifier = query_text(request, "identifier")
-    provider = query_text(request, "provider")
+    provider = query_text(request, "provider", required=False) or _only_provider(request)
     (reply,) = await call(request, MANAGER_PATH, MANAGER_IFACE, "GetVMInfo", "ssa{sv}",
                           [provider, identifier, {}])
     return json_response(json.loads(reply))
+
+
+def _only_provider(request: web.Request) -> str:
+    """The one provider the config names (else the one there is, the always-on ova),
+    for a /vms/info without `provider`: the spec's `?identifier=vm-123&provider=vsphere`,
+    pasted unquoted into a shell, loses it."""
+    rows = [row for row in _capabilities(request).get("providers", [])
+            if isinstance(row, dict) and row.get("configured")]
+    names = ([row.get("name") for row in rows if not row.get("implicit")]
+             or [row.get("name") for row in rows])
+    if len(names) != 1:
+        which = (f"{len(names)} providers are configured ({', '.join(map(str, names))})"
+                 if names else "no provider is configured")
+        raise invalid("provider", f"a non-empty query parameter is required: {which}")
+    return str(names[0])
 
 
 # -- jobs -------------------------------------------------------------------------------

@@ -52,3 +52,11 @@ if command -v npm >/dev/null && [ ! -x "$AZURITE_DIR/node_modules/.bin/azurite-b
   mkdir -p "$AZURITE_DIR"
   (cd "$AZURITE_DIR" && npm install --no-audit --no-fund --silent azurite@3)
 fi
+
+# hyper2kvm 0.2.1 in a venv of its own, as data/systemd/hyper2kvm@.service runs it: the
+# daemon-mode tests start its daemon (tests/support/hyper2kvm_daemon.py). Outside the git tree.
+HYPER2KVM_VENV="${HYPERSDK_HYPER2KVM_VENV:-/var/tmp/hypersdk-hyper2kvm-0.2.1}"
+if [ ! -x "$HYPER2KVM_VENV/bin/hyper2kvm" ]; then
+  /usr/bin/python3 -m venv "$HYPER2KVM_VENV"
+  "$HYPER2KVM_VENV/bin/pip" install -q 'hyper2kvm[daemon]==0.2.1' rich requests
+fi

@@ -18,9 +18,13 @@ Rules (documented for users in org.hypersdk.HyperSDK1.Schedule.xml):
   with a fixed hour fires only at the first occurrence, while one whose hour field is
   `*` keeps firing by elapsed time.
 - Re-enabling a schedule does not fire the slots that passed while it was disabled.
+- Each run lands in a directory of its own: an `export_path` without `{time}` gets
+  `/{time}` appended, so the spec's `"export_path": "/exports/nightly"` writes its run
+  of 2 January 2026 02:00 UTC into `/exports/nightly/20260102T020000Z/` (an export
+  refuses to overwrite, so a fixed path would make every run after the first fail).
+  The job's definition shows the run's path.
 - `{time}` in any string of the job definition becomes the run's UTC time
-  (`20260102T020000Z`), e.g. `"export_path": "nightly/{time}"`: an export refuses to
-  overwrite, so a fixed path would make every run after the first fail.
+  (`20260102T020000Z`), e.g. `"export_path": "nightly/{time}/disks"` to choose where.
 """
 from __future__ import annotations
 
@@ -215,6 +219,16 @@ def decide(spec: CronSpec, last_slot: float, now: float, grace: float) -> SlotDe
     return SlotDecision(latest, now - latest <= grace, latest > due)
 
 
+def run_definition(job_definition: dict, moment: float) -> dict:
+    """What a run at `moment` submits: its own directory under `export_path` (`/{time}`
+    appended unless the path places `{time}` itself), every `{time}` expanded."""
+    path = job_definition.get("export_path")
+    if isinstance(path, str) and path and TIME_PLACEHOLDER not in path:
+        job_definition = {**job_definition,
+                          "export_path": f"{path.rstrip('/')}/{TIME_PLACEHOLDER}"}
+    return expand_time(job_definition, moment)
+
+
 def expand_time(value: Any, moment: float) -> Any:
     """`{time}` in any string of a job definition -> the run's UTC time, 20260102T020000Z.
 
@@ -295,7 +309,7 @@ class Schedules:
         if not isinstance(job_definition, dict):
             raise InvalidArgument("job_definition", "must be a JSON object")
         try:
-            self.engine.validate(kind, expand_time(job_definition, self.clock.now()))
+            self.engine.validate(kind, run_definition(job_definition, self.clock.now()))
         except InvalidArgument as exc:
             field = "kind" if exc.field == "kind" else f"job_definition.{exc.field}"
             raise InvalidArgument(field, exc.rule) from None
@@ -352,7 +366,7 @@ class Schedules:
         return self._submit(self.get(schedule_id), None, uid)
 
     def _submit(self, schedule: Schedule, slot: float | None, uid: int) -> "JobRecord":
-        definition = expand_time(schedule.job_definition, slot or self.clock.now())
+        definition = run_definition(schedule.job_definition, slot or self.clock.now())
         job = self.engine.submit(schedule.kind, definition, uid)
         with self.store.transaction() as db:
             db.execute("INSERT INTO schedule_jobs (schedule_id, job_id, slot) VALUES (?,?,?)",

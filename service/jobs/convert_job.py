@@ -12,6 +12,11 @@ caller says `source_format: "raw"` (service/disks/disk_format.py). Every disk an
 OVF/OVA references is converted into output_path through the job's staging
 directory; progress adds up over all of them in bytes of virtual size. If any disk
 fails, the disks that had landed are removed again.
+
+A disk lands as `<its file's stem>.<format>`, except the one disk of a one-disk OVF or
+OVA: that is `disk.<format>`, the name the spec's `/import-to-kvm` example (4.3) imports
+from what its `/convert` example (4.2) wrote. The result lists every disk it produced
+(`disks[].path`, boot order as in the OVF).
 """
 from __future__ import annotations
 
@@ -146,7 +151,8 @@ class ConvertKind(JobKind):
             disks = [readable]
         converted = await self._convert_all(ctx, disks, staging, options, extracted,
                                             claimed=options.get("source_format", ""),
-                                            names=[source.name] if kind == "image" else None)
+                                            names=[source.name] if kind == "image" else None,
+                                            one_vm_disk=kind != "image" and len(disks) == 1)
         return {"disks": converted, "ovf": info.to_dict() if info else None,
                 "output_path": str(staging.dest.shown)}
 
@@ -171,14 +177,16 @@ class ConvertKind(JobKind):
 
     async def _convert_all(self, ctx: JobContext, disks: list[Path], staging: Staging,
                            options: dict, done_before: int, claimed: str,
-                           names: list[str] | None) -> list[dict]:
+                           names: list[str] | None, one_vm_disk: bool) -> list[dict]:
         """Convert every disk into staging, then land each under its final name.
 
         `names`: the names users know the disks by (the file names they gave), when
-        `disks` are paths through a staging link or an fd."""
+        `disks` are paths through a staging link or an fd. `one_vm_disk`: the disk is
+        a VM's only one, landed as disk.<format> (module docstring)."""
         fmt = options["format"]
         shown = names or [disk.name for disk in disks]
-        finals = [f"{PurePosixPath(name).stem}.{fmt}" for name in shown]
+        finals = ([f"disk.{fmt}"] if one_vm_disk
+                  else [f"{PurePosixPath(name).stem}.{fmt}" for name in shown])
         if len(set(finals)) != len(finals):
             raise InvalidArgument("source_path", "two disks would convert to the same file name")
         # Check every disk before converting any, so a bad one fails the job early.

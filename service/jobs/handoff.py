@@ -2,8 +2,13 @@
 
 Three modes, chosen by the job definition:
 - `enabled: false` (the default): export only.
-- `daemon_mode: true`: hand the VM to the hyper2kvm daemon through an Artifact
-  Manifest in `<hyper2kvm.watch_dir>/<instance>/`, then wait for its output.
+- `daemon_mode: true`: hand the VM to hyper2kvm@<instance>, hyper2kvm 0.2.1's
+  manifest workflow daemon (data/systemd/hyper2kvm@.service): one Artifact Manifest
+  per disk lands in `<hyper2kvm.watch_dir>/<instance>/to_be_processed/`, and the job
+  follows the daemon's markers until each disk is converted into
+  `<hyper2kvm.output_dir>/<date>/<manifest name>/` (jobs/hyper2kvm.py). When the
+  unit is not active, `auto_convert: true` converts here instead (with a warning);
+  otherwise the manifests stay for the daemon and the job ends "handed off".
 - `auto_convert: true` (without daemon mode): the spec's "Direct Pipeline" — convert
   every disk with the built-in converter into `<hyper2kvm.output_dir>/<vm>/` and, when
   `import_to_kvm` is set, define the domain in libvirt. Disks that arrive as
@@ -15,25 +20,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..definitions import check_fields
-from ..errors import AlreadyExists, InvalidArgument
 from ..confine import open_dir
-from ..staging import Staging
+from ..definitions import check_fields
+from ..disks.convert import convert_image
+from ..disks.ovf_writer import safe_name
+from ..errors import AlreadyExists, InvalidArgument
 from ..kvm.boot_verify import parse_verify_boot
-from ..disks.convert import ConvertedImage, convert_image
 from ..kvm.domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
-                         serial_log_beside)
-from .hyper2kvm import UnitState, unit_name, unit_state, wait_for_output
+                              serial_log_beside)
 from ..kvm.kvm_landing import Landing, land
 from ..kvm.libvirt_import import preflight
-from .manifest import boot_sorted, build_manifest, disk_ids, write_manifest
+from ..staging import Staging
+from .hyper2kvm import QUEUE_DIR, UnitState, follow, unit_name, unit_state
+from .manifest import (boot_sorted, build_manifest, disk_ids, manifest_name, per_disk,
+                       write_manifest)
 from .overlap import JobProgress, StreamConversions
-from ..disks.ovf_writer import safe_name
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -44,6 +49,7 @@ FIELD = "hyper2kvm_integration"
 INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 FORMATS = ("qcow2", "raw")
 DEFAULT_MEMORY_MB = 1024
+_IMAGE_FORMATS = {".qcow2": "qcow2", ".vdi": "vdi"}  # the daemon's images; others are raw
 _BOOL_FIELDS = ("enabled", "auto_convert", "daemon_mode", "import_to_kvm", "autostart",
                 "start", "compression", "guest_conversion")
 _STR_FIELDS = ("instance", "network", "format")
@@ -72,7 +78,8 @@ def validate_integration(block: Any, config: "Config") -> dict:
     Fields: enabled, auto_convert, daemon_mode, instance (the `%i` of
     `hyper2kvm@.service`), import_to_kvm, network, autostart, start (boot the
     domain once defined), format (qcow2 | raw), compression, guest_conversion
-    (virt-v2v-in-place before the define), verify_boot (true or {timeout, expect}:
+    (virt-v2v-in-place before the define; in daemon mode hyper2kvm's fix stage),
+    verify_boot (true or {timeout, expect}:
     start and wait for the guest to boot). Unknown fields are refused so a typo
     never silently turns a conversion off.
     """
@@ -99,9 +106,11 @@ def validate_integration(block: Any, config: "Config") -> dict:
         raise InvalidArgument(f"{FIELD}.import_to_kvm", "needs enabled: true")
     if (result["autostart"] or result["start"]) and not result["import_to_kvm"]:
         raise InvalidArgument(f"{FIELD}.autostart", "autostart and start need import_to_kvm: true")
-    for key in ("guest_conversion", "verify_boot"):
-        if result[key] and not result["import_to_kvm"]:
-            raise InvalidArgument(f"{FIELD}.{key}", "needs import_to_kvm: true")
+    if result["verify_boot"] and not result["import_to_kvm"]:
+        raise InvalidArgument(f"{FIELD}.verify_boot", "needs import_to_kvm: true")
+    if result["guest_conversion"] and not (result["import_to_kvm"] or result["daemon_mode"]):
+        raise InvalidArgument(f"{FIELD}.guest_conversion",
+                              "needs import_to_kvm: true or daemon_mode: true")
     return result
 
 
@@ -129,8 +138,8 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
                           landed: "list[ExportedDisk] | None" = None) -> dict:
     """Run the hand-off chosen by `integration` (from validate_integration).
 
-    Returns the job result's section: `mode` (export-only, daemon, builtin,
-    builtin-fallback), the manifest path, the converted disks and the domain.
+    Returns the job result's section: `mode` (export-only, daemon, handed-off, builtin,
+    builtin-fallback), the manifests, the converted disks and the domain.
     `disks` are the exported disks where the job reads them (its staging directory),
     `landed` the same disks where the export put them for others (the daemon;
     default: `disks`).
@@ -138,21 +147,21 @@ async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[Exported
     With import_to_kvm, libvirt is asked first (preflight_import).
 
     In daemon mode, when hyper2kvm@<instance> is not active (or the config says
-    `hyper2kvm.daemon_enabled: false`), this says so in the
-    job log and converts with the built-in converter instead of failing or
-    waiting: the user asked for converted disks, and a manifest dropped for a
-    dead daemon would only make the job wait out `job_timeout` for nothing.
+    `hyper2kvm.daemon_enabled: false`): with `auto_convert: true` the job log says so
+    and the built-in converter converts instead (waiting for a dead daemon would only
+    wait out `job_timeout`); without it the manifests are left for the daemon and the
+    job ends "handed off" without converting anything: it was not asked to.
     """
     if not integration["enabled"]:
         return {"mode": "export-only"}
     await preflight_import(ctx.config, vm, integration)
     if integration["daemon_mode"]:
         state = await _daemon_state(ctx.config, integration["instance"])
-        if state.active:
-            result = await _hand_off(ctx, vm, landed or disks, integration, state.unit)
+        if state.active or not integration["auto_convert"]:
+            result = await _hand_off(ctx, vm, landed or disks, integration, state)
         else:
-            ctx.log(f"{state.describe()}: converting with the built-in converter instead",
-                    "warning")
+            ctx.log(f"{state.describe()}: converting with the built-in converter instead "
+                    "(auto_convert: true)", "warning")
             result = {**await _convert_builtin(ctx, vm, disks, integration),
                       "mode": "builtin-fallback", "fallback_reason": state.describe()}
     else:
@@ -173,10 +182,6 @@ def _kept_uuid(vm: "VMInfo") -> str:
     return vm.uuid if is_uuid(vm.uuid) else ""
 
 
-def _vm_output_dir(config: "Config", vm: "VMInfo") -> Path:
-    return Path(config.hyper2kvm.output_dir) / safe_name(vm.name)
-
-
 async def _output_staging(ctx: "JobContext", vm: "VMInfo",
                           streamed: StreamConversions | None = None) -> Staging:
     """The job's staging in output_dir/<vm>/ (created, and removed again if the job fails,
@@ -189,34 +194,65 @@ async def _output_staging(ctx: "JobContext", vm: "VMInfo",
 
 
 async def _hand_off(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
-                    integration: dict, unit: str) -> dict:
+                    integration: dict, state: UnitState) -> dict:
+    """Land one manifest per disk where hyper2kvm@<instance> takes them; follow the
+    daemon when its unit is active, else leave them for it."""
     settings = ctx.config.hyper2kvm
-    out_dir = _vm_output_dir(ctx.config, vm)
-    fmt = integration["format"]
-    manifest = build_manifest(vm, disks, job_id=ctx.job_id, output_dir=out_dir, output_format=fmt,
+    manifest = build_manifest(vm, disks, job_id=ctx.job_id, output_format=integration["format"],
                               compress=_compress(integration),
+                              guest_fix=integration["guest_conversion"],
                               export_method=str(ctx.definition.get("export_method", "")),
                               hypersdk_version=__version__)
+    singles = per_disk(manifest)
     ctx.set_stage("handoff")
-    watch = await asyncio.to_thread(open_dir, Path(settings.watch_dir), integration["instance"],
+    base = Path(settings.watch_dir) / integration["instance"]
+    queue = await asyncio.to_thread(open_dir, Path(settings.watch_dir),
+                                    f"{integration['instance']}/{QUEUE_DIR}",
                                     "hyper2kvm.watch_dir", create=True)
-    handed_off_at = time.time()
-    # A job that fails or is cancelled withdraws its manifest (it landed through the job's
-    # staging), so a daemon that has not picked it up yet does not convert for nothing.
-    path = await asyncio.to_thread(write_manifest, manifest, ctx.staging(watch), vm.name)
-    ctx.log(f"handed off to {unit.removesuffix('.service')}: manifest {path}")
-    ctx.set_stage("waiting for hyper2kvm")
-    expected = [out_dir / f"{disk['id']}.{fmt}" for disk in manifest["disks"]]
-    outputs = await wait_for_output(expected, poll_interval=settings.poll_interval,
-                                    timeout=settings.job_timeout, since=handed_off_at,
-                                    log=ctx.log)
-    ctx.log(f"hyper2kvm finished: {', '.join(str(p) for p in outputs)}")
-    result = {"mode": "daemon", "unit": unit, "manifest": str(path),
-              "output_dir": str(out_dir), "disks": [{"path": str(p), "format": fmt}
-                                                    for p in outputs]}
+    # A job that fails or is cancelled withdraws the manifests the daemon has not taken
+    # yet (they landed through the job's staging), so it does not convert for nothing.
+    staging = ctx.staging(queue)
+    paths = [await asyncio.to_thread(write_manifest, single, staging,
+                                     manifest_name(vm.name, ctx.job_id, disk_id))
+             for disk_id, single in singles]
+    ctx.log(f"handed off to {state.unit.removesuffix('.service')}: "
+            + ", ".join(str(p) for p in paths))
+    result = {"mode": "daemon", "unit": state.unit, "daemon_dir": str(base),
+              "manifests": [str(p) for p in paths]}
+    if not state.active:
+        ctx.log(f"{state.describe()}: the manifests wait in {queue.shown} for it; nothing is "
+                "converted here (auto_convert: false)", "warning")
+        if integration["import_to_kvm"]:
+            ctx.log("import_to_kvm: nothing to import until the daemon has converted the "
+                    "disks", "warning")
+        return {**result, "mode": "handed-off", "daemon": state.describe()}
+    images = await _follow(ctx, base, paths, [d.capacity_bytes for d in boot_sorted(disks)])
+    converted = [(image, _IMAGE_FORMATS.get(image.suffix, "raw")) for image in images]
+    result["disks"] = [{"path": str(p), "format": f, "manifest": str(m)}
+                       for (p, f), m in zip(converted, paths)]
     if integration["import_to_kvm"]:
-        result["import"] = await _import(ctx, vm, [(p, fmt) for p in outputs], integration)
+        # hyper2kvm 0.2.1's daemon runs its guest fix stage on every disk it converts.
+        result["import"] = await _import(ctx, vm, converted,
+                                         {**integration, "guest_conversion": False})
     return result
+
+
+async def _follow(ctx: "JobContext", base: Path, paths: list[Path], sizes: list[int]) -> list[Path]:
+    """Wait for the daemon to convert every manifest; progress advances by each
+    disk's capacity as the daemon finishes it (it says nothing in between)."""
+    settings = ctx.config.hyper2kvm
+    ctx.set_stage("waiting for hyper2kvm")
+    ctx.add_total(sum(sizes))
+    size_of = {path.name: size for path, size in zip(paths, sizes)}
+
+    def done(name: str, image: Path) -> None:
+        ctx.advance(size_of[name])
+        ctx.log(f"hyper2kvm converted {name}: {image}")
+
+    images = await follow(base, Path(settings.output_dir), [p.name for p in paths],
+                          poll_interval=settings.poll_interval, timeout=settings.job_timeout,
+                          log=ctx.log, on_done=done)
+    return [images[path.name] for path in paths]
 
 
 async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",

@@ -3,8 +3,9 @@
 `unit_state` asks systemd over the system bus (the only D-Bus use in jobs/, as
 a plain client of org.freedesktop.systemd1): Manager.GetUnit, or LoadUnit for a
 unit systemd has not loaded yet, then the Unit's ActiveState property.
-`wait_for_output` polls the converter's output directory for the disk images
-named in the manifest until they exist and stop growing, or its report says it failed.
+`follow` polls the daemon's workflow directories (hyper2kvm 0.2.1's manifest
+workflow daemon: to_be_processed/ → processing/ → processed/ or failed/) for the
+manifests a job handed over, and finds the images in `<output_dir>/<date>/<name>/`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 BUS_TIMEOUT = 5.0
 _NO_PEER_ERRORS = ("org.freedesktop.DBus.Error.ServiceUnknown",
                    "org.freedesktop.DBus.Error.NameHasNoOwner")
-REPORT_NAME = "report.json"  # hyper2kvm's end-of-pipeline report, in its output directory
+QUEUE_DIR = "to_be_processed"  # where the daemon takes manifests from
+IMAGE_SUFFIXES = (".qcow2", ".raw", ".img", ".vdi")  # its --out-format choices
 
 
 @dataclass(frozen=True)
@@ -97,52 +99,98 @@ async def _call(bus, path: str, interface: str, member: str, signature: str, bod
                                   member=member, signature=signature, body=body))
 
 
-async def wait_for_output(expected: list[Path], *, poll_interval: float, timeout: float,
-                          since: float, log: Callable[[str], None] | None = None) -> list[Path]:
-    """Wait until every path in `expected` exists with the same size on two polls in a row.
+@dataclass(frozen=True)
+class Marker:
+    """Where hyper2kvm's manifest workflow daemon has a manifest: queued (still in
+    to_be_processed/ or not seen yet), processing, processed or failed; with the file
+    that says so and, for a failure, the daemon's error."""
+    state: str
+    path: Path | None = None
+    error: str = ""
 
-    hyper2kvm writes `report.json` beside its output when its pipeline ends; one
-    written after `since` (a time.time() value) that reports a failure ends the wait
-    at once with hyper2kvm's own error. Raises Failed naming the missing files when
-    `timeout` seconds pass first.
-    """
+
+def read_marker(base: Path, name: str) -> Marker:
+    """The state of manifest `name` in the daemon's directory `base` (blocking).
+
+    0.2.1 moves a manifest it takes from to_be_processed/ to processing/, then to
+    processed/<date>/ and writes `<name>.report.json` beside it, or to failed/<date>/
+    with `<name>.error.json` ({"error": ...}). A marker still being written counts as
+    not there yet."""
+    error_file = _dated(base / "failed", f"{name}.error.json")
+    if error_file is not None:
+        data = _json_object(error_file)
+        if data is not None:
+            return Marker("failed", error_file,
+                          str(data.get("error") or "no error message").strip())
+    report = _dated(base / "processed", f"{name}.report.json")
+    if report is not None and _json_object(report) is not None:
+        return Marker("processed", report)
+    if (base / "processing" / name).exists():
+        return Marker("processing", base / "processing" / name)
+    return Marker("queued", base / QUEUE_DIR / name)
+
+
+def _dated(directory: Path, name: str) -> Path | None:
+    """directory/<date>/name, for whichever date the daemon chose."""
+    return next(iter(sorted(directory.glob(f"*/{name}"))), None)
+
+
+def _json_object(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def find_image(output_dir: Path, stem: str) -> Path:
+    """The image the daemon converted manifest `stem` into: the one disk image in
+    `<output_dir>/<date>/<stem>/` (its --to-output name). Blocking."""
+    images = [path for path in sorted(output_dir.glob(f"*/{stem}/*"))
+              if path.suffix in IMAGE_SUFFIXES and path.is_file()]
+    if len(images) != 1:
+        found = ", ".join(str(p) for p in images) or "nothing"
+        raise Failed(f"hyper2kvm reports {stem} done, but {output_dir}/<date>/{stem}/ holds "
+                     f"{found} where one image was expected: hyper2kvm.output_dir must be the "
+                     "daemon's --output-dir and it must run with --to-output "
+                     "(data/systemd/hyper2kvm@.service)")
+    return images[0]
+
+
+async def follow(base: Path, output_dir: Path, names: list[str], *, poll_interval: float,
+                 timeout: float, log: Callable[[str], None],
+                 on_done: Callable[[str, Path], None]) -> dict[str, Path]:
+    """Follow manifests `names` (in the daemon's directory `base`) until each is
+    processed; returns each name's image. Calls on_done(name, image) as each ends.
+
+    Raises Failed with the daemon's own error as soon as one fails, and when
+    `timeout` seconds pass first, saying where each unfinished manifest is."""
     deadline = time.monotonic() + timeout
-    report = expected[0].parent / REPORT_NAME
-    previous: dict[Path, int] | None = None
-    if log is not None:
-        log(f"waiting for hyper2kvm output in {expected[0].parent} "
-            f"(every {poll_interval:g} s, at most {timeout:g} s)")
+    states = {name: "queued" for name in names}
+    images: dict[str, Path] = {}
+    log(f"following hyper2kvm in {base} and {output_dir} "
+        f"(every {poll_interval:g} s, at most {timeout:g} s)")
     while True:
-        sizes = {path: path.stat().st_size for path in expected if path.is_file()}
-        if len(sizes) == len(expected) and sizes == previous:
-            return list(expected)
-        previous = sizes
-        failure = reported_failure(report, since)
-        if failure:
-            raise Failed(f"hyper2kvm failed ({report}): {failure}")
+        for name in [n for n in names if n not in images]:
+            marker = await asyncio.to_thread(read_marker, base, name)
+            if marker.state == "failed":
+                raise Failed(f"hyper2kvm failed on {name}: {marker.error} ({marker.path})")
+            if marker.state == "processed":
+                images[name] = await asyncio.to_thread(find_image, output_dir,
+                                                       name.removesuffix(".json"))
+                on_done(name, images[name])
+            elif marker.state == "processing" and states[name] == "queued":
+                states[name] = "processing"
+                log(f"hyper2kvm took {name}")
+        if len(images) == len(names):
+            return images
         if time.monotonic() >= deadline:
-            missing = [str(p) for p in expected if p not in sizes]
-            what = ("missing: " + ", ".join(missing)) if missing else "files still growing"
-            raise Failed(f"hyper2kvm produced no finished output within {timeout:g} s "
-                         f"(hyper2kvm.job_timeout); {what}")
+            raise Failed(f"hyper2kvm did not finish within {timeout:g} s "
+                         f"(hyper2kvm.job_timeout): " + "; ".join(
+                             f"{name} {_WAITING[states[name]]}" for name in names
+                             if name not in images))
         await asyncio.sleep(poll_interval)
 
 
-def reported_failure(report: Path, since: float) -> str | None:
-    """The error in hyper2kvm's report.json when it is newer than `since` and says the
-    pipeline failed; None otherwise (absent, older, half-written, or a success)."""
-    try:
-        if report.stat().st_mtime < since:
-            return None
-        data = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("pipeline"), dict):
-        return None
-    if data["pipeline"].get("success") is not False:
-        return None
-    errors = [e for e in data.get("errors") or [] if isinstance(e, dict)]
-    if not errors:
-        return "its report says the pipeline failed, without an error message"
-    last = errors[-1]
-    return f"stage {last.get('stage', '?')}: {last.get('message', '')}"
+_WAITING = {"queued": f"still waiting in {QUEUE_DIR}/ (is the daemon running?)",
+            "processing": "still being processed"}

@@ -1,9 +1,18 @@
 """Artifact Manifest v1.0: the file that hands an exported VM to the hyper2kvm daemon.
 
 The contract is `/work/shared/spec/artifact-manifest-v1.md` as hyper2kvm 0.2.1's
-loader checks it. The daemon reacts to new `*.json` files, so the manifest is
-written in the job's staging directory and lands whole (service/staging.py); each
-attempt gets a new name because the daemon never reprocesses a name.
+loader checks it, plus what 0.2.1's manifest workflow daemon really reads
+(`hyper2kvm/daemon/manifest_workflow_daemon.py`): only `pipeline.load.source_type`
+and `pipeline.load.source_path`, one disk per manifest, VMDK only in practice (its
+raw, vhd and vhdx inputs set an argument its local mode never reads; qcow2 is not a
+type it knows). So the VM's manifest is split into one manifest per disk
+(`per_disk`), each naming its disk in `pipeline.load`.
+
+The daemon reacts to new `*.json` files, so a manifest is written in the job's
+staging directory and lands whole (service/staging.py). The file's name without
+`.json` is the daemon's job name and its output directory
+(`<output_dir>/<date>/<name>/`); each attempt gets a new name because the daemon
+never reprocesses a name.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ from ..disks.ovf_writer import safe_name
 
 MANIFEST_VERSION = "1.0"
 SOURCE_FORMATS = ("vmdk", "qcow2", "raw", "vhd", "vhdx", "vdi")
+DAEMON_SOURCE_TYPES = ("vmdk",)  # what hyper2kvm 0.2.1's daemon converts (module docstring)
 _ID_BAD_CHARS = re.compile(r"[^a-zA-Z0-9_-]+")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -53,10 +63,10 @@ def disk_ids(disks: list[ExportedDisk]) -> list[str]:
     return ids
 
 
-def build_manifest(vm: VMInfo, disks: list[ExportedDisk], *, job_id: str, output_dir: Path,
-                   output_format: str, compress: bool, export_method: str = "",
+def build_manifest(vm: VMInfo, disks: list[ExportedDisk], *, job_id: str, output_format: str,
+                   compress: bool, guest_fix: bool, export_method: str = "",
                    hypersdk_version: str = "") -> dict:
-    """The manifest for one exported VM; the converter writes into `output_dir`."""
+    """The manifest for one exported VM; `guest_fix` asks for hyper2kvm's fix stage."""
     if not disks:
         raise Failed(f"VM {vm.name!r}: no exported disks to hand off")
     ordered = boot_sorted(disks)
@@ -76,8 +86,9 @@ def build_manifest(vm: VMInfo, disks: list[ExportedDisk], *, job_id: str, output
         "nics": [{"id": nic.key or f"nic{i}", "mac": nic.mac, "network": nic.network}
                  for i, nic in enumerate(vm.nics)],
         "disks": manifest_disks,
-        "pipeline": {"convert": {"enabled": True, "compress": compress}},
-        "output": {"directory": str(output_dir), "format": output_format},
+        "pipeline": {"fix": {"enabled": guest_fix},
+                     "convert": {"enabled": True, "compress": compress}},
+        "output": {"format": output_format},
         "metadata": {"hypersdk_version": hypersdk_version, "job_id": job_id, "created_at": now,
                      "tags": {tag: "true" for tag in vm.tags}},
     }
@@ -97,11 +108,31 @@ def _disk_entry(disk: ExportedDisk, disk_id: str, position: int) -> dict:
     return entry
 
 
-def write_manifest(manifest: dict, staging: Staging, vm_name: str) -> Path:
-    """Land `manifest` in the staging's directory under a name no earlier attempt used
-    (blocking); returns its path."""
-    job = safe_name(manifest.get("metadata", {}).get("job_id", ""))
-    name = f"{safe_name(vm_name)}-{job}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.json"
+def per_disk(manifest: dict) -> list[tuple[str, dict]]:
+    """(disk id, manifest) for each disk of a VM's manifest, each listing that one disk
+    and naming it in `pipeline.load`, as hyper2kvm 0.2.1's daemon converts one disk
+    per manifest. Raises Failed before anything is written when a disk is of a type
+    that daemon cannot convert."""
+    for entry in manifest["disks"]:
+        if entry["source_format"] not in DAEMON_SOURCE_TYPES:
+            raise Failed(f"disk {entry['local_path']} is {entry['source_format']}: the hyper2kvm "
+                         f"0.2.1 daemon converts {', '.join(DAEMON_SOURCE_TYPES)} disks only; "
+                         "use auto_convert (daemon_mode: false) for the built-in converter")
+    return [(entry["id"], {**manifest, "disks": [entry],
+                           "pipeline": {**manifest["pipeline"],
+                                        "load": {"source_type": entry["source_format"],
+                                                 "source_path": entry["local_path"]}}})
+            for entry in manifest["disks"]]
+
+
+def manifest_name(vm_name: str, job_id: str, disk_id: str) -> str:
+    """A name no earlier attempt used: it names the VM, the job and the disk."""
+    return (f"{safe_name(vm_name)}-{safe_name(job_id)}-{disk_id}-"
+            f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.json")
+
+
+def write_manifest(manifest: dict, staging: Staging, name: str) -> Path:
+    """Land `manifest` as `name` in the staging's directory (blocking); returns its path."""
     data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
     try:
         staging.write(name, data)
@@ -109,5 +140,3 @@ def write_manifest(manifest: dict, staging: Staging, vm_name: str) -> Path:
     except OSError as exc:
         raise Failed(f"cannot write the hyper2kvm manifest into {staging.dest.shown}: "
                      f"{exc.strerror or exc}") from exc
-
-

@@ -88,13 +88,15 @@ class ProviderRegistry:
             return self._instances[name]
 
     def capabilities(self) -> list[dict]:
-        """Every known kind and configured name, with whether it can run here and why not."""
+        """Every known kind and configured name, with whether it can run here and why not;
+        `implicit`: configured without a config section (ALWAYS_ON_KINDS)."""
         rows = []
         for name in self.names:
             settings = self._settings[name]
             reason = None if settings.get("enabled", True) else "disabled in the config"
             reason = reason or missing_sdk(settings["type"])
             rows.append({"name": name, "type": settings["type"], "configured": True,
+                         "implicit": name not in self._config.providers,
                          "available": reason is None, "reason": reason or ""})
         configured_kinds = {s["type"] for s in self._settings.values()}
         for kind in PROVIDER_KINDS:

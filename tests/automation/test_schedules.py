@@ -220,3 +220,33 @@ async def test_time_placeholder_gives_each_run_its_own_value(env):
     first = env.engine.get(schedules.jobs(schedule.id)[0])
     assert first.definition == {"message": "run 20260101T120000Z"}
     assert manual.definition == {"message": "run 20260101T120000Z"}
+
+
+async def test_the_specs_nightly_schedule_lands_each_run_in_a_directory_of_its_own(env,
+                                                                                    tmp_path):
+    clock = FakeClock(datetime(2026, 1, 1, 12, 0, tzinfo=ZoneInfo("UTC")).timestamp())
+    schedules, _ = make(env, clock)
+    nightly = tmp_path / "exports" / "nightly"  # a fixed export_path, as in the spec's 5.1
+    schedule = schedules.create(definition(
+        kind="fake_export", cron="0 2 * * *", timezone="UTC",
+        job_definition={"vm_identifier": "vm-123", "provider": "vsphere",
+                        "export_path": str(nightly)}), 0)
+    clock.advance(14 * 3600)  # 2 January, 02:00 UTC
+    for _night in range(2):
+        schedules.tick()
+        assert await env.wait_job(schedules.jobs(schedule.id)[-1]) == "completed"
+        clock.advance(24 * 3600)
+    jobs = [env.engine.get(job_id) for job_id in schedules.jobs(schedule.id)]
+    assert [job.definition["export_path"] for job in jobs] == [
+        str(nightly / "20260102T020000Z"), str(nightly / "20260103T020000Z")]
+    assert sorted(p.name for p in nightly.iterdir()) == ["20260102T020000Z", "20260103T020000Z"]
+    assert schedules.get(schedule.id).job_definition["export_path"] == str(nightly)
+
+
+async def test_a_path_that_places_time_itself_is_kept(env):
+    schedules, _ = make(env, FakeClock(at(2026, 1, 1, 12, 0)))
+    schedule = schedules.create(definition(kind="fake_export", job_definition={
+        "vm_identifier": "v", "provider": "p", "export_path": "/x/{time}/disks"}), 0)
+    job = schedules.run_now(schedule.id, 0)
+    assert job.definition["export_path"] == "/x/20260101T110000Z/disks"
+    await env.wait_job(job.id)

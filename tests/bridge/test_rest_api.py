@@ -148,6 +148,9 @@ def test_service_errors_map_through_the_table(bridge, tmp_path):
     assert unknown_provider.json()["field"] == "provider"
     info = curl(bridge, "/vms/info?identifier=vm-123&provider=vsphere")
     assert info.status == 400 and info.json()["field"] == "provider"
+    # without provider: the only one there is, the always-on ova provider, is asked
+    only_ova = curl(bridge, "/vms/info?identifier=vm-123")
+    assert only_ova.status == 404 and "no OVA/OVF 'vm-123'" in only_ova.json()["message"]
     convert = post_json(bridge, "/convert", {"source_path": "relative.ovf",
                                               "output_path": str(tmp_path)})
     assert convert.status == 400 and convert.json()["field"]

@@ -14,7 +14,9 @@ VM = "DC0_H0_VM0"
 
 # The spec's test-integration.sh. Adapted: DAEMON_URL and VM_ID, the export path (it must
 # lie under the test's export.base_path), the poll interval, and steps 5-6 (no systemd
-# here): the job's result names the hand-off mode and the converted disks are listed.
+# here, so hyper2kvm@vsphere is not active and, as auto_convert is false, nothing is
+# converted): the job's result says it was handed off, and step 6 lists the manifests
+# waiting for the daemon (tests/pipeline_kvm/test_pattern2.py runs the real daemon).
 INTEGRATION_SH = r'''
 set -e
 
@@ -76,8 +78,8 @@ done
 echo "5. Checking the hand-off..."
 curl -s ${DAEMON_URL}/jobs/query?job_id=${JOB_ID} | jq -e '.result'
 
-echo "6. Verifying converted files..."
-ls -lh @KVM@/${VM_ID}/
+echo "6. Verifying the manifests left for hyper2kvm@vsphere..."
+ls -l @WATCH@/vsphere/to_be_processed/
 
 echo "=== Integration test completed successfully! ==="
 '''
@@ -90,12 +92,13 @@ def test_the_specs_integration_script_runs_green(vsphere_bridge, vcsim, service_
     script = (INTEGRATION_SH.replace("@URL@", vsphere_bridge.url).replace("@VM@", VM)
 
               .replace("@EXPORTS@", str(service_dir / "exports"))
-              .replace("@KVM@", str(service_dir / "kvm")))
+              .replace("@WATCH@", str(service_dir / "watch")))
     run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=240,
                          env=curl_env(vsphere_bridge))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Export completed successfully!" in run.stdout
-    assert ".qcow2" in run.stdout
+    assert '"mode": "handed-off"' in run.stdout
+    assert f"{VM}-job-" in run.stdout and "-disk-" in run.stdout and ".json" in run.stdout
     assert '"status": "healthy"' in run.stdout
 
 
@@ -110,6 +113,10 @@ def test_discovery_curls(vsphere_bridge):
     name = vms[0]["name"]
     info = curl(vsphere_bridge, f"/vms/info?identifier={name}&provider=vsphere")
     assert info.status == 200 and info.json()["name"] == name
+    # the spec's URL pasted unquoted: the shell ends the command at '&'; one provider is
+    # configured, so it is the one asked
+    pasted = curl(vsphere_bridge, f"/vms/info?identifier={name}")
+    assert pasted.status == 200 and pasted.json() == info.json()
     missing = curl(vsphere_bridge, "/vms/info?identifier=no-such-vm&provider=vsphere")
     assert missing.status == 404 and missing.json()["error"] == "NotFound"
 
@@ -131,3 +138,12 @@ def test_automation_objects_create_list_delete(vsphere_bridge):
         assert deleted.status == 200 and deleted.json() == {"id": object_id, "deleted": True}
         assert curl(vsphere_bridge, listing).json()[key] == []
         assert curl(vsphere_bridge, f"{listing}/{object_id}", "-X", "DELETE").status == 404
+
+
+def test_vms_info_without_provider_when_two_are_configured_names_them(start_bridge, vcsim):
+    bridge = start_bridge(providers={"vsphere": vcsim.provider_settings(),
+                                     "vcenter2": vcsim.provider_settings()})
+    answer = curl(bridge, f"/vms/info?identifier={VM}")
+    assert answer.status == 400 and answer.json()["field"] == "provider"
+    assert answer.json()["message"] == ("provider: a non-empty query parameter is required: "
+                                        "2 providers are configured (vcenter2, vsphere)")

@@ -12,6 +12,7 @@ MiB = 1 << 20
 DATA_EXTENTS = ((0, 64 * 1024), (3 * MiB + 4096, 200 * 1024), (13 * MiB, 5000))
 DISK_SIZE = 16 * MiB
 DATA_BYTES = sum(length for _offset, length in DATA_EXTENTS)
+SAMPLE_OVF = Path(__file__).with_name("sample.ovf")
 
 
 def qemu_img(*args: str | Path) -> str:
@@ -67,3 +68,12 @@ def grain_ends(vmdk: Path) -> list[int]:
         pos += (12 + size + 511) // 512 * 512
         ends.append(pos)
     return ends
+
+
+def small_ovf_text() -> str:
+    """The sample OVF with disks small enough for tests (16 MiB each)."""
+    return SAMPLE_OVF.read_text().replace(
+        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^30"',
+        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^20"').replace(
+        'ovf:capacity="512" ovf:capacityAllocationUnits="byte * 2^20"',
+        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^20"')

@@ -14,10 +14,9 @@ from hypersdk.service.jobs.convert_job import ConvertKind
 from tests.vsphere.fake_context import FakeJobContext, run_job
 
 from .conftest import roots_config
-from .helpers import DISK_SIZE, images_equal, make_image
+from .helpers import DISK_SIZE, images_equal, make_image, small_ovf_text
 from .test_ova import manifest
 
-SAMPLE_OVF = Path(__file__).with_name("sample.ovf")
 
 
 def job_context(definition: dict, tmp_path: Path) -> FakeJobContext:
@@ -26,15 +25,6 @@ def job_context(definition: dict, tmp_path: Path) -> FakeJobContext:
 
 def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(".hypersdk"))
-
-
-def small_ovf_text() -> str:
-    """The sample OVF with disks small enough for tests (16 MiB each)."""
-    return SAMPLE_OVF.read_text().replace(
-        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^30"',
-        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^20"').replace(
-        'ovf:capacity="512" ovf:capacityAllocationUnits="byte * 2^20"',
-        'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^20"')
 
 
 def make_ovf_dir(tmp_path: Path) -> tuple[Path, list[Path]]:

@@ -241,3 +241,22 @@ def _wait_for_mock(systemd: DbusmockSystemd, mock: subprocess.Popen) -> None:
             raise RuntimeError("dbusmock systemd did not start: "
                                + mock.stderr.read().decode(errors="replace")[-2000:])
         time.sleep(0.1)
+
+
+@pytest.fixture
+def hyper2kvm_daemon(tmp_path):
+    """Starts the real hyper2kvm 0.2.1 daemon with our unit's command line
+    (tests/support/hyper2kvm_daemon.py); every one started is stopped after the test."""
+    from tests.support.hyper2kvm_daemon import Hyper2kvmDaemon
+
+    started: list[Hyper2kvmDaemon] = []
+    home = tmp_path / "daemon-home"
+    home.mkdir()
+
+    def start(watch_dir: Path, output_dir: Path, *, fake_guest_fix: bool) -> Hyper2kvmDaemon:
+        started.append(Hyper2kvmDaemon(watch_dir, output_dir, home, fake_guest_fix))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.stop()

@@ -1,10 +1,9 @@
 """The hyper2kvm_integration block: export-only, built-in Direct Pipeline, daemon hand-off."""
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
 from hypersdk.service.jobs.handoff import run_integration, validate_integration
+from hypersdk.service.jobs.hyper2kvm import follow
 from hypersdk.service.model import ExportedDisk, NicInfo, VMInfo
 
 from .conftest import export_vmdk, fake_job_context, qemu_img
@@ -123,70 +123,127 @@ async def test_auto_convert_never_overwrites_an_earlier_output(config_for, expor
     assert sorted(p.name for p in earlier.parent.iterdir()) == ["disk-2001.qcow2"]
 
 
-async def run_real_hyper2kvm_on_first_manifest(watch_dir: Path) -> Path:
-    """Does what the hyper2kvm@ daemon does with a new manifest, with the real hyper2kvm
-    0.2.1: `hyper2kvm --manifest FILE` converts each disk to <output.directory>/<id>.<fmt>."""
-    while not (manifests := list(watch_dir.glob("*.json"))):
-        await asyncio.sleep(0.02)
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "hyper2kvm"), "--manifest", str(manifests[0]),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    output, _ = await proc.communicate()
-    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
-    return manifests[0]
-
-
-async def test_daemon_mode_hands_off_waits_and_imports(config_for, exported, tmp_path,
-                                                       dbusmock_systemd, monkeypatch, test_driver):
-    vm, disks, export_dir = exported
+def active_instance(dbusmock_systemd, monkeypatch, prefix: str, state: str = "active") -> str:
+    """A fresh instance name whose hyper2kvm@ unit is in `state` in the dbusmock systemd."""
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbusmock_systemd.address)
-    name = "vsphere-" + uuid.uuid4().hex[:6]
-    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
-    config = config_for()
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", state)
+    return name
+
+
+def queued(tmp_path: Path, name: str) -> list[str]:
+    """The manifests waiting in the instance's to_be_processed/ (not the job's staging)."""
+    queue = tmp_path / "watch" / name / "to_be_processed"
+    return sorted(p.name for p in queue.glob("*.json")) if queue.is_dir() else []
+
+
+async def test_daemon_mode_real_daemon_fake_guest_fix_converts_and_imports(
+        config_for, exported, tmp_path, dbusmock_systemd, monkeypatch, test_driver,
+        hyper2kvm_daemon):
+    vm, disks, export_dir = exported
+    name = active_instance(dbusmock_systemd, monkeypatch, "vsphere")
+    daemon = hyper2kvm_daemon(tmp_path / "watch" / name, tmp_path / "out", fake_guest_fix=True)
+    config = config_for(hyper2kvm={"job_timeout": "120s"})
     ctx = fake_job_context(config)
-    daemon = asyncio.create_task(run_real_hyper2kvm_on_first_manifest(tmp_path / "watch" / name))
     result = await run_integration(ctx, vm, disks, export_dir, integration(
-        config, daemon_mode=True, instance=name, import_to_kvm=True))
-    manifest = await daemon
-    assert result["mode"] == "daemon" and result["manifest"] == str(manifest)
-    assert result["unit"] == f"hyper2kvm@{name}.service"
-    assert f"handed off to hyper2kvm@{name}" in ctx.text()
-    assert [Path(d["path"]).name for d in result["disks"]] == ["disk-2000.qcow2",
-                                                              "disk-2001.qcow2"]
+        config, daemon_mode=True, instance=name, import_to_kvm=True, guest_conversion=True))
+    ctx.succeed()
+    assert result["mode"] == "daemon" and result["unit"] == f"hyper2kvm@{name}.service"
+    assert len(result["manifests"]) == 2 and queued(tmp_path, name) == []
+    for disk, source in zip(result["disks"], [disks[1], disks[0]]):  # boot disk first
+        image, manifest = Path(disk["path"]), Path(disk["manifest"])
+        assert image.parent.name == manifest.stem and image.name == "disk.qcow2"
+        assert image.parent.parent.parent == tmp_path / "out"  # <output_dir>/<date>/<name>/
+        qemu_img("compare", "-q", str(source.path), str(image))
+        handed = json.loads(next((tmp_path / "watch" / name / "processed").glob(
+            f"*/{manifest.name}")).read_text())
+        assert handed["pipeline"]["fix"] == {"enabled": True}  # guest_conversion asked for it
+        assert handed["metadata"]["job_id"] == ctx.job_id
+        assert f"Manifest completed: {manifest.stem}" in daemon.text()
+    assert "FAKE guest fix" in daemon.text()
     assert ctx.stages == ["handoff", "waiting for hyper2kvm", "import"]
+    assert ctx.done == ctx.total == sum(d.capacity_bytes for d in disks)
+    assert all(f"hyper2kvm converted {Path(m).name}" in ctx.text() for m in result["manifests"])
     assert test_driver.lookupByName(vm.name).UUIDString() == vm.uuid
 
 
-async def test_daemon_mode_times_out_clearly(config_for, exported, dbusmock_systemd,
-                                             monkeypatch, tmp_path):
+async def test_a_real_daemon_that_fails_fails_the_job_with_its_reason(
+        config_for, tmp_path, dbusmock_systemd, monkeypatch, hyper2kvm_daemon):
+    raw = tmp_path / "random.raw"
+    raw.write_bytes(os.urandom(4 << 20))
+    vmdk = tmp_path / "truncated.vmdk"
+    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(vmdk))
+    os.truncate(vmdk, 1_000_000)  # an export cut short
+    disk = ExportedDisk(path=vmdk, format="vmdk", capacity_bytes=4 << 20,
+                        file_bytes=1_000_000, sha256="", boot_order=0, key="disk-2000")
+    vm = VMInfo(identifier="vm-9", name="broken-" + uuid.uuid4().hex[:6], provider="vsphere")
+    name = active_instance(dbusmock_systemd, monkeypatch, "fails")
+    hyper2kvm_daemon(tmp_path / "watch" / name, tmp_path / "out", fake_guest_fix=False)
+    config = config_for(hyper2kvm={"job_timeout": "120s"})
+    ctx = fake_job_context(config)
+    with pytest.raises(Failed) as info:
+        await run_integration(ctx, vm, [disk], tmp_path,
+                              integration(config, daemon_mode=True, instance=name))
+    ctx.fail()
+    error_file = next((tmp_path / "watch" / name / "failed").glob("*/*.json.error.json"))
+    reason = json.loads(error_file.read_text())["error"].strip()
+    manifest = error_file.name.removesuffix(".error.json")
+    assert str(info.value) == f"hyper2kvm failed on {manifest}: {reason} ({error_file})"
+    assert reason and "Traceback" not in reason
+
+
+async def test_daemon_mode_times_out_saying_the_daemon_never_took_it(
+        config_for, exported, dbusmock_systemd, monkeypatch, tmp_path):
     vm, disks, export_dir = exported
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbusmock_systemd.address)
-    name = "idle-" + uuid.uuid4().hex[:6]
-    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
+    name = active_instance(dbusmock_systemd, monkeypatch, "idle")
     config = config_for(hyper2kvm={"job_timeout": "0.2s"})
     ctx = fake_job_context(config)
-    with pytest.raises(Failed, match=r"no finished output within 0.2 s \(hyper2kvm.job_timeout\)"):
+    with pytest.raises(Failed, match=r"did not finish within 0.2 s \(hyper2kvm.job_timeout\): "
+                                     r".*-disk-2000-.*\.json still waiting in to_be_processed/"):
         await run_integration(ctx, vm, disks, export_dir,
                               integration(config, daemon_mode=True, instance=name))
-    assert len(list((tmp_path / "watch" / name).glob("*.json"))) == 1
-    ctx.fail()  # what the engine does with a failed job: the manifest is withdrawn
-    assert not list((tmp_path / "watch" / name).glob("*.json"))
+    assert len(queued(tmp_path, name)) == 2
+    ctx.fail()  # what the engine does with a failed job: the manifests are withdrawn
+    assert queued(tmp_path, name) == []
 
 
-async def test_daemon_mode_with_inactive_unit_falls_back_to_builtin(
-        config_for, exported, tmp_path, dbusmock_systemd, monkeypatch):
+async def test_inactive_unit_without_auto_convert_hands_off_and_converts_nothing(
+        config_for, exported, tmp_path, dbusmock_systemd, monkeypatch, hyper2kvm_daemon):
     vm, disks, export_dir = exported
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbusmock_systemd.address)
-    name = "dead-" + uuid.uuid4().hex[:6]
-    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "failed")
-    config = config_for()
+    name = active_instance(dbusmock_systemd, monkeypatch, "later", "inactive")
+    config = config_for(hyper2kvm={"job_timeout": "120s"})
     ctx = fake_job_context(config)
     result = await run_integration(ctx, vm, disks, export_dir,
                                    integration(config, daemon_mode=True, instance=name))
+    ctx.succeed()
+    assert result["mode"] == "handed-off"
+    assert result["daemon"] == f"hyper2kvm@{name}.service is inactive"
+    assert queued(tmp_path, name) == sorted(Path(m).name for m in result["manifests"])
+    assert any(level == "warning" and f"hyper2kvm@{name}.service is inactive: the manifests "
+               "wait in" in text and "nothing is converted here (auto_convert: false)" in text
+               for level, text in ctx.lines)
+    assert not (tmp_path / "out").exists() and ctx.stages == ["handoff"]
+    # the daemon, once started, finds them where they were left
+    daemon = hyper2kvm_daemon(tmp_path / "watch" / name, tmp_path / "out", fake_guest_fix=True)
+    base = tmp_path / "watch" / name
+    images = await follow(base, tmp_path / "out", [Path(m).name for m in result["manifests"]],
+                          poll_interval=0.1, timeout=120, log=lambda _: None,
+                          on_done=lambda *_: None)
+    assert len(images) == 2, daemon.text()[-2000:]
+
+
+async def test_inactive_unit_with_auto_convert_falls_back_to_builtin(
+        config_for, exported, tmp_path, dbusmock_systemd, monkeypatch):
+    vm, disks, export_dir = exported
+    name = active_instance(dbusmock_systemd, monkeypatch, "dead", "failed")
+    config = config_for()
+    ctx = fake_job_context(config)
+    result = await run_integration(ctx, vm, disks, export_dir, integration(
+        config, daemon_mode=True, auto_convert=True, instance=name))
     assert result["mode"] == "builtin-fallback"
     assert result["fallback_reason"] == f"hyper2kvm@{name}.service is failed"
     assert ("warning", f"hyper2kvm@{name}.service is failed: converting with the built-in "
-                       "converter instead") in ctx.lines
+                       "converter instead (auto_convert: true)") in ctx.lines
     assert len(result["disks"]) == 2 and all(Path(d["path"]).is_file() for d in result["disks"])
     assert not (tmp_path / "watch").exists()
 
@@ -214,41 +271,19 @@ async def test_missing_network_is_refused_before_the_hand_off(config_for, export
     assert not (tmp_path / "watch").exists()
 
 
-async def test_daemon_disabled_in_config_falls_back_without_asking_systemd(
-        config_for, exported, tmp_path, monkeypatch):
+@pytest.mark.parametrize("auto_convert, mode", [(True, "builtin-fallback"),
+                                                (False, "handed-off")])
+async def test_daemon_disabled_in_config_never_asks_systemd(config_for, exported, tmp_path,
+                                                            monkeypatch, auto_convert, mode):
     vm, disks, export_dir = exported
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
     config = config_for(hyper2kvm={"daemon_enabled": False})
     ctx = fake_job_context(config)
-    result = await run_integration(ctx, vm, disks, export_dir,
-                                   integration(config, daemon_mode=True, instance="vsphere"))
-    assert result["mode"] == "builtin-fallback"
-    assert result["fallback_reason"] == ("hyper2kvm@vsphere.service is disabled in the config "
-                                         "(hyper2kvm.daemon_enabled: false)")
-    assert not (tmp_path / "watch").exists()
-
-
-async def test_daemon_mode_ends_with_the_real_hyper2kvms_error(config_for, tmp_path,
-                                                               dbusmock_systemd, monkeypatch):
-    raw = tmp_path / "random.raw"
-    raw.write_bytes(os.urandom(4 << 20))
-    vmdk = tmp_path / "truncated.vmdk"
-    qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(vmdk))
-    os.truncate(vmdk, 1_000_000)  # an export cut short: qemu-img fails reading it
-    disk = ExportedDisk(path=vmdk, format="vmdk", capacity_bytes=4 << 20,
-                        file_bytes=1_000_000, sha256="", boot_order=0, key="disk-2000")
-    vm = VMInfo(identifier="vm-9", name="broken-" + uuid.uuid4().hex[:6], provider="vsphere")
-    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbusmock_systemd.address)
-    name = "fails-" + uuid.uuid4().hex[:6]
-    dbusmock_systemd.add_unit(f"hyper2kvm@{name}.service", "active")
-    config = config_for(hyper2kvm={"job_timeout": "60s"})
-
-    async def hyper2kvm_that_fails() -> None:
-        with pytest.raises(AssertionError, match="Pipeline failed"):
-            await run_real_hyper2kvm_on_first_manifest(tmp_path / "watch" / name)
-
-    daemon = asyncio.create_task(hyper2kvm_that_fails())
-    with pytest.raises(Failed, match=r"hyper2kvm failed \(.*report.json\): stage convert: "):
-        await run_integration(fake_job_context(config), vm, [disk], tmp_path,
-                              integration(config, daemon_mode=True, instance=name))
-    await daemon
+    result = await run_integration(ctx, vm, disks, export_dir, integration(
+        config, daemon_mode=True, auto_convert=auto_convert, instance="vsphere"))
+    reason = ("hyper2kvm@vsphere.service is disabled in the config "
+              "(hyper2kvm.daemon_enabled: false)")
+    assert result["mode"] == mode
+    assert result.get("fallback_reason", result.get("daemon")) == reason
+    assert (tmp_path / "out").exists() == auto_convert
+    assert len(queued(tmp_path, "vsphere")) == (0 if auto_convert else 2)

@@ -1,18 +1,13 @@
-"""hyper2kvm unit check against python-dbusmock's systemd, and the output watcher."""
+"""hyper2kvm unit check against python-dbusmock's systemd (a named fake: no systemd here),
+and reading the daemon's markers (the real daemon runs in test_handoff.py)."""
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import time
 import uuid
-
-from pathlib import Path
 
 import pytest
 
 from hypersdk.service.errors import Failed
-from hypersdk.service.jobs.hyper2kvm import reported_failure, unit_state, wait_for_output
+from hypersdk.service.jobs.hyper2kvm import follow, read_marker, unit_state
 
 
 def instance() -> str:
@@ -54,72 +49,27 @@ async def test_no_bus_is_not_active_with_a_reason(tmp_path):
     assert "cannot reach systemd on the system bus" in state.describe()
 
 
-async def test_output_is_returned_once_present_and_stable(tmp_path):
-    expected = [tmp_path / "vm" / "disk-1.qcow2", tmp_path / "vm" / "disk-2.qcow2"]
-
-    async def converter() -> None:
-        await asyncio.sleep(0.05)
-        expected[0].parent.mkdir()
-        for path in expected:
-            path.write_bytes(b"x" * 100)
-        await asyncio.sleep(0.05)
-        with open(expected[1], "ab") as handle:  # still growing
-            handle.write(b"y" * 100)
-
+async def test_timeout_says_where_each_manifest_is_and_names_the_setting(tmp_path):
+    for name, where in [("a.json", "to_be_processed"), ("b.json", "processing")]:
+        (tmp_path / where).mkdir()
+        (tmp_path / where / name).write_text("{}")
     lines: list[str] = []
-    task = asyncio.create_task(converter())
-    found = await wait_for_output(expected, poll_interval=0.02, timeout=5, since=time.time(),
-                                  log=lines.append)
-    await task
-    assert found == expected
-    assert expected[1].stat().st_size == 200
-    assert len(lines) == 1 and "waiting for hyper2kvm output" in lines[0]
+    with pytest.raises(Failed, match=r"did not finish within 0.1 s \(hyper2kvm.job_timeout\): "
+                                     r"a.json still waiting in to_be_processed/ \(is the daemon "
+                                     r"running\?\); b.json still being processed"):
+        await follow(tmp_path, tmp_path / "out", ["a.json", "b.json"], poll_interval=0.02,
+                     timeout=0.1, log=lines.append, on_done=lambda *_: None)
+    assert lines[0].startswith(f"following hyper2kvm in {tmp_path}")
+    assert lines[1:] == ["hyper2kvm took b.json"]
 
 
-async def test_timeout_names_the_missing_files_and_the_setting(tmp_path):
-    present = tmp_path / "a.qcow2"
-    present.write_bytes(b"x")
-    missing = tmp_path / "b.qcow2"
-    with pytest.raises(Failed, match=rf"within 0.1 s \(hyper2kvm.job_timeout\); missing: {missing}"):
-        await wait_for_output([present, missing], poll_interval=0.02, timeout=0.1,
-                              since=time.time())
-
-
-def hyper2kvm_report(directory: Path, success: bool, errors: list[dict]) -> Path:
-    """A report.json shaped like hyper2kvm 0.2.1's ManifestReporter writes it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    report = directory / "report.json"
-    report.write_text(json.dumps({"pipeline": {"success": success, "stages": {},
-                                               "duration_seconds": 1.0},
-                                  "errors": errors, "warnings": []}))
-    return report
-
-
-async def test_a_failure_report_ends_the_wait_with_hyper2kvms_error(tmp_path):
-    since = time.time()
-    hyper2kvm_report(tmp_path / "vm", False, [{"stage": "convert", "message": "No space left",
-                                               "timestamp": "2026-01-01T00:00:00"}])
-    started = time.monotonic()
-    with pytest.raises(Failed, match=r"hyper2kvm failed .*report.json\): stage convert: "
-                                     "No space left"):
-        await wait_for_output([tmp_path / "vm" / "d.qcow2"], poll_interval=0.02, timeout=30,
-                              since=since)
-    assert time.monotonic() - started < 5
-
-
-async def test_a_report_from_an_earlier_run_is_ignored(tmp_path):
-    report = hyper2kvm_report(tmp_path / "vm", False, [{"stage": "convert", "message": "old"}])
-    os.utime(report, (time.time() - 3600, time.time() - 3600))
-    with pytest.raises(Failed, match="no finished output within"):
-        await wait_for_output([tmp_path / "vm" / "d.qcow2"], poll_interval=0.02, timeout=0.1,
-                              since=time.time() - 60)
-
-
-@pytest.mark.parametrize("content", ["{half", "[]", '{"pipeline": {"success": true}}'])
-def test_unreadable_or_successful_reports_are_not_failures(tmp_path, content):
-    report = tmp_path / "report.json"
-    report.write_text(content)
-    assert reported_failure(report, 0) is None
+@pytest.mark.parametrize("content", ["{half", "[]"])
+def test_an_error_file_still_being_written_is_not_yet_a_failure(tmp_path, content):
+    (tmp_path / "failed" / "2026-12-07").mkdir(parents=True)
+    (tmp_path / "failed" / "2026-12-07" / "m.json.error.json").write_text(content)
+    (tmp_path / "processing").mkdir()
+    (tmp_path / "processing" / "m.json").write_text("{}")
+    assert read_marker(tmp_path, "m.json").state == "processing"
 
 
 async def test_a_bus_without_systemd_says_so(system_bus):

@@ -1,14 +1,19 @@
 """The "import" job kind: the spec's /import-to-kvm body, validated, then defined in libvirt."""
 from __future__ import annotations
 
+import re
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from hypersdk.service.errors import AlreadyExists, InvalidArgument
 from hypersdk.service.job_kinds import get_kind
+from hypersdk.service.jobs.convert_job import ConvertKind
 from hypersdk.service.jobs.import_job import ImportKind
+from tests.pipeline_formats.helpers import make_image, small_ovf_text
+from tests.vsphere.fake_context import run_job
 
 from .conftest import fake_job_context, qemu_img
 
@@ -116,3 +121,37 @@ async def test_run_refuses_an_unconverted_image(config_for, tmp_path, test_drive
     ctx = fake_job_context(config, kind.validate(body(vmdk), SimpleNamespace(config=config)))
     with pytest.raises(InvalidArgument, match="is a vmdk image; convert it to qcow2 or raw first"):
         await kind.run(ctx)
+
+
+def one_disk_ovf(directory: Path) -> tuple[Path, Path]:
+    """The sample OVF (web01) with only its first disk, and that disk's raw reference."""
+    text = small_ovf_text()
+    text = re.sub(r"\s*<File [^>]*file2[^>]*/>", "", text)
+    text = re.sub(r"\s*<Disk [^>]*vmdisk2[^>]*/>", "", text)
+    text = re.sub(r"\s*<Item>(?:(?!</Item>).)*vmdisk2.*?</Item>", "", text, flags=re.DOTALL)
+    assert "disk2" not in text
+    raw, vmdk = make_image(directory, "vmdk", name="web01-disk1", subformat="streamOptimized")
+    (directory / "web01.ovf").write_text(text)
+    return directory / "web01.ovf", raw
+
+
+async def test_spec_4_2_convert_then_4_3_import_of_a_one_disk_vm(config_for, tmp_path,
+                                                                  test_driver):
+    """The spec's /convert body, then its /import-to-kvm body naming <output_path>/disk.qcow2."""
+    ovf, raw = one_disk_ovf(tmp_path)
+    config = config_for()
+    submit = SimpleNamespace(config=config, providers=None)
+    convert = ConvertKind()
+    converted = await run_job(convert, fake_job_context(config, convert.validate({
+        "source_path": str(ovf), "output_path": str(tmp_path / "kvm" / "web01"),
+        "conversion_options": {"format": "qcow2", "compression": True}}, submit)))
+    disk = tmp_path / "kvm" / "web01" / "disk.qcow2"
+    assert [d["path"] for d in converted["disks"]] == [str(disk)]
+    qemu_img("compare", "-q", str(raw), str(disk))
+    importer = ImportKind()
+    definition = {"vm_name": "vm-" + uuid.uuid4().hex[:8], "disk_path": str(disk),
+                  "memory_mb": 4096, "vcpus": 2, "network": "default", "autostart": True}
+    result = await run_job(importer, fake_job_context(config, importer.validate(definition,
+                                                                                 submit)))
+    assert result["domain"] == definition["vm_name"]
+    assert str(disk) in test_driver.lookupByName(definition["vm_name"]).XMLDesc()

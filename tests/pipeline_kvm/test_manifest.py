@@ -11,7 +11,8 @@ from hyper2kvm.manifest.loader import ManifestLoader
 
 from hypersdk.service.confine import open_dir
 from hypersdk.service.errors import Failed, NotFound
-from hypersdk.service.jobs.manifest import build_manifest, mem_gb, write_manifest
+from hypersdk.service.jobs.manifest import (build_manifest, manifest_name, mem_gb, per_disk,
+                                                write_manifest)
 from hypersdk.service.model import ExportedDisk, NicInfo, VMInfo
 
 from .conftest import fake_job_context
@@ -34,13 +35,18 @@ def vm(memory_mb: int = 512, **extra) -> VMInfo:
     return VMInfo(**values)
 
 
-def write(tmp_path: Path, the_vm: VMInfo, disks: list[ExportedDisk]) -> Path:
-    manifest = build_manifest(the_vm, disks, job_id="job-1", output_dir=tmp_path / "out",
-                              output_format="qcow2", compress=True, export_method="ova",
-                              hypersdk_version="1.0.0")
-    watch = open_dir(tmp_path / "watch", "vsphere", "hyper2kvm.watch_dir", create=True)
+def the_manifest(the_vm: VMInfo, disks: list[ExportedDisk], guest_fix: bool = False) -> dict:
+    return build_manifest(the_vm, disks, job_id="job-1", output_format="qcow2", compress=True,
+                          guest_fix=guest_fix, export_method="ova", hypersdk_version="1.0.0")
+
+
+def write(tmp_path: Path, the_vm: VMInfo, disks: list[ExportedDisk], manifest: dict | None = None,
+          disk_id: str = "all") -> Path:
+    watch = open_dir(tmp_path / "watch", "vsphere/to_be_processed", "hyper2kvm.watch_dir",
+                     create=True)
     ctx = fake_job_context(None)
-    path = write_manifest(manifest, ctx.staging(watch), the_vm.name)
+    path = write_manifest(manifest or the_manifest(the_vm, disks), ctx.staging(watch),
+                          manifest_name(the_vm.name, "job-1", disk_id))
     ctx.succeed()  # the job's staging directory goes, the landed manifest stays
     return path
 
@@ -62,7 +68,6 @@ def test_512_mib_vm_loads_with_mem_rounded_up_to_1_gib(tmp_path):
                                   "network": "VM Network"}]
     assert loader.get_source_metadata()["vm_name"] == "web 01/prod"
     assert loader.verify_checksums() == {"disk-2000": True}
-    assert loader.get_output_directory() == (tmp_path / "out").resolve()
 
 
 @pytest.mark.parametrize("memory_mb, gib", [(1, 1), (1024, 1), (1025, 2), (1536, 2),
@@ -112,16 +117,39 @@ def test_manifest_fields_follow_the_contract(tmp_path):
     assert data["source"]["export_timestamp"].endswith("Z")
     assert data["metadata"]["job_id"] == "job-1"
     assert data["metadata"]["tags"] == {"production": "true"}
-    assert data["pipeline"]["convert"] == {"enabled": True, "compress": True}
-    assert data["output"] == {"directory": str(tmp_path / "out"), "format": "qcow2"}
+    assert data["pipeline"] == {"fix": {"enabled": False},
+                                "convert": {"enabled": True, "compress": True}}
+    assert data["output"] == {"format": "qcow2"}
+
+
+def test_one_manifest_per_disk_names_it_for_the_daemon_and_loads(tmp_path):
+    disks = [exported(tmp_path / "data.vmdk", key="disk-2001", boot_order=1, content=b"data"),
+             exported(tmp_path / "boot.vmdk", key="disk-2000", boot_order=0, content=b"boot")]
+    the_vm = vm()
+    singles = per_disk(the_manifest(the_vm, disks, guest_fix=True))
+    assert [disk_id for disk_id, _ in singles] == ["disk-2000", "disk-2001"]
+    for (disk_id, single), source in zip(singles, ["boot.vmdk", "data.vmdk"]):
+        assert single["pipeline"]["load"] == {"source_type": "vmdk",
+                                              "source_path": str((tmp_path / source).resolve())}
+        assert single["pipeline"]["fix"] == {"enabled": True}
+        loader = load(write(tmp_path, the_vm, disks, single, disk_id))
+        assert [d.id for d in loader.get_disks()] == [disk_id]
+
+
+def test_a_disk_the_daemon_cannot_convert_is_refused_before_anything_is_written(tmp_path):
+    disks = [exported(tmp_path / "boot.vmdk", key="a", boot_order=0),
+             exported(tmp_path / "data.vhdx", key="b", boot_order=1, fmt="vhdx")]
+    with pytest.raises(Failed, match=r"data.vhdx is vhdx: the hyper2kvm 0.2.1 daemon converts "
+                                     r"vmdk disks only; use auto_convert"):
+        per_disk(the_manifest(vm(), disks))
 
 
 def test_each_attempt_gets_a_new_name_and_no_temp_file_is_left(tmp_path):
     disk = exported(tmp_path / "disk0.vmdk", key="d", boot_order=0)
-    first = write(tmp_path, vm(), [disk])
-    second = write(tmp_path, vm(), [disk])
+    first = write(tmp_path, vm(), [disk], disk_id="d")
+    second = write(tmp_path, vm(), [disk], disk_id="d")
     assert first != second and first.parent == second.parent
-    assert first.name.endswith(".json") and not first.name.startswith(".")
+    assert first.name.startswith("web_01_prod-job-1-d-") and first.name.endswith(".json")
     assert sorted(os.listdir(first.parent)) == sorted([first.name, second.name])
 
 

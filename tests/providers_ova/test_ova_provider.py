@@ -134,8 +134,8 @@ async def test_ova_provider_needs_no_config_section(imports):
     registry = ProviderRegistry(config)
     provider = await registry.get("ova")
     assert await provider.list_vms({}) == []
-    assert {"name": "ova", "type": "ova", "configured": True, "available": True,
-            "reason": ""} in registry.capabilities()
+    assert {"name": "ova", "type": "ova", "configured": True, "implicit": True,
+            "available": True, "reason": ""} in registry.capabilities()
 
 
 async def test_ova_from_our_writer_becomes_a_libvirt_domain(provider, imports, tmp_path):
