@@ -22,6 +22,7 @@ import yaml
 from hypersdk.http_bridge.auth import token_digest
 
 from ..support.system import REPO, stop_process
+from ..support.wait import wait_for_value
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 CURL_HOME = "curl-home"
@@ -145,10 +146,7 @@ def post_json(bridge: Bridge, path: str, body: object, token: str | None = None)
 
 
 def wait_status(bridge, job_id: str, wanted: set[str], timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = curl(bridge, f"/jobs/query?job_id={job_id}").json()
-        if job["status"] in wanted:
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} stayed {job['status']}")
+    """Wait until /jobs/query says the job has one of the `wanted` statuses."""
+    return wait_for_value(lambda: curl(bridge, f"/jobs/query?job_id={job_id}").json(),
+                          lambda job: job.get("status") in wanted, timeout,
+                          f"{job_id} to be one of {sorted(wanted)}")

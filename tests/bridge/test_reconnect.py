@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from ..support.hypervisord import Hypervisord, write_config
 from ..support.system import PrivateSystemBus
+from ..support.wait import wait_for_value
 from .conftest import submit_sleep
 from .stack import Bridge, curl, free_port, token_api, wait_status
 
 
 def wait_health(bridge: Bridge, status: int, timeout: float = 15) -> dict:
-    deadline = time.monotonic() + timeout
-    while (answer := curl(bridge, "/health")).status != status:
-        assert time.monotonic() < deadline, answer.body
-        time.sleep(0.1)
+    answer = wait_for_value(lambda: curl(bridge, "/health"),
+                            lambda answer: answer.status == status, timeout,
+                            f"/health to answer {status}")
     return answer.json()
 
 
@@ -56,21 +55,15 @@ def test_hypervisord_leaving_the_bus_makes_the_bridge_unhealthy(bridge, sleep_jo
     job_id = sleep_job(steps=1, interval=0.01)
     wait_status(bridge, job_id, {"completed"})
     bridge.daemon.stop()
-    deadline = time.monotonic() + 10
-    while curl(bridge, "/health").status != 503 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    health = curl(bridge, "/health")
-    assert health.status == 503
-    assert health.json()["status"] == "unhealthy" and "bus" in health.json()["reason"]
+    health = wait_health(bridge, 503)
+    assert health["status"] == "unhealthy" and "bus" in health["reason"]
     query = curl(bridge, f"/jobs/query?job_id={job_id}")
     assert query.status == 503 and query.json()["error"] == "ServiceUnavailable"
     assert "hypersdk_up 0" in curl(bridge, "/metrics").body
     again = Hypervisord(bridge.daemon.config_path, system_bus.address)
     again.start()
     try:
-        deadline = time.monotonic() + 10
-        while curl(bridge, "/health").status != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_health(bridge, 200)
         assert curl(bridge, f"/jobs/query?job_id={job_id}").json()["status"] == "completed"
     finally:
         again.stop()

@@ -17,6 +17,7 @@ from hypersdk.client.names import (BUS_NAME, JOB_IFACE,
 from hypersdk.client.objects import ObjectEvent, ServiceObjects
 from hypersdk.tui.client import HyperClient
 from tests.support.system import PrivateSystemBus
+from tests.support.wait import until
 
 JOB_ID = "job-0a1b2c"
 
@@ -99,12 +100,13 @@ async def test_fake_service_a_new_owner_is_told_as_health_then_differences(
 
     newcomer.add_message_handler(empty_snapshot)
     try:
-        await _wait_for(events, ObjectEvent("changed", job_path(JOB_ID), JOB_IFACE,
-                                            {"Status": "failed"}))
+        failed = ObjectEvent("changed", job_path(JOB_ID), JOB_IFACE, {"Status": "failed"})
+        await until(lambda: failed in events, 10, "the job's change")
         await newcomer.request_name(BUS_NAME)  # queued behind the first owner
         events.clear()
         first_owner.disconnect()
-        await _wait_for(events, ObjectEvent("removed", job_path(JOB_ID), JOB_IFACE))
+        removed = ObjectEvent("removed", job_path(JOB_ID), JOB_IFACE)
+        await until(lambda: removed in events, 10, "the job's removal")
         assert [event.type for event in events] == ["health", "health", "removed"]
         assert objects.healthy and objects.objects == {}
     finally:
@@ -112,10 +114,3 @@ async def test_fake_service_a_new_owner_is_told_as_health_then_differences(
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         newcomer.disconnect()
-
-
-async def _wait_for(events: list[ObjectEvent], wanted: ObjectEvent) -> None:
-    async def arrived() -> None:
-        while wanted not in events:
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(arrived(), 10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from hypersdk.service.errors import Failed
 from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.providers import vsphere_export
 from hypersdk.service.providers.registry import ProviderRegistry
+from tests.support.wait import until
 from tests.vcsim.harness import find_vm, give_disks
 from tests.vsphere.fake_context import job_context, run_job
 from tests.vsphere.fault_proxy import FaultInjectingProxy
@@ -67,15 +67,6 @@ async def start_export(tmp_path: Path, sim, port: int):
     return asyncio.ensure_future(run_job(KIND, ctx)), ctx, registry
 
 
-async def wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
 def leftovers(tmp_path: Path) -> list[str]:
     found = []
     for top in (tmp_path / "exports", tmp_path / "images"):
@@ -94,14 +85,14 @@ async def test_conversion_runs_while_the_disk_downloads(tmp_path, sim, si):
     try:
         await asyncio.wait_for(proxy.holding.wait(), 60)
         # the last quarter of the file is not sent yet: half the disk converted already
-        overlapped = await wait_for(lambda: converted_bytes(out_dir) >= capacity // 4, 30)
+        await until(lambda: converted_bytes(out_dir) >= capacity // 4, 30,
+                    "a quarter of the disk converted before the download ends")
         proxy.release.set()
         result = await asyncio.wait_for(task, 120)
     finally:
         proxy.release.set()
         await registry.close()
         await proxy.close()
-    assert overlapped, ctx.text()
     handoff = result["hyper2kvm"]
     assert handoff["mode"] == "builtin"
     [image] = handoff["disks"]
@@ -141,7 +132,7 @@ async def test_cancel_during_the_overlap_leaves_nothing(tmp_path, sim, si):
     out_dir = tmp_path / "images" / VM
     try:
         await asyncio.wait_for(proxy.holding.wait(), 60)
-        assert await wait_for(lambda: converted_bytes(out_dir) > 0, 30)
+        await until(lambda: converted_bytes(out_dir) > 0, 30, "the first converted bytes")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

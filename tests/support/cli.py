@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 
-BUS_NAME = "org.hypersdk.HyperSDK1"
-MANAGER = "/org/hypersdk/HyperSDK1/Manager"
-MANAGER_IFACE = "org.hypersdk.HyperSDK1.Manager"
-JOB_IFACE = "org.hypersdk.HyperSDK1.Job"
+from hypersdk.client.names import BUS_NAME, JOB_IFACE, MANAGER_IFACE
+from hypersdk.client.names import MANAGER_PATH as MANAGER
+
+from .wait import wait_for_value
 
 
 def busctl(address: str, *args: str, user: str | None = None,
@@ -40,15 +39,10 @@ def job_property(address: str, path: str, name: str, user: str | None = None):
 
 
 def wait_for_status(address: str, path: str, wanted: set[str], timeout: float = 20) -> str:
-    """Poll the job's Status until it is one of `wanted`."""
-    deadline = time.monotonic() + timeout
-    status = ""
-    while time.monotonic() < deadline:
-        status = job_property(address, path, "Status")
-        if status in wanted:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"{path} stayed {status}, wanted {wanted}")
+    """Wait until the job's Status is one of `wanted`; returns it."""
+    return wait_for_value(lambda: job_property(address, path, "Status"),
+                          lambda status: status in wanted, timeout,
+                          f"{path} to be one of {sorted(wanted)}")
 
 
 def gdbus_call(address: str, path: str, method: str, *args: str,

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from ..support.cli import job_property, submit
+from hypersdk.client.names import job_id_from_path, job_path
+
+from ..support.cli import submit, wait_for_status
 
 HYPERCTL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hyperctl"
 
@@ -23,23 +24,12 @@ def run_hyperctl(address: str, *args: str, stdin: str | None = None,
 
 def submit_job(address: str, definition: dict, kind: str) -> str:
     """Submit with busctl; returns the job id."""
-    path = json.loads(submit(address, definition, kind=kind).stdout.split()[1])
-    return path.rsplit("/", 1)[-1].replace("_", "-")
-
-
-def job_path_of(job_id: str) -> str:
-    return "/org/hypersdk/HyperSDK1/jobs/" + job_id.replace("-", "_")
+    return job_id_from_path(json.loads(submit(address, definition, kind=kind).stdout.split()[1]))
 
 
 def wait_status(address: str, job_id: str, wanted: set[str], timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    status = ""
-    while time.monotonic() < deadline:
-        status = job_property(address, job_path_of(job_id), "Status")
-        if status in wanted:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} stayed {status}, wanted {wanted}")
+    """Wait until the job (by id) has one of the `wanted` statuses."""
+    return wait_for_status(address, job_path(job_id), wanted, timeout)
 
 
 @pytest.fixture

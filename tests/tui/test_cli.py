@@ -5,9 +5,10 @@ import json
 import os
 import subprocess
 
+from hypersdk.client.names import job_path
 from tests.support.cli import BusMonitor, interfaces_removed
 
-from .conftest import HYPERCTL, job_path_of, submit_job, wait_status
+from .conftest import HYPERCTL, submit_job, wait_status
 
 
 def test_jobs_json_lists_jobs_and_filters_by_status(system_bus, hypervisord, hyperctl):
@@ -198,7 +199,7 @@ def test_jobs_that_left_the_bus_are_listed_watched_and_logged(
     start_hypervisord(daemon={"finished_job_linger": 0})
     with BusMonitor(system_bus.address) as monitor:
         job_id = submit_job(system_bus.address, {"steps": 2, "interval": 0.01}, "sleep")
-        monitor.wait_for(interfaces_removed(job_path_of(job_id)))
+        monitor.wait_for(interfaces_removed(job_path(job_id)))
 
     listed = json.loads(hyperctl("jobs", "--json").stdout)
     assert [(job["id"], job["status"]) for job in listed] == [(job_id, "completed")]

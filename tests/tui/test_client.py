@@ -2,20 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from hypersdk.tui.client import HyperClient
 from tests.support.hypervisord import Hypervisord, write_config
 from tests.support.system import PrivateSystemBus
-
-
-async def wait_until(predicate, timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.wait import until
 
 
 async def test_client_reconnects_after_the_bus_restarts_and_sees_the_service(service_dir):
@@ -28,20 +19,20 @@ async def test_client_reconnects_after_the_bus_restarts_and_sees_the_service(ser
     runner = asyncio.create_task(client.run())
     daemon = None
     try:
-        await wait_until(lambda: client.connected, what="the first connection")
+        await until(lambda: client.connected, what="the first connection")
         assert not client.mirror.service_up  # nobody owns the name yet
 
         await asyncio.to_thread(bus.stop)
-        await wait_until(lambda: not client.connected, what="the disconnect")
+        await until(lambda: not client.connected, what="the disconnect")
         bus = await asyncio.to_thread(PrivateSystemBus.start, bus_dir)
-        await wait_until(lambda: client.connected, what="the reconnect")
+        await until(lambda: client.connected, what="the reconnect")
 
         daemon = Hypervisord(write_config(service_dir), address)
         await asyncio.to_thread(daemon.start)
-        await wait_until(lambda: client.mirror.service_up, what="the service")
+        await until(lambda: client.mirror.service_up, what="the service")
         assert client.mirror.version and "service" in events
         job_id = await client.submit({"steps": 2, "interval": 0.05}, "sleep")
-        await wait_until(lambda: job_id in client.mirror.jobs
+        await until(lambda: job_id in client.mirror.jobs
                          and client.mirror.jobs[job_id].status == "completed", what="the job")
     finally:
         client.close()
@@ -61,7 +52,7 @@ async def test_mirror_follows_job_counts_and_keeps_capabilities(system_bus, hype
         assert providers
         before = client.mirror.job_counts.get("completed", 0)
         job_id = await client.submit({"steps": 1, "interval": 0.01}, "sleep")
-        await wait_until(lambda: client.mirror.job_counts.get("completed", 0) == before + 1,
+        await until(lambda: client.mirror.job_counts.get("completed", 0) == before + 1,
                          what="JobCounts")
         assert client.mirror.jobs[job_id].status == "completed"
         assert client.mirror.providers() == providers  # a JobCounts change keeps the rest
@@ -79,13 +70,13 @@ async def test_a_job_killed_with_hypervisord_ends_failed_for_a_connected_client(
     runner = asyncio.create_task(client.run())
     again = Hypervisord(hypervisord.config_path, system_bus.address)
     try:
-        await wait_until(lambda: client.mirror.service_up, what="the service")
+        await until(lambda: client.mirror.service_up, what="the service")
         job_id = await client.submit({"steps": 600, "interval": 0.1}, "sleep")
-        await wait_until(lambda: job_id in client.mirror.jobs
+        await until(lambda: job_id in client.mirror.jobs
                          and client.mirror.jobs[job_id].status == "running", what="running")
         await asyncio.to_thread(hypervisord.kill)
         await asyncio.to_thread(again.start)
-        await wait_until(lambda: any(e.job_id == job_id for e in ended), timeout=10,
+        await until(lambda: any(e.job_id == job_id for e in ended), timeout=10,
                          what="the job's end")
         assert client.mirror.jobs[job_id].status == "failed"
         (end,) = [e for e in ended if e.job_id == job_id]

@@ -3,24 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from textual.widgets import DataTable, Log
 
+from hypersdk.client.names import job_path
 from hypersdk.tui.app import HyperctlApp
 from hypersdk.tui.client import HyperClient
 
 from ..support.cli import BusMonitor, interfaces_removed
-from .conftest import job_path_of, submit_job
-
-
-async def wait_for(pilot, predicate, timeout: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from ..support.wait import pilot_until
+from .conftest import submit_job
 
 
 def cell(app: HyperctlApp, job_id: str, column: str) -> str:
@@ -34,7 +26,7 @@ def cell(app: HyperctlApp, job_id: str, column: str) -> str:
 async def test_jobs_table_follows_a_job_live_to_completed(system_bus, hypervisord):
     app = HyperctlApp(HyperClient(system_bus.address))
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        await pilot_until(pilot, lambda: app.client.mirror.service_up, what="the service")
         job_id = await asyncio.to_thread(submit_job, system_bus.address,
                                          {"steps": 10, "interval": 0.15}, "sleep")
         seen: set[str] = set()
@@ -44,54 +36,54 @@ async def test_jobs_table_follows_a_job_live_to_completed(system_bus, hypervisor
                 seen.add(cell(app, job_id, "Status") + " " + cell(app, job_id, "Progress").split()[-1])
             return cell(app, job_id, "Status") == "completed"
 
-        await wait_for(pilot, observe, what="the job to complete in the table")
+        await pilot_until(pilot, observe, what="the job to complete in the table")
         assert "100%" in cell(app, job_id, "Progress")
         partial = [s for s in seen if s.startswith("running") and not s.endswith(("?", "100%"))]
         assert partial, f"never saw partial progress: {seen}"
-        await wait_for(pilot, lambda: "completed" in str(
+        await pilot_until(pilot, lambda: "completed" in str(
             app.screen.query_one("#status-line").render()), what="the counts in the header")
 
 
 async def test_cancel_a_job_from_the_table(system_bus, hypervisord):
     app = HyperctlApp(HyperClient(system_bus.address))
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        await pilot_until(pilot, lambda: app.client.mirror.service_up, what="the service")
         keep = await asyncio.to_thread(submit_job, system_bus.address,
                                        {"steps": 3, "interval": 0.05}, "sleep")
         victim = await asyncio.to_thread(submit_job, system_bus.address,
                                          {"steps": 300, "interval": 0.1}, "sleep")
-        await wait_for(pilot, lambda: cell(app, victim, "Status") == "running", what="running")
+        await pilot_until(pilot, lambda: cell(app, victim, "Status") == "running", what="running")
         table = app.screen.query_one("#jobs", DataTable)
         table.move_cursor(row=table.get_row_index(victim))
         await pilot.press("c")
-        await wait_for(pilot, lambda: cell(app, victim, "Status") == "cancelled", what="cancel")
-        await wait_for(pilot, lambda: cell(app, keep, "Status") == "completed", what="the other")
+        await pilot_until(pilot, lambda: cell(app, victim, "Status") == "cancelled", what="cancel")
+        await pilot_until(pilot, lambda: cell(app, keep, "Status") == "completed", what="the other")
         assert any("cancel requested" in n.message for n in app._notifications)
 
 
 async def test_job_view_log_follows_live_and_status_filter(system_bus, hypervisord):
     app = HyperctlApp(HyperClient(system_bus.address))
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        await pilot_until(pilot, lambda: app.client.mirror.service_up, what="the service")
         job_id = await asyncio.to_thread(submit_job, system_bus.address,
                                          {"steps": 8, "interval": 0.4}, "sleep")
-        await wait_for(pilot, lambda: bool(cell(app, job_id, "Status")), what="the row")
+        await pilot_until(pilot, lambda: bool(cell(app, job_id, "Status")), what="the row")
         table = app.screen.query_one("#jobs", DataTable)
         table.move_cursor(row=table.get_row_index(job_id))
         await pilot.press("enter")
-        await wait_for(pilot, lambda: bool(app.screen.query("#job-log")), what="job view")
+        await pilot_until(pilot, lambda: bool(app.screen.query("#job-log")), what="job view")
         log = app.screen.query_one("#job-log", Log)
-        await wait_for(pilot, lambda: "step 1" in "\n".join(log.lines), what="first line")
+        await pilot_until(pilot, lambda: "step 1" in "\n".join(log.lines), what="first line")
         assert "step 8" not in "\n".join(log.lines)  # it is following, not replaying
-        await wait_for(pilot, lambda: "step 8" in "\n".join(log.lines), what="last line")
-        await wait_for(pilot, lambda: "completed" in str(
+        await pilot_until(pilot, lambda: "step 8" in "\n".join(log.lines), what="last line")
+        await pilot_until(pilot, lambda: "completed" in str(
             app.screen.query_one("#job-summary").render()), what="completed summary")
         steps = [line.split()[-1] for line in log.lines if " step " in line]
         assert steps == [str(i) for i in range(1, 9)]
 
         await pilot.press("escape")
         failed = await asyncio.to_thread(submit_job, system_bus.address, {"message": "x"}, "fail")
-        await wait_for(pilot, lambda: cell(app, failed, "Status") == "failed", what="failed row")
+        await pilot_until(pilot, lambda: cell(app, failed, "Status") == "failed", what="failed row")
         app.screen.query_one("#status-filter").value = "failed"
         await pilot.pause(0.1)
         rows = app.screen.query_one("#jobs", DataTable).rows
@@ -102,33 +94,33 @@ async def test_service_restart_shows_the_banner_and_reconnects(system_bus, start
     daemon = start_hypervisord()
     app = HyperctlApp(HyperClient(system_bus.address))
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        await pilot_until(pilot, lambda: app.client.mirror.service_up, what="the service")
         job_id = await asyncio.to_thread(submit_job, system_bus.address, {"steps": 1}, "sleep")
-        await wait_for(pilot, lambda: cell(app, job_id, "Status") == "completed", what="job")
+        await pilot_until(pilot, lambda: cell(app, job_id, "Status") == "completed", what="job")
         banner = app.screen.query_one("#banner")
         assert not banner.display
 
         await asyncio.to_thread(daemon.stop)
-        await wait_for(pilot, lambda: banner.display, what="the banner")
+        await pilot_until(pilot, lambda: banner.display, what="the banner")
         assert "not running" in str(banner.render())
         assert "down" in str(app.screen.query_one("#status-line").render())
 
         await asyncio.to_thread(start_hypervisord)
-        await wait_for(pilot, lambda: not banner.display, what="the reconnect")
+        await pilot_until(pilot, lambda: not banner.display, what="the reconnect")
         later = await asyncio.to_thread(submit_job, system_bus.address, {"steps": 1}, "sleep")
-        await wait_for(pilot, lambda: cell(app, later, "Status") == "completed", what="new job")
+        await pilot_until(pilot, lambda: cell(app, later, "Status") == "completed", what="new job")
         assert cell(app, job_id, "Status") == "completed"  # reloaded from the store
 
 
 async def test_schedules_create_disable_delete(system_bus, hypervisord):
     app = HyperctlApp(HyperClient(system_bus.address), start_mode="schedules")
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        await pilot_until(pilot, lambda: app.client.mirror.service_up, what="the service")
         screen = app.screen
-        await wait_for(pilot, lambda: not screen.query_one("#automation-note").display,
+        await pilot_until(pilot, lambda: not screen.query_one("#automation-note").display,
                        what="the features")
         await pilot.press("n")
-        await wait_for(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
+        await pilot_until(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
         editor = app.screen.query_one("#definition")
         editor.load_text("{not json")
         await pilot.click("#create")
@@ -141,19 +133,19 @@ async def test_schedules_create_disable_delete(system_bus, hypervisord):
             table = screen.query_one("#objects", DataTable)
             return [str(c) for c in table.get_row_at(0)] if table.row_count else []
 
-        await wait_for(pilot, lambda: row()[:2] == ["tui-nightly", "yes"], what="the schedule")
+        await pilot_until(pilot, lambda: row()[:2] == ["tui-nightly", "yes"], what="the schedule")
         assert "Cron=0 2 * * *" in row()[2]
         await pilot.press("e")
-        await wait_for(pilot, lambda: row()[:2] == ["tui-nightly", "no"], what="disabled")
+        await pilot_until(pilot, lambda: row()[:2] == ["tui-nightly", "no"], what="disabled")
         await pilot.press("d")
-        await wait_for(pilot, lambda: row() == [], what="deleted")
+        await pilot_until(pilot, lambda: row() == [], what="deleted")
 
 
 async def test_unreachable_bus_shows_the_banner(tmp_path):
     app = HyperctlApp(HyperClient(f"unix:path={tmp_path}/no-bus"))
     async with app.run_test(size=(80, 24)) as pilot:
         banner = app.screen.query_one("#banner")
-        await wait_for(pilot, lambda: banner.display and "Cannot reach" in str(banner.render()),
+        await pilot_until(pilot, lambda: banner.display and "Cannot reach" in str(banner.render()),
                        what="the banner")
         assert "down" in str(app.screen.query_one("#status-line").render())
 
@@ -161,18 +153,18 @@ async def test_unreachable_bus_shows_the_banner(tmp_path):
 async def test_retry_from_the_job_view_follows_the_new_job(system_bus, hypervisord):
     app = HyperctlApp(HyperClient(system_bus.address))
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: app.client.mirror.service_up, what="the service")
+        await pilot_until(pilot, lambda: app.client.mirror.service_up, what="the service")
         failed = await asyncio.to_thread(submit_job, system_bus.address,
                                          {"message": "no space left"}, "fail")
-        await wait_for(pilot, lambda: cell(app, failed, "Status") == "failed", what="failure")
+        await pilot_until(pilot, lambda: cell(app, failed, "Status") == "failed", what="failure")
         app.open_job(failed)
-        await wait_for(pilot, lambda: "no space left" in "".join(
+        await pilot_until(pilot, lambda: "no space left" in "".join(
             str(node.render()) for node in app.screen.query("#job-summary")), what="job view")
         await pilot.press("r")
-        await wait_for(pilot, lambda: getattr(app.screen, "job_id", failed) != failed,
+        await pilot_until(pilot, lambda: getattr(app.screen, "job_id", failed) != failed,
                        what="the retry's view")
         retry = app.screen.job_id
-        await wait_for(pilot, lambda: app.client.mirror.jobs.get(retry) is not None
+        await pilot_until(pilot, lambda: app.client.mirror.jobs.get(retry) is not None
                        and app.client.mirror.jobs[retry].get("RetryOf") == failed,
                        what="the retry job")
 
@@ -184,25 +176,25 @@ async def test_jobs_that_left_the_bus_stay_listed_open_and_retry(system_bus, sta
     with BusMonitor(system_bus.address) as monitor:
         failed = await asyncio.to_thread(submit_job, system_bus.address,
                                          {"message": "no space left"}, "fail")
-        await asyncio.to_thread(monitor.wait_for, interfaces_removed(job_path_of(failed)))
+        await asyncio.to_thread(monitor.wait_for, interfaces_removed(job_path(failed)))
     app = HyperctlApp(HyperClient(system_bus.address))
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_for(pilot, lambda: cell(app, failed, "Status") == "failed",
+        await pilot_until(pilot, lambda: cell(app, failed, "Status") == "failed",
                        what="the stored job in the table")
         assert failed not in app.client.mirror.jobs
         table = app.screen.query_one("#jobs", DataTable)
         table.move_cursor(row=table.get_row_index(failed))
         await pilot.press("r")
-        await wait_for(pilot, lambda: any(f"{failed} retried as" in n.message
+        await pilot_until(pilot, lambda: any(f"{failed} retried as" in n.message
                                           for n in app._notifications), what="the retry")
         retry = next(n.message for n in app._notifications
                      if f"{failed} retried as" in n.message).rsplit(" ", 1)[-1]
-        await wait_for(pilot, lambda: cell(app, retry, "Status") == "failed",
+        await pilot_until(pilot, lambda: cell(app, retry, "Status") == "failed",
                        what="the retry, kept in the table after it left the bus")
         app.open_job(failed)
-        await wait_for(pilot, lambda: "no space left" in "".join(
+        await pilot_until(pilot, lambda: "no space left" in "".join(
             str(node.render()) for node in app.screen.query("#job-summary")), what="job view")
-        await wait_for(pilot, lambda: "no space left" in "\n".join(
+        await pilot_until(pilot, lambda: "no space left" in "\n".join(
             app.screen.query_one("#job-log", Log).lines), what="its stored log")
 
 
@@ -211,10 +203,10 @@ async def test_webhooks_create_test_delete(system_bus, start_hypervisord):
     app = HyperctlApp(HyperClient(system_bus.address), start_mode="webhooks")
     async with app.run_test(size=(120, 40)) as pilot:
         screen = app.screen
-        await wait_for(pilot, lambda: not screen.query_one("#automation-note").display,
+        await pilot_until(pilot, lambda: not screen.query_one("#automation-note").display,
                        what="the features")
         await pilot.press("n")
-        await wait_for(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
+        await pilot_until(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
         app.screen.query_one("#definition").load_text(json.dumps(
             {"url": "http://127.0.0.1:9/hook", "events": ["job.failed"]}))
         await pilot.press("ctrl+s")
@@ -223,21 +215,21 @@ async def test_webhooks_create_test_delete(system_bus, start_hypervisord):
             table = screen.query_one("#objects", DataTable)
             return [str(c) for c in table.get_row_at(0)] if table.row_count else []
 
-        await wait_for(pilot, lambda: row()[:1] == ["http://127.0.0.1:9/hook"], what="webhook")
+        await pilot_until(pilot, lambda: row()[:1] == ["http://127.0.0.1:9/hook"], what="webhook")
         assert "Events=job.failed" in row()[2]
-        await wait_for(pilot, lambda: row()[1] == "yes", what="enabled")
+        await pilot_until(pilot, lambda: row()[1] == "yes", what="enabled")
         await pilot.press("e")
-        await wait_for(pilot, lambda: row()[1] == "no", what="disabled")
+        await pilot_until(pilot, lambda: row()[1] == "no", what="disabled")
         await pilot.press("x")  # a disabled webhook cannot be tested: the refusal is shown
-        await wait_for(pilot, lambda: any(n.severity == "error" and "is disabled" in n.message
+        await pilot_until(pilot, lambda: any(n.severity == "error" and "is disabled" in n.message
                                           for n in app._notifications), what="the refusal")
         await pilot.press("e")
-        await wait_for(pilot, lambda: row()[1] == "yes", what="enabled again")
+        await pilot_until(pilot, lambda: row()[1] == "yes", what="enabled again")
         await pilot.press("x")
-        await wait_for(pilot, lambda: any("Test: done" in n.message for n in app._notifications),
+        await pilot_until(pilot, lambda: any("Test: done" in n.message for n in app._notifications),
                        what="the test delivery queued")
         await pilot.press("d")
-        await wait_for(pilot, lambda: row() == [], what="deleted")
+        await pilot_until(pilot, lambda: row() == [], what="deleted")
 
 
 async def test_backup_policy_errors_name_the_field_then_create_run_delete(system_bus,
@@ -245,17 +237,17 @@ async def test_backup_policy_errors_name_the_field_then_create_run_delete(system
     app = HyperctlApp(HyperClient(system_bus.address), start_mode="backup_policies")
     async with app.run_test(size=(120, 40)) as pilot:
         screen = app.screen
-        await wait_for(pilot, lambda: not screen.query_one("#automation-note").display,
+        await pilot_until(pilot, lambda: not screen.query_one("#automation-note").display,
                        what="the features")
 
         async def create(definition: dict) -> None:
             await pilot.press("n")
-            await wait_for(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
+            await pilot_until(pilot, lambda: bool(app.screen.query("#definition")), what="dialog")
             app.screen.query_one("#definition").load_text(json.dumps(definition))
             await pilot.press("ctrl+s")
 
         await create({"name": "weekly", "provider": "nosuch"})
-        await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications),
+        await pilot_until(pilot, lambda: any(n.severity == "error" for n in app._notifications),
                        what="the refusal")
         error = next(n for n in app._notifications if n.severity == "error")
         assert "provider" in error.message, error.message
@@ -266,11 +258,11 @@ async def test_backup_policy_errors_name_the_field_then_create_run_delete(system
             table = screen.query_one("#objects", DataTable)
             return [str(c) for c in table.get_row_at(0)] if table.row_count else []
 
-        await wait_for(pilot, lambda: row()[:2] == ["weekly", "yes"], what="the policy")
+        await pilot_until(pilot, lambda: row()[:2] == ["weekly", "yes"], what="the policy")
         await pilot.press("e")
-        await wait_for(pilot, lambda: row()[1] == "no", what="disabled")
+        await pilot_until(pilot, lambda: row()[1] == "no", what="disabled")
         await pilot.press("x")  # Run works on a disabled policy too
-        await wait_for(pilot, lambda: any("Run: done" in n.message for n in app._notifications),
+        await pilot_until(pilot, lambda: any("Run: done" in n.message for n in app._notifications),
                        what="the run")
         await pilot.press("d")
-        await wait_for(pilot, lambda: row() == [], what="deleted")
+        await pilot_until(pilot, lambda: row() == [], what="deleted")
