@@ -13,10 +13,17 @@ from hypersdk.service.redact import redact_headers, redact_url
 from hypersdk.service.webhook_targets import TargetPolicy
 from hypersdk.service.webhooks import Webhooks, validate_webhook
 
+from ..support.wait import until
 from .conftest import FakeClock, make_config, start_engine, stop_engine
 
 SECRET = "s3cret-hmac-key"
 QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
+
+
+def pending_deliveries(store) -> int:
+    """Webhook events not yet delivered (or given up on): the outbox's own record."""
+    query = "SELECT count(*) FROM webhook_outbox WHERE state='pending'"
+    return store.execute(query).fetchone()[0]
 
 
 def local_config(tmp_path, automation: dict | None = None, **sections):
@@ -89,8 +96,8 @@ async def test_each_job_event_arrives_once_with_a_valid_signature(tmp_path, rece
         await env.wait_job(done.id)
         await env.wait_job(failed.id)
         got = await receiver.wait_for(4)
-        await asyncio.sleep(0.3)  # nothing more arrives
-        assert len(receiver.attempts) == 4
+        await until(lambda: not pending_deliveries(env.store), what="the outbox to drain")
+        assert len(receiver.attempts) == 4  # and nothing more
         by_key = {(r.event, r.payload["job_id"]): r for r in got}
         assert set(by_key) == {("job.started", done.id), ("job.completed", done.id),
                                ("job.started", failed.id), ("job.failed", failed.id)}
@@ -251,7 +258,7 @@ async def test_a_disabled_webhook_gets_no_events_and_holds_queued_ones(tmp_path,
         webhooks.set_enabled(hook.id, True)
         [item] = await receiver.wait_for(1)
         assert item.payload["job_id"] == "queued-before"
-        await asyncio.sleep(0.3)
+        await until(lambda: not pending_deliveries(env.store), what="the outbox to drain")
         assert len(receiver.attempts) == 1
     finally:
         await _close(env, automation)

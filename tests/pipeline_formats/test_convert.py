@@ -14,6 +14,7 @@ from hypersdk.service.disks.streamopt import GrowingFile, decode
 
 from ..support.direct_io import fake_refusing_o_direct
 from ..support.pagecache import cached_bytes
+from ..support.wait import until
 from .helpers import (DATA_BYTES, DISK_SIZE, MiB, allocated, images_equal, make_image,
                       grain_ends, make_raw, qemu_img)
 
@@ -169,8 +170,7 @@ async def test_cancel_of_qemu_img_removes_partial_output_and_process(tmp_path):
     task = asyncio.create_task(convert_image(
         source, out / "disk.qcow2", out_format="qcow2", compress=True,
         on_progress=lambda d, t: started.set()))
-    await asyncio.wait_for(started.wait(), 30)
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(started.wait(), 30)  # qemu-img is converting
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -194,8 +194,7 @@ async def test_cancel_of_the_decoder_removes_partial_output(tmp_path, out_format
         partial, out / f"disk.{out_format}", out_format=out_format, growing=growing,
         log=lambda message: started.set()))
     await asyncio.wait_for(started.wait(), 30)
-    await asyncio.sleep(0.1)
-    assert os.listdir(out), "the decoder should have started writing"
+    await until(lambda: os.listdir(out), 30, "the decoder to start writing")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
