@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -74,6 +75,18 @@ def load_bridge_config(path: Path) -> Config:
 def listen_address(config: Config) -> tuple[str, int]:
     host, _, port = config.daemon.address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The bridge's listening socket, bound before the app starts: with port 0 the
+    kernel picks a free port, and the log line says which (what tests start it with)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=128)
+
+
+def shown_address(sock: socket.socket, scheme: str) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def authenticator(config: Config, host: str) -> Authenticator:
@@ -156,13 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(bus=args.bus, authenticator=auth, guard=guard, audit=audit,
                      max_body_bytes=config.api.max_body_bytes)
     try:
-        web.run_app(app, host=host, port=port, ssl_context=ssl_context, print=None,
-                    access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT,
-                    handler_cancellation=True)
+        sock = listen_socket(host, port)
     except OSError as exc:
+        audit.close()
         print(f"hypersdk-bridge: daemon.address: cannot listen on {config.daemon.address} "
               f"({exc.strerror or exc})", file=sys.stderr)
         return 1
+    log.info("listening on %s", shown_address(sock, "https" if ssl_context else "http"))
+    try:
+        web.run_app(app, sock=sock, ssl_context=ssl_context, print=None,
+                    access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                    handler_cancellation=True)
     finally:
         audit.close()
     return 0

@@ -35,8 +35,8 @@ _ORIGIN_RE = re.compile(r"https?://[^\s/?#@]+", re.IGNORECASE)
 
 def _address_rule(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not _ASCII_DIGITS_RE.fullmatch(port) or not 0 < int(port) < 65536:
-        return "HOST:PORT with a port from 1 to 65535"
+    if not sep or not host or not _ASCII_DIGITS_RE.fullmatch(port) or not int(port) < 65536:
+        return "HOST:PORT with a port from 0 to 65535 (0: any free port)"
     return None
 
 

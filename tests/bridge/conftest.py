@@ -9,7 +9,7 @@ import pytest
 from ..support.cli import submit
 from ..support.hypervisord import Hypervisord, write_config
 from ..support.system import ensure_user
-from .stack import Bridge, free_port, token_api
+from .stack import ANY_PORT, Bridge, token_api
 
 
 BRIDGE_USER = "hypersdk"  # api.bridge_user's default, as hypersdk-bridge.service runs
@@ -29,15 +29,14 @@ def start_bridge(start_hypervisord, system_bus, service_dir):
     started: list[Bridge] = []
 
     def start(**overrides) -> Bridge:
-        port = free_port()
         overrides = dict(overrides)
-        daemon_section = {"address": f"127.0.0.1:{port}", **overrides.pop("daemon", {})}
+        daemon_section = {"address": ANY_PORT, **overrides.pop("daemon", {})}
         api = overrides.pop("api", {})
         if "auth" not in api:
             api = {**token_api(service_dir), **api}
         daemon = start_hypervisord(daemon=daemon_section, api=api, **overrides)
         tls = bool(api.get("tls_cert"))
-        bridge = Bridge(daemon.config_path, system_bus.address, port, tls=tls)
+        bridge = Bridge(daemon.config_path, system_bus.address, tls=tls)
         bridge.daemon = daemon
         started.append(bridge)
         return bridge.start()
@@ -59,12 +58,11 @@ def shared_bridge(system_bus, polkitd, users, tmp_path_factory):
     for path in (directory, *directory.parents):
         if str(path).startswith("/tmp/pytest-of-"):
             os.chmod(path, 0o755)
-    port = free_port()
-    config = write_config(directory, daemon={"address": f"127.0.0.1:{port}"},
+    config = write_config(directory, daemon={"address": ANY_PORT},
                           api=token_api(directory))
     daemon = Hypervisord(config, system_bus.address)
     daemon.start()
-    bridge = Bridge(config, system_bus.address, port)
+    bridge = Bridge(config, system_bus.address)
     bridge.daemon = daemon
     try:
         yield bridge.start()

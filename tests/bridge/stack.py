@@ -10,7 +10,8 @@ from __future__ import annotations
 import grp
 import json
 import os
-import socket
+import re
+import secrets
 import subprocess
 import sys
 import time
@@ -47,10 +48,8 @@ def write_curlrc(directory: Path) -> None:
     (home / ".curlrc").write_text(f'header = "Authorization: Bearer {ADMIN_TOKEN}"\n')
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+LISTENING_RE = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
+ANY_PORT = "127.0.0.1:0"  # daemon.address for a test bridge: the kernel picks the port
 
 
 @dataclass
@@ -64,9 +63,12 @@ class CurlResult:
 
 @dataclass
 class Bridge:
+    """A bridge process; its config says `daemon.address: 127.0.0.1:0` and `start` reads
+    the port it took from its "listening on" log line."""
+
     config_path: Path
     bus_address: str
-    port: int
+    port: int = 0
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     tls: bool = False
@@ -79,7 +81,8 @@ class Bridge:
     def start(self, timeout: float = 20, wait_healthy: bool = True) -> "Bridge":
         env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address,
                "PYTHONPATH": str(REPO)}
-        self.log_path = self.config_path.parent / f"bridge-{self.port}.log"
+        self.log_path = self.config_path.parent / f"bridge-{secrets.token_hex(4)}.log"
+        self.port = 0
         with open(self.log_path, "ab") as log_file:
             command = [sys.executable, "-m", "hypersdk.http_bridge.main", "--config",
                        str(self.config_path)]
@@ -91,6 +94,10 @@ class Bridge:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"bridge exited with {self.process.returncode}:\n{self.log()}")
+            if not self.port:
+                self.port = self._listening_port()
+                time.sleep(0.05)
+                continue
             try:
                 result = curl(self, "/health")
             except subprocess.SubprocessError:
@@ -104,6 +111,10 @@ class Bridge:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def _listening_port(self) -> int:
+        found = LISTENING_RE.search(self.log())
+        return int(found.group(1)) if found else 0
 
     @property
     def auth_headers(self) -> dict[str, str]:

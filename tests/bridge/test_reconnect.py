@@ -12,7 +12,7 @@ from ..support.hypervisord import Hypervisord, write_config
 from ..support.system import PrivateSystemBus
 from ..support.wait import wait_for_value
 from .conftest import submit_sleep
-from .stack import Bridge, curl, free_port, token_api, wait_status
+from .stack import ANY_PORT, Bridge, curl, token_api, wait_status
 
 
 def wait_health(bridge: Bridge, status: int, timeout: float = 15) -> dict:
@@ -27,11 +27,10 @@ def test_the_bridge_survives_a_restart_of_the_bus(service_dir, users):
     """A bus of its own (root callers need no polkitd), stopped and started again."""
     bus_dir = Path(tempfile.mkdtemp(prefix="hypersdk-bridge-bus-"))
     bus = PrivateSystemBus.start(bus_dir)
-    port = free_port()
-    config = write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"},
+    config = write_config(service_dir, daemon={"address": ANY_PORT},
                           api=token_api(service_dir))
     daemon = Hypervisord(config, bus.address)
-    bridge = Bridge(config, bus.address, port)
+    bridge = Bridge(config, bus.address)
     try:
         daemon.start()
         bridge.start()

@@ -20,7 +20,7 @@ from ..support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl
 from ..support.hypervisord import write_config
 from ..support.system import REPO
 from ..support.wait import wait_until
-from .stack import Bridge, curl, free_port, post_json, token_api
+from .stack import ANY_PORT, Bridge, curl, post_json, token_api
 
 TOKENS = {
     "viewer-token-0123456789": {"name": "vera", "role": "viewer"},
@@ -156,12 +156,11 @@ def test_body_over_the_limit_is_413(start_bridge):
 
 def test_the_bridge_never_needs_provider_credentials(service_dir, system_bus, users):
     """Provider secrets (${VAR}s of hypervisord's environment) are not the bridge's business."""
-    port = free_port()
-    config = write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"},
+    config = write_config(service_dir, daemon={"address": ANY_PORT},
                           api=token_api(service_dir),
                           providers={"vsphere": {"type": "vsphere", "host": "vc.example.com",
                                                  "username": "u", "password": "${UNSET_PW}"}})
-    bridge = Bridge(config, system_bus.address, port)
+    bridge = Bridge(config, system_bus.address)
     try:
         bridge.start(wait_healthy=False)  # no hypervisord here: unhealthy, but serving
         assert curl(bridge, "/health").json()["status"] == "unhealthy"

@@ -26,7 +26,7 @@ from ..support.cli import busctl
 from ..support.hypervisord import write_config
 from ..support.system import REPO
 from .conftest import submit_sleep
-from .stack import ADMIN_TOKEN, Bridge, curl, free_port, post_json, wait_status, write_curlrc
+from .stack import ADMIN_TOKEN, ANY_PORT, Bridge, curl, post_json, wait_status, write_curlrc
 
 OTTO, OLGA = "otto-operator-token-0123456789", "olga-operator-token-0123456789"
 VERA, ADA = "vera-viewer-token-0123456789ab", "ada-admin-token-0123456789abcd"
@@ -151,8 +151,7 @@ def test_init_tokens_makes_a_first_admin_token_once(bridge_account, service_dir,
                                                     start_hypervisord):
     etc = service_dir / "etc"
     tokens = etc / "tokens.yaml"
-    port = free_port()
-    daemon = start_hypervisord(daemon={"address": f"127.0.0.1:{port}"},
+    daemon = start_hypervisord(daemon={"address": ANY_PORT},
                                api={"tokens_file": str(tokens)})
     first = _init_tokens(daemon.config_path)
     assert first.returncode == 0 and "created" in first.stdout, first.stderr
@@ -171,9 +170,9 @@ def test_init_tokens_makes_a_first_admin_token_once(bridge_account, service_dir,
     logs.mkdir()
     account = pwd.getpwuid(bridge_account)
     os.chown(logs, account.pw_uid, account.pw_gid)
-    config = write_config(service_dir, daemon={"address": f"127.0.0.1:{port}"},
+    config = write_config(service_dir, daemon={"address": ANY_PORT},
                           api={"tokens_file": str(tokens), "audit_log": str(logs / "a.log")})
-    bridge = Bridge(config, system_bus.address, port, user=account.pw_name)
+    bridge = Bridge(config, system_bus.address, user=account.pw_name)
     try:
         bridge.start()
         assert curl(bridge, "/jobs", token="x" * 20).status == 401

@@ -7,7 +7,7 @@ import subprocess
 
 from ..support.system import OUTSIDER
 from .conftest import BRIDGE_USER
-from .stack import Bridge, free_port, post_json, token_api, wait_status
+from .stack import ANY_PORT, Bridge, post_json, token_api, wait_status
 
 
 def _bridge_as(user: str, start_hypervisord, system_bus, service_dir,
@@ -18,11 +18,10 @@ def _bridge_as(user: str, start_hypervisord, system_bus, service_dir,
     logs.mkdir()
     account = pwd.getpwnam(user)
     os.chown(logs, account.pw_uid, account.pw_gid)
-    port = free_port()
-    daemon = start_hypervisord(daemon={"address": f"127.0.0.1:{port}"},
+    daemon = start_hypervisord(daemon={"address": ANY_PORT},
                                api={**(auth or token_api(service_dir)),
                                     "audit_log": str(logs / "audit.log")})
-    bridge = Bridge(daemon.config_path, system_bus.address, port, user=user)
+    bridge = Bridge(daemon.config_path, system_bus.address, user=user)
     bridge.daemon = daemon
     return bridge.start(wait_healthy=wait_healthy)
 
