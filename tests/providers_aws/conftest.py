@@ -5,10 +5,8 @@ import base64
 import functools
 import hashlib
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from hypersdk.service.config import parse_config
 from hypersdk.service.providers.aws import AwsProvider
 
 from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.servers import start_on_any_port
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 REGION = "us-east-1"
@@ -26,28 +25,11 @@ KEY_ID = "AKIDTESTEXAMPLE0001"
 SECRET = "s3cr3t-key-never-logged-0001"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_moto(env_extra: dict | None = None):
-    port = _free_port()
     env = dict(os.environ, **(env_extra or {}))
-    proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.1)
+    proc, port = start_on_any_port([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", "0"],
+                                   "moto_server", env=env)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def _stop(proc) -> None:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -18,6 +16,7 @@ from hypersdk.service.config import parse_config
 from hypersdk.service.providers.azure import AzureProvider
 
 from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.servers import start_on_any_port
 from .fake_arm import SUB, TOKEN, FakeArmServer, FakeArmState
 
 AZURITE_DIR = Path(os.environ.get("HYPERSDK_AZURITE_DIR", "/var/tmp/hypersdk-azurite"))
@@ -28,41 +27,15 @@ ACCOUNT_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
 CONTAINER = "vhds"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"{what} did not start")
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory):
     """The Azurite blob service on loopback; returns its blob endpoint URL."""
-    if not AZURITE_BIN.exists():
-        if shutil.which("npm") is None:
-            pytest.skip("npm is not installed; run scripts/install-system-deps.sh")
-        AZURITE_DIR.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "azurite@3"],
-                       cwd=AZURITE_DIR, check=True, capture_output=True, timeout=600)
-    port = _free_port()
+    if not AZURITE_BIN.exists():  # installed by scripts/install-system-deps.sh, not here
+        pytest.fail(f"{AZURITE_BIN} is missing: run scripts/install-system-deps.sh")
     workspace = tmp_path_factory.mktemp("azurite")
-    proc = subprocess.Popen([str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(port),
-                             "--location", str(workspace), "--silent", "--skipApiVersionCheck",
-                             "--disableTelemetry"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(port, proc, "azurite")
+    proc, port = start_on_any_port([str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", "0",
+                                    "--location", str(workspace), "--silent",
+                                    "--skipApiVersionCheck", "--disableTelemetry"], "azurite")
     url = f"http://127.0.0.1:{port}/{ACCOUNT}"
     service = BlobServiceClient(url, credential={"account_name": ACCOUNT, "account_key": ACCOUNT_KEY})
     service.create_container(CONTAINER)

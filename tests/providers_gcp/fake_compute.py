@@ -10,7 +10,6 @@ import asyncio
 import base64
 import io
 import itertools
-import socket
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -20,12 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 BUCKET = "exports"
 PROJECT = "proj-1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def storage_client(endpoint: str):

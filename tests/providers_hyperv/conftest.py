@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import socket
 import ssl
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from ..support.servers import serve_app
 from .fake_winrm import FakeWinRMServer
 
 USER = "HV\\exporter"
@@ -23,12 +22,7 @@ PASSWORD = "s3cret-Passw0rd"
 @pytest.fixture
 async def fake_winrm():
     server = FakeWinRMServer(username=USER, password=PASSWORD)
-    runner = web.AppRunner(server.app())
-    await runner.setup()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(server.app())
     server.url = f"127.0.0.1:{port}"
     yield server
     await runner.cleanup()
@@ -62,12 +56,7 @@ async def fake_winrm_tls(tmp_path):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     server = FakeWinRMServer(username=USER, password=PASSWORD)
-    runner = web.AppRunner(server.app())
-    await runner.setup()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    runner, port = await serve_app(server.app(), context)
     server.url = f"127.0.0.1:{port}"
     server.ca_file = str(cert)
     yield server

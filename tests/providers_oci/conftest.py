@@ -1,15 +1,14 @@
 """An OCI API key made for the test and `FakeOciServer` (fake_oci.py) on 127.0.0.1."""
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ..support.servers import serve_app
 from .fake_oci import FakeOciServer
 
 TENANCY = "ocid1.tenancy.oc1..aaaaaaaatenancy"
@@ -23,12 +22,6 @@ class ApiKey:
     key_file: Path
     public_key: object
     key_id: str
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_api_key(directory: Path, name: str = "api_key.pem") -> ApiKey:
@@ -50,10 +43,7 @@ def api_key(tmp_path) -> ApiKey:
 async def fake_oci(api_key):
     server = FakeOciServer(compartment=COMPARTMENT)
     server.keys[api_key.key_id] = api_key.public_key
-    runner = web.AppRunner(server.app())
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(server.app())
     server.url = f"http://127.0.0.1:{port}"
     yield server
     await runner.cleanup()
