@@ -32,14 +32,14 @@ sys.path.insert(0, str(REPO))
 from tests.support.guest_image import LOGIN_PROMPT, guest_image  # noqa: E402
 from hypersdk.service.kvm.boot_verify import console_text, last_lines  # noqa: E402
 from tests.support.hypervisord import Hypervisord, write_config  # noqa: E402
-from tests.support.libvirtd import ensure_system_libvirt  # noqa: E402
+from tests.support.libvirtd import ensure_system_libvirt, remove_domain  # noqa: E402
 from tests.support.system import PrivateSystemBus  # noqa: E402
 from tests.vcsim.harness import Simulator, prepare_image_vm  # noqa: E402
 
 SOURCE_VM = "DC0_H0_VM0"
 GUEST_ID = "debian10_64Guest"  # the newest Debian this vcsim (0.24) knows
 GUEST_MEMORY_MB = 1024
-DOMAIN = "hypersdk-demo"
+DOMAIN = "hypersdk-demo"  # the default; --name for another (the tests use their own)
 HYPERCTL = str(Path(sys.executable).with_name("hyperctl"))
 
 
@@ -47,19 +47,16 @@ def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def remove_domain(uri: str, name: str) -> None:
+def forget(uri: str, name: str, images: Path) -> None:
+    """The demo's domain and its disks, gone (before a run, and after one unless --keep)."""
     import libvirt
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     conn = libvirt.open(uri)
     try:
-        domain = conn.lookupByName(name)
-        if domain.isActive():
-            domain.destroy()
-        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    except libvirt.libvirtError:
-        pass  # not defined
+        remove_domain(conn, name)
     finally:
         conn.close()
+    shutil.rmtree(images, ignore_errors=True)
 
 
 def hyperctl(bus: str, *args: str, capture: bool = False) -> str:
@@ -70,20 +67,29 @@ def hyperctl(bus: str, *args: str, capture: bool = False) -> str:
     return result.stdout or ""
 
 
-def run(keep: bool) -> None:
+def run(name: str, keep: bool) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="hypersdk-demo-", dir="/var/tmp"))
     workdir.chmod(0o755)
-    images = Path("/var/lib/libvirt/images/hypersdk-demo")
+    images = Path("/var/lib/libvirt/images") / name
     uri = ensure_system_libvirt()
-    remove_domain(uri, DOMAIN)
-    shutil.rmtree(images, ignore_errors=True)
+    forget(uri, name, images)
+    try:
+        migrate(name, workdir, images, uri)
+    finally:  # a failed run leaves nothing defined either
+        if not keep:
+            forget(uri, name, images)
+            print(f"\n(domain {name} removed again; run with --keep to leave it defined)")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def migrate(name: str, workdir: Path, images: Path, uri: str) -> None:
     say("1. vSphere simulator with a VMware-shaped Debian 12 guest")
     image = guest_image()  # built once (~5 min), then cached
     with Simulator() as sim:
-        prepare_image_vm(sim, workdir, SOURCE_VM, DOMAIN, image, "guest.vmdk",
+        prepare_image_vm(sim, workdir, SOURCE_VM, name, image, "guest.vmdk",
                          subformat="streamOptimized", guest_id=GUEST_ID,
                          memory_mb=GUEST_MEMORY_MB)
-        print(f"simulator at {sim.host}:{sim.port}; VM {SOURCE_VM} renamed {DOMAIN}")
+        print(f"simulator at {sim.host}:{sim.port}; VM {SOURCE_VM} renamed {name}")
         bus = PrivateSystemBus.start(workdir / "bus")
         daemon = None
         try:
@@ -97,8 +103,8 @@ def run(keep: bool) -> None:
             print(f"ready ({daemon.notifications[-1].strip()}); config {config}")
             say("3. hyperctl vms --provider vsphere")
             hyperctl(bus.address, "vms", "--provider", "vsphere")
-            job = {"vm_identifier": DOMAIN, "provider": "vsphere", "export_method": "ova",
-                   "export_path": str(workdir / "exports" / DOMAIN),
+            job = {"vm_identifier": name, "provider": "vsphere", "export_method": "ova",
+                   "export_path": str(workdir / "exports" / name),
                    "options": {"shutdown_vm": False, "remove_cdrom": True, "compress": True},
                    "hyper2kvm_integration": {"enabled": True, "auto_convert": True,
                                              "daemon_mode": False, "import_to_kvm": True,
@@ -114,22 +120,17 @@ def run(keep: bool) -> None:
             hyperctl(bus.address, "watch", job_id)
             say(f"6. hyperctl logs {job_id}")
             hyperctl(bus.address, "logs", job_id)
-            show_domain(uri, images)
+            show_domain(uri, name, images)
         finally:
             if daemon:
                 daemon.stop()
             bus.stop()
-    if not keep:
-        remove_domain(uri, DOMAIN)
-        shutil.rmtree(images, ignore_errors=True)
-        print(f"\n(domain {DOMAIN} removed again; run with --keep to leave it defined)")
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
-def show_domain(uri: str, images: Path) -> None:
-    say(f"7. virsh -c {uri} dominfo {DOMAIN}")
-    subprocess.run(["virsh", "-c", uri, "dominfo", DOMAIN], check=True)
-    serial = next(images.rglob(f"{DOMAIN}.serial.log"))  # the import logs it beside the disk
+def show_domain(uri: str, name: str, images: Path) -> None:
+    say(f"7. virsh -c {uri} dominfo {name}")
+    subprocess.run(["virsh", "-c", uri, "dominfo", name], check=True)
+    serial = next(images.rglob(f"{name}.serial.log"))  # the import logs it beside the disk
     say(f"8. the migrated VM's serial console ({serial}), last lines")
     deadline = time.monotonic() + 120  # the job may have been verified by the guest agent
     while LOGIN_PROMPT not in console_text(serial):
@@ -146,7 +147,9 @@ def main() -> None:
         raise SystemExit("make demo runs as root (it starts libvirtd and a system bus)")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="leave the domain defined")
-    run(parser.parse_args().keep)
+    parser.add_argument("--name", default=DOMAIN, help=f"the VM and domain name ({DOMAIN})")
+    args = parser.parse_args()
+    run(args.name, args.keep)
 
 
 if __name__ == "__main__":

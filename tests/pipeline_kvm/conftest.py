@@ -19,7 +19,7 @@ from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.model import ExportedDisk
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.bootdisk import BOOT_LINE, write_boot_disk
-from tests.support.libvirtd import ensure_system_libvirt
+from tests.support.libvirtd import ensure_system_libvirt, remove_domain
 from tests.vsphere.fake_context import FakeJobContext, job_context, run_job
 IMAGES_DIR = Path("/var/lib/libvirt/images")
 
@@ -87,13 +87,7 @@ def libvirt_system(system_libvirt):
     names: list[str] = []
     yield conn, names
     for name in names:
-        try:
-            domain = conn.lookupByName(name)
-        except libvirt.libvirtError:
-            continue
-        if domain.isActive():
-            domain.destroy()
-        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        remove_domain(conn, name)
     conn.close()
 
 

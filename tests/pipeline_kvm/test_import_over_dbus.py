@@ -8,8 +8,9 @@ import uuid
 import libvirt
 import pytest
 
-from tests.support.cli import wait_for_status
-from tests.support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, job_property
+from tests.support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl, job_property,
+                               wait_for_status)
+from tests.support.libvirtd import remove_domain
 
 from tests.support.bootdisk import write_boot_disk
 
@@ -62,12 +63,7 @@ async def test_import_to_kvm_over_dbus_defines_autostarts_and_boots(
         assert "another process using the image" in job_property(system_bus.address, other,
                                                                   "Error")
     finally:
-        try:
-            domain = conn.lookupByName(name)
-            domain.destroy()
-            domain.undefine()
-        except libvirt.libvirtError:
-            pass
+        remove_domain(conn, name)
         conn.close()
 
 

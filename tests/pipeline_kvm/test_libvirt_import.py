@@ -12,6 +12,8 @@ from hypersdk.service.errors import AlreadyExists, NotFound, Unavailable
 from hypersdk.service.kvm.domain_xml import DomainDisk, DomainNic, DomainSpec
 from hypersdk.service.kvm.libvirt_import import import_domain
 
+from tests.support.libvirtd import remove_domain
+
 from .conftest import qemu_img
 
 TEST_URI = "test:///default"
@@ -112,15 +114,7 @@ async def test_real_daemon_defines_refuses_duplicate_and_reports_missing_network
         with pytest.raises(NotFound, match="network 'no-such-net' does not exist at qemu:///system"):
             await import_domain(system_libvirt, spec(disk, nics=[DomainNic("no-such-net")]))
     finally:
-        _remove_domain(conn, wanted.name)
+        remove_domain(conn, wanted.name)
         conn.close()
 
 
-def _remove_domain(conn, name: str) -> None:
-    try:
-        domain = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    if domain.isActive():
-        domain.destroy()
-    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)

@@ -37,3 +37,18 @@ def ensure_system_libvirt(timeout: float = 20) -> str:
                 raise RuntimeError("libvirtd did not answer at qemu:///system")
             time.sleep(0.2)
     return SYSTEM_URI
+
+
+def remove_domain(conn, name: str) -> None:
+    """Stop and undefine domain `name` (with its NVRAM) if it exists. Stopping and
+    undefining are separate steps: a domain that is not running is still undefined."""
+    import libvirt
+    try:
+        domain = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return  # not defined
+    try:
+        domain.destroy()
+    except libvirt.libvirtError:
+        pass  # not running
+    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
