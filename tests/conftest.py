@@ -12,6 +12,7 @@ import pytest
 from hypersdk.client.bus import connect
 
 from .support.hypervisord import Hypervisord, write_config
+from .support.simulator import module_sim, si, sim, vcsim_binary  # noqa: F401 - fixtures
 from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, ensure_user,
                              start_polkitd, stop_process)
 

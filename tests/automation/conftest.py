@@ -23,7 +23,7 @@ from hypersdk.service.providers.registry import ProviderRegistry
 from hypersdk.service.store import Store
 
 from ..support import test_kinds  # noqa: F401  (registers sleep, fail, ...)
-from ..vcsim.harness import Simulator, build_vcsim, find_vm, give_disks
+from ..vcsim.harness import Simulator, find_vm, give_disks
 
 PRODUCTION = ["DC0_H0_VM0", "DC0_C0_RP0_VM1"]  # simulator VMs tagged backup=production
 
@@ -190,10 +190,9 @@ async def receiver():
 
 
 @pytest.fixture(scope="module")
-def tagged_sim(tmp_path_factory):
+def tagged_sim(tmp_path_factory, vcsim_binary):
     """A simulator with four VMs: two tagged backup=production (with a 2 MiB disk of real
     content each), one backup=dev."""
-    build_vcsim()
     with Simulator() as simulator:
         si = simulator.connect()
         fields = si.content.customFieldsManager

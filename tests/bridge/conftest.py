@@ -87,19 +87,10 @@ def sleep_job(system_bus):
 
 
 
-@pytest.fixture(scope="module")
-def vcsim():
-    """The govmomi vCenter simulator (tests/vcsim/harness.py), one per module."""
-    from tests.vcsim.harness import Simulator  # noqa: PLC0415 - pyvmomi only where needed
-
-    with Simulator() as simulator:
-        yield simulator
-
-
 @pytest.fixture
-def vsphere_bridge(start_bridge, vcsim, service_dir):
+def vsphere_bridge(start_bridge, module_sim, service_dir):
     """A bridge whose hypervisord has the provider "vsphere" pointing at the simulator."""
     for root in ("exports", "kvm"):  # export.base_path, hyper2kvm.output_dir: confined
         (service_dir / root).mkdir()    # paths (issue 13) need their roots to exist
-    return start_bridge(providers={"vsphere": vcsim.provider_settings()},
+    return start_bridge(providers={"vsphere": module_sim.provider_settings()},
                         export={"base_path": str(service_dir / "exports"), "chunk_size": "256KiB"})

@@ -86,9 +86,9 @@ echo "=== Integration test completed successfully! ==="
 
 
 @pytest.mark.slow
-def test_the_specs_integration_script_runs_green(vsphere_bridge, vcsim, service_dir):
-    si = vcsim.connect()
-    give_disks(vcsim, si, VM, [8 << 20], service_dir, dense=True)
+def test_the_specs_integration_script_runs_green(vsphere_bridge, module_sim, service_dir):
+    si = module_sim.connect()
+    give_disks(module_sim, si, VM, [8 << 20], service_dir, dense=True)
     script = (INTEGRATION_SH.replace("@URL@", vsphere_bridge.url).replace("@VM@", VM)
 
               .replace("@EXPORTS@", str(service_dir / "exports"))
@@ -140,9 +140,9 @@ def test_automation_objects_create_list_delete(vsphere_bridge):
         assert curl(vsphere_bridge, f"{listing}/{object_id}", "-X", "DELETE").status == 404
 
 
-def test_vms_info_without_provider_when_two_are_configured_names_them(start_bridge, vcsim):
-    bridge = start_bridge(providers={"vsphere": vcsim.provider_settings(),
-                                     "vcenter2": vcsim.provider_settings()})
+def test_vms_info_without_provider_when_two_are_configured_names_them(start_bridge, module_sim):
+    bridge = start_bridge(providers={"vsphere": module_sim.provider_settings(),
+                                     "vcenter2": module_sim.provider_settings()})
     answer = curl(bridge, f"/vms/info?identifier={VM}")
     assert answer.status == 400 and answer.json()["field"] == "provider"
     assert answer.json()["message"] == ("provider: a non-empty query parameter is required: "

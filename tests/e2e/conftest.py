@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.vsphere.conftest import EXPORT_VM, si, sim, uploaded, vcsim_binary  # noqa: F401
+from tests.vsphere.conftest import EXPORT_VM, uploaded  # noqa: F401 - the `uploaded` fixture
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Fixtures: the govmomi simulator (from tests/vsphere), a held-back download, real disks."""
+"""Fixtures: a held-back download and real disks (the simulator: tests/support/simulator.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +8,6 @@ from pathlib import Path
 from bench.convert import make_raw
 from hypersdk.service.config import parse_config
 from tests.vcsim.harness import Simulator
-from tests.vsphere.conftest import si, sim, vcsim_binary  # noqa: F401  (fixtures)
 from tests.vsphere.fault_proxy import FaultInjectingProxy
 
 

@@ -38,5 +38,3 @@ def hyperctl(system_bus):
         return run_hyperctl(system_bus.address, *args, stdin=stdin, timeout=timeout)
     return run
 
-
-from ..vsphere.conftest import si, sim, vcsim_binary  # noqa: E402,F401 - the simulator fixtures

@@ -12,7 +12,8 @@ from hypersdk.tui.client import HyperClient
 from tests.vcsim.harness import give_disks
 
 from .conftest import run_hyperctl
-from .test_console import cell, wait_for
+from ..support.wait import pilot_until
+from .test_console import cell
 
 EXPORT_VM = "DC0_H0_VM0"
 pytestmark = pytest.mark.slow  # a simulator and a real export per test
@@ -48,27 +49,27 @@ async def test_browse_filter_and_migrate_a_vm_with_conversion(system_bus, vspher
         screen = app.screen
         table = screen.query_one("#vms", DataTable)
         provider = screen.query_one("#provider", Select)
-        await wait_for(pilot, lambda: ("vsphere", "vsphere") in provider._options,
+        await pilot_until(pilot, lambda: ("vsphere", "vsphere") in provider._options,
                        what="the provider list")
         provider.value = "vsphere"
-        await wait_for(pilot, lambda: table.row_count >= 4, what="the VM list")
+        await pilot_until(pilot, lambda: table.row_count >= 4, what="the VM list")
         total = table.row_count
         names = lambda: [str(table.get_cell_at((row, 1))) for row in range(table.row_count)]  # noqa: E731
 
         await pilot.press("slash", *"C0_RP0")
-        await wait_for(pilot, lambda: names() and all("C0_RP0" in n for n in names()),
+        await pilot_until(pilot, lambda: names() and all("C0_RP0" in n for n in names()),
                        what="the name filter")
         await pilot.press(*["backspace"] * 6)
-        await wait_for(pilot, lambda: table.row_count == total, what="the filter cleared")
+        await pilot_until(pilot, lambda: table.row_count == total, what="the filter cleared")
 
         screen.query_one("#power", Select).value = "poweredOff"
-        await wait_for(pilot, lambda: names() == [EXPORT_VM], what="the power filter")
+        await pilot_until(pilot, lambda: names() == [EXPORT_VM], what="the power filter")
         table.focus()
         details = str(screen.query_one("#vm-details").render())
         assert EXPORT_VM in details and "Disks" in details and "NICs" in details
 
         await pilot.press("space", "m")
-        await wait_for(pilot, lambda: bool(app.screen.query("#plan")), what="the form")
+        await pilot_until(pilot, lambda: bool(app.screen.query("#plan")), what="the form")
         form = app.screen
         form.query_one("#mode-export", RadioButton).value = True
         form.query_one("#import", Checkbox).value = True  # import without conversion: refused
@@ -83,9 +84,9 @@ async def test_browse_filter_and_migrate_a_vm_with_conversion(system_bus, vspher
         assert f"export {EXPORT_VM} from vsphere as OVA" in str(plan.render())
         assert "convert the disks to qcow2 with the built-in converter" in str(plan.render())
         await pilot.click("#submit")
-        await wait_for(pilot, lambda: type(app.screen).__name__ == "JobsScreen", what="jobs")
+        await pilot_until(pilot, lambda: type(app.screen).__name__ == "JobsScreen", what="jobs")
         job_id = next(iter(app.client.mirror.jobs))
-        await wait_for(pilot, lambda: cell(app, job_id, "Status") in ("completed", "failed"),
+        await pilot_until(pilot, lambda: cell(app, job_id, "Status") in ("completed", "failed"),
                        timeout=60, what="the export")
         assert cell(app, job_id, "Status") == "completed", app.client.mirror.jobs[job_id].props
         assert list((service_dir / "exports").rglob("*.ova"))

@@ -1,34 +1,14 @@
-"""Fixtures: a running govmomi simulator, a config pointing at it, and the provider."""
+"""Fixtures: a config pointing at the simulator (tests/support/simulator.py), the provider."""
 from __future__ import annotations
 
 import pytest
 
 from hypersdk.service.config import parse_config
 from hypersdk.service.providers.registry import ProviderRegistry
-from tests.vcsim.harness import Simulator, build_vcsim, give_disks
+from tests.vcsim.harness import Simulator, give_disks
 
 DISK_SIZES = [16 << 20, 8 << 20]
 EXPORT_VM = "DC0_H0_VM0"
-
-
-@pytest.fixture(scope="session")
-def vcsim_binary():
-    return build_vcsim()
-
-
-@pytest.fixture
-def sim(vcsim_binary):
-    with Simulator() as simulator:
-        yield simulator
-
-
-@pytest.fixture
-def si(sim):
-    from pyVim.connect import Disconnect
-
-    instance = sim.connect()
-    yield instance
-    Disconnect(instance)
 
 
 def make_config(tmp_path, sim: Simulator, **provider_overrides):
