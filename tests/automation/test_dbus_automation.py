@@ -7,15 +7,15 @@ import time
 
 from dbus_fast import Message
 
-from ..core.test_dbus_api import _documented, _live
-from ..support.wait import wait_until
+from hypersdk.client.names import BACKUP_POLICY_IFACE, SCHEDULE_IFACE, WEBHOOK_IFACE
+
 from ..support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, gdbus_call,
                            gvariant_string, job_property, submit)
+from ..support.introspection import documented, live
+from ..support.wait import wait_until
 from .conftest import PRODUCTION
 
-SCHEDULE_IFACE = "org.hypersdk.HyperSDK1.Schedule"
-POLICY_IFACE = "org.hypersdk.HyperSDK1.BackupPolicy"
-WEBHOOK_IFACE = "org.hypersdk.HyperSDK1.Webhook"
+POLICY_IFACE = BACKUP_POLICY_IFACE
 ROOT = "/org/hypersdk/HyperSDK1"
 MEMBER = "hsdk-member"
 SECRET = "hmac-secret-value"
@@ -60,7 +60,7 @@ def test_a_cron_schedule_fires_on_each_slot_with_linked_jobs(system_bus, hypervi
         "name": "every-two-seconds", "cron": "* * * * * */2", "timezone": "UTC",
         "kind": "sleep", "job_definition": QUICK})
     assert path.startswith(ROOT + "/schedules/schedule_")
-    assert _live(address, path, SCHEDULE_IFACE) == _documented(SCHEDULE_IFACE)
+    assert live(address, path, SCHEDULE_IFACE) == documented(SCHEDULE_IFACE)
     next_run = prop(address, path, SCHEDULE_IFACE, "NextRun")
     assert -1e6 < next_run - time.time() * 1e6 <= 2.1e6  # the slot may pass as we read it
     first = wait_until(lambda: (j := prop(address, path, SCHEDULE_IFACE, "LastJob")) != "/" and j,
@@ -136,8 +136,8 @@ async def test_webhooks_get_each_event_signed_and_never_show_secrets(system_bus,
     path = await asyncio.to_thread(create, address, "ConfigureWebhook", {
         "url": receiver.url, "events": ["job.started", "job.completed"],
         "headers": {"Authorization": "Bearer token-123", "X-Team": "ops"}})
-    assert await asyncio.to_thread(_live, address, path, WEBHOOK_IFACE) == \
-        _documented(WEBHOOK_IFACE)
+    assert await asyncio.to_thread(live, address, path, WEBHOOK_IFACE) == \
+        documented(WEBHOOK_IFACE)
     reply = await asyncio.to_thread(submit, address, QUICK, "sleep")
     job_id = json.loads(reply.stdout.split()[1]).rsplit("/", 1)[1].replace("_", "-")
     got = await receiver.wait_for(3)
@@ -210,7 +210,7 @@ def test_schedule_and_policy_export_simulator_vms_over_dbus(system_bus, start_hy
     policy = create(address, "CreateBackupPolicy", {
         "name": "prod", "vm_filter": {"tags": ["backup=production"]},
         "retention": {"count": 1}, "export_options": {"export_method": "disk"}})
-    assert _live(address, policy, POLICY_IFACE) == _documented(POLICY_IFACE)
+    assert live(address, policy, POLICY_IFACE) == documented(POLICY_IFACE)
     plan = json.loads(call(address, policy, POLICY_IFACE, "DryRun", "a{sv}", "0")[0])
     assert sorted(vm["name"] for vm in plan["vms"]) == sorted(PRODUCTION)
     root = exports / "backups" / "prod"
@@ -292,8 +292,8 @@ async def test_set_enabled_on_a_backup_policy_and_a_webhook(system_bus, start_hy
         "name": "every-second", "provider": "ova", "schedule": "* * * * * */1",
         "timezone": "UTC", "enabled": False})
     for path, interface in ((webhook, WEBHOOK_IFACE), (policy, POLICY_IFACE)):
-        assert await asyncio.to_thread(_live, address, path, interface) == \
-            _documented(interface)
+        assert await asyncio.to_thread(live, address, path, interface) == \
+            documented(interface)
     changes = await _watch_properties(client_bus, [webhook, policy])
 
     async def prop_of(path: str, interface: str, name: str):

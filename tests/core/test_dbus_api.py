@@ -2,48 +2,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-from lxml import etree
 
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, BusMonitor, busctl,
-                           busctl_json, gdbus_call, job_property, submit, wait_for_status)
-
-XML_DIR = Path(__file__).resolve().parents[2] / "service" / "dbus"
-
-
-def _members(interface: etree._Element) -> dict[str, str]:
-    """name -> signature summary of every method, property and signal of an interface."""
-    members = {}
-    for element in interface:
-        if not isinstance(element.tag, str):
-            continue
-        name = element.get("name")
-        if element.tag == "property":
-            members[f"property {name}"] = element.get("type") + " " + element.get("access")
-        elif element.tag in ("method", "signal"):
-            args = [(a.get("direction", "out" if element.tag == "signal" else "in"), a.get("type"))
-                    for a in element.findall("arg")]
-            members[f"{element.tag} {name}"] = " ".join(f"{d}:{t}" for d, t in args)
-    return members
-
-
-def _documented(interface_name: str) -> dict[str, str]:
-    tree = etree.parse(str(XML_DIR / f"{interface_name}.xml"))
-    return _members(tree.find(f"interface[@name='{interface_name}']"))
-
-
-def _live(address: str, path: str, interface_name: str) -> dict[str, str]:
-    xml = busctl(address, "introspect", "--xml-interface", BUS_NAME, path).stdout
-    root = etree.fromstring(xml.encode())
-    return _members(root.find(f"interface[@name='{interface_name}']"))
-
+                           busctl_json, gdbus_call, submit, wait_for_status)
+from ..support.introspection import documented, live
 
 def test_live_introspection_matches_the_documented_xml(system_bus, hypervisord):
-    assert _live(system_bus.address, MANAGER, MANAGER_IFACE) == _documented(MANAGER_IFACE)
+    assert live(system_bus.address, MANAGER, MANAGER_IFACE) == documented(MANAGER_IFACE)
     path = submit(system_bus.address, {"steps": 1, "interval": 0.01}, kind="sleep").stdout.split()[1]
     path = json.loads(path)
-    assert _live(system_bus.address, path, JOB_IFACE) == _documented(JOB_IFACE)
+    assert live(system_bus.address, path, JOB_IFACE) == documented(JOB_IFACE)
 
 
 def test_root_is_an_object_manager_listing_jobs(system_bus, hypervisord):

@@ -6,8 +6,8 @@ import signal
 import subprocess
 import time
 
-from ..support.cli import BUS_NAME, JOB_IFACE, busctl, busctl_json, job_property, submit
-from .test_dbus_api import wait_for_status
+from ..support.cli import (BUS_NAME, JOB_IFACE, busctl, busctl_json, job_property, submit,
+                           wait_for_status)
 
 
 def _submit_path(address: str, definition: dict, kind: str) -> str:

@@ -20,6 +20,7 @@ from hypersdk.service.model import ExportedDisk
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.libvirtd import ensure_system_libvirt, remove_domain
+from tests.support.wait import wait_for_value
 from tests.vsphere.fake_context import FakeJobContext, job_context, run_job
 IMAGES_DIR = Path("/var/lib/libvirt/images")
 
@@ -129,14 +130,10 @@ def wait_for_line(log: Path, timeout: float = 60.0) -> bytes:
 
 
 def wait_for_text(log: Path, text: str, timeout: float = 60.0) -> bytes:
-    """The serial console log once `text` is in it; fails the test after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.is_file() and text.encode() in log.read_bytes():
-            return log.read_bytes()
-        time.sleep(0.2)
-    pytest.fail(f"{text!r} not on the serial console within {timeout:g} s; "
-                f"log: {log.read_bytes() if log.is_file() else 'absent'!r}")
+    """The serial console log once `text` is in it."""
+    return wait_for_value(lambda: log.read_bytes() if log.is_file() else b"",
+                          lambda console: text.encode() in console, timeout,
+                          f"{text!r} on the serial console {log}")
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ from tests.support.libvirtd import remove_domain
 
 from tests.support.bootdisk import write_boot_disk
 
-from .conftest import qemu_img
-from .test_boot import wait_for_line
+from .conftest import qemu_img, wait_for_line
 
 pytestmark = pytest.mark.slow
 

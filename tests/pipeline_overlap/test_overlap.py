@@ -17,12 +17,12 @@ from hypersdk.service.errors import Failed
 from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.providers import vsphere_export
 from hypersdk.service.providers.registry import ProviderRegistry
+from tests.support.images import sha256_file
 from tests.support.wait import until
 from tests.vcsim.harness import find_vm, give_disks
 from tests.vsphere.fake_context import job_context, run_job
 from tests.vsphere.fault_proxy import FaultInjectingProxy
-from tests.vsphere.test_export import sha256_file
-from tests.vsphere.test_nfc_lease import FakeNfcLease
+from tests.vsphere.fake_nfc import FakeNfcLease
 
 from .conftest import GatedProxy, make_config, stream_optimized_vmdk
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -15,12 +14,8 @@ from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.images import same_image
 from .conftest import sha256, write_package
-
-
-def same_image(a, b) -> bool:
-    return subprocess.run(["qemu-img", "compare", str(a), str(b)],
-                          capture_output=True).returncode == 0
 
 
 async def test_list_and_describe_our_own_ova(provider, imports):

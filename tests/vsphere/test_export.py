@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -14,36 +12,20 @@ from lxml import etree
 from hypersdk.service.config import parse_config
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
 from hypersdk.service.disks import diskspace
-from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.disks.ovf_writer import OVF, RASD
 from hypersdk.service.providers.registry import ProviderRegistry
+from tests.support.images import same_image, sha256_file
 from tests.vcsim.harness import find_vm, give_disks
 
 from .conftest import DISK_SIZES, EXPORT_VM, make_config
 from .fake_context import FakeJobContext, FakeSubmitContext, job_context, run_job
 from .fault_proxy import FaultInjectingProxy
-
-KIND = ExportKind()
-
-
-def definition(**overrides) -> dict:
-    body = {"vm_identifier": EXPORT_VM, "provider": "vsphere", "export_method": "ova",
-            "export_path": "vm1", "options": {"shutdown_vm": False, "remove_cdrom": True}}
-    body.update(overrides)
-    return body
+from .helpers import KIND, definition
 
 
 async def export(config, registry, **overrides) -> tuple[dict, FakeJobContext]:
     ctx = job_context(KIND, definition(**overrides), config, registry)
     return await run_job(KIND, ctx), ctx
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_manifest(mf: Path, directory: Path) -> list[str]:
@@ -53,10 +35,6 @@ def check_manifest(mf: Path, directory: Path) -> list[str]:
         assert sha256_file(directory / name) == digest, name
         names.append(name)
     return names
-
-
-def same_image(a: Path, b: Path) -> bool:
-    return subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)]).returncode == 0
 
 
 def parse_ovf(path: Path):

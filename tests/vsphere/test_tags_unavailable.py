@@ -19,8 +19,8 @@ from tests.vcsim.harness import find_vm
 from .conftest import EXPORT_VM, make_config
 from .fake_context import job_context, run_job
 from .fault_proxy import FaultInjectingProxy
+from .helpers import KIND, definition
 from .vapi import attach_tag
-from .test_export import KIND, definition
 
 TAGS_LOGGER = "hypersdk.service.providers.vsphere_tags"
 REFUSALS = [("reset", r"/rest: .*(disconnected|reset)"),
