@@ -20,7 +20,8 @@ from hypersdk.service.model import ExportedDisk
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.libvirtd import ensure_system_libvirt, remove_domain
-from tests.support.wait import wait_for_value
+from tests.support.system import PrivateSystemBus
+from tests.support.wait import wait_for_value, wait_until
 from tests.vsphere.fake_context import FakeJobContext, job_context, run_job
 IMAGES_DIR = Path("/var/lib/libvirt/images")
 
@@ -173,7 +174,7 @@ class DbusmockSystemd:
 
 @pytest.fixture(scope="session")
 def dbusmock_systemd(tmp_path_factory):
-    """Start a private bus and python-dbusmock's systemd template on it.
+    """Start a private (permissive) bus and python-dbusmock's systemd template on it.
 
     dbusmock needs PyGObject, which Debian's python3 has and the venv does not, so
     the mock runs under /usr/bin/python3 with only the venv's dbusmock package on
@@ -184,25 +185,8 @@ def dbusmock_systemd(tmp_path_factory):
     base = tmp_path_factory.mktemp("sysbus")
     (base / "pylib").mkdir()
     (base / "pylib" / "dbusmock").symlink_to(Path(dbusmock.__file__).parent)
-    socket = base / "bus.sock"
-    (base / "bus.conf").write_text(f"""<!DOCTYPE busconfig PUBLIC
- "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-""")
-    bus = subprocess.run(["dbus-daemon", f"--config-file={base / 'bus.conf'}", "--fork",
-                          "--print-pid=1"], check=True, capture_output=True, text=True)
-    bus_pid = int(bus.stdout.split()[0])
-    address = f"unix:path={socket}"
+    bus = PrivateSystemBus.start(base / "bus", permissive=True)
+    address = bus.address
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address, PYTHONPATH=str(base / "pylib"))
     mock = subprocess.Popen(["/usr/bin/python3", "-m", "dbusmock", "--system",
                              "--template", "systemd"], env=env,
@@ -218,20 +202,18 @@ def dbusmock_systemd(tmp_path_factory):
     finally:
         mock.terminate()
         mock.wait(timeout=10)
-        os.kill(bus_pid, 15)
+        bus.stop()
 
 
 def _wait_for_mock(systemd: DbusmockSystemd, mock: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        probe = subprocess.run(["busctl", f"--address={systemd.address}", "status",
-                                "org.freedesktop.systemd1"], capture_output=True)
-        if probe.returncode == 0:
-            return
-        if mock.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("dbusmock systemd did not start: "
+    def on_the_bus() -> bool:
+        if mock.poll() is not None:
+            raise RuntimeError("dbusmock systemd exited: "
                                + mock.stderr.read().decode(errors="replace")[-2000:])
-        time.sleep(0.1)
+        return subprocess.run(["busctl", f"--address={systemd.address}", "status",
+                               "org.freedesktop.systemd1"], capture_output=True).returncode == 0
+
+    wait_until(on_the_bus, 20, "dbusmock's systemd on the bus")
 
 
 @pytest.fixture

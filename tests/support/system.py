@@ -23,7 +23,15 @@ POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
 MEMBER, OUTSIDER, ADMIN = "hsdk-member", "hsdk-outsider", "hsdk-admin"
 
 
-def _bus_config(socket_path: Path) -> str:
+PERMISSIVE_POLICY = """  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>"""
+
+
+def _bus_config(socket_path: Path, permissive: bool) -> str:
     config = Path("/usr/share/dbus-1/system.conf").read_text()
     config = re.sub(r"<listen>.*?</listen>", f"<listen>unix:path={socket_path}</listen>", config)
     config = re.sub(r"<pidfile>.*?</pidfile>", "", config)
@@ -32,6 +40,8 @@ def _bus_config(socket_path: Path) -> str:
     config = config.replace("<includedir>system.d</includedir>",
                             "<includedir>/usr/share/dbus-1/system.d</includedir>\n"
                             f"  <includedir>{REPO}/data/dbus-1/system.d</includedir>")
+    if permissive:  # for fakes of other services (dbusmock's systemd): any name, any call
+        config = config.replace("</busconfig>", PERMISSIVE_POLICY)
     return config
 
 
@@ -41,12 +51,14 @@ class PrivateSystemBus:
     process: subprocess.Popen
 
     @classmethod
-    def start(cls, directory: Path) -> "PrivateSystemBus":
+    def start(cls, directory: Path, permissive: bool = False) -> "PrivateSystemBus":
+        """A system bus with Debian's policy and ours; `permissive` lets anything own any
+        name and call anything (for python-dbusmock's templates)."""
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o755)
         socket_path = directory / "system_bus_socket"
         config = directory / "system.conf"
-        config.write_text(_bus_config(socket_path))
+        config.write_text(_bus_config(socket_path, permissive))
         process = subprocess.Popen(["dbus-daemon", f"--config-file={config}", "--nofork",
                                     "--print-address"], stdout=subprocess.PIPE, text=True)
         address = process.stdout.readline().strip()
