@@ -164,7 +164,12 @@ def test_parse_vmdk_reads_a_real_vmdk(bridge):
                     "subformat=monolithicSparse", str(disk), "16M"], check=True)
     answer = curl(bridge, f"/parse-vmdk?path={disk}")
     assert answer.status == 200, answer.body
-    assert answer.json()
+    parsed = answer.json()
+    assert (parsed["path"], parsed["capacity_bytes"], parsed["create_type"]) == \
+        (str(disk), 16 << 20, "monolithicSparse")
+    [extent] = parsed["extents"]
+    assert (extent["type"], extent["size_bytes"], extent["complete"]) == ("SPARSE", 16 << 20, True)
+    assert parsed["complete"] and parsed["parent"] is None
 
 
 def test_metrics_are_prometheus_text(bridge, sleep_job):

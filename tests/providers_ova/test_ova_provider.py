@@ -103,10 +103,11 @@ async def test_hostile_ovas_are_refused_without_leftovers(provider, imports, tmp
 async def test_entity_bomb_descriptor_is_refused(provider, imports):
     bomb = b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;">]><x>&b;</x>'
     hostile_ova(imports / "bomb.ova", [("bomb.ovf", "file", bomb)])
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidArgument) as refused:
         await provider.get_vm("bomb.ova")
+    assert "entity 'b' expands other entities (an entity-expansion bomb)" in str(refused.value)
     [listed] = await provider.list_vms({})
-    assert "error" in listed.extra                   # listed, with the reason it is unusable
+    assert "entity-expansion bomb" in listed.extra["error"]  # listed, with why it is unusable
 
 
 async def test_paths_outside_the_import_directories_are_refused(provider, imports, tmp_path):

@@ -11,6 +11,7 @@ from hypersdk.tui.app import HyperctlApp
 from hypersdk.tui.client import HyperClient
 from tests.support.system import MEMBER, OUTSIDER
 
+from ..support.wait import pilot_until
 from .conftest import submit_job
 from .fake_client import NOW, FakeConsoleClient
 
@@ -68,19 +69,28 @@ def test_outsider_is_refused_naming_the_group(system_bus, hypervisord, users):
 
 
 class RefusingFakeClient(FakeConsoleClient):
-    """Refuses cancel the way the real service does (same error, fake transport)."""
+    """A fake transport that refuses cancel with an error the real service gave."""
+
+    def __init__(self, refusal: ClientError) -> None:
+        super().__init__()
+        self.refusal = refusal
 
     async def cancel(self, job_id: str) -> None:
-        raise ClientError("permission denied: not authorized for "
-                          "org.hypersdk.HyperSDK1.cancel-job-other-user", "AccessDenied")
+        raise self.refusal
 
 
-async def test_console_shows_a_refusal_as_a_notification():
-    app = HyperctlApp(RefusingFakeClient(), clock=lambda: NOW)
+async def test_console_shows_the_services_refusal_as_a_notification(system_bus, hypervisord,
+                                                                     users):
+    """The refusal a member really gets for another user's job (from the real service),
+    shown by the console as an error notification titled for what it is."""
+    job_id = submit_job(system_bus.address, {"steps": 50, "interval": 0.1}, "sleep")  # root's
+    name, message = _refusal(system_bus.address, MEMBER, job_id)  # forks: not from a thread
+    app = HyperctlApp(RefusingFakeClient(ClientError(message, name)), clock=lambda: NOW)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()
         await pilot.press("down", "c")
-        await pilot.pause(0.2)
-        notes = [(n.title, n.message, n.severity) for n in app._notifications]
-        assert ("Not authorized", "permission denied: not authorized for "
-                "org.hypersdk.HyperSDK1.cancel-job-other-user", "error") in notes
+        notes = await pilot_until(pilot, lambda: [(n.title, n.message, n.severity)
+                                                  for n in app._notifications],
+                                  what="a notification")
+        assert notes == [("Not authorized", message, "error")]
+        assert "cancel-job-other-user" in message
