@@ -15,9 +15,9 @@ from hypersdk.service.jobs import overlap
 from hypersdk.service.disks.download import download
 from hypersdk.service.model import DiskInfo
 from tests.vsphere.fake_context import FakeJobContext
-from tests.vsphere.fault_proxy import FaultInjectingProxy
+from tests.vsphere.fault_proxy import FaultInjectingProxy, GatedProxy
 
-from .conftest import GatedProxy, stream_optimized_vmdk
+from .conftest import stream_optimized_vmdk
 
 MiB = 1 << 20
 CAPACITY = 8 * MiB

@@ -24,7 +24,9 @@ from tests.vsphere.fake_context import job_context, run_job
 from tests.vsphere.fault_proxy import FaultInjectingProxy
 from tests.vsphere.fake_nfc import FakeNfcLease
 
-from .conftest import GatedProxy, make_config, stream_optimized_vmdk
+from tests.vsphere.fault_proxy import GatedProxy
+
+from .conftest import make_config, stream_optimized_vmdk
 
 VM = "DC0_H0_VM0"
 MiB = 1 << 20

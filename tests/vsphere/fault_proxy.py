@@ -134,3 +134,27 @@ class FaultInjectingProxy:
             sent += len(data)
             if limit is not None and self.delay:
                 await asyncio.sleep(self.delay)
+
+
+class GatedProxy(FaultInjectingProxy):
+    """A loopback proxy that holds every response back after `hold_at` bytes until
+    `release` is set (`holding` is set once one is held). Small SOAP replies pass."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, hold_at: int) -> None:
+        super().__init__(upstream_host, upstream_port, cut_after=hold_at, cuts=0)
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    limit: int | None) -> None:
+        sent = 0
+        while data := await reader.read(65536):
+            if limit is not None and sent < limit <= sent + len(data):
+                writer.write(data[:limit - sent])
+                await writer.drain()
+                self.holding.set()
+                await self.release.wait()
+                data, sent = data[limit - sent:], limit
+            writer.write(data)
+            await writer.drain()
+            sent += len(data)

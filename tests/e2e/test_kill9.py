@@ -1,0 +1,85 @@
+"""`kill -9` of hypervisord in the middle of an export, at seeded points: after each restart
+the job is failed and says why, nothing it made is left, and its retry completes with disks
+equal to the VM's.
+
+The points are byte offsets into the disks' downloads, where a proxy in front of the
+simulator holds every transfer while hypervisord is killed. HYPERSDK_KILL_SEED=<n>
+repeats a run's points; the seed is printed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+
+import pytest
+
+from tests.support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl_json, job_property,
+                               submit, wait_for_status)
+from tests.support.hypervisord import Hypervisord
+from tests.support.images import same_image
+from tests.vcsim.harness import give_disks
+from tests.vsphere.fault_proxy import GatedProxy
+
+from .conftest import EXPORT_VM
+
+pytestmark = pytest.mark.slow
+
+SEED = int(os.environ.get("HYPERSDK_KILL_SEED", "20261207"))
+POINTS = 10
+MiB = 1 << 20
+DISKS = [16 * MiB, 8 * MiB]
+
+
+async def test_kill9_at_seeded_points_of_an_export_leaves_nothing_and_the_retry_completes(
+        start_hypervisord, system_bus, sim, si, service_dir):
+    rng = random.Random(SEED)
+    print(f"kill points seeded with {SEED} (HYPERSDK_KILL_SEED={SEED} repeats them)")
+    uploads = service_dir / "uploads"
+    uploads.mkdir()
+    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
+    smallest = min(disk.local_vmdk.stat().st_size for disk in disks)  # sparse: < capacity
+    for point in range(POINTS):
+        offset = rng.randrange(256 << 10, smallest - (64 << 10))  # inside every download
+        method = rng.choice(["disk", "ovf"])
+        print(f"point {point}: kill at byte {offset} of each download, export_method {method}")
+        await _kill_during_export_then_retry(start_hypervisord, system_bus.address, sim,
+                                             service_dir, disks, point, offset, method)
+
+
+async def _kill_during_export_then_retry(start_hypervisord, address: str, sim, service_dir,
+                                         disks, point: int, offset: int, method: str) -> None:
+    proxy = await GatedProxy(sim.host, sim.port, hold_at=offset).start()
+    daemon = await asyncio.to_thread(
+        start_hypervisord, providers={"vsphere": sim.provider_settings(port=proxy.port)},
+        export={"chunk_size": "256KiB"})
+    exports = service_dir / "exports"
+    export_path = exports / f"run{point}"
+    definition = {"vm_identifier": EXPORT_VM, "provider": "vsphere", "export_method": method,
+                  "export_path": str(export_path), "options": {"shutdown_vm": False}}
+    killed = json.loads((await asyncio.to_thread(submit, address, definition)).stdout.split()[1])
+    restarted = Hypervisord(daemon.config_path, address)
+    try:
+        await asyncio.wait_for(proxy.holding.wait(), 60)
+        await asyncio.to_thread(daemon.kill)
+        proxy.release.set()  # the next connections pass freely
+        await asyncio.to_thread(restarted.start)
+
+        assert job_property(address, killed, "Status") == "failed"
+        assert job_property(address, killed, "Error").startswith(
+            "interrupted: hypervisord stopped while the job was running")
+        assert not export_path.exists()
+        assert not list(exports.rglob(".hypersdk-staging-*"))
+
+        job_id = job_property(address, killed, "Id")
+        retried = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "RetryJob",
+                              "sa{sv}", job_id, "0")["data"][0]
+        status = await asyncio.to_thread(wait_for_status, address, retried,
+                                         {"completed", "failed"}, 120)
+        assert status == "completed", job_property(address, retried, "Error")
+        for index, disk in enumerate(disks, 1):
+            assert same_image(export_path / f"{EXPORT_VM}-disk{index}.vmdk", disk.local_vmdk)
+    finally:
+        await asyncio.to_thread(restarted.stop)
+        await proxy.close()
