@@ -14,7 +14,8 @@ import logging
 from typing import TYPE_CHECKING, Callable
 
 from .backup_policies import BackupPolicies
-from .schedules import Clock, Schedules, SystemClock, wait_until
+from .cron import Clock, SystemClock, wait_until
+from .schedules import Schedules
 from .webhooks import Webhooks
 
 if TYPE_CHECKING:

@@ -32,10 +32,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .cron import Clock, CronSpec, check_timezone
+from .cron_items import CronItems
+from .definitions import check_bool, check_fields, check_name, new_id
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from .definitions import check_fields
-from .schedules import (Clock, CronSpec, check_bool, check_name, check_timezone,
-                        decide, new_id, store_enabled)
 from .store import TERMINAL_STATUSES
 
 if TYPE_CHECKING:
@@ -135,19 +135,19 @@ def _check_retention(value: Any) -> dict:
     return result
 
 
-class BackupPolicies:
+class BackupPolicies(CronItems[Policy]):
+    table = "backup_policies"
+    noun = "backup policy"
+
     def __init__(self, store: "Store", engine: "JobEngine", grace: float, clock: Clock,
                  emit: Callable[[str, dict], None], changed: Callable[[str], None],
                  kind: str = "export") -> None:
         """`kind` is the job kind each VM's backup runs as (tests pass their own)."""
-        self.store = store
+        super().__init__(store, grace, clock, changed)
         self.engine = engine
         self.config = engine.config
-        self.grace = grace
-        self.clock = clock
         self.kind = kind
         self._emit = emit
-        self._changed = changed
         self._tasks: set[asyncio.Task] = set()
 
     # -- validation and CRUD -----------------------------------------------------------
@@ -220,38 +220,12 @@ class BackupPolicies:
         return Path(definition["export_path"] or
                     Path(self.config.export.base_path) / "backups" / definition["name"])
 
-    def _row_to_policy(self, row) -> Policy:
+    def _from_row(self, row) -> Policy:
         definition = json.loads(row["definition"])
         return Policy(id=row["id"], definition=definition, enabled=bool(row["enabled"]),
                       created_by_uid=row["created_by_uid"], created_at=row["created_at"],
                       last_slot=row["last_slot"], last_run=row["last_run"],
                       root=self._root(definition))
-
-    def get(self, policy_id: str) -> Policy:
-        row = self.store.execute("SELECT * FROM backup_policies WHERE id=?",
-                                 (policy_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no backup policy {policy_id!r}")
-        return self._row_to_policy(row)
-
-    def list(self) -> list[Policy]:
-        return [self._row_to_policy(r) for r in
-                self.store.execute("SELECT * FROM backup_policies ORDER BY created_at, id")]
-
-    def set_enabled(self, policy_id: str, enabled: bool) -> Policy:
-        policy = self.get(policy_id)
-        if policy.enabled != enabled:
-            store_enabled(self.store, "backup_policies", policy_id, enabled, policy.last_slot,
-                          self.clock.now())
-            log.info("backup policy %s (%s) %s", policy_id, policy.name,
-                     "enabled" if enabled else "disabled")
-            self._changed(policy_id)
-        return self.get(policy_id)
-
-    def delete(self, policy_id: str) -> None:
-        self.get(policy_id)
-        self.store.execute("DELETE FROM backup_policies WHERE id=?", (policy_id,))
-        log.info("backup policy %s deleted; its backups stay on disk", policy_id)
 
     def backups(self, policy_id: str, states: tuple[str, ...] = ("pending", "good", "failed")
                 ) -> list[Backup]:
@@ -391,30 +365,12 @@ class BackupPolicies:
             return False
         return True
 
-    # -- schedule ----------------------------------------------------------------------
-    def tick(self) -> None:
-        now = self.clock.now()
-        for policy in self.list():
-            if policy.enabled and policy.cron:
-                try:
-                    self._tick_one(policy, now)
-                except Exception:  # one broken policy must not stop the others
-                    log.exception("backup policy %s: tick failed", policy.id)
+    # -- the tick's hooks (cron_items.py) -------------------------------------------------
+    def _busy(self, policy: Policy) -> str:
+        return "the previous run is still going" if self._active(policy.id) else ""
 
-    def _tick_one(self, policy: Policy, now: float) -> None:
-        decision = decide(policy.cron, policy.last_slot, now, self.grace)
-        if decision is None:
-            return
-        self.store.execute("UPDATE backup_policies SET last_slot=? WHERE id=? AND last_slot=?",
-                           (decision.slot, policy.id, policy.last_slot))
-        if not decision.fire:
-            log.warning("backup policy %s (%s): run missed by more than the grace period; "
-                        "skipped", policy.id, policy.name)
-        elif self._active(policy.id):
-            log.warning("backup policy %s (%s): scheduled run skipped: the previous run is "
-                        "still going", policy.id, policy.name)
-        else:
-            self._spawn(self._scheduled_run(policy))
+    def _fire(self, policy: Policy, slot: float) -> None:
+        self._spawn(self._scheduled_run(policy))
         self._changed(policy.id)
 
     async def _scheduled_run(self, policy: Policy) -> None:
@@ -423,10 +379,6 @@ class BackupPolicies:
         except Exception as exc:
             log.error("backup policy %s (%s): scheduled run failed: %s", policy.id,
                       policy.name, exc)
-
-    def next_due(self) -> float | None:
-        dues = [p.next_run for p in self.list()]
-        return min((d for d in dues if d is not None), default=None)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -47,7 +47,8 @@ from .config import WEBHOOK_EVENTS
 from .errors import InvalidArgument, NotFound
 from .definitions import check_fields
 from .redact import redact_headers, redact_url
-from .schedules import Clock, check_bool, new_id, wait_until
+from .cron import Clock, wait_until
+from .definitions import check_bool, new_id
 from .webhook_targets import PublicOnlyResolver, RefusedTarget, TargetPolicy
 
 if TYPE_CHECKING:

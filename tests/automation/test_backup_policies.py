@@ -17,6 +17,7 @@ from hypersdk.service.backup_policies import Backup, BackupPolicies, plan_retent
 from hypersdk.service.errors import InvalidArgument, Unavailable
 from hypersdk.service.jobs import export as _export_kind# noqa: F401 (registers "export")
 
+from ..support.wait import until
 from .conftest import PRODUCTION, FakeClock, make_config, start_engine, stop_engine
 
 DAY = 86400.0
@@ -170,16 +171,12 @@ async def test_overlapping_run_is_refused_and_scheduled_slot_skipped(policies_en
         await policies.run(policy.id, 0)
     clock.t = policy.next_run + 1
     policies.tick()
-    assert "scheduled run skipped" in caplog.text
+    assert "skipped: the previous run is still going" in caplog.text
     for job in jobs:
         await env.wait_job(job.id)
     clock.t = policies.get(policy.id).next_run + 1
     policies.tick()
-    for _ in range(300):
-        if len(policies.backups(policy.id)) == 4:
-            break
-        await asyncio.sleep(0.02)
-    assert len(policies.backups(policy.id)) == 4
+    await until(lambda: len(policies.backups(policy.id)) == 4, 10, "the scheduled run's backups")
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -216,3 +213,21 @@ async def test_a_disabled_policy_is_skipped_by_its_schedule_but_runs_when_asked(
     policies.set_enabled(policy.id, False)
     assert await run_and_settle(env, policies, policy.id) == ["completed", "completed"]
     assert not policies.get(policy.id).enabled
+
+
+async def test_a_slot_claimed_by_another_instance_is_not_run_twice(policies_env):
+    """Two services on one store both see the slot due; the one that loses the claim (its
+    view of last_slot is stale) runs nothing."""
+    env, policies, clock, _ = policies_env
+    other = BackupPolicies(env.store, env.engine, 600.0, clock, emit=lambda *_: None,
+                           changed=lambda item: None, kind=policies.kind)
+    policy = policies.create(production_policy(schedule="0 3 * * *", timezone="UTC"), 0)
+    clock.t = policy.next_run + 1
+    stale = other.get(policy.id)
+    policies.tick()
+    await until(lambda: len(policies.backups(policy.id, ("good",))) == 2, 10,
+                "the first run's backups to be done")  # so the other is not merely busy
+    other._tick_one(stale, clock.now())
+    await asyncio.gather(*list(other._tasks))
+    assert len(policies.backups(policy.id)) == 2
+    assert policies.get(policy.id).last_slot == clock.t - 1

@@ -8,7 +8,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from hypersdk.service.errors import AlreadyExists, InvalidArgument
-from hypersdk.service.schedules import CronSpec, Schedules, decide
+from hypersdk.service.cron import CronSpec, decide
+from hypersdk.service.schedules import Schedules
 
 from .conftest import FakeClock
 
