@@ -32,7 +32,7 @@ from ..errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
 from .aws_ebs import SnapshotRead, read_snapshot
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
-from .cleanup import run_to_completion
+from .cleanup import Cleanups
 from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
 
 GIB = 1024 ** 3
@@ -238,37 +238,35 @@ class AwsProvider(Provider):
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
         vm = await self.get_vm(identifier)
         extra = _parse_extra(options.extra, vm, Path(self.config.export.base_path))
-        region = vm.extra["region"]
-        stopped_by_us = False
-        if options.shutdown_vm and vm.power_state == "poweredOn":
-            await self._set_power(vm, "stop", sink, extra["shutdown_timeout"])
-            stopped_by_us = True
+        region, timeout = vm.extra["region"], extra["shutdown_timeout"]
+        restart = f"starting instance {vm.identifier} again"
         made: list[str] = []
         output = OutputFiles(target_dir)
-        try:
-            snapshots = dict(extra["snapshot_ids"])
-            for disk in vm.disks:
-                if disk.key not in snapshots:
-                    snapshots[disk.key] = await self._create_snapshot(vm, disk, sink)
-                    made.append(snapshots[disk.key])
-            await self._wait_snapshots(region, made, sink)
-            if stopped_by_us and options.restore_power_state:
+        async with Cleanups(sink) as cleanups:
+            if options.shutdown_vm and vm.power_state == "poweredOn":
+                await self._set_power(vm, "stop", sink, timeout)
+                if options.restore_power_state:
+                    cleanups.add(restart, lambda: self._set_power(vm, "start", sink, timeout))
+            if not extra["keep_snapshots"]:
+                cleanups.add("deleting our snapshots",
+                             lambda: self._delete_snapshots(region, made, sink))
+            try:
+                snapshots = dict(extra["snapshot_ids"])
+                for disk in vm.disks:
+                    if disk.key not in snapshots:
+                        snapshots[disk.key] = await self._create_snapshot(vm, disk, sink)
+                        made.append(snapshots[disk.key])
+                await self._wait_snapshots(region, made, sink)
                 # the snapshots hold the disks now: the instance need not wait for the reading
-                await self._set_power(vm, "start", sink, extra["shutdown_timeout"])
-                stopped_by_us = False
-            exported = []
-            for disk in vm.disks:
-                exported.append(await self._export_volume(vm, disk, snapshots[disk.key], extra,
-                                                          target_dir, options, sink))
-                output.add(exported[-1].path)
-        except BaseException:
-            output.discard()
-            raise
-        finally:
-            if made and not extra["keep_snapshots"]:
-                await run_to_completion(self._delete_snapshots(region, made, sink))
-            if stopped_by_us and options.restore_power_state:
-                await self._set_power(vm, "start", sink, extra["shutdown_timeout"])
+                await cleanups.run_early(restart)
+                exported = []
+                for disk in vm.disks:
+                    exported.append(await self._export_volume(
+                        vm, disk, snapshots[disk.key], extra, target_dir, options, sink))
+                    output.add(exported[-1].path)
+            except BaseException:
+                output.discard()
+                raise
         vm.extra["snapshot_ids"] = snapshots
         vm.extra["snapshots_deleted"] = [] if extra["keep_snapshots"] else made
         return vm, exported

@@ -27,7 +27,7 @@ from .azure_blob import download_disk_blob
 from .azure_vhd import check_fixed_vhd
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
-from .cleanup import run_to_completion
+from .cleanup import Cleanups
 from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
 from .sparse import SparseImage
 
@@ -316,24 +316,25 @@ class AzureProvider(Provider):
         granted: list[tuple[str, str, str]] = []
         made: list[tuple[str, str]] = []
         exported: list[ExportedDisk] = []
-        try:
-            sources = [("disks", *parse_resource_id(disk.location)) if direct
-                       else await self._snapshot(vm, disk, made, sink) for disk in vm.disks]
+        starting = f"starting VM {vm.name} again"
+        async with Cleanups(sink) as cleanups:
             if restart:
-                await self._start(vm, sink)
-                restart = False
-            for disk, source in zip(vm.disks, sources):
-                access_url = await self._grant(source, granted, sink)
-                exported.append(await self._download(access_url, disk, target_dir, options, sink))
-                output.add(exported[-1].path)
-                await self._revoke(source, granted, sink)
-        except BaseException:
-            output.discard()
-            raise
-        finally:
-            await run_to_completion(self._release(granted, made, sink))
-            if restart:
-                await self._start(vm, sink)
+                cleanups.add(starting, lambda: self._start(vm, sink))
+            cleanups.add("revoking our grants and deleting our snapshots",
+                         lambda: self._release(granted, made, sink))
+            try:
+                sources = [("disks", *parse_resource_id(disk.location)) if direct
+                           else await self._snapshot(vm, disk, made, sink) for disk in vm.disks]
+                await cleanups.run_early(starting)  # the snapshots hold the disks now
+                for disk, source in zip(vm.disks, sources):
+                    access_url = await self._grant(source, granted, sink)
+                    exported.append(await self._download(access_url, disk, target_dir, options,
+                                                         sink))
+                    output.add(exported[-1].path)
+                    await self._revoke(source, granted, sink)
+            except BaseException:
+                output.discard()
+                raise
         return vm, exported
 
     async def _start(self, vm: VMInfo, sink: ExportSink) -> None:

@@ -4,7 +4,9 @@ A provider is plain asyncio code with no D-Bus in it. Blocking SDK calls run in 
 thread (`asyncio.to_thread`). The export job (`jobs/export.py`) calls
 `export_disks`, then packages the result (OVF/OVA, manifest, conversion).
 SDKs are imported lazily inside the provider so that a missing extra is a clear
-`Unavailable` error naming the extra, not an ImportError at start.
+`Unavailable` error naming the extra, not an ImportError at start. What an export makes
+in the cloud or changes (a snapshot, a grant, a stopped VM) is registered as it goes in
+one `cleanup.Cleanups` list, which undoes it all however the export ends.
 """
 from __future__ import annotations
 

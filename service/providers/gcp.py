@@ -32,7 +32,7 @@ from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotF
     Unavailable
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
-from .cleanup import run_to_completion
+from .cleanup import Cleanups, run_to_completion
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
     private_file_rule, read_private_file
 
@@ -242,25 +242,27 @@ class GcpProvider(Provider):
         outputs = OutputFiles(target_dir)
         created: list[tuple[str, str]] = []   # ("image", name) | ("object", name)
         stopped = False
-        try:
-            if options.shutdown_vm and vm.power_state == "poweredOn":
-                await self._set_power(zone, vm.name, "stop", sink)
-                stopped = True
-            running = vm.power_state == "poweredOn" and not stopped
-            if running:
-                sink.log(f"{vm.name} is running: images are crash-consistent "
-                         "(use shutdown_vm for a clean copy)", "warning")
-            disks = await gather_bounded(
-                vm.disks, lambda disk: self._export_disk(vm, disk, target_dir, options, sink,
-                                                         running, created, outputs),
-                options.parallel_disks)
-        except BaseException:
-            outputs.discard()
-            raise
-        finally:
-            await run_to_completion(self._remove_created(created, sink))
-            if stopped and options.restore_power_state:
-                await run_to_completion(self._set_power(zone, vm.name, "start", sink))
+        async with Cleanups(sink) as cleanups:
+            try:
+                if options.shutdown_vm and vm.power_state == "poweredOn":
+                    await self._set_power(zone, vm.name, "stop", sink)
+                    stopped = True
+                    if options.restore_power_state:
+                        cleanups.add(f"starting {vm.name} again",
+                                     lambda: self._set_power(zone, vm.name, "start", sink))
+                cleanups.add("removing our images and objects",
+                             lambda: self._remove_created(created, sink))
+                running = vm.power_state == "poweredOn" and not stopped
+                if running:
+                    sink.log(f"{vm.name} is running: images are crash-consistent "
+                             "(use shutdown_vm for a clean copy)", "warning")
+                disks = await gather_bounded(
+                    vm.disks, lambda disk: self._export_disk(vm, disk, target_dir, options, sink,
+                                                             running, created, outputs),
+                    options.parallel_disks)
+            except BaseException:
+                outputs.discard()
+                raise
         return vm, disks
 
     async def _export_disk(self, vm: VMInfo, disk: DiskInfo, target_dir: Path,

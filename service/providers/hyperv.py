@@ -34,7 +34,7 @@ from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotF
 from ..disks.ovf_writer import safe_name
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
-from .cleanup import run_to_completion
+from .cleanup import Cleanups
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
     private_file_rule, read_private_file
 
@@ -269,31 +269,38 @@ class HypervProvider(Provider):
         host_dir = str(PureWindowsPath(self.settings["host_export_dir"])
                        / f"{safe_name(vm.name, 40)}-{secrets.token_hex(4)}")
         outputs = OutputFiles(target_dir)
-        stopped = False
-        try:
-            if options.shutdown_vm and vm.power_state == "poweredOn":
-                sink.log(f"stopping {vm.name}")
-                await self._ps("stop_vm", SET_POWER, {"id": vm.identifier, "action": "stop"})
-                stopped = True
-            sink.log(f"Export-VM {vm.name} to {host_dir} on {self.settings['host']}")
-            files = await self._ps("export_vm", EXPORT_VM, {"id": vm.identifier, "dir": host_dir})
-            files = files if isinstance(files, list) else [files]
-            pairs = _match_files(vm, files)
-            sink.add_total(sum(int(f["Length"]) for _, f in pairs))
-            disks = await gather_bounded(
-                pairs, lambda pair: self._fetch(vm, pair[0], pair[1], target_dir, options, sink,
-                                                outputs),
-                options.parallel_disks)
-        except BaseException:
-            outputs.discard()
-            raise
-        finally:
-            await run_to_completion(self._remove_host_dir(host_dir, sink))
-            if stopped and options.restore_power_state:
-                sink.log(f"starting {vm.name} again")
-                await run_to_completion(self._ps("start_vm", SET_POWER,
-                                                 {"id": vm.identifier, "action": "start"}))
+        async with Cleanups(sink) as cleanups:
+            try:
+                if options.shutdown_vm and vm.power_state == "poweredOn":
+                    sink.log(f"stopping {vm.name}")
+                    await self._ps("stop_vm", SET_POWER, {"id": vm.identifier, "action": "stop"})
+                    if options.restore_power_state:
+                        cleanups.add(f"starting {vm.name} again", lambda: self._start(vm, sink))
+                cleanups.add(f"removing {host_dir}", lambda: self._remove_host_dir(host_dir, sink))
+                disks = await self._export_and_fetch(vm, host_dir, target_dir, options, sink,
+                                                     outputs)
+            except BaseException:
+                outputs.discard()
+                raise
         return vm, disks
+
+    async def _start(self, vm: VMInfo, sink: ExportSink) -> None:
+        sink.log(f"starting {vm.name} again")
+        await self._ps("start_vm", SET_POWER, {"id": vm.identifier, "action": "start"})
+
+    async def _export_and_fetch(self, vm: VMInfo, host_dir: str, target_dir: Path,
+                                options: ExportOptions, sink: ExportSink,
+                                outputs: OutputFiles) -> list[ExportedDisk]:
+        """Export-VM into `host_dir` on the host, then copy its disks here."""
+        sink.log(f"Export-VM {vm.name} to {host_dir} on {self.settings['host']}")
+        files = await self._ps("export_vm", EXPORT_VM, {"id": vm.identifier, "dir": host_dir})
+        files = files if isinstance(files, list) else [files]
+        pairs = _match_files(vm, files)
+        sink.add_total(sum(int(f["Length"]) for _, f in pairs))
+        return await gather_bounded(
+            pairs, lambda pair: self._fetch(vm, pair[0], pair[1], target_dir, options, sink,
+                                            outputs),
+            options.parallel_disks)
 
     async def _fetch(self, vm: VMInfo, disk: DiskInfo, remote: dict, target_dir: Path,
                      options: ExportOptions, sink: ExportSink, outputs: OutputFiles) -> ExportedDisk:
