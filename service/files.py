@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import secrets
 import struct
 from pathlib import Path
 
@@ -81,3 +82,8 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path_for(target: Path) -> Path:
+    """The one temporary-name convention: hidden, random, next to `target`, so that the
+    final rename stays on one filesystem and no two writers (or a planted file) share it.
+    Inside a job's staging directory (staging.py) nobody else can create it anyway."""
+    return target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")

@@ -25,7 +25,6 @@ import hashlib
 import http.client
 import os
 import re
-import secrets
 import socket
 import ssl as ssl_module
 import threading
@@ -37,6 +36,7 @@ from urllib.parse import SplitResult, quote, urljoin, urlsplit, urlunsplit
 from ..errors import Cancelled, Failed, NotFound
 from ..redact import redact_url
 from ..direct_io import DirectFile
+from ..files import temp_path_for
 from .disk_writer import HashingDiskWriter, WriteFailed
 from .threads import run_in_own_thread
 
@@ -71,11 +71,6 @@ def file_sha256(path: Path, block: int = 4 << 20,
             digest.update(data)
             size += len(data)
     return size, digest.hexdigest()
-
-
-def temp_path_for(target: Path) -> Path:
-    """A hidden temporary name next to `target`, so the final rename stays on one filesystem."""
-    return target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
 
 
 class _Transfer:

@@ -24,6 +24,7 @@ from typing import Callable
 
 from ..confine import OpenFile
 from ..errors import AlreadyExists, Cancelled, Failed, InvalidArgument
+from ..files import temp_path_for
 
 COPY_CHUNK = 1 << 20
 HASHES = {"SHA1": hashlib.sha1, "SHA256": hashlib.sha256, "SHA512": hashlib.sha512}
@@ -209,8 +210,7 @@ def extract_ova(path: Path, target_dir: Path, log: LogFn | None = None,
     if target_dir.exists() and (not target_dir.is_dir() or any(target_dir.iterdir())):
         raise AlreadyExists(f"{target_dir}: already exists and is not an empty directory")
     target_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target_dir.parent / f".{target_dir.name}.{os.getpid()}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path_for(target_dir)
     tmp.mkdir(mode=0o700)
     try:
         files, computed = _extract_members(path, tmp, _Watch(stop, on_bytes))

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..confine import OpenDir, open_dir, split_under
 from ..errors import AlreadyExists, Failed, InvalidArgument
+from ..files import temp_path_for
 from ..definitions import check_fields
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..staging import Staging
@@ -265,7 +266,7 @@ async def to_ovf_disk(ctx: JobContext, disk: ExportedDisk, compress: bool) -> Ex
     if disk.format not in QEMU_INPUT_FORMATS:
         raise Failed(f"{disk.path.name}: cannot put a {disk.format} disk into an OVF package")
     target = disk.path.with_suffix(".vmdk")
-    temp = disk.path.with_suffix(".vmdk.partial")
+    temp = temp_path_for(target)
     ctx.add_total(disk.capacity_bytes)
     done = 0
 

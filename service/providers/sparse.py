@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import Failed
 from ..files import fsync_dir
-from ..disks.download import file_sha256, temp_path_for
+from ..disks.download import file_sha256
+from ..files import temp_path_for
 
 
 class SparseImage:

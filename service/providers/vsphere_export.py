@@ -35,7 +35,8 @@ import aiohttp
 
 from ..errors import Failed
 from ..disks.convert import run_qemu_img_convert
-from ..disks.download import download, file_sha256, temp_path_for
+from ..disks.download import download, file_sha256
+from ..files import temp_path_for
 from ..disks.ovf_writer import safe_name
 from ..disks.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
 from ..redact import redact_url
