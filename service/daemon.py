@@ -24,7 +24,6 @@ from . import __version__
 from .allocator import keep_heap_padding
 from .automation import Automation
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from .dbus.automation import AutomationObjects
 from .dbus.bus import connect
 from .dbus.service import DBusService
 from .engine import JobEngine
@@ -91,12 +90,10 @@ class Daemon:
             store.close()
             raise Failed(f"cannot connect to the {self.bus_spec} bus: "
                          f"{exc.strerror or exc} (is dbus running?)") from exc
-        service = DBusService(bus, engine, bridge_uids(self.config))
+        automation = Automation(store, engine, self.config)
+        service = DBusService(bus, engine, automation, bridge_uids(self.config))
         try:
             service.export_all()
-            automation = Automation(store, engine, self.config)
-            service.automation = AutomationObjects(service, automation)
-            service.automation.export_all()
             await service.own_name()
             await engine.start()
             await automation.start()

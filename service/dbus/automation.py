@@ -1,6 +1,6 @@
 """Schedule, BackupPolicy and Webhook objects on the bus (see their introspection XML).
 
-`AutomationObjects` is what the Manager reaches as `service.automation`: it creates
+`AutomationObjects` is what the Manager creates items through: it creates
 items through the `Automation` facade, exports one object per item under
 /schedules, /backup_policies and /webhooks (listed by the root ObjectManager),
 and announces property changes. Webhook secrets never leave the service; header
@@ -25,7 +25,7 @@ from .arguments import page_option
 from .manager import VIEW
 
 if TYPE_CHECKING:
-    from .service import DBusService
+    from .dispatch import Dispatcher
 
 MANAGE_SCHEDULES = "org.hypersdk.HyperSDK1.manage-schedules"
 MANAGE_POLICIES = "org.hypersdk.HyperSDK1.manage-backup-policies"
@@ -279,10 +279,11 @@ OBJECT_CLASSES = {"schedule": ScheduleObject, "policy": BackupPolicyObject,
 
 
 class AutomationObjects:
-    """The Manager's `service.automation`: creates items and keeps their objects on the bus."""
+    """What the Manager creates schedules, policies and webhooks with; keeps their objects
+    on the bus."""
 
-    def __init__(self, service: "DBusService", automation: Automation) -> None:
-        self.service = service
+    def __init__(self, dispatcher: "Dispatcher", automation: Automation) -> None:
+        self.dispatcher = dispatcher
         self.automation = automation
         self._objects: dict[tuple[str, str], _ItemObject] = {}
         automation.on_change.append(self._on_change)
@@ -299,12 +300,12 @@ class AutomationObjects:
         obj = OBJECT_CLASSES[collection](self, item_id)
         path = item_path(collection, item_id)
         self._objects[(collection, item_id)] = obj
-        self.service.export_object(path, obj)
+        self.dispatcher.export(path, obj)
         return path
 
     def remove(self, collection: str, item_id: str) -> None:
         if self._objects.pop((collection, item_id), None) is not None:
-            self.service.unexport_object(item_path(collection, item_id))
+            self.dispatcher.unexport(item_path(collection, item_id))
 
     def _on_change(self, collection: str, item_id: str) -> None:
         obj = self._objects.get((collection, item_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from dbus_fast import Variant
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
@@ -20,9 +20,6 @@ from ..store import JobRecord
 from .arguments import MAX_LOG_PAGE, page_option
 from .dispatch import caller, require
 from .polkit import UNKNOWN_UID
-
-if TYPE_CHECKING:
-    from .service import DBusService
 
 VIEW = "org.hypersdk.HyperSDK1.view"
 COALESCE_SECONDS = 0.25
@@ -139,10 +136,9 @@ async def log_page(engine: JobEngine, job_id: str, after_id: int, options: dict)
 
 
 class JobObject(ServiceInterface):
-    def __init__(self, service: "DBusService", job_id: str) -> None:
+    def __init__(self, engine: JobEngine, job_id: str) -> None:
         super().__init__(JOB_IFACE)
-        self._service = service
-        self._engine: JobEngine = service.engine
+        self._engine = engine
         self.job_id = job_id
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.TimerHandle | None = None

@@ -22,7 +22,14 @@ from .dispatch import caller, require
 from .job import VIEW, cancel_job, job_record, log_page, records_within, retry_job
 
 if TYPE_CHECKING:
-    from .service import DBusService
+    from collections.abc import Mapping
+
+    from ..engine import JobEngine
+    from .automation import AutomationObjects
+    from .job import JobObject
+
+EXPORT_METHODS = ["ova", "ovf", "disk"]
+OUTPUT_FORMATS = ["qcow2", "raw"]
 
 @dataclass(frozen=True)
 class JobQuery:
@@ -59,10 +66,15 @@ def parse_vmdk_confined(value: str, roots: list[str]) -> dict:
 
 
 class ManagerObject(ServiceInterface):
-    def __init__(self, service: "DBusService") -> None:
+    """`on_bus`: the job objects exported now (ListJobs); `automation`: schedules, backup
+    policies and webhooks, when the service runs them."""
+
+    def __init__(self, engine: JobEngine, on_bus: "Mapping[str, JobObject]",
+                 automation: "AutomationObjects | None") -> None:
         super().__init__(MANAGER_IFACE)
-        self._service = service
-        self._engine = service.engine
+        self._engine = engine
+        self._on_bus = on_bus
+        self._automation_objects = automation
 
     async def _submit(self, kind_name: str, definition_json: str) -> str:
         kind = get_kind(kind_name)
@@ -74,6 +86,14 @@ class ManagerObject(ServiceInterface):
         job = self._engine.submit(kind_name, definition, who.uid, requested_by=who.principal)
         return job_path(job.id)
 
+    def capabilities(self) -> dict:
+        features = ["hyper2kvm_daemon_mode", "direct_pipeline"]
+        if self._automation_objects is not None:
+            features += ["schedules", "backup_policies", "webhooks"]
+        return {"providers": self._engine.providers.capabilities(), "job_kinds": kind_names(),
+                "export_methods": EXPORT_METHODS, "output_formats": OUTPUT_FORMATS,
+                "features": features}
+
     # -- properties --------------------------------------------------------------------
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":
@@ -81,11 +101,11 @@ class ManagerObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Capabilities(self) -> "s":
-        return json.dumps(self._service.capabilities())
+        return json.dumps(self.capabilities())
 
     @dbus_property(access=PropertyAccess.READ)
     def JobCounts(self) -> "a{su}":
-        return self._service.job_counts()
+        return self._engine.store.count_by_status()
 
     # -- jobs --------------------------------------------------------------------------
     @method()
@@ -98,7 +118,7 @@ class ManagerObject(ServiceInterface):
         daemon.finished_job_linger ago (ListJobRecords reads every stored job)."""
         await require(VIEW)
         query = JobQuery.from_options(options)
-        jobs = sorted((obj.record for obj in self._service.jobs.values()),
+        jobs = sorted((obj.record for obj in self._on_bus.values()),
                       key=lambda job: (job.created_at, job.id))
         matching = [job for job in jobs if query.matches(job)]
         return [job_path(job.id) for job in matching[query.offset:query.offset + query.limit]]
@@ -166,9 +186,9 @@ class ManagerObject(ServiceInterface):
 
     # -- automation --------------------------------------------------------------------
     def _automation(self):
-        if self._service.automation is None:
+        if self._automation_objects is None:
             raise Unavailable("schedules, backup policies and webhooks are not available")
-        return self._service.automation
+        return self._automation_objects
 
     @method()
     async def CreateSchedule(self, definition: "s", options: "a{sv}") -> "o":

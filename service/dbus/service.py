@@ -4,17 +4,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
-
 from dbus_fast import RequestNameReply
 from dbus_fast.aio import MessageBus
 
 from hypersdk.client.names import BUS_NAME, MANAGER_PATH, job_path
 
+from ..automation import Automation
 from ..engine import JobEngine, JobEvent
 from ..errors import Failed
-from ..job_kinds import kind_names
 from ..store import JobRecord
+from .automation import AutomationObjects
 from .dispatch import Dispatcher
 from .job import JobObject, usec
 from .manager import ManagerObject
@@ -22,19 +21,19 @@ from .polkit import Authority
 
 log = logging.getLogger(__name__)
 
-EXPORT_METHODS = ["ova", "ovf", "disk"]
-OUTPUT_FORMATS = ["qcow2", "raw"]
-
-
 class DBusService:
-    def __init__(self, bus: MessageBus, engine: JobEngine,
+    """The objects on the bus: the Manager, one object per job while it is followed, and
+    the automation objects when `automation` runs."""
+
+    def __init__(self, bus: MessageBus, engine: JobEngine, automation: Automation | None,
                  trusted_uids: frozenset[int] = frozenset({0})) -> None:
         self.bus = bus
         self.engine = engine
-        self.automation: Any = None  # set by the daemon when automation is running
         self.dispatcher = Dispatcher(bus, Authority(bus), trusted_uids)
-        self.manager = ManagerObject(self)
+        self.automation = (AutomationObjects(self.dispatcher, automation)
+                           if automation is not None else None)
         self.jobs: dict[str, JobObject] = {}
+        self.manager = ManagerObject(engine, self.jobs, self.automation)
         self._leaving: dict[str, asyncio.TimerHandle] = {}  # finished jobs still lingering
         self.linger = engine.config.daemon.finished_job_linger
 
@@ -43,6 +42,8 @@ class DBusService:
         those finished less than daemon.finished_job_linger ago (the others are read
         through Manager.ListJobRecords/GetJob); then follow the engine."""
         self.dispatcher.export(MANAGER_PATH, self.manager)
+        if self.automation is not None:
+            self.automation.export_all()
         for job in self.engine.store.jobs_unfinished_or_since(time.time() - self.linger):
             self._export_job(job.id)
             if job.finished:
@@ -55,15 +56,8 @@ class DBusService:
             raise Failed(f"could not own the bus name {BUS_NAME} ({reply.name}); "
                          "is another hypervisord running?")
 
-    def export_object(self, path: str, interface) -> None:
-        """For automation objects (schedules, policies, webhooks)."""
-        self.dispatcher.export(path, interface)
-
-    def unexport_object(self, path: str) -> None:
-        self.dispatcher.unexport(path)
-
     def _export_job(self, job_id: str) -> None:
-        obj = JobObject(self, job_id)
+        obj = JobObject(self.engine, job_id)
         self.jobs[job_id] = obj
         self.dispatcher.export(job_path(job_id), obj)
 
@@ -111,21 +105,8 @@ class DBusService:
             obj.LogLine(line.id, usec(line.time), line.level, line.message)
 
     def _counts_changed(self) -> None:
-        self.manager.emit_properties_changed({"JobCounts": self.job_counts()})
-
-    def job_counts(self) -> dict[str, int]:
-        return self.engine.store.count_by_status()
-
-    def capabilities(self) -> dict:
-        return {
-            "providers": self.engine.providers.capabilities(),
-            "job_kinds": kind_names(),
-            "export_methods": EXPORT_METHODS,
-            "output_formats": OUTPUT_FORMATS,
-            "features": ["hyper2kvm_daemon_mode", "direct_pipeline", "schedules",
-                         "backup_policies", "webhooks"] if self.automation else
-                        ["hyper2kvm_daemon_mode", "direct_pipeline"],
-        }
+        self.manager.emit_properties_changed(
+            {"JobCounts": self.engine.store.count_by_status()})
 
     async def close(self) -> None:
         for leaving in self._leaving.values():
