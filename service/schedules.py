@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .cron import Clock, CronSpec
 from .cron_items import CronItems
-from .definitions import check_bool, check_fields, check_name, new_id
+from .definitions import JsonObject, check_name, new_id
 from .errors import AlreadyExists, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
@@ -129,26 +129,19 @@ class Schedules(CronItems[Schedule]):
 
     # -- validation and CRUD -----------------------------------------------------------
     def validate(self, definition: Any) -> dict:
-        check_fields(definition, SCHEDULE_FIELDS, ("name", "cron", "job_definition"))
-        name = check_name(definition["name"])
-        cron = CronSpec.parse(definition["cron"], definition.get("timezone", ""))
-        kind = definition.get("kind", "export")
-        if not isinstance(kind, str) or not kind:
-            raise InvalidArgument("kind", "must be a job kind name such as 'export'")
-        job_definition = definition["job_definition"]
-        if not isinstance(job_definition, dict):
-            raise InvalidArgument("job_definition", "must be a JSON object")
+        fields = JsonObject(definition, SCHEDULE_FIELDS)
+        name = check_name(fields.text("name"))
+        cron = CronSpec.parse(fields.text("cron"), fields.text("timezone", ""))
+        kind = fields.text("kind", "export")
+        job_definition = fields.mapping("job_definition")
         try:
             self.engine.validate(kind, run_definition(job_definition, self.clock.now()))
         except InvalidArgument as exc:
             field = "kind" if exc.field == "kind" else f"job_definition.{exc.field}"
             raise InvalidArgument(field, exc.rule) from None
-        description = definition.get("description", "")
-        if not isinstance(description, str):
-            raise InvalidArgument("description", "must be a string")
         return {"name": name, "cron": cron.expression, "timezone": cron.timezone, "kind": kind,
-                "job_definition": job_definition, "description": description,
-                "enabled": check_bool(definition.get("enabled", True), "enabled")}
+                "job_definition": job_definition, "description": fields.text("description", ""),
+                "enabled": fields.flag("enabled", True)}
 
     def create(self, definition: Any, uid: int) -> Schedule:
         data = self.validate(definition)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..confine import check_source, open_source, real_path
+from ..definitions import JsonObject
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..kvm.boot_verify import parse_verify_boot
@@ -30,12 +31,9 @@ from ..kvm.domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, c
 from ..kvm.kvm_landing import Landing, land
 from ..kvm.libvirt_import import check_disk_for_libvirt, preflight
 
-_FIELDS: dict[str, type] = {
-    "vm_name": str, "disk_path": str, "disk_paths": list, "memory_mb": int, "vcpus": int,
-    "network": str, "autostart": bool, "start": bool, "firmware": str, "os_type": str,
-    "uuid": str, "disk_format": str, "guest_conversion": bool, "verify_boot": object,
-}
-_REQUIRED = ("vm_name", "memory_mb")
+_FIELDS = ("vm_name", "disk_path", "disk_paths", "memory_mb", "vcpus", "network", "autostart",
+           "start", "firmware", "os_type", "uuid", "disk_format", "guest_conversion",
+           "verify_boot")
 MAX_MEMORY_MB = 16 << 20  # 16 TiB, QEMU's x86_64 limit is above what any host has
 MAX_VCPUS = 4096
 
@@ -46,35 +44,22 @@ class ImportKind(JobKind):
     polkit_action = "org.hypersdk.HyperSDK1.import"
 
     def validate(self, definition: Any, submit: SubmitContext) -> dict:
-        if not isinstance(definition, dict):
-            raise InvalidArgument("definition", "an object")
-        for key, value in definition.items():
-            expected = _FIELDS.get(key)
-            if expected is None:
-                known = ", ".join(sorted(_FIELDS))
-                raise InvalidArgument(key, f"unknown field (known: {known})")
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise InvalidArgument(key, f"a {_TYPE_NAMES[expected]}")
-        for key in _REQUIRED:
-            if key not in definition:
-                raise InvalidArgument(key, "required")
+        fields = JsonObject(definition, _FIELDS)
         result = {
-            "vm_name": definition["vm_name"],
+            "vm_name": fields.text("vm_name"),
             "disk_paths": _disk_paths(definition, submit.config.paths.sources),
-            "memory_mb": definition["memory_mb"],
-            "vcpus": definition.get("vcpus", 1),
-            "network": definition.get("network", submit.config.libvirt.network),
-            "autostart": definition.get("autostart", False),
-            "start": definition.get("start", False),
-            "firmware": definition.get("firmware", "bios"),
-            "os_type": definition.get("os_type", "unknown"),
-            "uuid": definition.get("uuid", ""),
-            "disk_format": definition.get("disk_format", ""),
-            "guest_conversion": definition.get("guest_conversion", False),
+            "memory_mb": fields.integer("memory_mb", minimum=1, maximum=MAX_MEMORY_MB),
+            "vcpus": fields.integer("vcpus", 1, minimum=1, maximum=MAX_VCPUS),
+            "network": fields.text("network", submit.config.libvirt.network),
+            "autostart": fields.flag("autostart", False),
+            "start": fields.flag("start", False),
+            "firmware": fields.text("firmware", "bios"),
+            "os_type": fields.text("os_type", "unknown"),
+            "uuid": fields.text("uuid", ""),
+            "disk_format": fields.text("disk_format", "", choices=("", *DISK_FORMATS)),
+            "guest_conversion": fields.flag("guest_conversion", False),
             "verify_boot": parse_verify_boot(definition.get("verify_boot"), "verify_boot"),
         }
-        if result["disk_format"] not in ("", *DISK_FORMATS):
-            raise InvalidArgument("disk_format", "one of " + ", ".join(DISK_FORMATS))
         if result["memory_mb"] > MAX_MEMORY_MB:
             raise InvalidArgument("memory_mb", f"an integer from 1 to {MAX_MEMORY_MB}")
         if result["vcpus"] > MAX_VCPUS:
@@ -98,10 +83,6 @@ class ImportKind(JobKind):
 
     def describe(self, definition: dict) -> dict:
         return {"vm": definition.get("vm_name", ""), "provider": "libvirt"}
-
-
-_TYPE_NAMES = {str: "string", list: "list of strings", int: "integer", bool: "true or false",
-               object: "value"}
 
 
 def _disk_paths(definition: dict, roots: list[str]) -> list[str]:

@@ -158,3 +158,4 @@ def test_unreadable_and_invalid_yaml_files(tmp_path):
     broken.write_text("daemon: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken.yaml:\d+:\d+: expected valid YAML"):
         load_config(broken)
+
