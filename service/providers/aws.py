@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -33,7 +32,8 @@ from .aws_ebs import SnapshotRead, read_snapshot
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import Cleanups
-from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
+from .common import (OutputFiles, check_filter, closest, poll_until, private_file_rule,
+                     read_private_file)
 
 GIB = 1024 ** 3
 SDK_MODULES = ("boto3",)
@@ -305,9 +305,9 @@ class AwsProvider(Provider):
         if not snapshot_ids:
             return
         ec2 = await self._aclient("ec2", region)
-        deadline = time.monotonic() + float(self.settings.get("snapshot_timeout", 7200.0))
         pending = set(snapshot_ids)
-        while pending:
+
+        async def all_completed() -> bool | None:
             found = await self._call("waiting for snapshots", ec2.describe_snapshots,
                                      SnapshotIds=sorted(pending))
             for snap in found["Snapshots"]:
@@ -317,11 +317,12 @@ class AwsProvider(Provider):
                 if snap["State"] == "completed":
                     pending.discard(snap["SnapshotId"])
                     sink.log(f"snapshot {snap['SnapshotId']} completed")
-            if pending and time.monotonic() > deadline:
-                raise Failed(f"snapshots {', '.join(sorted(pending))} did not complete within "
-                             f"snapshot_timeout ({self.settings.get('snapshot_timeout')} s)")
-            if pending:
-                await asyncio.sleep(float(self.settings.get("poll_interval", 5.0)))
+            return True if not pending else None
+
+        timeout = float(self.settings.get("snapshot_timeout", 7200.0))
+        await poll_until(all_completed, interval=float(self.settings.get("poll_interval", 5.0)),
+                         timeout=timeout, what=f"snapshots {', '.join(sorted(pending))} "
+                                               "completing (providers.<name>.snapshot_timeout)")
 
     async def _delete_snapshots(self, region: str, snapshot_ids: list[str], sink: ExportSink) -> None:
         """Best effort: a snapshot that cannot be deleted is logged, never raised over the result."""
@@ -340,14 +341,13 @@ class AwsProvider(Provider):
         wanted = "stopped" if action == "stop" else "running"
         sink.log(f"{action} instance {vm.identifier}")
         await self._call(f"{action} instance {vm.identifier}", call, InstanceIds=[vm.identifier])
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def reached() -> bool | None:
             found = await self._describe_instances(vm.extra["region"], InstanceIds=[vm.identifier])
-            if found and found[0]["State"]["Name"] == wanted:
-                return
-            if time.monotonic() > deadline:
-                raise Failed(f"instance {vm.identifier} did not reach {wanted!r} within {timeout:g} s")
-            await asyncio.sleep(float(self.settings.get("poll_interval", 5.0)))
+            return True if found and found[0]["State"]["Name"] == wanted else None
+
+        await poll_until(reached, interval=float(self.settings.get("poll_interval", 5.0)),
+                         timeout=timeout, what=f"instance {vm.identifier} reaching {wanted!r}")
 
     async def close(self) -> None:
         for client in self._clients.values():

@@ -7,6 +7,8 @@
   HTTP URLs go through `disks/download.py` instead.
 - `OutputFiles`: the disk files one export wrote, removed again if the export fails
   so that nothing partial is left in the target directory.
+- `poll_until`: the one polling loop for cloud operations (a snapshot, an instance's power
+  state, an image, a build) with its deadline and its message.
 """
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Callable
+import time
+from typing import Awaitable, Callable, TypeVar
 
 from ..errors import Failed, InvalidArgument
 from ..model import ExportSink
+
+T = TypeVar("T")
 
 PRIVATE_FILE_RULE = "a file readable by its owner only (mode 0600 or stricter)"
 
@@ -164,3 +169,18 @@ async def gather_bounded(items: list, fn: Callable, limit: int) -> list:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+async def poll_until(check: Callable[[], Awaitable[T | None]], *, interval: float,
+                     timeout: float, what: str) -> T:
+    """Await `check()` every `interval` s until it returns something other than None, and
+    return that. After `timeout` s: Failed saying "<what> did not happen within <timeout>".
+    `check` raises to end early (an operation that failed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise Failed(f"{what} did not happen within {timeout:g} s")
+        await asyncio.sleep(interval)

@@ -23,7 +23,6 @@ import fnmatch
 import hashlib
 import re
 import secrets
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +33,7 @@ from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, 
 from .base import Provider, require_extra
 from .cleanup import Cleanups, run_to_completion
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
-    private_file_rule, read_private_file
+    poll_until, private_file_rule, read_private_file
 
 SDK_MODULES = ("google.cloud.compute_v1", "google.cloud.storage")
 GIB = 1024 ** 3
@@ -347,20 +346,20 @@ class GcpProvider(Provider):
             raise Failed(f"Cloud Build did not return a build id for the export of {image}")
         created.append(("object", object_name))
         sink.log(f"exporting image {image} to {destination} (Cloud Build {build_id})")
-        deadline = time.monotonic() + timeout
+
+
+        async def done() -> bool | None:
+            build = await self._rest("GET", f"{base}/{build_id}", f"export build {build_id}")
+            status = build.get("status", "")
+            if status in BUILD_DONE_FAILED:
+                detail = build.get("statusDetail") or build.get("failureInfo", {}).get("detail", "")
+                raise Failed(f"exporting image {image} failed: Cloud Build {build_id} "
+                             f"ended {status} {detail}".rstrip())
+            return True if status == BUILD_DONE_OK else None
+
         try:
-            while True:
-                build = await self._rest("GET", f"{base}/{build_id}", f"export build {build_id}")
-                status = build.get("status", "")
-                if status == BUILD_DONE_OK:
-                    return
-                if status in BUILD_DONE_FAILED:
-                    detail = build.get("statusDetail") or build.get("failureInfo", {}).get("detail", "")
-                    raise Failed(f"exporting image {image} failed: Cloud Build {build_id} "
-                                 f"ended {status} {detail}".rstrip())
-                if time.monotonic() > deadline:
-                    raise Failed(f"exporting image {image} did not finish within {timeout:g}s")
-                await asyncio.sleep(self.settings["poll_interval"])
+            await poll_until(done, interval=self.settings["poll_interval"], timeout=timeout,
+                             what=f"exporting image {image}")
         except BaseException:
             await run_to_completion(self._rest("POST", f"{base}/{build_id}:cancel",
                                                f"cancelling build {build_id}", ignore_errors=True))

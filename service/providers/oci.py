@@ -20,7 +20,6 @@ import asyncio
 import datetime as dt
 import fnmatch
 import secrets
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +31,7 @@ from ..disks.ovf_writer import safe_name
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import run_to_completion
-from .common import OutputFiles, check_filter, closest, private_file_rule
+from .common import OutputFiles, check_filter, closest, poll_until, private_file_rule
 
 SDK_MODULES = ("oci",)
 GIB = 1024 ** 3
@@ -351,16 +350,15 @@ class OciProvider(Provider):
 
     async def _wait_image(self, image_id: str, what: str) -> None:
         compute = self._get_clients()["compute"]
-        deadline = time.monotonic() + self.settings["export_timeout"]
-        while True:
+
+        async def available() -> bool | None:
             image = await self._call(what, compute.get_image, image_id)
-            if image.lifecycle_state == "AVAILABLE":
-                return
             if image.lifecycle_state in ("DELETED", "DISABLED"):
                 raise Failed(f"{what} failed: the image is {image.lifecycle_state}")
-            if time.monotonic() > deadline:
-                raise Failed(f"{what} did not finish within {self.settings['export_timeout']:g}s")
-            await asyncio.sleep(self.settings["poll_interval"])
+            return True if image.lifecycle_state == "AVAILABLE" else None
+
+        await poll_until(available, interval=self.settings["poll_interval"],
+                         timeout=self.settings["export_timeout"], what=what)
 
     async def _download(self, vm: VMInfo, boot: DiskInfo, namespace: str, bucket: str,
                         object_name: str, target_dir: Path, options: ExportOptions,
