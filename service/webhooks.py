@@ -294,7 +294,7 @@ class Webhooks:
                     if time.monotonic() - pruned_at >= PRUNE_EVERY:
                         self.prune()
                         pruned_at = time.monotonic()
-                    for row in self._due():
+                    for row in self.due():
                         self._in_flight.add(row["id"])
                         task = asyncio.create_task(self._deliver(session, limit, row))
                         self._tasks.add(task)
@@ -305,7 +305,8 @@ class Webhooks:
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _due(self) -> list:
+    def due(self) -> list:
+        """The outbox rows to deliver now: pending, due, of an enabled webhook, not in flight."""
         rows = self.store.execute(
             "SELECT o.*, w.url, w.headers, w.secret FROM webhook_outbox o JOIN webhooks w"
             " ON w.id = o.webhook_id WHERE o.state='pending' AND w.enabled=1"
