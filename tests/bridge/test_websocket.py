@@ -18,6 +18,7 @@ from hypersdk.client.objects import ObjectEvent
 from hypersdk.http_bridge.websocket import WEBSOCKETS, ClientQueue, WebSocketHub, text_frame
 
 from .conftest import submit_sleep
+from ..support.wait import wait_until
 from .stack import ADMIN_TOKEN, curl
 
 
@@ -106,7 +107,9 @@ async def test_hundred_clients_one_never_reading(bridge, system_bus):
     stalled = stalled_client(bridge.port)
     async with aiohttp.ClientSession(headers=bridge.auth_headers) as session:
         clients = [await session.ws_connect(bridge.url + "/websocket") for _ in range(99)]
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(  # every client, the stalled one too, is the hub's now
+            wait_until, lambda: "hypersdk_bridge_websocket_clients 100" in
+            curl(bridge, "/metrics").body, 20, "the bridge to count 100 clients")
         rss_before = bridge.rss_kib()
         jobs = set(await submit_in_thread(system_bus.address, 40, steps=8, interval=0.05,
                                           step_bytes=4096))
