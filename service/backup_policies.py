@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .cron import Clock, CronSpec, check_timezone
 from .cron_items import CronItems
-from .definitions import check_bool, check_fields, check_name, new_id
+from .definitions import JsonObject, check_fields, check_name, new_id
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from .store import TERMINAL_STATUSES
 
@@ -152,36 +152,29 @@ class BackupPolicies(CronItems[Policy]):
 
     # -- validation and CRUD -----------------------------------------------------------
     def validate(self, definition: Any) -> dict:
-        check_fields(definition, POLICY_FIELDS, ("name",))
-        name = check_name(definition["name"])
-        provider = definition.get("provider")
-        if provider is None and len(self.config.providers) == 1:
-            provider = next(iter(self.config.providers))
-        if not isinstance(provider, str) or not provider:
+        fields = JsonObject(definition, POLICY_FIELDS)
+        name = check_name(fields.text("name"))
+        only = next(iter(self.config.providers)) if len(self.config.providers) == 1 else ""
+        provider = fields.text("provider", only)
+        if not provider:
             raise InvalidArgument("provider", "is required when the config does not define "
                                               "exactly one provider")
-        vm_filter = definition.get("vm_filter") or {}
-        if not isinstance(vm_filter, dict):
-            raise InvalidArgument("vm_filter", "must be a JSON object (tags, datacenter, "
-                                               "folder, name, ...)")
-        schedule = definition.get("schedule") or ""
+        vm_filter = fields.mapping("vm_filter", {})
         tz_name = check_timezone(definition.get("timezone"))
+        schedule = fields.text("schedule", "")
         if schedule:
             schedule = CronSpec.parse(schedule, tz_name, field="schedule").expression
-        export_path = definition.get("export_path") or ""
-        if not isinstance(export_path, str) or (export_path and not export_path.startswith("/")):
+        export_path = fields.text("export_path", "")
+        if export_path and not export_path.startswith("/"):
             raise InvalidArgument("export_path", "must be an absolute directory path")
-        description = definition.get("description", "")
-        if not isinstance(description, str):
-            raise InvalidArgument("description", "must be a string")
         data = {"name": name, "provider": provider, "vm_filter": vm_filter,
                 "schedule": schedule, "timezone": tz_name,
                 "retention": _check_retention(definition.get("retention")),
-                "export_path": export_path, "description": description}
+                "export_path": export_path, "description": fields.text("description", "")}
         root = self._root(data)
         data["export_options"] = self._check_export_options(definition.get("export_options"),
                                                             provider, root)
-        check_bool(definition.get("enabled", True), "enabled")
+        fields.flag("enabled", True)
         return data
 
     def _check_export_options(self, options: Any, provider: str, root: Path) -> dict:
