@@ -67,7 +67,7 @@ def test_the_import_job_takes_both(config_for, tmp_path):
                                         "verify_boot": {"expect": "ok"}}, submit)
     assert definition["guest_conversion"] is True
     assert definition["verify_boot"] == {"timeout": DEFAULT_TIMEOUT, "expect": "ok"}
-    with pytest.raises(InvalidArgument, match="^guest_conversion: a true or false$"):
+    with pytest.raises(InvalidArgument, match="^guest_conversion: true or false$"):
         ImportKind().validate({**body, "guest_conversion": "yes"}, submit)
     with pytest.raises(InvalidArgument, match=r"^verify_boot\.timeout: a duration"):
         ImportKind().validate({**body, "verify_boot": {"timeout": -1}}, submit)
