@@ -282,12 +282,13 @@ class ServiceObjects:
 
     def _emit_differences(self, before: Objects) -> None:
         """Tell listeners what changed while hypervisord or the bus was away."""
+        if not before:
+            return  # the first snapshot: nothing was told before it
         for path, ifaces in self.objects.items():
             for interface, props in ifaces.items():
                 old = before.get(path, {}).get(interface)
                 if old is None:
-                    if before:
-                        self._emit(ObjectEvent("added", path, interface))
+                    self._emit(ObjectEvent("added", path, interface))
                     continue
                 changed = {name: value for name, value in props.items()
                            if old.get(name) != value}

@@ -65,52 +65,39 @@ class JsonObject:
         self.data = check_fields(value, known, (), prefix)
         self.prefix = prefix
 
-    def _value(self, key: str, default: Any) -> Any:
+    def _typed(self, key: str, default: Any, kind: type, rule: str) -> Any:
+        """The field's value if it is a `kind` (a bool is no integer), `default` when it is
+        absent or null; InvalidArgument(field, rule) otherwise."""
         value = self.data.get(key)
-        if value is None and default is REQUIRED:
-            raise InvalidArgument(self.prefix + key, "required")
+        if value is None:
+            if default is REQUIRED:
+                raise InvalidArgument(self.prefix + key, "required")
+            return default
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise InvalidArgument(self.prefix + key, rule)
         return value
 
-    def _wrong(self, key: str, rule: str) -> InvalidArgument:
-        return InvalidArgument(self.prefix + key, rule)
-
     def text(self, key: str, default: Any = REQUIRED, choices: Iterable[str] = ()) -> str:
-        value = self._value(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self._wrong(key, "a string")
+        value = self._typed(key, default, str, "a string")
         choices = tuple(choices)
         if choices and value not in choices:
-            raise self._wrong(key, "one of " + ", ".join(c for c in choices if c))
+            raise InvalidArgument(self.prefix + key, "one of " + ", ".join(c for c in choices if c))
         return value
 
     def integer(self, key: str, default: Any = REQUIRED, minimum: int | None = None,
                 maximum: int | None = None) -> int:
-        value = self._value(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self._wrong(key, "an integer")
+        value = self._typed(key, default, int, "an integer")
+        if self.data.get(key) is None:
+            return value  # the default, as the caller chose it
         if minimum is not None and value < minimum:
-            raise self._wrong(key, f"an integer >= {minimum}")
+            raise InvalidArgument(self.prefix + key, f"an integer >= {minimum}")
         if maximum is not None and value > maximum:
-            raise self._wrong(key, f"an integer from {minimum} to {maximum}"
-                              if minimum is not None else f"an integer <= {maximum}")
+            raise InvalidArgument(self.prefix + key, f"an integer from {minimum} to {maximum}"
+                                  if minimum is not None else f"an integer <= {maximum}")
         return value
 
     def flag(self, key: str, default: Any = REQUIRED) -> bool:
-        value = self._value(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._wrong(key, "true or false")
-        return value
+        return self._typed(key, default, bool, "true or false")
 
     def mapping(self, key: str, default: Any = REQUIRED) -> dict:
-        value = self._value(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, dict):
-            raise self._wrong(key, "must be a JSON object")
-        return value
+        return self._typed(key, default, dict, "must be a JSON object")
