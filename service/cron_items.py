@@ -40,6 +40,10 @@ class CronItem(Protocol):
     @property
     def cron(self) -> CronSpec | None: ...
 
+    @property
+    def next_run(self) -> float | None:  # the next slot, None while disabled
+        ...
+
 
 Item = TypeVar("Item", bound=CronItem)
 
@@ -130,6 +134,5 @@ class CronItems(ABC, Generic[Item]):
         self._changed(item.id)
 
     def next_due(self) -> float | None:
-        slots = [item.cron.next_after(item.last_slot) for item in self.list()
-                 if item.enabled and item.cron is not None]
-        return min(slots, default=None)
+        slots = [item.next_run for item in self.list()]
+        return min((slot for slot in slots if slot is not None), default=None)
