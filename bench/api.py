@@ -161,7 +161,8 @@ def main() -> None:
         return
 
     from tests.bridge.conftest import submit_sleep
-    from tests.bridge.stack import Bridge, free_port
+    from tests.bridge.stack import ANY_PORT, Bridge
+    from tests.support.servers import start_on_any_port
     from tests.support.hypervisord import Hypervisord, write_config
     from tests.support.system import PrivateSystemBus, start_polkitd, stop_process
 
@@ -169,14 +170,13 @@ def main() -> None:
     work.chmod(0o755)
     bus = PrivateSystemBus.start(work / "bus")
     polkitd = start_polkitd(bus, work / "polkit")
-    port, hello_port = free_port(), free_port()
-    config = write_config(work, daemon={"address": f"127.0.0.1:{port}", "log_level": "warning",
+    config = write_config(work, daemon={"address": ANY_PORT, "log_level": "warning",
                                         "workers": args.jobs + 2},
                           api={"auth": "none"})  # the bridge's own cost, without token checks
     daemon = Hypervisord(config, bus.address)
-    bridge = Bridge(config, bus.address, port)
-    hello = subprocess.Popen([sys.executable, __file__, "--role", "hello", "--port",
-                              str(hello_port)])
+    bridge = Bridge(config, bus.address)
+    hello, hello_port = start_on_any_port([sys.executable, __file__, "--role", "hello",
+                                           "--port", "0"], "the hello server")
     try:
         daemon.start()
         bridge.start()

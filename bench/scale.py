@@ -170,8 +170,8 @@ async def measure_rest(url: str, count: int, repeat: int) -> None:
 
         _, health = await timed("/health")
         print(f"REST GET /health: {health * 1000:.2f} ms (baseline)")
-        for path in ("/jobs", f"/jobs?offset={count - 100}", "/jobs?limit=1000",
-                     f"/jobs?limit=1000&offset={count - 1000}", "/jobs?status=failed&limit=1000",
+        for path in ("/jobs", f"/jobs?offset={max(0, count - 100)}", "/jobs?limit=1000",
+                     f"/jobs?limit=1000&offset={max(0, count - 1000)}", "/jobs?status=failed&limit=1000",
                      "/jobs/query?job_id=job-000000000001"):
             body, seconds = await timed(path)
             listed = (f"{len(body['jobs'])} of {body['total']} jobs" if "jobs" in body
@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
 
-    from tests.bridge.stack import Bridge, free_port
+    from tests.bridge.stack import ANY_PORT, Bridge
     from tests.support.hypervisord import Hypervisord, write_config
     from tests.support.system import PrivateSystemBus, start_polkitd, stop_process
 
@@ -207,8 +207,7 @@ def main() -> None:
     work.chmod(0o755)
     bus = PrivateSystemBus.start(work / "bus")
     polkitd = start_polkitd(bus, work / "polkit")
-    port = free_port()
-    settings = {"daemon": {"address": f"127.0.0.1:{port}", "log_level": "warning",
+    settings = {"daemon": {"address": ANY_PORT, "log_level": "warning",
                            "finished_job_linger": f"{LINGER:g}s"},
                 "database": {"path": str(work / "state" / "hypersdk.db"),
                              "retention_count": 0, "retention_age": 0},
@@ -234,7 +233,7 @@ def main() -> None:
               f"{empty_start:.2f} s with none ({full_start / empty_start:.2f}x)")
         asyncio.run(measure_dbus(bus.address, args.jobs, args.repeat))
 
-        bridge = Bridge(daemon.config_path, bus.address, port)
+        bridge = Bridge(daemon.config_path, bus.address)
         started = time.monotonic()
         bridge.start()
         print(f"bridge start to healthy: {time.monotonic() - started:.2f} s")

@@ -175,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypersdk-bridge: daemon.address: cannot listen on {config.daemon.address} "
               f"({exc.strerror or exc})", file=sys.stderr)
         return 1
-    log.info("listening on %s", shown_address(sock, "https" if ssl_context else "http"))
+    # always said, whatever the log level: tools and tests started on port 0 read it
+    scheme = "https" if ssl_context else "http"
+    print(f"hypersdk-bridge: listening on {shown_address(sock, scheme)}", file=sys.stderr,
+          flush=True)
     try:
         web.run_app(app, sock=sock, ssl_context=ssl_context, print=None,
                     access_log_class=AccessLogger, shutdown_timeout=SHUTDOWN_TIMEOUT,
