@@ -88,6 +88,11 @@ MAIN_SCHEMA: Schema = {
         "max_retries": Field("int", 3, minimum=0),
         "concurrent_exports": Field("int", 2, minimum=1),
         "parallel_disks": Field("int", 2, minimum=1),
+        # how often a download records a verified checkpoint (0: never; an interrupted
+        # download then starts again from byte 0), and whether jobs interrupted by a
+        # crash with checkpointed downloads are retried, resuming, at start
+        "checkpoint_interval": Field("size", 64 * 1024 * 1024, minimum=0),
+        "resume_on_start": Field("bool", False),
     },
     "database": {
         "path": Field("str", "/var/lib/hypervisord/hypersdk.db", check=_absolute_path_rule),

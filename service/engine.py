@@ -3,10 +3,12 @@
 Jobs are rows in the store first and tasks second, so nothing is lost on a crash.
 Recovery rule at start (documented in the README): a job found `running` was
 interrupted by a crash or kill; it is marked `failed` with the reason
-"interrupted: ..." (its partial output cannot be trusted, and re-running an export
-silently could shut a VM down twice) and the user may retry it. `pending` jobs are
-queued again. On SIGTERM the engine stops taking work, cancels running jobs (their
-partial files are removed) and marks them failed "interrupted by service shutdown".
+"interrupted: ..." (re-running an export silently could shut a VM down twice) and the
+user may retry it; what it made is removed, except downloads with verified checkpoints,
+which its retry resumes (job_output.py; `export.resume_on_start` retries such jobs at
+once). `pending` jobs are queued again. On SIGTERM the engine stops taking work,
+cancels running jobs (their partial files are removed or kept for a resume alike) and
+marks them failed "interrupted by service shutdown; ...".
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from .errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
 from .job_kinds import JobKind, get_kind, kind_names
 from .progress import ProgressSnapshot, ProgressTracker, done_fraction
 from .providers.registry import ProviderRegistry
-from .staging import JobStagings, OwnedPath, Staging, remove_owned
+from .job_output import JobOutput, remove_leftovers
+from .staging import Staging
 from .store import JobRecord, LogLine, Store
 
 log = logging.getLogger(__name__)
@@ -51,25 +54,6 @@ class JobEvent:
 Listener = Callable[[JobEvent], None]
 
 
-@dataclass(frozen=True)
-class StoreJournal:
-    """staging.Journal for a job: what it makes is in the store before the thing itself
-    exists, so a restart after a crash can remove it (JobEngine.recover)."""
-
-    store: Store
-    job_id: str
-
-    def record(self, owned: OwnedPath) -> None:
-        self.store.record_owned(self.job_id, owned)
-
-    def forget(self, owned: OwnedPath) -> None:
-        try:
-            self.store.forget_owned(self.job_id, owned)
-        except sqlite3.Error as exc:  # the path is gone already; recovery finds nothing
-            log.warning("job %s: could not forget %s in the store: %s", self.job_id,
-                        owned.relative, exc)
-
-
 class RunningJob:
     """The JobContext a kind sees while it runs."""
 
@@ -84,7 +68,9 @@ class RunningJob:
         self.tracker = ProgressTracker()
         self.task: asyncio.Task | None = None
         self.cancel_reason = ""
-        self._stagings = JobStagings()
+        self.output = JobOutput(engine.store, record.id, engine.config.export.checkpoint_interval,
+                                self.log)
+        self.checkpoints = self.output.checkpoints
         self._last_save = 0.0
 
     # -- JobContext ------------------------------------------------------------------
@@ -120,8 +106,7 @@ class RunningJob:
         self._progress_changed()
 
     def staging(self, dest: OpenDir) -> Staging:
-        return self._stagings.create(dest, self.job_id,
-                                     StoreJournal(self.engine.store, self.job_id))
+        return self.output.staging(dest)
 
     # -- engine side -----------------------------------------------------------------
     def _progress_changed(self) -> None:
@@ -135,14 +120,6 @@ class RunningJob:
             self.engine.store.save_progress(record)
         self.engine.notify(JobEvent("progress", record))
 
-    def remove_partial_output(self) -> None:
-        """The job (or this attempt) failed: remove everything it made."""
-        for problem in self._stagings.discard():
-            self.log(problem, "warning")
-
-    def keep_output(self) -> None:
-        """The job completed: what landed stays, the staging directories go."""
-        self._stagings.keep()
 
 
 class JobEngine:
@@ -171,43 +148,38 @@ class JobEngine:
 
     # -- lifecycle -------------------------------------------------------------------
     def recover(self) -> list[JobRecord]:
-        """Mark interrupted work failed, remove what it made, and return the pending jobs."""
+        """Mark interrupted work failed, remove what it made but downloads worth resuming
+        (job_output.py), and return the interrupted jobs that kept some."""
+        resumable = []
         for job in self.store.list_jobs(status="running", limit=1_000_000):
-            left = self._remove_leftovers(job.id)
+            left, kept = remove_leftovers(self.store, job.id, keep_resumable=True,
+                                          when="after the restart")
             job.status = "failed"
             job.finished_at = time.time()
             job.error = ("interrupted: hypervisord stopped while the job was running; "
-                         + ("its partial output was removed" if not left else
-                            f"{len(left)} of its files could not be removed (see its log)")
-                         + " (retry the job)")
+                         + _what_was_left(left, kept))
             self.store.set_status(job, reason="recovered after restart")
             self.store.append_log(job.id, time.time(), "error", job.error)
             # the name is owned by now: a client that already read the job as running
             # (the bridge's mirror, a console) must hear that it is not
             self.notify(JobEvent("status", job))
-        return self.store.list_jobs(status="pending", limit=1_000_000)
-
-    def _remove_leftovers(self, job_id: str) -> list[str]:
-        """Remove what an interrupted job had made (newest first); log each step."""
-        problems = []
-        for owned in reversed(self.store.owned_paths(job_id)):
-            problem = remove_owned(owned)
-            if problem:
-                problems.append(problem)
-                self.store.append_log(job_id, time.time(), "warning", problem)
-            else:
-                self.store.append_log(job_id, time.time(), "info",
-                                      f"after the restart: removed {owned.kind} {owned.shown}")
-            self.store.forget_owned(job_id, owned)
-        return problems
+            if kept:
+                resumable.append(job)
+        return resumable
 
     async def start(self) -> None:
-        for job in self.recover():
+        resumable = self.recover()
+        for job in self.store.list_jobs(status="pending", limit=1_000_000):
             self._queue.put_nowait(job.id)
         self.prune()
         self._accepting = True
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
                          for i in range(self.config.daemon.workers)]
+        if self.config.export.resume_on_start:
+            for job in resumable:
+                retried = self.retry(job.id, job.started_by_uid, job.requested_by)
+                self.append_log(job, f"resumed at start as job {retried.id} "
+                                     "(export.resume_on_start)")
 
     async def shutdown(self) -> None:
         """Stop taking work, interrupt running jobs, and wait for the workers."""
@@ -283,8 +255,12 @@ class JobEngine:
         if job.status not in ("failed", "cancelled"):
             raise InvalidArgument("job", f"only failed or cancelled jobs can be retried; "
                                   f"{job_id} is {job.status}")
-        return self.submit(job.kind, job.definition, uid, retry_of=job.id,
-                           requested_by=requested_by)
+        retried = self.submit(job.kind, job.definition, uid, retry_of=job.id,
+                              requested_by=requested_by)
+        # before the new job can run (submit only queued it): what the old one kept
+        # for a resume is the new one's now
+        self.store.hand_over(job.id, retried.id)
+        return retried
 
     def append_log(self, job: JobRecord, message: str, level: str = "info") -> None:
         level = level if level in LOG_LEVELS else "info"
@@ -319,6 +295,9 @@ class JobEngine:
         settings = self.config.database
         cutoff = time.time() - settings.retention_age if settings.retention_age else 0
         try:
+            for job_id in self.store.past_retention_holding_paths(settings.retention_count,
+                                                                  cutoff):
+                remove_leftovers(self.store, job_id, keep_resumable=False, when="pruned")
             removed = self.store.prune_finished(settings.retention_count, cutoff)
         except sqlite3.Error as exc:
             log.warning("could not prune finished jobs: %s", exc)
@@ -391,23 +370,24 @@ class JobEngine:
         try:
             result = await running.task
         except asyncio.CancelledError:
-            running.remove_partial_output()
             if running.cancel_reason == "user":
+                running.output.discard()
                 self._finish(job, "cancelled", error="cancelled by the user")
             else:
-                self._finish(job, "failed", error="interrupted by service shutdown",
-                             reason="shutdown")
+                kept = running.output.suspend()
+                self._finish(job, "failed", error="interrupted by service shutdown; "
+                             + _what_was_left([], kept), reason="shutdown")
             if not running.task.cancelled():
                 raise  # the worker itself is being cancelled
         except HyperSDKError as exc:
-            running.remove_partial_output()
+            running.output.discard()
             self._finish(job, "failed", error=exc.message)
         except Exception as exc:  # a bug or a broken store: the journal gets the traceback
             log.exception("job %s failed unexpectedly", job.id)
-            running.remove_partial_output()
+            running.output.discard()
             self._finish(job, "failed", error=_internal_error(exc))
         else:
-            running.keep_output()
+            running.output.keep()
             self._finish(job, "completed", result=result)
         finally:
             self._running.pop(job.id, None)
@@ -424,9 +404,19 @@ class JobEngine:
                 delay = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE ** attempt)
                 running.log(f"attempt {attempt + 1} failed: {exc.message}; retrying in "
                             f"{delay:g}s", "warning")
-                running.remove_partial_output()
+                running.output.discard()
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _what_was_left(problems: list[str], kept: int) -> str:
+    """The end of an interrupted job's error: what became of what it had made."""
+    if problems:
+        return f"{len(problems)} of its files could not be removed (see its log) (retry the job)"
+    if kept:
+        return (f"its finished files were removed; {kept} verified bytes of its downloads "
+                "are kept, and retrying the job resumes after them")
+    return "its partial output was removed (retry the job)"
 
 
 def _internal_error(exc: Exception) -> str:

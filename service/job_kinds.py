@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 if TYPE_CHECKING:
     from .config import Config
     from .confine import OpenDir
+    from .model import DownloadCheckpoints
     from .staging import Staging
     from .providers.registry import ProviderRegistry
 
@@ -29,6 +30,7 @@ class JobContext(Protocol):
     config: "Config"
     providers: "ProviderRegistry"
     attempt: int  # 1 for the first run, 2 for the first retry, ...
+    checkpoints: "DownloadCheckpoints"  # where downloads record how far they got
 
     def log(self, message: str, level: str = "info") -> None: ...
     def set_stage(self, stage: str) -> None: ...

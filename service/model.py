@@ -81,6 +81,8 @@ class ExportOptions:
     extra: dict[str, Any] = field(default_factory=dict)  # provider-specific options
     # takes disks while they download (jobs/overlap.py); a provider may ignore it
     stream_consumer: "StreamConsumer | None" = None
+    # where downloads record how far they got, so a retry resumes (disks/resume.py)
+    checkpoints: "DownloadCheckpoints | None" = None
 
 
 class DiskFeed(Protocol):
@@ -96,6 +98,40 @@ class StreamConsumer(Protocol):
     downloads whole into one file: `begin(disk, target)`, then the feed's calls."""
 
     def begin(self, disk: DiskInfo, target: Path) -> DiskFeed: ...
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """`offset` bytes of a download were on disk (fdatasync'd) and hashed to `sha256`
+    (of the bytes [0, offset)); `final`: the download was complete at that point."""
+
+    offset: int
+    sha256: str
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class SavedDownload:
+    """What an interrupted job left of one download: its file in the job's staging
+    directory (`temp_name` while incomplete), the server's validator of the file (a
+    strong ETag or its Last-Modified date: a resume asks for the rest only if the file
+    is unchanged, with If-Range) and its checkpoints, oldest first."""
+
+    temp_name: str
+    validator: str
+    checkpoints: list[Checkpoint]
+
+
+class DownloadCheckpoints(Protocol):
+    """Where downloads into one job's staging directory keep their checkpoints (the
+    store, for a real job), by the name of the file they download to."""
+
+    interval: int  # bytes between checkpoints
+
+    def saved(self, target_name: str) -> SavedDownload | None: ...
+    def save(self, target_name: str, temp_name: str, validator: str,
+             point: Checkpoint) -> None: ...
+    def clear(self, target_name: str) -> None: ...
 
 
 class ExportSink(Protocol):

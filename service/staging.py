@@ -97,6 +97,26 @@ class Staging:
         journal.record(owned)
         return cls(dest, fd, owned, created, journal)
 
+    @classmethod
+    def adopt(cls, dest: OpenDir, owned: OwnedPath, created: list[OwnedPath],
+              journal: Journal, keep: set[str]) -> "Staging":
+        """Take over the staging directory that an interrupted run of the job kept in
+        `dest` for a resume (its records handed over to this job): it must still be the
+        very directory that run made, root's and private. Everything in it but the files
+        named in `keep` (downloads to resume) goes."""
+        fd = os.open(posixpath.basename(owned.relative),
+                     os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dest.fd)
+        st = os.fstat(fd)
+        if ((st.st_dev, st.st_ino) != (owned.dev, owned.ino) or st.st_uid != os.geteuid()
+                or stat.S_IMODE(st.st_mode) & 0o077):
+            os.close(fd)
+            raise Failed(f"{owned.shown}: no longer the staging directory the job made")
+        for entry in os.listdir(fd):
+            if entry not in keep:
+                _remove_entry(fd, entry)
+        return cls(dest, fd, owned, created, journal)
+
     @property
     def path(self) -> Path:
         """The staging directory, by a path through its fd (usable by child processes
@@ -179,6 +199,21 @@ class Staging:
         self._close()
         return problems
 
+    def suspend(self) -> list[str]:
+        """The job was interrupted with downloads worth resuming: remove what landed
+        (an incomplete set must not look complete), keep the staging directory and the
+        records of it and of the directories made for it, for a retry to adopt. Returns
+        what could not be removed."""
+        problems = []
+        for owned in reversed(self.landed):
+            problem = remove_owned(owned)
+            if problem:
+                problems.append(problem)
+            self._journal.forget(owned)
+        self.landed = []
+        self._close()
+        return problems
+
     def _clear(self) -> None:
         """Empty the staging directory through its fd (wherever it has been moved)."""
         if self.fd < 0:
@@ -205,8 +240,20 @@ class JobStagings:
         self._stagings.append(staging)
         return staging
 
+    def adopt(self, dest: OpenDir, owned: OwnedPath, created: list[OwnedPath],
+              journal: Journal, keep: set[str]) -> Staging:
+        staging = Staging.adopt(dest, owned, created, journal, keep)
+        self._stagings.append(staging)
+        return staging
+
     def __len__(self) -> int:
         return len(self._stagings)
+
+    def suspend(self) -> list[str]:
+        problems = [problem for staging in reversed(self._stagings)
+                    for problem in staging.suspend()]
+        self._stagings.clear()
+        return problems
 
     def keep(self) -> None:
         for staging in self._stagings:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import Failed, NotFound
+from .model import Checkpoint, SavedDownload
 from .staging import OwnedPath
 
 MIGRATIONS: list[str] = [
@@ -158,6 +159,22 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX jobs_created ON jobs(created_at);
     """,
+    # 5: how far each download of a job got, so a retry after a crash resumes it
+    # (disks/resume.py); finished_at indexed for pruning by age and count
+    """
+    CREATE TABLE download_checkpoints (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        temp TEXT NOT NULL,
+        validator TEXT NOT NULL,
+        offset INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        final INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX download_checkpoints_job ON download_checkpoints(job_id, target, offset);
+    CREATE INDEX jobs_finished ON jobs(finished_at);
+    """,
 ]
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -196,6 +213,23 @@ class LogLine:
     time: float
     level: str
     message: str
+
+
+def _past_retention(keep: int, finished_before: float) -> tuple[str, list]:
+    """The WHERE clause of finished jobs beyond the newest `keep` (0: no count limit) or
+    finished before `finished_before` (0: no age limit) that no backup points at."""
+    conditions, params = [], []
+    if keep:
+        conditions.append("id NOT IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL"
+                          " ORDER BY finished_at DESC LIMIT ?)")
+        params.append(keep)
+    if finished_before:
+        conditions.append("finished_at < ?")
+        params.append(finished_before)
+    if not conditions:
+        return "", []
+    return (f"status IN ('completed', 'failed', 'cancelled') AND ({' OR '.join(conditions)})"
+            " AND id NOT IN (SELECT job_id FROM backups WHERE state != 'deleted')"), params
 
 
 def _row_to_job(row: sqlite3.Row) -> JobRecord:
@@ -305,25 +339,25 @@ class Store:
         """Delete finished jobs beyond the newest `keep` (0: no count limit) or finished
         before `finished_before` (0: no age limit), with their logs and history. Jobs a
         backup record still points at, or with paths on disk recorded as theirs
-        (job_paths: what could not be removed), stay. Returns the deleted jobs."""
-        conditions, params = [], []
-        if keep:
-            conditions.append("id NOT IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL"
-                              " ORDER BY finished_at DESC LIMIT ?)")
-            params.append(keep)
-        if finished_before:
-            conditions.append("finished_at < ?")
-            params.append(finished_before)
-        if not conditions:
+        (job_paths: data kept for a resume), stay. Returns the deleted jobs."""
+        where, params = _past_retention(keep, finished_before)
+        if not where:
             return []
-        where = (f"status IN ('completed', 'failed', 'cancelled') AND ({' OR '.join(conditions)})"
-                 " AND id NOT IN (SELECT job_id FROM backups WHERE state != 'deleted')"
-                 " AND id NOT IN (SELECT job_id FROM job_paths)")
+        where += " AND id NOT IN (SELECT job_id FROM job_paths)"
         with self.transaction() as db:
             jobs = [_row_to_job(row) for row in
                     db.execute(f"SELECT * FROM jobs WHERE {where}", params)]
             db.executemany("DELETE FROM jobs WHERE id = ?", [(job.id,) for job in jobs])
         return jobs
+
+    def past_retention_holding_paths(self, keep: int, finished_before: float) -> list[str]:
+        """The finished jobs prune_finished would delete but for their job_paths."""
+        where, params = _past_retention(keep, finished_before)
+        if not where:
+            return []
+        return [row[0] for row in self._db.execute(
+            f"SELECT id FROM jobs WHERE {where} AND id IN (SELECT job_id FROM job_paths)",
+            params)]
 
     def set_status(self, job: JobRecord, reason: str = "") -> None:
         """Persist the status and the fields that change with it, plus a history row."""
@@ -367,6 +401,51 @@ class Store:
             "DELETE FROM job_paths WHERE job_id=? AND kind=? AND root=? AND relative=?"
             " AND dev=? AND ino=?",
             (job_id, owned.kind, owned.root, owned.relative, owned.dev, owned.ino))
+
+    def hand_over(self, from_job: str, to_job: str) -> None:
+        """What `from_job` kept for a resume (its paths and checkpoints) becomes `to_job`'s."""
+        with self.transaction() as db:
+            for table in ("job_paths", "download_checkpoints"):
+                db.execute(f"UPDATE {table} SET job_id=? WHERE job_id=?", (to_job, from_job))
+
+    # -- download checkpoints (disks/resume.py) --------------------------------------------
+    def save_checkpoint(self, job_id: str, target: str, temp: str, validator: str,
+                        point: Checkpoint) -> None:
+        self._db.execute(
+            "INSERT INTO download_checkpoints (job_id, target, temp, validator, offset, sha256,"
+            " final) VALUES (?,?,?,?,?,?,?)", (job_id, target, temp, validator, point.offset,
+                                               point.sha256, int(point.final)))
+
+    def saved_download(self, job_id: str, target: str) -> SavedDownload | None:
+        rows = self._db.execute(
+            "SELECT temp, validator, offset, sha256, final FROM download_checkpoints"
+            " WHERE job_id=? AND target=? ORDER BY offset, id", (job_id, target)).fetchall()
+        if not rows:
+            return None
+        return SavedDownload(rows[-1]["temp"], rows[-1]["validator"],
+                             [Checkpoint(row["offset"], row["sha256"], bool(row["final"]))
+                              for row in rows])
+
+    def clear_checkpoints(self, job_id: str, target: str | None = None) -> None:
+        """Forget the job's checkpoints of `target` (None: of every download)."""
+        if target is None:
+            self._db.execute("DELETE FROM download_checkpoints WHERE job_id=?", (job_id,))
+        else:
+            self._db.execute("DELETE FROM download_checkpoints WHERE job_id=? AND target=?",
+                             (job_id, target))
+
+    def checkpoint_names(self, job_id: str) -> set[str]:
+        """The files the job's checkpoints are about (final and temporary names)."""
+        return {name for row in self._db.execute(
+            "SELECT DISTINCT target, temp FROM download_checkpoints WHERE job_id=?", (job_id,))
+            for name in row}
+
+    def resumable_bytes(self, job_id: str) -> int:
+        """Bytes of the job's downloads verified by checkpoints (0: nothing to resume)."""
+        row = self._db.execute(
+            "SELECT SUM(best) FROM (SELECT MAX(offset) AS best FROM download_checkpoints"
+            " WHERE job_id=? GROUP BY target)", (job_id,)).fetchone()
+        return int(row[0] or 0)
 
     def owned_paths(self, job_id: str) -> list[OwnedPath]:
         """What the job made and has not yet kept or removed, in the order it was made."""

@@ -7,7 +7,10 @@ writes them on two threads of its own while the next one fills. A dropped
 connection is resumed with an HTTP `Range` request from the first byte not yet
 received, up to `max_retries` times. The file appears under its final name only
 when complete and of the expected size; on failure or cancellation the temporary
-file is removed.
+file is removed — unless the download keeps checkpoints for a later resume
+(`checkpoints`, resume.py): then the file stays for its job to keep or discard, and a
+download of the same name in a later run re-checks it and continues after its last
+verified checkpoint.
 
 The transfer runs in a thread of its own with the standard library's blocking
 HTTP client, which reads the body with `readinto` into the writer's buffer, no
@@ -34,10 +37,12 @@ from typing import Callable
 from urllib.parse import SplitResult, quote, urljoin, urlsplit, urlunsplit
 
 from ..errors import Cancelled, Failed, NotFound
+from ..model import Checkpoint, DownloadCheckpoints, SavedDownload
 from ..redact import redact_url
 from ..direct_io import DirectFile
 from ..files import temp_path_for
 from .disk_writer import HashingDiskWriter, WriteFailed
+from .resume import ResumePoint, verify
 from .threads import run_in_own_thread
 
 Log = Callable[..., None]
@@ -45,6 +50,7 @@ Log = Callable[..., None]
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_UNSATISFIED_RANGE_RE = re.compile(r"^bytes \*/(\d+)$")
 _PRIVATE_HEADERS = ("cookie", "authorization")
 
 
@@ -83,8 +89,10 @@ class _Transfer:
     def __init__(self, url: str, writer: HashingDiskWriter, *, shown: str,
                  expected_size: int | None, max_retries: int, log: Log,
                  on_restart: Callable[[int], None], headers: dict | None,
-                 ssl: ssl_module.SSLContext | None, read_timeout: float) -> None:
+                 ssl: ssl_module.SSLContext | None, read_timeout: float,
+                 validator: str = "") -> None:
         self.url, self.writer, self.shown = url, writer, shown
+        self.validator = validator  # of the file being fetched (SavedDownload)
         self.expected_size, self.max_retries = expected_size, max_retries
         self.log, self.on_restart = log, on_restart
         self.headers = dict(headers or {})
@@ -104,7 +112,7 @@ class _Transfer:
 
     def run(self) -> None:
         drops = 0
-        while True:
+        while not self._have_all():
             try:
                 self._attempt()
                 return
@@ -124,14 +132,24 @@ class _Transfer:
             finally:
                 self._close()
 
+    def _have_all(self) -> bool:
+        """A resumed download may have every byte already (it ended before its last
+        checkpoint was recorded)."""
+        return self.expected_size is not None and self.writer.received >= self.expected_size
+
     def _attempt(self) -> None:
         offset = self.writer.received
         try:
             response = self._request(offset)
+            if response is None:
+                return  # a resume at the end: nothing more to fetch
             if offset and not _resumed(response, offset, self.shown):
-                self.log(f"download {self.shown}: the server ignored the Range request; "
-                         f"starting again from byte 0")
+                self.log(f"download {self.shown}: the server sent the whole file again "
+                         "(it ignores Range, or the file changed); starting again from "
+                         "byte 0", "warning")
                 self.on_restart(self.writer.restart())
+            if response.status == 200:
+                self.validator = _validator_of(response)
             self._receive(response)
         except ssl_module.SSLCertVerificationError as exc:
             raise Failed(f"download {self.shown}: the server's certificate is not trusted "
@@ -139,14 +157,20 @@ class _Transfer:
         except (OSError, http.client.HTTPException) as exc:
             raise _Dropped(_describe(exc)) from None
 
-    def _request(self, offset: int) -> http.client.HTTPResponse:
-        """GET from `offset`, following redirects; the response of a 200 or 206."""
+    def _request(self, offset: int) -> http.client.HTTPResponse | None:
+        """GET from `offset`, following redirects; the response of a 200 or 206, or None
+        when the file on the server, of a size not known beforehand, ends exactly at
+        `offset` (a resume at its end)."""
         url, headers = self.url, dict(self.headers)
         if offset:
             headers["Range"] = f"bytes={offset}-"
+            if self.validator:  # the rest only if the file is the one begun; else all
+                headers["If-Range"] = self.validator
         for _ in range(MAX_REDIRECTS + 1):
             response = self._get(url, headers)
             location = response.getheader("Location")
+            if offset and self.expected_size is None and _ends_at(response, offset):
+                return None
             if response.status not in _REDIRECTS or not location:
                 _check_status(response.status, response.reason, self.shown, offset)
                 return response
@@ -217,6 +241,21 @@ def _check_status(status: int, reason: str, shown: str, offset: int) -> None:
         raise _Dropped(f"HTTP {status} {reason}".strip())
 
 
+def _validator_of(response: http.client.HTTPResponse) -> str:
+    """What identifies this version of the file for If-Range: a strong ETag, else the
+    Last-Modified date ("" if the server gives neither)."""
+    etag = response.getheader("ETag", "")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.getheader("Last-Modified", "")
+
+
+def _ends_at(response: http.client.HTTPResponse, offset: int) -> bool:
+    """A 416 whose Content-Range says the file is `offset` bytes long."""
+    match = _UNSATISFIED_RANGE_RE.match(response.getheader("Content-Range", ""))
+    return response.status == 416 and match is not None and int(match.group(1)) == offset
+
+
 def _resumed(response: http.client.HTTPResponse, offset: int, shown: str) -> bool:
     """Whether the body continues at `offset` (a 206) rather than starting over (a 200)."""
     if response.status == 200:
@@ -241,33 +280,48 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
                    max_retries: int, on_bytes: Callable[[int], None], log: Log,
                    headers: dict | None = None, ssl: ssl_module.SSLContext | None = None,
                    read_timeout: float = 60.0, shown: str | None = None,
-                   on_temp: Callable[[Path], None] | None = None) -> DownloadResult:
+                   on_temp: Callable[[Path], None] | None = None,
+                   checkpoints: DownloadCheckpoints | None = None) -> DownloadResult:
     """Download `url` to `target`; see the module docstring for the guarantees.
 
     `log(message)` or `log(message, level)` receives progress lines (URLs redacted by
     redact_url). `on_bytes(n)` is called as data lands in the file (n < 0 if a
     server that ignores Range forced a restart). `ssl` verifies https (None: the
     system's trust store). Raises Failed or NotFound with a message naming the file;
-    the temporary file is gone afterwards.
+    the temporary file is gone afterwards unless `checkpoints` keeps it for a resume.
     """
     target = Path(target)
     shown = shown or redact_url(url)  # callers whose URL path is a secret name it themselves
-    temp = temp_path_for(target)
     loop = asyncio.get_running_loop()
 
     def post(fn: Callable[..., None]) -> Callable[..., None]:
         return lambda *args: loop.call_soon_threadsafe(fn, *args)
 
-    out = await asyncio.to_thread(DirectFile, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                                  0o666)
+    temp, out, start, validator = await _open_output(target, checkpoints, shown, log)
     try:
         if on_temp is not None:  # a reader that follows the download (jobs/overlap.py)
             on_temp(temp)
-        writer = HashingDiskWriter(out, chunk_size, post(on_bytes))
+        if start.offset:
+            on_bytes(start.offset)
+        if start.complete:
+            out.close()
+            return await _finish(temp, target, start.offset, start.hasher.hexdigest())
+        saver = _CheckpointSaver(checkpoints, target.name, temp.name)
+
+        def on_checkpoint(offset: int, sha256: str) -> None:
+            saver.save(offset, sha256, transfer.validator)
+
+        def on_restart(written: int) -> None:
+            saver.clear()
+            on_bytes(-written)
+
+        writer = HashingDiskWriter(out, chunk_size, post(on_bytes), start=start,
+                                   checkpoint_every=saver.interval,
+                                   on_checkpoint=post(on_checkpoint))
         transfer = _Transfer(url, writer, shown=shown, expected_size=expected_size,
                              max_retries=max_retries, log=post(log),
-                             on_restart=lambda written: post(on_bytes)(-written),
-                             headers=headers, ssl=ssl, read_timeout=read_timeout)
+                             on_restart=post(on_restart), headers=headers, ssl=ssl,
+                             read_timeout=read_timeout, validator=validator)
 
         def run() -> str:
             try:
@@ -282,10 +336,98 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
         if expected_size is not None and writer.received != expected_size:
             raise Failed(f"download {shown}: received {writer.received} bytes, expected "
                          f"{expected_size}")
-        await asyncio.to_thread(os.replace, temp, target)
-        return DownloadResult(target, writer.received, digest)
+        saver.save(writer.received, digest, transfer.validator, final=True)
+        return await _finish(temp, target, writer.received, digest)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        if checkpoints is None:
+            temp.unlink(missing_ok=True)
         raise
     finally:
         out.close()
+
+
+class _CheckpointSaver:
+    """Records one download's checkpoints (nothing without `checkpoints`)."""
+
+    def __init__(self, checkpoints: DownloadCheckpoints | None, target_name: str,
+                 temp_name: str) -> None:
+        self.checkpoints, self.target_name, self.temp_name = checkpoints, target_name, temp_name
+        self.interval = checkpoints.interval if checkpoints is not None else 0
+
+    def save(self, offset: int, sha256: str, validator: str, final: bool = False) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.target_name, self.temp_name, validator,
+                                  Checkpoint(offset, sha256, final))
+
+    def clear(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.clear(self.target_name)
+
+
+async def _finish(temp: Path, target: Path, size: int, digest: str) -> DownloadResult:
+    if temp != target:
+        await asyncio.to_thread(os.replace, temp, target)
+    return DownloadResult(target, size, digest)
+
+
+async def _open_output(target: Path, checkpoints: DownloadCheckpoints | None, shown: str,
+                       log: Log) -> tuple[Path, DirectFile, ResumePoint, str]:
+    """The file to download into, where in it to go on and the file's validator: a new
+    temporary file, or what an interrupted run of the job left of this download,
+    verified (resume.py)."""
+    saved = checkpoints.saved(target.name) if checkpoints is not None else None
+    if saved is not None:
+        resumed = await _reopen(target, saved, shown, log)
+        checkpoints.clear(target.name)  # those after the verified one no longer hold
+        if resumed is not None:
+            temp, _, point = resumed
+            checkpoints.save(target.name, temp.name, saved.validator,
+                             Checkpoint(point.offset, point.hasher.copy().hexdigest(),
+                                        point.complete))
+            return *resumed, saved.validator
+    temp = temp_path_for(target)
+    out = await asyncio.to_thread(DirectFile, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                  0o666)
+    return temp, out, ResumePoint.start(), ""
+
+
+async def _reopen(target: Path, saved: SavedDownload, shown: str,
+                  log: Log) -> tuple[Path, DirectFile, ResumePoint] | None:
+    """Re-check the file an interrupted run left (by its final name when it had
+    completed); None when there is none worth going on with (it is removed)."""
+    path = target if os.path.lexists(target) else target.with_name(saved.temp_name)
+    try:
+        out = await asyncio.to_thread(DirectFile, path, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(out.fd).st_size
+        log(f"download {shown}: checking the {size} bytes an interrupted run of the job left")
+        stop = threading.Event()
+        point = await run_in_own_thread(lambda: verify(out.fd, saved.checkpoints, stop),
+                                        stop.set, "download-verify")
+        if point.complete and point.offset == size:
+            log(f"download {shown}: already complete ({size} bytes verified)")
+            return path, out, point
+        if point.offset == 0 or path == target:
+            log(f"download {shown}: what the interrupted run left does not match its "
+                "checkpoints; downloading it again", "warning")
+            return _drop(out, path)
+        if not saved.validator:
+            log(f"download {shown}: the server named no version of the file (no ETag or "
+                "Last-Modified), so the interrupted download cannot safely go on; "
+                "downloading it again", "warning")
+            return _drop(out, path)
+        os.ftruncate(out.fd, point.offset)
+        log(f"download {shown}: resuming at byte {point.offset} ({size - point.offset} bytes "
+            "after the last verified checkpoint dropped)")
+        return path, out, point
+    except BaseException:
+        out.close()
+        raise
+
+
+def _drop(out: DirectFile, path: Path) -> None:
+    """Remove a file left by an interrupted run that cannot be resumed."""
+    out.close()
+    path.unlink()

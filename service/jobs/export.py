@@ -204,7 +204,8 @@ def _export_options(definition: dict, ctx: JobContext,
                          parallel_disks=ctx.config.export.parallel_disks,
                          extra={**options.get("provider_options", {}),
                                 "shutdown_timeout": options["shutdown_timeout"]},
-                         stream_consumer=streaming if streaming.enabled else None)
+                         stream_consumer=streaming if streaming.enabled else None,
+                         checkpoints=ctx.checkpoints)
 
 
 def _package_names(vm: VMInfo, method: str) -> list[str]:

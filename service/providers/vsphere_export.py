@@ -304,6 +304,9 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
     headers = {"Cookie": cookie.split(";")[0]}
     limit = asyncio.Semaphore(options.parallel_disks)
     finished: list[Path] = []
+    # disks resume after an interruption; extents are joined into one file, which is
+    # what the checkpoints would then no longer describe
+    checkpoints = options.checkpoints if what == "disk" else None
 
     def on_bytes(nbytes: int) -> None:
         sink.advance(nbytes)
@@ -329,7 +332,8 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
                                         max_retries=options.max_retries, on_bytes=disk_bytes,
                                         log=sink.log, headers=headers, ssl=pool.ssl_context(),
                                         read_timeout=pool.timeout,
-                                        on_temp=feed.on_temp if feed is not None else None)
+                                        on_temp=feed.on_temp if feed is not None else None,
+                                        checkpoints=checkpoints)
             except BaseException:
                 if feed is not None:
                     feed.failed()
@@ -350,8 +354,9 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
             tasks = [group.create_task(one(i, s)) for i, s in enumerate(sources)]
         return [task.result() for task in tasks]
     except BaseException as exc:
-        for path in finished:
-            path.unlink(missing_ok=True)
+        if checkpoints is None:  # else the job keeps them for a resume, or removes them
+            for path in finished:
+                path.unlink(missing_ok=True)
         if isinstance(exc, BaseExceptionGroup):
             raise exc.exceptions[0] from None
         raise

@@ -93,7 +93,8 @@ def test_sigterm_drains_and_exits_zero(system_bus, start_hypervisord, service_di
     assert not list(service_dir.glob("*.partial"))
     daemon.start()
     assert job_property(address, running, "Status") == "failed"
-    assert job_property(address, running, "Error") == "interrupted by service shutdown"
+    assert job_property(address, running, "Error") == (
+        "interrupted by service shutdown; its partial output was removed (retry the job)")
 
 
 def test_retryable_failures_are_retried_with_backoff(system_bus, hypervisord):

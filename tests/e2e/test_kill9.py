@@ -1,6 +1,8 @@
 """`kill -9` of hypervisord in the middle of an export, at seeded points: after each restart
-the job is failed and says why, nothing it made is left, and its retry completes with disks
-equal to the VM's.
+the job is failed and says why, nothing it made is visible (only its private staging
+directory with the checkpointed downloads stays), and its retry resumes the downloads after
+their last verified checkpoint — fetching only the rest — and completes with disks equal to
+the VM's.
 
 The points are byte offsets into the disks' downloads, where a proxy in front of the
 simulator holds every transfer while hypervisord is killed. HYPERSDK_KILL_SEED=<n>
@@ -12,6 +14,8 @@ import asyncio
 import json
 import os
 import random
+import sqlite3
+import stat
 
 import pytest
 
@@ -19,6 +23,7 @@ from tests.support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl_json, jo
                                submit, wait_for_status)
 from tests.support.hypervisord import Hypervisord
 from tests.support.images import same_image
+from tests.support.wait import until
 from tests.vcsim.harness import give_disks
 from tests.vsphere.fault_proxy import GatedProxy
 
@@ -29,7 +34,9 @@ pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("HYPERSDK_KILL_SEED", "20261207"))
 POINTS = 10
 MiB = 1 << 20
+KiB = 1 << 10
 DISKS = [16 * MiB, 8 * MiB]
+CHUNK = 64 * KiB  # buffers and checkpoints: one every buffer
 
 
 async def test_kill9_at_seeded_points_of_an_export_leaves_nothing_and_the_retry_completes(
@@ -53,7 +60,8 @@ async def _kill_during_export_then_retry(start_hypervisord, address: str, sim, s
     proxy = await GatedProxy(sim.host, sim.port, hold_at=offset).start()
     daemon = await asyncio.to_thread(
         start_hypervisord, providers={"vsphere": sim.provider_settings(port=proxy.port)},
-        export={"chunk_size": "256KiB"})
+        export={"chunk_size": CHUNK, "checkpoint_interval": CHUNK})
+    store = service_dir / "state" / "hypersdk.db"
     exports = service_dir / "exports"
     export_path = exports / f"run{point}"
     definition = {"vm_identifier": EXPORT_VM, "provider": "vsphere", "export_method": method,
@@ -62,17 +70,23 @@ async def _kill_during_export_then_retry(start_hypervisord, address: str, sim, s
     restarted = Hypervisord(daemon.config_path, address)
     try:
         await asyncio.wait_for(proxy.holding.wait(), 60)
+        job_id = job_property(address, killed, "Id")
+        # every full buffer below the held byte is checkpointed (the HTTP head < 4 KiB)
+        least = (offset - 4 * KiB) // CHUNK * CHUNK
+        await until(lambda: _all_beyond(_checkpointed(store, job_id), len(disks), least), 60,
+                    f"checkpoints at byte {least} of each download")
         await asyncio.to_thread(daemon.kill)
+        kept = sum(_checkpointed(store, job_id))
         proxy.release.set()  # the next connections pass freely
         await asyncio.to_thread(restarted.start)
 
         assert job_property(address, killed, "Status") == "failed"
-        assert job_property(address, killed, "Error").startswith(
-            "interrupted: hypervisord stopped while the job was running")
-        assert not export_path.exists()
-        assert not list(exports.rglob(".hypersdk-staging-*"))
+        error = job_property(address, killed, "Error")
+        assert error.startswith("interrupted: hypervisord stopped while the job was running")
+        assert f"{kept} verified bytes of its downloads are kept" in error
+        _assert_only_private_staging_left(export_path)
 
-        job_id = job_property(address, killed, "Id")
+        proxy.served.clear()
         retried = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "RetryJob",
                               "sa{sv}", job_id, "0")["data"][0]
         status = await asyncio.to_thread(wait_for_status, address, retried,
@@ -80,6 +94,33 @@ async def _kill_during_export_then_retry(start_hypervisord, address: str, sim, s
         assert status == "completed", job_property(address, retried, "Error")
         for index, disk in enumerate(disks, 1):
             assert same_image(export_path / f"{EXPORT_VM}-disk{index}.vmdk", disk.local_vmdk)
+        assert not list(exports.rglob(".hypersdk-staging-*"))
+        full = sum(disk.local_vmdk.stat().st_size for disk in disks)
+        fetched = proxy.served["folder"]
+        print(f"point {point}: the retry fetched {fetched} of {full} bytes")
+        assert full - kept <= fetched <= full - kept + 8 * KiB
     finally:
         await asyncio.to_thread(restarted.stop)
         await proxy.close()
+
+
+def _checkpointed(store, job_id: str) -> list[int]:
+    """The furthest checkpoint of each of the job's downloads, read from its store."""
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        return [row[0] for row in db.execute(
+            "SELECT MAX(offset) FROM download_checkpoints WHERE job_id=? GROUP BY target",
+            (job_id,))]
+
+
+def _all_beyond(offsets: list[int], count: int, least: int) -> bool:
+    return len(offsets) == count and min(offsets) >= least
+
+
+def _assert_only_private_staging_left(export_path) -> None:
+    """Nothing of the interrupted export is visible: its directory holds only the job's
+    staging directory (root's, mode 0700) with the downloads kept for the retry."""
+    entries = list(export_path.iterdir())
+    assert [entry.name[:len(".hypersdk-staging-")] for entry in entries] == [
+        ".hypersdk-staging-"], entries
+    info = entries[0].stat()
+    assert info.st_uid == 0 and stat.S_IMODE(info.st_mode) == 0o700

@@ -8,6 +8,9 @@ the client like a dropped link. It does that `cuts` times in all (always when
 `cuts` is None); connections that stay below `cut_after` (small SOAP calls) pass.
 `delay` slows the server-to-client direction down (seconds per 64 KiB read).
 
+`served` counts the bytes sent to the client, by the first segment of the path of the
+connection's first request ("folder" for datastore files, "sdk" for SOAP).
+
 `refuse_paths`: a connection whose first request's path starts with one of these
 prefixes (`/rest`, `/api`: the vAPI services) never reaches the server; the proxy
 answers as `refusal` says (see REFUSALS): it resets the connection, answers 403 or
@@ -17,6 +20,7 @@ for SOAP, datastore and vAPI requests, so the first request decides for a connec
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 
 BAD_GATEWAY_PAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -43,6 +47,7 @@ class FaultInjectingProxy:
         self.connections = 0
         self.cuts_done = 0
         self.refused = 0
+        self.served: collections.Counter[str] = collections.Counter()
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -74,7 +79,7 @@ class FaultInjectingProxy:
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
-        first_line = await client_r.readline() if self.refuse_paths else b""
+        first_line = await client_r.readline()
         if self._refused(first_line):
             await self._refuse(client_r, client_w)
             return
@@ -84,8 +89,9 @@ class FaultInjectingProxy:
             client_w.close()
             return
         up_w.write(first_line)
-        to_server = asyncio.ensure_future(self._pipe(client_r, up_w, None))
-        to_client = asyncio.ensure_future(self._pipe(up_r, client_w, self.cut_after))
+        to_server = asyncio.ensure_future(self._pipe(client_r, up_w, None, ""))
+        to_client = asyncio.ensure_future(self._pipe(up_r, client_w, self.cut_after,
+                                                     _first_segment(first_line)))
         self._tasks.update((to_server, to_client))
         try:
             await asyncio.wait((to_server, to_client), return_when=asyncio.FIRST_COMPLETED)
@@ -97,8 +103,7 @@ class FaultInjectingProxy:
                 writer.close()
 
     def _refused(self, request_line: bytes) -> bool:
-        parts = request_line.split()
-        path = parts[1].decode("latin-1") if len(parts) > 1 else ""
+        path = _path_of(request_line)
         return any(path.startswith(prefix) for prefix in self.refuse_paths)
 
     async def _refuse(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
@@ -117,7 +122,8 @@ class FaultInjectingProxy:
         client_w.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    limit: int | None) -> None:
+                    limit: int | None, counted: str) -> None:
+        """Forward; `limit` and `counted` only for the server-to-client direction."""
         sent = 0
         while True:
             data = await reader.read(65536)
@@ -125,11 +131,14 @@ class FaultInjectingProxy:
                 return
             if limit is not None and sent + len(data) >= limit and self._take_cut():
                 writer.write(data[: limit - sent])
+                self.served[counted] += limit - sent
                 await writer.drain()
                 self.cuts_done += 1
                 writer.transport.abort()
                 return
             writer.write(data)
+            if counted:
+                self.served[counted] += len(data)
             await writer.drain()
             sent += len(data)
             if limit is not None and self.delay:
@@ -146,15 +155,28 @@ class GatedProxy(FaultInjectingProxy):
         self.holding = asyncio.Event()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    limit: int | None) -> None:
+                    limit: int | None, counted: str) -> None:
         sent = 0
         while data := await reader.read(65536):
             if limit is not None and sent < limit <= sent + len(data):
                 writer.write(data[:limit - sent])
+                self.served[counted] += limit - sent
                 await writer.drain()
                 self.holding.set()
                 await self.release.wait()
                 data, sent = data[limit - sent:], limit
             writer.write(data)
+            if counted:
+                self.served[counted] += len(data)
             await writer.drain()
             sent += len(data)
+
+
+def _path_of(request_line: bytes) -> str:
+    parts = request_line.split()
+    return parts[1].decode("latin-1") if len(parts) > 1 else ""
+
+
+def _first_segment(request_line: bytes) -> str:
+    """"folder" for "GET /folder/vm/disk.vmdk?dcPath=... HTTP/1.1"."""
+    return _path_of(request_line).lstrip("/").split("/", 1)[0].split("?", 1)[0]
