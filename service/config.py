@@ -89,8 +89,8 @@ MAIN_SCHEMA: Schema = {
         "concurrent_exports": Field("int", 2, minimum=1),
         "parallel_disks": Field("int", 2, minimum=1),
         # how often a download records a verified checkpoint (0: never; an interrupted
-        # download then starts again from byte 0), and whether jobs interrupted by a
-        # crash with checkpointed downloads are retried, resuming, at start
+        # download then starts again from byte 0), and whether jobs interrupted (by a
+        # crash or a stop) with checkpointed downloads are retried, resuming, at start
         "checkpoint_interval": Field("size", 64 * 1024 * 1024, minimum=0),
         "resume_on_start": Field("bool", False),
     },

@@ -147,10 +147,9 @@ class JobEngine:
                 log.exception("job listener failed for %s", event.type)
 
     # -- lifecycle -------------------------------------------------------------------
-    def recover(self) -> list[JobRecord]:
-        """Mark interrupted work failed, remove what it made but downloads worth resuming
-        (job_output.py), and return the interrupted jobs that kept some."""
-        resumable = []
+    def recover(self) -> None:
+        """Mark interrupted work failed; remove what it made but downloads worth resuming
+        (job_output.py)."""
         for job in self.store.list_jobs(status="running", limit=1_000_000):
             left, kept = remove_leftovers(self.store, job.id, keep_resumable=True,
                                           when="after the restart")
@@ -163,12 +162,9 @@ class JobEngine:
             # the name is owned by now: a client that already read the job as running
             # (the bridge's mirror, a console) must hear that it is not
             self.notify(JobEvent("status", job))
-            if kept:
-                resumable.append(job)
-        return resumable
 
     async def start(self) -> None:
-        resumable = self.recover()
+        self.recover()
         for job in self.store.list_jobs(status="pending", limit=1_000_000):
             self._queue.put_nowait(job.id)
         self.prune()
@@ -176,7 +172,8 @@ class JobEngine:
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
                          for i in range(self.config.daemon.workers)]
         if self.config.export.resume_on_start:
-            for job in resumable:
+            for job_id in self.store.jobs_keeping_downloads():
+                job = self.store.get_job(job_id)
                 retried = self.retry(job.id, job.started_by_uid, job.requested_by)
                 self.append_log(job, f"resumed at start as job {retried.id} "
                                      "(export.resume_on_start)")

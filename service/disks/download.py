@@ -143,11 +143,11 @@ class _Transfer:
             response = self._request(offset)
             if response is None:
                 return  # a resume at the end: nothing more to fetch
-            if offset and not _resumed(response, offset, self.shown):
-                self.log(f"download {self.shown}: the server sent the whole file again "
-                         "(it ignores Range, or the file changed); starting again from "
-                         "byte 0", "warning")
+            if offset and not self._continues(response, offset):
                 self.on_restart(self.writer.restart())
+                if response.status == 206:  # the rest of another file: ask for all of it
+                    self._close()
+                    response = self._request(0)
             if response.status == 200:
                 self.validator = _validator_of(response)
             self._receive(response)
@@ -156,6 +156,20 @@ class _Transfer:
                          f"({exc.verify_message})") from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Dropped(_describe(exc)) from None
+
+    def _continues(self, response: http.client.HTTPResponse, offset: int) -> bool:
+        """Whether the response continues the file at `offset`; else say why not."""
+        if not _resumed(response, offset, self.shown):
+            self.log(f"download {self.shown}: the server sent the whole file again (it "
+                     "ignores Range, or the file changed); starting again from byte 0",
+                     "warning")
+            return False
+        current = _validator_of(response)
+        if self.validator and current and current != self.validator:  # If-Range ignored
+            self.log(f"download {self.shown}: the file on the server changed after byte "
+                     f"{offset} was received; starting again from byte 0", "warning")
+            return False
+        return True
 
     def _request(self, offset: int) -> http.client.HTTPResponse | None:
         """GET from `offset`, following redirects; the response of a 200 or 206, or None

@@ -19,8 +19,8 @@ import stat
 
 import pytest
 
-from tests.support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl_json, job_property,
-                               submit, wait_for_status)
+from tests.support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json,
+                               job_property, submit, wait_for_status)
 from tests.support.hypervisord import Hypervisord
 from tests.support.images import same_image
 from tests.support.wait import until
@@ -57,51 +57,145 @@ async def test_kill9_at_seeded_points_of_an_export_leaves_nothing_and_the_retry_
 
 async def _kill_during_export_then_retry(start_hypervisord, address: str, sim, service_dir,
                                          disks, point: int, offset: int, method: str) -> None:
-    proxy = await GatedProxy(sim.host, sim.port, hold_at=offset).start()
-    daemon = await asyncio.to_thread(
-        start_hypervisord, providers={"vsphere": sim.provider_settings(port=proxy.port)},
-        export={"chunk_size": CHUNK, "checkpoint_interval": CHUNK})
-    store = service_dir / "state" / "hypersdk.db"
     exports = service_dir / "exports"
     export_path = exports / f"run{point}"
-    definition = {"vm_identifier": EXPORT_VM, "provider": "vsphere", "export_method": method,
-                  "export_path": str(export_path), "options": {"shutdown_vm": False}}
-    killed = json.loads((await asyncio.to_thread(submit, address, definition)).stdout.split()[1])
-    restarted = Hypervisord(daemon.config_path, address)
+    held = await HeldExport.start(start_hypervisord, address, sim, service_dir, offset, method,
+                                  export_path, len(disks))
+    restarted = Hypervisord(held.daemon.config_path, address)
     try:
-        await asyncio.wait_for(proxy.holding.wait(), 60)
-        job_id = job_property(address, killed, "Id")
-        # every full buffer below the held byte is checkpointed (the HTTP head < 4 KiB)
-        least = (offset - 4 * KiB) // CHUNK * CHUNK
-        await until(lambda: _all_beyond(_checkpointed(store, job_id), len(disks), least), 60,
-                    f"checkpoints at byte {least} of each download")
-        await asyncio.to_thread(daemon.kill)
-        kept = sum(_checkpointed(store, job_id))
-        proxy.release.set()  # the next connections pass freely
+        await asyncio.to_thread(held.daemon.kill)
+        kept = held.kept()
+        held.proxy.release.set()  # the next connections pass freely
         await asyncio.to_thread(restarted.start)
 
-        assert job_property(address, killed, "Status") == "failed"
-        error = job_property(address, killed, "Error")
+        assert job_property(address, held.path, "Status") == "failed"
+        error = job_property(address, held.path, "Error")
         assert error.startswith("interrupted: hypervisord stopped while the job was running")
         assert f"{kept} verified bytes of its downloads are kept" in error
         _assert_only_private_staging_left(export_path)
 
-        proxy.served.clear()
+        held.proxy.served.clear()
         retried = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "RetryJob",
-                              "sa{sv}", job_id, "0")["data"][0]
-        status = await asyncio.to_thread(wait_for_status, address, retried,
-                                         {"completed", "failed"}, 120)
-        assert status == "completed", job_property(address, retried, "Error")
-        for index, disk in enumerate(disks, 1):
-            assert same_image(export_path / f"{EXPORT_VM}-disk{index}.vmdk", disk.local_vmdk)
+                              "sa{sv}", held.job_id, "0")["data"][0]
+        await _assert_resumed(address, retried, held, disks, export_path, kept, point)
         assert not list(exports.rglob(".hypersdk-staging-*"))
-        full = sum(disk.local_vmdk.stat().st_size for disk in disks)
-        fetched = proxy.served["folder"]
-        print(f"point {point}: the retry fetched {fetched} of {full} bytes")
-        assert full - kept <= fetched <= full - kept + 8 * KiB
     finally:
         await asyncio.to_thread(restarted.stop)
-        await proxy.close()
+        await held.proxy.close()
+
+
+async def test_a_stop_keeps_checkpointed_downloads_and_resume_on_start_resumes_them(
+        start_hypervisord, system_bus, sim, si, service_dir):
+    """SIGTERM (a `systemctl restart`) mid-download: the job fails "interrupted by service
+    shutdown" keeping its downloads, and with export.resume_on_start the next start
+    retries it at once, fetching only the rest."""
+    address = system_bus.address
+    uploads = service_dir / "uploads"
+    uploads.mkdir()
+    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
+    export_path = service_dir / "exports" / "stopped"
+    held = await HeldExport.start(start_hypervisord, address, sim, service_dir, MiB, "disk",
+                                  export_path, len(disks))
+    try:
+        assert await asyncio.to_thread(held.daemon.stop) == 0
+        kept = held.kept()
+        held.proxy.release.set()
+        held.proxy.served.clear()
+        await asyncio.to_thread(start_hypervisord, providers=held.providers,
+                                export={**held.export, "resume_on_start": True})
+        error = job_property(address, held.path, "Error")
+        assert error == ("interrupted by service shutdown; its finished files were removed; "
+                         f"{kept} verified bytes of its downloads are kept, and retrying the "
+                         "job resumes after them")
+        retried = _the_retry_of(address, held.job_id)
+        await _assert_resumed(address, retried, held, disks, export_path, kept, 0)
+    finally:
+        await held.proxy.close()
+
+
+async def test_downloads_kept_for_a_resume_go_with_the_job_record(
+        start_hypervisord, system_bus, sim, si, service_dir):
+    """Nobody retries the interrupted job: when retention prunes its record, the data it
+    kept goes too (and the export directory it made, now empty)."""
+    address = system_bus.address
+    uploads = service_dir / "uploads"
+    uploads.mkdir()
+    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
+    export_path = service_dir / "exports" / "abandoned"
+    held = await HeldExport.start(start_hypervisord, address, sim, service_dir, MiB, "disk",
+                                  export_path, len(disks))
+    try:
+        await asyncio.to_thread(held.daemon.kill)
+        held.proxy.release.set()
+        await asyncio.to_thread(start_hypervisord, providers=held.providers,
+                                export=held.export, database={"retention_count": 1})
+        _assert_only_private_staging_left(export_path)
+        other = json.loads((await asyncio.to_thread(
+            submit, address, {"steps": 1, "interval": 0}, "sleep")).stdout.split()[1])
+        await asyncio.to_thread(wait_for_status, address, other, {"completed"})
+        assert not export_path.exists()
+        missing = busctl(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "GetJob",
+                         "sa{sv}", held.job_id, "0", check=False)
+        assert "NotFound" in missing.stderr
+    finally:
+        await held.proxy.close()
+
+
+class HeldExport:
+    """An export through a proxy that holds each download at byte `offset`, once every
+    full buffer before it is checkpointed in the store."""
+
+    def __init__(self, proxy: GatedProxy, daemon: Hypervisord, providers: dict, export: dict,
+                 store, path: str, job_id: str) -> None:
+        self.proxy, self.daemon, self.providers, self.export = proxy, daemon, providers, export
+        self.store, self.path, self.job_id = store, path, job_id
+
+    @classmethod
+    async def start(cls, start_hypervisord, address: str, sim, service_dir, offset: int,
+                    method: str, export_path, downloads: int) -> "HeldExport":
+        proxy = await GatedProxy(sim.host, sim.port, hold_at=offset).start()
+        providers = {"vsphere": sim.provider_settings(port=proxy.port)}
+        export = {"chunk_size": CHUNK, "checkpoint_interval": CHUNK}
+        daemon = await asyncio.to_thread(start_hypervisord, providers=providers, export=export)
+        definition = {"vm_identifier": EXPORT_VM, "provider": "vsphere",
+                      "export_method": method, "export_path": str(export_path),
+                      "options": {"shutdown_vm": False}}
+        path = json.loads((await asyncio.to_thread(submit, address, definition))
+                          .stdout.split()[1])
+        held = cls(proxy, daemon, providers, export, service_dir / "state" / "hypersdk.db",
+                   path, job_property(address, path, "Id"))
+        await asyncio.wait_for(proxy.holding.wait(), 60)
+        # every full buffer below the held byte is checkpointed (the HTTP head < 4 KiB)
+        least = (offset - 4 * KiB) // CHUNK * CHUNK
+        await until(lambda: _all_beyond(_checkpointed(held.store, held.job_id), downloads,
+                                        least), 60, f"checkpoints at byte {least}")
+        return held
+
+    def kept(self) -> int:
+        """The bytes the store's checkpoints vouch for (read once the service is gone)."""
+        return sum(_checkpointed(self.store, self.job_id))
+
+
+async def _assert_resumed(address: str, retried: str, held: HeldExport, disks, export_path,
+                          kept: int, point: int) -> None:
+    """The retry completes with the VM's disks, fetching only what was not kept."""
+    status = await asyncio.to_thread(wait_for_status, address, retried,
+                                     {"completed", "failed"}, 120)
+    assert status == "completed", job_property(address, retried, "Error")
+    for index, disk in enumerate(disks, 1):
+        assert same_image(export_path / f"{EXPORT_VM}-disk{index}.vmdk", disk.local_vmdk)
+    full = sum(disk.local_vmdk.stat().st_size for disk in disks)
+    fetched = held.proxy.served["folder"]
+    print(f"point {point}: the retry fetched {fetched} of {full} bytes")
+    assert full - kept <= fetched <= full - kept + 8 * KiB
+
+
+def _the_retry_of(address: str, job_id: str) -> str:
+    paths = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "ListJobs",
+                        "a{sv}", "0")["data"][0]
+    retries = [path for path in paths if job_property(address, path, "RetryOf") == job_id]
+    assert len(retries) == 1, paths
+    return retries[0]
 
 
 def _checkpointed(store, job_id: str) -> list[int]:

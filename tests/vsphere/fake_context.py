@@ -25,6 +25,7 @@ class FakeJobContext:
     providers: object
     job_id: str = "job-test"
     attempt: int = 1
+    checkpoints: None = None  # no resume here (tests/e2e/test_kill9.py tests it)
     lines: list[tuple[str, str]] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
     total: int = 0

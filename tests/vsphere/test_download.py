@@ -14,10 +14,13 @@ from aiohttp import web
 
 from hypersdk.service.errors import Failed, NotFound
 from hypersdk.service.disks.download import download, redact_url
+from hypersdk.service.job_output import StoreCheckpoints
+from hypersdk.service.store import JobRecord, Store
 
 from ..support.direct_io import fake_refusing_o_direct
 from ..support.pagecache import cached_bytes
-from .fault_proxy import FaultInjectingProxy
+from ..support.wait import until
+from .fault_proxy import FaultInjectingProxy, GatedProxy
 
 SIZE = 3 * 1024 * 1024 + 123
 
@@ -82,10 +85,11 @@ class Recorder:
 
 
 async def _get(port: int, path: str, target, rec: Recorder, *, retries: int = 3,
-               expected: int | None = SIZE):
+               expected: int | None = SIZE, checkpoints: StoreCheckpoints | None = None):
     return await download(f"http://127.0.0.1:{port}{path}", target,
                           expected_size=expected, chunk_size=256 * 1024,
-                          max_retries=retries, on_bytes=rec.on_bytes, log=rec.log)
+                          max_retries=retries, on_bytes=rec.on_bytes, log=rec.log,
+                          checkpoints=checkpoints)
 
 
 async def test_download_streams_hashes_and_renames(server, payload, out):
@@ -528,3 +532,136 @@ async def test_a_url_with_characters_outside_ascii(serve, tmp_path, out):
         result = await _fetch(f"http://127.0.0.1:{port}/files/{name}", out / "d.bin",
                               Recorder(), expected=len(data), retries=0)
         assert result.sha256 == hashlib.sha256(data).hexdigest()
+
+
+# --- resuming what an interrupted job left (disks/resume.py) ---------------------------------
+
+CHUNK = 256 * 1024
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """A job's checkpoints in a real store, one every buffer."""
+    store = Store(tmp_path / "state" / "hypersdk.db")
+    store.insert_job(JobRecord(id="job-1", kind="export", status="running", definition={}))
+    yield StoreCheckpoints(store, "job-1", CHUNK)
+    store.close()
+
+
+async def _interrupt(port: int, path: str, target, checkpoints, hold_at: int) -> int:
+    """Download through a proxy that holds the body at `hold_at`; once the checkpoints
+    have caught up, cancel (as a stop of the service would). Returns the last checkpoint."""
+    proxy = await GatedProxy("127.0.0.1", port, hold_at=hold_at).start()
+    task = asyncio.ensure_future(_get(proxy.port, path, target, Recorder(),
+                                      checkpoints=checkpoints))
+    least = (hold_at - 4096) // CHUNK * CHUNK
+    try:
+        await asyncio.wait_for(proxy.holding.wait(), 20)
+        await until(lambda: (saved := checkpoints.saved(target.name)) is not None
+                    and saved.checkpoints[-1].offset >= least, 20, "the checkpoints")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        proxy.release.set()
+        await proxy.close()
+    return checkpoints.saved(target.name).checkpoints[-1].offset
+
+
+async def _resume(port: int, path: str, target, checkpoints) -> tuple:
+    """Download again through a proxy that counts what the server sends."""
+    proxy = await FaultInjectingProxy("127.0.0.1", port).start()
+    rec = Recorder()
+    try:
+        result = await _get(proxy.port, path, target, rec, checkpoints=checkpoints)
+    finally:
+        await proxy.close()
+    return result, rec, proxy.served["files"]
+
+
+async def test_an_interrupted_download_resumes_after_its_last_verified_checkpoint(
+        server, payload, out, checkpoints):
+    data = payload[0].read_bytes()
+    last = await _interrupt(server, "/files/disk.bin", out / "disk.bin", checkpoints,
+                            hold_at=SIZE // 2)
+    saved = checkpoints.saved("disk.bin")
+    assert [point.offset for point in saved.checkpoints] == list(range(CHUNK, last + 1, CHUNK))
+    for point in saved.checkpoints:  # each the hash of all the bytes before it
+        assert point.sha256 == hashlib.sha256(data[:point.offset]).hexdigest()
+    assert os.listdir(out) == [saved.temp_name]  # kept for the resume
+    assert saved.validator  # aiohttp's static files have an ETag
+
+    result, rec, fetched = await _resume(server, "/files/disk.bin", out / "disk.bin",
+                                         checkpoints)
+    assert result.sha256 == payload[1] and (out / "disk.bin").read_bytes() == data
+    assert any(f"resuming at byte {last} " in line for line in rec.lines), rec.lines
+    assert SIZE - last <= fetched <= SIZE - last + 1024  # the rest, and one HTTP head
+    assert rec.bytes == SIZE  # progress counts the verified bytes too
+    assert os.listdir(out) == ["disk.bin"]
+    assert checkpoints.saved("disk.bin").checkpoints[-1].final
+
+
+async def test_a_partial_file_changed_since_is_cut_at_the_last_checkpoint_that_matches(
+        server, payload, out, checkpoints):
+    last = await _interrupt(server, "/files/disk.bin", out / "disk.bin", checkpoints,
+                            hold_at=4 * CHUNK + 5000)
+    assert last >= 3 * CHUNK
+    partial = out / checkpoints.saved("disk.bin").temp_name
+    with open(partial, "r+b") as handle:  # one byte inside the second checkpoint's part
+        handle.seek(CHUNK + 17)
+        byte = handle.read(1)
+        handle.seek(CHUNK + 17)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+    result, rec, fetched = await _resume(server, "/files/disk.bin", out / "disk.bin",
+                                         checkpoints)
+    assert result.sha256 == payload[1]
+    assert any(f"resuming at byte {CHUNK} " in line for line in rec.lines), rec.lines
+    assert SIZE - CHUNK <= fetched <= SIZE - CHUNK + 1024
+
+
+async def test_a_source_file_changed_since_is_downloaded_whole(server, payload, out,
+                                                              checkpoints):
+    await _interrupt(server, "/files/disk.bin", out / "disk.bin", checkpoints,
+                     hold_at=SIZE // 2)
+    changed = os.urandom(SIZE)  # the source is another file now (its ETag changes)
+    payload[0].write_bytes(changed)
+    os.utime(payload[0], ns=(time.time_ns() + 10**9,) * 2)
+
+    result, rec, fetched = await _resume(server, "/files/disk.bin", out / "disk.bin",
+                                         checkpoints)
+    assert result.sha256 == hashlib.sha256(changed).hexdigest()
+    assert (out / "disk.bin").read_bytes() == changed
+    # aiohttp honours If-Range with dates only: the ETag of its 206 tells the change
+    assert any("the file on the server changed after byte" in line for line in rec.lines)
+    assert rec.bytes == SIZE
+
+
+async def test_a_complete_download_is_checked_not_fetched_again(server, payload, out,
+                                                                checkpoints):
+    first, _, _ = await _resume(server, "/files/disk.bin", out / "disk.bin", checkpoints)
+    result, rec, fetched = await _resume(server, "/files/disk.bin", out / "disk.bin",
+                                         checkpoints)
+    assert fetched == 0
+    assert result.sha256 == first.sha256 == payload[1]
+    assert any("already complete" in line for line in rec.lines), rec.lines
+
+
+async def test_without_a_validator_an_interrupted_download_starts_again(server, payload, out,
+                                                                       checkpoints):
+    """The server names no version of the file (no ETag, no Last-Modified): going on
+    could join two different files, so the download starts from byte 0."""
+    await _interrupt(server, "/norange/disk.bin", out / "disk.bin", checkpoints,
+                     hold_at=SIZE // 2)
+    assert checkpoints.saved("disk.bin").validator == ""
+    proxy = await FaultInjectingProxy("127.0.0.1", server).start()
+    rec = Recorder()
+    try:
+        result = await _get(proxy.port, "/norange/disk.bin", out / "disk.bin", rec,
+                            checkpoints=checkpoints)
+    finally:
+        await proxy.close()
+    assert result.sha256 == payload[1]
+    assert any("named no version of the file" in line for line in rec.lines), rec.lines
+    assert proxy.served["norange"] >= SIZE
+    assert os.listdir(out) == ["disk.bin"]
