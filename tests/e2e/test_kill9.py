@@ -136,7 +136,7 @@ async def test_downloads_kept_for_a_resume_go_with_the_job_record(
         assert not export_path.exists()
         missing = busctl(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "GetJob",
                          "sa{sv}", held.job_id, "0", check=False)
-        assert "NotFound" in missing.stderr
+        assert missing.stderr == f"Call failed: no job '{held.job_id}'\n"
     finally:
         await held.proxy.close()
 
