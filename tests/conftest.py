@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from hypersdk.client.bus import connect
 
+from .support.filesystems import mounted_tmpfs
 from .support.hypervisord import Hypervisord, write_config
 from .support.simulator import module_sim, si, sim, vcsim_binary  # noqa: F401 - fixtures
 from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, ensure_user,
@@ -94,11 +94,5 @@ async def client_bus(system_bus):
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 4 MiB filesystem (tmpfs), unmounted afterwards."""
-    directory = tmp_path / "small"
-    directory.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)],
-                   check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "small", "4m") as directory:
         yield directory
-    finally:
-        subprocess.run(["umount", str(directory)], check=True)

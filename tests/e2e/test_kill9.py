@@ -19,6 +19,7 @@ import stat
 
 import pytest
 
+from tests.support.filesystems import fill, mounted_tmpfs
 from tests.support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json,
                                job_property, submit, wait_for_status)
 from tests.support.hypervisord import Hypervisord
@@ -139,6 +140,40 @@ async def test_downloads_kept_for_a_resume_go_with_the_job_record(
         assert missing.stderr == f"Call failed: no job '{held.job_id}'\n"
     finally:
         await held.proxy.close()
+
+
+async def test_a_full_output_filesystem_fails_the_export_truthfully_and_leaves_nothing(
+        start_hypervisord, system_bus, sim, si, service_dir):
+    """The export directory's real filesystem (a tmpfs) fills up while a disk downloads:
+    the job fails naming the cause, nothing of it stays there, and once there is room
+    again its retry completes."""
+    address = system_bus.address
+    uploads = service_dir / "uploads"
+    uploads.mkdir()
+    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
+    with mounted_tmpfs(service_dir / "exports" / "small", "32m") as small:
+        export_path = small / "run"
+        held = await HeldExport.start(start_hypervisord, address, sim, service_dir, MiB,
+                                      "disk", export_path, len(disks))
+        try:
+            filler = fill(small, leave=256 * KiB)
+            held.proxy.release.set()
+            assert await asyncio.to_thread(wait_for_status, address, held.path,
+                                           {"completed", "failed"}, 60) == "failed"
+            error = job_property(address, held.path, "Error")
+            assert "failed: No space left on device" in error, error
+            assert [entry.name for entry in small.iterdir()] == ["filler"]
+            filler.unlink()
+            retried = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE,
+                                  "RetryJob", "sa{sv}", held.job_id, "0")["data"][0]
+            assert await asyncio.to_thread(wait_for_status, address, retried,
+                                           {"completed", "failed"}, 60) == "completed"
+            for index, disk in enumerate(disks, 1):
+                assert same_image(export_path / f"{EXPORT_VM}-disk{index}.vmdk",
+                                  disk.local_vmdk)
+        finally:
+            await asyncio.to_thread(held.daemon.stop)
+            await held.proxy.close()
 
 
 class HeldExport:
