@@ -18,6 +18,7 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .config import Config
@@ -107,6 +108,9 @@ class RunningJob:
 
     def staging(self, dest: OpenDir) -> Staging:
         return self.output.staging(dest)
+
+    def record_domain(self, uri: str, uuid: str, console_log: Path | None) -> None:
+        self.output.record_domain(uri, uuid, console_log)
 
     # -- engine side -----------------------------------------------------------------
     def _progress_changed(self) -> None:
@@ -409,7 +413,8 @@ class JobEngine:
 def _what_was_left(problems: list[str], kept: int) -> str:
     """The end of an interrupted job's error: what became of what it had made."""
     if problems:
-        return f"{len(problems)} of its files could not be removed (see its log) (retry the job)"
+        return (f"{len(problems)} of the things it made could not be removed (see its log) "
+                "(retry the job)")
     if kept:
         return (f"its finished files were removed; {kept} verified bytes of its downloads "
                 "are kept, and retrying the job resumes after them")

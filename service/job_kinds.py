@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .config import Config
     from .confine import OpenDir
     from .model import DownloadCheckpoints
@@ -40,6 +42,10 @@ class JobContext(Protocol):
         """Bytes each coming stage will add, estimated at the start (progress.py)."""
     def advance(self, nbytes: int) -> None: ...
     def set_done(self, nbytes: int) -> None: ...
+    def record_domain(self, uri: str, uuid: str, console_log: "Path | None") -> None:
+        """Call before defining a libvirt domain: unless the job completes, it is
+        stopped and undefined again and its console log removed (even after a crash:
+        job_output.py)."""
     def staging(self, dest: "OpenDir") -> "Staging":
         """A private directory in `dest` (which it takes over) for the job's files, which
         land in `dest` from there. If the job does not complete, what landed and the

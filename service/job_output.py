@@ -1,13 +1,15 @@
-"""What one job run makes on disk, and what an interrupted run keeps for its retry.
+"""What one job run makes (files, libvirt domains), and what an interrupted run keeps for
+its retry.
 
 A run's files are written in staging directories (staging.py), each recorded in the
-store as it is made (StoreJournal). When the run ends:
-- completed: what landed stays, the staging directories go (`keep`);
-- failed or cancelled: everything it made goes (`discard`);
+store as it is made (StoreJournal); a libvirt domain is recorded by the UUID it is
+given before it is defined (`record_domain`). When the run ends:
+- completed: what landed and the domains stay, the staging directories go (`keep`);
+- failed or cancelled: everything it made goes (`discard`), domains stopped and undefined;
 - interrupted (hypervisord stopped, killed or crashed) while downloads had recorded
   checkpoints (disks/resume.py): what landed goes, but the staging directories stay,
   recorded under the job with their checkpoints (`suspend`, or `remove_leftovers` after
-  a crash).
+  a crash); its domains go.
   Retrying the job hands them over to the new job (Store.hand_over), whose export adopts
   the staging directory in the same destination and resumes the downloads after their
   last verified checkpoint. Data nobody retries goes when the job's record is pruned.
@@ -15,14 +17,17 @@ store as it is made (StoreJournal). When the run ends:
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .confine import OpenDir
 from .errors import Failed
+from .kvm.libvirt_import import remove_domain_by_uuid
 from .model import Checkpoint, SavedDownload
 from .staging import JobStagings, OwnedPath, Staging, remove_owned
 from .store import Store
@@ -105,13 +110,18 @@ class JobOutput:
                 self._forget([kept, *created])
         return self._stagings.create(dest, self.job_id, self._journal)
 
+    def record_domain(self, uri: str, uuid: str, console_log: Path | None) -> None:
+        self.store.record_domain(self.job_id, uri, uuid, str(console_log or ""))
+
     def keep(self) -> None:
         """The run completed: what landed stays, its staging directories go."""
+        self.store.forget_domains(self.job_id)
         self._stagings.keep()
         self._end()
 
     def discard(self) -> None:
         """The run failed or was cancelled: everything it made goes."""
+        self._remove_domains()
         for problem in self._stagings.discard():
             self._log(problem, "warning")
         self._end()
@@ -123,10 +133,20 @@ class JobOutput:
         if not resumable:
             self.discard()
             return 0
-        for problem in self._stagings.suspend():
+        self._remove_domains()
+        names = self.store.checkpoint_names(self.job_id)
+
+        def holding(staging: Staging) -> bool:
+            return any(os.path.lexists(staging.path / name) for name in names)
+
+        for problem in self._stagings.suspend(holding):
             self._log(problem, "warning")
         self._remove(self._inherited)
         return resumable
+
+    def _remove_domains(self) -> None:
+        for problem in remove_domains(self.store, self.job_id):
+            self._log(problem, "warning")
 
     def _end(self) -> None:
         self.store.clear_checkpoints(self.job_id)
@@ -152,9 +172,13 @@ def remove_leftovers(store: Store, job_id: str, keep_resumable: bool,
     only its landed files when its downloads have checkpoints), logging each step ("{when}:
     removed ..."). Returns what could not be removed and the bytes kept for a resume."""
     resumable = store.resumable_bytes(job_id) if keep_resumable else 0
-    problems = []
-    for owned in reversed(store.owned_paths(job_id)):
-        if resumable and owned.kind != "file":
+    problems = remove_domains(store, job_id)
+    for problem in problems:
+        store.append_log(job_id, time.time(), "warning", problem)
+    owned_paths = store.owned_paths(job_id)
+    kept = _kept_for_resume(owned_paths, store.checkpoint_names(job_id)) if resumable else []
+    for owned in reversed(owned_paths):
+        if owned in kept:
             continue
         problem = remove_owned(owned)
         if problem:
@@ -167,6 +191,32 @@ def remove_leftovers(store: Store, job_id: str, keep_resumable: bool,
     if not resumable:
         store.clear_checkpoints(job_id)
     return problems, resumable
+
+
+def remove_domains(store: Store, job_id: str) -> list[str]:
+    """Stop and undefine the domains the job defined, and remove their console logs
+    (blocking: libvirt calls, made only when a job that defined a domain did not
+    complete); what was left, one line each."""
+    problems = [problem for uri, uuid, console_log in store.owned_domains(job_id)
+                if (problem := remove_domain_by_uuid(uri, uuid, console_log))]
+    store.forget_domains(job_id)
+    return problems
+
+
+def _kept_for_resume(owned_paths: list[OwnedPath], names: set[str]) -> list[OwnedPath]:
+    """The staging directories that hold a checkpointed download (`names`), and the
+    directories made on the way to them: what a retry adopts."""
+    stagings = [owned for owned in owned_paths if owned.kind == "staging" and _holds(owned, names)]
+    return stagings + [owned for owned in owned_paths if owned.kind == "dir" and any(
+        staging.root == owned.root and staging.relative.startswith(owned.relative + "/")
+        for staging in stagings)]
+
+
+def _holds(staging: OwnedPath, names: set[str]) -> bool:
+    """Whether the staging directory holds one of the checkpointed downloads. (Its path
+    may run through directories others can change: a planted link can at most make a
+    staging directory stay until the job is retried or pruned; removing is done safely.)"""
+    return any(os.path.lexists(os.path.join(staging.shown, name)) for name in names)
 
 
 def _parent_of(owned: OwnedPath) -> tuple[str, str]:

@@ -27,7 +27,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .confine import OpenDir, OpenFile, changeable_by_others, real_path
 from .errors import AlreadyExists, Failed, InvalidArgument
@@ -249,9 +249,11 @@ class JobStagings:
     def __len__(self) -> int:
         return len(self._stagings)
 
-    def suspend(self) -> list[str]:
+    def suspend(self, worth_keeping: Callable[[Staging], bool]) -> list[str]:
+        """Suspend the staging directories `worth_keeping`, discard the others."""
         problems = [problem for staging in reversed(self._stagings)
-                    for problem in staging.suspend()]
+                    for problem in (staging.suspend() if worth_keeping(staging)
+                                    else staging.discard())]
         self._stagings.clear()
         return problems
 

@@ -160,7 +160,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_created ON jobs(created_at);
     """,
     # 5: how far each download of a job got, so a retry after a crash resumes it
-    # (disks/resume.py); finished_at indexed for pruning by age and count
+    # (disks/resume.py); finished_at indexed for pruning by age and count; the libvirt
+    # domains a job defines, recorded before they exist, so a crash leaves none behind
     """
     CREATE TABLE download_checkpoints (
         id INTEGER PRIMARY KEY,
@@ -174,6 +175,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX download_checkpoints_job ON download_checkpoints(job_id, target, offset);
     CREATE INDEX jobs_finished ON jobs(finished_at);
+    CREATE TABLE job_domains (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        uri TEXT NOT NULL,
+        uuid TEXT NOT NULL,
+        console_log TEXT NOT NULL
+    );
+    CREATE INDEX job_domains_job ON job_domains(job_id);
     """,
 ]
 
@@ -407,6 +416,21 @@ class Store:
         with self.transaction() as db:
             for table in ("job_paths", "download_checkpoints"):
                 db.execute(f"UPDATE {table} SET job_id=? WHERE job_id=?", (to_job, from_job))
+
+    # -- libvirt domains a job defined (job_output.py) ---------------------------------------
+    def record_domain(self, job_id: str, uri: str, uuid: str, console_log: str) -> None:
+        self._db.execute("INSERT INTO job_domains (job_id, uri, uuid, console_log)"
+                         " VALUES (?,?,?,?)", (job_id, uri, uuid, console_log))
+
+    def owned_domains(self, job_id: str) -> list[tuple[str, str, str]]:
+        """(uri, uuid, console log or "") of the domains the job defined and has not kept
+        or removed."""
+        return [(row[0], row[1], row[2]) for row in self._db.execute(
+            "SELECT uri, uuid, console_log FROM job_domains WHERE job_id=? ORDER BY id",
+            (job_id,))]
+
+    def forget_domains(self, job_id: str) -> None:
+        self._db.execute("DELETE FROM job_domains WHERE job_id=?", (job_id,))
 
     # -- download checkpoints (disks/resume.py) --------------------------------------------
     def save_checkpoint(self, job_id: str, target: str, temp: str, validator: str,

@@ -5,7 +5,8 @@ until it shows it booted (boot_verify.py). A domain whose boot is not verified i
 removed again, so a failed job leaves no domain behind."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .boot_verify import BootCheck, verify_boot
@@ -32,11 +33,15 @@ async def land(ctx: "JobContext", spec: DomainSpec, landing: Landing) -> dict:
     """Land `spec` at `libvirt.uri` as `landing` asks; the result's `import` section,
     with `guest_conversion` and `verification` when they ran."""
     uri = ctx.config.libvirt.uri
+    # the UUID is chosen here, not by libvirt, so that the job records the domain before
+    # it exists (a crash then leaves no domain behind: job_output.py)
+    spec = replace(spec, uuid=spec.uuid or str(uuid.uuid4()))
     converted = None
     if landing.guest_conversion:
         converted = await convert_guest(ctx, spec)
         ctx.set_stage("import")
     ctx.log(f"defining domain {spec.name!r} at {uri}")
+    ctx.record_domain(uri, spec.uuid, spec.serial_log)
     start = landing.start or landing.verify_boot is not None
     imported = await import_domain(uri, spec, autostart=landing.autostart, start=start,
                                    cpu_mode=ctx.config.libvirt.cpu_mode)

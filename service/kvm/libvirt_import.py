@@ -125,6 +125,61 @@ def _remove(uri: str, name: str) -> None:
         conn.close()
 
 
+def remove_domain_by_uuid(uri: str, uuid: str, console_log: str = "") -> str:
+    """Stop and undefine the domain with `uuid` at `uri` if it is there, then remove the
+    file its serial console was logged to (blocking): what a job defined, found by the
+    UUID it was given, never another domain of that name. Returns "" when it is gone,
+    else why something was left."""
+    problem = _remove_by_uuid(uri, uuid)
+    return problem or _remove_console_log(console_log)
+
+
+def _remove_console_log(path: str) -> str:
+    """virtlogd writes the log as a new file each time (so it cannot be told by its
+    inode); it lies beside the domain's disk, in a directory only root can change
+    (check_disk_for_libvirt), and only a regular file by that name is removed."""
+    if not path:
+        return ""
+    try:
+        parent = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return ""
+    name = os.path.basename(path)
+    try:
+        if stat.S_ISREG(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            os.unlink(name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return f"left the console log {path}: {exc.strerror}"
+    finally:
+        os.close(parent)
+    return ""
+
+
+def _remove_by_uuid(uri: str, uuid: str) -> str:
+    try:
+        libvirt = _libvirt()
+        conn = _open(libvirt, uri)
+    except Unavailable as exc:
+        return f"left domain {uuid}: {exc.message}"
+    try:
+        if _absent(libvirt, uri, lambda: conn.lookupByUUIDString(uuid),
+                   libvirt.VIR_ERR_NO_DOMAIN):
+            return ""
+        domain = conn.lookupByUUIDString(uuid)
+        if domain.isActive():
+            domain.destroy()
+        _undefine(libvirt, domain)
+        return ""
+    except Failed as exc:
+        return f"left domain {uuid}: {exc.message}"
+    except libvirt.libvirtError as exc:
+        return f"left domain {uuid} at {uri}: {exc.get_error_message()}"
+    finally:
+        conn.close()
+
+
 def _open(libvirt, uri: str):
     try:
         return libvirt.open(uri)

@@ -5,8 +5,11 @@ their last verified checkpoint — fetching only the rest — and completes with
 the VM's.
 
 The points are byte offsets into the disks' downloads, where a proxy in front of the
-simulator holds every transfer while hypervisord is killed. HYPERSDK_KILL_SEED=<n>
-repeats a run's points; the seed is printed.
+simulator holds every transfer while hypervisord is killed; with "disk+convert" the
+export also converts the disks to qcow2 while they download (their streamOptimized
+VMDKs of incompressible data make that run alongside), so the kill lands in the
+conversion too. HYPERSDK_KILL_SEED=<n> repeats a run's points; the seed is printed.
+(The import stage: tests/pipeline_kvm/test_kill_import.py.)
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import sqlite3
-import stat
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +28,7 @@ from tests.support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_
                                job_property, submit, wait_for_status)
 from tests.support.hypervisord import Hypervisord
 from tests.support.images import same_image
+from tests.support.staging import assert_only_private_staging_left
 from tests.support.wait import until
 from tests.vcsim.harness import give_disks
 from tests.vsphere.fault_proxy import GatedProxy
@@ -46,11 +51,12 @@ async def test_kill9_at_seeded_points_of_an_export_leaves_nothing_and_the_retry_
     print(f"kill points seeded with {SEED} (HYPERSDK_KILL_SEED={SEED} repeats them)")
     uploads = service_dir / "uploads"
     uploads.mkdir()
-    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
+    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads,
+                                    subformat="streamOptimized", noise=True)
     smallest = min(disk.local_vmdk.stat().st_size for disk in disks)  # sparse: < capacity
     for point in range(POINTS):
         offset = rng.randrange(256 << 10, smallest - (64 << 10))  # inside every download
-        method = rng.choice(["disk", "ovf"])
+        method = rng.choice(["disk", "ovf", "disk+convert"])
         print(f"point {point}: kill at byte {offset} of each download, export_method {method}")
         await _kill_during_export_then_retry(start_hypervisord, system_bus.address, sim,
                                              service_dir, disks, point, offset, method)
@@ -73,13 +79,18 @@ async def _kill_during_export_then_retry(start_hypervisord, address: str, sim, s
         error = job_property(address, held.path, "Error")
         assert error.startswith("interrupted: hypervisord stopped while the job was running")
         assert f"{kept} verified bytes of its downloads are kept" in error
-        _assert_only_private_staging_left(export_path)
+        assert_only_private_staging_left(export_path)
+        converted = service_dir / "kvm" / EXPORT_VM  # hyper2kvm.output_dir/<vm>
+        assert not converted.exists(), list(converted.iterdir())
 
         held.proxy.served.clear()
         retried = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "RetryJob",
                               "sa{sv}", held.job_id, "0")["data"][0]
         await _assert_resumed(address, retried, held, disks, export_path, kept, point)
         assert not list(exports.rglob(".hypersdk-staging-*"))
+        if method.endswith("+convert"):
+            _assert_converted(address, retried, disks)
+            shutil.rmtree(converted)  # the next point converts the same VM
     finally:
         await asyncio.to_thread(restarted.stop)
         await held.proxy.close()
@@ -130,7 +141,7 @@ async def test_downloads_kept_for_a_resume_go_with_the_job_record(
         held.proxy.release.set()
         await asyncio.to_thread(start_hypervisord, providers=held.providers,
                                 export=held.export, database={"retention_count": 1})
-        _assert_only_private_staging_left(export_path)
+        assert_only_private_staging_left(export_path)
         other = json.loads((await asyncio.to_thread(
             submit, address, {"steps": 1, "interval": 0}, "sleep")).stdout.split()[1])
         await asyncio.to_thread(wait_for_status, address, other, {"completed"})
@@ -188,13 +199,18 @@ class HeldExport:
     @classmethod
     async def start(cls, start_hypervisord, address: str, sim, service_dir, offset: int,
                     method: str, export_path, downloads: int) -> "HeldExport":
+        """`method`: an export_method, or "disk+convert" (with the built-in conversion)."""
         proxy = await GatedProxy(sim.host, sim.port, hold_at=offset).start()
         providers = {"vsphere": sim.provider_settings(port=proxy.port)}
         export = {"chunk_size": CHUNK, "checkpoint_interval": CHUNK}
         daemon = await asyncio.to_thread(start_hypervisord, providers=providers, export=export)
+        export_method, _, then = method.partition("+")
         definition = {"vm_identifier": EXPORT_VM, "provider": "vsphere",
-                      "export_method": method, "export_path": str(export_path),
+                      "export_method": export_method, "export_path": str(export_path),
                       "options": {"shutdown_vm": False}}
+        if then == "convert":
+            definition["hyper2kvm_integration"] = {"enabled": True, "auto_convert": True,
+                                                   "format": "qcow2"}
         path = json.loads((await asyncio.to_thread(submit, address, definition))
                           .stdout.split()[1])
         held = cls(proxy, daemon, providers, export, service_dir / "state" / "hypersdk.db",
@@ -225,6 +241,15 @@ async def _assert_resumed(address: str, retried: str, held: HeldExport, disks, e
     assert full - kept <= fetched <= full - kept + 8 * KiB
 
 
+def _assert_converted(address: str, job: str, disks) -> None:
+    """Each of the VM's disks was converted, and compares equal with its source."""
+    images = [Path(disk["path"]) for disk in
+              json.loads(job_property(address, job, "Result"))["hyper2kvm"]["disks"]]
+    assert len(images) == len(disks)
+    for disk in disks:
+        assert sum(same_image(image, disk.local_vmdk) for image in images) == 1
+
+
 def _the_retry_of(address: str, job_id: str) -> str:
     paths = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "ListJobs",
                         "a{sv}", "0")["data"][0]
@@ -243,13 +268,3 @@ def _checkpointed(store, job_id: str) -> list[int]:
 
 def _all_beyond(offsets: list[int], count: int, least: int) -> bool:
     return len(offsets) == count and min(offsets) >= least
-
-
-def _assert_only_private_staging_left(export_path) -> None:
-    """Nothing of the interrupted export is visible: its directory holds only the job's
-    staging directory (root's, mode 0700) with the downloads kept for the retry."""
-    entries = list(export_path.iterdir())
-    assert [entry.name[:len(".hypersdk-staging-")] for entry in entries] == [
-        ".hypersdk-staging-"], entries
-    info = entries[0].stat()
-    assert info.st_uid == 0 and stat.S_IMODE(info.st_mode) == 0o700

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import http.client
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -168,12 +169,14 @@ class Simulator:
 
 
 def make_vmdk(path: Path, capacity_bytes: int, seed: int, *, dense: bool = False,
-              subformat: str = "monolithicSparse") -> Path:
+              subformat: str = "monolithicSparse", noise: bool = False) -> Path:
     """A VMDK of `capacity_bytes` with `seed`-dependent data.
 
     Sparse (the default): 1 MiB of data at each quarter of the disk. Dense: every
     MiB holds data, so the VMDK file is as large as the disk (for benchmarks).
     With subformat monolithicFlat, `path` is a descriptor next to `<stem>-flat.vmdk`.
+    The data repeats a 32-byte pattern (it compresses to almost nothing); `noise` makes
+    it pseudo-random, so a streamOptimized VMDK is as large as its data.
     """
     raw = path.with_suffix(".raw")
     block = 1 << 20
@@ -183,7 +186,8 @@ def make_vmdk(path: Path, capacity_bytes: int, seed: int, *, dense: bool = False
         handle.truncate(capacity_bytes)
         for offset in offsets:
             handle.seek(offset)
-            handle.write(hashlib.sha256(f"{seed}:{offset}".encode()).digest() * (block // 32))
+            handle.write(random.Random(f"{seed}:{offset}").randbytes(block) if noise else
+                         hashlib.sha256(f"{seed}:{offset}".encode()).digest() * (block // 32))
     try:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o",
                         f"subformat={subformat}", str(raw), str(path)],
@@ -250,8 +254,11 @@ def _disk_specs(vm: vim.VirtualMachine, sizes: list[int]) -> list[vim.vm.device.
 
 
 def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path,
-               seed: int = 0, dense: bool = False, flat: bool = False) -> list[VirtualDiskContent]:
-    """Power the VM off, give it len(sizes) disks of those sizes, upload real VMDKs to them.
+               seed: int = 0, dense: bool = False, flat: bool = False,
+               subformat: str = "monolithicSparse",
+               noise: bool = False) -> list[VirtualDiskContent]:
+    """Power the VM off, give it len(sizes) disks of those sizes, upload real VMDKs to them
+    (of `subformat`, with make_vmdk's `dense` and `noise`).
 
     flat: upload the usual datastore layout instead, a descriptor at the disk's
     path and its `-flat.vmdk` data file next to it.
@@ -273,7 +280,8 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
                 sim.put_file(part, str(PurePosixPath(backing).with_name(part.name)), datacenter)
         else:
             local = make_vmdk(workdir / f"{vm_name}-upload{index + 1}.vmdk", size,
-                              seed * 100 + index, dense=dense)
+                              seed * 100 + index, dense=dense, subformat=subformat,
+                              noise=noise)
             sim.put_file(local, backing, datacenter)
         uploaded.append(VirtualDiskContent(backing, local, size))
     return uploaded

@@ -34,6 +34,7 @@ class FakeJobContext:
     stagings: JobStagings = field(default_factory=JobStagings)
     owned: list[OwnedPath] = field(default_factory=list)  # what the store would hold
     planned: dict[str, int] = field(default_factory=dict)  # the last plan(stages)
+    domains: list[tuple[str, str]] = field(default_factory=list)  # (uri, uuid) defined
 
     @property
     def messages(self) -> list[str]:
@@ -63,6 +64,9 @@ class FakeJobContext:
 
     def staging(self, dest: OpenDir) -> Staging:
         return self.stagings.create(dest, self.job_id, self)
+
+    def record_domain(self, uri: str, uuid: str, console_log) -> None:
+        self.domains.append((uri, uuid))
 
     def record(self, owned: OwnedPath) -> None:
         self.owned.append(owned)
