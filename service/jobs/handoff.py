@@ -18,7 +18,6 @@ Three modes, chosen by the job definition:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..confine import open_dir
 from ..definitions import check_fields
-from ..disks.convert import convert_image
 from ..disks.ovf_writer import safe_name
 from ..errors import AlreadyExists, InvalidArgument
 from ..kvm.boot_verify import parse_verify_boot
@@ -35,10 +33,11 @@ from ..kvm.domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, i
 from ..kvm.kvm_landing import Landing, land
 from ..kvm.libvirt_import import preflight
 from ..staging import Staging
+from .convert_job import convert_and_land, land_image
 from .hyper2kvm import QUEUE_DIR, UnitState, follow, unit_name, unit_state
 from .manifest import (boot_sorted, build_manifest, disk_ids, manifest_name, per_disk,
                        write_manifest)
-from .overlap import JobProgress, StreamConversions
+from .overlap import StreamConversions
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -273,17 +272,11 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
     done = await streamed.results() if streamed is not None else {}
     counted = streamed.counted if streamed is not None else set()
     ctx.add_total(sum(disk.capacity_bytes for disk in ordered if disk.key not in counted))
-    converted = []
-    for disk, final in zip(ordered, finals):
-        if disk.key in done:
-            image = done[disk.key]
-        else:
-            image = await convert_image(disk.path, staging.path / final, out_format=fmt,
-                                        compress=_compress(integration),
-                                        on_progress=JobProgress(ctx, disk.capacity_bytes),
-                                        log=ctx.log)
-        landed = await asyncio.to_thread(staging.land, image.path.name, final)
-        converted.append(dataclasses.replace(image, path=landed))
+    converted = [await land_image(staging, done[disk.key], final) if disk.key in done
+                 else await convert_and_land(ctx, staging, disk.path, final, fmt=fmt,
+                                             compress=_compress(integration),
+                                             planned=disk.capacity_bytes, shown=disk.path.name)
+                 for disk, final in zip(ordered, finals)]
     ctx.log(f"converted {len(converted)} disk(s) into {out_dir}")
     result = {"mode": "builtin", "output_dir": str(out_dir),
               "disks": [image.to_dict() for image in converted]}
