@@ -41,6 +41,7 @@ from ..disks.ovf_writer import safe_name
 from ..disks.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
 from ..redact import redact_url
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, VMInfo
+from .calls import TaskOwner
 from .vsphere_session import SessionPool
 
 LEASE_READY_TIMEOUT = 300.0
@@ -141,12 +142,9 @@ async def _export_with_lease(pool: SessionPool, lease, vm: VMInfo, target_dir: P
         total = sum(d.capacity_bytes for d in vm.disks)
         keeper = _LeaseKeeper(pool, lease, total, _lease_interval(info))
         sink.add_total(total)
-        keepalive = asyncio.ensure_future(keeper.run())
-        try:
+        async with TaskOwner() as keepalive:
+            keepalive.create_task(keeper.run())
             disks = await _download_all(pool, sources, options, sink, keeper.count)
-        finally:
-            keepalive.cancel()
-            await asyncio.gather(keepalive, return_exceptions=True)
         _settle(sink, keeper.done, total)
         try:
             await _verify_checksums(pool, lease, disks, [d.key for d in _disk_devices(info)],
@@ -346,14 +344,12 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
                                 key=source.disk.key)
 
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i, s)) for i, s in enumerate(sources)]
-        return [task.result() for task in tasks]
-    except BaseException as exc:
+        async with TaskOwner() as owner:
+            return list(await asyncio.gather(*(owner.create_task(one(i, s))
+                                               for i, s in enumerate(sources))))
+    except BaseException:
         for path in finished:
             path.unlink(missing_ok=True)
-        if isinstance(exc, BaseExceptionGroup):
-            raise exc.exceptions[0] from None
         raise
 
 
