@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..confine import OpenFile, check_source, open_output_dir, open_source, split_under
-from ..definitions import check_fields
+from ..definitions import JsonObject
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..staging import Staging
@@ -89,27 +89,19 @@ class ConvertKind(JobKind):
     polkit_action = "org.hypersdk.HyperSDK1.convert"
 
     def validate(self, definition: Any, submit: SubmitContext) -> dict:
-        check_fields(definition, FIELDS)
+        fields = JsonObject(definition, FIELDS)
         paths = submit.config.paths
         source = check_source(definition.get("source_path"), paths.sources, "source_path")
         root, relative = split_under(definition.get("output_path"), paths.outputs,
                                      "output_path", "output")
         output = root / relative
-        options = check_fields(definition.get("conversion_options", {}), OPTION_FIELDS,
-                               prefix="conversion_options.")
-        fmt = options.get("format", submit.config.hyper2kvm.default_format)
-        if fmt not in OUTPUT_FORMATS:
-            raise InvalidArgument("conversion_options.format",
-                                  f"must be one of {', '.join(OUTPUT_FORMATS)}")
-        compression = options.get("compression", submit.config.hyper2kvm.compression)
-        if not isinstance(compression, bool):
-            raise InvalidArgument("conversion_options.compression", "must be true or false")
+        options = fields.section("conversion_options", OPTION_FIELDS)
+        fmt = options.text("format", submit.config.hyper2kvm.default_format,
+                           choices=OUTPUT_FORMATS)
+        compression = options.flag("compression", submit.config.hyper2kvm.compression)
         if compression and fmt != "qcow2":
             raise InvalidArgument("conversion_options.compression", "only qcow2 can be compressed")
-        source_format = options.get("source_format", "")
-        if source_format not in ("", *SOURCE_FORMATS):
-            raise InvalidArgument("conversion_options.source_format",
-                                  f"must be one of {', '.join(SOURCE_FORMATS)}")
+        source_format = options.text("source_format", "", choices=("", *SOURCE_FORMATS))
         result = {"format": fmt, "compression": compression}
         if source_format:
             result["source_format"] = source_format

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..confine import open_dir
-from ..definitions import check_fields
+from ..definitions import JsonObject
 from ..disks.ovf_writer import safe_name
 from ..errors import AlreadyExists, InvalidArgument
 from ..kvm.boot_verify import parse_verify_boot
@@ -82,17 +82,13 @@ def validate_integration(block: Any, config: "Config") -> dict:
     start and wait for the guest to boot). Unknown fields are refused so a typo
     never silently turns a conversion off.
     """
-    result = _defaults(config)
+    defaults = _defaults(config)
     if block is None:
-        return result
-    check_fields(block, sorted(result), prefix=f"{FIELD}.")
-    for key, value in block.items():
-        if key in _BOOL_FIELDS and not isinstance(value, bool):
-            raise InvalidArgument(f"{FIELD}.{key}", "true or false")
-        if key in _STR_FIELDS and (not isinstance(value, str) or not value):
-            raise InvalidArgument(f"{FIELD}.{key}", "a non-empty string")
-        result[key] = value
-    result["verify_boot"] = parse_verify_boot(result["verify_boot"], f"{FIELD}.verify_boot")
+        return defaults
+    fields = JsonObject(block, sorted(defaults), f"{FIELD}.")
+    result = {key: fields.flag(key, defaults[key]) for key in _BOOL_FIELDS}
+    result.update({key: fields.text(key, defaults[key], non_empty=True) for key in _STR_FIELDS})
+    result["verify_boot"] = parse_verify_boot(block.get("verify_boot"), f"{FIELD}.verify_boot")
     if not INSTANCE_RE.match(result["instance"]):
         raise InvalidArgument(f"{FIELD}.instance", "letters, digits, '_', '.' and '-' only")
     if result["format"] not in FORMATS:

@@ -13,7 +13,8 @@ Export options (`options.provider_options` of the job, `ExportOptions.extra` her
   changed since the base snapshot are read, on top of a copy of `base_images[vol]`
   (the raw image exported from that base);
 - `keep_snapshots`: keep the snapshots we made, to serve as the next base;
-- `shutdown_timeout`: seconds to wait for the instance to stop (and start again).
+and, from the job's `options.shutdown_timeout`, the seconds to wait for the instance to
+stop (and start again).
 The snapshot read for each volume is reported in `VMInfo.extra["snapshot_ids"]`.
 
 Credentials: `access_key_id` + `secret_access_key_file` (mode 0600), or `profile`,
@@ -33,13 +34,12 @@ from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, 
 from .base import Provider, require_extra
 from .cleanup import Cleanups
 from .common import (OutputFiles, check_filter, closest, poll_until, private_file_rule,
-                     read_private_file)
+                     provider_options, read_private_file, shutdown_timeout)
 
 GIB = 1024 ** 3
 SDK_MODULES = ("boto3",)
 FILTER_KEYS = ("tags", "state", "region", "name")
-EXTRA_KEYS = ("snapshot_ids", "base_snapshot_ids", "base_images", "keep_snapshots",
-              "shutdown_timeout")
+EXTRA_KEYS = ("snapshot_ids", "base_snapshot_ids", "base_images", "keep_snapshots")
 DEFAULT_SHUTDOWN_TIMEOUT = 600.0
 AUTH_ERROR_CODES = {"AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException",
                     "SignatureDoesNotMatch", "ExpiredToken", "InvalidAccessKeyId",
@@ -418,24 +418,16 @@ def _parse_extra(extra: dict, vm: VMInfo, export_base: Path) -> dict:
 
     Base images must lie under export.base_path: the daemon reads them as root, and
     any other file would be copied into the export."""
-    for key in extra:
-        if key not in EXTRA_KEYS:
-            raise InvalidArgument(f"options.provider_options.{key}", "one of " + ", ".join(EXTRA_KEYS))
+    fields = provider_options(extra, EXTRA_KEYS)
     volume_ids = {d.key for d in vm.disks}
-    result: dict[str, Any] = {"keep_snapshots": bool(extra.get("keep_snapshots", False))}
-    timeout = extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
-    result["shutdown_timeout"] = float(timeout)
+    result: dict[str, Any] = {"keep_snapshots": fields.flag("keep_snapshots", False),
+                              "shutdown_timeout": shutdown_timeout(extra, DEFAULT_SHUTDOWN_TIMEOUT)}
     for key in ("snapshot_ids", "base_snapshot_ids", "base_images"):
-        value = extra.get(key) or {}
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise InvalidArgument(f"options.provider_options.{key}", "a mapping of volume ids to strings")
-        for volume_id in value:
+        result[key] = dict(fields.text_map(key, {}))
+        for volume_id in result[key]:
             if volume_id not in volume_ids:
                 raise InvalidArgument(f"options.provider_options.{key}.{volume_id}",
                                       f"a volume of {vm.identifier} ({', '.join(sorted(volume_ids))})")
-        result[key] = dict(value)
     for volume_id in result["base_snapshot_ids"]:
         image = result["base_images"].get(volume_id)
         field = f"options.provider_options.base_images.{volume_id}"

@@ -28,7 +28,8 @@ from .azure_vhd import check_fixed_vhd
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import Cleanups
-from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
+from .common import OutputFiles, check_filter, closest, private_file_rule, provider_options, \
+    read_private_file, shutdown_timeout
 from .sparse import SparseImage
 
 GIB = 1024 ** 3
@@ -286,7 +287,8 @@ class AzureProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
-        timeout = _shutdown_timeout(options.extra)
+        provider_options(options.extra, ())  # the azure provider takes none
+        timeout = shutdown_timeout(options.extra, DEFAULT_SHUTDOWN_TIMEOUT)
         vm = await self.get_vm(identifier)
         unmanaged = [d.key for d in vm.disks if not d.location.startswith("/subscriptions/")]
         if unmanaged:
@@ -429,18 +431,6 @@ class AzureProvider(Provider):
         if self._own_credential and self._credential is not None:
             await self._credential.close()
             self._credential = None
-
-
-def _shutdown_timeout(extra: dict) -> float:
-    """The only extra export option: `shutdown_timeout` (seconds), from the export job."""
-    for key in extra:
-        if key != "shutdown_timeout":
-            raise InvalidArgument(f"options.provider_options.{key}", "the azure provider knows only "
-                                                          "shutdown_timeout")
-    timeout = extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
-    return float(timeout)
 
 
 PROVIDER_CLASS = AzureProvider

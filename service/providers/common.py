@@ -21,8 +21,9 @@ import os
 import stat
 from pathlib import Path
 import time
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Iterable, TypeVar
 
+from ..definitions import JsonObject
 from ..errors import Failed, InvalidArgument, Retryable, Unavailable
 from ..model import ExportSink
 from .calls import MapError, RetryPolicy, TaskOwner, with_retries
@@ -52,6 +53,20 @@ def check_filter(vm_filter: dict, allowed: tuple[str, ...]) -> None:
     for key in vm_filter:
         if key not in allowed:
             raise InvalidArgument(f"filter.{key}", "one of the known filter keys: " + ", ".join(allowed))
+
+
+def provider_options(extra: dict, known: Iterable[str]) -> JsonObject:
+    """The export job's `options.provider_options` (ExportOptions.extra, less the
+    shutdown_timeout the job adds to it) read through JsonObject: keys other than `known`
+    are refused, naming the field."""
+    return JsonObject({key: value for key, value in extra.items() if key != "shutdown_timeout"},
+                      known, "options.provider_options.")
+
+
+def shutdown_timeout(extra: dict, default: float) -> float:
+    """The export job's `options.shutdown_timeout`, passed along in ExportOptions.extra."""
+    return JsonObject({"shutdown_timeout": extra.get("shutdown_timeout")}, ("shutdown_timeout",),
+                      "options.").number("shutdown_timeout", default, above=0, unit="seconds")
 
 
 def closest(name: str, candidates: list[str]) -> str:

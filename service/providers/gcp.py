@@ -33,7 +33,7 @@ from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, 
 from .base import Provider, require_extra
 from .cleanup import Cleanups, run_to_completion
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
-    poll_until, private_file_rule, read_private_file
+    poll_until, private_file_rule, provider_options, read_private_file
 
 SDK_MODULES = ("google.cloud.compute_v1", "google.cloud.storage")
 GIB = 1024 ** 3
@@ -235,6 +235,7 @@ class GcpProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
+        provider_options(options.extra, ())  # the gcp provider takes none
         bucket_name = self.settings["export_bucket"]
         if not bucket_name:
             raise InvalidArgument(f"providers.{self.name}.export_bucket",

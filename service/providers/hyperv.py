@@ -36,7 +36,7 @@ from .base import Provider, require_extra
 from .calls import RetryPolicy
 from .cleanup import Cleanups
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
-    private_file_rule, read_private_file
+    private_file_rule, provider_options, read_private_file
 
 SDK_MODULES = ("winrm",)
 FILTER_KEYS = ("name", "power_state", "generation")
@@ -252,6 +252,7 @@ class HypervProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
+        provider_options(options.extra, ())  # the hyperv provider takes none
         vm = await self.get_vm(identifier)
         host_dir = str(PureWindowsPath(self.settings["host_export_dir"])
                        / f"{safe_name(vm.name, 40)}-{secrets.token_hex(4)}")

@@ -30,7 +30,8 @@ from ..disks.ovf_writer import safe_name
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import run_to_completion
-from .common import OutputFiles, check_filter, closest, poll_until, private_file_rule
+from .common import OutputFiles, check_filter, closest, poll_until, private_file_rule, \
+    provider_options
 
 SDK_MODULES = ("oci",)
 GIB = 1024 ** 3
@@ -277,6 +278,7 @@ class OciProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
+        provider_options(options.extra, ())  # the oci provider takes none
         bucket = self.settings["export_bucket"]
         if not bucket:
             raise InvalidArgument(f"providers.{self.name}.export_bucket",

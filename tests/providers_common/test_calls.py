@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hypersdk.service.errors import Failed, HyperSDKError, NotFound, Retryable, Unavailable
+from hypersdk.service.errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable, \
+    Unavailable
 from hypersdk.service.providers.base import Provider
 from hypersdk.service.providers.calls import MAX_RETRY_AFTER, RetryPolicy, TaskOwner
 from hypersdk.service.providers.common import fetch_ranges, gather_bounded
@@ -189,3 +190,19 @@ async def test_the_first_failure_of_a_bounded_gather_cancels_and_awaits_the_othe
     with pytest.raises(Failed, match="disk bad broke"):
         await gather_bounded(["slow", "bad"], work, limit=2)
     assert ended == ["slow"]  # ended before the failure reached the caller
+
+
+@pytest.mark.parametrize("module", ["gcp", "oci", "hyperv", "azure"])
+async def test_providers_without_options_refuse_unknown_provider_options(module, tmp_path):
+    """Before touching the cloud: a typo in options.provider_options is named, not ignored."""
+    import importlib
+
+    from hypersdk.service.model import ExportOptions
+
+    cls = importlib.import_module(f"hypersdk.service.providers.{module}").PROVIDER_CLASS
+    provider = cls("p", {"namespace": ""}, None)
+    options = ExportOptions(extra={"keep_snapshot": True, "shutdown_timeout": 30.0})
+    with pytest.raises(InvalidArgument) as info:
+        await provider.export_disks("vm1", tmp_path, options, FakeExportSink())
+    assert (info.value.field, info.value.rule) == ("options.provider_options.keep_snapshot",
+                                                   "unknown field (known: none)")
