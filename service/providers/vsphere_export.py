@@ -26,7 +26,6 @@ import dataclasses
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
@@ -42,6 +41,7 @@ from ..disks.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
 from ..redact import redact_url
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, VMInfo
 from .calls import TaskOwner
+from .common import poll_until
 from .vsphere_session import SessionPool
 
 LEASE_READY_TIMEOUT = 300.0
@@ -75,18 +75,13 @@ def open_export_lease(si, identifier: str):
         raise Failed(f"ExportVm on {identifier} failed: {fault.msg}") from None
 
 
-def _wait_lease_ready(si, lease, timeout: float):
-    deadline = time.monotonic() + timeout
-    while True:
-        state = str(lease.state)
-        if state == "ready":
-            return lease.info
-        if state == "error":
-            error = lease.error
-            raise Failed(f"the export lease failed: {getattr(error, 'msg', None) or error}")
-        if time.monotonic() > deadline:
-            raise Failed(f"the export lease was not ready within {timeout:g}s (state {state})")
-        time.sleep(0.5)
+def _lease_ready(si, lease):
+    """The lease's info once it is ready, None while it is not yet (blocking)."""
+    state = str(lease.state)
+    if state == "error":
+        error = lease.error
+        raise Failed(f"the export lease failed: {getattr(error, 'msg', None) or error}")
+    return lease.info if state == "ready" else None
 
 
 def _lease_url(url: str, host: str) -> str:
@@ -136,7 +131,8 @@ def _lease_interval(info) -> float:
 async def _export_with_lease(pool: SessionPool, lease, vm: VMInfo, target_dir: Path,
                              options: ExportOptions, sink: ExportSink) -> list[ExportedDisk]:
     try:
-        info = await pool.run(_wait_lease_ready, lease, LEASE_READY_TIMEOUT)
+        info = await poll_until(lambda: pool.run(_lease_ready, lease), interval=0.5,
+                                timeout=LEASE_READY_TIMEOUT, what="the export lease being ready")
         sink.log(f"export lease ready: {len(vm.disks)} disk(s)")
         sources = _lease_sources(info, pool, vm, target_dir)
         total = sum(d.capacity_bytes for d in vm.disks)
