@@ -1,9 +1,12 @@
-"""Small pieces the GCP, OCI, Hyper-V and OVA providers share.
+"""Small pieces the providers share.
 
 - `private_file_rule` / `read_private_file`: credential files (`*_file` settings)
   must be readable by their owner only (mode 0600 or stricter).
+- `provider_options` / `shutdown_timeout`: the export job's options as a provider
+  reads them (ExportOptions.extra, through definitions.JsonObject).
 - `fetch_ranges`: a resumable, checksummed copy of a remote object read in ranges
-  through an SDK call (a GCS blob range, a chunk read over WinRM) into a local file.
+  through an SDK call (a GCS blob range, a chunk read over WinRM) into a local file,
+  a dropped read resumed as the provider's error-mapping hook decides.
   HTTP URLs go through `disks/download.py` instead.
 - `OutputFiles`: the disk files one export wrote, removed again if the export fails
   so that nothing partial is left in the target directory.
