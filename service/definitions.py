@@ -24,8 +24,8 @@ def check_fields(definition: Any, allowed: Iterable[str], required: Iterable[str
         raise InvalidArgument(prefix.rstrip(".") or "definition", "must be a JSON object")
     for key in definition:
         if key not in allowed:
-            raise InvalidArgument(prefix + str(key),
-                                  "unknown field (known: " + ", ".join(allowed) + ")")
+            raise InvalidArgument(prefix + str(key), "unknown field (known: "
+                                  + (", ".join(allowed) or "none") + ")")
     for key in required:
         if definition.get(key) in (None, ""):
             raise InvalidArgument(prefix + key, "is required")
@@ -54,6 +54,11 @@ def new_id(prefix: str) -> str:
 REQUIRED: Any = object()  # an accessor's default: the field must be there
 
 
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if choices and value not in choices:
+        raise InvalidArgument(field, "one of " + ", ".join(c for c in choices if c))
+
+
 class JsonObject:
     """Typed reads of one untrusted JSON object whose fields are among `known`.
 
@@ -65,7 +70,7 @@ class JsonObject:
         self.data = check_fields(value, known, (), prefix)
         self.prefix = prefix
 
-    def _typed(self, key: str, default: Any, kind: type, rule: str) -> Any:
+    def _typed(self, key: str, default: Any, kind: type | tuple[type, ...], rule: str) -> Any:
         """The field's value if it is a `kind` (a bool is no integer), `default` when it is
         absent or null; InvalidArgument(field, rule) otherwise."""
         value = self.data.get(key)
@@ -77,12 +82,55 @@ class JsonObject:
             raise InvalidArgument(self.prefix + key, rule)
         return value
 
-    def text(self, key: str, default: Any = REQUIRED, choices: Iterable[str] = ()) -> str:
-        value = self._typed(key, default, str, "a string")
-        choices = tuple(choices)
-        if choices and value not in choices:
-            raise InvalidArgument(self.prefix + key, "one of " + ", ".join(c for c in choices if c))
+    def text(self, key: str, default: Any = REQUIRED, choices: Iterable[str] = (),
+             non_empty: bool = False) -> str:
+        """A string; with `non_empty`, not "" or blanks; with `choices`, one of them."""
+        rule = "a non-empty string" if non_empty else "a string"
+        value = self._typed(key, default, str, rule)
+        if non_empty and not value.strip():
+            raise InvalidArgument(self.prefix + key, rule)
+        _check_choice(self.prefix + key, value, tuple(choices))
         return value
+
+    def number(self, key: str, default: Any = REQUIRED, above: float | None = None,
+               unit: str = "") -> float:
+        """An integer or a decimal number (of `unit`, for the message), > `above`."""
+        rule = " ".join(filter(None, ("a number", unit and f"of {unit}",
+                                      above is not None and f"> {above:g}")))
+        value = self._typed(key, default, (int, float), rule)
+        if self.data.get(key) is not None and above is not None and value <= above:
+            raise InvalidArgument(self.prefix + key, rule)
+        return float(value) if value is not None else value
+
+    def texts(self, key: str, default: Any = REQUIRED, choices: Iterable[str] = (),
+              non_empty: bool = False) -> list[str]:
+        """A list of strings (each one of `choices`, when given); `key[i]` names a bad item."""
+        choices = tuple(choices)
+        rule = ("a non-empty list" if non_empty else "a list") + \
+            (" of: " + ", ".join(choices) if choices else " of strings")
+        values = self._typed(key, default, list, rule)
+        if self.data.get(key) is None:
+            return values
+        if non_empty and not values:
+            raise InvalidArgument(self.prefix + key, rule)
+        for index, item in enumerate(values):
+            if not isinstance(item, str):
+                raise InvalidArgument(f"{self.prefix}{key}[{index}]", "a string")
+            _check_choice(f"{self.prefix}{key}[{index}]", item, choices)
+        return list(values)
+
+    def text_map(self, key: str, default: Any = REQUIRED) -> dict[str, str]:
+        """A JSON object whose values are strings; `key.name` names a bad value."""
+        mapping = self.mapping(key, default)
+        for name, value in (mapping or {}).items():
+            if not isinstance(value, str):
+                raise InvalidArgument(f"{self.prefix}{key}.{name}", "a string")
+        return mapping
+
+    def section(self, key: str, known: Iterable[str]) -> "JsonObject":
+        """The JSON object at `key` (absent or null: an empty one), read the same way."""
+        return JsonObject(self.data.get(key) if self.data.get(key) is not None else {},
+                          known, f"{self.prefix}{key}.")
 
     def integer(self, key: str, default: Any = REQUIRED, minimum: int | None = None,
                 maximum: int | None = None) -> int:

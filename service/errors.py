@@ -67,6 +67,12 @@ class Failed(HyperSDKError):
 
 
 class Retryable(Failed):
-    """A transient failure: the job engine retries with backoff up to export.max_retries."""
+    """A transient failure: a provider's call retries it (providers/calls.py RetryPolicy),
+    and the job engine retries the job with backoff, each up to export.max_retries.
+    `retry_after`: the seconds the server asked to wait, when it said."""
 
     name = "Failed"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -45,10 +45,9 @@ import aiohttp
 from . import __version__
 from .config import WEBHOOK_EVENTS
 from .errors import InvalidArgument, NotFound
-from .definitions import check_fields
+from .definitions import JsonObject, new_id
 from .redact import redact_headers, redact_url
 from .cron import Clock, wait_until
-from .definitions import check_bool, new_id
 from .webhook_targets import PublicOnlyResolver, RefusedTarget, TargetPolicy
 
 if TYPE_CHECKING:
@@ -74,10 +73,10 @@ _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
 # -- validation ------------------------------------------------------------------------
 def validate_webhook(definition: Any, targets: TargetPolicy) -> dict:
     """A normalised webhook {url, events, headers, secret, enabled} or InvalidArgument."""
-    check_fields(definition, WEBHOOK_FIELDS, ("url", "events"))
-    url = definition["url"]
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    fields = JsonObject(definition, WEBHOOK_FIELDS)
+    url = fields.text("url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidArgument("url", "must be an http:// or https:// URL with a host")
     try:
         parts.port
@@ -85,29 +84,18 @@ def validate_webhook(definition: Any, targets: TargetPolicy) -> dict:
         raise InvalidArgument("url", "has an invalid port") from None
     if reason := targets.url_refusal(url):
         raise InvalidArgument("url", f"webhooks go to public addresses only: {reason}")
-    events = definition["events"]
-    if not isinstance(events, list) or not events:
-        raise InvalidArgument("events", "must be a non-empty list of: " + ", ".join(WEBHOOK_EVENTS))
-    for i, event in enumerate(events):
-        if event not in WEBHOOK_EVENTS:
-            raise InvalidArgument(f"events[{i}]", f"unknown event {event!r}; known: "
-                                  + ", ".join(WEBHOOK_EVENTS))
-    headers = definition.get("headers") or {}
-    if not isinstance(headers, dict):
-        raise InvalidArgument("headers", "must be a JSON object of header names to strings")
+    events = fields.texts("events", choices=WEBHOOK_EVENTS, non_empty=True)
+    headers = fields.text_map("headers", {})
     for name, value in headers.items():
         if not _HEADER_NAME_RE.match(name):
             raise InvalidArgument(f"headers.{name}", "is not a valid HTTP header name")
         if name.lower() in RESERVED_HEADERS:
             raise InvalidArgument(f"headers.{name}", "is set by hypervisord and cannot be "
                                                       "configured")
-        if not isinstance(value, str) or "\r" in value or "\n" in value:
+        if "\r" in value or "\n" in value:
             raise InvalidArgument(f"headers.{name}", "must be a single-line string")
-    secret = definition.get("secret") or ""
-    if not isinstance(secret, str):
-        raise InvalidArgument("secret", "must be a string")
     return {"url": url, "events": list(dict.fromkeys(events)), "headers": dict(headers),
-            "secret": secret, "enabled": check_bool(definition.get("enabled", True), "enabled")}
+            "secret": fields.text("secret", ""), "enabled": fields.flag("enabled", True)}
 
 
 def _answer_error(status: int) -> str:

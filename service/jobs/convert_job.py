@@ -21,21 +21,23 @@ from what its `/convert` example (4.2) wrote. The result lists every disk it pro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..confine import OpenFile, check_source, open_output_dir, open_source, split_under
-from ..definitions import check_fields
+from ..definitions import JsonObject
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..staging import Staging
-from ..disks.convert import OUTPUT_FORMATS, convert_image, inspect_source
+from ..disks.convert import OUTPUT_FORMATS, ConvertedImage, convert_image, inspect_source
 from ..disks.disk_format import SOURCE_FORMATS, check_claimed_format
 from ..disks.ova_extract import extract_ova, verify_manifest
 from ..disks.ovf import OvfInfo, parse_ovf
 from ..disks.threads import run_stoppable
 from ..disks.vmdk import external_files
+from .overlap import JobProgress
 
 FIELDS = ("source_path", "output_path", "conversion_options")
 OPTION_FIELDS = ("format", "compression", "source_format")
@@ -87,27 +89,19 @@ class ConvertKind(JobKind):
     polkit_action = "org.hypersdk.HyperSDK1.convert"
 
     def validate(self, definition: Any, submit: SubmitContext) -> dict:
-        check_fields(definition, FIELDS)
+        fields = JsonObject(definition, FIELDS)
         paths = submit.config.paths
         source = check_source(definition.get("source_path"), paths.sources, "source_path")
         root, relative = split_under(definition.get("output_path"), paths.outputs,
                                      "output_path", "output")
         output = root / relative
-        options = check_fields(definition.get("conversion_options", {}), OPTION_FIELDS,
-                               prefix="conversion_options.")
-        fmt = options.get("format", submit.config.hyper2kvm.default_format)
-        if fmt not in OUTPUT_FORMATS:
-            raise InvalidArgument("conversion_options.format",
-                                  f"must be one of {', '.join(OUTPUT_FORMATS)}")
-        compression = options.get("compression", submit.config.hyper2kvm.compression)
-        if not isinstance(compression, bool):
-            raise InvalidArgument("conversion_options.compression", "must be true or false")
+        options = fields.section("conversion_options", OPTION_FIELDS)
+        fmt = options.text("format", submit.config.hyper2kvm.default_format,
+                           choices=OUTPUT_FORMATS)
+        compression = options.flag("compression", submit.config.hyper2kvm.compression)
         if compression and fmt != "qcow2":
             raise InvalidArgument("conversion_options.compression", "only qcow2 can be compressed")
-        source_format = options.get("source_format", "")
-        if source_format not in ("", *SOURCE_FORMATS):
-            raise InvalidArgument("conversion_options.source_format",
-                                  f"must be one of {', '.join(SOURCE_FORMATS)}")
+        source_format = options.text("source_format", "", choices=("", *SOURCE_FORMATS))
         result = {"format": fmt, "compression": compression}
         if source_format:
             result["source_format"] = source_format
@@ -198,16 +192,27 @@ class ConvertKind(JobKind):
             sizes.append(int(info["virtual-size"]))
         ctx.set_total(done_before + sum(sizes))
         ctx.set_stage("convert")
-        results, base = [], done_before
-        for disk, name, final, size in zip(disks, shown, finals, sizes):
-            ctx.log(f"converting {name} -> {final}")
-            image = await convert_image(
-                disk, staging.path / final, out_format=fmt, compress=options["compression"],
-                on_progress=lambda done, _total, b=base: ctx.set_done(b + done), log=ctx.log)
-            landed = await asyncio.to_thread(staging.land, final)
-            results.append({**image.to_dict(), "path": str(landed)})
-            base += size
-        return results
+        return [(await convert_and_land(ctx, staging, disk, final, fmt=fmt,
+                                        compress=options["compression"], planned=size,
+                                        shown=name)).to_dict()
+                for disk, name, final, size in zip(disks, shown, finals, sizes)]
+
+
+async def convert_and_land(ctx: JobContext, staging: Staging, source: Path, final: str, *,
+                           fmt: str, compress: bool, planned: int,
+                           shown: str) -> ConvertedImage:
+    """Convert one disk into `staging` as `final` and land it; the job advances by up to
+    `planned` bytes. The convert job and the export's Direct Pipeline both use it."""
+    ctx.log(f"converting {shown} -> {final}")
+    image = await convert_image(source, staging.path / final, out_format=fmt, compress=compress,
+                                on_progress=JobProgress(ctx, planned), log=ctx.log)
+    return await land_image(staging, image, final)
+
+
+async def land_image(staging: Staging, image: ConvertedImage, final: str) -> ConvertedImage:
+    """`image` (a file in `staging`) landed as `final`: the same image at its landed path."""
+    landed = await asyncio.to_thread(staging.land, image.path.name, final)
+    return dataclasses.replace(image, path=landed)
 
 
 register(ConvertKind())

@@ -32,7 +32,7 @@ from typing import Any
 from ..confine import OpenDir, open_dir, split_under
 from ..errors import AlreadyExists, Failed, InvalidArgument
 from ..files import temp_path_for
-from ..definitions import check_fields
+from ..definitions import JsonObject
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
 from ..staging import Staging
 from ..model import ExportOptions, ExportedDisk, VMInfo
@@ -56,29 +56,20 @@ QEMU_INPUT_FORMATS = {"vmdk": "vmdk", "raw": "raw", "vhd": "vpc", "vhdx": "vhdx"
 
 
 def _check_options(options: Any) -> dict:
-    result: dict[str, Any] = dict(BOOL_OPTIONS, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT)
-    if options is None:
-        return result
-    if not isinstance(options, dict):
-        raise InvalidArgument("options", "an object")
-    for key, value in options.items():
-        if key in BOOL_OPTIONS:
-            if not isinstance(value, bool):
-                raise InvalidArgument(f"options.{key}", "true or false")
-        elif key == "shutdown_timeout":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
-            value = float(value)
-        elif key == "provider_options":
-            # passed to the provider as ExportOptions.extra; the provider checks its keys
-            # (e.g. AWS base_snapshot_ids, keep_snapshots) and names any it does not know
-            if not isinstance(value, dict) or "shutdown_timeout" in value:
-                raise InvalidArgument("options.provider_options",
-                                      "an object of provider-specific options")
-        else:
-            known = ", ".join([*BOOL_OPTIONS, "shutdown_timeout", "provider_options"])
-            raise InvalidArgument(f"options.{key}", f"unknown option (known: {known})")
-        result[key] = value
+    fields = JsonObject({} if options is None else options,
+                        [*BOOL_OPTIONS, "shutdown_timeout", "provider_options"], "options.")
+    result: dict[str, Any] = {key: fields.flag(key, default)
+                              for key, default in BOOL_OPTIONS.items()}
+    result["shutdown_timeout"] = fields.number("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT,
+                                               above=0, unit="seconds")
+    # passed to the provider as ExportOptions.extra; the provider checks its keys
+    # (e.g. AWS base_snapshot_ids, keep_snapshots) and names any it does not know
+    provider_options = fields.mapping("provider_options", None)
+    if provider_options is not None:
+        if "shutdown_timeout" in provider_options:
+            raise InvalidArgument("options.provider_options.shutdown_timeout",
+                                  "belongs in options.shutdown_timeout")
+        result["provider_options"] = provider_options
     if result["restore_power_state"] and not result["shutdown_vm"]:
         raise InvalidArgument("options.restore_power_state", "needs shutdown_vm: true")
     return result
@@ -115,17 +106,11 @@ class ExportKind(JobKind):
     export_slot = True
 
     def validate(self, definition: Any, submit: SubmitContext) -> dict:
-        check_fields(definition, FIELDS)
-        vm_identifier = definition.get("vm_identifier")
-        if not isinstance(vm_identifier, str) or not vm_identifier.strip():
-            raise InvalidArgument("vm_identifier", "a VM id, name or inventory path")
-        provider = definition.get("provider")
-        if not isinstance(provider, str) or not provider:
-            raise InvalidArgument("provider", "the name of a configured provider")
+        fields = JsonObject(definition, FIELDS)
+        vm_identifier = fields.text("vm_identifier", non_empty=True)
+        provider = fields.text("provider", non_empty=True)
         submit.providers.check_usable(provider)
-        method = definition.get("export_method", "ova")
-        if method not in METHODS:
-            raise InvalidArgument("export_method", "one of " + ", ".join(METHODS))
+        method = fields.text("export_method", "ova", choices=METHODS)
         base = submit.config.export.base_path
         export_path = definition.get("export_path", safe_name(vm_identifier))
         return {

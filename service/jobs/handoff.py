@@ -18,15 +18,13 @@ Three modes, chosen by the job definition:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..confine import open_dir
-from ..definitions import check_fields
-from ..disks.convert import convert_image
+from ..definitions import JsonObject
 from ..disks.ovf_writer import safe_name
 from ..errors import AlreadyExists, InvalidArgument
 from ..kvm.boot_verify import parse_verify_boot
@@ -35,10 +33,11 @@ from ..kvm.domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, i
 from ..kvm.kvm_landing import Landing, land
 from ..kvm.libvirt_import import preflight
 from ..staging import Staging
+from .convert_job import convert_and_land, land_image
 from .hyper2kvm import QUEUE_DIR, UnitState, follow, unit_name, unit_state
 from .manifest import (boot_sorted, build_manifest, disk_ids, manifest_name, per_disk,
                        write_manifest)
-from .overlap import JobProgress, StreamConversions
+from .overlap import StreamConversions
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -83,17 +82,13 @@ def validate_integration(block: Any, config: "Config") -> dict:
     start and wait for the guest to boot). Unknown fields are refused so a typo
     never silently turns a conversion off.
     """
-    result = _defaults(config)
+    defaults = _defaults(config)
     if block is None:
-        return result
-    check_fields(block, sorted(result), prefix=f"{FIELD}.")
-    for key, value in block.items():
-        if key in _BOOL_FIELDS and not isinstance(value, bool):
-            raise InvalidArgument(f"{FIELD}.{key}", "true or false")
-        if key in _STR_FIELDS and (not isinstance(value, str) or not value):
-            raise InvalidArgument(f"{FIELD}.{key}", "a non-empty string")
-        result[key] = value
-    result["verify_boot"] = parse_verify_boot(result["verify_boot"], f"{FIELD}.verify_boot")
+        return defaults
+    fields = JsonObject(block, sorted(defaults), f"{FIELD}.")
+    result = {key: fields.flag(key, defaults[key]) for key in _BOOL_FIELDS}
+    result.update({key: fields.text(key, defaults[key], non_empty=True) for key in _STR_FIELDS})
+    result["verify_boot"] = parse_verify_boot(block.get("verify_boot"), f"{FIELD}.verify_boot")
     if not INSTANCE_RE.match(result["instance"]):
         raise InvalidArgument(f"{FIELD}.instance", "letters, digits, '_', '.' and '-' only")
     if result["format"] not in FORMATS:
@@ -273,17 +268,11 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
     done = await streamed.results() if streamed is not None else {}
     counted = streamed.counted if streamed is not None else set()
     ctx.add_total(sum(disk.capacity_bytes for disk in ordered if disk.key not in counted))
-    converted = []
-    for disk, final in zip(ordered, finals):
-        if disk.key in done:
-            image = done[disk.key]
-        else:
-            image = await convert_image(disk.path, staging.path / final, out_format=fmt,
-                                        compress=_compress(integration),
-                                        on_progress=JobProgress(ctx, disk.capacity_bytes),
-                                        log=ctx.log)
-        landed = await asyncio.to_thread(staging.land, image.path.name, final)
-        converted.append(dataclasses.replace(image, path=landed))
+    converted = [await land_image(staging, done[disk.key], final) if disk.key in done
+                 else await convert_and_land(ctx, staging, disk.path, final, fmt=fmt,
+                                             compress=_compress(integration),
+                                             planned=disk.capacity_bytes, shown=disk.path.name)
+                 for disk, final in zip(ordered, finals)]
     ctx.log(f"converted {len(converted)} disk(s) into {out_dir}")
     result = {"mode": "builtin", "output_dir": str(out_dir),
               "disks": [image.to_dict() for image in converted]}

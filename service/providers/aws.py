@@ -13,7 +13,8 @@ Export options (`options.provider_options` of the job, `ExportOptions.extra` her
   changed since the base snapshot are read, on top of a copy of `base_images[vol]`
   (the raw image exported from that base);
 - `keep_snapshots`: keep the snapshots we made, to serve as the next base;
-- `shutdown_timeout`: seconds to wait for the instance to stop (and start again).
+and, from the job's `options.shutdown_timeout`, the seconds to wait for the instance to
+stop (and start again).
 The snapshot read for each volume is reported in `VMInfo.extra["snapshot_ids"]`.
 
 Credentials: `access_key_id` + `secret_access_key_file` (mode 0600), or `profile`,
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable, Unavailable
@@ -33,13 +34,12 @@ from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, 
 from .base import Provider, require_extra
 from .cleanup import Cleanups
 from .common import (OutputFiles, check_filter, closest, poll_until, private_file_rule,
-                     read_private_file)
+                     provider_options, read_private_file, shutdown_timeout)
 
 GIB = 1024 ** 3
 SDK_MODULES = ("boto3",)
 FILTER_KEYS = ("tags", "state", "region", "name")
-EXTRA_KEYS = ("snapshot_ids", "base_snapshot_ids", "base_images", "keep_snapshots",
-              "shutdown_timeout")
+EXTRA_KEYS = ("snapshot_ids", "base_snapshot_ids", "base_images", "keep_snapshots")
 DEFAULT_SHUTDOWN_TIMEOUT = 600.0
 AUTH_ERROR_CODES = {"AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException",
                     "SignatureDoesNotMatch", "ExpiredToken", "InvalidAccessKeyId",
@@ -64,35 +64,6 @@ CONFIG_SCHEMA = {
     "poll_interval": Field("duration", 5.0, doc="how often to look at snapshots and power state"),
     "snapshot_timeout": Field("duration", 7200.0, doc="how long a snapshot may take"),
 }
-
-
-def aws_error(exc: Exception, what: str) -> HyperSDKError:
-    """Map a botocore exception to a project error whose message says what failed."""
-    botocore_exceptions = require_extra("botocore.exceptions", "aws")
-    if isinstance(exc, botocore_exceptions.NoCredentialsError):
-        return Unavailable(f"{what}: no AWS credentials found; set access_key_id and "
-                           "secret_access_key_file or profile in the provider config, "
-                           "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment")
-    if isinstance(exc, botocore_exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        message = str(error.get("Message", "")).split("\n")[0][:300]
-        if code in AUTH_ERROR_CODES:
-            return Unavailable(f"{what}: AWS refused the credentials or the permission "
-                               f"({code}: {message})")
-        if code.endswith("NotFound") or code == "ResourceNotFoundException":
-            return NotFound(f"{what}: {message or code}")
-        if code in THROTTLE_CODES:
-            return Retryable(f"{what}: AWS is throttling requests ({code})")
-        return Failed(f"{what}: {code or 'error'}: {message}")
-    if isinstance(exc, (botocore_exceptions.EndpointConnectionError,
-                        botocore_exceptions.ConnectionError)):
-        return Retryable(f"{what}: cannot reach AWS ({type(exc).__name__})")
-    if isinstance(exc, botocore_exceptions.BotoCoreError):
-        return Failed(f"{what}: {exc}")
-    if isinstance(exc, OSError):
-        return Failed(f"{what}: {exc.strerror or exc}")
-    raise exc
 
 
 class AwsProvider(Provider):
@@ -140,17 +111,35 @@ class AwsProvider(Provider):
     def _new_client(self, service: str, region: str) -> Any:
         botocore_config = require_extra("botocore.config", "aws")
         parallel = int(self.settings.get("parallel_blocks", 16))
-        retries = int(self.config.export.max_retries) if self.config else 3
         options = botocore_config.Config(
-            retries={"max_attempts": retries + 1, "mode": "standard"},
+            retries={"max_attempts": self.retry_policy.attempts, "mode": "standard"},
             max_pool_connections=max(10, parallel), connect_timeout=10, read_timeout=60)
         return self._boto_session().client(
             service, region_name=region, endpoint_url=self.settings.get("endpoint_url") or None,
             config=options)
 
     async def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a blocking SDK call in a thread; errors become project errors naming `what`."""
-        return await _guarded(what, asyncio.to_thread(fn, *args, **kwargs))
+        """A blocking SDK call in a thread (botocore retries on its own); errors mapped."""
+        return await self.guard(what, asyncio.to_thread(fn, *args, **kwargs))
+
+    def map_error(self, exc: Exception, what: str) -> HyperSDKError | None:
+        """botocore's exceptions as the service's errors, the message saying what failed."""
+        botocore_exceptions = require_extra("botocore.exceptions", "aws")
+        if isinstance(exc, botocore_exceptions.NoCredentialsError):
+            return Unavailable(f"{what}: no AWS credentials found; set access_key_id and "
+                               "secret_access_key_file or profile in the provider config, "
+                               "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment")
+        if isinstance(exc, botocore_exceptions.ClientError):
+            return _client_error(exc, what)
+        if isinstance(exc, (botocore_exceptions.EndpointConnectionError,
+                            botocore_exceptions.ConnectionError)):
+            return Retryable(f"{what}: cannot reach AWS ({type(exc).__name__})")
+        if isinstance(exc, botocore_exceptions.BotoCoreError):
+            return Failed(f"{what}: {exc}")
+        if isinstance(exc, OSError):
+            return Failed(f"{what}: {exc.strerror or exc}")
+        return None
+
 
     # --- discovery -------------------------------------------------------------------
 
@@ -280,7 +269,7 @@ class AwsProvider(Provider):
         how = f"changes since {base}" if base else "all blocks"
         sink.log(f"reading snapshot {snapshot_id} of {disk.key} ({how})")
         ebs = await self._aclient("ebs", vm.extra["region"])
-        size, digest, fetched = await _guarded(
+        size, digest, fetched = await self.guard(
             f"reading snapshot {snapshot_id} of volume {disk.key}",
             read_snapshot(ebs, read,
                           parallel=int(self.settings.get("parallel_blocks", 16)),
@@ -355,14 +344,19 @@ class AwsProvider(Provider):
         self._clients.clear()
 
 
-async def _guarded(what: str, awaitable: Awaitable[Any]) -> Any:
-    """Await SDK work; botocore and OS errors become project errors naming `what`."""
-    try:
-        return await awaitable
-    except HyperSDKError:
-        raise
-    except Exception as exc:
-        raise aws_error(exc, what) from None
+def _client_error(exc: Any, what: str) -> HyperSDKError:
+    """An AWS API's error answer (a botocore ClientError) by its code."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    message = str(error.get("Message", "")).split("\n")[0][:300]
+    if code in AUTH_ERROR_CODES:
+        return Unavailable(f"{what}: AWS refused the credentials or the permission "
+                           f"({code}: {message})")
+    if code.endswith("NotFound") or code == "ResourceNotFoundException":
+        return NotFound(f"{what}: {message or code}")
+    if code in THROTTLE_CODES:
+        return Retryable(f"{what}: AWS is throttling requests ({code})")
+    return Failed(f"{what}: {code or 'error'}: {message}")
 
 
 def _ec2_filters(vm_filter: dict) -> list[dict]:
@@ -424,24 +418,16 @@ def _parse_extra(extra: dict, vm: VMInfo, export_base: Path) -> dict:
 
     Base images must lie under export.base_path: the daemon reads them as root, and
     any other file would be copied into the export."""
-    for key in extra:
-        if key not in EXTRA_KEYS:
-            raise InvalidArgument(f"options.provider_options.{key}", "one of " + ", ".join(EXTRA_KEYS))
+    fields = provider_options(extra, EXTRA_KEYS)
     volume_ids = {d.key for d in vm.disks}
-    result: dict[str, Any] = {"keep_snapshots": bool(extra.get("keep_snapshots", False))}
-    timeout = extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
-    result["shutdown_timeout"] = float(timeout)
+    result: dict[str, Any] = {"keep_snapshots": fields.flag("keep_snapshots", False),
+                              "shutdown_timeout": shutdown_timeout(extra, DEFAULT_SHUTDOWN_TIMEOUT)}
     for key in ("snapshot_ids", "base_snapshot_ids", "base_images"):
-        value = extra.get(key) or {}
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise InvalidArgument(f"options.provider_options.{key}", "a mapping of volume ids to strings")
-        for volume_id in value:
+        result[key] = dict(fields.text_map(key, {}))
+        for volume_id in result[key]:
             if volume_id not in volume_ids:
                 raise InvalidArgument(f"options.provider_options.{key}.{volume_id}",
                                       f"a volume of {vm.identifier} ({', '.join(sorted(volume_ids))})")
-        result[key] = dict(value)
     for volume_id in result["base_snapshot_ids"]:
         image = result["base_images"].get(volume_id)
         field = f"options.provider_options.base_images.{volume_id}"

@@ -6,7 +6,8 @@ fetches them, many at once from a bounded thread pool, each written at
 For an incremental export `ListChangedBlocks` between the base snapshot and the
 new one names only the blocks that differ; they are written over a sparse copy of
 the image exported from the base. A block whose checksum (SHA256, as the API sends
-it) does not match is fetched again, then the export fails.
+it) does not match is fetched again (a `RetryPolicy` without waits, `max_retries`
+times), then the export fails.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Awaitable, Callable, Iterator
 
-from ..errors import Failed
+from ..errors import Failed, Retryable
 from ..disks.diskspace import check_free_space
 from ..model import ExportSink
+from .calls import RetryPolicy, TaskOwner, with_retries
 from .sparse import SparseImage
 
 GIB = 1024 ** 3
@@ -73,23 +76,33 @@ def _expected_checksum(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
+class ChecksumMismatch(Retryable):
+    """A block whose data did not match the checksum the API sent: fetched again."""
+
+
 def _fetch_block(ebs: Any, image: SparseImage, snapshot_id: str, index: int, token: str | None,
-                 block_size: int, max_retries: int) -> int:
+                 block_size: int) -> int:
     """Fetch one block (or zero it when it has no token any more) and write it; bytes written."""
     if token is None:
         image.write(index * block_size, bytes(block_size))
         return block_size
-    for attempt in range(max_retries + 1):
-        response = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
-        data = response["BlockData"].read()
-        checksum = response.get("Checksum")
-        algorithm = response.get("ChecksumAlgorithm")
-        if checksum and algorithm == "SHA256" and _expected_checksum(data) != checksum:
-            continue
-        image.write(index * block_size, data)
-        return len(data)
-    raise Failed(f"snapshot {snapshot_id} block {index}: the data did not match its SHA256 "
-                 f"checksum in {max_retries + 1} attempts")
+    response = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
+    data = response["BlockData"].read()
+    checksum = response.get("Checksum")
+    algorithm = response.get("ChecksumAlgorithm")
+    if checksum and algorithm == "SHA256" and _expected_checksum(data) != checksum:
+        raise ChecksumMismatch(f"snapshot {snapshot_id} block {index}: the data did not match "
+                               "its SHA256 checksum")
+    image.write(index * block_size, data)
+    return len(data)
+
+
+async def _fetch_checked(fetch: Callable[[], Awaitable[int]], policy: RetryPolicy) -> int:
+    """`fetch()` (one block), again while its data does not match its checksum."""
+    try:
+        return await with_retries(fetch, policy, lambda exc: exc)
+    except ChecksumMismatch as exc:
+        raise Failed(f"{exc} in {policy.attempts} attempts") from None
 
 
 async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retries: int,
@@ -111,26 +124,28 @@ async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retr
     image = await asyncio.to_thread(SparseImage, read.target, page.volume_bytes, read.base_image)
     executor = ThreadPoolExecutor(parallel, thread_name_prefix="ebs-block")
     loop = asyncio.get_running_loop()
+    policy = RetryPolicy(retries=max_retries, first_delay=0, transient=(ChecksumMismatch,))
     fetched = 0
-    futures: list[asyncio.Future] = []
+    blocks = TaskOwner()
     try:
         while page is not None:
             await asyncio.to_thread(check_free_space, read.target.parent,
                                     len(page.blocks) * page.block_size,
                                     f"the blocks of snapshot {read.snapshot_id}")
             sink.add_total(len(page.blocks) * page.block_size)
-            futures = [loop.run_in_executor(executor, _fetch_block, ebs, image, read.snapshot_id,
-                                            index, token, page.block_size, max_retries)
-                       for index, token in page.blocks]
-            for future in asyncio.as_completed(futures):
-                sink.advance(await future)
+            tasks = [blocks.create_task(_fetch_checked(
+                partial(loop.run_in_executor, executor, _fetch_block, ebs, image,
+                        read.snapshot_id, index, token, page.block_size), policy))
+                for index, token in page.blocks]
+            for task in asyncio.as_completed(tasks):
+                sink.advance(await task)
             fetched += sum(1 for _, token in page.blocks if token is not None)
             page = await asyncio.to_thread(_next_page, pages)
         digest = await asyncio.to_thread(image.commit)
     except BaseException:
+        await blocks.close()  # no block is fetched again
         # let block writes still running finish before the file goes away
         await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
-        await asyncio.gather(*futures, return_exceptions=True)  # collected: no stray warnings
         image.discard()
         raise
     finally:

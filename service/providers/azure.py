@@ -28,7 +28,8 @@ from .azure_vhd import check_fixed_vhd
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import Cleanups
-from .common import OutputFiles, check_filter, closest, private_file_rule, read_private_file
+from .common import OutputFiles, check_filter, closest, private_file_rule, provider_options, \
+    read_private_file, shutdown_timeout
 from .sparse import SparseImage
 
 GIB = 1024 ** 3
@@ -61,26 +62,15 @@ CONFIG_SCHEMA = {
 }
 
 
-def azure_error(exc: Exception, what: str) -> HyperSDKError:
-    """Map an azure-core exception to a project error whose message says what failed."""
-    errors = require_extra("azure.core.exceptions", "azure")
-    if isinstance(exc, errors.ClientAuthenticationError):
-        return Unavailable(f"{what}: Azure refused the credentials ({_first_line(exc)})")
-    if isinstance(exc, errors.ResourceNotFoundError):
+def _http_error(exc: Any, what: str) -> HyperSDKError:
+    """An ARM error answer by its HTTP status."""
+    if exc.status_code == 404:
         return NotFound(f"{what}: not found ({_first_line(exc)})")
-    if isinstance(exc, errors.HttpResponseError):
-        if exc.status_code == 404:
-            return NotFound(f"{what}: not found ({_first_line(exc)})")
-        if exc.status_code == 429 or (exc.status_code or 0) >= 500:
-            return Retryable(f"{what}: Azure answered HTTP {exc.status_code} ({_first_line(exc)})")
-        if exc.status_code == 403:
-            return Unavailable(f"{what}: Azure refused the permission ({_first_line(exc)})")
-        return Failed(f"{what}: HTTP {exc.status_code} ({_first_line(exc)})")
-    if isinstance(exc, (errors.ServiceRequestError, errors.ServiceResponseError)):
-        return Retryable(f"{what}: cannot reach Azure ({type(exc).__name__})")
-    if isinstance(exc, errors.AzureError):
-        return Failed(f"{what}: {_first_line(exc)}")
-    raise exc
+    if exc.status_code == 429 or (exc.status_code or 0) >= 500:
+        return Retryable(f"{what}: Azure answered HTTP {exc.status_code} ({_first_line(exc)})")
+    if exc.status_code == 403:
+        return Unavailable(f"{what}: Azure refused the permission ({_first_line(exc)})")
+    return Failed(f"{what}: HTTP {exc.status_code} ({_first_line(exc)})")
 
 
 def _first_line(exc: Exception) -> str:
@@ -131,32 +121,39 @@ class AzureProvider(Provider):
             kwargs: dict[str, Any] = {
                 "base_url": endpoint, "credential_scopes": [endpoint + "/.default"],
                 "polling_interval": float(self.settings.get("poll_interval", 5.0)),
-                "retry_total": int(self.config.export.max_retries) if self.config else 3}
+                "retry_total": self.retry_policy.retries}
             if self.settings.get("ca_file"):
                 kwargs["connection_verify"] = self.settings["ca_file"]
             self._client = compute.ComputeManagementClient(
                 self._credential, self.settings["subscription_id"], **kwargs)
         return self._client
 
-    async def _guard(self, what: str, awaitable: Awaitable[Any]) -> Any:
-        try:
-            return await awaitable
-        except HyperSDKError:
-            raise
-        except Exception as exc:
-            raise azure_error(exc, what) from None
+    def map_error(self, exc: Exception, what: str) -> HyperSDKError | None:
+        """azure-core's exceptions as the service's errors, the message saying what failed."""
+        errors = require_extra("azure.core.exceptions", "azure")
+        if isinstance(exc, errors.ClientAuthenticationError):
+            return Unavailable(f"{what}: Azure refused the credentials ({_first_line(exc)})")
+        if isinstance(exc, errors.ResourceNotFoundError):
+            return NotFound(f"{what}: not found ({_first_line(exc)})")
+        if isinstance(exc, errors.HttpResponseError):
+            return _http_error(exc, what)
+        if isinstance(exc, (errors.ServiceRequestError, errors.ServiceResponseError)):
+            return Retryable(f"{what}: cannot reach Azure ({type(exc).__name__})")
+        if isinstance(exc, errors.AzureError):
+            return Failed(f"{what}: {_first_line(exc)}")
+        return None
 
     async def _lro(self, what: str, begin: Awaitable[Any]) -> Any:
         """Start a long-running operation and wait for its result."""
         async def run() -> Any:
             poller = await begin
             return await poller.result()
-        return await self._guard(what, run())
+        return await self.guard(what, run())
 
     async def _collect(self, what: str, pager: Any) -> list[Any]:
         async def run() -> list[Any]:
             return [item async for item in pager]
-        return await self._guard(what, run())
+        return await self.guard(what, run())
 
     # --- discovery -------------------------------------------------------------------
 
@@ -189,7 +186,7 @@ class AzureProvider(Provider):
     async def get_vm(self, identifier: str) -> VMInfo:
         group, name = self._split_identifier(identifier)
         try:
-            vm = await self._guard(f"azure provider {self.name!r}: VM {identifier!r}",
+            vm = await self.guard(f"azure provider {self.name!r}: VM {identifier!r}",
                                    self.client().virtual_machines.get(group, name,
                                                                       expand="instanceView"))
         except NotFound:
@@ -257,7 +254,7 @@ class AzureProvider(Provider):
                              location=(ref.get("vhd") or {}).get("uri", ""),
                              boot_order=boot_order), "")
         group, name = parse_resource_id(disk_id)
-        disk = await self._guard(f"reading disk {name}", self.client().disks.get(group, name))
+        disk = await self.guard(f"reading disk {name}", self.client().disks.get(group, name))
         props = disk.get("properties") or {}
         capacity = int(props.get("diskSizeBytes") or int(props.get("diskSizeGB", 0)) * GIB)
         return (DiskInfo(key=name, label=label, capacity_bytes=capacity, location=disk_id,
@@ -276,7 +273,7 @@ class AzureProvider(Provider):
             response.raise_for_status()
             return response.json()
         try:
-            data = await self._guard(f"reading network interface {name}", fetch())
+            data = await self.guard(f"reading network interface {name}", fetch())
         except (NotFound, Unavailable):
             return NicInfo(key=name, mac="", network="")
         props = data.get("properties") or {}
@@ -290,7 +287,8 @@ class AzureProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
-        timeout = _shutdown_timeout(options.extra)
+        provider_options(options.extra, ())  # the azure provider takes none
+        timeout = shutdown_timeout(options.extra, DEFAULT_SHUTDOWN_TIMEOUT)
         vm = await self.get_vm(identifier)
         unmanaged = [d.key for d in vm.disks if not d.location.startswith("/subscriptions/")]
         if unmanaged:
@@ -405,7 +403,7 @@ class AzureProvider(Provider):
     async def _download(self, access_url: str, disk: DiskInfo, target_dir: Path,
                         options: ExportOptions, sink: ExportSink) -> ExportedDisk:
         target = target_dir / f"{disk.key}.vhd"
-        size, digest, read = await self._guard(
+        size, digest, read = await self.guard(
             f"downloading disk {disk.key}",
             download_disk_blob(access_url, lambda size: SparseImage(target, size),
                                chunk_size=options.chunk_size,
@@ -433,18 +431,6 @@ class AzureProvider(Provider):
         if self._own_credential and self._credential is not None:
             await self._credential.close()
             self._credential = None
-
-
-def _shutdown_timeout(extra: dict) -> float:
-    """The only extra export option: `shutdown_timeout` (seconds), from the export job."""
-    for key in extra:
-        if key != "shutdown_timeout":
-            raise InvalidArgument(f"options.provider_options.{key}", "the azure provider knows only "
-                                                          "shutdown_timeout")
-    timeout = extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise InvalidArgument("options.shutdown_timeout", "a number of seconds > 0")
-    return float(timeout)
 
 
 PROVIDER_CLASS = AzureProvider

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from ..model import ExportSink
 from .base import require_extra
+from .calls import TaskOwner
 from .sparse import SparseImage
 
 MAX_PIECE = 4 * 1024 * 1024  # memory in flight is at most parallel * MAX_PIECE
@@ -74,14 +75,9 @@ async def download_disk_blob(sas_url: str, image_factory: Any, *, chunk_size: in
         image: SparseImage = await asyncio.to_thread(image_factory, size)
         try:
             pieces = _pieces(ranges, min(chunk_size, MAX_PIECE))
-            workers = [asyncio.create_task(_fetch(blob, image, pieces, sink))
-                       for _ in range(max(1, parallel))]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for worker in workers:
-                    worker.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            async with TaskOwner() as workers:
+                await asyncio.gather(*(workers.create_task(_fetch(blob, image, pieces, sink))
+                                       for _ in range(max(1, parallel))))
             digest = await asyncio.to_thread(image.commit)
         except BaseException:
             image.discard()

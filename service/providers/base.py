@@ -7,19 +7,28 @@ SDKs are imported lazily inside the provider so that a missing extra is a clear
 `Unavailable` error naming the extra, not an ImportError at start. What an export makes
 in the cloud or changes (a snapshot, a grant, a stopped VM) is registered as it goes in
 one `cleanup.Cleanups` list, which undoes it all however the export ends.
+
+A provider fills in `map_error` (its SDK's exceptions as the service's errors) and
+calls its SDK through `call` (a blocking call in a thread, transient failures retried
+by `retry_policy`) or `guard` (an awaitable whose SDK retries on its own); see
+`calls.py`. Waiting for a cloud operation is `common.poll_until`.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
-from ..errors import Unavailable
+from ..errors import HyperSDKError, Unavailable
 from ..model import ExportedDisk, ExportOptions, ExportSink, VMInfo
+from .calls import RetryPolicy, with_retries
 
 if TYPE_CHECKING:
     from ..config import Config
+
+T = TypeVar("T")
 
 
 class Provider(ABC):
@@ -51,6 +60,41 @@ class Provider(ABC):
 
     async def close(self) -> None:
         """Release sessions and connections."""
+
+    def map_error(self, exc: Exception, what: str) -> HyperSDKError | None:
+        """The hook: `exc` from the SDK as one of the service's errors, its message saying
+        `what` failed; None for an exception that is not the SDK's (it propagates as is).
+        A `Retryable` is what `retry_policy` tries again."""
+        return None
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """Transient failures are tried again `export.max_retries` times."""
+        return RetryPolicy(retries=int(self.config.export.max_retries) if self.config else 3)
+
+    def mapped(self, what: str) -> Callable[[Exception], BaseException]:
+        """`map_error` for `what`, leaving the service's own errors and unknown ones alone."""
+        def apply(exc: Exception) -> BaseException:
+            if isinstance(exc, HyperSDKError):
+                return exc
+            return self.map_error(exc, what) or exc
+        return apply
+
+    async def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` (blocking) in a thread, retried by `retry_policy`, its
+        errors mapped."""
+        return await with_retries(lambda: asyncio.to_thread(fn, *args, **kwargs),
+                                  self.retry_policy, self.mapped(what))
+
+    async def guard(self, what: str, awaitable: Awaitable[T]) -> T:
+        """Await SDK work that retries on its own; its errors mapped."""
+        try:
+            return await awaitable
+        except Exception as exc:
+            error = self.mapped(what)(exc)
+            if error is exc:
+                raise
+            raise error from None
 
 
 def require_extra(module_name: str, extra: str) -> Any:

@@ -1,12 +1,17 @@
-"""Small pieces the GCP, OCI, Hyper-V and OVA providers share.
+"""Small pieces the providers share.
 
 - `private_file_rule` / `read_private_file`: credential files (`*_file` settings)
   must be readable by their owner only (mode 0600 or stricter).
+- `provider_options` / `shutdown_timeout`: the export job's options as a provider
+  reads them (ExportOptions.extra, through definitions.JsonObject).
 - `fetch_ranges`: a resumable, checksummed copy of a remote object read in ranges
-  through an SDK call (a GCS blob range, a chunk read over WinRM) into a local file.
+  through an SDK call (a GCS blob range, a chunk read over WinRM) into a local file,
+  a dropped read resumed as the provider's error-mapping hook decides.
   HTTP URLs go through `disks/download.py` instead.
 - `OutputFiles`: the disk files one export wrote, removed again if the export fails
   so that nothing partial is left in the target directory.
+- `gather_bounded`: work on every disk at once, at most `limit` at a time, in tasks a
+  `calls.TaskOwner` owns.
 - `poll_until`: the one polling loop for cloud operations (a snapshot, an instance's power
   state, an image, a build) with its deadline and its message.
 """
@@ -19,10 +24,12 @@ import os
 import stat
 from pathlib import Path
 import time
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Iterable, TypeVar
 
-from ..errors import Failed, InvalidArgument
+from ..definitions import JsonObject
+from ..errors import Failed, InvalidArgument, Retryable, Unavailable
 from ..model import ExportSink
+from .calls import MapError, RetryPolicy, TaskOwner, with_retries
 
 T = TypeVar("T")
 
@@ -49,6 +56,20 @@ def check_filter(vm_filter: dict, allowed: tuple[str, ...]) -> None:
     for key in vm_filter:
         if key not in allowed:
             raise InvalidArgument(f"filter.{key}", "one of the known filter keys: " + ", ".join(allowed))
+
+
+def provider_options(extra: dict, known: Iterable[str]) -> JsonObject:
+    """The export job's `options.provider_options` (ExportOptions.extra, less the
+    shutdown_timeout the job adds to it) read through JsonObject: keys other than `known`
+    are refused, naming the field."""
+    return JsonObject({key: value for key, value in extra.items() if key != "shutdown_timeout"},
+                      known, "options.provider_options.")
+
+
+def shutdown_timeout(extra: dict, default: float) -> float:
+    """The export job's `options.shutdown_timeout`, passed along in ExportOptions.extra."""
+    return JsonObject({"shutdown_timeout": extra.get("shutdown_timeout")}, ("shutdown_timeout",),
+                      "options.").number("shutdown_timeout", default, above=0, unit="seconds")
 
 
 def closest(name: str, candidates: list[str]) -> str:
@@ -83,17 +104,20 @@ class OutputFiles:
 
 async def fetch_ranges(read_range: Callable[[int, int], bytes], target: Path, size: int, *,
                        chunk_size: int, max_retries: int, sink: ExportSink, label: str,
-                       retry_on: tuple[type[BaseException], ...],
+                       map_error: MapError,
                        also_hash: Callable[[bytes], None] | None = None) -> str:
     """Copy `size` bytes read by `read_range(offset, length)` (blocking) into `target`.
 
     Each range is read in a thread and written at its offset, hashed in order. A range
-    whose read raises one of `retry_on` is read again (at most `max_retries` times in a
-    row): that is the resume after a dropped connection. Writes go to a temp name in
-    the same directory, are fsynced and renamed into place; on any failure the temp
-    file is removed. `also_hash` sees every byte in order (for a checksum the server
-    publishes, e.g. GCS's md5). Returns the sha256 hex digest.
+    whose read fails with what `map_error` (the provider's hook) calls Retryable or
+    Unavailable is read again (at most `max_retries` times in a row): that is the resume
+    after a dropped connection. Writes go to a temp name in the same directory, are
+    fsynced and renamed into place; on any failure the temp file is removed.
+    `also_hash` sees every byte in order (for a checksum the server publishes, e.g.
+    GCS's md5). Returns the sha256 hex digest.
     """
+    policy = RetryPolicy(retries=max_retries, first_delay=0.1, max_delay=5.0,
+                         transient=(Retryable, Unavailable))
     temp = target.with_name(f".{target.name}.part")
     digest = hashlib.sha256()
     try:
@@ -101,8 +125,8 @@ async def fetch_ranges(read_range: Callable[[int, int], bytes], target: Path, si
             offset = 0
             while offset < size:
                 length = min(chunk_size, size - offset)
-                data = await _read_with_retries(read_range, offset, length, max_retries,
-                                                sink, label, retry_on)
+                data = await _read_range(read_range, offset, length, policy, map_error,
+                                         sink, label)
                 await asyncio.to_thread(_write_hashed, out, data, digest, also_hash)
                 offset += len(data)
                 sink.advance(len(data))
@@ -114,26 +138,23 @@ async def fetch_ranges(read_range: Callable[[int, int], bytes], target: Path, si
     return digest.hexdigest()
 
 
-async def _read_with_retries(read_range: Callable[[int, int], bytes], offset: int, length: int,
-                             max_retries: int, sink: ExportSink, label: str,
-                             retry_on: tuple[type[BaseException], ...]) -> bytes:
-    attempt = 0
-    while True:
-        try:
-            data = await asyncio.to_thread(read_range, offset, length)
-        except retry_on as exc:
-            attempt += 1
-            if attempt > max_retries:
-                raise Failed(f"{label}: reading at byte {offset} failed {attempt} times "
-                             f"({type(exc).__name__}); giving up") from None
-            sink.log(f"{label}: read at byte {offset} failed ({type(exc).__name__}), "
-                     f"resuming (attempt {attempt}/{max_retries})", "warning")
-            await asyncio.sleep(min(2 ** (attempt - 1) * 0.1, 5.0))
-            continue
-        if len(data) != length:
-            raise Failed(f"{label}: asked for {length} bytes at offset {offset}, "
-                         f"got {len(data)}; the source changed or is truncated")
-        return data
+async def _read_range(read_range: Callable[[int, int], bytes], offset: int, length: int,
+                      policy: RetryPolicy, map_error: MapError, sink: ExportSink,
+                      label: str) -> bytes:
+    def resuming(error: BaseException, failures: int) -> None:
+        sink.log(f"{label}: read at byte {offset} failed ({error}), resuming "
+                 f"(attempt {failures}/{policy.retries})", "warning")
+
+    try:
+        data = await with_retries(lambda: asyncio.to_thread(read_range, offset, length),
+                                  policy, map_error, resuming)
+    except policy.transient as exc:
+        raise Failed(f"{label}: reading at byte {offset} failed {policy.attempts} times "
+                     f"({exc}); giving up") from None
+    if len(data) != length:
+        raise Failed(f"{label}: asked for {length} bytes at offset {offset}, "
+                     f"got {len(data)}; the source changed or is truncated")
+    return data
 
 
 def _write_hashed(out, data: bytes, digest, also_hash: Callable[[bytes], None] | None) -> None:
@@ -161,14 +182,8 @@ async def gather_bounded(items: list, fn: Callable, limit: int) -> list:
         async with semaphore:
             return await fn(item)
 
-    tasks = [asyncio.ensure_future(one(item)) for item in items]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    async with TaskOwner() as owner:
+        return list(await asyncio.gather(*(owner.create_task(one(item)) for item in items)))
 
 
 async def poll_until(check: Callable[[], Awaitable[T | None]], *, interval: float,

@@ -24,7 +24,7 @@ import hashlib
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Retryable, \
@@ -33,7 +33,7 @@ from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, 
 from .base import Provider, require_extra
 from .cleanup import Cleanups, run_to_completion
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
-    poll_until, private_file_rule, read_private_file
+    poll_until, private_file_rule, provider_options, read_private_file
 
 SDK_MODULES = ("google.cloud.compute_v1", "google.cloud.storage")
 GIB = 1024 ** 3
@@ -120,30 +120,33 @@ class GcpProvider(Provider):
             await asyncio.to_thread(self._get_clients)
         return self._get_clients()
 
-    async def _call(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Run a blocking SDK call in a thread, turning its errors into ours."""
+    def map_error(self, exc: Exception, what: str) -> HyperSDKError | None:
+        """google-api-core's and google-auth's exceptions, and the HTTP answers of the REST
+        calls (`_rest`), as the service's errors; 429 and 5xx are transient."""
         import google.auth.exceptions
         from google.api_core import exceptions as gexc
         import requests
+        import urllib3
 
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except (gexc.Unauthenticated, gexc.PermissionDenied, gexc.Forbidden,
-                gexc.Unauthorized) as exc:
-            raise NotAuthorized(f"provider {self.name!r}: {what} was refused: "
-                                f"{exc.message}") from None
-        except gexc.NotFound as exc:
-            raise NotFound(f"provider {self.name!r}: {what}: {exc.message}") from None
-        except (gexc.TooManyRequests, gexc.ServiceUnavailable, gexc.InternalServerError) as exc:
-            raise Retryable(f"provider {self.name!r}: {what} failed for now: {exc.message}") from None
-        except gexc.GoogleAPICallError as exc:
-            raise Failed(f"provider {self.name!r}: {what} failed: {exc.message}") from None
-        except google.auth.exceptions.GoogleAuthError as exc:
-            raise NotAuthorized(f"provider {self.name!r}: {what}: the credentials were refused "
-                                f"or cannot be used ({type(exc).__name__})") from None
-        except requests.exceptions.RequestException as exc:
-            raise Unavailable(f"provider {self.name!r}: {what}: cannot reach the API "
-                              f"({type(exc).__name__})") from None
+        prefix = f"provider {self.name!r}: {what}"
+        if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
+            return _http_error(exc.response.status_code, prefix, _error_message(exc.response))
+        if isinstance(exc, (gexc.Unauthenticated, gexc.PermissionDenied, gexc.Forbidden,
+                            gexc.Unauthorized)):
+            return NotAuthorized(f"{prefix} was refused: {exc.message}")
+        if isinstance(exc, gexc.NotFound):
+            return NotFound(f"{prefix}: {exc.message}")
+        if isinstance(exc, (gexc.TooManyRequests, gexc.ServerError)):
+            return Retryable(f"{prefix} failed for now: {exc.message}")
+        if isinstance(exc, gexc.GoogleAPICallError):
+            return Failed(f"{prefix} failed: {exc.message}")
+        if isinstance(exc, google.auth.exceptions.GoogleAuthError):
+            return NotAuthorized(f"{prefix}: the credentials were refused or cannot be used "
+                                 f"({type(exc).__name__})")
+        if isinstance(exc, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+                            ConnectionError)):
+            return Unavailable(f"{prefix}: cannot reach the API ({type(exc).__name__})")
+        return None
 
     # --------------------------------------------------------------- discovery
 
@@ -172,10 +175,10 @@ class GcpProvider(Provider):
         instances = clients["instances"]
         # the pagers fetch further pages while iterated: iterate inside the mapped call
         if zone:
-            found = await self._call("listing instances",
+            found = await self.call("listing instances",
                                      lambda: list(instances.list(project=project, zone=zone)))
             return [(zone, inst) for inst in found]
-        scoped = await self._call("listing instances",
+        scoped = await self.call("listing instances",
                                   lambda: list(instances.aggregated_list(project=project)))
         return [(key.rpartition("/")[2], inst) for key, items in scoped for inst in items.instances]
 
@@ -183,7 +186,7 @@ class GcpProvider(Provider):
         zone, _, name = identifier.rpartition("/")
         if zone:
             clients = await self._clients_ready()
-            inst = await self._call(f"instance {identifier}", clients["instances"].get,
+            inst = await self.call(f"instance {identifier}", clients["instances"].get,
                                     project=self.settings["project"], zone=zone, instance=name)
             return await self._vm_info(zone, inst)
         found = await self._instances(self.settings["zone"])
@@ -199,7 +202,7 @@ class GcpProvider(Provider):
         key = f"{zone}/{type_name}"
         if key not in self._machine_types:
             clients = await self._clients_ready()
-            mtype = await self._call(f"machine type {type_name}", clients["machine_types"].get,
+            mtype = await self.call(f"machine type {type_name}", clients["machine_types"].get,
                                      project=self.settings["project"], zone=zone,
                                      machine_type=type_name)
             self._machine_types[key] = (mtype.guest_cpus, mtype.memory_mb)
@@ -232,6 +235,7 @@ class GcpProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
+        provider_options(options.extra, ())  # the gcp provider takes none
         bucket_name = self.settings["export_bucket"]
         if not bucket_name:
             raise InvalidArgument(f"providers.{self.name}.export_bucket",
@@ -277,16 +281,16 @@ class GcpProvider(Provider):
             project=project, force_create=running,
             image_resource=compute.Image(name=image,
                                          source_disk=f"projects/{project}/{disk.location}"))
-        operation = await self._call(f"creating image {image}", clients["images"].insert,
+        operation = await self.call(f"creating image {image}", clients["images"].insert,
                                      request=request)
         created.append(("image", image))
-        await self._call(f"creating image {image}", operation.result,
+        await self.call(f"creating image {image}", operation.result,
                          timeout=self.settings["export_timeout"])
         object_name = f"hypersdk/{image}.{fmt}"
         await self._run_exporter(image, f"gs://{self.settings['export_bucket']}/{object_name}",
                                  fmt, sink, created, object_name)
         bucket = clients["storage"].bucket(self.settings["export_bucket"])
-        blob = await self._call(f"object {object_name}", bucket.get_blob, object_name)
+        blob = await self.call(f"object {object_name}", bucket.get_blob, object_name)
         if blob is None:
             raise Failed(f"the exporter reported success but gs://{bucket.name}/{object_name} "
                          "does not exist")
@@ -298,10 +302,6 @@ class GcpProvider(Provider):
 
     async def _download(self, blob: Any, target: Path, options: ExportOptions, sink: ExportSink,
                         outputs: OutputFiles) -> str:
-        from google.api_core import exceptions as gexc
-        import requests
-        import urllib3
-
         md5 = hashlib.md5(usedforsecurity=False)
         sink.add_total(blob.size)
         sink.log(f"downloading gs://{blob.bucket.name}/{blob.name} ({blob.size} bytes)")
@@ -316,9 +316,7 @@ class GcpProvider(Provider):
 
         sha256 = await fetch_ranges(read_range, target, blob.size, chunk_size=options.chunk_size,
                                     max_retries=options.max_retries, sink=sink, label=blob.name,
-                                    retry_on=(requests.exceptions.RequestException,
-                                              urllib3.exceptions.HTTPError, ConnectionError,
-                                              gexc.ServerError, gexc.TooManyRequests),
+                                    map_error=self.mapped(f"reading {blob.name}"),
                                     also_hash=md5.update)
         outputs.add(target)
         if blob.md5_hash and base64.b64decode(blob.md5_hash) != md5.digest():
@@ -361,45 +359,34 @@ class GcpProvider(Provider):
             await poll_until(done, interval=self.settings["poll_interval"], timeout=timeout,
                              what=f"exporting image {image}")
         except BaseException:
-            await run_to_completion(self._rest("POST", f"{base}/{build_id}:cancel",
-                                               f"cancelling build {build_id}", ignore_errors=True))
+            await run_to_completion(self._cancel_build(base, build_id))
             raise
 
-    async def _rest(self, method: str, url: str, what: str, *, json: dict | None = None,
-                    ignore_errors: bool = False) -> dict:
-        """A JSON call to a Google REST API outside the compute/storage clients."""
-        import google.auth.exceptions
-        import requests
-
-        session = (await self._clients_ready())["session"]
+    async def _cancel_build(self, base: str, build_id: str) -> None:
+        """Ask Cloud Build to stop the export (best effort: it times out on its own)."""
         try:
-            response = await asyncio.to_thread(session.request, method, url, json=json,
-                                               timeout=self.settings["request_timeout"])
-        except google.auth.exceptions.GoogleAuthError as exc:
-            if ignore_errors:
-                return {}
-            raise NotAuthorized(f"provider {self.name!r}: {what}: the credentials were refused "
-                                f"or cannot be used ({type(exc).__name__})") from None
-        except requests.exceptions.RequestException as exc:
-            if ignore_errors:
-                return {}
-            raise Unavailable(f"provider {self.name!r}: {what}: cannot reach "
-                              f"{url.split('/v1/')[0]} ({type(exc).__name__})") from None
-        if response.ok or ignore_errors:
-            return response.json() if response.ok and response.content else {}
-        message = _error_message(response)
-        if response.status_code in (401, 403):
-            raise NotAuthorized(f"provider {self.name!r}: {what} was refused: {message}")
-        if response.status_code in (429, 500, 502, 503, 504):
-            raise Retryable(f"provider {self.name!r}: {what} failed for now: {message}")
-        raise Failed(f"provider {self.name!r}: {what} failed: HTTP {response.status_code} {message}")
+            await self._rest("POST", f"{base}/{build_id}:cancel", f"cancelling build {build_id}")
+        except HyperSDKError:
+            pass
+
+    async def _rest(self, method: str, url: str, what: str, *, json: dict | None = None) -> dict:
+        """A JSON call to a Google REST API outside the compute/storage clients."""
+        session = (await self._clients_ready())["session"]
+
+        def request() -> dict:
+            response = session.request(method, url, json=json,
+                                       timeout=self.settings["request_timeout"])
+            response.raise_for_status()
+            return response.json() if response.content else {}
+
+        return await self.call(what, request)
 
     async def _set_power(self, zone: str, name: str, action: str, sink: ExportSink) -> None:
         clients = await self._clients_ready()
         sink.log(f"{action} instance {name}")
-        operation = await self._call(f"{action} instance {name}", getattr(clients["instances"], action),
+        operation = await self.call(f"{action} instance {name}", getattr(clients["instances"], action),
                                      project=self.settings["project"], zone=zone, instance=name)
-        await self._call(f"{action} instance {name}", operation.result,
+        await self.call(f"{action} instance {name}", operation.result,
                          timeout=self.settings["export_timeout"])
 
     async def _remove_created(self, created: list[tuple[str, str]], sink: ExportSink) -> None:
@@ -409,15 +396,15 @@ class GcpProvider(Provider):
         for kind, name in reversed(created):
             try:
                 if kind == "image":
-                    operation = await self._call(f"deleting image {name}", clients["images"].delete,
+                    operation = await self.call(f"deleting image {name}", clients["images"].delete,
                                                  project=project, image=name)
-                    await self._call(f"deleting image {name}", operation.result,
+                    await self.call(f"deleting image {name}", operation.result,
                                      timeout=self.settings["request_timeout"])
                 else:
                     bucket = clients["storage"].bucket(self.settings["export_bucket"])
-                    blob = await self._call(f"object {name}", bucket.get_blob, name)
+                    blob = await self.call(f"object {name}", bucket.get_blob, name)
                     if blob is not None:
-                        await self._call(f"deleting object {name}", blob.delete)
+                        await self.call(f"deleting object {name}", blob.delete)
                 sink.log(f"removed {kind} {name}")
             except HyperSDKError as exc:
                 sink.log(f"could not remove {kind} {name}: {exc}", "warning")
@@ -449,6 +436,15 @@ def _resource_name(text: str) -> str:
     if not name[:1].isalpha():
         name = "h-" + name
     return name[:63].rstrip("-")
+
+
+def _http_error(status: int, prefix: str, message: str) -> HyperSDKError:
+    """A Google REST API's error answer by its HTTP status."""
+    if status in (401, 403):
+        return NotAuthorized(f"{prefix} was refused: {message}")
+    if status in (429, 500, 502, 503, 504):
+        return Retryable(f"{prefix} failed for now: {message}")
+    return Failed(f"{prefix} failed: HTTP {status} {message}")
 
 
 def _error_message(response: Any) -> str:

@@ -20,23 +20,23 @@ Connection: HTTPS on 5986 with NTLM or Kerberos by default; `transport: basic` w
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import fnmatch
 import json
 import secrets
-import time
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from ..config_schema import Field
-from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Unavailable
+from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotFound, Retryable, \
+    Unavailable
 from ..disks.ovf_writer import safe_name
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
+from .calls import RetryPolicy
 from .cleanup import Cleanups
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
-    private_file_rule, read_private_file
+    private_file_rule, provider_options, read_private_file
 
 SDK_MODULES = ("winrm",)
 FILTER_KEYS = ("name", "power_state", "generation")
@@ -116,10 +116,6 @@ ConvertTo-Json -InputObject @{ ok = $true } -Compress
 """
 
 
-class HostUnreachable(Exception):
-    """The host did not answer (connection refused, dropped, timed out): worth a retry."""
-
-
 class HypervProvider(Provider):
     kind = "hyperv"
 
@@ -152,29 +148,13 @@ class HypervProvider(Provider):
         """Run one PowerShell script on the host (blocking) and return its JSON output.
 
         This is the provider's single transport boundary: the parameters travel as a
-        JSON here-string so that no value is ever parsed as PowerShell code.
+        JSON here-string so that no value is ever parsed as PowerShell code. Its
+        exceptions are mapped by `map_error` (`_ps`, `fetch_ranges`).
         """
         session = self._new_session()   # first: a missing extra is Unavailable, not ImportError
-        import requests
-        import winrm.exceptions
-
         text = (f"# hypersdk-op: {op}\n$ErrorActionPreference = 'Stop'\n"
                 f"$p = ConvertFrom-Json @'\n{json.dumps(params)}\n'@\n{script}")
-        try:
-            result = self._run_when_not_busy(session, text, op)
-        except winrm.exceptions.InvalidCredentialsError:
-            raise NotAuthorized(f"provider {self.name!r}: the host {self.settings['host']} "
-                                f"refused the credentials of '{self.settings['username']}'") from None
-        except requests.exceptions.SSLError:
-            raise NotAuthorized(f"provider {self.name!r}: the TLS certificate of "
-                                f"{self.settings['host']} is not trusted (set ca_file, or "
-                                "server_cert_validation: false for a lab host)") from None
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            raise HostUnreachable(f"cannot reach {self.settings['host']} "
-                                 f"({type(exc).__name__})") from None
-        except (winrm.exceptions.WinRMError, winrm.exceptions.WinRMTransportError) as exc:
-            raise Failed(f"provider {self.name!r}: WinRM error from {self.settings['host']} "
-                         f"during {op}: {exc}") from None
+        result = session.run_ps(text)
         if result.status_code != 0:
             message = result.std_err.decode("utf-8", "replace").strip().splitlines()
             raise Failed(f"provider {self.name!r}: {op} failed on {self.settings['host']}: "
@@ -185,29 +165,36 @@ class HypervProvider(Provider):
             raise Failed(f"provider {self.name!r}: {op}: the host answered something that is "
                          "not JSON") from None
 
-    def _run_when_not_busy(self, session: Any, text: str, op: str) -> Any:
-        """`run_ps`, retried with backoff while the host answers 429/503 (WinRM quota).
-
-        pywinrm does not expose response headers, so a Retry-After cannot be read here;
-        the wait doubles from `busy_retry_delay`, up to `export.max_retries` times.
-        """
+    def map_error(self, exc: Exception, what: str) -> HyperSDKError | None:
+        """pywinrm's and requests' exceptions as the service's errors; a host that answers
+        429/503 (its WinRM quota) is busy for now. pywinrm does not expose response headers,
+        so no Retry-After can be read: the wait doubles from `busy_retry_delay`."""
+        import requests
         import winrm.exceptions
 
-        attempt = 0
-        while True:
-            try:
-                return session.run_ps(text)
-            except winrm.exceptions.WinRMTransportError as exc:
-                if exc.code not in BUSY_STATUSES or attempt >= self.config.export.max_retries:
-                    raise
-                attempt += 1
-                time.sleep(self.settings["busy_retry_delay"] * 2 ** (attempt - 1))
+        host = self.settings["host"]
+        if isinstance(exc, winrm.exceptions.InvalidCredentialsError):
+            return NotAuthorized(f"provider {self.name!r}: the host {host} refused the "
+                                 f"credentials of '{self.settings['username']}'")
+        if isinstance(exc, requests.exceptions.SSLError):
+            return NotAuthorized(f"provider {self.name!r}: the TLS certificate of {host} is not "
+                                 "trusted (set ca_file, or server_cert_validation: false for a "
+                                 "lab host)")
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return Unavailable(f"provider {self.name!r}: {what}: cannot reach {host} "
+                               f"({type(exc).__name__})")
+        if isinstance(exc, (winrm.exceptions.WinRMError, winrm.exceptions.WinRMTransportError)):
+            error = Retryable if getattr(exc, "code", None) in BUSY_STATUSES else Failed
+            return error(f"provider {self.name!r}: WinRM error from {host} during {what}: {exc}")
+        return None
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(retries=self.config.export.max_retries,
+                           first_delay=self.settings["busy_retry_delay"])
 
     async def _ps(self, op: str, script: str, params: dict | None = None) -> Any:
-        try:
-            return await asyncio.to_thread(self._run_ps, op, script, params or {})
-        except HostUnreachable as exc:
-            raise Unavailable(f"provider {self.name!r}: {op}: {exc}") from None
+        return await self.call(op, self._run_ps, op, script, params or {})
 
     # --------------------------------------------------------------- discovery
 
@@ -265,6 +252,7 @@ class HypervProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
+        provider_options(options.extra, ())  # the hyperv provider takes none
         vm = await self.get_vm(identifier)
         host_dir = str(PureWindowsPath(self.settings["host_export_dir"])
                        / f"{safe_name(vm.name, 40)}-{secrets.token_hex(4)}")
@@ -318,7 +306,7 @@ class HypervProvider(Provider):
         sink.log(f"fetching {remote_path} ({size} bytes)")
         sha256 = await fetch_ranges(read_range, target, size, chunk_size=chunk,
                                     max_retries=options.max_retries, sink=sink, label=target.name,
-                                    retry_on=(HostUnreachable,))
+                                    map_error=self.mapped(f"reading {remote_path}"))
         outputs.add(target)
         host_hash = await self._ps("file_hash", FILE_HASH, {"path": remote_path})
         if str(host_hash.get("sha256", "")).lower() != sha256:

@@ -11,12 +11,11 @@ deleted afterwards, also when a step fails.
 Credentials: an OCI config file (`config_file`/`profile`, the SDK's standard
 `~/.oci/config`) or the API-key settings `tenancy`, `user`, `fingerprint` and
 `key_file` (mode 0600 or stricter). The SDK signs every request; its own retries are
-off: throttling (429) is retried here honouring `Retry-After`, up to
-`export.max_retries` times. A PAR URL is a secret and never shown.
+off: throttling (429) and 5xx answers are retried by the provider's `RetryPolicy`
+(`calls.py`) honouring `Retry-After`, up to `export.max_retries` times. A PAR URL is a secret and never shown.
 """
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import fnmatch
 import secrets
@@ -31,14 +30,14 @@ from ..disks.ovf_writer import safe_name
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import run_to_completion
-from .common import OutputFiles, check_filter, closest, poll_until, private_file_rule
+from .common import OutputFiles, check_filter, closest, poll_until, private_file_rule, \
+    provider_options
 
 SDK_MODULES = ("oci",)
 GIB = 1024 ** 3
 FILTER_KEYS = ("tags", "power_state", "name", "availability_domain")
 POWER_STATES = {"RUNNING": "poweredOn", "STOPPED": "poweredOff", "STOPPING": "poweredOn",
                 "STARTING": "poweredOff"}
-MAX_RETRY_AFTER = 120.0
 
 CONFIG_SCHEMA = {
     "compartment_id": Field("str", doc="OCID of the compartment to list and export from"),
@@ -130,24 +129,8 @@ class OciProvider(Provider):
 
     async def _call_raw(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """A blocking SDK call in a thread; 429/5xx retried (Retry-After honoured), errors mapped."""
-        import requests
-
-        oci = self._get_clients()["oci"]
-        max_retries = self.config.export.max_retries
-        attempt = 0
-        while True:
-            try:
-                return await asyncio.to_thread(fn, *args, **kwargs)
-            except oci.exceptions.ServiceError as exc:
-                transient = exc.status == 429 or exc.status >= 500
-                if transient and attempt < max_retries:
-                    attempt += 1
-                    await asyncio.sleep(_retry_delay(exc.headers, attempt))
-                    continue
-                raise self._error(what, exc) from None
-            except (oci.exceptions.RequestException, requests.exceptions.RequestException) as exc:
-                raise Unavailable(f"provider {self.name!r}: {what}: cannot reach the API "
-                                  f"({type(exc).__name__})") from None
+        self._get_clients()  # first: a missing extra is Unavailable, not an unmapped error
+        return await self.call(what, fn, *args, **kwargs)
 
     async def _list_all(self, what: str, fn: Callable, *args: Any, **kwargs: Any) -> list:
         """Every page of a list call (the SDK's pagination helper retries on its own terms)."""
@@ -161,15 +144,25 @@ class OciProvider(Provider):
             if not page:
                 return items
 
-    def _error(self, what: str, exc: Any) -> HyperSDKError:
-        text = f"provider {self.name!r}: {what}: {exc.code} (HTTP {exc.status}) {exc.message}"
-        if exc.status in (401, 403):
-            return NotAuthorized(text)
-        if exc.status == 404:
-            return NotFound(text)
-        if exc.status == 429 or exc.status >= 500:
-            return Retryable(text)
-        return Failed(text)
+    def map_error(self, exc: Exception, what: str) -> HyperSDKError | None:
+        """The SDK's ServiceError by HTTP status (429/5xx transient, honouring Retry-After);
+        no answer at all is Unavailable."""
+        import requests
+
+        oci = self._get_clients()["oci"]
+        if isinstance(exc, oci.exceptions.ServiceError):
+            text = f"provider {self.name!r}: {what}: {exc.code} (HTTP {exc.status}) {exc.message}"
+            if exc.status in (401, 403):
+                return NotAuthorized(text)
+            if exc.status == 404:
+                return NotFound(text)
+            if exc.status == 429 or exc.status >= 500:
+                return Retryable(text, retry_after=_retry_after(exc.headers))
+            return Failed(text)
+        if isinstance(exc, (oci.exceptions.RequestException, requests.exceptions.RequestException)):
+            return Unavailable(f"provider {self.name!r}: {what}: cannot reach the API "
+                               f"({type(exc).__name__})")
+        return None
 
     # --------------------------------------------------------------- discovery
 
@@ -285,6 +278,7 @@ class OciProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
+        provider_options(options.extra, ())  # the oci provider takes none
         bucket = self.settings["export_bucket"]
         if not bucket:
             raise InvalidArgument(f"providers.{self.name}.export_bucket",
@@ -411,13 +405,13 @@ class OciProvider(Provider):
         cleanup.clear()
 
 
-def _retry_delay(headers: Any, attempt: int) -> float:
-    """Seconds to wait before retrying: the server's Retry-After, else exponential backoff."""
+def _retry_after(headers: Any) -> float | None:
+    """The server's Retry-After in seconds, when it sent a number."""
     value = (headers or {}).get("retry-after") or (headers or {}).get("Retry-After")
     try:
-        return min(float(value), MAX_RETRY_AFTER)
+        return float(value)
     except (TypeError, ValueError):
-        return min(0.5 * 2 ** (attempt - 1), 30.0)
+        return None
 
 
 PROVIDER_CLASS = OciProvider

@@ -24,7 +24,6 @@ import secrets
 import shutil
 import tarfile
 import tempfile
-import threading
 from pathlib import Path, PurePosixPath
 
 from ..confine import OpenFile, open_source
@@ -32,6 +31,7 @@ from ..errors import Failed, InvalidArgument, NotFound
 from ..disks.convert import detect_format
 from ..disks.ova_extract import extract_ova, parse_manifest, verify_manifest
 from ..disks.ovf import MAX_OVF_BYTES, OvfInfo, parse_ovf
+from ..disks.threads import run_stoppable
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider
 from .common import OutputFiles, check_filter, closest
@@ -151,17 +151,11 @@ class OvaProvider(Provider):
         size = path.stat().st_size
         sink.add_total(size)
         unpacked = target_dir / f".unpack-{secrets.token_hex(4)}"
-        stop = threading.Event()
         try:
             sink.log(f"extracting {path.name} ({size} bytes), checking its manifest")
-            worker = asyncio.ensure_future(asyncio.to_thread(extract_ova, path, unpacked,
-                                                             sink.log, stop))
-            try:
-                descriptor = await asyncio.shield(worker)
-            except asyncio.CancelledError:
-                stop.set()   # the worker notices, removes its partial directory and ends
-                await asyncio.gather(worker, return_exceptions=True)
-                raise
+            # on cancel the worker is stopped and waited for: it removes its partial directory
+            descriptor = await run_stoppable(lambda stop: extract_ova(path, unpacked, sink.log,
+                                                                      stop))
             sink.advance(size)
             info = await asyncio.to_thread(parse_ovf, descriptor)
             vm = self._vm_info(path, info)

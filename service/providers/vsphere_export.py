@@ -26,7 +26,6 @@ import dataclasses
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
@@ -41,6 +40,8 @@ from ..disks.ovf_writer import safe_name
 from ..disks.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
 from ..redact import redact_url
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, VMInfo
+from .calls import TaskOwner
+from .common import poll_until
 from .vsphere_session import SessionPool
 
 LEASE_READY_TIMEOUT = 300.0
@@ -74,18 +75,13 @@ def open_export_lease(si, identifier: str):
         raise Failed(f"ExportVm on {identifier} failed: {fault.msg}") from None
 
 
-def _wait_lease_ready(si, lease, timeout: float):
-    deadline = time.monotonic() + timeout
-    while True:
-        state = str(lease.state)
-        if state == "ready":
-            return lease.info
-        if state == "error":
-            error = lease.error
-            raise Failed(f"the export lease failed: {getattr(error, 'msg', None) or error}")
-        if time.monotonic() > deadline:
-            raise Failed(f"the export lease was not ready within {timeout:g}s (state {state})")
-        time.sleep(0.5)
+def _lease_ready(si, lease):
+    """The lease's info once it is ready, None while it is not yet (blocking)."""
+    state = str(lease.state)
+    if state == "error":
+        error = lease.error
+        raise Failed(f"the export lease failed: {getattr(error, 'msg', None) or error}")
+    return lease.info if state == "ready" else None
 
 
 def _lease_url(url: str, host: str) -> str:
@@ -135,18 +131,16 @@ def _lease_interval(info) -> float:
 async def _export_with_lease(pool: SessionPool, lease, vm: VMInfo, target_dir: Path,
                              options: ExportOptions, sink: ExportSink) -> list[ExportedDisk]:
     try:
-        info = await pool.run(_wait_lease_ready, lease, LEASE_READY_TIMEOUT)
+        info = await poll_until(lambda: pool.run(_lease_ready, lease), interval=0.5,
+                                timeout=LEASE_READY_TIMEOUT, what="the export lease being ready")
         sink.log(f"export lease ready: {len(vm.disks)} disk(s)")
         sources = _lease_sources(info, pool, vm, target_dir)
         total = sum(d.capacity_bytes for d in vm.disks)
         keeper = _LeaseKeeper(pool, lease, total, _lease_interval(info))
         sink.add_total(total)
-        keepalive = asyncio.ensure_future(keeper.run())
-        try:
+        async with TaskOwner() as keepalive:
+            keepalive.create_task(keeper.run())
             disks = await _download_all(pool, sources, options, sink, keeper.count)
-        finally:
-            keepalive.cancel()
-            await asyncio.gather(keepalive, return_exceptions=True)
         _settle(sink, keeper.done, total)
         try:
             await _verify_checksums(pool, lease, disks, [d.key for d in _disk_devices(info)],
@@ -350,15 +344,13 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
                                 key=source.disk.key)
 
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i, s)) for i, s in enumerate(sources)]
-        return [task.result() for task in tasks]
-    except BaseException as exc:
+        async with TaskOwner() as owner:
+            return list(await asyncio.gather(*(owner.create_task(one(i, s))
+                                               for i, s in enumerate(sources))))
+    except BaseException:
         if checkpoints is None:  # else the job keeps them for a resume, or removes them
             for path in finished:
                 path.unlink(missing_ok=True)
-        if isinstance(exc, BaseExceptionGroup):
-            raise exc.exceptions[0] from None
         raise
 
 
