@@ -188,24 +188,20 @@ class Staging:
     def discard(self) -> list[str]:
         """The job failed: remove what landed and the staging directory. Returns what
         could not be removed (one line each)."""
-        problems = []
         self._clear()
-        for owned in [*reversed(self.landed), self.owned, *reversed(self.created)]:
-            problem = remove_owned(owned)
-            if problem:
-                problems.append(problem)
-            self._journal.forget(owned)
-        self.landed = []
-        self._close()
-        return problems
+        return self._remove([*reversed(self.landed), self.owned, *reversed(self.created)])
 
     def suspend(self) -> list[str]:
         """The job was interrupted with downloads worth resuming: remove what landed
         (an incomplete set must not look complete), keep the staging directory and the
         records of it and of the directories made for it, for a retry to adopt. Returns
         what could not be removed."""
+        return self._remove(list(reversed(self.landed)))
+
+    def _remove(self, paths: list[OwnedPath]) -> list[str]:
+        """Remove and forget `paths` (in that order), then close; what was left."""
         problems = []
-        for owned in reversed(self.landed):
+        for owned in paths:
             problem = remove_owned(owned)
             if problem:
                 problems.append(problem)

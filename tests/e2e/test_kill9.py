@@ -102,12 +102,9 @@ async def test_a_stop_keeps_checkpointed_downloads_and_resume_on_start_resumes_t
     shutdown" keeping its downloads, and with export.resume_on_start the next start
     retries it at once, fetching only the rest."""
     address = system_bus.address
-    uploads = service_dir / "uploads"
-    uploads.mkdir()
-    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
-    export_path = service_dir / "exports" / "stopped"
-    held = await HeldExport.start(start_hypervisord, address, sim, service_dir, MiB, "disk",
-                                  export_path, len(disks))
+    disks, export_path, held = await _hold_an_export(start_hypervisord, address, sim, si,
+                                                     service_dir,
+                                                     service_dir / "exports" / "stopped")
     try:
         assert await asyncio.to_thread(held.daemon.stop) == 0
         kept = held.kept()
@@ -130,12 +127,9 @@ async def test_downloads_kept_for_a_resume_go_with_the_job_record(
     """Nobody retries the interrupted job: when retention prunes its record, the data it
     kept goes too (and the export directory it made, now empty)."""
     address = system_bus.address
-    uploads = service_dir / "uploads"
-    uploads.mkdir()
-    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
-    export_path = service_dir / "exports" / "abandoned"
-    held = await HeldExport.start(start_hypervisord, address, sim, service_dir, MiB, "disk",
-                                  export_path, len(disks))
+    _disks, export_path, held = await _hold_an_export(start_hypervisord, address, sim, si,
+                                                      service_dir,
+                                                      service_dir / "exports" / "abandoned")
     try:
         await asyncio.to_thread(held.daemon.kill)
         held.proxy.release.set()
@@ -159,13 +153,9 @@ async def test_a_full_output_filesystem_fails_the_export_truthfully_and_leaves_n
     the job fails naming the cause, nothing of it stays there, and once there is room
     again its retry completes."""
     address = system_bus.address
-    uploads = service_dir / "uploads"
-    uploads.mkdir()
-    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
     with mounted_tmpfs(service_dir / "exports" / "small", "32m") as small:
-        export_path = small / "run"
-        held = await HeldExport.start(start_hypervisord, address, sim, service_dir, MiB,
-                                      "disk", export_path, len(disks))
+        disks, export_path, held = await _hold_an_export(start_hypervisord, address, sim, si,
+                                                         service_dir, small / "run")
         try:
             filler = fill(small, leave=256 * KiB)
             held.proxy.release.set()
@@ -185,6 +175,17 @@ async def test_a_full_output_filesystem_fails_the_export_truthfully_and_leaves_n
         finally:
             await asyncio.to_thread(held.daemon.stop)
             await held.proxy.close()
+
+
+async def _hold_an_export(start_hypervisord, address: str, sim, si, service_dir,
+                          export_path: Path):
+    """The VM's new disks, and an export of them to `export_path` held at 1 MiB."""
+    uploads = service_dir / "uploads"
+    uploads.mkdir()
+    disks = await asyncio.to_thread(give_disks, sim, si, EXPORT_VM, DISKS, uploads)
+    held = await HeldExport.start(start_hypervisord, address, sim, service_dir, MiB, "disk",
+                                  export_path, len(disks))
+    return disks, export_path, held
 
 
 class HeldExport:
