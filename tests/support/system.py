@@ -13,13 +13,13 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 POLKIT_ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
 POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
 MEMBER, OUTSIDER, ADMIN = "hsdk-member", "hsdk-outsider", "hsdk-admin"
 
 
@@ -99,18 +99,16 @@ def start_polkitd(bus: PrivateSystemBus, directory: Path) -> subprocess.Popen:
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
          str(actions), str(rules), str(POLKIT_ACTIONS_DIR), str(POLKIT_RULES_DIR)],
         env=bus.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        probe = subprocess.run(
-            ["busctl", f"--address={bus.address}", "status", "org.freedesktop.PolicyKit1"],
-            capture_output=True)
-        if probe.returncode == 0:
-            return process
-        if process.poll() is not None:
-            raise RuntimeError(f"polkitd exited with {process.returncode}")
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("polkitd did not appear on the private bus")
+    # gdbus wait: until the name appears, told by the bus's NameOwnerChanged signal
+    waited = subprocess.run(["gdbus", "wait", "--address", bus.address, "--timeout", "20",
+                             POLKIT_NAME], capture_output=True, text=True)
+    if waited.returncode != 0:
+        exited = process.poll()
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"polkitd did not appear on the private bus (exit status: "
+                           f"{exited}): {waited.stderr}")
+    return process
 
 
 def _group_exists(name: str) -> bool:
