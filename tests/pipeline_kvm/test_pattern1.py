@@ -7,13 +7,13 @@ qemu:///system and starts it; the line must appear on the domain's serial consol
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from tests.support.bootdisk import BOOT_LINE
+from tests.support.wait import wait_until
 from tests.vcsim.harness import Simulator, prepare_boot_vm
 
 from .conftest import export_to_kvm
@@ -47,7 +47,5 @@ async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, gu
     assert domain.UUIDString() == handoff["import"]["uuid"]
     conn.close()
     serial = Path(handoff["import"]["serial_log"])
-    deadline = time.monotonic() + 60
-    while not (serial.is_file() and BOOT_LINE in serial.read_bytes()):
-        assert time.monotonic() < deadline, f"no boot line on the serial console: {serial}"
-        time.sleep(0.2)
+    wait_until(lambda: serial.is_file() and BOOT_LINE in serial.read_bytes(), 60,
+               f"the boot line on the serial console {serial}")

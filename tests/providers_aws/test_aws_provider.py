@@ -15,6 +15,7 @@ from hypersdk.service.errors import Failed, InvalidArgument, NotFound, Unavailab
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.base import require_extra
 
+from ..support.wait import until
 from .conftest import (SECRET, instance_on_snapshot_volume, make_provider, put_snapshot,
                        run_instance)
 
@@ -213,8 +214,7 @@ async def test_cancel_while_reading_blocks_leaves_nothing(provider, ec2, ebs, si
     provider.client("ebs").meta.events.register("before-call.ebs.GetSnapshotBlock", slow_block)
     task = asyncio.create_task(provider.export_disks(
         instance_id, out, ExportOptions(extra={"snapshot_ids": {volume_id: snapshot_id}}), sink))
-    while not started.is_set():
-        await asyncio.sleep(0.01)
+    await until(started.is_set, what="the first block read")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -15,6 +15,7 @@ from hypersdk.service.disks import diskspace
 from hypersdk.service.disks.ovf_writer import OVF, RASD
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.images import same_image, sha256_file
+from tests.support.wait import until
 from tests.vcsim.harness import find_vm, give_disks
 
 from .conftest import DISK_SIZES, EXPORT_VM, make_config
@@ -243,8 +244,7 @@ async def test_cancelled_export_leaves_nothing(tmp_path, sim, uploaded):
     ctx = job_context(KIND, definition(), config, registry)
     task = asyncio.ensure_future(run_job(KIND, ctx))
     try:
-        while ctx.done < 1_000_000 and not task.done():
-            await asyncio.sleep(0.02)
+        await until(lambda: ctx.done >= 1_000_000 or task.done(), what="a megabyte exported")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
