@@ -17,9 +17,10 @@ import pytest
 from hypersdk.service.direct_io import DirectFile
 from hypersdk.service.errors import Cancelled, Failed
 from hypersdk.service.disks import stream_reader
-from hypersdk.service.disks.streamopt import GrowingFile, decode
+from hypersdk.service.disks.streamopt import decode
 
 from ..support.direct_io import fake_refusing_o_direct
+from ..support.growing import WatchedGrowingFile
 from .helpers import MiB, grain_ends, images_equal, make_raw, qemu_img
 
 DISK = 24 * MiB + 3 * 512  # the last grain is short
@@ -29,30 +30,6 @@ SPARSE_EXTENTS = ((0, 64 * 1024), (3 * MiB + 4096, 200 * 1024), (13 * MiB + 777,
 # random data does not compress: a VMDK of several MiB
 DENSE_EXTENTS = ((MiB, 5 * MiB + 123), (17 * MiB, 1 * MiB))
 AWKWARD_PIECES = (1, 511, 4095, 4097, MiB + 3)
-
-
-class WatchedGrowingFile(GrowingFile):
-    """The real GrowingFile that also tells (`waiting`) once the decoder waits for bytes
-    beyond those that have landed: a test acts on that instead of after a delay."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.landed = 0
-        self.waiting = threading.Event()
-
-    def grew(self, size: int) -> None:
-        self.waiting.clear()  # before the decoder can see the new bytes
-        self.landed = max(self.landed, size)
-        super().grew(size)
-
-    def wait_beyond(self, offset: int, stop: threading.Event | None) -> bool:
-        if offset >= self.landed:
-            self.waiting.set()
-        return super().wait_beyond(offset, stop)
-
-    def decoder_caught_up(self) -> None:
-        """Until the decoder has taken what landed and waits for more."""
-        assert self.waiting.wait(60), f"the decoder never caught up with {self.landed} bytes"
 
 
 def _stream_vmdk(tmp_path, name: str, extents) -> tuple:
