@@ -7,7 +7,6 @@ import os
 import ssl
 import subprocess
 import threading
-import time
 
 import pytest
 from aiohttp import web
@@ -342,12 +341,10 @@ async def tls_port(serve, payload, self_signed):
 
 async def test_untrusted_certificate_fails_at_once_without_retries(tls_port, out):
     rec = Recorder()
-    started = time.monotonic()
     with pytest.raises(Failed, match="certificate is not trusted"):
         await _fetch(f"https://127.0.0.1:{tls_port}/files/disk.bin", out / "d", rec,
                      expected=SIZE, retries=3, ssl=None)
-    assert time.monotonic() - started < 1.0  # three backed-off retries would take 1.4 s
-    assert not any("retry" in line for line in rec.lines)
+    assert not any("retry" in line for line in rec.lines)  # each retry would say so
     assert os.listdir(out) == []
 
 
