@@ -138,11 +138,13 @@ def curl_env(bridge: Bridge) -> dict[str, str]:
 
 
 def curl(bridge: Bridge, path: str, *args: str, token: str | None = None,
-         timeout: float = 30) -> CurlResult:
-    """Run real curl against the bridge; returns the status and the body."""
+         authorization: str | None = None, timeout: float = 30) -> CurlResult:
+    """Run real curl against the bridge; returns the status and the body. `token` or
+    `authorization` (the whole header value) replaces the .curlrc's admin token."""
     command = ["curl", "-s", "-S", "-k", "-o", "-", "-w", "\n%{http_code}", *args]
-    if token:
-        command = ["curl", "-q", *command[1:], "-H", f"Authorization: Bearer {token}"]
+    if token or authorization is not None:
+        command = ["curl", "-q", *command[1:],
+                   "-H", f"Authorization: {authorization or 'Bearer ' + token}"]
     command.append(bridge.url + path)
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=curl_env(bridge))
