@@ -173,19 +173,24 @@ async def test_unknown_vm_is_not_found_and_writes_nothing(config, registry):
     assert not any(Path(config.export.base_path).iterdir())
 
 
-async def test_not_enough_free_space(config, registry, uploaded, monkeypatch):
-    """statvfs is monkeypatched to report 1 MiB free (no tmpfs mount needed)."""
-    real = os.statvfs
-
-    def tiny(path):
-        info = real(path)
-        return os.statvfs_result((info.f_bsize, 4096, info.f_blocks, 256, 256, *info[5:]))
-
-    monkeypatch.setattr(diskspace.os, "statvfs", tiny)
-    with pytest.raises(Failed, match=r"not enough free space .* needs 48\.0 MiB \(50331648 "
-                                     r"bytes\), only 1\.0 MiB \(1048576 bytes\) are free"):
-        await export(config, registry)
-    assert not any(Path(config.export.base_path).iterdir())  # vm1 was the job's: gone
+async def test_not_enough_free_space(small_disk, sim, uploaded):
+    """The export base on a real 4 MiB tmpfs: the 48 MiB export is refused before any
+    download, saying what it needs and what is free."""
+    config = make_config(small_disk, sim)
+    base = Path(config.export.base_path)
+    free = diskspace.free_bytes(base)
+    registry = ProviderRegistry(config)
+    try:
+        with pytest.raises(Failed) as refused:
+            await export(config, registry)
+    finally:
+        await registry.close()
+    assert str(refused.value).startswith("not enough free space in ")
+    # the path it names is, for now, the staging's /proc/self/fd/N, not the user's
+    assert str(refused.value).endswith(
+        f": exporting {EXPORT_VM} as ova needs 48.0 MiB (50331648 bytes), only "
+        f"{diskspace.human_bytes(free)} ({free} bytes) are free")
+    assert not any(base.iterdir())  # vm1 was the job's: gone
 
 
 async def test_existing_output_is_not_overwritten(config, registry, uploaded):
