@@ -12,11 +12,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.support.bootdisk import BOOT_LINE
-from tests.support.wait import wait_until
 from tests.vcsim.harness import Simulator, prepare_boot_vm
 
-from .conftest import export_to_kvm
+from .conftest import export_to_kvm, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -47,5 +45,4 @@ async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, gu
     assert domain.UUIDString() == handoff["import"]["uuid"]
     conn.close()
     serial = Path(handoff["import"]["serial_log"])
-    wait_until(lambda: serial.is_file() and BOOT_LINE in serial.read_bytes(), 60,
-               f"the boot line on the serial console {serial}")
+    wait_for_line(serial)

@@ -99,16 +99,26 @@ def start_polkitd(bus: PrivateSystemBus, directory: Path) -> subprocess.Popen:
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
          str(actions), str(rules), str(POLKIT_ACTIONS_DIR), str(POLKIT_RULES_DIR)],
         env=bus.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # gdbus wait: until the name appears, told by the bus's NameOwnerChanged signal
-    waited = subprocess.run(["gdbus", "wait", "--address", bus.address, "--timeout", "20",
-                             POLKIT_NAME], capture_output=True, text=True)
-    if waited.returncode != 0:
-        exited = process.poll()
-        process.kill()
-        process.wait()
-        raise RuntimeError(f"polkitd did not appear on the private bus (exit status: "
-                           f"{exited}): {waited.stderr}")
+    wait_for_name(bus.address, POLKIT_NAME, process, "polkitd")
     return process
+
+
+def wait_for_name(address: str, name: str, process: subprocess.Popen, what: str,
+                  timeout: int = 20) -> None:
+    """Until `name` is owned on the bus at `address` (`gdbus wait` hears the bus's
+    NameOwnerChanged). If it never is, `process`, which should own it, is killed and
+    the error says how it ended and what it wrote to a piped stderr."""
+    waited = subprocess.run(["gdbus", "wait", "--address", address, "--timeout", str(timeout),
+                             name], capture_output=True, text=True)
+    if waited.returncode == 0:
+        return
+    exited = process.poll()
+    process.kill()
+    process.wait()
+    said = process.stderr.read()[-2000:] if process.stderr else b""
+    said = said.decode(errors="replace") if isinstance(said, bytes) else said
+    raise RuntimeError(f"{what} never owned {name} (exit status: {exited}): "
+                       f"{waited.stderr}{said}")
 
 
 def _group_exists(name: str) -> bool:
