@@ -1,6 +1,6 @@
 """The engine's error branches on the real JobEngine and Store: a job kind's bug, a kind
-gone after a restart, a submit while draining, a listener that raises, and what a
-failed attempt made, removed before the next one."""
+gone after a restart, a submit while draining, a listener that raises, what a failed
+attempt made, removed before the next one, and a cleanup that must leave a file alone."""
 from __future__ import annotations
 
 import contextlib
@@ -104,3 +104,16 @@ async def test_what_a_failed_attempt_made_is_gone_before_the_next_attempt(tmp_pa
     assert record.attempts == 2
     assert record.result == {"found": [f"{job.id}-2.partial"]}  # attempt 1's file was removed
     assert sorted(path.name for path in out.iterdir()) == [f"{job.id}-2.partial"]
+
+
+async def test_a_cleanup_leaves_a_file_someone_else_put_in_place_and_says_so(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    async with running_engine(tmp_path) as engine:
+        job = engine.submit("replaced-then-fail", {"dir": str(out)}, uid=0)
+        assert await finished(engine, job.id) == "failed"
+        assert engine.get(job.id).error == "it failed after its file was replaced"
+        logged = [(line.level, line.message) for line in engine.store.logs(job.id)]
+    assert (out / f"{job.id}.partial").read_bytes() == b"someone else's"  # not removed
+    assert ("warning", f"left {out / job.id}.partial: it is no longer what the job created") \
+        in logged

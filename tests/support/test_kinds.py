@@ -8,6 +8,8 @@
 - "flaky": raises Retryable until attempt "succeed_on".
 - "logflood": emits "lines" log lines (plus "padding" bytes each) in one burst.
 - "crash": raises an exception no job kind should (a bug), not a HyperSDKError.
+- "replaced-then-fail": lands `<job id>.partial` in "dir", which someone else then
+  replaces with a file of their own, and fails.
 - "flaky-writer": lands `<job id>-<attempt>.partial` in "dir" on every attempt, raises
   Retryable until attempt "succeed_on", then returns the .partial files it finds there.
 """
@@ -105,6 +107,21 @@ class CrashKind(_TestKind):
         raise RuntimeError("a bug in a job kind")
 
 
+class ReplacedThenFailKind(_TestKind):
+    name = "replaced-then-fail"
+    fields = {"dir": ""}
+
+    async def run(self, ctx) -> dict:
+        directory = Path(ctx.definition["dir"])
+        staging = ctx.staging(open_dir(directory, "", "dir", create=False))
+        staging.write(f"{ctx.job_id}.partial", b"partial")
+        staging.land(f"{ctx.job_id}.partial")
+        theirs = directory / "theirs.tmp"
+        theirs.write_bytes(b"someone else's")
+        theirs.replace(directory / f"{ctx.job_id}.partial")
+        raise Failed("it failed after its file was replaced")
+
+
 class FlakyWriterKind(_TestKind):
     name = "flaky-writer"
     fields = {"dir": "", "succeed_on": 2}
@@ -120,5 +137,5 @@ class FlakyWriterKind(_TestKind):
 
 
 for kind in (SleepKind(), SlottedSleepKind(), FailKind(), FlakyKind(), LogFloodKind(),
-             CrashKind(), FlakyWriterKind()):
+             CrashKind(), ReplacedThenFailKind(), FlakyWriterKind()):
     register(kind)
