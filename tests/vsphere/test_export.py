@@ -222,6 +222,27 @@ def test_bad_definitions_are_refused(config, overrides, field):
     assert not any(Path(config.export.base_path).iterdir())
 
 
+@pytest.mark.parametrize("options, field, rule", [
+    ("fast", "options", "an object"),
+    ({"compress": "yes"}, "options.compress", "true or false"),
+    ({"shutdown_timeout": 0}, "options.shutdown_timeout", "a number of seconds > 0"),
+    ({"shutdown_timeout": True}, "options.shutdown_timeout", "a number of seconds > 0"),
+    ({"provider_options": []}, "options.provider_options",
+     "an object of provider-specific options"),
+    ({"provider_options": {"shutdown_timeout": 5}}, "options.provider_options",
+     "an object of provider-specific options"),
+    ({"restore_power_state": True}, "options.restore_power_state", "needs shutdown_vm: true"),
+    ({"shutdown": True}, "options.shutdown", "unknown option (known: shutdown_vm, "
+     "restore_power_state, remove_cdrom, compress, shutdown_timeout, provider_options)"),
+], ids=["not-object", "not-bool", "zero-timeout", "bool-timeout", "provider-list",
+        "provider-timeout", "restore-alone", "unknown"])
+def test_bad_export_options_name_the_field_and_the_rule(config, options, field, rule):
+    registry = ProviderRegistry(config)
+    with pytest.raises(InvalidArgument) as err:
+        KIND.validate(definition(options=options), FakeSubmitContext(config, registry))
+    assert (err.value.field, err.value.rule) == (field, rule)
+
+
 async def test_symlink_out_of_the_base_is_refused(config, registry, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
