@@ -23,6 +23,7 @@ from hypersdk.service.providers.registry import ProviderRegistry
 from hypersdk.service.store import Store
 
 from ..support import test_kinds  # noqa: F401  (registers sleep, fail, ...)
+from ..support.wait import until
 from ..vcsim.harness import Simulator, find_vm, give_disks
 
 PRODUCTION = ["DC0_H0_VM0", "DC0_C0_RP0_VM1"]  # simulator VMs tagged backup=production
@@ -90,13 +91,8 @@ class EngineEnv:
     providers: ProviderRegistry
 
     async def wait_job(self, job_id: str, timeout: float = 10) -> str:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            job = self.engine.get(job_id)
-            if job.finished:
-                return job.status
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"{job_id} did not finish: {self.engine.get(job_id).status}")
+        await until(lambda: self.engine.get(job_id).finished, timeout, f"{job_id} to finish")
+        return self.engine.get(job_id).status
 
 
 async def start_engine(config) -> EngineEnv:

@@ -63,10 +63,8 @@ def production_policy(**overrides) -> dict:
 async def run_and_settle(env, policies, policy_id: str) -> list:
     jobs = await policies.run(policy_id, 0)
     statuses = [await env.wait_job(job.id) for job in jobs]
-    for _ in range(200):  # retention runs in a task once the run has settled
-        if not policies._tasks:
-            break
-        await asyncio.sleep(0.01)
+    # retention runs in a task once the run has settled
+    await until(lambda: not policies._tasks, what="the policy's retention task")
     return statuses
 
 

@@ -12,7 +12,7 @@ from hypersdk.client.names import BACKUP_POLICY_IFACE, SCHEDULE_IFACE, WEBHOOK_I
 from ..support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, gdbus_call,
                            gvariant_string, job_property, submit)
 from ..support.introspection import documented, live
-from ..support.wait import wait_until
+from ..support.wait import until, wait_for_value, wait_until
 from .conftest import PRODUCTION
 
 POLICY_IFACE = BACKUP_POLICY_IFACE
@@ -49,6 +49,11 @@ def call(address: str, path: str, interface: str, method: str, *args: str,
     return json.loads(out)["data"] if out.strip() else []
 
 
+def deliveries(address: str, path: str) -> list[dict]:
+    """The webhook at `path`'s delivery log, as GetDeliveries tells it."""
+    return json.loads(call(address, path, WEBHOOK_IFACE, "GetDeliveries", "a{sv}", "0")[0])
+
+
 def managed_objects(address: str) -> dict:
     return busctl_json(address, "call", BUS_NAME, ROOT, "org.freedesktop.DBus.ObjectManager",
                        "GetManagedObjects")["data"][0]
@@ -56,13 +61,17 @@ def managed_objects(address: str) -> dict:
 
 def test_a_cron_schedule_fires_on_each_slot_with_linked_jobs(system_bus, hypervisord):
     address = system_bus.address
+    created_at = time.time()
     path = create(address, "CreateSchedule", {
         "name": "every-two-seconds", "cron": "* * * * * */2", "timezone": "UTC",
         "kind": "sleep", "job_definition": QUICK})
     assert path.startswith(ROOT + "/schedules/schedule_")
     assert live(address, path, SCHEDULE_IFACE) == documented(SCHEDULE_IFACE)
     next_run = prop(address, path, SCHEDULE_IFACE, "NextRun")
-    assert -1e6 < next_run - time.time() * 1e6 <= 2.1e6  # the slot may pass as we read it
+    read_at = time.time()
+    # a slot (an even second) after the schedule was made, at most one period after this
+    # read however slow the calls were
+    assert next_run % 2_000_000 == 0 and created_at * 1e6 < next_run <= read_at * 1e6 + 2e6
     first = wait_until(lambda: (j := prop(address, path, SCHEDULE_IFACE, "LastJob")) != "/" and j,
                        what="the first run")
     second = wait_until(lambda: (j := prop(address, path, SCHEDULE_IFACE, "LastJob")) != first
@@ -139,7 +148,13 @@ async def test_webhooks_get_each_event_signed_and_never_show_secrets(system_bus,
     reply = await asyncio.to_thread(submit, address, QUICK, "sleep")
     job_id = json.loads(reply.stdout.split()[1]).rsplit("/", 1)[1].replace("_", "-")
     got = await receiver.wait_for(3)
-    await asyncio.sleep(0.5)
+    # the service records a delivery once the receiver has answered: when both of the
+    # API webhook's are recorded, nothing more is under way
+    log = await asyncio.to_thread(wait_for_value, lambda: deliveries(address, path), lambda log:
+                                  len(log) == 2 and "pending" not in {d["state"] for d in log},
+                                  what="the API webhook's two deliveries recorded")
+    assert [(d["event"], d["status_code"]) for d in log] == \
+        [("job.started", 200), ("job.completed", 200)]
     assert sorted(r.event for r in receiver.attempts) == \
         ["job.completed", "job.completed", "job.started"]
     signed = [r for r in got if "X-HyperSDK-Signature" in r.headers]
@@ -154,10 +169,6 @@ async def test_webhooks_get_each_event_signed_and_never_show_secrets(system_bus,
     assert len(webhooks) == 2
     assert webhooks[path]["Headers"]["data"] == {"Authorization": "<redacted>", "X-Team": "ops"}
     assert sorted(w["HasSecret"]["data"] for w in webhooks.values()) == [False, True]
-    log = json.loads((await asyncio.to_thread(call, address, path, WEBHOOK_IFACE,
-                                              "GetDeliveries", "a{sv}", "0"))[0])
-    assert [(d["event"], d["status_code"]) for d in log] == \
-        [("job.started", 200), ("job.completed", 200)]
 
 
 async def test_undelivered_events_are_delivered_after_a_restart(system_bus, start_hypervisord,
@@ -168,11 +179,8 @@ async def test_undelivered_events_are_delivered_after_a_restart(system_bus, star
     daemon = await asyncio.to_thread(start_hypervisord, **settings)
     receiver.default_status = 500
     await asyncio.to_thread(submit, address, {"message": "boom"}, "fail")
-    for _ in range(100):
-        if len(receiver.attempts) >= 2:
-            break
-        await asyncio.sleep(0.1)
-    assert len(receiver.attempts) >= 2 and receiver.received == []
+    await until(lambda: len(receiver.attempts) >= 2, what="two refused attempts")
+    assert receiver.received == []
     await asyncio.to_thread(daemon.stop)
     receiver.default_status = 200
     await asyncio.to_thread(start_hypervisord, **settings)
@@ -239,11 +247,8 @@ async def test_a_firing_schedule_announces_its_new_properties(system_bus, hyperv
         destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
         interface="org.freedesktop.DBus", member="AddMatch", signature="s",
         body=[f"type='signal',interface='org.freedesktop.DBus.Properties',path='{path}'"]))
-    for _ in range(100):
-        if any(c.get("LastJob", "/") != "/" for c in changes):
-            break
-        await asyncio.sleep(0.1)
-    fired = next(c for c in changes if c.get("LastJob", "/") != "/")
+    fired = await until(lambda: next((c for c in changes if c.get("LastJob", "/") != "/"), None),
+                        what="a PropertiesChanged with the schedule's first job")
     assert fired["LastJob"].startswith(ROOT + "/jobs/job_")
     assert fired["LastRun"] > 0 and fired["NextRun"] > fired["LastRun"]
     await asyncio.to_thread(call, address, path, SCHEDULE_IFACE, "Delete", "a{sv}", "0")
@@ -267,11 +272,8 @@ async def _watch_properties(bus, paths: list[str]) -> dict[str, list[dict]]:
 
 
 async def _announced(changes: list[dict], wanted: dict) -> None:
-    for _ in range(50):
-        if any(wanted.items() <= change.items() for change in changes):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no PropertiesChanged with {wanted}: {changes}")
+    await until(lambda: any(wanted.items() <= change.items() for change in changes),
+                what=f"a PropertiesChanged with {wanted}")
 
 
 async def test_set_enabled_on_a_backup_policy_and_a_webhook(system_bus, start_hypervisord,

@@ -68,12 +68,10 @@ async def _automation(config):
 
 async def _deliveries_of(webhooks: Webhooks, webhook_id: str, count: int) -> list[dict]:
     """The delivery log once it has `count` entries (the receiver answers before it is written)."""
-    for _ in range(200):
+    def settled() -> list[dict] | None:
         log = webhooks.deliveries(webhook_id)
-        if len(log) >= count and log[-1]["state"] != "pending":
-            return log
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"delivery log stayed {log}")
+        return log if len(log) >= count and log[-1]["state"] != "pending" else None
+    return await until(settled, what=f"{count} deliveries in the log")
 
 
 async def _deliveries(automation, webhook_id: str, count: int) -> list[dict]:
@@ -162,8 +160,7 @@ async def test_undelivered_events_are_delivered_after_a_restart(tmp_path, receiv
     receiver.default_status = 503  # the receiver is down
     job = env.engine.submit("sleep", QUICK)
     await env.wait_job(job.id)
-    while not receiver.attempts:
-        await asyncio.sleep(0.02)
+    await until(lambda: receiver.attempts, what="a refused attempt")
     await _close(env, automation)
     assert receiver.received == []
     receiver.default_status = 200

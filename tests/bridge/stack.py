@@ -14,7 +14,6 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import yaml
 from hypersdk.http_bridge.auth import token_digest
 
 from ..support.system import REPO, stop_process
-from ..support.wait import wait_for_value
+from ..support.wait import wait_for_value, wait_until
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 CURL_HOME = "curl-home"
@@ -90,24 +89,26 @@ class Bridge:
                 command = ["runuser", "-u", self.user, "--", *command]
             self.process = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file,
                                             cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bridge exited with {self.process.returncode}:\n{self.log()}")
-            if not self.port:
-                self.port = self._listening_port()
-                time.sleep(0.05)
-                continue
-            try:
-                result = curl(self, "/health")
-            except subprocess.SubprocessError:
-                result = None
-            if result and result.status in (200, 503) and (
-                    not wait_healthy or result.status == 200):
-                return self
-            time.sleep(0.1)
-        self.stop()  # a bridge that never answered is not left running
-        raise RuntimeError("bridge did not answer /health:\n" + self.log())
+        try:
+            wait_until(lambda: self._answers(wait_healthy), timeout, "/health to answer")
+        except AssertionError:
+            self.stop()  # a bridge that never answered is not left running
+            raise RuntimeError("bridge did not answer /health:\n" + self.log()) from None
+        return self
+
+    def _answers(self, wait_healthy: bool) -> bool:
+        """One look at a starting bridge: has it said its port, and does /health answer
+        (200, or 503 while hypervisord is away unless `wait_healthy`)?"""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"bridge exited with {self.process.returncode}:\n{self.log()}")
+        self.port = self.port or self._listening_port()
+        if not self.port:
+            return False
+        try:
+            status = curl(self, "/health").status
+        except subprocess.SubprocessError:
+            return False
+        return status == 200 or (status == 503 and not wait_healthy)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
@@ -137,11 +138,13 @@ def curl_env(bridge: Bridge) -> dict[str, str]:
 
 
 def curl(bridge: Bridge, path: str, *args: str, token: str | None = None,
-         timeout: float = 30) -> CurlResult:
-    """Run real curl against the bridge; returns the status and the body."""
+         authorization: str | None = None, timeout: float = 30) -> CurlResult:
+    """Run real curl against the bridge; returns the status and the body. `token` or
+    `authorization` (the whole header value) replaces the .curlrc's admin token."""
     command = ["curl", "-s", "-S", "-k", "-o", "-", "-w", "\n%{http_code}", *args]
-    if token:
-        command = ["curl", "-q", *command[1:], "-H", f"Authorization: Bearer {token}"]
+    if token or authorization is not None:
+        command = ["curl", "-q", *command[1:],
+                   "-H", f"Authorization: {authorization or 'Bearer ' + token}"]
     command.append(bridge.url + path)
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=curl_env(bridge))

@@ -10,11 +10,11 @@ import http.server
 import shutil
 import subprocess
 import threading
-import time
 from functools import partial
 
 import pytest
 
+from ..support.wait import wait_until
 from .conftest import submit_sleep
 from .stack import curl
 
@@ -47,10 +47,10 @@ def test_the_specs_snippet_sees_progress_in_chromium(start_bridge, system_bus, s
          f"{origin}/snippet.html"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True)
     try:
-        deadline = time.monotonic() + 30
-        while "hypersdk_bridge_websocket_clients 1" not in curl(bridge, "/metrics").body:
-            assert time.monotonic() < deadline and browser.poll() is None, "no connection"
-            time.sleep(0.1)
+        def connected() -> bool:
+            assert browser.poll() is None, "the browser exited"
+            return "hypersdk_bridge_websocket_clients 1" in curl(bridge, "/metrics").body
+        wait_until(connected, 30, "the browser's WebSocket connection")
         job_id = submit_sleep(system_bus.address, steps=10, interval=0.1, step_bytes=1000)
         lines = []
         for line in browser.stderr:

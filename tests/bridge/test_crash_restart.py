@@ -19,6 +19,7 @@ from dbus_fast.aio import MessageBus
 from hypersdk.client.names import BUS_NAME, job_path
 
 from ..support.hypervisord import Hypervisord
+from ..support.wait import until
 from .conftest import submit_sleep
 from .stack import curl, wait_status
 
@@ -73,9 +74,7 @@ async def test_a_job_killed_with_hypervisord_shows_failed_after_the_restart(brid
         query = await asyncio.to_thread(curl, bridge, f"/jobs/query?job_id={job_id}")
         running = await asyncio.to_thread(curl, bridge, "/jobs?status=running")
         failed = await asyncio.to_thread(curl, bridge, "/jobs?status=failed")
-        deadline = time.monotonic() + 5
-        while "failed" not in announced and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await until(lambda: "failed" in announced, what="the restarted service's signal")
     finally:
         await asyncio.to_thread(again.stop)
         bus.disconnect()

@@ -53,7 +53,6 @@ def test_tokens_and_roles(secured, system_bus):
     no_token = curl(secured, "/jobs")
     assert no_token.status == 401 and no_token.json()["error"] == "Unauthorized"
     assert curl(secured, "/jobs", token="not-a-valid-token-at-all").status == 401
-    assert curl(secured, "/jobs", "-H", "Authorization: Basic abc").status == 401
     assert curl(secured, "/jobs", token=VIEWER).status == 200
     refused = post_json(secured, "/jobs/submit", {"provider": "x"}, token=VIEWER)
     assert refused.status == 403 and refused.json()["error"] == "Forbidden"
@@ -63,6 +62,23 @@ def test_tokens_and_roles(secured, system_bus):
     hook = {"url": "https://example.com/hook", "events": ["job.failed"]}
     assert post_json(secured, "/webhooks/configure", hook, token=OPERATOR).status == 403
     assert post_json(secured, "/webhooks/configure", hook, token=ADMIN).status == 200
+
+
+@pytest.mark.parametrize("sent, rule", [
+    ("Basic abc", "the Authorization header must be 'Bearer <token>'"),
+    ("Bearer ", "the Authorization header must be 'Bearer <token>'"),
+    ("Bearer    ", "the Authorization header must be 'Bearer <token>'"),
+], ids=["basic", "empty-bearer", "blank-bearer"])
+def test_a_malformed_authorization_header_is_401_naming_the_form(secured, sent, rule):
+    refused = curl(secured, "/jobs", authorization=sent)
+    assert (refused.status, refused.json()["message"]) == (401, rule)
+
+
+def test_two_authorization_headers_are_401(secured):
+    refused = curl(secured, "/jobs", "-H", f"Authorization: Bearer {ADMIN}",
+                   authorization=f"Bearer {VIEWER}")
+    assert (refused.status, refused.json()["message"]) == \
+        (401, "send exactly one Authorization header")
 
 
 def test_every_mutating_or_refused_call_is_audited(secured):

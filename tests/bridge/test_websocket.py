@@ -18,7 +18,7 @@ from hypersdk.client.objects import ObjectEvent
 from hypersdk.http_bridge.websocket import WEBSOCKETS, ClientQueue, WebSocketHub, text_frame
 
 from .conftest import submit_sleep
-from ..support.wait import wait_until
+from ..support.wait import until, wait_until
 from .stack import ADMIN_TOKEN, curl
 
 
@@ -213,15 +213,18 @@ async def test_a_stalled_client_is_cut_off_and_never_slows_others():
     try:
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"http://127.0.0.1:{server.port}/websocket") as ws:
-                while len(hub.clients) < 2:
-                    await asyncio.sleep(0.01)
+                await until(lambda: len(hub.clients) == 2, what="both clients connected")
                 count = 10_000
-                reader = asyncio.create_task(_read(ws, count))
+                statuses_seen: list[str] = []
+                read_one = asyncio.Condition()
+                reader = asyncio.create_task(_read(ws, count, statuses_seen, read_one))
                 for index in range(count):
                     mirror.set_status(index)
-                    if index % 8 == 7:
-                        await asyncio.sleep(0.001)
-                statuses_seen = await reader
+                    if index % 8 == 7:  # a reading client keeps up: a lead under max_queued
+                        async with read_one:
+                            await asyncio.wait_for(read_one.wait_for(
+                                lambda: len(statuses_seen) > index - 8), 30)
+                await reader
     finally:
         stalled.close()
         await server.close()
@@ -229,5 +232,9 @@ async def test_a_stalled_client_is_cut_off_and_never_slows_others():
     assert hub.disconnected_slow == 1 and len(hub.clients) == 0
 
 
-async def _read(ws, count: int) -> list[str]:
-    return [(await ws.receive_json(timeout=30))["status"] for _ in range(count)]
+async def _read(ws, count: int, seen: list[str], read_one: asyncio.Condition) -> None:
+    """`count` statuses from `ws` into `seen`, notifying `read_one` after each."""
+    for _ in range(count):
+        seen.append((await ws.receive_json(timeout=30))["status"])
+        async with read_one:
+            read_one.notify_all()

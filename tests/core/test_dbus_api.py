@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, BusMonitor, busctl,
                            busctl_json, gdbus_call, submit, wait_for_status)
 from ..support.introspection import documented, live
+from ..support.system import MEMBER
 
 def test_live_introspection_matches_the_documented_xml(system_bus, hypervisord):
     assert live(system_bus.address, MANAGER, MANAGER_IFACE) == documented(MANAGER_IFACE)
@@ -104,3 +106,17 @@ def test_an_error_quoting_nul_or_a_lone_surrogate_still_reaches_the_caller(syste
                         timeout=10)
         assert result.returncode != 0 and "unknown field" in result.stderr
     assert busctl(system_bus.address, "status", BUS_NAME, check=False).returncode == 0
+
+
+def test_parse_vmdk_reads_a_real_vmdk_for_a_member(system_bus, hypervisord, users, service_dir):
+    disk = service_dir / "parse-me.vmdk"  # under the configured source roots
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
+                    "subformat=monolithicSparse", str(disk), "16M"], check=True)
+    reply = busctl_json(system_bus.address, "call", BUS_NAME, MANAGER, MANAGER_IFACE,
+                        "ParseVmdk", "sa{sv}", str(disk), "0", user=MEMBER)
+    parsed = json.loads(reply["data"][0])
+    assert (parsed["path"], parsed["capacity_bytes"], parsed["create_type"]) == \
+        (str(disk), 16 << 20, "monolithicSparse")
+    [extent] = parsed["extents"]
+    assert (extent["type"], extent["size_bytes"], extent["complete"]) == ("SPARSE", 16 << 20, True)
+    assert parsed["complete"] and parsed["parent"] is None

@@ -1,7 +1,6 @@
 """The real engine, in-process, under faults: export slots and a store on a full disk."""
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -11,11 +10,11 @@ from hypersdk.service.providers.registry import ProviderRegistry
 from hypersdk.service.store import Store
 
 from ..support import test_kinds  # noqa: F401  (registers slotted-sleep)
+from ..support.wait import until
 
 
-async def finished(engine: JobEngine, job_id: str) -> str:
-    while not engine.get(job_id).finished:
-        await asyncio.sleep(0.01)
+async def finished(engine: JobEngine, job_id: str, timeout: float = 10) -> str:
+    await until(lambda: engine.get(job_id).finished, timeout, f"{job_id} to finish")
     return engine.get(job_id).status
 
 
@@ -33,14 +32,13 @@ async def test_a_job_cancelled_while_it_waits_for_an_export_slot_never_runs(tmp_
     try:
         holder = engine.submit("slotted-sleep", {"steps": 1000, "interval": 0.01}, uid=0)
         waiting = engine.submit("slotted-sleep", {"steps": 1, "interval": 0}, uid=0)
-        while engine.get(holder.id).status != "running":
-            await asyncio.sleep(0.01)
+        await until(lambda: engine.get(holder.id).status == "running", what="the holder running")
         engine.cancel(waiting.id)
         engine.cancel(holder.id)
-        assert await asyncio.wait_for(finished(engine, holder.id), 10) == "cancelled"
+        assert await finished(engine, holder.id) == "cancelled"
         # a later export takes the slot after the waiting one's worker had it
         later = engine.submit("slotted-sleep", {"steps": 1, "interval": 0}, uid=0)
-        assert await asyncio.wait_for(finished(engine, later.id), 10) == "completed"
+        assert await finished(engine, later.id) == "completed"
         record = store.get_job(waiting.id)
     finally:
         await engine.shutdown()
@@ -64,12 +62,12 @@ async def test_a_full_disk_fails_the_job_and_the_worker_goes_on(tmp_path: Path, 
         with open(filler, "wb") as fh:  # leave ~256 KiB for the store
             fh.write(b"\0" * (os.statvfs(small_disk).f_bavail * 4096 - (256 << 10)))
         flood = engine.submit("logflood", {"lines": 20000, "padding": 200}, uid=0)
-        assert await asyncio.wait_for(finished(engine, flood.id), 30) == "failed"
+        assert await finished(engine, flood.id, 30) == "failed"
         assert "the job store could not be written (database or disk is full)" \
             in engine.get(flood.id).error
         filler.unlink()
         after = engine.submit("sleep", {"steps": 1, "interval": 0}, uid=0)
-        assert await asyncio.wait_for(finished(engine, after.id), 10) == "completed"
+        assert await finished(engine, after.id) == "completed"
         assert store.get_job(flood.id).status == "failed"  # recorded once there was room
     finally:
         await engine.shutdown()

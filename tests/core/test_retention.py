@@ -1,7 +1,6 @@
 """database.retention_count / retention_age: finished jobs do not pile up for ever."""
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -13,14 +12,14 @@ from hypersdk.service.store import Store
 from ..support import test_kinds  # noqa: F401  (registers sleep)
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, busctl, busctl_json, submit,
                            wait_for_status)
+from ..support.wait import until
 
 
 async def run_to_end(engine: JobEngine, count: int) -> list[str]:
     ids = []
     for _ in range(count):
         job = engine.submit("sleep", {"steps": 1, "interval": 0}, uid=0)
-        while not engine.get(job.id).finished:
-            await asyncio.sleep(0.01)
+        await until(lambda: engine.get(job.id).finished, what=f"{job.id} to finish")
         ids.append(job.id)
     return ids
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
+from collections.abc import Callable
 
 import pytest
 
@@ -13,6 +13,7 @@ from hypersdk.service.disks.convert import convert_image, detect_format
 from hypersdk.service.disks.streamopt import GrowingFile, decode
 
 from ..support.direct_io import fake_refusing_o_direct
+from ..support.growing import WatchedGrowingFile
 from ..support.pagecache import cached_bytes
 from ..support.wait import until
 from .helpers import (DATA_BYTES, DISK_SIZE, MiB, allocated, images_equal, make_image,
@@ -230,18 +231,18 @@ def test_decoder_refuses_a_stream_cut_at_a_grain_boundary(tmp_path):
         decode(vmdk, tmp_path / "out.raw")
 
 
-def _feed(source, growing_path, growing: GrowingFile, started: threading.Event,
-          upto: int | None = None) -> None:
-    """A fake download: copy `source` into `growing_path` in pieces, announcing each."""
+def _feed(source, growing_path, growing: GrowingFile, upto: int | None = None,
+          caught_up: Callable[[], None] = lambda: None) -> None:
+    """A fake download: copy `source` into `growing_path` in pieces, announcing each;
+    after each, `caught_up()` (e.g. until the decoder waits for the next)."""
     data = source.read_bytes()[:upto]
     with open(growing_path, "wb") as out:
         for offset in range(0, len(data), 32 * 1024):
             out.write(data[offset:offset + 32 * 1024])
             out.flush()
             growing.grew(out.tell())
-            if offset == 0:
-                started.wait(10)  # the decoder has begun before the download goes on
-            time.sleep(0.002)
+            if out.tell() < len(data):
+                caught_up()
     growing.finish()
 
 
@@ -249,14 +250,15 @@ def _feed(source, growing_path, growing: GrowingFile, started: threading.Event,
 async def test_convert_keeps_pace_with_a_download(tmp_path, out_format):
     raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
     partial = tmp_path / "downloading.vmdk"
-    growing, started = GrowingFile(), threading.Event()
+    growing = WatchedGrowingFile()
     partial.touch()
-    feeder = threading.Thread(target=_feed, args=(vmdk, partial, growing, started))
+    # each piece lands once the converter has taken the one before and waits for more
+    feeder = threading.Thread(target=_feed, args=(vmdk, partial, growing),
+                              kwargs={"caught_up": growing.decoder_caught_up})
     feeder.start()
     try:
         result = await convert_image(
-            partial, tmp_path / f"disk.{out_format}", out_format=out_format, growing=growing,
-            log=lambda message: started.set())
+            partial, tmp_path / f"disk.{out_format}", out_format=out_format, growing=growing)
     finally:
         feeder.join()
     assert images_equal(raw, result.path)
@@ -265,9 +267,8 @@ async def test_convert_keeps_pace_with_a_download(tmp_path, out_format):
 async def test_download_that_stops_early_fails(tmp_path):
     _raw, vmdk = make_image(tmp_path, "vmdk", subformat="streamOptimized")
     partial = tmp_path / "downloading.vmdk"
-    growing, started = GrowingFile(), threading.Event()
-    started.set()
-    _feed(vmdk, partial, growing, started, upto=grain_ends(vmdk)[1] - 700)
+    growing = GrowingFile()
+    _feed(vmdk, partial, growing, upto=grain_ends(vmdk)[1] - 700)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(Failed, match="truncated inside the grain"):
         await convert_image(partial, tmp_path / "disk.qcow2", out_format="qcow2", growing=growing)

@@ -11,16 +11,16 @@ import itertools
 import mmap
 import os
 import threading
-import time
 
 import pytest
 
 from hypersdk.service.direct_io import DirectFile
 from hypersdk.service.errors import Cancelled, Failed
 from hypersdk.service.disks import stream_reader
-from hypersdk.service.disks.streamopt import GrowingFile, decode
+from hypersdk.service.disks.streamopt import decode
 
 from ..support.direct_io import fake_refusing_o_direct
+from ..support.growing import WatchedGrowingFile
 from .helpers import MiB, grain_ends, images_equal, make_raw, qemu_img
 
 DISK = 24 * MiB + 3 * 512  # the last grain is short
@@ -51,7 +51,7 @@ def dense_vmdk(tmp_path_factory):
     return raw, vmdk
 
 
-def _feed_awkward(data: bytes, path, growing: GrowingFile) -> None:
+def _feed_awkward(data: bytes, path, growing: WatchedGrowingFile) -> None:
     """Ordinary writes in pieces of awkward sizes, pausing now and then so that the
     decoder catches up and finds the file ending mid-page."""
     with open(path, "r+b", buffering=0) as out:
@@ -63,11 +63,11 @@ def _feed_awkward(data: bytes, path, growing: GrowingFile) -> None:
             out.write(piece)
             offset += len(piece)
             growing.grew(offset)
-            if n % 3 == 1:
-                time.sleep(0.01)
+            if n % 3 == 1 and offset < len(data):
+                growing.decoder_caught_up()
 
 
-def _feed_like_a_download(data: bytes, path, growing: GrowingFile) -> None:
+def _feed_like_a_download(data: bytes, path, growing: WatchedGrowingFile) -> None:
     """Whole 1 MiB blocks with O_DIRECT, the unaligned tail through the page cache."""
     out = DirectFile(path, os.O_RDWR)
     block = mmap.mmap(-1, MiB)
@@ -78,7 +78,8 @@ def _feed_like_a_download(data: bytes, path, growing: GrowingFile) -> None:
             block[:len(chunk)] = chunk
             out.pwrite(memoryview(block)[:len(chunk)], offset)
             growing.grew(offset + len(chunk))
-            time.sleep(0.01)
+            if offset + len(chunk) < len(data):
+                growing.decoder_caught_up()
     finally:
         out.close()
         block.close()
@@ -90,7 +91,7 @@ def _decode_while_fed(vmdk, tmp_path, out_format: str, feed, upto: int | None = 
     data = vmdk.read_bytes()[:upto]
     partial = tmp_path / "downloading.vmdk"
     partial.touch()
-    growing = GrowingFile()
+    growing = WatchedGrowingFile()
     errors: list[BaseException] = []
 
     def feeder() -> None:
@@ -182,16 +183,22 @@ def test_truncated_growing_file_fails_soon_after_finish(tmp_path, dense_vmdk):
     data = vmdk.read_bytes()[:upto]
     partial = tmp_path / "downloading.vmdk"
     partial.write_bytes(data)
-    growing = GrowingFile()
+    growing = WatchedGrowingFile()
     growing.grew(len(data) // 2)
-    timer = threading.Timer(0.3, lambda: (growing.grew(len(data)), growing.finish()))
+
+    waited: list[bool] = []
+
+    def download_ends() -> None:  # once the decoder waits for the rest
+        waited.append(growing.waiting.wait(60))
+        growing.grew(len(data))
+        growing.finish()
     before = set(threading.enumerate())
-    timer.start()
-    started = time.monotonic()
+    downloader = threading.Thread(target=download_ends)
+    downloader.start()
     with pytest.raises(Failed, match="truncated"):
         decode(partial, tmp_path / "out.raw", growing=growing)
-    assert time.monotonic() - started < 0.3 + 2
-    timer.join()
+    downloader.join()
+    assert waited == [True], "the decoder did not wait for the file to grow"
     assert set(threading.enumerate()) <= before, "the decoder left a thread behind"
 
 
@@ -201,11 +208,10 @@ def test_stop_while_waiting_on_a_stalled_file_cancels(tmp_path, sparse_vmdk, pre
     data = vmdk.read_bytes()
     partial = tmp_path / "downloading.vmdk"
     partial.write_bytes(data[:len(data) // 2] if present == "half" else b"")
-    growing = GrowingFile()
+    growing = WatchedGrowingFile()
     growing.grew(partial.stat().st_size)
     stop = threading.Event()
     outcome: list[BaseException | None] = []
-    ended_at: list[float] = []
 
     def run() -> None:
         try:
@@ -214,19 +220,15 @@ def test_stop_while_waiting_on_a_stalled_file_cancels(tmp_path, sparse_vmdk, pre
             outcome.append(None)
         except BaseException as exc:  # checked by the main thread
             outcome.append(exc)
-        ended_at.append(time.monotonic())
 
     before = set(threading.enumerate())
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.4)
-    assert thread.is_alive(), "the decoder should wait for the file to grow"
-    stopped_at = time.monotonic()
+    assert growing.waiting.wait(60), f"the decoder did not wait for the file to grow: {outcome}"
     stop.set()
     thread.join(5)
     assert not thread.is_alive()
     assert isinstance(outcome[0], Cancelled), outcome
-    assert ended_at[0] - stopped_at < 1
     assert set(threading.enumerate()) <= before, "the decoder left a thread behind"
 
 

@@ -19,8 +19,8 @@ from hypersdk.service.model import ExportedDisk
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.libvirtd import ensure_system_libvirt, remove_domain
-from tests.support.system import PrivateSystemBus
-from tests.support.wait import wait_for_value, wait_until
+from tests.support.system import PrivateSystemBus, wait_for_name
+from tests.support.wait import wait_for_value
 from tests.vsphere.fake_context import FakeJobContext, job_context, run_job
 IMAGES_DIR = Path("/var/lib/libvirt/images")
 
@@ -192,7 +192,7 @@ def dbusmock_systemd(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     systemd = DbusmockSystemd(address)
     try:
-        _wait_for_mock(systemd, mock)
+        wait_for_name(address, "org.freedesktop.systemd1", mock, "dbusmock's systemd")
         # The template's GetUnit reads self.units; this lets a test register a unit path in it.
         systemd._busctl("org.freedesktop.DBus.Mock", "AddMethod", "sssss",
                         "org.freedesktop.DBus.Mock", "RegisterUnitPath", "ss", "",
@@ -202,17 +202,6 @@ def dbusmock_systemd(tmp_path_factory):
         mock.terminate()
         mock.wait(timeout=10)
         bus.stop()
-
-
-def _wait_for_mock(systemd: DbusmockSystemd, mock: subprocess.Popen) -> None:
-    def on_the_bus() -> bool:
-        if mock.poll() is not None:
-            raise RuntimeError("dbusmock systemd exited: "
-                               + mock.stderr.read().decode(errors="replace")[-2000:])
-        return subprocess.run(["busctl", f"--address={systemd.address}", "status",
-                               "org.freedesktop.systemd1"], capture_output=True).returncode == 0
-
-    wait_until(on_the_bus, 20, "dbusmock's systemd on the bus")
 
 
 @pytest.fixture

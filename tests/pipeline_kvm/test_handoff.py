@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument, NotFound
-from hypersdk.service.jobs.handoff import run_integration, validate_integration
+from hypersdk.service.jobs.handoff import (DEFAULT_MEMORY_MB, run_integration,
+                                          validate_integration)
+from hypersdk.service.kvm.domain_xml import is_uuid
 from hypersdk.service.jobs.hyper2kvm import follow
 from hypersdk.service.model import ExportedDisk, NicInfo, VMInfo
 
@@ -107,6 +109,25 @@ async def test_auto_convert_converts_every_disk_and_imports(config_for, exported
     xml = domain.XMLDesc()
     assert "00:50:56:00:00:07" in xml and "bus='virtio'" in xml
     assert xml.index("disk-2000.qcow2") < xml.index("disk-2001.qcow2")
+
+
+async def test_a_source_id_that_is_no_uuid_and_no_memory_size_get_libvirts_and_a_default(
+        config_for, exported, test_driver):
+    """Every cloud provider's VM id is no UUID (an EC2 instance id here), and a VM may not
+    report its memory: the domain gets a UUID libvirt picks and the default memory."""
+    vm, disks, export_dir = exported
+    vm.uuid, vm.memory_mb = "i-0123456789abcdef0", 0
+    config = config_for()
+    ctx = fake_job_context(config)
+    await run_integration(ctx, vm, disks, export_dir, integration(
+        config, auto_convert=True, import_to_kvm=True, network="default"))
+    domain = test_driver.lookupByName(vm.name)
+    assert is_uuid(domain.UUIDString())
+    assert domain.maxMemory() == DEFAULT_MEMORY_MB * 1024  # KiB
+    warnings = [message for level, message in ctx.lines if level == "warning"]
+    assert "the source id 'i-0123456789abcdef0' is not a UUID; libvirt assigns a new one" \
+        in warnings
+    assert f"the VM reports no memory size; giving it {DEFAULT_MEMORY_MB} MiB" in warnings
 
 
 async def test_auto_convert_never_overwrites_an_earlier_output(config_for, exported, tmp_path):

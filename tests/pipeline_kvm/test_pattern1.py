@@ -7,16 +7,14 @@ qemu:///system and starts it; the line must appear on the domain's serial consol
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from tests.support.bootdisk import BOOT_LINE
 from tests.vcsim.harness import Simulator, prepare_boot_vm
 
-from .conftest import export_to_kvm
+from .conftest import export_to_kvm, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +45,4 @@ async def test_pattern1_export_convert_import_autostart_boots(system_libvirt, gu
     assert domain.UUIDString() == handoff["import"]["uuid"]
     conn.close()
     serial = Path(handoff["import"]["serial_log"])
-    deadline = time.monotonic() + 60
-    while not (serial.is_file() and BOOT_LINE in serial.read_bytes()):
-        assert time.monotonic() < deadline, f"no boot line on the serial console: {serial}"
-        time.sleep(0.2)
+    wait_for_line(serial)

@@ -14,6 +14,7 @@ from hypersdk.service.confine import open_dir
 from hypersdk.service.jobs import overlap
 from hypersdk.service.disks.download import download
 from hypersdk.service.model import DiskInfo
+from tests.support.wait import until
 from tests.vsphere.fake_context import FakeJobContext
 from tests.vsphere.fault_proxy import FaultInjectingProxy, GatedProxy
 
@@ -113,9 +114,8 @@ async def test_at_most_max_streams_disks_convert_at_once(tmp_path, server, disk_
     try:
         fetches = [asyncio.ensure_future(fetch(conversions, proxy.port, staging, key))
                    for key in keys]
-        while len(conversions.feeds) < len(keys) or not all(
-                f.link or f.dropped for f in conversions.feeds.values()):
-            await asyncio.sleep(0.02)
+        await until(lambda: len(conversions.feeds) == len(keys) and all(
+            f.link or f.dropped for f in conversions.feeds.values()), what="every feed placed")
         assert conversions.running() == overlap.MAX_STREAMS
         proxy.release.set()
         await asyncio.gather(*fetches)

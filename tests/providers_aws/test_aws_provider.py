@@ -6,7 +6,6 @@ import hashlib
 import os
 import sys
 import threading
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from hypersdk.service.errors import Failed, InvalidArgument, NotFound, Unavailab
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.base import require_extra
 
+from ..support.wait import until
 from .conftest import (SECRET, instance_on_snapshot_volume, make_provider, put_snapshot,
                        run_instance)
 
@@ -205,17 +205,17 @@ async def test_cancel_while_reading_blocks_leaves_nothing(provider, ec2, ebs, si
     blocks = {i: _block(str(i)) for i in range(40)}
     snapshot_id = put_snapshot(ebs, blocks)
     instance_id, volume_id = instance_on_snapshot_volume(ec2, "cancel-1", snapshot_id)
-    started = threading.Event()
+    started, cancelled = threading.Event(), threading.Event()
 
-    def slow_block(**_):
+    def held_block(**_):  # every block read is held until the export is cancelled
         started.set()
-        time.sleep(0.05)
-    provider.client("ebs").meta.events.register("before-call.ebs.GetSnapshotBlock", slow_block)
+        cancelled.wait(20)
+    provider.client("ebs").meta.events.register("before-call.ebs.GetSnapshotBlock", held_block)
     task = asyncio.create_task(provider.export_disks(
         instance_id, out, ExportOptions(extra={"snapshot_ids": {volume_id: snapshot_id}}), sink))
-    while not started.is_set():
-        await asyncio.sleep(0.01)
+    await until(started.is_set, what="the first block read")
     task.cancel()
+    cancelled.set()  # the reads in flight now answer: nothing of theirs may land
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sink.done < sink.total

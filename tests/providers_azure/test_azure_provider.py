@@ -16,6 +16,7 @@ from hypersdk.service.errors import Failed, InvalidArgument, NotFound, Unavailab
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.base import require_extra
 
+from ..support.wait import until
 from ..vsphere.fault_proxy import FaultInjectingProxy
 from .conftest import make_provider, make_vhd, upload_disk
 
@@ -162,10 +163,8 @@ async def _start_stalled_export(provider, arm, arm_state, out, sink) -> asyncio.
     arm_state.sas_for_disk = lambda disk: f"{arm.base_url}/stall/vhds/{disk}.vhd?sig=secret"
     task = asyncio.create_task(provider.export_disks("slow-1", out, ExportOptions(), sink))
 
-    async def download_started() -> None:
-        while not arm_state.calls_to("GET", "/stall/vhds/slow-1-os.vhd") and not task.done():
-            await asyncio.sleep(0.02)
-    await asyncio.wait_for(download_started(), 20)
+    await until(lambda: arm_state.calls_to("GET", "/stall/vhds/slow-1-os.vhd") or task.done(),
+                what="the download to start")
     assert not task.done()
     return task
 
@@ -185,14 +184,13 @@ async def test_cancel_again_during_cleanup_still_revokes(provider, arm, arm_stat
     arm_state.throttle[("POST", "/endGetAccess")] = 1
     task.cancel()
 
-    async def revoke_calls(count: int) -> None:
-        while len(_revoked(arm_state)) < count:
-            await asyncio.sleep(0.02)
-    await asyncio.wait_for(revoke_calls(1), 10)
+    def revoke_calls(count: int) -> bool:
+        return len(_revoked(arm_state)) >= count
+    await until(lambda: revoke_calls(1), what="the first revoke")
     task.cancel()  # while the cleanup waits to retry the revoke
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.wait_for(revoke_calls(2), 10)  # the shielded cleanup went on and revoked
+    await until(lambda: revoke_calls(2), what="the second revoke")  # the shielded cleanup went on
 
 
 async def test_dropped_connection_mid_download_is_resumed(provider, arm_state, azurite, tmp_path,

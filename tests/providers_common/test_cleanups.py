@@ -48,10 +48,12 @@ async def test_a_second_cancel_does_not_stop_the_cleanups():
         async with Cleanups(FakeExportSink()) as cleanups:
             cleanups.add("restart", slow_restart)
             cleanups.add("delete", lambda: record(ran, "delete"))
+            downloading.set()
             await asyncio.Event().wait()  # the download, until cancelled
 
+    downloading = asyncio.Event()
     task = asyncio.create_task(export())
-    await asyncio.sleep(0)
+    await asyncio.wait_for(downloading.wait(), 5)
     task.cancel()
     await asyncio.wait_for(starting.wait(), 5)
     task.cancel()  # again, while the cleanups run

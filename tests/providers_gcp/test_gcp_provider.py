@@ -19,6 +19,7 @@ from hypersdk.service.errors import Failed, InvalidArgument, NotAuthorized, NotF
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.gcp import GcpProvider
 
+from ..support.wait import until
 from .fake_sink import FakeExportSink
 from .fake_compute import BUCKET, PROJECT, storage_client
 
@@ -206,11 +207,8 @@ async def test_missing_extra_is_unavailable_naming_it(monkeypatch, fake_compute,
     assert row["available"] is False and "hypersdk[gcp]" in row["reason"]
 
 
-async def _until_a_build_starts(populated, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if populated.builds:
-            return
-        await asyncio.sleep(0.01)
+async def _until_a_build_starts(populated) -> None:
+    await until(lambda: populated.builds, what="an image build")
 
 
 async def test_cancelled_export_cancels_the_build_and_deletes_the_image(populated, gcs_emulator,
@@ -265,9 +263,6 @@ async def test_a_second_cancel_during_cleanup_still_deletes_the_image(populated,
     task.cancel()                       # impatient: cancelled again while cleaning up
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(500):
-        if not populated.images:
-            break
-        await asyncio.sleep(0.01)
-    assert populated.images == {} and populated.deleted_images
+    await until(lambda: not populated.images, what="the image deleted")
+    assert populated.deleted_images
     await provider.close()

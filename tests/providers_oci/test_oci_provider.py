@@ -13,6 +13,7 @@ from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.oci import OciProvider
 
 from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.wait import until
 from .conftest import COMPARTMENT, FINGERPRINT, TENANCY, USER, make_api_key
 
 
@@ -159,10 +160,8 @@ async def test_cancelled_export_removes_image_and_object(populated, api_key, tmp
     provider = make_provider(populated, api_key.key_file)
     task = asyncio.ensure_future(provider.export_disks("app-1", tmp_path, ExportOptions(),
                                                        FakeExportSink()))
-    for _ in range(500):
-        if any(image["lifecycleState"] == "EXPORTING" for image in populated.images.values()):
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: any(image["lifecycleState"] == "EXPORTING"
+                            for image in populated.images.values()), what="an exporting image")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

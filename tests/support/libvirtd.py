@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
+
+from .wait import wait_until
 
 SYSTEM_URI = "qemu:///system"
 
@@ -31,11 +32,7 @@ def ensure_system_libvirt(timeout: float = 20) -> str:
             os.makedirs(directory, exist_ok=True)
         subprocess.run(["virtlogd", "--daemon"], check=False)
         subprocess.run(["libvirtd", "--daemon"], check=True)
-        deadline = time.monotonic() + timeout
-        while not system_libvirt_reachable():
-            if time.monotonic() > deadline:
-                raise RuntimeError("libvirtd did not answer at qemu:///system")
-            time.sleep(0.2)
+        wait_until(system_libvirt_reachable, timeout, f"libvirtd to answer at {SYSTEM_URI}")
     return SYSTEM_URI
 
 

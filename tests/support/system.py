@@ -13,13 +13,13 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 POLKIT_ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
 POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
 MEMBER, OUTSIDER, ADMIN = "hsdk-member", "hsdk-outsider", "hsdk-admin"
 
 
@@ -99,18 +99,26 @@ def start_polkitd(bus: PrivateSystemBus, directory: Path) -> subprocess.Popen:
         ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
          str(actions), str(rules), str(POLKIT_ACTIONS_DIR), str(POLKIT_RULES_DIR)],
         env=bus.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        probe = subprocess.run(
-            ["busctl", f"--address={bus.address}", "status", "org.freedesktop.PolicyKit1"],
-            capture_output=True)
-        if probe.returncode == 0:
-            return process
-        if process.poll() is not None:
-            raise RuntimeError(f"polkitd exited with {process.returncode}")
-        time.sleep(0.1)
+    wait_for_name(bus.address, POLKIT_NAME, process, "polkitd")
+    return process
+
+
+def wait_for_name(address: str, name: str, process: subprocess.Popen, what: str,
+                  timeout: int = 20) -> None:
+    """Until `name` is owned on the bus at `address` (`gdbus wait` hears the bus's
+    NameOwnerChanged). If it never is, `process`, which should own it, is killed and
+    the error says how it ended and what it wrote to a piped stderr."""
+    waited = subprocess.run(["gdbus", "wait", "--address", address, "--timeout", str(timeout),
+                             name], capture_output=True, text=True)
+    if waited.returncode == 0:
+        return
+    exited = process.poll()
     process.kill()
-    raise RuntimeError("polkitd did not appear on the private bus")
+    process.wait()
+    said = process.stderr.read()[-2000:] if process.stderr else b""
+    said = said.decode(errors="replace") if isinstance(said, bytes) else said
+    raise RuntimeError(f"{what} never owned {name} (exit status: {exited}): "
+                       f"{waited.stderr}{said}")
 
 
 def _group_exists(name: str) -> bool:

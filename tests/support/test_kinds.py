@@ -7,6 +7,11 @@
 - "fail": fails at once with the definition's "message".
 - "flaky": raises Retryable until attempt "succeed_on".
 - "logflood": emits "lines" log lines (plus "padding" bytes each) in one burst.
+- "crash": raises an exception no job kind should (a bug), not a HyperSDKError.
+- "replaced-then-fail": lands `<job id>.partial` in "dir", which someone else then
+  replaces with a file of their own, and fails.
+- "flaky-writer": lands `<job id>-<attempt>.partial` in "dir" on every attempt, raises
+  Retryable until attempt "succeed_on", then returns the .partial files it finds there.
 """
 from __future__ import annotations
 
@@ -95,5 +100,42 @@ class LogFloodKind(_TestKind):
         return {"lines": ctx.definition["lines"]}
 
 
-for kind in (SleepKind(), SlottedSleepKind(), FailKind(), FlakyKind(), LogFloodKind()):
+class CrashKind(_TestKind):
+    name = "crash"
+
+    async def run(self, ctx) -> dict:
+        raise RuntimeError("a bug in a job kind")
+
+
+class ReplacedThenFailKind(_TestKind):
+    name = "replaced-then-fail"
+    fields = {"dir": ""}
+
+    async def run(self, ctx) -> dict:
+        directory = Path(ctx.definition["dir"])
+        staging = ctx.staging(open_dir(directory, "", "dir", create=False))
+        staging.write(f"{ctx.job_id}.partial", b"partial")
+        staging.land(f"{ctx.job_id}.partial")
+        theirs = directory / "theirs.tmp"
+        theirs.write_bytes(b"someone else's")
+        theirs.replace(directory / f"{ctx.job_id}.partial")
+        raise Failed("it failed after its file was replaced")
+
+
+class FlakyWriterKind(_TestKind):
+    name = "flaky-writer"
+    fields = {"dir": "", "succeed_on": 2}
+
+    async def run(self, ctx) -> dict:
+        directory = Path(ctx.definition["dir"])
+        staging = ctx.staging(open_dir(directory, "", "dir", create=False))
+        staging.write(f"{ctx.job_id}-{ctx.attempt}.partial", b"partial")
+        staging.land(f"{ctx.job_id}-{ctx.attempt}.partial")
+        if ctx.attempt < ctx.definition["succeed_on"]:
+            raise Retryable(f"transient failure on attempt {ctx.attempt}")
+        return {"found": sorted(path.name for path in directory.glob("*.partial"))}
+
+
+for kind in (SleepKind(), SlottedSleepKind(), FailKind(), FlakyKind(), LogFloodKind(),
+             CrashKind(), ReplacedThenFailKind(), FlakyWriterKind()):
     register(kind)

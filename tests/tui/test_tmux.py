@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import time
 
 import pytest
 
+from ..support.wait import wait_for_value
 from .conftest import HYPERCTL, submit_job, wait_status
+
+FILTER_PLACEHOLDER = "filter: id, VM, operation"
 
 
 class Tmux:
@@ -22,26 +24,24 @@ class Tmux:
     def keys(self, *keys: str) -> None:
         self.run("send-keys", "-t", "console", *keys)
 
-    def type(self, text: str) -> None:
-        """Type like a person: one key at a time."""
-        for char in text:
-            self.keys("-l", char)
-            time.sleep(0.05)
+    def type_into(self, placeholder: str, text: str) -> None:
+        """Type like a person into the input showing `placeholder`: one key at a time,
+        each once the input shows the ones before it."""
+        lines = self.wait_for(placeholder).splitlines()
+        row = next(index for index, line in enumerate(lines) if placeholder in line)
+        for typed in range(1, len(text) + 1):
+            self.keys("-l", text[typed - 1])
+            wait_for_value(lambda: self.screen().splitlines()[row],
+                           lambda line: text[:typed] in line, what=f"{text[:typed]!r} typed")
 
     def screen(self) -> str:
         return self.run("capture-pane", "-p", "-t", "console")
 
     def wait_for(self, text: str, timeout: float = 20, gone: str = "") -> str:
         """Wait until `text` is on the screen (and `gone`, if given, is not)."""
-        deadline = time.monotonic() + timeout
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if text in screen and not (gone and gone in screen):
-                return screen
-            time.sleep(0.1)
-        raise AssertionError(f"{text!r} never appeared (or {gone!r} stayed); the screen:\n"
-                             f"{screen}")
+        return wait_for_value(self.screen, lambda screen: text in screen and not (
+            gone and gone in screen), timeout, f"{text!r} on the screen"
+            + (f" without {gone!r}" if gone else ""))
 
 
 @pytest.fixture
@@ -65,8 +65,8 @@ def test_console_in_tmux_cancel_and_follow_a_job(system_bus, hypervisord, tmux):
     assert done in screen and "completed" in screen
 
     tmux.keys("/")
-    time.sleep(0.3)
-    tmux.type(victim)
+    tmux.wait_for("Filter", gone="Retry")  # the footer's keys are the focused filter's
+    tmux.type_into(FILTER_PLACEHOLDER, victim)
     tmux.wait_for(victim, gone=done)  # the filter leaves only the victim
     tmux.keys("Tab")
     tmux.keys("Enter")
@@ -81,6 +81,8 @@ def test_console_in_tmux_cancel_and_follow_a_job(system_bus, hypervisord, tmux):
     tmux.keys("?")
     tmux.wait_for("Press escape to close.")
     tmux.keys("Escape")
-    time.sleep(0.5)  # a lone Escape, not the start of alt+q
+    # The terminal cannot tell a lone Escape from the start of alt+q until its escape
+    # delay has passed: q goes once the Escape has had its effect, the help gone.
+    tmux.wait_for("Operation", gone="Press escape to close.")
     tmux.keys("q")
     tmux.wait_for("hyperctl-exited-0")

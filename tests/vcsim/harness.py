@@ -21,13 +21,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode, urlsplit
 
 from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
 from pyVmomi import vim
+
+from tests.support.wait import wait_until
 
 MAIN_GO = Path(__file__).with_name("main.go")
 BUILD_ROOT = Path(os.environ.get("HYPERSDK_VCSIM_BUILD", "/var/tmp/hypersdk-vcsim"))
@@ -81,15 +83,20 @@ class Simulator:
         self.process = subprocess.Popen([str(binary), *self.args, f"-url-file={url_file}"],
                                         stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not url_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                output = (Path(self._workdir.name) / "vcsim.log").read_text(errors="replace")
-                self.stop()
-                raise RuntimeError(f"the simulator did not start: {output[-2000:]}")
-            time.sleep(0.05)
+        try:
+            wait_until(lambda: self._started(url_file), START_TIMEOUT, "the simulator's URL")
+        except (AssertionError, RuntimeError):
+            output = (Path(self._workdir.name) / "vcsim.log").read_text(errors="replace")
+            self.stop()
+            raise RuntimeError(f"the simulator did not start: {output[-2000:]}") from None
         self.url = url_file.read_text().strip()
         return self
+
+    def _started(self, url_file: Path) -> bool:
+        """Whether the simulator wrote its URL (once it listens); an error if it exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"exited with {self.process.returncode}")
+        return url_file.exists()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -210,9 +217,8 @@ def find_vm(si, name: str) -> vim.VirtualMachine:
 
 
 def wait_task(task) -> None:
-    while task.info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
-        time.sleep(0.02)
-    if task.info.state != vim.TaskInfo.State.success:
+    """Until `task` ends, told by the property collector's updates; an error if it failed."""
+    if WaitForTask(task, raiseOnError=False) != vim.TaskInfo.State.success:
         raise RuntimeError(f"task failed: {task.info.error}")
 
 

@@ -15,6 +15,7 @@ from hypersdk.service.disks import diskspace
 from hypersdk.service.disks.ovf_writer import OVF, RASD
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.images import same_image, sha256_file
+from tests.support.wait import until
 from tests.vcsim.harness import find_vm, give_disks
 
 from .conftest import DISK_SIZES, EXPORT_VM, make_config
@@ -172,19 +173,24 @@ async def test_unknown_vm_is_not_found_and_writes_nothing(config, registry):
     assert not any(Path(config.export.base_path).iterdir())
 
 
-async def test_not_enough_free_space(config, registry, uploaded, monkeypatch):
-    """statvfs is monkeypatched to report 1 MiB free (no tmpfs mount needed)."""
-    real = os.statvfs
-
-    def tiny(path):
-        info = real(path)
-        return os.statvfs_result((info.f_bsize, 4096, info.f_blocks, 256, 256, *info[5:]))
-
-    monkeypatch.setattr(diskspace.os, "statvfs", tiny)
-    with pytest.raises(Failed, match=r"not enough free space .* needs 48\.0 MiB \(50331648 "
-                                     r"bytes\), only 1\.0 MiB \(1048576 bytes\) are free"):
-        await export(config, registry)
-    assert not any(Path(config.export.base_path).iterdir())  # vm1 was the job's: gone
+async def test_not_enough_free_space(small_disk, sim, uploaded):
+    """The export base on a real 4 MiB tmpfs: the 48 MiB export is refused before any
+    download, saying what it needs and what is free."""
+    config = make_config(small_disk, sim)
+    base = Path(config.export.base_path)
+    free = diskspace.free_bytes(base)
+    registry = ProviderRegistry(config)
+    try:
+        with pytest.raises(Failed) as refused:
+            await export(config, registry)
+    finally:
+        await registry.close()
+    assert str(refused.value).startswith("not enough free space in ")
+    # the path it names is, for now, the staging's /proc/self/fd/N, not the user's
+    assert str(refused.value).endswith(
+        f": exporting {EXPORT_VM} as ova needs 48.0 MiB (50331648 bytes), only "
+        f"{diskspace.human_bytes(free)} ({free} bytes) are free")
+    assert not any(base.iterdir())  # vm1 was the job's: gone
 
 
 async def test_existing_output_is_not_overwritten(config, registry, uploaded):
@@ -216,6 +222,27 @@ def test_bad_definitions_are_refused(config, overrides, field):
     assert not any(Path(config.export.base_path).iterdir())
 
 
+@pytest.mark.parametrize("options, field, rule", [
+    ("fast", "options", "an object"),
+    ({"compress": "yes"}, "options.compress", "true or false"),
+    ({"shutdown_timeout": 0}, "options.shutdown_timeout", "a number of seconds > 0"),
+    ({"shutdown_timeout": True}, "options.shutdown_timeout", "a number of seconds > 0"),
+    ({"provider_options": []}, "options.provider_options",
+     "an object of provider-specific options"),
+    ({"provider_options": {"shutdown_timeout": 5}}, "options.provider_options",
+     "an object of provider-specific options"),
+    ({"restore_power_state": True}, "options.restore_power_state", "needs shutdown_vm: true"),
+    ({"shutdown": True}, "options.shutdown", "unknown option (known: shutdown_vm, "
+     "restore_power_state, remove_cdrom, compress, shutdown_timeout, provider_options)"),
+], ids=["not-object", "not-bool", "zero-timeout", "bool-timeout", "provider-list",
+        "provider-timeout", "restore-alone", "unknown"])
+def test_bad_export_options_name_the_field_and_the_rule(config, options, field, rule):
+    registry = ProviderRegistry(config)
+    with pytest.raises(InvalidArgument) as err:
+        KIND.validate(definition(options=options), FakeSubmitContext(config, registry))
+    assert (err.value.field, err.value.rule) == (field, rule)
+
+
 async def test_symlink_out_of_the_base_is_refused(config, registry, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -243,8 +270,7 @@ async def test_cancelled_export_leaves_nothing(tmp_path, sim, uploaded):
     ctx = job_context(KIND, definition(), config, registry)
     task = asyncio.ensure_future(run_job(KIND, ctx))
     try:
-        while ctx.done < 1_000_000 and not task.done():
-            await asyncio.sleep(0.02)
+        await until(lambda: ctx.done >= 1_000_000 or task.done(), what="a megabyte exported")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

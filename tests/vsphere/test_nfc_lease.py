@@ -14,6 +14,7 @@ from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.providers import vsphere_export
 from hypersdk.service.model import ExportOptions
 from tests.support.images import same_image, sha256_file
+from tests.support.wait import until
 
 from .fake_context import FakeJobContext, FakeSubmitContext, job_context, run_job
 from .fault_proxy import FaultInjectingProxy
@@ -84,9 +85,10 @@ async def test_lease_is_aborted_on_cancel(config, registry, sim, uploaded, monke
     lease = FakeNfcLease(lease_urls(sim, uploaded, proxy.port))
     task = asyncio.ensure_future(run_with_lease(config, registry, lease, monkeypatch))
     try:
-        while lease.polls < 2:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.5)
+        # the lease is ready and a disk is being written: the job made something to remove
+        base = Path(config.export.base_path)
+        await until(lambda: lease.polls >= 2 and any(p.is_file() for p in base.rglob("*")),
+                    what="a disk being downloaded")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
