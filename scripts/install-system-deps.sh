@@ -46,6 +46,18 @@ mkdir -p /var/log/libvirt /run/libvirt
 # on every define.
 if [ -c /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi
 
+# The tests' Unix users (tests/support/system.py), made here once rather than by a test
+# run: the service account hypersdk (as data/sysusers.d/hypersdk.conf makes it), a member
+# of group hypersdk, a user outside it, and a member of hypersdk-admin too.
+getent group hypersdk >/dev/null || groupadd --system hypersdk
+getent group hypersdk-admin >/dev/null || groupadd --system hypersdk-admin
+id hypersdk >/dev/null 2>&1 || useradd --system -g hypersdk -d / -s /usr/sbin/nologin hypersdk
+for entry in hsdk-member:hypersdk hsdk-outsider: hsdk-admin:hypersdk,hypersdk-admin; do
+  user="${entry%%:*}" groups="${entry#*:}"
+  id "$user" >/dev/null 2>&1 || useradd --no-create-home -s /usr/sbin/nologin "$user"
+  usermod -G "$groups" "$user"
+done
+
 # Azurite (the Azure Blob emulator) for the Azure provider tests, kept outside the git tree
 AZURITE_DIR="${HYPERSDK_AZURITE_DIR:-/var/tmp/hypersdk-azurite}"
 if command -v npm >/dev/null && [ ! -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ]; then

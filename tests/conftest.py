@@ -13,7 +13,7 @@ from hypersdk.client.bus import connect
 from .support.filesystems import mounted_tmpfs
 from .support.hypervisord import Hypervisord, write_config
 from .support.simulator import module_sim, si, sim, vcsim_binary  # noqa: F401 - fixtures
-from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, ensure_user,
+from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, existing_user,
                              start_polkitd, stop_process)
 
 
@@ -45,9 +45,9 @@ def polkitd(system_bus):
 def users() -> dict[str, int]:
     """Real users: one in group hypersdk, one outside it, one in hypersdk-admin."""
     return {
-        MEMBER: ensure_user(MEMBER, ["hypersdk"]),
-        OUTSIDER: ensure_user(OUTSIDER, []),
-        ADMIN: ensure_user(ADMIN, ["hypersdk", "hypersdk-admin"]),
+        MEMBER: existing_user(MEMBER, ["hypersdk"]),
+        OUTSIDER: existing_user(OUTSIDER, []),
+        ADMIN: existing_user(ADMIN, ["hypersdk", "hypersdk-admin"]),
     }
 
 

@@ -41,7 +41,7 @@ from ..direct_io import supports_direct_io
 from ..files import fds_in, fsync_file
 from . import streamopt
 from .vmdk import parse_vmdk
-from .threads import run_stoppable
+from .threads import from_any_thread, run_stoppable
 
 OUTPUT_FORMATS = ("qcow2", "raw")
 INPUT_FORMATS = ("vmdk", "vpc", "vhdx", "raw", "qcow2")
@@ -226,11 +226,7 @@ async def _convert_stream_optimized(source: Path, tmp: Path, out_format: str, co
 
 async def _decode_in_thread(source: Path, target: Path, out_format: str,
                             growing: streamopt.GrowingFile | None, progress: ProgressFn) -> None:
-    loop = asyncio.get_running_loop()
-
-    def thread_safe_progress(done: int, total: int) -> None:
-        loop.call_soon_threadsafe(progress, done, total)
-
+    thread_safe_progress = from_any_thread(progress)
     await run_stoppable(lambda stop: streamopt.decode(
         source, target, out_format=out_format, workers=streamopt_workers(),
         on_progress=thread_safe_progress, stop=stop, growing=growing))

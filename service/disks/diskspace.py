@@ -25,10 +25,13 @@ def free_bytes(path: Path) -> int:
     return info.f_bavail * info.f_frsize
 
 
-def check_free_space(path: Path, needed_bytes: int, what: str = "the export") -> int:
-    """Return the free bytes at `path`, or raise Failed saying how much is needed and free."""
+def check_free_space(path: Path, needed_bytes: int, what: str = "the export",
+                     shown: Path | None = None) -> int:
+    """Return the free bytes at `path` (known to users as `shown`, when it is a path
+    through a descriptor), or raise Failed saying how much is needed and free."""
     free = free_bytes(path)
     if free < needed_bytes:
-        raise Failed(f"not enough free space in {path}: {what} needs {human_bytes(needed_bytes)} "
+        raise Failed(f"not enough free space in {shown or path}: {what} needs "
+                     f"{human_bytes(needed_bytes)} "
                      f"({needed_bytes} bytes), only {human_bytes(free)} ({free} bytes) are free")
     return free

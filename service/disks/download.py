@@ -43,7 +43,7 @@ from ..direct_io import DirectFile
 from ..files import temp_path_for
 from .disk_writer import HashingDiskWriter, WriteFailed
 from .resume import ResumePoint, verify
-from .threads import run_in_own_thread
+from .threads import from_any_thread, run_in_own_thread
 
 Log = Callable[..., None]
 
@@ -306,11 +306,6 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
     """
     target = Path(target)
     shown = shown or redact_url(url)  # callers whose URL path is a secret name it themselves
-    loop = asyncio.get_running_loop()
-
-    def post(fn: Callable[..., None]) -> Callable[..., None]:
-        return lambda *args: loop.call_soon_threadsafe(fn, *args)
-
     temp, out, start, validator = await _open_output(target, checkpoints, shown, log)
     try:
         if on_temp is not None:  # a reader that follows the download (jobs/overlap.py)
@@ -329,12 +324,12 @@ async def download(url: str, target: Path, *, expected_size: int | None, chunk_s
             saver.clear()
             on_bytes(-written)
 
-        writer = HashingDiskWriter(out, chunk_size, post(on_bytes), start=start,
+        writer = HashingDiskWriter(out, chunk_size, from_any_thread(on_bytes), start=start,
                                    checkpoint_every=saver.interval,
-                                   on_checkpoint=post(on_checkpoint))
+                                   on_checkpoint=from_any_thread(on_checkpoint))
         transfer = _Transfer(url, writer, shown=shown, expected_size=expected_size,
-                             max_retries=max_retries, log=post(log),
-                             on_restart=post(on_restart), headers=headers, ssl=ssl,
+                             max_retries=max_retries, log=from_any_thread(log),
+                             on_restart=from_any_thread(on_restart), headers=headers, ssl=ssl,
                              read_timeout=read_timeout, validator=validator)
 
         def run() -> str:

@@ -38,6 +38,13 @@ async def run_stoppable(fn: Callable[[threading.Event], T]) -> T:
     return await wait_for_thread(future, stop.set)
 
 
+def from_any_thread(fn: Callable[..., None]) -> Callable[..., None]:
+    """`fn` for blocking work's threads to call: each call runs fn(*args) on the event
+    loop running now (call it from a coroutine), in the order of the calls."""
+    loop = asyncio.get_running_loop()
+    return lambda *args: loop.call_soon_threadsafe(fn, *args)
+
+
 async def run_in_own_thread(fn: Callable[[], T], stop: Callable[[], None], name: str) -> T:
     """Run blocking `fn()` in a new thread called `name`; on cancel call `stop()` and wait.
 

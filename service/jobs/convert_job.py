@@ -35,7 +35,7 @@ from ..disks.convert import OUTPUT_FORMATS, ConvertedImage, convert_image, inspe
 from ..disks.disk_format import SOURCE_FORMATS, check_claimed_format
 from ..disks.ova_extract import extract_ova, verify_manifest
 from ..disks.ovf import OvfInfo, parse_ovf
-from ..disks.threads import run_stoppable
+from ..disks.threads import from_any_thread, run_stoppable
 from ..disks.vmdk import external_files
 from .overlap import JobProgress
 
@@ -153,17 +153,10 @@ class ConvertKind(JobKind):
     async def _extract(self, ctx: JobContext, source: Path, size: int,
                        scratch: Path) -> tuple[Path, int]:
         """Extract the OVA into scratch, progress in bytes of the OVA: (.ovf path, OVA size)."""
-        loop = asyncio.get_running_loop()
         ctx.set_stage("extract")
         ctx.set_total(size)
         ctx.log(f"extracting {Path(ctx.definition['source_path']).name} (checking its manifest)")
-
-        def log(message: str) -> None:
-            loop.call_soon_threadsafe(ctx.log, message)
-
-        def on_bytes(nbytes: int) -> None:
-            loop.call_soon_threadsafe(ctx.advance, nbytes)
-
+        log, on_bytes = from_any_thread(ctx.log), from_any_thread(ctx.advance)
         ovf_path = await run_stoppable(lambda stop: extract_ova(
             source, scratch, log=log, stop=stop, on_bytes=on_bytes))
         ctx.set_done(size)

@@ -44,7 +44,7 @@ from ..disks.ovf_writer import safe_name
 from ..disks.convert import run_qemu_img_convert
 from ..disks.diskspace import check_free_space
 from ..disks.download import file_sha256
-from ..disks.threads import run_stoppable
+from ..disks.threads import from_any_thread, run_stoppable
 
 METHODS = ("ova", "ovf", "disk")
 FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options",
@@ -146,7 +146,8 @@ class ExportKind(JobKind):
         disk_bytes = sum(d.capacity_bytes for d in vm.disks)
         ctx.plan(_plan(disk_bytes, method, definition["hyper2kvm_integration"]))
         needed = disk_bytes * (2 if method == "ova" else 1)
-        check_free_space(staging.path, needed, f"exporting {vm.name} as {method}")
+        check_free_space(staging.path, needed, f"exporting {vm.name} as {method}",
+                         shown=dest.shown)
         await handoff.enable_streaming(ctx, vm, definition["hyper2kvm_integration"], streaming)
         ctx.set_stage("export")
         vm, disks = await provider.export_disks(vm.identifier, staging.path,
@@ -279,11 +280,7 @@ async def to_ovf_disk(ctx: JobContext, disk: ExportedDisk, compress: bool) -> Ex
 
 
 async def _write_ova(ctx: JobContext, ova: Path, members: list[Path]) -> None:
-    loop = asyncio.get_running_loop()
-
-    def on_bytes(nbytes: int) -> None:
-        loop.call_soon_threadsafe(ctx.advance, nbytes)
-
+    on_bytes = from_any_thread(ctx.advance)
     await run_stoppable(lambda stop: ovf_writer.write_ova(ova, members, on_bytes, stop))
 
 

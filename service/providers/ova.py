@@ -31,10 +31,10 @@ from ..errors import Failed, InvalidArgument, NotFound
 from ..disks.convert import detect_format
 from ..disks.ova_extract import extract_ova, parse_manifest, verify_manifest
 from ..disks.ovf import MAX_OVF_BYTES, OvfInfo, parse_ovf
-from ..disks.threads import run_stoppable
+from ..disks.threads import from_any_thread, run_stoppable
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider
-from .common import OutputFiles, check_filter, closest
+from .common import OutputFiles, check_filter, closest, provider_options
 
 SDK_MODULES: tuple[str, ...] = ()
 CONFIG_SCHEMA: dict = {}   # type/enabled only; the directories are `ova.import_dirs`
@@ -135,6 +135,7 @@ class OvaProvider(Provider):
 
     async def export_disks(self, identifier: str, target_dir: Path, options: ExportOptions,
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
+        provider_options(options.extra, ())  # the ova provider takes none
         path = await asyncio.to_thread(self.resolve, identifier)
         target_dir.mkdir(parents=True, exist_ok=True)
         outputs = OutputFiles(target_dir)
@@ -154,8 +155,8 @@ class OvaProvider(Provider):
         try:
             sink.log(f"extracting {path.name} ({size} bytes), checking its manifest")
             # on cancel the worker is stopped and waited for: it removes its partial directory
-            descriptor = await run_stoppable(lambda stop: extract_ova(path, unpacked, sink.log,
-                                                                      stop))
+            log = from_any_thread(sink.log)  # extract_ova logs from its thread
+            descriptor = await run_stoppable(lambda stop: extract_ova(path, unpacked, log, stop))
             sink.advance(size)
             info = await asyncio.to_thread(parse_ovf, descriptor)
             vm = self._vm_info(path, info)

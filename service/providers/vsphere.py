@@ -18,7 +18,7 @@ from ..config_schema import Field
 from ..errors import Failed, NotFound
 from ..model import ExportOptions, ExportSink, ExportedDisk, VMInfo
 from .base import Provider
-from .common import closest, private_file_rule
+from .common import closest, private_file_rule, provider_options, shutdown_timeout
 from .vsphere_session import SessionPool, finish_config, host_rule
 from .vsphere_tags import SessionTags
 
@@ -81,6 +81,7 @@ class VSphereProvider(Provider):
                            sink: ExportSink) -> tuple[VMInfo, list[ExportedDisk]]:
         from .vsphere_export import export_vm_disks
 
+        provider_options(options.extra, ())  # the vsphere provider takes none
         vm = await self.get_vm(identifier)
         if "tags_unavailable" in vm.extra:
             sink.log(f"{vm.name}: {vm.extra['tags_unavailable']}; exporting without them",
@@ -101,7 +102,7 @@ class VSphereProvider(Provider):
             raise Failed(f"VM {vm.name} ({vm.identifier}) is {vm.power_state}: the disks of a "
                          f"running VM are not consistent; power it off or set "
                          f"options.shutdown_vm: true")
-        timeout = float(options.extra.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT))
+        timeout = shutdown_timeout(options.extra, DEFAULT_SHUTDOWN_TIMEOUT)
         sink.log(f"shutting down the guest of {vm.name} (up to {timeout:g}s)")
         state = await self.pool.run(_shutdown_guest, vm.identifier, timeout)
         if state != "poweredOff":

@@ -8,7 +8,7 @@ import pytest
 
 from ..support.cli import submit
 from ..support.hypervisord import Hypervisord, write_config
-from ..support.system import ensure_user
+from ..support.system import existing_user
 from .stack import ANY_PORT, Bridge, token_api
 
 
@@ -19,7 +19,7 @@ BRIDGE_USER = "hypersdk"  # api.bridge_user's default, as hypersdk-bridge.servic
 def bridge_account(users) -> int:
     """The bridge's own system user (in group hypersdk), as sysusers.d creates it; its uid.
     Ask for it before hypervisord starts: that is when hypervisord looks the user up."""
-    return ensure_user(BRIDGE_USER, ["hypersdk"])
+    return existing_user(BRIDGE_USER, ["hypersdk"])
 
 
 @pytest.fixture

@@ -184,3 +184,14 @@ async def test_an_ova_missing_a_disk_its_ovf_names_fails_and_leaves_nothing(prov
     with pytest.raises((Failed, InvalidArgument), match="partial-disk2.vmdk"):
         await provider.export_disks("partial.ova", out, ExportOptions(), FakeExportSink())
     assert not out.exists() or list(out.iterdir()) == []
+
+
+async def test_unknown_provider_options_are_refused_before_anything_is_read(provider, imports,
+                                                                          tmp_path):
+    package = write_package(imports, "web01")
+    target = tmp_path / "out"
+    with pytest.raises(InvalidArgument) as caught:
+        await provider.export_disks(str(package.ova), target,
+                                    ExportOptions(extra={"colour": "red"}), FakeExportSink())
+    assert caught.value.field == "options.provider_options.colour"
+    assert not target.exists()

@@ -121,30 +121,20 @@ def wait_for_name(address: str, name: str, process: subprocess.Popen, what: str,
                        f"{waited.stderr}{said}")
 
 
-def _group_exists(name: str) -> bool:
+def existing_user(name: str, groups: list[str]) -> int:
+    """The uid of a test user, who must be in exactly `groups` (besides their primary
+    group). The users are made by scripts/install-system-deps.sh, never by a test run."""
     try:
-        grp.getgrnam(name)
+        user = pwd.getpwnam(name)
     except KeyError:
-        return False
-    return True
-
-
-def ensure_group(name: str) -> None:
-    if not _group_exists(name):
-        subprocess.run(["groupadd", "--system", name], check=True)
-
-
-def ensure_user(name: str, groups: list[str]) -> int:
-    for group in groups:
-        ensure_group(group)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        own_group = ["-g", name] if _group_exists(name) else []  # e.g. the hypersdk user
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        *own_group, name], check=True)
-    subprocess.run(["usermod", "-G", ",".join(groups) if groups else "", name], check=True)
-    return pwd.getpwnam(name).pw_uid
+        raise RuntimeError(f"user {name} is missing: run scripts/install-system-deps.sh "
+                           "(make venv does) to make the tests' users") from None
+    primary = grp.getgrgid(user.pw_gid).gr_name
+    member_of = {group.gr_name for group in grp.getgrall() if name in group.gr_mem}
+    if member_of - {primary} != set(groups) - {primary}:
+        raise RuntimeError(f"user {name} is in groups {sorted(member_of)}, the tests expect "
+                           f"{sorted(groups)}: run scripts/install-system-deps.sh")
+    return user.pw_uid
 
 
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> int:

@@ -7,6 +7,7 @@ import os
 import ssl
 import subprocess
 import threading
+import time
 
 import pytest
 from aiohttp import web

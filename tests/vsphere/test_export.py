@@ -185,11 +185,10 @@ async def test_not_enough_free_space(small_disk, sim, uploaded):
             await export(config, registry)
     finally:
         await registry.close()
-    assert str(refused.value).startswith("not enough free space in ")
-    # the path it names is, for now, the staging's /proc/self/fd/N, not the user's
-    assert str(refused.value).endswith(
-        f": exporting {EXPORT_VM} as ova needs 48.0 MiB (50331648 bytes), only "
-        f"{diskspace.human_bytes(free)} ({free} bytes) are free")
+    assert str(refused.value) == (
+        f"not enough free space in {base / 'vm1'}: exporting {EXPORT_VM} as ova needs "
+        f"48.0 MiB (50331648 bytes), only {diskspace.human_bytes(free)} ({free} bytes) "
+        "are free")
     assert not any(base.iterdir())  # vm1 was the job's: gone
 
 
@@ -223,16 +222,15 @@ def test_bad_definitions_are_refused(config, overrides, field):
 
 
 @pytest.mark.parametrize("options, field, rule", [
-    ("fast", "options", "an object"),
+    ("fast", "options", "must be a JSON object"),
     ({"compress": "yes"}, "options.compress", "true or false"),
     ({"shutdown_timeout": 0}, "options.shutdown_timeout", "a number of seconds > 0"),
     ({"shutdown_timeout": True}, "options.shutdown_timeout", "a number of seconds > 0"),
-    ({"provider_options": []}, "options.provider_options",
-     "an object of provider-specific options"),
-    ({"provider_options": {"shutdown_timeout": 5}}, "options.provider_options",
-     "an object of provider-specific options"),
+    ({"provider_options": []}, "options.provider_options", "must be a JSON object"),
+    ({"provider_options": {"shutdown_timeout": 5}}, "options.provider_options.shutdown_timeout",
+     "belongs in options.shutdown_timeout"),
     ({"restore_power_state": True}, "options.restore_power_state", "needs shutdown_vm: true"),
-    ({"shutdown": True}, "options.shutdown", "unknown option (known: shutdown_vm, "
+    ({"shutdown": True}, "options.shutdown", "unknown field (known: shutdown_vm, "
      "restore_power_state, remove_cdrom, compress, shutdown_timeout, provider_options)"),
 ], ids=["not-object", "not-bool", "zero-timeout", "bool-timeout", "provider-list",
         "provider-timeout", "restore-alone", "unknown"])
@@ -421,3 +419,12 @@ async def test_vm_name_taken_in_libvirt_fails_before_any_download(tmp_path, sim,
     assert proxy.refused == 0 and ctx.done == ctx.total == 0
     assert ctx.stages == ["discovery"] and len(ctx.stagings) == 0
     assert list(base.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+async def test_unknown_provider_options_are_refused_before_anything_is_written(config,
+                                                                             registry):
+    options = {"shutdown_vm": False, "provider_options": {"colour": "red"}}
+    with pytest.raises(InvalidArgument) as caught:
+        await export(config, registry, options=options)
+    assert caught.value.field == "options.provider_options.colour"
+    assert not any(Path(config.export.base_path).iterdir())
