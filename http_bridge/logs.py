@@ -5,7 +5,8 @@ size (by job id: a finished job leaves the bus after daemon.finished_job_linger,
 log stays). While following, LogLine and status signals only wake the stream up; it
 then asks GetJobLog for the lines after the last one it sent, so a burst of lines costs one
 round trip and nothing is missed or sent twice. The stream ends when the job has
-finished and every line is out (or when hypervisord goes away, said in a last line).
+finished and every line is out (or when hypervisord goes away, said in a last line);
+whether it has finished is the mirror's word, else the store's (Manager.GetJob).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import asyncio
 from aiohttp import web
 from dbus_fast import Variant
 
-from hypersdk.client.names import FINISHED, JOB_IFACE, MANAGER_IFACE, MANAGER_PATH, job_path
+from hypersdk.client.names import FINISHED, MANAGER_IFACE, MANAGER_PATH, job_path
 from hypersdk.client.objects import ObjectEvent
 
 from .errors import ApiError, invalid
@@ -85,8 +86,9 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
         if len(lines) == PAGE:
             last = await _drain(response, request, job_id, last)
         while follow and not request.app[STOPPING].is_set():
-            props = mirror.get(path, JOB_IFACE)  # None: it finished and left the bus
-            finished = props is None or props.get("Status") in FINISHED
+            # the store's record when it is not mirrored: it left the bus, or the mirror
+            # has not seen a job submitted a moment ago yet
+            finished = (await job_props(request, job_id, "id")).get("Status") in FINISHED
             wake.clear()
             last = await _drain(response, request, job_id, last)
             if finished or not mirror.healthy:
