@@ -1,4 +1,4 @@
-"""The job store in PostgreSQL (`database.url: postgresql://...`), shareable by several hypervisords.
+"""The job store in PostgreSQL (`database.url: postgresql://...`), for several hypervisords.
 
 The same Store API and the same MIGRATIONS as the SQLite store: the SQL in store.py is
 written to run on both engines, and the little that differs is translated here, once:

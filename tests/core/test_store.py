@@ -10,6 +10,8 @@ import pytest
 
 from hypersdk.service import store as store_module
 from hypersdk.service.errors import Failed, NotFound
+from hypersdk.service.model import Checkpoint, SavedDownload
+from hypersdk.service.staging import OwnedPath
 from hypersdk.service.store import JobRecord, Store, open_store
 
 
@@ -73,4 +75,64 @@ def test_jobs_logs_and_history_round_trip(database_url):
     assert [line.message for line in store.logs("job-1", after_id=first)] == ["two"]
     assert [h[1] for h in store.status_history("job-1")] == ["pending", "completed"]
     assert store.list_jobs(status="completed")[0].result == {"ok": True}
+    store.close()
+
+
+def test_listing_counting_and_pruning_jobs(database_url):
+    store = open_store(database_url)
+    for number in range(1, 6):  # one timestamp: insertion order breaks the tie
+        store.insert_job(JobRecord(id=f"job-{number}", kind="sleep", status="pending",
+                                   definition={}, provider="p1" if number < 3 else "p2",
+                                   created_at=1000.0))
+    assert [job.id for job in store.list_jobs(limit=2, offset=1)] == ["job-2", "job-3"]
+    assert store.count_jobs(provider="p2") == 3
+    for number, finished_at in ((1, 10.0), (2, 20.0), (3, 30.0)):
+        job = store.get_job(f"job-{number}")
+        job.status, job.finished_at, job.bytes_total = "completed", finished_at, 5 << 40
+        store.set_status(job)
+    assert store.count_by_status() == {"pending": 2, "running": 0, "completed": 3,
+                                       "failed": 0, "cancelled": 0}
+    assert [job.id for job in store.jobs_unfinished_or_since(20.0)] == [
+        "job-2", "job-3", "job-4", "job-5"]
+    assert store.get_job("job-3").bytes_total == 5 << 40  # past 32 bits
+    store.record_owned("job-2", OwnedPath("file", "/srv", "kept.img", 1, 2))
+    assert store.past_retention_holding_paths(keep=1, finished_before=0) == ["job-2"]
+    assert [job.id for job in store.prune_finished(keep=1, finished_before=0)] == ["job-1"]
+    assert [job.id for job in store.list_jobs()] == ["job-2", "job-3", "job-4", "job-5"]
+    store.close()
+
+
+def test_what_a_job_made_its_domains_and_checkpoints(database_url):
+    store = open_store(database_url)
+    for job_id in ("job-1", "job-2"):
+        store.insert_job(_job(job_id))
+    made = [OwnedPath("staging", "/srv", "job-1", 1, 10), OwnedPath("file", "/srv", "a.img", 1, 11)]
+    for owned in made:
+        store.record_owned("job-1", owned)
+    store.forget_owned("job-1", made[0])
+    assert store.owned_paths("job-1") == made[1:]
+    store.record_domain("job-1", "qemu:///system", "uuid-1", "/var/log/c.log")
+    assert store.owned_domains("job-1") == [("qemu:///system", "uuid-1", "/var/log/c.log")]
+    store.forget_domains("job-1")
+    assert store.owned_domains("job-1") == []
+    for offset, final in ((100, False), (200, True)):
+        store.save_checkpoint("job-1", "disk.bin", ".disk.part", '"etag"',
+                              Checkpoint(offset, f"sha-{offset}", final))
+    store.save_checkpoint("job-1", "other.bin", ".other.part", "", Checkpoint(50, "sha-50"))
+    job = store.get_job("job-1")
+    job.status = "failed"
+    store.set_status(job)
+    assert store.jobs_keeping_downloads() == ["job-1"]
+    assert store.resumable_bytes("job-1") == 250
+    assert store.checkpoint_names("job-1") == {"disk.bin", ".disk.part", "other.bin",
+                                               ".other.part"}
+    store.hand_over("job-1", "job-2")
+    assert store.saved_download("job-1", "disk.bin") is None
+    assert store.saved_download("job-2", "disk.bin") == SavedDownload(
+        ".disk.part", '"etag"', [Checkpoint(100, "sha-100"), Checkpoint(200, "sha-200", True)])
+    assert store.owned_paths("job-2") == made[1:]
+    store.clear_checkpoints("job-2", "disk.bin")
+    assert store.resumable_bytes("job-2") == 50
+    store.clear_checkpoints("job-2")
+    assert store.checkpoint_names("job-2") == set()
     store.close()
