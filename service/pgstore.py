@@ -92,6 +92,8 @@ def describe(url: str) -> str:
 
 
 class PostgresStore(Store):
+    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+
     def __init__(self, url: str) -> None:
         self.path = describe(url)
         try:

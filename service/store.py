@@ -255,6 +255,17 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
     return JobRecord(**data)
 
 
+def _write_status(db: sqlite3.Connection, job: JobRecord, reason: str) -> None:
+    """The job's status and the fields that change with it, plus a history row."""
+    db.execute(
+        "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=?,"
+        " attempts=?, stage=?, bytes_done=?, bytes_total=? WHERE id=?",
+        (job.status, job.started_at, job.finished_at, job.error, json.dumps(job.result),
+         job.attempts, job.stage, job.bytes_done, job.bytes_total, job.id))
+    db.execute("INSERT INTO job_status_history (job_id, time, status, reason)"
+               " VALUES (?,?,?,?)", (job.id, time.time(), job.status, reason))
+
+
 def _job_filter(status: str | None, provider: str | None) -> tuple[str, list]:
     """A WHERE clause (or "") and its parameters for list_jobs and count_jobs."""
     conditions, params = [], []
@@ -275,6 +286,8 @@ def open_store(url: str) -> "Store":
 
 class Store:
     """The SQLite store (pgstore.PostgresStore: the same in PostgreSQL)."""
+
+    SKIP_LOCKED = ""  # PostgreSQL's row-lock clause; SQLite's one writer needs none
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -391,13 +404,20 @@ class Store:
     def set_status(self, job: JobRecord, reason: str = "") -> None:
         """Persist the status and the fields that change with it, plus a history row."""
         with self.transaction() as db:
-            db.execute(
-                "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=?,"
-                " attempts=?, stage=?, bytes_done=?, bytes_total=? WHERE id=?",
-                (job.status, job.started_at, job.finished_at, job.error, json.dumps(job.result),
-                 job.attempts, job.stage, job.bytes_done, job.bytes_total, job.id))
-            db.execute("INSERT INTO job_status_history (job_id, time, status, reason)"
-                       " VALUES (?,?,?,?)", (job.id, time.time(), job.status, reason))
+            _write_status(db, job, reason)
+
+    def claim_pending(self, limit: int = 1) -> list[JobRecord]:
+        """Up to `limit` pending jobs, oldest first, now running: each is taken by one
+        caller only, however many stores share the database (SQLite: the write lock
+        BEGIN IMMEDIATE takes; PostgreSQL: row locks, skipping rows another holds)."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status='pending' ORDER BY created_at,"
+                              f" rowid LIMIT ?{self.SKIP_LOCKED}", (limit,)).fetchall()
+            jobs = [_row_to_job(row) for row in rows]
+            for job in jobs:
+                job.status, job.started_at = "running", time.time()
+                _write_status(db, job, "claimed")
+        return jobs
 
     def save_progress(self, job: JobRecord) -> None:
         self._db.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?",

@@ -3,7 +3,9 @@ transactions. Tests taking `database_url` run once on each engine."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -136,3 +138,42 @@ def test_what_a_job_made_its_domains_and_checkpoints(database_url):
     store.clear_checkpoints("job-2")
     assert store.checkpoint_names("job-2") == set()
     store.close()
+
+
+def _claim_all(store: Store, start: threading.Barrier) -> list[str]:
+    """Claim one job at a time until none is pending; the ids claimed."""
+    start.wait()
+    claimed = []
+    while jobs := store.claim_pending():
+        claimed.extend(job.id for job in jobs)
+    store.close()
+    return claimed
+
+
+def test_two_stores_on_one_database_never_claim_a_job_twice(database_url):
+    submitter = open_store(database_url)
+    for number in range(40):
+        submitter.insert_job(_job(f"job-{number:02}"))
+    claimers = [open_store(database_url) for _ in range(2)]
+    start = threading.Barrier(len(claimers))
+    with ThreadPoolExecutor(len(claimers)) as pool:
+        claimed = list(pool.map(lambda store: _claim_all(store, start), claimers))
+    every = claimed[0] + claimed[1]
+    assert sorted(every) == [f"job-{number:02}" for number in range(40)]  # none twice
+    assert submitter.count_by_status()["running"] == 40
+    assert submitter.status_history("job-07")[-1][1:] == ("running", "claimed")
+    submitter.close()
+
+
+def test_a_claim_on_postgresql_skips_the_jobs_another_instance_is_claiming(postgres):
+    url = postgres.new_database()
+    first, second = open_store(url), open_store(url)
+    for number in range(1, 4):
+        first.insert_job(JobRecord(id=f"job-{number}", kind="sleep", status="pending",
+                                   definition={}, created_at=float(number)))
+    with first.transaction() as db:  # as first's claim holds the oldest row, mid-transaction
+        db.execute("SELECT id FROM jobs WHERE id='job-1' FOR UPDATE")
+        assert [job.id for job in second.claim_pending(1)] == ["job-2"]  # no wait, no job-1
+    assert [job.id for job in first.claim_pending(5)] == ["job-1", "job-3"]
+    first.close()
+    second.close()
