@@ -99,7 +99,8 @@ class PostgresStore(Store):
         try:
             raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
         except psycopg.Error as exc:
-            raise Failed(f"database.url: cannot connect to the {self.path}: {exc}") from exc
+            reason = " ".join(str(exc).split())  # libpq's message spans lines
+            raise Failed(f"database.url: cannot connect to the {self.path}: {reason}") from exc
         self._db = Connection(raw)
         self._migrate()
 
