@@ -177,3 +177,19 @@ def test_a_claim_on_postgresql_skips_the_jobs_another_instance_is_claiming(postg
     assert [job.id for job in first.claim_pending(5)] == ["job-1", "job-3"]
     first.close()
     second.close()
+
+
+def test_instances_starting_together_migrate_a_new_postgresql_database_once(postgres):
+    url = postgres.new_database()
+    start = threading.Barrier(3)
+
+    def open_together(_) -> int:
+        start.wait()
+        store = open_store(url)
+        version = store.schema_version
+        store.close()
+        return version
+
+    with ThreadPoolExecutor(3) as pool:
+        versions = list(pool.map(open_together, range(3)))
+    assert versions == [len(store_module.MIGRATIONS)] * 3

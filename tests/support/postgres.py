@@ -33,8 +33,10 @@ def _binaries() -> Path:
 
 
 def _as_postgres(command: list[str], directory: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, user=USER, group=USER, extra_groups=[], cwd=directory,
-                            stdout=subprocess.DEVNULL, stderr=(directory / "server.log").open("a"))
+    """`command` run as the postgres user, its output appended to server.log."""
+    with (directory / "server.log").open("a") as log:
+        return subprocess.Popen(command, user=USER, group=USER, extra_groups=[], cwd=directory,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 @dataclass
