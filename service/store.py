@@ -187,7 +187,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-
 def statements(script: str) -> list[str]:
     """The statements of a migration script."""
     return [statement for statement in script.split(";") if statement.strip()]
