@@ -21,6 +21,8 @@ packages=(
   dbus dbus-daemon polkitd pkexec
   # the govmomi vSphere simulator, built from Debian's sources
   golang-go golang-github-vmware-govmomi-dev
+  # a real PostgreSQL server for the shared job store (service/pgstore.py), libpq for psycopg
+  postgresql libpq5
   # tools the tests drive as users do
   curl jq tmux
   # a real browser runs the spec's WebSocket snippet (tests/bridge/test_browser.py)

@@ -59,6 +59,16 @@ def _origins_rule(values: list[str]) -> str | None:
             f"({bad[0]!r} is not one)") if bad else None
 
 
+def _database_url_rule(value: str) -> str | None:
+    """database.url: empty (SQLite at database.path), sqlite:///absolute/path, or a
+    PostgreSQL URL (a unix socket as postgresql://user@/db?host=/run/postgresql)."""
+    if not value or re.match(r"^sqlite:///[^/]", value) or \
+            re.match(r"^postgres(ql)?://[^\s]*/[^\s/?]+", value):
+        return None
+    return ("sqlite:///absolute/path or postgresql://[user[:password]@][host][:port]/database"
+            "[?host=/socket/dir]")
+
+
 def _url_rule(value: str) -> str | None:
     return None if re.match(r"^https?://[^\s/]+", value) else "an http:// or https:// URL"
 
@@ -96,6 +106,9 @@ MAIN_SCHEMA: Schema = {
     },
     "database": {
         "path": Field("str", "/var/lib/hypervisord/hypersdk.db", check=_absolute_path_rule),
+        # where the store lives instead: sqlite:///path, or postgresql://... shared by
+        # several hypervisords (service/pgstore.py); empty: SQLite at `path`
+        "url": Field("str", "", check=_database_url_rule),
         # finished jobs kept (newest first) and for how long; older ones and their logs
         # are removed when a job ends and at start-up (0: no limit)
         "retention_count": Field("int", 5000, minimum=0),

@@ -29,7 +29,7 @@ from .dbus.service import DBusService
 from .engine import JobEngine
 from .errors import Failed, HyperSDKError
 from .providers.registry import ProviderRegistry
-from .store import Store
+from .store import open_store
 
 log = logging.getLogger("hypervisord")
 
@@ -81,7 +81,8 @@ class Daemon:
         log.info(text)
 
     async def run(self) -> None:
-        store = Store(Path(self.config.database.path))
+        database = self.config.database
+        store = open_store(database.url or f"sqlite://{database.path}")
         providers = ProviderRegistry(self.config)
         engine = JobEngine(store, self.config, providers)
         try:

@@ -169,11 +169,11 @@ MIGRATIONS: list[str] = [
         target TEXT NOT NULL,
         temp TEXT NOT NULL,
         validator TEXT NOT NULL,
-        offset INTEGER NOT NULL,
+        "offset" INTEGER NOT NULL,
         sha256 TEXT NOT NULL,
         final INTEGER NOT NULL DEFAULT 0
     );
-    CREATE INDEX download_checkpoints_job ON download_checkpoints(job_id, target, offset);
+    CREATE INDEX download_checkpoints_job ON download_checkpoints(job_id, target, "offset");
     CREATE INDEX jobs_finished ON jobs(finished_at);
     CREATE TABLE job_domains (
         id INTEGER PRIMARY KEY,
@@ -185,6 +185,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX job_domains_job ON job_domains(job_id);
     """,
 ]
+
+
+def statements(script: str) -> list[str]:
+    """The statements of a migration script."""
+    return [statement for statement in script.split(";") if statement.strip()]
+
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 JOB_STATUSES = ("pending", "running") + TERMINAL_STATUSES
@@ -248,6 +254,17 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
     return JobRecord(**data)
 
 
+def _write_status(db: sqlite3.Connection, job: JobRecord, reason: str) -> None:
+    """The job's status and the fields that change with it, plus a history row."""
+    db.execute(
+        "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=?,"
+        " attempts=?, stage=?, bytes_done=?, bytes_total=? WHERE id=?",
+        (job.status, job.started_at, job.finished_at, job.error, json.dumps(job.result),
+         job.attempts, job.stage, job.bytes_done, job.bytes_total, job.id))
+    db.execute("INSERT INTO job_status_history (job_id, time, status, reason)"
+               " VALUES (?,?,?,?)", (job.id, time.time(), job.status, reason))
+
+
 def _job_filter(status: str | None, provider: str | None) -> tuple[str, list]:
     """A WHERE clause (or "") and its parameters for list_jobs and count_jobs."""
     conditions, params = [], []
@@ -258,7 +275,19 @@ def _job_filter(status: str | None, provider: str | None) -> tuple[str, list]:
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
+def open_store(url: str) -> "Store":
+    """The store at a database.url: postgresql://... (or postgres://) or sqlite:///path."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from .pgstore import PostgresStore  # psycopg and libpq only where asked for
+        return PostgresStore(url)
+    return Store(Path(url.removeprefix("sqlite://")))
+
+
 class Store:
+    """The SQLite store (pgstore.PostgresStore: the same in PostgreSQL)."""
+
+    SKIP_LOCKED = ""  # PostgreSQL's row-lock clause; SQLite's one writer needs none
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -290,16 +319,19 @@ class Store:
         return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     def _migrate(self) -> None:
+        for version, script in self._pending_migrations():
+            with self.transaction() as db:
+                for statement in statements(script):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version}")
+
+    def _pending_migrations(self) -> list[tuple[int, str]]:
+        """(version, script) of the migrations this store has not applied yet."""
         current = self.schema_version
         if current > len(MIGRATIONS):
             raise Failed(f"{self.path}: schema version {current} is newer than this "
-                               f"hypervisord understands ({len(MIGRATIONS)})")
-        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            with self.transaction() as db:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {version}")
+                         f"hypervisord understands ({len(MIGRATIONS)})")
+        return list(enumerate(MIGRATIONS[current:], start=current + 1))
 
     def close(self) -> None:
         self._db.close()
@@ -371,13 +403,20 @@ class Store:
     def set_status(self, job: JobRecord, reason: str = "") -> None:
         """Persist the status and the fields that change with it, plus a history row."""
         with self.transaction() as db:
-            db.execute(
-                "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=?,"
-                " attempts=?, stage=?, bytes_done=?, bytes_total=? WHERE id=?",
-                (job.status, job.started_at, job.finished_at, job.error, json.dumps(job.result),
-                 job.attempts, job.stage, job.bytes_done, job.bytes_total, job.id))
-            db.execute("INSERT INTO job_status_history (job_id, time, status, reason)"
-                       " VALUES (?,?,?,?)", (job.id, time.time(), job.status, reason))
+            _write_status(db, job, reason)
+
+    def claim_pending(self, limit: int = 1) -> list[JobRecord]:
+        """Up to `limit` pending jobs, oldest first, now running: each is taken by one
+        caller only, however many stores share the database (SQLite: the write lock
+        BEGIN IMMEDIATE takes; PostgreSQL: row locks, skipping rows another holds)."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status='pending' ORDER BY created_at,"
+                              f" rowid LIMIT ?{self.SKIP_LOCKED}", (limit,)).fetchall()
+            jobs = [_row_to_job(row) for row in rows]
+            for job in jobs:
+                job.status, job.started_at = "running", time.time()
+                _write_status(db, job, "claimed")
+        return jobs
 
     def save_progress(self, job: JobRecord) -> None:
         self._db.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?",
@@ -389,10 +428,10 @@ class Store:
             (job_id,))]
 
     def append_log(self, job_id: str, when: float, level: str, message: str) -> int:
-        cursor = self._db.execute(
-            "INSERT INTO job_logs (job_id, time, level, message) VALUES (?,?,?,?)",
-            (job_id, when, level, message))
-        return int(cursor.lastrowid)
+        rows = self._db.execute(
+            "INSERT INTO job_logs (job_id, time, level, message) VALUES (?,?,?,?) RETURNING id",
+            (job_id, when, level, message)).fetchall()
+        return int(rows[0][0])
 
     def logs(self, job_id: str, after_id: int = 0, limit: int = 10000) -> list[LogLine]:
         return [LogLine(*r) for r in self._db.execute(
@@ -436,14 +475,14 @@ class Store:
     def save_checkpoint(self, job_id: str, target: str, temp: str, validator: str,
                         point: Checkpoint) -> None:
         self._db.execute(
-            "INSERT INTO download_checkpoints (job_id, target, temp, validator, offset, sha256,"
+            "INSERT INTO download_checkpoints (job_id, target, temp, validator, \"offset\", sha256,"
             " final) VALUES (?,?,?,?,?,?,?)", (job_id, target, temp, validator, point.offset,
                                                point.sha256, int(point.final)))
 
     def saved_download(self, job_id: str, target: str) -> SavedDownload | None:
         rows = self._db.execute(
-            "SELECT temp, validator, offset, sha256, final FROM download_checkpoints"
-            " WHERE job_id=? AND target=? ORDER BY offset, id", (job_id, target)).fetchall()
+            'SELECT temp, validator, "offset", sha256, final FROM download_checkpoints'
+            ' WHERE job_id=? AND target=? ORDER BY "offset", id', (job_id, target)).fetchall()
         if not rows:
             return None
         return SavedDownload(rows[-1]["temp"], rows[-1]["validator"],
@@ -473,8 +512,8 @@ class Store:
     def resumable_bytes(self, job_id: str) -> int:
         """Bytes of the job's downloads verified by checkpoints (0: nothing to resume)."""
         row = self._db.execute(
-            "SELECT SUM(best) FROM (SELECT MAX(offset) AS best FROM download_checkpoints"
-            " WHERE job_id=? GROUP BY target)", (job_id,)).fetchone()
+            'SELECT SUM(best) FROM (SELECT MAX("offset") AS best FROM download_checkpoints'
+            ' WHERE job_id=? GROUP BY target) AS per_target', (job_id,)).fetchone()
         return int(row[0] or 0)
 
     def owned_paths(self, job_id: str) -> list[OwnedPath]:

@@ -185,9 +185,8 @@ class Webhooks:
             webhook_id = "webhook-c" + digest[:11]
             self._insert(webhook_id, data, "config", 0)
             ids.append(webhook_id)
-        placeholders = ",".join("?" * len(ids))
-        self.store.execute(f"DELETE FROM webhooks WHERE source='config' AND id NOT IN "
-                           f"({placeholders})", ids)
+        kept = f" AND id NOT IN ({','.join('?' * len(ids))})" if ids else ""  # () is SQLite's only
+        self.store.execute(f"DELETE FROM webhooks WHERE source='config'{kept}", ids)
 
     def get(self, webhook_id: str) -> Webhook:
         row = self.store.execute("SELECT * FROM webhooks WHERE id=?", (webhook_id,)).fetchone()

@@ -12,6 +12,7 @@ from hypersdk.client.bus import connect
 
 from .support.filesystems import mounted_tmpfs
 from .support.hypervisord import Hypervisord, write_config
+from .support.postgres import PostgresServer
 from .support.simulator import module_sim, si, sim, vcsim_binary  # noqa: F401 - fixtures
 from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, existing_user,
                              start_polkitd, stop_process)
@@ -29,6 +30,22 @@ def system_bus() -> PrivateSystemBus:
     yield bus
     bus.stop()
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresServer:
+    """A real PostgreSQL server on a private unix socket (tests/support/postgres.py)."""
+    server = PostgresServer.start(Path(tempfile.mkdtemp(prefix="hypersdk-pg-")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """The database.url of a fresh empty store, once for each engine."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/jobs.db"
+    return request.getfixturevalue("postgres").new_database()
 
 
 @pytest.fixture(scope="session")

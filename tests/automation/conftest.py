@@ -1,5 +1,6 @@
-"""Fixtures: an in-process engine on a real SQLite store, a fake clock, a real HTTP receiver,
-a simulator with tagged VMs, and the "fake_export" kind for backup-policy edge cases."""
+"""Fixtures: an in-process engine on a real store (SQLite, or PostgreSQL by database.url),
+a fake clock, a real HTTP receiver, a simulator with tagged VMs, and the "fake_export" kind
+for backup-policy edge cases."""
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,7 @@ from hypersdk.service.confine import open_dir
 from hypersdk.service.errors import Failed, InvalidArgument
 from hypersdk.service.job_kinds import JobKind, register
 from hypersdk.service.providers.registry import ProviderRegistry
-from hypersdk.service.store import Store
+from hypersdk.service.store import Store, open_store
 
 from ..support import test_kinds  # noqa: F401  (registers sleep, fail, ...)
 from ..support.wait import until
@@ -96,7 +97,7 @@ class EngineEnv:
 
 
 async def start_engine(config) -> EngineEnv:
-    store = Store(Path(config.database.path))
+    store = open_store(config.database.url or f"sqlite://{config.database.path}")
     providers = ProviderRegistry(config)
     engine = JobEngine(store, config, providers)
     await engine.start()
@@ -110,8 +111,9 @@ async def stop_engine(env: EngineEnv) -> None:
 
 
 @pytest.fixture
-async def env(tmp_path):
-    environment = await start_engine(make_config(tmp_path))
+async def env(tmp_path, database_url):
+    """An engine on each store (SQLite, PostgreSQL)."""
+    environment = await start_engine(make_config(tmp_path, database={"url": database_url}))
     yield environment
     await stop_engine(environment)
 

@@ -23,8 +23,9 @@ from .conftest import PRODUCTION, FakeClock, make_config, start_engine, stop_eng
 DAY = 86400.0
 
 
-async def _policies_env(tmp_path, sim, kind: str):
-    config = make_config(tmp_path, providers={"vsphere": sim.provider_settings()})
+async def _policies_env(tmp_path, sim, kind: str, database_url: str = ""):
+    config = make_config(tmp_path, providers={"vsphere": sim.provider_settings()},
+                         database={"url": database_url})
     env = await start_engine(config)
     clock = FakeClock(1_800_000_000.0)
     events: list[tuple[str, dict]] = []
@@ -36,9 +37,10 @@ async def _policies_env(tmp_path, sim, kind: str):
 
 
 @pytest.fixture
-async def policies_env(tmp_path, tagged_sim):
-    """Policies whose backups run as fake_export."""
-    env, policies, clock, events = await _policies_env(tmp_path, tagged_sim, "fake_export")
+async def policies_env(tmp_path, tagged_sim, database_url):
+    """Policies whose backups run as fake_export, on each store (SQLite, PostgreSQL)."""
+    env, policies, clock, events = await _policies_env(tmp_path, tagged_sim, "fake_export",
+                                                       database_url)
     yield env, policies, clock, events
     await policies.close()
     await stop_engine(env)

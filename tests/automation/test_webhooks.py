@@ -83,8 +83,9 @@ async def _close(env, automation):
     await stop_engine(env)
 
 
-async def test_each_job_event_arrives_once_with_a_valid_signature(tmp_path, receiver):
-    env, automation = await _automation(local_config(tmp_path))
+async def test_each_job_event_arrives_once_with_a_valid_signature(tmp_path, receiver,
+                                                                  database_url):
+    env, automation = await _automation(local_config(tmp_path, database={"url": database_url}))
     try:
         hook = automation.webhooks.create(
             {"url": receiver.url, "events": ["job.started", "job.completed", "job.failed"],
@@ -153,9 +154,11 @@ async def test_gives_up_after_max_attempts_and_logs_unreachable_receivers(tmp_pa
         await _close(env, automation)
 
 
-async def test_undelivered_events_are_delivered_after_a_restart(tmp_path, receiver):
+async def test_undelivered_events_are_delivered_after_a_restart(tmp_path, receiver,
+                                                                database_url):
     config = local_config(tmp_path, automation={"webhook_retry_base": 0.1},
-                         webhooks=[{"url": receiver.url, "events": ["job.completed"]}])
+                          database={"url": database_url},
+                          webhooks=[{"url": receiver.url, "events": ["job.completed"]}])
     env, automation = await _automation(config)
     receiver.default_status = 503  # the receiver is down
     job = env.engine.submit("sleep", QUICK)
@@ -188,8 +191,8 @@ async def test_test_event_and_config_webhooks_cannot_be_deleted_over_the_api(tmp
         await _close(env, automation)
 
 
-async def test_finished_events_are_pruned_after_a_week(tmp_path, receiver):
-    env = await start_engine(local_config(tmp_path))
+async def test_finished_events_are_pruned_after_a_week(tmp_path, receiver, database_url):
+    env = await start_engine(local_config(tmp_path, database={"url": database_url}))
     clock = FakeClock(1_800_000_000.0)
     webhooks = Webhooks(env.store, env.config.automation, clock)
     deliverer = asyncio.create_task(webhooks.run())

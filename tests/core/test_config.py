@@ -86,6 +86,10 @@ def test_defaults_for_everything_optional():
     ("hyper2kvm: {default_format: vmdk}",
      "config: hyper2kvm.default_format: expected one of qcow2, raw, found 'vmdk'"),
     ("database: {path: relative.db}", "config: database.path: expected an absolute path"),
+    ("database: {url: 'mysql://db/jobs'}",
+     "config: database.url: expected sqlite:///absolute/path or postgresql://"),
+    ("database: {url: 'sqlite://relative.db'}",
+     "config: database.url: expected sqlite:///absolute/path or postgresql://"),
     ("libvirt: {cpu_mode: host-pasthrough}",
      "config: libvirt.cpu_mode: expected one of auto, host-passthrough, host-model, maximum, "
      "tcg or custom:MODEL (e.g. custom:EPYC), found 'host-pasthrough'"),
@@ -101,6 +105,13 @@ def test_each_bad_value_gives_one_line_naming_key_expected_and_found(text, line)
     problems = problems_of(text)
     assert len(problems) == 1, problems
     assert problems[0].startswith(line), problems[0]
+
+
+@pytest.mark.parametrize("url", [
+    "", "sqlite:///var/lib/hypervisord/jobs.db",
+    "postgresql://hypersdk:secret@db.example:5432/jobs", "postgres://db/jobs", "postgresql://hypersdk@/jobs?host=/run/postgresql"])
+def test_database_urls_accepted(url):
+    assert parse_config({"database": {"url": url}}, "t", {}).database.url == url
 
 
 def test_env_expansion_and_a_missing_variable_named():

@@ -7,7 +7,7 @@ from pathlib import Path
 from hypersdk.service.config import parse_config
 from hypersdk.service.engine import JobEngine
 from hypersdk.service.providers.registry import ProviderRegistry
-from hypersdk.service.store import Store
+from hypersdk.service.store import open_store
 
 from ..support import test_kinds  # noqa: F401  (registers sleep)
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, busctl, busctl_json, submit,
@@ -24,12 +24,14 @@ async def run_to_end(engine: JobEngine, count: int) -> list[str]:
     return ids
 
 
-async def test_only_the_newest_finished_jobs_are_kept_and_old_ones_go_by_age(tmp_path: Path):
-    config = parse_config({"database": {"path": str(tmp_path / "jobs.db"),
+async def test_only_the_newest_finished_jobs_are_kept_and_old_ones_go_by_age(
+        tmp_path: Path, database_url: str):
+    """The engine running jobs on each store (SQLite, PostgreSQL)."""
+    config = parse_config({"database": {"url": database_url,
                                         "retention_count": 3, "retention_age": "30d"},
                            "export": {"base_path": str(tmp_path / "exports")}},
                           "(test)", env={})
-    store = Store(Path(config.database.path))
+    store = open_store(config.database.url)
     engine = JobEngine(store, config, ProviderRegistry(config))
     removed: list[str] = []
     engine.subscribe(lambda e: removed.append(e.job.id) if e.type == "removed" else None)
@@ -48,8 +50,9 @@ async def test_only_the_newest_finished_jobs_are_kept_and_old_ones_go_by_age(tmp
         store.close()
 
 
-def test_pruned_jobs_leave_the_bus(system_bus, start_hypervisord):
-    daemon = start_hypervisord(database={"retention_count": 2})
+def test_pruned_jobs_leave_the_bus(system_bus, start_hypervisord, database_url):
+    """hypervisord on each store (database.url)."""
+    daemon = start_hypervisord(database={"retention_count": 2, "url": database_url})
     address = system_bus.address
     paths = []
     for _ in range(3):

@@ -1,14 +1,20 @@
-"""The SQLite store on real files: migrations, WAL, tight modes, transactions."""
+"""The store on real files and a real PostgreSQL server: migrations, WAL, tight modes,
+transactions. Tests taking `database_url` run once on each engine."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import pytest
 
 from hypersdk.service import store as store_module
 from hypersdk.service.errors import Failed, NotFound
-from hypersdk.service.store import JobRecord, Store
+from hypersdk.service.model import Checkpoint, SavedDownload
+from hypersdk.service.staging import OwnedPath
+from hypersdk.service.store import JobRecord, Store, open_store
 
 
 def _job(job_id: str = "job-1") -> JobRecord:
@@ -25,42 +31,43 @@ def test_a_new_store_is_migrated_to_the_latest_version_with_wal_and_a_tight_mode
     store.close()
 
 
-def test_an_old_store_gets_only_the_missing_migrations(tmp_path, monkeypatch):
-    path = tmp_path / "db.sqlite"
+def test_an_old_store_gets_only_the_missing_migrations(database_url, monkeypatch):
     monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
-    old = Store(path)
+    old = open_store(database_url)
     old.execute("INSERT INTO jobs (id, kind, status, definition, created_at)"
                 " VALUES ('job-1', 'sleep', 'pending', '{\"a\": 1}', 0)")
     old.close()
     monkeypatch.setattr(store_module, "MIGRATIONS",
                         store_module.MIGRATIONS + ["CREATE TABLE extra (x INTEGER)"])
-    new = Store(path)
+    new = open_store(database_url)
     assert new.schema_version == len(store_module.MIGRATIONS)
     assert new.get_job("job-1").definition == {"a": 1}
     new.execute("INSERT INTO extra VALUES (1)")
     new.close()
 
 
-def test_a_store_from_a_newer_version_is_refused(tmp_path):
-    path = tmp_path / "db.sqlite"
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version = 999")
+def test_a_store_from_a_newer_version_is_refused(database_url):
+    store = open_store(database_url)
+    store.execute("PRAGMA user_version = 999" if database_url.startswith("sqlite:")
+                  else "UPDATE schema_version SET version = 999")
+    store.close()
     with pytest.raises(Failed, match="schema version 999 is newer"):
-        Store(path)
+        open_store(database_url)
 
 
-def test_a_failed_transaction_writes_nothing(tmp_path):
-    store = Store(tmp_path / "db.sqlite")
+def test_a_failed_transaction_writes_nothing(database_url):
+    store = open_store(database_url)
     store.insert_job(_job())
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         store.insert_job(_job())  # same id: the history row must not land either
     assert len(store.status_history("job-1")) == 1
     with pytest.raises(NotFound):
         store.get_job("job-2")
+    store.close()
 
 
-def test_jobs_logs_and_history_round_trip(tmp_path):
-    store = Store(tmp_path / "db.sqlite")
+def test_jobs_logs_and_history_round_trip(database_url):
+    store = open_store(database_url)
     job = _job()
     store.insert_job(job)
     job.status, job.result = "completed", {"ok": True}
@@ -70,4 +77,119 @@ def test_jobs_logs_and_history_round_trip(tmp_path):
     assert [line.message for line in store.logs("job-1", after_id=first)] == ["two"]
     assert [h[1] for h in store.status_history("job-1")] == ["pending", "completed"]
     assert store.list_jobs(status="completed")[0].result == {"ok": True}
+    store.close()
 
+
+def test_listing_counting_and_pruning_jobs(database_url):
+    store = open_store(database_url)
+    for number in range(1, 6):  # one timestamp: insertion order breaks the tie
+        store.insert_job(JobRecord(id=f"job-{number}", kind="sleep", status="pending",
+                                   definition={}, provider="p1" if number < 3 else "p2",
+                                   created_at=1000.0))
+    assert [job.id for job in store.list_jobs(limit=2, offset=1)] == ["job-2", "job-3"]
+    assert store.count_jobs(provider="p2") == 3
+    for number, finished_at in ((1, 10.0), (2, 20.0), (3, 30.0)):
+        job = store.get_job(f"job-{number}")
+        job.status, job.finished_at, job.bytes_total = "completed", finished_at, 5 << 40
+        store.set_status(job)
+    assert store.count_by_status() == {"pending": 2, "running": 0, "completed": 3,
+                                       "failed": 0, "cancelled": 0}
+    assert [job.id for job in store.jobs_unfinished_or_since(20.0)] == [
+        "job-2", "job-3", "job-4", "job-5"]
+    assert store.get_job("job-3").bytes_total == 5 << 40  # past 32 bits
+    store.record_owned("job-2", OwnedPath("file", "/srv", "kept.img", 1, 2))
+    assert store.past_retention_holding_paths(keep=1, finished_before=0) == ["job-2"]
+    assert [job.id for job in store.prune_finished(keep=1, finished_before=0)] == ["job-1"]
+    assert [job.id for job in store.list_jobs()] == ["job-2", "job-3", "job-4", "job-5"]
+    store.close()
+
+
+def test_what_a_job_made_its_domains_and_checkpoints(database_url):
+    store = open_store(database_url)
+    for job_id in ("job-1", "job-2"):
+        store.insert_job(_job(job_id))
+    made = [OwnedPath("staging", "/srv", "job-1", 1, 10), OwnedPath("file", "/srv", "a.img", 1, 11)]
+    for owned in made:
+        store.record_owned("job-1", owned)
+    store.forget_owned("job-1", made[0])
+    assert store.owned_paths("job-1") == made[1:]
+    store.record_domain("job-1", "qemu:///system", "uuid-1", "/var/log/c.log")
+    assert store.owned_domains("job-1") == [("qemu:///system", "uuid-1", "/var/log/c.log")]
+    store.forget_domains("job-1")
+    assert store.owned_domains("job-1") == []
+    for offset, final in ((100, False), (200, True)):
+        store.save_checkpoint("job-1", "disk.bin", ".disk.part", '"etag"',
+                              Checkpoint(offset, f"sha-{offset}", final))
+    store.save_checkpoint("job-1", "other.bin", ".other.part", "", Checkpoint(50, "sha-50"))
+    job = store.get_job("job-1")
+    job.status = "failed"
+    store.set_status(job)
+    assert store.jobs_keeping_downloads() == ["job-1"]
+    assert store.resumable_bytes("job-1") == 250
+    assert store.checkpoint_names("job-1") == {"disk.bin", ".disk.part", "other.bin",
+                                               ".other.part"}
+    store.hand_over("job-1", "job-2")
+    assert store.saved_download("job-1", "disk.bin") is None
+    assert store.saved_download("job-2", "disk.bin") == SavedDownload(
+        ".disk.part", '"etag"', [Checkpoint(100, "sha-100"), Checkpoint(200, "sha-200", True)])
+    assert store.owned_paths("job-2") == made[1:]
+    store.clear_checkpoints("job-2", "disk.bin")
+    assert store.resumable_bytes("job-2") == 50
+    store.clear_checkpoints("job-2")
+    assert store.checkpoint_names("job-2") == set()
+    store.close()
+
+
+def _claim_all(store: Store, start: threading.Barrier) -> list[str]:
+    """Claim one job at a time until none is pending; the ids claimed."""
+    start.wait()
+    claimed = []
+    while jobs := store.claim_pending():
+        claimed.extend(job.id for job in jobs)
+    store.close()
+    return claimed
+
+
+def test_two_stores_on_one_database_never_claim_a_job_twice(database_url):
+    submitter = open_store(database_url)
+    for number in range(40):
+        submitter.insert_job(_job(f"job-{number:02}"))
+    claimers = [open_store(database_url) for _ in range(2)]
+    start = threading.Barrier(len(claimers))
+    with ThreadPoolExecutor(len(claimers)) as pool:
+        claimed = list(pool.map(lambda store: _claim_all(store, start), claimers))
+    every = claimed[0] + claimed[1]
+    assert sorted(every) == [f"job-{number:02}" for number in range(40)]  # none twice
+    assert submitter.count_by_status()["running"] == 40
+    assert submitter.status_history("job-07")[-1][1:] == ("running", "claimed")
+    submitter.close()
+
+
+def test_a_claim_on_postgresql_skips_the_jobs_another_instance_is_claiming(postgres):
+    url = postgres.new_database()
+    first, second = open_store(url), open_store(url)
+    for number in range(1, 4):
+        first.insert_job(JobRecord(id=f"job-{number}", kind="sleep", status="pending",
+                                   definition={}, created_at=float(number)))
+    with first.transaction() as db:  # as first's claim holds the oldest row, mid-transaction
+        db.execute("SELECT id FROM jobs WHERE id='job-1' FOR UPDATE")
+        assert [job.id for job in second.claim_pending(1)] == ["job-2"]  # no wait, no job-1
+    assert [job.id for job in first.claim_pending(5)] == ["job-1", "job-3"]
+    first.close()
+    second.close()
+
+
+def test_instances_starting_together_migrate_a_new_postgresql_database_once(postgres):
+    url = postgres.new_database()
+    start = threading.Barrier(3)
+
+    def open_together(_) -> int:
+        start.wait()
+        store = open_store(url)
+        version = store.schema_version
+        store.close()
+        return version
+
+    with ThreadPoolExecutor(3) as pool:
+        versions = list(pool.map(open_together, range(3)))
+    assert versions == [len(store_module.MIGRATIONS)] * 3
