@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -284,7 +283,7 @@ class JobEngine:
             self.store.set_status(job, reason=reason)
             if error:
                 self.append_log(job, error, "error" if status == "failed" else "info")
-        except sqlite3.Error as exc:  # listeners still hear the truth; recorded later
+        except self.store.errors as exc:  # listeners still hear the truth; recorded later
             log.error("job %s ended %s but the store could not record it: %s", job.id,
                       status, exc)
             self._unrecorded[job.id] = job
@@ -300,7 +299,7 @@ class JobEngine:
                                                                   cutoff):
                 remove_leftovers(self.store, job_id, keep_resumable=False, when="pruned")
             removed = self.store.prune_finished(settings.retention_count, cutoff)
-        except sqlite3.Error as exc:
+        except self.store.errors as exc:
             log.warning("could not prune finished jobs: %s", exc)
             return
         if removed:
@@ -314,7 +313,7 @@ class JobEngine:
         for job_id, job in list(self._unrecorded.items()):
             try:
                 self.store.set_status(job)
-            except sqlite3.Error:
+            except self.store.errors:
                 return
             del self._unrecorded[job_id]
 
@@ -351,10 +350,10 @@ class JobEngine:
         running = self._running.pop(job_id, None)
         try:
             job = running.record if running else self.store.get_job(job_id)
-        except (NotFound, sqlite3.Error):
+        except (NotFound, *self.store.errors):
             return
         if not job.finished:
-            self._finish(job, "failed", error=_internal_error(exc))
+            self._finish(job, "failed", error=_internal_error(exc, self.store.errors))
 
     async def _run(self, job_id: str, kind: JobKind) -> None:
         # read again: the record read before waiting for a slot may be stale (a Cancel
@@ -386,7 +385,7 @@ class JobEngine:
         except Exception as exc:  # a bug or a broken store: the journal gets the traceback
             log.exception("job %s failed unexpectedly", job.id)
             running.output.discard()
-            self._finish(job, "failed", error=_internal_error(exc))
+            self._finish(job, "failed", error=_internal_error(exc, self.store.errors))
         else:
             running.output.keep()
             self._finish(job, "completed", result=result)
@@ -421,8 +420,8 @@ def _what_was_left(problems: list[str], kept: int) -> str:
     return "its partial output was removed (retry the job)"
 
 
-def _internal_error(exc: Exception) -> str:
+def _internal_error(exc: Exception, store_errors: tuple[type[Exception], ...]) -> str:
     """What the user reads about an unexpected exception (the journal has the rest)."""
-    if isinstance(exc, sqlite3.Error):
+    if isinstance(exc, store_errors):
         return f"the job store could not be written ({exc}); see the hypervisord journal"
     return f"internal error ({type(exc).__name__}); see the hypervisord journal"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ class StoreJournal:
     def forget(self, owned: OwnedPath) -> None:
         try:
             self.store.forget_owned(self.job_id, owned)
-        except sqlite3.Error as exc:  # the path is gone already; recovery finds nothing
+        except self.store.errors as exc:  # the path is gone already; recovery finds nothing
             log.warning("job %s: could not forget %s in the store: %s", self.job_id,
                         owned.relative, exc)
 
@@ -70,7 +69,7 @@ class StoreCheckpoints:
              point: Checkpoint) -> None:
         try:
             self.store.save_checkpoint(self.job_id, target_name, temp_name, validator, point)
-        except sqlite3.Error as exc:  # a resume then starts from an earlier checkpoint
+        except self.store.errors as exc:  # a resume then starts from an earlier checkpoint
             log.warning("job %s: could not record a checkpoint of %s: %s", self.job_id,
                         target_name, exc)
 

@@ -93,6 +93,7 @@ def describe(url: str) -> str:
 
 class PostgresStore(Store):
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    errors = (psycopg.Error,)
 
     def __init__(self, url: str) -> None:
         self.path = describe(url)

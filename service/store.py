@@ -287,6 +287,9 @@ class Store:
     """The SQLite store (pgstore.PostgresStore: the same in PostgreSQL)."""
 
     SKIP_LOCKED = ""  # PostgreSQL's row-lock clause; SQLite's one writer needs none
+    # what its calls raise when the database fails (full disk, lost server): callers
+    # catch `store.errors` and stay independent of the engine behind it
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
