@@ -95,7 +95,7 @@ class JobOutput:
                      and _parent_of(owned) == (str(dest.root), dest.relative)), None)
         if kept is not None:
             created = [owned for owned in self._inherited
-                       if owned.kind == "dir" and owned.root == kept.root]
+                       if owned.kind == "dir" and _on_the_way(owned, kept)]
             self._inherited = [owned for owned in self._inherited
                                if owned is not kept and owned not in created]
             try:
@@ -128,16 +128,16 @@ class JobOutput:
     def suspend(self) -> int:
         """The run was interrupted: keep the downloads worth resuming (see the module
         docstring) and return their verified bytes; without any, discard everything."""
-        resumable = self.store.resumable_bytes(self.job_id)
-        if not resumable:
-            self.discard()
-            return 0
-        self._remove_domains()
         names = self.store.checkpoint_names(self.job_id)
 
         def holding(staging: Staging) -> bool:
             return any(os.path.lexists(staging.path / name) for name in names)
 
+        resumable = self.store.resumable_bytes(self.job_id)
+        if not resumable or not any(holding(staging) for staging in self._stagings):
+            self.discard()
+            return 0
+        self._remove_domains()
         for problem in self._stagings.suspend(holding):
             self._log(problem, "warning")
         self._remove(self._inherited)
@@ -167,15 +167,17 @@ class JobOutput:
 
 def remove_leftovers(store: Store, job_id: str, keep_resumable: bool,
                      when: str) -> tuple[list[str], int]:
-    """Remove what a job that is not running made (newest first; with `keep_resumable`,
-    only its landed files when its downloads have checkpoints), logging each step ("{when}:
-    removed ..."). Returns what could not be removed and the bytes kept for a resume."""
+    """Remove what a job that is not running made, newest first, logging each step
+    ("{when}: removed ..."); with `keep_resumable`, the staging directories that hold
+    checkpointed downloads stay, with the directories made for them. Returns what could
+    not be removed and the bytes kept for a resume."""
     resumable = store.resumable_bytes(job_id) if keep_resumable else 0
     problems = remove_domains(store, job_id)
     for problem in problems:
         store.append_log(job_id, time.time(), "warning", problem)
     owned_paths = store.owned_paths(job_id)
     kept = _kept_for_resume(owned_paths, store.checkpoint_names(job_id)) if resumable else []
+    resumable = resumable if kept else 0  # checkpoints of files no longer there vouch for nothing
     for owned in reversed(owned_paths):
         if owned in kept:
             continue
@@ -207,8 +209,13 @@ def _kept_for_resume(owned_paths: list[OwnedPath], names: set[str]) -> list[Owne
     directories made on the way to them: what a retry adopts."""
     stagings = [owned for owned in owned_paths if owned.kind == "staging" and _holds(owned, names)]
     return stagings + [owned for owned in owned_paths if owned.kind == "dir" and any(
-        staging.root == owned.root and staging.relative.startswith(owned.relative + "/")
-        for staging in stagings)]
+        _on_the_way(owned, staging) for staging in stagings)]
+
+
+def _on_the_way(directory: OwnedPath, staging: OwnedPath) -> bool:
+    """Whether `directory` was made on the way to `staging` (is one of its parents)."""
+    return (directory.root == staging.root
+            and staging.relative.startswith(directory.relative + "/"))
 
 
 def _holds(staging: OwnedPath, names: set[str]) -> bool:

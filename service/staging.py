@@ -27,7 +27,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from .confine import OpenDir, OpenFile, changeable_by_others, real_path
 from .errors import AlreadyExists, Failed, InvalidArgument
@@ -244,6 +244,9 @@ class JobStagings:
 
     def __len__(self) -> int:
         return len(self._stagings)
+
+    def __iter__(self) -> Iterator[Staging]:
+        return iter(self._stagings)
 
     def suspend(self, worth_keeping: Callable[[Staging], bool]) -> list[str]:
         """Suspend the staging directories `worth_keeping`, discard the others."""
