@@ -8,7 +8,7 @@ import pytest
 from tests.vcsim.harness import give_disks
 
 from .stack import curl, curl_env, post_json
-from .test_spec_workflow import SPEC_POLICY, SPEC_SCHEDULE, SPEC_WEBHOOK
+from .spec_examples import SPEC_POLICY, SPEC_SCHEDULE, SPEC_WEBHOOK
 
 VM = "DC0_H0_VM0"
 

@@ -1,6 +1,7 @@
 """Helpers for the disk-format tests: images made with qemu-img from bytes we write."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import subprocess
@@ -77,3 +78,9 @@ def small_ovf_text() -> str:
         'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^20"').replace(
         'ovf:capacity="512" ovf:capacityAllocationUnits="byte * 2^20"',
         'ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^20"')
+
+
+def manifest(files: dict[str, bytes], alg: str = "SHA256") -> bytes:
+    fn = {"SHA256": hashlib.sha256, "SHA1": hashlib.sha1}[alg]
+    return "".join(f"{alg}({name})= {fn(data).hexdigest()}\n"
+                   for name, data in files.items()).encode()

@@ -15,7 +15,7 @@ from tests.vsphere.fake_context import FakeJobContext, run_job
 
 from .conftest import roots_config
 from .helpers import DISK_SIZE, images_equal, make_image, small_ovf_text
-from .test_ova import manifest
+from .helpers import manifest
 
 
 

@@ -1,7 +1,6 @@
 """extract_ova / verify_manifest on good and hostile archives built here with tarfile."""
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -11,6 +10,8 @@ import pytest
 from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
 from hypersdk.service.confine import open_source
 from hypersdk.service.disks.ova_extract import extract_ova, verify_manifest
+
+from .helpers import manifest
 
 OVF_TEXT = (Path(__file__).with_name("sample.ovf")).read_bytes()
 DISK1 = b"disk-one" * 10000
@@ -30,10 +31,7 @@ def _special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInf
     return info, b""
 
 
-def manifest(files: dict[str, bytes], alg: str = "SHA256") -> bytes:
-    fn = {"SHA256": hashlib.sha256, "SHA1": hashlib.sha1}[alg]
-    return "".join(f"{alg}({name})= {fn(data).hexdigest()}\n"
-                   for name, data in files.items()).encode()
+
 
 
 def make_ova(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import sys
 import threading
 
@@ -17,46 +16,7 @@ from hypersdk.service.providers.base import require_extra
 from ..support.wait import until
 from .conftest import (SECRET, instance_on_snapshot_volume, make_provider, put_snapshot,
                        run_instance)
-
-BLOCK = 512  # moto's EBS block size (AWS uses 512 KiB; the code reads it from the API)
-
-
-def _block(seed: str) -> bytes:
-    return hashlib.sha512(seed.encode()).digest() * (BLOCK // 64)
-
-
-def _data_ranges(path) -> list[tuple[int, int]]:
-    """(start, end) of every range the filesystem stores data for."""
-    ranges, offset = [], 0
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        while offset < size:
-            try:
-                start = os.lseek(handle.fileno(), offset, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(handle.fileno(), start, os.SEEK_HOLE)
-            ranges.append((start, end))
-            offset = end
-    return ranges
-
-
-def assert_image_holds(path, blocks: dict[int, bytes]) -> None:
-    """The image is the blocks at their offsets and zeros everywhere else."""
-    assert path.stat().st_size == 1024 ** 3
-    with open(path, "rb") as handle:
-        for index, data in blocks.items():
-            handle.seek(index * BLOCK)
-            assert handle.read(BLOCK) == data, f"block {index}"
-        for start, end in _data_ranges(path):
-            handle.seek(start)
-            chunk = bytearray(handle.read(end - start))
-            for index in blocks:
-                lo, hi = max(index * BLOCK, start), min((index + 1) * BLOCK, end)
-                if lo < hi:
-                    chunk[lo - start:hi - start] = bytes(hi - lo)
-            assert not any(chunk), f"stray data in {start}-{end}"
-
+from .helpers import BLOCK, assert_image_holds, block_of
 
 def _sha256(path) -> str:
     digest = hashlib.sha256()
@@ -106,8 +66,8 @@ async def test_vm_info_has_cpus_memory_disks_and_nics(provider, ec2):
 
 
 async def test_export_writes_snapshot_blocks_into_sparse_raw_image(provider, ec2, ebs, sink, out):
-    blocks = {0: _block("boot"), 1: _block("one"), 9: _block("nine"),
-              100_000: _block("far"), 2 * 1024 * 1024 - 1: _block("last")}
+    blocks = {0: block_of("boot"), 1: block_of("one"), 9: block_of("nine"),
+              100_000: block_of("far"), 2 * 1024 * 1024 - 1: block_of("last")}
     snapshot_id = put_snapshot(ebs, blocks)
     instance_id, volume_id = instance_on_snapshot_volume(ec2, "exp-1", snapshot_id)
 
@@ -126,8 +86,8 @@ async def test_export_writes_snapshot_blocks_into_sparse_raw_image(provider, ec2
 
 
 async def test_incremental_export_reads_only_changed_blocks(provider, ec2, ebs, sink, tmp_path):
-    first = {0: _block("a"), 1: _block("b"), 2: _block("c"), 50: _block("d"), 70: _block("e")}
-    second = {0: _block("a"), 1: _block("B"), 2: _block("c"), 50: _block("D")}  # 70 now zeros
+    first = {0: block_of("a"), 1: block_of("b"), 2: block_of("c"), 50: block_of("d"), 70: block_of("e")}
+    second = {0: block_of("a"), 1: block_of("B"), 2: block_of("c"), 50: block_of("D")}  # 70 now zeros
     base_snapshot = put_snapshot(ebs, first)
     new_snapshot = put_snapshot(ebs, second)
     instance_id, volume_id = instance_on_snapshot_volume(ec2, "inc-1", base_snapshot)
@@ -192,7 +152,7 @@ async def test_keep_snapshots_keeps_the_snapshot_we_made(provider, ec2, sink, tm
 
 
 async def test_block_with_wrong_checksum_fails_and_leaves_nothing(provider, ec2, ebs, sink, out):
-    snapshot_id = put_snapshot(ebs, {3: _block("x"), 4: _block("y")}, bad_checksum={4})
+    snapshot_id = put_snapshot(ebs, {3: block_of("x"), 4: block_of("y")}, bad_checksum={4})
     instance_id, volume_id = instance_on_snapshot_volume(ec2, "bad-1", snapshot_id)
     with pytest.raises(Failed, match=f"snapshot {snapshot_id} block 4: .*SHA256"):
         await provider.export_disks(instance_id, out,
@@ -202,7 +162,7 @@ async def test_block_with_wrong_checksum_fails_and_leaves_nothing(provider, ec2,
 
 
 async def test_cancel_while_reading_blocks_leaves_nothing(provider, ec2, ebs, sink, out):
-    blocks = {i: _block(str(i)) for i in range(40)}
+    blocks = {i: block_of(str(i)) for i in range(40)}
     snapshot_id = put_snapshot(ebs, blocks)
     instance_id, volume_id = instance_on_snapshot_volume(ec2, "cancel-1", snapshot_id)
     started, cancelled = threading.Event(), threading.Event()

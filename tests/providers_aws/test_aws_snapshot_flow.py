@@ -23,7 +23,7 @@ from hypersdk.service.providers.registry import ProviderRegistry
 from ..providers_gcp.fake_sink import FakeExportSink
 from ..vsphere.fake_context import job_context, run_job
 from .conftest import REGION, client, make_provider, put_snapshot, run_instance
-from .test_aws_provider import _block, assert_image_holds
+from .helpers import assert_image_holds, block_of
 
 ACCOUNT = "123456789012"  # moto's default account
 
@@ -66,8 +66,8 @@ async def test_backup_series_full_then_incremental(inprocess_moto, volume_conten
     provider = make_provider(tmp_path, inprocess_moto)
     instance = run_instance(ec2, "backup-1")
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
-    monday = {0: _block("mbr"), 5: _block("fs"), 9: _block("data")}
-    tuesday = {0: _block("mbr"), 5: _block("fs2"), 9: _block("data")}
+    monday = {0: block_of("mbr"), 5: block_of("fs"), 9: block_of("data")}
+    tuesday = {0: block_of("mbr"), 5: block_of("fs2"), 9: block_of("data")}
     volume_content[volume_id] = put_snapshot(ebs, monday)
     fetched = []
     provider.client("ebs").meta.events.register(
@@ -106,7 +106,7 @@ async def test_export_job_kind_writes_the_raw_disk(inprocess_moto, volume_conten
     ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
     instance = run_instance(ec2, "job-1")
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
-    blocks = {0: _block("boot"), 77: _block("root")}
+    blocks = {0: block_of("boot"), 77: block_of("root")}
     volume_content[volume_id] = put_snapshot(ebs, blocks)
     exports = tmp_path / "exports"
     exports.mkdir()
@@ -141,7 +141,7 @@ async def test_provider_options_of_an_export_job_reach_the_provider(inprocess_mo
     ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
     instance = run_instance(ec2, "job-2")
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
-    volume_content[volume_id] = put_snapshot(ebs, {0: _block("boot")})
+    volume_content[volume_id] = put_snapshot(ebs, {0: block_of("boot")})
     exports = tmp_path / "exports"
     exports.mkdir()
     config = parse_config({"export": {"base_path": str(exports)},

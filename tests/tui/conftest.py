@@ -7,8 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from textual.widgets import DataTable
 
 from hypersdk.client.names import job_id_from_path, job_path
+from hypersdk.tui.app import HyperctlApp
 
 from ..support.cli import submit, wait_for_status
 
@@ -38,3 +40,11 @@ def hyperctl(system_bus):
         return run_hyperctl(system_bus.address, *args, stdin=stdin, timeout=timeout)
     return run
 
+
+def cell(app: HyperctlApp, job_id: str, column: str) -> str:
+    """The jobs table's cell of `job_id` in `column` ("" while the job is not listed)."""
+    tables = app.screen.query("#jobs").results(DataTable)
+    table = next(tables, None)
+    if table is None or job_id not in table.rows:
+        return ""
+    return str(table.get_cell(job_id, column))

@@ -12,15 +12,7 @@ from hypersdk.tui.client import HyperClient
 
 from ..support.cli import BusMonitor, interfaces_removed
 from ..support.wait import pilot_until
-from .conftest import submit_job
-
-
-def cell(app: HyperctlApp, job_id: str, column: str) -> str:
-    tables = app.screen.query("#jobs").results(DataTable)
-    table = next(tables, None)
-    if table is None or job_id not in table.rows:
-        return ""
-    return str(table.get_cell(job_id, column))
+from .conftest import cell, submit_job
 
 
 async def test_jobs_table_follows_a_job_live_to_completed(system_bus, hypervisord):

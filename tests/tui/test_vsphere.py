@@ -11,9 +11,8 @@ from hypersdk.tui.app import HyperctlApp
 from hypersdk.tui.client import HyperClient
 from tests.vcsim.harness import give_disks
 
-from .conftest import run_hyperctl
+from .conftest import cell, run_hyperctl
 from ..support.wait import pilot_until
-from .test_console import cell
 
 EXPORT_VM = "DC0_H0_VM0"
 pytestmark = pytest.mark.slow  # a simulator and a real export per test
