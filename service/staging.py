@@ -324,7 +324,7 @@ def remove_owned(owned: OwnedPath) -> str:
             os.rmdir(name, dir_fd=parent)
     except OSError as exc:
         if owned.kind == "dir" and exc.errno == errno.ENOTEMPTY:
-            return ""  # it holds files the job did not make: they and it stay
+            return f"left {owned.shown}: it holds files the job did not make"
         return f"left {owned.shown}: {exc.strerror}"
     finally:
         os.close(parent)
