@@ -116,26 +116,41 @@ async def test_each_job_event_arrives_once_with_a_valid_signature(tmp_path, rece
 
 
 async def test_500_three_times_then_200_is_delivered_after_backoff(tmp_path, receiver):
-    env, automation = await _automation(local_config(tmp_path))
+    """The retries follow the backoff on the automation's clock (retry_base 0.2 s, doubling):
+    each failed attempt sets the next one exactly that far ahead, and it is made only once
+    the clock gets there."""
+    clock = FakeClock(1_800_000_000.0)
+    env = await start_engine(local_config(tmp_path))
+    automation = Automation(env.store, env.engine, env.config, clock=clock,
+                            backup_kind="fake_export")
+    await automation.start()
     try:
         hook = automation.webhooks.create({"url": receiver.url, "events": ["job.completed"],
                                            "secret": SECRET}, 0)
         receiver.answers = [500, 500, 500]
         job = env.engine.submit("sleep", QUICK)
         await env.wait_job(job.id)
-        started = asyncio.get_running_loop().time()
+        for attempt, backoff in enumerate([0.2, 0.4, 0.8], 1):
+            row = await until(lambda: _outbox_after(env.store, attempt), what=f"attempt {attempt}")
+            assert row["next_attempt"] == clock.now() + backoff
+            assert len(receiver.attempts) == attempt  # the next waits for the clock
+            clock.advance(backoff)
         [item] = await receiver.wait_for(1, timeout=15)
-        waited = asyncio.get_running_loop().time() - started
         assert item.payload["job_id"] == job.id and item.signature_ok(SECRET)
         assert len(receiver.attempts) == 4
         assert len({a.headers["X-HyperSDK-Delivery"] for a in receiver.attempts}) == 1
-        assert waited >= 0.2 + 0.4 + 0.8 - 0.1  # retry_base 0.2s, doubling
         log = await _deliveries(automation, hook.id, 4)
         assert [d["status_code"] for d in log] == [500, 500, 500, 200]
         assert [d["attempt"] for d in log] == [1, 2, 3, 4]
         assert log[0]["error"] == "HTTP 500" and log[-1]["state"] == "delivered"
     finally:
         await _close(env, automation)
+
+
+def _outbox_after(store, attempts: int):
+    """The one outbox entry once it has recorded `attempts` attempts."""
+    row = store.execute("SELECT attempts, next_attempt FROM webhook_outbox").fetchone()
+    return row if row is not None and row["attempts"] == attempts else None
 
 
 async def test_gives_up_after_max_attempts_and_logs_unreachable_receivers(tmp_path, receiver):
