@@ -10,6 +10,9 @@ export's). It also prints the CPU seconds each side used and the load average:
 the export hashes every byte (SHA-256, ~0.7 CPU-s per GiB) on top of receiving it,
 so on a 2-core machine other load shows in the ratio. Our export fsyncs what it
 wrote (O_DIRECT, so that is quick); curl does not, hence the "curl+fsync" line.
+Each run also exports once more recording resume checkpoints in a real store every
+--checkpoint-interval (fdatasync plus a row each; 0 skips it), and prints that rate
+against the export's without them (goal >= 0.95).
 
     .venv/bin/python bench/export.py --size 2GiB --repeat 2
 """
@@ -31,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hypersdk.service.allocator import keep_heap_padding  # noqa: E402
 from hypersdk.service.config import parse_config  # noqa: E402
 from hypersdk.service.config_schema import parse_size  # noqa: E402
+from hypersdk.service.job_output import StoreCheckpoints  # noqa: E402
 from hypersdk.service.jobs.export import ExportKind  # noqa: E402
 from hypersdk.service.providers.registry import ProviderRegistry  # noqa: E402
+from hypersdk.service.store import JobRecord, Store  # noqa: E402
 from tests.vcsim.harness import Simulator, give_disks  # noqa: E402
 from tests.vsphere.fake_context import job_context, run_job  # noqa: E402
 
@@ -59,11 +64,13 @@ def curl_download(sim: Simulator, datastore_path: str, target: Path) -> tuple[fl
     return curl_only, time.perf_counter() - start
 
 
-async def our_export(config, registry, run: int) -> tuple[float, int]:
+async def our_export(config, registry, run: int | str,
+                     checkpoints: StoreCheckpoints | None = None) -> tuple[float, int]:
     kind = ExportKind()
     ctx = job_context(kind, {"vm_identifier": VM, "provider": "vsphere",
                              "export_method": "disk", "export_path": f"run{run}"},
                       config, registry, job_id=f"bench-{run}")
+    ctx.checkpoints = checkpoints
     start = time.perf_counter()
     result = await run_job(kind, ctx)
     elapsed = time.perf_counter() - start
@@ -71,12 +78,24 @@ async def our_export(config, registry, run: int) -> tuple[float, int]:
     return elapsed, result["disks"][0]["bytes"]
 
 
+async def _checkpointed_export(config, registry, store: Store, run: int, interval: int) -> float:
+    """Seconds for the export recording checkpoints in `store`, as a job's do."""
+    job_id = f"bench-{run}-checkpointed"
+    store.insert_job(JobRecord(id=job_id, kind="export", status="running", definition={}))
+    elapsed, _ = await our_export(config, registry, f"{run}-checkpointed",
+                                  StoreCheckpoints(store, job_id, interval))
+    return elapsed
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="2GiB", help="disk size, e.g. 512MiB or 2GiB")
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each")
     parser.add_argument("--chunk-size", default="10MiB", help="export.chunk_size")
+    parser.add_argument("--checkpoint-interval", default="64MiB",
+                        help="export.checkpoint_interval of the runs with checkpoints (0: none)")
     args = parser.parse_args()
+    interval = parse_size(args.checkpoint_interval)
     keep_heap_padding()  # as hypervisord does at start
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="hypersdk-bench-export-", dir="/var/tmp"))
@@ -94,7 +113,8 @@ async def main() -> None:
                                    "providers": {"vsphere": sim.provider_settings()}},
                                   "(bench)", env={})
             registry = ProviderRegistry(config)
-            curl_times, synced_times, our_times = [], [], []
+            store = Store(work / "state" / "hypersdk.db")
+            curl_times, synced_times, our_times, checkpointed_times = [], [], [], []
             curl_cpu, our_cpu = [], []
             for run in range(args.repeat):
                 before = cpu_seconds(resource.RUSAGE_CHILDREN)
@@ -108,7 +128,12 @@ async def main() -> None:
                 our_cpu.append(cpu_seconds(resource.RUSAGE_SELF) - before)
                 assert nbytes == file_bytes, (nbytes, file_bytes)
                 our_times.append(elapsed)
+                if interval:
+                    checkpointed_times.append(
+                        await _checkpointed_export(config, registry, store, run, interval))
             await registry.close()
+            recorded = store.execute("SELECT COUNT(*) FROM download_checkpoints").fetchone()[0]
+            store.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mb = file_bytes / 1e6
@@ -124,6 +149,12 @@ async def main() -> None:
           f"includes discovery, hashing, fsync, manifest)")
     print(f"ratio export/curl: {our_rate / curl_rate:.2f} (goal >= 0.9); "
           f"export/(curl+fsync): {our_rate / synced_rate:.2f}")
+    if checkpointed_times:
+        rate = mb / min(checkpointed_times)
+        print(f"export with checkpoints every {args.checkpoint_interval}: {rate:8.1f} MB/s "
+              f"(runs: {', '.join(f'{t:.2f}s' for t in checkpointed_times)}; {recorded} "
+              f"checkpoints recorded); ratio to the export without: {rate / our_rate:.2f} "
+              "(goal >= 0.95)")
     print(f"peak RSS of this process: {rss_mib:.0f} MiB (goal < 150 MiB)")
     print(f"CPU seconds per run: curl {', '.join(f'{t:.2f}' for t in curl_cpu)}; "
           f"export {', '.join(f'{t:.2f}' for t in our_cpu)}")
