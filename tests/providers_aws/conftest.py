@@ -16,7 +16,7 @@ import pytest
 from hypersdk.service.config import parse_config
 from hypersdk.service.providers.aws import AwsProvider
 
-from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.fake_sink import FakeExportSink
 from ..support.servers import start_on_any_port
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")

@@ -20,7 +20,7 @@ from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
-from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.fake_sink import FakeExportSink
 from ..vsphere.fake_context import job_context, run_job
 from .conftest import REGION, client, make_provider, put_snapshot, run_instance
 from .helpers import assert_image_holds, block_of

@@ -15,7 +15,7 @@ from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_b
 from hypersdk.service.config import parse_config
 from hypersdk.service.providers.azure import AzureProvider
 
-from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.fake_sink import FakeExportSink
 from ..support.servers import start_on_any_port
 from .fake_arm import SUB, TOKEN, FakeArmServer, FakeArmState
 

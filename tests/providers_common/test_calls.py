@@ -17,7 +17,7 @@ from hypersdk.service.errors import Failed, HyperSDKError, InvalidArgument, NotF
 from hypersdk.service.providers.base import Provider
 from hypersdk.service.providers.calls import MAX_RETRY_AFTER, RetryPolicy, TaskOwner
 from hypersdk.service.providers.common import fetch_ranges, gather_bounded
-from tests.providers_gcp.fake_sink import FakeExportSink
+from tests.support.fake_sink import FakeExportSink
 
 
 class FakeThrottled(Exception):

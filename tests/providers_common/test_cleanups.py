@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from hypersdk.service.providers.cleanup import Cleanups
-from tests.providers_gcp.fake_sink import FakeExportSink
+from tests.support.fake_sink import FakeExportSink
 from tests.support.wait import until
 
 

@@ -20,7 +20,7 @@ from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.gcp import GcpProvider
 
 from ..support.wait import until
-from .fake_sink import FakeExportSink
+from ..support.fake_sink import FakeExportSink
 from .fake_compute import BUCKET, PROJECT, storage_client
 
 

@@ -12,7 +12,7 @@ from hypersdk.service.errors import Failed, InvalidArgument, NotAuthorized, NotF
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.hyperv import HypervProvider
 
-from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.fake_sink import FakeExportSink
 from .conftest import PASSWORD, USER
 
 

@@ -12,7 +12,7 @@ from hypersdk.service.errors import Failed, InvalidArgument, NotAuthorized, NotF
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.oci import OciProvider
 
-from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.fake_sink import FakeExportSink
 from ..support.wait import until
 from .conftest import COMPARTMENT, FINGERPRINT, TENANCY, USER, make_api_key
 

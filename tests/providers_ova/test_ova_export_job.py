@@ -9,7 +9,7 @@ from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
-from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.fake_sink import FakeExportSink
 from ..vsphere.fake_context import job_context, run_job
 from .conftest import write_package
 

@@ -13,7 +13,7 @@ from hypersdk.service.errors import Failed, InvalidArgument, NotFound
 from hypersdk.service.model import ExportOptions
 from hypersdk.service.providers.registry import ProviderRegistry
 
-from ..providers_gcp.fake_sink import FakeExportSink
+from ..support.fake_sink import FakeExportSink
 from ..support.images import same_image
 from .conftest import sha256, write_package
 

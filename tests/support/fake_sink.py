@@ -1,4 +1,4 @@
-"""The export sink a job context would be, for provider tests (shared by the D2 provider dirs)."""
+"""The export sink a job context would be, for the provider tests (no engine behind it)."""
 from __future__ import annotations
 
 
