@@ -338,10 +338,7 @@ class GcpProvider(Provider):
             "timeout": f"{int(timeout)}s",
             "tags": ["gce-daisy", "gce-daisy-image-export", "hypersdk"],
         }
-        reply = await self._rest("POST", base, f"starting the export of {image}", json=body)
-        build_id = reply.get("metadata", {}).get("build", {}).get("id", "")
-        if not build_id:
-            raise Failed(f"Cloud Build did not return a build id for the export of {image}")
+        build_id = await self._start_build(base, image, body)
         created.append(("object", object_name))
         sink.log(f"exporting image {image} to {destination} (Cloud Build {build_id})")
 
@@ -361,6 +358,29 @@ class GcpProvider(Provider):
         except BaseException:
             await run_to_completion(self._cancel_build(base, build_id))
             raise
+
+    async def _start_build(self, base: str, image: str, body: dict) -> str:
+        """Start the build; its id. A cancel while the request is out still learns the id
+        of the build it may have started, and cancels that build, before it stops."""
+        starting = asyncio.ensure_future(
+            self._rest("POST", base, f"starting the export of {image}", json=body))
+        try:
+            reply = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            await run_to_completion(self._cancel_started(base, starting))
+            raise
+        build_id = _build_id(reply)
+        if not build_id:
+            raise Failed(f"Cloud Build did not return a build id for the export of {image}")
+        return build_id
+
+    async def _cancel_started(self, base: str, starting: asyncio.Future) -> None:
+        try:
+            build_id = _build_id(await starting)
+        except HyperSDKError:
+            return  # it did not start
+        if build_id:
+            await self._cancel_build(base, build_id)
 
     async def _cancel_build(self, base: str, build_id: str) -> None:
         """Ask Cloud Build to stop the export (best effort: it times out on its own)."""
@@ -455,3 +475,8 @@ def _error_message(response: Any) -> str:
 
 
 PROVIDER_CLASS = GcpProvider
+
+
+def _build_id(reply: dict) -> str:
+    """The id in Cloud Build's answer to a new build ("" when it gave none)."""
+    return reply.get("metadata", {}).get("build", {}).get("id", "")

@@ -43,6 +43,7 @@ class FakeComputeServer:
     force_flags: list[str | None] = field(default_factory=list)  # forceCreate per insert
     builds: dict[str, dict] = field(default_factory=dict)
     build_outcome: str = "SUCCESS"
+    build_reply_gate: asyncio.Event | None = None  # set: a new build's answer waits for it
     required_token: str = ""       # when set, requests need it or a JWT from a trusted key
     trusted_key: object = None     # an RSA public key whose self-signed JWTs are accepted
     requests: list[str] = field(default_factory=list)
@@ -187,6 +188,8 @@ class FakeComputeServer:
         build_id = f"build-{next(self._ids)}"
         self.builds[build_id] = {"id": build_id, "status": "WORKING", "args": args,
                                  "polls": 0, "image": image}
+        if self.build_reply_gate is not None:
+            await self.build_reply_gate.wait()
         return web.json_response({"name": f"projects/{PROJECT}/operations/{build_id}",
                                   "metadata": {"build": {"id": build_id, "status": "QUEUED"}}})
 

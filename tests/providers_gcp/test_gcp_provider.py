@@ -228,6 +228,28 @@ async def test_cancelled_export_cancels_the_build_and_deletes_the_image(populate
     await provider.close()
 
 
+async def test_a_cancel_while_the_build_is_being_started_still_cancels_it(populated,
+                                                                        gcs_emulator, tmp_path):
+    """The build exists, its answer (with its id) is on the way when the export is
+    cancelled: the provider waits for the id and cancels that build before it stops."""
+    populated.build_outcome = "HANG"
+    populated.build_reply_gate = asyncio.Event()
+    provider = make_provider(populated, gcs_emulator)
+    task = asyncio.ensure_future(provider.export_disks("web-2", tmp_path / "x", ExportOptions(),
+                                                       FakeExportSink()))
+    try:
+        await _until_a_build_starts(populated)
+        task.cancel()
+        populated.build_reply_gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [b["status"] for b in populated.builds.values()] == ["CANCELLED"]
+        await until(lambda: not populated.images, what="the image deleted")
+    finally:
+        populated.build_reply_gate.set()
+        await provider.close()
+
+
 async def test_dropped_connection_during_the_gcs_download_is_resumed(populated, gcs_emulator,
                                                                      tmp_path):
     from ..vsphere.fault_proxy import FaultInjectingProxy
