@@ -41,7 +41,7 @@ from ..disks.vmdk import MAX_DESCRIPTOR_BYTES, descriptor_text, parse_descriptor
 from ..redact import redact_url
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, VMInfo
 from .calls import TaskOwner
-from .common import poll_until
+from .common import gather_bounded, poll_until
 from .vsphere_session import SessionPool
 
 LEASE_READY_TIMEOUT = 300.0
@@ -296,7 +296,6 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
                         sink: ExportSink, count=None, what: str = "disk") -> list[ExportedDisk]:
     cookie = await pool.run(SessionPool.cookie)
     headers = {"Cookie": cookie.split(";")[0]}
-    limit = asyncio.Semaphore(options.parallel_disks)
     finished: list[Path] = []
     # disks resume after an interruption; extents are joined into one file, which is
     # what the checkpoints would then no longer describe
@@ -307,46 +306,44 @@ async def _download_all(pool: SessionPool, sources: list[DiskSource], options: E
         if count is not None:
             count(nbytes)
 
-    async def one(index: int, source: DiskSource) -> ExportedDisk:
-        async with limit:
-            sink.log(f"{what} {index + 1}/{len(sources)}: {source.disk.label} from "
-                     f"{redact_url(source.url)}")
-            feed = (options.stream_consumer.begin(source.disk, source.target)
-                    if options.stream_consumer is not None and what == "disk" else None)
+    async def one(numbered: tuple[int, DiskSource]) -> ExportedDisk:
+        index, source = numbered
+        sink.log(f"{what} {index + 1}/{len(sources)}: {source.disk.label} from "
+                 f"{redact_url(source.url)}")
+        feed = (options.stream_consumer.begin(source.disk, source.target)
+                if options.stream_consumer is not None and what == "disk" else None)
 
-            def disk_bytes(nbytes: int) -> None:
-                on_bytes(nbytes)
-                if feed is not None:
-                    feed.on_bytes(nbytes)
-
-            try:
-                result = await download(source.url, source.target,
-                                        expected_size=source.expected_size,
-                                        chunk_size=options.chunk_size,
-                                        max_retries=options.max_retries, on_bytes=disk_bytes,
-                                        log=sink.log, headers=headers, ssl=pool.ssl_context(),
-                                        read_timeout=pool.timeout,
-                                        on_temp=feed.on_temp if feed is not None else None,
-                                        checkpoints=checkpoints)
-            except BaseException:
-                if feed is not None:
-                    feed.failed()
-                raise
+        def disk_bytes(nbytes: int) -> None:
+            on_bytes(nbytes)
             if feed is not None:
-                feed.done()
-            finished.append(result.path)
-            sink.log(f"{what} {index + 1}/{len(sources)} done: {result.size} bytes, "
-                     f"sha256 {result.sha256}")
-            return ExportedDisk(path=result.path, format="vmdk",
-                                capacity_bytes=source.disk.capacity_bytes,
-                                file_bytes=result.size, sha256=result.sha256,
-                                boot_order=source.disk.boot_order, label=source.disk.label,
-                                key=source.disk.key)
+                feed.on_bytes(nbytes)
+
+        try:
+            result = await download(source.url, source.target,
+                                    expected_size=source.expected_size,
+                                    chunk_size=options.chunk_size,
+                                    max_retries=options.max_retries, on_bytes=disk_bytes,
+                                    log=sink.log, headers=headers, ssl=pool.ssl_context(),
+                                    read_timeout=pool.timeout,
+                                    on_temp=feed.on_temp if feed is not None else None,
+                                    checkpoints=checkpoints)
+        except BaseException:
+            if feed is not None:
+                feed.failed()
+            raise
+        if feed is not None:
+            feed.done()
+        finished.append(result.path)
+        sink.log(f"{what} {index + 1}/{len(sources)} done: {result.size} bytes, "
+                 f"sha256 {result.sha256}")
+        return ExportedDisk(path=result.path, format="vmdk",
+                            capacity_bytes=source.disk.capacity_bytes,
+                            file_bytes=result.size, sha256=result.sha256,
+                            boot_order=source.disk.boot_order, label=source.disk.label,
+                            key=source.disk.key)
 
     try:
-        async with TaskOwner() as owner:
-            return list(await asyncio.gather(*(owner.create_task(one(i, s))
-                                               for i, s in enumerate(sources))))
+        return await gather_bounded(list(enumerate(sources)), one, options.parallel_disks)
     except BaseException:
         if checkpoints is None:  # else the job keeps them for a resume, or removes them
             for path in finished:
