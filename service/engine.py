@@ -26,7 +26,7 @@ from .errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
 from .job_kinds import JobKind, get_kind, kind_names
 from .progress import ProgressSnapshot, ProgressTracker, done_fraction
 from .providers.registry import ProviderRegistry
-from .job_output import JobOutput, remove_leftovers
+from .job_output import JobOutput, StoreCheckpoints, remove_leftovers
 from .staging import Staging
 from .store import JobRecord, LogLine, Store
 
@@ -70,7 +70,6 @@ class RunningJob:
         self.cancel_reason = ""
         self.output = JobOutput(engine.store, record.id, engine.config.export.checkpoint_interval,
                                 self.log)
-        self.checkpoints = self.output.checkpoints
         self._last_save = 0.0
 
     # -- JobContext ------------------------------------------------------------------
@@ -104,6 +103,10 @@ class RunningJob:
     def set_done(self, nbytes: int) -> None:
         self.tracker.update(nbytes)
         self._progress_changed()
+
+    @property
+    def checkpoints(self) -> StoreCheckpoints:
+        return self.output.checkpoints
 
     def staging(self, dest: OpenDir) -> Staging:
         return self.output.staging(dest)
@@ -175,8 +178,7 @@ class JobEngine:
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
                          for i in range(self.config.daemon.workers)]
         if self.config.export.resume_on_start:
-            for job_id in self.store.jobs_keeping_downloads():
-                job = self.store.get_job(job_id)
+            for job in self.store.jobs_keeping_downloads():
                 retried = self.retry(job.id, job.started_by_uid, job.requested_by)
                 self.append_log(job, f"resumed at start as job {retried.id} "
                                      "(export.resume_on_start)")

@@ -500,10 +500,10 @@ class Store:
             self._db.execute("DELETE FROM download_checkpoints WHERE job_id=? AND target=?",
                              (job_id, target))
 
-    def jobs_keeping_downloads(self) -> list[str]:
+    def jobs_keeping_downloads(self) -> list[JobRecord]:
         """The interrupted jobs that keep downloads for a resume, oldest first."""
-        return [row[0] for row in self._db.execute(
-            "SELECT id FROM jobs WHERE status='failed' AND id IN"
+        return [_row_to_job(row) for row in self._db.execute(
+            "SELECT * FROM jobs WHERE status='failed' AND id IN"
             " (SELECT job_id FROM download_checkpoints) ORDER BY created_at")]
 
     def checkpoint_names(self, job_id: str) -> set[str]:

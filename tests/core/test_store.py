@@ -124,7 +124,7 @@ def test_what_a_job_made_its_domains_and_checkpoints(database_url):
     job = store.get_job("job-1")
     job.status = "failed"
     store.set_status(job)
-    assert store.jobs_keeping_downloads() == ["job-1"]
+    assert [job.id for job in store.jobs_keeping_downloads()] == ["job-1"]
     assert store.resumable_bytes("job-1") == 250
     assert store.checkpoint_names("job-1") == {"disk.bin", ".disk.part", "other.bin",
                                                ".other.part"}
