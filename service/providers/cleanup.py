@@ -12,17 +12,39 @@ restarted as soon as the snapshots hold its disks).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 from ..model import ExportSink
 
 Step = Callable[[], Awaitable[Any]]
+T = TypeVar("T")
 
 
 async def run_to_completion(cleanup: Coroutine[Any, Any, Any]) -> Any:
     """Await `cleanup`; a cancellation of the caller does not stop it."""
     task = asyncio.ensure_future(cleanup)
     return await asyncio.shield(task)
+
+
+async def undone_if_cancelled(making: Awaitable[T], undo: Callable[[T], Awaitable[Any]]) -> T:
+    """Await `making` (a call that creates something in the cloud). If the caller is
+    cancelled while it is out, it still ends, and what it made is undone (`undo` of its
+    result, run to completion) before the cancellation goes on: a thread finishing a
+    create call after its caller was cancelled would otherwise leave it unknown."""
+    task = asyncio.ensure_future(making)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await run_to_completion(_undo_result(task, undo))
+        raise
+
+
+async def _undo_result(task: "asyncio.Future[T]", undo: Callable[[T], Awaitable[Any]]) -> None:
+    try:
+        made = await task
+    except Exception:
+        return  # it made nothing
+    await undo(made)
 
 
 class Cleanups:

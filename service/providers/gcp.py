@@ -31,7 +31,7 @@ from ..errors import Failed, HyperSDKError, InvalidArgument, NotAuthorized, NotF
     Unavailable
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
-from .cleanup import Cleanups, run_to_completion
+from .cleanup import Cleanups, run_to_completion, undone_if_cancelled
 from .common import OutputFiles, check_filter, closest, fetch_ranges, gather_bounded, \
     poll_until, private_file_rule, provider_options, read_private_file
 
@@ -360,30 +360,20 @@ class GcpProvider(Provider):
             raise
 
     async def _start_build(self, base: str, image: str, body: dict) -> str:
-        """Start the build; its id. A cancel while the request is out still learns the id
-        of the build it may have started, and cancels that build, before it stops."""
-        starting = asyncio.ensure_future(
-            self._rest("POST", base, f"starting the export of {image}", json=body))
-        try:
-            reply = await asyncio.shield(starting)
-        except asyncio.CancelledError:
-            await run_to_completion(self._cancel_started(base, starting))
-            raise
+        """Start the build; its id. A cancel while the request is out still cancels the
+        build it started."""
+        reply = await undone_if_cancelled(
+            self._rest("POST", base, f"starting the export of {image}", json=body),
+            lambda started: self._cancel_build(base, _build_id(started)))
         build_id = _build_id(reply)
         if not build_id:
             raise Failed(f"Cloud Build did not return a build id for the export of {image}")
         return build_id
 
-    async def _cancel_started(self, base: str, starting: asyncio.Future) -> None:
-        try:
-            build_id = _build_id(await starting)
-        except HyperSDKError:
-            return  # it did not start
-        if build_id:
-            await self._cancel_build(base, build_id)
-
     async def _cancel_build(self, base: str, build_id: str) -> None:
         """Ask Cloud Build to stop the export (best effort: it times out on its own)."""
+        if not build_id:
+            return
         try:
             await self._rest("POST", f"{base}/{build_id}:cancel", f"cancelling build {build_id}")
         except HyperSDKError:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from hypersdk.service.providers.cleanup import Cleanups
+from hypersdk.service.providers.cleanup import Cleanups, undone_if_cancelled
 from tests.support.fake_sink import FakeExportSink
 from tests.support.wait import until
 
@@ -71,3 +72,28 @@ async def test_a_step_run_early_leaves_the_list():
         assert ran == ["restart"]
         await cleanups.run_early("nothing by that name")
     assert ran == ["restart"]
+
+
+async def test_what_a_create_call_made_after_its_caller_was_cancelled_is_undone():
+    """The create call (a blocking SDK call in a thread) is still out when the caller is
+    cancelled: its result is awaited and undone before the cancellation goes on; a call
+    that fails made nothing to undo."""
+    for outcome in ("made", "failed"):
+        release, undone = threading.Event(), []
+
+        def create() -> str:
+            release.wait(10)
+            if outcome == "failed":
+                raise RuntimeError("refused")
+            return "snap-1"
+
+        async def undo(made: str) -> None:
+            undone.append(made)
+
+        caller = asyncio.ensure_future(undone_if_cancelled(asyncio.to_thread(create), undo))
+        await asyncio.sleep(0)  # the call is out
+        caller.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert undone == (["snap-1"] if outcome == "made" else [])
