@@ -115,14 +115,19 @@ def _remove(uri: str, name: str) -> None:
     libvirt = _libvirt()
     conn = _open(libvirt, uri)
     try:
-        if _absent(libvirt, uri, lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN):
-            return
-        domain = conn.lookupByName(name)
-        if domain.isActive():
-            domain.destroy()
-        _undefine(libvirt, domain)
+        _stop_and_undefine(libvirt, uri, lambda: conn.lookupByName(name))
     finally:
         conn.close()
+
+
+def _stop_and_undefine(libvirt, uri: str, lookup) -> None:
+    """Stop and undefine the domain `lookup()` finds, if there is one."""
+    if _absent(libvirt, uri, lookup, libvirt.VIR_ERR_NO_DOMAIN):
+        return
+    domain = lookup()
+    if domain.isActive():
+        domain.destroy()
+    _undefine(libvirt, domain)
 
 
 def remove_domain_by_uuid(uri: str, uuid: str, console_log: str = "") -> str:
@@ -164,13 +169,7 @@ def _remove_by_uuid(uri: str, uuid: str) -> str:
     except Unavailable as exc:
         return f"left domain {uuid}: {exc.message}"
     try:
-        if _absent(libvirt, uri, lambda: conn.lookupByUUIDString(uuid),
-                   libvirt.VIR_ERR_NO_DOMAIN):
-            return ""
-        domain = conn.lookupByUUIDString(uuid)
-        if domain.isActive():
-            domain.destroy()
-        _undefine(libvirt, domain)
+        _stop_and_undefine(libvirt, uri, lambda: conn.lookupByUUIDString(uuid))
         return ""
     except Failed as exc:
         return f"left domain {uuid}: {exc.message}"
