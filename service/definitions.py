@@ -40,12 +40,6 @@ def check_name(value: Any, field: str = "name") -> str:
     return value
 
 
-def check_bool(value: Any, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidArgument(field, "must be true or false")
-    return value
-
-
 def new_id(prefix: str) -> str:
     """The id of something a user creates: `schedule-1a2b3c4d5e6f`."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
