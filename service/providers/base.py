@@ -87,14 +87,8 @@ class Provider(ABC):
                                   self.retry_policy, self.mapped(what))
 
     async def guard(self, what: str, awaitable: Awaitable[T]) -> T:
-        """Await SDK work that retries on its own; its errors mapped."""
-        try:
-            return await awaitable
-        except Exception as exc:
-            error = self.mapped(what)(exc)
-            if error is exc:
-                raise
-            raise error from None
+        """Await SDK work that retries on its own (so: once); its errors mapped."""
+        return await with_retries(lambda: awaitable, RetryPolicy(retries=0), self.mapped(what))
 
 
 def require_extra(module_name: str, extra: str) -> Any:
