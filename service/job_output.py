@@ -131,7 +131,7 @@ class JobOutput:
         names = self.store.checkpoint_names(self.job_id)
 
         def holding(staging: Staging) -> bool:
-            return any(os.path.lexists(staging.path / name) for name in names)
+            return _holds(staging.path, names)
 
         resumable = self.store.resumable_bytes(self.job_id)
         if not resumable or not any(holding(staging) for staging in self._stagings):
@@ -207,7 +207,8 @@ def remove_domains(store: Store, job_id: str) -> list[str]:
 def _kept_for_resume(owned_paths: list[OwnedPath], names: set[str]) -> list[OwnedPath]:
     """The staging directories that hold a checkpointed download (`names`), and the
     directories made on the way to them: what a retry adopts."""
-    stagings = [owned for owned in owned_paths if owned.kind == "staging" and _holds(owned, names)]
+    stagings = [owned for owned in owned_paths
+                if owned.kind == "staging" and _holds(Path(owned.shown), names)]
     return stagings + [owned for owned in owned_paths if owned.kind == "dir" and any(
         _on_the_way(owned, staging) for staging in stagings)]
 
@@ -218,11 +219,12 @@ def _on_the_way(directory: OwnedPath, staging: OwnedPath) -> bool:
             and staging.relative.startswith(directory.relative + "/"))
 
 
-def _holds(staging: OwnedPath, names: set[str]) -> bool:
-    """Whether the staging directory holds one of the checkpointed downloads. (Its path
-    may run through directories others can change: a planted link can at most make a
-    staging directory stay until the job is retried or pruned; removing is done safely.)"""
-    return any(os.path.lexists(os.path.join(staging.shown, name)) for name in names)
+def _holds(staging: Path, names: set[str]) -> bool:
+    """Whether the staging directory holds one of the checkpointed downloads. (After a
+    crash its path may run through directories others can change: a planted link can at
+    most make a staging directory stay until the job is retried or pruned; removing is
+    done safely.)"""
+    return any(os.path.lexists(staging / name) for name in names)
 
 
 def _parent_of(owned: OwnedPath) -> tuple[str, str]:
