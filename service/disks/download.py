@@ -409,6 +409,8 @@ async def _reopen(target: Path, saved: SavedDownload, shown: str,
         out = await asyncio.to_thread(DirectFile, path, os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # not a plain file any more (a link, a directory)
+        raise _unusable(shown, exc) from None
     try:
         size = os.fstat(out.fd).st_size
         log(f"download {shown}: checking the {size} bytes an interrupted run of the job left")
@@ -431,9 +433,17 @@ async def _reopen(target: Path, saved: SavedDownload, shown: str,
         log(f"download {shown}: resuming at byte {point.offset} ({size - point.offset} bytes "
             "after the last verified checkpoint dropped)")
         return path, out, point
+    except OSError as exc:  # reading or cutting the kept file
+        out.close()
+        raise _unusable(shown, exc) from None
     except BaseException:
         out.close()
         raise
+
+
+def _unusable(shown: str, exc: OSError) -> Failed:
+    return Failed(f"download {shown}: the file kept for a resume cannot be used "
+                  f"({exc.strerror or exc}); retry the job to download it again")
 
 
 def _drop(out: DirectFile, path: Path) -> None:

@@ -660,3 +660,20 @@ async def test_without_a_validator_an_interrupted_download_starts_again(server, 
     assert any("named no version of the file" in line for line in rec.lines), rec.lines
     assert proxy.served["norange"] >= SIZE
     assert os.listdir(out) == ["disk.bin"]
+
+
+async def test_a_kept_file_replaced_by_a_link_fails_the_resume_naming_why(server, out, tmp_path,
+                                                                          checkpoints):
+    """The partial file is a symlink now: it is not followed, and the download fails
+    saying the kept file cannot be used (no traceback, nothing written through it)."""
+    await _interrupt(server, "/files/disk.bin", out / "disk.bin", checkpoints, hold_at=SIZE // 2)
+    partial = out / checkpoints.saved("disk.bin").temp_name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not yours")
+    partial.unlink()
+    partial.symlink_to(elsewhere)
+    with pytest.raises(Failed, match=r"download .*disk\.bin: the file kept for a resume cannot "
+                                     r"be used \(Too many levels of symbolic links\)"):
+        await _get(server, "/files/disk.bin", out / "disk.bin", Recorder(),
+                   checkpoints=checkpoints)
+    assert elsewhere.read_bytes() == b"not yours"
