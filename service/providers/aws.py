@@ -32,7 +32,7 @@ from ..errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable
 from .aws_ebs import SnapshotRead, read_snapshot
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
-from .cleanup import Cleanups
+from .cleanup import Cleanups, recorded_even_if_cancelled
 from .common import (OutputFiles, check_filter, closest, poll_until, private_file_rule,
                      provider_options, read_private_file, shutdown_timeout)
 
@@ -243,8 +243,7 @@ class AwsProvider(Provider):
                 snapshots = dict(extra["snapshot_ids"])
                 for disk in vm.disks:
                     if disk.key not in snapshots:
-                        snapshots[disk.key] = await self._create_snapshot(vm, disk, sink)
-                        made.append(snapshots[disk.key])
+                        snapshots[disk.key] = await self._create_snapshot(vm, disk, made, sink)
                 await self._wait_snapshots(region, made, sink)
                 # the snapshots hold the disks now: the instance need not wait for the reading
                 await cleanups.run_early(restart)
@@ -279,16 +278,22 @@ class AwsProvider(Provider):
                             sha256=digest, boot_order=disk.boot_order, label=disk.label,
                             key=disk.key)
 
-    async def _create_snapshot(self, vm: VMInfo, disk: DiskInfo, sink: ExportSink) -> str:
+    async def _create_snapshot(self, vm: VMInfo, disk: DiskInfo, made: list[str],
+                               sink: ExportSink) -> str:
+        """Snapshot the volume; its id joins `made` even if the job is cancelled while
+        the request is out, so the cleanups delete it."""
         ec2 = await self._aclient("ec2", vm.extra["region"])
         tags = [{"ResourceType": "snapshot", "Tags": [
             {"Key": "hypersdk:instance", "Value": vm.identifier},
             {"Key": "hypersdk:volume", "Value": disk.key}]}]
-        made = await self._call(f"snapshotting volume {disk.key}", ec2.create_snapshot,
-                                VolumeId=disk.key, TagSpecifications=tags,
-                                Description=f"hypersdk export of {vm.identifier} {disk.label}")
-        sink.log(f"snapshot {made['SnapshotId']} of {disk.key} started")
-        return made["SnapshotId"]
+
+        reply = await recorded_even_if_cancelled(
+            self._call(f"snapshotting volume {disk.key}", ec2.create_snapshot,
+                       VolumeId=disk.key, TagSpecifications=tags,
+                       Description=f"hypersdk export of {vm.identifier} {disk.label}"),
+            lambda made_now: made.append(made_now["SnapshotId"]))
+        sink.log(f"snapshot {reply['SnapshotId']} of {disk.key} started")
+        return reply["SnapshotId"]
 
     async def _wait_snapshots(self, region: str, snapshot_ids: list[str], sink: ExportSink) -> None:
         if not snapshot_ids:

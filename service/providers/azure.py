@@ -27,7 +27,7 @@ from .azure_blob import download_disk_blob
 from .azure_vhd import check_fixed_vhd
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
-from .cleanup import Cleanups
+from .cleanup import Cleanups, recorded_even_if_cancelled
 from .common import OutputFiles, check_filter, closest, private_file_rule, provider_options, \
     read_private_file, shutdown_timeout
 from .sparse import SparseImage
@@ -358,9 +358,10 @@ class AzureProvider(Provider):
                                                 "sourceResourceId": disk.location},
                                "incremental": False}}
         sink.log(f"snapshotting disk {disk_name} as {name}")
-        await self._lro(f"snapshotting disk {disk_name}",
-                        self.client().snapshots.begin_create_or_update(group, name, body))
-        made.append((group, name))
+        await recorded_even_if_cancelled(
+            self._lro(f"snapshotting disk {disk_name}",
+                      self.client().snapshots.begin_create_or_update(group, name, body)),
+            lambda _snapshot: made.append((group, name)))
         return ("snapshots", group, name)
 
     def _operations(self, kind: str) -> Any:

@@ -30,13 +30,26 @@ async def undone_if_cancelled(making: Awaitable[T], undo: Callable[[T], Awaitabl
     """Await `making` (a call that creates something in the cloud). If the caller is
     cancelled while it is out, it still ends, and what it made is undone (`undo` of its
     result, run to completion) before the cancellation goes on: a thread finishing a
-    create call after its caller was cancelled would otherwise leave it unknown."""
+    create call after its caller was cancelled would otherwise leave it unknown. `undo`
+    may also hand what was made to the `Cleanups` the cancellation is about to run."""
     task = asyncio.ensure_future(making)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         await run_to_completion(_undo_result(task, undo))
         raise
+
+
+async def recorded_even_if_cancelled(making: Awaitable[T], record: Callable[[T], Any]) -> T:
+    """Await `making` (a create call) and pass its result to `record`, which puts it on
+    the list the export's cleanups undo. A cancel while the call is out still records it
+    (`undone_if_cancelled`), before the cleanups run."""
+    async def record_late(made: T) -> None:
+        record(made)
+
+    made = await undone_if_cancelled(making, record_late)
+    record(made)
+    return made
 
 
 async def _undo_result(task: "asyncio.Future[T]", undo: Callable[[T], Awaitable[Any]]) -> None:

@@ -29,7 +29,7 @@ from ..disks.download import download
 from ..disks.ovf_writer import safe_name
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
-from .cleanup import run_to_completion
+from .cleanup import recorded_even_if_cancelled, run_to_completion
 from .common import OutputFiles, check_filter, closest, poll_until, private_file_rule, \
     provider_options
 
@@ -311,6 +311,13 @@ class OciProvider(Provider):
             await run_to_completion(self._clean_up(cleanup, sink))
         return vm, [disk]
 
+    async def _made(self, what: str, cleanup: list[tuple[str, Any]],
+                    entry: Callable[[Any], tuple[str, Any]], fn: Callable, *args: Any) -> Any:
+        """A create call whose result enters `cleanup` (as `entry(result)`), even when the
+        job is cancelled while the call is out."""
+        return await recorded_even_if_cancelled(self._call(what, fn, *args),
+                                                lambda made: cleanup.append(entry(made)))
+
     async def _namespace(self) -> str:
         if not self._object_namespace:
             self._object_namespace = await self._call(
@@ -324,8 +331,8 @@ class OciProvider(Provider):
         name = f"hypersdk-{safe_name(vm.name, 60)}-{secrets.token_hex(4)}"
         details = models.CreateImageDetails(compartment_id=self.settings["compartment_id"],
                                             instance_id=vm.identifier, display_name=name)
-        image = await self._call("creating a custom image", clients["compute"].create_image, details)
-        cleanup.append(("image", image.id))
+        image = await self._made("creating a custom image", cleanup, lambda made: ("image", made.id),
+                                 clients["compute"].create_image, details)
         sink.log(f"creating custom image {image.display_name} of {vm.name}")
         await self._wait_image(image.id, "creating the custom image")
         return image.id
@@ -337,8 +344,9 @@ class OciProvider(Provider):
         details = models.ExportImageViaObjectStorageTupleDetails(
             destination_type="objectStorageTuple", namespace_name=namespace, bucket_name=bucket,
             object_name=object_name, export_format=fmt)
-        await self._call("exporting the image", clients["compute"].export_image, image_id, details)
-        cleanup.append(("object", (namespace, bucket, object_name)))
+        await self._made("exporting the image", cleanup,
+                         lambda _: ("object", (namespace, bucket, object_name)),
+                         clients["compute"].export_image, image_id, details)
         sink.log(f"exporting the image to {bucket}/{object_name} as {fmt}")
         await self._wait_image(image_id, "exporting the image")
 
@@ -366,10 +374,10 @@ class OciProvider(Provider):
         details = clients["oci"].object_storage.models.CreatePreauthenticatedRequestDetails(
             name=f"hypersdk-{secrets.token_hex(4)}", object_name=object_name,
             access_type="ObjectRead", time_expires=expires)
-        par = await self._call("creating a pre-authenticated request",
+        par = await self._made("creating a pre-authenticated request", cleanup,
+                               lambda made: ("par", (namespace, bucket, made.id)),
                                clients["objects"].create_preauthenticated_request,
                                namespace, bucket, details)
-        cleanup.append(("par", (namespace, bucket, par.id)))
         url = clients["objects"].base_client.endpoint.rstrip("/") + par.access_uri
         fmt = self.settings["export_format"].lower()
         target = target_dir / f"{safe_name(vm.name, 60)}-boot.{fmt}"

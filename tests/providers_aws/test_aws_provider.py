@@ -182,6 +182,31 @@ async def test_cancel_while_reading_blocks_leaves_nothing(provider, ec2, ebs, si
     assert list(out.iterdir()) == []  # the temporary image is gone, no block wrote after
 
 
+async def test_a_cancel_while_the_snapshot_is_being_created_still_deletes_it(provider, ec2, sink,
+                                                                               out):
+    """moto creates the snapshot; its answer is held until the export was cancelled."""
+    instance_id = run_instance(ec2, "cancel-snap-1")["InstanceId"]
+    answered, cancelled = threading.Event(), threading.Event()
+
+    def held_answer(**_):
+        answered.set()
+        cancelled.wait(20)
+    provider.client("ec2").meta.events.register("after-call.ec2.CreateSnapshot", held_answer)
+    task = asyncio.create_task(provider.export_disks(instance_id, out, ExportOptions(), sink))
+    await until(answered.is_set, what="moto creating the snapshot")
+    mine = ec2.describe_snapshots(Filters=[{"Name": "tag:hypersdk:instance",
+                                            "Values": [instance_id]}])["Snapshots"]
+    assert len(mine) == 1  # made, and the export does not know its id yet
+    task.cancel()
+    cancelled.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    mine = ec2.describe_snapshots(Filters=[{"Name": "tag:hypersdk:instance",
+                                            "Values": [instance_id]}])["Snapshots"]
+    assert mine == []
+    assert any(line.endswith("deleted") for line in sink.lines)
+
+
 async def test_bad_export_extras_name_the_field(provider, ec2, tmp_path, sink):
     instance = run_instance(ec2, "opt-1")
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]

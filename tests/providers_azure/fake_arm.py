@@ -40,6 +40,8 @@ class FakeArmState:
     sas_for_disk: Callable[[str], str] = lambda disk: ""          # disk name -> SAS URL
     throttle: dict[tuple[str, str], int] = field(default_factory=dict)  # (method, path end) -> 429s
     calls: list[Call] = field(default_factory=list)
+    # set: a snapshot PUT is stored at once but answered only when the event is set
+    hold_snapshot_answer: asyncio.Event | None = None
 
     def calls_to(self, method: str, ending: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and c.path.endswith(ending)]
@@ -228,6 +230,8 @@ class FakeArmServer:
                     "properties": {**body["properties"], "provisioningState": "Succeeded",
                                    "_disk": source.rsplit("/", 1)[-1]}}
         self.state.snapshots[name] = snapshot
+        if self.state.hold_snapshot_answer is not None:
+            await self.state.hold_snapshot_answer.wait()
         return web.json_response(snapshot)
 
     async def delete_snapshot(self, request: web.Request) -> web.Response:

@@ -193,6 +193,23 @@ async def test_cancel_again_during_cleanup_still_revokes(provider, arm, arm_stat
     await until(lambda: revoke_calls(2), what="the second revoke")  # the shielded cleanup went on
 
 
+async def test_a_cancel_while_the_snapshot_is_being_made_still_deletes_it(provider, arm, arm_state,
+                                                                           out, sink):
+    """The fake ARM stores the snapshot of a running VM but holds its answer; the export is
+    cancelled meanwhile."""
+    from .fake_arm import add_vm
+    add_vm(arm_state, "rg1", "busy-1", disks=[("busy-1-os", MIB)])
+    arm_state.hold_snapshot_answer = asyncio.Event()
+    task = asyncio.create_task(provider.export_disks("busy-1", out, ExportOptions(), sink))
+    await until(lambda: arm_state.snapshots or task.done(), what="the snapshot being made")
+    task.cancel()
+    arm_state.hold_snapshot_answer.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert arm_state.snapshots == {}, sink.lines
+    assert any(line.endswith("deleted") for line in sink.lines)
+
+
 async def test_dropped_connection_mid_download_is_resumed(provider, arm_state, azurite, tmp_path,
                                                           out, sink):
     from .fake_arm import add_vm

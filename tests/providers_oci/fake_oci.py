@@ -9,6 +9,7 @@ Retry-After header.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import re
@@ -52,6 +53,8 @@ class FakeOciServer:
     export_fails: bool = False
     export_hangs: bool = False        # the export never finishes (for cancellation)
     page_size: int = 0                # >0: list calls answer in pages (opc-next-page)
+    # "create_image" / "create_par": made at once, answered only when the event is set
+    hold_answer: dict[str, asyncio.Event] = field(default_factory=dict)
     calls: list[tuple[float, str]] = field(default_factory=list)
     par_gets: list[str] = field(default_factory=list)     # Range header of each PAR GET
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -219,6 +222,7 @@ class FakeOciServer:
                  "createImageAllowed": True, "timeCreated": "2026-01-01T00:00:00.000Z",
                  "_content": self.disk_content[boot], "_polls": 0}
         self.images[image["id"]] = image
+        await self._held("create_image")
         return web.json_response(_public(image))
 
     async def get_image(self, request):
@@ -276,7 +280,12 @@ class FakeOciServer:
                "timeExpires": body["timeExpires"], "timeCreated": "2026-01-01T00:00:00.000Z",
                "_token": token, "_bucket": bucket}
         self.pars[par["id"]] = par
+        await self._held("create_par")
         return web.json_response(_public(par))
+
+    async def _held(self, call: str) -> None:
+        if call in self.hold_answer:
+            await self.hold_answer[call].wait()
 
     async def delete_par(self, request):
         self.pars.pop(request.match_info["par"], None)

@@ -169,6 +169,28 @@ async def test_cancelled_export_removes_image_and_object(populated, api_key, tmp
     assert any(call.startswith("DELETE /n/testns/b/exports/o/") for _, call in populated.calls)
 
 
+@pytest.mark.parametrize("held, made", [("create_image", "images"), ("create_par", "pars")])
+async def test_a_cancel_while_a_create_call_is_out_still_removes_what_it_made(populated, api_key,
+                                                                              tmp_path, held, made):
+    """The fake OCI makes the image (or PAR) at once and holds its answer; the export is
+    cancelled meanwhile."""
+    import asyncio
+
+    populated.hold_answer[held] = asyncio.Event()
+    provider = make_provider(populated, api_key.key_file)
+    out = tmp_path / "out"
+    out.mkdir()
+    task = asyncio.ensure_future(provider.export_disks("app-1", out, ExportOptions(),
+                                                       FakeExportSink()))
+    await until(lambda: getattr(populated, made) or task.done(), what=f"a {held} call")
+    task.cancel()
+    populated.hold_answer[held].set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert populated.images == {} and populated.pars == {}
+    assert list(out.iterdir()) == []
+
+
 async def test_oci_config_file_is_used_and_its_key_mode_checked(populated, api_key, tmp_path):
     config_file = tmp_path / "oci_config"
     config_file.write_text(f"[work]\nuser={USER}\nfingerprint={FINGERPRINT}\n"
