@@ -286,13 +286,13 @@ PLAN_ACTIONS = {"show": "print a plan and its per-VM status table as JSON",
 
 def _plan_object(client: HyperClient, plan_id: str) -> str:
     path = plan_path(plan_id)
-    if client.mirror.get(path, PLAN_IFACE) is None:
+    if PLAN_IFACE not in client.mirror.objects.get(path, {}):
         raise UsageError(f"plan: no plan {plan_id!r}")
     return path
 
 
 def _plan_json(client: HyperClient, path: str) -> dict:
-    props = client.mirror.get(path, PLAN_IFACE) or {}
+    props = client.mirror.objects[path][PLAN_IFACE]
     return {"id": props.get("Id"), "name": props.get("Name"), "status": props.get("Status"),
             "provider": props.get("Provider"), "report_path": props.get("ReportPath"),
             "vms": json.loads(props.get("VMs") or "[]")}
@@ -307,7 +307,7 @@ async def cmd_plan(client: HyperClient, args, out: TextIO) -> int:
         out.write(json.dumps({"plan_id": path.rsplit("/", 1)[-1].replace("_", "-")}) + "\n")
         return EXIT_OK
     if action == "list":
-        plans = [_plan_json(client, path) for path in sorted(client.mirror.under(PLANS_PATH))]
+        plans = [_plan_json(client, path) for path in client.mirror.objects_under(PLANS_PATH)]
         out.write(fmt.table(["ID", "NAME", "STATUS", "PROVIDER", "VMS"],
                             [[p["id"], p["name"], p["status"], p["provider"], str(len(p["vms"]))]
                              for p in plans]) + "\n")
