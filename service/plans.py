@@ -305,20 +305,20 @@ class Plans:
         return target.problem if vm.nics else ""
 
     def _storage_checks(self, plan: Plan, vm: "VMInfo", space: _Space) -> list[dict]:
+        """storage (every disk's datastore mapped, the directory there), then space (only
+        when there is a directory to count in)."""
         storage_map = plan.definition["storage_map"]
+        if not vm.disks:
+            return [_check("storage", "the VM has no disk to migrate")]
         for disk in vm.disks:
             datastore = datastore_of(disk.location)
             if storage_target(storage_map, datastore) is None:
                 return [_check("storage", f"disk {disk.label!r} is on datastore "
                                f"{datastore or '(none named)'!r}, which storage_map does not "
-                               "map"), _check("space", "no target directory")]
-        if not vm.disks:
-            return [_check("storage", "the VM has no disk to migrate"),
-                    _check("space", "no target directory")]
+                               "map")]
         directory = storage_target(storage_map, datastore_of(vm.disks[0].location))["directory"]
         if not os.path.isdir(directory):
-            return [_check("storage", f"target directory {directory} does not exist"),
-                    _check("space", f"{directory} does not exist")]
+            return [_check("storage", f"target directory {directory} does not exist")]
         return [_check("storage"),
                 _check("space", space.take(directory, sum(d.capacity_bytes for d in vm.disks)))]
 

@@ -134,6 +134,11 @@ def job_times(database: Path, job_ids: list[str]) -> dict[str, tuple[float, floa
     return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
 
+def stored_job_count(database: Path) -> int:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        return db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+
+
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
     """The largest number of intervals open at one moment (an end before a start at a tie)."""
     events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
