@@ -295,7 +295,7 @@ def _plan_json(client: HyperClient, path: str) -> dict:
     props = client.mirror.objects[path][PLAN_IFACE]
     return {"id": props.get("Id"), "name": props.get("Name"), "status": props.get("Status"),
             "provider": props.get("Provider"), "report_path": props.get("ReportPath"),
-            "vms": json.loads(props.get("VMs") or "[]")}
+            "vms": json.loads(props.get("Vms") or "[]")}
 
 
 async def cmd_plan(client: HyperClient, args, out: TextIO) -> int:

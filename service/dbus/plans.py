@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 MANAGE_PLANS = "org.hypersdk.HyperSDK1.manage-plans"
 EXPORT = "org.hypersdk.HyperSDK1.export"
-CHANGING = ("Status", "VMs", "Preflight", "StartTime", "EndTime", "ReportPath")
+CHANGING = ("Status", "Vms", "LastPreflight", "StartTime", "EndTime", "ReportPath")
 
 
 class PlanObject(ServiceInterface):
@@ -39,10 +39,10 @@ class PlanObject(ServiceInterface):
     def _value_Status(self) -> str:
         return self._plan().status
 
-    def _value_VMs(self) -> str:
+    def _value_Vms(self) -> str:
         return json.dumps(self._plans.status_table(self.plan_id))
 
-    def _value_Preflight(self) -> str:
+    def _value_LastPreflight(self) -> str:
         preflight = self._plan().preflight
         return json.dumps(preflight) if preflight is not None else ""
 
@@ -84,12 +84,12 @@ class PlanObject(ServiceInterface):
         return self._value_Status()
 
     @dbus_property(access=PropertyAccess.READ)
-    def VMs(self) -> "s":
-        return self._value_VMs()
+    def Vms(self) -> "s":
+        return self._value_Vms()
 
     @dbus_property(access=PropertyAccess.READ)
-    def Preflight(self) -> "s":
-        return self._value_Preflight()
+    def LastPreflight(self) -> "s":
+        return self._value_LastPreflight()
 
     @dbus_property(access=PropertyAccess.READ)
     def StartTime(self) -> "t":
