@@ -139,18 +139,25 @@ def _read_target(uri: str) -> _Target:
 
 
 class _Space:
-    """Free bytes per target directory, less what earlier VMs of the plan will take."""
+    """Free bytes per file system, less what earlier VMs of the plan will take there."""
 
     def __init__(self) -> None:
-        self.left: dict[str, int] = {}
+        self.left: dict[int, int] = {}
 
-    def take(self, directory: str, nbytes: int) -> str:
-        if directory not in self.left:
-            self.left[directory] = shutil.disk_usage(directory).free
-        if nbytes > self.left[directory]:
-            return (f"{directory} has {self.left[directory]} bytes free for this VM (after "
-                    f"the VMs before it in the plan); its disks need {nbytes}")
-        self.left[directory] -= nbytes
+    def take(self, needs: dict[str, int]) -> str:
+        """Take `needs` (directory -> bytes) or nothing: what does not fit, or ""."""
+        wanted: dict[int, int] = {}
+        for directory, nbytes in needs.items():
+            device = os.stat(directory).st_dev
+            self.left.setdefault(device, shutil.disk_usage(directory).free)
+            wanted[device] = wanted.get(device, 0) + nbytes
+        for directory, nbytes in needs.items():
+            device = os.stat(directory).st_dev
+            if wanted[device] > self.left[device]:
+                return (f"{directory} has {self.left[device]} bytes free for this VM (after "
+                        f"the VMs before it in the plan); it needs {wanted[device]} there")
+        for device, nbytes in wanted.items():
+            self.left[device] -= nbytes
         return ""
 
 
@@ -319,8 +326,11 @@ class Plans:
         directory = storage_target(storage_map, datastore_of(vm.disks[0].location))["directory"]
         if not os.path.isdir(directory):
             return [_check("storage", f"target directory {directory} does not exist")]
-        return [_check("storage"),
-                _check("space", space.take(directory, sum(d.capacity_bytes for d in vm.disks)))]
+        nbytes = sum(d.capacity_bytes for d in vm.disks)
+        # the converted disks, and the exported ones the job keeps in export.base_path
+        # (the first export creates export.base_path: until then, count where it will be)
+        return [_check("storage"), _check("space", space.take(
+            {directory: nbytes, _existing(Path(self.config.export.base_path)): nbytes}))]
 
     def _guest_problem(self, vm: "VMInfo") -> str:
         family = guest_family(vm.guest_os)
@@ -494,6 +504,13 @@ class Plans:
         with os.fdopen(fd, "w") as handle:
             json.dump(self.report(plan.id), handle, indent=2)
         return path
+
+
+def _existing(path: Path) -> str:
+    """`path`, or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return str(path)
 
 
 def _fits(vm: PlanVM, active: list[PlanVM], limits: dict) -> bool:
