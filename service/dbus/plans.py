@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 MANAGE_PLANS = "org.hypersdk.HyperSDK1.manage-plans"
 EXPORT = "org.hypersdk.HyperSDK1.export"
+OTHER_USERS_JOBS = "org.hypersdk.HyperSDK1.cancel-job-other-user"
 CHANGING = ("Status", "Vms", "LastPreflight", "StartTime", "EndTime", "ReportPath")
 
 
@@ -108,15 +109,22 @@ class PlanObject(ServiceInterface):
         await require(MANAGE_PLANS)
         return json.dumps(await self._plans.preflight(self.plan_id))
 
+    async def _require_for_its_jobs(self) -> None:
+        """Starting or cancelling a plan acts on jobs that are its creator's: for anyone
+        else that needs the right to act on other users' jobs as well."""
+        who = await require(MANAGE_PLANS)
+        if who.principal != self._plan().requested_by:
+            await require(OTHER_USERS_JOBS)
+
     @method()
     async def Start(self, options: "a{sv}"):
-        await require(MANAGE_PLANS)
+        await self._require_for_its_jobs()
         await require(EXPORT)
         await self._plans.start(self.plan_id)
 
     @method()
     async def Cancel(self, options: "a{sv}"):
-        await require(MANAGE_PLANS)
+        await self._require_for_its_jobs()
         self._plans.cancel(self.plan_id)
 
     @method()
