@@ -106,3 +106,26 @@ def test_bad_plan_json_is_refused_naming_the_field(system_bus, hypervisord, chan
                           stdin=json.dumps(definition))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_plan_by_discovery_filter(system_bus, start_hypervisord, plan_sim, targets):
+    start_hypervisord(**daemon_overrides(plan_sim.sim, targets.uri))
+    address = system_bus.address
+    wanted = plan_sim.placed[8]
+    prefix = wanted[0]["name"].rsplit("-", 2)[0]
+    base = {"provider": "vsphere", "network_map": targets.network_map(),
+            "storage_map": {"*": {"directory": str(targets.dirs[0])}}}
+    matching = create_plan(address, {**base, "name": "by-filter",
+                                     "filter": {"name": f"{prefix}-8-*"}})
+    report = hyperctl_json(address, "plan", "preflight", matching)
+    assert report["ok"] is True
+    assert sorted(entry["name"] for entry in report["vms"]) == sorted(vm["name"] for vm in wanted)
+    nothing = create_plan(address, {**base, "name": "by-empty-filter",
+                                    "filter": {"name": "no-such-*"}})
+    report = hyperctl_json(address, "plan", "preflight", nothing, expect=1)
+    assert report == {**report, "ok": False, "vms": [],
+                      "problem": "the plan's filter matches no VM"}
+    bad_key = run_hyperctl(address, "plan", "preflight",
+                           create_plan(address, {**base, "name": "bad-filter",
+                                                 "filter": {"colour": "red"}}))
+    assert bad_key.returncode == 2 and "filter.colour" in bad_key.stderr
