@@ -211,10 +211,16 @@ class Plans:
         for vm in self.vms(plan_id):
             line = vm.to_dict()
             if vm.state == "released":
-                job = self.engine.get(vm.job_id)
-                line["job_status"], line["stage"] = job.status, job.stage
+                line.update(self._job_now(vm.job_id))
             table.append(line)
         return table
+
+    def _job_now(self, job_id: str) -> dict:
+        try:
+            job = self.engine.get(job_id)
+        except NotFound:  # gone with the store's retention (resume() records that)
+            return {"job_status": "unknown"}
+        return {"job_status": job.status, "stage": job.stage}
 
     def _set_plan(self, plan: Plan, **values: Any) -> None:
         for key, value in values.items():
