@@ -37,5 +37,9 @@ def test_cancel_stops_releasing_and_cancels_the_running_job(system_bus, start_hy
     assert states[0] in ("cancelled", "completed") and states[1:] == ["cancelled"] * 3
     assert all(line["error"] == "the plan was cancelled" for line in report["vms"][1:])
     assert stored_job_count(service_dir / "state" / "hypersdk.db") == 1
+    listed = run_hyperctl(address, "plan", "list").stdout.splitlines()
+    assert listed[0].split() == ["ID", "NAME", "STATUS", "PROVIDER", "VMS"]
+    assert listed[1].split() == [plan_id, f"cancel-{targets.network}", "cancelled", "vsphere",
+                                 "4"]
     again = run_hyperctl(address, "plan", "cancel", plan_id)
     assert again.returncode == 2 and "has already cancelled" in again.stderr
