@@ -27,8 +27,8 @@ from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .dbus.bus import connect
 from .dbus.service import DBusService
 from .engine import JobEngine
-from .plans import Plans
 from .errors import Failed, HyperSDKError
+from .plans import Plans
 from .providers.registry import ProviderRegistry
 from .store import open_store
 

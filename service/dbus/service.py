@@ -11,8 +11,8 @@ from hypersdk.client.names import BUS_NAME, MANAGER_PATH, job_path
 
 from ..automation import Automation
 from ..engine import JobEngine, JobEvent
-from ..plans import Plans
 from ..errors import Failed
+from ..plans import Plans
 from ..store import JobRecord
 from .automation import AutomationObjects
 from .dispatch import Dispatcher

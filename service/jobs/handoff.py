@@ -28,12 +28,12 @@ from ..confine import open_dir, split_under
 from ..definitions import JsonObject
 from ..disks.ovf_writer import safe_name
 from ..errors import AlreadyExists, InvalidArgument
-from ..plan_definition import parse_network_map, parse_output_dir
 from ..kvm.boot_verify import parse_verify_boot
 from ..kvm.domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                               serial_log_beside)
 from ..kvm.kvm_landing import Landing, land
 from ..kvm.libvirt_import import preflight
+from ..plan_definition import parse_network_map, parse_output_dir
 from ..staging import Staging
 from .convert_job import convert_and_land, land_image
 from .hyper2kvm import QUEUE_DIR, UnitState, follow, unit_name, unit_state
