@@ -17,6 +17,7 @@ JOB_IFACE = BUS_NAME + ".Job"
 SCHEDULE_IFACE = BUS_NAME + ".Schedule"
 BACKUP_POLICY_IFACE = BUS_NAME + ".BackupPolicy"
 WEBHOOK_IFACE = BUS_NAME + ".Webhook"
+PLAN_IFACE = BUS_NAME + ".Plan"
 ERROR_PREFIX = BUS_NAME + ".Error."
 
 DBUS_NAME = DBUS_IFACE = "org.freedesktop.DBus"
@@ -30,6 +31,10 @@ FINISHED = ("completed", "failed", "cancelled")
 
 def job_path(job_id: str) -> str:
     return f"{JOBS_PATH}/{job_id.replace('-', '_')}"
+
+
+def plan_path(plan_id: str) -> str:
+    return f"{PLANS_PATH}/{plan_id.replace('-', '_')}"
 
 
 def job_id_from_path(path: str) -> str:
@@ -59,3 +64,6 @@ BACKUP_POLICIES = AutomationKind("backup_policies", BACKUP_POLICY_IFACE,
                                  "CreateBackupPolicy", "Run")
 WEBHOOKS = AutomationKind("webhooks", WEBHOOK_IFACE, "ConfigureWebhook", "Test")
 AUTOMATION_KINDS = (SCHEDULES, BACKUP_POLICIES, WEBHOOKS)
+# migration plans are made and found the same way (not automation: they run once)
+PLANS = AutomationKind("plans", PLAN_IFACE, "CreatePlan", "Start")
+PLANS_PATH = PLANS.path

@@ -50,7 +50,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 VIEWER, OPERATOR, ADMIN = "viewer", "operator", "admin"
-S, B, W = h.SCHEDULE_ROUTES, h.BACKUP_POLICY_ROUTES, h.WEBHOOK_ROUTES
+S, B, W, P = h.SCHEDULE_ROUTES, h.BACKUP_POLICY_ROUTES, h.WEBHOOK_ROUTES, h.PLAN_ROUTES
 ROUTES: list[Route] = [
     Route("GET", "/health", h.health, PUBLIC, needs_service=False),
     Route("GET", "/openapi.json", openapi_document, PUBLIC, needs_service=False),
@@ -79,6 +79,13 @@ ROUTES: list[Route] = [
     Route("POST", "/webhooks/configure", W.create_handler, ADMIN, mutating=True),
     Route("GET", "/webhooks", W.list_handler, VIEWER),
     Route("DELETE", "/webhooks/{id}", W.delete_handler, ADMIN, mutating=True),
+    Route("POST", "/plans", P.create_handler, OPERATOR, mutating=True),
+    Route("GET", "/plans", P.list_handler, VIEWER),
+    Route("GET", "/plans/{id}", P.show_handler, VIEWER),
+    Route("POST", "/plans/{id}/preflight", P.preflight_handler, OPERATOR, mutating=True),
+    Route("POST", "/plans/{id}/start", P.start_handler, OPERATOR, mutating=True),
+    Route("POST", "/plans/{id}/cancel", P.cancel_handler, OPERATOR, mutating=True),
+    Route("GET", "/plans/{id}/report", P.report_handler, VIEWER),
 ]
 ROUTE_KEY = web.AppKey("routes", dict)
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from dbus_fast import Variant
 
 from hypersdk.client.names import (BACKUP_POLICIES, JOB_IFACE, JOB_STATUSES, MANAGER_IFACE,
-                                    MANAGER_PATH, SCHEDULES, WEBHOOKS, AutomationKind,
+                                    MANAGER_PATH, PLANS, SCHEDULES, WEBHOOKS, AutomationKind,
                                     job_id_from_path, job_path)
 from hypersdk.service import __version__ as BRIDGE_VERSION
 
@@ -360,3 +360,47 @@ class AutomationRoutes:
 SCHEDULE_ROUTES = AutomationRoutes(SCHEDULES)
 BACKUP_POLICY_ROUTES = AutomationRoutes(BACKUP_POLICIES)
 WEBHOOK_ROUTES = AutomationRoutes(WEBHOOKS)
+
+
+class PlanRoutes(AutomationRoutes):
+    """/plans: create (POST /plans), a paged list, one plan, its preflight, start, cancel
+    and report (service/dbus/org.hypersdk.HyperSDK1.Plan.xml)."""
+
+    async def list_handler(self, request: web.Request) -> web.Response:
+        limit = query_int(request, "limit", 100, MAX_PAGE)
+        offset = query_int(request, "offset", 0, 1 << 31)
+        plans = sorted((object_json(path, ifaces[self.interface])
+                        for path, ifaces in request.app[MIRROR].under(self.prefix).items()
+                        if self.interface in ifaces),
+                       key=lambda plan: (plan.get("created_time", 0), plan["id"]))
+        return json_response({"plans": plans[offset:offset + limit], "total": len(plans),
+                              "limit": limit, "offset": offset})
+
+    async def show_handler(self, request: web.Request) -> web.Response:
+        path, props = self.find(request.app[MIRROR], request.match_info["id"])
+        return json_response(object_json(path, props))
+
+    async def _call(self, request: web.Request, member: str) -> tuple[str, list]:
+        path, props = self.find(request.app[MIRROR], request.match_info["id"])
+        request["audit_target"] = props.get("Id")
+        return props.get("Id", ""), await call(request, path, self.interface, member,
+                                               "a{sv}", [{}])
+
+    async def preflight_handler(self, request: web.Request) -> web.Response:
+        _plan_id, (report,) = await self._call(request, "Preflight")
+        return json_response(json.loads(report))
+
+    async def start_handler(self, request: web.Request) -> web.Response:
+        plan_id, _ = await self._call(request, "Start")
+        return json_response({"id": plan_id, "start_requested": True})
+
+    async def cancel_handler(self, request: web.Request) -> web.Response:
+        plan_id, _ = await self._call(request, "Cancel")
+        return json_response({"id": plan_id, "cancel_requested": True})
+
+    async def report_handler(self, request: web.Request) -> web.Response:
+        _plan_id, (report,) = await self._call(request, "GetReport")
+        return json_response(json.loads(report))
+
+
+PLAN_ROUTES = PlanRoutes(PLANS)

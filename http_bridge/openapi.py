@@ -126,6 +126,33 @@ OPERATIONS: dict[tuple[str, str], dict] = {
     **_automation("backup policy", "backup_policies", "/backup-policies/create",
                   "BackupPolicyRequest", "backup-policies"),
     **_automation("webhook", "webhooks", "/webhooks/configure", "WebhookRequest", "webhooks"),
+    ("/plans", "post"): _op("Create a migration plan", _json(_ref("AutomationObject")),
+                            body="PlanRequest", tag="plans"),
+    ("/plans", "get"): _op("List migration plans, oldest first", _json({
+        "type": "object", "required": ["plans", "total", "limit", "offset"],
+        "properties": {"plans": {"type": "array", "items": _ref("AutomationObject")},
+                       "total": {"type": "integer"}, "limit": {"type": "integer"},
+                       "offset": {"type": "integer"}}}), tag="plans", params=[
+        _query("limit", False, {"type": "integer", "minimum": 0, "maximum": 1000},
+               "at most this many (default 100)"),
+        _query("offset", False, {"type": "integer", "minimum": 0}, "skip this many")]),
+    ("/plans/{id}", "get"): _op("A plan with its per-VM status table",
+                                _json(_ref("AutomationObject")), params=[ID_PARAM], tag="plans"),
+    ("/plans/{id}/preflight", "post"): _op(
+        "Check every VM of the plan (names, networks, storage, space, guest OS, credentials)",
+        _json(_ref("Preflight")), params=[ID_PARAM], tag="plans"),
+    ("/plans/{id}/start", "post"): _op(
+        "Start the plan (refused unless its preflight passes)",
+        _json(_ref("PlanStarted")),
+        params=[ID_PARAM], tag="plans"),
+    ("/plans/{id}/cancel", "post"): _op(
+        "Cancel the plan: no more VMs are released, running jobs are cancelled",
+        _json(_ref("PlanCancelled")),
+        params=[ID_PARAM], tag="plans"),
+    ("/plans/{id}/report", "get"): _op(
+        "What moved, how long, verified or not, errors (final once the plan ended)",
+        _json(_ref("PlanReport")),
+        params=[ID_PARAM], tag="plans"),
 }
 
 _STR, _INT, _NUM, _BOOL, _OBJ = ({"type": "string"}, {"type": "integer"}, {"type": "number"},
@@ -207,6 +234,18 @@ SCHEMAS: dict[str, dict] = {
         "job_id": _STR, "status": _STR, "cancel_requested": _BOOL}),
     "AutomationObject": {"type": "object", "required": ["id"], "properties": {"id": _STR}},
     "Deleted": _object(["id", "deleted"], {"id": _STR, "deleted": _BOOL}),
+    "PlanRequest": _object(["name", "provider", "storage_map"], {
+        "name": _STR, "provider": _STR, "vms": {"type": "array", "items": _STR},
+        "filter": _OBJ, "network_map": _OBJ, "storage_map": _OBJ, "limits": _object([], {
+            "per_plan": _INT, "per_host": _INT, "per_datastore": _INT}),
+        "verify_boot": _VERIFY_BOOT, "guest_conversion": _BOOL, "description": _STR}, True),
+    "PlanStarted": _object(["id", "start_requested"], {"id": _STR, "start_requested": _BOOL}),
+    "PlanCancelled": _object(["id", "cancel_requested"], {"id": _STR,
+                                                          "cancel_requested": _BOOL}),
+    "PlanReport": {"type": "object", "required": ["id", "status", "final", "vms"]},
+    "Preflight": {"type": "object", "required": ["ok", "vms"],
+                  "properties": {"ok": _BOOL, "at": _NUM, "problem": _STR,
+                                 "vms": {"type": "array", "items": _OBJ}}},
     "Update": _object(["type", "job_id", "status", "progress"], {
         "type": {"type": "string", "enum": ["job.created", "job.status", "job.progress",
                                             "job.completed"]},

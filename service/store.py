@@ -184,6 +184,42 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX job_domains_job ON job_domains(job_id);
     """,
+    # migration plans (service/plans.py): a plan's definition and state, and one row per
+    # VM once the plan starts (its job, how it ended); job ids are not foreign keys,
+    # since a plan's report outlives the retention of its jobs
+    """
+    CREATE TABLE plans (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        definition TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('created', 'running', 'completed', 'failed',
+                                               'cancelled')),
+        created_by_uid INTEGER NOT NULL DEFAULT -1,
+        requested_by TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        preflight TEXT NOT NULL DEFAULT '',
+        report_path TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE plan_vms (
+        plan_id TEXT NOT NULL REFERENCES plans(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        vm TEXT NOT NULL,
+        name TEXT NOT NULL,
+        host TEXT NOT NULL DEFAULT '',
+        datastore TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'released', 'completed', 'failed',
+                                             'cancelled')),
+        job_id TEXT NOT NULL DEFAULT '',
+        error TEXT NOT NULL DEFAULT '',
+        started_at REAL,
+        finished_at REAL,
+        outcome TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (plan_id, vm)
+    );
+    CREATE INDEX plan_vms_job ON plan_vms(job_id);
+    """,
 ]
 
 

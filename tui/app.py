@@ -28,6 +28,7 @@ from .screens.automation import AUTOMATION_VIEWS, AutomationScreen
 from .screens.help import HelpScreen
 from .screens.job import JobScreen
 from .screens.jobs import JobsScreen
+from .screens.plans import PlansScreen
 from .screens.vms import VMsScreen
 
 
@@ -65,6 +66,7 @@ class HyperctlApp(App):
     MODES = {
         "vms": VMsScreen,
         "jobs": JobsScreen,
+        "plans": PlansScreen,  # from the command palette ("Show Plans")
         **{kind: (lambda kind=kind: AutomationScreen(kind)) for kind in AUTOMATION_VIEWS},
     }
     BINDINGS = [
@@ -125,6 +127,8 @@ class HyperctlApp(App):
                                 lambda mode=mode: self.switch_mode(mode))
         yield SystemCommand("Migrate VMs", "Open the VMs screen to pick VMs to migrate (m)",
                             lambda: self.switch_mode("vms"))
+        yield SystemCommand("Show Plans", "Migration plans and their VMs: preflight, start, "
+                            "cancel", lambda: self.switch_mode("plans"))
         yield SystemCommand("Help", "Key bindings (?)", self.action_help)
 
     # -- actions on jobs ---------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 from typing import TextIO
 
 from hypersdk.client.errors import ClientError
-from hypersdk.client.names import JOB_STATUSES
+from hypersdk.client.names import JOB_STATUSES, PLAN_IFACE, PLANS_PATH, plan_path
 
 from . import format as fmt
 from .client import ClientEvent, HyperClient, JobState
@@ -63,7 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job", help="job id (job-...) or object path")
+    _plan_parser(commands)
     return parser
+
+
+def _plan_parser(commands) -> None:
+    plan = commands.add_parser("plan", help="migration plans: create, preflight, start, ...")
+    actions = plan.add_subparsers(dest="plan_command", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a plan from a JSON definition")
+    create.add_argument("file", metavar="FILE.json|-", help="the definition, '-' for stdin")
+    actions.add_parser("list", help="list the plans")
+    for name, text in PLAN_ACTIONS.items():
+        action = actions.add_parser(name, help=text)
+        action.add_argument("plan", help="plan id (plan-...)")
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -265,8 +277,57 @@ async def cmd_cancel(client: HyperClient, args, out: TextIO) -> int:
     return EXIT_OK
 
 
+PLAN_ACTIONS = {"show": "print a plan and its per-VM status table as JSON",
+                "preflight": "check every VM of a plan (exit 1 when one fails)",
+                "start": "start a plan (after a preflight it must pass)",
+                "cancel": "cancel a plan: release no more VMs, cancel running jobs",
+                "report": "print a plan's report as JSON"}
+
+
+def _plan_object(client: HyperClient, plan_id: str) -> str:
+    path = plan_path(plan_id)
+    if PLAN_IFACE not in client.mirror.objects.get(path, {}):
+        raise UsageError(f"plan: no plan {plan_id!r}")
+    return path
+
+
+def _plan_json(client: HyperClient, path: str) -> dict:
+    props = client.mirror.objects[path][PLAN_IFACE]
+    return {"id": props.get("Id"), "name": props.get("Name"), "status": props.get("Status"),
+            "provider": props.get("Provider"), "report_path": props.get("ReportPath"),
+            "vms": json.loads(props.get("Vms") or "[]")}
+
+
+async def cmd_plan(client: HyperClient, args, out: TextIO) -> int:
+    """hyperctl plan create|list|show|preflight|start|cancel|report."""
+    action = args.plan_command
+    if action == "create":
+        definition = _read_definition(args.file)
+        path = await client.call_manager("CreatePlan", "s", json.dumps(definition))
+        out.write(json.dumps({"plan_id": path.rsplit("/", 1)[-1].replace("_", "-")}) + "\n")
+        return EXIT_OK
+    if action == "list":
+        plans = [_plan_json(client, path) for path in client.mirror.objects_under(PLANS_PATH)]
+        out.write(fmt.table(["ID", "NAME", "STATUS", "PROVIDER", "VMS"],
+                            [[p["id"], p["name"], p["status"], p["provider"], str(len(p["vms"]))]
+                             for p in plans]) + "\n")
+        return EXIT_OK
+    path = _plan_object(client, args.plan)
+    if action == "show":
+        out.write(json.dumps(_plan_json(client, path), indent=2) + "\n")
+        return EXIT_OK
+    if action in ("start", "cancel"):
+        await client.call_object(path, PLAN_IFACE, action.capitalize())
+        out.write(f"{action} requested for {args.plan}\n")
+        return EXIT_OK
+    member = {"preflight": "Preflight", "report": "GetReport"}[action]
+    answer = json.loads(await client.call_object(path, PLAN_IFACE, member))
+    out.write(json.dumps(answer, indent=2) + "\n")
+    return EXIT_OK if action == "report" or answer["ok"] else EXIT_FAILED
+
+
 COMMANDS = {"vms": cmd_vms, "submit": cmd_submit, "jobs": cmd_jobs, "watch": cmd_watch,
-            "logs": cmd_logs, "cancel": cmd_cancel}
+            "logs": cmd_logs, "cancel": cmd_cancel, "plan": cmd_plan}
 
 
 async def run_command(args, out: TextIO) -> int:

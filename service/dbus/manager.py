@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..engine import JobEngine
     from .automation import AutomationObjects
     from .job import JobObject
+    from .plans import PlanObjects
 
 EXPORT_METHODS = ["ova", "ovf", "disk"]
 OUTPUT_FORMATS = ["qcow2", "raw"]
@@ -70,11 +71,13 @@ class ManagerObject(ServiceInterface):
     policies and webhooks, when the service runs them."""
 
     def __init__(self, engine: JobEngine, on_bus: "Mapping[str, JobObject]",
-                 automation: "AutomationObjects | None") -> None:
+                 automation: "AutomationObjects | None",
+                 plans: "PlanObjects | None" = None) -> None:
         super().__init__(MANAGER_IFACE)
         self._engine = engine
         self._on_bus = on_bus
         self._automation_objects = automation
+        self._plan_objects = plans
 
     async def _submit(self, kind_name: str, definition_json: str) -> str:
         kind = get_kind(kind_name)
@@ -90,6 +93,8 @@ class ManagerObject(ServiceInterface):
         features = ["hyper2kvm_daemon_mode", "direct_pipeline"]
         if self._automation_objects is not None:
             features += ["schedules", "backup_policies", "webhooks"]
+        if self._plan_objects is not None:
+            features.append("plans")
         return {"providers": self._engine.providers.capabilities(), "job_kinds": kind_names(),
                 "export_methods": EXPORT_METHODS, "output_formats": OUTPUT_FORMATS,
                 "features": features}
@@ -207,3 +212,11 @@ class ManagerObject(ServiceInterface):
         await require("org.hypersdk.HyperSDK1.manage-webhooks")
         return await self._automation().configure_webhook(parse_json(definition, "definition"),
                                                           caller().uid)
+
+    # -- plans -------------------------------------------------------------------------
+    @method()
+    async def CreatePlan(self, definition: "s", options: "a{sv}") -> "o":
+        await require("org.hypersdk.HyperSDK1.manage-plans")
+        if self._plan_objects is None:
+            raise Unavailable("migration plans are not available")
+        return await self._plan_objects.create(parse_json(definition, "definition"))

@@ -47,6 +47,7 @@ ROLE_NEEDED = {
     "view": "viewer",
     "export": "operator", "convert": "operator", "import": "operator", "cancel-job": "operator",
     "manage-schedules": "operator", "manage-backup-policies": "operator",
+    "manage-plans": "operator",
     "manage-webhooks": "admin", "cancel-job-other-user": "admin", "manage-providers": "admin",
 }
 

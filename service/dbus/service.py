@@ -12,11 +12,13 @@ from hypersdk.client.names import BUS_NAME, MANAGER_PATH, job_path
 from ..automation import Automation
 from ..engine import JobEngine, JobEvent
 from ..errors import Failed
+from ..plans import Plans
 from ..store import JobRecord
 from .automation import AutomationObjects
 from .dispatch import Dispatcher
 from .job import JobObject, usec
 from .manager import ManagerObject
+from .plans import PlanObjects
 from .polkit import Authority
 
 log = logging.getLogger(__name__)
@@ -26,14 +28,16 @@ class DBusService:
     the automation objects when `automation` runs."""
 
     def __init__(self, bus: MessageBus, engine: JobEngine, automation: Automation | None,
-                 trusted_uids: frozenset[int] = frozenset({0})) -> None:
+                 trusted_uids: frozenset[int] = frozenset({0}),
+                 plans: Plans | None = None) -> None:
         self.bus = bus
         self.engine = engine
         self.dispatcher = Dispatcher(bus, Authority(bus), trusted_uids)
         self.automation = (AutomationObjects(self.dispatcher, automation)
                            if automation is not None else None)
+        self.plans = PlanObjects(self.dispatcher, plans) if plans is not None else None
         self.jobs: dict[str, JobObject] = {}
-        self.manager = ManagerObject(engine, self.jobs, self.automation)
+        self.manager = ManagerObject(engine, self.jobs, self.automation, self.plans)
         self._leaving: dict[str, asyncio.TimerHandle] = {}  # finished jobs still lingering
         self.linger = engine.config.daemon.finished_job_linger
 
@@ -44,6 +48,8 @@ class DBusService:
         self.dispatcher.export(MANAGER_PATH, self.manager)
         if self.automation is not None:
             self.automation.export_all()
+        if self.plans is not None:
+            self.plans.export_all()
         for job in self.engine.store.jobs_unfinished_or_since(time.time() - self.linger):
             self._export_job(job.id)
             if job.finished:

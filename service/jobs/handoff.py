@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..confine import open_dir
+from ..confine import open_dir, split_under
 from ..definitions import JsonObject
 from ..disks.ovf_writer import safe_name
 from ..errors import AlreadyExists, InvalidArgument
@@ -32,6 +33,7 @@ from ..kvm.domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, i
                               serial_log_beside)
 from ..kvm.kvm_landing import Landing, land
 from ..kvm.libvirt_import import preflight
+from ..plan_definition import parse_network_map, parse_output_dir
 from ..staging import Staging
 from .convert_job import convert_and_land, land_image
 from .hyper2kvm import QUEUE_DIR, UnitState, follow, unit_name, unit_state
@@ -68,6 +70,8 @@ def _defaults(config: "Config") -> dict:
         "compression": config.hyper2kvm.compression,
         "guest_conversion": False,
         "verify_boot": None,
+        "network_map": {},
+        "output_dir": "",
     }
 
 
@@ -79,8 +83,11 @@ def validate_integration(block: Any, config: "Config") -> dict:
     domain once defined), format (qcow2 | raw), compression, guest_conversion
     (virt-v2v-in-place before the define; in daemon mode hyper2kvm's fix stage),
     verify_boot (true or {timeout, expect}:
-    start and wait for the guest to boot). Unknown fields are refused so a typo
-    never silently turns a conversion off.
+    start and wait for the guest to boot), network_map ({source network: {"network":
+    name} or {"bridge": name}}: where each NIC goes; unmapped NICs go to `network`),
+    output_dir (a directory under paths.outputs that receives `<vm>/` instead of
+    hyper2kvm.output_dir). Unknown fields are refused so a typo never silently turns a
+    conversion off.
     """
     defaults = _defaults(config)
     if block is None:
@@ -89,6 +96,12 @@ def validate_integration(block: Any, config: "Config") -> dict:
     result = {key: fields.flag(key, defaults[key]) for key in _BOOL_FIELDS}
     result.update({key: fields.text(key, defaults[key], non_empty=True) for key in _STR_FIELDS})
     result["verify_boot"] = parse_verify_boot(block.get("verify_boot"), f"{FIELD}.verify_boot")
+    result["network_map"] = parse_network_map(block.get("network_map"), f"{FIELD}.network_map")
+    result["output_dir"] = (parse_output_dir(block["output_dir"], f"{FIELD}.output_dir", config)
+                            if block.get("output_dir") is not None else "")
+    if result["output_dir"] and (result["daemon_mode"] or not result["enabled"]):
+        raise InvalidArgument(f"{FIELD}.output_dir", "only for the Direct Pipeline "
+                              "(enabled and auto_convert without daemon_mode)")
     if not INSTANCE_RE.match(result["instance"]):
         raise InvalidArgument(f"{FIELD}.instance", "letters, digits, '_', '.' and '-' only")
     if result["format"] not in FORMATS:
@@ -123,8 +136,9 @@ async def preflight_import(config: "Config", vm: "VMInfo", integration: dict) ->
     be imported (the export job asks before the download, run_integration again before
     converting: the name may have been taken meanwhile)."""
     if integration["import_to_kvm"]:
+        nics = [nic_target(integration, nic.network) for nic in vm.nics]
         await preflight(config.libvirt.uri, vm.name, _kept_uuid(vm),
-                        [integration["network"]] if vm.nics else [])
+                        [nic.network for nic in nics if nic.kind == "network"])
 
 
 async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
@@ -183,8 +197,14 @@ async def _output_staging(ctx: "JobContext", vm: "VMInfo",
     unless it exists): the one the stream conversions use, when they run."""
     if streamed is not None and streamed.staging is not None:
         return streamed.staging
-    dest = await asyncio.to_thread(open_dir, Path(ctx.config.hyper2kvm.output_dir),
-                                   safe_name(vm.name), "hyper2kvm.output_dir", create=True)
+    if integration_dir := ctx.definition.get(FIELD, {}).get("output_dir"):
+        root, relative = split_under(integration_dir, ctx.config.paths.outputs,
+                                     f"{FIELD}.output_dir", "paths.outputs")
+        dest = await asyncio.to_thread(open_dir, root, f"{relative}/{safe_name(vm.name)}",
+                                       f"{FIELD}.output_dir", create=True)
+    else:
+        dest = await asyncio.to_thread(open_dir, Path(ctx.config.hyper2kvm.output_dir),
+                                       safe_name(vm.name), "hyper2kvm.output_dir", create=True)
     return ctx.staging(dest)
 
 
@@ -282,6 +302,13 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
     return result
 
 
+def nic_target(integration: dict, source_network: str) -> DomainNic:
+    """Where a NIC on `source_network` goes: its network_map entry, else `network`."""
+    kind, name = next(iter(integration["network_map"].get(
+        source_network, {"network": integration["network"]}).items()))
+    return DomainNic(name, kind=kind)
+
+
 def _compress(integration: dict) -> bool:
     return integration["compression"] and integration["format"] == "qcow2"
 
@@ -295,7 +322,7 @@ async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]
     spec = DomainSpec(
         name=vm.name, uuid=uuid, memory_mb=vm.memory_mb or DEFAULT_MEMORY_MB,
         vcpus=max(1, vm.cpus), disks=[DomainDisk(Path(p), f) for p, f in images],
-        nics=[DomainNic(integration["network"], nic.mac) for nic in vm.nics],
+        nics=[replace(nic_target(integration, nic.network), mac=nic.mac) for nic in vm.nics],
         firmware=vm.firmware if vm.firmware in ("bios", "uefi") else "bios",
         secure_boot=vm.secure_boot and vm.firmware == "uefi",
         os_family=guest_family(vm.guest_os),

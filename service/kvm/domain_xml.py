@@ -5,7 +5,8 @@ Choices that decide whether the guest boots:
   virtio (their kernels ship the drivers); Windows and unknown guests get SATA,
   which every OS can boot from without extra drivers (a note says so, because
   virtio is faster once the drivers are installed).
-- NICs: virtio for Linux, e1000e otherwise, on a libvirt network, keeping the MAC.
+- NICs: virtio for Linux, e1000e otherwise, on a libvirt network or a host bridge,
+  keeping the MAC.
 - UEFI uses the OVMF builds from Debian's `ovmf` package: the loader is read-only
   pflash and libvirt copies the NVRAM template per domain. Secure boot needs the
   secboot loader, the Microsoft-keys variable store, SMM and the q35 machine.
@@ -38,6 +39,7 @@ DOMAIN_TYPES = ("kvm", "qemu")
 FIRMWARES = ("bios", "uefi")
 OS_FAMILIES = ("linux", "windows", "unknown")
 DISK_FORMATS = ("qcow2", "raw")
+NIC_KINDS = ("network", "bridge")
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 _LINUX_WORDS = ("linux", "ubuntu", "debian", "rhel", "centos", "fedora", "sles", "suse",
@@ -79,8 +81,9 @@ class DomainDisk:
 
 @dataclass
 class DomainNic:
-    network: str
+    network: str   # the libvirt network, or the host bridge when kind is "bridge"
     mac: str = ""  # empty: libvirt picks one
+    kind: str = "network"  # network | bridge
 
 
 @dataclass
@@ -169,6 +172,7 @@ def check_spec(spec: DomainSpec) -> None:
             raise InvalidArgument(f"nics[{i}].mac", "a MAC address such as 00:50:56:aa:bb:cc")
         if not nic.network:
             raise InvalidArgument(f"nics[{i}].network", "a libvirt network name")
+        _check_choice(f"nics[{i}].kind", nic.kind, NIC_KINDS)
 
 
 def _check_choice(name: str, value: str, choices: tuple) -> None:
@@ -256,10 +260,10 @@ def _disk_letters(index: int) -> str:
 
 def _add_nics(devices: etree._Element, spec: DomainSpec) -> None:
     for nic in spec.nics:
-        element = etree.SubElement(devices, "interface", type="network")
+        element = etree.SubElement(devices, "interface", type=nic.kind)
         if nic.mac:
             etree.SubElement(element, "mac", address=nic.mac.lower())
-        etree.SubElement(element, "source", network=nic.network)
+        etree.SubElement(element, "source", {nic.kind: nic.network})
         etree.SubElement(element, "model", type=nic_model(spec.os_family))
 
 

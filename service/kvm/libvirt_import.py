@@ -198,7 +198,8 @@ def _define(uri: str, spec: DomainSpec, autostart: bool, start: bool,
     name = spec.name
     conn = _open(libvirt, uri)
     try:
-        _check_target(libvirt, conn, uri, name, spec.uuid, [nic.network for nic in spec.nics])
+        _check_target(libvirt, conn, uri, name, spec.uuid,
+                      [nic.network for nic in spec.nics if nic.kind == "network"])
         cpu = _cpu_for(libvirt, conn, uri, spec, cpu_mode)
         spec = replace(spec, domain_type=cpu.domain_type, cpu=cpu.cpu)
         xml = build_domain_xml(spec)

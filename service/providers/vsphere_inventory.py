@@ -24,10 +24,10 @@ VM_PROPERTIES = [
     "name", "parent", "resourcePool", "config.instanceUuid", "config.guestFullName",
     "config.guestId", "config.hardware.numCPU", "config.hardware.memoryMB", "config.firmware",
     "config.bootOptions", "config.hardware.device", "config.template", "runtime.powerState",
-    "customValue",
+    "runtime.host", "customValue",
 ]
 CONTAINER_TYPES = [vim.VirtualMachine, vim.Folder, vim.Datacenter, vim.Network,
-                   vim.ResourcePool]
+                   vim.ResourcePool, vim.HostSystem]
 CONTROLLER_KINDS = (
     (vim.vm.device.VirtualSCSIController, "scsi"),
     (vim.vm.device.VirtualAHCIController, "sata"),
@@ -62,6 +62,7 @@ def _spec(content) -> tuple[vmodl.query.PropertyCollector.FilterSpec, object]:
         vmodl.query.PropertyCollector.PropertySpec(type=vim.ResourcePool,
                                                    pathSet=["name", "parent"]),
         vmodl.query.PropertyCollector.PropertySpec(type=vim.Network, pathSet=["name"]),
+        vmodl.query.PropertyCollector.PropertySpec(type=vim.HostSystem, pathSet=["name"]),
         vmodl.query.PropertyCollector.PropertySpec(type=vim.dvs.DistributedVirtualPortgroup,
                                                    pathSet=["name", "key"]),
         vmodl.query.PropertyCollector.PropertySpec(type=vim.CustomFieldsManager,
@@ -90,6 +91,7 @@ def fetch_inventory(si, provider: str) -> list[VMInfo]:
     objects = _retrieve(si.RetrieveContent())
     nodes: dict[str, _Node] = {}
     networks: dict[str, str] = {}   # DVPG key or network moref -> name
+    hosts: dict[str, str] = {}      # host moref -> name
     fields: dict[int, str] = {}
     vms = []
     for obj in objects:
@@ -101,11 +103,13 @@ def fetch_inventory(si, provider: str) -> list[VMInfo]:
             vms.append((ref, props))
         elif isinstance(ref, vim.Network):
             networks[props.get("key") or ref._moId] = props.get("name", "")
+        elif isinstance(ref, vim.HostSystem):
+            hosts[ref._moId] = props.get("name", "")
         else:
             parent = props.get("parent")
             nodes[ref._moId] = _Node(props.get("name", ""), parent._moId if parent else None,
                                      type(ref).__name__)
-    return [_vm_info(ref, props, nodes, networks, fields, provider) for ref, props in vms]
+    return [_vm_info(ref, props, nodes, networks, fields, provider, hosts) for ref, props in vms]
 
 
 def _path_and_datacenter(parent_id: str | None, nodes: dict[str, _Node]) -> tuple[list[str], str]:
@@ -122,7 +126,8 @@ def _path_and_datacenter(parent_id: str | None, nodes: dict[str, _Node]) -> tupl
 
 
 def _vm_info(ref, props: dict, nodes: dict[str, _Node], networks: dict[str, str],
-             fields: dict[int, str], provider: str) -> VMInfo:
+             fields: dict[int, str], provider: str, hosts: dict[str, str]) -> VMInfo:
+    host = props.get("runtime.host")
     parent = props.get("parent") or props.get("resourcePool")
     parts, datacenter = _path_and_datacenter(parent._moId if parent else None, nodes)
     devices = props.get("config.hardware.device", [])
@@ -144,6 +149,7 @@ def _vm_info(ref, props: dict, nodes: dict[str, _Node], networks: dict[str, str]
         disks=disks,
         nics=_nics(devices, networks),
         extra={"guest_id": props.get("config.guestId") or "",
+               "host": hosts.get(host._moId, "") if host is not None else "",
                "template": bool(props.get("config.template")),
                "controllers": list(controllers.values()), "disk_slots": slots,
                "cdroms": sum(isinstance(d, vim.vm.device.VirtualCdrom) for d in devices)},

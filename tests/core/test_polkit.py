@@ -98,7 +98,7 @@ def test_polkitd_knows_every_action_and_the_rules_grant_the_group(system_bus, po
     from lxml import etree
     from ..support.system import REPO
     actions = etree.parse(str(REPO / "polkit/org.hypersdk.HyperSDK1.policy")).xpath("//action/@id")
-    assert len(actions) == 10
+    assert len(actions) == 11
     listed = subprocess.run(["pkaction"], capture_output=True, text=True, env=system_bus.env())
     assert set(actions) <= set(listed.stdout.split())
     admin_only = {"org.hypersdk.HyperSDK1.cancel-job-other-user",

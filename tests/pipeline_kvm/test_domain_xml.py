@@ -65,6 +65,17 @@ def test_linux_guest_gets_virtio_disks_in_boot_order_and_virtio_nics(tmp_path):
     assert root.find("os/boot") is None  # per-device boot order only
 
 
+def test_a_bridge_nic_sits_on_the_host_bridge_and_validates(tmp_path):
+    spec = spec_for(tmp_path, disks=1, nics=2, os_family="linux")
+    spec.nics[1] = DomainNic("br0", MACS[1], kind="bridge")
+    xml = build_domain_xml(spec)
+    validate_with_libvirt_schema(xml, tmp_path)
+    first, second = etree.fromstring(xml).findall("devices/interface")
+    assert (first.get("type"), first.find("source").attrib) == ("network", {"network": "default"})
+    assert (second.get("type"), second.find("source").attrib) == ("bridge", {"bridge": "br0"})
+    assert second.find("mac").get("address") == MACS[1].lower()
+
+
 @pytest.mark.parametrize("os_family", ["windows", "unknown"])
 def test_windows_and_unknown_guests_get_sata_and_e1000e_with_a_note(tmp_path, os_family):
     spec = spec_for(tmp_path, disks=2, nics=1, os_family=os_family)

@@ -64,6 +64,12 @@ def test_spec_example_block_is_accepted(config_for):
     ({"import_to_kvm": True}, "hyper2kvm_integration.import_to_kvm", "enabled: true"),
     ({"enabled": True, "auto_convert": True, "autostart": True},
      "hyper2kvm_integration.autostart", "import_to_kvm"),
+    ({"enabled": True, "auto_convert": True, "output_dir": "/etc"},
+     "hyper2kvm_integration.output_dir", "outside the paths.outputs roots"),
+    ({"enabled": True, "daemon_mode": True, "output_dir": "/var/lib/libvirt/images"},
+     "hyper2kvm_integration.output_dir", "only for the Direct Pipeline"),
+    ({"enabled": True, "auto_convert": True, "network_map": {"VM Network": {"nat": "x"}}},
+     "hyper2kvm_integration.network_map.VM Network.nat", "unknown field"),
 ])
 def test_bad_blocks_name_the_field(config_for, block, field, rule):
     with pytest.raises(InvalidArgument) as info:

@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
+from pathlib import Path
 
 from hypersdk.client.names import BUS_NAME, JOB_IFACE, MANAGER_IFACE
 from hypersdk.client.names import MANAGER_PATH as MANAGER
 
 from .wait import wait_for_value
+
+HYPERCTL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hyperctl"
+
+
+def run_hyperctl(address: str, *args: str, stdin: str | None = None,
+                 timeout: float = 60) -> subprocess.CompletedProcess:
+    """The real hyperctl as a script runs it, on the bus at `address`."""
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address}
+    return subprocess.run([str(HYPERCTL), *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
 def busctl(address: str, *args: str, user: str | None = None,
@@ -97,9 +109,18 @@ class BusMonitor:
                 self._changed.notify_all()
 
     def wait_for(self, text: str, timeout: float = 20) -> None:
+        self.wait_for_line(text, timeout=timeout)
+
+    def wait_for_line(self, *parts: str, timeout: float = 20) -> str:
+        """The first line (one signal) holding every one of `parts`, once there is one."""
+        def found() -> str:
+            return next((line for line in self._lines if all(p in line for p in parts)), "")
+
         with self._changed:
-            if not self._changed.wait_for(lambda: text in self.text, timeout):
-                raise AssertionError(f"gdbus monitor never showed {text!r}:\n{self.text}")
+            if not self._changed.wait_for(found, timeout):
+                raise AssertionError(f"gdbus monitor never showed {parts!r} in one line:\n"
+                                     + self.text[-4000:])
+            return found()
 
     @property
     def text(self) -> str:

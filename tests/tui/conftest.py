@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable
@@ -12,16 +9,8 @@ from textual.widgets import DataTable
 from hypersdk.client.names import job_id_from_path, job_path
 from hypersdk.tui.app import HyperctlApp
 
-from ..support.cli import submit, wait_for_status
-
-HYPERCTL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hyperctl"
-
-
-def run_hyperctl(address: str, *args: str, stdin: str | None = None,
-                 timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address}
-    return subprocess.run([str(HYPERCTL), *args], input=stdin, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+# HYPERCTL and run_hyperctl: for this folder's tests, which import them from here
+from ..support.cli import HYPERCTL, run_hyperctl, submit, wait_for_status  # noqa: F401
 
 
 def submit_job(address: str, definition: dict, kind: str) -> str:

@@ -75,6 +75,7 @@ class FakeConsoleClient:
     def __init__(self, mirror: Mirror | None = None) -> None:
         self.mirror = mirror or fixed_mirror()
         self.calls: list[tuple] = []
+        self.answers: dict[str, object] = {}  # call_object's answer, by member
         self._listeners = []
 
     @property
@@ -118,3 +119,8 @@ class FakeConsoleClient:
     async def retry(self, job_id: str) -> str:
         self.calls.append(("retry", job_id))
         return "job-fffe"
+
+    async def call_object(self, path: str, interface: str, member: str, signature: str = "",
+                          *args):
+        self.calls.append(("call_object", path, interface, member, *args))
+        return self.answers.get(member)

@@ -66,9 +66,9 @@ class Simulator:
     """One running simulator process. Use as a context manager or call start()/stop()."""
 
     def __init__(self, *, vms: int = 2, hosts: int = 1, clusters: int = 1, cluster_hosts: int = 1,
-                 datacenters: int = 1, tls: bool = False) -> None:
+                 datacenters: int = 1, datastores: int = 1, tls: bool = False) -> None:
         self.args = [f"-vm={vms}", f"-host={hosts}", f"-cluster={clusters}",
-                     f"-cluster-host={cluster_hosts}", f"-dc={datacenters}"]
+                     f"-cluster-host={cluster_hosts}", f"-dc={datacenters}", f"-ds={datastores}"]
         if tls:
             self.args.append("-tls")
         self.process: subprocess.Popen | None = None
@@ -291,6 +291,54 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
             sim.put_file(local, backing, datacenter)
         uploaded.append(VirtualDiskContent(backing, local, size))
     return uploaded
+
+
+def place_vm(sim: Simulator, si, vm_name: str, new_name: str, *, datastore: str, network: str,
+             guest_id: str, size: int, workdir: Path, seed: int = 0) -> dict:
+    """`vm_name` powered off and renamed `new_name`, with guest OS `guest_id`, its NIC on
+    `network` (a port group or a standard network) and one disk of `size` bytes on
+    `datastore` holding a real VMDK (make_vmdk). Returns what a migration must keep:
+    {name, mac, network, datastore, disk}."""
+    vm = find_vm(si, vm_name)
+    power_off(vm)
+    devices = vm.config.hardware.device
+    old_disk = next(d for d in devices if isinstance(d, vim.vm.device.VirtualDisk))
+    nic = next(d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard))
+    nic.backing = _nic_backing(si, network)
+    backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(diskMode="persistent",
+                                                            fileName=f"[{datastore}]")
+    disk = vim.vm.device.VirtualDisk(key=-101, controllerKey=old_disk.controllerKey,
+                                      unitNumber=old_disk.unitNumber, capacityInKB=size // 1024,
+                                      capacityInBytes=size, backing=backing)
+    changes = [vim.vm.device.VirtualDeviceSpec(operation="remove", device=old_disk),
+               vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create",
+                                               device=disk),
+               vim.vm.device.VirtualDeviceSpec(operation="edit", device=nic)]
+    wait_task(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(name=new_name, guestId=guest_id,
+                                                        deviceChange=changes)))
+    vm = find_vm(si, new_name)
+    disk = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
+    local = make_vmdk(workdir / f"{new_name}.vmdk", size, seed)
+    sim.put_file(local, disk.backing.fileName, _datacenter_of(vm))
+    local.unlink()
+    return {"name": new_name, "mac": nic.macAddress, "network": network,
+            "datastore": datastore, "disk": disk.backing.fileName}
+
+
+def _nic_backing(si, network: str):
+    """The backing that puts a NIC on `network`: a distributed port group or a network."""
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Network], True)
+    try:
+        found = next(n for n in view.view if n.name == network)
+    finally:
+        view.Destroy()
+    if isinstance(found, vim.dvs.DistributedVirtualPortgroup):
+        port = vim.dvs.PortConnection(portgroupKey=found.key,
+                                      switchUuid=found.config.distributedVirtualSwitch.uuid)
+        return vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(port=port)
+    return vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=network,
+                                                                network=found)
 
 
 def prepare_boot_vm(sim: Simulator, workdir: Path, vm_name: str, new_name: str,

@@ -26,6 +26,7 @@ func main() {
 	clusterHosts := flag.Int("cluster-host", 1, "hosts per cluster")
 	hosts := flag.Int("host", 1, "standalone hosts per datacenter")
 	vms := flag.Int("vm", 2, "virtual machines per host and per cluster")
+	datastores := flag.Int("ds", 1, "local datastores (LocalDS_0, ...); VMs are on the first")
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on (loopback only)")
 	urlFile := flag.String("url-file", "", "write the SDK URL to this file when ready")
 	useTLS := flag.Bool("tls", false, "serve https with a self-signed certificate")
@@ -39,6 +40,7 @@ func main() {
 	model.ClusterHost = *clusterHosts
 	model.Host = *hosts
 	model.Machine = *vms
+	model.Datastore = *datastores
 	if err := model.Create(); err != nil {
 		log.Fatalf("creating the simulator model: %v", err)
 	}

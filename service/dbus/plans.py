@@ -1,0 +1,162 @@
+"""Plan objects on the bus (org.hypersdk.HyperSDK1.Plan.xml), one per stored plan at
+/plans/<id>, created through Manager.CreatePlan; their properties change as the plan's
+VMs are released and end (PropertiesChanged)."""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_property, method
+
+from hypersdk.client.names import PLAN_IFACE, plan_path
+
+from ..plans import Plans
+from .dispatch import caller, require
+from .job import VIEW, usec
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+
+MANAGE_PLANS = "org.hypersdk.HyperSDK1.manage-plans"
+EXPORT = "org.hypersdk.HyperSDK1.export"
+OTHER_USERS_JOBS = "org.hypersdk.HyperSDK1.cancel-job-other-user"
+CHANGING = ("Status", "Vms", "LastPreflight", "StartTime", "EndTime", "ReportPath")
+
+
+class PlanObject(ServiceInterface):
+    def __init__(self, plans: Plans, plan_id: str) -> None:
+        super().__init__(PLAN_IFACE)
+        self._plans = plans
+        self.plan_id = plan_id
+
+    def announce(self) -> None:
+        self.emit_properties_changed({name: getattr(self, "_value_" + name)()
+                                      for name in CHANGING})
+
+    def _plan(self):
+        return self._plans.get(self.plan_id)
+
+    def _value_Status(self) -> str:
+        return self._plan().status
+
+    def _value_Vms(self) -> str:
+        return json.dumps(self._plans.status_table(self.plan_id))
+
+    def _value_LastPreflight(self) -> str:
+        preflight = self._plan().preflight
+        return json.dumps(preflight) if preflight is not None else ""
+
+    def _value_StartTime(self) -> int:
+        return usec(self._plan().started_at)
+
+    def _value_EndTime(self) -> int:
+        return usec(self._plan().finished_at)
+
+    def _value_ReportPath(self) -> str:
+        return self._plan().report_path
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.plan_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._plan().name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Provider(self) -> "s":
+        return self._plan().definition["provider"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RequestedBy(self) -> "s":
+        return self._plan().requested_by
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Definition(self) -> "s":
+        return json.dumps(self._plan().definition)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CreatedTime(self) -> "t":
+        return usec(self._plan().created_at)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Status(self) -> "s":
+        return self._value_Status()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Vms(self) -> "s":
+        return self._value_Vms()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastPreflight(self) -> "s":
+        return self._value_LastPreflight()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StartTime(self) -> "t":
+        return self._value_StartTime()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def EndTime(self) -> "t":
+        return self._value_EndTime()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ReportPath(self) -> "s":
+        return self._value_ReportPath()
+
+    @method()
+    async def Preflight(self, options: "a{sv}") -> "s":
+        await require(MANAGE_PLANS)
+        return json.dumps(await self._plans.preflight(self.plan_id))
+
+    async def _require_for_its_jobs(self) -> None:
+        """Starting or cancelling a plan acts on jobs that are its creator's: for anyone
+        else that needs the right to act on other users' jobs as well."""
+        who = await require(MANAGE_PLANS)
+        if who.principal != self._plan().requested_by:
+            await require(OTHER_USERS_JOBS)
+
+    @method()
+    async def Start(self, options: "a{sv}"):
+        await self._require_for_its_jobs()
+        await require(EXPORT)
+        await self._plans.start(self.plan_id)
+
+    @method()
+    async def Cancel(self, options: "a{sv}"):
+        await self._require_for_its_jobs()
+        self._plans.cancel(self.plan_id)
+
+    @method()
+    async def GetReport(self, options: "a{sv}") -> "s":
+        await require(VIEW)
+        return json.dumps(self._plans.report(self.plan_id))
+
+
+class PlanObjects:
+    """Every stored plan on the bus, kept in step with `plans`."""
+
+    def __init__(self, dispatcher: "Dispatcher", plans: Plans) -> None:
+        self.dispatcher = dispatcher
+        self.plans = plans
+        self._objects: dict[str, PlanObject] = {}
+        plans.on_change.append(self._on_change)
+
+    def export_all(self) -> None:
+        for plan in self.plans.list():
+            self._add(plan.id)
+
+    def _add(self, plan_id: str) -> str:
+        self._objects[plan_id] = PlanObject(self.plans, plan_id)
+        self.dispatcher.export(plan_path(plan_id), self._objects[plan_id])
+        return plan_path(plan_id)
+
+    def _on_change(self, plan_id: str) -> None:
+        obj = self._objects.get(plan_id)
+        if obj is not None:
+            obj.announce()
+
+    async def create(self, definition: object) -> str:
+        """Manager.CreatePlan, after its polkit check."""
+        who = caller()
+        return self._add(self.plans.create(definition, who.uid, who.principal).id)

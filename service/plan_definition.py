@@ -1,0 +1,109 @@
+"""What a migration plan is: its definition, read strictly (unknown fields refused).
+
+A plan is a named set of VMs of ONE provider, by `vms` (identifiers) or by the
+discovery `filter` (the provider's ListVMs filter), with
+- `network_map`: source network / port group -> `{"network": <libvirt network>}` or
+  `{"bridge": <host bridge>}`; every NIC of every VM must be mapped (MACs are kept);
+- `storage_map`: source datastore -> `{"directory": <under paths.outputs>, "format":
+  qcow2 | raw}`; `"*"` maps every datastore not named. A VM lands (in
+  `<directory>/<vm name>/`) where its first disk's datastore is mapped;
+- `limits`: VMs at once for the whole plan (`per_plan`, default 2), per source host
+  (`per_host`) and per datastore (`per_datastore`), on top of the engine's workers;
+- `verify_boot` and `guest_conversion`, passed to each VM's export job as they are.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from .confine import split_under
+from .definitions import JsonObject, check_name
+from .errors import InvalidArgument
+from .kvm.boot_verify import parse_verify_boot
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .providers.registry import ProviderRegistry
+
+PLAN_FIELDS = ("name", "provider", "vms", "filter", "network_map", "storage_map", "limits",
+               "verify_boot", "guest_conversion", "description")
+LIMIT_FIELDS = ("per_plan", "per_host", "per_datastore")
+DEFAULT_PER_PLAN = 2
+ANY_DATASTORE = "*"
+NIC_TARGETS = ("network", "bridge")
+DISK_FORMATS = ("qcow2", "raw")
+_BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")  # an interface name (IFNAMSIZ)
+
+
+def parse_network_map(value: Any, field: str) -> dict[str, dict[str, str]]:
+    """{source network: {"network": name} | {"bridge": name}}, each with exactly one key."""
+    mapping = JsonObject({field: value}, (field,)).mapping(field, {})
+    result = {}
+    for source, target in mapping.items():
+        prefix = f"{field}.{source}."
+        fields = JsonObject(target, NIC_TARGETS, prefix)
+        given = [key for key in NIC_TARGETS if fields.data.get(key) is not None]
+        if len(given) != 1:
+            raise InvalidArgument(prefix.rstrip("."), 'exactly one of "network" (a libvirt '
+                                  'network) or "bridge" (a host bridge)')
+        kind = given[0]
+        name = fields.text(kind, non_empty=True)
+        if kind == "bridge" and not _BRIDGE_RE.match(name):
+            raise InvalidArgument(prefix + kind, "an interface name: 1-15 letters, digits, "
+                                  "'_', '.', ':' or '-'")
+        result[source] = {kind: name}
+    return result
+
+
+def parse_output_dir(value: Any, field: str, config: "Config") -> str:
+    """A directory under paths.outputs (absolute; `..` refused), as given."""
+    root, relative = split_under(value, config.paths.outputs, field, "paths.outputs")
+    return str(root / relative) if relative else str(root)
+
+
+def _storage_map(fields: JsonObject, config: "Config") -> dict[str, dict[str, str]]:
+    mapping = fields.mapping("storage_map")
+    if not mapping:
+        raise InvalidArgument("storage_map", "at least one datastore (or \"*\")")
+    result = {}
+    for source, target in mapping.items():
+        prefix = f"storage_map.{source}."
+        entry = JsonObject(target, ("directory", "format"), prefix)
+        result[source] = {
+            "directory": parse_output_dir(entry.text("directory"), prefix + "directory", config),
+            "format": entry.text("format", config.hyper2kvm.default_format,
+                                 choices=DISK_FORMATS)}
+    return result
+
+
+def _limits(fields: JsonObject) -> dict[str, int | None]:
+    section = fields.section("limits", LIMIT_FIELDS)
+    return {"per_plan": section.integer("per_plan", DEFAULT_PER_PLAN, minimum=1),
+            "per_host": section.integer("per_host", None, minimum=1),
+            "per_datastore": section.integer("per_datastore", None, minimum=1)}
+
+
+def validate_plan(definition: Any, config: "Config", providers: "ProviderRegistry") -> dict:
+    """The normalised plan definition, or InvalidArgument naming the field and the rule."""
+    fields = JsonObject(definition, PLAN_FIELDS)
+    name = check_name(fields.text("name"))
+    provider = fields.text("provider", non_empty=True)
+    providers.check_usable(provider)
+    vms = fields.texts("vms", None, non_empty=True)
+    vm_filter = fields.mapping("filter", None)
+    if (vms is None) == (vm_filter is None):
+        raise InvalidArgument("vms", 'give the VMs either as "vms" (a list of identifiers) '
+                                     'or as "filter" (a discovery filter), not both')
+    if vms is not None:
+        for index, vm in enumerate(vms):
+            if not vm.strip():
+                raise InvalidArgument(f"vms[{index}]", "a non-empty VM identifier")
+            if vm in vms[:index]:
+                raise InvalidArgument(f"vms[{index}]", f"{vm!r} is listed twice")
+    parse_verify_boot(definition.get("verify_boot"), "verify_boot")  # passed on as given
+    return {"name": name, "provider": provider, "vms": vms, "filter": vm_filter,
+            "network_map": parse_network_map(definition.get("network_map"), "network_map"),
+            "storage_map": _storage_map(fields, config), "limits": _limits(fields),
+            "verify_boot": definition.get("verify_boot") or False,
+            "guest_conversion": fields.flag("guest_conversion", False),
+            "description": fields.text("description", "")}

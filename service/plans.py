@@ -1,0 +1,542 @@
+"""Migration plans: a preflight of every VM, then one export job per VM released under
+the plan's limits, a per-VM status table and a report (plan_definition.py says what a
+plan is).
+
+- `preflight` asks the provider (credentials, the VMs) and libvirt (names, networks)
+  and looks at the target directories (there, enough space for the VM's disks counted
+  over the whole plan) before anything moves; each VM gets every rule's verdict.
+- `start` runs the preflight again and refuses to start a plan it fails. The VM list is
+  then fixed (a row per VM in the store) and each VM's job is an export job of the
+  Direct Pipeline (`export_method: disk`, converted into its storage_map directory,
+  defined in libvirt with its NICs on the mapped networks and bridges, MACs kept).
+- A VM is released (its job submitted) only while the plan's jobs not yet ended stay
+  within `per_plan`, and those of its source host and datastore within `per_host` and
+  `per_datastore`. The engine's workers and export slots still apply on top.
+- A job interrupted by a stop or crash of hypervisord puts its VM back in the queue
+  (plan jobs never shut the source VM down, so running it again is safe); at start the
+  plans that were running carry on releasing their VMs.
+- Cancel cancels the jobs running and releases no more. At the end the report (what
+  moved, how long, verified or not, errors) is written as JSON into a root-only
+  directory beside the store.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .definitions import new_id
+from .disks.ovf_writer import safe_name
+from .engine import JobEvent
+from .errors import AlreadyExists, Failed, HyperSDKError, InvalidArgument, NotFound
+from .kvm.domain_xml import guest_family
+from .kvm.libvirt_import import connect
+from .plan_definition import ANY_DATASTORE, validate_plan
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .engine import JobEngine
+    from .model import VMInfo
+    from .store import JobRecord, Store
+
+log = logging.getLogger(__name__)
+ENDED = ("completed", "failed", "cancelled")
+REPORT_DIR = "plan-reports"
+_DATASTORE_RE = re.compile(r"^\[([^\]]+)\]")
+_VM_COLUMNS = ("position", "vm", "name", "host", "datastore", "state", "job_id", "error",
+               "started_at", "finished_at", "outcome")
+
+
+@dataclass
+class Plan:
+    id: str
+    name: str
+    definition: dict
+    status: str
+    created_by_uid: int
+    requested_by: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    preflight: dict | None
+    report_path: str
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "status": self.status,
+                "provider": self.definition["provider"], "definition": self.definition,
+                "created_at": self.created_at, "started_at": self.started_at,
+                "finished_at": self.finished_at, "requested_by": self.requested_by,
+                "report_path": self.report_path}
+
+
+@dataclass
+class PlanVM:
+    position: int
+    vm: str
+    name: str
+    host: str
+    datastore: str
+    state: str  # waiting | released | completed | failed | cancelled
+    job_id: str
+    error: str
+    started_at: float | None
+    finished_at: float | None
+    outcome: dict
+
+    def to_dict(self) -> dict:
+        seconds = (self.finished_at - self.started_at
+                   if self.started_at and self.finished_at else None)
+        return {"vm": self.vm, "name": self.name, "host": self.host,
+                "datastore": self.datastore, "state": self.state, "job_id": self.job_id,
+                "error": self.error, "started_at": self.started_at,
+                "finished_at": self.finished_at, "seconds": seconds, **self.outcome}
+
+
+def datastore_of(location: str) -> str:
+    """`[LocalDS_0] vm/vm.vmdk` -> `LocalDS_0`; "" where the source names none."""
+    match = _DATASTORE_RE.match(location)
+    return match.group(1) if match else ""
+
+
+def storage_target(storage_map: dict, datastore: str) -> dict | None:
+    return storage_map.get(datastore) or storage_map.get(ANY_DATASTORE)
+
+
+def _check(rule: str, problem: str = "") -> dict:
+    return {"rule": rule, "ok": not problem, "message": problem}
+
+
+def _entry(vm: str, name: str, checks: list[dict]) -> dict:
+    return {"vm": vm, "name": name, "ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+@dataclass
+class _Target:
+    """What preflight knows of the target libvirt, read once per preflight."""
+
+    domains: set[str]
+    networks: set[str]
+    problem: str = ""
+
+
+def _read_target(uri: str) -> _Target:
+    try:
+        conn = connect(uri)
+    except HyperSDKError as exc:
+        return _Target(set(), set(), f"libvirt at {uri}: {exc.message}")
+    try:
+        return _Target({d.name() for d in conn.listAllDomains()},
+                       set(conn.listNetworks()) | set(conn.listDefinedNetworks()))
+    finally:
+        conn.close()
+
+
+class _Space:
+    """Free bytes per file system, less what earlier VMs of the plan will take there."""
+
+    def __init__(self) -> None:
+        self.left: dict[int, int] = {}
+
+    def take(self, needs: dict[str, int]) -> str:
+        """Take `needs` (directory -> bytes) or nothing: what does not fit, or ""."""
+        wanted: dict[int, int] = {}
+        for directory, nbytes in needs.items():
+            device = os.stat(directory).st_dev
+            self.left.setdefault(device, shutil.disk_usage(directory).free)
+            wanted[device] = wanted.get(device, 0) + nbytes
+        for directory, nbytes in needs.items():
+            device = os.stat(directory).st_dev
+            if wanted[device] > self.left[device]:
+                return (f"{directory} has {self.left[device]} bytes free for this VM (after "
+                        f"the VMs before it in the plan); it needs {wanted[device]} there")
+        for device, nbytes in wanted.items():
+            self.left[device] -= nbytes
+        return ""
+
+
+class Plans:
+    """The plans in the store, and the releasing of their VMs as the engine's jobs end.
+    `on_change(plan_id)` callbacks hear every change (the D-Bus objects)."""
+
+    def __init__(self, store: "Store", engine: "JobEngine", config: "Config") -> None:
+        self.store = store
+        self.engine = engine
+        self.config = config
+        self.on_change: list[Callable[[str], None]] = []
+        engine.subscribe(self._on_job_event)
+
+    # -- records ---------------------------------------------------------------------
+    def create(self, definition: Any, uid: int, requested_by: str = "") -> Plan:
+        data = validate_plan(definition, self.config, self.engine.providers)
+        plan_id = new_id("plan")
+        with self.store.transaction() as db:
+            if db.execute("SELECT 1 FROM plans WHERE name=?", (data["name"],)).fetchone():
+                raise AlreadyExists(f"name: a plan named {data['name']!r} exists")
+            db.execute("INSERT INTO plans (id, name, definition, status, created_by_uid,"
+                       " requested_by, created_at) VALUES (?,?,?,?,?,?,?)",
+                       (plan_id, data["name"], json.dumps(data), "created", uid, requested_by,
+                        time.time()))
+        log.info("plan %s (%s) created", plan_id, data["name"])
+        return self.get(plan_id)
+
+    def get(self, plan_id: str) -> Plan:
+        row = self.store.execute(
+            "SELECT id, name, definition, status, created_by_uid, requested_by, created_at,"
+            " started_at, finished_at, preflight, report_path FROM plans WHERE id=?",
+            (plan_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"plan: no plan {plan_id!r}")
+        return Plan(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6],
+                    row[7], row[8], json.loads(row[9]) if row[9] else None, row[10])
+
+    def list(self) -> list[Plan]:
+        return [self.get(row[0]) for row in
+                self.store.execute("SELECT id FROM plans ORDER BY created_at, id")]
+
+    def vms(self, plan_id: str) -> list[PlanVM]:
+        rows = self.store.execute(f"SELECT {', '.join(_VM_COLUMNS)} FROM plan_vms "
+                                  "WHERE plan_id=? ORDER BY position", (plan_id,))
+        return [PlanVM(*row[:10], json.loads(row[10])) for row in rows]
+
+    def status_table(self, plan_id: str) -> list[dict]:
+        """One line per VM; a released VM's line carries its job's status now."""
+        table = []
+        for vm in self.vms(plan_id):
+            line = vm.to_dict()
+            if vm.state == "released":
+                line.update(self._job_now(vm.job_id))
+            table.append(line)
+        return table
+
+    def _job_now(self, job_id: str) -> dict:
+        try:
+            job = self.engine.get(job_id)
+        except NotFound:  # gone with the store's retention (resume() records that)
+            return {"job_status": "unknown"}
+        return {"job_status": job.status, "stage": job.stage}
+
+    def _set_plan(self, plan: Plan, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(plan, key, value)
+        stored = {k: json.dumps(v) if k == "preflight" else v for k, v in values.items()}
+        self.store.execute(f"UPDATE plans SET {', '.join(f'{k}=?' for k in stored)} WHERE id=?",
+                           (*stored.values(), plan.id))
+
+    def _set_vm(self, plan_id: str, vm: str, **values: Any) -> None:
+        stored = {k: json.dumps(v) if k == "outcome" else v for k, v in values.items()}
+        self.store.execute(f"UPDATE plan_vms SET {', '.join(f'{k}=?' for k in stored)} "
+                           "WHERE plan_id=? AND vm=?", (*stored.values(), plan_id, vm))
+
+    def _changed(self, plan_id: str) -> None:
+        for callback in self.on_change:
+            try:
+                callback(plan_id)
+            except Exception:  # a broken listener must not stop a plan
+                log.exception("plan listener failed for %s", plan_id)
+
+    # -- preflight -------------------------------------------------------------------
+    async def preflight(self, plan_id: str) -> dict:
+        """Every VM's verdict on every rule; recorded as the plan's last preflight."""
+        return (await self._preflight(self.get(plan_id)))[0]
+
+    async def _preflight(self, plan: Plan) -> tuple[dict, list["VMInfo"]]:
+        found, entries = await self._discover(plan)
+        target = await asyncio.to_thread(_read_target, self.config.libvirt.uri)
+        space, names = _Space(), set()
+        for vm in found:
+            checks = await asyncio.to_thread(self._vm_checks, plan, vm, target, space, names)
+            entries.append(_entry(vm.identifier, vm.name, checks))
+        report = {"ok": bool(entries) and all(e["ok"] for e in entries), "at": time.time(),
+                  "vms": entries}
+        if not entries:
+            report["problem"] = "the plan's filter matches no VM"
+        self._set_plan(plan, preflight=report)
+        self._changed(plan.id)
+        return report, found
+
+    async def _discover(self, plan: Plan) -> tuple[list["VMInfo"], list[dict]]:
+        """The plan's VMs at the provider, and entries for those that failed to be found
+        (a listed VM that is not there; every VM when the provider refuses us)."""
+        definition = plan.definition
+        wanted = definition["vms"] or ["(filter)"]
+        try:
+            provider = await self.engine.providers.get(definition["provider"])
+            if definition["vms"] is None:
+                return await provider.list_vms(definition["filter"]), []
+            found, missing = [], []
+            for identifier in definition["vms"]:
+                try:
+                    found.append(await provider.get_vm(identifier))
+                except NotFound as exc:
+                    missing.append(_entry(identifier, "", [_check("found", exc.message)]))
+            return found, missing
+        except InvalidArgument:
+            raise  # the filter: the message names filter.<key>
+        except HyperSDKError as exc:
+            problem = f"provider {definition['provider']!r}: {exc.message}"
+            return [], [_entry(vm, "", [_check("credentials", problem)]) for vm in wanted]
+
+    def _vm_checks(self, plan: Plan, vm: "VMInfo", target: _Target, space: _Space,
+                   names: set[str]) -> list[dict]:
+        return [_check("found"), _check("credentials"),
+                _check("name_free", self._name_problem(vm, target, names)),
+                _check("networks", self._network_problem(plan, vm, target)),
+                *self._storage_checks(plan, vm, space),
+                _check("guest_os", self._guest_problem(vm))]
+
+    def _name_problem(self, vm: "VMInfo", target: _Target, names: set[str]) -> str:
+        if target.problem:
+            return target.problem
+        if vm.name in target.domains:
+            return f"a domain named {vm.name!r} exists at {self.config.libvirt.uri}"
+        if vm.name in names:
+            return f"another VM of this plan is named {vm.name!r} too"
+        names.add(vm.name)
+        return ""
+
+    def _network_problem(self, plan: Plan, vm: "VMInfo", target: _Target) -> str:
+        network_map = plan.definition["network_map"]
+        for nic in vm.nics:
+            mapped = network_map.get(nic.network)
+            if mapped is None:
+                return f"NIC {nic.mac or nic.key} is on {nic.network!r}, which network_map " \
+                       "does not map"
+            if "network" in mapped and not target.problem \
+                    and mapped["network"] not in target.networks:
+                return (f"libvirt network {mapped['network']!r} (for {nic.network!r}) does "
+                        f"not exist at {self.config.libvirt.uri}")
+            if "bridge" in mapped and not os.path.isdir(f"/sys/class/net/{mapped['bridge']}"
+                                                        "/bridge"):
+                return f"host bridge {mapped['bridge']!r} (for {nic.network!r}) does not exist"
+        return target.problem if vm.nics else ""
+
+    def _storage_checks(self, plan: Plan, vm: "VMInfo", space: _Space) -> list[dict]:
+        """storage (every disk's datastore mapped, the directory there), then space (only
+        when there is a directory to count in)."""
+        storage_map = plan.definition["storage_map"]
+        if not vm.disks:
+            return [_check("storage", "the VM has no disk to migrate")]
+        for disk in vm.disks:
+            datastore = datastore_of(disk.location)
+            if storage_target(storage_map, datastore) is None:
+                return [_check("storage", f"disk {disk.label!r} is on datastore "
+                               f"{datastore or '(none named)'!r}, which storage_map does not "
+                               "map")]
+        directory = storage_target(storage_map, datastore_of(vm.disks[0].location))["directory"]
+        if not os.path.isdir(directory):
+            return [_check("storage", f"target directory {directory} does not exist")]
+        nbytes = sum(d.capacity_bytes for d in vm.disks)
+        # the converted disks, and the exported ones the job keeps in export.base_path
+        # (the first export creates export.base_path: until then, count where it will be)
+        return [_check("storage"), _check("space", space.take(
+            {directory: nbytes, _existing(Path(self.config.export.base_path)): nbytes}))]
+
+    def _guest_problem(self, vm: "VMInfo") -> str:
+        family = guest_family(vm.guest_os)
+        if family == "unknown":
+            return (f"guest OS {vm.guest_os or '(not reported)'!r} is not one guest "
+                    "conversion supports (Linux or Windows)")
+        if family == "windows" and not self.config.guest_conversion.virtio_win:
+            return "a Windows guest needs guest_conversion.virtio_win in the config"
+        return ""
+
+    # -- running ---------------------------------------------------------------------
+    async def start(self, plan_id: str) -> Plan:
+        plan = self.get(plan_id)
+        if plan.status != "created":
+            raise InvalidArgument("plan", f"plan {plan_id} has already {plan.status}")
+        report, found = await self._preflight(plan)
+        plan = self.get(plan_id)
+        if plan.status != "created":  # started by another caller meanwhile
+            raise InvalidArgument("plan", f"plan {plan_id} has already {plan.status}")
+        if not report["ok"]:
+            failed = [f"{e['name'] or e['vm']}: {c['rule']}: {c['message']}"
+                      for e in report["vms"] for c in e["checks"] if not c["ok"]]
+            raise Failed("preflight failed, nothing was started: "
+                         + "; ".join(failed or [report.get("problem", "")]))
+        with self.store.transaction() as db:
+            for position, vm in enumerate(found):
+                db.execute("INSERT INTO plan_vms (plan_id, position, vm, name, host, datastore,"
+                           " state) VALUES (?,?,?,?,?,?,?)",
+                           (plan_id, position, vm.identifier, vm.name, vm.extra.get("host", ""),
+                            datastore_of(vm.disks[0].location), "waiting"))
+        self._set_plan(plan, status="running", started_at=time.time())
+        log.info("plan %s started: %d VMs", plan_id, len(found))
+        self._release(plan)
+        self._changed(plan_id)
+        return plan
+
+    def cancel(self, plan_id: str) -> Plan:
+        plan = self.get(plan_id)
+        if plan.status in ENDED:
+            raise InvalidArgument("plan", f"plan {plan_id} has already {plan.status}")
+        self._set_plan(plan, status="cancelled")
+        for vm in self.vms(plan_id):
+            if vm.state == "waiting":
+                self._set_vm(plan_id, vm.vm, state="cancelled", error="the plan was cancelled")
+        for vm in self.vms(plan_id):
+            if vm.state == "released":
+                try:
+                    self.engine.cancel(vm.job_id)
+                except InvalidArgument:  # it ended meanwhile; its event says how
+                    pass
+        self._finish_if_done(plan)
+        self._changed(plan_id)
+        return plan
+
+    def resume(self) -> None:
+        """At start: catch up with the jobs that ended while we were away, and release
+        what the plans that were running may release now."""
+        for plan in self.list():
+            if plan.status not in ("running", "cancelled") or plan.finished_at:
+                continue
+            for vm in self.vms(plan.id):
+                if vm.state == "released":
+                    try:
+                        self._job_ended(plan, vm, self.engine.get(vm.job_id))
+                    except NotFound:
+                        self._set_vm(plan.id, vm.vm, state="failed",
+                                     error=f"its job {vm.job_id} is no longer stored")
+            if plan.status == "running":
+                self._release(plan)
+            self._finish_if_done(plan)
+
+    def _release(self, plan: Plan) -> None:
+        vms = self.vms(plan.id)
+        active = [vm for vm in vms if vm.state == "released"]
+        for vm in vms:
+            if vm.state != "waiting" or not _fits(vm, active, plan.definition["limits"]):
+                continue
+            try:
+                job = self.engine.submit("export", self._job_definition(plan, vm),
+                                         plan.created_by_uid, requested_by=plan.requested_by)
+            except Failed:
+                return  # hypervisord is stopping: the VM waits for the next start
+            except HyperSDKError as exc:
+                self._set_vm(plan.id, vm.vm, state="failed", error=exc.message,
+                             finished_at=time.time())
+                continue
+            vm.state, vm.job_id = "released", job.id
+            self._set_vm(plan.id, vm.vm, state="released", job_id=job.id, error="")
+            active.append(vm)
+            log.info("plan %s: released %s as job %s", plan.id, vm.name, job.id)
+
+    def _job_definition(self, plan: Plan, vm: PlanVM) -> dict:
+        definition = plan.definition
+        target = storage_target(definition["storage_map"], vm.datastore)
+        return {"vm_identifier": vm.vm, "provider": definition["provider"],
+                "export_method": "disk",
+                "export_path": f"plans/{plan.id}/{safe_name(vm.name)}-{vm.position}",
+                "hyper2kvm_integration": {
+                    "enabled": True, "auto_convert": True, "import_to_kvm": True,
+                    "format": target["format"], "output_dir": target["directory"],
+                    "network_map": definition["network_map"],
+                    "guest_conversion": definition["guest_conversion"],
+                    "verify_boot": definition["verify_boot"]}}
+
+    def _on_job_event(self, event: JobEvent) -> None:
+        if event.type != "status" or event.job.status not in ENDED:
+            return
+        row = self.store.execute("SELECT plan_id, vm FROM plan_vms WHERE job_id=? AND "
+                                 "state='released'", (event.job.id,)).fetchone()
+        if row is None:
+            return
+        plan = self.get(row[0])
+        vm = next(v for v in self.vms(plan.id) if v.vm == row[1])
+        self._job_ended(plan, vm, event.job)
+        if plan.status == "running":
+            self._release(plan)
+        self._finish_if_done(plan)
+        self._changed(plan.id)
+
+    def _job_ended(self, plan: Plan, vm: PlanVM, job: "JobRecord") -> None:
+        """Record how `vm`'s job ended; an interrupted one (hypervisord stopped) puts the
+        VM back in the queue of a running plan."""
+        if job.status not in ENDED:
+            return
+        if job.status == "failed" and job.error.startswith("interrupted") \
+                and plan.status == "running":
+            interrupted = [*vm.outcome.get("interrupted_jobs", []), job.id]
+            self._set_vm(plan.id, vm.vm, state="waiting", job_id="",
+                         outcome={**vm.outcome, "interrupted_jobs": interrupted})
+            log.info("plan %s: %s's job %s was interrupted; it waits to be released again",
+                     plan.id, vm.name, job.id)
+            return
+        self._set_vm(plan.id, vm.vm, state=job.status, error=job.error,
+                     started_at=job.started_at, finished_at=job.finished_at,
+                     outcome={**vm.outcome, **_outcome(job)})
+
+    def _finish_if_done(self, plan: Plan) -> None:
+        vms = self.vms(plan.id)
+        if plan.finished_at or plan.status not in ("running", "cancelled") \
+                or any(vm.state in ("waiting", "released") for vm in vms):
+            return
+        status = plan.status if plan.status == "cancelled" else (
+            "completed" if all(vm.state == "completed" for vm in vms) else "failed")
+        self._set_plan(plan, status=status, finished_at=time.time())
+        try:
+            self._set_plan(plan, report_path=str(self._write_report(plan)))
+        except OSError as exc:
+            log.error("plan %s: could not write its report: %s", plan.id, exc)
+        log.info("plan %s %s", plan.id, status)
+
+    # -- the report ------------------------------------------------------------------
+    def report(self, plan_id: str) -> dict:
+        plan = self.get(plan_id)
+        vms = [vm.to_dict() for vm in self.vms(plan_id)]
+        counts: dict[str, int] = {}
+        for vm in vms:
+            counts[vm["state"]] = counts.get(vm["state"], 0) + 1
+        seconds = (plan.finished_at - plan.started_at
+                   if plan.started_at and plan.finished_at else None)
+        return {**plan.to_dict(), "final": plan.finished_at is not None, "seconds": seconds,
+                "limits": plan.definition["limits"], "counts": counts,
+                "moved": counts.get("completed", 0),
+                "verified": sum(1 for vm in vms if vm.get("verified")), "vms": vms}
+
+    def _write_report(self, plan: Plan) -> Path:
+        """The report as JSON in <database dir>/plan-reports/ (0700 root), created anew."""
+        directory = Path(self.config.database.path).parent / REPORT_DIR
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = directory / f"{plan.id}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.report(plan.id), handle, indent=2)
+        return path
+
+
+def _existing(path: Path) -> str:
+    """`path`, or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return str(path)
+
+
+def _fits(vm: PlanVM, active: list[PlanVM], limits: dict) -> bool:
+    """Whether releasing `vm` keeps the plan, its host and its datastore within limits
+    (a VM whose source names no host or datastore is limited by the plan only)."""
+    if len(active) >= limits["per_plan"]:
+        return False
+    for key, limit in (("host", limits["per_host"]), ("datastore", limits["per_datastore"])):
+        value = getattr(vm, key)
+        if limit and value and sum(getattr(a, key) == value for a in active) >= limit:
+            return False
+    return True
+
+
+def _outcome(job: "JobRecord") -> dict:
+    """What a VM's report line says of its job's result: the domain, disks, verified."""
+    handoff = (job.result or {}).get("hyper2kvm") or {}
+    imported = handoff.get("import") or {}
+    verification = imported.get("verification")
+    return {"domain": imported.get("domain", ""), "uuid": imported.get("uuid", ""),
+            "disks": [d.get("path") for d in handoff.get("disks", [])],
+            "verified": bool(verification and verification.get("verified")),
+            "verification": verification or "not requested"}
