@@ -9,8 +9,7 @@ from textual.widgets import DataTable
 from hypersdk.client.names import job_id_from_path, job_path
 from hypersdk.tui.app import HyperctlApp
 
-# HYPERCTL and run_hyperctl: for this folder's tests, which import them from here
-from ..support.cli import HYPERCTL, run_hyperctl, submit, wait_for_status  # noqa: F401
+from ..support.cli import run_hyperctl, submit, wait_for_status
 
 
 def submit_job(address: str, definition: dict, kind: str) -> str:

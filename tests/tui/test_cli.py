@@ -6,9 +6,9 @@ import os
 import subprocess
 
 from hypersdk.client.names import job_path
-from tests.support.cli import BusMonitor, interfaces_removed
 
-from .conftest import HYPERCTL, submit_job, wait_status
+from ..support.cli import HYPERCTL, BusMonitor, interfaces_removed
+from .conftest import submit_job, wait_status
 
 
 def test_jobs_json_lists_jobs_and_filters_by_status(system_bus, hypervisord, hyperctl):

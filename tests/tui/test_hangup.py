@@ -15,7 +15,7 @@ import termios
 import time
 
 from ..support.wait import wait_exit
-from .conftest import HYPERCTL
+from ..support.cli import HYPERCTL
 
 EXIT_HANGUP = 129
 

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from ..support.wait import wait_for_value
-from .conftest import HYPERCTL, submit_job, wait_status
+from ..support.cli import HYPERCTL
+from .conftest import submit_job, wait_status
 
 FILTER_PLACEHOLDER = "filter: id, VM, operation"
 

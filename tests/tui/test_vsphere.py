@@ -11,7 +11,8 @@ from hypersdk.tui.app import HyperctlApp
 from hypersdk.tui.client import HyperClient
 from tests.vcsim.harness import give_disks
 
-from .conftest import cell, run_hyperctl
+from ..support.cli import run_hyperctl
+from .conftest import cell
 from ..support.wait import pilot_until
 
 EXPORT_VM = "DC0_H0_VM0"
