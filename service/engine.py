@@ -76,7 +76,7 @@ class RunningJob:
         self.providers = engine.providers
         self.tracker = ProgressTracker()
         self.task: asyncio.Task | None = None
-        self.cancel_reason = ""  # user | shutdown
+        self.cancel_reason = ""  # user | shutdown | lost (another instance recovered it)
         self.cancel_asked_on = ""  # the instance a user's cancel came from
         self.output = JobOutput(engine.store, record.id, engine.config.export.checkpoint_interval,
                                 self.log)
@@ -283,12 +283,13 @@ class JobEngine:
             raise InvalidArgument("job", f"job {job_id} has already {job.status}")
         return self.store.get_job(job_id)
 
-    def cancel_running(self, job_id: str, asked_on: str) -> bool:
-        """Cancel the job if it runs here (a user asked on instance `asked_on`)."""
+    def cancel_running(self, job_id: str, asked_on: str, reason: str = "user") -> bool:
+        """Cancel the job if it runs here: a user asked on instance `asked_on`, or (reason
+        "lost") another instance recovered it while this one did not answer (fleet.py)."""
         running = self._running.get(job_id)
         if running is None or running.task is None:
             return False
-        running.cancel_reason, running.cancel_asked_on = "user", asked_on
+        running.cancel_reason, running.cancel_asked_on = reason, asked_on
         running.task.cancel()
         return True
 
@@ -430,6 +431,11 @@ class JobEngine:
                 asked = (f" on instance {running.cancel_asked_on}"
                          if running.cancel_asked_on != self.instance else "")
                 self._finish(job, "cancelled", error=f"cancelled by the user{asked}")
+            elif running.cancel_reason == "lost":  # its record is the recoverer's now
+                running.output.discard()
+                log.warning("job %s: instance %s recovered it while this one did not answer;"
+                            " stopped here and what it made here removed", job.id,
+                            running.cancel_asked_on)
             else:
                 kept = running.output.suspend()
                 self._finish(job, "failed", error="interrupted by service shutdown; "

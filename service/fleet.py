@@ -12,6 +12,9 @@ store (engine.py) and, here, every `database.poll_interval`:
   running, on that instance), so exactly one instance recovers each job, and the dead
   instance's own restart leaves it alone (it only removes what the job made on its
   disk: engine.recover);
+- stops its running jobs that another instance recovered while this one did not
+  answer (a pause, a network cut longer than the lease), removing what they made here
+  and leaving their records to the recoverer;
 - cancels its running jobs that a user cancelled on another instance (a flag in the
   store, Store.request_cancel);
 - wakes its workers for jobs submitted elsewhere;
@@ -92,6 +95,9 @@ class Fleet:
         if time.monotonic() >= self._next_beat:
             self.store.renew_lease(self.instance, self.lease)
             self._next_beat = time.monotonic() + self.lease / 3
+            recovered = self.store.recovered_from(self.instance, self.engine.running_ids)
+            for job_id, recoverer in recovered.items():
+                self.engine.cancel_running(job_id, recoverer, reason="lost")
             self.take_over()
         for job_id, asked_on in self.store.cancels_requested(self.instance).items():
             self.engine.cancel_running(job_id, asked_on)

@@ -497,6 +497,16 @@ class Store:
             f"SELECT * FROM jobs WHERE status='running' AND instance IN ({marks})"
             " ORDER BY created_at, rowid", instances)]
 
+    def recovered_from(self, instance: str, job_ids: set[str]) -> dict[str, str]:
+        """{job id: the instance that recovered it} of those of `job_ids`, running on
+        `instance`, that another instance recovered (it did not answer meanwhile)."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        return {row[0]: row[1] for row in self._db.execute(
+            f"SELECT id, recovered_by FROM jobs WHERE id IN ({marks}) AND instance=?"
+            " AND recovered_by NOT IN ('', ?)", (*job_ids, instance, instance))}
+
     def request_cancel(self, job_id: str, instance: str) -> bool:
         """Ask the instance running the job to cancel it (it looks at its heartbeat)."""
         return bool(self._db.execute(
@@ -518,8 +528,11 @@ class Store:
             (instance, instance))]
 
     def save_progress(self, job: JobRecord) -> None:
-        self._db.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?",
-                         (job.stage, job.bytes_done, job.bytes_total, job.id))
+        """The progress of a job running on `job.instance` (not once another instance
+        recovered it)."""
+        self._db.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?"
+                         " AND status='running' AND instance=?",
+                         (job.stage, job.bytes_done, job.bytes_total, job.id, job.instance))
 
     def status_history(self, job_id: str) -> list[tuple[float, str, str]]:
         return [tuple(r) for r in self._db.execute(

@@ -4,12 +4,15 @@ cancels across instances, schedules fired once, and each instance showing the fl
 from __future__ import annotations
 
 import json
+import signal
 from collections import Counter
 
 from hypersdk.client.names import job_path
 from tests.support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, wait_for_status
 from tests.support.fleet import Fleet, tally_job
 from tests.support.wait import wait_for_value, wait_until
+
+from ..bridge.stack import ANY_PORT, Bridge, curl, token_api, wait_status
 
 
 def _statuses(fleet: Fleet, ids: list[str]) -> Counter:
@@ -126,3 +129,51 @@ def test_a_schedule_due_on_both_instances_fires_exactly_once_per_slot(fleet):
     assert sorted(runs) == sorted(ids)
     for name in ("a", "b"):
         assert "scheduler tick failed" not in fleet.instances[name].daemon.log()
+
+
+def test_one_instance_s_bridge_shows_a_job_running_on_the_other_with_its_progress(fleet):
+    b = fleet.start("b")
+    job_id = b.submit("sleep", {"steps": 1000, "interval": 0.05, "step_bytes": 1})
+    wait_for_status(b.address, job_path(job_id), {"running"})  # on b: no other instance yet
+    home = fleet.directory / "a"  # the bridge's curl config sits beside a's config
+    home.mkdir()
+    a = fleet.start("a", daemon={"address": ANY_PORT}, api=token_api(home))
+    bridge = Bridge(a.daemon.config_path, a.address).start()
+    try:
+        shown = wait_for_value(lambda: curl(bridge, f"/jobs/query?job_id={job_id}").json(),
+                               lambda job: job["bytes_done"] > 0, what="b's saved progress")
+        wait_for_value(lambda: curl(bridge, f"/jobs/query?job_id={job_id}").json(),
+                       lambda job: job["bytes_done"] > shown["bytes_done"],
+                       what="b's progress moving on a's bridge")
+        assert (shown["status"], shown["instance"], shown["stage"]) == ("running", "b",
+                                                                          "sleeping")
+        listed = curl(bridge, "/jobs?status=running").json()["jobs"]
+        assert [(job["job_id"], job["instance"]) for job in listed] == [(job_id, "b")]
+        b.cancel(job_id)
+        assert wait_status(bridge, job_id, {"cancelled"})["instance"] == "b"
+    finally:
+        bridge.stop()
+
+
+def test_an_instance_paused_past_its_lease_stops_the_job_the_other_recovered(fleet):
+    a, b = fleet.start("a"), fleet.start("b")
+    definition = {"dir": str(fleet.shared), "steps": 400, "interval": 0.05, "step_bytes": 1}
+    job_id = b.submit("sleep", definition)
+    wait_for_status(b.address, job_path(job_id), {"running"})
+    assert b.get_job(job_id)["Instance"] == "b"  # a submit on b starts on b at once
+    wait_until(lambda: job_path(job_id) in a.list_jobs(), what="b's job on a's bus")
+    b.daemon.process.send_signal(signal.SIGSTOP)  # alive, but silent: a cut-off host
+    try:
+        wait_for_status(a.address, job_path(job_id), {"failed"}, timeout=30)
+    finally:
+        b.daemon.process.send_signal(signal.SIGCONT)
+    recovered = a.get_job(job_id)
+    assert recovered["Error"].startswith("interrupted: instance b stopped answering")
+    # b hears at its next heartbeat that a recovered the job: it stops it there and
+    # removes what it made, and a's record stands
+    wait_until(lambda: not (fleet.shared / f"{job_id}.partial").exists(),
+               what="b to remove what its lost run made")
+    wait_until(lambda: "instance a recovered it while this one did not answer"
+               in b.daemon.log(), what="b to stop its lost run")
+    assert a.get_job(job_id) == recovered
+    assert b.get_job(job_id) == recovered
