@@ -3,14 +3,18 @@
 cancels across instances, schedules fired once, and each instance showing the fleet."""
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from collections import Counter
 
+from aiohttp import web
+
 from hypersdk.client.names import job_path
 from tests.support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, wait_for_status
 from tests.support.fleet import Fleet, tally_job
-from tests.support.wait import wait_for_value, wait_until
+from tests.support.servers import serve_app
+from tests.support.wait import until, wait_for_value, wait_until
 
 from ..bridge.stack import ANY_PORT, Bridge, curl, token_api, wait_status
 
@@ -177,3 +181,41 @@ def test_an_instance_paused_past_its_lease_stops_the_job_the_other_recovered(fle
                in b.daemon.log(), what="b to stop its lost run")
     assert a.get_job(job_id) == recovered
     assert b.get_job(job_id) == recovered
+
+
+async def test_each_webhook_event_is_delivered_once_by_the_fleet(fleet):
+    arrived: list[tuple[str, str]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.json()
+        arrived.append((body["event"], body["job_id"]))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner, port = await serve_app(app)
+    try:
+        settings = {"automation": {"webhook_private_targets": ["127.0.0.1"]},
+                    "webhooks": [{"url": f"http://127.0.0.1:{port}/hook",
+                                  "events": ["job.started", "job.completed"]}]}
+        a = await asyncio.to_thread(fleet.start, "a", **settings)
+        b = await asyncio.to_thread(fleet.start, "b", **settings)
+        ids = [await asyncio.to_thread((a if n % 2 else b).submit, "tally", tally_job(fleet))
+               for n in range(10)]
+        expected = sorted((event, job_id) for job_id in ids
+                          for event in ("job.started", "job.completed"))
+        await until(lambda: len(arrived) >= len(expected), timeout=60,
+                    what="every job's two events")
+        await until(lambda: _outbox_settled(fleet), what="the outbox to drain")
+        assert sorted(arrived) == expected  # each once, none twice
+    finally:
+        await runner.cleanup()
+
+
+def _outbox_settled(fleet: Fleet) -> bool:
+    store = fleet.store()
+    try:
+        return store.execute("SELECT COUNT(*) FROM webhook_outbox WHERE state != 'delivered'"
+                             ).fetchone()[0] == 0
+    finally:
+        store.close()
