@@ -217,7 +217,8 @@ SCHEMAS: dict[str, dict] = {
         "started_at": _nullable("string", format="date-time"),
         "ended_at": _nullable("string", format="date-time"), "error": _STR,
         "attempts": _INT, "retry_of": _nullable("string"),
-        "requested_by": _nullable("string"), "definition": _OBJ, "result": _OBJ}),
+        "requested_by": _nullable("string"), "instance": _nullable("string"),
+        "definition": _OBJ, "result": _OBJ}),
     "JobList": _object(["jobs", "total", "limit", "offset"], {
         "jobs": {"type": "array", "items": _ref("Job")}, "total": _INT, "limit": _INT,
         "offset": _INT}),

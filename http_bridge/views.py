@@ -90,6 +90,8 @@ def job_json(props: dict) -> dict:
         # who asked: "rest:<token name>" or "unix:<user>" (hypervisord's RequestedBy);
         # None for jobs from before principals were recorded
         "requested_by": props.get("RequestedBy", "") or None,
+        # the hypervisord that runs or ran it (daemon.instance); None while pending
+        "instance": props.get("Instance", "") or None,
         "definition": _json_property(props.get("Definition", "")),
         "result": _json_property(props.get("Result", "")),
     }

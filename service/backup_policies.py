@@ -284,8 +284,9 @@ class BackupPolicies(CronItems[Policy]):
     # -- job completion and retention --------------------------------------------------
     def on_job_event(self, event: "JobEvent") -> None:
         """Engine listener: mark the backup good or failed; apply retention when a run ends."""
-        if event.type != "status" or event.job.status not in TERMINAL_STATUSES:
-            return
+        if not event.local or event.type != "status" or \
+                event.job.status not in TERMINAL_STATUSES:
+            return  # the instance that ended the job settles it (fleet.py)
         row = self.store.execute("SELECT policy_id, run_id FROM backups WHERE job_id=? AND"
                                  " state='pending'", (event.job.id,)).fetchone()
         if row is None:

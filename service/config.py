@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ASCII_DIGITS_RE = re.compile(r"[0-9]{1,5}")
 _SERVER_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", re.IGNORECASE)
 _ORIGIN_RE = re.compile(r"https?://[^\s/?#@]+", re.IGNORECASE)
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _address_rule(value: str) -> str | None:
@@ -69,6 +71,12 @@ def _database_url_rule(value: str) -> str | None:
             "[?host=/socket/dir]")
 
 
+def _instance_rule(value: str) -> str | None:
+    return None if _INSTANCE_RE.fullmatch(value) else (
+        "a name of 1 to 64 letters, digits, '.', '_' or '-' (unique among the hypervisords "
+        "sharing a database)")
+
+
 def _url_rule(value: str) -> str | None:
     return None if re.match(r"^https?://[^\s/]+", value) else "an http:// or https:// URL"
 
@@ -81,6 +89,9 @@ MAIN_SCHEMA: Schema = {
         # how long a finished job stays a D-Bus object (as udisks' jobs do); its record
         # stays in the store (Manager.ListJobRecords, REST /jobs). 0: it leaves at once
         "finished_job_linger": Field("duration", 300.0, minimum=0),
+        # this hypervisord's name among those sharing a database (database.url): recorded
+        # on each job it runs (service/fleet.py)
+        "instance": Field("str", socket.gethostname()[:64], check=_instance_rule),
     },
     "hyper2kvm": {
         "path": Field("str", "/usr/local/bin/hyper2kvm"),
@@ -113,6 +124,12 @@ MAIN_SCHEMA: Schema = {
         # are removed when a job ends and at start-up (0: no limit)
         "retention_count": Field("int", 5000, minimum=0),
         "retention_age": Field("duration", 90 * 86400.0, minimum=0),
+        # instances sharing the database (service/fleet.py): each renews a lease this long
+        # (its heartbeat: every third of it); another takes over the jobs of one whose lease
+        # ran out. Pending jobs, cancels and other instances' jobs are looked for every
+        # poll_interval (a job submitted here starts at once)
+        "lease_seconds": Field("duration", 30.0, minimum=1),
+        "poll_interval": Field("duration", 2.0, minimum=0.05),
     },
     "libvirt": {
         "uri": Field("str", "qemu:///system"),

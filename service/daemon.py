@@ -28,6 +28,7 @@ from .dbus.bus import connect
 from .dbus.service import DBusService
 from .engine import JobEngine
 from .errors import Failed, HyperSDKError
+from .fleet import Fleet
 from .plans import Plans
 from .providers.registry import ProviderRegistry
 from .store import open_store
@@ -94,11 +95,13 @@ class Daemon:
                          f"{exc.strerror or exc} (is dbus running?)") from exc
         automation = Automation(store, engine, self.config)
         plans = Plans(store, engine, self.config)
+        fleet = Fleet(engine)
         service = DBusService(bus, engine, automation, bridge_uids(self.config), plans)
         try:
             service.export_all()
             await service.own_name()
             await engine.start()
+            fleet.start()
             plans.resume()
             await automation.start()
             self.notifier.notify("READY=1")
@@ -116,6 +119,7 @@ class Daemon:
             self.notifier.notify("STOPPING=1")
             self.status("stopping: no new jobs; interrupting running jobs")
             await automation.stop()
+            await fleet.stop()
             await engine.shutdown()
         finally:
             await service.close()

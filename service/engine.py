@@ -1,14 +1,20 @@
 """The job engine: a persistent queue, a worker pool, cancel, retries and progress.
 
-Jobs are rows in the store first and tasks second, so nothing is lost on a crash.
-Recovery rule at start (documented in the README): a job found `running` was
-interrupted by a crash or kill; it is marked `failed` with the reason
+Jobs are rows in the store first and tasks second, so nothing is lost on a crash. The
+queue is the store itself: a worker claims the oldest pending job (Store.claim_pending),
+which records this instance (`daemon.instance`) as the one running it, so several
+hypervisords sharing a database each run a job once (fleet.py: leases, cancels and
+the jobs of an instance that stopped answering). A submit here wakes the workers at
+once; jobs submitted elsewhere are found every `database.poll_interval`.
+
+Recovery rule at start (documented in the README): a job this instance left `running`
+was interrupted by a crash or kill; it is marked `failed` with the reason
 "interrupted: ..." (re-running an export silently could shut a VM down twice) and the
 user may retry it; what it made is removed, except downloads with verified checkpoints,
 which its retry resumes (job_output.py; `export.resume_on_start` retries such jobs at
-once). `pending` jobs are queued again. On SIGTERM the engine stops taking work,
-cancels running jobs (their partial files are removed or kept for a resume alike) and
-marks them failed "interrupted by service shutdown; ...".
+once). Jobs of other instances are not touched here. On SIGTERM the engine stops taking
+work, cancels running jobs (their partial files are removed or kept for a resume alike)
+and marks them failed "interrupted by service shutdown; ...".
 """
 from __future__ import annotations
 
@@ -44,11 +50,14 @@ class JobEvent:
     """What listeners (D-Bus objects, webhooks, schedules) hear about a job.
 
     type: created | status | progress | log | removed (pruned: database.retention_*)
+    local: False for what another instance did, seen in the shared store (fleet.py):
+    shown on the bus, but its own instance fires the webhooks and settles the backups
     """
 
     type: str
     job: JobRecord
     line: LogLine | None = None
+    local: bool = True
 
 
 Listener = Callable[[JobEvent], None]
@@ -67,7 +76,8 @@ class RunningJob:
         self.providers = engine.providers
         self.tracker = ProgressTracker()
         self.task: asyncio.Task | None = None
-        self.cancel_reason = ""
+        self.cancel_reason = ""  # user | shutdown | lost (another instance recovered it)
+        self.cancel_asked_on = ""  # the instance a user's cancel came from
         self.output = JobOutput(engine.store, record.id, engine.config.export.checkpoint_interval,
                                 self.log)
         self._last_save = 0.0
@@ -133,8 +143,9 @@ class JobEngine:
         self.store = store
         self.config = config
         self.providers = providers
+        self.instance: str = config.daemon.instance
         self._listeners: list[Listener] = []
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._wake = asyncio.Event()  # a job may be pending: idle workers look
         self._running: dict[str, RunningJob] = {}
         self._workers: list[asyncio.Task] = []
         self._export_slots = asyncio.Semaphore(config.export.concurrent_exports)
@@ -154,25 +165,34 @@ class JobEngine:
 
     # -- lifecycle -------------------------------------------------------------------
     def recover(self) -> None:
-        """Mark interrupted work failed; remove what it made but downloads worth resuming
-        (job_output.py)."""
-        for job in self.store.list_jobs(status="running", limit=1_000_000):
+        """Mark the work this instance was interrupted in failed (jobs recorded before
+        instances were, too); remove what it made but downloads worth resuming
+        (job_output.py), and what its jobs that another instance recovered left here."""
+        for job in self.store.running_on((self.instance, "")):
             left, kept = remove_leftovers(self.store, job.id, keep_resumable=True,
                                           when="after the restart")
             job.status = "failed"
             job.finished_at = time.time()
             job.error = ("interrupted: hypervisord stopped while the job was running; "
                          + _what_was_left(left, kept))
-            self.store.set_status(job, reason="recovered after restart")
+            if not self.store.end_if(job, "running", reason="recovered after restart"):
+                continue  # another instance recovered it meanwhile (fleet.py)
             self.store.append_log(job.id, time.time(), "error", job.error)
             # the name is owned by now: a client that already read the job as running
             # (the bridge's mirror, a console) must hear that it is not
             self.notify(JobEvent("status", job))
+        for job_id in self.store.recovered_elsewhere(self.instance):
+            remove_leftovers(self.store, job_id, keep_resumable=False,
+                             when="after the restart (the job was recovered elsewhere)")
+
+    def wake(self) -> None:
+        """A job may be pending: idle workers claim it."""
+        self._wake.set()
 
     async def start(self) -> None:
+        self.store.renew_lease(self.instance, self.config.database.lease_seconds,
+                               starting=True)
         self.recover()
-        for job in self.store.list_jobs(status="pending", limit=1_000_000):
-            self._queue.put_nowait(job.id)
         self.prune()
         self._accepting = True
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
@@ -203,6 +223,11 @@ class JobEngine:
             return running.record
         return self._unrecorded.get(job_id) or self.store.get_job(job_id)
 
+    @property
+    def running_ids(self) -> set[str]:
+        """The jobs running on this instance."""
+        return set(self._running)
+
     def snapshot(self, job: JobRecord) -> ProgressSnapshot:
         """Live progress of a running job; what was recorded for any other."""
         running = self._running.get(job.id)
@@ -226,31 +251,47 @@ class JobEngine:
         return kind, kind.validate(definition, self)
 
     def submit(self, kind_name: str, definition: object, uid: int = -1,
-               retry_of: str | None = None, requested_by: str = "") -> JobRecord:
+               retry_of: str | None = None, requested_by: str = "",
+               job_id: str | None = None) -> JobRecord:
+        """A new pending job (`job_id`: one new_job_id() gave, named earlier)."""
         if not self._accepting:
             raise Failed("hypervisord is shutting down; no new jobs are accepted")
         kind, normalised = self.validate(kind_name, definition)
         summary = kind.describe(normalised)
-        job = JobRecord(id="job-" + uuid.uuid4().hex[:12], kind=kind.name, status="pending",
+        job = JobRecord(id=job_id or new_job_id(), kind=kind.name, status="pending",
                         definition=normalised, vm=summary["vm"], provider=summary["provider"],
                         started_by_uid=uid, created_at=time.time(), retry_of=retry_of,
                         requested_by=requested_by)
         self.store.insert_job(job)
         self.notify(JobEvent("created", job))
-        self._queue.put_nowait(job.id)
+        self.wake()
         return job
 
     def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job: running here, at once; pending, before any instance claims it;
+        running on another instance, by a request it honours at its next look (fleet.py)."""
         job = self.get(job_id)
         if job.finished:
             raise InvalidArgument("job", f"job {job_id} has already {job.status}")
-        running = self._running.get(job_id)
-        if running and running.task:
-            running.cancel_reason = "user"
-            running.task.cancel()
+        if self.cancel_running(job_id, self.instance):
             return job
-        self._finish(job, "cancelled", error="cancelled before it started")
-        return job
+        if job.status == "pending" and self._finish(job, "cancelled",
+                                                    error="cancelled before it started"):
+            return job
+        if not self.store.request_cancel(job_id, self.instance):
+            job = self.store.get_job(job_id)  # it ended meanwhile
+            raise InvalidArgument("job", f"job {job_id} has already {job.status}")
+        return self.store.get_job(job_id)
+
+    def cancel_running(self, job_id: str, asked_on: str, reason: str = "user") -> bool:
+        """Cancel the job if it runs here: a user asked on instance `asked_on`, or (reason
+        "lost") another instance recovered it while this one did not answer (fleet.py)."""
+        running = self._running.get(job_id)
+        if running is None or running.task is None:
+            return False
+        running.cancel_reason, running.cancel_asked_on = reason, asked_on
+        running.task.cancel()
+        return True
 
     def retry(self, job_id: str, uid: int, requested_by: str = "") -> JobRecord:
         job = self.get(job_id)
@@ -275,14 +316,20 @@ class JobEngine:
 
     # -- running ---------------------------------------------------------------------
     def _finish(self, job: JobRecord, status: str, error: str = "", result: dict | None = None,
-                reason: str = "") -> None:
+                reason: str = "") -> bool:
+        """End the job as `status`, unless another instance changed it first (claimed a
+        pending job, recovered a running one): False then, and nothing is recorded."""
+        was = job.status
         job.status = status
         job.finished_at = time.time()
         job.error = error
         if result is not None:
             job.result = result
         try:
-            self.store.set_status(job, reason=reason)
+            if not self.store.end_if(job, was, reason=reason):
+                log.warning("job %s: not recorded as %s; another instance changed it first "
+                            "(it is %s there)", job.id, status, self.store.get_job(job.id).status)
+                return False
             if error:
                 self.append_log(job, error, "error" if status == "failed" else "info")
         except self.store.errors as exc:  # listeners still hear the truth; recorded later
@@ -291,6 +338,7 @@ class JobEngine:
             self._unrecorded[job.id] = job
         self.notify(JobEvent("status", job))
         self.prune()
+        return True
 
     def prune(self) -> None:
         """Remove the finished jobs database.retention_count/_age no longer keep."""
@@ -320,32 +368,45 @@ class JobEngine:
             del self._unrecorded[job_id]
 
     async def _worker(self) -> None:
-        """Take jobs off the queue for good: one job's failure, even the store's (a full
-        disk), fails that job and never this worker."""
+        """Claim and run pending jobs for good: one job's failure, even the store's (a
+        full disk), fails that job and never this worker."""
         while True:
-            job_id = await self._queue.get()
+            self._wake.clear()
             try:
-                await self._take(job_id)
+                job = self._claim()
+            except self.store.errors as exc:
+                log.warning("worker: cannot claim a pending job: %s", exc)
+                job = None
+            if job is None:
+                await self._wake.wait()
+                continue
+            try:
+                await self._take(job)
             except Exception as exc:
-                log.exception("worker: job %s could not be run", job_id)
-                self._fail_unrun(job_id, exc)
+                log.exception("worker: job %s could not be run", job.id)
+                self._fail_unrun(job.id, exc)
 
-    async def _take(self, job_id: str) -> None:
+    def _claim(self) -> JobRecord | None:
+        """The oldest pending job this instance can start now, claimed; None if none.
+        While every export slot is taken, jobs that need one stay pending for others."""
+        if not self._accepting:
+            return None
         self._record_unrecorded()
-        try:
-            job = self.store.get_job(job_id)
-        except NotFound:
-            return
-        if job.status != "pending" or not self._accepting:
-            return
+        skip = (tuple(name for name in kind_names() if get_kind(name).export_slot)
+                if self._export_slots.locked() else ())
+        claimed = self.store.claim_pending(1, self.instance, skip)
+        return claimed[0] if claimed else None
+
+    async def _take(self, job: JobRecord) -> None:
+        """Run a job claimed here (an export slot is free for it: `_claim`)."""
         kind = get_kind(job.kind)
         if kind is None:
             self._finish(job, "failed", error=f"job kind {job.kind!r} is not available")
         elif kind.export_slot:
             async with self._export_slots:
-                await self._run(job.id, kind)
+                await self._run(job, kind)
         else:
-            await self._run(job.id, kind)
+            await self._run(job, kind)
 
     def _fail_unrun(self, job_id: str, exc: Exception) -> None:
         """A job that could not even be started or finished normally: fail it truthfully."""
@@ -357,16 +418,9 @@ class JobEngine:
         if not job.finished:
             self._finish(job, "failed", error=_internal_error(exc, self.store.errors))
 
-    async def _run(self, job_id: str, kind: JobKind) -> None:
-        # read again: the record read before waiting for a slot may be stale (a Cancel
-        # meanwhile wrote "cancelled" to the store, not into that copy)
-        job = self.store.get_job(job_id)
-        if job.status != "pending" or not self._accepting:
-            return  # cancelled while it waited for a slot
+    async def _run(self, job: JobRecord, kind: JobKind) -> None:
         running = RunningJob(self, job, kind)
         self._running[job.id] = running
-        job.status, job.started_at = "running", time.time()
-        self.store.set_status(job)
         self.notify(JobEvent("status", job))
         running.task = asyncio.create_task(self._attempts(running, kind), name=job.id)
         try:
@@ -374,7 +428,14 @@ class JobEngine:
         except asyncio.CancelledError:
             if running.cancel_reason == "user":
                 running.output.discard()
-                self._finish(job, "cancelled", error="cancelled by the user")
+                asked = (f" on instance {running.cancel_asked_on}"
+                         if running.cancel_asked_on != self.instance else "")
+                self._finish(job, "cancelled", error=f"cancelled by the user{asked}")
+            elif running.cancel_reason == "lost":  # its record is the recoverer's now
+                running.output.discard()
+                log.warning("job %s: instance %s recovered it while this one did not answer;"
+                            " stopped here and what it made here removed", job.id,
+                            running.cancel_asked_on)
             else:
                 kept = running.output.suspend()
                 self._finish(job, "failed", error="interrupted by service shutdown; "
@@ -409,6 +470,10 @@ class JobEngine:
                 running.output.discard()
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def new_job_id() -> str:
+    return "job-" + uuid.uuid4().hex[:12]
 
 
 def _what_was_left(problems: list[str], kept: int) -> str:

@@ -93,6 +93,7 @@ def describe(url: str) -> str:
 
 class PostgresStore(Store):
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    NOW = "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION"
     errors = (psycopg.Error,)
 
     def __init__(self, url: str) -> None:

@@ -184,7 +184,22 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX job_domains_job ON job_domains(job_id);
     """,
-    # migration plans (service/plans.py): a plan's definition and state, and one row per
+    # 6: several hypervisords on one database (service/fleet.py): which instance runs or
+    # ran each job, a cancel asked on another instance, who recovered a job whose
+    # instance stopped answering; each instance's lease, renewed by its heartbeat
+    """
+    ALTER TABLE jobs ADD COLUMN instance TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN cancel_requested TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN recovered_by TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_instance ON jobs(instance, status);
+    CREATE TABLE instances (
+        name TEXT PRIMARY KEY,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        lease_until REAL NOT NULL
+    );
+    """,
+    # 7: migration plans (service/plans.py): a plan's definition and state, and one row per
     # VM once the plan starts (its job, how it ended); job ids are not foreign keys,
     # since a plan's report outlives the retention of its jobs
     """
@@ -252,6 +267,9 @@ class JobRecord:
     result: dict = field(default_factory=dict)
     retry_of: str | None = None
     requested_by: str = ""  # "rest:<token name>" or "unix:<user>" (dbus/dispatch.py)
+    instance: str = ""  # the hypervisord that runs or ran it (daemon.instance)
+    cancel_requested: str = ""  # the instance a cancel was asked on, for the one running it
+    recovered_by: str = ""  # the instance that ended it when its own stopped answering
 
     @property
     def finished(self) -> bool:
@@ -292,11 +310,23 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
 
 def _write_status(db: sqlite3.Connection, job: JobRecord, reason: str) -> None:
     """The job's status and the fields that change with it, plus a history row."""
-    db.execute(
+    _update_status(db, job, "id=?", (job.id,))
+    _history(db, job, reason)
+
+
+def _update_status(db: sqlite3.Connection, job: JobRecord, where: str,
+                   params: tuple) -> int:
+    """UPDATE the job's status and the fields that change with it WHERE ...; the row count."""
+    return db.execute(
         "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=?,"
-        " attempts=?, stage=?, bytes_done=?, bytes_total=? WHERE id=?",
+        f" attempts=?, stage=?, bytes_done=?, bytes_total=?, instance=?, recovered_by=?"
+        f" WHERE {where}",
         (job.status, job.started_at, job.finished_at, job.error, json.dumps(job.result),
-         job.attempts, job.stage, job.bytes_done, job.bytes_total, job.id))
+         job.attempts, job.stage, job.bytes_done, job.bytes_total, job.instance,
+         job.recovered_by, *params)).rowcount
+
+
+def _history(db: sqlite3.Connection, job: JobRecord, reason: str) -> None:
     db.execute("INSERT INTO job_status_history (job_id, time, status, reason)"
                " VALUES (?,?,?,?)", (job.id, time.time(), job.status, reason))
 
@@ -323,6 +353,7 @@ class Store:
     """The SQLite store (pgstore.PostgresStore: the same in PostgreSQL)."""
 
     SKIP_LOCKED = ""  # PostgreSQL's row-lock clause; SQLite's one writer needs none
+    NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # seconds since the epoch, in SQL
     # what its calls raise when the database fails (full disk, lost server): callers
     # catch `store.errors` and stay independent of the engine behind it
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
@@ -403,6 +434,10 @@ class Store:
         where, params = _job_filter(status, provider)
         return self._db.execute(f"SELECT COUNT(*) FROM jobs{where}", params).fetchone()[0]
 
+    def unfinished_jobs(self) -> list[JobRecord]:
+        return [_row_to_job(r) for r in self._db.execute(
+            "SELECT * FROM jobs WHERE status IN ('pending', 'running') ORDER BY created_at, rowid")]
+
     def jobs_unfinished_or_since(self, finished_since: float) -> list[JobRecord]:
         """The jobs not finished yet and those finished at or after `finished_since`."""
         return [_row_to_job(r) for r in self._db.execute(
@@ -444,22 +479,96 @@ class Store:
         with self.transaction() as db:
             _write_status(db, job, reason)
 
-    def claim_pending(self, limit: int = 1) -> list[JobRecord]:
-        """Up to `limit` pending jobs, oldest first, now running: each is taken by one
-        caller only, however many stores share the database (SQLite: the write lock
-        BEGIN IMMEDIATE takes; PostgreSQL: row locks, skipping rows another holds)."""
+    def claim_pending(self, limit: int = 1, instance: str = "",
+                      skip_kinds: tuple[str, ...] = ()) -> list[JobRecord]:
+        """Up to `limit` pending jobs, oldest first, none of `skip_kinds`, now running on
+        `instance`: each is taken by one caller only, however many stores share the
+        database (SQLite: the write lock BEGIN IMMEDIATE takes; PostgreSQL: row locks,
+        skipping rows another holds)."""
+        skipped = "".join(" AND kind != ?" for _ in skip_kinds)
         with self.transaction() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE status='pending' ORDER BY created_at,"
-                              f" rowid LIMIT ?{self.SKIP_LOCKED}", (limit,)).fetchall()
+            rows = db.execute(f"SELECT * FROM jobs WHERE status='pending'{skipped} ORDER BY"
+                              f" created_at, rowid LIMIT ?{self.SKIP_LOCKED}",
+                              (*skip_kinds, limit)).fetchall()
             jobs = [_row_to_job(row) for row in rows]
             for job in jobs:
-                job.status, job.started_at = "running", time.time()
+                job.status, job.started_at, job.instance = "running", time.time(), instance
                 _write_status(db, job, "claimed")
         return jobs
 
+    def end_if(self, job: JobRecord, was: str, reason: str) -> bool:
+        """Record the job's new status only if it still is `was` (and, for "running", on
+        `job.instance`): whoever changes it first wins, however many instances try."""
+        where, params = "id=? AND status=?", (job.id, was)
+        if was == "running":
+            where, params = where + " AND instance=?", params + (job.instance,)
+        with self.transaction() as db:
+            if not _update_status(db, job, where, params):
+                return False
+            _history(db, job, reason)
+        return True
+
+    # -- instances sharing the database (fleet.py) -----------------------------------------
+    def database_time(self) -> float:
+        """Now by the database's clock, the one every lease is measured with."""
+        return float(self._db.execute(f"SELECT {self.NOW}").fetchone()[0])
+
+    def renew_lease(self, instance: str, seconds: float, starting: bool = False) -> None:
+        """The instance answers for `seconds` more (starting: its start is recorded)."""
+        self._db.execute(
+            f"INSERT INTO instances (name, started_at, heartbeat_at, lease_until) VALUES"
+            f" (?, {self.NOW}, {self.NOW}, {self.NOW} + ?) ON CONFLICT(name) DO UPDATE SET"
+            " heartbeat_at=excluded.heartbeat_at, lease_until=excluded.lease_until"
+            + (", started_at=excluded.started_at" if starting else ""), (instance, seconds))
+
+    def expired_instances(self, instance: str) -> list[tuple[str, float]]:
+        """(name, last heartbeat) of the other instances whose lease has run out."""
+        return [(row[0], row[1]) for row in self._db.execute(
+            f"SELECT name, heartbeat_at FROM instances WHERE lease_until < {self.NOW}"
+            " AND name != ? ORDER BY name", (instance,))]
+
+    def running_on(self, instances: tuple[str, ...]) -> list[JobRecord]:
+        marks = ",".join("?" * len(instances))
+        return [_row_to_job(row) for row in self._db.execute(
+            f"SELECT * FROM jobs WHERE status='running' AND instance IN ({marks})"
+            " ORDER BY created_at, rowid", instances)]
+
+    def recovered_from(self, instance: str, job_ids: set[str]) -> dict[str, str]:
+        """{job id: the instance that recovered it} of those of `job_ids`, running on
+        `instance`, that another instance recovered (it did not answer meanwhile)."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        return {row[0]: row[1] for row in self._db.execute(
+            f"SELECT id, recovered_by FROM jobs WHERE id IN ({marks}) AND instance=?"
+            " AND recovered_by NOT IN ('', ?)", (*job_ids, instance, instance))}
+
+    def request_cancel(self, job_id: str, instance: str) -> bool:
+        """Ask the instance running the job to cancel it (it looks at its heartbeat)."""
+        return bool(self._db.execute(
+            "UPDATE jobs SET cancel_requested=? WHERE id=? AND status='running'",
+            (instance, job_id)).rowcount)
+
+    def cancels_requested(self, instance: str) -> dict[str, str]:
+        """{job id: the instance the cancel was asked on} of the instance's running jobs."""
+        return {row[0]: row[1] for row in self._db.execute(
+            "SELECT id, cancel_requested FROM jobs WHERE instance=? AND status='running'"
+            " AND cancel_requested != ''", (instance,))}
+
+    def recovered_elsewhere(self, instance: str) -> list[str]:
+        """The jobs of `instance` another one recovered that still hold what they made
+        here (files, domains): only this instance can reach them."""
+        return [row[0] for row in self._db.execute(
+            "SELECT id FROM jobs WHERE instance=? AND recovered_by NOT IN ('', ?) AND"
+            " (id IN (SELECT job_id FROM job_paths) OR id IN (SELECT job_id FROM job_domains))",
+            (instance, instance))]
+
     def save_progress(self, job: JobRecord) -> None:
-        self._db.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?",
-                         (job.stage, job.bytes_done, job.bytes_total, job.id))
+        """The progress of a job running on `job.instance` (not once another instance
+        recovered it)."""
+        self._db.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?"
+                         " AND status='running' AND instance=?",
+                         (job.stage, job.bytes_done, job.bytes_total, job.id, job.instance))
 
     def status_history(self, job_id: str) -> list[tuple[float, str, str]]:
         return [tuple(r) for r in self._db.execute(

@@ -63,6 +63,7 @@ RESERVED_HEADERS = ("content-type", "content-length", "host", "x-hypersdk-signat
                     "x-hypersdk-event", "x-hypersdk-delivery")
 MAX_BACKOFF = 3600.0
 CONCURRENT_DELIVERIES = 4
+CLAIM_MARGIN = 30.0  # seconds past a delivery's timeout before another instance retries it
 KEEP_FINISHED = 7 * 86400.0  # delivered and failed events stay in the delivery log this long
 PRUNE_EVERY = 3600.0
 JOB_EVENTS = {"running": "job.started", "completed": "job.completed", "failed": "job.failed",
@@ -252,6 +253,8 @@ class Webhooks:
 
     def on_job_event(self, event: "JobEvent") -> None:
         """Engine listener: enqueue only, never wait."""
+        if not event.local:
+            return  # the instance that changed the job queues its event (fleet.py)
         name = JOB_EVENTS.get(event.job.status) if event.type == "status" else None
         if name is None:
             return
@@ -282,6 +285,8 @@ class Webhooks:
                         self.prune()
                         pruned_at = time.monotonic()
                     for row in self.due():
+                        if not self._claim(row):
+                            continue  # another instance delivers it
                         self._in_flight.add(row["id"])
                         task = asyncio.create_task(self._deliver(session, limit, row))
                         self._tasks.add(task)
@@ -299,6 +304,15 @@ class Webhooks:
             " ON w.id = o.webhook_id WHERE o.state='pending' AND w.enabled=1"
             " AND o.next_attempt<=? ORDER BY o.id", (self.clock.now(),)).fetchall()
         return [r for r in rows if r["id"] not in self._in_flight]
+
+    def _claim(self, row) -> bool:
+        """Take the event for this delivery attempt, once across the instances sharing
+        the store: its next attempt moves past this one's timeout (should this instance
+        die meanwhile, another delivers it then)."""
+        hold = self.clock.now() + self.timeout + CLAIM_MARGIN
+        return bool(self.store.execute(
+            "UPDATE webhook_outbox SET next_attempt=? WHERE id=? AND state='pending' AND"
+            " next_attempt=?", (hold, row["id"], row["next_attempt"])).rowcount)
 
     def _next_due(self) -> float | None:
         rows = self.store.execute("SELECT o.id, o.next_attempt FROM webhook_outbox o JOIN"

@@ -67,6 +67,7 @@ JOB_PROPERTIES: dict[str, tuple[str, Getter]] = {
     "Provider": ("s", lambda job, snap: job.provider),
     "RequestedBy": ("s", lambda job, snap: job.requested_by),
     "RetryOf": ("s", lambda job, snap: job.retry_of or ""),
+    "Instance": ("s", lambda job, snap: job.instance),
 }
 
 
@@ -280,6 +281,10 @@ class JobObject(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def RetryOf(self) -> "s":
         return self._get("RetryOf")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Instance(self) -> "s":
+        return self._get("Instance")
 
     # -- methods -----------------------------------------------------------------------
     @method()

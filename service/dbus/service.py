@@ -63,6 +63,8 @@ class DBusService:
                          "is another hypervisord running?")
 
     def _export_job(self, job_id: str) -> None:
+        if job_id in self.jobs:  # another instance's job, seen by both (fleet.py)
+            return
         obj = JobObject(self.engine, job_id)
         self.jobs[job_id] = obj
         self.dispatcher.export(job_path(job_id), obj)

@@ -10,6 +10,9 @@
 - "crash": raises an exception no job kind should (a bug), not a HyperSDKError.
 - "replaced-then-fail": lands `<job id>.partial` in "dir", which someone else then
   replaces with a file of their own, and fails.
+- "tally": appends "<job id> <daemon.instance>" to the definition's "file" (a line per
+  run, so a test sees which instance ran each job and whether any ran twice), then
+  sleeps "steps" x "interval" seconds, advancing progress.
 - "flaky-writer": lands `<job id>-<attempt>.partial` in "dir" on every attempt, raises
   Retryable until attempt "succeed_on", then returns the .partial files it finds there.
 """
@@ -136,6 +139,20 @@ class FlakyWriterKind(_TestKind):
         return {"found": sorted(path.name for path in directory.glob("*.partial"))}
 
 
+class TallyKind(_TestKind):
+    name = "tally"
+    fields = {"file": "", "steps": 1, "interval": 0.05}
+
+    async def run(self, ctx) -> dict:
+        with open(ctx.definition["file"], "a") as tally:
+            tally.write(f"{ctx.job_id} {ctx.config.daemon.instance}\n")
+        ctx.set_total(ctx.definition["steps"])
+        for _ in range(ctx.definition["steps"]):
+            await asyncio.sleep(ctx.definition["interval"])
+            ctx.advance(1)
+        return {"instance": ctx.config.daemon.instance}
+
+
 for kind in (SleepKind(), SlottedSleepKind(), FailKind(), FlakyKind(), LogFloodKind(),
-             CrashKind(), ReplacedThenFailKind(), FlakyWriterKind()):
+             CrashKind(), ReplacedThenFailKind(), FlakyWriterKind(), TallyKind()):
     register(kind)

@@ -1,0 +1,156 @@
+"""Several hypervisords sharing one database (`database.url: postgresql://...`).
+
+Each instance (`daemon.instance`, the host name by default) claims pending jobs from the
+store (engine.py) and, here, every `database.poll_interval`:
+
+- renews its lease (`database.lease_seconds`) every third of it: a heartbeat;
+- takes over the running jobs of an instance whose lease ran out (it stopped answering:
+  killed, crashed, cut off). Each such job is ended `failed`, its error and history
+  saying which instance stopped answering, when it was last heard of and who recovered
+  it, and is run again here as a new job (`RetryOf` the old one): the dead host's
+  staging is not reachable from here. The ending is a conditional UPDATE (still
+  running, on that instance), so exactly one instance recovers each job, and the dead
+  instance's own restart leaves it alone (it only removes what the job made on its
+  disk: engine.recover);
+- stops its running jobs that another instance recovered while this one did not
+  answer (a pause, a network cut longer than the lease), removing what they made here
+  and leaving their records to the recoverer;
+- cancels its running jobs that a user cancelled on another instance (a flag in the
+  store, Store.request_cancel);
+- wakes its workers for jobs submitted elsewhere;
+- announces what other instances did to jobs (new jobs, status, saved progress) to its
+  listeners as events with `local=False`, so that its D-Bus API shows the whole fleet.
+
+Why polling and not LISTEN/NOTIFY: the store is synchronous on one connection, SQLite
+has no notifications, and one short indexed query per interval is cheap; a job
+submitted on this instance still starts at once (JobEngine.submit wakes the workers).
+Leases are measured by the database's clock (Store.NOW), so hosts' clocks may differ.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+
+from .engine import JobEngine, JobEvent, new_job_id
+from .errors import NotFound
+from .store import JobRecord
+
+log = logging.getLogger(__name__)
+
+
+def _shown(job: JobRecord) -> tuple:
+    """What another instance's change to a job makes worth announcing."""
+    return (job.status, job.instance, job.stage, job.bytes_done, job.bytes_total,
+            job.attempts)
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, timezone.utc).isoformat(timespec="seconds")
+
+
+class Fleet:
+    """This instance's part in the fleet; see the module docstring. Create it before the
+    D-Bus objects are exported and start it after the engine."""
+
+    def __init__(self, engine: JobEngine) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.instance = engine.instance
+        settings = engine.config.database
+        self.lease = settings.lease_seconds
+        self.poll = settings.poll_interval
+        self._next_beat = 0.0
+        # unfinished jobs as listeners last heard of them, by id
+        self._shown = {job.id: _shown(job) for job in self.store.unfinished_jobs()}
+        self._task: asyncio.Task | None = None
+        engine.subscribe(self._heard)
+
+    def _heard(self, event: JobEvent) -> None:
+        if event.type in ("created", "status", "progress"):
+            self._shown[event.job.id] = _shown(event.job)
+        if event.job.finished or event.type == "removed":
+            self._shown.pop(event.job.id, None)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="fleet")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except self.store.errors as exc:  # a lost database: try again next time
+                log.warning("fleet: the store did not answer: %s", exc)
+            except Exception:
+                log.exception("fleet: tick failed")
+            await asyncio.sleep(self.poll)
+
+    def tick(self) -> None:
+        if time.monotonic() >= self._next_beat:
+            self.store.renew_lease(self.instance, self.lease)
+            self._next_beat = time.monotonic() + self.lease / 3
+            recovered = self.store.recovered_from(self.instance, self.engine.running_ids)
+            for job_id, recoverer in recovered.items():
+                self.engine.cancel_running(job_id, recoverer, reason="lost")
+            self.take_over()
+        for job_id, asked_on in self.store.cancels_requested(self.instance).items():
+            self.engine.cancel_running(job_id, asked_on)
+        self.follow()
+        self.engine.wake()
+
+    # -- instances that stopped answering ----------------------------------------------
+    def take_over(self) -> None:
+        for name, heartbeat in self.store.expired_instances(self.instance):
+            for job in self.store.running_on((name,)):
+                self._recover(job, heartbeat)
+
+    def _recover(self, job: JobRecord, heartbeat: float) -> None:
+        dead = job.instance
+        retry_id = new_job_id()
+        job.status, job.finished_at, job.recovered_by = "failed", time.time(), self.instance
+        job.error = (f"interrupted: instance {dead} stopped answering (last heartbeat "
+                     f"{_iso(heartbeat)}, lease {self.lease:g}s); instance {self.instance} "
+                     f"recovered the job and runs it again as {retry_id}")
+        if not self.store.end_if(job, "running", reason=f"recovered by {self.instance}: "
+                                 f"{dead} stopped answering"):
+            return  # another instance, or the dead one restarting, was first
+        log.warning("job %s: %s", job.id, job.error)
+        self.engine.append_log(job, job.error, "error")
+        self.engine.notify(JobEvent("status", job))
+        self.engine.submit(job.kind, job.definition, job.started_by_uid, retry_of=job.id,
+                           requested_by=job.requested_by, job_id=retry_id)
+
+    # -- the fleet's jobs on this instance's bus -----------------------------------------
+    def follow(self) -> None:
+        """Announce what other instances did to jobs since the last look."""
+        current = {job.id: job for job in self.store.unfinished_jobs()}
+        for job_id in set(self._shown) - set(current):  # ended (or pruned) elsewhere
+            try:
+                current[job_id] = self.store.get_job(job_id)
+            except NotFound:
+                self._announce("removed", self._removed(job_id))
+        for job in current.values():
+            if job.id in self.engine.running_ids:
+                continue  # this instance announces its own
+            before = self._shown.get(job.id)
+            if before is None:
+                self._announce("created", job)
+            if before is None and job.status == "pending":
+                continue
+            if before is None or before[0] != job.status or before[1] != job.instance:
+                self._announce("status", job)
+            elif before != _shown(job):
+                self._announce("progress", job)
+
+    def _announce(self, kind: str, job: JobRecord) -> None:
+        self.engine.notify(JobEvent(kind, job, local=False))
+
+    @staticmethod
+    def _removed(job_id: str) -> JobRecord:
+        return JobRecord(id=job_id, kind="", status="completed", definition={})
