@@ -96,6 +96,7 @@ class Daemon:
         automation = Automation(store, engine, self.config)
         plans = Plans(store, engine, self.config)
         fleet = Fleet(engine)
+        fleet.on_instance_lost.append(plans.take_over)
         service = DBusService(bus, engine, automation, bridge_uids(self.config), plans)
         try:
             service.export_all()

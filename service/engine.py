@@ -400,13 +400,27 @@ class JobEngine:
     async def _take(self, job: JobRecord) -> None:
         """Run a job claimed here (an export slot is free for it: `_claim`)."""
         kind = get_kind(job.kind)
-        if kind is None:
-            self._finish(job, "failed", error=f"job kind {job.kind!r} is not available")
+        refusal = self._refusal(job, kind)
+        if refusal:
+            self._finish(job, "failed", error=refusal)
         elif kind.export_slot:
             async with self._export_slots:
                 await self._run(job, kind)
         else:
             await self._run(job, kind)
+
+    def _refusal(self, job: JobRecord, kind: JobKind | None) -> str:
+        """Why this instance cannot run a claimed job, or "". Its definition is checked
+        again against this instance's config: it may have been submitted on another
+        instance sharing the store, and paths are confined to THIS one's roots."""
+        if kind is None:
+            return f"job kind {job.kind!r} is not available"
+        try:
+            kind.validate(job.definition, self)
+        except HyperSDKError as exc:
+            return (f"instance {self.instance} cannot run the job: {exc} (instances sharing "
+                    "database.url need the same paths and providers)")
+        return ""
 
     def _fail_unrun(self, job_id: str, exc: Exception) -> None:
         """A job that could not even be started or finished normally: fail it truthfully."""

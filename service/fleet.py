@@ -32,9 +32,10 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
+from typing import Callable
 
 from .engine import JobEngine, JobEvent, new_job_id
-from .errors import NotFound
+from .errors import HyperSDKError, NotFound
 from .store import JobRecord
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class Fleet:
         # unfinished jobs as listeners last heard of them, by id
         self._shown = {job.id: _shown(job) for job in self.store.unfinished_jobs()}
         self._task: asyncio.Task | None = None
+        # called with the name of each instance whose lease ran out, after its jobs were
+        # recovered (plans.Plans.take_over), at every look while it stays silent
+        self.on_instance_lost: list[Callable[[str], None]] = []
         engine.subscribe(self._heard)
 
     def _heard(self, event: JobEvent) -> None:
@@ -109,22 +113,33 @@ class Fleet:
         for name, heartbeat in self.store.expired_instances(self.instance):
             for job in self.store.running_on((name,)):
                 self._recover(job, heartbeat)
+            for callback in self.on_instance_lost:
+                callback(name)
 
     def _recover(self, job: JobRecord, heartbeat: float) -> None:
+        """End `job` (its instance stopped answering) and run it again here, when its
+        definition is valid here (the same paths and providers on every instance). The
+        retry exists before the ending is announced: a listener following the job (a
+        plan) finds it."""
         dead = job.instance
-        retry_id = new_job_id()
+        try:
+            self.engine.validate(job.kind, job.definition)
+            retry_id, again = new_job_id(), "runs it again as "
+        except HyperSDKError as exc:
+            retry_id, again = "", f"cannot run it again here: {exc}"
         job.status, job.finished_at, job.recovered_by = "failed", time.time(), self.instance
         job.error = (f"interrupted: instance {dead} stopped answering (last heartbeat "
                      f"{_iso(heartbeat)}, lease {self.lease:g}s); instance {self.instance} "
-                     f"recovered the job and runs it again as {retry_id}")
+                     f"recovered the job and {again}{retry_id}")
         if not self.store.end_if(job, "running", reason=f"recovered by {self.instance}: "
                                  f"{dead} stopped answering"):
             return  # another instance, or the dead one restarting, was first
         log.warning("job %s: %s", job.id, job.error)
         self.engine.append_log(job, job.error, "error")
+        if retry_id:
+            self.engine.submit(job.kind, job.definition, job.started_by_uid, retry_of=job.id,
+                               requested_by=job.requested_by, job_id=retry_id)
         self.engine.notify(JobEvent("status", job))
-        self.engine.submit(job.kind, job.definition, job.started_by_uid, retry_of=job.id,
-                           requested_by=job.requested_by, job_id=retry_id)
 
     # -- the fleet's jobs on this instance's bus -----------------------------------------
     def follow(self) -> None:

@@ -67,6 +67,7 @@ class Plan:
     finished_at: float | None
     preflight: dict | None
     report_path: str
+    instance: str  # the hypervisord that releases its VMs (fleet.py: taken over if it dies)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "status": self.status,
@@ -189,12 +190,12 @@ class Plans:
     def get(self, plan_id: str) -> Plan:
         row = self.store.execute(
             "SELECT id, name, definition, status, created_by_uid, requested_by, created_at,"
-            " started_at, finished_at, preflight, report_path FROM plans WHERE id=?",
+            " started_at, finished_at, preflight, report_path, instance FROM plans WHERE id=?",
             (plan_id,)).fetchone()
         if row is None:
             raise NotFound(f"plan: no plan {plan_id!r}")
         return Plan(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6],
-                    row[7], row[8], json.loads(row[9]) if row[9] else None, row[10])
+                    row[7], row[8], json.loads(row[9]) if row[9] else None, row[10], row[11])
 
     def list(self) -> list[Plan]:
         return [self.get(row[0]) for row in
@@ -367,7 +368,8 @@ class Plans:
                            " state) VALUES (?,?,?,?,?,?,?)",
                            (plan_id, position, vm.identifier, vm.name, vm.extra.get("host", ""),
                             datastore_of(vm.disks[0].location), "waiting"))
-        self._set_plan(plan, status="running", started_at=time.time())
+        self._set_plan(plan, status="running", started_at=time.time(),
+                       instance=self.engine.instance)
         log.info("plan %s started: %d VMs", plan_id, len(found))
         self._release(plan)
         self._changed(plan_id)
@@ -392,21 +394,38 @@ class Plans:
         return plan
 
     def resume(self) -> None:
-        """At start: catch up with the jobs that ended while we were away, and release
-        what the plans that were running may release now."""
+        """At start: carry on with the plans this instance was driving."""
         for plan in self.list():
-            if plan.status not in ("running", "cancelled") or plan.finished_at:
-                continue
-            for vm in self.vms(plan.id):
-                if vm.state == "released":
-                    try:
-                        self._job_ended(plan, vm, self.engine.get(vm.job_id))
-                    except NotFound:
-                        self._set_vm(plan.id, vm.vm, state="failed",
-                                     error=f"its job {vm.job_id} is no longer stored")
-            if plan.status == "running":
-                self._release(plan)
-            self._finish_if_done(plan)
+            if plan.instance == self.engine.instance:
+                self._carry_on(plan)
+
+    def take_over(self, dead: str) -> None:
+        """Drive the unfinished plans of instance `dead`, which stopped answering
+        (fleet.py); one instance wins each plan."""
+        taken = self.store.execute(
+            "UPDATE plans SET instance=? WHERE instance=? AND finished_at IS NULL AND status"
+            " IN ('running', 'cancelled') RETURNING id", (self.engine.instance, dead)).fetchall()
+        for (plan_id,) in taken:
+            log.warning("plan %s: instance %s stopped answering; %s carries it on", plan_id,
+                        dead, self.engine.instance)
+            self._carry_on(self.get(plan_id))
+            self._changed(plan_id)
+
+    def _carry_on(self, plan: Plan) -> None:
+        """Catch up with the plan's jobs that ended unheard, and release what it may
+        release now."""
+        if plan.status not in ("running", "cancelled") or plan.finished_at:
+            return
+        for vm in self.vms(plan.id):
+            if vm.state == "released":
+                try:
+                    self._job_ended(plan, vm, self.engine.get(vm.job_id))
+                except NotFound:
+                    self._set_vm(plan.id, vm.vm, state="failed",
+                                 error=f"its job {vm.job_id} is no longer stored")
+        if plan.status == "running":
+            self._release(plan)
+        self._finish_if_done(plan)
 
     def _release(self, plan: Plan) -> None:
         vms = self.vms(plan.id)
@@ -442,30 +461,54 @@ class Plans:
                     "verify_boot": definition["verify_boot"]}}
 
     def _on_job_event(self, event: JobEvent) -> None:
-        if event.type != "status" or event.job.status not in ENDED:
+        """A VM follows its job and the job's retries (RetryJob, export.resume_on_start,
+        a recovery by another instance); only the instance driving the plan acts."""
+        job = event.job
+        if event.type not in ("created", "status"):
             return
-        row = self.store.execute("SELECT plan_id, vm FROM plan_vms WHERE job_id=? AND "
-                                 "state='released'", (event.job.id,)).fetchone()
+        row = self.store.execute(
+            "SELECT plan_id, vm, job_id FROM plan_vms WHERE state IN ('waiting', 'released')"
+            " AND job_id IN (?, ?)", (job.id, job.retry_of or job.id)).fetchone()
         if row is None:
             return
         plan = self.get(row[0])
+        if plan.instance != self.engine.instance:
+            self._changed(plan.id)  # another instance drives it; its table here follows
+            return
         vm = next(v for v in self.vms(plan.id) if v.vm == row[1])
-        self._job_ended(plan, vm, event.job)
+        if row[2] != job.id:
+            self._follow(plan, vm, job)
+        self._job_ended(plan, vm, job)
         if plan.status == "running":
             self._release(plan)
         self._finish_if_done(plan)
         self._changed(plan.id)
 
+    def _follow(self, plan: Plan, vm: PlanVM, retry: "JobRecord") -> None:
+        """The VM's job now is `retry`, made from its last one (which was interrupted:
+        only a waiting or released VM is followed)."""
+        vm.state, vm.job_id = "released", retry.id
+        self._set_vm(plan.id, vm.vm, state="released", job_id=retry.id,
+                     outcome=_interrupted(vm, retry.retry_of or ""))
+        log.info("plan %s: %s follows job %s, a retry of %s", plan.id, vm.name, retry.id,
+                 retry.retry_of)
+
     def _job_ended(self, plan: Plan, vm: PlanVM, job: "JobRecord") -> None:
-        """Record how `vm`'s job ended; an interrupted one (hypervisord stopped) puts the
-        VM back in the queue of a running plan."""
-        if job.status not in ENDED:
+        """Record how `vm`'s job ended. An interrupted one (hypervisord stopped) is
+        followed to its retry when something runs it again, else puts the VM back in
+        the queue of a running plan (its job id kept, so that a retry made later is
+        still recognised)."""
+        if job.status not in ENDED or vm.state != "released" or vm.job_id != job.id:
             return
         if job.status == "failed" and job.error.startswith("interrupted") \
                 and plan.status == "running":
-            interrupted = [*vm.outcome.get("interrupted_jobs", []), job.id]
-            self._set_vm(plan.id, vm.vm, state="waiting", job_id="",
-                         outcome={**vm.outcome, "interrupted_jobs": interrupted})
+            retry = self.store.newest_retry(job.id)
+            if retry is not None:
+                self._follow(plan, vm, retry)
+                self._job_ended(plan, vm, retry)
+                return
+            vm.state = "waiting"
+            self._set_vm(plan.id, vm.vm, state="waiting", outcome=_interrupted(vm, job.id))
             log.info("plan %s: %s's job %s was interrupted; it waits to be released again",
                      plan.id, vm.name, job.id)
             return
@@ -517,6 +560,13 @@ def _existing(path: Path) -> str:
     while not path.exists() and path != path.parent:
         path = path.parent
     return str(path)
+
+
+def _interrupted(vm: PlanVM, job_id: str) -> dict:
+    """`vm`'s outcome, its `interrupted_jobs` listing `job_id` (once)."""
+    earlier = vm.outcome.get("interrupted_jobs", [])
+    vm.outcome = {**vm.outcome, "interrupted_jobs": earlier + [job_id] * (job_id not in earlier)}
+    return vm.outcome
 
 
 def _fits(vm: PlanVM, active: list[PlanVM], limits: dict) -> bool:

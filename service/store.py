@@ -199,9 +199,10 @@ MIGRATIONS: list[str] = [
         lease_until REAL NOT NULL
     );
     """,
-    # 7: migration plans (service/plans.py): a plan's definition and state, and one row per
-    # VM once the plan starts (its job, how it ended); job ids are not foreign keys,
-    # since a plan's report outlives the retention of its jobs
+    # 7: migration plans (service/plans.py): a plan's definition and state, the instance
+    # that releases its VMs, and one row per VM once the plan starts (its job, how it
+    # ended); job ids are not foreign keys, since a plan's report outlives the retention
+    # of its jobs
     """
     CREATE TABLE plans (
         id TEXT PRIMARY KEY,
@@ -215,7 +216,8 @@ MIGRATIONS: list[str] = [
         started_at REAL,
         finished_at REAL,
         preflight TEXT NOT NULL DEFAULT '',
-        report_path TEXT NOT NULL DEFAULT ''
+        report_path TEXT NOT NULL DEFAULT '',
+        instance TEXT NOT NULL DEFAULT ''
     );
     CREATE TABLE plan_vms (
         plan_id TEXT NOT NULL REFERENCES plans(id) ON DELETE CASCADE,
@@ -526,6 +528,13 @@ class Store:
         return [(row[0], row[1]) for row in self._db.execute(
             f"SELECT name, heartbeat_at FROM instances WHERE lease_until < {self.NOW}"
             " AND name != ? ORDER BY name", (instance,))]
+
+    def newest_retry(self, job_id: str) -> JobRecord | None:
+        """The latest job made by retrying `job_id` (RetryJob, export.resume_on_start or
+        a recovery by another instance), if any."""
+        row = self._db.execute("SELECT * FROM jobs WHERE retry_of=? ORDER BY created_at DESC"
+                               " LIMIT 1", (job_id,)).fetchone()
+        return _row_to_job(row) if row else None
 
     def running_on(self, instances: tuple[str, ...]) -> list[JobRecord]:
         marks = ",".join("?" * len(instances))

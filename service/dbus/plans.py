@@ -155,6 +155,8 @@ class PlanObjects:
         obj = self._objects.get(plan_id)
         if obj is not None:
             obj.announce()
+        else:  # made through another instance sharing the store (fleet.py)
+            self._add(plan_id)
 
     async def create(self, definition: object) -> str:
         """Manager.CreatePlan, after its polkit check."""

@@ -98,7 +98,7 @@ def validate_integration(block: Any, config: "Config") -> dict:
     result["verify_boot"] = parse_verify_boot(block.get("verify_boot"), f"{FIELD}.verify_boot")
     result["network_map"] = parse_network_map(block.get("network_map"), f"{FIELD}.network_map")
     result["output_dir"] = (parse_output_dir(block["output_dir"], f"{FIELD}.output_dir", config)
-                            if block.get("output_dir") is not None else "")
+                            if block.get("output_dir") else "")  # "": the default, as stored
     if result["output_dir"] and (result["daemon_mode"] or not result["enabled"]):
         raise InvalidArgument(f"{FIELD}.output_dir", "only for the Direct Pipeline "
                               "(enabled and auto_convert without daemon_mode)")

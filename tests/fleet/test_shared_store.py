@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections import Counter
 
 from aiohttp import web
 
 from hypersdk.client.names import job_path
+from hypersdk.service.engine import new_job_id
+from hypersdk.service.store import JobRecord
 from tests.support.cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, wait_for_status
 from tests.support.fleet import Fleet, tally_job
 from tests.support.servers import serve_app
@@ -219,3 +222,30 @@ def _outbox_settled(fleet: Fleet) -> bool:
                              ).fetchone()[0] == 0
     finally:
         store.close()
+
+
+def test_a_job_naming_paths_outside_this_instance_s_roots_is_refused_when_claimed(fleet,
+                                                                                  tmp_path):
+    """A job stored by an instance with other roots (here written into the shared store
+    as that instance would) is claimed by b, which confines paths to its OWN roots: the
+    job fails naming the field, and nothing is written."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "disk.raw").write_bytes(b"\0" * 4096)
+    record = JobRecord(id=new_job_id(), kind="convert", status="pending", created_at=time.time(),
+                       definition={"source_path": str(elsewhere / "disk.raw"),
+                                   "output_path": str(elsewhere / "out"),
+                                   "conversion_options": {"format": "qcow2",
+                                                          "compression": False,
+                                                          "source_format": "raw"}})
+    store = fleet.store()
+    try:
+        store.insert_job(record)
+    finally:
+        store.close()
+    b = fleet.start("b")  # its roots: its own directory, not tmp_path/elsewhere
+    status = wait_for_status(b.address, job_path(record.id), {"completed", "failed"})
+    assert status == "failed"
+    (job,) = [job for job in fleet.jobs() if job.id == record.id]
+    assert job.error.startswith("instance b cannot run the job: source_path: "), job.error
+    assert job.instance == "b" and sorted(p.name for p in elsewhere.iterdir()) == ["disk.raw"]
