@@ -11,7 +11,7 @@ from .cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, submit
 from .hypervisord import Hypervisord, write_config
 from .system import PrivateSystemBus
 
-LEASE = "3s"  # short, so that a killed instance's jobs are recovered soon
+LEASE = "5s"  # a killed instance's jobs are recovered soon; a loaded 2-core host still renews it
 POLL = "200ms"
 
 
