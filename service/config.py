@@ -1,7 +1,7 @@
 """hypervisord's configuration file (`config.yaml`), checked in full at start.
 
 The schema is the spec's (daemon, providers, hyper2kvm, export, database, webhooks)
-plus `libvirt` and `api`. `${VAR}` anywhere in a string is replaced from the
+plus `libvirt`, `api` and `targets`. `${VAR}` anywhere in a string is replaced from the
 environment; a variable that is not set is an error naming it. Every broken rule
 is reported as one line (`ConfigError.problems`) and nothing is touched.
 """
@@ -19,6 +19,7 @@ import yaml
 from .confine import default_roots
 from .config_schema import ConfigProblem, Field, Schema, validate
 from .kvm.cpu_choice import AUTO, cpu_mode_rule
+from .kvm.targets import NAME_RE as TARGET_NAME_RE, TARGET_SCHEMA
 from .webhook_targets import targets_rule
 
 DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
@@ -202,6 +203,7 @@ class Config:
     paths: Section
     providers: dict[str, dict]  # name -> validated section, with "type"
     webhooks: list[dict]
+    targets: dict[str, dict]  # name -> {uri, pool, format} (kvm/targets.py)
     source: str  # the file it came from, or "(defaults)"
 
 
@@ -272,6 +274,24 @@ def _validate_webhooks(data: Any, problems: list[ConfigProblem]) -> list[dict]:
     return [validate(WEBHOOK_SCHEMA, item, f"webhooks[{i}]", problems) for i, item in enumerate(data)]
 
 
+def _validate_targets(data: Any, problems: list[ConfigProblem]) -> dict[str, dict]:
+    """`targets:`, libvirt hosts with a storage pool that jobs may name (kvm/targets.py)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(ConfigProblem("targets", "a mapping of target names", repr(data)))
+        return {}
+    result = {}
+    for name, section in data.items():
+        path = f"targets.{name}"
+        if not TARGET_NAME_RE.fullmatch(str(name)):
+            problems.append(ConfigProblem(path, "a name of lower-case letters, digits, - and _",
+                                          repr(name)))
+            continue
+        result[name] = validate(TARGET_SCHEMA, section, path, problems)
+    return result
+
+
 def parse_config(document: Any, source: str, env: dict | None = None) -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     problems: list[ConfigProblem] = []
@@ -280,15 +300,17 @@ def parse_config(document: Any, source: str, env: dict | None = None) -> Config:
     if not isinstance(document, dict):
         raise ConfigError([ConfigProblem("(top level)", "a mapping", type(document).__name__)])
     document = _expand_env(document, "", dict(os.environ if env is None else env), problems)
-    main_part = {k: v for k, v in document.items() if k not in ("providers", "webhooks")}
-    sections = validate(MAIN_SCHEMA, main_part, "", problems, ("providers", "webhooks"))
+    elsewhere = ("providers", "webhooks", "targets")
+    main_part = {k: v for k, v in document.items() if k not in elsewhere}
+    sections = validate(MAIN_SCHEMA, main_part, "", problems, elsewhere)
     providers = _validate_providers(document.get("providers"), problems)
     webhooks = _validate_webhooks(document.get("webhooks"), problems)
+    targets = _validate_targets(document.get("targets"), problems)
     if problems:
         raise ConfigError(problems)
     _fill_default_roots(sections)
     return Config(**{k: Section(v) for k, v in sections.items()}, providers=providers,
-                  webhooks=webhooks, source=source)
+                  webhooks=webhooks, targets=targets, source=source)
 
 
 def _fill_default_roots(sections: dict) -> None:
