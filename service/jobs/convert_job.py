@@ -199,9 +199,10 @@ class ConvertKind(JobKind):
             finals = [f"{stem}.{fmt}" if one_vm_disk else final for final in finals]
             await preflight_target(target, finals)
         ctx.set_total(done_before + sum(sizes))
-        converted = []
+        converted: list[dict] = []
         for disk, name, final, size in zip(disks, shown, finals, sizes):
-            ctx.set_stage("convert")
+            if not converted or target is not None:  # back from the last disk's upload
+                ctx.set_stage("convert")
             image = await convert_staged(ctx, staging, disk, final, fmt=fmt,
                                          compress=options["compression"], planned=size,
                                          shown=name)

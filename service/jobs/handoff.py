@@ -135,7 +135,7 @@ async def preflight_import(config: "Config", vm: "VMInfo", integration: dict) ->
     usable, so neither a download nor an hour of conversion is spent on a VM that cannot
     be imported (the export job asks before the download, run_integration again before
     converting: the name may have been taken meanwhile)."""
-    target = find_target(config, integration["target"], f"{FIELD}.target")
+    target = find_target(config, integration.get("target"), f"{FIELD}.target")
     if integration["import_to_kvm"]:
         await preflight(target.uri if target else config.libvirt.uri, vm.name, _kept_uuid(vm),
                         [integration["network"]] if vm.nics else [])
@@ -275,7 +275,7 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
     target, the disks are uploaded into its pool from the staging directory instead."""
     staging = await _output_staging(ctx, vm, streamed)
     out_dir = staging.dest.shown
-    target = find_target(ctx.config, integration["target"], f"{FIELD}.target")
+    target = find_target(ctx.config, integration.get("target"), f"{FIELD}.target")
     fmt = integration["format"]
     ordered = boot_sorted(disks)
     finals = [f"{disk_id}.{fmt}" for disk_id in disk_ids(ordered)]

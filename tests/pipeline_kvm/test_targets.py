@@ -17,7 +17,9 @@ from hypersdk.service.config import ConfigError, parse_config
 from hypersdk.service.errors import AlreadyExists, InvalidArgument
 from hypersdk.service.jobs.convert_job import ConvertKind
 from hypersdk.service.jobs.export import ExportKind
+from hypersdk.service.jobs.handoff import run_integration, validate_integration
 from hypersdk.service.jobs.import_job import ImportKind
+from hypersdk.service.model import VMInfo
 from hypersdk.service.providers.registry import ProviderRegistry
 from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.cli import (BUS_NAME, JOB_IFACE, busctl, job_property, submit,
@@ -28,7 +30,7 @@ from tests.support.targets import dir_pool, logical_pool, volume_names
 from tests.support.wait import until
 from tests.vsphere.fake_context import FakeSubmitContext, job_context, run_job
 
-from .conftest import qemu_img
+from .conftest import export_vmdk, fake_job_context, qemu_img
 
 TARGET = "remote"
 
@@ -164,6 +166,34 @@ async def test_import_lands_in_a_dir_pool_over_ssh_and_boots_there(
 
 
 @pytest.mark.slow
+async def test_direct_pipeline_uploads_the_converted_disks_and_boots_on_the_target(
+        loopback_sshd, local_libvirt, guest_dir, vm):
+    export_dir = guest_dir / "export"
+    export_dir.mkdir()
+    disk = export_vmdk(export_dir, "boot", 0, size=64 << 20)
+    source = VMInfo(identifier="vm-1", name=vm, provider="vsphere", cpus=1, memory_mb=64,
+                    guest_os="", uuid=str(uuid.uuid4()))
+    with dir_pool(local_libvirt) as pool:
+        config = _config(guest_dir, loopback_sshd.uri(), pool.name(),
+                         hyper2kvm={"output_dir": str(guest_dir / "out")})
+        block = validate_integration({
+            "enabled": True, "auto_convert": True, "import_to_kvm": True, "target": TARGET,
+            "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}}, config)
+        ctx = fake_job_context(config)
+        result = await run_integration(ctx, source, [disk], export_dir, block)
+        ctx.succeed()
+
+        assert result["target"] == TARGET
+        assert [v["volume"] for v in result["volumes"]] == [f"{vm}-disk0.qcow2"]
+        assert volume_names(pool) == [f"{vm}-disk0.qcow2"]
+        assert result["import"]["verification"]["verified"]
+        assert local_libvirt.lookupByName(vm).UUIDString() == source.uuid
+        # converted in the staging directory, uploaded from there: nothing stays here
+        assert [p for p in (guest_dir / "out").rglob("*") if p.is_file()] == []
+        assert ctx.stages == ["convert", "import", "upload", "import", "verify boot"]
+
+
+@pytest.mark.slow
 async def test_convert_uploads_a_sparse_raw_volume_and_lands_nothing_locally(
         loopback_sshd, local_libvirt, guest_dir, tmp_path):
     source = _boot_image(guest_dir, "qcow2", size=1 << 30)
@@ -265,6 +295,8 @@ async def test_kill9_mid_upload_leaves_no_volume_after_the_restart(
             "network": "", "target": TARGET}, kind="import").stdout.split()[1])
         await until(lambda: job_property(address, killed, "Stage") == "upload"
                     and job_property(address, killed, "BytesDone") > 0, 120, "the upload")
+        # still uploading when killed (BytesDone is at most a quarter second behind)
+        assert job_property(address, killed, "BytesDone") < disk.stat().st_size
         daemon.kill()
         volume = f"{vm}-disk0.raw"
         assert volume_names(pool) == [volume]  # half uploaded, and nothing removed it yet
