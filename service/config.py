@@ -19,7 +19,7 @@ import yaml
 from .confine import default_roots
 from .config_schema import ConfigProblem, Field, Schema, validate
 from .kvm.cpu_choice import AUTO, cpu_mode_rule
-from .kvm.targets import NAME_RE as TARGET_NAME_RE, TARGET_SCHEMA
+from .kvm.targets import NAME_RE, TARGET_SCHEMA
 from .webhook_targets import targets_rule
 
 DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
@@ -240,19 +240,29 @@ def _expand_env(value: Any, path: str, env: dict, problems: list[ConfigProblem])
     return value
 
 
-def _validate_providers(data: Any, problems: list[ConfigProblem]) -> dict[str, dict]:
+def _named_sections(data: Any, key: str, what: str,
+                    problems: list[ConfigProblem]) -> list[tuple[str, str, Any]]:
+    """(name, key path, section) of each entry of a mapping of named sections (providers,
+    targets) whose name is well-formed; the others are reported."""
     if data is None:
-        return {}
+        return []
     if not isinstance(data, dict):
-        problems.append(ConfigProblem("providers", "a mapping of provider names", repr(data)))
-        return {}
-    result = {}
+        problems.append(ConfigProblem(key, f"a mapping of {what} names", repr(data)))
+        return []
+    named = []
     for name, section in data.items():
-        path = f"providers.{name}"
-        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", str(name)):
+        path = f"{key}.{name}"
+        if NAME_RE.fullmatch(str(name)):
+            named.append((name, path, section))
+        else:
             problems.append(ConfigProblem(path, "a name of lower-case letters, digits, - and _",
                                           repr(name)))
-            continue
+    return named
+
+
+def _validate_providers(data: Any, problems: list[ConfigProblem]) -> dict[str, dict]:
+    result = {}
+    for name, path, section in _named_sections(data, "providers", "provider", problems):
         kind = section.get("type", name) if isinstance(section, dict) else name
         if kind not in PROVIDER_KINDS:
             problems.append(ConfigProblem(f"{path}.type", "one of " + ", ".join(PROVIDER_KINDS),
@@ -276,20 +286,8 @@ def _validate_webhooks(data: Any, problems: list[ConfigProblem]) -> list[dict]:
 
 def _validate_targets(data: Any, problems: list[ConfigProblem]) -> dict[str, dict]:
     """`targets:`, libvirt hosts with a storage pool that jobs may name (kvm/targets.py)."""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        problems.append(ConfigProblem("targets", "a mapping of target names", repr(data)))
-        return {}
-    result = {}
-    for name, section in data.items():
-        path = f"targets.{name}"
-        if not TARGET_NAME_RE.fullmatch(str(name)):
-            problems.append(ConfigProblem(path, "a name of lower-case letters, digits, - and _",
-                                          repr(name)))
-            continue
-        result[name] = validate(TARGET_SCHEMA, section, path, problems)
-    return result
+    return {name: validate(TARGET_SCHEMA, section, path, problems)
+            for name, path, section in _named_sections(data, "targets", "target", problems)}
 
 
 def parse_config(document: Any, source: str, env: dict | None = None) -> Config:

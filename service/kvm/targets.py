@@ -39,7 +39,7 @@ VOLUME_FORMATS = ("qcow2", "raw")
 FILE_POOLS = ("dir", "fs", "netfs")  # volumes are files: qcow2 or raw
 BLOCK_POOLS = ("logical",)           # volumes are block devices: raw only
 UPLOAD_STAGE = "upload"
-NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")  # of a target, as of a provider
 _URI_RE = re.compile(r"qemu(\+(ssh|libssh|libssh2|tls|tcp|unix|ext))?://([^\s/?#]*)"
                      r"/(system|session)(\?[^\s#]*)?")
 _POOL_RE = re.compile(r"[A-Za-z0-9_.+-]{1,128}")

@@ -25,7 +25,7 @@ from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.cli import (BUS_NAME, JOB_IFACE, busctl, job_property, submit,
                                wait_for_status)
 from tests.support.hypervisord import Hypervisord
-from tests.support.libvirtd import remove_domain
+from tests.support.libvirtd import domain_defined, remove_domain
 from tests.support.targets import dir_pool, logical_pool, volume_names
 from tests.support.wait import until
 from tests.vsphere.fake_context import FakeSubmitContext, job_context, run_job
@@ -56,15 +56,9 @@ def _boot_image(directory: Path, fmt: str, size: int = 64 << 20, delay: float = 
 
 
 def _same_image(one: str, other: str) -> bool:
-    return subprocess.run(["qemu-img", "compare", "-U", one, other], capture_output=True).returncode == 0
-
-
-def _defined(conn, name: str) -> bool:
-    try:
-        conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return False
-    return True
+    """Whether two images hold the same data (-U: one may be in use by a running domain)."""
+    compared = subprocess.run(["qemu-img", "compare", "-U", one, other], capture_output=True)
+    return compared.returncode == 0
 
 
 @pytest.fixture
@@ -233,7 +227,7 @@ async def test_a_volume_name_taken_is_refused_and_left_untouched(
         assert ctx.volumes == []  # nothing recorded, so nothing would be removed
         assert volume_names(pool) == [taken]
         assert Path(theirs.path()).read_bytes() == before
-        assert not _defined(local_libvirt, vm)
+        assert not domain_defined(local_libvirt, vm)
 
 
 @pytest.mark.slow
@@ -266,17 +260,18 @@ async def test_failed_and_cancelled_jobs_remove_their_volume_and_domain(
         failed = json.loads(submit(address, body, kind="import").stdout.split()[1])
         assert wait_for_status(address, failed, {"completed", "failed"}, 120) == "failed"
         assert job_property(address, failed, "Error").startswith("boot not verified")
-        assert volume_names(pool) == [] and not _defined(local_libvirt, vm)
+        assert volume_names(pool) == [] and not domain_defined(local_libvirt, vm)
 
         body["verify_boot"]["timeout"] = "5m"
         cancelled = json.loads(submit(address, body, kind="import").stdout.split()[1])
         await until(lambda: job_property(address, cancelled, "Stage") == "verify boot", 120,
                     "the boot verification")
-        assert volume_names(pool) == [f"{vm}-disk0.qcow2"] and _defined(local_libvirt, vm)
+        assert volume_names(pool) == [f"{vm}-disk0.qcow2"]
+        assert domain_defined(local_libvirt, vm)
         busctl(address, "call", BUS_NAME, cancelled, JOB_IFACE, "Cancel", "a{sv}", "0")
         assert wait_for_status(address, cancelled, {"cancelled", "failed", "completed"},
                                60) == "cancelled"
-        assert volume_names(pool) == [] and not _defined(local_libvirt, vm)
+        assert volume_names(pool) == [] and not domain_defined(local_libvirt, vm)
 
 
 @pytest.mark.slow
@@ -307,6 +302,6 @@ async def test_kill9_mid_upload_leaves_no_volume_after_the_restart(
             assert job_property(address, killed, "Status") == "failed"
             assert job_property(address, killed, "Error").startswith("interrupted:")
             assert volume_names(pool) == []
-            assert not _defined(local_libvirt, vm)
+            assert not domain_defined(local_libvirt, vm)
         finally:
             restarted.stop()
