@@ -14,7 +14,7 @@ import pytest
 from lxml import etree
 
 from hypersdk.service.config import ConfigError, parse_config
-from hypersdk.service.errors import AlreadyExists, InvalidArgument
+from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
 from hypersdk.service.jobs.convert_job import ConvertKind
 from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.jobs.handoff import run_integration, validate_integration
@@ -246,6 +246,24 @@ async def test_logical_pool_gets_a_raw_volume_and_the_domain_boots(
         remove_domain(local_libvirt, vm)
 
 
+@pytest.mark.slow
+async def test_a_logical_pool_refuses_a_qcow2_target_before_anything_is_made(
+        loopback_sshd, local_libvirt, guest_dir, vm):
+    image = _boot_image(guest_dir, "qcow2")
+    with logical_pool(local_libvirt, with_volumes=False) as pool:
+        config = _config(guest_dir, loopback_sshd.uri(), pool.name(), fmt="qcow2")
+        ctx = job_context(ImportKind(), {"vm_name": vm, "disk_path": str(image),
+                                         "memory_mb": 64, "network": "", "target": TARGET},
+                          config, None)
+        with pytest.raises(Failed) as caught:
+            await run_job(ImportKind(), ctx)
+        assert str(caught.value) == (
+            f"targets.{TARGET}.format: pool {pool.name()!r} is a logical pool, which holds "
+            "raw volumes only: set format: raw")
+        assert ctx.volumes == [] and volume_names(pool) == []
+        assert not domain_defined(local_libvirt, vm)
+
+
 # -- what a job made goes when it does not complete -----------------------------------------
 
 @pytest.mark.slow
@@ -274,24 +292,50 @@ async def test_failed_and_cancelled_jobs_remove_their_volume_and_domain(
         assert volume_names(pool) == [] and not domain_defined(local_libvirt, vm)
 
 
-@pytest.mark.slow
-async def test_kill9_mid_upload_leaves_no_volume_after_the_restart(
-        start_hypervisord, system_bus, loopback_sshd, local_libvirt, guest_dir, vm):
-    address = system_bus.address
+@pytest.fixture
+def data_disk(guest_dir) -> Path:
+    """1 GiB of random data, no holes: an upload over ssh takes seconds."""
     disk = guest_dir / "data.raw"
-    with open(disk, "wb") as handle:  # data all through: every byte is sent
+    with open(disk, "wb") as handle:
         for _ in range(1024):
             handle.write(os.urandom(1 << 20))
+    return disk
+
+
+async def _submit_upload(address: str, vm: str, disk: Path) -> str:
+    """Submit the import of `disk` to the raw target; its job path once it uploads (still
+    uploading: BytesDone is at most a quarter second behind)."""
+    job = json.loads(submit(address, {
+        "vm_name": vm, "disk_path": str(disk), "disk_format": "raw", "memory_mb": 64,
+        "network": "", "target": TARGET}, kind="import").stdout.split()[1])
+    await until(lambda: job_property(address, job, "Stage") == "upload"
+                and job_property(address, job, "BytesDone") > 0, 120, "the upload")
+    assert job_property(address, job, "BytesDone") < disk.stat().st_size
+    return job
+
+
+@pytest.mark.slow
+async def test_cancel_mid_upload_removes_the_partial_volume(
+        start_hypervisord, system_bus, loopback_sshd, local_libvirt, data_disk, vm):
+    address = system_bus.address
+    with dir_pool(local_libvirt) as pool:
+        start_hypervisord(targets={TARGET: {"uri": loopback_sshd.uri(), "pool": pool.name(),
+                                            "format": "raw"}})
+        job = await _submit_upload(address, vm, data_disk)
+        busctl(address, "call", BUS_NAME, job, JOB_IFACE, "Cancel", "a{sv}", "0")
+        assert wait_for_status(address, job, {"cancelled", "failed", "completed"},
+                               60) == "cancelled"
+        assert volume_names(pool) == [] and not domain_defined(local_libvirt, vm)
+
+
+@pytest.mark.slow
+async def test_kill9_mid_upload_leaves_no_volume_after_the_restart(
+        start_hypervisord, system_bus, loopback_sshd, local_libvirt, data_disk, vm):
+    address = system_bus.address
     with dir_pool(local_libvirt) as pool:
         daemon = start_hypervisord(targets={TARGET: {"uri": loopback_sshd.uri(),
                                                      "pool": pool.name(), "format": "raw"}})
-        killed = json.loads(submit(address, {
-            "vm_name": vm, "disk_path": str(disk), "disk_format": "raw", "memory_mb": 64,
-            "network": "", "target": TARGET}, kind="import").stdout.split()[1])
-        await until(lambda: job_property(address, killed, "Stage") == "upload"
-                    and job_property(address, killed, "BytesDone") > 0, 120, "the upload")
-        # still uploading when killed (BytesDone is at most a quarter second behind)
-        assert job_property(address, killed, "BytesDone") < disk.stat().st_size
+        killed = await _submit_upload(address, vm, data_disk)
         daemon.kill()
         volume = f"{vm}-disk0.raw"
         assert volume_names(pool) == [volume]  # half uploaded, and nothing removed it yet
