@@ -16,6 +16,7 @@ without deleting anything. A volume is never written over.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import threading
@@ -28,6 +29,7 @@ from lxml import etree
 from ..config_schema import Field, Schema
 from ..redact import redact_url
 from ..errors import AlreadyExists, Failed, InvalidArgument, NotFound, Unavailable
+from ..disks.ovf_writer import safe_name
 from ..disks.threads import from_any_thread, run_stoppable
 from .libvirt_import import connect
 
@@ -113,16 +115,13 @@ def check_format(target: Target, fmt: str, field: str) -> str:
 
 def volume_name(vm_name: str, disk: str, fmt: str) -> str:
     """A volume's name for disk `disk` of VM `vm_name` (safe in file and LV names)."""
-    from ..disks.ovf_writer import safe_name  # disks/ imports nothing from kvm/
-
     return f"{safe_name(vm_name, 100)}-{disk}.{fmt}"
 
 
 async def preflight_target(target: Target, names: list[str]) -> None:
     """Raise now what the upload would raise later: the pool missing or inactive, a pool
     type or format it cannot take, a volume name taken."""
-    await run_stoppable(lambda _stop: _with_pool(target, lambda pool: _check_free(
-        target, pool, names)))
+    await asyncio.to_thread(_with_pool, target, lambda pool: _check_free(target, pool, names))
 
 
 async def upload_volume(ctx: "JobContext", target: Target, source: Path, name: str,
