@@ -171,7 +171,7 @@ def _object(required: list[str], properties: dict, additional: bool = False) -> 
 _VERIFY_BOOT = {"oneOf": [_BOOL, _object([], {"timeout": _STR, "expect": _STR})]}
 _INTEGRATION = _object([], {"enabled": _BOOL, "auto_convert": _BOOL, "daemon_mode": _BOOL,
                             "instance": _STR, "guest_conversion": _BOOL,
-                            "verify_boot": _VERIFY_BOOT}, True)
+                            "verify_boot": _VERIFY_BOOT, "target": _STR}, True)
 SCHEMAS: dict[str, dict] = {
     "Error": _object(["error", "message", "field"], {
         "error": _STR, "message": _STR, "field": _nullable("string")}),
@@ -192,11 +192,12 @@ SCHEMAS: dict[str, dict] = {
         "vm_identifier": _STR, "provider": _STR, "export_method": _STR, "export_path": _STR,
         "options": _OBJ, "hyper2kvm_integration": _INTEGRATION}, True),
     "ConvertRequest": _object(["source_path", "output_path"], {
-        "source_path": _STR, "output_path": _STR, "conversion_options": _OBJ}, True),
+        "source_path": _STR, "output_path": _STR, "conversion_options": _OBJ,
+        "target": _STR}, True),
     "ImportRequest": _object(["vm_name", "disk_path"], {
         "vm_name": _STR, "disk_path": _STR, "memory_mb": _INT, "vcpus": _INT,
         "network": _STR, "autostart": _BOOL, "guest_conversion": _BOOL,
-        "verify_boot": _VERIFY_BOOT}, True),
+        "verify_boot": _VERIFY_BOOT, "target": _STR}, True),
     "ScheduleRequest": _object(["name", "cron", "job_definition"], {
         "name": _STR, "cron": _STR, "job_definition": _OBJ}, True),
     "BackupPolicyRequest": _object(["name"], {

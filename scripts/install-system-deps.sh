@@ -23,6 +23,9 @@ packages=(
   golang-go golang-github-vmware-govmomi-dev
   # a real PostgreSQL server for the shared job store (service/pgstore.py), libpq for psycopg
   postgresql libpq5
+  # targets (service/kvm/targets.py): libvirt reached over qemu+ssh:// through a real sshd,
+  # and a logical (LVM) storage pool on a loop device
+  openssh-server lvm2
   # tools the tests drive as users do
   curl jq tmux
   # a real browser runs the spec's WebSocket snippet (tests/bridge/test_browser.py)

@@ -1,7 +1,7 @@
 """hypervisord's configuration file (`config.yaml`), checked in full at start.
 
 The schema is the spec's (daemon, providers, hyper2kvm, export, database, webhooks)
-plus `libvirt` and `api`. `${VAR}` anywhere in a string is replaced from the
+plus `libvirt`, `api` and `targets`. `${VAR}` anywhere in a string is replaced from the
 environment; a variable that is not set is an error naming it. Every broken rule
 is reported as one line (`ConfigError.problems`) and nothing is touched.
 """
@@ -20,6 +20,7 @@ import yaml
 from .confine import default_roots
 from .config_schema import ConfigProblem, Field, Schema, validate
 from .kvm.cpu_choice import AUTO, cpu_mode_rule
+from .kvm.targets import NAME_RE, TARGET_SCHEMA
 from .webhook_targets import targets_rule
 
 DEFAULT_CONFIG_PATH = Path("/etc/hypersdk/config.yaml")
@@ -219,6 +220,7 @@ class Config:
     paths: Section
     providers: dict[str, dict]  # name -> validated section, with "type"
     webhooks: list[dict]
+    targets: dict[str, dict]  # name -> {uri, pool, format} (kvm/targets.py)
     source: str  # the file it came from, or "(defaults)"
 
 
@@ -255,19 +257,29 @@ def _expand_env(value: Any, path: str, env: dict, problems: list[ConfigProblem])
     return value
 
 
-def _validate_providers(data: Any, problems: list[ConfigProblem]) -> dict[str, dict]:
+def _named_sections(data: Any, key: str, what: str,
+                    problems: list[ConfigProblem]) -> list[tuple[str, str, Any]]:
+    """(name, key path, section) of each entry of a mapping of named sections (providers,
+    targets) whose name is well-formed; the others are reported."""
     if data is None:
-        return {}
+        return []
     if not isinstance(data, dict):
-        problems.append(ConfigProblem("providers", "a mapping of provider names", repr(data)))
-        return {}
-    result = {}
+        problems.append(ConfigProblem(key, f"a mapping of {what} names", repr(data)))
+        return []
+    named = []
     for name, section in data.items():
-        path = f"providers.{name}"
-        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", str(name)):
+        path = f"{key}.{name}"
+        if NAME_RE.fullmatch(str(name)):
+            named.append((name, path, section))
+        else:
             problems.append(ConfigProblem(path, "a name of lower-case letters, digits, - and _",
                                           repr(name)))
-            continue
+    return named
+
+
+def _validate_providers(data: Any, problems: list[ConfigProblem]) -> dict[str, dict]:
+    result = {}
+    for name, path, section in _named_sections(data, "providers", "provider", problems):
         kind = section.get("type", name) if isinstance(section, dict) else name
         if kind not in PROVIDER_KINDS:
             problems.append(ConfigProblem(f"{path}.type", "one of " + ", ".join(PROVIDER_KINDS),
@@ -289,6 +301,12 @@ def _validate_webhooks(data: Any, problems: list[ConfigProblem]) -> list[dict]:
     return [validate(WEBHOOK_SCHEMA, item, f"webhooks[{i}]", problems) for i, item in enumerate(data)]
 
 
+def _validate_targets(data: Any, problems: list[ConfigProblem]) -> dict[str, dict]:
+    """`targets:`, libvirt hosts with a storage pool that jobs may name (kvm/targets.py)."""
+    return {name: validate(TARGET_SCHEMA, section, path, problems)
+            for name, path, section in _named_sections(data, "targets", "target", problems)}
+
+
 def parse_config(document: Any, source: str, env: dict | None = None) -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     problems: list[ConfigProblem] = []
@@ -297,15 +315,17 @@ def parse_config(document: Any, source: str, env: dict | None = None) -> Config:
     if not isinstance(document, dict):
         raise ConfigError([ConfigProblem("(top level)", "a mapping", type(document).__name__)])
     document = _expand_env(document, "", dict(os.environ if env is None else env), problems)
-    main_part = {k: v for k, v in document.items() if k not in ("providers", "webhooks")}
-    sections = validate(MAIN_SCHEMA, main_part, "", problems, ("providers", "webhooks"))
+    elsewhere = ("providers", "webhooks", "targets")
+    main_part = {k: v for k, v in document.items() if k not in elsewhere}
+    sections = validate(MAIN_SCHEMA, main_part, "", problems, elsewhere)
     providers = _validate_providers(document.get("providers"), problems)
     webhooks = _validate_webhooks(document.get("webhooks"), problems)
+    targets = _validate_targets(document.get("targets"), problems)
     if problems:
         raise ConfigError(problems)
     _fill_default_roots(sections)
     return Config(**{k: Section(v) for k, v in sections.items()}, providers=providers,
-                  webhooks=webhooks, source=source)
+                  webhooks=webhooks, targets=targets, source=source)
 
 
 def _fill_default_roots(sections: dict) -> None:

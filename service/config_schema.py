@@ -78,7 +78,8 @@ class Field:
     choices: tuple = ()
     minimum: float | None = None
     check: Callable[[Any], str | None] | None = None  # returns a rule text when broken
-    secret: bool = False
+    secret: bool = False  # a bad value is not shown at all
+    shown: Callable[[Any], str] | None = None  # how a bad value is shown (default: repr)
     doc: str = ""
 
 
@@ -162,7 +163,8 @@ def validate(schema: Schema, data: Any, path: str, problems: list[ConfigProblem]
             continue
         value, expected = _coerce(rule, data[key])
         if expected:
-            shown = "a hidden value" if rule.secret else _describe(data[key])
+            shown = ("a hidden value" if rule.secret
+                     else _describe(rule.shown(data[key]) if rule.shown else data[key]))
             problems.append(ConfigProblem(key_path, expected, shown))
         else:
             result[key] = value

@@ -124,6 +124,12 @@ class RunningJob:
     def record_domain(self, uri: str, uuid: str, console_log: Path | None) -> None:
         self.output.record_domain(uri, uuid, console_log)
 
+    def record_volume(self, uri: str, pool: str, name: str) -> None:
+        self.output.record_volume(uri, pool, name)
+
+    def forget_volume(self, uri: str, pool: str, name: str) -> None:
+        self.output.forget_volume(uri, pool, name)
+
     # -- engine side -----------------------------------------------------------------
     def _progress_changed(self) -> None:
         record = self.record

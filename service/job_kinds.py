@@ -46,6 +46,11 @@ class JobContext(Protocol):
         """Call before defining a libvirt domain: unless the job completes, it is
         stopped and undefined again and its console log removed (even after a crash:
         job_output.py)."""
+    def record_volume(self, uri: str, pool: str, name: str) -> None:
+        """Call before creating a storage volume: unless the job completes, it is deleted
+        again (even after a crash: job_output.py)."""
+    def forget_volume(self, uri: str, pool: str, name: str) -> None:
+        """The volume recorded was not created (its name was taken): never delete it."""
     def staging(self, dest: "OpenDir") -> "Staging":
         """A private directory in `dest` (which it takes over) for the job's files, which
         land in `dest` from there. If the job does not complete, what landed and the

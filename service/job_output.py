@@ -1,15 +1,18 @@
-"""What one job run makes (files, libvirt domains), and what an interrupted run keeps for
-its retry.
+"""What one job run makes (files, libvirt domains, storage volumes), and what an
+interrupted run keeps for its retry.
 
 A run's files are written in staging directories (staging.py), each recorded in the
 store as it is made (StoreJournal); a libvirt domain is recorded by the UUID it is
-given before it is defined (`record_domain`). When the run ends:
-- completed: what landed and the domains stay, the staging directories go (`keep`);
-- failed or cancelled: everything it made goes (`discard`), domains stopped and undefined;
+given before it is defined (`record_domain`), a volume on a target by its pool and name
+before it is created (`record_volume`). When the run ends:
+- completed: what landed, the domains and volumes stay, the staging directories go
+  (`keep`);
+- failed or cancelled: everything it made goes (`discard`), domains stopped and
+  undefined, then volumes deleted;
 - interrupted (hypervisord stopped, killed or crashed) while downloads had recorded
   checkpoints (disks/resume.py): what landed goes, but the staging directories stay,
   recorded under the job with their checkpoints (`suspend`, or `remove_leftovers` after
-  a crash); its domains go.
+  a crash); its domains and volumes go.
   Retrying the job hands them over to the new job (Store.hand_over), whose export adopts
   the staging directory in the same destination and resumes the downloads after their
   last verified checkpoint. Data nobody retries goes when the job's record is pruned.
@@ -27,6 +30,7 @@ from typing import Callable
 from .confine import OpenDir
 from .errors import Failed
 from .kvm.libvirt_import import remove_domain_by_uuid
+from .kvm.targets import remove_volume
 from .model import Checkpoint, SavedDownload
 from .staging import JobStagings, OwnedPath, Staging, remove_owned
 from .store import Store
@@ -112,9 +116,16 @@ class JobOutput:
     def record_domain(self, uri: str, uuid: str, console_log: Path | None) -> None:
         self.store.record_domain(self.job_id, uri, uuid, str(console_log or ""))
 
+    def record_volume(self, uri: str, pool: str, name: str) -> None:
+        self.store.record_volume(self.job_id, uri, pool, name)
+
+    def forget_volume(self, uri: str, pool: str, name: str) -> None:
+        self.store.forget_volume(self.job_id, uri, pool, name)
+
     def keep(self) -> None:
         """The run completed: what landed stays, its staging directories go."""
         self.store.forget_domains(self.job_id)
+        self.store.forget_volumes(self.job_id)
         self._stagings.keep()
         self._end()
 
@@ -195,12 +206,16 @@ def remove_leftovers(store: Store, job_id: str, keep_resumable: bool,
 
 
 def remove_domains(store: Store, job_id: str) -> list[str]:
-    """Stop and undefine the domains the job defined, and remove their console logs
-    (blocking: libvirt calls, made only when a job that defined a domain did not
-    complete); what was left, one line each."""
+    """Stop and undefine the domains the job defined, and remove their console logs, then
+    delete the volumes it created (blocking: libvirt calls, made only when a job that
+    defined a domain or created a volume did not complete); what was left, one line
+    each."""
     problems = [problem for uri, uuid, console_log in store.owned_domains(job_id)
                 if (problem := remove_domain_by_uuid(uri, uuid, console_log))]
     store.forget_domains(job_id)
+    problems += [problem for uri, pool, name in store.owned_volumes(job_id)
+                 if (problem := remove_volume(uri, pool, name))]
+    store.forget_volumes(job_id)
     return problems
 
 

@@ -237,6 +237,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX plan_vms_job ON plan_vms(job_id);
     """,
+    # 8: the storage volumes a job creates on a target (kvm/targets.py), recorded before
+    # they exist, so a crash leaves none behind
+    """
+    CREATE TABLE job_volumes (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        uri TEXT NOT NULL,
+        pool TEXT NOT NULL,
+        name TEXT NOT NULL
+    );
+    CREATE INDEX job_volumes_job ON job_volumes(job_id);
+    """,
 ]
 
 
@@ -627,6 +639,23 @@ class Store:
 
     def forget_domains(self, job_id: str) -> None:
         self._db.execute("DELETE FROM job_domains WHERE job_id=?", (job_id,))
+
+    # -- storage volumes a job created on a target (job_output.py) ----------------------
+    def record_volume(self, job_id: str, uri: str, pool: str, name: str) -> None:
+        self._db.execute("INSERT INTO job_volumes (job_id, uri, pool, name) VALUES (?,?,?,?)",
+                         (job_id, uri, pool, name))
+
+    def owned_volumes(self, job_id: str) -> list[tuple[str, str, str]]:
+        """(uri, pool, name) of the volumes the job created and has not kept or removed."""
+        return [(row[0], row[1], row[2]) for row in self._db.execute(
+            "SELECT uri, pool, name FROM job_volumes WHERE job_id=? ORDER BY id", (job_id,))]
+
+    def forget_volume(self, job_id: str, uri: str, pool: str, name: str) -> None:
+        self._db.execute("DELETE FROM job_volumes WHERE job_id=? AND uri=? AND pool=?"
+                         " AND name=?", (job_id, uri, pool, name))
+
+    def forget_volumes(self, job_id: str) -> None:
+        self._db.execute("DELETE FROM job_volumes WHERE job_id=?", (job_id,))
 
     # -- download checkpoints (disks/resume.py) --------------------------------------------
     def save_checkpoint(self, job_id: str, target: str, temp: str, validator: str,

@@ -17,6 +17,12 @@ A disk lands as `<its file's stem>.<format>`, except the one disk of a one-disk 
 OVA: that is `disk.<format>`, the name the spec's `/import-to-kvm` example (4.3) imports
 from what its `/convert` example (4.2) wrote. The result lists every disk it produced
 (`disks[].path`, boot order as in the OVF).
+
+With `target` (one of the config's targets, kvm/targets.py) the disks are converted to
+the target's format in output_path's staging directory and uploaded into its pool as
+volumes of those names (`disk.<format>` as `<source's stem>.<format>`, so that two
+VMs' only disks do not meet in one pool) instead of landing in output_path;
+`disks[].volume` says where each went.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from ..confine import OpenFile, check_source, open_output_dir, open_source, spli
 from ..definitions import JsonObject
 from ..errors import InvalidArgument
 from ..job_kinds import JobContext, JobKind, SubmitContext, register
+from ..kvm.targets import check_format, find_target, preflight_target, upload_volume
 from ..staging import Staging
 from ..disks.convert import OUTPUT_FORMATS, ConvertedImage, convert_image, inspect_source
 from ..disks.disk_format import SOURCE_FORMATS, check_claimed_format
@@ -39,7 +46,7 @@ from ..disks.threads import from_any_thread, run_stoppable
 from ..disks.vmdk import external_files
 from .overlap import JobProgress
 
-FIELDS = ("source_path", "output_path", "conversion_options")
+FIELDS = ("source_path", "output_path", "conversion_options", "target")
 OPTION_FIELDS = ("format", "compression", "source_format")
 
 
@@ -96,8 +103,11 @@ class ConvertKind(JobKind):
                                      "output_path", "output")
         output = root / relative
         options = fields.section("conversion_options", OPTION_FIELDS)
-        fmt = options.text("format", submit.config.hyper2kvm.default_format,
-                           choices=OUTPUT_FORMATS)
+        target = find_target(submit.config, definition.get("target"), "target")
+        fmt = options.text("format", "" if target else submit.config.hyper2kvm.default_format,
+                           choices=("", *OUTPUT_FORMATS) if target else OUTPUT_FORMATS)
+        if target is not None:
+            fmt = check_format(target, fmt, "conversion_options.format")
         compression = options.flag("compression", submit.config.hyper2kvm.compression)
         if compression and fmt != "qcow2":
             raise InvalidArgument("conversion_options.compression", "only qcow2 can be compressed")
@@ -106,7 +116,7 @@ class ConvertKind(JobKind):
         if source_format:
             result["source_format"] = source_format
         return {"source_path": source, "output_path": str(output),
-                "conversion_options": result}
+                "conversion_options": result, **({"target": target.name} if target else {})}
 
     def describe(self, definition: dict) -> dict:
         return {"vm": Path(definition.get("source_path", "")).stem, "provider": ""}
@@ -183,23 +193,35 @@ class ConvertKind(JobKind):
             check_claimed_format(info["format"], int(info["virtual-size"]), name, claimed,
                                  "source_path", "conversion_options.source_format")
             sizes.append(int(info["virtual-size"]))
+        target = find_target(ctx.config, ctx.definition.get("target"), "target")
+        if target is not None:
+            stem = PurePosixPath(shown[0]).stem
+            finals = [f"{stem}.{fmt}" if one_vm_disk else final for final in finals]
+            await preflight_target(target, finals)
         ctx.set_total(done_before + sum(sizes))
-        ctx.set_stage("convert")
-        return [(await convert_and_land(ctx, staging, disk, final, fmt=fmt,
-                                        compress=options["compression"], planned=size,
-                                        shown=name)).to_dict()
-                for disk, name, final, size in zip(disks, shown, finals, sizes)]
+        converted: list[dict] = []
+        for disk, name, final, size in zip(disks, shown, finals, sizes):
+            if not converted or target is not None:  # back from the last disk's upload
+                ctx.set_stage("convert")
+            image = await convert_staged(ctx, staging, disk, final, fmt=fmt,
+                                         compress=options["compression"], planned=size,
+                                         shown=name)
+            if target is None:
+                converted.append((await land_image(staging, image, final)).to_dict())
+            else:
+                volume = await upload_volume(ctx, target, image.path, final, image.virtual_size)
+                converted.append({**image.to_dict(), "path": volume.path,
+                                  "volume": volume.to_dict()})
+        return converted
 
 
-async def convert_and_land(ctx: JobContext, staging: Staging, source: Path, final: str, *,
-                           fmt: str, compress: bool, planned: int,
-                           shown: str) -> ConvertedImage:
-    """Convert one disk into `staging` as `final` and land it; the job advances by up to
-    `planned` bytes. The convert job and the export's Direct Pipeline both use it."""
+async def convert_staged(ctx: JobContext, staging: Staging, source: Path, final: str, *,
+                         fmt: str, compress: bool, planned: int, shown: str) -> ConvertedImage:
+    """Convert one disk into `staging` as `final`; the job advances by up to `planned`
+    bytes. The convert job and the export's Direct Pipeline both use it."""
     ctx.log(f"converting {shown} -> {final}")
-    image = await convert_image(source, staging.path / final, out_format=fmt, compress=compress,
-                                on_progress=JobProgress(ctx, planned), log=ctx.log)
-    return await land_image(staging, image, final)
+    return await convert_image(source, staging.path / final, out_format=fmt, compress=compress,
+                               on_progress=JobProgress(ctx, planned), log=ctx.log)
 
 
 async def land_image(staging: Staging, image: ConvertedImage, final: str) -> ConvertedImage:

@@ -11,7 +11,8 @@ Three modes, chosen by the job definition:
   otherwise the manifests stay for the daemon and the job ends "handed off".
 - `auto_convert: true` (without daemon mode): the spec's "Direct Pipeline" — convert
   every disk with the built-in converter into `<hyper2kvm.output_dir>/<vm>/` and, when
-  `import_to_kvm` is set, define the domain in libvirt. Disks that arrive as
+  `import_to_kvm` is set, define the domain in libvirt; with `target`, upload the disks
+  into the target's pool instead and define the domain there. Disks that arrive as
   streamOptimized VMDKs are converted while they download (`enable_streaming`,
   `jobs/overlap.py`); the others after the export.
 """
@@ -31,11 +32,12 @@ from ..errors import AlreadyExists, InvalidArgument
 from ..kvm.boot_verify import parse_verify_boot
 from ..kvm.domain_xml import (DomainDisk, DomainNic, DomainSpec, guest_family, is_uuid,
                               serial_log_beside)
-from ..kvm.kvm_landing import Landing, land
+from ..kvm.kvm_landing import Landing, land, upload_disks
 from ..kvm.libvirt_import import preflight
+from ..kvm.targets import Target, check_format, find_target, preflight_target, volume_name
 from ..plan_definition import parse_network_map, parse_output_dir
 from ..staging import Staging
-from .convert_job import convert_and_land, land_image
+from .convert_job import convert_staged, land_image
 from .hyper2kvm import QUEUE_DIR, UnitState, follow, unit_name, unit_state
 from .manifest import (boot_sorted, build_manifest, disk_ids, manifest_name, per_disk,
                        write_manifest)
@@ -43,6 +45,7 @@ from .overlap import StreamConversions
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..disks.convert import ConvertedImage
     from ..job_kinds import JobContext
     from ..model import ExportedDisk, VMInfo
 
@@ -72,6 +75,7 @@ def _defaults(config: "Config") -> dict:
         "verify_boot": None,
         "network_map": {},
         "output_dir": "",
+        "target": None,
     }
 
 
@@ -86,8 +90,9 @@ def validate_integration(block: Any, config: "Config") -> dict:
     start and wait for the guest to boot), network_map ({source network: {"network":
     name} or {"bridge": name}}: where each NIC goes; unmapped NICs go to `network`),
     output_dir (a directory under paths.outputs that receives `<vm>/` instead of
-    hyper2kvm.output_dir). Unknown fields are refused so a typo never silently turns a
-    conversion off.
+    hyper2kvm.output_dir), target (one of the config's targets: the converted disks are
+    uploaded into its pool, in its format, and with import_to_kvm the domain is defined
+    there). Unknown fields are refused so a typo never silently turns a conversion off.
     """
     defaults = _defaults(config)
     if block is None:
@@ -102,6 +107,16 @@ def validate_integration(block: Any, config: "Config") -> dict:
     if result["output_dir"] and (result["daemon_mode"] or not result["enabled"]):
         raise InvalidArgument(f"{FIELD}.output_dir", "only for the Direct Pipeline "
                               "(enabled and auto_convert without daemon_mode)")
+    target = find_target(config, block.get("target"), f"{FIELD}.target")
+    if target is not None:
+        result["target"] = target.name
+        result["format"] = check_format(target, block.get("format", ""), f"{FIELD}.format")
+        if result["output_dir"]:
+            raise InvalidArgument(f"{FIELD}.output_dir", "not with a target (the disks go "
+                                  "into the target's pool)")
+        if result["daemon_mode"]:
+            raise InvalidArgument(f"{FIELD}.target", "needs the built-in converter "
+                                  "(daemon_mode: false)")
     if not INSTANCE_RE.match(result["instance"]):
         raise InvalidArgument(f"{FIELD}.instance", "letters, digits, '_', '.' and '-' only")
     if result["format"] not in FORMATS:
@@ -135,10 +150,14 @@ async def preflight_import(config: "Config", vm: "VMInfo", integration: dict) ->
     usable, so neither a download nor an hour of conversion is spent on a VM that cannot
     be imported (the export job asks before the download, run_integration again before
     converting: the name may have been taken meanwhile)."""
+    target = find_target(config, integration.get("target"), f"{FIELD}.target")
     if integration["import_to_kvm"]:
         nics = [nic_target(integration, nic.network) for nic in vm.nics]
-        await preflight(config.libvirt.uri, vm.name, _kept_uuid(vm),
+        await preflight(target.uri if target else config.libvirt.uri, vm.name, _kept_uuid(vm),
                         [nic.network for nic in nics if nic.kind == "network"])
+    if target is not None:
+        await preflight_target(target, [volume_name(vm.name, f"disk{index}", target.format)
+                                        for index in range(len(vm.disks))])
 
 
 async def run_integration(ctx: "JobContext", vm: "VMInfo", disks: "list[ExportedDisk]",
@@ -274,25 +293,31 @@ async def _convert_builtin(ctx: "JobContext", vm: "VMInfo", disks: "list[Exporte
                            integration: dict,
                            streamed: StreamConversions | None = None) -> dict:
     """The Direct Pipeline: convert every disk into output_dir/<vm>/, then maybe import.
-    Disks `streamed` converted during the export are only moved to their names."""
+    Disks `streamed` converted during the export are only moved to their names. With a
+    target, the disks are uploaded into its pool from the staging directory instead."""
     staging = await _output_staging(ctx, vm, streamed)
     out_dir = staging.dest.shown
+    target = find_target(ctx.config, integration.get("target"), f"{FIELD}.target")
     fmt = integration["format"]
     ordered = boot_sorted(disks)
     finals = [f"{disk_id}.{fmt}" for disk_id in disk_ids(ordered)]
     for final in finals:
-        if staging.dest.holds(final):
+        if target is None and staging.dest.holds(final):
             raise AlreadyExists(f"{out_dir / final} already exists (an earlier conversion of "
                                 "this VM?); it is left untouched: move it away or rename the VM")
     ctx.set_stage("convert")
     done = await streamed.results() if streamed is not None else {}
     counted = streamed.counted if streamed is not None else set()
     ctx.add_total(sum(disk.capacity_bytes for disk in ordered if disk.key not in counted))
-    converted = [await land_image(staging, done[disk.key], final) if disk.key in done
-                 else await convert_and_land(ctx, staging, disk.path, final, fmt=fmt,
-                                             compress=_compress(integration),
-                                             planned=disk.capacity_bytes, shown=disk.path.name)
+    converted = [done[disk.key] if disk.key in done
+                 else await convert_staged(ctx, staging, disk.path, final, fmt=fmt,
+                                           compress=_compress(integration),
+                                           planned=disk.capacity_bytes, shown=disk.path.name)
                  for disk, final in zip(ordered, finals)]
+    if target is not None:
+        return await _to_target(ctx, vm, converted, integration, target)
+    converted = [await land_image(staging, image, final)
+                 for image, final in zip(converted, finals)]
     ctx.log(f"converted {len(converted)} disk(s) into {out_dir}")
     result = {"mode": "builtin", "output_dir": str(out_dir),
               "disks": [image.to_dict() for image in converted]}
@@ -309,12 +334,28 @@ def nic_target(integration: dict, source_network: str) -> DomainNic:
     return DomainNic(name, kind=kind)
 
 
+async def _to_target(ctx: "JobContext", vm: "VMInfo", converted: "list[ConvertedImage]",
+                     integration: dict, target: Target) -> dict:
+    """The converted disks (in the staging directory) uploaded to `target`: with
+    import_to_kvm by the landing, with the domain defined there; else only uploaded."""
+    result = {"mode": "builtin", "target": target.name}
+    images = [(image.path, image.format) for image in converted]
+    if integration["import_to_kvm"]:
+        result["import"] = await _import(ctx, vm, images, integration, target)
+        result["volumes"] = result["import"]["volumes"]
+    else:
+        volumes = await upload_disks(ctx, target, vm.name,
+                                     [DomainDisk(path, fmt) for path, fmt in images])
+        result["volumes"] = [volume.to_dict() for volume in volumes]
+    return result
+
+
 def _compress(integration: dict) -> bool:
     return integration["compression"] and integration["format"] == "qcow2"
 
 
 async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]],
-                  integration: dict) -> dict:
+                  integration: dict, target: Target | None = None) -> dict:
     ctx.set_stage("import")
     uuid = _kept_uuid(vm)
     if vm.uuid and not uuid:
@@ -331,4 +372,4 @@ async def _import(ctx: "JobContext", vm: "VMInfo", images: list[tuple[Path, str]
         ctx.log(f"the VM reports no memory size; giving it {DEFAULT_MEMORY_MB} MiB", "warning")
     return await land(ctx, spec, Landing(integration["autostart"], integration["start"],
                                          integration["guest_conversion"],
-                                         integration["verify_boot"]))
+                                         integration["verify_boot"]), target)

@@ -6,7 +6,9 @@ optional firmware, os_type, uuid, start, disk_format (say "raw" to import raw
 disks: service/disks/disk_format.py), guest_conversion (virt-v2v-in-place on the
 disks, in place, before the define) and verify_boot (true or {timeout, expect}: start
 and wait until the guest booted). `network: ""` means no NIC. The libvirt URI comes
-from the config (`libvirt.uri`), never from the caller.
+from the config (`libvirt.uri`), never from the caller; `target` names one of the
+config's targets instead (kvm/targets.py): the disks, in the target's format, are
+uploaded into its pool as `<vm_name>-disk<N>.<format>` and the domain is defined there.
 
 Disks must lie inside `paths.sources` and in a directory only root can change:
 libvirt and QEMU open a disk by its path (and libvirt hands it to the QEMU user), so
@@ -30,10 +32,11 @@ from ..kvm.domain_xml import (DISK_FORMATS, DomainDisk, DomainNic, DomainSpec, c
                          serial_log_beside)
 from ..kvm.kvm_landing import Landing, land
 from ..kvm.libvirt_import import check_disk_for_libvirt, preflight
+from ..kvm.targets import find_target, preflight_target, volume_name
 
 _FIELDS = ("vm_name", "disk_path", "disk_paths", "memory_mb", "vcpus", "network", "autostart",
            "start", "firmware", "os_type", "uuid", "disk_format", "guest_conversion",
-           "verify_boot")
+           "verify_boot", "target")
 MAX_MEMORY_MB = 16 << 20  # 16 TiB, QEMU's x86_64 limit is above what any host has
 MAX_VCPUS = 4096
 
@@ -60,6 +63,9 @@ class ImportKind(JobKind):
             "guest_conversion": fields.flag("guest_conversion", False),
             "verify_boot": parse_verify_boot(definition.get("verify_boot"), "verify_boot"),
         }
+        target = find_target(submit.config, definition.get("target"), "target")
+        if target is not None:
+            result["target"] = target.name
         if result["memory_mb"] > MAX_MEMORY_MB:
             raise InvalidArgument("memory_mb", f"an integer from 1 to {MAX_MEMORY_MB}")
         if result["vcpus"] > MAX_VCPUS:
@@ -69,17 +75,23 @@ class ImportKind(JobKind):
 
     async def run(self, ctx: JobContext) -> dict:
         definition = ctx.definition
-        uri = ctx.config.libvirt.uri
+        target = find_target(ctx.config, definition.get("target"), "target")
         ctx.set_stage("import")
-        await preflight(uri, definition["vm_name"], definition["uuid"],
+        await preflight(target.uri if target else ctx.config.libvirt.uri, definition["vm_name"],
+                        definition["uuid"],
                         [definition["network"]] if definition["network"] else [])
         disks = [await asyncio.to_thread(_checked_disk, path, ctx.config.paths.sources,
                                          definition["disk_format"])
                  for path in definition["disk_paths"]]
+        if target is not None:
+            await preflight_target(target, [volume_name(definition["vm_name"], f"disk{i}",
+                                                        target.format)
+                                            for i in range(len(disks))])
         definition = {**definition, "disk_paths": [str(path) for path, _fmt in disks]}
         return await land(ctx, _spec(definition, [fmt for _p, fmt in disks]),
                           Landing(definition["autostart"], definition["start"],
-                                  definition["guest_conversion"], definition["verify_boot"]))
+                                  definition["guest_conversion"], definition["verify_boot"]),
+                          target)
 
     def describe(self, definition: dict) -> dict:
         return {"vm": definition.get("vm_name", ""), "provider": "libvirt"}

@@ -75,8 +75,10 @@ def default_cpu(domain_type: str) -> GuestCpu:
 
 @dataclass
 class DomainDisk:
-    path: Path
+    path: Path  # on the host at the URI (for a volume: its path, as the pool reports it)
     format: str = "qcow2"  # qcow2 | raw
+    pool: str = ""  # or a volume of this storage pool (kvm/targets.py)
+    volume: str = ""
 
 
 @dataclass
@@ -241,9 +243,13 @@ def _add_disks(devices: etree._Element, spec: DomainSpec) -> None:
     bus = disk_bus(spec.os_family)
     prefix = "vd" if bus == "virtio" else "sd"
     for index, disk in enumerate(spec.disks):
-        element = etree.SubElement(devices, "disk", type="file", device="disk")
+        element = etree.SubElement(devices, "disk", type="volume" if disk.pool else "file",
+                                   device="disk")
         etree.SubElement(element, "driver", name="qemu", type=disk.format)
-        etree.SubElement(element, "source", file=str(disk.path))
+        if disk.pool:
+            etree.SubElement(element, "source", pool=disk.pool, volume=disk.volume)
+        else:
+            etree.SubElement(element, "source", file=str(disk.path))
         etree.SubElement(element, "target", dev=prefix + _disk_letters(index), bus=bus)
         etree.SubElement(element, "boot", order=str(index + 1))
 

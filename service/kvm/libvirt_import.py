@@ -60,7 +60,8 @@ async def import_domain(uri: str, spec: DomainSpec, *, autostart: bool = False,
     """Build the XML for `spec` and define it at `uri`; optionally autostart and start it.
     `cpu_mode` is `libvirt.cpu_mode` (used when the spec leaves the domain type open)."""
     for disk in spec.disks:
-        await asyncio.to_thread(check_disk_for_libvirt, Path(disk.path))
+        if not disk.pool:  # a volume was checked by its pool (kvm/targets.py)
+            await asyncio.to_thread(check_disk_for_libvirt, Path(disk.path))
     build_domain_xml(spec)  # refuse a bad spec before connecting
     name, uuid, cpu = await asyncio.to_thread(_define, uri, spec, autostart, start, cpu_mode)
     return ImportedDomain(name, uuid, uri, autostart, start, domain_notes(spec),

@@ -146,7 +146,8 @@ def test_hypervisord_refuses_a_bad_config_with_one_line_each_and_touches_nothing
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "config: bogus: expected one of the known keys (api, automation, daemon, database, "
-        "export, guest_conversion, hyper2kvm, libvirt, ova, paths, providers, webhooks), "
+        "export, guest_conversion, hyper2kvm, libvirt, ova, paths, providers, targets, "
+        "webhooks), "
         "found an unknown key",
         "config: daemon.workers: expected a value >= 1, found 0",
     ]

@@ -104,7 +104,7 @@ def test_listing_counting_and_pruning_jobs(database_url):
     store.close()
 
 
-def test_what_a_job_made_its_domains_and_checkpoints(database_url):
+def test_what_a_job_made_its_domains_volumes_and_checkpoints(database_url):
     store = open_store(database_url)
     for job_id in ("job-1", "job-2"):
         store.insert_job(_job(job_id))
@@ -117,6 +117,14 @@ def test_what_a_job_made_its_domains_and_checkpoints(database_url):
     assert store.owned_domains("job-1") == [("qemu:///system", "uuid-1", "/var/log/c.log")]
     store.forget_domains("job-1")
     assert store.owned_domains("job-1") == []
+    uri = "qemu+ssh://root@kvm2/system?keyfile=/k"
+    for name in ("vm-disk0.qcow2", "vm-disk1.qcow2", "taken.qcow2"):
+        store.record_volume("job-1", uri, "default", name)
+    store.forget_volume("job-1", uri, "default", "taken.qcow2")  # its create was refused
+    assert store.owned_volumes("job-1") == [(uri, "default", "vm-disk0.qcow2"),
+                                            (uri, "default", "vm-disk1.qcow2")]
+    store.forget_volumes("job-1")
+    assert store.owned_volumes("job-1") == []
     for offset, final in ((100, False), (200, True)):
         store.save_checkpoint("job-1", "disk.bin", ".disk.part", '"etag"',
                               Checkpoint(offset, f"sha-{offset}", final))

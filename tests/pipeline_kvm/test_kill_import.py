@@ -19,6 +19,7 @@ from tests.support.bootdisk import BOOT_LINE, write_boot_disk
 from tests.support.cli import (BUS_NAME, MANAGER, MANAGER_IFACE, busctl_json, job_property,
                                submit, wait_for_status)
 from tests.support.hypervisord import Hypervisord
+from tests.support.libvirtd import domain_defined
 from tests.support.staging import assert_only_private_staging_left
 from tests.support.wait import until
 from tests.vcsim.harness import Simulator, prepare_image_vm
@@ -34,14 +35,6 @@ def _running(conn, name: str) -> bool:
         return conn.lookupByName(name).isActive() == 1
     except libvirt.libvirtError:
         return False
-
-
-def _defined(conn, name: str) -> bool:
-    try:
-        conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return False
-    return True
 
 
 async def test_kill9_in_boot_verification_leaves_no_domain_and_the_retry_boots(
@@ -71,14 +64,14 @@ async def test_kill9_in_boot_verification_leaves_no_domain_and_the_retry_boots(
         # killed while the boot is verified (or a moment before, right after the start)
         assert job_property(address, killed, "Stage") in {"import", boot_verify.STAGE}
         await asyncio.to_thread(daemon.kill)
-        assert _defined(conn, vm_name)  # nothing removed it yet
+        assert domain_defined(conn, vm_name)  # nothing removed it yet
 
         restarted = Hypervisord(daemon.config_path, address)
         await asyncio.to_thread(restarted.start)
         try:
             assert job_property(address, killed, "Status") == "failed"
             assert job_property(address, killed, "Error").startswith("interrupted:")
-            assert not _defined(conn, vm_name)
+            assert not domain_defined(conn, vm_name)
             # the downloaded disk stays for the retry, privately; the converted one goes
             assert_only_private_staging_left(export_path)
             assert not images.exists() or list(images.rglob("*")) == []

@@ -49,3 +49,13 @@ def remove_domain(conn, name: str) -> None:
     except libvirt.libvirtError:
         pass  # not running
     domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+
+def domain_defined(conn, name: str) -> bool:
+    """Whether a domain named `name` is defined (running or not)."""
+    import libvirt
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    return True

@@ -35,6 +35,7 @@ class FakeJobContext:
     owned: list[OwnedPath] = field(default_factory=list)  # what the store would hold
     planned: dict[str, int] = field(default_factory=dict)  # the last plan(stages)
     domains: list[tuple[str, str]] = field(default_factory=list)  # (uri, uuid) defined
+    volumes: list[tuple[str, str, str]] = field(default_factory=list)  # (uri, pool, name)
 
     @property
     def messages(self) -> list[str]:
@@ -67,6 +68,12 @@ class FakeJobContext:
 
     def record_domain(self, uri: str, uuid: str, console_log) -> None:
         self.domains.append((uri, uuid))
+
+    def record_volume(self, uri: str, pool: str, name: str) -> None:
+        self.volumes.append((uri, pool, name))
+
+    def forget_volume(self, uri: str, pool: str, name: str) -> None:
+        self.volumes.remove((uri, pool, name))
 
     def record(self, owned: OwnedPath) -> None:
         self.owned.append(owned)
