@@ -5,8 +5,10 @@ discovery `filter` (the provider's ListVMs filter), with
 - `network_map`: source network / port group -> `{"network": <libvirt network>}` or
   `{"bridge": <host bridge>}`; every NIC of every VM must be mapped (MACs are kept);
 - `storage_map`: source datastore -> `{"directory": <under paths.outputs>, "format":
-  qcow2 | raw}`; `"*"` maps every datastore not named. A VM lands (in
-  `<directory>/<vm name>/`) where its first disk's datastore is mapped;
+  qcow2 | raw}` or `{"target": <one of the config's targets>}` (the disks are uploaded
+  into its pool in its format, the domain defined there); `"*"` maps every datastore
+  not named. A VM lands (in `<directory>/<vm name>/`, or the target) where its first
+  disk's datastore is mapped;
 - `limits`: VMs at once for the whole plan (`per_plan`, default 2), per source host
   (`per_host`) and per datastore (`per_datastore`), on top of the engine's workers;
 - `verify_boot` and `guest_conversion`, passed to each VM's export job as they are.
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .confine import split_under
 from .definitions import JsonObject, check_name
 from .errors import InvalidArgument
+from .kvm.targets import check_format, find_target
 from .kvm.boot_verify import parse_verify_boot
 
 if TYPE_CHECKING:
@@ -67,13 +70,23 @@ def _storage_map(fields: JsonObject, config: "Config") -> dict[str, dict[str, st
         raise InvalidArgument("storage_map", "at least one datastore (or \"*\")")
     result = {}
     for source, target in mapping.items():
-        prefix = f"storage_map.{source}."
-        entry = JsonObject(target, ("directory", "format"), prefix)
-        result[source] = {
-            "directory": parse_output_dir(entry.text("directory"), prefix + "directory", config),
+        result[source] = _storage_entry(target, f"storage_map.{source}.", config)
+    return result
+
+
+def _storage_entry(value: Any, prefix: str, config: "Config") -> dict[str, str]:
+    """{"directory", "format"} or {"target", "format"}: exactly one of the two places."""
+    entry = JsonObject(value, ("directory", "target", "format"), prefix)
+    if entry.data.get("directory") is not None and entry.data.get("target") is not None:
+        raise InvalidArgument(prefix.rstrip("."), 'either "directory" (under paths.outputs) '
+                              'or "target" (one of the config\'s targets), not both')
+    if entry.data.get("target") is not None:
+        target = find_target(config, entry.data["target"], prefix + "target")
+        return {"target": target.name,
+                "format": check_format(target, entry.text("format", ""), prefix + "format")}
+    return {"directory": parse_output_dir(entry.text("directory"), prefix + "directory", config),
             "format": entry.text("format", config.hyper2kvm.default_format,
                                  choices=DISK_FORMATS)}
-    return result
 
 
 def _limits(fields: JsonObject) -> dict[str, int | None]:

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -38,6 +38,7 @@ from .engine import JobEvent
 from .errors import AlreadyExists, Failed, HyperSDKError, InvalidArgument, NotFound
 from .kvm.domain_xml import guest_family
 from .kvm.libvirt_import import connect
+from .kvm.targets import check_pool, find_target, volume_name
 from .plan_definition import ANY_DATASTORE, validate_plan
 
 if TYPE_CHECKING:
@@ -119,22 +120,25 @@ def _entry(vm: str, name: str, checks: list[dict]) -> dict:
 
 
 @dataclass
-class _Target:
-    """What preflight knows of the target libvirt, read once per preflight."""
+class _Libvirt:
+    """What preflight knows of a libvirt VMs land in (the local one or a target's), read
+    once per preflight; `names`: those the plan's VMs take there."""
 
+    uri: str
     domains: set[str]
     networks: set[str]
     problem: str = ""
+    names: set[str] = field(default_factory=set)
 
 
-def _read_target(uri: str) -> _Target:
+def _read_libvirt(uri: str) -> _Libvirt:
     try:
         conn = connect(uri)
     except HyperSDKError as exc:
-        return _Target(set(), set(), f"libvirt at {uri}: {exc.message}")
+        return _Libvirt(uri, set(), set(), f"libvirt at {uri}: {exc.message}")
     try:
-        return _Target({d.name() for d in conn.listAllDomains()},
-                       set(conn.listNetworks()) | set(conn.listDefinedNetworks()))
+        return _Libvirt(uri, {d.name() for d in conn.listAllDomains()},
+                        set(conn.listNetworks()) | set(conn.listDefinedNetworks()))
     finally:
         conn.close()
 
@@ -143,7 +147,7 @@ class _Space:
     """Free bytes per file system, less what earlier VMs of the plan will take there."""
 
     def __init__(self) -> None:
-        self.left: dict[int, int] = {}
+        self.left: dict[int | str, int] = {}  # by device, or by "<uri> <pool>"
 
     def take(self, needs: dict[str, int]) -> str:
         """Take `needs` (directory -> bytes) or nothing: what does not fit, or ""."""
@@ -159,6 +163,15 @@ class _Space:
                         f"the VMs before it in the plan); it needs {wanted[device]} there")
         for device, nbytes in wanted.items():
             self.left[device] -= nbytes
+        return ""
+
+    def take_in_pool(self, pool: str, available: int, nbytes: int) -> str:
+        """Take `nbytes` in storage pool `pool` (which has `available`), or say why not."""
+        self.left.setdefault(pool, available)
+        if nbytes > self.left[pool]:
+            return (f"pool {pool} has {self.left[pool]} bytes available for this VM (after "
+                    f"the VMs before it in the plan); it needs {nbytes}")
+        self.left[pool] -= nbytes
         return ""
 
 
@@ -249,10 +262,12 @@ class Plans:
 
     async def _preflight(self, plan: Plan) -> tuple[dict, list["VMInfo"]]:
         found, entries = await self._discover(plan)
-        target = await asyncio.to_thread(_read_target, self.config.libvirt.uri)
-        space, names = _Space(), set()
+        space, views = _Space(), {}
         for vm in found:
-            checks = await asyncio.to_thread(self._vm_checks, plan, vm, target, space, names)
+            uri = self._landing_uri(plan, vm)
+            if uri not in views:
+                views[uri] = await asyncio.to_thread(_read_libvirt, uri)
+            checks = await asyncio.to_thread(self._vm_checks, plan, vm, views[uri], space)
             entries.append(_entry(vm.identifier, vm.name, checks))
         report = {"ok": bool(entries) and all(e["ok"] for e in entries), "at": time.time(),
                   "vms": entries}
@@ -284,39 +299,54 @@ class Plans:
             problem = f"provider {definition['provider']!r}: {exc.message}"
             return [], [_entry(vm, "", [_check("credentials", problem)]) for vm in wanted]
 
-    def _vm_checks(self, plan: Plan, vm: "VMInfo", target: _Target, space: _Space,
-                   names: set[str]) -> list[dict]:
+    def _landing(self, plan: Plan, vm: "VMInfo") -> dict | None:
+        """The storage_map entry of the VM's first disk's datastore (None: unmapped)."""
+        first = datastore_of(vm.disks[0].location) if vm.disks else ""
+        return storage_target(plan.definition["storage_map"], first)
+
+    def _landing_uri(self, plan: Plan, vm: "VMInfo") -> str:
+        """The libvirt the VM's domain goes to: its storage target's, else the local one."""
+        entry = self._landing(plan, vm) or {}
+        if "target" in entry:
+            return find_target(self.config, entry["target"], "storage_map").uri
+        return self.config.libvirt.uri
+
+    def _vm_checks(self, plan: Plan, vm: "VMInfo", libvirt: _Libvirt,
+                   space: _Space) -> list[dict]:
         return [_check("found"), _check("credentials"),
-                _check("name_free", self._name_problem(vm, target, names)),
-                _check("networks", self._network_problem(plan, vm, target)),
+                _check("name_free", self._name_problem(vm, libvirt)),
+                _check("networks", self._network_problem(plan, vm, libvirt)),
                 *self._storage_checks(plan, vm, space),
                 _check("guest_os", self._guest_problem(vm))]
 
-    def _name_problem(self, vm: "VMInfo", target: _Target, names: set[str]) -> str:
-        if target.problem:
-            return target.problem
-        if vm.name in target.domains:
-            return f"a domain named {vm.name!r} exists at {self.config.libvirt.uri}"
-        if vm.name in names:
+    def _name_problem(self, vm: "VMInfo", libvirt: _Libvirt) -> str:
+        if libvirt.problem:
+            return libvirt.problem
+        if vm.name in libvirt.domains:
+            return f"a domain named {vm.name!r} exists at {libvirt.uri}"
+        if vm.name in libvirt.names:
             return f"another VM of this plan is named {vm.name!r} too"
-        names.add(vm.name)
+        libvirt.names.add(vm.name)
         return ""
 
-    def _network_problem(self, plan: Plan, vm: "VMInfo", target: _Target) -> str:
+    def _network_problem(self, plan: Plan, vm: "VMInfo", libvirt: _Libvirt) -> str:
+        """Every NIC mapped; a mapped libvirt network defined there; a mapped bridge on
+        this host (a target's host bridges are not visible from here: not checked)."""
         network_map = plan.definition["network_map"]
+        local = libvirt.uri == self.config.libvirt.uri
         for nic in vm.nics:
             mapped = network_map.get(nic.network)
             if mapped is None:
                 return f"NIC {nic.mac or nic.key} is on {nic.network!r}, which network_map " \
                        "does not map"
-            if "network" in mapped and not target.problem \
-                    and mapped["network"] not in target.networks:
+            if "network" in mapped and not libvirt.problem \
+                    and mapped["network"] not in libvirt.networks:
                 return (f"libvirt network {mapped['network']!r} (for {nic.network!r}) does "
-                        f"not exist at {self.config.libvirt.uri}")
-            if "bridge" in mapped and not os.path.isdir(f"/sys/class/net/{mapped['bridge']}"
-                                                        "/bridge"):
+                        f"not exist at {libvirt.uri}")
+            if "bridge" in mapped and local and not os.path.isdir(
+                    f"/sys/class/net/{mapped['bridge']}/bridge"):
                 return f"host bridge {mapped['bridge']!r} (for {nic.network!r}) does not exist"
-        return target.problem if vm.nics else ""
+        return libvirt.problem if vm.nics else ""
 
     def _storage_checks(self, plan: Plan, vm: "VMInfo", space: _Space) -> list[dict]:
         """storage (every disk's datastore mapped, the directory there), then space (only
@@ -330,14 +360,33 @@ class Plans:
                 return [_check("storage", f"disk {disk.label!r} is on datastore "
                                f"{datastore or '(none named)'!r}, which storage_map does not "
                                "map")]
-        directory = storage_target(storage_map, datastore_of(vm.disks[0].location))["directory"]
+        nbytes = sum(d.capacity_bytes for d in vm.disks)
+        entry = self._landing(plan, vm)
+        if "target" in entry:
+            return self._pool_checks(vm, entry, nbytes, space)
+        directory = entry["directory"]
         if not os.path.isdir(directory):
             return [_check("storage", f"target directory {directory} does not exist")]
-        nbytes = sum(d.capacity_bytes for d in vm.disks)
         # the converted disks, and the exported ones the job keeps in export.base_path
         # (the first export creates export.base_path: until then, count where it will be)
         return [_check("storage"), _check("space", space.take(
             {directory: nbytes, _existing(Path(self.config.export.base_path)): nbytes}))]
+
+    def _pool_checks(self, vm: "VMInfo", entry: dict, nbytes: int,
+                     space: _Space) -> list[dict]:
+        """storage (the target's pool usable, the VM's volume names free), then space in
+        the pool and for the export's copy here."""
+        target = find_target(self.config, entry["target"], "storage_map")
+        names = [volume_name(vm.name, f"disk{index}", target.format)
+                 for index in range(len(vm.disks))]
+        try:
+            available = check_pool(target, names)
+        except HyperSDKError as exc:
+            return [_check("storage", exc.message)]
+        problem = space.take_in_pool(f"{target.pool!r} of target {target.name!r}", available,
+                                     nbytes)
+        return [_check("storage"), _check("space", problem or space.take(
+            {_existing(Path(self.config.export.base_path)): nbytes}))]
 
     def _guest_problem(self, vm: "VMInfo") -> str:
         family = guest_family(vm.guest_os)
@@ -449,13 +498,15 @@ class Plans:
 
     def _job_definition(self, plan: Plan, vm: PlanVM) -> dict:
         definition = plan.definition
-        target = storage_target(definition["storage_map"], vm.datastore)
+        landing = storage_target(definition["storage_map"], vm.datastore)
+        place = ({"target": landing["target"]} if "target" in landing
+                 else {"output_dir": landing["directory"]})
         return {"vm_identifier": vm.vm, "provider": definition["provider"],
                 "export_method": "disk",
                 "export_path": f"plans/{plan.id}/{safe_name(vm.name)}-{vm.position}",
                 "hyper2kvm_integration": {
                     "enabled": True, "auto_convert": True, "import_to_kvm": True,
-                    "format": target["format"], "output_dir": target["directory"],
+                    "format": landing["format"], **place,
                     "network_map": definition["network_map"],
                     "guest_conversion": definition["guest_conversion"],
                     "verify_boot": definition["verify_boot"]}}
@@ -586,7 +637,8 @@ def _outcome(job: "JobRecord") -> dict:
     handoff = (job.result or {}).get("hyper2kvm") or {}
     imported = handoff.get("import") or {}
     verification = imported.get("verification")
+    disks = handoff.get("disks") or handoff.get("volumes") or []  # a directory's, a target's
     return {"domain": imported.get("domain", ""), "uuid": imported.get("uuid", ""),
-            "disks": [d.get("path") for d in handoff.get("disks", [])],
+            "target": handoff.get("target", ""), "disks": [d.get("path") for d in disks],
             "verified": bool(verification and verification.get("verified")),
             "verification": verification or "not requested"}

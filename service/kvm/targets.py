@@ -121,7 +121,15 @@ def volume_name(vm_name: str, disk: str, fmt: str) -> str:
 async def preflight_target(target: Target, names: list[str]) -> None:
     """Raise now what the upload would raise later: the pool missing or inactive, a pool
     type or format it cannot take, a volume name taken."""
-    await asyncio.to_thread(_with_pool, target, lambda pool: _check_free(target, pool, names))
+    await asyncio.to_thread(check_pool, target, names)
+
+
+def check_pool(target: Target, names: list[str]) -> int:
+    """preflight_target's checks (blocking); the bytes the pool has available."""
+    def check(pool) -> int:
+        _check_free(target, pool, names)
+        return pool.info()[3]
+    return _with_pool(target, check)
 
 
 async def upload_volume(ctx: "JobContext", target: Target, source: Path, name: str,

@@ -13,7 +13,10 @@ from hypersdk.service.providers.registry import ProviderRegistry
 def config(tmp_path):
     return parse_config({"providers": {"vsphere": {"type": "vsphere", "host": "127.0.0.1",
                                                    "username": "u", "password": "p"}},
-                         "paths": {"outputs": [str(tmp_path)]}}, "(test)", env={})
+                         "paths": {"outputs": [str(tmp_path)]},
+                         "targets": {"remote": {"uri": "qemu+ssh://kvm2/system",
+                                                "pool": "default", "format": "raw"}}},
+                        "(test)", env={})
 
 
 def good(tmp_path, **changes) -> dict:
@@ -65,6 +68,12 @@ def test_a_good_plan_is_normalised(config, tmp_path):
     ({"storage_map": {"LocalDS_0": {"directory": "/x/../etc"}}},
      "storage_map.LocalDS_0.directory", "'..'"),
     ({"storage_map": {"*": {"format": "vmdk"}}}, "storage_map.*.directory", "required"),
+    ({"storage_map": {"*": {"directory": "/tmp", "target": "kvm2"}}}, "storage_map.*",
+     "not both"),
+    ({"storage_map": {"*": {"target": "kvm2"}}}, "storage_map.*.target",
+     "unknown target 'kvm2'"),
+    ({"storage_map": {"*": {"target": "remote", "format": "qcow2"}}},
+     "storage_map.*.format", "target 'remote' takes raw volumes"),
     ({"verify_boot": {"wait": "5m"}}, "verify_boot.wait", "unknown field"),
     ({"guest_conversion": "yes"}, "guest_conversion", "true or false"),
 ])
@@ -72,6 +81,12 @@ def test_each_bad_field_is_named_with_its_rule(config, tmp_path, changes, field,
     got_field, got_rule = refused(config, good(tmp_path, **changes))
     assert got_field == field
     assert rule in got_rule
+
+
+def test_a_storage_target_is_normalised_with_its_format(config, tmp_path):
+    plan = validate_plan(good(tmp_path, storage_map={"*": {"target": "remote"}}), config,
+                         ProviderRegistry(config))
+    assert plan["storage_map"] == {"*": {"target": "remote", "format": "raw"}}
 
 
 def test_a_disk_format_other_than_qcow2_or_raw(config, tmp_path):
