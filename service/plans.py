@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 ENDED = ("completed", "failed", "cancelled")
 REPORT_DIR = "plan-reports"
 _DATASTORE_RE = re.compile(r"^\[([^\]]+)\]")
+_PLAN_COLUMNS = ("id, name, definition, status, created_by_uid, requested_by, created_at,"
+                 " started_at, finished_at, preflight, report_path, instance")
 _VM_COLUMNS = ("position", "vm", "name", "host", "datastore", "state", "job_id", "error",
                "started_at", "finished_at", "outcome")
 
@@ -99,6 +101,12 @@ class PlanVM:
                 "datastore": self.datastore, "state": self.state, "job_id": self.job_id,
                 "error": self.error, "started_at": self.started_at,
                 "finished_at": self.finished_at, "seconds": seconds, **self.outcome}
+
+
+def _plan_from_row(row: Any) -> Plan:
+    """A plan from the columns of _PLAN_COLUMNS."""
+    return Plan(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6], row[7],
+                row[8], json.loads(row[9]) if row[9] else None, row[10], row[11])
 
 
 def datastore_of(location: str) -> str:
@@ -201,18 +209,15 @@ class Plans:
         return self.get(plan_id)
 
     def get(self, plan_id: str) -> Plan:
-        row = self.store.execute(
-            "SELECT id, name, definition, status, created_by_uid, requested_by, created_at,"
-            " started_at, finished_at, preflight, report_path, instance FROM plans WHERE id=?",
-            (plan_id,)).fetchone()
+        row = self.store.execute(f"SELECT {_PLAN_COLUMNS} FROM plans WHERE id=?",
+                                 (plan_id,)).fetchone()
         if row is None:
             raise NotFound(f"plan: no plan {plan_id!r}")
-        return Plan(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6],
-                    row[7], row[8], json.loads(row[9]) if row[9] else None, row[10], row[11])
+        return _plan_from_row(row)
 
     def list(self) -> list[Plan]:
-        return [self.get(row[0]) for row in
-                self.store.execute("SELECT id FROM plans ORDER BY created_at, id")]
+        return [_plan_from_row(row) for row in self.store.execute(
+            f"SELECT {_PLAN_COLUMNS} FROM plans ORDER BY created_at, id")]
 
     def vms(self, plan_id: str) -> list[PlanVM]:
         rows = self.store.execute(f"SELECT {', '.join(_VM_COLUMNS)} FROM plan_vms "

@@ -11,7 +11,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, method
 
 from hypersdk.client.names import PLAN_IFACE, plan_path
 
-from ..plans import Plans
+from ..plans import Plan, Plans
 from .dispatch import caller, require
 from .job import VIEW, usec
 
@@ -31,30 +31,30 @@ class PlanObject(ServiceInterface):
         self.plan_id = plan_id
 
     def announce(self) -> None:
-        self.emit_properties_changed({name: getattr(self, "_value_" + name)()
+        plan = self._plan()  # read once for all the properties that change
+        self.emit_properties_changed({name: getattr(self, "_value_" + name)(plan)
                                       for name in CHANGING})
 
-    def _plan(self):
+    def _plan(self) -> Plan:
         return self._plans.get(self.plan_id)
 
-    def _value_Status(self) -> str:
-        return self._plan().status
+    def _value_Status(self, plan: Plan) -> str:
+        return plan.status
 
-    def _value_Vms(self) -> str:
-        return json.dumps(self._plans.status_table(self.plan_id))
+    def _value_Vms(self, plan: Plan) -> str:
+        return json.dumps(self._plans.status_table(plan.id))
 
-    def _value_LastPreflight(self) -> str:
-        preflight = self._plan().preflight
-        return json.dumps(preflight) if preflight is not None else ""
+    def _value_LastPreflight(self, plan: Plan) -> str:
+        return json.dumps(plan.preflight) if plan.preflight is not None else ""
 
-    def _value_StartTime(self) -> int:
-        return usec(self._plan().started_at)
+    def _value_StartTime(self, plan: Plan) -> int:
+        return usec(plan.started_at)
 
-    def _value_EndTime(self) -> int:
-        return usec(self._plan().finished_at)
+    def _value_EndTime(self, plan: Plan) -> int:
+        return usec(plan.finished_at)
 
-    def _value_ReportPath(self) -> str:
-        return self._plan().report_path
+    def _value_ReportPath(self, plan: Plan) -> str:
+        return plan.report_path
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
@@ -82,27 +82,27 @@ class PlanObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Status(self) -> "s":
-        return self._value_Status()
+        return self._value_Status(self._plan())
 
     @dbus_property(access=PropertyAccess.READ)
     def Vms(self) -> "s":
-        return self._value_Vms()
+        return self._value_Vms(self._plan())
 
     @dbus_property(access=PropertyAccess.READ)
     def LastPreflight(self) -> "s":
-        return self._value_LastPreflight()
+        return self._value_LastPreflight(self._plan())
 
     @dbus_property(access=PropertyAccess.READ)
     def StartTime(self) -> "t":
-        return self._value_StartTime()
+        return self._value_StartTime(self._plan())
 
     @dbus_property(access=PropertyAccess.READ)
     def EndTime(self) -> "t":
-        return self._value_EndTime()
+        return self._value_EndTime(self._plan())
 
     @dbus_property(access=PropertyAccess.READ)
     def ReportPath(self) -> "s":
-        return self._value_ReportPath()
+        return self._value_ReportPath(self._plan())
 
     @method()
     async def Preflight(self, options: "a{sv}") -> "s":
