@@ -257,6 +257,8 @@ def statements(script: str) -> list[str]:
     return [statement for statement in script.split(";") if statement.strip()]
 
 
+# the records of what a job made, removed with it by job_output.remove_leftovers
+MADE_BY_JOBS = ("job_paths", "job_domains", "job_volumes")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 JOB_STATUSES = ("pending", "running") + TERMINAL_STATUSES
 
@@ -578,10 +580,10 @@ class Store:
 
     def recovered_elsewhere(self, instance: str) -> list[str]:
         """The jobs of `instance` another one recovered that still hold what they made
-        here (files, domains): only this instance can reach them."""
+        here (files, domains, volumes): this instance removes them."""
+        holds = " OR ".join(f"id IN (SELECT job_id FROM {table})" for table in MADE_BY_JOBS)
         return [row[0] for row in self._db.execute(
-            "SELECT id FROM jobs WHERE instance=? AND recovered_by NOT IN ('', ?) AND"
-            " (id IN (SELECT job_id FROM job_paths) OR id IN (SELECT job_id FROM job_domains))",
+            f"SELECT id FROM jobs WHERE instance=? AND recovered_by NOT IN ('', ?) AND ({holds})",
             (instance, instance))]
 
     def save_progress(self, job: JobRecord) -> None:

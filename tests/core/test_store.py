@@ -201,3 +201,25 @@ def test_instances_starting_together_migrate_a_new_postgresql_database_once(post
     with ThreadPoolExecutor(3) as pool:
         versions = list(pool.map(open_together, range(3)))
     assert versions == [len(store_module.MIGRATIONS)] * 3
+
+
+def test_a_job_recovered_elsewhere_is_listed_while_it_holds_a_file_a_domain_or_a_volume(
+        database_url):
+    """What instance a's restart must still remove of its jobs that b recovered."""
+    store = open_store(database_url)
+    made = {"job-path": lambda: store.record_owned("job-path", OwnedPath(
+                "file", "/var/lib/x", "a.part", 1, 2)),
+            "job-domain": lambda: store.record_domain("job-domain", "qemu:///system",
+                                                      "0b5e3f5e-0000-4000-8000-000000000001", ""),
+            "job-volume": lambda: store.record_volume("job-volume", "qemu+ssh://kvm2/system",
+                                                      "default", "vm-disk0.qcow2"),
+            "job-nothing": lambda: None}
+    for job_id, record in made.items():
+        store.insert_job(_job(job_id))
+        (job,) = store.claim_pending(1, "a")
+        record()
+        job.status, job.recovered_by = "failed", "b"
+        assert store.end_if(job, "running", reason="recovered by b")
+    assert sorted(store.recovered_elsewhere("a")) == ["job-domain", "job-path", "job-volume"]
+    assert store.recovered_elsewhere("b") == []
+    store.close()
