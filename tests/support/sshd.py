@@ -82,8 +82,12 @@ class LoopbackSshd:
         return len(self._children)
 
     def stop(self) -> None:
+        # shutdown wakes the accept() blocked in _serve; close alone would not, and the
+        # thread would go on accepting on the fd number the next server's listener gets
+        self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the sshd listener thread did not stop"
         for child in self._children:
             if child.poll() is None:
                 child.terminate()
