@@ -38,7 +38,7 @@ from .engine import JobEvent
 from .errors import AlreadyExists, Failed, HyperSDKError, InvalidArgument, NotFound
 from .kvm.domain_xml import guest_family
 from .kvm.libvirt_import import connect
-from .kvm.targets import check_pool, find_target, volume_name
+from .kvm.targets import PoolState, check_names_free, find_target, read_pool, volume_name
 from .plan_definition import ANY_DATASTORE, validate_plan
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class _Libvirt:
     networks: set[str]
     problem: str = ""
     names: set[str] = field(default_factory=set)
+    pools: dict[str, PoolState | HyperSDKError] = field(default_factory=dict)  # by name
 
 
 def _read_libvirt(uri: str) -> _Libvirt:
@@ -321,7 +322,7 @@ class Plans:
         return [_check("found"), _check("credentials"),
                 _check("name_free", self._name_problem(vm, libvirt)),
                 _check("networks", self._network_problem(plan, vm, libvirt)),
-                *self._storage_checks(plan, vm, space),
+                *self._storage_checks(plan, vm, libvirt, space),
                 _check("guest_os", self._guest_problem(vm))]
 
     def _name_problem(self, vm: "VMInfo", libvirt: _Libvirt) -> str:
@@ -353,7 +354,8 @@ class Plans:
                 return f"host bridge {mapped['bridge']!r} (for {nic.network!r}) does not exist"
         return libvirt.problem if vm.nics else ""
 
-    def _storage_checks(self, plan: Plan, vm: "VMInfo", space: _Space) -> list[dict]:
+    def _storage_checks(self, plan: Plan, vm: "VMInfo", libvirt: _Libvirt,
+                        space: _Space) -> list[dict]:
         """storage (every disk's datastore mapped, the directory there), then space (only
         when there is a directory to count in)."""
         storage_map = plan.definition["storage_map"]
@@ -368,7 +370,7 @@ class Plans:
         nbytes = sum(d.capacity_bytes for d in vm.disks)
         entry = self._landing(plan, vm)
         if "target" in entry:
-            return self._pool_checks(vm, entry, nbytes, space)
+            return self._pool_checks(vm, entry, nbytes, libvirt, space)
         directory = entry["directory"]
         if not os.path.isdir(directory):
             return [_check("storage", f"target directory {directory} does not exist")]
@@ -377,19 +379,27 @@ class Plans:
         return [_check("storage"), _check("space", space.take(
             {directory: nbytes, _existing(Path(self.config.export.base_path)): nbytes}))]
 
-    def _pool_checks(self, vm: "VMInfo", entry: dict, nbytes: int,
+    def _pool_checks(self, vm: "VMInfo", entry: dict, nbytes: int, libvirt: _Libvirt,
                      space: _Space) -> list[dict]:
         """storage (the target's pool usable, the VM's volume names free), then space in
-        the pool and for the export's copy here."""
+        the pool and for the export's copy here. The pool is read once per preflight."""
         target = find_target(self.config, entry["target"], "storage_map")
+        if target.pool not in libvirt.pools:
+            try:
+                libvirt.pools[target.pool] = read_pool(target)
+            except HyperSDKError as exc:
+                libvirt.pools[target.pool] = exc
+        pool = libvirt.pools[target.pool]
         names = [volume_name(vm.name, f"disk{index}", target.format)
                  for index in range(len(vm.disks))]
+        if isinstance(pool, HyperSDKError):
+            return [_check("storage", pool.message)]
         try:
-            available = check_pool(target, names)
-        except HyperSDKError as exc:
+            check_names_free(target, pool.volumes, names)
+        except AlreadyExists as exc:
             return [_check("storage", exc.message)]
-        problem = space.take_in_pool(f"{target.pool!r} of target {target.name!r}", available,
-                                     nbytes)
+        problem = space.take_in_pool(f"{target.pool!r} of target {target.name!r}",
+                                     pool.available, nbytes)
         return [_check("storage"), _check("space", problem or space.take(
             {_existing(Path(self.config.export.base_path)): nbytes}))]
 

@@ -121,15 +121,36 @@ def volume_name(vm_name: str, disk: str, fmt: str) -> str:
 async def preflight_target(target: Target, names: list[str]) -> None:
     """Raise now what the upload would raise later: the pool missing or inactive, a pool
     type or format it cannot take, a volume name taken."""
-    await asyncio.to_thread(check_pool, target, names)
+    await asyncio.to_thread(_with_pool, target, lambda pool: _check_free(target, pool, names))
 
 
-def check_pool(target: Target, names: list[str]) -> int:
-    """preflight_target's checks (blocking); the bytes the pool has available."""
-    def check(pool) -> int:
-        _check_free(target, pool, names)
-        return pool.info()[3]
-    return _with_pool(target, check)
+@dataclass(frozen=True)
+class PoolState:
+    volumes: frozenset[str]  # the names in the pool
+    available: int  # bytes
+
+
+def read_pool(target: Target) -> PoolState:
+    """The target's pool, checked usable, as it is now (blocking): one connection for a
+    preflight of many VMs (names are then checked with check_names_free)."""
+    import libvirt
+
+    def read(pool) -> PoolState:
+        pool.refresh(0)  # files put into a dir pool behind libvirt's back count too
+        try:
+            names = frozenset(volume.name() for volume in pool.listAllVolumes(0))
+        except libvirt.libvirtError as exc:
+            raise Failed(f"target {target.name!r}: {exc.get_error_message()}") from exc
+        return PoolState(names, pool.info()[3])
+    return _with_pool(target, read)
+
+
+def check_names_free(target: Target, taken: frozenset[str] | set[str], names: list[str]) -> None:
+    """AlreadyExists for the first of `names` that is `taken` in the target's pool."""
+    for name in names:
+        if name in taken:
+            raise AlreadyExists(f"target {target.name!r}: a volume named {name!r} already "
+                                f"exists in pool {target.pool!r}; it is left untouched")
 
 
 async def upload_volume(ctx: "JobContext", target: Target, source: Path, name: str,
@@ -223,6 +244,7 @@ def _check_free(target: Target, pool, names: list[str]) -> None:
     import libvirt
 
     pool.refresh(0)  # files put into a dir pool behind libvirt's back count too
+    taken = set()
     for name in names:
         try:
             pool.storageVolLookupByName(name)
@@ -230,8 +252,8 @@ def _check_free(target: Target, pool, names: list[str]) -> None:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
                 continue
             raise Failed(f"target {target.name!r}: {exc.get_error_message()}") from exc
-        raise AlreadyExists(f"target {target.name!r}: a volume named {name!r} already exists "
-                            f"in pool {target.pool!r}; it is left untouched")
+        taken.add(name)
+    check_names_free(target, taken, names)
 
 
 def _volume_xml(name: str, capacity: int, fmt: str, pool_type: str) -> str:
