@@ -26,7 +26,7 @@ from tests.support.cli import (BUS_NAME, JOB_IFACE, busctl, job_property, submit
                                wait_for_status)
 from tests.support.hypervisord import Hypervisord
 from tests.support.libvirtd import domain_defined, remove_domain
-from tests.support.targets import dir_pool, logical_pool, volume_names
+from tests.support.targets import dir_pool, logical_pool, netfs_pool, volume_names
 from tests.support.wait import until
 from tests.vsphere.fake_context import FakeSubmitContext, job_context, run_job
 
@@ -243,6 +243,31 @@ async def test_logical_pool_gets_a_raw_volume_and_the_domain_boots(
         result = await run_job(ImportKind(), ctx)
         assert result["verification"]["verified"]
         assert _same_image(str(image), pool.storageVolLookupByName(f"{vm}-disk0.raw").path())
+        remove_domain(local_libvirt, vm)
+
+
+@pytest.mark.slow
+async def test_netfs_pool_on_glusterfs_gets_a_sparse_volume_and_the_domain_boots(
+        loopback_sshd, local_libvirt, gluster_volume, guest_dir, vm):
+    """A netfs pool: libvirt mounts a real GlusterFS volume (FUSE; this kernel has no
+    NFS); the qcow2 lands there by upload over qemu+ssh and the guest boots from it."""
+    image = _boot_image(guest_dir, "raw", size=256 << 20)
+    with netfs_pool(local_libvirt, gluster_volume) as pool:
+        config = _config(guest_dir, loopback_sshd.uri(), pool.name(), fmt="raw")
+        ctx = job_context(ImportKind(), {
+            "vm_name": vm, "disk_path": str(image), "disk_format": "raw", "memory_mb": 64,
+            "network": "", "target": TARGET,
+            "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}}, config, None)
+        result = await run_job(ImportKind(), ctx)
+        assert result["verification"]["verified"]
+        volume = f"{vm}-disk0.raw"
+        assert volume_names(pool) == [volume]
+        path = pool.storageVolLookupByName(volume).path()
+        assert path.startswith(etree.fromstring(pool.XMLDesc().encode()).findtext("target/path"))
+        assert _same_image(str(image), path)
+        # 256 MiB of capacity, a few sectors of data: the holes stayed holes on GlusterFS
+        assert os.stat(path).st_size == 256 << 20
+        assert os.stat(path).st_blocks * 512 < 16 << 20
         remove_domain(local_libvirt, vm)
 
 
