@@ -15,7 +15,7 @@ from .support.hypervisord import Hypervisord, write_config
 from .support.postgres import PostgresServer
 from .support.simulator import module_sim, si, sim, vcsim_binary  # noqa: F401 - fixtures
 from .support.gluster import gluster_volume  # noqa: F401 - fixture
-from .support.targets import local_libvirt, loopback_sshd  # noqa: F401 - fixtures
+from .support.targets import local_libvirt, loopback_sshd, tls_libvirt  # noqa: F401
 from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, existing_user,
                              start_polkitd, stop_process)
 

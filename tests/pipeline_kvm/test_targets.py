@@ -14,7 +14,7 @@ import pytest
 from lxml import etree
 
 from hypersdk.service.config import ConfigError, parse_config
-from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
+from hypersdk.service.errors import AlreadyExists, Failed, HyperSDKError, InvalidArgument
 from hypersdk.service.jobs.convert_job import ConvertKind
 from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.jobs.handoff import run_integration, validate_integration
@@ -157,6 +157,47 @@ async def test_import_lands_in_a_dir_pool_over_ssh_and_boots_there(
         assert loopback_sshd.connections() > 0  # all of it went through ssh
         assert "upload" in ctx.stages and ctx.done >= image.stat().st_size
         remove_domain(local_libvirt, vm)
+
+
+@pytest.mark.slow
+async def test_import_lands_in_a_dir_pool_over_tls_and_boots_there(
+        tls_libvirt, local_libvirt, guest_dir, vm):
+    """qemu+tls://: libvirt's client checks the server's certificate and name and shows
+    its own (tests/support/tls_libvirt.py); the disk is uploaded and the guest boots."""
+    image = _boot_image(guest_dir, "qcow2")
+    with dir_pool(local_libvirt) as pool:
+        handshakes = tls_libvirt.handshakes
+        config = _config(guest_dir, tls_libvirt.uri(), pool.name())
+        ctx = job_context(ImportKind(), {
+            "vm_name": vm, "disk_path": str(image), "memory_mb": 64, "network": "",
+            "target": TARGET, "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}},
+            config, None)
+        result = await run_job(ImportKind(), ctx)
+        volume = f"{vm}-disk0.qcow2"
+        assert result["uri"] == tls_libvirt.uri()
+        assert volume_names(pool) == [volume]
+        assert _same_image(str(image), pool.storageVolLookupByName(volume).path())
+        assert result["verification"]["verified"]
+        assert tls_libvirt.handshakes > handshakes  # all of it went through TLS
+        remove_domain(local_libvirt, vm)
+
+
+@pytest.mark.slow
+async def test_a_tls_target_whose_certificate_the_client_does_not_trust_is_refused(
+        tls_libvirt, local_libvirt, guest_dir, vm):
+    image = _boot_image(guest_dir, "qcow2")
+    with dir_pool(local_libvirt) as pool:
+        uri = tls_libvirt.uri(tls_libvirt.other_ca())
+        config = _config(guest_dir, uri, pool.name())
+        ctx = job_context(ImportKind(), {"vm_name": vm, "disk_path": str(image),
+                                         "memory_mb": 64, "network": "", "target": TARGET},
+                          config, None)
+        with pytest.raises(HyperSDKError) as caught:
+            await run_job(ImportKind(), ctx)
+        message = str(caught.value)
+        assert uri in message and "Failed to verify peer's certificate" in message, message
+        assert ctx.volumes == [] and volume_names(pool) == []
+        assert not domain_defined(local_libvirt, vm)
 
 
 @pytest.mark.slow

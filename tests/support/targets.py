@@ -24,6 +24,7 @@ import pytest
 from .gluster import GlusterVolume
 from .libvirtd import ensure_system_libvirt
 from .sshd import LoopbackSshd
+from .tls_libvirt import TlsLibvirt
 
 DEVICE_MAPPER = Path("/dev/mapper/control")
 
@@ -132,3 +133,14 @@ def _remove_pool(pool) -> None:
 def volume_names(pool) -> list[str]:
     pool.refresh(0)
     return sorted(volume.name() for volume in pool.listAllVolumes(0))
+
+
+@pytest.fixture(scope="module")
+def tls_libvirt() -> Iterator[TlsLibvirt]:
+    """libvirtd behind a TLS listener on a loopback port (tests/support/tls_libvirt.py)."""
+    ensure_system_libvirt()
+    base = Path(tempfile.mkdtemp(prefix="hypersdk-tls-", dir="/run"))
+    server = TlsLibvirt(base)
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
