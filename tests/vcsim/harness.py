@@ -32,22 +32,24 @@ from pyVmomi import vim
 from tests.support.wait import wait_until
 
 MAIN_GO = Path(__file__).with_name("main.go")
+SOURCES = (MAIN_GO, MAIN_GO.with_name("cbt.go"))  # cbt.go: the simulator extensions
 BUILD_ROOT = Path(os.environ.get("HYPERSDK_VCSIM_BUILD", "/var/tmp/hypersdk-vcsim"))
 START_TIMEOUT = 30.0
 
 
 def build_vcsim() -> Path:
-    """The simulator binary for the current main.go, built once per content hash."""
-    digest = hashlib.sha256(MAIN_GO.read_bytes()).hexdigest()[:16]
+    """The simulator binary for the current sources, built once per content hash."""
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
     binary = BUILD_ROOT / digest / "vcsim"
     if binary.exists():
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=binary.parent) as work:
-        shutil.copy(MAIN_GO, Path(work) / "main.go")
+        for source in SOURCES:
+            shutil.copy(source, Path(work) / source.name)
         env = dict(os.environ, GOPATH="/usr/share/gocode", GO111MODULE="off",
                    GOCACHE=str(BUILD_ROOT / "gocache"), GOFLAGS="")
-        subprocess.run(["go", "build", "-o", "vcsim", "main.go"], cwd=work, env=env,
+        subprocess.run(["go", "build", "-o", "vcsim", *(s.name for s in SOURCES)], cwd=work, env=env,
                        check=True, capture_output=True, timeout=300)
         os.replace(Path(work) / "vcsim", binary)
     return binary
@@ -291,6 +293,29 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
             sim.put_file(local, backing, datacenter)
         uploaded.append(VirtualDiskContent(backing, local, size))
     return uploaded
+
+
+def local_file(si, datastore_path: str) -> Path:
+    """Where the simulator keeps a datastore file on this machine (its datastores are
+    local directories), e.g. to change a disk's data behind a running VM's back."""
+    name, _, rel = datastore_path.lstrip("[").partition("] ")
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
+    try:
+        datastore = next(d for d in view.view if d.name == name)
+    finally:
+        view.Destroy()
+    return Path(datastore.info.url) / rel
+
+
+def folder_bytes(sim: Simulator) -> int:
+    """Bytes the simulator's datastore file server has sent (a simulator extension)."""
+    conn = http.client.HTTPConnection(sim.host, sim.port, timeout=30)
+    try:
+        conn.request("GET", "/hypersdk/folder-bytes")
+        return int(conn.getresponse().read())
+    finally:
+        conn.close()
 
 
 def place_vm(sim: Simulator, si, vm_name: str, new_name: str, *, datastore: str, network: str,
