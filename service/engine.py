@@ -78,6 +78,7 @@ class RunningJob:
         self.task: asyncio.Task | None = None
         self.cancel_reason = ""  # user | shutdown | lost (another instance recovered it)
         self.cancel_asked_on = ""  # the instance a user's cancel came from
+        self.cutover = asyncio.Event()  # a warm export's Cutover call (jobs/warm.py)
         self.output = JobOutput(engine.store, record.id, engine.config.export.checkpoint_interval,
                                 self.log)
         self._last_save = 0.0
@@ -288,6 +289,24 @@ class JobEngine:
             job = self.store.get_job(job_id)  # it ended meanwhile
             raise InvalidArgument("job", f"job {job_id} has already {job.status}")
         return self.store.get_job(job_id)
+
+    def cutover(self, job_id: str) -> JobRecord:
+        """Start the cutover of a warm export running here (jobs/warm.py)."""
+        job = self.get(job_id)
+        if not job.definition.get("warm"):
+            raise InvalidArgument("job", f"job {job_id} is not a warm migration")
+        if job.finished:
+            raise InvalidArgument("job", f"job {job_id} has already {job.status}")
+        running = self._running.get(job_id)
+        if running is None:
+            raise InvalidArgument("job", f"job {job_id} is {job.status} on "
+                                         f"{job.instance or 'no instance'} yet: a cutover needs "
+                                         f"it in pre-copy here")
+        if running.cutover.is_set():
+            raise InvalidArgument("job", f"job {job_id} is already cut over")
+        running.cutover.set()
+        running.log("cutover requested")
+        return job
 
     def cancel_running(self, job_id: str, asked_on: str, reason: str = "user") -> bool:
         """Cancel the job if it runs here: a user asked on instance `asked_on`, or (reason

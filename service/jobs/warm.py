@@ -25,6 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..disks.download import file_sha256
 from ..model import Checkpoint, DiskInfo, DownloadCheckpoints, ExportedDisk, ExportSink
@@ -212,9 +213,11 @@ async def _wait_next_round(settings: WarmSettings, cutover: asyncio.Event) -> No
 async def run_warm(source: WarmSource, target_dir: Path, names: list[str],
                    checkpoints: DownloadCheckpoints | None, settings: WarmSettings,
                    cutover: asyncio.Event, sink: ExportSink, tag: str,
-                   on_round=None) -> WarmResult:
+                   on_round: Callable[[dict], None] | None = None,
+                   set_stage: Callable[[str], None] | None = None) -> WarmResult:
     """Pre-copy rounds into `target_dir/names[i]` until cutover, then shut the VM down and
-    copy the last delta; see the module docstring. `on_round(entry)` follows each round."""
+    copy the last delta; see the module docstring. `on_round(entry)` follows each round;
+    `set_stage("cutover")` is called when the cutover begins."""
     copy = WarmCopy(source, target_dir, checkpoints, sink, tag)
     try:
         await asyncio.to_thread(copy.open, names)
@@ -222,6 +225,8 @@ async def run_warm(source: WarmSource, target_dir: Path, names: list[str],
         while True:
             final = cutover_due(settings, cutover)
             if final:
+                if set_stage is not None:
+                    set_stage("cutover")
                 shutdown_requested = time.time()
                 sink.log(f"cutover: shutting down {source.vm.name} for the final round")
                 await source.shut_down()

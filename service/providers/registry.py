@@ -78,6 +78,12 @@ class ProviderRegistry:
         if reason:
             raise Unavailable(f"provider {name!r} is unavailable: {reason}")
 
+    def warm_unsupported(self, name: str) -> str | None:
+        """Why provider `name` cannot do warm migration, or None when it can."""
+        kind = self.settings(name)["type"]
+        reason = provider_module(kind).PROVIDER_CLASS.warm_unsupported
+        return f"provider {name!r} ({kind}) cannot do warm migration: {reason}" if reason else None
+
     async def get(self, name: str) -> Provider:
         self.check_usable(name)
         async with self._lock:
@@ -95,9 +101,12 @@ class ProviderRegistry:
             settings = self._settings[name]
             reason = None if settings.get("enabled", True) else "disabled in the config"
             reason = reason or missing_sdk(settings["type"])
+            warm_reason = provider_module(settings["type"]).PROVIDER_CLASS.warm_unsupported \
+                if not missing_sdk(settings["type"]) else "the provider is unavailable"
             rows.append({"name": name, "type": settings["type"], "configured": True,
                          "implicit": name not in self._config.providers,
-                         "available": reason is None, "reason": reason or ""})
+                         "available": reason is None, "reason": reason or "",
+                         "warm": not warm_reason, "warm_reason": warm_reason})
         configured_kinds = {s["type"] for s in self._settings.values()}
         for kind in PROVIDER_KINDS:
             if kind not in configured_kinds:
