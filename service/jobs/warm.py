@@ -12,10 +12,12 @@ the last delta, and the images go on as the disks of a cold export.
 After each round the images are fsynced, then the round's state is checkpointed in
 the store (a download checkpoint per image: the change id reached, the round and the
 bytes copied so far), so a run interrupted mid-round (kill -9) is resumed by `Retry`
-from the last completed round; re-copying an extent in place is idempotent. The
-snapshot of a round is recorded in that checkpoint before it is created and removed
-when the round ends, however it ends, and a resumed run removes the one its
-predecessor recorded.
+from the last completed round; re-copying an extent in place is idempotent.
+
+Snapshots: each round's is named `hypersdk-warm-<job id>-<round>` (SNAPSHOT_PREFIX: the
+name is its record, known before it exists) and removed when the round ends, however
+it ends. A run first removes every snapshot of the VM with that prefix, which only an
+interrupted run can have left (one warm migration of a VM at a time).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from ..providers.base import WarmSource
 from ..providers.cleanup import run_to_completion
 
 CHUNK = 4 << 20  # bytes per ranged read
+SNAPSHOT_PREFIX = "hypersdk-warm-"
 DEFAULT_PRECOPY_INTERVAL = 3600.0  # an hour: each round costs a snapshot on the source
 
 
@@ -45,16 +48,14 @@ class WarmSettings:
 @dataclass
 class DiskState:
     """How far one disk's image is: the change id its content matches, the bytes copied
-    over all rounds, and the snapshot of a round in progress (to remove after a crash)."""
+    over all rounds and the last round completed."""
 
     change_id: str = ""
     copied: int = 0
     round: int = 0
-    snapshot: str = ""
 
     def validator(self) -> str:
-        return json.dumps({"warm": {"change_id": self.change_id, "round": self.round,
-                                    "snapshot": self.snapshot}})
+        return json.dumps({"warm": {"change_id": self.change_id, "round": self.round}})
 
     @classmethod
     def saved(cls, checkpoints: DownloadCheckpoints | None, name: str) -> "DiskState":
@@ -65,8 +66,7 @@ class DiskState:
             warm = json.loads(kept.validator)["warm"]
         except (ValueError, KeyError, TypeError):
             return cls()
-        return cls(warm["change_id"], kept.checkpoints[-1].offset, warm["round"],
-                   warm["snapshot"])
+        return cls(warm["change_id"], kept.checkpoints[-1].offset, warm["round"])
 
 
 @dataclass
@@ -92,7 +92,7 @@ class WarmCopy:
     target_dir: Path
     checkpoints: DownloadCheckpoints | None
     sink: ExportSink
-    tag: str  # in snapshot names: hypersdk-warm-<tag>-<round>
+    tag: str  # in snapshot names: SNAPSHOT_PREFIX<tag>-<round>
     disks: list[_Disk] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
 
@@ -112,26 +112,22 @@ class WarmCopy:
         return max((disk.state.round for disk in self.disks), default=0)
 
     async def remove_leftovers(self) -> None:
-        """The snapshot an interrupted run recorded (it may never have been made)."""
-        for name in sorted({d.state.snapshot for d in self.disks if d.state.snapshot}):
-            self.sink.log(f"removing snapshot {name} left by the interrupted run")
-            await run_to_completion(self.source.remove_snapshot(name))
+        """Snapshots an interrupted run left (module docstring)."""
+        await run_to_completion(self.source.remove_snapshots(SNAPSHOT_PREFIX))
         if self.number:
             self.sink.log(f"resuming warm migration after round {self.number}")
 
-    def _checkpoint(self, snapshot: str) -> None:
+    def _checkpoint(self) -> None:
         if self.checkpoints is None:
             return
         for disk in self.disks:
-            disk.state.snapshot = snapshot
             self.checkpoints.save(disk.path.name, disk.path.name, disk.state.validator(),
                                   Checkpoint(disk.state.copied, ""))
 
     async def copy_round(self, final: bool) -> dict:
         """Copy what changed since the last round (everything, the first time)."""
         number = self.number + 1
-        name = f"hypersdk-warm-{self.tag}-{number}"
-        self._checkpoint(name)  # recorded before it exists
+        name = f"{SNAPSHOT_PREFIX}{self.tag}-{number}"
         started = time.monotonic()
         copied = 0
         await self.source.create_snapshot(name)
@@ -140,10 +136,10 @@ class WarmCopy:
                 copied += await self._copy_changes(disk)
             await asyncio.to_thread(_fsync_all, [disk.fd for disk in self.disks])
         finally:
-            await run_to_completion(self.source.remove_snapshot(name))
+            await run_to_completion(self.source.remove_snapshots(name))
         for disk in self.disks:
             disk.state.round = number
-        self._checkpoint("")
+        self._checkpoint()
         entry = {"round": number, "bytes": copied,
                  "seconds": round(time.monotonic() - started, 3), "final": final}
         self.rounds.append(entry)

@@ -35,9 +35,9 @@ class WarmSource(Protocol):
     """One VM's disks as warm migration reads them (`jobs/warm.py` drives it).
 
     A round is: `create_snapshot(name)`, then per disk `changed_extents` and `read` of
-    those extents, then `remove_snapshot(name)`. `remove_snapshot` is also called for a
-    name an interrupted run recorded (the snapshot may or may not exist: absent is no
-    error). `shut_down` stops the VM at cutover; `close` releases what the source holds.
+    those extents, then `remove_snapshots(name)`. Before the first round
+    `remove_snapshots(prefix)` clears what an interrupted run left (none: no error).
+    `shut_down` stops the VM at cutover; `close` releases what the source holds.
     """
 
     vm: VMInfo
@@ -53,7 +53,8 @@ class WarmSource(Protocol):
     async def read(self, disk: DiskInfo, offset: int, length: int) -> bytes:
         """`length` bytes of the current snapshot's disk at `offset`."""
 
-    async def remove_snapshot(self, name: str) -> None: ...
+    async def remove_snapshots(self, prefix: str) -> None:
+        """Remove every snapshot of the VM whose name starts with `prefix`."""
 
     async def shut_down(self) -> None: ...
 

@@ -6,8 +6,8 @@ round then takes a snapshot (no memory, not quiesced), asks
 the first round, afterwards the change id the previous round's snapshot gave the disk
 — and reads only those extents, with HTTP Range GETs on the disk's flat extent over the
 datastore's /folder interface (while the snapshot exists the base disk does not
-change: the VM writes into the snapshot's delta). Snapshots are found by name, so one
-an interrupted run recorded is removed too.
+change: the VM writes into the snapshot's delta), one HTTP session per round.
+Snapshots are found by name in the VM's snapshot tree.
 """
 from __future__ import annotations
 
@@ -82,23 +82,24 @@ def _snapshot_tree(si, identifier: str) -> list:
     return []
 
 
-def _find_snapshots(trees: list, name: str) -> list:
+def _find_snapshots(trees: list, prefix: str) -> list[tuple[str, object]]:
     found = []
     for tree in trees:
-        if tree.name == name:
-            found.append(tree.snapshot)
-        found += _find_snapshots(list(tree.childSnapshotList or []), name)
+        if tree.name.startswith(prefix):
+            found.append((tree.name, tree.snapshot))
+        found += _find_snapshots(list(tree.childSnapshotList or []), prefix)
     return found
 
 
-def remove_snapshots_named(si, identifier: str, name: str) -> int:
-    """Remove every snapshot of the VM called `name` (blocking); how many there were."""
+def remove_snapshots_named(si, identifier: str, prefix: str) -> list[str]:
+    """Remove every snapshot of the VM whose name starts with `prefix` (blocking); their
+    names."""
     from .vsphere import wait_task
 
-    snapshots = _find_snapshots(_snapshot_tree(si, identifier), name)
-    for snapshot in snapshots:
+    found = _find_snapshots(_snapshot_tree(si, identifier), prefix)
+    for name, snapshot in found:
         wait_task(snapshot.RemoveSnapshot_Task(removeChildren=False), f"removing snapshot {name}")
-    return len(snapshots)
+    return [name for name, _ in found]
 
 
 def query_changed_areas(si, identifier: str, snapshot, key: int, capacity: int,
@@ -132,6 +133,7 @@ class VSphereWarmSource:
     _session: aiohttp.ClientSession | None = None
 
     async def create_snapshot(self, name: str) -> None:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
         self._snapshot, self._disks = await self.pool.run(_create_snapshot, self.vm.identifier,
                                                           name)
 
@@ -150,7 +152,7 @@ class VSphereWarmSource:
 
     async def _http(self) -> tuple[aiohttp.ClientSession, dict]:
         if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
+            raise Failed("a warm migration read outside a round")
         cookie = await self.pool.run(SessionPool.cookie)
         return self._session, {"Cookie": cookie.split(";")[0]}
 
@@ -188,9 +190,10 @@ class VSphereWarmSource:
             raise Failed(f"reading {length} bytes at {offset} of {disk.label}: got {len(data)}")
         return data
 
-    async def remove_snapshot(self, name: str) -> None:
+    async def remove_snapshots(self, prefix: str) -> None:
         self._snapshot = None
-        if await self.pool.run(remove_snapshots_named, self.vm.identifier, name):
+        await self.close()
+        for name in await self.pool.run(remove_snapshots_named, self.vm.identifier, prefix):
             self.sink.log(f"removed snapshot {name}")
 
     async def shut_down(self) -> None:
