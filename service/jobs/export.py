@@ -78,38 +78,6 @@ def _check_options(options: Any) -> dict:
     return result
 
 
-def check_warm(fields: JsonObject, provider_reason: str | None) -> dict:
-    """`warm`, `precopy_interval` (seconds, >= 1) and `cutover_at` (an ISO 8601 time with
-    a time zone) of a definition; `provider_reason`: why the provider cannot do warm
-    migration (None: it can). Without warm the other two are refused."""
-    enabled = fields.flag("warm", False)
-    interval = fields.integer("precopy_interval", None, minimum=1)
-    cutover_at = fields.text("cutover_at", None)
-    if not enabled:
-        for key in ("precopy_interval", "cutover_at"):
-            if fields.data.get(key) is not None:
-                raise InvalidArgument(fields.prefix + key, "needs warm: true")
-        return {"warm": False}
-    if provider_reason is not None:
-        raise InvalidArgument(fields.prefix + "warm", provider_reason)
-    result = {"warm": True, "precopy_interval": interval or int(warm.DEFAULT_PRECOPY_INTERVAL),
-              "cutover_at": None}
-    if cutover_at is not None:
-        result["cutover_at"] = _iso_time(cutover_at, fields.prefix + "cutover_at")
-    return result
-
-
-def _iso_time(value: str, field: str) -> str:
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        raise InvalidArgument(field, "an ISO 8601 time with a time zone, e.g. "
-                                     "2026-12-08T02:00:00Z")
-    return moment.isoformat()
-
-
 def resolve_export_path(value: Any, base_path: str) -> Path:
     """The absolute export directory for `value`, which must stay under base_path.
 
@@ -149,7 +117,7 @@ class ExportKind(JobKind):
         base = submit.config.export.base_path
         export_path = definition.get("export_path", safe_name(vm_identifier))
         return {
-            **check_warm(fields, submit.providers.warm_unsupported(provider)),
+            **warm.check_definition(fields, submit.providers.warm_unsupported(provider)),
             "vm_identifier": vm_identifier.strip(),
             "provider": provider,
             "export_method": method,

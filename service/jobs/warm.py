@@ -26,10 +26,13 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from ..definitions import JsonObject
 from ..disks.download import file_sha256
+from ..errors import InvalidArgument
 from ..model import Checkpoint, DiskInfo, DownloadCheckpoints, ExportedDisk, ExportSink
 from ..providers.base import WarmSource
 from ..providers.cleanup import run_to_completion
@@ -176,6 +179,38 @@ class WarmCopy:
         for disk in self.disks:
             os.close(disk.fd)
         self.disks.clear()
+
+
+def check_definition(fields: JsonObject, provider_reason: str | None) -> dict:
+    """`warm`, `precopy_interval` (seconds, >= 1) and `cutover_at` (an ISO 8601 time with
+    a time zone) of a definition; `provider_reason`: why the provider cannot do warm
+    migration (None: it can). Without warm the other two are refused."""
+    enabled = fields.flag("warm", False)
+    interval = fields.integer("precopy_interval", None, minimum=1)
+    cutover_at = fields.text("cutover_at", None)
+    if not enabled:
+        for key in ("precopy_interval", "cutover_at"):
+            if fields.data.get(key) is not None:
+                raise InvalidArgument(fields.prefix + key, "needs warm: true")
+        return {"warm": False}
+    if provider_reason is not None:
+        raise InvalidArgument(fields.prefix + "warm", provider_reason)
+    result = {"warm": True, "precopy_interval": interval or int(DEFAULT_PRECOPY_INTERVAL),
+              "cutover_at": None}
+    if cutover_at is not None:
+        result["cutover_at"] = _iso_time(cutover_at, fields.prefix + "cutover_at")
+    return result
+
+
+def _iso_time(value: str, field: str) -> str:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidArgument(field, "an ISO 8601 time with a time zone, e.g. "
+                                     "2026-12-08T02:00:00Z")
+    return moment.isoformat()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
