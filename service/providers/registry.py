@@ -48,6 +48,18 @@ def _importable(module_name: str) -> bool:
         return False
 
 
+def warm_reason(kind: str) -> str:
+    """Why a kind cannot do warm migration ("": it can)."""
+    if missing_sdk(kind):
+        return "the provider cannot run here"
+    return provider_module(kind).PROVIDER_CLASS.warm_unsupported
+
+
+def _warm_row(kind: str) -> dict:
+    reason = warm_reason(kind)
+    return {"warm": not reason, "warm_reason": reason}
+
+
 class ProviderRegistry:
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -81,7 +93,7 @@ class ProviderRegistry:
     def warm_unsupported(self, name: str) -> str | None:
         """Why provider `name` cannot do warm migration, or None when it can."""
         kind = self.settings(name)["type"]
-        reason = provider_module(kind).PROVIDER_CLASS.warm_unsupported
+        reason = warm_reason(kind)
         return f"provider {name!r} ({kind}) cannot do warm migration: {reason}" if reason else None
 
     async def get(self, name: str) -> Provider:
@@ -101,19 +113,18 @@ class ProviderRegistry:
             settings = self._settings[name]
             reason = None if settings.get("enabled", True) else "disabled in the config"
             reason = reason or missing_sdk(settings["type"])
-            warm_reason = provider_module(settings["type"]).PROVIDER_CLASS.warm_unsupported \
-                if not missing_sdk(settings["type"]) else "the provider is unavailable"
             rows.append({"name": name, "type": settings["type"], "configured": True,
                          "implicit": name not in self._config.providers,
                          "available": reason is None, "reason": reason or "",
-                         "warm": not warm_reason, "warm_reason": warm_reason})
+                         **_warm_row(settings["type"])})
         configured_kinds = {s["type"] for s in self._settings.values()}
         for kind in PROVIDER_KINDS:
             if kind not in configured_kinds:
                 reason = missing_sdk(kind)
                 rows.append({"name": kind, "type": kind, "configured": False,
                              "available": False,
-                             "reason": reason or "not configured (add providers." + kind + ")"})
+                             "reason": reason or "not configured (add providers." + kind + ")",
+                             **_warm_row(kind)})
         return rows
 
     async def close(self) -> None:

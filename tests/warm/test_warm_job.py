@@ -135,3 +135,14 @@ def test_bad_warm_definitions_are_refused_naming_the_field(warm_hypervisord, sys
     refused = submit(system_bus.address, {**_definition("bad"), **changes}, check=False)
     assert refused.returncode != 0
     assert message in refused.stderr, refused.stderr
+
+
+def test_capabilities_say_which_providers_can_do_warm_migration(sim):
+    from hypersdk.service.config import parse_config
+    from hypersdk.service.providers.registry import ProviderRegistry
+
+    config = parse_config({"providers": {"vsphere": sim.provider_settings()}}, "(test)", env={})
+    rows = {row["name"]: row for row in ProviderRegistry(config).capabilities()}
+    assert (rows["vsphere"]["warm"], rows["vsphere"]["warm_reason"]) == (True, "")
+    assert rows["ova"]["warm"] is False and "changed-block" in rows["ova"]["warm_reason"]
+    assert rows["aws"]["warm"] is False and rows["aws"]["warm_reason"]
