@@ -36,8 +36,10 @@ from ..errors import InvalidArgument
 from ..model import Checkpoint, DiskInfo, DownloadCheckpoints, ExportedDisk, ExportSink
 from ..providers.base import WarmSource
 from ..providers.cleanup import run_to_completion
+from ..providers.common import gather_bounded
 
 CHUNK = 4 << 20  # bytes per ranged read
+READS_IN_FLIGHT = 4  # a delta is many small extents: their reads overlap
 SNAPSHOT_PREFIX = "hypersdk-warm-"
 DEFAULT_PRECOPY_INTERVAL = 3600.0  # an hour: each round costs a snapshot on the source
 
@@ -155,12 +157,15 @@ class WarmCopy:
             disk.info, disk.state.change_id or None)
         total = sum(length for _, length in extents)
         self.sink.add_total(total)
-        for offset, length in extents:
-            for start in range(offset, offset + length, CHUNK):
-                size = min(CHUNK, offset + length - start)
-                data = await self.source.read(disk.info, start, size)
-                await asyncio.to_thread(_pwrite_all, disk.fd, data, start)
-                self.sink.advance(len(data))
+        pieces = [(start, min(CHUNK, offset + length - start))
+                  for offset, length in extents for start in range(offset, offset + length, CHUNK)]
+
+        async def copy(piece: tuple[int, int]) -> None:
+            data = await self.source.read(disk.info, *piece)
+            await asyncio.to_thread(_pwrite_all, disk.fd, data, piece[0])
+            self.sink.advance(len(data))
+
+        await gather_bounded(pieces, copy, READS_IN_FLIGHT)
         disk.state.change_id = change_id
         disk.state.copied += total
         return total
