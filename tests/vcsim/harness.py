@@ -206,16 +206,22 @@ def make_vmdk(path: Path, capacity_bytes: int, seed: int, *, dense: bool = False
     return path
 
 
-def find_vm(si, name: str) -> vim.VirtualMachine:
+def find_named(si, kind: type, name: str):
+    """The inventory object of type `kind` (vim.VirtualMachine, vim.Datastore, ...) named
+    `name`."""
     content = si.RetrieveContent()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    view = content.viewManager.CreateContainerView(content.rootFolder, [kind], True)
     try:
-        for vm in view.view:
-            if vm.name == name:
-                return vm
+        for found in view.view:
+            if found.name == name:
+                return found
     finally:
         view.Destroy()
-    raise LookupError(f"no VM named {name}")
+    raise LookupError(f"no {kind.__name__} named {name}")
+
+
+def find_vm(si, name: str) -> vim.VirtualMachine:
+    return find_named(si, vim.VirtualMachine, name)
 
 
 def wait_task(task) -> None:
@@ -299,13 +305,7 @@ def local_file(si, datastore_path: str) -> Path:
     """Where the simulator keeps a datastore file on this machine (its datastores are
     local directories), e.g. to change a disk's data behind a running VM's back."""
     name, _, rel = datastore_path.lstrip("[").partition("] ")
-    content = si.RetrieveContent()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
-    try:
-        datastore = next(d for d in view.view if d.name == name)
-    finally:
-        view.Destroy()
-    return Path(datastore.info.url) / rel
+    return Path(find_named(si, vim.Datastore, name).info.url) / rel
 
 
 def folder_bytes(sim: Simulator) -> int:
@@ -352,12 +352,7 @@ def place_vm(sim: Simulator, si, vm_name: str, new_name: str, *, datastore: str,
 
 def _nic_backing(si, network: str):
     """The backing that puts a NIC on `network`: a distributed port group or a network."""
-    content = si.RetrieveContent()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Network], True)
-    try:
-        found = next(n for n in view.view if n.name == network)
-    finally:
-        view.Destroy()
+    found = find_named(si, vim.Network, network)
     if isinstance(found, vim.dvs.DistributedVirtualPortgroup):
         port = vim.dvs.PortConnection(portgroupKey=found.key,
                                       switchUuid=found.config.distributedVirtualSwitch.uuid)
