@@ -16,7 +16,7 @@ from tests.vcsim.harness import find_vm, folder_bytes
 
 from hypersdk.service.providers.vsphere_warm import _snapshot_tree
 
-from .conftest import WARM_VM
+from .conftest import WARM_VM, DatastoreGate
 
 BLOCK = 64 << 10
 
@@ -146,3 +146,33 @@ def test_capabilities_say_which_providers_can_do_warm_migration(sim):
     assert (rows["vsphere"]["warm"], rows["vsphere"]["warm_reason"]) == (True, "")
     assert rows["ova"]["warm"] is False and "changed-block" in rows["ova"]["warm_reason"]
     assert rows["aws"]["warm"] is False and rows["aws"]["warm_reason"]
+
+
+async def test_cancelling_a_warm_export_mid_round_leaves_no_snapshot_and_no_image(
+        start_hypervisord, system_bus, sim, si, running_vm, service_dir):
+    address = system_bus.address
+    proxy = await DatastoreGate(sim.host, sim.port).start()
+    proxy.armed = True  # round 1 is held in its first read
+    try:
+        await asyncio.to_thread(
+            start_hypervisord, providers={"vsphere": sim.provider_settings(port=proxy.port)})
+        path = _submit(address, _definition("warm-held", precopy_interval=3600))
+        await asyncio.wait_for(proxy.holding.wait(), 30)
+        assert [name for name in _snapshot_names(si)] == [
+            f"hypersdk-warm-{job_property(address, path, 'Id')}-1"]
+        busctl(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "CancelJob", "sa{sv}",
+               job_property(address, path, "Id"), "0")
+        assert await asyncio.to_thread(wait_for_status, address, path, {"cancelled"}) \
+            == "cancelled"
+    finally:
+        proxy.release.set()
+        await proxy.close()
+    export_dir = service_dir / "exports" / "warm-held"
+    assert not export_dir.exists() or list(export_dir.iterdir()) == []
+    assert _snapshot_names(si) == []
+
+
+def _snapshot_names(si) -> list[str]:
+    def names(trees):
+        return [n for tree in trees for n in [tree.name, *names(tree.childSnapshotList or [])]]
+    return names(_snapshot_tree(si, find_vm(si, WARM_VM)._moId))

@@ -10,34 +10,10 @@ import json
 from tests.support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, BusMonitor, busctl,
                                busctl_json, job_property, submit, wait_for_status)
 from tests.support.hypervisord import Hypervisord
-from tests.vcsim.harness import find_vm, folder_bytes
-from tests.vsphere.fault_proxy import GatedProxy
+from tests.vcsim.harness import folder_bytes
 
-from hypersdk.service.providers.vsphere_warm import _snapshot_tree
-
-from .conftest import WARM_VM
-from .test_warm_job import BLOCK, _same, _write
-
-HOLD_AT = 100 << 10  # bytes into a round's datastore connection
-
-
-class DatastoreGate(GatedProxy):
-    """Holds datastore (/folder) connections at `hold_at` once `armed`; SOAP passes."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(host, port, HOLD_AT)
-        self.armed = False
-
-    async def _pipe(self, reader, writer, limit, counted):
-        held = limit if self.armed and counted == "folder" else None
-        return await super()._pipe(reader, writer, held, counted)
-
-
-def _snapshot_names(si) -> list[str]:
-    def names(trees):
-        return [n for tree in trees for n in [tree.name, *names(tree.childSnapshotList or [])]]
-    return names(_snapshot_tree(si, find_vm(si, WARM_VM)._moId))
-
+from .conftest import WARM_VM, DatastoreGate
+from .test_warm_job import BLOCK, _same, _snapshot_names, _write
 
 async def test_kill9_mid_round_then_retry_resumes_after_the_last_completed_round(
         start_hypervisord, system_bus, sim, si, running_vm):
