@@ -33,7 +33,8 @@ from typing import Callable
 from ..definitions import JsonObject
 from ..disks.download import file_sha256
 from ..errors import InvalidArgument
-from ..model import Checkpoint, DiskInfo, DownloadCheckpoints, ExportedDisk, ExportSink
+from ..model import (Checkpoint, DiskInfo, DownloadCheckpoints, ExportedDisk, ExportOptions,
+                     ExportSink)
 from ..providers.base import WarmSource
 from ..providers.cleanup import run_to_completion
 from ..providers.common import gather_bounded
@@ -216,6 +217,29 @@ def _iso_time(value: str, field: str) -> str:
         raise InvalidArgument(field, "an ISO 8601 time with a time zone, e.g. "
                                      "2026-12-08T02:00:00Z")
     return moment.isoformat()
+
+
+class _LogSink:
+    """An ExportSink that only logs (no progress to report)."""
+
+    def __init__(self, log: Callable[..., None]) -> None:
+        self.log = log
+
+    def add_total(self, nbytes: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+
+async def remove_snapshots_of(provider, vm_identifier: str, job_id: str,
+                              log: Callable[..., None]) -> None:
+    """Remove the snapshots of job `job_id`'s rounds (after hypervisord restarted)."""
+    source = await provider.warm_source(vm_identifier, ExportOptions(), _LogSink(log))
+    try:
+        await run_to_completion(source.remove_snapshots(f"{SNAPSHOT_PREFIX}{job_id}-"))
+    finally:
+        await source.close()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

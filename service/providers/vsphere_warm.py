@@ -96,10 +96,17 @@ def remove_snapshots_named(si, identifier: str, prefix: str) -> list[str]:
     names."""
     from .vsphere import wait_task
 
-    found = _find_snapshots(_snapshot_tree(si, identifier), prefix)
-    for name, snapshot in found:
-        wait_task(snapshot.RemoveSnapshot_Task(removeChildren=False), f"removing snapshot {name}")
-    return [name for name, _ in found]
+    from pyVmomi import vmodl
+
+    removed = []
+    for name, snapshot in _find_snapshots(_snapshot_tree(si, identifier), prefix):
+        try:
+            task = snapshot.RemoveSnapshot_Task(removeChildren=False)
+        except vmodl.fault.ManagedObjectNotFound:
+            continue  # removed meanwhile (a retry and the restart's clean-up both look)
+        wait_task(task, f"removing snapshot {name}")
+        removed.append(name)
+    return removed
 
 
 def query_changed_areas(si, identifier: str, snapshot, key: int, capacity: int,

@@ -1,7 +1,7 @@
 """`kill -9` of hypervisord in the middle of a warm export's pre-copy round (simulator
-extension: tests/vcsim/cbt.go): the retry removes the round's snapshot, resumes after
-the last completed round — reading only what changed since, not the whole disk — and
-after cutover the image equals the disk."""
+extension: tests/vcsim/cbt.go): the restart removes the round's snapshot, the retry
+resumes after the last completed round — reading only what changed since, not the whole
+disk — and after cutover the image equals the disk."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +10,7 @@ import json
 from tests.support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, BusMonitor, busctl,
                                busctl_json, job_property, submit, wait_for_status)
 from tests.support.hypervisord import Hypervisord
+from tests.support.wait import until
 from tests.vcsim.harness import folder_bytes
 
 from .conftest import WARM_VM, DatastoreGate
@@ -41,6 +42,10 @@ async def test_kill9_mid_round_then_retry_resumes_after_the_last_completed_round
         await asyncio.to_thread(restarted.start)
         assert job_property(address, path, "Status") == "failed"
         assert job_property(address, path, "Error").startswith("interrupted:")
+        await until(lambda: _snapshot_names(si) == [], 30, "the restart removing the snapshot")
+        log = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "GetJobLog",
+                          "sta{sv}", job_id, "0", "0")["data"][0]
+        assert any(line[3] == f"removed snapshot hypersdk-warm-{job_id}-2" for line in log)
 
         served = folder_bytes(sim)
         with BusMonitor(address) as monitor:
