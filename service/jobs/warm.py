@@ -36,7 +36,7 @@ from ..errors import InvalidArgument
 from ..model import (Checkpoint, DiskInfo, DownloadCheckpoints, ExportedDisk, ExportOptions,
                      ExportSink)
 from ..providers.base import WarmSource
-from ..providers.cleanup import run_to_completion
+from ..providers.cleanup import run_to_completion, undone_if_cancelled
 from ..providers.common import gather_bounded
 
 CHUNK = 4 << 20  # bytes per ranged read
@@ -107,8 +107,12 @@ class WarmCopy:
         for info, name in zip(self.source.vm.disks, names):
             path = self.target_dir / name
             state = DiskState.saved(self.checkpoints, name)
-            fresh = state == DiskState()  # else an interrupted run's image, kept for us
-            flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if fresh else 0)
+            if state != DiskState() and not path.exists():
+                self.sink.log(f"{name}: the interrupted run's image is gone; starting over",
+                              "warning")
+                state = DiskState()
+            # a fresh image is created, an interrupted run's (kept for us) is reopened
+            flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if state == DiskState() else 0)
             fd = os.open(path, flags, 0o600)
             self.disks.append(_Disk(info, path, fd, state))
             os.ftruncate(fd, info.capacity_bytes)
@@ -136,8 +140,10 @@ class WarmCopy:
         name = f"{SNAPSHOT_PREFIX}{self.tag}-{number}"
         started = time.monotonic()
         copied = 0
-        await self.source.create_snapshot(name)
         try:
+            # a cancel while the snapshot is being made waits for it, then removes it
+            await undone_if_cancelled(self.source.create_snapshot(name),
+                                      lambda _: self.source.remove_snapshots(name))
             for disk in self.disks:
                 copied += await self._copy_changes(disk)
             await asyncio.to_thread(_fsync_all, [disk.fd for disk in self.disks])

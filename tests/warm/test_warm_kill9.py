@@ -16,6 +16,12 @@ from tests.vcsim.harness import folder_bytes
 from .conftest import WARM_VM, DatastoreGate
 from .test_warm_job import BLOCK, _same, _snapshot_names, _write
 
+def _messages(address: str, job_id: str) -> list[str]:
+    log = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "GetJobLog",
+                      "sta{sv}", job_id, "0", "0")["data"][0]
+    return [line[3] for line in log]
+
+
 async def test_kill9_mid_round_then_retry_resumes_after_the_last_completed_round(
         start_hypervisord, system_bus, sim, si, running_vm):
     address = system_bus.address
@@ -42,10 +48,10 @@ async def test_kill9_mid_round_then_retry_resumes_after_the_last_completed_round
         await asyncio.to_thread(restarted.start)
         assert job_property(address, path, "Status") == "failed"
         assert job_property(address, path, "Error").startswith("interrupted:")
-        await until(lambda: _snapshot_names(si) == [], 30, "the restart removing the snapshot")
-        log = busctl_json(address, "call", BUS_NAME, MANAGER, MANAGER_IFACE, "GetJobLog",
-                          "sta{sv}", job_id, "0", "0")["data"][0]
-        assert any(line[3] == f"removed snapshot hypersdk-warm-{job_id}-2" for line in log)
+        removed = f"removed snapshot hypersdk-warm-{job_id}-2"
+        await until(lambda: removed in _messages(address, job_id), 30,
+                    "the restart removing the snapshot")
+        assert _snapshot_names(si) == []
 
         served = folder_bytes(sim)
         with BusMonitor(address) as monitor:
