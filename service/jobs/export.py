@@ -185,7 +185,6 @@ async def _warm_export(ctx: JobContext, provider, vm: VMInfo,
     settings = warm.WarmSettings(
         precopy_interval=definition["precopy_interval"],
         cutover_at=datetime.fromisoformat(cutover_at).timestamp() if cutover_at else None)
-    ctx.set_stage("precopy")
     ctx.log(f"warm migration: a pre-copy round every {settings.precopy_interval:g}s until "
             f"cutover ({cutover_at or 'a Cutover call'})")
     source = await provider.warm_source(vm.identifier, _export_options(definition, ctx, None),
@@ -214,7 +213,7 @@ def _plan(disk_bytes: int, method: str, integration: dict,
     """Estimated bytes of each stage, from the disks' capacity (progress.py): the
     download, re-writing and packing into OVF/OVA, the built-in conversion and
     virt-v2v's guest conversion."""
-    stages = {"precopy" if warm_export else "export": disk_bytes}
+    stages = {"precopy round 1" if warm_export else "export": disk_bytes}
     if method in ("ova", "ovf"):
         stages["package"] = disk_bytes
     if integration["enabled"] and not integration["daemon_mode"]:

@@ -283,16 +283,17 @@ async def run_warm(source: WarmSource, target_dir: Path, names: list[str],
                    set_stage: Callable[[str], None] | None = None) -> WarmResult:
     """Pre-copy rounds into `target_dir/names[i]` until cutover, then shut the VM down and
     copy the last delta; see the module docstring. `on_round(entry)` follows each round;
-    `set_stage("cutover")` is called when the cutover begins."""
+    `set_stage` hears "precopy round <n>" as a pre-copy round begins (the stage until the
+    next one) and "cutover" when the cutover does."""
     copy = WarmCopy(source, target_dir, checkpoints, sink, tag)
     try:
         await asyncio.to_thread(copy.open, names)
         await copy.remove_leftovers()
         while True:
             final = cutover_due(settings, cutover)
+            if set_stage is not None:
+                set_stage("cutover" if final else f"precopy round {copy.number + 1}")
             if final:
-                if set_stage is not None:
-                    set_stage("cutover")
                 shutdown_requested = time.time()
                 sink.log(f"cutover: shutting down {source.vm.name} for the final round")
                 await source.shut_down()

@@ -58,7 +58,7 @@ async def test_warm_export_copies_the_delta_at_a_cutover_call_and_reports_downti
     with BusMonitor(address) as monitor:
         path = _submit(address, _definition("warm-call", precopy_interval=3600))
         await asyncio.to_thread(monitor.wait_for, "pre-copy round 1", 60)
-        assert job_property(address, path, "Stage") == "precopy"
+        assert job_property(address, path, "Stage") == "precopy round 1"
         _write(running_vm, 1 << 20, b"a" * (2 * BLOCK))  # two blocks change while it runs
         served = folder_bytes(sim)
         _cutover(address, path)
