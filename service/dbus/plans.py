@@ -128,6 +128,11 @@ class PlanObject(ServiceInterface):
         self._plans.cancel(self.plan_id)
 
     @method()
+    async def Cutover(self, options: "a{sv}") -> "as":
+        await self._require_for_its_jobs()
+        return self._plans.cutover(self.plan_id)
+
+    @method()
     async def GetReport(self, options: "a{sv}") -> "s":
         await require(VIEW)
         return json.dumps(self._plans.report(self.plan_id))
