@@ -212,8 +212,10 @@ class JobEngine:
 
         try:
             provider = await self.providers.get(job.definition["provider"])
+            checkpoints = StoreCheckpoints(self.store, job.id, 0)
+            keep = warm.saved_change_ids(checkpoints, sorted(self.store.checkpoint_names(job.id)))
             await warm.remove_snapshots_of(provider, job.definition["vm_identifier"], job.id,
-                                           note)
+                                           keep, note)
         except Exception as exc:  # the source may be unreachable now
             note(f"could not remove the snapshots of the interrupted run: "
                  f"{getattr(exc, 'message', exc)}; retrying the job removes them", "warning")

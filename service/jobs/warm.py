@@ -17,7 +17,9 @@ from the last completed round; re-copying an extent in place is idempotent.
 Snapshots: each round's is named `hypersdk-warm-<job id>-<round>` (SNAPSHOT_PREFIX: the
 name is its record, known before it exists) and removed when the round ends, however
 it ends. A run first removes every snapshot of the VM with that prefix, which only an
-interrupted run can have left (one warm migration of a VM at a time).
+interrupted run can have left (one warm migration of a VM at a time). Where a change id
+is a snapshot (AWS), the snapshots the images' change ids name are kept (`keep`): the
+next round, or a resumed run, diffs against them; the source removes them at the end.
 """
 from __future__ import annotations
 
@@ -123,9 +125,13 @@ class WarmCopy:
 
     async def remove_leftovers(self) -> None:
         """Snapshots an interrupted run left (module docstring)."""
-        await run_to_completion(self.source.remove_snapshots(SNAPSHOT_PREFIX))
+        await run_to_completion(self.source.remove_snapshots(SNAPSHOT_PREFIX,
+                                                             self._change_ids()))
         if self.number:
             self.sink.log(f"resuming warm migration after round {self.number}")
+
+    def _change_ids(self) -> frozenset[str]:
+        return frozenset(disk.state.change_id for disk in self.disks if disk.state.change_id)
 
     def _checkpoint(self) -> None:
         if self.checkpoints is None:
@@ -147,8 +153,9 @@ class WarmCopy:
             for disk in self.disks:
                 copied += await self._copy_changes(disk)
             await asyncio.to_thread(_fsync_all, [disk.fd for disk in self.disks])
-        finally:
-            await run_to_completion(self.source.remove_snapshots(name))
+        finally:  # the images' change ids are this round's only if it completed
+            await run_to_completion(self.source.remove_snapshots(SNAPSHOT_PREFIX,
+                                                                 self._change_ids()))
         for disk in self.disks:
             disk.state.round = number
         self._checkpoint()
@@ -238,12 +245,19 @@ class _LogSink:
         pass
 
 
+def saved_change_ids(checkpoints: DownloadCheckpoints, names: list[str]) -> frozenset[str]:
+    """The change ids an interrupted run's images (`names`, checkpointed) are at."""
+    return frozenset(state.change_id for name in names
+                     if (state := DiskState.saved(checkpoints, name)).change_id)
+
+
 async def remove_snapshots_of(provider, vm_identifier: str, job_id: str,
-                              log: Callable[..., None]) -> None:
-    """Remove the snapshots of job `job_id`'s rounds (after hypervisord restarted)."""
+                              keep: frozenset[str], log: Callable[..., None]) -> None:
+    """Remove the snapshots of job `job_id`'s rounds (after hypervisord restarted), but
+    those its images' change ids name (`keep`): a Retry resumes from them."""
     source = await provider.warm_source(vm_identifier, ExportOptions(), _LogSink(log))
     try:
-        await run_to_completion(source.remove_snapshots(f"{SNAPSHOT_PREFIX}{job_id}-"))
+        await run_to_completion(source.remove_snapshots(f"{SNAPSHOT_PREFIX}{job_id}-", keep))
     finally:
         await source.close()
 

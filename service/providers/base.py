@@ -35,9 +35,11 @@ class WarmSource(Protocol):
     """One VM's disks as warm migration reads them (`jobs/warm.py` drives it).
 
     A round is: `create_snapshot(name)`, then per disk `changed_extents` and `read` of
-    those extents, then `remove_snapshots(name)`. Before the first round
-    `remove_snapshots(prefix)` clears what an interrupted run left (none: no error).
-    `shut_down` stops the VM at cutover; `close` releases what the source holds.
+    those extents, then `remove_snapshots(prefix, keep)`. Before the first round
+    `remove_snapshots(prefix, keep)` clears what an interrupted run left (none: no
+    error). `keep` holds the change ids the images are at: where a change id is itself a
+    snapshot (AWS: the next round diffs against it), that snapshot stays; `close`
+    removes those this source made. `shut_down` stops the VM at cutover.
     """
 
     vm: VMInfo
@@ -53,8 +55,9 @@ class WarmSource(Protocol):
     async def read(self, disk: DiskInfo, offset: int, length: int) -> bytes:
         """`length` bytes of the current snapshot's disk at `offset`."""
 
-    async def remove_snapshots(self, prefix: str) -> None:
-        """Remove every snapshot of the VM whose name starts with `prefix`."""
+    async def remove_snapshots(self, prefix: str, keep: frozenset[str] = frozenset()) -> None:
+        """Remove every snapshot of the VM whose name starts with `prefix`, but a
+        snapshot that is one of the change ids in `keep`."""
 
     async def shut_down(self) -> None: ...
 

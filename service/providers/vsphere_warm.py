@@ -197,7 +197,9 @@ class VSphereWarmSource:
             raise Failed(f"reading {length} bytes at {offset} of {disk.label}: got {len(data)}")
         return data
 
-    async def remove_snapshots(self, prefix: str) -> None:
+    async def remove_snapshots(self, prefix: str, keep: frozenset[str] = frozenset()) -> None:
+        """`keep` does not matter here: a change id of changed block tracking outlives
+        the snapshot it was read from."""
         self._snapshot = None
         await self.close()
         for name in await self.pool.run(remove_snapshots_named, self.vm.identifier, prefix):

@@ -145,7 +145,8 @@ def test_capabilities_say_which_providers_can_do_warm_migration(sim):
     rows = {row["name"]: row for row in ProviderRegistry(config).capabilities()}
     assert (rows["vsphere"]["warm"], rows["vsphere"]["warm_reason"]) == (True, "")
     assert rows["ova"]["warm"] is False and "changed-block" in rows["ova"]["warm_reason"]
-    assert rows["aws"]["warm"] is False and rows["aws"]["warm_reason"]
+    assert (rows["aws"]["warm"], rows["aws"]["warm_reason"]) == (True, "")  # EBS snapshots
+    assert rows["azure"]["warm"] is False and rows["azure"]["warm_reason"]
 
 
 async def test_cancelling_a_warm_export_mid_round_leaves_no_snapshot_and_no_image(
