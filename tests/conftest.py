@@ -74,8 +74,8 @@ def users() -> dict[str, int]:
 def service_dir(tmp_path) -> Path:
     """A directory the test users can traverse (tmp_path's parents are root-only)."""
     tmp_path.chmod(0o755)
-    for parent in tmp_path.parents:
-        if str(parent).startswith("/tmp/pytest-of-"):
+    for parent in tmp_path.parents:  # pytest's base under $TMPDIR, made 0700
+        if parent.name.startswith("pytest-of-"):
             os.chmod(parent, 0o755)
     return tmp_path
 
