@@ -1,7 +1,6 @@
 """Shared fixtures: a private system bus with real polkitd, real users, a real hypervisord."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from .support.simulator import module_sim, si, sim, vcsim_binary  # noqa: F401 -
 from .support.gluster import gluster_volume  # noqa: F401 - fixture
 from .support.targets import local_libvirt, loopback_sshd, tls_libvirt  # noqa: F401
 from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, existing_user,
-                             start_polkitd, stop_process)
+                             open_to_test_users, start_polkitd, stop_process)
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +72,7 @@ def users() -> dict[str, int]:
 @pytest.fixture
 def service_dir(tmp_path) -> Path:
     """A directory the test users can traverse (tmp_path's parents are root-only)."""
-    tmp_path.chmod(0o755)
-    for parent in tmp_path.parents:  # pytest's base under $TMPDIR, made 0700
-        if parent.name.startswith("pytest-of-"):
-            os.chmod(parent, 0o755)
+    open_to_test_users(tmp_path)
     return tmp_path
 
 

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from ..support.cli import submit
 from ..support.hypervisord import Hypervisord, write_config
-from ..support.system import existing_user
+from ..support.system import existing_user, open_to_test_users
 from .stack import ANY_PORT, Bridge, token_api
 
 
@@ -55,9 +54,7 @@ def bridge(start_bridge) -> Bridge:
 def shared_bridge(system_bus, polkitd, users, tmp_path_factory):
     """One hypervisord + bridge for a module's tests that only add jobs and read."""
     directory = tmp_path_factory.mktemp("bridge")
-    for path in (directory, *directory.parents):
-        if str(path).startswith("/tmp/pytest-of-"):
-            os.chmod(path, 0o755)
+    open_to_test_users(directory)
     config = write_config(directory, daemon={"address": ANY_PORT},
                           api=token_api(directory))
     daemon = Hypervisord(config, system_bus.address)

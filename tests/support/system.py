@@ -146,3 +146,12 @@ def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: 
             process.kill()
             process.wait()
     return process.returncode
+
+
+def open_to_test_users(directory: Path) -> None:
+    """Let the test users traverse `directory` and pytest's base directories above it
+    (pytest-of-<user> and pytest-<n>, made 0700 wherever $TMPDIR puts them)."""
+    directory.chmod(0o755)
+    for parent in directory.parents:
+        if parent.name.startswith("pytest-"):
+            os.chmod(parent, 0o755)

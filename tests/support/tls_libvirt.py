@@ -9,8 +9,7 @@ socket. The client side is libvirt's own: it checks the server's certificate and
 and presents its client certificate from the URI's `pkipath` directory.
 
 The certificates (a CA, the server's, the client's) are made with openssl under a new
-private directory; `other_ca()` gives a client directory that trusts a different CA,
-for the test of a server the client must refuse.
+private directory.
 """
 from __future__ import annotations
 
@@ -77,16 +76,9 @@ class TlsLibvirt:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
 
-    def uri(self, pki: Path | None = None) -> str:
-        return f"qemu+tls://127.0.0.1:{self.port}/system?pkipath={pki or self.pki}"
-
-    def other_ca(self) -> Path:
-        """A client pkipath whose CA and certificate are not this server's."""
-        other = self.base / "other"
-        other.mkdir()
-        make_ca(other)
-        issue(other, other, "client", "/CN=someone-else", "extendedKeyUsage=clientAuth\n")
-        return other
+    def uri(self, host: str = "127.0.0.1") -> str:
+        """The URI through this listener; its certificate names 127.0.0.1 only."""
+        return f"qemu+tls://{host}:{self.port}/system?pkipath={self.pki}"
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A connection whose TLS handshake succeeded: its plaintext to and from libvirtd's
