@@ -84,7 +84,8 @@ class Daemon:
 
     async def run(self) -> None:
         database = self.config.database
-        store = open_store(database.url or f"sqlite://{database.path}")
+        store = open_store(database.url or f"sqlite://{database.path}",
+                           database.connect_timeout, database.statement_timeout)
         providers = ProviderRegistry(self.config)
         engine = JobEngine(store, self.config, providers)
         try:

@@ -7,13 +7,17 @@ are bytes), REAL becomes DOUBLE PRECISION (timestamps), `INTEGER PRIMARY KEY` an
 column, and every table gets the hidden `rowid` column SQLite has implicitly (insertion
 order for ORDER BY), which rows leave out as SQLite's `SELECT *` does. The schema version
 lives in a one-row table; migrations run under an advisory lock, so instances starting
-together apply each one once. Calls stay synchronous and short, as with SQLite.
+together apply each one once. Calls stay synchronous and short, as with SQLite; a
+connection opens within database.connect_timeout, a statement ends within
+database.statement_timeout (the server cancels it), and a dropped connection is opened
+again by the next call.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -71,18 +75,66 @@ def _row_factory(cursor: psycopg.Cursor) -> Callable[[Sequence[Any]], Row]:
 
 
 class Connection:
-    """A psycopg connection taking the store's SQL, as the sqlite3 one does."""
+    """A psycopg connection taking the store's SQL, as the sqlite3 one does. When the
+    server dropped it (a restart, a statement past its timeout, a cut), the next
+    statement outside a transaction connects again: the daemon carries on without a
+    restart once the server answers."""
 
-    def __init__(self, raw: psycopg.Connection) -> None:
-        self.raw = raw
+    def __init__(self, url: str, timeouts: "Timeouts") -> None:
+        self.url = url
+        self.timeouts = timeouts
+        self.in_transaction = False
+        self.raw = self._connect()
+
+    def _connect(self) -> psycopg.Connection:
+        """A new connection; psycopg.OperationalError saying why not (never the password)."""
+        try:
+            return psycopg.connect(self.url, autocommit=True, row_factory=_row_factory,
+                                   connect_timeout=max(2, round(self.timeouts.connect)),
+                                   options=f"-c statement_timeout={self.timeouts.statement_ms}")
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())  # libpq's message spans lines
+            raise psycopg.OperationalError(
+                f"cannot connect to the {describe(self.url)} (database.connect_timeout "
+                f"{self.timeouts.connect:g}s): {reason}") from exc
+
+    def ready(self) -> psycopg.Connection:
+        if self.raw.broken and not self.in_transaction:
+            self.raw.close()
+            self.raw = self._connect()
+        return self.raw
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
-        return self.raw.execute(_placeholders(sql), params)
+        with self._timeout_named():
+            return self.ready().execute(_placeholders(sql), params)
 
     def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> psycopg.Cursor:
-        cursor = self.raw.cursor()
-        cursor.executemany(_placeholders(sql), params)
-        return cursor
+        with self._timeout_named():
+            cursor = self.ready().cursor()
+            cursor.executemany(_placeholders(sql), params)
+            return cursor
+
+    @contextmanager
+    def _timeout_named(self) -> Iterator[None]:
+        """A statement the server cancelled for its timeout, said in the config's words."""
+        try:
+            yield
+        except psycopg.errors.QueryCanceled as exc:
+            raise psycopg.OperationalError(
+                f"the {describe(self.url)} did not finish a statement within "
+                f"database.statement_timeout ({self.timeouts.statement:g}s)") from exc
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """database.connect_timeout and database.statement_timeout, in seconds."""
+
+    connect: float = 10.0
+    statement: float = 30.0
+
+    @property
+    def statement_ms(self) -> int:
+        return max(1, round(self.statement * 1000))
 
 
 def describe(url: str) -> str:
@@ -96,20 +148,23 @@ class PostgresStore(Store):
     NOW = "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION"
     errors = (psycopg.Error,)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeouts: Timeouts = Timeouts()) -> None:
         self.path = describe(url)
         try:
-            raw = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+            self._db = Connection(url, timeouts)
         except psycopg.Error as exc:
-            reason = " ".join(str(exc).split())  # libpq's message spans lines
-            raise Failed(f"database.url: cannot connect to the {self.path}: {reason}") from exc
-        self._db = Connection(raw)
+            raise Failed(f"database.url: {exc}") from exc
         self._migrate()
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        with self._db.raw.transaction():
-            yield self._db
+        raw = self._db.ready()
+        self._db.in_transaction = True
+        try:
+            with raw.transaction():
+                yield self._db
+        finally:
+            self._db.in_transaction = False
 
     @property
     def schema_version(self) -> int:

@@ -357,11 +357,13 @@ def _job_filter(status: str | None, provider: str | None) -> tuple[str, list]:
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
-def open_store(url: str) -> "Store":
-    """The store at a database.url: postgresql://... (or postgres://) or sqlite:///path."""
+def open_store(url: str, connect_timeout: float = 10.0,
+               statement_timeout: float = 30.0) -> "Store":
+    """The store at a database.url: postgresql://... (or postgres://) or sqlite:///path;
+    the timeouts (database.connect_timeout, database.statement_timeout) are PostgreSQL's."""
     if url.startswith(("postgresql://", "postgres://")):
-        from .pgstore import PostgresStore  # psycopg and libpq only where asked for
-        return PostgresStore(url)
+        from .pgstore import PostgresStore, Timeouts  # psycopg and libpq only where asked for
+        return PostgresStore(url, Timeouts(connect_timeout, statement_timeout))
     return Store(Path(url.removeprefix("sqlite://")))
 
 
