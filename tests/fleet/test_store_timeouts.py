@@ -19,36 +19,36 @@ def _job(job_id: str) -> JobRecord:
                      created_at=time.time())
 
 
-def test_a_statement_past_the_timeout_fails_naming_the_setting_and_the_store_goes_on(postgres):
-    store = open_store(postgres.new_database(), statement_timeout=0.2)
+async def test_a_statement_past_the_timeout_fails_naming_the_setting_and_the_store_goes_on(postgres):
+    store = await open_store(postgres.new_database(), statement_timeout=0.2)
     try:
         with pytest.raises(store.errors) as raised:
-            store.execute("SELECT pg_sleep(5)")
+            await store.execute("SELECT pg_sleep(5)")
         assert "did not finish a statement within database.statement_timeout (0.2s)" \
             in str(raised.value)
-        store.insert_job(_job("job-after"))
-        assert store.get_job("job-after").status == "pending"
+        await store.insert_job(_job("job-after"))
+        assert (await store.get_job("job-after")).status == "pending"
     finally:
-        store.close()
+        await store.close()
 
 
-def test_a_connection_the_server_dropped_is_opened_again_by_the_next_call(postgres):
+async def test_a_connection_the_server_dropped_is_opened_again_by_the_next_call(postgres):
     url = postgres.new_database()
-    store = open_store(url)
+    store = await open_store(url)
     try:
-        backend = store.execute("SELECT pg_backend_pid()").fetchone()[0]
+        backend = (await store.execute("SELECT pg_backend_pid()")).fetchone()[0]
         with psycopg.connect(postgres.url(), autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
         with pytest.raises(store.errors):  # the call that finds it dropped fails
-            store.insert_job(_job("job-lost"))
-        store.insert_job(_job("job-kept"))
-        assert [job.id for job in store.list_jobs()] == ["job-kept"]
-        assert store.execute("SELECT pg_backend_pid()").fetchone()[0] != backend
+            await store.insert_job(_job("job-lost"))
+        await store.insert_job(_job("job-kept"))
+        assert [job.id for job in await store.list_jobs()] == ["job-kept"]
+        assert (await store.execute("SELECT pg_backend_pid()")).fetchone()[0] != backend
     finally:
-        store.close()
+        await store.close()
 
 
-def test_a_server_that_does_not_answer_fails_the_connect_after_the_timeout(postgres):
+async def test_a_server_that_does_not_answer_fails_the_connect_after_the_timeout(postgres):
     """The postmaster stopped (SIGSTOP): the kernel queues the connection, nobody
     answers it; open_store fails after database.connect_timeout, saying so."""
     url = postgres.new_database()
@@ -56,10 +56,10 @@ def test_a_server_that_does_not_answer_fails_the_connect_after_the_timeout(postg
     began = time.monotonic()
     try:
         with pytest.raises(Failed) as raised:
-            open_store(url, connect_timeout=2)
+            await open_store(url, connect_timeout=2)
     finally:
         os.kill(postgres.process.pid, signal.SIGCONT)
     waited = time.monotonic() - began
-    assert "database.connect_timeout 2s" in raised.value.message
+    assert raised.value.message.endswith("(database.connect_timeout is 2s)")
     assert "password" not in raised.value.message
     assert 1.5 < waited < 10
