@@ -220,3 +220,34 @@ async def test_a_job_recovered_elsewhere_is_listed_while_it_holds_a_file_a_domai
     assert sorted(await store.recovered_elsewhere("a")) == ["job-domain", "job-path", "job-volume"]
     assert await store.recovered_elsewhere("b") == []
     await store.close()
+
+
+async def test_a_write_made_without_awaiting_comes_before_every_call_made_after_it(
+        database_url):
+    """Store.soon (a job's log line, from code that does not await) takes its turn when
+    it is made: the read made next sees it."""
+    store = await open_store(database_url)
+    await store.insert_job(_job())
+    written = store.soon(store.append_log, "job-1", 1.0, "info", "first")
+    assert [line.message for line in await store.logs("job-1")] == ["first"]
+    assert (await written) == (await store.logs("job-1"))[0].id
+    await store.close()
+
+
+async def test_a_call_never_lands_inside_another_coroutine_s_transaction(database_url):
+    """One connection per store: a call made while another coroutine's transaction is
+    open waits for it to end (here rolled back), and never sees its rows."""
+    store = await open_store(database_url)
+    await store.insert_job(_job("job-1"))
+
+    async def count() -> int:
+        return await store.count_jobs()
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as db:
+            await db.execute("INSERT INTO jobs (id, kind, status, definition, created_at)"
+                             " VALUES ('job-2', 'sleep', 'pending', '{}', 0)")
+            counting = asyncio.create_task(count())
+            await asyncio.sleep(0)  # a yield: the other coroutine makes its call now
+            raise RuntimeError("rolled back")
+    assert await counting == 1
+    await store.close()
