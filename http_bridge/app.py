@@ -66,6 +66,7 @@ ROUTES: list[Route] = [
     Route("GET", "/jobs/logs/{id}", job_logs, VIEWER),
     Route("POST", "/jobs/cancel/{id}", h.jobs_cancel, OPERATOR, mutating=True),
     Route("POST", "/jobs/retry/{id}", h.jobs_retry, OPERATOR, mutating=True),
+    Route("POST", "/jobs/{id}/cutover", h.jobs_cutover, OPERATOR, mutating=True),
     Route("POST", "/convert", h.convert, OPERATOR, mutating=True),
     Route("POST", "/import-to-kvm", h.import_to_kvm, OPERATOR, mutating=True),
     Route("GET", "/parse-vmdk", h.parse_vmdk, VIEWER),
@@ -85,6 +86,7 @@ ROUTES: list[Route] = [
     Route("POST", "/plans/{id}/preflight", P.preflight_handler, OPERATOR, mutating=True),
     Route("POST", "/plans/{id}/start", P.start_handler, OPERATOR, mutating=True),
     Route("POST", "/plans/{id}/cancel", P.cancel_handler, OPERATOR, mutating=True),
+    Route("POST", "/plans/{id}/cutover", P.cutover_handler, OPERATOR, mutating=True),
     Route("GET", "/plans/{id}/report", P.report_handler, VIEWER),
 ]
 ROUTE_KEY = web.AppKey("routes", dict)

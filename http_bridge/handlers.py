@@ -296,6 +296,14 @@ async def jobs_cancel(request: web.Request) -> web.Response:
                           "cancel_requested": True})
 
 
+async def jobs_cutover(request: web.Request) -> web.Response:
+    """Start a warm export's cutover (the Job's Cutover)."""
+    props = await job_props(request, request.match_info["id"], "id")
+    request["audit_target"] = props.get("Id")
+    await call(request, MANAGER_PATH, MANAGER_IFACE, "CutoverJob", "sa{sv}", [props["Id"], {}])
+    return json_response({"job_id": props.get("Id"), "cutover_requested": True})
+
+
 async def jobs_retry(request: web.Request) -> web.Response:
     """Submit a failed or cancelled job's definition again, as a new job."""
     props = await job_props(request, request.match_info["id"], "id")
@@ -393,6 +401,10 @@ class PlanRoutes(AutomationRoutes):
     async def start_handler(self, request: web.Request) -> web.Response:
         plan_id, _ = await self._call(request, "Start")
         return json_response({"id": plan_id, "start_requested": True})
+
+    async def cutover_handler(self, request: web.Request) -> web.Response:
+        plan_id, (jobs,) = await self._call(request, "Cutover")
+        return json_response({"id": plan_id, "cutover_jobs": jobs})
 
     async def cancel_handler(self, request: web.Request) -> web.Response:
         plan_id, _ = await self._call(request, "Cancel")

@@ -103,6 +103,10 @@ OPERATIONS: dict[tuple[str, str], dict] = {
                                  "stay open until the job ends")]),
     ("/jobs/cancel/{id}", "post"): _op("Cancel a job", _json(_ref("CancelAnswer")),
                                        params=[ID_PARAM]),
+    ("/jobs/{id}/cutover", "post"): _op(
+        "Cut a warm export over: shut the VM down, copy the last delta, go on as a cold "
+        "export (an error for a job that is not warm or already cut over)",
+        _json(_ref("CutoverAnswer")), params=[ID_PARAM]),
     ("/jobs/retry/{id}", "post"): _op("Run a failed or cancelled job again, as a new job",
                                       _json(_ref("Submitted")), params=[ID_PARAM]),
     ("/convert", "post"): _op("Convert a disk, OVF or OVA (a job)", _json(_ref("Submitted")),
@@ -149,6 +153,9 @@ OPERATIONS: dict[tuple[str, str], dict] = {
         "Cancel the plan: no more VMs are released, running jobs are cancelled",
         _json(_ref("PlanCancelled")),
         params=[ID_PARAM], tag="plans"),
+    ("/plans/{id}/cutover", "post"): _op(
+        "Cut a warm plan over: its VMs in pre-copy now, those released later after their "
+        "first round", _json(_ref("PlanCutover")), params=[ID_PARAM], tag="plans"),
     ("/plans/{id}/report", "get"): _op(
         "What moved, how long, verified or not, errors (final once the plan ended)",
         _json(_ref("PlanReport")),
@@ -169,6 +176,9 @@ def _object(required: list[str], properties: dict, additional: bool = False) -> 
 
 # true, or how to tell the guest booted: text on its serial console within a timeout
 _VERIFY_BOOT = {"oneOf": [_BOOL, _object([], {"timeout": _STR, "expect": _STR})]}
+# warm migration (jobs/warm.py): pre-copy rounds until cutover
+_WARM = {"warm": _BOOL, "precopy_interval": {"type": "integer", "minimum": 1},
+         "cutover_at": {"type": "string", "format": "date-time"}}
 _INTEGRATION = _object([], {"enabled": _BOOL, "auto_convert": _BOOL, "daemon_mode": _BOOL,
                             "instance": _STR, "guest_conversion": _BOOL,
                             "verify_boot": _VERIFY_BOOT, "target": _STR}, True)
@@ -190,7 +200,8 @@ SCHEMAS: dict[str, dict] = {
         "provider": _STR, "vms": {"type": "array", "items": _OBJ}, "total": _INT}),
     "ExportRequest": _object(["vm_identifier", "provider"], {
         "vm_identifier": _STR, "provider": _STR, "export_method": _STR, "export_path": _STR,
-        "options": _OBJ, "hyper2kvm_integration": _INTEGRATION}, True),
+        "options": _OBJ, "hyper2kvm_integration": _INTEGRATION,
+        **_WARM}, True),
     "ConvertRequest": _object(["source_path", "output_path"], {
         "source_path": _STR, "output_path": _STR, "conversion_options": _OBJ,
         "target": _STR}, True),
@@ -232,6 +243,8 @@ SCHEMAS: dict[str, dict] = {
         "job_id": _STR, "status": _STR, "eta_seconds": _nullable("number"),
         "expected_end_time": _nullable("string", format="date-time"), "rate": _INT,
         "percentage": _NUM}),
+    "CutoverAnswer": _object(["job_id", "cutover_requested"], {
+        "job_id": _STR, "cutover_requested": _BOOL}),
     "CancelAnswer": _object(["job_id", "status", "cancel_requested"], {
         "job_id": _STR, "status": _STR, "cancel_requested": _BOOL}),
     "AutomationObject": {"type": "object", "required": ["id"], "properties": {"id": _STR}},
@@ -240,8 +253,11 @@ SCHEMAS: dict[str, dict] = {
         "name": _STR, "provider": _STR, "vms": {"type": "array", "items": _STR},
         "filter": _OBJ, "network_map": _OBJ, "storage_map": _OBJ, "limits": _object([], {
             "per_plan": _INT, "per_host": _INT, "per_datastore": _INT}),
-        "verify_boot": _VERIFY_BOOT, "guest_conversion": _BOOL, "description": _STR}, True),
+        "verify_boot": _VERIFY_BOOT, "guest_conversion": _BOOL, "description": _STR,
+        **_WARM}, True),
     "PlanStarted": _object(["id", "start_requested"], {"id": _STR, "start_requested": _BOOL}),
+    "PlanCutover": _object(["id", "cutover_jobs"], {
+        "id": _STR, "cutover_jobs": {"type": "array", "items": _STR}}),
     "PlanCancelled": _object(["id", "cancel_requested"], {"id": _STR,
                                                           "cancel_requested": _BOOL}),
     "PlanReport": {"type": "object", "required": ["id", "status", "final", "vms"]},

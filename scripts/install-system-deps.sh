@@ -24,8 +24,9 @@ packages=(
   # a real PostgreSQL server for the shared job store (service/pgstore.py), libpq for psycopg
   postgresql libpq5
   # targets (service/kvm/targets.py): libvirt reached over qemu+ssh:// through a real sshd,
-  # and a logical (LVM) storage pool on a loop device
-  openssh-server lvm2
+  # a logical (LVM) storage pool on a loop device, and a netfs pool mounting a GlusterFS
+  # volume served on this machine (FUSE: this kernel has no NFS)
+  openssh-server lvm2 glusterfs-server glusterfs-client
   # tools the tests drive as users do
   curl jq tmux
   # a real browser runs the spec's WebSocket snippet (tests/bridge/test_browser.py)

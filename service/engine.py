@@ -33,6 +33,7 @@ from .job_kinds import JobKind, get_kind, kind_names
 from .progress import ProgressSnapshot, ProgressTracker, done_fraction
 from .providers.registry import ProviderRegistry
 from .job_output import JobOutput, StoreCheckpoints, remove_leftovers
+from .jobs import warm
 from .staging import Staging
 from .store import JobRecord, LogLine, Store
 
@@ -83,6 +84,7 @@ class RunningJob:
         self.store_failure: Exception | None = None  # why a write of the job's failed
         self._writes: set[asyncio.Task] = set()  # watched writes under way
         self.ended = asyncio.Event()  # its ending is recorded (or could not be)
+        self.cutover = asyncio.Event()  # a warm export's Cutover call (jobs/warm.py)
         self.output = JobOutput(engine.store, record.id, engine.config.export.checkpoint_interval,
                                 self.log, self.write)
         self._loop = asyncio.get_running_loop()
@@ -203,6 +205,7 @@ class JobEngine:
         self._wake = asyncio.Event()  # a job may be pending: idle workers look
         self._running: dict[str, RunningJob] = {}
         self._workers: list[asyncio.Task] = []
+        self._cleanups: set[asyncio.Task] = set()  # of interrupted jobs at the source
         self._export_slots = asyncio.Semaphore(config.export.concurrent_exports)
         self._unrecorded: dict[str, JobRecord] = {}  # finished, but the store refused it
         self._follow_ups: set[asyncio.Task] = set()  # async listeners' work (notify)
@@ -232,10 +235,12 @@ class JobEngine:
                       exc_info=None if isinstance(failure, self.store.errors) else failure)
 
     # -- lifecycle -------------------------------------------------------------------
-    async def recover(self) -> None:
+    async def recover(self) -> list[JobRecord]:
         """Mark the work this instance was interrupted in failed (jobs recorded before
         instances were, too); remove what it made but downloads worth resuming
-        (job_output.py), and what its jobs that another instance recovered left here."""
+        (job_output.py), and what its jobs that another instance recovered left here.
+        Returns the jobs it ended."""
+        ended = []
         for job in await self.store.running_on((self.instance, "")):
             left, kept = await remove_leftovers(self.store, job.id, keep_resumable=True,
                                                 when="after the restart")
@@ -249,9 +254,35 @@ class JobEngine:
             # the name is owned by now: a client that already read the job as running
             # (the bridge's mirror, a console) must hear that it is not
             self.notify(JobEvent("status", job))
+            ended.append(job)
         for job_id in await self.store.recovered_elsewhere(self.instance):
             await remove_leftovers(self.store, job_id, keep_resumable=False,
                                    when="after the restart (the job was recovered elsewhere)")
+        return ended
+
+    def _remove_snapshots_of(self, jobs: list[JobRecord]) -> None:
+        """In the background: the snapshots interrupted warm exports left at the source."""
+        for job in jobs:
+            if job.definition.get("warm"):
+                task = asyncio.create_task(self._remove_warm_snapshots(job))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
+
+    async def _remove_warm_snapshots(self, job: JobRecord) -> None:
+        def note(message: str, level: str = "info") -> None:
+            self.append_log(job, message, level)
+
+        try:
+            provider = await self.providers.get(job.definition["provider"])
+            checkpoints = StoreCheckpoints(self.store, job.id, 0, self.store.soon)
+            await checkpoints.load()
+            keep = warm.saved_change_ids(checkpoints,
+                                         sorted(await self.store.checkpoint_names(job.id)))
+            await warm.remove_snapshots_of(provider, job.definition["vm_identifier"], job.id,
+                                           keep, note)
+        except Exception as exc:  # the source may be unreachable now
+            note(f"could not remove the snapshots of the interrupted run: "
+                 f"{getattr(exc, 'message', exc)}; retrying the job removes them", "warning")
 
     def wake(self) -> None:
         """A job may be pending: idle workers claim it."""
@@ -260,7 +291,7 @@ class JobEngine:
     async def start(self) -> None:
         await self.store.renew_lease(self.instance, self.config.database.lease_seconds,
                                      starting=True)
-        await self.recover()
+        self._remove_snapshots_of(await self.recover())
         await self.prune()
         self._accepting = True
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
@@ -279,9 +310,9 @@ class JobEngine:
             if running.task:
                 running.task.cancel()
         await asyncio.gather(*(r.ended.wait() for r in self._running.values()))
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        for task in [*self._workers, *self._cleanups]:
+            task.cancel()
+        await asyncio.gather(*self._workers, *self._cleanups, return_exceptions=True)
         await asyncio.gather(*self._follow_ups, return_exceptions=True)
 
     # -- queries ---------------------------------------------------------------------
@@ -353,6 +384,24 @@ class JobEngine:
             job = await self.store.get_job(job_id)  # it ended meanwhile
             raise InvalidArgument("job", f"job {job_id} has already {job.status}")
         return await self.store.get_job(job_id)
+
+    async def cutover(self, job_id: str) -> JobRecord:
+        """Start the cutover of a warm export running here (jobs/warm.py)."""
+        job = await self.get(job_id)
+        if not job.definition.get("warm"):
+            raise InvalidArgument("job", f"job {job_id} is not a warm migration")
+        if job.finished:
+            raise InvalidArgument("job", f"job {job_id} has already {job.status}")
+        running = self._running.get(job_id)
+        if running is None:
+            raise InvalidArgument("job", f"job {job_id} is {job.status} on "
+                                         f"{job.instance or 'no instance'} yet: a cutover needs "
+                                         f"it in pre-copy here")
+        if running.cutover.is_set():
+            raise InvalidArgument("job", f"job {job_id} is already cut over")
+        running.cutover.set()
+        running.log("cutover requested")
+        return job
 
     def cancel_running(self, job_id: str, asked_on: str, reason: str = "user") -> bool:
         """Cancel the job if it runs here: a user asked on instance `asked_on`, or (reason

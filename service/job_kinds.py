@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    import asyncio
     from pathlib import Path
 
     from .config import Config
@@ -33,6 +34,7 @@ class JobContext(Protocol):
     providers: "ProviderRegistry"
     attempt: int  # 1 for the first run, 2 for the first retry, ...
     checkpoints: "DownloadCheckpoints | None"  # where downloads record how far they got
+    cutover: "asyncio.Event"  # set by a Cutover call (warm exports: jobs/warm.py)
 
     def log(self, message: str, level: str = "info") -> None: ...
     def set_stage(self, stage: str) -> None: ...

@@ -11,7 +11,10 @@ discovery `filter` (the provider's ListVMs filter), with
   disk's datastore is mapped;
 - `limits`: VMs at once for the whole plan (`per_plan`, default 2), per source host
   (`per_host`) and per datastore (`per_datastore`), on top of the engine's workers;
-- `verify_boot` and `guest_conversion`, passed to each VM's export job as they are.
+- `verify_boot` and `guest_conversion`, passed to each VM's export job as they are;
+- `warm` with `precopy_interval` and `cutover_at` (as in an export job: jobs/warm.py):
+  each VM's export is a warm one. A provider that cannot do warm migration makes the
+  plan migrate cold, saying why in `warm_fallback` (shown in the report's warnings).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .confine import split_under
 from .definitions import JsonObject, check_name
 from .errors import InvalidArgument
+from .jobs.warm import check_definition as check_warm
 from .kvm.targets import check_format, find_target
 from .kvm.boot_verify import parse_verify_boot
 
@@ -29,7 +33,8 @@ if TYPE_CHECKING:
     from .providers.registry import ProviderRegistry
 
 PLAN_FIELDS = ("name", "provider", "vms", "filter", "network_map", "storage_map", "limits",
-               "verify_boot", "guest_conversion", "description")
+               "verify_boot", "guest_conversion", "description", "warm", "precopy_interval",
+               "cutover_at")
 LIMIT_FIELDS = ("per_plan", "per_host", "per_datastore")
 DEFAULT_PER_PLAN = 2
 ANY_DATASTORE = "*"
@@ -96,6 +101,15 @@ def _limits(fields: JsonObject) -> dict[str, int | None]:
             "per_datastore": section.integer("per_datastore", None, minimum=1)}
 
 
+def _warm(fields: JsonObject, provider_reason: str | None) -> dict:
+    """The warm settings of an export job; cold (with `warm_fallback` saying why) when the
+    provider cannot do warm migration."""
+    warm = check_warm(fields, None)
+    if warm["warm"] and provider_reason is not None:
+        return {"warm": False, "warm_fallback": f"{provider_reason}; the VMs migrate cold"}
+    return {**warm, "warm_fallback": ""}
+
+
 def validate_plan(definition: Any, config: "Config", providers: "ProviderRegistry") -> dict:
     """The normalised plan definition, or InvalidArgument naming the field and the rule."""
     fields = JsonObject(definition, PLAN_FIELDS)
@@ -114,7 +128,7 @@ def validate_plan(definition: Any, config: "Config", providers: "ProviderRegistr
             if vm in vms[:index]:
                 raise InvalidArgument(f"vms[{index}]", f"{vm!r} is listed twice")
     parse_verify_boot(definition.get("verify_boot"), "verify_boot")  # passed on as given
-    return {"name": name, "provider": provider, "vms": vms, "filter": vm_filter,
+    return {**_warm(fields, providers.warm_unsupported(provider)), "name": name, "provider": provider, "vms": vms, "filter": vm_filter,
             "network_map": parse_network_map(definition.get("network_map"), "network_map"),
             "storage_map": _storage_map(fields, config), "limits": _limits(fields),
             "verify_boot": definition.get("verify_boot") or False,

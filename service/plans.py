@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
@@ -208,6 +209,7 @@ class Plans:
         self.config = config
         self.on_change: list[Callable[[str], None]] = []
         self._serial = asyncio.Lock()
+        self._cut_over: set[str] = set()  # plans whose Cutover was called (warm: cutover)
         engine.subscribe(self._on_job_event)
 
     # -- records ---------------------------------------------------------------------
@@ -545,7 +547,44 @@ class Plans:
                     "format": landing["format"], **place,
                     "network_map": definition["network_map"],
                     "guest_conversion": definition["guest_conversion"],
-                    "verify_boot": definition["verify_boot"]}}
+                    "verify_boot": definition["verify_boot"]},
+                **self._warm_fields(plan)}
+
+    def _warm_fields(self, plan: Plan) -> dict:
+        """A warm plan's export fields; after the plan's Cutover a VM released later cuts
+        over after its first round."""
+        definition = plan.definition
+        if not definition.get("warm"):
+            return {}
+        cutover_at = definition["cutover_at"]
+        if plan.id in self._cut_over:
+            cutover_at = datetime.now(timezone.utc).isoformat()
+        return {"warm": True, "precopy_interval": definition["precopy_interval"],
+                **({"cutover_at": cutover_at} if cutover_at else {})}
+
+    async def cutover(self, plan_id: str) -> list[str]:
+        """Cut over every warm VM of the plan: those in pre-copy now, those released later
+        after their first round (until hypervisord restarts). The jobs cut over."""
+        plan = await self.get(plan_id)
+        if not plan.definition.get("warm"):
+            raise InvalidArgument("plan", f"plan {plan_id} is not a warm migration"
+                                  + (f" ({plan.definition['warm_fallback']})"
+                                     if plan.definition.get("warm_fallback") else ""))
+        if plan.status != "running":
+            raise InvalidArgument("plan", f"plan {plan_id} is {plan.status}, not running")
+        if plan_id in self._cut_over:
+            raise InvalidArgument("plan", f"plan {plan_id} is already cut over")
+        self._cut_over.add(plan_id)
+        jobs = []
+        for vm in await self.vms(plan_id):
+            if vm.state == "released":
+                try:
+                    await self.engine.cutover(vm.job_id)
+                    jobs.append(vm.job_id)
+                except InvalidArgument as exc:  # pending, or ended meanwhile
+                    log.info("plan %s: %s: %s", plan_id, vm.name, exc.message)
+        log.info("plan %s: cutover of %d running job(s)", plan_id, len(jobs))
+        return jobs
 
     def _on_job_event(self, event: JobEvent) -> Awaitable[None] | None:
         """A VM follows its job and the job's retries (RetryJob, export.resume_on_start,
@@ -629,7 +668,10 @@ class Plans:
             counts[vm["state"]] = counts.get(vm["state"], 0) + 1
         seconds = (plan.finished_at - plan.started_at
                    if plan.started_at and plan.finished_at else None)
+        warnings = [plan.definition["warm_fallback"]] if plan.definition.get("warm_fallback") \
+            else []
         return {**plan.to_dict(), "final": plan.finished_at is not None, "seconds": seconds,
+                "warnings": warnings,
                 "limits": plan.definition["limits"], "counts": counts,
                 "moved": counts.get("completed", 0),
                 "verified": sum(1 for vm in vms if vm.get("verified")), "vms": vms}
@@ -677,7 +719,9 @@ def _outcome(job: "JobRecord") -> dict:
     imported = handoff.get("import") or {}
     verification = imported.get("verification")
     disks = handoff.get("disks") or handoff.get("volumes") or []  # a directory's, a target's
-    return {"domain": imported.get("domain", ""), "uuid": imported.get("uuid", ""),
+    warm = {key: job.result[key] for key in ("downtime_seconds", "rounds")
+            if key in (job.result or {})}
+    return {**warm, "domain": imported.get("domain", ""), "uuid": imported.get("uuid", ""),
             "target": handoff.get("target", ""), "disks": [d.get("path") for d in disks],
             "verified": bool(verification and verification.get("verified")),
             "verification": verification or "not requested"}

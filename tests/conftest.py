@@ -14,7 +14,8 @@ from .support.filesystems import mounted_tmpfs
 from .support.hypervisord import Hypervisord, write_config
 from .support.postgres import PostgresServer
 from .support.simulator import module_sim, si, sim, vcsim_binary  # noqa: F401 - fixtures
-from .support.targets import local_libvirt, loopback_sshd  # noqa: F401 - fixtures
+from .support.gluster import gluster_volume  # noqa: F401 - fixture
+from .support.targets import local_libvirt, loopback_sshd, tls_libvirt  # noqa: F401
 from .support.system import (ADMIN, MEMBER, OUTSIDER, PrivateSystemBus, existing_user,
                              start_polkitd, stop_process)
 
@@ -73,8 +74,8 @@ def users() -> dict[str, int]:
 def service_dir(tmp_path) -> Path:
     """A directory the test users can traverse (tmp_path's parents are root-only)."""
     tmp_path.chmod(0o755)
-    for parent in tmp_path.parents:
-        if str(parent).startswith("/tmp/pytest-of-"):
+    for parent in tmp_path.parents:  # pytest's base under $TMPDIR, made 0700
+        if parent.name.startswith("pytest-of-"):
             os.chmod(parent, 0o755)
     return tmp_path
 

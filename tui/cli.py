@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job", help="job id (job-...) or object path")
+
+    cutover = commands.add_parser("cutover", help="cut a warm export over: shut the VM down, "
+                                                  "copy the last delta, go on")
+    cutover.add_argument("job", help="job id (job-...) or object path")
     _plan_parser(commands)
     return parser
 
@@ -277,10 +281,18 @@ async def cmd_cancel(client: HyperClient, args, out: TextIO) -> int:
     return EXIT_OK
 
 
+async def cmd_cutover(client: HyperClient, args, out: TextIO) -> int:
+    job = await client.find_job(args.job)
+    await client.call_manager("CutoverJob", "s", job.id)
+    out.write(f"cutover requested for {job.id}\n")
+    return EXIT_OK
+
+
 PLAN_ACTIONS = {"show": "print a plan and its per-VM status table as JSON",
                 "preflight": "check every VM of a plan (exit 1 when one fails)",
                 "start": "start a plan (after a preflight it must pass)",
                 "cancel": "cancel a plan: release no more VMs, cancel running jobs",
+                "cutover": "cut a warm plan over: every VM in pre-copy now, later ones soon",
                 "report": "print a plan's report as JSON"}
 
 
@@ -316,7 +328,7 @@ async def cmd_plan(client: HyperClient, args, out: TextIO) -> int:
     if action == "show":
         out.write(json.dumps(_plan_json(client, path), indent=2) + "\n")
         return EXIT_OK
-    if action in ("start", "cancel"):
+    if action in ("start", "cancel", "cutover"):
         await client.call_object(path, PLAN_IFACE, action.capitalize())
         out.write(f"{action} requested for {args.plan}\n")
         return EXIT_OK
@@ -327,7 +339,7 @@ async def cmd_plan(client: HyperClient, args, out: TextIO) -> int:
 
 
 COMMANDS = {"vms": cmd_vms, "submit": cmd_submit, "jobs": cmd_jobs, "watch": cmd_watch,
-            "logs": cmd_logs, "cancel": cmd_cancel, "plan": cmd_plan}
+            "logs": cmd_logs, "cancel": cmd_cancel, "cutover": cmd_cutover, "plan": cmd_plan}
 
 
 async def run_command(args, out: TextIO) -> int:

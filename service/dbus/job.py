@@ -119,6 +119,12 @@ async def cancel_job(engine: JobEngine, job: JobRecord) -> None:
     await engine.cancel(job.id)
 
 
+async def cutover_job(engine: JobEngine, job: JobRecord) -> None:
+    """Start a warm export's cutover; polkit as for cancelling it."""
+    await require_own_or_other(job)
+    await engine.cutover(job.id)
+
+
 async def retry_job(engine: JobEngine, job: JobRecord) -> str:
     """A new job with this one's definition; another user's job needs the right to
     act on other users' jobs too (cancel-job-other-user). Returns its path."""
@@ -292,6 +298,10 @@ class JobObject(ServiceInterface):
     @method()
     async def Cancel(self, options: "a{sv}"):
         await cancel_job(self._engine, self.record)
+
+    @method()
+    async def Cutover(self, options: "a{sv}"):
+        await cutover_job(self._engine, self.record)
 
     @method()
     async def Retry(self, options: "a{sv}") -> "o":

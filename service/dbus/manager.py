@@ -19,7 +19,8 @@ from ..store import JOB_STATUSES, JobRecord
 from .arguments import (MAX_JOBS_PAGE, MAX_RECORDS_BYTES, option, page_option, parse_json,
                         text_option)
 from .dispatch import caller, require
-from .job import VIEW, cancel_job, job_record, log_page, records_within, retry_job
+from .job import (VIEW, cancel_job, cutover_job, job_record, log_page, records_within,
+                  retry_job)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -151,6 +152,10 @@ class ManagerObject(ServiceInterface):
     @method()
     async def CancelJob(self, job_id: "s", options: "a{sv}"):
         await cancel_job(self._engine, await self._engine.get(job_id))
+
+    @method()
+    async def CutoverJob(self, job_id: "s", options: "a{sv}"):
+        await cutover_job(self._engine, await self._engine.get(job_id))
 
     @method()
     async def RetryJob(self, job_id: "s", options: "a{sv}") -> "o":

@@ -137,6 +137,11 @@ class PlanObject(ServiceInterface):
         await self._plans.cancel(self.plan_id)
 
     @method()
+    async def Cutover(self, options: "a{sv}") -> "as":
+        await self._require_for_its_jobs()
+        return await self._plans.cutover(self.plan_id)
+
+    @method()
     async def GetReport(self, options: "a{sv}") -> "s":
         await require(VIEW)
         return json.dumps(await self._plans.report(self.plan_id))

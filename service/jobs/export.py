@@ -26,6 +26,8 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from ..model import ExportOptions, ExportedDisk, VMInfo
 from ..kvm import guest_conversion
 from . import handoff
 from . import overlap
+from . import warm
 from ..disks import ovf_writer
 from ..disks.ovf_writer import safe_name
 from ..disks.convert import run_qemu_img_convert
@@ -48,7 +51,7 @@ from ..disks.threads import from_any_thread, run_stoppable
 
 METHODS = ("ova", "ovf", "disk")
 FIELDS = ("vm_identifier", "provider", "export_method", "export_path", "options",
-          "hyper2kvm_integration")
+          "hyper2kvm_integration", "warm", "precopy_interval", "cutover_at")
 BOOL_OPTIONS = {"shutdown_vm": False, "restore_power_state": False, "remove_cdrom": True,
                 "compress": False}
 DEFAULT_SHUTDOWN_TIMEOUT = 300.0
@@ -114,6 +117,7 @@ class ExportKind(JobKind):
         base = submit.config.export.base_path
         export_path = definition.get("export_path", safe_name(vm_identifier))
         return {
+            **warm.check_definition(fields, submit.providers.warm_unsupported(provider)),
             "vm_identifier": vm_identifier.strip(),
             "provider": provider,
             "export_method": method,
@@ -144,14 +148,19 @@ class ExportKind(JobKind):
                 f"to {dest.shown}")
         _refuse_existing(staging, _package_names(vm, method))
         disk_bytes = sum(d.capacity_bytes for d in vm.disks)
-        ctx.plan(_plan(disk_bytes, method, definition["hyper2kvm_integration"]))
+        ctx.plan(_plan(disk_bytes, method, definition["hyper2kvm_integration"],
+                       definition.get("warm", False)))
         needed = disk_bytes * (2 if method == "ova" else 1)
         check_free_space(staging.path, needed, f"exporting {vm.name} as {method}",
                          shown=dest.shown)
         await handoff.enable_streaming(ctx, vm, definition["hyper2kvm_integration"], streaming)
-        ctx.set_stage("export")
-        vm, disks = await provider.export_disks(vm.identifier, staging.path,
-                                                _export_options(definition, ctx, streaming), ctx)
+        precopied = None
+        if definition.get("warm"):
+            vm, disks, precopied = await _warm_export(ctx, provider, vm, staging)
+        else:
+            ctx.set_stage("export")
+            vm, disks = await provider.export_disks(
+                vm.identifier, staging.path, _export_options(definition, ctx, streaming), ctx)
         ctx.set_stage("package")
         if method in ("ova", "ovf"):
             compress = definition["options"]["compress"]
@@ -162,14 +171,49 @@ class ExportKind(JobKind):
         integration = await handoff.run_integration(ctx, vm, disks, dest.shown,
                                                     definition["hyper2kvm_integration"],
                                                     streaming, landed=outputs["disks"])
-        return _result(vm, method, dest.shown, outputs, integration)
+        result = _result(vm, method, dest.shown, outputs, integration)
+        if precopied is not None:
+            result.update(_warm_summary(ctx, precopied))
+        return result
 
 
-def _plan(disk_bytes: int, method: str, integration: dict) -> dict[str, int]:
+async def _warm_export(ctx: JobContext, provider, vm: VMInfo,
+                       staging: Staging) -> tuple[VMInfo, list[ExportedDisk], warm.WarmResult]:
+    """Pre-copy rounds until cutover (jobs/warm.py); the disks as raw images in staging."""
+    definition = ctx.definition
+    cutover_at = definition["cutover_at"]
+    settings = warm.WarmSettings(
+        precopy_interval=definition["precopy_interval"],
+        cutover_at=datetime.fromisoformat(cutover_at).timestamp() if cutover_at else None)
+    ctx.log(f"warm migration: a pre-copy round every {settings.precopy_interval:g}s until "
+            f"cutover ({cutover_at or 'a Cutover call'})")
+    source = await provider.warm_source(vm.identifier, _export_options(definition, ctx, None),
+                                        ctx)
+    names = [f"{safe_name(vm.name)}-disk{index + 1}.raw" for index in range(len(vm.disks))]
+    _refuse_existing(staging, names)
+    try:
+        result = await warm.run_warm(source, staging.path, names, ctx.checkpoints, settings,
+                                     ctx.cutover, ctx, ctx.job_id, set_stage=ctx.set_stage)
+    finally:
+        await source.close()
+    return source.vm, result.disks, result
+
+
+def _warm_summary(ctx: JobContext, precopied: warm.WarmResult) -> dict:
+    """The rounds and the downtime: from the shutdown request to the end of the job."""
+    downtime = round(time.time() - precopied.shutdown_requested, 3)
+    ctx.log(f"downtime {downtime:.1f}s (from the shutdown request to the end of the job); "
+            f"{len(precopied.rounds)} round(s): "
+            + ", ".join(f"{r['bytes']} bytes in {r['seconds']:g}s" for r in precopied.rounds))
+    return {"warm": True, "downtime_seconds": downtime, "rounds": precopied.rounds}
+
+
+def _plan(disk_bytes: int, method: str, integration: dict,
+          warm_export: bool = False) -> dict[str, int]:
     """Estimated bytes of each stage, from the disks' capacity (progress.py): the
     download, re-writing and packing into OVF/OVA, the built-in conversion and
     virt-v2v's guest conversion."""
-    stages = {"export": disk_bytes}
+    stages = {"precopy round 1" if warm_export else "export": disk_bytes}
     if method in ("ova", "ovf"):
         stages["package"] = disk_bytes
     if integration["enabled"] and not integration["daemon_mode"]:
@@ -180,7 +224,7 @@ def _plan(disk_bytes: int, method: str, integration: dict) -> dict[str, int]:
 
 
 def _export_options(definition: dict, ctx: JobContext,
-                    streaming: overlap.StreamConversions) -> ExportOptions:
+                    streaming: overlap.StreamConversions | None) -> ExportOptions:
     options = definition["options"]
     return ExportOptions(shutdown_vm=options["shutdown_vm"],
                          restore_power_state=options["restore_power_state"],
@@ -190,7 +234,7 @@ def _export_options(definition: dict, ctx: JobContext,
                          parallel_disks=ctx.config.export.parallel_disks,
                          extra={**options.get("provider_options", {}),
                                 "shutdown_timeout": options["shutdown_timeout"]},
-                         stream_consumer=streaming if streaming.enabled else None,
+                         stream_consumer=streaming if streaming and streaming.enabled else None,
                          checkpoints=ctx.checkpoints)
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from ..config_schema import Field
 from ..errors import Failed, HyperSDKError, InvalidArgument, NotFound, Retryable, Unavailable
 from .aws_ebs import SnapshotRead, read_snapshot
+from .aws_warm import ROUND_TAG, AwsWarmSource
 from ..model import DiskInfo, ExportOptions, ExportSink, ExportedDisk, NicInfo, VMInfo
 from .base import Provider, require_extra
 from .cleanup import Cleanups, recorded_even_if_cancelled
@@ -68,6 +69,7 @@ CONFIG_SCHEMA = {
 
 class AwsProvider(Provider):
     kind = "aws"
+    warm_unsupported = ""  # EBS snapshots read with the EBS direct APIs: aws_warm.py
 
     def __init__(self, name: str, settings: dict, config: Any) -> None:
         super().__init__(name, settings, config)
@@ -104,8 +106,8 @@ class AwsProvider(Provider):
                 self._clients[key] = self._new_client(service, region)
             return self._clients[key]
 
-    async def _aclient(self, service: str, region: str | None) -> Any:
-        return await self._call(f"aws provider {self.name!r}: setting up the {service} client",
+    async def aclient(self, service: str, region: str | None) -> Any:
+        return await self.call(f"aws provider {self.name!r}: setting up the {service} client",
                                 self.client, service, region)
 
     def _new_client(self, service: str, region: str) -> Any:
@@ -118,7 +120,7 @@ class AwsProvider(Provider):
             service, region_name=region, endpoint_url=self.settings.get("endpoint_url") or None,
             config=options)
 
-    async def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A blocking SDK call in a thread (botocore retries on its own); errors mapped."""
         return await self.guard(what, asyncio.to_thread(fn, *args, **kwargs))
 
@@ -173,18 +175,18 @@ class AwsProvider(Provider):
         return await self._vm_info(found[0], region)
 
     async def _describe_instances(self, region: str | None, **kwargs: Any) -> list[dict]:
-        ec2 = await self._aclient("ec2", region)
+        ec2 = await self.aclient("ec2", region)
 
         def collect() -> list[dict]:
             pages = ec2.get_paginator("describe_instances").paginate(**kwargs)
             return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
-        return await self._call(f"aws provider {self.name!r}: listing instances", collect)
+        return await self.call(f"aws provider {self.name!r}: listing instances", collect)
 
     async def _instance_type(self, region: str | None, name: str) -> dict:
         key = (region or "", name)
         if key not in self._instance_types:
-            ec2 = await self._aclient("ec2", region)
-            found = await self._call(f"describing instance type {name}",
+            ec2 = await self.aclient("ec2", region)
+            found = await self.call(f"describing instance type {name}",
                                      ec2.describe_instance_types, InstanceTypes=[name])
             types = found.get("InstanceTypes") or [{}]
             self._instance_types[key] = types[0]
@@ -216,8 +218,8 @@ class AwsProvider(Provider):
         ids = [m["Ebs"]["VolumeId"] for m in instance.get("BlockDeviceMappings", []) if "Ebs" in m]
         if not ids:
             return {}
-        ec2 = await self._aclient("ec2", region)
-        found = await self._call(f"describing the volumes of {instance['InstanceId']}",
+        ec2 = await self.aclient("ec2", region)
+        found = await self.call(f"describing the volumes of {instance['InstanceId']}",
                                  ec2.describe_volumes, VolumeIds=ids)
         return {v["VolumeId"]: v for v in found["Volumes"]}
 
@@ -233,18 +235,18 @@ class AwsProvider(Provider):
         output = OutputFiles(target_dir)
         async with Cleanups(sink) as cleanups:
             if options.shutdown_vm and vm.power_state == "poweredOn":
-                await self._set_power(vm, "stop", sink, timeout)
+                await self.set_power(vm, "stop", sink, timeout)
                 if options.restore_power_state:
-                    cleanups.add(restart, lambda: self._set_power(vm, "start", sink, timeout))
+                    cleanups.add(restart, lambda: self.set_power(vm, "start", sink, timeout))
             if not extra["keep_snapshots"]:
                 cleanups.add("deleting our snapshots",
-                             lambda: self._delete_snapshots(region, made, sink))
+                             lambda: self.delete_snapshots(region, made, sink))
             try:
                 snapshots = dict(extra["snapshot_ids"])
                 for disk in vm.disks:
                     if disk.key not in snapshots:
-                        snapshots[disk.key] = await self._create_snapshot(vm, disk, made, sink)
-                await self._wait_snapshots(region, made, sink)
+                        snapshots[disk.key] = await self.create_snapshot(vm, disk, made, sink)
+                await self.wait_snapshots(region, made, sink)
                 # the snapshots hold the disks now: the instance need not wait for the reading
                 await cleanups.run_early(restart)
                 exported = []
@@ -259,6 +261,17 @@ class AwsProvider(Provider):
         vm.extra["snapshots_deleted"] = [] if extra["keep_snapshots"] else made
         return vm, exported
 
+    async def warm_source(self, identifier: str, options: ExportOptions,
+                          sink: ExportSink) -> "AwsWarmSource":
+        """The instance for warm migration (aws_warm.py); at cutover it is stopped
+        (waiting up to provider_options.shutdown_timeout)."""
+        provider_options(options.extra, ("shutdown_timeout",))
+        vm = await self.get_vm(identifier)
+        return AwsWarmSource(self, vm, sink,
+                             shutdown_timeout(options.extra, DEFAULT_SHUTDOWN_TIMEOUT),
+                             parallel=int(self.settings.get("parallel_blocks", 16)),
+                             max_retries=options.max_retries)
+
     async def _export_volume(self, vm: VMInfo, disk: DiskInfo, snapshot_id: str, extra: dict,
                              target_dir: Path, options: ExportOptions,
                              sink: ExportSink) -> ExportedDisk:
@@ -267,7 +280,7 @@ class AwsProvider(Provider):
                             base_image=extra["base_images"].get(disk.key) if base else None)
         how = f"changes since {base}" if base else "all blocks"
         sink.log(f"reading snapshot {snapshot_id} of {disk.key} ({how})")
-        ebs = await self._aclient("ebs", vm.extra["region"])
+        ebs = await self.aclient("ebs", vm.extra["region"])
         size, digest, fetched = await self.guard(
             f"reading snapshot {snapshot_id} of volume {disk.key}",
             read_snapshot(ebs, read,
@@ -278,31 +291,35 @@ class AwsProvider(Provider):
                             sha256=digest, boot_order=disk.boot_order, label=disk.label,
                             key=disk.key)
 
-    async def _create_snapshot(self, vm: VMInfo, disk: DiskInfo, made: list[str],
-                               sink: ExportSink) -> str:
-        """Snapshot the volume; its id joins `made` even if the job is cancelled while
-        the request is out, so the cleanups delete it."""
-        ec2 = await self._aclient("ec2", vm.extra["region"])
-        tags = [{"ResourceType": "snapshot", "Tags": [
-            {"Key": "hypersdk:instance", "Value": vm.identifier},
-            {"Key": "hypersdk:volume", "Value": disk.key}]}]
+    async def create_snapshot(self, vm: VMInfo, disk: DiskInfo, made: list[str],
+                              sink: ExportSink, round_name: str = "") -> str:
+        """Snapshot the volume (for a warm migration's round `round_name`, tagged so);
+        its id joins `made` even if the job is cancelled while the request is out, so the
+        cleanups delete it."""
+        ec2 = await self.aclient("ec2", vm.extra["region"])
+        tags = [{"Key": "hypersdk:instance", "Value": vm.identifier},
+                {"Key": "hypersdk:volume", "Value": disk.key}]
+        what = f"hypersdk export of {vm.identifier} {disk.label}"
+        if round_name:
+            tags.append({"Key": ROUND_TAG, "Value": round_name})
+            what = f"hypersdk warm migration of {vm.identifier} {disk.label}: {round_name}"
 
         reply = await recorded_even_if_cancelled(
-            self._call(f"snapshotting volume {disk.key}", ec2.create_snapshot,
-                       VolumeId=disk.key, TagSpecifications=tags,
-                       Description=f"hypersdk export of {vm.identifier} {disk.label}"),
+            self.call(f"snapshotting volume {disk.key}", ec2.create_snapshot,
+                      VolumeId=disk.key, Description=what,
+                      TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags}]),
             lambda made_now: made.append(made_now["SnapshotId"]))
         sink.log(f"snapshot {reply['SnapshotId']} of {disk.key} started")
         return reply["SnapshotId"]
 
-    async def _wait_snapshots(self, region: str, snapshot_ids: list[str], sink: ExportSink) -> None:
+    async def wait_snapshots(self, region: str, snapshot_ids: list[str], sink: ExportSink) -> None:
         if not snapshot_ids:
             return
-        ec2 = await self._aclient("ec2", region)
+        ec2 = await self.aclient("ec2", region)
         pending = set(snapshot_ids)
 
         async def all_completed() -> bool | None:
-            found = await self._call("waiting for snapshots", ec2.describe_snapshots,
+            found = await self.call("waiting for snapshots", ec2.describe_snapshots,
                                      SnapshotIds=sorted(pending))
             for snap in found["Snapshots"]:
                 if snap["State"] == "error":
@@ -318,23 +335,23 @@ class AwsProvider(Provider):
                          timeout=timeout, what=f"snapshots {', '.join(sorted(pending))} "
                                                "completing (providers.<name>.snapshot_timeout)")
 
-    async def _delete_snapshots(self, region: str, snapshot_ids: list[str], sink: ExportSink) -> None:
+    async def delete_snapshots(self, region: str, snapshot_ids: list[str], sink: ExportSink) -> None:
         """Best effort: a snapshot that cannot be deleted is logged, never raised over the result."""
-        ec2 = await self._aclient("ec2", region)
+        ec2 = await self.aclient("ec2", region)
         for snapshot_id in snapshot_ids:
             try:
-                await self._call(f"deleting snapshot {snapshot_id}", ec2.delete_snapshot,
+                await self.call(f"deleting snapshot {snapshot_id}", ec2.delete_snapshot,
                                  SnapshotId=snapshot_id)
                 sink.log(f"snapshot {snapshot_id} deleted")
             except HyperSDKError as exc:
                 sink.log(f"could not delete snapshot {snapshot_id}: {exc}", "warning")
 
-    async def _set_power(self, vm: VMInfo, action: str, sink: ExportSink, timeout: float) -> None:
-        ec2 = await self._aclient("ec2", vm.extra["region"])
+    async def set_power(self, vm: VMInfo, action: str, sink: ExportSink, timeout: float) -> None:
+        ec2 = await self.aclient("ec2", vm.extra["region"])
         call = ec2.stop_instances if action == "stop" else ec2.start_instances
         wanted = "stopped" if action == "stop" else "running"
         sink.log(f"{action} instance {vm.identifier}")
-        await self._call(f"{action} instance {vm.identifier}", call, InstanceIds=[vm.identifier])
+        await self.call(f"{action} instance {vm.identifier}", call, InstanceIds=[vm.identifier])
 
         async def reached() -> bool | None:
             found = await self._describe_instances(vm.extra["region"], InstanceIds=[vm.identifier])

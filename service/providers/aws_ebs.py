@@ -47,20 +47,22 @@ class SnapshotRead:
     base_image: Path | None = None
 
 
-def _pages(ebs: Any, read: SnapshotRead) -> Iterator[BlockPage]:
-    """Blocking generator over the listing pages (run each step in a thread)."""
+def block_pages(ebs: Any, snapshot_id: str,
+                base_snapshot_id: str | None = None) -> Iterator[BlockPage]:
+    """Blocking generator over the listing pages (run each step in a thread): the blocks
+    holding data, or those changed since `base_snapshot_id`."""
     token = None
     while True:
         kwargs: dict[str, Any] = {"MaxResults": PAGE_SIZE}
         if token:
             kwargs["NextToken"] = token
-        if read.base_snapshot_id:
-            page = ebs.list_changed_blocks(FirstSnapshotId=read.base_snapshot_id,
-                                           SecondSnapshotId=read.snapshot_id, **kwargs)
+        if base_snapshot_id:
+            page = ebs.list_changed_blocks(FirstSnapshotId=base_snapshot_id,
+                                           SecondSnapshotId=snapshot_id, **kwargs)
             blocks = [(b["BlockIndex"], b.get("SecondBlockToken"))
                       for b in page.get("ChangedBlocks", [])]
         else:
-            page = ebs.list_snapshot_blocks(SnapshotId=read.snapshot_id, **kwargs)
+            page = ebs.list_snapshot_blocks(SnapshotId=snapshot_id, **kwargs)
             blocks = [(b["BlockIndex"], b["BlockToken"]) for b in page.get("Blocks", [])]
         yield BlockPage(page["BlockSize"], page["VolumeSize"] * GIB, blocks)
         token = page.get("NextToken")
@@ -68,7 +70,7 @@ def _pages(ebs: Any, read: SnapshotRead) -> Iterator[BlockPage]:
             return
 
 
-def _next_page(pages: Iterator[BlockPage]) -> BlockPage | None:
+def next_page(pages: Iterator[BlockPage]) -> BlockPage | None:
     return next(pages, None)
 
 
@@ -80,12 +82,12 @@ class ChecksumMismatch(Retryable):
     """A block whose data did not match the checksum the API sent: fetched again."""
 
 
-def _fetch_block(ebs: Any, image: SparseImage, snapshot_id: str, index: int, token: str | None,
-                 block_size: int) -> int:
-    """Fetch one block (or zero it when it has no token any more) and write it; bytes written."""
+def block_data(ebs: Any, snapshot_id: str, index: int, token: str | None,
+               block_size: int) -> bytes:
+    """One block's data (blocking): fetched and checked against its checksum, or zeros
+    when the listing gave it no token (it holds no data any more)."""
     if token is None:
-        image.write(index * block_size, bytes(block_size))
-        return block_size
+        return bytes(block_size)
     response = ebs.get_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token)
     data = response["BlockData"].read()
     checksum = response.get("Checksum")
@@ -93,11 +95,18 @@ def _fetch_block(ebs: Any, image: SparseImage, snapshot_id: str, index: int, tok
     if checksum and algorithm == "SHA256" and _expected_checksum(data) != checksum:
         raise ChecksumMismatch(f"snapshot {snapshot_id} block {index}: the data did not match "
                                "its SHA256 checksum")
+    return data
+
+
+def _fetch_block(ebs: Any, image: SparseImage, snapshot_id: str, index: int, token: str | None,
+                 block_size: int) -> int:
+    """Fetch one block (or zero it when it has no token any more) and write it; bytes written."""
+    data = block_data(ebs, snapshot_id, index, token, block_size)
     image.write(index * block_size, data)
     return len(data)
 
 
-async def _fetch_checked(fetch: Callable[[], Awaitable[int]], policy: RetryPolicy) -> int:
+async def fetch_checked(fetch: Callable[[], Awaitable[int]], policy: RetryPolicy) -> int:
     """`fetch()` (one block), again while its data does not match its checksum."""
     try:
         return await with_retries(fetch, policy, lambda exc: exc)
@@ -111,8 +120,8 @@ async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retr
 
     Nothing is left at the target name or beside it if this fails or is cancelled.
     """
-    pages = _pages(ebs, read)
-    page = await asyncio.to_thread(_next_page, pages)
+    pages = block_pages(ebs, read.snapshot_id, read.base_snapshot_id)
+    page = await asyncio.to_thread(next_page, pages)
     assert page is not None  # the generator always yields a first page
     if read.base_image is not None:
         base_size = read.base_image.stat().st_size
@@ -133,14 +142,14 @@ async def read_snapshot(ebs: Any, read: SnapshotRead, *, parallel: int, max_retr
                                     len(page.blocks) * page.block_size,
                                     f"the blocks of snapshot {read.snapshot_id}")
             sink.add_total(len(page.blocks) * page.block_size)
-            tasks = [blocks.create_task(_fetch_checked(
+            tasks = [blocks.create_task(fetch_checked(
                 partial(loop.run_in_executor, executor, _fetch_block, ebs, image,
                         read.snapshot_id, index, token, page.block_size), policy))
                 for index, token in page.blocks]
             for task in asyncio.as_completed(tasks):
                 sink.advance(await task)
             fetched += sum(1 for _, token in page.blocks if token is not None)
-            page = await asyncio.to_thread(_next_page, pages)
+            page = await asyncio.to_thread(next_page, pages)
         digest = await asyncio.to_thread(image.commit)
     except BaseException:
         await blocks.close()  # no block is fetched again

@@ -19,10 +19,10 @@ import asyncio
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, TypeVar
 
 from ..errors import HyperSDKError, Unavailable
-from ..model import ExportedDisk, ExportOptions, ExportSink, VMInfo
+from ..model import DiskInfo, ExportedDisk, ExportOptions, ExportSink, VMInfo
 from .calls import RetryPolicy, with_retries
 
 if TYPE_CHECKING:
@@ -31,10 +31,45 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class WarmSource(Protocol):
+    """One VM's disks as warm migration reads them (`jobs/warm.py` drives it).
+
+    A round is: `create_snapshot(name)`, then per disk `changed_extents` and `read` of
+    those extents, then `remove_snapshots(prefix, keep)`. Before the first round
+    `remove_snapshots(prefix, keep)` clears what an interrupted run left (none: no
+    error). `keep` holds the change ids the images are at: where a change id is itself a
+    snapshot (AWS: the next round diffs against it), that snapshot stays; `close`
+    removes those this source made. `shut_down` stops the VM at cutover.
+    """
+
+    vm: VMInfo
+
+    async def create_snapshot(self, name: str) -> None: ...
+
+    async def changed_extents(self, disk: DiskInfo,
+                              since: str | None) -> tuple[list[tuple[int, int]], str]:
+        """(offset, length) of the disk's data in the current snapshot that changed since
+        the change id `since` (None: every extent holding data), and the snapshot's own
+        change id (the next round's `since`)."""
+
+    async def read(self, disk: DiskInfo, offset: int, length: int) -> bytes:
+        """`length` bytes of the current snapshot's disk at `offset`."""
+
+    async def remove_snapshots(self, prefix: str, keep: frozenset[str] = frozenset()) -> None:
+        """Remove every snapshot of the VM whose name starts with `prefix`, but a
+        snapshot that is one of the change ids in `keep`."""
+
+    async def shut_down(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class Provider(ABC):
     """One configured source, e.g. `providers.vsphere` in the config."""
 
     kind: str = ""
+    # why this provider cannot do warm migration ("": it can, through warm_source)
+    warm_unsupported: str = "it has no changed-block interface wired to warm migration yet"
 
     def __init__(self, name: str, settings: dict, config: "Config") -> None:
         self.name = name
@@ -57,6 +92,12 @@ class Provider(ABC):
         Files land by write-then-rename. On failure or cancellation nothing partial
         is left behind in target_dir.
         """
+
+    async def warm_source(self, identifier: str, options: ExportOptions,
+                          sink: ExportSink) -> WarmSource:
+        """The VM's disks for warm migration (providers whose warm_unsupported is "")."""
+        raise Unavailable(f"provider {self.name!r} cannot do warm migration: "
+                          f"{self.warm_unsupported}")
 
     async def close(self) -> None:
         """Release sessions and connections."""

@@ -48,6 +48,18 @@ def _importable(module_name: str) -> bool:
         return False
 
 
+def warm_reason(kind: str) -> str:
+    """Why a kind cannot do warm migration ("": it can)."""
+    if missing_sdk(kind):
+        return "the provider cannot run here"
+    return provider_module(kind).PROVIDER_CLASS.warm_unsupported
+
+
+def _warm_row(kind: str) -> dict:
+    reason = warm_reason(kind)
+    return {"warm": not reason, "warm_reason": reason}
+
+
 class ProviderRegistry:
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -78,6 +90,12 @@ class ProviderRegistry:
         if reason:
             raise Unavailable(f"provider {name!r} is unavailable: {reason}")
 
+    def warm_unsupported(self, name: str) -> str | None:
+        """Why provider `name` cannot do warm migration, or None when it can."""
+        kind = self.settings(name)["type"]
+        reason = warm_reason(kind)
+        return f"provider {name!r} ({kind}) cannot do warm migration: {reason}" if reason else None
+
     async def get(self, name: str) -> Provider:
         self.check_usable(name)
         async with self._lock:
@@ -97,14 +115,16 @@ class ProviderRegistry:
             reason = reason or missing_sdk(settings["type"])
             rows.append({"name": name, "type": settings["type"], "configured": True,
                          "implicit": name not in self._config.providers,
-                         "available": reason is None, "reason": reason or ""})
+                         "available": reason is None, "reason": reason or "",
+                         **_warm_row(settings["type"])})
         configured_kinds = {s["type"] for s in self._settings.values()}
         for kind in PROVIDER_KINDS:
             if kind not in configured_kinds:
                 reason = missing_sdk(kind)
                 rows.append({"name": kind, "type": kind, "configured": False,
                              "available": False,
-                             "reason": reason or "not configured (add providers." + kind + ")"})
+                             "reason": reason or "not configured (add providers." + kind + ")",
+                             **_warm_row(kind)})
         return rows
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ state around an export (guest shutdown, power-off, restore).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ CONFIG_FINISH = finish_config  # a port written in host ("vc:8443") becomes `por
 
 class VSphereProvider(Provider):
     kind = "vsphere"
+    warm_unsupported = ""  # changed block tracking: vsphere_warm.py
 
     def __init__(self, name: str, settings: dict, config) -> None:
         super().__init__(name, settings, config)
@@ -95,6 +97,25 @@ class VSphereProvider(Provider):
                 await self._power_on(vm, sink)
         return vm, disks
 
+    async def warm_source(self, identifier: str, options: ExportOptions,
+                          sink: ExportSink):
+        """The VM for warm migration (vsphere_warm.py), changed block tracking on. At
+        cutover the guest is shut down (powered off after options' shutdown_timeout)."""
+        from .vsphere_warm import VSphereWarmSource, enable_change_tracking
+
+        provider_options(options.extra, ())
+        vm = await self.get_vm(identifier)
+        if await self.pool.run(enable_change_tracking, vm.identifier):
+            sink.log(f"enabled changed block tracking on {vm.name}")
+        forced = dataclasses.replace(options, shutdown_vm=True)
+
+        async def shut_down() -> None:
+            state = await self.pool.run(_current_power_state, vm.identifier)
+            await self._make_powered_off(dataclasses.replace(vm, power_state=state), forced,
+                                         sink)
+
+        return VSphereWarmSource(self.pool, vm, sink, shut_down)
+
     async def _make_powered_off(self, vm: VMInfo, options: ExportOptions, sink: ExportSink) -> None:
         if vm.power_state == "poweredOff":
             return
@@ -128,6 +149,10 @@ def _power_state(vm) -> str:
     return str(vm.runtime.powerState)
 
 
+def _current_power_state(si, identifier: str) -> str:
+    return _power_state(vm_ref(si, identifier))
+
+
 def _shutdown_guest(si, identifier: str, timeout: float) -> str:
     """Ask the guest to shut down and wait up to `timeout`; the final power state (blocking)."""
     from pyVmomi import vim
@@ -153,12 +178,28 @@ def wait_task(task, what: str) -> object:
     """Wait for a vSphere task (blocking); Failed with the server's message if it fails."""
     from pyVmomi import vim
 
-    while task.info.state in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
+    while (state := _task_field(task, "info.state")) in (vim.TaskInfo.State.queued,
+                                                         vim.TaskInfo.State.running):
         time.sleep(0.2)
-    if task.info.state != vim.TaskInfo.State.success:
-        error = task.info.error
+    if state != vim.TaskInfo.State.success:
+        error = _task_field(task, "info.error")
         raise Failed(f"{what} failed: {getattr(error, 'msg', None) or error}")
-    return task.info.result
+    return _task_field(task, "info.result")
+
+
+def _task_field(task, path: str) -> object:
+    """One property of a task, read alone: the whole `info` of a snapshot task names the
+    snapshot as its entity on some servers (govmomi's simulator), which pyvmomi refuses."""
+    from pyVmomi import vim, vmodl
+
+    collector = vim.ServiceInstance("ServiceInstance", task._stub).content.propertyCollector
+    spec = vmodl.query.PropertyCollector.FilterSpec(
+        objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=task)],
+        propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.Task, pathSet=[path])])
+    for content in collector.RetrieveContents([spec]) or []:
+        for prop in content.propSet or []:
+            return prop.val
+    return None
 
 
 PROVIDER_CLASS = VSphereProvider

@@ -248,7 +248,7 @@ def _read_descriptor(path: Path) -> str | None:
     return text
 
 
-def _sibling(datastore_path: str, name: str) -> str:
+def sibling_path(datastore_path: str, name: str) -> str:
     """`[ds] dir/disk.vmdk` + `disk-flat.vmdk` -> `[ds] dir/disk-flat.vmdk`."""
     head, _, rel = datastore_path.partition("] ")
     return f"{head}] {PurePosixPath(rel).parent / name}".replace("] ./", "] ")
@@ -274,7 +274,7 @@ async def _join_extents(pool: SessionPool, vm: VMInfo, disk: ExportedDisk,
             name = extent["file"]
             if PurePosixPath(name).name != name or name in (".", ".."):
                 raise Failed(f"{location}: extent file {name!r} is not a plain file name")
-            url = datastore_url(pool, _sibling(location, name), vm.datacenter)
+            url = datastore_url(pool, sibling_path(location, name), vm.datacenter)
             sources.append(DiskSource(DiskInfo(key=name, label=name, capacity_bytes=0), url,
                                       work / name, None))
         sink.add_total(sum(e["size_bytes"] for e in extents))

@@ -14,7 +14,7 @@ import pytest
 from lxml import etree
 
 from hypersdk.service.config import ConfigError, parse_config
-from hypersdk.service.errors import AlreadyExists, Failed, InvalidArgument
+from hypersdk.service.errors import AlreadyExists, Failed, HyperSDKError, InvalidArgument
 from hypersdk.service.jobs.convert_job import ConvertKind
 from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.jobs.handoff import run_integration, validate_integration
@@ -26,7 +26,7 @@ from tests.support.cli import (BUS_NAME, JOB_IFACE, busctl, job_property, submit
                                wait_for_status)
 from tests.support.hypervisord import Hypervisord
 from tests.support.libvirtd import domain_defined, remove_domain
-from tests.support.targets import dir_pool, logical_pool, volume_names
+from tests.support.targets import dir_pool, logical_pool, netfs_pool, volume_names
 from tests.support.wait import until
 from tests.vsphere.fake_context import FakeSubmitContext, job_context, run_job
 
@@ -160,6 +160,47 @@ async def test_import_lands_in_a_dir_pool_over_ssh_and_boots_there(
 
 
 @pytest.mark.slow
+async def test_import_lands_in_a_dir_pool_over_tls_and_boots_there(
+        tls_libvirt, local_libvirt, guest_dir, vm):
+    """qemu+tls://: libvirt's client checks the server's certificate and name and shows
+    its own (tests/support/tls_libvirt.py); the disk is uploaded and the guest boots."""
+    image = _boot_image(guest_dir, "qcow2")
+    with dir_pool(local_libvirt) as pool:
+        handshakes = tls_libvirt.handshakes
+        config = _config(guest_dir, tls_libvirt.uri(), pool.name())
+        ctx = job_context(ImportKind(), {
+            "vm_name": vm, "disk_path": str(image), "memory_mb": 64, "network": "",
+            "target": TARGET, "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}},
+            config, None)
+        result = await run_job(ImportKind(), ctx)
+        volume = f"{vm}-disk0.qcow2"
+        assert result["uri"] == tls_libvirt.uri()
+        assert volume_names(pool) == [volume]
+        assert _same_image(str(image), pool.storageVolLookupByName(volume).path())
+        assert result["verification"]["verified"]
+        assert tls_libvirt.handshakes > handshakes  # all of it went through TLS
+        remove_domain(local_libvirt, vm)
+
+
+@pytest.mark.slow
+async def test_a_tls_target_whose_certificate_the_client_does_not_trust_is_refused(
+        tls_libvirt, local_libvirt, guest_dir, vm):
+    image = _boot_image(guest_dir, "qcow2")
+    with dir_pool(local_libvirt) as pool:
+        uri = tls_libvirt.uri(tls_libvirt.other_ca())
+        config = _config(guest_dir, uri, pool.name())
+        ctx = job_context(ImportKind(), {"vm_name": vm, "disk_path": str(image),
+                                         "memory_mb": 64, "network": "", "target": TARGET},
+                          config, None)
+        with pytest.raises(HyperSDKError) as caught:
+            await run_job(ImportKind(), ctx)
+        message = str(caught.value)
+        assert uri in message and "Failed to verify peer's certificate" in message, message
+        assert ctx.volumes == [] and volume_names(pool) == []
+        assert not domain_defined(local_libvirt, vm)
+
+
+@pytest.mark.slow
 async def test_direct_pipeline_uploads_the_converted_disks_and_boots_on_the_target(
         loopback_sshd, local_libvirt, guest_dir, vm):
     export_dir = guest_dir / "export"
@@ -243,6 +284,31 @@ async def test_logical_pool_gets_a_raw_volume_and_the_domain_boots(
         result = await run_job(ImportKind(), ctx)
         assert result["verification"]["verified"]
         assert _same_image(str(image), pool.storageVolLookupByName(f"{vm}-disk0.raw").path())
+        remove_domain(local_libvirt, vm)
+
+
+@pytest.mark.slow
+async def test_netfs_pool_on_glusterfs_gets_a_sparse_volume_and_the_domain_boots(
+        loopback_sshd, local_libvirt, gluster_volume, guest_dir, vm):
+    """A netfs pool: libvirt mounts a real GlusterFS volume (FUSE; this kernel has no
+    NFS); the qcow2 lands there by upload over qemu+ssh and the guest boots from it."""
+    image = _boot_image(guest_dir, "raw", size=256 << 20)
+    with netfs_pool(local_libvirt, gluster_volume) as pool:
+        config = _config(guest_dir, loopback_sshd.uri(), pool.name(), fmt="raw")
+        ctx = job_context(ImportKind(), {
+            "vm_name": vm, "disk_path": str(image), "disk_format": "raw", "memory_mb": 64,
+            "network": "", "target": TARGET,
+            "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}}, config, None)
+        result = await run_job(ImportKind(), ctx)
+        assert result["verification"]["verified"]
+        volume = f"{vm}-disk0.raw"
+        assert volume_names(pool) == [volume]
+        path = pool.storageVolLookupByName(volume).path()
+        assert path.startswith(etree.fromstring(pool.XMLDesc().encode()).findtext("target/path"))
+        assert _same_image(str(image), path)
+        # 256 MiB of capacity, a few sectors of data: the holes stayed holes on GlusterFS
+        assert os.stat(path).st_size == 256 << 20
+        assert os.stat(path).st_blocks * 512 < 16 << 20
         remove_domain(local_libvirt, vm)
 
 

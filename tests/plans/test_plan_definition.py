@@ -44,8 +44,22 @@ def test_a_good_plan_is_normalised(config, tmp_path):
     assert plan["filter"] is None and plan["vms"] == ["vm-1", "vm-2"]
 
 
+def test_a_warm_plan_of_a_provider_that_cannot_falls_back_to_cold_saying_why(config, tmp_path):
+    warm = validate_plan(good(tmp_path, warm=True, precopy_interval=600), config,
+                         ProviderRegistry(config))
+    assert (warm["warm"], warm["precopy_interval"], warm["warm_fallback"]) == (True, 600, "")
+    cold = validate_plan(good(tmp_path, provider="ova", warm=True), config,
+                         ProviderRegistry(config))
+    assert cold["warm"] is False
+    assert cold["warm_fallback"].startswith("provider 'ova' (ova) cannot do warm migration: ")
+    assert cold["warm_fallback"].endswith("; the VMs migrate cold")
+
+
 @pytest.mark.parametrize("changes, field, rule", [
-    ({"warm": True}, "warm", "unknown field"),
+    ({"warmth": True}, "warmth", "unknown field"),
+    ({"precopy_interval": 60}, "precopy_interval", "needs warm: true"),
+    ({"warm": True, "precopy_interval": 0}, "precopy_interval", "an integer >= 1"),
+    ({"warm": True, "cutover_at": "02:00"}, "cutover_at", "an ISO 8601 time with a time zone"),
     ({"vms": "vm-1"}, "vms", "a non-empty list of strings"),
     ({"vms": ["vm-1", 7]}, "vms[1]", "a string"),
     ({"vms": ["vm-1", "vm-1"]}, "vms[1]", "listed twice"),

@@ -93,7 +93,7 @@ def test_each_preflight_rule_names_the_vm_and_the_rule(system_bus, start_hypervi
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"warm": True}, "warm: unknown field"),
+    ({"precopy_interval": 60}, "precopy_interval: needs warm: true"),
     ({"storage_map": {"*": {"directory": "/etc"}}},
      "storage_map.*.directory: '/etc' is outside the paths.outputs roots"),
     ({"limits": {"per_plan": "3"}}, "limits.per_plan: an integer"),

@@ -1,4 +1,13 @@
-"""A real moto_server (EC2 + EBS direct APIs) on loopback, and an AWS provider pointed at it."""
+"""A real moto_server (EC2 + EBS direct APIs) on loopback, and an AWS provider pointed at it.
+
+moto keeps EC2 snapshots (CreateSnapshot) and EBS direct API data (StartSnapshot/
+PutSnapshotBlock) apart, so a snapshot made by CreateSnapshot has no blocks to read. For
+the tests of snapshots the provider makes itself, moto runs in-process
+(`inprocess_moto`: ThreadedMotoServer, still spoken to over HTTP by boto3) and a small
+bridge, `SnapshotsOfVolumes`, gives each EC2 snapshot the block data of the EBS snapshot
+the test declared as its volume's current content when the snapshot is first read.
+Everything else is moto's.
+"""
 from __future__ import annotations
 
 import base64
@@ -10,13 +19,22 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from dataclasses import dataclass
+from typing import Any
+
 import boto3
 import pytest
+from moto.ebs.models import ebs_backends
+from moto.ec2.models import ec2_backends
+from moto.server import ThreadedMotoServer
 
 from hypersdk.service.config import parse_config
+from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.providers.aws import AwsProvider
+from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..support.fake_sink import FakeExportSink
+from ..vsphere.fake_context import job_context
 from ..support.servers import start_on_any_port
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
@@ -154,3 +172,65 @@ def instance_on_snapshot_volume(ec2, name: str, snapshot_id: str) -> tuple[str, 
     volume_id = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["VolumeId"]
     ec2.attach_volume(VolumeId=volume_id, InstanceId=instance_id, Device="/dev/sda1")
     return instance_id, volume_id
+
+
+ACCOUNT = "123456789012"  # moto's default account
+
+
+class SnapshotsOfVolumes(dict):
+    """moto's EBS snapshot table; an EC2 snapshot it does not know reads as the EBS snapshot
+    holding its volume's content (`content[volume_id]`) when it was first read."""
+
+    def __init__(self, existing: dict, content: dict[str, str]) -> None:
+        super().__init__(existing)
+        self.content = content
+
+    def __missing__(self, snapshot_id: str):
+        ec2_snapshot = ec2_backends[ACCOUNT][REGION].snapshots.get(snapshot_id)
+        if ec2_snapshot is None or ec2_snapshot.volume.id not in self.content:
+            raise KeyError(snapshot_id)
+        self[snapshot_id] = self[self.content[ec2_snapshot.volume.id]]
+        return self[snapshot_id]
+
+
+@pytest.fixture(scope="module")
+def inprocess_moto():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def volume_content(inprocess_moto) -> dict[str, str]:
+    """volume id -> id of the EBS snapshot whose blocks are that volume's data."""
+    backend = ebs_backends[ACCOUNT][REGION]
+    backend.snapshots = SnapshotsOfVolumes(backend.snapshots, {})
+    return backend.snapshots.content
+
+
+@dataclass
+class ExportJobs:
+    """Export jobs (jobs/export.py) on the AWS provider the registry builds from the
+    config, landing under `exports` (export.base_path)."""
+
+    exports: Path
+    config: Any
+    registry: ProviderRegistry
+
+    def context(self, definition: dict):
+        return job_context(ExportKind(), {"provider": "aws", "export_method": "disk",
+                                          **definition}, self.config, self.registry)
+
+
+@pytest.fixture
+async def export_jobs(inprocess_moto, tmp_path) -> ExportJobs:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    config = parse_config({"export": {"base_path": str(exports)},
+                           "providers": {"aws": make_provider(tmp_path, inprocess_moto).settings}},
+                          "(test)", env={})
+    jobs = ExportJobs(exports, config, ProviderRegistry(config))
+    yield jobs
+    await jobs.registry.close()

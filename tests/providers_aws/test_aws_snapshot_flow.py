@@ -1,65 +1,17 @@
-"""The whole AWS export flow with snapshots the provider makes itself, as a backup series.
-
-moto keeps EC2 snapshots (CreateSnapshot) and EBS direct API data (StartSnapshot/
-PutSnapshotBlock) apart, so a snapshot made by CreateSnapshot has no blocks to read.
-Here moto runs in-process (ThreadedMotoServer, still spoken to over HTTP by boto3)
-and a small bridge, `SnapshotsOfVolumes`, gives each EC2 snapshot the block data of
-the EBS snapshot the test declared as its volume's current content. Everything else
-is moto's.
-"""
+"""The whole AWS export flow with snapshots the provider makes itself, as a backup series
+(moto in-process with the `SnapshotsOfVolumes` bridge of conftest.py)."""
 from __future__ import annotations
 
 import pytest
-from moto.ebs.models import ebs_backends
-from moto.ec2.models import ec2_backends
-from moto.server import ThreadedMotoServer
 
-from hypersdk.service.config import parse_config
 from hypersdk.service.errors import InvalidArgument
 from hypersdk.service.jobs.export import ExportKind
 from hypersdk.service.model import ExportOptions
-from hypersdk.service.providers.registry import ProviderRegistry
 
 from ..support.fake_sink import FakeExportSink
-from ..vsphere.fake_context import job_context, run_job
+from ..vsphere.fake_context import run_job
 from .conftest import REGION, client, make_provider, put_snapshot, run_instance
 from .helpers import assert_image_holds, block_of
-
-ACCOUNT = "123456789012"  # moto's default account
-
-
-class SnapshotsOfVolumes(dict):
-    """moto's EBS snapshot table; an EC2 snapshot it does not know reads as the EBS snapshot
-    holding its volume's content (`content[volume_id]`) when it was first read."""
-
-    def __init__(self, existing: dict, content: dict[str, str]) -> None:
-        super().__init__(existing)
-        self.content = content
-
-    def __missing__(self, snapshot_id: str):
-        ec2_snapshot = ec2_backends[ACCOUNT][REGION].snapshots.get(snapshot_id)
-        if ec2_snapshot is None or ec2_snapshot.volume.id not in self.content:
-            raise KeyError(snapshot_id)
-        self[snapshot_id] = self[self.content[ec2_snapshot.volume.id]]
-        return self[snapshot_id]
-
-
-@pytest.fixture(scope="module")
-def inprocess_moto():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def volume_content(inprocess_moto) -> dict[str, str]:
-    """volume id -> id of the EBS snapshot whose blocks are that volume's data."""
-    backend = ebs_backends[ACCOUNT][REGION]
-    backend.snapshots = SnapshotsOfVolumes(backend.snapshots, {})
-    return backend.snapshots.content
-
 
 async def test_backup_series_full_then_incremental(inprocess_moto, volume_content, tmp_path):
     ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
@@ -101,28 +53,17 @@ async def test_backup_series_full_then_incremental(inprocess_moto, volume_conten
 
 
 
-async def test_export_job_kind_writes_the_raw_disk(inprocess_moto, volume_content, tmp_path):
+async def test_export_job_kind_writes_the_raw_disk(inprocess_moto, volume_content, export_jobs):
     """jobs/export.py drives the provider the registry builds from the config."""
     ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
     instance = run_instance(ec2, "job-1")
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
     blocks = {0: block_of("boot"), 77: block_of("root")}
     volume_content[volume_id] = put_snapshot(ebs, blocks)
-    exports = tmp_path / "exports"
-    exports.mkdir()
-    section = make_provider(tmp_path, inprocess_moto).settings
-    config = parse_config({"export": {"base_path": str(exports)},
-                           "providers": {"aws": section}}, "(test)", env={})
-    registry = ProviderRegistry(config)
-    kind = ExportKind()
-    ctx = job_context(kind, {"vm_identifier": "job-1", "provider": "aws",
-                             "export_method": "disk", "export_path": "job-1",
-                             "options": {"shutdown_vm": True, "restore_power_state": True}},
-                      config, registry)
-    try:
-        result = await run_job(kind, ctx)
-    finally:
-        await registry.close()
+    exports = export_jobs.exports
+    result = await run_job(ExportKind(), export_jobs.context({
+        "vm_identifier": "job-1", "export_path": "job-1",
+        "options": {"shutdown_vm": True, "restore_power_state": True}}))
 
     [disk] = result["disks"]
     path = exports / "job-1" / f"{volume_id}.raw"
@@ -135,35 +76,21 @@ async def test_export_job_kind_writes_the_raw_disk(inprocess_moto, volume_conten
 
 
 async def test_provider_options_of_an_export_job_reach_the_provider(inprocess_moto,
-                                                                    volume_content, tmp_path):
+                                                                    volume_content, export_jobs):
     """options.provider_options → ExportOptions.extra: keep_snapshots keeps ours; a bad key
     is named with the job's field name."""
     ec2, ebs = client(inprocess_moto, "ec2"), client(inprocess_moto, "ebs")
     instance = run_instance(ec2, "job-2")
     volume_id = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
     volume_content[volume_id] = put_snapshot(ebs, {0: block_of("boot")})
-    exports = tmp_path / "exports"
-    exports.mkdir()
-    config = parse_config({"export": {"base_path": str(exports)},
-                           "providers": {"aws": make_provider(tmp_path, inprocess_moto).settings}},
-                          "(test)", env={})
-    registry = ProviderRegistry(config)
-    kind = ExportKind()
-    try:
-        kept = job_context(kind, {
-            "vm_identifier": "job-2", "provider": "aws", "export_method": "disk",
-            "export_path": "kept", "options": {"provider_options": {"keep_snapshots": True}}},
-            config, registry)
-        result = await run_job(kind, kept)
-        assert result["vm"]["extra"]["snapshots_deleted"] == []
-        snapshot = result["vm"]["extra"]["snapshot_ids"][volume_id]
-        assert ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
-        bad = job_context(kind, {
-            "vm_identifier": "job-2", "provider": "aws", "export_method": "disk",
-            "export_path": "bad", "options": {"provider_options": {"colour": "red"}}},
-            config, registry)
-        with pytest.raises(InvalidArgument) as caught:
-            await run_job(kind, bad)
-        assert caught.value.field == "options.provider_options.colour"
-    finally:
-        await registry.close()
+    kept = export_jobs.context({"vm_identifier": "job-2", "export_path": "kept",
+                                "options": {"provider_options": {"keep_snapshots": True}}})
+    result = await run_job(ExportKind(), kept)
+    assert result["vm"]["extra"]["snapshots_deleted"] == []
+    snapshot = result["vm"]["extra"]["snapshot_ids"][volume_id]
+    assert ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
+    bad = export_jobs.context({"vm_identifier": "job-2", "export_path": "bad",
+                               "options": {"provider_options": {"colour": "red"}}})
+    with pytest.raises(InvalidArgument) as caught:
+        await run_job(ExportKind(), bad)
+    assert caught.value.field == "options.provider_options.colour"

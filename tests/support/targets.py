@@ -2,9 +2,10 @@
 with storage pools made for a test and removed after it.
 
 The pools are transient (storagePoolCreateXML): a `dir` pool in a new directory under
-/var/tmp, and a `logical` pool on a volume group of its own on a loop device over a
-file under /var/tmp. Both are made through the local qemu:///system connection, the
-same libvirtd the test reaches over SSH.
+/var/tmp, a `logical` pool on a volume group of its own on a loop device over a file
+under /var/tmp, and a `netfs` pool mounting a GlusterFS volume (tests/support/gluster.py).
+All are made through the local qemu:///system connection, the same libvirtd the test
+reaches over SSH.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from typing import Iterator
 import libvirt
 import pytest
 
+from .gluster import GlusterVolume
 from .libvirtd import ensure_system_libvirt
 from .sshd import LoopbackSshd
+from .tls_libvirt import TlsLibvirt
 
 DEVICE_MAPPER = Path("/dev/mapper/control")
 
@@ -59,6 +62,23 @@ def dir_pool(conn) -> Iterator[libvirt.virStoragePool]:
     finally:
         _remove_pool(pool)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def netfs_pool(conn, volume: GlusterVolume) -> Iterator[libvirt.virStoragePool]:
+    """A transient netfs pool: libvirt mounts the GlusterFS `volume` on a new directory;
+    its volumes go after, the pool is unmounted and the directory removed."""
+    directory = Path(tempfile.mkdtemp(prefix="hypersdk-netfs-", dir="/var/tmp"))
+    pool = conn.storagePoolCreateXML(
+        f"<pool type='netfs'><name>hsdk-netfs-{uuid.uuid4().hex[:8]}</name>"
+        f"<source><host name='{volume.host}'/><dir path='/{volume.name}'/>"
+        "<format type='glusterfs'/></source>"
+        f"<target><path>{directory}</path></target></pool>", 0)
+    try:
+        yield pool
+    finally:
+        _remove_pool(pool)
+        directory.rmdir()
 
 
 def device_mapper_missing() -> str:
@@ -113,3 +133,14 @@ def _remove_pool(pool) -> None:
 def volume_names(pool) -> list[str]:
     pool.refresh(0)
     return sorted(volume.name() for volume in pool.listAllVolumes(0))
+
+
+@pytest.fixture(scope="module")
+def tls_libvirt() -> Iterator[TlsLibvirt]:
+    """libvirtd behind a TLS listener on a loopback port (tests/support/tls_libvirt.py)."""
+    ensure_system_libvirt()
+    base = Path(tempfile.mkdtemp(prefix="hypersdk-tls-", dir="/run"))
+    server = TlsLibvirt(base)
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)

@@ -32,22 +32,24 @@ from pyVmomi import vim
 from tests.support.wait import wait_until
 
 MAIN_GO = Path(__file__).with_name("main.go")
+SOURCES = (MAIN_GO, MAIN_GO.with_name("cbt.go"))  # cbt.go: the simulator extensions
 BUILD_ROOT = Path(os.environ.get("HYPERSDK_VCSIM_BUILD", "/var/tmp/hypersdk-vcsim"))
 START_TIMEOUT = 30.0
 
 
 def build_vcsim() -> Path:
-    """The simulator binary for the current main.go, built once per content hash."""
-    digest = hashlib.sha256(MAIN_GO.read_bytes()).hexdigest()[:16]
+    """The simulator binary for the current sources, built once per content hash."""
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
     binary = BUILD_ROOT / digest / "vcsim"
     if binary.exists():
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=binary.parent) as work:
-        shutil.copy(MAIN_GO, Path(work) / "main.go")
+        for source in SOURCES:
+            shutil.copy(source, Path(work) / source.name)
         env = dict(os.environ, GOPATH="/usr/share/gocode", GO111MODULE="off",
                    GOCACHE=str(BUILD_ROOT / "gocache"), GOFLAGS="")
-        subprocess.run(["go", "build", "-o", "vcsim", "main.go"], cwd=work, env=env,
+        subprocess.run(["go", "build", "-o", "vcsim", *(s.name for s in SOURCES)], cwd=work, env=env,
                        check=True, capture_output=True, timeout=300)
         os.replace(Path(work) / "vcsim", binary)
     return binary
@@ -204,16 +206,22 @@ def make_vmdk(path: Path, capacity_bytes: int, seed: int, *, dense: bool = False
     return path
 
 
-def find_vm(si, name: str) -> vim.VirtualMachine:
+def find_named(si, kind: type, name: str):
+    """The inventory object of type `kind` (vim.VirtualMachine, vim.Datastore, ...) named
+    `name`."""
     content = si.RetrieveContent()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    view = content.viewManager.CreateContainerView(content.rootFolder, [kind], True)
     try:
-        for vm in view.view:
-            if vm.name == name:
-                return vm
+        for found in view.view:
+            if found.name == name:
+                return found
     finally:
         view.Destroy()
-    raise LookupError(f"no VM named {name}")
+    raise LookupError(f"no {kind.__name__} named {name}")
+
+
+def find_vm(si, name: str) -> vim.VirtualMachine:
+    return find_named(si, vim.VirtualMachine, name)
 
 
 def wait_task(task) -> None:
@@ -293,6 +301,23 @@ def give_disks(sim: Simulator, si, vm_name: str, sizes: list[int], workdir: Path
     return uploaded
 
 
+def local_file(si, datastore_path: str) -> Path:
+    """Where the simulator keeps a datastore file on this machine (its datastores are
+    local directories), e.g. to change a disk's data behind a running VM's back."""
+    name, _, rel = datastore_path.lstrip("[").partition("] ")
+    return Path(find_named(si, vim.Datastore, name).info.url) / rel
+
+
+def folder_bytes(sim: Simulator) -> int:
+    """Bytes the simulator's datastore file server has sent (a simulator extension)."""
+    conn = http.client.HTTPConnection(sim.host, sim.port, timeout=30)
+    try:
+        conn.request("GET", "/hypersdk/folder-bytes")
+        return int(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def place_vm(sim: Simulator, si, vm_name: str, new_name: str, *, datastore: str, network: str,
              guest_id: str, size: int, workdir: Path, seed: int = 0) -> dict:
     """`vm_name` powered off and renamed `new_name`, with guest OS `guest_id`, its NIC on
@@ -327,12 +352,7 @@ def place_vm(sim: Simulator, si, vm_name: str, new_name: str, *, datastore: str,
 
 def _nic_backing(si, network: str):
     """The backing that puts a NIC on `network`: a distributed port group or a network."""
-    content = si.RetrieveContent()
-    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Network], True)
-    try:
-        found = next(n for n in view.view if n.name == network)
-    finally:
-        view.Destroy()
+    found = find_named(si, vim.Network, network)
     if isinstance(found, vim.dvs.DistributedVirtualPortgroup):
         port = vim.dvs.PortConnection(portgroupKey=found.key,
                                       switchUuid=found.config.distributedVirtualSwitch.uuid)

@@ -3,6 +3,10 @@
 // It prints the SDK URL (with the default user:pass credentials) on stdout and,
 // with -url-file, writes it to that file once the server listens. It runs until
 // it is killed (SIGTERM/SIGINT), then removes the simulator's temporary datastores.
+//
+// Simulator extensions (cbt.go): Changed Block Tracking backed by the real disk files
+// the datastores hold (QueryChangedDiskAreas), and a count of the bytes the datastore
+// file server sends (GET /hypersdk/folder-bytes).
 package main
 
 import (
@@ -54,6 +58,7 @@ func main() {
 	model.Service.RegisterEndpoints = true
 	server := model.Service.NewServer()
 	defer server.Close()
+	server.Config.Handler = newExtensions(server.Config.Handler)
 
 	sdkURL := server.URL.String()
 	fmt.Println(sdkURL)

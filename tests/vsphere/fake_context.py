@@ -6,6 +6,7 @@ store: `fail()` discards them and `succeed()` keeps what landed, as the engine d
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from hypersdk.service.confine import OpenDir
@@ -26,6 +27,7 @@ class FakeJobContext:
     job_id: str = "job-test"
     attempt: int = 1
     checkpoints: None = None  # no resume here (tests/e2e/test_kill9.py tests it)
+    cutover: asyncio.Event = field(default_factory=asyncio.Event)  # a warm export's Cutover
     lines: list[tuple[str, str]] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
     total: int = 0
