@@ -81,9 +81,9 @@ async def our_export(config, registry, run: int | str,
 async def _checkpointed_export(config, registry, store: Store, run: int, interval: int) -> float:
     """Seconds for the export recording checkpoints in `store`, as a job's do."""
     job_id = f"bench-{run}-checkpointed"
-    store.insert_job(JobRecord(id=job_id, kind="export", status="running", definition={}))
+    await store.insert_job(JobRecord(id=job_id, kind="export", status="running", definition={}))
     elapsed, _ = await our_export(config, registry, f"{run}-checkpointed",
-                                  StoreCheckpoints(store, job_id, interval))
+                                  StoreCheckpoints(store, job_id, interval, store.soon))
     return elapsed
 
 
@@ -132,8 +132,9 @@ async def main() -> None:
                     checkpointed_times.append(
                         await _checkpointed_export(config, registry, store, run, interval))
             await registry.close()
-            recorded = store.execute("SELECT COUNT(*) FROM download_checkpoints").fetchone()[0]
-            store.close()
+            recorded = (await store.execute(
+                "SELECT COUNT(*) FROM download_checkpoints")).fetchone()[0]
+            await store.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mb = file_bytes / 1e6

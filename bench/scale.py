@@ -61,7 +61,7 @@ def export_job(index: int, finished_at: float) -> tuple:
     return job, status, result, lines
 
 
-def fill_store(path: Path, count: int, recent: int) -> float:
+async def fill_store(path: Path, count: int, recent: int) -> float:
     """`count` finished jobs through the Store API; the last `recent` finished within
     the linger, the others over the 30 days before it. Returns the seconds taken."""
     from hypersdk.service.store import Store
@@ -75,15 +75,15 @@ def fill_store(path: Path, count: int, recent: int) -> float:
         else:
             finished_at = now - LINGER - 30 * 86400 * (count - index) / count
         job, status, result, lines = export_job(index, finished_at)
-        store.insert_job(job)
+        await store.insert_job(job)
         job.status, job.started_at, job.finished_at = status, finished_at - 590, finished_at
         job.result, job.attempts = result, 1
         job.error = "" if status == "completed" else f"job {status}: disk full"
         job.bytes_done = job.bytes_total = 2 << 30
-        store.set_status(job)
+        await store.set_status(job)
         for offset, line in enumerate(lines):
-            store.append_log(job.id, finished_at - 590 + offset, "info", line)
-    store.close()
+            await store.append_log(job.id, finished_at - 590 + offset, "info", line)
+    await store.close()
     return time.monotonic() - started
 
 
@@ -222,7 +222,7 @@ def main() -> None:
         empty.stop()
         (work / "state" / "hypersdk.db").unlink()
 
-        filled = fill_store(work / "state" / "hypersdk.db", args.jobs, args.recent)
+        filled = asyncio.run(fill_store(work / "state" / "hypersdk.db", args.jobs, args.recent))
         print(f"filled the store with {args.jobs} finished jobs in {filled:.1f} s "
               f"({(work / 'state' / 'hypersdk.db').stat().st_size / 2 ** 20:.0f} MiB)")
         daemon = Hypervisord(write_config(work, **settings), bus.address)

@@ -43,7 +43,7 @@ class Automation:
                                        emit=self.webhooks.emit,
                                        changed=lambda item: self._changed("policy", item),
                                        kind=backup_kind)
-        self.webhooks.load_config(config.webhooks)
+        self._config_webhooks = config.webhooks
         engine.subscribe(self.webhooks.on_job_event)
         engine.subscribe(self.policies.on_job_event)
         self._wake = asyncio.Event()
@@ -60,8 +60,12 @@ class Automation:
         """Schedules changed: recompute when the scheduler must wake up."""
         self._wake.set()
 
+    async def load(self) -> None:
+        """Make the config file's webhooks current (before their objects are exported)."""
+        await self.webhooks.load_config(self._config_webhooks)
+
     async def start(self) -> None:
-        self.policies.reconcile()
+        await self.policies.reconcile()
         self._tasks = [asyncio.create_task(self._scheduler(), name="scheduler"),
                        asyncio.create_task(self.webhooks.run(), name="webhooks")]
 
@@ -74,10 +78,10 @@ class Automation:
     async def _scheduler(self) -> None:
         while True:
             try:
-                self.schedules.tick()
-                self.policies.tick()
-                dues = [d for d in (self.schedules.next_due(), self.policies.next_due())
-                        if d is not None]
+                await self.schedules.tick()
+                await self.policies.tick()
+                dues = [d for d in (await self.schedules.next_due(),
+                                    await self.policies.next_due()) if d is not None]
             except Exception:  # a bug must not stop every schedule: log and try later
                 log.exception("scheduler tick failed")
                 dues = []

@@ -30,7 +30,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .cron import Clock, CronSpec, check_timezone
 from .cron_items import CronItems
@@ -140,7 +140,7 @@ class BackupPolicies(CronItems[Policy]):
     noun = "backup policy"
 
     def __init__(self, store: "Store", engine: "JobEngine", grace: float, clock: Clock,
-                 emit: Callable[[str, dict], None], changed: Callable[[str], None],
+                 emit: Callable[[str, dict], Awaitable[int]], changed: Callable[[str], None],
                  kind: str = "export") -> None:
         """`kind` is the job kind each VM's backup runs as (tests pass their own)."""
         super().__init__(store, grace, clock, changed)
@@ -194,20 +194,21 @@ class BackupPolicies(CronItems[Policy]):
             raise InvalidArgument(field, exc.rule) from None
         return options
 
-    def create(self, definition: Any, uid: int) -> Policy:
+    async def create(self, definition: Any, uid: int) -> Policy:
         data = self.validate(definition)
         enabled = definition.get("enabled", True)
         policy_id = new_id("policy")
         now = self.clock.now()
-        with self.store.transaction() as db:
-            if db.execute("SELECT 1 FROM backup_policies WHERE name=?",
-                          (data["name"],)).fetchone():
+        async with self.store.transaction() as db:
+            if (await db.execute("SELECT 1 FROM backup_policies WHERE name=?",
+                                 (data["name"],))).fetchone():
                 raise AlreadyExists(f"name: a backup policy named {data['name']!r} exists")
-            db.execute("INSERT INTO backup_policies (id, name, definition, enabled,"
-                       " created_by_uid, created_at, last_slot) VALUES (?,?,?,?,?,?,?)",
-                       (policy_id, data["name"], json.dumps(data), int(enabled), uid, now, now))
+            await db.execute("INSERT INTO backup_policies (id, name, definition, enabled,"
+                             " created_by_uid, created_at, last_slot) VALUES (?,?,?,?,?,?,?)",
+                             (policy_id, data["name"], json.dumps(data), int(enabled), uid, now,
+                              now))
         log.info("backup policy %s (%s) created", policy_id, data["name"])
-        return self.get(policy_id)
+        return await self.get(policy_id)
 
     def _root(self, definition: dict) -> Path:
         return Path(definition["export_path"] or
@@ -220,16 +221,17 @@ class BackupPolicies(CronItems[Policy]):
                       last_slot=row["last_slot"], last_run=row["last_run"],
                       root=self._root(definition))
 
-    def backups(self, policy_id: str, states: tuple[str, ...] = ("pending", "good", "failed")
+    async def backups(self, policy_id: str, states: tuple[str, ...] = ("pending", "good", "failed")
                 ) -> list[Backup]:
         marks = ",".join("?" * len(states))
         return [Backup(**{k: r[k] for k in Backup.__dataclass_fields__}) for r in
-                self.store.execute(f"SELECT * FROM backups WHERE policy_id=? AND state IN "
-                                   f"({marks}) ORDER BY created_at, id", (policy_id, *states))]
+                await self.store.execute(f"SELECT * FROM backups WHERE policy_id=? AND state IN"
+                                         f" ({marks}) ORDER BY created_at, id",
+                                         (policy_id, *states))]
 
     # -- runs --------------------------------------------------------------------------
-    def _active(self, policy_id: str) -> bool:
-        return bool(self.backups(policy_id, ("pending",)))
+    async def _active(self, policy_id: str) -> bool:
+        return bool(await self.backups(policy_id, ("pending",)))
 
     async def _matching_vms(self, policy: Policy) -> list:
         provider = await self.engine.providers.get(policy.definition["provider"])
@@ -237,11 +239,11 @@ class BackupPolicies(CronItems[Policy]):
 
     async def run(self, policy_id: str, uid: int) -> list["JobRecord"]:
         """Submit one export job per matching VM; Unavailable while a run is going."""
-        policy = self.get(policy_id)
-        if self._active(policy.id):
+        policy = await self.get(policy_id)
+        if await self._active(policy.id):
             raise Unavailable(f"backup policy {policy.name}: the previous run is still going")
         vms = await self._matching_vms(policy)
-        if self._active(policy.id):  # another run started while we asked the provider
+        if await self._active(policy.id):  # another run started while we asked the provider
             raise Unavailable(f"backup policy {policy.name}: the previous run is still going")
         now = self.clock.now()
         run_id = new_id("run")
@@ -256,13 +258,14 @@ class BackupPolicies(CronItems[Policy]):
             planned.append((vm, path, definition))
         jobs = []
         for vm, path, definition in planned:
-            job = self.engine.submit(self.kind, definition, uid)
-            self.store.execute("INSERT INTO backups (policy_id, run_id, vm, vm_name, job_id, path,"
-                               " created_at, state) VALUES (?,?,?,?,?,?,?, 'pending')",
-                               (policy.id, run_id, vm.identifier, vm.name, job.id, str(path),
-                                now))
+            job = await self.engine.submit(self.kind, definition, uid)
+            await self.store.execute("INSERT INTO backups (policy_id, run_id, vm, vm_name, job_id,"
+                                     " path, created_at, state) VALUES (?,?,?,?,?,?,?, 'pending')",
+                                     (policy.id, run_id, vm.identifier, vm.name, job.id, str(path),
+                                      now))
             jobs.append(job)
-        self.store.execute("UPDATE backup_policies SET last_run=? WHERE id=?", (now, policy.id))
+        await self.store.execute("UPDATE backup_policies SET last_run=? WHERE id=?",
+                                 (now, policy.id))
         log.info("backup policy %s (%s): run %s submitted %d export jobs", policy.id,
                  policy.name, run_id, len(jobs))
         self._changed(policy.id)
@@ -270,10 +273,10 @@ class BackupPolicies(CronItems[Policy]):
 
     async def dry_run(self, policy_id: str) -> dict:
         """What Run would export now, and what retention would delete if it succeeded."""
-        policy = self.get(policy_id)
+        policy = await self.get(policy_id)
         vms = await self._matching_vms(policy)
         now = self.clock.now()
-        existing = self.backups(policy.id, ("good",))
+        existing = await self.backups(policy.id, ("good",))
         future = [Backup(-1, policy.id, "dry-run", vm.identifier, vm.name, "", "", now, "good")
                   for vm in vms]
         doomed = plan_retention(existing + future, policy.definition["retention"], now)
@@ -282,24 +285,27 @@ class BackupPolicies(CronItems[Policy]):
                 "retention_would_delete": [b.to_dict() for b in doomed if b.id >= 0]}
 
     # -- job completion and retention --------------------------------------------------
-    def on_job_event(self, event: "JobEvent") -> None:
+    def on_job_event(self, event: "JobEvent") -> Awaitable[None] | None:
         """Engine listener: mark the backup good or failed; apply retention when a run ends."""
         if not event.local or event.type != "status" or \
                 event.job.status not in TERMINAL_STATUSES:
-            return  # the instance that ended the job settles it (fleet.py)
-        row = self.store.execute("SELECT policy_id, run_id FROM backups WHERE job_id=? AND"
-                                 " state='pending'", (event.job.id,)).fetchone()
+            return None  # the instance that ended the job settles it (fleet.py)
+        return self._job_ended(event.job)
+
+    async def _job_ended(self, job: "JobRecord") -> None:
+        row = (await self.store.execute("SELECT policy_id, run_id FROM backups WHERE job_id=?"
+                                        " AND state='pending'", (job.id,))).fetchone()
         if row is None:
             return
-        self._settle(event.job.id, event.job.status)
-        self._run_finished(row["policy_id"], row["run_id"])
+        await self._settle(job.id, job.status)
+        await self._run_finished(row["policy_id"], row["run_id"])
 
-    def _settle(self, job_id: str, status: str) -> None:
-        self.store.execute("UPDATE backups SET state=? WHERE job_id=? AND state='pending'",
-                           ("good" if status == "completed" else "failed", job_id))
+    async def _settle(self, job_id: str, status: str) -> None:
+        await self.store.execute("UPDATE backups SET state=? WHERE job_id=? AND state='pending'",
+                                 ("good" if status == "completed" else "failed", job_id))
 
-    def _run_finished(self, policy_id: str, run_id: str) -> None:
-        states = [r[0] for r in self.store.execute(
+    async def _run_finished(self, policy_id: str, run_id: str) -> None:
+        states = [r[0] for r in await self.store.execute(
             "SELECT state FROM backups WHERE policy_id=? AND run_id=?", (policy_id, run_id))]
         if "pending" in states:
             return
@@ -310,33 +316,33 @@ class BackupPolicies(CronItems[Policy]):
             log.warning("backup policy %s: run %s had failed jobs; no retention applied",
                         policy_id, run_id)
 
-    def reconcile(self) -> None:
+    async def reconcile(self) -> None:
         """At start: settle backups whose jobs ended while no one was listening."""
-        pending = self.store.execute("SELECT b.job_id, b.policy_id, b.run_id, j.status FROM"
-                                     " backups b LEFT JOIN jobs j ON j.id = b.job_id WHERE"
-                                     " b.state='pending'").fetchall()
+        pending = (await self.store.execute("SELECT b.job_id, b.policy_id, b.run_id, j.status FROM"
+                                            " backups b LEFT JOIN jobs j ON j.id = b.job_id WHERE"
+                                            " b.state='pending'")).fetchall()
         for job_id, policy_id, run_id, status in pending:
             if status is None or status in TERMINAL_STATUSES:
-                self._settle(job_id, status or "failed")
-                self._run_finished(policy_id, run_id)
+                await self._settle(job_id, status or "failed")
+                await self._run_finished(policy_id, run_id)
 
     async def apply_retention(self, policy_id: str, run_id: str = "") -> list[Backup]:
         try:
-            policy = self.get(policy_id)
+            policy = await self.get(policy_id)
         except NotFound:
             return []  # deleted meanwhile: its backups are kept
-        doomed = plan_retention(self.backups(policy.id, ("good",)),
+        doomed = plan_retention(await self.backups(policy.id, ("good",)),
                                 policy.definition["retention"], self.clock.now())
         deleted = []
         for backup in doomed:
             if await asyncio.to_thread(self._remove, policy.root, Path(backup.path)):
-                self.store.execute("UPDATE backups SET state='deleted', deleted_at=? WHERE id=?",
-                                   (self.clock.now(), backup.id))
+                await self.store.execute("UPDATE backups SET state='deleted', deleted_at=?"
+                                         " WHERE id=?", (self.clock.now(), backup.id))
                 deleted.append(backup)
-        kept = len(self.backups(policy.id, ("good",)))
+        kept = len(await self.backups(policy.id, ("good",)))
         log.info("backup policy %s (%s): retention removed %d backups, %d kept", policy.id,
                  policy.name, len(deleted), kept)
-        self._emit("backup.retention_applied", {
+        await self._emit("backup.retention_applied", {
             "policy_id": policy.id, "policy_name": policy.name, "run_id": run_id,
             "deleted": [b.to_dict() for b in deleted], "kept": kept})
         return deleted
@@ -360,10 +366,10 @@ class BackupPolicies(CronItems[Policy]):
         return True
 
     # -- the tick's hooks (cron_items.py) -------------------------------------------------
-    def _busy(self, policy: Policy) -> str:
-        return "the previous run is still going" if self._active(policy.id) else ""
+    async def _busy(self, policy: Policy) -> str:
+        return "the previous run is still going" if await self._active(policy.id) else ""
 
-    def _fire(self, policy: Policy, slot: float) -> None:
+    async def _fire(self, policy: Policy, slot: float) -> None:
         self._spawn(self._scheduled_run(policy))
         self._changed(policy.id)
 

@@ -131,6 +131,11 @@ MAIN_SCHEMA: Schema = {
         # poll_interval (a job submitted here starts at once)
         "lease_seconds": Field("duration", 30.0, minimum=1),
         "poll_interval": Field("duration", 2.0, minimum=0.05),
+        # PostgreSQL (service/pgstore.py): how long opening a connection may take, and one
+        # statement (enforced by the server); a call past either fails with an error naming
+        # the setting, and the next call connects again
+        "connect_timeout": Field("duration", 10.0, minimum=2),
+        "statement_timeout": Field("duration", 30.0, minimum=0.1),
     },
     "libvirt": {
         "uri": Field("str", "qemu:///system"),

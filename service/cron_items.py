@@ -66,57 +66,59 @@ class CronItems(ABC, Generic[Item]):
     def _from_row(self, row) -> Item: ...
 
     @abstractmethod
-    def _busy(self, item: Item) -> str:
+    async def _busy(self, item: Item) -> str:
         """Why a slot must be skipped because the item's previous run is going; "" if not."""
 
     @abstractmethod
-    def _fire(self, item: Item, slot: float) -> None:
+    async def _fire(self, item: Item, slot: float) -> None:
         """Run the item for `slot` (announcing its changes)."""
 
     # -- the repository --------------------------------------------------------------------
-    def get(self, item_id: str) -> Item:
-        row = self.store.execute(f"SELECT * FROM {self.table} WHERE id=?", (item_id,)).fetchone()
+    async def get(self, item_id: str) -> Item:
+        row = (await self.store.execute(f"SELECT * FROM {self.table} WHERE id=?",
+                                        (item_id,))).fetchone()
         if row is None:
             raise NotFound(f"no {self.noun} {item_id!r}")
         return self._from_row(row)
 
-    def list(self) -> list[Item]:
+    async def list(self) -> list[Item]:
         return [self._from_row(row) for row in
-                self.store.execute(f"SELECT * FROM {self.table} ORDER BY created_at, id")]
+                await self.store.execute(f"SELECT * FROM {self.table} ORDER BY created_at, id")]
 
-    def set_enabled(self, item_id: str, enabled: bool) -> Item:
-        item = self.get(item_id)
+    async def set_enabled(self, item_id: str, enabled: bool) -> Item:
+        item = await self.get(item_id)
         if item.enabled != enabled:
-            self.store.execute(f"UPDATE {self.table} SET enabled=?, last_slot=? WHERE id=?",
-                               (int(enabled), max(item.last_slot, self.clock.now()), item_id))
+            await self.store.execute(f"UPDATE {self.table} SET enabled=?, last_slot=? WHERE id=?",
+                                     (int(enabled), max(item.last_slot, self.clock.now()), item_id))
             log.info("%s %s (%s) %s", self.noun, item_id, item.name,
                      "enabled" if enabled else "disabled")
             self._changed(item_id)
-        return self.get(item_id)
+        return await self.get(item_id)
 
-    def delete(self, item_id: str) -> None:
-        self.get(item_id)
-        self.store.execute(f"DELETE FROM {self.table} WHERE id=?", (item_id,))
+    async def delete(self, item_id: str) -> None:
+        await self.get(item_id)
+        await self.store.execute(f"DELETE FROM {self.table} WHERE id=?", (item_id,))
         log.info("%s %s deleted", self.noun, item_id)
 
     # -- the tick ------------------------------------------------------------------------
-    def tick(self) -> None:
+    async def tick(self) -> None:
         """Fire or skip every enabled item whose slot has come."""
         now = self.clock.now()
-        for item in self.list():
+        for item in await self.list():
             if item.enabled and item.cron is not None:
                 try:
-                    self._tick_one(item, now)
+                    await self._tick_one(item, now)
                 except Exception:  # one broken item must not stop the others
                     log.exception("%s %s: tick failed", self.noun, item.id)
 
-    def _tick_one(self, item: Item, now: float) -> None:
+    async def _tick_one(self, item: Item, now: float) -> None:
         decision = decide(item.cron, item.last_slot, now, self.grace)
         if decision is None:
             return
-        with self.store.transaction() as db:
-            claimed = db.execute(f"UPDATE {self.table} SET last_slot=? WHERE id=? AND "
-                                 "last_slot=?", (decision.slot, item.id, item.last_slot)).rowcount
+        async with self.store.transaction() as db:
+            claimed = (await db.execute(
+                f"UPDATE {self.table} SET last_slot=? WHERE id=? AND last_slot=?",
+                (decision.slot, item.id, item.last_slot))).rowcount
         if not claimed:
             return  # changed meanwhile (deleted, re-enabled): decide again on the next tick
         when = datetime.fromtimestamp(decision.slot, timezone.utc).isoformat()
@@ -126,13 +128,13 @@ class CronItems(ABC, Generic[Item]):
         if not decision.fire:
             log.warning("%s: run due at %s was missed by more than the grace period (%gs); "
                         "skipped", label, when, self.grace)
-        elif busy := self._busy(item):
+        elif busy := await self._busy(item):
             log.warning("%s: run due at %s skipped: %s", label, when, busy)
         else:
-            self._fire(item, decision.slot)
+            await self._fire(item, decision.slot)
             return
         self._changed(item.id)
 
-    def next_due(self) -> float | None:
-        slots = [item.next_run for item in self.list()]
+    async def next_due(self) -> float | None:
+        slots = [item.next_run for item in await self.list()]
         return min((slot for slot in slots if slot is not None), default=None)

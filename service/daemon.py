@@ -84,13 +84,14 @@ class Daemon:
 
     async def run(self) -> None:
         database = self.config.database
-        store = open_store(database.url or f"sqlite://{database.path}")
+        store = await open_store(database.url or f"sqlite://{database.path}",
+                                 database.connect_timeout, database.statement_timeout)
         providers = ProviderRegistry(self.config)
         engine = JobEngine(store, self.config, providers)
         try:
             bus = await connect(self.bus_spec, manager_path=ROOT_PATH)
         except OSError as exc:
-            store.close()
+            await store.close()
             raise Failed(f"cannot connect to the {self.bus_spec} bus: "
                          f"{exc.strerror or exc} (is dbus running?)") from exc
         automation = Automation(store, engine, self.config)
@@ -99,11 +100,12 @@ class Daemon:
         fleet.on_instance_lost.append(plans.take_over)
         service = DBusService(bus, engine, automation, bridge_uids(self.config), plans)
         try:
-            service.export_all()
+            await automation.load()
+            await service.export_all()
             await service.own_name()
             await engine.start()
-            fleet.start()
-            plans.resume()
+            await fleet.start()
+            await plans.resume()
             await automation.start()
             self.notifier.notify("READY=1")
             self.status(f"hypervisord {__version__} ready; store {store.path}")
@@ -126,7 +128,7 @@ class Daemon:
             await service.close()
             await providers.close()
             bus.disconnect()
-            store.close()
+            await store.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .config import Config
 from .confine import OpenDir
@@ -61,7 +61,9 @@ class JobEvent:
     local: bool = True
 
 
-Listener = Callable[[JobEvent], None]
+# a listener returning a coroutine (one that writes the store, say) has it run in a
+# task of its own, in the order of the events (JobEngine.notify)
+Listener = Callable[[JobEvent], Awaitable[None] | None]
 
 
 class RunningJob:
@@ -77,11 +79,15 @@ class RunningJob:
         self.providers = engine.providers
         self.tracker = ProgressTracker()
         self.task: asyncio.Task | None = None
-        self.cancel_reason = ""  # user | shutdown | lost (another instance recovered it)
+        self.cancel_reason = ""  # user | shutdown | lost | lease (fleet.py) | store
         self.cancel_asked_on = ""  # the instance a user's cancel came from
+        self.store_failure: Exception | None = None  # why a write of the job's failed
+        self._writes: set[asyncio.Task] = set()  # watched writes under way
+        self.ended = asyncio.Event()  # its ending is recorded (or could not be)
         self.cutover = asyncio.Event()  # a warm export's Cutover call (jobs/warm.py)
         self.output = JobOutput(engine.store, record.id, engine.config.export.checkpoint_interval,
-                                self.log)
+                                self.log, self.write)
+        self._loop = asyncio.get_running_loop()
         self._last_save = 0.0
 
     # -- JobContext ------------------------------------------------------------------
@@ -90,7 +96,44 @@ class RunningJob:
         return self.record.attempts
 
     def log(self, message: str, level: str = "info") -> None:
-        self.engine.append_log(self.record, message, level)
+        if _on_event_loop():
+            self.watch(self.engine.append_log(self.record, message, level))
+        else:  # a worker thread: the line follows, in order, on the loop
+            self._loop.call_soon_threadsafe(self.log, message, level)
+
+    def write(self, call: Callable[..., Awaitable[object]], *args: object) -> None:
+        """`call(*args)`, a store call of the job's code, which does not await: on the
+        event loop, written in its turn (Store.soon); from a worker thread (a file landed
+        in asyncio.to_thread), written before this returns, a refusal raised there."""
+        if not _on_event_loop():
+            asyncio.run_coroutine_threadsafe(self._write_now(call, *args), self._loop).result()
+            return
+        self.watch(self.engine.store.soon(call, *args))
+
+    async def _write_now(self, call: Callable[..., Awaitable[object]], *args: object) -> None:
+        written = self.engine.store.soon(call, *args)
+        self.watch(written)
+        await written
+
+    def watch(self, written: asyncio.Task) -> None:
+        """A write the job's code made without awaiting it (Store.soon): should the store
+        refuse it (a full disk), the job fails, as it would had it awaited the write."""
+        self._writes.add(written)
+        written.add_done_callback(self._written)
+
+    async def settle(self) -> None:
+        """Wait for the job's writes still under way (before it is recorded as ended)."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def _written(self, write: asyncio.Task) -> None:
+        self._writes.discard(write)
+        refused = None if write.cancelled() else write.exception()
+        if not isinstance(refused, self.engine.store.errors) or self.store_failure:
+            return
+        self.store_failure = refused
+        if self.task is not None and not self.task.done():
+            self.cancel_reason = "store"
+            self.task.cancel()
 
     def set_stage(self, stage: str) -> None:
         self.tracker.set_stage(stage)
@@ -141,7 +184,13 @@ class RunningJob:
         now = time.monotonic()
         if now - self._last_save >= PROGRESS_SAVE_INTERVAL:
             self._last_save = now
-            self.engine.store.save_progress(record)
+            # not watched: progress is shown, not kept; a store that does not answer
+            # (a hung server) must not fail the job for it
+            store = self.engine.store
+            if _on_event_loop():
+                store.soon(store.save_progress, record)
+            else:
+                self._loop.call_soon_threadsafe(store.soon, store.save_progress, record)
         self.engine.notify(JobEvent("progress", record))
 
 
@@ -159,6 +208,7 @@ class JobEngine:
         self._cleanups: set[asyncio.Task] = set()  # of interrupted jobs at the source
         self._export_slots = asyncio.Semaphore(config.export.concurrent_exports)
         self._unrecorded: dict[str, JobRecord] = {}  # finished, but the store refused it
+        self._follow_ups: set[asyncio.Task] = set()  # async listeners' work (notify)
         self._accepting = False
 
     # -- listeners -------------------------------------------------------------------
@@ -168,34 +218,46 @@ class JobEngine:
     def notify(self, event: JobEvent) -> None:
         for listener in self._listeners:
             try:
-                listener(event)
+                follow_up = listener(event)
             except Exception:  # a broken listener must not break a job
                 log.exception("job listener failed for %s", event.type)
+                continue
+            if follow_up is not None:
+                task = asyncio.ensure_future(follow_up)
+                self._follow_ups.add(task)
+                task.add_done_callback(self._followed_up)
+
+    def _followed_up(self, task: asyncio.Task) -> None:
+        self._follow_ups.discard(task)
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:  # a bug gets its traceback, a broken store a line
+            log.error("job listener failed: %s", failure,
+                      exc_info=None if isinstance(failure, self.store.errors) else failure)
 
     # -- lifecycle -------------------------------------------------------------------
-    def recover(self) -> list[JobRecord]:
+    async def recover(self) -> list[JobRecord]:
         """Mark the work this instance was interrupted in failed (jobs recorded before
         instances were, too); remove what it made but downloads worth resuming
         (job_output.py), and what its jobs that another instance recovered left here.
         Returns the jobs it ended."""
         ended = []
-        for job in self.store.running_on((self.instance, "")):
-            left, kept = remove_leftovers(self.store, job.id, keep_resumable=True,
-                                          when="after the restart")
+        for job in await self.store.running_on((self.instance, "")):
+            left, kept = await remove_leftovers(self.store, job.id, keep_resumable=True,
+                                                when="after the restart")
             job.status = "failed"
             job.finished_at = time.time()
             job.error = ("interrupted: hypervisord stopped while the job was running; "
                          + _what_was_left(left, kept))
-            if not self.store.end_if(job, "running", reason="recovered after restart"):
+            if not await self.store.end_if(job, "running", reason="recovered after restart"):
                 continue  # another instance recovered it meanwhile (fleet.py)
-            self.store.append_log(job.id, time.time(), "error", job.error)
+            await self.store.append_log(job.id, time.time(), "error", job.error)
             # the name is owned by now: a client that already read the job as running
             # (the bridge's mirror, a console) must hear that it is not
             self.notify(JobEvent("status", job))
             ended.append(job)
-        for job_id in self.store.recovered_elsewhere(self.instance):
-            remove_leftovers(self.store, job_id, keep_resumable=False,
-                             when="after the restart (the job was recovered elsewhere)")
+        for job_id in await self.store.recovered_elsewhere(self.instance):
+            await remove_leftovers(self.store, job_id, keep_resumable=False,
+                                   when="after the restart (the job was recovered elsewhere)")
         return ended
 
     def _remove_snapshots_of(self, jobs: list[JobRecord]) -> None:
@@ -212,8 +274,10 @@ class JobEngine:
 
         try:
             provider = await self.providers.get(job.definition["provider"])
-            checkpoints = StoreCheckpoints(self.store, job.id, 0)
-            keep = warm.saved_change_ids(checkpoints, sorted(self.store.checkpoint_names(job.id)))
+            checkpoints = StoreCheckpoints(self.store, job.id, 0, self.store.soon)
+            await checkpoints.load()
+            keep = warm.saved_change_ids(checkpoints,
+                                         sorted(await self.store.checkpoint_names(job.id)))
             await warm.remove_snapshots_of(provider, job.definition["vm_identifier"], job.id,
                                            keep, note)
         except Exception as exc:  # the source may be unreachable now
@@ -225,18 +289,18 @@ class JobEngine:
         self._wake.set()
 
     async def start(self) -> None:
-        self.store.renew_lease(self.instance, self.config.database.lease_seconds,
-                               starting=True)
-        self._remove_snapshots_of(self.recover())
-        self.prune()
+        await self.store.renew_lease(self.instance, self.config.database.lease_seconds,
+                                     starting=True)
+        self._remove_snapshots_of(await self.recover())
+        await self.prune()
         self._accepting = True
         self._workers = [asyncio.create_task(self._worker(), name=f"job-worker-{i}")
                          for i in range(self.config.daemon.workers)]
         if self.config.export.resume_on_start:
-            for job in self.store.jobs_keeping_downloads():
-                retried = self.retry(job.id, job.started_by_uid, job.requested_by)
+            for job in await self.store.jobs_keeping_downloads():
+                retried = await self.retry(job.id, job.started_by_uid, job.requested_by)
                 self.append_log(job, f"resumed at start as job {retried.id} "
-                                     "(export.resume_on_start)")
+                                "(export.resume_on_start)")
 
     async def shutdown(self) -> None:
         """Stop taking work, interrupt running jobs, and wait for the workers."""
@@ -245,18 +309,21 @@ class JobEngine:
             running.cancel_reason = "shutdown"
             if running.task:
                 running.task.cancel()
-        await asyncio.gather(*(r.task for r in self._running.values() if r.task),
-                             return_exceptions=True)
+        await asyncio.gather(*(r.ended.wait() for r in self._running.values()))
         for task in [*self._workers, *self._cleanups]:
             task.cancel()
         await asyncio.gather(*self._workers, *self._cleanups, return_exceptions=True)
+        await asyncio.gather(*self._follow_ups, return_exceptions=True)
 
     # -- queries ---------------------------------------------------------------------
-    def get(self, job_id: str) -> JobRecord:
+    async def get(self, job_id: str) -> JobRecord:
+        return self.known(job_id) or await self.store.get_job(job_id)
+
+    def known(self, job_id: str) -> JobRecord | None:
+        """The job's record if this engine holds it (running here, or ended while the
+        store refused it), else None: read the store."""
         running = self._running.get(job_id)
-        if running:
-            return running.record
-        return self._unrecorded.get(job_id) or self.store.get_job(job_id)
+        return running.record if running else self._unrecorded.get(job_id)
 
     @property
     def running_ids(self) -> set[str]:
@@ -272,9 +339,9 @@ class JobEngine:
                                                                         job.bytes_total)
         return ProgressSnapshot(job.bytes_done, job.bytes_total, 0.0, 0, job.stage, fraction)
 
-    def list(self, status: str | None = None, limit: int = 1000, offset: int = 0,
-             provider: str | None = None) -> list[JobRecord]:
-        jobs = self.store.list_jobs(status, limit, offset, provider)
+    async def list(self, status: str | None = None, limit: int = 1000, offset: int = 0,
+                   provider: str | None = None) -> list[JobRecord]:
+        jobs = await self.store.list_jobs(status, limit, offset, provider)
         return [self._running[j.id].record if j.id in self._running else j for j in jobs]
 
     # -- commands --------------------------------------------------------------------
@@ -285,9 +352,9 @@ class JobEngine:
                                   + ", ".join(kind_names()))
         return kind, kind.validate(definition, self)
 
-    def submit(self, kind_name: str, definition: object, uid: int = -1,
-               retry_of: str | None = None, requested_by: str = "",
-               job_id: str | None = None) -> JobRecord:
+    async def submit(self, kind_name: str, definition: object, uid: int = -1,
+                     retry_of: str | None = None, requested_by: str = "",
+                     job_id: str | None = None) -> JobRecord:
         """A new pending job (`job_id`: one new_job_id() gave, named earlier)."""
         if not self._accepting:
             raise Failed("hypervisord is shutting down; no new jobs are accepted")
@@ -297,30 +364,30 @@ class JobEngine:
                         definition=normalised, vm=summary["vm"], provider=summary["provider"],
                         started_by_uid=uid, created_at=time.time(), retry_of=retry_of,
                         requested_by=requested_by)
-        self.store.insert_job(job)
+        await self.store.insert_job(job)
         self.notify(JobEvent("created", job))
         self.wake()
         return job
 
-    def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: running here, at once; pending, before any instance claims it;
         running on another instance, by a request it honours at its next look (fleet.py)."""
-        job = self.get(job_id)
+        job = await self.get(job_id)
         if job.finished:
             raise InvalidArgument("job", f"job {job_id} has already {job.status}")
         if self.cancel_running(job_id, self.instance):
             return job
-        if job.status == "pending" and self._finish(job, "cancelled",
-                                                    error="cancelled before it started"):
+        if job.status == "pending" and await self._finish(job, "cancelled",
+                                                          error="cancelled before it started"):
             return job
-        if not self.store.request_cancel(job_id, self.instance):
-            job = self.store.get_job(job_id)  # it ended meanwhile
+        if not await self.store.request_cancel(job_id, self.instance):
+            job = await self.store.get_job(job_id)  # it ended meanwhile
             raise InvalidArgument("job", f"job {job_id} has already {job.status}")
-        return self.store.get_job(job_id)
+        return await self.store.get_job(job_id)
 
-    def cutover(self, job_id: str) -> JobRecord:
+    async def cutover(self, job_id: str) -> JobRecord:
         """Start the cutover of a warm export running here (jobs/warm.py)."""
-        job = self.get(job_id)
+        job = await self.get(job_id)
         if not job.definition.get("warm"):
             raise InvalidArgument("job", f"job {job_id} is not a warm migration")
         if job.finished:
@@ -338,7 +405,8 @@ class JobEngine:
 
     def cancel_running(self, job_id: str, asked_on: str, reason: str = "user") -> bool:
         """Cancel the job if it runs here: a user asked on instance `asked_on`, or (reason
-        "lost") another instance recovered it while this one did not answer (fleet.py)."""
+        "lost") another instance recovered it while this one did not answer, or ("lease")
+        this one's lease ran out unrenewed and another will (fleet.py)."""
         running = self._running.get(job_id)
         if running is None or running.task is None:
             return False
@@ -346,30 +414,48 @@ class JobEngine:
         running.task.cancel()
         return True
 
-    def retry(self, job_id: str, uid: int, requested_by: str = "") -> JobRecord:
-        job = self.get(job_id)
+    async def retry(self, job_id: str, uid: int, requested_by: str = "") -> JobRecord:
+        job = await self.get(job_id)
         if job.status not in ("failed", "cancelled"):
             raise InvalidArgument("job", f"only failed or cancelled jobs can be retried; "
                                   f"{job_id} is {job.status}")
-        retried = self.submit(job.kind, job.definition, uid, retry_of=job.id,
-                              requested_by=requested_by)
+        retried = await self.submit(job.kind, job.definition, uid, retry_of=job.id,
+                                    requested_by=requested_by)
         # before the new job can run (submit only queued it): what the old one kept
         # for a resume is the new one's now
-        self.store.hand_over(job.id, retried.id)
+        await self.store.hand_over(job.id, retried.id)
         return retried
 
-    def append_log(self, job: JobRecord, message: str, level: str = "info") -> None:
+    async def end_abandoned(self, job_ids: set[str], why: str) -> None:
+        """End as failed, saying `why`, those of the jobs this instance stopped without
+        recording it (its lease ran out: fleet.py) that no other instance recovered."""
+        for job_id in job_ids:
+            job = await self.store.get_job(job_id)
+            job.status, job.finished_at = "failed", time.time()
+            job.error = f"interrupted: {why}; its partial output was removed (retry the job)"
+            if await self.store.end_if(job, "running", reason="lease ran out"):
+                await self.append_log(job, job.error, "error")
+                self.notify(JobEvent("status", job))
+
+    def append_log(self, job: JobRecord, message: str, level: str = "info") -> asyncio.Task:
+        """Write a log line of the job in its turn (Store.soon: a job's code logs without
+        awaiting), and announce it once written; await the task to know it is."""
         level = level if level in LOG_LEVELS else "info"
         if len(message) > MAX_LOG_MESSAGE:  # a tool's whole output; GetLog pages stay small
             message = (f"{message[:MAX_LOG_MESSAGE]}… ({len(message) - MAX_LOG_MESSAGE} "
                        "more characters)")
         now = time.time()
-        line_id = self.store.append_log(job.id, now, level, message)
-        self.notify(JobEvent("log", job, LogLine(line_id, now, level, message)))
+        written = self.store.soon(self.store.append_log, job.id, now, level, message)
+
+        def announce(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is None:
+                self.notify(JobEvent("log", job, LogLine(task.result(), now, level, message)))
+        written.add_done_callback(announce)
+        return written
 
     # -- running ---------------------------------------------------------------------
-    def _finish(self, job: JobRecord, status: str, error: str = "", result: dict | None = None,
-                reason: str = "") -> bool:
+    async def _finish(self, job: JobRecord, status: str, error: str = "",
+                      result: dict | None = None, reason: str = "") -> bool:
         """End the job as `status`, unless another instance changed it first (claimed a
         pending job, recovered a running one): False then, and nothing is recorded."""
         was = job.status
@@ -379,29 +465,30 @@ class JobEngine:
         if result is not None:
             job.result = result
         try:
-            if not self.store.end_if(job, was, reason=reason):
+            if not await self.store.end_if(job, was, reason=reason):
                 log.warning("job %s: not recorded as %s; another instance changed it first "
-                            "(it is %s there)", job.id, status, self.store.get_job(job.id).status)
+                            "(it is %s there)", job.id, status,
+                            (await self.store.get_job(job.id)).status)
                 return False
             if error:
-                self.append_log(job, error, "error" if status == "failed" else "info")
+                await self.append_log(job, error, "error" if status == "failed" else "info")
         except self.store.errors as exc:  # listeners still hear the truth; recorded later
             log.error("job %s ended %s but the store could not record it: %s", job.id,
                       status, exc)
             self._unrecorded[job.id] = job
         self.notify(JobEvent("status", job))
-        self.prune()
+        await self.prune()
         return True
 
-    def prune(self) -> None:
+    async def prune(self) -> None:
         """Remove the finished jobs database.retention_count/_age no longer keep."""
         settings = self.config.database
         cutoff = time.time() - settings.retention_age if settings.retention_age else 0
         try:
-            for job_id in self.store.past_retention_holding_paths(settings.retention_count,
-                                                                  cutoff):
-                remove_leftovers(self.store, job_id, keep_resumable=False, when="pruned")
-            removed = self.store.prune_finished(settings.retention_count, cutoff)
+            for job_id in await self.store.past_retention_holding_paths(
+                    settings.retention_count, cutoff):
+                await remove_leftovers(self.store, job_id, keep_resumable=False, when="pruned")
+            removed = await self.store.prune_finished(settings.retention_count, cutoff)
         except self.store.errors as exc:
             log.warning("could not prune finished jobs: %s", exc)
             return
@@ -411,11 +498,11 @@ class JobEngine:
         for job in removed:
             self.notify(JobEvent("removed", job))
 
-    def _record_unrecorded(self) -> None:
+    async def _record_unrecorded(self) -> None:
         """Write the endings a broken store refused earlier (once it takes them again)."""
         for job_id, job in list(self._unrecorded.items()):
             try:
-                self.store.set_status(job)
+                await self.store.set_status(job)
             except self.store.errors:
                 return
             del self._unrecorded[job_id]
@@ -426,7 +513,7 @@ class JobEngine:
         while True:
             self._wake.clear()
             try:
-                job = self._claim()
+                job = await self._claim()
             except self.store.errors as exc:
                 log.warning("worker: cannot claim a pending job: %s", exc)
                 job = None
@@ -437,17 +524,17 @@ class JobEngine:
                 await self._take(job)
             except Exception as exc:
                 log.exception("worker: job %s could not be run", job.id)
-                self._fail_unrun(job.id, exc)
+                await self._fail_unrun(job.id, exc)
 
-    def _claim(self) -> JobRecord | None:
+    async def _claim(self) -> JobRecord | None:
         """The oldest pending job this instance can start now, claimed; None if none.
         While every export slot is taken, jobs that need one stay pending for others."""
         if not self._accepting:
             return None
-        self._record_unrecorded()
+        await self._record_unrecorded()
         skip = (tuple(name for name in kind_names() if get_kind(name).export_slot)
                 if self._export_slots.locked() else ())
-        claimed = self.store.claim_pending(1, self.instance, skip)
+        claimed = await self.store.claim_pending(1, self.instance, skip)
         return claimed[0] if claimed else None
 
     async def _take(self, job: JobRecord) -> None:
@@ -455,7 +542,7 @@ class JobEngine:
         kind = get_kind(job.kind)
         refusal = self._refusal(job, kind)
         if refusal:
-            self._finish(job, "failed", error=refusal)
+            await self._finish(job, "failed", error=refusal)
         elif kind.export_slot:
             async with self._export_slots:
                 await self._run(job, kind)
@@ -475,52 +562,71 @@ class JobEngine:
                     "database.url need the same paths and providers)")
         return ""
 
-    def _fail_unrun(self, job_id: str, exc: Exception) -> None:
+    async def _fail_unrun(self, job_id: str, exc: Exception) -> None:
         """A job that could not even be started or finished normally: fail it truthfully."""
         running = self._running.pop(job_id, None)
         try:
-            job = running.record if running else self.store.get_job(job_id)
+            job = running.record if running else await self.store.get_job(job_id)
         except (NotFound, *self.store.errors):
             return
         if not job.finished:
-            self._finish(job, "failed", error=_internal_error(exc, self.store.errors))
+            await self._finish(job, "failed", error=_internal_error(exc, self.store.errors))
 
     async def _run(self, job: JobRecord, kind: JobKind) -> None:
         running = RunningJob(self, job, kind)
         self._running[job.id] = running
         self.notify(JobEvent("status", job))
-        running.task = asyncio.create_task(self._attempts(running, kind), name=job.id)
         try:
+            await running.output.load()
+            running.task = asyncio.create_task(self._attempts(running, kind), name=job.id)
             result = await running.task
         except asyncio.CancelledError:
             if running.cancel_reason == "user":
-                running.output.discard()
+                await running.output.discard()
                 asked = (f" on instance {running.cancel_asked_on}"
                          if running.cancel_asked_on != self.instance else "")
-                self._finish(job, "cancelled", error=f"cancelled by the user{asked}")
-            elif running.cancel_reason == "lost":  # its record is the recoverer's now
-                running.output.discard()
-                log.warning("job %s: instance %s recovered it while this one did not answer;"
-                            " stopped here and what it made here removed", job.id,
-                            running.cancel_asked_on)
+                await self._finish(job, "cancelled", error=f"cancelled by the user{asked}")
+            elif running.cancel_reason == "store":
+                await self._store_refused(running)
+            elif running.cancel_reason in ("lost", "lease"):  # the recoverer's record now
+                log.warning("job %s: %s; stopped here, what it made here is removed", job.id,
+                            f"instance {running.cancel_asked_on} recovered it while this one"
+                            " did not answer" if running.cancel_reason == "lost" else
+                            "this instance's lease ran out unrenewed (the store did not "
+                            "answer): another instance recovers it")
+                await running.output.discard()
             else:
-                kept = running.output.suspend()
-                self._finish(job, "failed", error="interrupted by service shutdown; "
-                             + _what_was_left([], kept), reason="shutdown")
-            if not running.task.cancelled():
+                kept = await running.output.suspend()
+                await self._finish(job, "failed", error="interrupted by service shutdown; "
+                                   + _what_was_left([], kept), reason="shutdown")
+            if running.task is None or not running.task.cancelled():
                 raise  # the worker itself is being cancelled
         except HyperSDKError as exc:
-            running.output.discard()
-            self._finish(job, "failed", error=exc.message)
-        except Exception as exc:  # a bug or a broken store: the journal gets the traceback
-            log.exception("job %s failed unexpectedly", job.id)
-            running.output.discard()
-            self._finish(job, "failed", error=_internal_error(exc, self.store.errors))
+            await running.output.discard()
+            await self._finish(job, "failed", error=exc.message)
+        except Exception as exc:  # a bug (the journal gets the traceback) or a broken store
+            if isinstance(exc, self.store.errors):
+                log.error("job %s: the job store failed: %s", job.id, exc)
+            else:
+                log.exception("job %s failed unexpectedly", job.id)
+            await running.output.discard()
+            await self._finish(job, "failed", error=_internal_error(exc, self.store.errors))
         else:
-            running.output.keep()
-            self._finish(job, "completed", result=result)
+            await running.settle()
+            if running.store_failure is not None:
+                await self._store_refused(running)
+            else:
+                await running.output.keep()
+                await self._finish(job, "completed", result=result)
         finally:
             self._running.pop(job.id, None)
+            running.ended.set()
+
+    async def _store_refused(self, running: RunningJob) -> None:
+        """The store refused a write the job's code made: it fails (RunningJob.watch)."""
+        await running.output.discard()
+        await self._finish(running.record, "failed",
+                           error=_internal_error(running.store_failure, self.store.errors))
 
     async def _attempts(self, running: RunningJob, kind: JobKind) -> dict:
         max_retries = self.config.export.max_retries
@@ -534,9 +640,17 @@ class JobEngine:
                 delay = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE ** attempt)
                 running.log(f"attempt {attempt + 1} failed: {exc.message}; retrying in "
                             f"{delay:g}s", "warning")
-                running.output.discard()
+                await running.output.discard()
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def new_job_id() -> str:

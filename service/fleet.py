@@ -14,14 +14,16 @@ store (engine.py) and, here, every `database.poll_interval`:
   disk: engine.recover);
 - stops its running jobs that another instance recovered while this one did not
   answer (a pause, a network cut longer than the lease), removing what they made here
-  and leaving their records to the recoverer;
+  and leaving their records to the recoverer; and stops them by itself when its lease
+  runs out unrenewed (the store does not answer: a hung server, a cut to it), since
+  another instance recovers them then;
 - cancels its running jobs that a user cancelled on another instance (a flag in the
   store, Store.request_cancel);
 - wakes its workers for jobs submitted elsewhere;
 - announces what other instances did to jobs (new jobs, status, saved progress) to its
   listeners as events with `local=False`, so that its D-Bus API shows the whole fleet.
 
-Why polling and not LISTEN/NOTIFY: the store is synchronous on one connection, SQLite
+Why polling and not LISTEN/NOTIFY: the store has one connection per instance, SQLite
 has no notifications, and one short indexed query per interval is cheap; a job
 submitted on this instance still starts at once (JobEngine.submit wakes the workers).
 Leases are measured by the database's clock (Store.NOW), so hosts' clocks may differ.
@@ -32,7 +34,7 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .engine import JobEngine, JobEvent, new_job_id
 from .errors import HyperSDKError, NotFound
@@ -64,11 +66,13 @@ class Fleet:
         self.poll = settings.poll_interval
         self._next_beat = 0.0
         # unfinished jobs as listeners last heard of them, by id
-        self._shown = {job.id: _shown(job) for job in self.store.unfinished_jobs()}
+        self._shown: dict[str, tuple] = {}
         self._task: asyncio.Task | None = None
+        self._lease_end: asyncio.TimerHandle | None = None  # the lease runs out unrenewed
+        self._stopped: set[str] = set()  # jobs stopped then, their ending not yet recorded
         # called with the name of each instance whose lease ran out, after its jobs were
         # recovered (plans.Plans.take_over), at every look while it stays silent
-        self.on_instance_lost: list[Callable[[str], None]] = []
+        self.on_instance_lost: list[Callable[[str], Awaitable[None]]] = []
         engine.subscribe(self._heard)
 
     def _heard(self, event: JobEvent) -> None:
@@ -77,10 +81,14 @@ class Fleet:
         if event.job.finished or event.type == "removed":
             self._shown.pop(event.job.id, None)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        for job in await self.store.unfinished_jobs():
+            self._shown.setdefault(job.id, _shown(job))
         self._task = asyncio.create_task(self._run(), name="fleet")
 
     async def stop(self) -> None:
+        if self._lease_end is not None:
+            self._lease_end.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -88,35 +96,63 @@ class Fleet:
     async def _run(self) -> None:
         while True:
             try:
-                self.tick()
+                await self.tick()
             except self.store.errors as exc:  # a lost database: try again next time
                 log.warning("fleet: the store did not answer: %s", exc)
             except Exception:
                 log.exception("fleet: tick failed")
             await asyncio.sleep(self.poll)
 
-    def tick(self) -> None:
+    async def tick(self) -> None:
         if time.monotonic() >= self._next_beat:
-            self.store.renew_lease(self.instance, self.lease)
-            self._next_beat = time.monotonic() + self.lease / 3
-            recovered = self.store.recovered_from(self.instance, self.engine.running_ids)
+            await self._renew()
+            recovered = await self.store.recovered_from(self.instance, self.engine.running_ids)
             for job_id, recoverer in recovered.items():
                 self.engine.cancel_running(job_id, recoverer, reason="lost")
-            self.take_over()
-        for job_id, asked_on in self.store.cancels_requested(self.instance).items():
+            await self.take_over()
+        for job_id, asked_on in (await self.store.cancels_requested(self.instance)).items():
             self.engine.cancel_running(job_id, asked_on)
-        self.follow()
+        await self.follow()
         self.engine.wake()
 
-    # -- instances that stopped answering ----------------------------------------------
-    def take_over(self) -> None:
-        for name, heartbeat in self.store.expired_instances(self.instance):
-            for job in self.store.running_on((name,)):
-                self._recover(job, heartbeat)
-            for callback in self.on_instance_lost:
-                callback(name)
+    # -- this instance's lease ---------------------------------------------------------
+    async def _renew(self) -> None:
+        """Renew the lease; on a store others share, stop this instance's running jobs
+        when it runs out unrenewed (the store did not answer): another instance recovers
+        them then, and must not find them still running here."""
+        asked = time.monotonic()  # the lease counts from no earlier than now
+        await self.store.renew_lease(self.instance, self.lease)
+        self._next_beat = time.monotonic() + self.lease / 3
+        if self.store.SHARED:
+            if self._lease_end is not None:
+                self._lease_end.cancel()
+            self._lease_end = asyncio.get_running_loop().call_later(
+                self.lease - (time.monotonic() - asked), self._lease_ran_out)
+        if self._stopped:  # no other instance may have recovered them: end them here
+            stopped, self._stopped = self._stopped, set()
+            await self.engine.end_abandoned(stopped, f"instance {self.instance}'s lease ran "
+                                            f"out (the job store did not answer for "
+                                            f"{self.lease:g}s) and no other instance "
+                                            "recovered the job")
 
-    def _recover(self, job: JobRecord, heartbeat: float) -> None:
+    def _lease_ran_out(self) -> None:
+        self._lease_end = None
+        log.warning("fleet: the lease of instance %s ran out unrenewed (the job store did "
+                    "not answer): its running jobs stop, for another instance to recover",
+                    self.instance)
+        for job_id in self.engine.running_ids:
+            if self.engine.cancel_running(job_id, self.instance, reason="lease"):
+                self._stopped.add(job_id)
+
+    # -- instances that stopped answering ----------------------------------------------
+    async def take_over(self) -> None:
+        for name, heartbeat in await self.store.expired_instances(self.instance):
+            for job in await self.store.running_on((name,)):
+                await self._recover(job, heartbeat)
+            for callback in self.on_instance_lost:
+                await callback(name)
+
+    async def _recover(self, job: JobRecord, heartbeat: float) -> None:
         """End `job` (its instance stopped answering) and run it again here, when its
         definition is valid here (the same paths and providers on every instance). The
         retry exists before the ending is announced: a listener following the job (a
@@ -131,23 +167,24 @@ class Fleet:
         job.error = (f"interrupted: instance {dead} stopped answering (last heartbeat "
                      f"{_iso(heartbeat)}, lease {self.lease:g}s); instance {self.instance} "
                      f"recovered the job and {again}{retry_id}")
-        if not self.store.end_if(job, "running", reason=f"recovered by {self.instance}: "
-                                 f"{dead} stopped answering"):
+        if not await self.store.end_if(job, "running", reason=f"recovered by {self.instance}:"
+                                       f" {dead} stopped answering"):
             return  # another instance, or the dead one restarting, was first
         log.warning("job %s: %s", job.id, job.error)
-        self.engine.append_log(job, job.error, "error")
+        await self.engine.append_log(job, job.error, "error")
         if retry_id:
-            self.engine.submit(job.kind, job.definition, job.started_by_uid, retry_of=job.id,
-                               requested_by=job.requested_by, job_id=retry_id)
+            await self.engine.submit(job.kind, job.definition, job.started_by_uid,
+                                     retry_of=job.id, requested_by=job.requested_by,
+                                     job_id=retry_id)
         self.engine.notify(JobEvent("status", job))
 
     # -- the fleet's jobs on this instance's bus -----------------------------------------
-    def follow(self) -> None:
+    async def follow(self) -> None:
         """Announce what other instances did to jobs since the last look."""
-        current = {job.id: job for job in self.store.unfinished_jobs()}
+        current = {job.id: job for job in await self.store.unfinished_jobs()}
         for job_id in set(self._shown) - set(current):  # ended (or pruned) elsewhere
             try:
-                current[job_id] = self.store.get_job(job_id)
+                current[job_id] = await self.store.get_job(job_id)
             except NotFound:
                 self._announce("removed", self._removed(job_id))
         for job in current.values():

@@ -19,11 +19,10 @@ before it is created (`record_volume`). When the run ends:
 """
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -35,63 +34,87 @@ from .model import Checkpoint, SavedDownload
 from .staging import JobStagings, OwnedPath, Staging, remove_owned
 from .store import Store
 
-log = logging.getLogger(__name__)
 Log = Callable[..., None]
+# a store call, with its arguments, made by the job's code without awaiting it
+# (RunningJob.write: in its turn, from the event loop or a worker thread)
+Write = Callable[..., None]
 
 
 @dataclass(frozen=True)
 class StoreJournal:
-    """staging.Journal for a job: what it makes is in the store before the thing itself
-    exists, so a restart after a crash can remove it (JobEngine.recover)."""
+    """staging.Journal for a job: what it makes is recorded in the store as it is made,
+    so a restart after a crash can remove it (JobEngine.recover). The job's code does
+    not await: the record is written in its turn (Store.soon), before any store call
+    made after it, a failure logged (an unrecorded path is still removed by the run
+    itself: JobStagings knows it; RunningJob.write fails the job)."""
 
     store: Store
     job_id: str
+    write: Write
 
     def record(self, owned: OwnedPath) -> None:
-        self.store.record_owned(self.job_id, owned)
+        self.write(self.store.record_owned, self.job_id, owned)
 
     def forget(self, owned: OwnedPath) -> None:
-        try:
-            self.store.forget_owned(self.job_id, owned)
-        except self.store.errors as exc:  # the path is gone already; recovery finds nothing
-            log.warning("job %s: could not forget %s in the store: %s", self.job_id,
-                        owned.relative, exc)
+        self.write(self.store.forget_owned, self.job_id, owned)
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoreCheckpoints:
-    """model.DownloadCheckpoints for a job's downloads, kept in the store."""
+    """model.DownloadCheckpoints for a job's downloads, kept in the store and mirrored
+    here (the job's code reads them without awaiting; the job is their only writer while
+    it runs): what an earlier run saved is read when the run starts (`load`), what this
+    one saves is written in its turn (RunningJob.write fails the job should the store
+    refuse it)."""
 
     store: Store
     job_id: str
     interval: int  # export.checkpoint_interval; 0: no checkpoints
+    write: Write
+    known: dict[str, SavedDownload] = field(default_factory=dict)
+
+    async def load(self) -> None:
+        self.known = await self.store.saved_downloads(self.job_id)
 
     def saved(self, target_name: str) -> SavedDownload | None:
-        return self.store.saved_download(self.job_id, target_name)
+        return self.known.get(target_name)
 
     def save(self, target_name: str, temp_name: str, validator: str,
              point: Checkpoint) -> None:
-        try:
-            self.store.save_checkpoint(self.job_id, target_name, temp_name, validator, point)
-        except self.store.errors as exc:  # a resume then starts from an earlier checkpoint
-            log.warning("job %s: could not record a checkpoint of %s: %s", self.job_id,
-                        target_name, exc)
+        saved = self.known.setdefault(target_name, SavedDownload(temp_name, validator, []))
+        saved.checkpoints.append(point)
+        self.write(self.store.save_checkpoint, self.job_id, target_name, temp_name,
+                   validator, point)
 
-    def clear(self, target_name: str) -> None:
-        self.store.clear_checkpoints(self.job_id, target_name)
+    def clear(self, target_name: str | None = None) -> None:
+        """Forget the checkpoints of `target_name` (None: of every download)."""
+        if target_name is None:
+            self.known.clear()
+        else:
+            self.known.pop(target_name, None)
+        self.write(self.store.clear_checkpoints, self.job_id, target_name)
 
 
 class JobOutput:
     """The staging directories and checkpoints of one job run; see the module docstring."""
 
-    def __init__(self, store: Store, job_id: str, checkpoint_interval: int, log: Log) -> None:
+    def __init__(self, store: Store, job_id: str, checkpoint_interval: int, log: Log,
+                 write: Write) -> None:
         self.store = store
         self.job_id = job_id
-        self.checkpoints = StoreCheckpoints(store, job_id, checkpoint_interval)
+        self.checkpoints = StoreCheckpoints(store, job_id, checkpoint_interval, write)
         self._log = log
-        self._journal = StoreJournal(store, job_id)
+        self._write = write
+        self._journal = StoreJournal(store, job_id, write)
         self._stagings = JobStagings()
-        self._inherited = store.owned_paths(job_id)  # handed over by Store.hand_over
+        self._inherited: list[OwnedPath] = []  # handed over by Store.hand_over
+        self._inherited_names: set[str] = set()  # what the inherited checkpoints are about
+
+    async def load(self) -> None:
+        """Read what an interrupted run handed over (before the job's code runs)."""
+        self._inherited = await self.store.owned_paths(self.job_id)
+        self._inherited_names = await self.store.checkpoint_names(self.job_id)
+        await self.checkpoints.load()
 
     def staging(self, dest: OpenDir) -> Staging:
         """The staging directory an interrupted run kept in `dest`, else a new one."""
@@ -104,7 +127,7 @@ class JobOutput:
                                if owned is not kept and owned not in created]
             try:
                 staging = self._stagings.adopt(dest, kept, created, self._journal,
-                                               self.store.checkpoint_names(self.job_id))
+                                               self._inherited_names)
                 self._log(f"resuming from what the interrupted job left in {kept.shown}")
                 return staging
             except (OSError, Failed) as exc:
@@ -114,52 +137,58 @@ class JobOutput:
         return self._stagings.create(dest, self.job_id, self._journal)
 
     def record_domain(self, uri: str, uuid: str, console_log: Path | None) -> None:
-        self.store.record_domain(self.job_id, uri, uuid, str(console_log or ""))
+        self._write(self.store.record_domain, self.job_id, uri, uuid, str(console_log or ""))
 
     def record_volume(self, uri: str, pool: str, name: str) -> None:
-        self.store.record_volume(self.job_id, uri, pool, name)
+        self._write(self.store.record_volume, self.job_id, uri, pool, name)
 
     def forget_volume(self, uri: str, pool: str, name: str) -> None:
-        self.store.forget_volume(self.job_id, uri, pool, name)
+        self._write(self.store.forget_volume, self.job_id, uri, pool, name)
 
-    def keep(self) -> None:
+    async def keep(self) -> None:
         """The run completed: what landed stays, its staging directories go."""
-        self.store.forget_domains(self.job_id)
-        self.store.forget_volumes(self.job_id)
+        await self.store.forget_domains(self.job_id)
+        await self.store.forget_volumes(self.job_id)
         self._stagings.keep()
-        self._end()
+        await self._end()
 
-    def discard(self) -> None:
-        """The run failed or was cancelled: everything it made goes."""
-        self._remove_domains()
+    async def discard(self) -> None:
+        """The run failed or was cancelled: everything it made goes (its files even when
+        the store does not answer: which domains and volumes it made, only the store
+        says)."""
+        try:
+            await self._remove_domains()
+        except self.store.errors as exc:
+            self._log(f"could not read which domains and volumes the job made: {exc}",
+                      "warning")
         for problem in self._stagings.discard():
             self._log(problem, "warning")
-        self._end()
+        await self._end()
 
-    def suspend(self) -> int:
+    async def suspend(self) -> int:
         """The run was interrupted: keep the downloads worth resuming (see the module
         docstring) and return their verified bytes; without any, discard everything."""
-        names = self.store.checkpoint_names(self.job_id)
+        names = await self.store.checkpoint_names(self.job_id)
 
         def holding(staging: Staging) -> bool:
             return _holds(staging.path, names)
 
-        resumable = self.store.resumable_bytes(self.job_id)
+        resumable = await self.store.resumable_bytes(self.job_id)
         if not resumable or not any(holding(staging) for staging in self._stagings):
-            self.discard()
+            await self.discard()
             return 0
-        self._remove_domains()
+        await self._remove_domains()
         for problem in self._stagings.suspend(holding):
             self._log(problem, "warning")
         self._remove(self._inherited)
         return resumable
 
-    def _remove_domains(self) -> None:
-        for problem in remove_domains(self.store, self.job_id):
+    async def _remove_domains(self) -> None:
+        for problem in await remove_domains(self.store, self.job_id):
             self._log(problem, "warning")
 
-    def _end(self) -> None:
-        self.store.clear_checkpoints(self.job_id)
+    async def _end(self) -> None:
+        self.checkpoints.clear()
         self._remove(self._inherited)
 
     def _remove(self, inherited: list[OwnedPath]) -> None:
@@ -176,18 +205,19 @@ class JobOutput:
         self._inherited = [owned for owned in self._inherited if owned not in paths]
 
 
-def remove_leftovers(store: Store, job_id: str, keep_resumable: bool,
-                     when: str) -> tuple[list[str], int]:
+async def remove_leftovers(store: Store, job_id: str, keep_resumable: bool,
+                           when: str) -> tuple[list[str], int]:
     """Remove what a job that is not running made, newest first, logging each step
     ("{when}: removed ..."); with `keep_resumable`, the staging directories that hold
     checkpointed downloads stay, with the directories made for them. Returns what could
     not be removed and the bytes kept for a resume."""
-    resumable = store.resumable_bytes(job_id) if keep_resumable else 0
-    problems = remove_domains(store, job_id)
+    resumable = await store.resumable_bytes(job_id) if keep_resumable else 0
+    problems = await remove_domains(store, job_id)
     for problem in problems:
-        store.append_log(job_id, time.time(), "warning", problem)
-    owned_paths = store.owned_paths(job_id)
-    kept = _kept_for_resume(owned_paths, store.checkpoint_names(job_id)) if resumable else []
+        await store.append_log(job_id, time.time(), "warning", problem)
+    owned_paths = await store.owned_paths(job_id)
+    kept = (_kept_for_resume(owned_paths, await store.checkpoint_names(job_id))
+            if resumable else [])
     resumable = resumable if kept else 0  # checkpoints of files no longer there vouch for nothing
     for owned in reversed(owned_paths):
         if owned in kept:
@@ -195,27 +225,27 @@ def remove_leftovers(store: Store, job_id: str, keep_resumable: bool,
         problem = remove_owned(owned)
         if problem:
             problems.append(problem)
-            store.append_log(job_id, time.time(), "warning", problem)
+            await store.append_log(job_id, time.time(), "warning", problem)
         else:
-            store.append_log(job_id, time.time(), "info",
-                             f"{when}: removed {owned.kind} {owned.shown}")
-        store.forget_owned(job_id, owned)
+            await store.append_log(job_id, time.time(), "info",
+                                   f"{when}: removed {owned.kind} {owned.shown}")
+        await store.forget_owned(job_id, owned)
     if not resumable:
-        store.clear_checkpoints(job_id)
+        await store.clear_checkpoints(job_id)
     return problems, resumable
 
 
-def remove_domains(store: Store, job_id: str) -> list[str]:
+async def remove_domains(store: Store, job_id: str) -> list[str]:
     """Stop and undefine the domains the job defined, and remove their console logs, then
     delete the volumes it created (blocking: libvirt calls, made only when a job that
     defined a domain or created a volume did not complete); what was left, one line
     each."""
-    problems = [problem for uri, uuid, console_log in store.owned_domains(job_id)
+    problems = [problem for uri, uuid, console_log in await store.owned_domains(job_id)
                 if (problem := remove_domain_by_uuid(uri, uuid, console_log))]
-    store.forget_domains(job_id)
-    problems += [problem for uri, pool, name in store.owned_volumes(job_id)
+    await store.forget_domains(job_id)
+    problems += [problem for uri, pool, name in await store.owned_volumes(job_id)
                  if (problem := remove_volume(uri, pool, name))]
-    store.forget_volumes(job_id)
+    await store.forget_volumes(job_id)
     return problems
 
 

@@ -22,6 +22,7 @@ plan is).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import time
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from .definitions import new_id
 from .disks.ovf_writer import safe_name
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from .engine import JobEngine
     from .model import VMInfo
     from .store import JobRecord, Store
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 ENDED = ("completed", "failed", "cancelled")
@@ -185,6 +188,17 @@ class _Space:
         return ""
 
 
+def _one_at_a_time(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Plans change one at a time: the engine's events reach them in tasks of their own
+    (JobEngine.notify), and two jobs of a plan ending together must not both release
+    its next VM."""
+    @functools.wraps(method)
+    async def serialised(self: "Plans", *args: Any, **kwargs: Any) -> T:
+        async with self._serial:
+            return await method(self, *args, **kwargs)
+    return serialised
+
+
 class Plans:
     """The plans in the store, and the releasing of their VMs as the engine's jobs end.
     `on_change(plan_id)` callbacks hear every change (the D-Bus objects)."""
@@ -194,67 +208,68 @@ class Plans:
         self.engine = engine
         self.config = config
         self.on_change: list[Callable[[str], None]] = []
+        self._serial = asyncio.Lock()
         self._cut_over: set[str] = set()  # plans whose Cutover was called (warm: cutover)
         engine.subscribe(self._on_job_event)
 
     # -- records ---------------------------------------------------------------------
-    def create(self, definition: Any, uid: int, requested_by: str = "") -> Plan:
+    async def create(self, definition: Any, uid: int, requested_by: str = "") -> Plan:
         data = validate_plan(definition, self.config, self.engine.providers)
         plan_id = new_id("plan")
-        with self.store.transaction() as db:
-            if db.execute("SELECT 1 FROM plans WHERE name=?", (data["name"],)).fetchone():
+        async with self.store.transaction() as db:
+            if (await db.execute("SELECT 1 FROM plans WHERE name=?", (data["name"],))).fetchone():
                 raise AlreadyExists(f"name: a plan named {data['name']!r} exists")
-            db.execute("INSERT INTO plans (id, name, definition, status, created_by_uid,"
-                       " requested_by, created_at) VALUES (?,?,?,?,?,?,?)",
-                       (plan_id, data["name"], json.dumps(data), "created", uid, requested_by,
+            await db.execute("INSERT INTO plans (id, name, definition, status, created_by_uid,"
+                             " requested_by, created_at) VALUES (?,?,?,?,?,?,?)",
+                             (plan_id, data["name"], json.dumps(data), "created", uid, requested_by,
                         time.time()))
         log.info("plan %s (%s) created", plan_id, data["name"])
-        return self.get(plan_id)
+        return await self.get(plan_id)
 
-    def get(self, plan_id: str) -> Plan:
-        row = self.store.execute(f"SELECT {_PLAN_COLUMNS} FROM plans WHERE id=?",
-                                 (plan_id,)).fetchone()
+    async def get(self, plan_id: str) -> Plan:
+        row = (await self.store.execute(f"SELECT {_PLAN_COLUMNS} FROM plans WHERE id=?",
+                                        (plan_id,))).fetchone()
         if row is None:
             raise NotFound(f"plan: no plan {plan_id!r}")
         return _plan_from_row(row)
 
-    def list(self) -> list[Plan]:
-        return [_plan_from_row(row) for row in self.store.execute(
+    async def list(self) -> list[Plan]:
+        return [_plan_from_row(row) for row in await self.store.execute(
             f"SELECT {_PLAN_COLUMNS} FROM plans ORDER BY created_at, id")]
 
-    def vms(self, plan_id: str) -> list[PlanVM]:
-        rows = self.store.execute(f"SELECT {', '.join(_VM_COLUMNS)} FROM plan_vms "
-                                  "WHERE plan_id=? ORDER BY position", (plan_id,))
+    async def vms(self, plan_id: str) -> list[PlanVM]:
+        rows = await self.store.execute(f"SELECT {', '.join(_VM_COLUMNS)} FROM plan_vms "
+                                        "WHERE plan_id=? ORDER BY position", (plan_id,))
         return [PlanVM(*row[:10], json.loads(row[10])) for row in rows]
 
-    def status_table(self, plan_id: str) -> list[dict]:
+    async def status_table(self, plan_id: str) -> list[dict]:
         """One line per VM; a released VM's line carries its job's status now."""
         table = []
-        for vm in self.vms(plan_id):
+        for vm in await self.vms(plan_id):
             line = vm.to_dict()
             if vm.state == "released":
-                line.update(self._job_now(vm.job_id))
+                line.update(await self._job_now(vm.job_id))
             table.append(line)
         return table
 
-    def _job_now(self, job_id: str) -> dict:
+    async def _job_now(self, job_id: str) -> dict:
         try:
-            job = self.engine.get(job_id)
+            job = await self.engine.get(job_id)
         except NotFound:  # gone with the store's retention (resume() records that)
             return {"job_status": "unknown"}
         return {"job_status": job.status, "stage": job.stage}
 
-    def _set_plan(self, plan: Plan, **values: Any) -> None:
+    async def _set_plan(self, plan: Plan, **values: Any) -> None:
         for key, value in values.items():
             setattr(plan, key, value)
         stored = {k: json.dumps(v) if k == "preflight" else v for k, v in values.items()}
-        self.store.execute(f"UPDATE plans SET {', '.join(f'{k}=?' for k in stored)} WHERE id=?",
-                           (*stored.values(), plan.id))
+        await self.store.execute(f"UPDATE plans SET {', '.join(f'{k}=?' for k in stored)}"
+                                 " WHERE id=?", (*stored.values(), plan.id))
 
-    def _set_vm(self, plan_id: str, vm: str, **values: Any) -> None:
+    async def _set_vm(self, plan_id: str, vm: str, **values: Any) -> None:
         stored = {k: json.dumps(v) if k == "outcome" else v for k, v in values.items()}
-        self.store.execute(f"UPDATE plan_vms SET {', '.join(f'{k}=?' for k in stored)} "
-                           "WHERE plan_id=? AND vm=?", (*stored.values(), plan_id, vm))
+        await self.store.execute(f"UPDATE plan_vms SET {', '.join(f'{k}=?' for k in stored)} "
+                                 "WHERE plan_id=? AND vm=?", (*stored.values(), plan_id, vm))
 
     def _changed(self, plan_id: str) -> None:
         for callback in self.on_change:
@@ -266,7 +281,7 @@ class Plans:
     # -- preflight -------------------------------------------------------------------
     async def preflight(self, plan_id: str) -> dict:
         """Every VM's verdict on every rule; recorded as the plan's last preflight."""
-        return (await self._preflight(self.get(plan_id)))[0]
+        return (await self._preflight(await self.get(plan_id)))[0]
 
     async def _preflight(self, plan: Plan) -> tuple[dict, list["VMInfo"]]:
         found, entries = await self._discover(plan)
@@ -281,7 +296,7 @@ class Plans:
                   "vms": entries}
         if not entries:
             report["problem"] = "the plan's filter matches no VM"
-        self._set_plan(plan, preflight=report)
+        await self._set_plan(plan, preflight=report)
         self._changed(plan.id)
         return report, found
 
@@ -415,12 +430,13 @@ class Plans:
         return ""
 
     # -- running ---------------------------------------------------------------------
+    @_one_at_a_time
     async def start(self, plan_id: str) -> Plan:
-        plan = self.get(plan_id)
+        plan = await self.get(plan_id)
         if plan.status != "created":
             raise InvalidArgument("plan", f"plan {plan_id} has already {plan.status}")
         report, found = await self._preflight(plan)
-        plan = self.get(plan_id)
+        plan = await self.get(plan_id)
         if plan.status != "created":  # started by another caller meanwhile
             raise InvalidArgument("plan", f"plan {plan_id} has already {plan.status}")
         if not report["ok"]:
@@ -428,88 +444,93 @@ class Plans:
                       for e in report["vms"] for c in e["checks"] if not c["ok"]]
             raise Failed("preflight failed, nothing was started: "
                          + "; ".join(failed or [report.get("problem", "")]))
-        with self.store.transaction() as db:
+        async with self.store.transaction() as db:
             for position, vm in enumerate(found):
-                db.execute("INSERT INTO plan_vms (plan_id, position, vm, name, host, datastore,"
-                           " state) VALUES (?,?,?,?,?,?,?)",
-                           (plan_id, position, vm.identifier, vm.name, vm.extra.get("host", ""),
-                            datastore_of(vm.disks[0].location), "waiting"))
-        self._set_plan(plan, status="running", started_at=time.time(),
-                       instance=self.engine.instance)
+                await db.execute("INSERT INTO plan_vms (plan_id, position, vm, name, host,"
+                                 " datastore, state) VALUES (?,?,?,?,?,?,?)",
+                                 (plan_id, position, vm.identifier, vm.name,
+                                  vm.extra.get("host", ""), datastore_of(vm.disks[0].location),
+                                  "waiting"))
+        await self._set_plan(plan, status="running", started_at=time.time(),
+                             instance=self.engine.instance)
         log.info("plan %s started: %d VMs", plan_id, len(found))
-        self._release(plan)
+        await self._release(plan)
         self._changed(plan_id)
         return plan
 
-    def cancel(self, plan_id: str) -> Plan:
-        plan = self.get(plan_id)
+    @_one_at_a_time
+    async def cancel(self, plan_id: str) -> Plan:
+        plan = await self.get(plan_id)
         if plan.status in ENDED:
             raise InvalidArgument("plan", f"plan {plan_id} has already {plan.status}")
-        self._set_plan(plan, status="cancelled")
-        for vm in self.vms(plan_id):
+        await self._set_plan(plan, status="cancelled")
+        for vm in await self.vms(plan_id):
             if vm.state == "waiting":
-                self._set_vm(plan_id, vm.vm, state="cancelled", error="the plan was cancelled")
-        for vm in self.vms(plan_id):
+                await self._set_vm(plan_id, vm.vm, state="cancelled",
+                                   error="the plan was cancelled")
+        for vm in await self.vms(plan_id):
             if vm.state == "released":
                 try:
-                    self.engine.cancel(vm.job_id)
+                    await self.engine.cancel(vm.job_id)
                 except InvalidArgument:  # it ended meanwhile; its event says how
                     pass
-        self._finish_if_done(plan)
+        await self._finish_if_done(plan)
         self._changed(plan_id)
         return plan
 
-    def resume(self) -> None:
+    @_one_at_a_time
+    async def resume(self) -> None:
         """At start: carry on with the plans this instance was driving."""
-        for plan in self.list():
+        for plan in await self.list():
             if plan.instance == self.engine.instance:
-                self._carry_on(plan)
+                await self._carry_on(plan)
 
-    def take_over(self, dead: str) -> None:
+    @_one_at_a_time
+    async def take_over(self, dead: str) -> None:
         """Drive the unfinished plans of instance `dead`, which stopped answering
         (fleet.py); one instance wins each plan."""
-        taken = self.store.execute(
+        taken = (await self.store.execute(
             "UPDATE plans SET instance=? WHERE instance=? AND finished_at IS NULL AND status"
-            " IN ('running', 'cancelled') RETURNING id", (self.engine.instance, dead)).fetchall()
+            " IN ('running', 'cancelled') RETURNING id", (self.engine.instance, dead))).fetchall()
         for (plan_id,) in taken:
             log.warning("plan %s: instance %s stopped answering; %s carries it on", plan_id,
                         dead, self.engine.instance)
-            self._carry_on(self.get(plan_id))
+            await self._carry_on(await self.get(plan_id))
             self._changed(plan_id)
 
-    def _carry_on(self, plan: Plan) -> None:
+    async def _carry_on(self, plan: Plan) -> None:
         """Catch up with the plan's jobs that ended unheard, and release what it may
         release now."""
         if plan.status not in ("running", "cancelled") or plan.finished_at:
             return
-        for vm in self.vms(plan.id):
+        for vm in await self.vms(plan.id):
             if vm.state == "released":
                 try:
-                    self._job_ended(plan, vm, self.engine.get(vm.job_id))
+                    await self._job_ended(plan, vm, await self.engine.get(vm.job_id))
                 except NotFound:
-                    self._set_vm(plan.id, vm.vm, state="failed",
-                                 error=f"its job {vm.job_id} is no longer stored")
+                    await self._set_vm(plan.id, vm.vm, state="failed",
+                                       error=f"its job {vm.job_id} is no longer stored")
         if plan.status == "running":
-            self._release(plan)
-        self._finish_if_done(plan)
+            await self._release(plan)
+        await self._finish_if_done(plan)
 
-    def _release(self, plan: Plan) -> None:
-        vms = self.vms(plan.id)
+    async def _release(self, plan: Plan) -> None:
+        vms = await self.vms(plan.id)
         active = [vm for vm in vms if vm.state == "released"]
         for vm in vms:
             if vm.state != "waiting" or not _fits(vm, active, plan.definition["limits"]):
                 continue
             try:
-                job = self.engine.submit("export", self._job_definition(plan, vm),
-                                         plan.created_by_uid, requested_by=plan.requested_by)
+                job = await self.engine.submit("export", self._job_definition(plan, vm),
+                                               plan.created_by_uid, requested_by=plan.requested_by)
             except Failed:
                 return  # hypervisord is stopping: the VM waits for the next start
             except HyperSDKError as exc:
-                self._set_vm(plan.id, vm.vm, state="failed", error=exc.message,
-                             finished_at=time.time())
+                await self._set_vm(plan.id, vm.vm, state="failed", error=exc.message,
+                                   finished_at=time.time())
                 continue
             vm.state, vm.job_id = "released", job.id
-            self._set_vm(plan.id, vm.vm, state="released", job_id=job.id, error="")
+            await self._set_vm(plan.id, vm.vm, state="released", job_id=job.id, error="")
             active.append(vm)
             log.info("plan %s: released %s as job %s", plan.id, vm.name, job.id)
 
@@ -541,10 +562,10 @@ class Plans:
         return {"warm": True, "precopy_interval": definition["precopy_interval"],
                 **({"cutover_at": cutover_at} if cutover_at else {})}
 
-    def cutover(self, plan_id: str) -> list[str]:
+    async def cutover(self, plan_id: str) -> list[str]:
         """Cut over every warm VM of the plan: those in pre-copy now, those released later
         after their first round (until hypervisord restarts). The jobs cut over."""
-        plan = self.get(plan_id)
+        plan = await self.get(plan_id)
         if not plan.definition.get("warm"):
             raise InvalidArgument("plan", f"plan {plan_id} is not a warm migration"
                                   + (f" ({plan.definition['warm_fallback']})"
@@ -555,50 +576,53 @@ class Plans:
             raise InvalidArgument("plan", f"plan {plan_id} is already cut over")
         self._cut_over.add(plan_id)
         jobs = []
-        for vm in self.vms(plan_id):
+        for vm in await self.vms(plan_id):
             if vm.state == "released":
                 try:
-                    self.engine.cutover(vm.job_id)
+                    await self.engine.cutover(vm.job_id)
                     jobs.append(vm.job_id)
                 except InvalidArgument as exc:  # pending, or ended meanwhile
                     log.info("plan %s: %s: %s", plan_id, vm.name, exc.message)
         log.info("plan %s: cutover of %d running job(s)", plan_id, len(jobs))
         return jobs
 
-    def _on_job_event(self, event: JobEvent) -> None:
+    def _on_job_event(self, event: JobEvent) -> Awaitable[None] | None:
         """A VM follows its job and the job's retries (RetryJob, export.resume_on_start,
         a recovery by another instance); only the instance driving the plan acts."""
-        job = event.job
         if event.type not in ("created", "status"):
-            return
-        row = self.store.execute(
+            return None
+        return self._job_changed(event.job)
+
+    @_one_at_a_time
+    async def _job_changed(self, job: "JobRecord") -> None:
+        row = (await self.store.execute(
             "SELECT plan_id, vm, job_id FROM plan_vms WHERE state IN ('waiting', 'released')"
-            " AND job_id IN (?, ?)", (job.id, job.retry_of or job.id)).fetchone()
+            " AND job_id IN (?, ?)", (job.id, job.retry_of or job.id))).fetchone()
         if row is None:
             return
-        plan = self.get(row[0])
+        plan = await self.get(row[0])
         if plan.instance != self.engine.instance:
             self._changed(plan.id)  # another instance drives it; its table here follows
             return
-        vm = next(v for v in self.vms(plan.id) if v.vm == row[1])
+        vm = next(v for v in await self.vms(plan.id) if v.vm == row[1])
         if row[2] != job.id:
-            self._follow(plan, vm, job)
-        self._job_ended(plan, vm, job)
+            await self._follow(plan, vm, job)
+        await self._job_ended(plan, vm, job)
         if plan.status == "running":
-            self._release(plan)
-        self._finish_if_done(plan)
+            await self._release(plan)
+        await self._finish_if_done(plan)
         self._changed(plan.id)
 
-    def _follow(self, plan: Plan, vm: PlanVM, retry: "JobRecord") -> None:
+    async def _follow(self, plan: Plan, vm: PlanVM, retry: "JobRecord") -> None:
         """The VM's job now is `retry`, made from its last one (which was interrupted:
         only a waiting or released VM is followed)."""
         vm.state, vm.job_id = "released", retry.id
-        self._set_vm(plan.id, vm.vm, state="released", job_id=retry.id,
-                     outcome=_interrupted(vm, retry.retry_of or ""))
+        await self._set_vm(plan.id, vm.vm, state="released", job_id=retry.id,
+                           outcome=_interrupted(vm, retry.retry_of or ""))
         log.info("plan %s: %s follows job %s, a retry of %s", plan.id, vm.name, retry.id,
                  retry.retry_of)
 
-    def _job_ended(self, plan: Plan, vm: PlanVM, job: "JobRecord") -> None:
+    async def _job_ended(self, plan: Plan, vm: PlanVM, job: "JobRecord") -> None:
         """Record how `vm`'s job ended. An interrupted one (hypervisord stopped) is
         followed to its retry when something runs it again, else puts the VM back in
         the queue of a running plan (its job id kept, so that a retry made later is
@@ -607,38 +631,38 @@ class Plans:
             return
         if job.status == "failed" and job.error.startswith("interrupted") \
                 and plan.status == "running":
-            retry = self.store.newest_retry(job.id)
+            retry = await self.store.newest_retry(job.id)
             if retry is not None:
-                self._follow(plan, vm, retry)
-                self._job_ended(plan, vm, retry)
+                await self._follow(plan, vm, retry)
+                await self._job_ended(plan, vm, retry)
                 return
             vm.state = "waiting"
-            self._set_vm(plan.id, vm.vm, state="waiting", outcome=_interrupted(vm, job.id))
+            await self._set_vm(plan.id, vm.vm, state="waiting", outcome=_interrupted(vm, job.id))
             log.info("plan %s: %s's job %s was interrupted; it waits to be released again",
                      plan.id, vm.name, job.id)
             return
-        self._set_vm(plan.id, vm.vm, state=job.status, error=job.error,
-                     started_at=job.started_at, finished_at=job.finished_at,
-                     outcome={**vm.outcome, **_outcome(job)})
+        await self._set_vm(plan.id, vm.vm, state=job.status, error=job.error,
+                           started_at=job.started_at, finished_at=job.finished_at,
+                           outcome={**vm.outcome, **_outcome(job)})
 
-    def _finish_if_done(self, plan: Plan) -> None:
-        vms = self.vms(plan.id)
+    async def _finish_if_done(self, plan: Plan) -> None:
+        vms = await self.vms(plan.id)
         if plan.finished_at or plan.status not in ("running", "cancelled") \
                 or any(vm.state in ("waiting", "released") for vm in vms):
             return
         status = plan.status if plan.status == "cancelled" else (
             "completed" if all(vm.state == "completed" for vm in vms) else "failed")
-        self._set_plan(plan, status=status, finished_at=time.time())
+        await self._set_plan(plan, status=status, finished_at=time.time())
         try:
-            self._set_plan(plan, report_path=str(self._write_report(plan)))
+            await self._set_plan(plan, report_path=str(await self._write_report(plan)))
         except OSError as exc:
             log.error("plan %s: could not write its report: %s", plan.id, exc)
         log.info("plan %s %s", plan.id, status)
 
     # -- the report ------------------------------------------------------------------
-    def report(self, plan_id: str) -> dict:
-        plan = self.get(plan_id)
-        vms = [vm.to_dict() for vm in self.vms(plan_id)]
+    async def report(self, plan_id: str) -> dict:
+        plan = await self.get(plan_id)
+        vms = [vm.to_dict() for vm in await self.vms(plan_id)]
         counts: dict[str, int] = {}
         for vm in vms:
             counts[vm["state"]] = counts.get(vm["state"], 0) + 1
@@ -652,14 +676,14 @@ class Plans:
                 "moved": counts.get("completed", 0),
                 "verified": sum(1 for vm in vms if vm.get("verified")), "vms": vms}
 
-    def _write_report(self, plan: Plan) -> Path:
+    async def _write_report(self, plan: Plan) -> Path:
         """The report as JSON in <database dir>/plan-reports/ (0700 root), created anew."""
         directory = Path(self.config.database.path).parent / REPORT_DIR
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = directory / f"{plan.id}.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump(self.report(plan.id), handle, indent=2)
+            json.dump(await self.report(plan.id), handle, indent=2)
         return path
 
 

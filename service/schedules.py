@@ -32,7 +32,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .cron import Clock, CronSpec
 from .cron_items import CronItems
@@ -122,7 +122,8 @@ class Schedules(CronItems[Schedule]):
     noun = "schedule"
 
     def __init__(self, store: "Store", engine: "JobEngine", grace: float, clock: Clock,
-                 emit: Callable[[str, dict], None], changed: Callable[[str], None]) -> None:
+                 emit: Callable[[str, dict], Awaitable[int]],
+                 changed: Callable[[str], None]) -> None:
         super().__init__(store, grace, clock, changed)
         self.engine = engine
         self._emit = emit  # webhook events
@@ -143,37 +144,39 @@ class Schedules(CronItems[Schedule]):
                 "job_definition": job_definition, "description": fields.text("description", ""),
                 "enabled": fields.flag("enabled", True)}
 
-    def create(self, definition: Any, uid: int) -> Schedule:
+    async def create(self, definition: Any, uid: int) -> Schedule:
         data = self.validate(definition)
         enabled = data.pop("enabled")
         schedule_id = new_id("schedule")
         now = self.clock.now()
-        with self.store.transaction() as db:
-            if db.execute("SELECT 1 FROM schedules WHERE name=?", (data["name"],)).fetchone():
+        async with self.store.transaction() as db:
+            if (await db.execute("SELECT 1 FROM schedules WHERE name=?",
+                                 (data["name"],))).fetchone():
                 raise AlreadyExists(f"name: a schedule named {data['name']!r} exists")
-            db.execute("INSERT INTO schedules (id, name, definition, enabled, created_by_uid,"
-                       " created_at, last_slot) VALUES (?,?,?,?,?,?,?)",
-                       (schedule_id, data["name"], json.dumps(data), int(enabled), uid, now, now))
+            await db.execute("INSERT INTO schedules (id, name, definition, enabled, created_by_uid,"
+                             " created_at, last_slot) VALUES (?,?,?,?,?,?,?)",
+                             (schedule_id, data["name"], json.dumps(data), int(enabled), uid,
+                              now, now))
         log.info("schedule %s (%s) created: %s", schedule_id, data["name"], data["cron"])
-        return self.get(schedule_id)
+        return await self.get(schedule_id)
 
-    def jobs(self, schedule_id: str) -> list[str]:
-        return [r[0] for r in self.store.execute(
+    async def jobs(self, schedule_id: str) -> list[str]:
+        return [r[0] for r in await self.store.execute(
             "SELECT job_id FROM schedule_jobs WHERE schedule_id=? ORDER BY rowid", (schedule_id,))]
 
     # -- running -----------------------------------------------------------------------
-    def run_now(self, schedule_id: str, uid: int) -> "JobRecord":
-        return self._submit(self.get(schedule_id), None, uid)
+    async def run_now(self, schedule_id: str, uid: int) -> "JobRecord":
+        return await self._submit(await self.get(schedule_id), None, uid)
 
-    def _submit(self, schedule: Schedule, slot: float | None, uid: int) -> "JobRecord":
+    async def _submit(self, schedule: Schedule, slot: float | None, uid: int) -> "JobRecord":
         definition = run_definition(schedule.job_definition, slot or self.clock.now())
-        job = self.engine.submit(schedule.kind, definition, uid)
-        with self.store.transaction() as db:
-            db.execute("INSERT INTO schedule_jobs (schedule_id, job_id, slot) VALUES (?,?,?)",
-                       (schedule.id, job.id, slot))
-            db.execute("UPDATE schedules SET last_run=?, last_job=? WHERE id=?",
-                       (self.clock.now(), job.id, schedule.id))
-        self._emit("schedule.triggered", {
+        job = await self.engine.submit(schedule.kind, definition, uid)
+        async with self.store.transaction() as db:
+            await db.execute("INSERT INTO schedule_jobs (schedule_id, job_id, slot) VALUES (?,?,?)",
+                             (schedule.id, job.id, slot))
+            await db.execute("UPDATE schedules SET last_run=?, last_job=? WHERE id=?",
+                             (self.clock.now(), job.id, schedule.id))
+        await self._emit("schedule.triggered", {
             "schedule_id": schedule.id, "schedule_name": schedule.name, "job_id": job.id,
             "status": job.status, "vm": job.vm, "provider": job.provider,
             "slot": datetime.fromtimestamp(slot, timezone.utc).isoformat() if slot else None,
@@ -185,21 +188,21 @@ class Schedules(CronItems[Schedule]):
     def _from_row(self, row) -> Schedule:
         return _row_to_schedule(row)
 
-    def _busy(self, schedule: Schedule) -> str:
+    async def _busy(self, schedule: Schedule) -> str:
         """Runs never pile up: a slot is skipped while the previous job is still going."""
         if not schedule.last_job:
             return ""
         try:
-            status = self.engine.get(schedule.last_job).status
+            status = (await self.engine.get(schedule.last_job)).status
         except NotFound:
             return ""
         return (f"the previous job {schedule.last_job} is still {status}"
                 if status in ACTIVE_STATUSES else "")
 
-    def _fire(self, schedule: Schedule, slot: float) -> None:
+    async def _fire(self, schedule: Schedule, slot: float) -> None:
         when = datetime.fromtimestamp(slot, timezone.utc).isoformat()
         try:
-            job = self._submit(schedule, slot, schedule.created_by_uid)
+            job = await self._submit(schedule, slot, schedule.created_by_uid)
         except Exception as exc:  # a bad slot must not stop the other schedules
             log.error("schedule %s (%s): run due at %s could not be submitted: %s",
                       schedule.id, schedule.name, when, exc)

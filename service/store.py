@@ -1,23 +1,35 @@
 """The SQLite store: the one source of truth for jobs and automation.
 
 WAL mode, foreign keys on, `PRAGMA user_version` as the schema version, and an ordered
-list of migrations applied in one transaction each at open. Calls are synchronous and
-short (a row or two); they run on the event loop thread, which keeps ordering simple.
-Progress is written at most once a second per job by the engine, not per chunk.
+list of migrations applied in one transaction each at open. Every call is awaited, the
+same on both engines (pgstore.py: PostgreSQL through psycopg's AsyncConnection, where a
+call waits on the network without stalling the event loop); SQLite's calls are short (a
+row or two, a local file) and run on the event loop thread. Each store has one
+connection, and its calls take turns on it in the order they were made (Turns), so a
+statement never lands inside another coroutine's transaction. Progress is written at
+most once a second per job by the engine, not per chunk.
 """
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
+import logging
 import sqlite3
 import time
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Protocol, TypeVar
 
 from .errors import Failed, NotFound
 from .model import Checkpoint, SavedDownload
 from .staging import OwnedPath
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIGRATIONS: list[str] = [
     # 1: jobs, their status history and log lines
@@ -317,34 +329,35 @@ def _past_retention(keep: int, finished_before: float) -> tuple[str, list]:
             " AND id NOT IN (SELECT job_id FROM backups WHERE state != 'deleted')"), params
 
 
-def _row_to_job(row: sqlite3.Row) -> JobRecord:
-    data = dict(row)
+
+
+def _row_to_job(row: Row) -> JobRecord:
+    data = dict(zip(row.keys(), row))
     data["definition"] = json.loads(data["definition"])
     data["result"] = json.loads(data["result"])
     return JobRecord(**data)
 
 
-def _write_status(db: sqlite3.Connection, job: JobRecord, reason: str) -> None:
+async def _write_status(db: "Db", job: JobRecord, reason: str) -> None:
     """The job's status and the fields that change with it, plus a history row."""
-    _update_status(db, job, "id=?", (job.id,))
-    _history(db, job, reason)
+    await _update_status(db, job, "id=?", (job.id,))
+    await _history(db, job, reason)
 
 
-def _update_status(db: sqlite3.Connection, job: JobRecord, where: str,
-                   params: tuple) -> int:
+async def _update_status(db: "Db", job: JobRecord, where: str, params: tuple) -> int:
     """UPDATE the job's status and the fields that change with it WHERE ...; the row count."""
-    return db.execute(
+    return (await db.execute(
         "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=?,"
         f" attempts=?, stage=?, bytes_done=?, bytes_total=?, instance=?, recovered_by=?"
         f" WHERE {where}",
         (job.status, job.started_at, job.finished_at, job.error, json.dumps(job.result),
          job.attempts, job.stage, job.bytes_done, job.bytes_total, job.instance,
-         job.recovered_by, *params)).rowcount
+         job.recovered_by, *params))).rowcount
 
 
-def _history(db: sqlite3.Connection, job: JobRecord, reason: str) -> None:
-    db.execute("INSERT INTO job_status_history (job_id, time, status, reason)"
-               " VALUES (?,?,?,?)", (job.id, time.time(), job.status, reason))
+async def _history(db: "Db", job: JobRecord, reason: str) -> None:
+    await db.execute("INSERT INTO job_status_history (job_id, time, status, reason)"
+                     " VALUES (?,?,?,?)", (job.id, time.time(), job.status, reason))
 
 
 def _job_filter(status: str | None, provider: str | None) -> tuple[str, list]:
@@ -357,19 +370,132 @@ def _job_filter(status: str | None, provider: str | None) -> tuple[str, list]:
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
-def open_store(url: str) -> "Store":
-    """The store at a database.url: postgresql://... (or postgres://) or sqlite:///path."""
+def pending_migrations(current: int, where: str) -> list[tuple[int, str]]:
+    """(version, script) of the migrations a store at schema version `current` lacks."""
+    if current > len(MIGRATIONS):
+        raise Failed(f"{where}: schema version {current} is newer than this "
+                     f"hypervisord understands ({len(MIGRATIONS)})")
+    return list(enumerate(MIGRATIONS[current:], start=current + 1))
+
+
+async def open_store(url: str, connect_timeout: float = 10.0,
+                     statement_timeout: float = 30.0) -> "Store":
+    """The store at a database.url: postgresql://... (or postgres://) or sqlite:///path;
+    the timeouts (database.connect_timeout, database.statement_timeout) are PostgreSQL's."""
     if url.startswith(("postgresql://", "postgres://")):
-        from .pgstore import PostgresStore  # psycopg and libpq only where asked for
-        return PostgresStore(url)
+        from .pgstore import PostgresStore, Timeouts  # psycopg and libpq only where asked for
+        store = PostgresStore(url, Timeouts(connect_timeout, statement_timeout))
+        await store.open()
+        return store
     return Store(Path(url.removeprefix("sqlite://")))
 
 
+class Row(Protocol):
+    """A row, by position and by column name (sqlite3.Row, pgstore.Row)."""
+
+    def __getitem__(self, key: Any) -> Any: ...
+    def __iter__(self) -> Iterator[Any]: ...
+    def keys(self) -> list[str]: ...
+
+
+class Result:
+    """What one statement gave: its rows (read in full: the store's are few) and the
+    number of rows it changed."""
+
+    def __init__(self, rows: list[Row], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Row | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Row]:
+        return self.rows
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows)
+
+
+class Db(Protocol):
+    """A store's connection, as Store.transaction hands it out: the store's SQL, `?`
+    placeholders, awaited."""
+
+    in_transaction: bool
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result: ...
+    async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> Result: ...
+
+
+class SqliteDb:
+    """The sqlite3 connection behind the async Db face: a local file, microseconds per
+    call, so it runs on the event loop thread."""
+
+    def __init__(self, raw: sqlite3.Connection) -> None:
+        self.raw = raw
+        self.in_transaction = False
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+        cursor = self.raw.execute(sql, params)
+        return Result(cursor.fetchall(), cursor.rowcount)
+
+    async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> Result:
+        cursor = self.raw.executemany(sql, params)
+        return Result([], cursor.rowcount)
+
+
+Taken = tuple["asyncio.Future[None] | None", "asyncio.Future[None]"]
+_reserved: ContextVar[Taken | None] = ContextVar("store_turn_reserved", default=None)
+
+
+class Turns:
+    """One store call at a time on the store's one connection, in the order the calls
+    were made (not the order their coroutines happen to resume): a statement never
+    lands inside another coroutine's transaction, and a call made from code that cannot
+    await (Store.soon: a job's log line) still comes before every call made after it."""
+
+    def __init__(self) -> None:
+        self._last: asyncio.Future[None] | None = None
+
+    def take(self) -> Taken:
+        """A place in the line: (the turn before it, or None; the end of this one)."""
+        previous, self._last = self._last, asyncio.get_running_loop().create_future()
+        return previous, self._last
+
+    @asynccontextmanager
+    async def turn(self, taken: Taken | None = None) -> AsyncIterator[None]:
+        previous, mine = taken or self.take()
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)  # a cancelled caller leaves `previous` be
+            yield
+        finally:
+            self.give_back((previous, mine))
+
+    @staticmethod
+    def give_back(taken: Taken) -> None:
+        """End a turn (cancelled while waiting, or never taken: when it comes)."""
+        previous, mine = taken
+        if mine.done():
+            return
+        if previous is None or previous.done():
+            mine.set_result(None)
+        else:
+            previous.add_done_callback(lambda _: mine.done() or mine.set_result(None))
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("store: %s failed: %s", task.get_name(), task.exception())
+
+
 class Store:
-    """The SQLite store (pgstore.PostgresStore: the same in PostgreSQL)."""
+    """The SQLite store (pgstore.PostgresStore: the same in PostgreSQL). Every call is
+    awaited and takes its turn on the one connection (Turns)."""
 
     SKIP_LOCKED = ""  # PostgreSQL's row-lock clause; SQLite's one writer needs none
     NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # seconds since the epoch, in SQL
+    BEGIN = "BEGIN IMMEDIATE"  # SQLite: take the write lock now, not at the first write
+    SHARED = False  # instances on other hosts may share it (fleet.py: leases matter)
     # what its calls raise when the database fails (full disk, lost server): callers
     # catch `store.errors` and stay independent of the engine behind it
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
@@ -377,96 +503,130 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        raw = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        raw.row_factory = sqlite3.Row
+        raw.execute("PRAGMA journal_mode=WAL")
+        raw.execute("PRAGMA foreign_keys=ON")
+        raw.execute("PRAGMA synchronous=NORMAL")
+        raw.execute("PRAGMA busy_timeout=5000")
         self.path.chmod(0o600)
-        self._migrate()
+        self._migrate_sqlite(raw, str(self.path))
+        self._db: Db = SqliteDb(raw)
+        self._turns = Turns()
+
+    @staticmethod
+    def _migrate_sqlite(raw: sqlite3.Connection, where: str) -> None:
+        """Apply the missing migrations, each in a transaction of its own (at open, before
+        any call: no turns needed)."""
+        for version, script in pending_migrations(
+                raw.execute("PRAGMA user_version").fetchone()[0], where):
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements(script):
+                    raw.execute(statement)
+                raw.execute(f"PRAGMA user_version = {version}")
+            except BaseException:
+                raw.execute("ROLLBACK")
+                raise
+            raw.execute("COMMIT")
 
     # -- plumbing --------------------------------------------------------------------
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[Db]:
+        """The connection, for one call (its place in line taken by soon() if it was)."""
+        taken = _reserved.get()
+        if taken is not None:
+            _reserved.set(None)
+        async with self._turns.turn(taken):
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
-    def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
-        return self._db.execute(sql, params)
+    def soon(self, call: Callable[..., Awaitable[T]], *args: Any) -> "asyncio.Task[T]":
+        """`call(*args)`, a method of this store, in a task whose turn is taken now, for
+        code that cannot await (a job's log line, its progress, what it makes): it runs
+        before every store call made after this one. A failure is logged; await the task
+        to see it."""
+        taken = self._turns.take()
+        context = contextvars.copy_context()
+        context.run(_reserved.set, taken)
+        task = asyncio.get_running_loop().create_task(call(*args), name=call.__name__,
+                                                      context=context)
+        task.add_done_callback(_log_failure)
+        task.add_done_callback(lambda _: self._turns.give_back(taken))
+        return task
 
-    @property
-    def schema_version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Db]:
+        async with self._turn() as db:
+            await db.execute(self.BEGIN)
+            db.in_transaction = True
+            try:
+                yield db
+            except BaseException:
+                with suppress(*self.errors):  # a lost connection rolled back already
+                    await db.execute("ROLLBACK")
+                raise
+            finally:
+                db.in_transaction = False
+            await db.execute("COMMIT")
 
-    def _migrate(self) -> None:
-        for version, script in self._pending_migrations():
-            with self.transaction() as db:
-                for statement in statements(script):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {version}")
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+        async with self._turn() as db:
+            return await db.execute(sql, params)
 
-    def _pending_migrations(self) -> list[tuple[int, str]]:
-        """(version, script) of the migrations this store has not applied yet."""
-        current = self.schema_version
-        if current > len(MIGRATIONS):
-            raise Failed(f"{self.path}: schema version {current} is newer than this "
-                         f"hypervisord understands ({len(MIGRATIONS)})")
-        return list(enumerate(MIGRATIONS[current:], start=current + 1))
+    async def schema_version(self) -> int:
+        return (await self.execute("PRAGMA user_version")).rows[0][0]
 
-    def close(self) -> None:
-        self._db.close()
+    async def close(self) -> None:
+        """Close the connection once the calls already made are done."""
+        async with self._turn():
+            self._db.raw.close()
 
     # -- jobs ------------------------------------------------------------------------
-    def insert_job(self, job: JobRecord) -> None:
-        with self.transaction() as db:
-            db.execute(
+    async def insert_job(self, job: JobRecord) -> None:
+        async with self.transaction() as db:
+            await db.execute(
                 "INSERT INTO jobs (id, kind, status, definition, vm, provider, started_by_uid,"
                 " created_at, retry_of, requested_by) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (job.id, job.kind, job.status, json.dumps(job.definition), job.vm, job.provider,
                  job.started_by_uid, job.created_at, job.retry_of, job.requested_by))
-            db.execute("INSERT INTO job_status_history (job_id, time, status) VALUES (?,?,?)",
-                       (job.id, job.created_at, job.status))
+            await db.execute("INSERT INTO job_status_history (job_id, time, status)"
+                             " VALUES (?,?,?)", (job.id, job.created_at, job.status))
 
-    def get_job(self, job_id: str) -> JobRecord:
-        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    async def get_job(self, job_id: str) -> JobRecord:
+        row = (await self.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))).fetchone()
         if row is None:
             raise NotFound(f"no job {job_id!r}")
         return _row_to_job(row)
 
-    def list_jobs(self, status: str | None = None, limit: int = 1000, offset: int = 0,
-                  provider: str | None = None) -> list[JobRecord]:
+    async def list_jobs(self, status: str | None = None, limit: int = 1000, offset: int = 0,
+                        provider: str | None = None) -> list[JobRecord]:
         """Jobs oldest first, optionally of one status and provider."""
         where, params = _job_filter(status, provider)
         sql = f"SELECT * FROM jobs{where} ORDER BY created_at, rowid LIMIT ? OFFSET ?"
-        return [_row_to_job(r) for r in self._db.execute(sql, [*params, limit, offset])]
+        return [_row_to_job(r) for r in await self.execute(sql, [*params, limit, offset])]
 
-    def count_jobs(self, status: str | None = None, provider: str | None = None) -> int:
+    async def count_jobs(self, status: str | None = None, provider: str | None = None) -> int:
         where, params = _job_filter(status, provider)
-        return self._db.execute(f"SELECT COUNT(*) FROM jobs{where}", params).fetchone()[0]
+        return (await self.execute(f"SELECT COUNT(*) FROM jobs{where}", params)).rows[0][0]
 
-    def unfinished_jobs(self) -> list[JobRecord]:
-        return [_row_to_job(r) for r in self._db.execute(
+    async def unfinished_jobs(self) -> list[JobRecord]:
+        return [_row_to_job(r) for r in await self.execute(
             "SELECT * FROM jobs WHERE status IN ('pending', 'running') ORDER BY created_at, rowid")]
 
-    def jobs_unfinished_or_since(self, finished_since: float) -> list[JobRecord]:
+    async def jobs_unfinished_or_since(self, finished_since: float) -> list[JobRecord]:
         """The jobs not finished yet and those finished at or after `finished_since`."""
-        return [_row_to_job(r) for r in self._db.execute(
+        return [_row_to_job(r) for r in await self.execute(
             "SELECT * FROM jobs WHERE status IN ('pending', 'running') OR finished_at >= ?"
             " ORDER BY created_at, rowid", (finished_since,))]
 
-    def count_by_status(self) -> dict[str, int]:
+    async def count_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(JOB_STATUSES, 0)
-        for status, count in self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"):
+        for status, count in await self.execute(
+                "SELECT status, COUNT(*) FROM jobs GROUP BY status"):
             counts[status] = count
         return counts
 
-    def prune_finished(self, keep: int, finished_before: float) -> list[JobRecord]:
+    async def prune_finished(self, keep: int, finished_before: float) -> list[JobRecord]:
         """Delete finished jobs beyond the newest `keep` (0: no count limit) or finished
         before `finished_before` (0: no age limit), with their logs and history. Jobs a
         backup record still points at, or with paths on disk recorded as theirs
@@ -475,237 +635,241 @@ class Store:
         if not where:
             return []
         where += " AND id NOT IN (SELECT job_id FROM job_paths)"
-        with self.transaction() as db:
+        async with self.transaction() as db:
             jobs = [_row_to_job(row) for row in
-                    db.execute(f"SELECT * FROM jobs WHERE {where}", params)]
-            db.executemany("DELETE FROM jobs WHERE id = ?", [(job.id,) for job in jobs])
+                    await db.execute(f"SELECT * FROM jobs WHERE {where}", params)]
+            await db.executemany("DELETE FROM jobs WHERE id = ?", [(job.id,) for job in jobs])
         return jobs
 
-    def past_retention_holding_paths(self, keep: int, finished_before: float) -> list[str]:
+    async def past_retention_holding_paths(self, keep: int, finished_before: float) -> list[str]:
         """The finished jobs prune_finished would delete but for their job_paths."""
         where, params = _past_retention(keep, finished_before)
         if not where:
             return []
-        return [row[0] for row in self._db.execute(
+        return [row[0] for row in await self.execute(
             f"SELECT id FROM jobs WHERE {where} AND id IN (SELECT job_id FROM job_paths)",
             params)]
 
-    def set_status(self, job: JobRecord, reason: str = "") -> None:
+    async def set_status(self, job: JobRecord, reason: str = "") -> None:
         """Persist the status and the fields that change with it, plus a history row."""
-        with self.transaction() as db:
-            _write_status(db, job, reason)
+        async with self.transaction() as db:
+            await _write_status(db, job, reason)
 
-    def claim_pending(self, limit: int = 1, instance: str = "",
-                      skip_kinds: tuple[str, ...] = ()) -> list[JobRecord]:
+    async def claim_pending(self, limit: int = 1, instance: str = "",
+                            skip_kinds: tuple[str, ...] = ()) -> list[JobRecord]:
         """Up to `limit` pending jobs, oldest first, none of `skip_kinds`, now running on
         `instance`: each is taken by one caller only, however many stores share the
         database (SQLite: the write lock BEGIN IMMEDIATE takes; PostgreSQL: row locks,
         skipping rows another holds)."""
         skipped = "".join(" AND kind != ?" for _ in skip_kinds)
-        with self.transaction() as db:
-            rows = db.execute(f"SELECT * FROM jobs WHERE status='pending'{skipped} ORDER BY"
-                              f" created_at, rowid LIMIT ?{self.SKIP_LOCKED}",
-                              (*skip_kinds, limit)).fetchall()
+        async with self.transaction() as db:
+            rows = await db.execute(f"SELECT * FROM jobs WHERE status='pending'{skipped} ORDER"
+                                    f" BY created_at, rowid LIMIT ?{self.SKIP_LOCKED}",
+                                    (*skip_kinds, limit))
             jobs = [_row_to_job(row) for row in rows]
             for job in jobs:
                 job.status, job.started_at, job.instance = "running", time.time(), instance
-                _write_status(db, job, "claimed")
+                await _write_status(db, job, "claimed")
         return jobs
 
-    def end_if(self, job: JobRecord, was: str, reason: str) -> bool:
+    async def end_if(self, job: JobRecord, was: str, reason: str) -> bool:
         """Record the job's new status only if it still is `was` (and, for "running", on
         `job.instance`): whoever changes it first wins, however many instances try."""
         where, params = "id=? AND status=?", (job.id, was)
         if was == "running":
             where, params = where + " AND instance=?", params + (job.instance,)
-        with self.transaction() as db:
-            if not _update_status(db, job, where, params):
+        async with self.transaction() as db:
+            if not await _update_status(db, job, where, params):
                 return False
-            _history(db, job, reason)
+            await _history(db, job, reason)
         return True
 
     # -- instances sharing the database (fleet.py) -----------------------------------------
-    def database_time(self) -> float:
+    async def database_time(self) -> float:
         """Now by the database's clock, the one every lease is measured with."""
-        return float(self._db.execute(f"SELECT {self.NOW}").fetchone()[0])
+        return float((await self.execute(f"SELECT {self.NOW}")).rows[0][0])
 
-    def renew_lease(self, instance: str, seconds: float, starting: bool = False) -> None:
+    async def renew_lease(self, instance: str, seconds: float, starting: bool = False) -> None:
         """The instance answers for `seconds` more (starting: its start is recorded)."""
-        self._db.execute(
+        await self.execute(
             f"INSERT INTO instances (name, started_at, heartbeat_at, lease_until) VALUES"
             f" (?, {self.NOW}, {self.NOW}, {self.NOW} + ?) ON CONFLICT(name) DO UPDATE SET"
             " heartbeat_at=excluded.heartbeat_at, lease_until=excluded.lease_until"
             + (", started_at=excluded.started_at" if starting else ""), (instance, seconds))
 
-    def expired_instances(self, instance: str) -> list[tuple[str, float]]:
+    async def expired_instances(self, instance: str) -> list[tuple[str, float]]:
         """(name, last heartbeat) of the other instances whose lease has run out."""
-        return [(row[0], row[1]) for row in self._db.execute(
+        return [(row[0], row[1]) for row in await self.execute(
             f"SELECT name, heartbeat_at FROM instances WHERE lease_until < {self.NOW}"
             " AND name != ? ORDER BY name", (instance,))]
 
-    def newest_retry(self, job_id: str) -> JobRecord | None:
+    async def newest_retry(self, job_id: str) -> JobRecord | None:
         """The latest job made by retrying `job_id` (RetryJob, export.resume_on_start or
         a recovery by another instance), if any."""
-        row = self._db.execute("SELECT * FROM jobs WHERE retry_of=? ORDER BY created_at DESC"
-                               " LIMIT 1", (job_id,)).fetchone()
+        row = (await self.execute("SELECT * FROM jobs WHERE retry_of=? ORDER BY created_at"
+                                  " DESC LIMIT 1", (job_id,))).fetchone()
         return _row_to_job(row) if row else None
 
-    def running_on(self, instances: tuple[str, ...]) -> list[JobRecord]:
+    async def running_on(self, instances: tuple[str, ...]) -> list[JobRecord]:
         marks = ",".join("?" * len(instances))
-        return [_row_to_job(row) for row in self._db.execute(
+        return [_row_to_job(row) for row in await self.execute(
             f"SELECT * FROM jobs WHERE status='running' AND instance IN ({marks})"
             " ORDER BY created_at, rowid", instances)]
 
-    def recovered_from(self, instance: str, job_ids: set[str]) -> dict[str, str]:
+    async def recovered_from(self, instance: str, job_ids: set[str]) -> dict[str, str]:
         """{job id: the instance that recovered it} of those of `job_ids`, running on
         `instance`, that another instance recovered (it did not answer meanwhile)."""
         if not job_ids:
             return {}
         marks = ",".join("?" * len(job_ids))
-        return {row[0]: row[1] for row in self._db.execute(
+        return {row[0]: row[1] for row in await self.execute(
             f"SELECT id, recovered_by FROM jobs WHERE id IN ({marks}) AND instance=?"
             " AND recovered_by NOT IN ('', ?)", (*job_ids, instance, instance))}
 
-    def request_cancel(self, job_id: str, instance: str) -> bool:
+    async def request_cancel(self, job_id: str, instance: str) -> bool:
         """Ask the instance running the job to cancel it (it looks at its heartbeat)."""
-        return bool(self._db.execute(
+        return bool((await self.execute(
             "UPDATE jobs SET cancel_requested=? WHERE id=? AND status='running'",
-            (instance, job_id)).rowcount)
+            (instance, job_id))).rowcount)
 
-    def cancels_requested(self, instance: str) -> dict[str, str]:
+    async def cancels_requested(self, instance: str) -> dict[str, str]:
         """{job id: the instance the cancel was asked on} of the instance's running jobs."""
-        return {row[0]: row[1] for row in self._db.execute(
+        return {row[0]: row[1] for row in await self.execute(
             "SELECT id, cancel_requested FROM jobs WHERE instance=? AND status='running'"
             " AND cancel_requested != ''", (instance,))}
 
-    def recovered_elsewhere(self, instance: str) -> list[str]:
+    async def recovered_elsewhere(self, instance: str) -> list[str]:
         """The jobs of `instance` another one recovered that still hold what they made
         here (files, domains, volumes): this instance removes them."""
         holds = " OR ".join(f"id IN (SELECT job_id FROM {table})" for table in MADE_BY_JOBS)
-        return [row[0] for row in self._db.execute(
+        return [row[0] for row in await self.execute(
             f"SELECT id FROM jobs WHERE instance=? AND recovered_by NOT IN ('', ?) AND ({holds})",
             (instance, instance))]
 
-    def save_progress(self, job: JobRecord) -> None:
+    async def save_progress(self, job: JobRecord) -> None:
         """The progress of a job running on `job.instance` (not once another instance
         recovered it)."""
-        self._db.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?"
-                         " AND status='running' AND instance=?",
-                         (job.stage, job.bytes_done, job.bytes_total, job.id, job.instance))
+        await self.execute("UPDATE jobs SET stage=?, bytes_done=?, bytes_total=? WHERE id=?"
+                           " AND status='running' AND instance=?",
+                           (job.stage, job.bytes_done, job.bytes_total, job.id, job.instance))
 
-    def status_history(self, job_id: str) -> list[tuple[float, str, str]]:
-        return [tuple(r) for r in self._db.execute(
+    async def status_history(self, job_id: str) -> list[tuple[float, str, str]]:
+        return [tuple(r) for r in await self.execute(
             "SELECT time, status, reason FROM job_status_history WHERE job_id=? ORDER BY id",
             (job_id,))]
 
-    def append_log(self, job_id: str, when: float, level: str, message: str) -> int:
-        rows = self._db.execute(
+    async def append_log(self, job_id: str, when: float, level: str, message: str) -> int:
+        rows = (await self.execute(
             "INSERT INTO job_logs (job_id, time, level, message) VALUES (?,?,?,?) RETURNING id",
-            (job_id, when, level, message)).fetchall()
+            (job_id, when, level, message))).rows
         return int(rows[0][0])
 
-    def logs(self, job_id: str, after_id: int = 0, limit: int = 10000) -> list[LogLine]:
-        return [LogLine(*r) for r in self._db.execute(
+    async def logs(self, job_id: str, after_id: int = 0, limit: int = 10000) -> list[LogLine]:
+        return [LogLine(*r) for r in await self.execute(
             "SELECT id, time, level, message FROM job_logs WHERE job_id=? AND id>?"
             " ORDER BY id LIMIT ?", (job_id, after_id, limit))]
 
     # -- what jobs made on disk (staging.py) ---------------------------------------------
-    def record_owned(self, job_id: str, owned: OwnedPath) -> None:
-        self._db.execute(
+    async def record_owned(self, job_id: str, owned: OwnedPath) -> None:
+        await self.execute(
             "INSERT INTO job_paths (job_id, kind, root, relative, dev, ino) VALUES (?,?,?,?,?,?)",
             (job_id, owned.kind, owned.root, owned.relative, owned.dev, owned.ino))
 
-    def forget_owned(self, job_id: str, owned: OwnedPath) -> None:
-        self._db.execute(
+    async def forget_owned(self, job_id: str, owned: OwnedPath) -> None:
+        await self.execute(
             "DELETE FROM job_paths WHERE job_id=? AND kind=? AND root=? AND relative=?"
             " AND dev=? AND ino=?",
             (job_id, owned.kind, owned.root, owned.relative, owned.dev, owned.ino))
 
-    def hand_over(self, from_job: str, to_job: str) -> None:
+    async def hand_over(self, from_job: str, to_job: str) -> None:
         """What `from_job` kept for a resume (its paths and checkpoints) becomes `to_job`'s."""
-        with self.transaction() as db:
+        async with self.transaction() as db:
             for table in ("job_paths", "download_checkpoints"):
-                db.execute(f"UPDATE {table} SET job_id=? WHERE job_id=?", (to_job, from_job))
+                await db.execute(f"UPDATE {table} SET job_id=? WHERE job_id=?",
+                                 (to_job, from_job))
 
     # -- libvirt domains a job defined (job_output.py) ---------------------------------------
-    def record_domain(self, job_id: str, uri: str, uuid: str, console_log: str) -> None:
-        self._db.execute("INSERT INTO job_domains (job_id, uri, uuid, console_log)"
-                         " VALUES (?,?,?,?)", (job_id, uri, uuid, console_log))
+    async def record_domain(self, job_id: str, uri: str, uuid: str, console_log: str) -> None:
+        await self.execute("INSERT INTO job_domains (job_id, uri, uuid, console_log)"
+                           " VALUES (?,?,?,?)", (job_id, uri, uuid, console_log))
 
-    def owned_domains(self, job_id: str) -> list[tuple[str, str, str]]:
+    async def owned_domains(self, job_id: str) -> list[tuple[str, str, str]]:
         """(uri, uuid, console log or "") of the domains the job defined and has not kept
         or removed."""
-        return [(row[0], row[1], row[2]) for row in self._db.execute(
+        return [(row[0], row[1], row[2]) for row in await self.execute(
             "SELECT uri, uuid, console_log FROM job_domains WHERE job_id=? ORDER BY id",
             (job_id,))]
 
-    def forget_domains(self, job_id: str) -> None:
-        self._db.execute("DELETE FROM job_domains WHERE job_id=?", (job_id,))
+    async def forget_domains(self, job_id: str) -> None:
+        await self.execute("DELETE FROM job_domains WHERE job_id=?", (job_id,))
 
     # -- storage volumes a job created on a target (job_output.py) ----------------------
-    def record_volume(self, job_id: str, uri: str, pool: str, name: str) -> None:
-        self._db.execute("INSERT INTO job_volumes (job_id, uri, pool, name) VALUES (?,?,?,?)",
-                         (job_id, uri, pool, name))
+    async def record_volume(self, job_id: str, uri: str, pool: str, name: str) -> None:
+        await self.execute("INSERT INTO job_volumes (job_id, uri, pool, name)"
+                           " VALUES (?,?,?,?)", (job_id, uri, pool, name))
 
-    def owned_volumes(self, job_id: str) -> list[tuple[str, str, str]]:
+    async def owned_volumes(self, job_id: str) -> list[tuple[str, str, str]]:
         """(uri, pool, name) of the volumes the job created and has not kept or removed."""
-        return [(row[0], row[1], row[2]) for row in self._db.execute(
+        return [(row[0], row[1], row[2]) for row in await self.execute(
             "SELECT uri, pool, name FROM job_volumes WHERE job_id=? ORDER BY id", (job_id,))]
 
-    def forget_volume(self, job_id: str, uri: str, pool: str, name: str) -> None:
-        self._db.execute("DELETE FROM job_volumes WHERE job_id=? AND uri=? AND pool=?"
-                         " AND name=?", (job_id, uri, pool, name))
+    async def forget_volume(self, job_id: str, uri: str, pool: str, name: str) -> None:
+        await self.execute("DELETE FROM job_volumes WHERE job_id=? AND uri=? AND pool=?"
+                           " AND name=?", (job_id, uri, pool, name))
 
-    def forget_volumes(self, job_id: str) -> None:
-        self._db.execute("DELETE FROM job_volumes WHERE job_id=?", (job_id,))
+    async def forget_volumes(self, job_id: str) -> None:
+        await self.execute("DELETE FROM job_volumes WHERE job_id=?", (job_id,))
 
     # -- download checkpoints (disks/resume.py) --------------------------------------------
-    def save_checkpoint(self, job_id: str, target: str, temp: str, validator: str,
-                        point: Checkpoint) -> None:
-        self._db.execute(
+    async def save_checkpoint(self, job_id: str, target: str, temp: str, validator: str,
+                              point: Checkpoint) -> None:
+        await self.execute(
             "INSERT INTO download_checkpoints (job_id, target, temp, validator, \"offset\", sha256,"
             " final) VALUES (?,?,?,?,?,?,?)", (job_id, target, temp, validator, point.offset,
                                                point.sha256, int(point.final)))
 
-    def saved_download(self, job_id: str, target: str) -> SavedDownload | None:
-        rows = self._db.execute(
-            'SELECT temp, validator, "offset", sha256, final FROM download_checkpoints'
-            ' WHERE job_id=? AND target=? ORDER BY "offset", id', (job_id, target)).fetchall()
-        if not rows:
-            return None
-        return SavedDownload(rows[-1]["temp"], rows[-1]["validator"],
-                             [Checkpoint(row["offset"], row["sha256"], bool(row["final"]))
-                              for row in rows])
+    async def saved_downloads(self, job_id: str) -> dict[str, SavedDownload]:
+        """{target: what the job's checkpoints say of its download} of every download."""
+        rows = await self.execute(
+            'SELECT target, temp, validator, "offset", sha256, final FROM download_checkpoints'
+            ' WHERE job_id=? ORDER BY target, "offset", id', (job_id,))
+        by_target: dict[str, list[Row]] = {}
+        for row in rows:
+            by_target.setdefault(row["target"], []).append(row)
+        return {target: SavedDownload(last["temp"], last["validator"],
+                                      [Checkpoint(row["offset"], row["sha256"], bool(row["final"]))
+                                       for row in points])
+                for target, points in by_target.items() for last in (points[-1],)}
 
-    def clear_checkpoints(self, job_id: str, target: str | None = None) -> None:
+    async def clear_checkpoints(self, job_id: str, target: str | None = None) -> None:
         """Forget the job's checkpoints of `target` (None: of every download)."""
         if target is None:
-            self._db.execute("DELETE FROM download_checkpoints WHERE job_id=?", (job_id,))
+            await self.execute("DELETE FROM download_checkpoints WHERE job_id=?", (job_id,))
         else:
-            self._db.execute("DELETE FROM download_checkpoints WHERE job_id=? AND target=?",
-                             (job_id, target))
+            await self.execute("DELETE FROM download_checkpoints WHERE job_id=? AND target=?",
+                               (job_id, target))
 
-    def jobs_keeping_downloads(self) -> list[JobRecord]:
+    async def jobs_keeping_downloads(self) -> list[JobRecord]:
         """The interrupted jobs that keep downloads for a resume, oldest first."""
-        return [_row_to_job(row) for row in self._db.execute(
+        return [_row_to_job(row) for row in await self.execute(
             "SELECT * FROM jobs WHERE status='failed' AND id IN"
             " (SELECT job_id FROM download_checkpoints) ORDER BY created_at")]
 
-    def checkpoint_names(self, job_id: str) -> set[str]:
+    async def checkpoint_names(self, job_id: str) -> set[str]:
         """The files the job's checkpoints are about (final and temporary names)."""
-        return {name for row in self._db.execute(
+        return {name for row in await self.execute(
             "SELECT DISTINCT target, temp FROM download_checkpoints WHERE job_id=?", (job_id,))
-            for name in row}
+                for name in row}
 
-    def resumable_bytes(self, job_id: str) -> int:
+    async def resumable_bytes(self, job_id: str) -> int:
         """Bytes of the job's downloads verified by checkpoints (0: nothing to resume)."""
-        row = self._db.execute(
+        row = (await self.execute(
             'SELECT SUM(best) FROM (SELECT MAX("offset") AS best FROM download_checkpoints'
-            ' WHERE job_id=? GROUP BY target) AS per_target', (job_id,)).fetchone()
+            ' WHERE job_id=? GROUP BY target) AS per_target', (job_id,))).fetchone()
         return int(row[0] or 0)
 
-    def owned_paths(self, job_id: str) -> list[OwnedPath]:
+    async def owned_paths(self, job_id: str) -> list[OwnedPath]:
         """What the job made and has not yet kept or removed, in the order it was made."""
-        return [OwnedPath(*row) for row in self._db.execute(
+        return [OwnedPath(*row) for row in await self.execute(
             "SELECT kind, root, relative, dev, ino FROM job_paths WHERE job_id=? ORDER BY id",
             (job_id,))]

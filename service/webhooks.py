@@ -37,7 +37,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -157,16 +157,16 @@ class Webhooks:
         self._tasks: set[asyncio.Task] = set()
 
     # -- CRUD --------------------------------------------------------------------------
-    def create(self, definition: Any, uid: int) -> Webhook:
+    async def create(self, definition: Any, uid: int) -> Webhook:
         data = validate_webhook(definition, self.targets)
         webhook_id = new_id("webhook")
-        self._insert(webhook_id, data, "api", uid)
+        await self._insert(webhook_id, data, "api", uid)
         log.info("webhook %s created for %s (%s)", webhook_id, redact_url(data["url"]),
                  ", ".join(data["events"]))
-        return self.get(webhook_id)
+        return await self.get(webhook_id)
 
-    def _insert(self, webhook_id: str, data: dict, source: str, uid: int) -> None:
-        self.store.execute(
+    async def _insert(self, webhook_id: str, data: dict, source: str, uid: int) -> None:
+        await self.store.execute(
             "INSERT INTO webhooks (id, url, events, headers, secret, enabled, source,"
             " created_by_uid, created_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE"
             " SET url=excluded.url, events=excluded.events, headers=excluded.headers,"
@@ -174,7 +174,7 @@ class Webhooks:
             (webhook_id, data["url"], json.dumps(data["events"]), json.dumps(data["headers"]),
              data["secret"], int(data["enabled"]), source, uid, self.clock.now()))
 
-    def load_config(self, webhooks: list[dict]) -> None:
+    async def load_config(self, webhooks: list[dict]) -> None:
         """Make the config file's webhooks current; ids are stable across restarts."""
         ids = []
         for index, item in enumerate(webhooks):
@@ -184,43 +184,44 @@ class Webhooks:
                 raise InvalidArgument(f"config: webhooks[{index}].{exc.field}", exc.rule) from None
             digest = hashlib.sha256(f"{item['url']}#{index}".encode()).hexdigest()
             webhook_id = "webhook-c" + digest[:11]
-            self._insert(webhook_id, data, "config", 0)
+            await self._insert(webhook_id, data, "config", 0)
             ids.append(webhook_id)
         kept = f" AND id NOT IN ({','.join('?' * len(ids))})" if ids else ""  # () is SQLite's only
-        self.store.execute(f"DELETE FROM webhooks WHERE source='config'{kept}", ids)
+        await self.store.execute(f"DELETE FROM webhooks WHERE source='config'{kept}", ids)
 
-    def get(self, webhook_id: str) -> Webhook:
-        row = self.store.execute("SELECT * FROM webhooks WHERE id=?", (webhook_id,)).fetchone()
+    async def get(self, webhook_id: str) -> Webhook:
+        row = (await self.store.execute("SELECT * FROM webhooks WHERE id=?",
+                                        (webhook_id,))).fetchone()
         if row is None:
             raise NotFound(f"no webhook {webhook_id!r}")
         return _row_to_webhook(row)
 
-    def list(self) -> list[Webhook]:
+    async def list(self) -> list[Webhook]:
         return [_row_to_webhook(r) for r in
-                self.store.execute("SELECT * FROM webhooks ORDER BY created_at, id")]
+                await self.store.execute("SELECT * FROM webhooks ORDER BY created_at, id")]
 
-    def set_enabled(self, webhook_id: str, enabled: bool) -> Webhook:
-        webhook = self.get(webhook_id)
+    async def set_enabled(self, webhook_id: str, enabled: bool) -> Webhook:
+        webhook = await self.get(webhook_id)
         if webhook.source == "config":
             raise InvalidArgument("enabled", f"{webhook_id} comes from the config file; "
-                                             "set its enabled there")
+                                  "set its enabled there")
         if webhook.enabled != enabled:
-            self.store.execute("UPDATE webhooks SET enabled=? WHERE id=?",
-                               (int(enabled), webhook_id))
+            await self.store.execute("UPDATE webhooks SET enabled=? WHERE id=?",
+                                     (int(enabled), webhook_id))
             log.info("webhook %s %s", webhook_id, "enabled" if enabled else "disabled")
             self._changed(webhook_id)
             self._wake.set()  # held events may be due now
-        return self.get(webhook_id)
+        return await self.get(webhook_id)
 
-    def delete(self, webhook_id: str) -> None:
-        if self.get(webhook_id).source == "config":
+    async def delete(self, webhook_id: str) -> None:
+        if (await self.get(webhook_id)).source == "config":
             raise InvalidArgument("webhook", f"{webhook_id} comes from the config file; "
-                                             "remove it there")
-        self.store.execute("DELETE FROM webhooks WHERE id=?", (webhook_id,))
+                                  "remove it there")
+        await self.store.execute("DELETE FROM webhooks WHERE id=?", (webhook_id,))
 
-    def deliveries(self, webhook_id: str, limit: int = 100) -> list[dict]:
-        self.get(webhook_id)
-        rows = self.store.execute(
+    async def deliveries(self, webhook_id: str, limit: int = 100) -> list[dict]:
+        await self.get(webhook_id)
+        rows = await self.store.execute(
             "SELECT d.*, o.state FROM webhook_deliveries d JOIN webhook_outbox o"
             " ON o.id = d.outbox_id WHERE d.webhook_id=? ORDER BY d.id DESC LIMIT ?",
             (webhook_id, limit))
@@ -231,45 +232,45 @@ class Webhooks:
                 for r in rows][::-1]
 
     # -- enqueueing --------------------------------------------------------------------
-    def emit(self, event: str, payload: dict) -> int:
+    async def emit(self, event: str, payload: dict) -> int:
         """Queue `event` for every enabled webhook that wants it; returns how many."""
-        targets = [w.id for w in self.list() if w.enabled and event in w.events]
+        targets = [w.id for w in await self.list() if w.enabled and event in w.events]
         for webhook_id in targets:
-            self._enqueue(webhook_id, event, payload)
+            await self._enqueue(webhook_id, event, payload)
         return len(targets)
 
-    def test(self, webhook_id: str) -> None:
-        if not self.get(webhook_id).enabled:
+    async def test(self, webhook_id: str) -> None:
+        if not (await self.get(webhook_id)).enabled:
             raise InvalidArgument("webhook", f"{webhook_id} is disabled; enable it to test it")
-        self._enqueue(webhook_id, TEST_EVENT, {"message": "test event from hypervisord"})
+        await self._enqueue(webhook_id, TEST_EVENT, {"message": "test event from hypervisord"})
 
-    def _enqueue(self, webhook_id: str, event: str, payload: dict) -> None:
+    async def _enqueue(self, webhook_id: str, event: str, payload: dict) -> None:
         now = self.clock.now()
         body = json.dumps({"event": event, "time": iso_time(now), **payload}, sort_keys=True)
-        self.store.execute("INSERT INTO webhook_outbox (webhook_id, event, body, created_at,"
-                           " next_attempt, state) VALUES (?,?,?,?,?, 'pending')",
-                           (webhook_id, event, body, now, now))
+        await self.store.execute("INSERT INTO webhook_outbox (webhook_id, event, body, created_at,"
+                                 " next_attempt, state) VALUES (?,?,?,?,?, 'pending')",
+                                 (webhook_id, event, body, now, now))
         self._wake.set()
 
-    def on_job_event(self, event: "JobEvent") -> None:
-        """Engine listener: enqueue only, never wait."""
+    def on_job_event(self, event: "JobEvent") -> Awaitable[int] | None:
+        """Engine listener: enqueue only (in a task of its own: JobEngine.notify)."""
         if not event.local:
-            return  # the instance that changed the job queues its event (fleet.py)
+            return None  # the instance that changed the job queues its event (fleet.py)
         name = JOB_EVENTS.get(event.job.status) if event.type == "status" else None
         if name is None:
-            return
+            return None
         job = event.job
-        self.emit(name, {"job_id": job.id, "kind": job.kind, "status": job.status,
-                         "vm": job.vm, "provider": job.provider, "error": job.error})
+        return self.emit(name, {"job_id": job.id, "kind": job.kind, "status": job.status,
+                                "vm": job.vm, "provider": job.provider, "error": job.error})
 
-    def prune(self) -> int:
+    async def prune(self) -> int:
         """Forget delivered and failed events older than KEEP_FINISHED; returns how many."""
         cutoff = self.clock.now() - KEEP_FINISHED
         finished = "FROM webhook_outbox WHERE state != 'pending' AND created_at < ?"
-        with self.store.transaction() as db:
-            db.execute(f"DELETE FROM webhook_deliveries WHERE outbox_id IN (SELECT id {finished})",
-                       (cutoff,))
-            return db.execute(f"DELETE {finished}", (cutoff,)).rowcount
+        async with self.store.transaction() as db:
+            await db.execute("DELETE FROM webhook_deliveries WHERE outbox_id IN"
+                             f" (SELECT id {finished})", (cutoff,))
+            return (await db.execute(f"DELETE {finished}", (cutoff,))).rowcount
 
     # -- delivery ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -282,42 +283,43 @@ class Webhooks:
             try:
                 while True:
                     if time.monotonic() - pruned_at >= PRUNE_EVERY:
-                        self.prune()
+                        await self.prune()
                         pruned_at = time.monotonic()
-                    for row in self.due():
-                        if not self._claim(row):
+                    for row in await self.due():
+                        if not await self._claim(row):
                             continue  # another instance delivers it
                         self._in_flight.add(row["id"])
                         task = asyncio.create_task(self._deliver(session, limit, row))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-                    await wait_until(self.clock, self._next_due(), self._wake)
+                    await wait_until(self.clock, await self._next_due(), self._wake)
             finally:
                 for task in list(self._tasks):
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def due(self) -> list:
+    async def due(self) -> list:
         """The outbox rows to deliver now: pending, due, of an enabled webhook, not in flight."""
-        rows = self.store.execute(
+        rows = (await self.store.execute(
             "SELECT o.*, w.url, w.headers, w.secret FROM webhook_outbox o JOIN webhooks w"
             " ON w.id = o.webhook_id WHERE o.state='pending' AND w.enabled=1"
-            " AND o.next_attempt<=? ORDER BY o.id", (self.clock.now(),)).fetchall()
+            " AND o.next_attempt<=? ORDER BY o.id", (self.clock.now(),))).fetchall()
         return [r for r in rows if r["id"] not in self._in_flight]
 
-    def _claim(self, row) -> bool:
+    async def _claim(self, row) -> bool:
         """Take the event for this delivery attempt, once across the instances sharing
         the store: its next attempt moves past this one's timeout (should this instance
         die meanwhile, another delivers it then)."""
         hold = self.clock.now() + self.timeout + CLAIM_MARGIN
-        return bool(self.store.execute(
+        return bool((await self.store.execute(
             "UPDATE webhook_outbox SET next_attempt=? WHERE id=? AND state='pending' AND"
-            " next_attempt=?", (hold, row["id"], row["next_attempt"])).rowcount)
+            " next_attempt=?", (hold, row["id"], row["next_attempt"]))).rowcount)
 
-    def _next_due(self) -> float | None:
-        rows = self.store.execute("SELECT o.id, o.next_attempt FROM webhook_outbox o JOIN"
-                                  " webhooks w ON w.id = o.webhook_id WHERE o.state='pending'"
-                                  " AND w.enabled=1 ORDER BY o.next_attempt").fetchall()
+    async def _next_due(self) -> float | None:
+        rows = (await self.store.execute(
+            "SELECT o.id, o.next_attempt FROM webhook_outbox o JOIN webhooks w"
+            " ON w.id = o.webhook_id WHERE o.state='pending' AND w.enabled=1"
+            " ORDER BY o.next_attempt")).fetchall()
         return next((r[1] for r in rows if r[0] not in self._in_flight), None)
 
     async def _deliver(self, session: aiohttp.ClientSession, limit: asyncio.Semaphore,
@@ -331,7 +333,7 @@ class Webhooks:
             async with limit:
                 started = time.monotonic()
                 status, error = await self._post(session, row["url"], body, headers)
-                self._record(row, status, error, time.monotonic() - started)
+                await self._record(row, status, error, time.monotonic() - started)
         finally:
             self._in_flight.discard(row["id"])
             self._wake.set()
@@ -356,7 +358,7 @@ class Webhooks:
         except aiohttp.ClientError as exc:
             return 0, f"HTTP client error ({type(exc).__name__})"
 
-    def _record(self, row, status: int, error: str, duration: float) -> None:
+    async def _record(self, row, status: int, error: str, duration: float) -> None:
         attempt = row["attempts"] + 1
         now = self.clock.now()
         if not error:
@@ -368,13 +370,13 @@ class Webhooks:
         else:
             state = "pending"
             next_attempt = now + min(MAX_BACKOFF, self.retry_base * 2 ** (attempt - 1))
-        with self.store.transaction() as db:
-            if db.execute("SELECT 1 FROM webhooks WHERE id=?", (row["webhook_id"],)).fetchone() \
-                    is None:
+        async with self.store.transaction() as db:
+            if (await db.execute("SELECT 1 FROM webhooks WHERE id=?",
+                                 (row["webhook_id"],))).fetchone() is None:
                 return  # deleted while the attempt was under way
-            db.execute("UPDATE webhook_outbox SET attempts=?, next_attempt=?, state=? WHERE id=?",
-                       (attempt, next_attempt, state, row["id"]))
-            db.execute("INSERT INTO webhook_deliveries (webhook_id, outbox_id, event, time,"
-                       " attempt, status_code, error, duration) VALUES (?,?,?,?,?,?,?,?)",
-                       (row["webhook_id"], row["id"], row["event"], now, attempt, status,
-                        error, duration))
+            await db.execute("UPDATE webhook_outbox SET attempts=?, next_attempt=?, state=?"
+                             " WHERE id=?", (attempt, next_attempt, state, row["id"]))
+            await db.execute("INSERT INTO webhook_deliveries (webhook_id, outbox_id, event, time,"
+                             " attempt, status_code, error, duration) VALUES (?,?,?,?,?,?,?,?)",
+                             (row["webhook_id"], row["id"], row["event"], now, attempt, status,
+                              error, duration))

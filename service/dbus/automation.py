@@ -8,7 +8,9 @@ values that look like credentials are redacted.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from dbus_fast.constants import PropertyAccess
@@ -18,6 +20,7 @@ from hypersdk.client.names import (BACKUP_POLICIES, BACKUP_POLICY_IFACE, SCHEDUL
                                     SCHEDULES, WEBHOOK_IFACE, WEBHOOKS, job_path)
 
 from ..automation import Automation
+from ..errors import NotFound
 from ..job_kinds import get_kind
 from .dispatch import caller, require
 from .job import usec
@@ -27,6 +30,7 @@ from .manager import VIEW
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
 
+log = logging.getLogger(__name__)
 MANAGE_SCHEDULES = "org.hypersdk.HyperSDK1.manage-schedules"
 MANAGE_POLICIES = "org.hypersdk.HyperSDK1.manage-backup-policies"
 MANAGE_WEBHOOKS = "org.hypersdk.HyperSDK1.manage-webhooks"
@@ -48,11 +52,14 @@ class _ItemObject(ServiceInterface):
     collection = ""
     changing: tuple[str, ...] = ()
 
-    def __init__(self, objects: "AutomationObjects", item_id: str, interface: str) -> None:
+    def __init__(self, objects: "AutomationObjects", item, interface: str) -> None:
         super().__init__(interface)
         self._objects = objects
         self._automation = objects.automation
-        self.item_id = item_id
+        self.item_id = item.id
+        # the item as last read (dbus-fast's getters cannot await): AutomationObjects
+        # reads it again when it changes
+        self.item = item
 
     def announce(self) -> None:
         values = {name: getattr(self, "_value_" + name)() for name in self.changing}
@@ -65,31 +72,25 @@ class _ItemObject(ServiceInterface):
 class _TimedItemObject(_ItemObject):
     """Items that run on a timetable (schedules, backup policies): Enabled, NextRun, LastRun."""
 
-    def _item(self):
-        raise NotImplementedError
-
     def _value_Enabled(self) -> bool:
-        return self._item().enabled
+        return self.item.enabled
 
     def _value_NextRun(self) -> int:
-        return usec(self._item().next_run)
+        return usec(self.item.next_run)
 
     def _value_LastRun(self) -> int:
-        return usec(self._item().last_run)
+        return usec(self.item.last_run)
 
 
 class ScheduleObject(_TimedItemObject):
     collection = "schedule"
     changing = ("Enabled", "NextRun", "LastRun", "LastJob")
 
-    def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
-        super().__init__(objects, item_id, SCHEDULE_IFACE)
-
-    def _item(self):
-        return self._automation.schedules.get(self.item_id)
+    def __init__(self, objects: "AutomationObjects", item) -> None:
+        super().__init__(objects, item, SCHEDULE_IFACE)
 
     def _value_LastJob(self) -> str:
-        last_job = self._item().last_job
+        last_job = self.item.last_job
         return job_path(last_job) if last_job else "/"
 
     @dbus_property(access=PropertyAccess.READ)
@@ -98,15 +99,15 @@ class ScheduleObject(_TimedItemObject):
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> "s":
-        return self._item().name
+        return self.item.name
 
     @dbus_property(access=PropertyAccess.READ)
     def Cron(self) -> "s":
-        return self._item().cron.expression
+        return self.item.cron.expression
 
     @dbus_property(access=PropertyAccess.READ)
     def Timezone(self) -> "s":
-        return self._item().cron.zone.key
+        return self.item.cron.zone.key
 
     @dbus_property(access=PropertyAccess.READ)
     def Enabled(self) -> "b":
@@ -126,24 +127,25 @@ class ScheduleObject(_TimedItemObject):
 
     @dbus_property(access=PropertyAccess.READ)
     def Definition(self) -> "s":
-        return json.dumps(self._item().to_dict())
+        return json.dumps(self.item.to_dict())
 
     @method()
     async def SetEnabled(self, enabled: "b", options: "a{sv}"):
         await require(MANAGE_SCHEDULES)
-        self._automation.schedules.set_enabled(self.item_id, enabled)
+        await self._automation.schedules.set_enabled(self.item_id, enabled)
         self._automation.wake()
 
     @method()
     async def RunNow(self, options: "a{sv}") -> "o":
         await require(MANAGE_SCHEDULES)
-        await require_kind_action(self._item().kind)
-        return job_path(self._automation.schedules.run_now(self.item_id, caller().uid).id)
+        await require_kind_action(self.item.kind)
+        return job_path((await self._automation.schedules.run_now(self.item_id,
+                                                                  caller().uid)).id)
 
     @method()
     async def Delete(self, options: "a{sv}"):
         await require(MANAGE_SCHEDULES)
-        self._automation.schedules.delete(self.item_id)
+        await self._automation.schedules.delete(self.item_id)
         self._delete()
 
 
@@ -151,11 +153,8 @@ class BackupPolicyObject(_TimedItemObject):
     collection = "policy"
     changing = ("Enabled", "NextRun", "LastRun")
 
-    def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
-        super().__init__(objects, item_id, BACKUP_POLICY_IFACE)
-
-    def _item(self):
-        return self._automation.policies.get(self.item_id)
+    def __init__(self, objects: "AutomationObjects", item) -> None:
+        super().__init__(objects, item, BACKUP_POLICY_IFACE)
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
@@ -163,15 +162,15 @@ class BackupPolicyObject(_TimedItemObject):
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> "s":
-        return self._item().name
+        return self.item.name
 
     @dbus_property(access=PropertyAccess.READ)
     def Definition(self) -> "s":
-        return json.dumps(self._item().definition)
+        return json.dumps(self.item.definition)
 
     @dbus_property(access=PropertyAccess.READ)
     def Schedule(self) -> "s":
-        return self._item().definition["schedule"]
+        return self.item.definition["schedule"]
 
     @dbus_property(access=PropertyAccess.READ)
     def Enabled(self) -> "b":
@@ -188,7 +187,7 @@ class BackupPolicyObject(_TimedItemObject):
     @method()
     async def SetEnabled(self, enabled: "b", options: "a{sv}"):
         await require(MANAGE_POLICIES)
-        self._automation.policies.set_enabled(self.item_id, enabled)
+        await self._automation.policies.set_enabled(self.item_id, enabled)
         self._automation.wake()
 
     @method()
@@ -206,7 +205,7 @@ class BackupPolicyObject(_TimedItemObject):
     @method()
     async def Delete(self, options: "a{sv}"):
         await require(MANAGE_POLICIES)
-        self._automation.policies.delete(self.item_id)
+        await self._automation.policies.delete(self.item_id)
         self._delete()
 
 
@@ -214,11 +213,11 @@ class WebhookObject(_ItemObject):
     collection = "webhook"
     changing = ("Enabled",)
 
-    def __init__(self, objects: "AutomationObjects", item_id: str) -> None:
-        super().__init__(objects, item_id, WEBHOOK_IFACE)
+    def __init__(self, objects: "AutomationObjects", item) -> None:
+        super().__init__(objects, item, WEBHOOK_IFACE)
 
     def _public(self) -> dict:
-        return self._automation.webhooks.get(self.item_id).public()
+        return self.item.public()
 
     def _value_Enabled(self) -> bool:
         return self._public()["enabled"]
@@ -254,24 +253,24 @@ class WebhookObject(_ItemObject):
     @method()
     async def SetEnabled(self, enabled: "b", options: "a{sv}"):
         await require(MANAGE_WEBHOOKS)
-        self._automation.webhooks.set_enabled(self.item_id, enabled)
+        await self._automation.webhooks.set_enabled(self.item_id, enabled)
 
     @method()
     async def Delete(self, options: "a{sv}"):
         await require(MANAGE_WEBHOOKS)
-        self._automation.webhooks.delete(self.item_id)
+        await self._automation.webhooks.delete(self.item_id)
         self._delete()
 
     @method()
     async def GetDeliveries(self, options: "a{sv}") -> "s":
         await require(VIEW)
         limit = page_option(options, "limit", 100, 1000)
-        return json.dumps(self._automation.webhooks.deliveries(self.item_id, limit))
+        return json.dumps(await self._automation.webhooks.deliveries(self.item_id, limit))
 
     @method()
     async def Test(self, options: "a{sv}"):
         await require(MANAGE_WEBHOOKS)
-        self._automation.webhooks.test(self.item_id)
+        await self._automation.webhooks.test(self.item_id)
 
 
 OBJECT_CLASSES = {"schedule": ScheduleObject, "policy": BackupPolicyObject,
@@ -286,20 +285,20 @@ class AutomationObjects:
         self.dispatcher = dispatcher
         self.automation = automation
         self._objects: dict[tuple[str, str], _ItemObject] = {}
+        self._items = {"schedule": automation.schedules, "policy": automation.policies,
+                       "webhook": automation.webhooks}
+        self._refreshing: set[asyncio.Task] = set()
         automation.on_change.append(self._on_change)
 
-    def export_all(self) -> None:
-        for schedule in self.automation.schedules.list():
-            self._add("schedule", schedule.id)
-        for policy in self.automation.policies.list():
-            self._add("policy", policy.id)
-        for webhook in self.automation.webhooks.list():
-            self._add("webhook", webhook.id)
+    async def export_all(self) -> None:
+        for collection, items in self._items.items():
+            for item in await items.list():
+                self._add(collection, item)
 
-    def _add(self, collection: str, item_id: str) -> str:
-        obj = OBJECT_CLASSES[collection](self, item_id)
-        path = item_path(collection, item_id)
-        self._objects[(collection, item_id)] = obj
+    def _add(self, collection: str, item) -> str:
+        obj = OBJECT_CLASSES[collection](self, item)
+        path = item_path(collection, item.id)
+        self._objects[(collection, item.id)] = obj
         self.dispatcher.export(path, obj)
         return path
 
@@ -308,22 +307,37 @@ class AutomationObjects:
             self.dispatcher.unexport(item_path(collection, item_id))
 
     def _on_change(self, collection: str, item_id: str) -> None:
+        """Read the changed item again in the background, then announce it."""
+        if (collection, item_id) in self._objects:
+            task = asyncio.create_task(self._refresh(collection, item_id))
+            self._refreshing.add(task)
+            task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh(self, collection: str, item_id: str) -> None:
+        try:
+            item = await self._items[collection].get(item_id)
+        except NotFound:
+            return  # deleted meanwhile
+        except self._items[collection].store.errors as exc:  # the next change tells
+            log.warning("cannot read %s %s again: %s", collection, item_id, exc)
+            return
         obj = self._objects.get((collection, item_id))
         if obj is not None:
+            obj.item = item
             obj.announce()
 
     # -- called by the Manager after its polkit check -----------------------------------
     async def create_schedule(self, definition: dict, uid: int) -> str:
         await require_kind_action(definition.get("kind", "export"))
-        schedule = self.automation.schedules.create(definition, uid)
+        schedule = await self.automation.schedules.create(definition, uid)
         self.automation.wake()
-        return self._add("schedule", schedule.id)
+        return self._add("schedule", schedule)
 
     async def create_backup_policy(self, definition: dict, uid: int) -> str:
         await require_kind_action(self.automation.policies.kind)
-        policy = self.automation.policies.create(definition, uid)
+        policy = await self.automation.policies.create(definition, uid)
         self.automation.wake()
-        return self._add("policy", policy.id)
+        return self._add("policy", policy)
 
     async def configure_webhook(self, definition: dict, uid: int) -> str:
-        return self._add("webhook", self.automation.webhooks.create(definition, uid).id)
+        return self._add("webhook", await self.automation.webhooks.create(definition, uid))

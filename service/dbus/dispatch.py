@@ -27,7 +27,7 @@ from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from ..errors import ERROR_PREFIX, HyperSDKError, InvalidArgument
+from ..errors import ERROR_PREFIX, HyperSDKError, InvalidArgument, Unavailable
 from ..principals import REST_NAME_RULE, ROLES, is_rest_name
 from .polkit import AccessDenied, Authority, Caller
 
@@ -79,10 +79,12 @@ def principal_of(uid: int, options: dict, trusted_uids: frozenset[int]) -> tuple
 
 class Dispatcher:
     def __init__(self, bus: MessageBus, authority: Authority,
-                 trusted_uids: frozenset[int] = frozenset({0})) -> None:
+                 trusted_uids: frozenset[int] = frozenset({0}),
+                 store_errors: tuple[type[Exception], ...] = ()) -> None:
         self._bus = bus
         self._authority = authority
         self._trusted_uids = trusted_uids
+        self._store_errors = store_errors  # the job store's failures (Store.errors)
         self._objects: dict[str, dict[str, ServiceInterface]] = {}
         self._tasks: set[asyncio.Task] = set()
         bus.add_message_handler(self._on_message)
@@ -147,6 +149,10 @@ class Dispatcher:
             reply = Message.new_method_return(msg, method.out_signature, body)
         except HyperSDKError as exc:
             reply = Message.new_error(msg, exc.dbus_name, wire_safe(exc.message))
+        except self._store_errors as exc:  # a lost or hung database: said, no traceback
+            log.warning("%s.%s: the job store failed: %s", msg.interface, msg.member, exc)
+            reply = Message.new_error(msg, ERROR_PREFIX + Unavailable.name, wire_safe(
+                f"the job store is unavailable: {' '.join(str(exc).split())}"))
         except Exception as exc:
             log.exception("%s.%s failed", msg.interface, msg.member)
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed",

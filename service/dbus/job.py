@@ -116,13 +116,13 @@ async def require_own_or_other(job: JobRecord) -> None:
 
 async def cancel_job(engine: JobEngine, job: JobRecord) -> None:
     await require_own_or_other(job)
-    engine.cancel(job.id)
+    await engine.cancel(job.id)
 
 
 async def cutover_job(engine: JobEngine, job: JobRecord) -> None:
     """Start a warm export's cutover; polkit as for cancelling it."""
     await require_own_or_other(job)
-    engine.cutover(job.id)
+    await engine.cutover(job.id)
 
 
 async def retry_job(engine: JobEngine, job: JobRecord) -> str:
@@ -132,34 +132,36 @@ async def retry_job(engine: JobEngine, job: JobRecord) -> str:
     who = await require(kind.polkit_action if kind else "org.hypersdk.HyperSDK1.export")
     if not owned_by_caller(job):
         await require_own_or_other(job)
-    return job_path(engine.retry(job.id, who.uid, who.principal).id)
+    return job_path((await engine.retry(job.id, who.uid, who.principal)).id)
 
 
 async def log_page(engine: JobEngine, job_id: str, after_id: int, options: dict) -> list:
     await require(VIEW)
     limit = page_option(options, "limit", MAX_LOG_PAGE, MAX_LOG_PAGE)
     return [[line.id, usec(line.time), line.level, line.message]
-            for line in engine.store.logs(job_id, after_id, limit)]
+            for line in await engine.store.logs(job_id, after_id, limit)]
 
 
 class JobObject(ServiceInterface):
-    def __init__(self, engine: JobEngine, job_id: str) -> None:
+    """The properties are read from the record the object was made with, replaced by
+    the record of every event about the job (`heard`), or the live one while the job
+    runs here: never from the store (dbus-fast's getters cannot await)."""
+
+    def __init__(self, engine: JobEngine, job: JobRecord) -> None:
         super().__init__(JOB_IFACE)
         self._engine = engine
-        self.job_id = job_id
+        self.job_id = job.id
+        self._heard = job
         self._dirty: set[str] = set()
         self._flush_handle: asyncio.TimerHandle | None = None
-        self._finished: JobRecord | None = None
 
     @property
     def record(self) -> JobRecord:
-        """The job's record; a finished job never changes again, so it is read once."""
-        if self._finished is not None:
-            return self._finished
-        job = self._engine.get(self.job_id)
-        if job.finished:
-            self._finished = job
-        return job
+        return self._engine.known(self.job_id) or self._heard
+
+    def heard(self, job: JobRecord) -> None:
+        """The job as an event told it."""
+        self._heard = job
 
     def _get(self, name: str) -> Any:
         return job_values(self._engine, self.record, (name,))[name]

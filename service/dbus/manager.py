@@ -79,6 +79,9 @@ class ManagerObject(ServiceInterface):
         self._on_bus = on_bus
         self._automation_objects = automation
         self._plan_objects = plans
+        # the store's counts as last read (the getter cannot await): DBusService
+        # reads them at start and after each job is created, changes status or goes
+        self.job_counts: dict[str, int] = dict.fromkeys(JOB_STATUSES, 0)
 
     async def _submit(self, kind_name: str, definition_json: str) -> str:
         kind = get_kind(kind_name)
@@ -87,7 +90,8 @@ class ManagerObject(ServiceInterface):
                                   + ", ".join(kind_names()))
         who = await require(kind.polkit_action)
         definition = parse_json(definition_json, "definition")
-        job = self._engine.submit(kind_name, definition, who.uid, requested_by=who.principal)
+        job = await self._engine.submit(kind_name, definition, who.uid,
+                                        requested_by=who.principal)
         return job_path(job.id)
 
     def capabilities(self) -> dict:
@@ -111,7 +115,7 @@ class ManagerObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def JobCounts(self) -> "a{su}":
-        return self._engine.store.count_by_status()
+        return self.job_counts
 
     # -- jobs --------------------------------------------------------------------------
     @method()
@@ -134,33 +138,34 @@ class ManagerObject(ServiceInterface):
         """Stored jobs as records (the Job properties), oldest first, and how many match."""
         await require(VIEW)
         query = JobQuery.from_options(options)
-        jobs = self._engine.list(query.status or None, query.limit, query.offset,
-                                 query.provider or None)
+        jobs = await self._engine.list(query.status or None, query.limit, query.offset,
+                                       query.provider or None)
         return [records_within(self._engine, jobs, MAX_RECORDS_BYTES),
-                self._engine.store.count_jobs(query.status or None, query.provider or None)]
+                await self._engine.store.count_jobs(query.status or None,
+                                                    query.provider or None)]
 
     @method()
     async def GetJob(self, job_id: "s", options: "a{sv}") -> "a{sv}":
         await require(VIEW)
-        return job_record(self._engine, self._engine.get(job_id))
+        return job_record(self._engine, await self._engine.get(job_id))
 
     @method()
     async def CancelJob(self, job_id: "s", options: "a{sv}"):
-        await cancel_job(self._engine, self._engine.get(job_id))
+        await cancel_job(self._engine, await self._engine.get(job_id))
 
     @method()
     async def CutoverJob(self, job_id: "s", options: "a{sv}"):
-        await cutover_job(self._engine, self._engine.get(job_id))
+        await cutover_job(self._engine, await self._engine.get(job_id))
 
     @method()
     async def RetryJob(self, job_id: "s", options: "a{sv}") -> "o":
-        return await retry_job(self._engine, self._engine.get(job_id))
+        return await retry_job(self._engine, await self._engine.get(job_id))
 
     @method()
     async def GetJobLog(self, job_id: "s", after_id: "t", options: "a{sv}") -> "a(ttss)":
         lines = await log_page(self._engine, job_id, after_id, options)
         if not lines:
-            self._engine.get(job_id)  # NotFound for a job that does not exist
+            await self._engine.get(job_id)  # NotFound for a job that does not exist
         return lines
 
     @method()

@@ -3,7 +3,9 @@
 VMs are released and end (PropertiesChanged)."""
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from dbus_fast.constants import PropertyAccess
@@ -11,6 +13,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, method
 
 from hypersdk.client.names import PLAN_IFACE, plan_path
 
+from ..errors import NotFound
 from ..plans import Plan, Plans
 from .dispatch import caller, require
 from .job import VIEW, usec
@@ -18,6 +21,7 @@ from .job import VIEW, usec
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
 
+log = logging.getLogger(__name__)
 MANAGE_PLANS = "org.hypersdk.HyperSDK1.manage-plans"
 EXPORT = "org.hypersdk.HyperSDK1.export"
 OTHER_USERS_JOBS = "org.hypersdk.HyperSDK1.cancel-job-other-user"
@@ -25,24 +29,29 @@ CHANGING = ("Status", "Vms", "LastPreflight", "StartTime", "EndTime", "ReportPat
 
 
 class PlanObject(ServiceInterface):
-    def __init__(self, plans: Plans, plan_id: str) -> None:
+    """The properties are the plan and its VMs' table as last read (dbus-fast's getters
+    cannot await): PlanObjects reads them again when the plan changes."""
+
+    def __init__(self, plans: Plans, plan: Plan, table: list[dict]) -> None:
         super().__init__(PLAN_IFACE)
         self._plans = plans
-        self.plan_id = plan_id
+        self.plan_id = plan.id
+        self.plan = plan
+        self.table = table
 
     def announce(self) -> None:
-        plan = self._plan()  # read once for all the properties that change
+        plan = self._plan()
         self.emit_properties_changed({name: getattr(self, "_value_" + name)(plan)
                                       for name in CHANGING})
 
     def _plan(self) -> Plan:
-        return self._plans.get(self.plan_id)
+        return self.plan
 
     def _value_Status(self, plan: Plan) -> str:
         return plan.status
 
     def _value_Vms(self, plan: Plan) -> str:
-        return json.dumps(self._plans.status_table(plan.id))
+        return json.dumps(self.table)
 
     def _value_LastPreflight(self, plan: Plan) -> str:
         return json.dumps(plan.preflight) if plan.preflight is not None else ""
@@ -125,17 +134,17 @@ class PlanObject(ServiceInterface):
     @method()
     async def Cancel(self, options: "a{sv}"):
         await self._require_for_its_jobs()
-        self._plans.cancel(self.plan_id)
+        await self._plans.cancel(self.plan_id)
 
     @method()
     async def Cutover(self, options: "a{sv}") -> "as":
         await self._require_for_its_jobs()
-        return self._plans.cutover(self.plan_id)
+        return await self._plans.cutover(self.plan_id)
 
     @method()
     async def GetReport(self, options: "a{sv}") -> "s":
         await require(VIEW)
-        return json.dumps(self._plans.report(self.plan_id))
+        return json.dumps(await self._plans.report(self.plan_id))
 
 
 class PlanObjects:
@@ -145,25 +154,51 @@ class PlanObjects:
         self.dispatcher = dispatcher
         self.plans = plans
         self._objects: dict[str, PlanObject] = {}
+        self._refreshing: dict[str, asyncio.Task] = {}
+        self._again: set[str] = set()  # changed while being read
         plans.on_change.append(self._on_change)
 
-    def export_all(self) -> None:
-        for plan in self.plans.list():
-            self._add(plan.id)
+    async def export_all(self) -> None:
+        for plan in await self.plans.list():
+            self._add(plan, await self.plans.status_table(plan.id))
 
-    def _add(self, plan_id: str) -> str:
-        self._objects[plan_id] = PlanObject(self.plans, plan_id)
-        self.dispatcher.export(plan_path(plan_id), self._objects[plan_id])
-        return plan_path(plan_id)
+    def _add(self, plan: Plan, table: list[dict]) -> str:
+        self._objects[plan.id] = PlanObject(self.plans, plan, table)
+        self.dispatcher.export(plan_path(plan.id), self._objects[plan.id])
+        return plan_path(plan.id)
 
     def _on_change(self, plan_id: str) -> None:
-        obj = self._objects.get(plan_id)
-        if obj is not None:
-            obj.announce()
-        else:  # made through another instance sharing the store (fleet.py)
-            self._add(plan_id)
+        """Read the plan again in the background (once more for the changes made while
+        it is read), then announce it."""
+        if plan_id in self._refreshing:
+            self._again.add(plan_id)
+            return
+        task = asyncio.create_task(self._refresh(plan_id))
+        self._refreshing[plan_id] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(plan_id, None))
+
+    async def _refresh(self, plan_id: str) -> None:
+        again = True
+        while again:
+            try:
+                plan = await self.plans.get(plan_id)
+                table = await self.plans.status_table(plan_id)
+            except NotFound:
+                return
+            except self.plans.store.errors as exc:  # the next change tells
+                log.warning("cannot read plan %s again: %s", plan_id, exc)
+                return
+            obj = self._objects.get(plan_id)
+            if obj is None:  # made through another instance sharing the store (fleet.py)
+                self._add(plan, table)
+            else:
+                obj.plan, obj.table = plan, table
+                obj.announce()
+            again = plan_id in self._again
+            self._again.discard(plan_id)
 
     async def create(self, definition: object) -> str:
         """Manager.CreatePlan, after its polkit check."""
         who = caller()
-        return self._add(self.plans.create(definition, who.uid, who.principal).id)
+        plan = await self.plans.create(definition, who.uid, who.principal)
+        return self._add(plan, await self.plans.status_table(plan.id))

@@ -32,7 +32,7 @@ class DBusService:
                  plans: Plans | None = None) -> None:
         self.bus = bus
         self.engine = engine
-        self.dispatcher = Dispatcher(bus, Authority(bus), trusted_uids)
+        self.dispatcher = Dispatcher(bus, Authority(bus), trusted_uids, engine.store.errors)
         self.automation = (AutomationObjects(self.dispatcher, automation)
                            if automation is not None else None)
         self.plans = PlanObjects(self.dispatcher, plans) if plans is not None else None
@@ -40,20 +40,23 @@ class DBusService:
         self.manager = ManagerObject(engine, self.jobs, self.automation, self.plans)
         self._leaving: dict[str, asyncio.TimerHandle] = {}  # finished jobs still lingering
         self.linger = engine.config.daemon.finished_job_linger
+        self._counting: asyncio.Task | None = None  # reading JobCounts from the store
+        self._recount = False  # counts changed while they were being read
 
-    def export_all(self) -> None:
+    async def export_all(self) -> None:
         """Export the Manager and the jobs clients may still follow: unfinished ones and
         those finished less than daemon.finished_job_linger ago (the others are read
         through Manager.ListJobRecords/GetJob); then follow the engine."""
         self.dispatcher.export(MANAGER_PATH, self.manager)
         if self.automation is not None:
-            self.automation.export_all()
+            await self.automation.export_all()
         if self.plans is not None:
-            self.plans.export_all()
-        for job in self.engine.store.jobs_unfinished_or_since(time.time() - self.linger):
-            self._export_job(job.id)
+            await self.plans.export_all()
+        for job in await self.engine.store.jobs_unfinished_or_since(time.time() - self.linger):
+            self._export_job(job)
             if job.finished:
                 self._leave_later(job)
+        self.manager.job_counts = await self.engine.store.count_by_status()
         self.engine.subscribe(self._on_job_event)
 
     async def own_name(self) -> None:
@@ -62,12 +65,12 @@ class DBusService:
             raise Failed(f"could not own the bus name {BUS_NAME} ({reply.name}); "
                          "is another hypervisord running?")
 
-    def _export_job(self, job_id: str) -> None:
-        if job_id in self.jobs:  # another instance's job, seen by both (fleet.py)
+    def _export_job(self, job: JobRecord) -> None:
+        if job.id in self.jobs:  # another instance's job, seen by both (fleet.py)
             return
-        obj = JobObject(self.engine, job_id)
-        self.jobs[job_id] = obj
-        self.dispatcher.export(job_path(job_id), obj)
+        obj = JobObject(self.engine, job)
+        self.jobs[job.id] = obj
+        self.dispatcher.export(job_path(job.id), obj)
 
     def _leave_later(self, job: JobRecord) -> None:
         """Unexport a finished job once it has lingered, as udisks does with its jobs
@@ -91,7 +94,7 @@ class DBusService:
     def _on_job_event(self, event: JobEvent) -> None:
         job = event.job
         if event.type == "created":
-            self._export_job(job.id)
+            self._export_job(job)
             self._counts_changed()
             return
         if event.type == "removed":
@@ -101,6 +104,7 @@ class DBusService:
         obj = self.jobs.get(job.id)
         if obj is None:
             return
+        obj.heard(job)
         if event.type == "progress":
             obj.progress_changed()
         elif event.type == "status":
@@ -113,10 +117,32 @@ class DBusService:
             obj.LogLine(line.id, usec(line.time), line.level, line.message)
 
     def _counts_changed(self) -> None:
-        self.manager.emit_properties_changed(
-            {"JobCounts": self.engine.store.count_by_status()})
+        """Read the counts again in the background and announce them (once for the
+        changes made while a read is under way)."""
+        if self._counting is not None:
+            self._recount = True
+            return
+        self._counting = asyncio.create_task(self._count(), name="job-counts")
+
+    async def _count(self) -> None:
+        try:
+            self._recount = True
+            while self._recount:
+                self._recount = False
+                try:
+                    counts = await self.engine.store.count_by_status()
+                except self.engine.store.errors as exc:
+                    log.warning("cannot count the jobs for JobCounts: %s", exc)
+                    return
+                if counts != self.manager.job_counts:
+                    self.manager.job_counts = counts
+                    self.manager.emit_properties_changed({"JobCounts": counts})
+        finally:
+            self._counting = None
 
     async def close(self) -> None:
+        if self._counting is not None:
+            self._counting.cancel()
         for leaving in self._leaving.values():
             leaving.cancel()
         for obj in self.jobs.values():

@@ -24,7 +24,7 @@ from hypersdk.service.providers.registry import ProviderRegistry
 from hypersdk.service.store import Store, open_store
 
 from ..support import test_kinds  # noqa: F401  (registers sleep, fail, ...)
-from ..support.wait import until
+from ..support.wait import job_is, until
 from ..vcsim.harness import Simulator, find_vm, give_disks
 
 PRODUCTION = ["DC0_H0_VM0", "DC0_C0_RP0_VM1"]  # simulator VMs tagged backup=production
@@ -92,12 +92,13 @@ class EngineEnv:
     providers: ProviderRegistry
 
     async def wait_job(self, job_id: str, timeout: float = 10) -> str:
-        await until(lambda: self.engine.get(job_id).finished, timeout, f"{job_id} to finish")
-        return self.engine.get(job_id).status
+        await until(lambda: job_is(self.engine, job_id, lambda job: job.finished), timeout,
+                    f"{job_id} to finish")
+        return (await self.engine.get(job_id)).status
 
 
 async def start_engine(config) -> EngineEnv:
-    store = open_store(config.database.url or f"sqlite://{config.database.path}")
+    store = await open_store(config.database.url or f"sqlite://{config.database.path}")
     providers = ProviderRegistry(config)
     engine = JobEngine(store, config, providers)
     await engine.start()
@@ -107,7 +108,7 @@ async def start_engine(config) -> EngineEnv:
 async def stop_engine(env: EngineEnv) -> None:
     await env.engine.shutdown()
     await env.providers.close()
-    env.store.close()
+    await env.store.close()
 
 
 @pytest.fixture

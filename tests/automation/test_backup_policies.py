@@ -9,6 +9,7 @@ are real there too.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ async def _policies_env(tmp_path, sim, kind: str, database_url: str = ""):
     clock = FakeClock(1_800_000_000.0)
     events: list[tuple[str, dict]] = []
     policies = BackupPolicies(env.store, env.engine, 600.0, clock,
-                              emit=lambda name, payload: events.append((name, payload)),
+                              emit=_recorder(events),
                               changed=lambda item: None, kind=kind)
     env.engine.subscribe(policies.on_job_event)
     return env, policies, clock, events
@@ -65,18 +66,36 @@ def production_policy(**overrides) -> dict:
 async def run_and_settle(env, policies, policy_id: str) -> list:
     jobs = await policies.run(policy_id, 0)
     statuses = [await env.wait_job(job.id) for job in jobs]
-    # retention runs in a task once the run has settled
-    await until(lambda: not policies._tasks, what="the policy's retention task")
+    # the engine's listener settles the run, then retention runs in a task
+    await until(lambda: _settled(env, policies, policy_id), what="the policy's retention task")
     return statuses
+
+
+async def _settled(env, policies: BackupPolicies, policy_id: str) -> bool:
+    return (not await policies._active(policy_id) and not env.engine._follow_ups
+            and not policies._tasks)
 
 
 def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
+
+def _recorder(events: list) -> Callable[[str, dict], Awaitable[int]]:
+    """BackupPolicies' `emit`: the webhook events, in a list."""
+    async def emit(name: str, payload: dict) -> int:
+        events.append((name, payload))
+        return 1
+    return emit
+
+
+async def _backups_are(policies: BackupPolicies, policy_id: str, count: int,
+                       states: tuple[str, ...] = ("pending", "good", "failed")) -> bool:
+    return len(await policies.backups(policy_id, states)) == count
+
 async def test_four_runs_keep_the_two_newest_backups_and_foreign_files(export_policies_env):
     env, policies, clock, events = export_policies_env
-    policy = policies.create(production_policy(export_options={"export_method": "disk"}), 0)
+    policy = await policies.create(production_policy(export_options={"export_method": "disk"}), 0)
     root = policy.root
     (root / "DC0_H0_VM0").mkdir(parents=True)
     (root / "DC0_H0_VM0" / "notes.txt").write_text("mine, not the policy's")
@@ -84,14 +103,14 @@ async def test_four_runs_keep_the_two_newest_backups_and_foreign_files(export_po
     for _ in range(4):
         assert await run_and_settle(env, policies, policy.id) == ["completed", "completed"]
         clock.advance(DAY)
-    all_made = policies.backups(policy.id, ("good", "deleted"))
+    all_made = await policies.backups(policy.id, ("good", "deleted"))
     assert sorted({b.vm_name for b in all_made}) == sorted(PRODUCTION)
     for vm in PRODUCTION:
         dirs = sorted(p.name for p in (root / vm).iterdir() if p.is_dir())
         mine = [b for b in all_made if b.vm_name == vm]
         assert len(mine) == 4
         assert dirs == sorted(Path(b.path).name for b in mine[-2:])
-    for backup in policies.backups(policy.id, ("good",)):
+    for backup in await policies.backups(policy.id, ("good",)):
         files = sorted(p.name for p in Path(backup.path).iterdir())
         assert files == [f"{backup.vm_name}-disk1.vmdk", f"{backup.vm_name}.mf"], files
     assert (root / "README").read_text() == "foreign"
@@ -103,16 +122,16 @@ async def test_four_runs_keep_the_two_newest_backups_and_foreign_files(export_po
 
 async def test_retention_by_age_never_removes_the_newest_good_backup(policies_env):
     env, policies, clock, _ = policies_env
-    policy = policies.create(production_policy(retention={"age_days": 1.5}), 0)
+    policy = await policies.create(production_policy(retention={"age_days": 1.5}), 0)
     for _ in range(3):
         await run_and_settle(env, policies, policy.id)
         clock.advance(DAY)
-    good = policies.backups(policy.id, ("good",))
+    good = await policies.backups(policy.id, ("good",))
     assert len(good) == 4  # the day-0 backups were older than 1.5 days at the third run
     clock.advance(30 * DAY)
     deleted = await policies.apply_retention(policy.id)
     assert len(deleted) == 2
-    newest = policies.backups(policy.id, ("good",))
+    newest = await policies.backups(policy.id, ("good",))
     assert len(newest) == 2 and all(Path(b.path, "disk.img").exists() for b in newest)
 
 
@@ -131,52 +150,53 @@ def test_plan_retention_rules():
 
 async def test_a_run_with_a_failed_job_applies_no_retention(policies_env):
     env, policies, clock, events = policies_env
-    policy = policies.create(production_policy(retention={"count": 1}), 0)
+    policy = await policies.create(production_policy(retention={"count": 1}), 0)
     await run_and_settle(env, policies, policy.id)
     clock.advance(DAY)
     await run_and_settle(env, policies, policy.id)  # a second good run: retention applies
-    assert len(policies.backups(policy.id, ("good",))) == 2
-    vm_id = policies.backups(policy.id, ("good",))[0].vm
-    broken = policies.create(production_policy(name="broken", retention={"count": 1},
-                                               export_options={"fail": vm_id}), 0)
+    assert len(await policies.backups(policy.id, ("good",))) == 2
+    vm_id = (await policies.backups(policy.id, ("good",)))[0].vm
+    broken = await policies.create(production_policy(name="broken", retention={"count": 1},
+                                                     export_options={"fail": vm_id}), 0)
     await run_and_settle(env, policies, broken.id)
     clock.advance(DAY)
     await run_and_settle(env, policies, broken.id)
-    assert len(policies.backups(broken.id, ("good",))) == 2  # 1 per run for the healthy VM
-    assert len(policies.backups(broken.id, ("failed",))) == 2
+    assert len(await policies.backups(broken.id, ("good",))) == 2  # 1 per run for the healthy VM
+    assert len(await policies.backups(broken.id, ("failed",))) == 2
     assert [p["policy_id"] for n, p in events if n == "backup.retention_applied"] == \
         [policy.id, policy.id]
 
 
 async def test_dry_run_lists_vms_and_what_retention_would_delete(policies_env):
     env, policies, clock, _ = policies_env
-    policy = policies.create(production_policy(retention={"count": 1}), 0)
+    policy = await policies.create(production_policy(retention={"count": 1}), 0)
     plan = await policies.dry_run(policy.id)
     assert sorted(v["name"] for v in plan["vms"]) == sorted(PRODUCTION)
     assert plan["retention_would_delete"] == []
     await run_and_settle(env, policies, policy.id)
     clock.advance(DAY)
     plan = await policies.dry_run(policy.id)
-    first = {b.path for b in policies.backups(policy.id, ("good",))}
+    first = {b.path for b in await policies.backups(policy.id, ("good",))}
     assert {b["path"] for b in plan["retention_would_delete"]} == first
     assert all(Path(p).exists() for p in first)  # a dry run deletes nothing
 
 
 async def test_overlapping_run_is_refused_and_scheduled_slot_skipped(policies_env, caplog):
     env, policies, clock, _ = policies_env
-    policy = policies.create(production_policy(schedule="0 3 * * *", timezone="UTC"), 0)
+    policy = await policies.create(production_policy(schedule="0 3 * * *", timezone="UTC"), 0)
     assert policy.next_run is not None
     jobs = await policies.run(policy.id, 0)
     with pytest.raises(Unavailable, match="previous run is still going"):
         await policies.run(policy.id, 0)
     clock.t = policy.next_run + 1
-    policies.tick()
+    await policies.tick()
     assert "skipped: the previous run is still going" in caplog.text
     for job in jobs:
         await env.wait_job(job.id)
-    clock.t = policies.get(policy.id).next_run + 1
-    policies.tick()
-    await until(lambda: len(policies.backups(policy.id)) == 4, 10, "the scheduled run's backups")
+    clock.t = (await policies.get(policy.id)).next_run + 1
+    await policies.tick()
+    await until(lambda: _backups_are(policies, policy.id, 4), 10,
+                "the scheduled run's backups")
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -194,40 +214,40 @@ async def test_overlapping_run_is_refused_and_scheduled_slot_skipped(policies_en
 async def test_bad_policies_are_refused_naming_the_field(policies_env, overrides, field):
     _, policies, _, _ = policies_env
     with pytest.raises(InvalidArgument) as info:
-        policies.create(production_policy(**overrides), 0)
+        await policies.create(production_policy(**overrides), 0)
     assert info.value.field == field
 
 
 async def test_a_disabled_policy_is_skipped_by_its_schedule_but_runs_when_asked(policies_env):
     env, policies, clock, _ = policies_env
-    policy = policies.create(production_policy(schedule="0 3 * * *", timezone="UTC"), 0)
+    policy = await policies.create(production_policy(schedule="0 3 * * *", timezone="UTC"), 0)
     slot = policy.next_run
-    assert policies.set_enabled(policy.id, False).next_run is None
-    assert policies.next_due() is None
+    assert (await policies.set_enabled(policy.id, False)).next_run is None
+    assert await policies.next_due() is None
     clock.t = slot + 1
-    policies.tick()
-    assert not policies._tasks and policies.backups(policy.id) == []
-    assert policies.set_enabled(policy.id, True).next_run == slot + DAY  # no backfill
-    policies.tick()
-    assert not policies._tasks and policies.backups(policy.id) == []
-    policies.set_enabled(policy.id, False)
+    await policies.tick()
+    assert not policies._tasks and await policies.backups(policy.id) == []
+    assert (await policies.set_enabled(policy.id, True)).next_run == slot + DAY  # no backfill
+    await policies.tick()
+    assert not policies._tasks and await policies.backups(policy.id) == []
+    await policies.set_enabled(policy.id, False)
     assert await run_and_settle(env, policies, policy.id) == ["completed", "completed"]
-    assert not policies.get(policy.id).enabled
+    assert not (await policies.get(policy.id)).enabled
 
 
 async def test_a_slot_claimed_by_another_instance_is_not_run_twice(policies_env):
     """Two services on one store both see the slot due; the one that loses the claim (its
     view of last_slot is stale) runs nothing."""
     env, policies, clock, _ = policies_env
-    other = BackupPolicies(env.store, env.engine, 600.0, clock, emit=lambda *_: None,
+    other = BackupPolicies(env.store, env.engine, 600.0, clock, emit=_recorder([]),
                            changed=lambda item: None, kind=policies.kind)
-    policy = policies.create(production_policy(schedule="0 3 * * *", timezone="UTC"), 0)
+    policy = await policies.create(production_policy(schedule="0 3 * * *", timezone="UTC"), 0)
     clock.t = policy.next_run + 1
-    stale = other.get(policy.id)
-    policies.tick()
-    await until(lambda: len(policies.backups(policy.id, ("good",))) == 2, 10,
+    stale = await other.get(policy.id)
+    await policies.tick()
+    await until(lambda: _backups_are(policies, policy.id, 2, ("good",)), 10,
                 "the first run's backups to be done")  # so the other is not merely busy
-    other._tick_one(stale, clock.now())
+    await other._tick_one(stale, clock.now())
     await asyncio.gather(*list(other._tasks))
-    assert len(policies.backups(policy.id)) == 2
-    assert policies.get(policy.id).last_slot == clock.t - 1
+    assert len(await policies.backups(policy.id)) == 2
+    assert (await policies.get(policy.id)).last_slot == clock.t - 1

@@ -28,8 +28,11 @@ def local(ts: float, tz=BERLIN) -> str:
 def make(env, clock, grace=600.0):
     events = []
     changed = []
-    schedules = Schedules(env.store, env.engine, grace, clock,
-                          emit=lambda name, payload: events.append((name, payload)),
+
+    async def emit(name: str, payload: dict) -> int:
+        events.append((name, payload))
+        return 1
+    schedules = Schedules(env.store, env.engine, grace, clock, emit=emit,
                           changed=changed.append)
     return schedules, events
 
@@ -106,30 +109,30 @@ async def test_create_validates_and_refuses_duplicates(env):
                         "job_definition.bogus"),
                        (definition(enabled="yes"), "enabled")]:
         with pytest.raises(InvalidArgument) as info:
-            schedules.create(bad, 0)
+            await schedules.create(bad, 0)
         assert info.value.field == field
-    schedules.create(definition(), 0)
+    await schedules.create(definition(), 0)
     with pytest.raises(AlreadyExists):
-        schedules.create(definition(), 0)
+        await schedules.create(definition(), 0)
 
 
 async def test_fires_at_its_slot_links_the_job_and_emits_the_event(env):
     clock = FakeClock(at(2026, 1, 1, 12, 0))
     schedules, events = make(env, clock)
-    schedule = schedules.create(definition(), 1000)
+    schedule = await schedules.create(definition(), 1000)
     assert local(schedule.next_run) == "2026-01-02 02:00 CET"
     clock.t = at(2026, 1, 2, 1, 59)
-    schedules.tick()
-    assert schedules.jobs(schedule.id) == []
+    await schedules.tick()
+    assert await schedules.jobs(schedule.id) == []
     clock.t = at(2026, 1, 2, 2, 0, 1)
-    schedules.tick()
-    schedules.tick()
-    jobs = schedules.jobs(schedule.id)
+    await schedules.tick()
+    await schedules.tick()
+    jobs = await schedules.jobs(schedule.id)
     assert len(jobs) == 1
-    job = env.engine.get(jobs[0])
+    job = await env.engine.get(jobs[0])
     assert job.kind == "sleep" and job.started_by_uid == 1000
     assert await env.wait_job(job.id) == "completed"
-    after = schedules.get(schedule.id)
+    after = await schedules.get(schedule.id)
     assert after.last_job == job.id and after.last_run == clock.t
     assert local(after.next_run) == "2026-01-03 02:00 CET"
     assert [name for name, _ in events] == ["schedule.triggered"]
@@ -139,115 +142,115 @@ async def test_fires_at_its_slot_links_the_job_and_emits_the_event(env):
 async def test_missed_run_fires_once_at_start_and_never_twice_after_a_restart(env):
     clock = FakeClock(at(2026, 1, 1, 12, 0))
     schedules, _ = make(env, clock)
-    schedule = schedules.create(definition(cron="0 * * * *"), 0)
+    schedule = await schedules.create(definition(cron="0 * * * *"), 0)
     clock.t = at(2026, 1, 1, 15, 5)  # "the service was down": slots 13:00, 14:00, 15:00 passed
-    schedules.tick()
-    assert len(schedules.jobs(schedule.id)) == 1
+    await schedules.tick()
+    assert len(await schedules.jobs(schedule.id)) == 1
     restarted, _ = make(env, clock)  # a new scheduler over the same store
-    restarted.tick()
-    assert len(restarted.jobs(schedule.id)) == 1
-    assert local(restarted.get(schedule.id).next_run) == "2026-01-01 16:00 CET"
+    await restarted.tick()
+    assert len(await restarted.jobs(schedule.id)) == 1
+    assert local((await restarted.get(schedule.id)).next_run) == "2026-01-01 16:00 CET"
 
 
 async def test_missed_run_beyond_the_grace_period_is_skipped_and_logged(env, caplog):
     clock = FakeClock(at(2026, 1, 1, 12, 0))
     schedules, events = make(env, clock, grace=600)
-    schedule = schedules.create(definition(cron="0 * * * *"), 0)
+    schedule = await schedules.create(definition(cron="0 * * * *"), 0)
     clock.t = at(2026, 1, 1, 15, 30)  # latest slot 15:00 is 30 min old
     with caplog.at_level(logging.WARNING):
-        schedules.tick()
-    assert schedules.jobs(schedule.id) == [] and events == []
+        await schedules.tick()
+    assert await schedules.jobs(schedule.id) == [] and events == []
     assert "missed by more than the grace period" in caplog.text
-    assert local(schedules.get(schedule.id).next_run) == "2026-01-01 16:00 CET"
+    assert local((await schedules.get(schedule.id)).next_run) == "2026-01-01 16:00 CET"
 
 
 async def test_overlap_skips_the_slot_while_the_previous_job_runs(env, caplog):
     clock = FakeClock(at(2026, 1, 1, 12, 0))
     schedules, _ = make(env, clock)
     slow = {"steps": 100, "interval": 0.1, "step_bytes": 1}
-    schedule = schedules.create(definition(cron="* * * * *", job_definition=slow), 0)
+    schedule = await schedules.create(definition(cron="* * * * *", job_definition=slow), 0)
     clock.advance(60)
-    schedules.tick()
-    first = schedules.jobs(schedule.id)
+    await schedules.tick()
+    first = await schedules.jobs(schedule.id)
     assert len(first) == 1
     clock.advance(60)
     with caplog.at_level(logging.WARNING):
-        schedules.tick()
-    assert schedules.jobs(schedule.id) == first
+        await schedules.tick()
+    assert await schedules.jobs(schedule.id) == first
     assert f"the previous job {first[0]} is still" in caplog.text
-    env.engine.cancel(first[0])
+    await env.engine.cancel(first[0])
     assert await env.wait_job(first[0]) == "cancelled"
     clock.advance(60)
-    schedules.tick()
-    assert len(schedules.jobs(schedule.id)) == 2
+    await schedules.tick()
+    assert len(await schedules.jobs(schedule.id)) == 2
 
 
 async def test_disabled_schedule_does_not_fire_nor_backfill_when_enabled(env):
     clock = FakeClock(at(2026, 1, 1, 12, 0))
     schedules, _ = make(env, clock)
-    schedule = schedules.create(definition(cron="*/5 * * * *"), 0)
-    schedules.set_enabled(schedule.id, False)
-    assert schedules.get(schedule.id).next_run is None
+    schedule = await schedules.create(definition(cron="*/5 * * * *"), 0)
+    await schedules.set_enabled(schedule.id, False)
+    assert (await schedules.get(schedule.id)).next_run is None
     clock.advance(3600)
-    schedules.tick()
-    schedules.set_enabled(schedule.id, True)
-    schedules.tick()
-    assert schedules.jobs(schedule.id) == []
+    await schedules.tick()
+    await schedules.set_enabled(schedule.id, True)
+    await schedules.tick()
+    assert await schedules.jobs(schedule.id) == []
     clock.advance(300)
-    schedules.tick()
-    assert len(schedules.jobs(schedule.id)) == 1
+    await schedules.tick()
+    assert len(await schedules.jobs(schedule.id)) == 1
 
 
 async def test_run_now_submits_and_delete_keeps_the_jobs(env):
     schedules, events = make(env, FakeClock(at(2026, 1, 1, 12, 0)))
-    schedule = schedules.create(definition(), 0)
-    job = schedules.run_now(schedule.id, 1000)
-    assert schedules.jobs(schedule.id) == [job.id]
+    schedule = await schedules.create(definition(), 0)
+    job = await schedules.run_now(schedule.id, 1000)
+    assert await schedules.jobs(schedule.id) == [job.id]
     assert events[0][1]["manual"] is True
-    schedules.delete(schedule.id)
-    assert env.engine.get(job.id).id == job.id
-    assert schedules.list() == []
+    await schedules.delete(schedule.id)
+    assert (await env.engine.get(job.id)).id == job.id
+    assert await schedules.list() == []
 
 
 async def test_time_placeholder_gives_each_run_its_own_value(env):
     clock = FakeClock(datetime(2026, 1, 1, 11, 0, tzinfo=ZoneInfo("UTC")).timestamp())
     schedules, _ = make(env, clock)
-    schedule = schedules.create(definition(kind="fail", job_definition={"message": "run {time}"},
-                                           cron="0 * * * *"), 0)
-    assert schedules.get(schedule.id).job_definition == {"message": "run {time}"}
+    schedule = await schedules.create(definition(kind="fail", job_definition={"message": "run {time}"},
+                                                 cron="0 * * * *"), 0)
+    assert (await schedules.get(schedule.id)).job_definition == {"message": "run {time}"}
     clock.advance(3600)
-    schedules.tick()
-    manual = schedules.run_now(schedule.id, 0)
-    first = env.engine.get(schedules.jobs(schedule.id)[0])
+    await schedules.tick()
+    manual = await schedules.run_now(schedule.id, 0)
+    first = await env.engine.get((await schedules.jobs(schedule.id))[0])
     assert first.definition == {"message": "run 20260101T120000Z"}
     assert manual.definition == {"message": "run 20260101T120000Z"}
 
 
 async def test_the_specs_nightly_schedule_lands_each_run_in_a_directory_of_its_own(env,
-                                                                                    tmp_path):
+                                                                                   tmp_path):
     clock = FakeClock(datetime(2026, 1, 1, 12, 0, tzinfo=ZoneInfo("UTC")).timestamp())
     schedules, _ = make(env, clock)
     nightly = tmp_path / "exports" / "nightly"  # a fixed export_path, as in the spec's 5.1
-    schedule = schedules.create(definition(
+    schedule = await schedules.create(definition(
         kind="fake_export", cron="0 2 * * *", timezone="UTC",
         job_definition={"vm_identifier": "vm-123", "provider": "vsphere",
                         "export_path": str(nightly)}), 0)
     clock.advance(14 * 3600)  # 2 January, 02:00 UTC
     for _night in range(2):
-        schedules.tick()
-        assert await env.wait_job(schedules.jobs(schedule.id)[-1]) == "completed"
+        await schedules.tick()
+        assert await env.wait_job((await schedules.jobs(schedule.id))[-1]) == "completed"
         clock.advance(24 * 3600)
-    jobs = [env.engine.get(job_id) for job_id in schedules.jobs(schedule.id)]
+    jobs = [await env.engine.get(job_id) for job_id in await schedules.jobs(schedule.id)]
     assert [job.definition["export_path"] for job in jobs] == [
         str(nightly / "20260102T020000Z"), str(nightly / "20260103T020000Z")]
     assert sorted(p.name for p in nightly.iterdir()) == ["20260102T020000Z", "20260103T020000Z"]
-    assert schedules.get(schedule.id).job_definition["export_path"] == str(nightly)
+    assert (await schedules.get(schedule.id)).job_definition["export_path"] == str(nightly)
 
 
 async def test_a_path_that_places_time_itself_is_kept(env):
     schedules, _ = make(env, FakeClock(at(2026, 1, 1, 12, 0)))
-    schedule = schedules.create(definition(kind="fake_export", job_definition={
+    schedule = await schedules.create(definition(kind="fake_export", job_definition={
         "vm_identifier": "v", "provider": "p", "export_path": "/x/{time}/disks"}), 0)
-    job = schedules.run_now(schedule.id, 0)
+    job = await schedules.run_now(schedule.id, 0)
     assert job.definition["export_path"] == "/x/20260101T110000Z/disks"
     await env.wait_job(job.id)

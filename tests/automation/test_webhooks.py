@@ -20,10 +20,14 @@ SECRET = "s3cret-hmac-key"
 QUICK = {"steps": 1, "interval": 0.01, "step_bytes": 1}
 
 
-def pending_deliveries(store) -> int:
+async def pending_deliveries(store) -> int:
     """Webhook events not yet delivered (or given up on): the outbox's own record."""
     query = "SELECT count(*) FROM webhook_outbox WHERE state='pending'"
-    return store.execute(query).fetchone()[0]
+    return (await store.execute(query)).fetchone()[0]
+
+
+async def outbox_drained(store) -> bool:
+    return await pending_deliveries(store) == 0
 
 
 def local_config(tmp_path, automation: dict | None = None, **sections):
@@ -62,14 +66,15 @@ def test_secret_looking_values_are_redacted():
 async def _automation(config):
     env = await start_engine(config)
     automation = Automation(env.store, env.engine, config, backup_kind="fake_export")
+    await automation.load()
     await automation.start()
     return env, automation
 
 
 async def _deliveries_of(webhooks: Webhooks, webhook_id: str, count: int) -> list[dict]:
     """The delivery log once it has `count` entries (the receiver answers before it is written)."""
-    def settled() -> list[dict] | None:
-        log = webhooks.deliveries(webhook_id)
+    async def settled() -> list[dict] | None:
+        log = await webhooks.deliveries(webhook_id)
         return log if len(log) >= count and log[-1]["state"] != "pending" else None
     return await until(settled, what=f"{count} deliveries in the log")
 
@@ -87,15 +92,15 @@ async def test_each_job_event_arrives_once_with_a_valid_signature(tmp_path, rece
                                                                   database_url):
     env, automation = await _automation(local_config(tmp_path, database={"url": database_url}))
     try:
-        hook = automation.webhooks.create(
+        hook = await automation.webhooks.create(
             {"url": receiver.url, "events": ["job.started", "job.completed", "job.failed"],
              "headers": {"Authorization": "Bearer token123"}, "secret": SECRET}, 0)
-        done = env.engine.submit("sleep", QUICK)
-        failed = env.engine.submit("fail", {"message": "disk on fire"})
+        done = await env.engine.submit("sleep", QUICK)
+        failed = await env.engine.submit("fail", {"message": "disk on fire"})
         await env.wait_job(done.id)
         await env.wait_job(failed.id)
         got = await receiver.wait_for(4)
-        await until(lambda: not pending_deliveries(env.store), what="the outbox to drain")
+        await until(lambda: outbox_drained(env.store), what="the outbox to drain")
         assert len(receiver.attempts) == 4  # and nothing more
         by_key = {(r.event, r.payload["job_id"]): r for r in got}
         assert set(by_key) == {("job.started", done.id), ("job.completed", done.id),
@@ -123,12 +128,13 @@ async def test_500_three_times_then_200_is_delivered_after_backoff(tmp_path, rec
     env = await start_engine(local_config(tmp_path))
     automation = Automation(env.store, env.engine, env.config, clock=clock,
                             backup_kind="fake_export")
+    await automation.load()
     await automation.start()
     try:
-        hook = automation.webhooks.create({"url": receiver.url, "events": ["job.completed"],
-                                           "secret": SECRET}, 0)
+        hook = await automation.webhooks.create({"url": receiver.url, "events": ["job.completed"],
+                                                 "secret": SECRET}, 0)
         receiver.answers = [500, 500, 500]
-        job = env.engine.submit("sleep", QUICK)
+        job = await env.engine.submit("sleep", QUICK)
         await env.wait_job(job.id)
         for attempt, backoff in enumerate([0.2, 0.4, 0.8], 1):
             row = await until(lambda: _outbox_after(env.store, attempt), what=f"attempt {attempt}")
@@ -147,20 +153,20 @@ async def test_500_three_times_then_200_is_delivered_after_backoff(tmp_path, rec
         await _close(env, automation)
 
 
-def _outbox_after(store, attempts: int):
+async def _outbox_after(store, attempts: int):
     """The one outbox entry once it has recorded `attempts` attempts."""
-    row = store.execute("SELECT attempts, next_attempt FROM webhook_outbox").fetchone()
+    row = (await store.execute("SELECT attempts, next_attempt FROM webhook_outbox")).fetchone()
     return row if row is not None and row["attempts"] == attempts else None
 
 
 async def test_gives_up_after_max_attempts_and_logs_unreachable_receivers(tmp_path, receiver):
     config = local_config(tmp_path, automation={"webhook_max_attempts": 2,
-                                               "webhook_retry_base": 0.05})
+                                                "webhook_retry_base": 0.05})
     env, automation = await _automation(config)
     try:
-        dead = automation.webhooks.create({"url": "http://127.0.0.1:9/nothing",
-                                           "events": ["job.completed"]}, 0)
-        job = env.engine.submit("sleep", QUICK)
+        dead = await automation.webhooks.create({"url": "http://127.0.0.1:9/nothing",
+                                                 "events": ["job.completed"]}, 0)
+        job = await env.engine.submit("sleep", QUICK)
         await env.wait_job(job.id)
         log = await _deliveries(automation, dead.id, 2)
         assert [d["attempt"] for d in log] == [1, 2] and log[-1]["state"] == "failed"
@@ -176,7 +182,7 @@ async def test_undelivered_events_are_delivered_after_a_restart(tmp_path, receiv
                           webhooks=[{"url": receiver.url, "events": ["job.completed"]}])
     env, automation = await _automation(config)
     receiver.default_status = 503  # the receiver is down
-    job = env.engine.submit("sleep", QUICK)
+    job = await env.engine.submit("sleep", QUICK)
     await env.wait_job(job.id)
     await until(lambda: receiver.attempts, what="a refused attempt")
     await _close(env, automation)
@@ -186,7 +192,7 @@ async def test_undelivered_events_are_delivered_after_a_restart(tmp_path, receiv
     try:
         [item] = await receiver.wait_for(1)
         assert item.payload["job_id"] == job.id
-        [hook] = automation.webhooks.list()
+        [hook] = await automation.webhooks.list()
         assert hook.source == "config"
     finally:
         await _close(env, automation)
@@ -196,12 +202,12 @@ async def test_test_event_and_config_webhooks_cannot_be_deleted_over_the_api(tmp
     config = local_config(tmp_path, webhooks=[{"url": receiver.url, "events": ["job.failed"]}])
     env, automation = await _automation(config)
     try:
-        [hook] = automation.webhooks.list()
-        automation.webhooks.test(hook.id)
+        [hook] = await automation.webhooks.list()
+        await automation.webhooks.test(hook.id)
         [item] = await receiver.wait_for(1)
         assert item.event == "webhook.test"
         with pytest.raises(InvalidArgument, match="config file"):
-            automation.webhooks.delete(hook.id)
+            await automation.webhooks.delete(hook.id)
     finally:
         await _close(env, automation)
 
@@ -212,19 +218,19 @@ async def test_finished_events_are_pruned_after_a_week(tmp_path, receiver, datab
     webhooks = Webhooks(env.store, env.config.automation, clock)
     deliverer = asyncio.create_task(webhooks.run())
     try:
-        hook = webhooks.create({"url": receiver.url, "events": ["job.failed"]}, 0)
-        webhooks.test(hook.id)
+        hook = await webhooks.create({"url": receiver.url, "events": ["job.failed"]}, 0)
+        await webhooks.test(hook.id)
         await receiver.wait_for(1)
         await _deliveries_of(webhooks, hook.id, 1)
-        webhooks._enqueue(hook.id, "job.failed", {"job_id": "job-pending"})
+        await webhooks._enqueue(hook.id, "job.failed", {"job_id": "job-pending"})
         receiver.default_status = 500  # this one stays pending: never pruned
         clock.advance(6 * 86400)
-        assert webhooks.prune() == 0
+        assert await webhooks.prune() == 0
         clock.advance(2 * 86400)
-        assert webhooks.prune() == 1
-        assert [tuple(r) for r in env.store.execute("SELECT event, state FROM webhook_outbox")] \
+        assert await webhooks.prune() == 1
+        assert [tuple(r) for r in await env.store.execute("SELECT event, state FROM webhook_outbox")] \
             == [("job.failed", "pending")]
-        assert all(d["event"] == "job.failed" for d in webhooks.deliveries(hook.id))
+        assert all(d["event"] == "job.failed" for d in await webhooks.deliveries(hook.id))
     finally:
         deliverer.cancel()
         await asyncio.gather(deliverer, return_exceptions=True)
@@ -234,16 +240,16 @@ async def test_finished_events_are_pruned_after_a_week(tmp_path, receiver, datab
 async def test_schedule_and_retention_events_reach_the_receiver(tmp_path, receiver):
     env, automation = await _automation(local_config(tmp_path))
     try:
-        automation.webhooks.create({"url": receiver.url, "events": [
+        await automation.webhooks.create({"url": receiver.url, "events": [
             "schedule.triggered", "backup.retention_applied"], "secret": SECRET}, 0)
-        schedule = automation.schedules.create({
+        schedule = await automation.schedules.create({
             "name": "hourly", "cron": "@hourly", "kind": "sleep", "job_definition": QUICK}, 0)
-        job = automation.schedules.run_now(schedule.id, 0)
+        job = await automation.schedules.run_now(schedule.id, 0)
         [triggered] = await receiver.wait_for(1, event="schedule.triggered")
         assert triggered.payload["schedule_id"] == schedule.id
         assert triggered.payload["job_id"] == job.id and triggered.signature_ok(SECRET)
-        policy = automation.policies.create({"name": "nightly", "provider": "vsphere",
-                                             "retention": {"count": 2}}, 0)
+        policy = await automation.policies.create({"name": "nightly", "provider": "vsphere",
+                                                   "retention": {"count": 2}}, 0)
         await automation.policies.apply_retention(policy.id, "run-1")
         [applied] = await receiver.wait_for(1, event="backup.retention_applied")
         assert applied.payload["policy_id"] == policy.id and applied.payload["deleted"] == []
@@ -257,23 +263,23 @@ async def test_a_disabled_webhook_gets_no_events_and_holds_queued_ones(tmp_path,
     changed: list[tuple[str, str]] = []
     automation.on_change.append(lambda collection, item: changed.append((collection, item)))
     try:
-        hook = webhooks.create({"url": receiver.url, "events": ["job.failed"]}, 0)
-        assert webhooks.set_enabled(hook.id, False).enabled is False
+        hook = await webhooks.create({"url": receiver.url, "events": ["job.failed"]}, 0)
+        assert (await webhooks.set_enabled(hook.id, False)).enabled is False
         assert changed == [("webhook", hook.id)]
         # an event queued before the webhook was disabled, still undelivered
-        webhooks._enqueue(hook.id, "job.failed", {"job_id": "queued-before"})
-        job = env.engine.submit("fail", {"message": "boom"}, 0)
+        await webhooks._enqueue(hook.id, "job.failed", {"job_id": "queued-before"})
+        job = await env.engine.submit("fail", {"message": "boom"}, 0)
         assert await env.wait_job(job.id) == "failed"
         with pytest.raises(InvalidArgument, match="webhook: .* is disabled"):
-            webhooks.test(hook.id)
-        assert webhooks.due() == []  # what the delivery loop sends: nothing for a disabled hook
+            await webhooks.test(hook.id)
+        assert await webhooks.due() == []  # what the delivery loop sends: nothing for a disabled hook
         assert receiver.attempts == []
-        assert [tuple(r) for r in env.store.execute("SELECT state FROM webhook_outbox")] == \
+        assert [tuple(r) for r in await env.store.execute("SELECT state FROM webhook_outbox")] == \
             [("pending",)]
-        webhooks.set_enabled(hook.id, True)
+        await webhooks.set_enabled(hook.id, True)
         [item] = await receiver.wait_for(1)
         assert item.payload["job_id"] == "queued-before"
-        await until(lambda: not pending_deliveries(env.store), what="the outbox to drain")
+        await until(lambda: outbox_drained(env.store), what="the outbox to drain")
         assert len(receiver.attempts) == 1
     finally:
         await _close(env, automation)
@@ -283,10 +289,10 @@ async def test_config_webhooks_are_enabled_or_disabled_in_the_config_only(tmp_pa
     config = local_config(tmp_path, webhooks=[{"url": receiver.url, "events": ["job.failed"]}])
     env, automation = await _automation(config)
     try:
-        [hook] = automation.webhooks.list()
+        [hook] = await automation.webhooks.list()
         with pytest.raises(InvalidArgument, match="enabled: .* config file"):
-            automation.webhooks.set_enabled(hook.id, False)
-        assert automation.webhooks.get(hook.id).enabled
+            await automation.webhooks.set_enabled(hook.id, False)
+        assert (await automation.webhooks.get(hook.id)).enabled
     finally:
         await _close(env, automation)
 
@@ -336,8 +342,8 @@ async def _one_delivery(tmp_path, url: str, targets: list[str]) -> dict:
     webhooks = Webhooks(env.store, env.config.automation, FakeClock(1_800_000_000.0))
     deliverer = asyncio.create_task(webhooks.run())
     try:
-        hook = webhooks.create({"url": url, "events": ["job.failed"]}, 0)
-        webhooks.test(hook.id)
+        hook = await webhooks.create({"url": url, "events": ["job.failed"]}, 0)
+        await webhooks.test(hook.id)
         [entry] = await _deliveries_of(webhooks, hook.id, 1)
         return entry
     finally:
@@ -367,7 +373,7 @@ async def test_an_address_allowed_once_is_refused_at_delivery_once_unlisted(tmp_
     """The delivery checks the URL's address again: the allowlist is the config's now."""
     allowed = local_config(tmp_path)
     env = await start_engine(allowed)
-    hook = Webhooks(env.store, allowed.automation, FakeClock(0)).create(
+    hook = await Webhooks(env.store, allowed.automation, FakeClock(0)).create(
         {"url": receiver.url, "events": ["job.failed"]}, 0)
     await stop_engine(env)
     unlisted = make_config(tmp_path, automation={"webhook_max_attempts": 1})
@@ -375,7 +381,7 @@ async def test_an_address_allowed_once_is_refused_at_delivery_once_unlisted(tmp_
     webhooks = Webhooks(env.store, unlisted.automation, FakeClock(1_800_000_000.0))
     deliverer = asyncio.create_task(webhooks.run())
     try:
-        webhooks.test(hook.id)
+        await webhooks.test(hook.id)
         [entry] = await _deliveries_of(webhooks, hook.id, 1)
         assert entry["error"].startswith("refused: 127.0.0.1 (loopback), not a public address")
         assert receiver.attempts == []

@@ -90,6 +90,10 @@ def test_defaults_for_everything_optional():
      "config: database.url: expected sqlite:///absolute/path or postgresql://"),
     ("database: {url: 'sqlite://relative.db'}",
      "config: database.url: expected sqlite:///absolute/path or postgresql://"),
+    ("database: {statement_timeout: 0}",
+     "config: database.statement_timeout: expected a value >= 0.1, found 0"),
+    ("database: {connect_timeout: 1s}",
+     "config: database.connect_timeout: expected a value >= 2, found '1s'"),
     ("libvirt: {cpu_mode: host-pasthrough}",
      "config: libvirt.cpu_mode: expected one of auto, host-passthrough, host-model, maximum, "
      "tcg or custom:MODEL (e.g. custom:EPYC), found 'host-pasthrough'"),

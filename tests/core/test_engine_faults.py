@@ -10,12 +10,13 @@ from hypersdk.service.providers.registry import ProviderRegistry
 from hypersdk.service.store import Store
 
 from ..support import test_kinds  # noqa: F401  (registers slotted-sleep)
-from ..support.wait import until
+from ..support.wait import job_is, until
 
 
 async def finished(engine: JobEngine, job_id: str, timeout: float = 10) -> str:
-    await until(lambda: engine.get(job_id).finished, timeout, f"{job_id} to finish")
-    return engine.get(job_id).status
+    await until(lambda: job_is(engine, job_id, lambda job: job.finished),
+                timeout, f"{job_id} to finish")
+    return (await engine.get(job_id)).status
 
 
 async def test_a_job_cancelled_while_it_waits_for_an_export_slot_never_runs(tmp_path: Path):
@@ -30,19 +31,20 @@ async def test_a_job_cancelled_while_it_waits_for_an_export_slot_never_runs(tmp_
         event.job.status) if event.type == "status" else None)
     await engine.start()
     try:
-        holder = engine.submit("slotted-sleep", {"steps": 1000, "interval": 0.01}, uid=0)
-        waiting = engine.submit("slotted-sleep", {"steps": 1, "interval": 0}, uid=0)
-        await until(lambda: engine.get(holder.id).status == "running", what="the holder running")
-        engine.cancel(waiting.id)
-        engine.cancel(holder.id)
+        holder = await engine.submit("slotted-sleep", {"steps": 1000, "interval": 0.01}, uid=0)
+        waiting = await engine.submit("slotted-sleep", {"steps": 1, "interval": 0}, uid=0)
+        await until(lambda: job_is(engine, holder.id, lambda job: job.status == "running"),
+                    what="the holder running")
+        await engine.cancel(waiting.id)
+        await engine.cancel(holder.id)
         assert await finished(engine, holder.id) == "cancelled"
         # a later export takes the slot after the waiting one's worker had it
-        later = engine.submit("slotted-sleep", {"steps": 1, "interval": 0}, uid=0)
+        later = await engine.submit("slotted-sleep", {"steps": 1, "interval": 0}, uid=0)
         assert await finished(engine, later.id) == "completed"
-        record = store.get_job(waiting.id)
+        record = await store.get_job(waiting.id)
     finally:
         await engine.shutdown()
-        store.close()
+        await store.close()
     assert (record.status, record.started_at, record.attempts) == ("cancelled", None, 0)
     assert statuses[waiting.id] == ["cancelled"]  # never "running"
 
@@ -61,14 +63,14 @@ async def test_a_full_disk_fails_the_job_and_the_worker_goes_on(tmp_path: Path, 
     try:
         with open(filler, "wb") as fh:  # leave ~256 KiB for the store
             fh.write(b"\0" * (os.statvfs(small_disk).f_bavail * 4096 - (256 << 10)))
-        flood = engine.submit("logflood", {"lines": 20000, "padding": 200}, uid=0)
+        flood = await engine.submit("logflood", {"lines": 20000, "padding": 200}, uid=0)
         assert await finished(engine, flood.id, 30) == "failed"
         assert "the job store could not be written (database or disk is full)" \
-            in engine.get(flood.id).error
+            in (await engine.get(flood.id)).error
         filler.unlink()
-        after = engine.submit("sleep", {"steps": 1, "interval": 0}, uid=0)
+        after = await engine.submit("sleep", {"steps": 1, "interval": 0}, uid=0)
         assert await finished(engine, after.id) == "completed"
-        assert store.get_job(flood.id).status == "failed"  # recorded once there was room
+        assert (await store.get_job(flood.id)).status == "failed"  # recorded once there was room
     finally:
         await engine.shutdown()
-        store.close()
+        await store.close()

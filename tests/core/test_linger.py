@@ -2,6 +2,7 @@
 readable, retryable and loggable through the Manager by id."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -125,14 +126,18 @@ def test_a_restart_exports_only_unfinished_and_recently_finished_jobs(
     old, leaving, recent = (job_id(path) for path in paths)
     store = Store(service_dir / "state" / "hypersdk.db")
     now = time.time()
-    store.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (now - 3600, old))
-    # 8 s of its linger left: more than a start-up takes on a busy machine
-    store.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (now - 52, leaving))
     pending = JobRecord(id="job-feed0001", kind="sleep", status="pending",
                         definition={"dir": "", "steps": 600, "interval": 0.1,
                                     "step_bytes": 1}, created_at=now, started_by_uid=0)
-    store.insert_job(pending)
-    store.close()
+
+    async def change() -> None:
+        await store.execute("UPDATE jobs SET finished_at = ? WHERE id = ?", (now - 3600, old))
+        # 8 s of its linger left: more than a start-up takes on a busy machine
+        await store.execute("UPDATE jobs SET finished_at = ? WHERE id = ?",
+                            (now - 52, leaving))
+        await store.insert_job(pending)
+        await store.close()
+    asyncio.run(change())
 
     with BusMonitor(address) as monitor:  # subscribed before the service is back
         daemon.start()

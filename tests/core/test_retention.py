@@ -12,14 +12,15 @@ from hypersdk.service.store import open_store
 from ..support import test_kinds  # noqa: F401  (registers sleep)
 from ..support.cli import (BUS_NAME, JOB_IFACE, MANAGER, MANAGER_IFACE, busctl, busctl_json, submit,
                            wait_for_status)
-from ..support.wait import until
+from ..support.wait import job_is, until
 
 
 async def run_to_end(engine: JobEngine, count: int) -> list[str]:
     ids = []
     for _ in range(count):
-        job = engine.submit("sleep", {"steps": 1, "interval": 0}, uid=0)
-        await until(lambda: engine.get(job.id).finished, what=f"{job.id} to finish")
+        job = await engine.submit("sleep", {"steps": 1, "interval": 0}, uid=0)
+        await until(lambda: job_is(engine, job.id, lambda job: job.finished),
+                    what=f"{job.id} to finish")
         ids.append(job.id)
     return ids
 
@@ -31,23 +32,23 @@ async def test_only_the_newest_finished_jobs_are_kept_and_old_ones_go_by_age(
                                         "retention_count": 3, "retention_age": "30d"},
                            "export": {"base_path": str(tmp_path / "exports")}},
                           "(test)", env={})
-    store = open_store(config.database.url)
+    store = await open_store(config.database.url)
     engine = JobEngine(store, config, ProviderRegistry(config))
     removed: list[str] = []
     engine.subscribe(lambda e: removed.append(e.job.id) if e.type == "removed" else None)
     await engine.start()
     try:
         ids = await run_to_end(engine, 5)
-        assert [job.id for job in store.list_jobs()] == ids[2:]
+        assert [job.id for job in await store.list_jobs()] == ids[2:]
         assert removed == ids[:2]
-        assert store.logs(ids[0]) == [] and store.logs(ids[4]) != []
-        store.execute("UPDATE jobs SET finished_at = finished_at - 31 * 86400 WHERE id = ?",
-                      (ids[2],))
-        engine.prune()
-        assert [job.id for job in store.list_jobs()] == ids[3:]
+        assert await store.logs(ids[0]) == [] and await store.logs(ids[4]) != []
+        await store.execute("UPDATE jobs SET finished_at = finished_at - 31 * 86400 WHERE id = ?",
+                            (ids[2],))
+        await engine.prune()
+        assert [job.id for job in await store.list_jobs()] == ids[3:]
     finally:
         await engine.shutdown()
-        store.close()
+        await store.close()
 
 
 def test_pruned_jobs_leave_the_bus(system_bus, start_hypervisord, database_url):

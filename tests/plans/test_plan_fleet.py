@@ -19,12 +19,8 @@ pytestmark = pytest.mark.slow
 
 def _plan_row(fleet: Fleet, plan_id: str) -> tuple[str, str]:
     """(status, instance) of the plan as the shared store holds it."""
-    store = fleet.store()
-    try:
-        return tuple(store.execute("SELECT status, instance FROM plans WHERE id=?",
-                                   (plan_id,)).fetchone())
-    finally:
-        store.close()
+    return tuple(fleet.read(lambda store: store.execute(
+        "SELECT status, instance FROM plans WHERE id=?", (plan_id,))).fetchone())
 
 
 def test_a_plan_whose_instance_dies_is_finished_by_another(postgres, tmp_path, plan_sim,

@@ -16,36 +16,36 @@ from hypersdk.service.store import open_store
 
 
 @pytest.fixture
-def plans(database_url, tmp_path):
+async def plans(database_url, tmp_path):
     config = parse_config({"database": {"path": str(tmp_path / "state" / "hypersdk.db"),
                                         "url": database_url},
                            "paths": {"outputs": [str(tmp_path)]}}, "(test)", env={})
-    store = open_store(database_url)
+    store = await open_store(database_url)
     yield Plans(store, JobEngine(store, config, ProviderRegistry(config)), config)
-    store.close()
+    await store.close()
 
 
-def test_a_plan_is_stored_listed_and_cancelled_with_its_report(plans, tmp_path):
+async def test_a_plan_is_stored_listed_and_cancelled_with_its_report(plans, tmp_path):
     definition = {"name": "p1", "provider": "ova", "vms": ["a", "b"],
                   "storage_map": {"*": {"directory": str(tmp_path)}}}
-    plan = plans.create(definition, 1000, "unix:someone")
+    plan = await plans.create(definition, 1000, "unix:someone")
     with pytest.raises(AlreadyExists, match="a plan named 'p1' exists"):
-        plans.create(definition, 1000)
-    again = plans.get(plan.id)
+        await plans.create(definition, 1000)
+    again = await plans.get(plan.id)
     assert (again.name, again.status, again.created_by_uid, again.requested_by) == (
         "p1", "created", 1000, "unix:someone")
     assert again.definition["limits"]["per_plan"] == 2
-    assert [p.id for p in plans.list()] == [plan.id] and plans.vms(plan.id) == []
+    assert [p.id for p in await plans.list()] == [plan.id] and await plans.vms(plan.id) == []
 
     changed = []
     plans.on_change.append(changed.append)
-    cancelled = plans.cancel(plan.id)
+    cancelled = await plans.cancel(plan.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at and changed == [plan.id]
     with pytest.raises(InvalidArgument, match="has already cancelled"):
-        plans.cancel(plan.id)
+        await plans.cancel(plan.id)
     report_path = tmp_path / "state" / "plan-reports" / f"{plan.id}.json"
-    assert plans.get(plan.id).report_path == str(report_path)
+    assert (await plans.get(plan.id)).report_path == str(report_path)
     assert json.loads(report_path.read_text())["status"] == "cancelled"
     assert stat.S_IMODE(report_path.parent.stat().st_mode) == 0o700
     with pytest.raises(NotFound, match="no plan 'plan-none'"):
-        plans.get("plan-none")
+        await plans.get("plan-none")

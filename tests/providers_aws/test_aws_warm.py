@@ -110,8 +110,9 @@ async def test_a_resumed_run_reads_the_delta_from_its_predecessors_base_and_remo
     second = {0: block_of("a"), 3: block_of("c")}
     volume_content[volume_id] = put_snapshot(ebs, first)
     store = Store(tmp_path / "jobs.db")
-    store.insert_job(JobRecord(id="job-1", kind="export", status="running", definition={}))
-    checkpoints = StoreCheckpoints(store, "job-1", interval=1)
+    await store.insert_job(JobRecord(id="job-1", kind="export", status="running",
+                                     definition={}))
+    checkpoints = StoreCheckpoints(store, "job-1", 1, store.soon)
     sink = FakeExportSink()
     images = tmp_path / "images"
     images.mkdir()
@@ -143,6 +144,8 @@ async def test_a_resumed_run_reads_the_delta_from_its_predecessors_base_and_remo
         "before-call.ebs.GetSnapshotBlock",
         lambda params, **_: fetched.append(params["url_path"].rsplit("/", 1)[-1]))
     again = await provider.warm_source(instance_id, ExportOptions(), sink)
+    checkpoints = StoreCheckpoints(store, "job-1", 1, store.soon)  # as the restart reads them
+    await checkpoints.load()
     cutover = asyncio.Event()
     cutover.set()
     try:
@@ -151,7 +154,7 @@ async def test_a_resumed_run_reads_the_delta_from_its_predecessors_base_and_remo
     finally:
         await again.close()
         await provider.close()
-        store.close()
+        await store.close()
     assert fetched == ["3"]  # the delta since round 1's snapshot only
     assert [(r["round"], r["bytes"], r["final"]) for r in result.rounds] == [(2, 512, True)]
     assert_image_holds(result.disks[0].path, second)

@@ -2,8 +2,11 @@
 own, as conversion hosts would (service/fleet.py). Callers are root: polkit is not asked."""
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from hypersdk.service.store import JobRecord, Store, open_store
 
@@ -11,6 +14,7 @@ from .cli import BUS_NAME, MANAGER, MANAGER_IFACE, busctl, busctl_json, submit
 from .hypervisord import Hypervisord, write_config
 from .system import PrivateSystemBus
 
+T = TypeVar("T")
 LEASE = "5s"  # a killed instance's jobs are recovered soon; a loaded 2-core host still renews it
 POLL = "200ms"
 
@@ -80,15 +84,19 @@ class Fleet:
         daemon.start()
         return self.instances[name]
 
-    def store(self) -> Store:
-        return open_store(self.url)
+    def read(self, use: Callable[[Store], Awaitable[T]]) -> T:
+        """`use(store)` on a store of its own, in an event loop of its own: the tests of a
+        fleet are synchronous (its instances are processes)."""
+        async def run() -> T:
+            store = await open_store(self.url)
+            try:
+                return await use(store)
+            finally:
+                await store.close()
+        return asyncio.run(run())
 
     def jobs(self) -> list[JobRecord]:
-        store = self.store()
-        try:
-            return store.list_jobs(limit=100_000)
-        finally:
-            store.close()
+        return self.read(lambda store: store.list_jobs(limit=100_000))
 
     def tally(self) -> list[tuple[str, str]]:
         """(job id, instance) of every run of a "tally" job so far."""

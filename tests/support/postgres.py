@@ -8,9 +8,12 @@ a test database need not survive a power cut. Each test gets a database of its o
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,13 @@ def _as_postgres(command: list[str], directory: Path) -> subprocess.Popen:
     with (directory / "server.log").open("a") as log:
         return subprocess.Popen(command, user=USER, group=USER, extra_groups=[], cwd=directory,
                                 stdout=log, stderr=subprocess.STDOUT)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`, parents first (from /proc)."""
+    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    return [found for child in children for found in (child, *_descendants(child))]
 
 
 @dataclass
@@ -78,6 +88,19 @@ class PostgresServer:
             admin.execute(f"DROP DATABASE IF EXISTS {name}")
             admin.execute(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    @contextmanager
+    def hung(self) -> Iterator[None]:
+        """The server and every backend stopped (SIGSTOP) while inside: connections stay
+        open and nothing answers, as a hung or cut-off server; SIGCONT at the end."""
+        stopped = [self.process.pid, *_descendants(self.process.pid)]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in reversed(stopped):
+                os.kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         stop_process(self.process, signal.SIGINT)  # SIGINT: PostgreSQL's fast shutdown

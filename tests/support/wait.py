@@ -7,6 +7,7 @@ first, at most POLL): the only place in the tests that sleeps.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import select
 import time
@@ -45,17 +46,27 @@ def wait_until(condition: Callable[[], T], timeout: float = 20, what: str = "a c
     return wait_for_value(condition, bool, timeout, what)
 
 
-async def until(condition: Callable[[], T], timeout: float = 20, what: str = "a condition",
+async def until(condition: Callable[[], T | Awaitable[T]], timeout: float = 20,
+                what: str = "a condition",
                 pause: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> T:
-    """wait_until for a test running on an event loop (`pause`: e.g. a Textual pilot's)."""
+    """wait_until for a test running on an event loop (`pause`: e.g. a Textual pilot's);
+    a condition may be a coroutine function (one reading the store)."""
     deadline = time.monotonic() + timeout
     for seconds in _pauses():
         value = condition()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await pause(seconds)
+
+
+async def job_is(engine, job_id: str, condition: Callable[[Any], bool]) -> bool:
+    """Whether the engine's job (engine.get: the store's record, or the live one) meets
+    `condition`: for until()."""
+    return condition(await engine.get(job_id))
 
 
 async def pilot_until(pilot, condition: Callable[[], T], timeout: float = 20,

@@ -535,12 +535,12 @@ async def test_a_url_with_characters_outside_ascii(serve, tmp_path, out):
 
 
 @pytest.fixture
-def checkpoints(tmp_path):
+async def checkpoints(tmp_path):
     """A job's checkpoints in a real store, one every buffer."""
     store = Store(tmp_path / "state" / "hypersdk.db")
-    store.insert_job(JobRecord(id="job-1", kind="export", status="running", definition={}))
-    yield StoreCheckpoints(store, "job-1", CHUNK)
-    store.close()
+    await store.insert_job(JobRecord(id="job-1", kind="export", status="running", definition={}))
+    yield StoreCheckpoints(store, "job-1", CHUNK, store.soon)
+    await store.close()
 
 
 async def _interrupt(port: int, path: str, target, checkpoints, hold_at: int) -> int:
