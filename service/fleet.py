@@ -11,7 +11,9 @@ store (engine.py) and, here, every `database.poll_interval`:
   staging is not reachable from here. The ending is a conditional UPDATE (still
   running, on that instance), so exactly one instance recovers each job, and the dead
   instance's own restart leaves it alone (it only removes what the job made on its
-  disk: engine.recover);
+  disk: engine.recover). Before the retry, the domains and volumes the job made on a
+  target host (a libvirt URI naming a host, reached from every instance) are removed
+  from here, so the retry finds their names free (job_output.remove_from_shared_hosts);
 - stops its running jobs that another instance recovered while this one did not
   answer (a pause, a network cut longer than the lease), removing what they made here
   and leaving their records to the recoverer; and stops them by itself when its lease
@@ -38,6 +40,7 @@ from typing import Awaitable, Callable
 
 from .engine import JobEngine, JobEvent, new_job_id
 from .errors import HyperSDKError, NotFound
+from .job_output import remove_from_shared_hosts
 from .store import JobRecord
 
 log = logging.getLogger(__name__)
@@ -172,6 +175,9 @@ class Fleet:
             return  # another instance, or the dead one restarting, was first
         log.warning("job %s: %s", job.id, job.error)
         await self.engine.append_log(job, job.error, "error")
+        for line in await remove_from_shared_hosts(self.store, job.id):
+            await self.engine.append_log(job, f"{self.instance}: {line}",
+                                         "info" if line.startswith("removed") else "warning")
         if retry_id:
             await self.engine.submit(job.kind, job.definition, job.started_by_uid,
                                      retry_of=job.id, requested_by=job.requested_by,

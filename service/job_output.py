@@ -19,6 +19,7 @@ before it is created (`record_volume`). When the run ends:
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import posixpath
 import time
@@ -29,8 +30,9 @@ from typing import Callable
 from .confine import OpenDir
 from .errors import Failed
 from .kvm.libvirt_import import remove_domain_by_uuid
-from .kvm.targets import remove_volume
+from .kvm.targets import names_a_host, remove_volume
 from .model import Checkpoint, SavedDownload
+from .redact import redact_url
 from .staging import JobStagings, OwnedPath, Staging, remove_owned
 from .store import Store
 
@@ -247,6 +249,35 @@ async def remove_domains(store: Store, job_id: str) -> list[str]:
                  if (problem := remove_volume(uri, pool, name))]
     await store.forget_volumes(job_id)
     return problems
+
+
+async def remove_from_shared_hosts(store: Store, job_id: str) -> list[str]:
+    """Remove the domains and volumes a job made at libvirt URIs naming a host (the
+    instance recovering a dead instance's job: those hosts are reached from here too,
+    and a retry needs the names free), off the event loop (each connection may take a
+    while over ssh), and forget them. What the job made at its own instance's libvirt
+    stays for that instance's restart. Returns one line per thing removed or left."""
+    domains = [(uri, uuid) for uri, uuid, _ in await store.owned_domains(job_id)
+               if names_a_host(uri)]
+    volumes = [volume for volume in await store.owned_volumes(job_id)
+               if names_a_host(volume[0])]
+    lines = await asyncio.to_thread(_remove_shared, domains, volumes)
+    for uri, uuid in domains:
+        await store.forget_domain(job_id, uri, uuid)
+    for uri, pool, name in volumes:
+        await store.forget_volume(job_id, uri, pool, name)
+    return lines
+
+
+def _remove_shared(domains: list[tuple[str, str]],
+                   volumes: list[tuple[str, str, str]]) -> list[str]:
+    """Domains first (they use the volumes); blocking. The console log of a domain is a
+    file on the dead instance's host: not touched from here."""
+    lines = [remove_domain_by_uuid(uri, uuid) or f"removed domain {uuid} at {redact_url(uri)}"
+             for uri, uuid in domains]
+    return lines + [remove_volume(uri, pool, name)
+                    or f"removed volume {name!r} of pool {pool!r} at {redact_url(uri)}"
+                    for uri, pool, name in volumes]
 
 
 def _kept_for_resume(owned_paths: list[OwnedPath], names: set[str]) -> list[OwnedPath]:

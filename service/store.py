@@ -800,6 +800,10 @@ class Store:
             "SELECT uri, uuid, console_log FROM job_domains WHERE job_id=? ORDER BY id",
             (job_id,))]
 
+    async def forget_domain(self, job_id: str, uri: str, uuid: str) -> None:
+        await self.execute("DELETE FROM job_domains WHERE job_id=? AND uri=? AND uuid=?",
+                           (job_id, uri, uuid))
+
     async def forget_domains(self, job_id: str) -> None:
         await self.execute("DELETE FROM job_domains WHERE job_id=?", (job_id,))
 

@@ -58,6 +58,14 @@ def libvirt_uri_rule(value: str) -> str | None:
     return None
 
 
+def names_a_host(uri: str) -> bool:
+    """Whether a libvirt URI names a host (`qemu+ssh://kvm2/system`): then it reaches the
+    same libvirtd from every instance of a fleet (they share their configuration). One
+    without (`qemu:///system`) is each instance's own libvirtd."""
+    match = _URI_RE.fullmatch(uri)
+    return bool(match and match.group(3).rpartition("@")[2])
+
+
 TARGET_SCHEMA: Schema = {
     "uri": Field("str", check=libvirt_uri_rule, shown=lambda v: redact_url(str(v))),
     "pool": Field("str", check=lambda v: None if _POOL_RE.fullmatch(v)
