@@ -47,27 +47,28 @@ def test_the_recovering_instance_removes_the_dead_job_s_volume_on_the_shared_tar
                                          "disk_format": "raw", "memory_mb": 64, "network": "",
                                          "target": "shared"})
             wait_until(lambda: a.get_job(job_id)["Stage"] == "upload"
-                       and a.get_job(job_id)["BytesDone"] > 0, 120, "a's upload")
-            assert a.get_job(job_id)["Instance"] == "a"
-            a.daemon.kill()  # kill -9 mid-upload: the half volume stays on the target
+                       and a.get_job(job_id)["BytesDone"] > 0, 120, "the upload")
+            # a submit starts at once on its instance, but the other may claim it first
+            dead, survivor = (a, b) if a.get_job(job_id)["Instance"] == "a" else (b, a)
+            dead.daemon.kill()  # kill -9 mid-upload: the half volume stays on the target
             volume = f"{vm}-disk0.raw"
             assert volume_names(pool) == [volume]
 
-            wait_for_status(b.address, job_path(job_id), {"failed"}, timeout=60)
-            record = b.get_job(job_id)
-            retry = record["Error"].rsplit(" as ", 1)[1]
-            # the retry found the name free and landed the whole disk, on b
-            assert wait_for_status(b.address, job_path(retry), {"completed", "failed"},
-                                   timeout=180) == "completed", b.get_job(retry)["Error"]
-            assert b.get_job(retry)["Instance"] == "b"
+            wait_for_status(survivor.address, job_path(job_id), {"failed"}, timeout=60)
+            retry = survivor.get_job(job_id)["Error"].rsplit(" as ", 1)[1]
+            wait_until(lambda: job_path(retry) in survivor.list_jobs(), what="the retry")
+            # the retry found the name free and landed the whole disk, on the survivor
+            assert wait_for_status(survivor.address, job_path(retry), {"completed", "failed"},
+                                   timeout=180) == "completed", survivor.get_job(retry)["Error"]
+            assert survivor.get_job(retry)["Instance"] == survivor.name
             assert volume_names(pool) == [volume]
             path = pool.storageVolLookupByName(volume).path()
             assert os.path.getsize(path) == data_disk.stat().st_size
             assert _same_bytes(path, data_disk)
             logs = fleet.read(lambda store: store.logs(job_id))
-            assert any(f"b: removed volume {volume!r} of pool {pool.name()!r}" in entry[3]
-                       for entry in logs), logs
-            # and its records are gone, so a's restart has nothing to remove there
+            assert any(f"{survivor.name}: removed volume {volume!r} of pool {pool.name()!r}"
+                       in line.message for line in logs), logs
+            # and its records are gone: the dead instance's restart has nothing to remove
             assert fleet.read(lambda store: store.owned_volumes(job_id)) == []
         finally:
             remove_domain(local_libvirt, vm)
