@@ -125,18 +125,27 @@ def test_a_job_naming_an_unknown_target_is_refused_naming_the_field(tmp_path):
 
 # -- landing on a target over qemu+ssh:// ---------------------------------------------------
 
+async def _import_and_boot(guest_dir: Path, uri: str, pool, image: Path, vm: str,
+                           fmt: str = "qcow2") -> tuple[object, dict]:
+    """Import the boot `image` (`fmt`) into `pool` at `uri`, its boot verified: the job's
+    context and result."""
+    config = _config(guest_dir, uri, pool.name(), fmt=fmt)
+    ctx = job_context(ImportKind(), {
+        "vm_name": vm, "disk_path": str(image), "disk_format": fmt, "memory_mb": 64,
+        "network": "", "target": TARGET,
+        "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}}, config, None)
+    result = await run_job(ImportKind(), ctx)
+    assert result["verification"]["verified"]
+    return ctx, result
+
+
 @pytest.mark.slow
 async def test_import_lands_in_a_dir_pool_over_ssh_and_boots_there(
         loopback_sshd, local_libvirt, guest_dir, vm):
     image = _boot_image(guest_dir, "qcow2")
     with dir_pool(local_libvirt) as pool:
         uri = loopback_sshd.uri()
-        config = _config(guest_dir, uri, pool.name())
-        ctx = job_context(ImportKind(), {
-            "vm_name": vm, "disk_path": str(image), "memory_mb": 64, "network": "",
-            "target": TARGET, "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}},
-            config, None)
-        result = await run_job(ImportKind(), ctx)
+        ctx, result = await _import_and_boot(guest_dir, uri, pool, image, vm)
 
         volume = f"{vm}-disk0.qcow2"
         assert result["target"] == TARGET and result["uri"] == uri
@@ -167,17 +176,11 @@ async def test_import_lands_in_a_dir_pool_over_tls_and_boots_there(
     image = _boot_image(guest_dir, "qcow2")
     with dir_pool(local_libvirt) as pool:
         handshakes = tls_libvirt.handshakes
-        config = _config(guest_dir, tls_libvirt.uri(), pool.name())
-        ctx = job_context(ImportKind(), {
-            "vm_name": vm, "disk_path": str(image), "memory_mb": 64, "network": "",
-            "target": TARGET, "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}},
-            config, None)
-        result = await run_job(ImportKind(), ctx)
+        _, result = await _import_and_boot(guest_dir, tls_libvirt.uri(), pool, image, vm)
         volume = f"{vm}-disk0.qcow2"
         assert result["uri"] == tls_libvirt.uri()
         assert volume_names(pool) == [volume]
         assert _same_image(str(image), pool.storageVolLookupByName(volume).path())
-        assert result["verification"]["verified"]
         assert tls_libvirt.handshakes > handshakes  # all of it went through TLS
         remove_domain(local_libvirt, vm)
 
@@ -278,13 +281,7 @@ async def test_logical_pool_gets_a_raw_volume_and_the_domain_boots(
         loopback_sshd, local_libvirt, guest_dir, vm):
     image = _boot_image(guest_dir, "raw")
     with logical_pool(local_libvirt) as pool:
-        config = _config(guest_dir, loopback_sshd.uri(), pool.name(), fmt="raw")
-        ctx = job_context(ImportKind(), {
-            "vm_name": vm, "disk_path": str(image), "disk_format": "raw", "memory_mb": 64,
-            "network": "", "target": TARGET,
-            "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}}, config, None)
-        result = await run_job(ImportKind(), ctx)
-        assert result["verification"]["verified"]
+        await _import_and_boot(guest_dir, loopback_sshd.uri(), pool, image, vm, "raw")
         assert _same_image(str(image), pool.storageVolLookupByName(f"{vm}-disk0.raw").path())
         remove_domain(local_libvirt, vm)
 
@@ -293,16 +290,10 @@ async def test_logical_pool_gets_a_raw_volume_and_the_domain_boots(
 async def test_netfs_pool_on_glusterfs_gets_a_sparse_volume_and_the_domain_boots(
         loopback_sshd, local_libvirt, gluster_volume, guest_dir, vm):
     """A netfs pool: libvirt mounts a real GlusterFS volume (FUSE; this kernel has no
-    NFS); the qcow2 lands there by upload over qemu+ssh and the guest boots from it."""
+    NFS); the raw disk lands there by upload over qemu+ssh and the guest boots from it."""
     image = _boot_image(guest_dir, "raw", size=256 << 20)
     with netfs_pool(local_libvirt, gluster_volume) as pool:
-        config = _config(guest_dir, loopback_sshd.uri(), pool.name(), fmt="raw")
-        ctx = job_context(ImportKind(), {
-            "vm_name": vm, "disk_path": str(image), "disk_format": "raw", "memory_mb": 64,
-            "network": "", "target": TARGET,
-            "verify_boot": {"timeout": "2m", "expect": BOOT_LINE.decode()}}, config, None)
-        result = await run_job(ImportKind(), ctx)
-        assert result["verification"]["verified"]
+        await _import_and_boot(guest_dir, loopback_sshd.uri(), pool, image, vm, "raw")
         volume = f"{vm}-disk0.raw"
         assert volume_names(pool) == [volume]
         path = pool.storageVolLookupByName(volume).path()
