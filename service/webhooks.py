@@ -286,10 +286,11 @@ class Webhooks:
                         await self.prune()
                         pruned_at = time.monotonic()
                     for row in await self.due():
-                        if not await self._claim(row):
+                        hold = await self._claim(row)
+                        if hold is None:
                             continue  # another instance delivers it
                         self._in_flight.add(row["id"])
-                        task = asyncio.create_task(self._deliver(session, limit, row))
+                        task = asyncio.create_task(self._deliver(session, limit, row, hold))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
                     await wait_until(self.clock, await self._next_due(), self._wake)
@@ -306,14 +307,19 @@ class Webhooks:
             " AND o.next_attempt<=? ORDER BY o.id", (self.clock.now(),))).fetchall()
         return [r for r in rows if r["id"] not in self._in_flight]
 
-    async def _claim(self, row) -> bool:
+    async def _claim(self, row) -> float | None:
         """Take the event for this delivery attempt, once across the instances sharing
         the store: its next attempt moves past this one's timeout (should this instance
-        die meanwhile, another delivers it then)."""
+        die meanwhile, another delivers it then). The time it is held to, or None when
+        another instance took it."""
         hold = self.clock.now() + self.timeout + CLAIM_MARGIN
-        return bool((await self.store.execute(
+        return await self._move_attempt(row["id"], row["next_attempt"], hold)
+
+    async def _move_attempt(self, outbox_id: int, when: float, to: float) -> float | None:
+        taken = (await self.store.execute(
             "UPDATE webhook_outbox SET next_attempt=? WHERE id=? AND state='pending' AND"
-            " next_attempt=?", (hold, row["id"], row["next_attempt"]))).rowcount)
+            " next_attempt=?", (to, outbox_id, when))).rowcount
+        return to if taken else None
 
     async def _next_due(self) -> float | None:
         rows = (await self.store.execute(
@@ -323,7 +329,7 @@ class Webhooks:
         return next((r[1] for r in rows if r[0] not in self._in_flight), None)
 
     async def _deliver(self, session: aiohttp.ClientSession, limit: asyncio.Semaphore,
-                       row) -> None:
+                       row, hold: float) -> None:
         body = row["body"].encode()
         headers = {**json.loads(row["headers"]), "Content-Type": "application/json",
                    "X-HyperSDK-Event": row["event"], "X-HyperSDK-Delivery": str(row["id"])}
@@ -334,6 +340,11 @@ class Webhooks:
                 started = time.monotonic()
                 status, error = await self._post(session, row["url"], body, headers)
                 await self._record(row, status, error, time.monotonic() - started)
+        except asyncio.CancelledError:
+            # a clean stop mid-attempt gives the claim back: the next start (or another
+            # instance) delivers the event at once, not after the claim's timeout
+            await self._move_attempt(row["id"], hold, row["next_attempt"])
+            raise
         finally:
             self._in_flight.discard(row["id"])
             self._wake.set()
