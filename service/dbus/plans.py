@@ -173,11 +173,19 @@ class PlanObjects:
         if plan_id in self._refreshing:
             self._again.add(plan_id)
             return
-        task = asyncio.create_task(self._refresh(plan_id))
-        self._refreshing[plan_id] = task
-        task.add_done_callback(lambda _: self._refreshing.pop(plan_id, None))
+        self._refreshing[plan_id] = asyncio.create_task(self._refresh(plan_id))
 
     async def _refresh(self, plan_id: str) -> None:
+        """Leaves `_refreshing` as it returns, with no await between its last look at
+        `_again` and that: a change announced after the look starts a new refresh (a done
+        callback runs a loop turn later, and a change in between was lost)."""
+        try:
+            await self._read_until_unchanged(plan_id)
+        finally:
+            self._refreshing.pop(plan_id, None)
+            self._again.discard(plan_id)
+
+    async def _read_until_unchanged(self, plan_id: str) -> None:
         again = True
         while again:
             try:
