@@ -7,6 +7,7 @@
   directory the fd holds even if someone renames it or plants a link at its old name,
   and child processes given that fd (`pass_fds`) can use the same path.
 - `fsync_dir`, `fsync_file`: durability of a rename and of a file's data.
+- `pwrite_all`: all of a buffer at an offset (pwrite may write less than asked).
 
 All functions block: call them in a thread when they may touch large files.
 """
@@ -60,6 +61,14 @@ def fd_path(fd: int) -> Path:
 def fds_in(args: list[str]) -> tuple[int, ...]:
     """The fds that `fd_path` paths in a command line refer to, for `pass_fds`."""
     return tuple(sorted({int(match) for arg in args for match in _FD_PATH_RE.findall(arg)}))
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of `data` at `offset` of `fd` (thread-safe: no file position)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def fsync_dir(path_or_fd: Path | int) -> None:

@@ -35,6 +35,7 @@ from typing import Callable
 from ..definitions import JsonObject
 from ..disks.download import file_sha256
 from ..errors import InvalidArgument
+from ..files import pwrite_all
 from ..model import (Checkpoint, DiskInfo, DownloadCheckpoints, ExportedDisk, ExportOptions,
                      ExportSink)
 from ..providers.base import WarmSource
@@ -176,7 +177,7 @@ class WarmCopy:
 
         async def copy(piece: tuple[int, int]) -> None:
             data = await self.source.read(disk.info, *piece)
-            await asyncio.to_thread(_pwrite_all, disk.fd, data, piece[0])
+            await asyncio.to_thread(pwrite_all, disk.fd, data, piece[0])
             self.sink.advance(len(data))
 
         await gather_bounded(pieces, copy, READS_IN_FLIGHT)
@@ -260,13 +261,6 @@ async def remove_snapshots_of(provider, vm_identifier: str, job_id: str,
         await run_to_completion(source.remove_snapshots(f"{SNAPSHOT_PREFIX}{job_id}-", keep))
     finally:
         await source.close()
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def _fsync_all(fds: list[int]) -> None:

@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 
 from ..errors import Failed
-from ..files import fsync_dir
 from ..disks.download import file_sha256
-from ..files import temp_path_for
+from ..files import fsync_dir, pwrite_all, temp_path_for
 
 
 class SparseImage:
@@ -39,10 +38,7 @@ class SparseImage:
         if offset < 0 or offset + len(data) > self.size:
             raise Failed(f"{self.target.name}: a block at byte {offset} of {len(data)} bytes lies "
                          f"outside the image of {self.size} bytes")
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        pwrite_all(self._fd, data, offset)
 
     def commit(self) -> str:
         """fsync, rename to the target name and return the file's sha256 (hex)."""
