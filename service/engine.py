@@ -275,9 +275,8 @@ class JobEngine:
         try:
             provider = await self.providers.get(job.definition["provider"])
             checkpoints = StoreCheckpoints(self.store, job.id, 0, self.store.soon)
-            await checkpoints.load()
-            keep = warm.saved_change_ids(checkpoints,
-                                         sorted(await self.store.checkpoint_names(job.id)))
+            await checkpoints.load()  # every download's checkpoints, by file name
+            keep = warm.saved_change_ids(checkpoints, sorted(checkpoints.known))
             await warm.remove_snapshots_of(provider, job.definition["vm_identifier"], job.id,
                                            keep, note)
         except Exception as exc:  # the source may be unreachable now
