@@ -175,9 +175,11 @@ class Fleet:
             return  # another instance, or the dead one restarting, was first
         log.warning("job %s: %s", job.id, job.error)
         await self.engine.append_log(job, job.error, "error")
-        for line in await remove_from_shared_hosts(self.store, job.id):
-            await self.engine.append_log(job, f"{self.instance}: {line}",
-                                         "info" if line.startswith("removed") else "warning")
+        removed, left = await remove_from_shared_hosts(self.store, job.id)
+        for line in removed:
+            await self.engine.append_log(job, f"{self.instance}: {line}")
+        for line in left:
+            await self.engine.append_log(job, f"{self.instance}: {line}", "warning")
         if retry_id:
             await self.engine.submit(job.kind, job.definition, job.started_by_uid,
                                      retry_of=job.id, requested_by=job.requested_by,

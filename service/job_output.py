@@ -239,45 +239,54 @@ async def remove_leftovers(store: Store, job_id: str, keep_resumable: bool,
 
 async def remove_domains(store: Store, job_id: str) -> list[str]:
     """Stop and undefine the domains the job defined, and remove their console logs, then
-    delete the volumes it created (blocking: libvirt calls, made only when a job that
-    defined a domain or created a volume did not complete); what was left, one line
-    each."""
-    problems = [problem for uri, uuid, console_log in await store.owned_domains(job_id)
-                if (problem := remove_domain_by_uuid(uri, uuid, console_log))]
+    delete the volumes it created (made only when a job that defined a domain or created a
+    volume did not complete); what was left, one line each."""
+    domains = await store.owned_domains(job_id)
+    volumes = await store.owned_volumes(job_id)
+    _, problems = await asyncio.to_thread(_remove_made, domains, volumes)
     await store.forget_domains(job_id)
-    problems += [problem for uri, pool, name in await store.owned_volumes(job_id)
-                 if (problem := remove_volume(uri, pool, name))]
     await store.forget_volumes(job_id)
     return problems
 
 
-async def remove_from_shared_hosts(store: Store, job_id: str) -> list[str]:
+async def remove_from_shared_hosts(store: Store,
+                                   job_id: str) -> tuple[list[str], list[str]]:
     """Remove the domains and volumes a job made at libvirt URIs naming a host (the
     instance recovering a dead instance's job: those hosts are reached from here too,
-    and a retry needs the names free), off the event loop (each connection may take a
-    while over ssh), and forget them. What the job made at its own instance's libvirt
-    stays for that instance's restart. Returns one line per thing removed or left."""
-    domains = [(uri, uuid) for uri, uuid, _ in await store.owned_domains(job_id)
+    and a retry needs the names free), and forget them. What the job made at its own
+    instance's libvirt stays for that instance's restart, and so does a domain's console
+    log (a file on that instance's host). (what was removed, what was left), a line
+    each."""
+    domains = [(uri, uuid, "") for uri, uuid, _ in await store.owned_domains(job_id)
                if names_a_host(uri)]
     volumes = [volume for volume in await store.owned_volumes(job_id)
                if names_a_host(volume[0])]
-    lines = await asyncio.to_thread(_remove_shared, domains, volumes)
-    for uri, uuid in domains:
+    removed, problems = await asyncio.to_thread(_remove_made, domains, volumes)
+    for uri, uuid, _ in domains:
         await store.forget_domain(job_id, uri, uuid)
     for uri, pool, name in volumes:
         await store.forget_volume(job_id, uri, pool, name)
-    return lines
+    return removed, problems
 
 
-def _remove_shared(domains: list[tuple[str, str]],
-                   volumes: list[tuple[str, str, str]]) -> list[str]:
-    """Domains first (they use the volumes); blocking. The console log of a domain is a
-    file on the dead instance's host: not touched from here."""
-    lines = [remove_domain_by_uuid(uri, uuid) or f"removed domain {uuid} at {redact_url(uri)}"
-             for uri, uuid in domains]
-    return lines + [remove_volume(uri, pool, name)
-                    or f"removed volume {name!r} of pool {pool!r} at {redact_url(uri)}"
-                    for uri, pool, name in volumes]
+def _remove_made(domains: list[tuple[str, str, str]],
+                 volumes: list[tuple[str, str, str]]) -> tuple[list[str], list[str]]:
+    """Domains (uri, uuid, console log) first, they use the volumes (uri, pool, name);
+    blocking: libvirt calls, over ssh a connection each. (what was removed, what was
+    left), one line each."""
+    removed: list[str] = []
+    problems: list[str] = []
+    for uri, uuid, console_log in domains:
+        if problem := remove_domain_by_uuid(uri, uuid, console_log):
+            problems.append(problem)
+        else:
+            removed.append(f"removed domain {uuid} at {redact_url(uri)}")
+    for uri, pool, name in volumes:
+        if problem := remove_volume(uri, pool, name):
+            problems.append(problem)
+        else:
+            removed.append(f"removed volume {name!r} of pool {pool!r} at {redact_url(uri)}")
+    return removed, problems
 
 
 def _kept_for_resume(owned_paths: list[OwnedPath], names: set[str]) -> list[OwnedPath]:
